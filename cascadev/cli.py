@@ -1,0 +1,57 @@
+"""The ``cascadev`` command. Each subcommand imports its heavy modules only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input; printed as one line, without a traceback."""
+
+
+def run_info(args: argparse.Namespace) -> None:
+    import platform
+
+    import torch
+
+    import cascadev
+    from dit.attention import attention_backend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"cascadev     {cascadev.__version__}")
+    print(f"python       {platform.python_version()}")
+    print(f"torch        {torch.__version__}")
+    for name in ("torchvision", "diffusers", "timm", "accelerate", "open_clip", "av", "einops"):
+        try:
+            module = __import__(name)
+            print(f"{name:<12} {getattr(module, '__version__', '?')}")
+        except ImportError:
+            print(f"{name:<12} not installed")
+    print(f"device       {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    print(f"attention    {attention_backend(torch.device(device), dtype)} (for {str(dtype).removeprefix('torch.')})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cascadev", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="versions, device and attention backend in use")
+    p.set_defaults(func=run_info)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return
+    try:
+        args.func(args)
+    except (UserError, FileNotFoundError, ValueError) as e:
+        # Bad input is reported as one line; real bugs keep their traceback.
+        print(f"cascadev {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
