@@ -1,0 +1,217 @@
+"""Video files <-> tensors, with PyAV.
+
+Layout at this boundary: video tensors are (B, 3, T, H, W) or (3, T, H, W), float in [-1, 1], RGB.
+Files are whatever FFmpeg can demux (mp4, mkv, webm, gif, ...); we write H.264 mp4 (yuv420p) and
+PNG strips. Every read problem (missing file, not a video, no frames, a start past the end, a
+decode failure) is one ``VideoReadError`` line naming the file, never a PyAV traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+
+class VideoReadError(ValueError):
+    """A video file that cannot be read as asked (missing, not a video, too few frames, corrupt)."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int    # number of frames (exact: counted from the demuxed packets when the header lacks it)
+    fps: float     # average frame rate (0.0 when the container does not say)
+    height: int
+    width: int
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    """Open ``path`` for reading and check it has a video stream; errors become VideoReadError."""
+    if not path.exists():
+        raise VideoReadError(f"{path}: file not found")
+    if not path.is_file():
+        raise VideoReadError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise VideoReadError(f"{path}: file is empty (0 bytes)")
+    try:
+        container = av.open(str(path), mode="r")
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise VideoReadError(f"{path}: not a readable video file ({_reason(e)})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoReadError(f"{path}: has no video stream")
+    return container
+
+
+def _reason(e: Exception) -> str:
+    """One short line out of an FFmpeg/OS error."""
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return text.splitlines()[0]
+
+
+def _count_frames(container: av.container.InputContainer, path: Path) -> int:
+    """Frames in the first video stream: the header's count, else the number of demuxed packets."""
+    stream = container.streams.video[0]
+    if stream.frames:
+        return int(stream.frames)
+    try:  # mkv/webm often leave the count out; packets are cheap to demux (no decoding)
+        return sum(1 for p in container.demux(stream) if p.size)
+    except (av.FFmpegError, OSError) as e:
+        raise VideoReadError(f"{path}: cannot demux video stream ({_reason(e)})") from None
+
+
+def video_info(path: str | Path) -> VideoInfo:
+    """Frame count, frame rate and frame size of the first video stream of ``path``."""
+    path = Path(path)
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        height, width = stream.codec_context.height, stream.codec_context.width
+        frames = _count_frames(container, path)
+    finally:
+        container.close()
+    return VideoInfo(frames=frames, fps=float(rate) if rate else 0.0, height=height, width=width)
+
+
+def read_video(path: str | Path, num_frames: int | None = None, start: int = 0, stride: int = 1,
+               size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read frames ``start, start + stride, ...`` (at most ``num_frames``) -> (1, 3, T, H, W) in [-1, 1].
+
+    ``size`` = (H, W) resizes every frame (bilinear, antialiased); None keeps the file's size.
+    Fewer than ``num_frames`` frames are returned when the file ends first; none at all
+    (an empty file, or ``start`` past the last frame) is a VideoReadError.
+    """
+    path = Path(path)
+    if start < 0 or stride < 1 or (num_frames is not None and num_frames < 1):
+        raise ValueError(f"read_video: need start >= 0, stride >= 1, num_frames >= 1 or None; "
+                         f"got start={start}, stride={stride}, num_frames={num_frames}")
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise ValueError(f"read_video: size must be (H, W) with positive sides, got {size}")
+    container = _open(path)
+    frames = []
+    seen = 0
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            index, seen = seen, seen + 1
+            if index < start or (index - start) % stride:
+                continue
+            frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))  # h w c, uint8
+            if num_frames is not None and len(frames) == num_frames:
+                break
+    except (av.FFmpegError, OSError) as e:
+        raise VideoReadError(f"{path}: decoding failed after {seen} frame(s) ({_reason(e)})") from None
+    finally:
+        container.close()
+    if not frames:
+        if seen == 0:
+            raise VideoReadError(f"{path}: contains no decodable video frames")
+        raise VideoReadError(f"{path}: has {seen} frame(s), so start={start} is past the last frame")
+    video = rearrange(torch.stack(frames), "t h w c -> 1 c t h w").float().div_(127.5).sub_(1.0)
+    if size is not None and tuple(size) != tuple(video.shape[-2:]):
+        t = video.shape[2]
+        video = rearrange(video, "1 c t h w -> t c h w")
+        video = F.interpolate(video, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+        video = rearrange(video, "t c h w -> 1 c t h w", t=t).clamp_(-1.0, 1.0)
+    return video
+
+
+def _to_uint8_frames(video: torch.Tensor, who: str) -> torch.Tensor:
+    """(1, 3, T, H, W) or (3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8, checking layout and values."""
+    if not isinstance(video, torch.Tensor):
+        raise ValueError(f"{who}: expected a torch.Tensor, got {type(video).__name__}")
+    if video.ndim == 5:
+        if video.shape[0] != 1:
+            raise ValueError(f"{who}: expected batch size 1 in (B, 3, T, H, W), got shape {tuple(video.shape)}")
+        video = video[0]
+    if video.ndim != 4 or video.shape[0] != 3:
+        hint = " (channels last? expected channels first)" if video.ndim == 4 and video.shape[-1] == 3 else ""
+        raise ValueError(f"{who}: expected (B=1, 3, T, H, W) or (3, T, H, W), got shape {tuple(video.shape)}{hint}")
+    if video.shape[1] == 0:
+        raise ValueError(f"{who}: video has no frames (T=0)")
+    if not video.is_floating_point():
+        raise ValueError(f"{who}: expected a float tensor in [-1, 1], got {video.dtype}")
+    if not torch.isfinite(video).all():
+        raise ValueError(f"{who}: video contains NaN or inf values")
+    video = video.detach().float().cpu()
+    video = ((video.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return rearrange(video, "c t h w -> t h w c")
+
+
+def _atomic_target(path: Path) -> str:
+    """A temp file beside ``path`` (same suffix, same filesystem) to write then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def write_video(path: str | Path, video: torch.Tensor, fps: float = 8, crf: int = 18) -> None:
+    """Write (1, 3, T, H, W) or (3, T, H, W) in [-1, 1] as H.264 mp4 (yuv420p, ``crf`` quality).
+
+    yuv420p needs even sides: an odd height or width is padded by one replicated row/column.
+    The file is written to a temporary name beside ``path`` and renamed, so readers never see
+    half a file.
+    """
+    path = Path(path)
+    frames = _to_uint8_frames(video, "write_video")                           # t h w c
+    if fps <= 0:
+        raise ValueError(f"write_video: fps must be positive, got {fps}")
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:  # yuv420p subsamples chroma 2x2
+        frames = rearrange(frames, "t h w c -> t c h w")
+        frames = F.pad(frames.float(), (0, pad_w, 0, pad_h), mode="replicate").to(torch.uint8)
+        frames = rearrange(frames, "t c h w -> t h w c")
+    rate = Fraction(fps).limit_denominator(1001)
+    tmp = _atomic_target(path)
+    try:
+        with av.open(tmp, mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=rate)
+            stream.height, stream.width = frames.shape[1], frames.shape[2]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for i, array in enumerate(frames.numpy()):
+                frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+                frame.pts = i
+                frame.time_base = 1 / rate
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_png_strip(path: str | Path, video: torch.Tensor, max_frames: int = 8) -> None:
+    """Frames of (1, 3, T, H, W) or (3, T, H, W) in [-1, 1] side by side as one PNG (3, H, n*W).
+
+    At most ``max_frames`` frames, evenly spaced over the clip (first and last included).
+    """
+    from torchvision.io import encode_png
+
+    path = Path(path)
+    frames = _to_uint8_frames(video, "write_png_strip")                       # t h w c
+    if max_frames < 1:
+        raise ValueError(f"write_png_strip: max_frames must be >= 1, got {max_frames}")
+    t = frames.shape[0]
+    index = torch.linspace(0, t - 1, min(t, max_frames)).round().long()
+    strip = rearrange(frames[index], "n h w c -> c h (n w)").contiguous()
+    data = encode_png(strip).numpy().tobytes()
+    tmp = _atomic_target(path)
+    try:
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
