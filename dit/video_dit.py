@@ -1,0 +1,343 @@
+"""The LDM-VAE decoder of CascadeV: a PixArt-XL/2 style video DiT without cross-attention.
+
+It denoises Stage A latents (4 ch, f8) conditioned on the Stage B semantic latent upsampled to the
+same grid (16 ch), concatenated on channels. Blocks are adaLN-single (PixArt-alpha, Sec. 2.3): one
+``t_block`` output per video, plus a learned per-block ``scale_shift_table``. Attention runs on a
+grid of parts per block (CascadeV, Sec. 3.2; see ``dit.attention``). Parameter names follow the
+released ``s1024.effn-f32.pth`` so its state dict loads as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import reduce
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid, get_2d_sincos_pos_embed_from_grid, get_timestep_embedding
+from einops import rearrange, repeat
+from timm.layers import Mlp
+from torch.utils.checkpoint import checkpoint
+
+from dit.attention import BACKENDS, attention, num_parts, partition, unpartition
+
+Strides = tuple[int, int] | None
+
+# Released schedule for 28 blocks (configs/s1024.effn-f32.py): spatial/temporal parts alternate,
+# with full 3D attention in blocks 8-11 and 20-27.
+OFFICIAL_ATTN_STRIDES: tuple[Strides, ...] = (
+    *[(1, 4), (4, 1)] * 4, None, None, None, None,
+    *[(1, 4), (4, 1)] * 4, *[None] * 8,
+)
+TIMESTEP_FREQ_DIM = 256  # sinusoidal frequencies fed to t_embedder (DiT / PixArt)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Size and behaviour of a ``VideoDiT``. Inputs are (B, latent+cond channels, T, H, W)."""
+
+    latent_channels: int = 4        # noisy Stage A latent
+    cond_channels: int = 16         # semantic latent (or a resized Stage A latent on the resize route)
+    learn_sigma: bool = True        # output eps and the variance interpolation v (IDDPM, Eq. 15)
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    patch_size: int = 2
+    mlp_ratio: float = 4.0
+    window_frames: int = 8          # latent frames of the trained window
+    window_size: int = 128          # latent pixels per side of the trained window (1024 px)
+    pe_interpolation: float = 2.0   # spatial grid coordinates are divided by this
+    attn_strides: tuple[tuple[int, int] | None, ...] = OFFICIAL_ATTN_STRIDES  # cycled over blocks
+    qk_norm: bool = False
+    attn_fp32: bool = True          # upcast q, k, v (the release's fp32_attention)
+    attn_backend: str = "auto"      # auto | flash | sdpa | math
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 12:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 12 "
+                             "(1/3 temporal and 2/3 spatial sin-cos position embedding)")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend {self.attn_backend!r} is not one of {BACKENDS}")
+        if not self.attn_strides:
+            raise ValueError("attn_strides needs at least one entry (use [null] for full attention)")
+        for s in self.attn_strides:
+            if s is not None and (len(s) != 2 or min(s) < 1):
+                raise ValueError(f"attn_strides entry {s} must be null or [frame_parts, spatial_parts] >= 1")
+        self.check_window(self.window_frames, self.window_size, self.window_size)
+
+    @property
+    def in_channels(self) -> int:
+        return self.latent_channels + self.cond_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.latent_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def frame_multiple(self) -> int:
+        """T must be a multiple of this (every temporal partition divides it)."""
+        return reduce(math.lcm, [s[0] for s in self.attn_strides if s is not None], 1)
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Latent H and W must be multiples of this (patch size x spatial partitions)."""
+        return self.patch_size * reduce(math.lcm, [s[1] for s in self.attn_strides if s is not None], 1)
+
+    def check_window(self, T: int, H: int, W: int, as_images: bool = False) -> None:
+        """Raise ValueError naming the sizes that would work if (T, H, W) latents cannot be processed."""
+        def nearest(n, m):
+            lo = max(m, n // m * m)
+            return f"{lo} or {lo + m}" if lo != n else str(n)
+        if T < 1 or (T % self.frame_multiple and not as_images):
+            raise ValueError(f"{T} latent frames: the attention partitions need a multiple of {self.frame_multiple} "
+                             f"(e.g. {nearest(T, self.frame_multiple)})")
+        for name, n in (("height", H), ("width", W)):
+            if n < 1 or n % self.spatial_multiple:
+                raise ValueError(f"latent {name} {n} must be a multiple of {self.spatial_multiple} (patch size "
+                                 f"x spatial partitions), e.g. {nearest(n, self.spatial_multiple)}")
+
+
+PRESETS: dict[str, DiTConfig] = {
+    # PixArt-XL/2 as released in s1024.effn-f32.pth
+    "official": DiTConfig(),
+    # A few narrow blocks with every kind of partition, for CPU tests
+    "tiny": DiTConfig(hidden_size=96, depth=4, num_heads=4, window_frames=4, window_size=16,
+                      attn_strides=((1, 2), (2, 1), None)),
+}
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> vectors: 256 sinusoidal frequencies (cos first), then Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freqs = get_timestep_embedding(t, TIMESTEP_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
+        return self.mlp(freqs.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+class PatchEmbed(nn.Module):
+    """Per-frame patchify. (B, C, T, H, W) -> (B, T*H/p*W/p, D), tokens ordered frame, row, column."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[2]
+        x = self.proj(rearrange(x, "b c t h w -> (b t) c h w"))
+        return rearrange(x, "(b t) d h w -> b (t h w) d", t=T)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over (B, N, D) tokens with a fused qkv projection."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, fp32: bool, backend: str):
+        super().__init__()
+        self.num_heads, self.fp32, self.backend = num_heads, fp32, backend
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.LayerNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three d) -> three b n d", three=3)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (rearrange(z, "b n (h e) -> b h n e", h=self.num_heads) for z in (q, k, v))
+        x = attention(q, k, v, self.backend, self.fp32)  # b h n e
+        return self.proj(rearrange(x, "b h n e -> b n (h e)"))
+
+
+class DiTBlock(nn.Module):
+    """PixArt block with adaLN-single: shift/scale/gate x2 = scale_shift_table + t_block(t)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(D, config.num_heads, config.qk_norm, config.attn_fp32, config.attn_backend)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(D, int(D * config.mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, D))
+
+    def forward(self, x: torch.Tensor, t6: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, D) tokens; t6: (B, 6*D) from ``t_block``."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + rearrange(t6, "b (six d) -> b six d", six=6)).chunk(6, dim=1)  # b 1 d each
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN with its own 2-row table and the timestep embedding (before t_block), then a linear to patches."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, hidden_size))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # b 1 d each
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def position_embedding(config: DiTConfig, T: int, h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Sin-cos embedding of a (T, h, w) token grid -> (T*h*w, D), tokens ordered frame, row, column.
+
+    Temporal part first (D/3 dims, frame index), then the 2D spatial part (2D/3 dims, grid
+    coordinates / pe_interpolation; its first half encodes the column, the second the row).
+    Computed in float64 as the release did, then cast.
+    """
+    D_t = config.hidden_size // 3
+    frames = torch.arange(T, dtype=torch.float64, device=device)
+    temporal = get_1d_sincos_pos_embed_from_grid(D_t, frames)  # T D_t
+    rows = torch.arange(h, dtype=torch.float64, device=device) / config.pe_interpolation
+    cols = torch.arange(w, dtype=torch.float64, device=device) / config.pe_interpolation
+    grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"))  # 2 h w: [0] = column, [1] = row
+    spatial = get_2d_sincos_pos_embed_from_grid(config.hidden_size - D_t, grid.reshape(2, -1))  # (h w) D_s
+    embed = torch.cat([repeat(temporal, "t d -> t n d", n=h * w), repeat(spatial, "n d -> t n d", t=T)], dim=-1)
+    return rearrange(embed, "t n d -> (t n) d").to(dtype)
+
+
+class VideoDiT(nn.Module):
+    """Video DiT denoiser. ``model(x, t)``: x (B, C_in, T, H, W), t (B,) -> (B, C_out, T, H, W)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """PixArt initialisation: xavier linears, N(0, 0.02) timestep MLPs, zeroed output layer."""
+        def basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(basic_init)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # patch embedding as a linear layer
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        D = self.config.hidden_size
+        for table in [b.scale_shift_table for b in self.blocks] + [self.final_layer.scale_shift_table]:
+            nn.init.normal_(table, std=D ** -0.5)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    def block_strides(self, index: int) -> Strides:
+        strides = self.config.attn_strides
+        return strides[index % len(strides)]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, as_images: bool = False) -> torch.Tensor:
+        """Predict (eps, v) for a window of latents.
+
+        x: (B, C_in, T, H, W) noisy latent concatenated with the upsampled condition.
+        t: (B,) float timesteps, one per video; with ``as_images`` (B, T) is accepted too.
+        as_images: every frame attends only to itself, with spatial partitions only (the release's
+            joint image training); frames keep their temporal position embedding.
+        Returns (B, C_out, T, H, W).
+        """
+        c = self.config
+        if x.ndim != 5 or x.shape[1] != c.in_channels:
+            raise ValueError(f"VideoDiT expects (B, {c.in_channels}, T, H, W) latents, got {tuple(x.shape)}")
+        B, _, T, H, W = x.shape
+        c.check_window(T, H, W, as_images)
+        t = t.to(device=x.device, dtype=torch.float32).reshape(B, -1)
+        if t.shape[1] not in (1, T) or (t.shape[1] == T and not as_images):
+            raise ValueError(f"timesteps must be (B,) per video{' or (B, T)' if as_images else ''}, got {tuple(t.shape)}")
+        h, w = H // c.patch_size, W // c.patch_size
+
+        x = self.x_embedder(x)  # b (t h w) d
+        x = x + position_embedding(c, T, h, w, x.device, x.dtype)
+        if as_images:
+            x = rearrange(x, "b (t n) d -> (b t) n d", t=T)
+            t = rearrange(t.expand(B, T), "b t -> (b t)")
+            grid = (1, h, w)
+        else:
+            t = t[:, 0]
+            grid = (T, h, w)
+        t_emb = self.t_embedder(t)  # b d
+        t6 = self.t_block(t_emb)  # b 6d
+
+        for i, block in enumerate(self.blocks):
+            strides = self.block_strides(i)
+            if as_images and strides is not None:
+                strides = (1, strides[1])
+            parts = partition(x, grid, strides)  # (b parts) n d
+            t_parts = repeat(t6, "b d -> (b n) d", n=num_parts(strides))
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                parts = checkpoint(block, parts, t_parts, use_reentrant=False)
+            else:
+                parts = block(parts, t_parts)
+            x = unpartition(parts, grid, strides)
+
+        x = self.final_layer(x, t_emb)  # b (t h w) (p q c)
+        if as_images:
+            x = rearrange(x, "(b t) n d -> b (t n) d", t=T)
+        return rearrange(x, "b (t h w) (p q c) -> b c t (h p) (w q)", t=T, h=h, w=w, p=c.patch_size, q=c.patch_size)
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors``."""
+        from cascadev.weights import save_pretrained
+        save_pretrained(self, self.config, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "VideoDiT":
+        """Load a directory written by ``save_pretrained`` (eval mode)."""
+        from cascadev.weights import load_pretrained
+        return load_pretrained(cls, DiTConfig, directory)
+
+    @classmethod
+    def from_official_checkpoint(cls, path: str | Path, config: DiTConfig | None = None) -> "VideoDiT":
+        """Load the release's ``s1024.effn-f32.pth`` ({'state_dict': PixArt-XL/2 keys}); eval mode.
+
+        ``config=None`` means the ``official`` preset; pass a config for other sizes in that layout.
+        """
+        from cascadev.weights import load_state_dict_strict
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: download s1024.effn-f32.pth from the CascadeV release "
+                                    "(huggingface.co/ByteDance/CascadeV)")
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"{path} is not a CascadeV checkpoint (expected a dict with a 'state_dict' entry)")
+        state_dict = {k: v for k, v in state_dict.items() if k != "pos_embed"}  # recomputed at run time
+        model = cls(config or PRESETS["official"])
+        load_state_dict_strict(model, state_dict, str(path))
+        return model.eval()
+
+
+def build_dit(preset: str = "official", **overrides) -> VideoDiT:
+    """The one factory: a preset name plus field overrides, e.g. ``build_dit("official", depth=2)``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown DiT preset {preset!r}; choose from {sorted(PRESETS)}")
+    return VideoDiT(dataclasses.replace(PRESETS[preset], **overrides))
