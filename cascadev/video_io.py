@@ -8,8 +8,6 @@ decode failure) is one ``VideoReadError`` line naming the file, never a PyAV tra
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -18,6 +16,8 @@ import av
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from cascadev.weights import atomic_write
 
 
 class VideoReadError(ValueError):
@@ -147,14 +147,6 @@ def _to_uint8_frames(video: torch.Tensor, who: str) -> torch.Tensor:
     return rearrange(video, "c t h w -> t h w c")
 
 
-def _atomic_target(path: Path) -> str:
-    """A temp file beside ``path`` (same suffix, same filesystem) to write then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
 def write_video(path: str | Path, video: torch.Tensor, fps: float = 8, crf: int = 18) -> None:
     """Write (1, 3, T, H, W) or (3, T, H, W) in [-1, 1] as H.264 mp4 (yuv420p, ``crf`` quality).
 
@@ -172,8 +164,8 @@ def write_video(path: str | Path, video: torch.Tensor, fps: float = 8, crf: int 
         frames = F.pad(frames.float(), (0, pad_w, 0, pad_h), mode="replicate").to(torch.uint8)
         frames = rearrange(frames, "t c h w -> t h w c")
     rate = Fraction(fps).limit_denominator(1001)
-    tmp = _atomic_target(path)
-    try:
+
+    def write(tmp: str) -> None:
         with av.open(tmp, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=rate)
             stream.height, stream.width = frames.shape[1], frames.shape[2]
@@ -181,15 +173,11 @@ def write_video(path: str | Path, video: torch.Tensor, fps: float = 8, crf: int 
             stream.options = {"crf": str(crf)}
             for i, array in enumerate(frames.numpy()):
                 frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-                frame.pts = i
-                frame.time_base = 1 / rate
+                frame.pts, frame.time_base = i, 1 / rate
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def write_png_strip(path: str | Path, video: torch.Tensor, max_frames: int = 8) -> None:
@@ -207,11 +195,4 @@ def write_png_strip(path: str | Path, video: torch.Tensor, max_frames: int = 8) 
     index = torch.linspace(0, t - 1, min(t, max_frames)).round().long()
     strip = rearrange(frames[index], "n h w c -> c h (n w)").contiguous()
     data = encode_png(strip).numpy().tobytes()
-    tmp = _atomic_target(path)
-    try:
-        Path(tmp).write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
