@@ -33,12 +33,28 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"attention    {attention_backend(torch.device(device), dtype)} (for {str(dtype).removeprefix('torch.')})")
 
 
+# --- eval (eval/cli.py) -------------------------------------------------------------------------
+def run_eval(args: argparse.Namespace) -> None:
+    from eval.cli import run
+
+    run(args)
+# --- end eval --------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascadev", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="versions, device and attention backend in use")
     p.set_defaults(func=run_info)
+
+    # --- eval (eval/cli.py) ---
+    from eval.cli import add_arguments as add_eval_arguments
+
+    p = sub.add_parser("eval", help="PSNR/SSIM/LPIPS between paired videos, FVD between two sets")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval)
+    # --- end eval ---
 
     return parser
 

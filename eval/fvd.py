@@ -1,0 +1,360 @@
+"""Frechet Video Distance: I3D features of fixed-length clips, Gaussian statistics, Frechet distance.
+
+Unterthiner et al., "Towards Accurate Generative Models of Video: A New Metric & Challenges" (2018).
+What this module does, so that numbers can be compared with the published ones:
+
+- Clips: ``frames`` (16 by default) consecutive frames per video, each video read at its own size
+  (or at the evaluation ``size``), quantised to uint8 levels, resized straight to 224 x 224 with
+  bilinear interpolation (no antialias, align_corners=False; the TF reference resizes the same way,
+  without cropping) and mapped to [-1, 1]. One clip per video and run; the start is 0 ("first"), or
+  drawn per video and run from a seeded generator ("random").
+- Features: the 400 Kinetics logits averaged over time, the output the original TF-Hub FVD,
+  StyleGAN-V (``return_features=True``) and VideoGPT/TATS all compare. Two detectors give them:
+  ``I3D`` (eval/i3d.py) with ``i3d_pretrained_400.pt``, or StyleGAN-V's TorchScript port of the
+  TF-Hub model, ``i3d_torchscript.pt``, called with ``rescale=False, resize=False`` because the
+  clips are already 224 px in [-1, 1].
+- Statistics in float64: mean and unbiased covariance (N - 1, as TF-GAN and VideoGPT; StyleGAN-V
+  divides by N, which differs by a factor N / (N - 1) on the covariance).
+- Distance: d^2 = |mu_r - mu_g|^2 + tr(S_r) + tr(S_g) - 2 tr((S_r S_g)^(1/2)) (Dowson & Landau, 1982),
+  with tr((S_r S_g)^(1/2)) = sum of sqrt(eig(S_r^(1/2) S_g S_r^(1/2))), a symmetric PSD matrix, so
+  only symmetric eigendecompositions are needed (no scipy.linalg.sqrtm, no ``disp``).
+
+Extraction is batched on the given device; under ``accelerate launch`` the clips are split across
+processes and the features gathered with ``accelerator.gather_for_metrics``. Features of a fixed
+clip list can be cached to ``.npz`` files keyed by the files (path, size, mtime) and every setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from eval.i3d import BN_EPS_VIDEOGPT, FEATURE_DIM, I3D, MIN_FRAMES, NUM_CLASSES
+
+FVD_FRAMES = 16            # clip length of the common FVD protocol ("FVD_16")
+I3D_SIZE = 224             # I3D input side
+CACHE_VERSION = 1          # bump when anything that changes cached features changes
+DETECTOR_SOURCES = {
+    "i3d_pretrained_400.pt": "the PyTorch I3D used by VideoGPT/TATS (Google Drive file id "
+                             "1mQK8KD8G6UWRa5t87SRMm5PVXtlpneJT, see videogpt/download.py in wilson1yan/VideoGPT)",
+    "i3d_torchscript.pt": "StyleGAN-V's TorchScript port of the TF-Hub model "
+                          "(https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt)",
+}
+
+
+# --------------------------------------------------------------------------------------- distance
+
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features -> mean (D,) and unbiased covariance (D, D), both float64."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"gaussian_stats: need (N >= 2, D) features, got shape {x.shape}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix (negative round-off eigenvalues -> 0)."""
+    w, v = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"frechet_distance: shapes do not match: mu {mu1.shape} {mu2.shape}, "
+                         f"sigma {sigma1.shape} {sigma2.shape}")
+    root1 = _sqrt_psd(sigma1)
+    middle = root1 @ sigma2 @ root1                             # similar to sigma1 @ sigma2, symmetric PSD
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    trace_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()           # tr((sigma1 sigma2)^(1/2))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def fvd_from_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """FVD between two sets of (N, D) clip features (N >= 2 each)."""
+    return frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
+
+
+# ---------------------------------------------------------------------------------- preprocessing
+
+def preprocess_clips(video: torch.Tensor, size: int = I3D_SIZE) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] -> (B, 3, T, size, size) in [-1, 1], as the FVD references prepare clips.
+
+    uint8 quantisation, then bilinear resize to size x size (no antialias, no crop), then [-1, 1].
+    """
+    if video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"preprocess_clips: expected (B, 3, T, H, W), got shape {tuple(video.shape)}")
+    b = video.shape[0]
+    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round()            # uint8 levels 0..255
+    frames = rearrange(frames, "b c t h w -> (b t) c h w")
+    if tuple(frames.shape[-2:]) != (size, size):
+        frames = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    frames = frames / 127.5 - 1.0
+    return rearrange(frames, "(b t) c h w -> b c t h w", b=b).contiguous()
+
+
+# -------------------------------------------------------------------------------------- detectors
+
+class FeatureExtractor:
+    """Callable: clips (B, 3, T, S, S) in [-1, 1] -> features (B, dim), float32 on CPU."""
+
+    name: str = ""
+    dim: int = 0
+    identity: dict = {}          # what goes into cache keys
+
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class I3DExtractor(FeatureExtractor):
+    """Our ``I3D`` module; ``output`` "logits" (400-d, the FVD convention) or "features" (pooled 1024-d)."""
+
+    def __init__(self, model: I3D, device: torch.device | str = "cpu", output: str = "logits", identity: dict | None = None):
+        if output not in ("logits", "features"):
+            raise ValueError(f"I3DExtractor: output must be 'logits' or 'features', got {output!r}")
+        self.model = model.to(device).eval()
+        self.device, self.output = torch.device(device), output
+        self.dim = NUM_CLASSES if output == "logits" else FEATURE_DIM
+        bn_eps = model.Conv3d_1a_7x7.bn.eps
+        self.name = f"I3D ({'400-d logits' if output == 'logits' else '1024-d pooled features'}, BatchNorm eps {bn_eps:g})"
+        self.identity = {"kind": "i3d", "output": output, "bn_eps": bn_eps, **(identity or {})}
+
+    @torch.no_grad()
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        x = clips.to(self.device, torch.float32)
+        y = self.model(x) if self.output == "logits" else self.model.features(x)
+        return y.float().cpu()
+
+
+class TorchScriptExtractor(FeatureExtractor):
+    """StyleGAN-V's ``i3d_torchscript.pt``: ``detector(x, rescale=False, resize=False, return_features=True)``.
+
+    ``rescale=True`` would expect [0, 255] input and ``resize=True`` would resize inside; our clips are
+    already 224 px in [-1, 1] (what both flags produce), so both are off. Output: 400-d logits.
+    """
+
+    def __init__(self, module: torch.jit.ScriptModule, device: torch.device | str = "cpu", identity: dict | None = None):
+        self.module = module.to(device).eval()
+        self.device = torch.device(device)
+        self.dim = NUM_CLASSES
+        self.name = "I3D TorchScript (StyleGAN-V port of TF-Hub i3d-kinetics-400, 400-d logits)"
+        self.identity = {"kind": "torchscript", **(identity or {})}
+
+    @torch.no_grad()
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        y = self.module(clips.to(self.device, torch.float32), rescale=False, resize=False, return_features=True)
+        return y.float().cpu()
+
+
+def missing_detector_message(path: str | Path | None) -> str:
+    """One line: which file is missing and where the two supported detector files come from."""
+    where = "; ".join(f"{name}: {src}" for name, src in DETECTOR_SOURCES.items())
+    head = f"I3D weights not found: {path}" if path else "no I3D weights given (--i3d PATH)"
+    return f"{head}. Get {where}"
+
+
+def default_detector_path() -> Path | None:
+    """The first detector file present in the torch hub checkpoint folder, else None."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    for name in DETECTOR_SOURCES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a ``constants.pkl`` (torch.save archives have none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
+
+
+def _file_identity(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def load_extractor(path: str | Path | None, device: torch.device | str = "cpu", bn_eps: float = BN_EPS_VIDEOGPT,
+                   output: str = "logits") -> FeatureExtractor:
+    """Detector from a file: a TorchScript archive (StyleGAN-V) or an I3D state dict (``i3d_pretrained_400.pt``).
+
+    A missing file is a one-line ``FileNotFoundError`` naming it and where to get the detectors.
+    """
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(missing_detector_message(path))
+    path = Path(path)
+    identity = _file_identity(path)
+    if _is_torchscript(path):
+        if output != "logits":
+            raise ValueError(f"{path}: the TorchScript detector only gives the 400-d logits")
+        return TorchScriptExtractor(torch.jit.load(str(path), map_location="cpu"), device, identity)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with code, a truncated file, not a torch file at all
+        raise ValueError(f"{path}: not an I3D state dict or TorchScript file ({str(e).splitlines()[0]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}    # saved from DataParallel
+    model = I3D(bn_eps=bn_eps)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: not the i3d_pretrained_400.pt layout: {len(missing)} missing "
+                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+                         f"{len(wrong)} with other shapes (e.g. {wrong[:2]})")
+    model.load_state_dict(state, strict=True)
+    return I3DExtractor(model, device, output, identity)
+
+
+# ------------------------------------------------------------------------------------------ clips
+
+@dataclass(frozen=True)
+class Clip:
+    path: str
+    start: int
+
+
+def clip_start(name: str, num_frames: int, frames: int, rule: str, seed: int, run: int) -> int:
+    """First frame of the clip of video ``name`` (``num_frames`` long) in run ``run``.
+
+    "first": 0. "random": uniform in [0, num_frames - frames], from a generator seeded with
+    (seed, run, crc32(name)), so a real and a fake video of the same name get the same start and the
+    draw does not depend on the order or number of the other files.
+    """
+    if num_frames < frames:
+        raise ValueError(f"{name}: {num_frames} frames, shorter than the {frames}-frame clip")
+    if rule == "first":
+        return 0
+    if rule != "random":
+        raise ValueError(f"clip rule must be 'first' or 'random', got {rule!r}")
+    rng = np.random.default_rng([seed, run, zlib.crc32(name.encode())])
+    return int(rng.integers(0, num_frames - frames + 1))
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Items (index, clip (3, F, S, S) in [-1, 1], ok) for the extraction loader; unreadable -> ok False."""
+
+    def __init__(self, clips: Sequence[Clip], frames: int, i3d_size: int = I3D_SIZE,
+                 read_size: tuple[int, int] | None = None):
+        self.clips, self.frames, self.i3d_size, self.read_size = list(clips), frames, i3d_size, read_size
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int):
+        from cascadev.video_io import VideoReadError, read_video
+
+        clip = self.clips[i]
+        try:
+            video = read_video(clip.path, num_frames=self.frames, start=clip.start, size=self.read_size)
+        except VideoReadError:
+            video = None
+        if video is None or video.shape[2] != self.frames:
+            return i, torch.zeros(3, self.frames, self.i3d_size, self.i3d_size), False
+        return i, preprocess_clips(video, self.i3d_size)[0], True
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """Full float32 convolutions on Ampere+ GPUs while extracting (TF32 would shift the logits)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+def extract_features(clips: Sequence[Clip], extractor: FeatureExtractor, frames: int = FVD_FRAMES,
+                     i3d_size: int = I3D_SIZE, read_size: tuple[int, int] | None = None, batch_size: int = 8,
+                     workers: int = 0, accelerator=None, progress: str | None = None) -> tuple[np.ndarray, list[int]]:
+    """Features of ``clips`` -> (features (N_ok, D) float32 in clip order, indices of the clips that failed).
+
+    With an ``accelerate.Accelerator``, each process reads and embeds its share of the clips and the
+    features are gathered (``gather_for_metrics`` drops the padding of the last batch); every
+    process returns the full result.
+    """
+    if frames < MIN_FRAMES:
+        raise ValueError(f"FVD clips need at least {MIN_FRAMES} frames for I3D, got {frames}")
+    loader = torch.utils.data.DataLoader(ClipDataset(clips, frames, i3d_size, read_size), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers)
+    main = True
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader, device_placement=False)
+        main = accelerator.is_main_process
+    from tqdm.auto import tqdm
+
+    indices, feats, oks = [], [], []
+    with _no_tf32():
+        for index, batch, ok in tqdm(loader, desc=progress, disable=progress is None or not main, leave=False):
+            y = extractor(batch)                                                        # b d
+            if accelerator is not None:
+                device = accelerator.device
+                index, y, ok = accelerator.gather_for_metrics((index.to(device), y.to(device), ok.to(device)))
+            indices.append(index.cpu())
+            feats.append(y.cpu())
+            oks.append(ok.cpu())
+    if not feats:
+        return np.zeros((0, extractor.dim), np.float32), []
+    index, y, ok = torch.cat(indices), torch.cat(feats), torch.cat(oks)
+    order = torch.argsort(index)
+    index, y, ok = index[order], y[order], ok[order]
+    failed = index[~ok].tolist()
+    return y[ok].numpy().astype(np.float32), failed
+
+
+# ------------------------------------------------------------------------------------------ cache
+
+def cache_key(clips: Sequence[Clip], settings: dict) -> str:
+    """Hash of the clip list (with each file's size and mtime) and every extraction setting."""
+    files = []
+    for c in clips:
+        stat = os.stat(c.path)
+        files.append([str(Path(c.path).resolve()), c.start, stat.st_size, stat.st_mtime_ns])
+    blob = json.dumps({"version": CACHE_VERSION, "clips": files, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def load_cached_features(cache_dir: str | Path, key: str) -> tuple[np.ndarray, list[int]] | None:
+    """Features saved by ``save_cached_features`` under ``key``, or None."""
+    path = Path(cache_dir) / f"fvd_{key}.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            if str(data["key"]) != key:
+                return None
+            return data["features"], data["failed"].astype(int).tolist()
+    except (OSError, KeyError, ValueError):   # a partial or foreign file: recompute
+        return None
+
+
+def save_cached_features(cache_dir: str | Path, key: str, features: np.ndarray, failed: list[int]) -> Path:
+    """Write features to ``cache_dir/fvd_<key>.npz`` (temp file + rename)."""
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"fvd_{key}.npz"
+    tmp = folder / f".fvd_{key}.{os.getpid()}.npz"
+    np.savez(tmp, key=np.array(key), features=features, failed=np.array(failed, dtype=np.int64))
+    os.replace(tmp, path)
+    return path

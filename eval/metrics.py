@@ -1,0 +1,121 @@
+"""Paired per-frame metrics for videos: PSNR, SSIM, LPIPS (torchmetrics underneath).
+
+Conventions (those of the video-VAE papers; ``CONVENTIONS`` says them in words for every report):
+
+- Inputs are videos (B, 3, T, H, W) in [-1, 1], RGB; ``pred`` and ``target`` have the same shape.
+- Every metric is computed per frame and returned per frame, (B, T). A video's value is the mean
+  over its frames; a data set's value is the mean over all its frames.
+- PSNR on [0, 1] (``data_range=1``), MSE over the 3 channels and all pixels of a frame, in float64.
+  Identical frames have MSE 0 and infinite PSNR; per-frame values are capped at ``PSNR_CAP_DB``
+  (100 dB, an MSE of 1e-10) so means stay finite and JSON stays valid.
+- SSIM on [0, 1] (``data_range=1``), 11x11 Gaussian window, sigma 1.5, k1 0.01, k2 0.03, on each RGB
+  channel and averaged over channels (torchmetrics, which averages over the valid window positions).
+- LPIPS with AlexNet and the v0.1 linear heads, inputs in [-1, 1] (torchmetrics ``net_type="alex"``,
+  ``normalize=False``). The AlexNet ImageNet weights are read only from the local torch hub cache;
+  when absent, ``load_lpips`` raises ``LpipsUnavailable`` with the path to put them at: no download
+  is tried and no number from random weights is ever reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from einops import rearrange
+
+PSNR_CAP_DB = 100.0
+SSIM_KERNEL_SIZE = 11
+SSIM_SIGMA = 1.5
+
+CONVENTIONS = {
+    "psnr": f"per frame on [0, 1] (data_range=1), RGB MSE in float64, capped at {PSNR_CAP_DB:g} dB for "
+            "identical frames; video = mean over its frames, set = mean over all frames",
+    "ssim": f"per frame on [0, 1] (data_range=1), {SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} Gaussian window, "
+            f"sigma {SSIM_SIGMA}, mean over RGB channels; video = mean over its frames, set = mean over all frames",
+    "lpips": "per frame, AlexNet (LPIPS v0.1 linear heads, torchmetrics), inputs in [-1, 1]; "
+             "video = mean over its frames, set = mean over all frames",
+}
+
+
+def _frames01(pred: torch.Tensor, target: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check two (B, 3, T, H, W) videos in [-1, 1]; return both as frames (B*T, 3, H, W) in [0, 1]."""
+    if pred.shape != target.shape:
+        raise ValueError(f"{who}: pred and target differ in shape: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if pred.ndim != 5 or pred.shape[1] != 3:
+        hint = " (channels last? expected (B, 3, T, H, W))" if pred.ndim == 5 and pred.shape[-1] == 3 else ""
+        raise ValueError(f"{who}: expected (B, 3, T, H, W), got shape {tuple(pred.shape)}{hint}")
+    to01 = lambda v: rearrange((v.clamp(-1, 1) + 1) / 2, "b c t h w -> (b t) c h w")
+    return to01(pred), to01(target)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) x2 in [-1, 1] -> PSNR per frame (B, T) in dB, on [0, 1], capped at PSNR_CAP_DB."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    a, b = _frames01(pred.double(), target.double(), "psnr")
+    values = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))   # (b t)
+    values = values.clamp(max=PSNR_CAP_DB).float()
+    return rearrange(values, "(b t) -> b t", b=pred.shape[0])
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) x2 in [-1, 1] -> SSIM per frame (B, T), on [0, 1], 11x11 Gaussian window, sigma 1.5."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    a, b = _frames01(pred.float(), target.float(), "ssim")
+    if min(a.shape[-2:]) < SSIM_KERNEL_SIZE:
+        raise ValueError(f"ssim: frames of {a.shape[-2]}x{a.shape[-1]} are smaller than the "
+                         f"{SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} window")
+    values = structural_similarity_index_measure(a, b, gaussian_kernel=True, sigma=SSIM_SIGMA,
+                                                 kernel_size=SSIM_KERNEL_SIZE, data_range=1.0, reduction="none")
+    return rearrange(values, "(b t) -> b t", b=pred.shape[0])
+
+
+class LpipsUnavailable(RuntimeError):
+    """LPIPS cannot run here (backbone weights missing); the message says what to put where."""
+
+
+def alexnet_weights_path() -> Path:
+    """Where torchvision (and so torchmetrics' LPIPS) looks for the ImageNet AlexNet weights."""
+    from torchvision.models import AlexNet_Weights
+
+    filename = AlexNet_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+class LPIPS:
+    """Per-frame LPIPS (AlexNet) for videos; build with ``load_lpips`` (weights from local caches only)."""
+
+    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 16):
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        self.metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="none", normalize=False)
+        self.metric = self.metric.to(device).eval()
+        self.device, self.batch_size = torch.device(device), batch_size
+
+    @torch.no_grad()
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) x2 in [-1, 1] -> LPIPS per frame (B, T), frames in chunks of ``batch_size``."""
+        a, b = _frames01(pred.float(), target.float(), "lpips")
+        scores = []
+        for i in range(0, a.shape[0], self.batch_size):
+            x = a[i:i + self.batch_size].to(self.device) * 2 - 1          # back to [-1, 1] after the checks
+            y = b[i:i + self.batch_size].to(self.device) * 2 - 1
+            self.metric.reset()
+            self.metric.update(x, y)
+            scores.append(self.metric.compute().reshape(-1).float().cpu())
+        return rearrange(torch.cat(scores), "(b t) -> b t", b=pred.shape[0])
+
+
+def load_lpips(device: torch.device | str = "cpu", batch_size: int = 16) -> LPIPS:
+    """LPIPS (AlexNet) with weights from the local caches; ``LpipsUnavailable`` when they are missing."""
+    from torchvision.models import AlexNet_Weights
+
+    path = alexnet_weights_path()
+    if not path.is_file():
+        raise LpipsUnavailable(f"AlexNet weights not found at {path} (no download attempted); "
+                               f"put {AlexNet_Weights.IMAGENET1K_V1.url} there to enable LPIPS")
+    try:
+        return LPIPS(device, batch_size)
+    except (RuntimeError, OSError, KeyError, ValueError) as e:  # a truncated or foreign file in the cache
+        raise LpipsUnavailable(f"cannot load LPIPS weights ({path}): {str(e).splitlines()[0]}") from None
