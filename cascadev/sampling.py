@@ -1,0 +1,202 @@
+"""Sampling the LDM-VAE decoder over diffusers schedulers, with windows in time and tiles in space.
+
+All tensors here are already-scaled latents in the layout (B, C, T, H, W). ``cond`` is the semantic
+latent upsampled to the Stage A grid; the model sees ``cat([noisy latent, cond])`` at every step.
+
+Windows and tiles: the DiT was trained on windows of ``window_frames`` latent frames and
+``window_size``^2 latent pixels. Longer clips and larger frames are cut into overlapping windows
+(stride half a window, as released) and tiles (stride round(0.75 * size), as released); the last one
+is moved back to end at the edge.
+- ``official``: the released rule. Tiles overwrite earlier tiles; a window overlapping the previous
+  one by k >= 2 frames blends its first k frames with linear weights 0..1. Needs T >= window_frames
+  and H, W >= window_size.
+- ``blend`` (default): every window and tile is weighted by a linear ramp across its overlaps (no
+  ramp at the clip's own edges), and the weighted outputs are averaged: smooth in every direction,
+  for any H != W. A clip or frame smaller than the window is run as a single smaller window, padded
+  by repeating its last frame / row / column up to what the attention partitions divide, and cropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from einops import rearrange
+from tqdm.auto import tqdm
+
+SCHEDULERS = ("euler_a", "ddim", "dpmpp")
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a clip larger than the trained window is split. Strides default to the release's."""
+
+    mode: Literal["blend", "official"] = "blend"
+    frame_stride: int | None = None   # latent frames between windows; default window_frames // 2
+    tile_stride: int | None = None    # latent pixels between tiles; default round(0.75 * window_size)
+
+    def __post_init__(self):
+        if self.mode not in ("blend", "official"):
+            raise ValueError(f"tiling must be 'blend' or 'official', got {self.mode!r}")
+        for name in ("frame_stride", "tile_stride"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def make_scheduler(name: str | SchedulerMixin = "euler_a", config: dict | None = None) -> SchedulerMixin:
+    """A diffusers scheduler by short name, with its default config (as the release used them) or ``config``."""
+    if isinstance(name, SchedulerMixin):
+        return name
+    if name == "euler_a":
+        cls = EulerAncestralDiscreteScheduler
+    elif name == "ddim":
+        cls = DDIMScheduler
+    elif name == "dpmpp":
+        cls = DPMSolverMultistepScheduler  # algorithm_type "dpmsolver++" by default
+    else:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {SCHEDULERS}")
+    return cls.from_config(config) if config else cls()
+
+
+def window_starts(length: int, size: int, stride: int) -> list[int]:
+    """Start indices of windows of ``size`` every ``stride`` over ``length``, the last moved back to end at ``length``."""
+    starts, begin = [], 0
+    while begin + size < length:
+        starts.append(begin)
+        begin += stride
+    starts.append(max(length - size, 0))
+    return starts
+
+
+def ramp(length: int, size: int, start: int, overlap: int) -> torch.Tensor:
+    """Blend weights (size,) of a window at ``start``: linear ramps of ``overlap`` steps toward
+    neighbours, flat at the clip's own edges. Never zero, so weights always sum to > 0."""
+    i = torch.arange(size, dtype=torch.float32)
+    w = torch.ones(size)
+    if start > 0:
+        w = torch.minimum(w, (i + 1) / (overlap + 1))
+    if start + size < length:
+        w = torch.minimum(w, (size - i) / (overlap + 1))
+    return w
+
+
+def _pad_to(x: torch.Tensor, multiples: tuple[int, int, int]) -> torch.Tensor:
+    """Pad (B, C, T, H, W) at the end of T, H, W by repetition up to the given multiples."""
+    T, H, W = x.shape[2:]
+    pads = [(-n) % m for n, m in zip((T, H, W), multiples)]
+    if not any(pads):
+        return x
+    return F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
+
+
+def _run_window(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Eps of one window (B, C_in, T, H, W) -> (B, C_latent, T, H, W); pads sizes the partitions need."""
+    c = model.config
+    T, H, W = x.shape[2:]
+    out = model(_pad_to(x, (c.frame_multiple, c.spatial_multiple, c.spatial_multiple)), t)
+    return out[:, : c.latent_channels, :T, :H, :W]
+
+
+def _predict_tiles(model, x: torch.Tensor, t: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+    """Eps over all spatial tiles of one temporal window. x: (B, C_in, T, H, W)."""
+    c = model.config
+    B, _, T, H, W = x.shape
+    size = c.window_size
+    stride = tiling.tile_stride or round(0.75 * size)
+    th, tw = min(size, H), min(size, W)
+    rows, cols = window_starts(H, th, stride), window_starts(W, tw, stride)
+    if len(rows) == len(cols) == 1:
+        return _run_window(model, x, t)
+    out = x.new_zeros(B, c.latent_channels, T, H, W)
+    weight = x.new_zeros(1, 1, 1, H, W)
+    for r in rows:
+        for col in cols:
+            eps = _run_window(model, x[..., r:r + th, col:col + tw], t)
+            if tiling.mode == "official":  # later tiles overwrite earlier ones
+                out[..., r:r + th, col:col + tw] = eps
+                continue
+            w = ramp(H, th, r, th - stride)[:, None] * ramp(W, tw, col, tw - stride)[None, :]  # th tw
+            w = w.to(x)
+            out[..., r:r + th, col:col + tw] += eps * w
+            weight[..., r:r + th, col:col + tw] += w
+    return out if tiling.mode == "official" else out / weight
+
+
+def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str | Tiling = "blend") -> torch.Tensor:
+    """Eps for a whole clip. x: (B, C_in, T, H, W) = cat([noisy latent, cond]), any size; t: scalar or (B,).
+
+    Returns (B, C_latent, T, H, W): the eps channels of the model output (the learned variance is
+    not used by the schedulers).
+    """
+    c = model.config
+    tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
+    if x.ndim != 5 or x.shape[1] != c.in_channels:
+        raise ValueError(f"predict_noise expects (B, {c.in_channels}, T, H, W) = noisy latent + condition, got {tuple(x.shape)}")
+    B, _, T, H, W = x.shape
+    if tiling.mode == "official" and (T < c.window_frames or min(H, W) < c.window_size):
+        raise ValueError(f"official tiling needs at least {c.window_frames} latent frames and {c.window_size}x"
+                         f"{c.window_size} latents, got {T}x{H}x{W}; use tiling='blend' for smaller clips")
+    t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
+
+    size = min(c.window_frames, T)
+    stride = tiling.frame_stride or c.window_frames // 2
+    starts = window_starts(T, size, stride)
+    if len(starts) == 1:
+        return _predict_tiles(model, x, t, tiling)
+    out = x.new_zeros(B, c.latent_channels, T, H, W)
+    weight = x.new_zeros(1, 1, T, 1, 1)
+    last_end = 0
+    for start in starts:
+        eps = _predict_tiles(model, x[:, :, start:start + size], t, tiling)
+        window = slice(start, start + size)
+        if tiling.mode == "official":
+            overlap = last_end - start
+            w = torch.ones(size)
+            if overlap >= 2:  # the release blends the overlap linearly, 0 -> 1
+                w[:overlap] = torch.linspace(0, 1, overlap)
+            w = w.to(x).reshape(1, 1, size, 1, 1)
+            out[:, :, window] = out[:, :, window] * (1 - w) + eps * w
+        else:
+            w = ramp(T, size, start, size - stride).to(x).reshape(1, 1, size, 1, 1)
+            out[:, :, window] += eps * w
+            weight[:, :, window] += w
+        last_end = start + size
+    return out if tiling.mode == "official" else out / weight
+
+
+@torch.no_grad()
+def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | SchedulerMixin = "euler_a",
+           steps: int = 8, tiling: str | Tiling = "blend", generator: torch.Generator | None = None,
+           scheduler_config: dict | None = None, progress: bool = True) -> torch.Tensor:
+    """Denoise ``noise`` (B, C_latent, T, H, W) given ``cond`` (B, C_cond, T, H, W); both already scaled.
+
+    The release's loop (recon/refine_latent.py): scale the noise by ``init_noise_sigma``, then at each
+    timestep predict eps on cat([scaled input, cond]) and take a scheduler step. The step runs on
+    frames as a batch, (B*T, C, H, W), the release's layout, so a seeded ancestral sampler draws the
+    same noise as the released code. Returns the denoised latents (B, C_latent, T, H, W).
+    """
+    c = model.config
+    if noise.ndim != 5 or noise.shape[1] != c.latent_channels:
+        raise ValueError(f"noise must be (B, {c.latent_channels}, T, H, W), got {tuple(noise.shape)}")
+    if cond.shape[0] != noise.shape[0] or cond.shape[2:] != noise.shape[2:] or cond.shape[1] != c.cond_channels:
+        raise ValueError(f"cond must be (B, {c.cond_channels}, T, H, W) matching noise {tuple(noise.shape)}, "
+                         f"got {tuple(cond.shape)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    scheduler = make_scheduler(scheduler, scheduler_config)
+    scheduler.set_timesteps(steps, device=noise.device)
+    T = noise.shape[2]
+    to_frames = lambda z: rearrange(z, "b c t h w -> (b t) c h w")  # noqa: E731
+    from_frames = lambda z: rearrange(z, "(b t) c h w -> b c t h w", t=T)  # noqa: E731
+
+    latents = to_frames(noise * scheduler.init_noise_sigma)
+    for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
+        model_input = from_frames(scheduler.scale_model_input(latents, t))
+        eps = predict_noise(model, torch.cat([model_input, cond.to(model_input)], dim=1), t, tiling)
+        latents = scheduler.step(to_frames(eps), t, latents, generator=generator, return_dict=False)[0]
+    return from_frames(latents)

@@ -1,0 +1,194 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import randomize_
+from cascadev.sampling import Tiling, make_scheduler, predict_noise, sample, window_starts
+from dit import PRESETS, VideoDiT
+
+TINY = PRESETS["tiny"]  # window: 4 frames x 16x16 latents
+
+
+def tiny_model(seed=0):
+    return randomize_(VideoDiT(TINY), seed=seed).eval()
+
+
+class CallConstant(torch.nn.Module):
+    """Stub DiT whose eps is the number of calls so far: shows exactly how windows/tiles combine."""
+
+    def __init__(self, config=TINY):
+        super().__init__()
+        self.config, self.calls = config, 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        B, _, T, H, W = x.shape
+        return torch.full((B, self.config.out_channels, T, H, W), float(self.calls))
+
+
+class PassThrough(CallConstant):
+    """Stub DiT whose eps is its first input channel: a partition of unity must give the input back."""
+
+    def forward(self, x, t):
+        return x[:, :1].expand(-1, self.config.out_channels, -1, -1, -1).clone()
+
+
+def test_window_starts_cover_and_end_at_the_edge():
+    assert window_starts(16, 8, 4) == [0, 4, 8]
+    assert window_starts(10, 8, 4) == [0, 2]
+    assert window_starts(8, 8, 4) == [0]
+    assert window_starts(300, 128, 96) == [0, 96, 172]
+    assert window_starts(5, 5, 4) == [0]
+
+
+@pytest.mark.parametrize("T,H,W", [(2, 16, 16), (3, 10, 6), (4, 16, 16), (9, 16, 16), (4, 40, 24), (7, 20, 33)])
+def test_any_clip_size_gives_eps_of_the_same_size(T, H, W):
+    x = torch.randn(1, 20, T, H, W)
+    assert predict_noise(tiny_model(), x, 500.0).shape == (1, 4, T, H, W)
+
+
+def test_exactly_one_window_equals_the_model():
+    model = tiny_model()
+    x = torch.randn(2, 20, 4, 16, 16)
+    direct = model(x, torch.tensor([500.0, 500.0]))[:, :4]
+    for mode in ("blend", "official"):
+        torch.testing.assert_close(predict_noise(model, x, 500.0, mode), direct, rtol=0, atol=0)
+
+
+def test_short_clip_is_padded_then_cropped():
+    model = tiny_model()
+    x = torch.randn(1, 20, 3, 16, 14)
+    padded = torch.cat([x, x[:, :, -1:]], dim=2)
+    padded = torch.cat([padded, padded[..., -1:], padded[..., -1:]], dim=-1)
+    expected = model(padded, torch.tensor([500.0]))[:, :4, :3, :, :14]
+    torch.testing.assert_close(predict_noise(model, x, 500.0), expected, rtol=0, atol=0)
+
+
+def test_official_and_blend_agree_where_only_one_window_and_tile_cover():
+    model = tiny_model()
+    x = torch.randn(1, 20, 4, 16, 40)  # tiles at columns 0, 12, 24 (stride 12 = round(0.75*16))
+    blend, official = predict_noise(model, x, 300.0, "blend"), predict_noise(model, x, 300.0, "official")
+    torch.testing.assert_close(blend[..., :12], official[..., :12], rtol=0, atol=0)  # only the first tile
+    assert not torch.allclose(blend[..., 12:16], official[..., 12:16], atol=1e-5)   # overlap: they differ
+
+
+def test_official_rules_overwrite_tiles_and_ramp_windows():
+    stub = CallConstant()
+    eps = predict_noise(stub, torch.zeros(1, 20, 10, 16, 28), 1.0, "official")
+    # windows start at frames 0, 2, 4, 6 (size 4, stride 2); tiles at columns 0 and 12
+    assert stub.calls == 4 * 2
+    # window 0: tiles are calls 1 (cols 0-15) and 2 (cols 12-27): the later tile wins its overlap
+    assert eps[0, 0, 0, 0, 11] == 1 and eps[0, 0, 0, 0, 12] == 2
+    # each later window overlaps by 2 frames, weights (0, 1): the first keeps the old value, the
+    # second takes the new window's (calls 3, 5, 7 at column 0)
+    assert eps[0, 0, :, 0, 0].tolist() == [1, 1, 1, 3, 3, 5, 5, 7, 7, 7]
+
+
+def test_blend_is_a_partition_of_unity_and_has_no_seams():
+    x = torch.zeros(1, 20, 10, 37, 50)
+    x[:, 0] = 0.7  # a constant field
+    torch.testing.assert_close(predict_noise(PassThrough(), x, 1.0, "blend"), torch.full((1, 4, 10, 37, 50), 0.7))
+    # every window/tile returns a different constant: blending must stay smooth (no jumps), official does not
+    eps_b = predict_noise(CallConstant(), x, 1.0, "blend")[0, 0]
+    eps_o = predict_noise(CallConstant(), x, 1.0, "official")[0, 0]
+    overlap = 16 - 12
+    spread = eps_b.max() - eps_b.min()
+    for dim in (1, 2):
+        jump_b = eps_b.diff(dim=dim).abs().max()
+        jump_o = eps_o.diff(dim=dim).abs().max()
+        assert jump_b <= spread / (overlap + 1) + 1e-5, (dim, jump_b)
+        assert jump_o >= 1.0  # official tiles overwrite: a step as large as the difference between calls
+
+
+def test_official_tiling_rejects_clips_smaller_than_the_window():
+    with pytest.raises(ValueError, match="official tiling needs at least 4 latent frames"):
+        predict_noise(tiny_model(), torch.randn(1, 20, 3, 16, 16), 1.0, "official")
+    with pytest.raises(ValueError, match=r"expects \(B, 20, T, H, W\)"):
+        predict_noise(tiny_model(), torch.randn(1, 16, 4, 16, 16), 1.0)
+    with pytest.raises(ValueError, match="tiling must be"):
+        Tiling("seamless")
+
+
+@pytest.mark.parametrize("name", ["euler_a", "ddim", "dpmpp"])
+def test_sample_is_seedable_and_shapes_hold(name):
+    model = tiny_model()
+    cond, noise = torch.randn(1, 16, 6, 16, 24), torch.randn(1, 4, 6, 16, 24)
+    runs = [sample(model, cond, noise, name, 3, generator=torch.Generator().manual_seed(7), progress=False)
+            for _ in range(2)]
+    assert runs[0].shape == (1, 4, 6, 16, 24) and torch.isfinite(runs[0]).all()
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        make_scheduler("heun")
+
+
+# --- the release's loop, frames as a batch (recon/refine_latent.py + forward_with_dpmsolver) ---------
+
+def _release_slices(size, window):
+    step, starts, begin = round(window * 0.75), [], 0
+    while begin + window < size:
+        starts.append(begin)
+        begin += step
+    return starts + [size - window]
+
+
+def _release_eps(model, frames, timestep):
+    """forward_with_dpmsolver: frames (n, C, h, w), timestep (n,) -> eps (n, 4, h, w)."""
+    c = model.config
+    L, S = c.window_frames, c.window_size
+    n, _, h, w = frames.shape
+
+    def by_slice(x, ts):  # forward_by_slice on one window of L frames
+        y = torch.zeros(L, c.out_channels, h, w)
+        for r in _release_slices(h, S):
+            for col in _release_slices(w, S):
+                tile = x[:, :, r:r + S, col:col + S].unsqueeze(0).permute(0, 2, 1, 3, 4)
+                y[:, :, r:r + S, col:col + S] = model(tile, ts[:1])[0].permute(1, 0, 2, 3)
+        return y
+
+    z = torch.zeros(n, c.out_channels, h, w)
+    starts = []
+    for i in range(0, n, L // 2):
+        begin, end = i, i + L
+        if end > n:
+            begin, end = n - L, n
+        starts.append(begin)
+        if end == n:
+            break
+    last = 0
+    for begin in starts:
+        zs = by_slice(frames[begin:begin + L], timestep[begin:begin + L])
+        overlap = last - begin
+        if overlap < 2:
+            z[begin:begin + L] = zs
+        else:
+            wts = np.ones(L, dtype=np.float32)
+            wts[:overlap] = np.linspace(0, 1, num=overlap, dtype=np.float32)
+            wts = torch.from_numpy(wts).reshape(-1, 1, 1, 1)
+            z[begin:begin + L] = z[begin:begin + L] * (1.0 - wts) + zs * wts
+        last = begin + L
+    return z[:, :4]
+
+
+def test_official_sampling_equals_the_released_loop():
+    model = tiny_model()
+    T, H, W = 10, 40, 28
+    ref_z = torch.randn(T, 16, H, W)  # release layout: frames as a batch
+    torch.manual_seed(123)
+    z = torch.randn(T, 4, H, W)
+    scheduler = make_scheduler("euler_a")
+    scheduler.set_timesteps(3)
+    latents = z * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(latents, t)
+            eps = _release_eps(model, torch.cat([inp, ref_z], dim=1), t[None].expand(T))
+            latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+    released = latents.permute(1, 0, 2, 3).unsqueeze(0)
+
+    torch.manual_seed(123)
+    noise = torch.randn(T, 4, H, W).permute(1, 0, 2, 3).unsqueeze(0)
+    ours = sample(model, ref_z.permute(1, 0, 2, 3).unsqueeze(0), noise, "euler_a", 3, tiling="official", progress=False)
+    rel = (ours - released).norm() / released.norm()
+    assert rel < 1e-5, rel
