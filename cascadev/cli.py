@@ -1,4 +1,7 @@
-"""The ``cascadev`` command. Each subcommand imports its heavy modules only when it runs."""
+"""CascadeV: latent-cascade video generation (LDM-VAE decoding up to 2K, training, evaluation).
+
+The ``cascadev`` command. Each subcommand imports its heavy modules only when it runs.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions, device and attention backend in use")
     p.set_defaults(func=run_info)
+
+    # --- reconstruct / decode (cascadev/decode_cli.py) ---
+    from cascadev import decode_cli
+
+    p = sub.add_parser("reconstruct", help="video -> semantic latents -> LDM-VAE decode -> video")
+    decode_cli.add_reconstruct_arguments(p)
+    p.set_defaults(func=decode_cli.run_reconstruct)
+    p = sub.add_parser("decode", help="decode latents (ours, or SD/SVD-family VAE latents) to video, up to 2K")
+    decode_cli.add_decode_arguments(p)
+    p.set_defaults(func=decode_cli.run_decode)
+    # --- end reconstruct / decode ---
 
     # --- eval (eval/cli.py) ---
     from eval.cli import add_arguments as add_eval_arguments

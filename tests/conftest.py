@@ -23,3 +23,28 @@ def randomize_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torc
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny cascade (random weights, every part nonzero) saved in our format."""
+    from cascadev.pipeline import CascadeVPipeline
+    from dit import build_dit
+    from vae import build_previewer, build_semantic_encoder, build_stage_a
+
+    root = tmp_path_factory.mktemp("tiny_cascade")
+    pipe = CascadeVPipeline(dit=randomize_(build_dit("tiny"), std=0.02), semantic_encoder=build_semantic_encoder("tiny"),
+                            stage_a=build_stage_a("tiny"), previewer=build_previewer("tiny"), device="cpu")
+    pipe.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def clip_file(tmp_path_factory):
+    """A generated 9-frame 160x96 clip as mp4."""
+    from cascadev.synthetic import make_clip
+    from cascadev.video_io import write_video
+
+    path = tmp_path_factory.mktemp("clips") / "clip.mp4"
+    write_video(path, make_clip(seed=3, frames=9, height=96, width=160), fps=8)
+    return path

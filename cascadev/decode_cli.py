@@ -1,0 +1,140 @@
+"""``cascadev reconstruct`` and ``cascadev decode``: the LDM-VAE pipeline on files."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from cascadev.cli import UserError
+
+
+def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weights and sampling")
+    g.add_argument("--weights", help="folder with the released files or one written by save_pretrained "
+                                     "(default: download from the hub)")
+    g.add_argument("--dit", help="DiT: s1024.effn-f32.pth, our folder, or a hub id")
+    g.add_argument("--semantic-encoder", help="effnet_encoder.safetensors or our folder")
+    g.add_argument("--previewer", help="previewer.safetensors or our folder")
+    g.add_argument("--stage-a", help="Stage A VAE: diffusers folder or hub id (default: the SVD VAE)")
+    g.add_argument("--steps", type=int, default=8, help="denoising steps (release: 8)")
+    g.add_argument("--scheduler", default="euler_a", choices=["euler_a", "ddim", "dpmpp"])
+    g.add_argument("--tiling", default="blend", choices=["blend", "official"],
+                   help="blend windows/tiles smoothly (default) or reproduce the release exactly")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+
+
+def add_reconstruct_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="video file (mp4, mkv, webm, gif, ...)")
+    p.add_argument("-o", "--output", required=True, help="reconstructed video (.mp4)")
+    p.add_argument("--size", help="long side in pixels (aspect kept) or WxH; rounded to multiples of 32")
+    p.add_argument("--frames", type=int, help="number of frames to take (default: all)")
+    p.add_argument("--start", type=int, default=0, help="first frame")
+    p.add_argument("--stride", type=int, default=1, help="take every k-th frame")
+    p.add_argument("--compare", help="also write input | reconstruction side by side here (.mp4)")
+    p.add_argument("--latents-out", help="save the semantic latents (.safetensors) for `cascadev decode`")
+    add_pipeline_arguments(p)
+
+
+def add_decode_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("latents", help="latents file: .safetensors or .pt, (C, T, h, w) or (B, C, T, h, w)")
+    p.add_argument("-o", "--output", required=True, help="decoded video (.mp4); with B > 1, one file per video")
+    p.add_argument("--latent-space", default="semantic", choices=["semantic", "sd-vae"],
+                   help="semantic: our 16-ch f32 latents; sd-vae: 4-ch f8 latents of an SD/SVD-family VAE")
+    p.add_argument("--vae", help="sd-vae route: the VAE that made the latents (diffusers folder or hub id; "
+                                 "default: the SVD VAE)")
+    p.add_argument("--vae-scale", type=float, default=0.18215, help="sd-vae route: that VAE's latent scale")
+    p.add_argument("--scale", type=float, help="sd-vae route: upscale factor over the VAE's pixels")
+    p.add_argument("--size", help="sd-vae route: output long side or WxH (default: 2048 long side)")
+    p.add_argument("--fps", type=float, default=8.0)
+    add_pipeline_arguments(p)
+
+
+def _load_pipeline(args):
+    from cascadev.pipeline import CascadeVPipeline
+    print("loading weights ...", flush=True)
+    return CascadeVPipeline.from_pretrained(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder,
+                                            previewer=args.previewer, stage_a=args.stage_a, device=args.device,
+                                            load_previewer=False)
+
+
+def _decode_kwargs(args) -> dict:
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    return dict(steps=args.steps, seed=args.seed, scheduler=args.scheduler, tiling=args.tiling)
+
+
+def _report(pipe) -> None:
+    print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items()))
+
+
+def run_reconstruct(args: argparse.Namespace) -> None:
+    from cascadev.pipeline import infer_size, resize_video, save_latents
+    from cascadev.video_io import read_video, video_info, write_video
+    from eval.metrics import psnr
+
+    if args.frames is not None and args.frames < 1:
+        raise UserError(f"--frames must be >= 1, got {args.frames}")
+    info = video_info(args.input)
+    video = read_video(args.input, num_frames=args.frames, start=args.start, stride=args.stride)
+    H, W = video.shape[-2:]
+    size = infer_size(H, W, args.size)
+    if size != (H, W):
+        print(f"resizing {W}x{H} -> {size[1]}x{size[0]} (aspect kept, multiples of 32)")
+    video = resize_video(video, size)
+    pipe = _load_pipeline(args)
+    print(f"reconstructing {video.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
+    latents = pipe.encode(video)
+    if args.latents_out:
+        save_latents(args.latents_out, latents, source=str(args.input))
+        print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
+    recon = pipe.decode(latents, **_decode_kwargs(args)).cpu()
+    fps = (info.fps or 8.0) / args.stride
+    write_video(args.output, recon, fps=fps, crf=args.crf)
+    if args.compare:
+        import torch
+        write_video(args.compare, torch.cat([video.clamp(-1, 1), recon], dim=-1), fps=fps, crf=args.crf)
+    value = psnr(recon, video).mean().item()
+    _report(pipe)
+    print(f"PSNR {value:.2f} dB (per frame on [0, 1], mean) -> {args.output}")
+
+
+def run_decode(args: argparse.Namespace) -> None:
+    from cascadev.pipeline import SEMANTIC_CHANNELS, infer_size, load_latents, resize_video
+    from cascadev.video_io import write_video
+
+    pipe = None
+    if args.latent_space == "semantic":
+        if args.scale is not None or args.vae is not None:
+            raise UserError("--scale and --vae are for --latent-space sd-vae")
+        latents = load_latents(args.latents, SEMANTIC_CHANNELS)
+        pipe = _load_pipeline(args)
+        print(f"decoding latents {tuple(latents.shape)} -> {latents.shape[-1] * 32}x{latents.shape[-2] * 32}")
+        videos = pipe.decode(latents, **_decode_kwargs(args)).cpu()
+    else:
+        from cascadev.pipeline import resolve_stage_a_config
+        from vae.stage_a import SVD_VAE_REPO, StageAVAE
+        latents = load_latents(args.latents, 4)
+        if args.vae_scale <= 0:
+            raise UserError(f"--vae-scale must be positive, got {args.vae_scale}")
+        config = dataclasses.replace(resolve_stage_a_config(args.vae or SVD_VAE_REPO, None), scale_factor=args.vae_scale)
+        their_vae = StageAVAE.from_config(config)
+        print(f"decoding {tuple(latents.shape)} sd-vae latents to pixels ...", flush=True)
+        pixels = their_vae.decode(latents).clamp(-1, 1)
+        del their_vae
+        H, W = pixels.shape[-2:]
+        if args.scale is not None and args.size is not None:
+            raise UserError("give --scale or --size, not both")
+        long_side = round(max(H, W) * args.scale) if args.scale else None
+        size = infer_size(H, W, args.size if args.size else str(long_side or 2048))
+        print(f"upscaling {W}x{H} -> {size[1]}x{size[0]} through the cascade")
+        pipe = _load_pipeline(args)
+        videos = pipe.reconstruct(resize_video(pixels, size), **_decode_kwargs(args)).cpu()
+    out = Path(args.output)
+    for i, video in enumerate(videos):
+        path = out if len(videos) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        write_video(path, video, fps=args.fps, crf=args.crf)
+        print(f"-> {path}")
+    _report(pipe)

@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from cascadev.cli import main
+from cascadev.pipeline import CascadeVPipeline, load_latents, round_size, save_latents, seeded_noise
+from cascadev.video_io import read_video, video_info, write_video
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline_dir):
+    return CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
+
+
+def run_cli(capsys, *argv):
+    """Run `cascadev ARGV`; return (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_reconstruct_api_shapes_range_and_seeding(pipe, clip_file):
+    video = read_video(clip_file, num_frames=5)
+    latents = pipe.encode(video)
+    assert latents.shape == (1, 16, 5, 3, 5)
+    recon = pipe.decode(latents, steps=2, seed=1, progress=False)
+    assert recon.shape == video.shape and recon.abs().max() <= 1
+    torch.testing.assert_close(pipe.decode(latents, steps=2, seed=1, progress=False), recon, rtol=0, atol=0)
+    assert not torch.allclose(pipe.decode(latents, steps=2, seed=2, progress=False), recon)
+    assert pipe.preview(latents).shape == video.shape
+    assert set(pipe.timings) >= {"encode", "dit", "stage_a", "preview"}
+
+
+def test_noise_is_drawn_frames_first_like_the_release():
+    noise = seeded_noise((1, 4, 3, 2, 2), seed=5)
+    expected = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(5)).permute(1, 0, 2, 3)
+    torch.testing.assert_close(noise[0], expected, rtol=0, atol=0)
+
+
+def test_round_size_keeps_aspect():
+    assert round_size(1080, 1920, 1024) == (576, 1024)
+    assert round_size(100, 150) == (96, 160)
+
+
+def test_cli_reconstruct_end_to_end(tmp_path, capsys, tiny_pipeline_dir, clip_file):
+    out, side, z = tmp_path / "recon.mp4", tmp_path / "side.mp4", tmp_path / "z.safetensors"
+    code, stdout, err = run_cli(capsys, "reconstruct", clip_file, "-o", out, "--weights", tiny_pipeline_dir,
+                                "--steps", 2, "--compare", side, "--latents-out", z, "--frames", 8, "--start", 1)
+    assert code == 0, err
+    assert "PSNR" in stdout and "time: encode" in stdout
+    info = video_info(out)
+    assert (info.frames, info.height, info.width) == (8, 96, 160)
+    assert video_info(side).width == 320
+    assert load_latents(z).shape == (1, 16, 8, 3, 5)
+
+    # decode those latents again, from safetensors and from a 4D .pt
+    code, stdout, err = run_cli(capsys, "decode", z, "-o", tmp_path / "dec.mp4", "--weights", tiny_pipeline_dir, "--steps", 2)
+    assert code == 0, err
+    assert (video_info(tmp_path / "dec.mp4").frames, video_info(tmp_path / "dec.mp4").width) == (8, 160)
+    torch.save(load_latents(z)[0], tmp_path / "z.pt")
+    code, _, err = run_cli(capsys, "decode", tmp_path / "z.pt", "-o", tmp_path / "dec2.mp4", "--weights", tiny_pipeline_dir, "--steps", 1)
+    assert code == 0, err
+
+
+def test_cli_resizes_to_multiples_of_32_and_says_so(tmp_path, capsys, tiny_pipeline_dir, clip_file):
+    code, stdout, err = run_cli(capsys, "reconstruct", clip_file, "-o", tmp_path / "r.mp4", "--weights", tiny_pipeline_dir,
+                                "--steps", 1, "--size", 200, "--frames", 4)
+    assert code == 0, err
+    assert stdout.count("resizing 160x96 -> 192x128") == 1
+    assert (video_info(tmp_path / "r.mp4").width, video_info(tmp_path / "r.mp4").height) == (192, 128)
+
+
+def test_sd_vae_route_upscales_through_the_cascade(tmp_path, capsys, tiny_pipeline_dir):
+    their_latents = torch.randn(4, 5, 6, 8) * 0.5  # a 5-frame 64x48 video in an SD-family VAE's f8 latent space
+    save_latents(tmp_path / "sd.safetensors", their_latents[None])
+    code, stdout, err = run_cli(capsys, "decode", tmp_path / "sd.safetensors", "-o", tmp_path / "up.mp4",
+                                "--latent-space", "sd-vae", "--vae", tiny_pipeline_dir / "stage_a", "--scale", 2,
+                                "--weights", tiny_pipeline_dir, "--steps", 1)
+    assert code == 0, err
+    assert "upscaling 64x48 -> 128x96" in stdout
+    info = video_info(tmp_path / "up.mp4")
+    assert (info.frames, info.width, info.height) == (5, 128, 96)
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path, capsys, tiny_pipeline_dir):
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    code, _, err = run_cli(capsys, "reconstruct", tmp_path / "broken.mp4", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir)
+    assert code == 2 and err.count("\n") == 1 and "broken.mp4" in err and "not a readable video" in err
+
+    save_latents(tmp_path / "c8.safetensors", torch.randn(1, 8, 4, 3, 5))
+    code, _, err = run_cli(capsys, "decode", tmp_path / "c8.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir)
+    assert code == 2 and err.count("\n") == 1 and "expected latents (16, T, h, w)" in err
+
+    bad = torch.randn(16, 4, 3, 5)
+    bad[0, 0, 0, 0] = float("nan")
+    save_latents(tmp_path / "nan.safetensors", bad[None])
+    code, _, err = run_cli(capsys, "decode", tmp_path / "nan.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir)
+    assert code == 2 and err.count("\n") == 1 and "NaN" in err
+
+    save_latents(tmp_path / "ok.safetensors", torch.randn(1, 16, 4, 3, 5))
+    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4", "--weights", tmp_path / "nowhere")
+    assert code == 2 and err.count("\n") == 1 and "nowhere" in err
+
+    with pytest.raises(ValueError, match=r"expected 3 channels.*is T before C"):
+        CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu").encode(torch.zeros(1, 4, 3, 32, 32))
+    with pytest.raises(ValueError, match="H=40 is not a positive multiple of 32"):
+        CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu").encode(torch.zeros(1, 3, 2, 40, 32))
