@@ -130,7 +130,7 @@ def pair_up(real: dict[str, Video], fake: dict[str, Video], frames: int, resized
     for name, f in sorted(fake.items()):
         r = real.get(name)
         if r is None:
-            skips.append(Skip("fake", f.path, f"unmatched name: no real video named {name!r}"))
+            skips.append(Skip("fake", f.path, f"unmatched name: no real video named {name!r} (left out of paired metrics)"))
             continue
         if frames and min(r.frames, f.frames) < frames:
             short = r if r.frames < frames else f
@@ -147,7 +147,7 @@ def pair_up(real: dict[str, Video], fake: dict[str, Video], frames: int, resized
         pairs.append((r, f))
     for name, r in sorted(real.items()):
         if name not in fake:
-            skips.append(Skip("real", r.path, f"unmatched name: no fake video named {name!r}"))
+            skips.append(Skip("real", r.path, f"unmatched name: no fake video named {name!r} (left out of paired metrics)"))
     return pairs
 
 

@@ -9,7 +9,10 @@ Conventions (those of the video-VAE papers; ``CONVENTIONS`` says them in words f
   Identical frames have MSE 0 and infinite PSNR; per-frame values are capped at ``PSNR_CAP_DB``
   (100 dB, an MSE of 1e-10) so means stay finite and JSON stays valid.
 - SSIM on [0, 1] (``data_range=1``), 11x11 Gaussian window, sigma 1.5, k1 0.01, k2 0.03, on each RGB
-  channel and averaged over channels (torchmetrics, which averages over the valid window positions).
+  channel, averaged over channels and over the valid window positions only (the SSIM map of
+  torchmetrics with its 5-pixel reflect-padded border cropped), as Wang et al.'s reference code,
+  skimage (``gaussian_weights=True``) and pytorch_msssim do. torchmetrics' own mean keeps that
+  border, which moves SSIM by about 1e-3.
 - LPIPS with AlexNet and the v0.1 linear heads, inputs in [-1, 1] (torchmetrics ``net_type="alex"``,
   ``normalize=False``). The AlexNet ImageNet weights are read only from the local torch hub cache;
   when absent, ``load_lpips`` raises ``LpipsUnavailable`` with the path to put them at: no download
@@ -31,7 +34,7 @@ CONVENTIONS = {
     "psnr": f"per frame on [0, 1] (data_range=1), RGB MSE in float64, capped at {PSNR_CAP_DB:g} dB for "
             "identical frames; video = mean over its frames, set = mean over all frames",
     "ssim": f"per frame on [0, 1] (data_range=1), {SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} Gaussian window, "
-            f"sigma {SSIM_SIGMA}, mean over RGB channels; video = mean over its frames, set = mean over all frames",
+            f"sigma {SSIM_SIGMA}, mean over RGB channels and valid window positions (border cropped); video = mean over its frames, set = mean over all frames",
     "lpips": "per frame, AlexNet (LPIPS v0.1 linear heads, torchmetrics), inputs in [-1, 1]; "
              "video = mean over its frames, set = mean over all frames",
 }
@@ -59,15 +62,21 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, 3, T, H, W) x2 in [-1, 1] -> SSIM per frame (B, T), on [0, 1], 11x11 Gaussian window, sigma 1.5."""
+    """(B, 3, T, H, W) x2 in [-1, 1] -> SSIM per frame (B, T), on [0, 1], 11x11 Gaussian window, sigma 1.5.
+
+    Mean over channels and valid window positions (see the module docstring).
+    """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     a, b = _frames01(pred.float(), target.float(), "ssim")
     if min(a.shape[-2:]) < SSIM_KERNEL_SIZE:
         raise ValueError(f"ssim: frames of {a.shape[-2]}x{a.shape[-1]} are smaller than the "
                          f"{SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} window")
-    values = structural_similarity_index_measure(a, b, gaussian_kernel=True, sigma=SSIM_SIGMA,
-                                                 kernel_size=SSIM_KERNEL_SIZE, data_range=1.0, reduction="none")
+    _, ssim_map = structural_similarity_index_measure(a, b, gaussian_kernel=True, sigma=SSIM_SIGMA,
+                                                      kernel_size=SSIM_KERNEL_SIZE, data_range=1.0,
+                                                      reduction="none", return_full_image=True)   # (b t) c h w
+    pad = (SSIM_KERNEL_SIZE - 1) // 2
+    values = ssim_map[..., pad:-pad, pad:-pad].mean(dim=(1, 2, 3))                              # (b t)
     return rearrange(values, "(b t) -> b t", b=pred.shape[0])
 
 
