@@ -1,0 +1,291 @@
+"""Stage C, the base text-to-video model: a video DiT that generates Stage B semantic latents from text.
+
+The same blocks and grid attention as the Stage B decoder (``dit.video_dit``): adaLN-single blocks
+(PixArt-alpha, Sec. 2.3) over attention parts cycled by ``attn_strides`` (CascadeV, Sec. 3.2), with a
+cross-attention to the text tokens after the self-attention (PixArt-alpha, Fig. 4: queries from the
+video tokens, keys and values from the text). The pooled text embedding is added to the timestep
+embedding, so it drives the adaLN modulation of every block and of the final layer (as SDXL and SD3
+add their pooled CLIP vector). Text comes from ``dit.text_encoder``: per-token hidden states
+(B, L, caption_channels), a pooled vector (B, pooled_channels) and a mask (B, L) of real tokens.
+
+Latents are the semantic encoder's output (B, 16, T, H/32, W/32) times ``latent_scale``; sampling
+and training divide and multiply by it in ``cascadev.generate``, nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from timm.layers import Mlp
+from torch.utils.checkpoint import checkpoint
+
+from dit.attention import attention, num_parts, partition, unpartition
+from dit.video_dit import DiTBlock, DiTConfig, FinalLayer, PatchEmbed, Strides, TimestepEmbedder, modulate, position_embedding
+
+# The release's schedule (dit.video_dit.OFFICIAL_ATTN_STRIDES) scaled to 32x32 latents at patch 1:
+# 2x2 spatial parts keep the released part size (16x16 tokens); full 3D attention in blocks 8-11, 20-27.
+BASE_ATTN_STRIDES: tuple[Strides, ...] = (
+    *[(1, 2), (4, 1)] * 4, None, None, None, None,
+    *[(1, 2), (4, 1)] * 4, *[None] * 8,
+)
+
+
+@dataclass(frozen=True)
+class TextDiTConfig(DiTConfig):
+    """A ``DiTConfig`` (same blocks, partitions and size checks) for text-conditioned semantic latents.
+
+    Inputs are (B, latent_channels, T, H, W): no condition is concatenated on channels. The defaults are
+    the ``base`` preset: ~1.08B parameters, 1024-px videos (32x32 latents, 8-16 frames), patch 1 as
+    Stable Cascade's Stage C, whose 24x24 latents are not patchified either.
+    """
+
+    latent_channels: int = 16       # Stage B semantic latents
+    cond_channels: int = 0          # nothing concatenated: the condition is the text
+    hidden_size: int = 1536         # Stable Cascade 1B Stage C width
+    depth: int = 28
+    num_heads: int = 24             # head dim 64
+    patch_size: int = 1
+    window_frames: int = 16         # latent frames of the trained clips
+    window_size: int = 32           # 1024 px
+    pe_interpolation: float = 1.0
+    attn_strides: tuple[tuple[int, int] | None, ...] = BASE_ATTN_STRIDES
+    qk_norm: bool = True            # trained from scratch in bf16 (SD3, Sec. 5.3.2: QK-normalisation)
+    attn_fp32: bool = False
+    caption_channels: int = 1280    # text token width (open_clip ViT-bigG-14 text tower)
+    pooled_channels: int = 1280     # pooled, projected text embedding (ViT-bigG-14 embed_dim)
+    latent_scale: float = 1.0       # semantic latents are BatchNorm-normalised already (Stable Cascade Stage C uses them as is)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cond_channels:
+            raise ValueError(f"TextDiT concatenates no condition: cond_channels must be 0, got {self.cond_channels}")
+        if self.caption_channels < 1 or self.pooled_channels < 1:
+            raise ValueError("caption_channels and pooled_channels must be >= 1")
+        if not self.latent_scale > 0:
+            raise ValueError(f"latent_scale must be positive, got {self.latent_scale}")
+
+
+PRESETS: dict[str, TextDiTConfig] = {
+    # ~1.08B parameters for 1024-px videos: 32x32 latents, 8-16 frames, open_clip ViT-bigG-14 text
+    "base": TextDiTConfig(),
+    # A few narrow blocks with every kind of partition and a 32-wide text tower, for CPU tests
+    "tiny": TextDiTConfig(hidden_size=48, depth=3, num_heads=4, window_frames=4, window_size=8,
+                          attn_strides=((1, 2), (2, 1), None), caption_channels=32, pooled_channels=32),
+}
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     backend: str = "auto", fp32: bool = False) -> torch.Tensor:
+    """Attention to keys where ``mask`` is True. q: (B, heads, N, e); k, v: (B, heads, L, e); mask: (B, L) bool.
+
+    Without a mask this is ``dit.attention.attention`` (flash-attn when it applies). flash-attn's dense
+    kernel takes no padding mask, so a masked call runs SDPA, or the fp32 "math" reference.
+    """
+    if mask is None:
+        return attention(q, k, v, backend, fp32)
+    dtype = q.dtype
+    if fp32:
+        q, k, v = q.float(), k.float(), v.float()
+    keep = mask[:, None, None, :]  # b 1 1 l
+    if backend == "math":
+        weights = torch.einsum("bhnd,bhmd->bhnm", q.float(), k.float()) * q.shape[-1] ** -0.5
+        weights = weights.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+        out = torch.einsum("bhnm,bhmd->bhnd", weights, v.float())
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    return out.to(dtype)
+
+
+class CrossAttention(nn.Module):
+    """Video tokens attend to text tokens (PixArt's MultiHeadCrossAttention: q_linear, kv_linear, proj)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, fp32: bool, backend: str):
+        super().__init__()
+        self.num_heads, self.fp32, self.backend = num_heads, fp32, backend
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.LayerNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B*G, n, D) tokens of B videos in G groups each (attention parts, frames), video-major;
+        context: (B, L, D) text tokens; mask: (B, L) bool, True for real tokens. Returns (B*G, n, D).
+
+        Every group of a video reads the same text, and cross-attention treats queries independently,
+        so stacking a video's groups into one query sequence equals repeating the text per group,
+        without copying the text or computing its keys and values G times.
+        """
+        B, n = context.shape[0], x.shape[1]
+        q = self.q_norm(self.q_linear(rearrange(x, "(b g) n d -> b (g n) d", b=B)))
+        k, v = rearrange(self.kv_linear(context), "b l (two d) -> two b l d", two=2)
+        k = self.k_norm(k)
+        q, k, v = (rearrange(z, "b n (h e) -> b h n e", h=self.num_heads) for z in (q, k, v))
+        out = masked_attention(q, k, v, mask, self.backend, self.fp32)  # b h (g n) e
+        out = self.proj(rearrange(out, "b h n e -> b n (h e)"))
+        return rearrange(out, "b (g n) d -> (b g) n d", n=n)
+
+
+class TextDiTBlock(DiTBlock):
+    """A ``DiTBlock`` (adaLN-single self-attention and MLP) with cross-attention to the text in between."""
+
+    def __init__(self, config: TextDiTConfig):
+        super().__init__(config)
+        self.cross_attn = CrossAttention(config.hidden_size, config.num_heads, config.qk_norm, config.attn_fp32,
+                                         config.attn_backend)
+
+    def forward(self, x: torch.Tensor, t6: torch.Tensor, context: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B*G, N, D) tokens; t6: (B*G, 6*D) from ``t_block``; context: (B, L, D); mask: (B, L) bool."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + rearrange(t6, "b (six d) -> b six d", six=6)).chunk(6, dim=1)  # b 1 d each
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.cross_attn(x, context, mask)  # PixArt: ungated, on the residual stream
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class TextDiT(nn.Module):
+    """Text-to-video DiT. ``model(x, t, context, pooled, context_mask)`` -> (B, C_out, T, H, W)."""
+
+    def __init__(self, config: TextDiTConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.pooled_embedder = nn.Sequential(nn.Linear(config.pooled_channels, D), nn.SiLU(), nn.Linear(D, D))
+        self.y_embedder = Mlp(config.caption_channels, D, D, act_layer=lambda: nn.GELU(approximate="tanh"))  # PixArt
+        self.y_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)  # Stable Cascade's clip_norm
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.blocks = nn.ModuleList([TextDiTBlock(config) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """PixArt initialisation: xavier linears, N(0, 0.02) embedding MLPs, zeroed cross-attention
+        output projections and output layer (so the untrained model predicts zero)."""
+        def basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(basic_init)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # patch embedding as a linear layer
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1], self.pooled_embedder[0],
+                      self.pooled_embedder[2], self.y_embedder.fc1, self.y_embedder.fc2):
+            nn.init.normal_(layer.weight, std=0.02)
+        D = self.config.hidden_size
+        for table in [b.scale_shift_table for b in self.blocks] + [self.final_layer.scale_shift_table]:
+            nn.init.normal_(table, std=D ** -0.5)
+        for block in self.blocks:
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    def block_strides(self, index: int) -> Strides:
+        strides = self.config.attn_strides
+        return strides[index % len(strides)]
+
+    def _check_text(self, B: int, context: torch.Tensor, pooled: torch.Tensor,
+                    mask: torch.Tensor | None) -> torch.Tensor | None:
+        c = self.config
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.caption_channels:
+            raise ValueError(f"context must be (B={B}, L, {c.caption_channels}) text tokens, got {tuple(context.shape)}")
+        if pooled.shape != (B, c.pooled_channels):
+            raise ValueError(f"pooled must be (B={B}, {c.pooled_channels}), got {tuple(pooled.shape)}")
+        if mask is None:
+            return None
+        if mask.shape != context.shape[:2]:
+            raise ValueError(f"context_mask must be (B, L) = {tuple(context.shape[:2])}, got {tuple(mask.shape)}")
+        mask = mask.to(device=context.device, dtype=torch.bool)
+        if not mask.any(dim=1).all():
+            raise ValueError("context_mask has a row without any token to attend to")
+        return mask
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                context_mask: torch.Tensor | None = None, as_images: bool = False) -> torch.Tensor:
+        """Predict eps (and the variance interpolation v with ``learn_sigma``) for noisy semantic latents.
+
+        x: (B, C_latent, T, H, W) noisy latents (scaled by ``latent_scale``).
+        t: (B,) float timesteps, one per video; with ``as_images`` (B, T) is accepted too.
+        context: (B, L, caption_channels) text token states; pooled: (B, pooled_channels).
+        context_mask: (B, L) bool, True for tokens to attend to; None attends to all L.
+        as_images: every frame is its own image (spatial partitions only), reading its video's text.
+        Returns (B, C_out, T, H, W).
+        """
+        c = self.config
+        if x.ndim != 5 or x.shape[1] != c.in_channels:
+            hint = " (is T before C? expected B C T H W)" if x.ndim == 5 and x.shape[2] == c.in_channels else ""
+            raise ValueError(f"TextDiT expects (B, {c.in_channels}, T, H, W) latents, got {tuple(x.shape)}{hint}")
+        B, _, T, H, W = x.shape
+        c.check_window(T, H, W, as_images)
+        mask = self._check_text(B, context, pooled, context_mask)
+        t = t.to(device=x.device, dtype=torch.float32).reshape(B, -1)
+        if t.shape[1] not in (1, T) or (t.shape[1] == T and not as_images):
+            raise ValueError(f"timesteps must be (B,) per video{' or (B, T)' if as_images else ''}, got {tuple(t.shape)}")
+        h, w = H // c.patch_size, W // c.patch_size
+
+        x = self.x_embedder(x)  # b (t h w) d
+        x = x + position_embedding(c, T, h, w, x.device, x.dtype)
+        y = self.y_norm(self.y_embedder(context.to(x.dtype)))  # b l d
+        pooled = pooled.to(x.dtype)
+        if as_images:
+            x = rearrange(x, "b (t n) d -> (b t) n d", t=T)
+            t = rearrange(t.expand(B, T), "b t -> (b t)")
+            pooled = repeat(pooled, "b d -> (b t) d", t=T)
+            grid = (1, h, w)
+        else:
+            t = t[:, 0]
+            grid = (T, h, w)
+        c_emb = self.t_embedder(t) + self.pooled_embedder(pooled)  # (b or (b t)) d
+        t6 = self.t_block(c_emb)  # (b or (b t)) 6d
+
+        for i, block in enumerate(self.blocks):
+            strides = self.block_strides(i)
+            if as_images and strides is not None:
+                strides = (1, strides[1])
+            parts = partition(x, grid, strides)  # (b parts) n d
+            t_parts = repeat(t6, "b d -> (b n) d", n=num_parts(strides))
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                parts = checkpoint(block, parts, t_parts, y, mask, use_reentrant=False)
+            else:
+                parts = block(parts, t_parts, y, mask)
+            x = unpartition(parts, grid, strides)
+
+        x = self.final_layer(x, c_emb)  # b (t h w) (p q c)
+        if as_images:
+            x = rearrange(x, "(b t) n d -> b (t n) d", t=T)
+        return rearrange(x, "b (t h w) (p q c) -> b c t (h p) (w q)", t=T, h=h, w=w, p=c.patch_size, q=c.patch_size)
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors``."""
+        from cascadev.weights import save_pretrained
+        save_pretrained(self, self.config, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "TextDiT":
+        """Load a directory written by ``save_pretrained`` (eval mode)."""
+        from cascadev.weights import load_pretrained
+        return load_pretrained(cls, TextDiTConfig, directory)
+
+
+def build_text_dit(preset: str = "base", **overrides) -> TextDiT:
+    """The one factory: a preset name plus field overrides, e.g. ``build_text_dit("base", depth=2)``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown text DiT preset {preset!r}; choose from {sorted(PRESETS)}")
+    return TextDiT(dataclasses.replace(PRESETS[preset], **overrides))
