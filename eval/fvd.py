@@ -17,7 +17,8 @@ What this module does, so that numbers can be compared with the published ones:
   divides by N, which differs by a factor N / (N - 1) on the covariance).
 - Distance: d^2 = |mu_r - mu_g|^2 + tr(S_r) + tr(S_g) - 2 tr((S_r S_g)^(1/2)) (Dowson & Landau, 1982),
   with tr((S_r S_g)^(1/2)) = sum of sqrt(eig(S_r^(1/2) S_g S_r^(1/2))), a symmetric PSD matrix, so
-  only symmetric eigendecompositions are needed (no scipy.linalg.sqrtm, no ``disp``).
+  only symmetric eigendecompositions are needed (no scipy.linalg.sqrtm, no ``disp``); with fewer
+  clips than feature dimensions, the same trace from the singular values of the centred features.
 
 Extraction is batched on the given device; under ``accelerate launch`` the clips are split across
 processes and the features gathered with ``accelerator.gather_for_metrics``. Features of a fixed
@@ -86,8 +87,25 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def fvd_from_features(real: np.ndarray, fake: np.ndarray) -> float:
-    """FVD between two sets of (N, D) clip features (N >= 2 each)."""
-    return frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
+    """FVD between two sets of (N, D) clip features (N >= 2 each), in float64.
+
+    With fewer clips than feature dimensions (N <= D, e.g. 256 clips of 400-d logits) the covariances
+    are low-rank; writing S_r = A^T A, S_g = B^T B with A = (X_r - mu_r) / sqrt(N_r - 1) (N_r x D), the
+    nonzero eigenvalues of S_r S_g are the squared singular values of A B^T, so
+    tr((S_r S_g)^(1/2)) = sum of singular values of A B^T: exact, cheaper, and free of the round-off
+    square roots of the many zero eigenvalues. Otherwise ``frechet_distance`` on the statistics.
+    """
+    x, y = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
+        raise ValueError(f"fvd_from_features: need two (N >= 2, D) arrays of equal D, got {x.shape} and {y.shape}")
+    if min(len(x), len(y)) > x.shape[1]:
+        return frechet_distance(*gaussian_stats(x), *gaussian_stats(y))
+    mu_x, mu_y = x.mean(axis=0), y.mean(axis=0)
+    a = (x - mu_x) / np.sqrt(len(x) - 1)                                  # n_r d, S_r = a^T a
+    b = (y - mu_y) / np.sqrt(len(y) - 1)                                  # n_g d, S_g = b^T b
+    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()         # tr((S_r S_g)^(1/2))
+    diff = mu_x - mu_y
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * trace_sqrt)
 
 
 # ---------------------------------------------------------------------------------- preprocessing

@@ -44,7 +44,7 @@ def _scipy_reference(a, b):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real)
 
 
-@pytest.mark.parametrize("n, d", [(300, 32), (150, 100)])
+@pytest.mark.parametrize("n, d", [(300, 32), (150, 100), (40, 100)])     # the last: N < D, low-rank path
 def test_frechet_distance_matches_scipy_sqrtm(n, d):
     rng = np.random.default_rng(n)
     a = rng.normal(size=(n, d))
@@ -55,14 +55,23 @@ def test_frechet_distance_matches_scipy_sqrtm(n, d):
     assert abs(ours - ref) <= 1e-6 * abs(ref)
 
 
-def test_frechet_distance_identical_sets_and_mean_shift():
+@pytest.mark.parametrize("n", [200, 8])                                  # full-rank and low-rank paths
+def test_frechet_distance_identical_sets_and_mean_shift(n):
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(200, 16)) * rng.uniform(0.5, 2.0, size=16)
+    a = rng.normal(size=(n, 16)) * rng.uniform(0.5, 2.0, size=16)
     trace = np.trace(np.cov(a, rowvar=False))
     assert abs(fvd.fvd_from_features(a, a)) < 1e-9 * trace
     # same covariance, shifted mean: FD = |shift|^2 exactly
     shift = rng.normal(size=16)
     assert fvd.fvd_from_features(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-9)
+
+
+def test_low_rank_path_equals_statistics_path():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(30, 64)), rng.normal(0.1, 1.3, size=(20, 64))
+    direct = fvd.frechet_distance(*fvd.gaussian_stats(a), *fvd.gaussian_stats(b))
+    # the eigendecomposition path carries ~1e-8 round-off here (square roots of zero eigenvalues)
+    assert fvd.fvd_from_features(a, b) == pytest.approx(direct, rel=1e-6)
 
 
 def test_gaussian_stats_unbiased_and_checked():

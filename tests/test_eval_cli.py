@@ -1,0 +1,148 @@
+"""``cascadev eval`` on folders of generated clips: pairing, skips, report, JSON/CSV, FVD runs, errors."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+from cascadev.cli import main
+from cascadev.synthetic import make_clip, write_clips
+from cascadev.video_io import write_video
+from eval.i3d import I3D
+
+FRAMES = 12
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """real/: 4 clips. fake/: 2 exact copies, 1 noisy, 1 too short, 1 unmatched name, 1 unreadable."""
+    root = tmp_path_factory.mktemp("eval_cli")
+    real, fake = root / "real", root / "fake"
+    paths = write_clips(real, 4, frames=FRAMES, height=32, width=32)
+    fake.mkdir()
+    shutil.copy(paths[0], fake / paths[0].name)
+    shutil.copy(paths[2], fake / paths[2].name)
+    g = torch.Generator().manual_seed(0)
+    clip = make_clip(1, FRAMES, 32, 32)
+    write_video(fake / "clip_00001.mp4", (clip + 0.15 * torch.randn(clip.shape, generator=g)).clamp(-1, 1))
+    write_video(fake / "clip_00003.mp4", make_clip(3, 5, 32, 32))
+    write_video(fake / "other.mp4", make_clip(7, FRAMES, 32, 32, kind="shapes"))
+    (fake / "broken.mp4").write_bytes(b"this is not a video")
+    (fake / "notes.txt").write_text("ignored: not a video extension")
+    torch.manual_seed(0)
+    i3d = I3D()
+    for m in i3d.modules():          # variance-preserving random weights: features differ between clips
+        if isinstance(m, torch.nn.Conv3d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save(i3d.state_dict(), root / "i3d_pretrained_400.pt")
+    return {"root": root, "real": real, "fake": fake, "i3d": root / "i3d_pretrained_400.pt"}
+
+
+@pytest.fixture(autouse=True)
+def empty_hub(tmp_path):
+    """No cached LPIPS/I3D weights, whatever the machine has."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield
+    torch.hub.set_dir(old)
+
+
+def _eval(*args):
+    main(["eval", *map(str, args)])
+
+
+def _fails(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as info:
+        _eval(*args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("cascadev eval: error: ")
+    return err
+
+
+def test_eval_folder_with_skips(sets, capsys, tmp_path):
+    out_json, out_csv = tmp_path / "report.json", tmp_path / "per_video.csv"
+    _eval("--real", sets["real"], "--fake", sets["fake"], "--metrics", "psnr,ssim,lpips,fvd", "--frames", FRAMES,
+          "--i3d", sets["i3d"], "--i3d-size", 16, "--json", out_json, "--csv", out_csv)
+    out = capsys.readouterr().out
+    fake = sets["fake"]
+    assert f"skipped fake {fake / 'broken.mp4'}: unreadable:" in out
+    assert f"skipped fake {fake / 'other.mp4'}: unmatched name: no real video named 'other'" in out
+    assert f"skipped fake {fake / 'clip_00003.mp4'}: too short for paired metrics: 5 < {FRAMES} frames" in out
+    assert f"skipped fake {fake / 'clip_00003.mp4'}: too short for fvd: 5 < {FRAMES} frames" in out
+    assert "notes.txt" not in out
+    assert "3 pair(s) from 4 real and 5 fake readable video(s)" in out
+    assert "lpips" in out and "LPIPS skipped: AlexNet weights not found" in out
+    for convention in ("psnr: per frame on [0, 1]", "ssim: per frame on [0, 1]", "11x11 Gaussian window, sigma 1.5",
+                       "fvd: I3D (400-d logits", "first 12 frames of each video", "N = 4 real / 4 fake"):
+        assert convention in out
+
+    report = json.loads(out_json.read_text())
+    assert report["counts"] == {"real": 4, "fake": 5, "pairs": 3}
+    reasons = {(s["file"].rsplit("/", 1)[-1], s["reason"].split(":")[0]) for s in report["skipped"]}
+    assert reasons == {("broken.mp4", "unreadable"), ("other.mp4", "unmatched name"),
+                       ("clip_00003.mp4", "too short for paired metrics"), ("clip_00003.mp4", "too short for fvd")}
+    rows = {row["name"]: row for row in report["per_video"]}
+    assert sorted(rows) == ["clip_00000", "clip_00001", "clip_00002"]
+    assert rows["clip_00000"]["psnr"] == rows["clip_00002"]["psnr"] == 100.0          # identical files: capped
+    assert rows["clip_00000"]["ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert 10 < rows["clip_00001"]["psnr"] < 40 and rows["clip_00001"]["ssim"] < 0.95
+    assert all(len(row["per_frame"]["psnr"]) == FRAMES for row in rows.values())
+    psnr = report["results"]["psnr"]
+    assert psnr["frames"] == 3 * FRAMES and psnr["videos"] == 3
+    assert psnr["mean"] == pytest.approx(sum(x for r in rows.values() for x in r["per_frame"]["psnr"]) / (3 * FRAMES))
+    assert "skipped" in report["results"]["lpips"]
+    result = report["results"]["fvd"]
+    assert result["n_real"] == 4 and result["n_fake"] == 4 and len(result["runs"]) == 1 and result["std"] is None
+    assert result["mean"] > 0
+    assert any("not comparable" in note for note in result["notes"])
+
+    with open(out_csv) as f:
+        table = list(csv.DictReader(f))
+    assert [r["name"] for r in table] == ["clip_00000", "clip_00001", "clip_00002"]
+    assert float(table[1]["psnr"]) == pytest.approx(rows["clip_00001"]["psnr"], abs=1e-5)
+    assert table[1]["lpips"] == ""
+
+
+def test_fvd_runs_random_clips_and_cache(sets, capsys, tmp_path):
+    common = ["--metrics", "fvd", "--frames", 9, "--runs", 2, "--seed", 3, "--i3d", sets["i3d"], "--i3d-size", 16,
+              "--cache-dir", tmp_path / "cache"]
+    _eval("--real", sets["real"], "--fake", sets["fake"], *common, "--json", tmp_path / "diff.json")
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("fvd_*.npz")}
+    assert len(cached) == 2                                        # reference set only, one file per run
+    # Against itself: the reference features come from the cache, the "fake" ones are extracted afresh
+    # from the same files with the same clip starts (same names), so FVD ~ 0 only if the cache is right.
+    _eval("--real", sets["real"], "--fake", sets["real"], *common, "--json", tmp_path / "same.json")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("fvd_*.npz")} == cached   # hit, not rewritten
+    capsys.readouterr()
+    same = json.loads((tmp_path / "same.json").read_text())["results"]["fvd"]
+    diff = json.loads((tmp_path / "diff.json").read_text())["results"]["fvd"]
+    assert "random start" in diff["clip"] and "seed 3" in diff["clip"]
+    assert len(same["runs"]) == len(diff["runs"]) == 2 and diff["std"] is not None
+    assert diff["runs"][0] != diff["runs"][1]                      # the two runs drew different clips
+    assert diff["mean"] > 0 and abs(same["mean"]) < 1e-4 * diff["mean"]
+
+
+def test_mismatched_sets_are_one_line_errors(sets, capsys, tmp_path):
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(sets["fake"] / "other.mp4", lonely / "other.mp4")
+    assert "no pairs" in _fails(capsys, "--real", sets["real"], "--fake", lonely)
+    assert "fvd needs at least 2 videos" in _fails(capsys, "--real", sets["real"], "--fake", lonely,
+                                                   "--metrics", "fvd", "--i3d", sets["i3d"])
+
+    small = tmp_path / "small"
+    write_clips(small, 1, frames=FRAMES, height=24, width=24)
+    err = _fails(capsys, "--real", sets["real"], "--fake", small, "--metrics", "psnr", "--frames", FRAMES)
+    assert "real frames are 32x32, fake frames 24x24" in err and "--size" in err
+    _eval("--real", sets["real"], "--fake", small, "--metrics", "psnr,ssim", "--frames", FRAMES, "--size", 24, "--json", tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["counts"]["pairs"] == 1
+
+    err = _fails(capsys, "--real", sets["real"], "--fake", sets["fake"], "--metrics", "fvd", "--i3d", tmp_path / "i3d.pt")
+    assert "i3d.pt" in err and "i3d_torchscript.pt" in err and "i3d_pretrained_400.pt" in err
+    assert "unknown fid" in _fails(capsys, "--real", sets["real"], "--fake", sets["fake"], "--metrics", "psnr,fid")
+    assert "--clip random" in _fails(capsys, "--real", sets["real"], "--fake", sets["fake"], "--metrics", "fvd",
+                                     "--runs", 2, "--clip", "first")
+    assert "no such folder" in _fails(capsys, "--real", tmp_path / "missing", "--fake", sets["fake"])
