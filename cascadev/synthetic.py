@@ -119,21 +119,31 @@ def _shapes(g: torch.Generator, frames: int, height: int, width: int, background
         cy = _bounce(_uniform(g, -half_h, half_h) + speed * torch.sin(direction) * tau, -half_h + size, half_h - size)
         cx = _bounce(_uniform(g, -half_w, half_w) + speed * torch.cos(direction) * tau, -half_w + size, half_w - size)
         theta = _uniform(g, 0, 2 * math.pi) + _uniform(g, -0.1, 0.1) * tau
-        u = (x - cx) * torch.cos(theta) + (y - cy) * torch.sin(theta)        # shape-local coordinates
-        v = -(x - cx) * torch.sin(theta) + (y - cy) * torch.cos(theta)
-        if kind == "disc":
-            sdf = torch.sqrt(u ** 2 + v ** 2) - size
-        elif kind == "box":
-            aspect = _uniform(g, 0.5, 1.0)
-            sdf = torch.maximum(u.abs() - size, v.abs() - size * aspect)
-        elif kind == "ring":
-            sdf = (torch.sqrt(u ** 2 + v ** 2) - 0.75 * size).abs() - 0.25 * size
-        else:
-            raise AssertionError(kind)
-        alpha = (0.5 - sdf * unit).clamp(0, 1)                               # ~1 px anti-aliased edge
-        stripes = torch.tanh(3.0 * torch.sin(_uniform(g, 25.0, 60.0) * u))   # texture that moves with it
-        fill = _color(g).view(3, 1, 1, 1) * (0.7 + 0.3 * stripes) + 0.3 * _color(g).view(3, 1, 1, 1) * stripes
-        out = out + alpha * (fill.clamp(-1, 1) - out)
+        aspect, freq = _uniform(g, 0.5, 1.0), _uniform(g, 25.0, 60.0)
+        base, stripe_color = _color(g).view(3, 1, 1), _color(g).view(3, 1, 1)
+        reach = float(size) * 1.5 * unit + 2                                 # bounding radius in pixels
+        for t in range(frames):                  # draw inside each frame's bounding box only (fast)
+            py, px = (float(cy[t]) * unit + height / 2), (float(cx[t]) * unit + width / 2)
+            r0, r1 = max(int(py - reach), 0), min(int(py + reach) + 1, height)
+            c0, c1 = max(int(px - reach), 0), min(int(px + reach) + 1, width)
+            if r0 >= r1 or c0 >= c1:
+                continue
+            dx, dy = x[:, c0:c1] - cx[t], y[r0:r1] - cy[t]
+            cos, sin = torch.cos(theta[t]), torch.sin(theta[t])
+            u, v = dx * cos + dy * sin, dy * cos - dx * sin                  # shape-local coordinates
+            if kind == "disc":
+                sdf = torch.sqrt(u ** 2 + v ** 2) - size
+            elif kind == "box":
+                sdf = torch.maximum(u.abs() - size, v.abs() - size * aspect)
+            elif kind == "ring":
+                sdf = (torch.sqrt(u ** 2 + v ** 2) - 0.75 * size).abs() - 0.25 * size
+            else:
+                raise AssertionError(kind)
+            alpha = (0.5 - sdf * unit).clamp(0, 1)                           # ~1 px anti-aliased edge
+            stripes = torch.tanh(3.0 * torch.sin(freq * u))                  # texture that moves with it
+            fill = (base * (0.7 + 0.3 * stripes) + 0.3 * stripe_color * stripes).clamp(-1, 1)
+            region = out[:, t, r0:r1, c0:c1]
+            region += alpha * (fill - region)
     return out
 
 

@@ -1,0 +1,350 @@
+"""vae/: semantic encoder, previewer and Stage A wrapper (tiny presets, official layouts on meta/CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torchvision.models import efficientnet_v2_s
+
+from cascadev.config import from_dict
+from cascadev.synthetic import make_clip
+from conftest import randomize_
+from vae import previewer as previewer_mod
+from vae import semantic_encoder as encoder_mod
+from vae import stage_a as stage_a_mod
+from vae import (LATENT_SCALE, Previewer, SemanticEncoder, StageAConfig, StageAVAE, build_previewer,
+                 build_semantic_encoder, build_stage_a)
+from vae.stage_a import blend_ramp, spans, tiled_apply
+
+
+def video(B=1, T=2, H=64, W=64, seed=0) -> torch.Tensor:
+    return torch.stack([make_clip(seed + b, T, H, W) for b in range(B)])               # b 3 t h w
+
+
+# -- semantic encoder ----------------------------------------------------------------------------
+
+def test_encoder_tiny_shapes_normalisation_and_frame_batches():
+    enc = randomize_(build_semantic_encoder("tiny"), std=0.1)
+    assert sum(p.numel() for p in enc.parameters()) < 500_000
+    x = video(B=2, T=3, H=64, W=96)
+    z = enc.encode(x)
+    assert z.shape == (2, 16, 3, 2, 3) and z.dtype == torch.float32
+    frame = x[1, :, 2][None]                                                             # b=1, t=2
+    mean, std = torch.tensor(encoder_mod.IMAGENET_MEAN), torch.tensor(encoder_mod.IMAGENET_STD)
+    manual = enc.mapper(enc.backbone(((frame + 1) / 2 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)))
+    torch.testing.assert_close(z[1, :, 2], manual[0], rtol=1e-5, atol=1e-5)
+    one_at_a_time = dataclasses.replace(enc.config, frame_batch=1)
+    enc.config = one_at_a_time
+    torch.testing.assert_close(enc.encode(x), z, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_rejects_bad_inputs():
+    enc = build_semantic_encoder("tiny")
+    x = video(T=2, H=64, W=64)
+    with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\)"):
+        enc.encode(x[:, :, 0])
+    with pytest.raises(ValueError, match="T before C"):
+        enc.encode(x.transpose(1, 2))                                     # b t c h w
+    with pytest.raises(ValueError, match="H=100 .*96 or 128"):
+        enc.encode(torch.zeros(1, 3, 1, 100, 64))
+    with pytest.raises(ValueError, match="W=16 .*sizes that work: 32"):
+        enc.encode(torch.zeros(1, 3, 1, 64, 16))
+    bad = x.clone()
+    bad[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        enc.encode(bad)
+    with pytest.raises(ValueError, match="unknown semantic encoder backbone"):
+        encoder_mod.SemanticEncoderConfig(backbone="resnet")
+    with pytest.raises(ValueError, match="unknown semantic encoder preset"):
+        build_semantic_encoder("huge")
+
+
+def test_encoder_official_layout_on_meta():
+    with torch.device("meta"):
+        enc = build_semantic_encoder("official")
+        reference = efficientnet_v2_s().features
+    ours = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
+    expected = {f"backbone.{k}": tuple(v.shape) for k, v in reference.state_dict().items()}
+    expected.update({"mapper.0.weight": (16, 1280, 1, 1), "mapper.1.running_mean": (16,),
+                     "mapper.1.running_var": (16,), "mapper.1.num_batches_tracked": ()})
+    assert ours == expected                                    # Stable Cascade's effnet_encoder layout
+    assert sum(v.numel() for v in enc.parameters()) == 20_177_488 + 16 * 1280             # backbone + mapper conv
+
+
+def test_encoder_save_and_from_pretrained(tmp_path):
+    enc = randomize_(build_semantic_encoder("tiny"), std=0.1, seed=1)
+    enc.mapper[1].running_mean.normal_()
+    enc.save_pretrained(tmp_path / "enc")
+    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["config.json", "model.safetensors"]
+    assert (tmp_path / "enc" / "model.safetensors").stat().st_size < 500_000
+    x = video(T=2, H=64, W=64)
+    for path in (tmp_path / "enc", tmp_path / "enc" / "model.safetensors"):
+        loaded = SemanticEncoder.from_pretrained(path)
+        assert loaded.config == enc.config and not loaded.training
+        assert torch.equal(loaded.encode(x), enc.encode(x))
+
+
+def test_encoder_from_official_file(tmp_path):
+    """A file in the released key layout (fp16, without BatchNorm counters) loads into the official preset
+    and encodes exactly like torchvision's EfficientNetV2-S features + mapper with the same weights."""
+    torch.manual_seed(0)
+    reference = efficientnet_v2_s().features.eval()
+    mapper = torch.nn.Sequential(torch.nn.Conv2d(1280, 16, 1, bias=False), torch.nn.BatchNorm2d(16, affine=False)).eval()
+    mapper[1].running_mean.normal_()
+    mapper[1].running_var.uniform_(0.5, 2.0)
+    state = {f"backbone.{k}": v for k, v in reference.state_dict().items()}
+    state.update({f"mapper.{k}": v for k, v in mapper.state_dict().items()})
+    state = {k: v.half() if v.is_floating_point() else v for k, v in state.items() if "num_batches_tracked" not in k}
+    save_file(state, tmp_path / "effnet_encoder.safetensors")
+
+    enc = SemanticEncoder.from_official(tmp_path)                                    # a folder holding the file
+    assert enc.mapper[0].weight.dtype == torch.float32
+    torch.testing.assert_close(enc.mapper[1].running_var, mapper[1].running_var.half().float())
+    reference.load_state_dict({k.removeprefix("backbone."): v.float() for k, v in enc.state_dict().items()
+                               if k.startswith("backbone.")})
+    mapper.load_state_dict({k.removeprefix("mapper."): v for k, v in enc.state_dict().items() if k.startswith("mapper.")})
+    x = video(T=1, H=64, W=64)
+    normalised = ((x[:, :, 0] + 1) / 2 - torch.tensor(encoder_mod.IMAGENET_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(encoder_mod.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = mapper(reference(normalised))
+    torch.testing.assert_close(enc.encode(x)[:, :, 0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_official_loader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="effnet_encoder.safetensors.*stabilityai/stable-cascade"):
+        SemanticEncoder.from_official(tmp_path / "nowhere" / "effnet_encoder.safetensors")
+    with pytest.raises(FileNotFoundError, match="previewer.safetensors.*stabilityai/stable-cascade"):
+        Previewer.from_official(tmp_path)
+    (tmp_path / "previewer.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        Previewer.from_official(tmp_path)
+    tiny = build_previewer("tiny")
+    save_file(tiny.state_dict(), tmp_path / "previewer.safetensors")
+    with pytest.raises(ValueError, match=r"shape mismatch: blocks\.0\.bias"):          # tiny weights, official preset
+        Previewer.from_official(tmp_path)
+    state = {k: v for k, v in tiny.state_dict().items() if k != "blocks.3.weight"}
+    state["blocks.25.weight"] = torch.zeros(1)
+    save_file(state, tmp_path / "previewer.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys: blocks\.3\.weight; unexpected keys: blocks\.25\.weight"):
+        Previewer.from_official(tmp_path, config=tiny.config)
+
+
+# -- previewer -----------------------------------------------------------------------------------
+
+def test_previewer_official_layout_on_meta():
+    with torch.device("meta"):
+        prev = build_previewer("official")
+    shapes = {k: tuple(v.shape) for k, v in prev.state_dict().items() if k.endswith("weight")}
+    assert shapes == {
+        "blocks.0.weight": (512, 16, 1, 1), "blocks.2.weight": (512,),
+        "blocks.3.weight": (512, 512, 3, 3), "blocks.5.weight": (512,),
+        "blocks.6.weight": (512, 256, 2, 2), "blocks.8.weight": (256,),               # ConvTranspose2d: in, out
+        "blocks.9.weight": (256, 256, 3, 3), "blocks.11.weight": (256,),
+        "blocks.12.weight": (256, 128, 2, 2), "blocks.14.weight": (128,),
+        "blocks.15.weight": (128, 128, 3, 3), "blocks.17.weight": (128,),
+        "blocks.18.weight": (128, 128, 2, 2), "blocks.20.weight": (128,),
+        "blocks.21.weight": (128, 128, 3, 3), "blocks.23.weight": (128,),
+        "blocks.24.weight": (3, 128, 1, 1),
+    }
+    assert {"blocks.2.running_mean", "blocks.23.num_batches_tracked", "blocks.24.bias"} <= set(prev.state_dict())
+
+
+def test_previewer_tiny_forward_decode_and_round_trip(tmp_path):
+    prev = randomize_(build_previewer("tiny", frame_batch=2), std=0.2)
+    z = torch.randn(2, 16, 3, 4, 5)
+    y = prev(z)
+    assert y.shape == (2, 3, 3, 32, 40)
+    with torch.no_grad():
+        manual = prev.blocks(z[1, :, 2][None])[0] * 2 - 1                             # [0, 1] -> [-1, 1]
+        torch.testing.assert_close(y[1, :, 2], manual, rtol=1e-5, atol=1e-5)
+    decoded = prev.decode(z)
+    assert decoded.min() >= -1 and decoded.max() <= 1
+    torch.testing.assert_close(decoded, y.clamp(-1, 1))
+    prev.save_pretrained(tmp_path / "prev")
+    assert torch.equal(Previewer.from_pretrained(tmp_path / "prev").decode(z), decoded)
+    save_file(prev.state_dict(), tmp_path / "previewer.safetensors")                   # the released layout
+    assert torch.equal(Previewer.from_official(tmp_path, config=prev.config).decode(z), decoded)
+    with pytest.raises(ValueError, match="expected 16 channels"):
+        prev(torch.randn(1, 4, 2, 4, 4))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        previewer_mod.PreviewerConfig(hidden_channels=30)
+
+
+# -- Stage A: tiles and chunks -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("length, size, overlap", [(32, 16, 4), (20, 8, 0), (250, 128, 16), (10, 4, 3), (5, 8, 2)])
+def test_spans_cover_with_full_windows_and_ramps_sum_to_one(length, size, overlap):
+    windows = spans(length, size, overlap)
+    assert windows[0][0] == 0 and windows[-1][1] == length
+    for (s0, e0), (s1, e1) in zip(windows, windows[1:]):
+        assert e1 - s1 == e0 - s0 == size and 0 < s1 - s0 and e0 - s1 >= overlap
+    total = torch.zeros(length * 2)
+    for i, (s, e) in enumerate(windows):
+        total[s * 2:e * 2] += blend_ramp(windows, i, factor=2)
+    if all(w2[0] >= w0[1] for w0, w2 in zip(windows, windows[2:])):    # only neighbours overlap
+        torch.testing.assert_close(total, torch.ones_like(total))       # a partition of unity
+    assert total.min() > 0                                               # else normalised by the sum
+
+
+def test_disjoint_chunks_when_length_is_a_multiple():
+    assert spans(24, 8, 0) == [(0, 8), (8, 16), (16, 24)]                                # CascadeV's chunks
+
+
+@pytest.mark.parametrize("tile, overlap", [(4, 0), (4, 1), (5, 2), (6, 4), (16, 4)])
+def test_tiled_apply_is_exact_for_pointwise_maps(tile, overlap):
+    """Blending is a weighted average, so a map without spatial context gives the untiled result."""
+    conv = torch.nn.Conv2d(4, 3, 1)
+    x = torch.randn(2, 4, 9, 11)
+    up = lambda z: F.interpolate(conv(z), scale_factor=8, mode="nearest")             # decode-like, x8
+    with torch.no_grad():
+        torch.testing.assert_close(tiled_apply(up, x, (9, 11), tile, overlap, 1, 8), up(x))
+        pixels = torch.randn(2, 3, 72, 88)
+        down = lambda p: F.avg_pool2d(p, 8)                                            # encode-like, /8
+        torch.testing.assert_close(tiled_apply(down, pixels, (9, 11), tile, overlap, 8, 1), down(pixels))
+
+
+# -- Stage A: the VAE ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_vae() -> StageAVAE:
+    torch.manual_seed(0)
+    return build_stage_a("tiny", tile_size=0, chunk_frames=0)
+
+
+def with_config(vae: StageAVAE, **changes) -> StageAVAE:
+    return StageAVAE(dataclasses.replace(vae.config, **changes), vae.model)
+
+
+def test_stage_a_owns_the_scale(tiny_vae):
+    x = video(T=3, H=32, W=48)
+    z = tiny_vae.encode(x)
+    assert z.shape == (1, 4, 3, 4, 6) and z.dtype == torch.float32
+    assert tiny_vae.config.scale_factor == LATENT_SCALE == 0.13025
+    with torch.no_grad():
+        raw = tiny_vae.model.encode(x[0].transpose(0, 1)).latent_dist.mode()            # t 4 h w
+        torch.testing.assert_close(z[0].transpose(0, 1), raw * LATENT_SCALE)
+        y = tiny_vae.decode(z)
+        assert y.shape == (1, 3, 3, 32, 48)
+        torch.testing.assert_close(y[0].transpose(0, 1), tiny_vae.model.decode(raw).sample, rtol=1e-4, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    sampled = tiny_vae.encode(x, sample=True, generator=g)
+    assert not torch.equal(sampled, z) and (sampled - z).abs().mean() < 1.0
+
+
+def test_single_tile_and_single_chunk_are_bit_identical(tiny_vae):
+    z = torch.randn(1, 4, 3, 8, 8)
+    plain = tiny_vae.decode(z)
+    assert torch.equal(with_config(tiny_vae, tile_size=64, tile_overlap=0, chunk_frames=8).decode(z), plain)
+    x = video(T=2, H=64, W=64)
+    assert torch.equal(with_config(tiny_vae, tile_size=64, tile_overlap=0).encode(x), tiny_vae.encode(x))
+
+
+def test_blending_hides_tile_dependent_offsets():
+    """Decoders normalise per tile (GroupNorm statistics), so tiles disagree by smooth offsets; butt-joined
+    tiles show a step at the seam, blended ones spread it over the overlap."""
+    def per_tile_norm(z):                                                   # x8 decode-like, tile statistics
+        return F.interpolate(z - z.mean(dim=(-2, -1), keepdim=True), scale_factor=8, mode="nearest")
+    ramp = torch.linspace(0, 1, 24).expand(1, 1, 24, 24).contiguous()      # smooth input, left to right
+    plain = per_tile_norm(ramp)
+    max_step = lambda v: v.diff(dim=-1).abs().max().item()
+    hard = tiled_apply(per_tile_norm, ramp, (24, 24), 12, 0, 1, 8)
+    blended = tiled_apply(per_tile_norm, ramp, (24, 24), 12, 6, 1, 8)
+    assert max_step(hard) > 0.3                                             # the seam: a jump of half the range
+    assert max_step(blended) < 0.06 and max_step(plain) == pytest.approx(1 / 23, rel=1e-4)
+
+
+def test_tiled_decode_is_close_to_untiled(tiny_vae):
+    z = torch.randn(1, 4, 1, 24, 24)                                                     # 192 x 192 px
+    plain = tiny_vae.decode(z)
+    blended = with_config(tiny_vae, tile_size=96, tile_overlap=48).decode(z)          # 3 x 3 tiles
+    assert blended.shape == plain.shape == (1, 3, 1, 192, 192)
+    assert (blended - plain).abs().mean() / plain.std() < 0.2
+    for dim in (-1, -2):               # no seams: neighbouring columns/rows differ as much as untiled ones
+        steps = lambda v: v.diff(dim=dim).abs().mean(dim=tuple(d for d in range(5) if d != v.ndim + dim))
+        assert (steps(blended) / steps(plain)).max() < 1.5
+
+
+def test_tiled_encode_is_close_to_untiled(tiny_vae):
+    x = video(T=1, H=128, W=128, seed=3)
+    plain = tiny_vae.encode(x)
+    tiled = with_config(tiny_vae, tile_size=64, tile_overlap=32).encode(x)
+    assert tiled.shape == plain.shape == (1, 4, 1, 16, 16)
+    a, b = (plain - plain.mean()).flatten(), (tiled - tiled.mean()).flatten()
+    assert a @ b / (a.norm() * b.norm()) > 0.7          # random-init encoder: tile statistics differ
+
+
+@pytest.mark.parametrize("chunk_frames, chunk_overlap", [(3, 0), (3, 1), (4, 2), (2, 0)])
+def test_chunked_decode_equals_unchunked_for_kl(tiny_vae, chunk_frames, chunk_overlap):
+    z = torch.randn(2, 4, 7, 4, 4)
+    plain = tiny_vae.decode(z)
+    chunked = with_config(tiny_vae, chunk_frames=chunk_frames, chunk_overlap=chunk_overlap).decode(z)
+    torch.testing.assert_close(chunked, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_temporal_decoder_sees_its_chunk():
+    torch.manual_seed(0)
+    vae = build_stage_a("tiny_temporal", chunk_frames=4, tile_size=0)
+    assert type(vae.model).__name__ == "AutoencoderKLTemporalDecoder"
+    z = torch.randn(1, 4, 8, 4, 4)
+    y = vae.decode(z)
+    assert y.shape == (1, 3, 8, 32, 32)
+    with torch.no_grad():
+        frames = (z[0] / LATENT_SCALE).transpose(0, 1)                                   # t 4 h w
+        chunks = [vae.model.decode(frames[i:i + 4], num_frames=4).sample for i in (0, 4)]
+        torch.testing.assert_close(y[0].transpose(0, 1), torch.cat(chunks), rtol=1e-4, atol=1e-5)
+        whole = vae.model.decode(frames, num_frames=8).sample
+    assert not torch.allclose(y[0].transpose(0, 1), whole, atol=1e-4)                  # temporal layers mix frames
+    assert vae.encode(video(T=2, H=32, W=32)).shape == (1, 4, 2, 4, 4)
+
+
+def test_stage_a_save_and_load_local_folder(tmp_path, tiny_vae):
+    tiny_vae.save_pretrained(tmp_path / "vae")
+    config = dataclasses.replace(tiny_vae.config, pretrained=str(tmp_path / "vae"), subfolder="vae")
+    loaded = StageAVAE.from_config(config)                  # the folder is the VAE itself: subfolder skipped
+    z = torch.randn(1, 4, 2, 4, 4)
+    assert torch.equal(loaded.decode(z), tiny_vae.decode(z))
+    with pytest.raises(FileNotFoundError, match="missing.*not found") as info:
+        StageAVAE.from_config(dataclasses.replace(config, pretrained=str(tmp_path / "missing")))
+    assert "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="cannot load the Stage A VAE") as info:
+        StageAVAE.from_config(dataclasses.replace(config, pretrained=str(tmp_path), subfolder="vae2"))
+    assert "\n" not in str(info.value)
+
+
+def test_stage_a_official_builds_on_meta():
+    with torch.device("meta"):
+        vae = build_stage_a("official", load_weights=False)
+    assert type(vae.model).__name__ == "AutoencoderKLTemporalDecoder"
+    assert vae.config.pretrained == stage_a_mod.SVD_VAE_REPO and vae.config.subfolder == "vae"
+    assert sum(p.numel() for p in vae.model.parameters()) == 97_742_847                  # SVD VAE, 97.7M
+    shapes = {k: tuple(v.shape) for k, v in vae.model.state_dict().items()}
+    assert shapes["encoder.conv_in.weight"] == (128, 3, 3, 3)
+    assert shapes["quant_conv.weight"] == (8, 8, 1, 1)
+    assert shapes["decoder.time_conv_out.weight"] == (3, 3, 3, 1, 1)
+
+
+def test_stage_a_bad_inputs_and_configs(tiny_vae):
+    with pytest.raises(ValueError, match="expected 4 channels"):
+        tiny_vae.decode(torch.randn(1, 3, 2, 4, 4))
+    with pytest.raises(ValueError, match="H=60 .*56 or 64"):
+        tiny_vae.encode(torch.zeros(1, 3, 1, 60, 64))
+    with pytest.raises(ValueError, match="NaN"):
+        tiny_vae.decode(torch.full((1, 4, 1, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match="unknown Stage A kind 'vq'"):
+        StageAConfig(kind="vq")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        StageAConfig(tile_size=100)
+    with pytest.raises(ValueError, match="tile_overlap"):
+        StageAConfig(tile_size=64, tile_overlap=64)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        StageAConfig(block_out_channels=(16, 32, 32, 32))
+    with pytest.raises(ValueError, match="unknown Stage A preset"):
+        build_stage_a("huge")
+    config = from_dict(StageAConfig, {"kind": "kl", "pretrained": None, "tile_size": 512, "tile_overlap": 64,
+                                      "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8})
+    assert config.block_out_channels == (16, 32, 32, 32) and config.kind == "kl"

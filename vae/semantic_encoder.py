@@ -1,0 +1,200 @@
+"""Stage B semantic encoder: video frames -> 16-channel latents at 1/32 of the frame size.
+
+As in Stable Cascade / Wuerstchen v3: torchvision ``efficientnet_v2_s().features`` (``backbone``) and a
+``mapper`` = Conv2d(1280, 16, 1, bias=False) + BatchNorm2d(16, affine=False), whose running statistics
+normalise the latent to roughly zero mean and unit variance. Parameter names match Stable Cascade's
+``effnet_encoder.safetensors`` key for key (``backbone.<torchvision features key>``, ``mapper.0.weight``,
+``mapper.1.running_mean`` ...), so the released file loads as is (``SemanticEncoder.from_official``).
+
+``encode`` returns the raw mapper output, which the Previewer consumes directly. CascadeV multiplies it
+by the latent scale (0.13025, ``vae.stage_a.LATENT_SCALE``) after upsampling, before the DiT; that is
+the pipeline's job, not this module's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)   # torchvision EfficientNetV2 input normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DOWNSAMPLE = 32                         # EfficientNetV2 features: total stride 32
+EFFNET_FEATURES = 1280                  # channels out of efficientnet_v2_s().features
+OFFICIAL_REPO = "stabilityai/stable-cascade"
+OFFICIAL_FILE = "effnet_encoder.safetensors"
+
+
+@dataclass(frozen=True)
+class SemanticEncoderConfig:
+    """``backbone``: "efficientnet_v2_s" (released layout) or "tiny" (strided convs, for tests/demo)."""
+
+    backbone: str = "efficientnet_v2_s"
+    latent_channels: int = 16
+    tiny_channels: tuple[int, ...] = (8, 16, 32, 64, 128)   # "tiny" only: one stride-2 conv per entry
+    frame_batch: int = 16                                   # frames per backbone call in ``encode``
+
+    def __post_init__(self):
+        if self.backbone not in ("efficientnet_v2_s", "tiny"):
+            raise ValueError(f"unknown semantic encoder backbone {self.backbone!r}; "
+                             "expected 'efficientnet_v2_s' or 'tiny'")
+        if self.backbone == "tiny" and 2 ** len(self.tiny_channels) != DOWNSAMPLE:
+            raise ValueError(f"tiny_channels needs {DOWNSAMPLE.bit_length() - 1} entries (one stride-2 conv each "
+                             f"for a total stride of {DOWNSAMPLE}), got {len(self.tiny_channels)}")
+        if self.frame_batch < 1 or self.latent_channels < 1:
+            raise ValueError("frame_batch and latent_channels must be >= 1")
+
+    @property
+    def feature_channels(self) -> int:
+        return EFFNET_FEATURES if self.backbone == "efficientnet_v2_s" else self.tiny_channels[-1]
+
+
+PRESETS: dict[str, SemanticEncoderConfig] = {
+    "official": SemanticEncoderConfig(),
+    "tiny": SemanticEncoderConfig(backbone="tiny"),
+}
+
+
+def check_video(video: torch.Tensor, channels: int, multiple: int, who: str) -> None:
+    """Fail loudly on a tensor that is not (B, channels, T, H, W), finite, with H and W multiples of ``multiple``."""
+    if not isinstance(video, torch.Tensor) or video.ndim != 5:
+        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+        raise ValueError(f"{who}: expected a (B, {channels}, T, H, W) tensor, got {shape}")
+    if video.shape[1] != channels:
+        hint = " (is T before C? expected B C T H W)" if video.shape[2] == channels else ""
+        raise ValueError(f"{who}: expected {channels} channels in (B, C, T, H, W), got shape {tuple(video.shape)}{hint}")
+    if not video.is_floating_point():
+        raise ValueError(f"{who}: expected a float tensor, got {video.dtype}")
+    for name, size in (("H", video.shape[3]), ("W", video.shape[4])):
+        if size % multiple or size == 0:
+            low, high = size // multiple * multiple, (size // multiple + 1) * multiple
+            works = f"{low} or {high}" if low else f"{high}"
+            raise ValueError(f"{who}: {name}={size} is not a positive multiple of {multiple}; sizes that work: {works}")
+    if not torch.isfinite(video).all():
+        raise ValueError(f"{who}: input contains NaN or inf values")
+
+
+def _tiny_backbone(channels: tuple[int, ...]) -> nn.Sequential:
+    """Stride-2 3x3 convs with SiLU: total stride 2**len(channels), a few hundred KB of weights."""
+    layers, c_in = [], 3
+    for c_out in channels:
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.SiLU()]
+        c_in = c_out
+    return nn.Sequential(*layers)
+
+
+class SemanticEncoder(nn.Module):
+    """Frames in [-1, 1] -> semantic latents (16 ch, f32). Frozen in CascadeV: ``encode`` runs without grad."""
+
+    def __init__(self, config: SemanticEncoderConfig):
+        super().__init__()
+        self.config = config
+        if config.backbone == "efficientnet_v2_s":
+            from torchvision.models import efficientnet_v2_s
+            self.backbone = efficientnet_v2_s(weights=None).features   # weights come from from_official
+        elif config.backbone == "tiny":
+            self.backbone = _tiny_backbone(config.tiny_channels)
+        else:
+            raise AssertionError(config.backbone)                       # __post_init__ checked it
+        self.mapper = nn.Sequential(
+            nn.Conv2d(config.feature_channels, config.latent_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(config.latent_channels, affine=False),        # running stats normalise the latent
+        )
+        # not persistent: the released state dict has no such keys
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, latent_channels, H/32, W/32); differentiable, no checks."""
+        x = (images * 0.5 + 0.5 - self.mean) / self.std                 # [-1,1] -> [0,1] -> ImageNet stats
+        return self.mapper(self.backbone(x))
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> (B, 16, T, H/32, W/32), ``frame_batch`` frames per call.
+
+        Runs in the module's dtype and device; returns float32 on that device.
+        """
+        check_video(video, 3, DOWNSAMPLE, "SemanticEncoder.encode")
+        B = video.shape[0]
+        param = next(self.parameters())
+        frames = rearrange(video, "b c t h w -> (b t) c h w")
+        out = [self(chunk.to(device=param.device, dtype=param.dtype)).float()
+               for chunk in frames.split(self.config.frame_batch)]
+        return rearrange(torch.cat(out), "(b t) c h w -> b c t h w", b=B)
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors``."""
+        from cascadev.weights import save_pretrained
+        save_pretrained(self, self.config, directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "SemanticEncoder":
+        """Load a directory written by ``save_pretrained`` (or its ``model.safetensors``); eval mode."""
+        from cascadev.weights import load_pretrained
+        path = Path(path)
+        return load_pretrained(cls, SemanticEncoderConfig, path.parent if path.is_file() else path)
+
+    @classmethod
+    def from_official(cls, path: str | Path | None = None,
+                      config: SemanticEncoderConfig | None = None) -> "SemanticEncoder":
+        """Load Stable Cascade's ``effnet_encoder.safetensors`` (a file, a folder holding it, or None for
+        the Hugging Face cache / hub); eval mode. ``config=None`` is the ``official`` preset."""
+        file = resolve_official_file(path, OFFICIAL_FILE)
+        model = cls(config or PRESETS["official"])
+        load_official_weights(model, file)
+        return model.eval()
+
+
+def build_semantic_encoder(preset: str = "official", **overrides) -> SemanticEncoder:
+    """The one factory: a preset name plus field overrides, e.g. ``build_semantic_encoder("tiny", frame_batch=4)``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown semantic encoder preset {preset!r}; choose from {sorted(PRESETS)}")
+    return SemanticEncoder(dataclasses.replace(PRESETS[preset], **overrides))
+
+
+# -- released Stable Cascade files (shared with vae.previewer) ------------------------------------
+
+def resolve_official_file(path: str | Path | None, filename: str, repo: str = OFFICIAL_REPO) -> Path:
+    """Path of a released file: ``path`` itself, ``path/filename``, or (``path=None``) the hub download."""
+    where = f"https://huggingface.co/{repo} (file {filename})"
+    if path is None:
+        from huggingface_hub import hf_hub_download
+        try:
+            return Path(hf_hub_download(repo, filename))
+        except Exception as e:  # offline, gated, or missing: all mean "get the file yourself"
+            raise FileNotFoundError(f"{filename} is not in the Hugging Face cache and could not be downloaded "
+                                    f"({type(e).__name__}); download it from {where} and pass its path") from None
+    path = Path(path)
+    if path.is_dir():
+        path = path / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: download {filename} from {where}")
+    return path
+
+
+def load_official_weights(model: nn.Module, file: Path) -> None:
+    """Strictly load a released safetensors state dict into ``model`` (names every bad key).
+
+    BatchNorm ``num_batches_tracked`` counters may be absent from a released file; they do not affect
+    inference, so missing ones keep the model's value. Everything else must match exactly.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from cascadev.weights import load_state_dict_strict
+    try:
+        state_dict = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in state_dict:
+            state_dict[key] = value
+    load_state_dict_strict(model, state_dict, str(file))

@@ -1,0 +1,294 @@
+"""Stage A: the pixel VAE (f8, 4 channels) around a diffusers autoencoder. It owns the latent scale.
+
+``StageAVAE.encode``: video (B, 3, T, H, W) in [-1, 1] -> latents (B, 4, T, H/8, W/8) already multiplied
+by ``scale_factor`` (CascadeV: 0.13025); ``decode`` divides by it and returns the video. Two kinds:
+
+- ``"svd_temporal"``: Stable Video Diffusion's ``AutoencoderKLTemporalDecoder`` (per-frame encoder, a
+  decoder with temporal layers that mixes the ``num_frames`` frames of one call). The default, as in
+  CascadeV, loaded from ``stabilityai/stable-video-diffusion-img2vid-xt`` subfolder ``vae``.
+- ``"kl"``: an image ``AutoencoderKL`` (SD family); frames are independent.
+
+Memory is bounded by the config, whatever the clip: frames go through the decoder ``chunk_frames`` at a
+time, and frames larger than ``tile_size`` pixels go through in spatial tiles cut in latent space.
+Chunks and tiles always have the full size (the temporal decoder sees the window length it was trained
+on); they are spaced evenly, neighbours share at least ``chunk_overlap`` frames / ``tile_overlap``
+pixels, and overlaps are blended with linear ramps (no seams). T a multiple of ``chunk_frames`` with no
+overlap gives CascadeV's disjoint chunks. A clip that fits in one chunk and one tile takes the plain
+path, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from vae.semantic_encoder import check_video
+
+LATENT_SCALE = 0.13025          # CascadeV's latent scale (both latents are multiplied by it before the DiT)
+DOWNSAMPLE = 8                  # Stage A: f8
+LATENT_CHANNELS = 4
+SVD_VAE_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StageAConfig:
+    kind: Literal["svd_temporal", "kl"] = "svd_temporal"
+    pretrained: str | None = SVD_VAE_REPO   # local diffusers folder or hub id; None = random init (arch below)
+    subfolder: str | None = "vae"
+    variant: str | None = None              # hub file variant, e.g. "fp16"
+    dtype: str = "float32"                  # float32 | float16 | bfloat16
+    scale_factor: float = LATENT_SCALE
+    sample_posterior: bool = False          # encode: posterior mode (default) or a sample
+    encode_frame_batch: int = 8             # frames per encoder call
+    chunk_frames: int = 8                   # frames per decoder call (the temporal decoder's window); 0 = all
+    chunk_overlap: int = 0                  # min frames shared by consecutive decode chunks, blended linearly
+    tile_size: int = 1024                   # pixels per tile side; larger frames are tiled; 0 = never tile
+    tile_overlap: int = 128                 # min pixels shared by neighbouring tiles, blended linearly
+    # architecture when built without pretrained weights (tiny presets, meta-device builds)
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32               # "kl" only; the temporal decoder always uses 32 groups
+
+    def __post_init__(self):
+        if self.kind not in ("svd_temporal", "kl"):
+            raise ValueError(f"unknown Stage A kind {self.kind!r}; expected 'svd_temporal' or 'kl'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.scale_factor <= 0:
+            raise ValueError(f"scale_factor must be positive, got {self.scale_factor}")
+        if 2 ** (len(self.block_out_channels) - 1) != DOWNSAMPLE:
+            raise ValueError(f"block_out_channels needs 4 entries for an f{DOWNSAMPLE} VAE, got {self.block_out_channels}")
+        if self.kind == "svd_temporal" and any(c % 32 for c in self.block_out_channels):
+            raise ValueError(f"svd_temporal block_out_channels must be multiples of 32 (its GroupNorms use 32 groups), "
+                             f"got {self.block_out_channels}")
+        if self.kind == "kl" and any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of "
+                             f"norm_num_groups={self.norm_num_groups}")
+        if self.encode_frame_batch < 1 or self.chunk_frames < 0:
+            raise ValueError("encode_frame_batch must be >= 1 and chunk_frames >= 0")
+        if self.chunk_frames and not 0 <= self.chunk_overlap < self.chunk_frames:
+            raise ValueError(f"chunk_overlap must be in [0, chunk_frames={self.chunk_frames}), got {self.chunk_overlap}")
+        if self.tile_size:
+            if self.tile_size % DOWNSAMPLE or self.tile_overlap % DOWNSAMPLE:
+                raise ValueError(f"tile_size and tile_overlap must be multiples of {DOWNSAMPLE} pixels, "
+                                 f"got {self.tile_size} and {self.tile_overlap}")
+            if not 0 <= self.tile_overlap < self.tile_size:
+                raise ValueError(f"tile_overlap must be in [0, tile_size={self.tile_size}), got {self.tile_overlap}")
+
+
+PRESETS: dict[str, StageAConfig] = {
+    "official": StageAConfig(),
+    # CPU tests and the demo: random-init f8 VAEs with a few hundred K parameters
+    "tiny": StageAConfig(kind="kl", pretrained=None, subfolder=None, block_out_channels=(16, 32, 32, 32),
+                         layers_per_block=1, norm_num_groups=8, tile_size=256, tile_overlap=64),
+    "tiny_temporal": StageAConfig(kind="svd_temporal", pretrained=None, subfolder=None,
+                                  block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+                                  tile_size=256, tile_overlap=64),
+}
+
+
+# -- tiles and chunks -------------------------------------------------------------------------------
+
+def spans(length: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """Windows ``[start, end)`` of ``size`` covering ``range(length)``, evenly spaced, neighbours sharing
+    at least ``overlap``; one window ``(0, length)`` when it fits (or ``size`` is 0)."""
+    if size <= 0 or length <= size:
+        return [(0, length)]
+    n = math.ceil((length - overlap) / (size - overlap))
+    starts = [round(i * (length - size) / (n - 1)) for i in range(n)]
+    return [(s, s + size) for s in starts]
+
+
+def blend_ramp(windows: list[tuple[int, int]], index: int, factor: int = 1) -> torch.Tensor:
+    """Weights (in output units, ``factor`` per input unit) of window ``index``: 1 inside, linear ramps
+    across the overlap with each neighbour, so overlapping neighbours' weights sum to one."""
+    start, end = windows[index]
+    weight = torch.ones((end - start) * factor)
+    if index > 0 and windows[index - 1][1] > start:
+        n = (windows[index - 1][1] - start) * factor
+        weight[:n] = (torch.arange(n) + 0.5) / n                 # 0 -> 1 across the overlap
+    if index + 1 < len(windows) and windows[index + 1][0] < end:
+        n = (end - windows[index + 1][0]) * factor
+        weight[-n:] = torch.minimum(weight[-n:], (n - 0.5 - torch.arange(n)) / n)   # 1 -> 0
+    return weight
+
+
+def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: tuple[int, int],
+                tile: int, overlap: int, in_factor: int, out_factor: int) -> torch.Tensor:
+    """Apply ``fn`` to overlapping spatial tiles of ``x`` and blend the results.
+
+    x: (N, C, h * in_factor, w * in_factor) on a (h, w) = ``grid`` of latent cells; ``fn`` maps a tile of
+    (th * in_factor, tw * in_factor) to (N, C', th * out_factor, tw * out_factor). Tiles of ``tile`` cells
+    share at least ``overlap`` cells and are blended with linear ramps; one tile = ``fn(x)`` unchanged.
+    """
+    rows, cols = spans(grid[0], tile, overlap), spans(grid[1], tile, overlap)
+    if len(rows) == 1 and len(cols) == 1:
+        return fn(x)
+    out = weight = None
+    for i, (r0, r1) in enumerate(rows):
+        wr = blend_ramp(rows, i, out_factor)
+        for j, (c0, c1) in enumerate(cols):
+            y = fn(x[..., r0 * in_factor:r1 * in_factor, c0 * in_factor:c1 * in_factor])
+            if out is None:
+                out = y.new_zeros(*y.shape[:2], grid[0] * out_factor, grid[1] * out_factor, dtype=torch.float32)
+                weight = torch.zeros(grid[0] * out_factor, grid[1] * out_factor, device=y.device)
+            w = (wr[:, None] * blend_ramp(cols, j, out_factor)[None, :]).to(y.device)     # th tw
+            region = (..., slice(r0 * out_factor, r1 * out_factor), slice(c0 * out_factor, c1 * out_factor))
+            out[region] += y.float() * w
+            weight[region] += w
+    return (out / weight).to(y.dtype)
+
+
+# -- the wrapper ----------------------------------------------------------------------------------
+
+def _is_local(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
+
+
+def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
+    """The diffusers autoencoder for ``config``: loaded from ``config.pretrained`` or built from the arch fields."""
+    from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
+
+    n = len(config.block_out_channels)
+    if config.kind == "svd_temporal":
+        cls = AutoencoderKLTemporalDecoder
+        arch = dict(down_block_types=("DownEncoderBlock2D",) * n)
+    elif config.kind == "kl":
+        cls = AutoencoderKL
+        arch = dict(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                    norm_num_groups=config.norm_num_groups)
+    else:
+        raise ValueError(f"unknown Stage A kind {config.kind!r}; expected 'svd_temporal' or 'kl'")
+    if not (load_weights and config.pretrained):
+        return cls(in_channels=3, out_channels=3, block_out_channels=tuple(config.block_out_channels),
+                   layers_per_block=config.layers_per_block, latent_channels=LATENT_CHANNELS,
+                   scaling_factor=config.scale_factor, **arch)
+    source, subfolder = config.pretrained, config.subfolder
+    kwargs = {}
+    if _is_local(source):
+        root = Path(source).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"Stage A VAE folder {root} not found (expected a diffusers model folder)")
+        if subfolder and not (root / subfolder).is_dir() and (root / "config.json").is_file():
+            subfolder = None                  # the folder is the VAE itself (e.g. from save_pretrained)
+        source, kwargs = str(root), {"local_files_only": True}
+    try:
+        model = cls.from_pretrained(source, subfolder=subfolder, variant=config.variant,
+                                    torch_dtype=DTYPES[config.dtype], **kwargs)
+    except (OSError, ValueError) as e:   # offline / missing files / bad repo id, incl. huggingface_hub errors
+        where = f"{source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        raise FileNotFoundError(
+            f"cannot load the Stage A VAE ({cls.__name__}) from {where}: {str(e).strip().splitlines()[0][:200]} "
+            f"-- set stage_a.pretrained to a local diffusers folder, or download it once online "
+            f"(huggingface-cli download {config.pretrained} --include '{subfolder or ''}*')") from None
+    if type(model) is not cls:
+        raise ValueError(f"{config.pretrained!r}: expected a {cls.__name__} for kind={config.kind!r}, got {type(model).__name__}")
+    return model
+
+
+class StageAVAE(nn.Module):
+    """Frozen Stage A VAE: (B, 3, T, H, W) in [-1, 1] <-> scaled latents (B, 4, T, H/8, W/8)."""
+
+    def __init__(self, config: StageAConfig, model: nn.Module):
+        super().__init__()
+        self.config = config
+        self.model = model.eval().requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, config: StageAConfig, load_weights: bool = True) -> "StageAVAE":
+        """The one factory. ``load_weights=False`` (or ``pretrained=None``) builds the architecture from the
+        config's fields with random weights: the tiny presets, or a meta-device build of the official one."""
+        model = _diffusers_model(config, load_weights)
+        if next(model.parameters()).dtype != DTYPES[config.dtype]:      # random init is float32
+            model = model.to(DTYPES[config.dtype])
+        return cls(config, model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the diffusers model (``config.json`` + ``diffusion_pytorch_model.safetensors``); load it back
+        with ``StageAConfig(kind=..., pretrained=directory, subfolder=None)``."""
+        self.model.save_pretrained(str(directory))
+
+    # -- encode ------------------------------------------------------------------------------------
+
+    def _encode_frames(self, x: torch.Tensor, sample: bool, generator: torch.Generator | None) -> torch.Tensor:
+        posterior = self.model.encode(x).latent_dist                  # (n, 4, h, w) diagonal Gaussian
+        return posterior.sample(generator) if sample else posterior.mode()
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, sample: bool | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> (B, 4, T, H/8, W/8) float32, times ``scale_factor``.
+
+        ``sample=None`` follows ``config.sample_posterior`` (default: the posterior mode, deterministic).
+        """
+        check_video(video, 3, DOWNSAMPLE, "StageAVAE.encode")
+        c = self.config
+        B, _, _, H, W = video.shape
+        grid = (H // DOWNSAMPLE, W // DOWNSAMPLE)
+        sample = c.sample_posterior if sample is None else sample
+        frames = rearrange(video, "b c t h w -> (b t) c h w")
+        out = []
+        for chunk in frames.split(c.encode_frame_batch):
+            chunk = chunk.to(device=self.device, dtype=self.dtype)
+            z = tiled_apply(lambda x: self._encode_frames(x, sample, generator), chunk, grid,
+                            c.tile_size // DOWNSAMPLE, c.tile_overlap // DOWNSAMPLE, DOWNSAMPLE, 1)
+            out.append(z.float())
+        latents = rearrange(torch.cat(out), "(b t) c h w -> b c t h w", b=B)
+        return latents * c.scale_factor
+
+    # -- decode ------------------------------------------------------------------------------------
+
+    def _decode_frames(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """(n, 4, h, w) unscaled latents, n = videos x num_frames in "(b t)" order -> (n, 3, 8h, 8w)."""
+        if self.config.kind == "svd_temporal":
+            return self.model.decode(z, num_frames=num_frames).sample
+        return self.model.decode(z).sample
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 4, T, h, w) scaled latents -> (B, 3, T, 8h, 8w) float32 in about [-1, 1] (not clamped).
+
+        Frames go through the decoder ``chunk_frames`` at a time and in spatial tiles of ``tile_size`` px.
+        """
+        check_video(latents, LATENT_CHANNELS, 1, "StageAVAE.decode")
+        c = self.config
+        B, _, T, h, w = latents.shape
+        z = latents.to(device=self.device, dtype=torch.float32) / c.scale_factor
+        windows = spans(T, c.chunk_frames, c.chunk_overlap)
+        video = torch.zeros(B, 3, T, h * DOWNSAMPLE, w * DOWNSAMPLE, device=self.device)
+        weight = torch.zeros(T, device=self.device)
+        for index, (t0, t1) in enumerate(windows):
+            frames = rearrange(z[:, :, t0:t1], "b c t h w -> (b t) c h w").to(self.dtype)
+            decoded = tiled_apply(lambda x: self._decode_frames(x, num_frames=t1 - t0), frames, (h, w),
+                                  c.tile_size // DOWNSAMPLE, c.tile_overlap // DOWNSAMPLE, 1, DOWNSAMPLE)
+            decoded = rearrange(decoded.float(), "(b t) c h w -> b c t h w", b=B)
+            if len(windows) == 1:
+                return decoded
+            ramp = blend_ramp(windows, index).to(video.device)
+            video[:, :, t0:t1] += decoded * ramp.view(1, 1, -1, 1, 1)
+            weight[t0:t1] += ramp
+        return video / weight.view(1, 1, -1, 1, 1)
+
+
+def build_stage_a(preset: str = "official", load_weights: bool = True, **overrides) -> StageAVAE:
+    """A preset name plus field overrides, e.g. ``build_stage_a("tiny", tile_size=128)``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown Stage A preset {preset!r}; choose from {sorted(PRESETS)}")
+    return StageAVAE.from_config(dataclasses.replace(PRESETS[preset], **overrides), load_weights=load_weights)
