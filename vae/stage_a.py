@@ -110,7 +110,8 @@ def spans(length: int, size: int, overlap: int) -> list[tuple[int, int]]:
 
 def blend_ramp(windows: list[tuple[int, int]], index: int, factor: int = 1) -> torch.Tensor:
     """Weights (in output units, ``factor`` per input unit) of window ``index``: 1 inside, linear ramps
-    across the overlap with each neighbour, so overlapping neighbours' weights sum to one."""
+    across the overlap with each neighbour. Where only two neighbours overlap their weights sum to one;
+    callers still divide by the summed weights, which covers windows packed closer than that."""
     start, end = windows[index]
     weight = torch.ones((end - start) * factor)
     if index > 0 and windows[index - 1][1] > start:
