@@ -262,9 +262,10 @@ def run_fvd(real: dict[str, Video], fake: dict[str, Video], args, extractor, siz
         "n_fake": n_fake,
         "clip": clip_text,
         "detector": extractor.name,
-        "input": f"uint8 frames -> {args.i3d_size}x{args.i3d_size} bilinear (no antialias, no crop) -> [-1, 1]",
-        "statistics": "float64 mean and unbiased (N-1) covariance of the features; Frechet distance by "
-                      "symmetric eigendecomposition",
+        "input": (f"frames read at {size[0]}x{size[1]} (antialiased), then " if size else "") +
+                 f"uint8 frames -> {args.i3d_size}x{args.i3d_size} bilinear (no antialias, no crop) -> [-1, 1]",
+        "statistics": "float64 mean and unbiased (N-1) covariance of the features; Frechet distance exact "
+                      "(symmetric eigendecomposition, or singular values of the centred features when N <= D)",
     }
     notes = []
     if args.i3d_size != fvd.I3D_SIZE:
@@ -343,7 +344,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from eval import fvd
     from eval.i3d import BN_EPS_VIDEOGPT
-    from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips
+    from eval.metrics import CONVENTIONS, LPIPS_MIN_SIDE, LpipsUnavailable, load_lpips
 
     metrics = _parse_metrics(args.metrics)
     args.frames = fvd.FVD_FRAMES if args.frames is None else args.frames
@@ -398,6 +399,11 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"skipped {s.set} {s.file}: {s.reason}")
             raise UserError(f"no pairs: none of the {len(fake)} fake video(s) has a real video of the same name "
                             "and enough frames (skips listed above)")
+        side = min(size) if size else min(min(r.height, r.width) for r, _ in pairs)
+        if lpips is not None and side < LPIPS_MIN_SIDE:
+            lpips = None
+            results["lpips"] = {"skipped": f"LPIPS skipped: frames of {side} px are smaller than the "
+                                           f"{LPIPS_MIN_SIDE} px AlexNet needs"}
         mine = pairs if accelerator is None else pairs[accelerator.process_index::accelerator.num_processes]
         rows = paired_metrics(mine, paired, paired_frames, size, device, lpips, skips, main)
         if accelerator is not None:

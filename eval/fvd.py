@@ -182,7 +182,8 @@ class TorchScriptExtractor(FeatureExtractor):
 def missing_detector_message(path: str | Path | None) -> str:
     """One line: which file is missing and where the two supported detector files come from."""
     where = "; ".join(f"{name}: {src}" for name, src in DETECTOR_SOURCES.items())
-    head = f"I3D weights not found: {path}" if path else "no I3D weights given (--i3d PATH)"
+    searched = Path(torch.hub.get_dir()) / "checkpoints"
+    head = f"I3D weights not found: {path}" if path else f"no I3D weights given (--i3d PATH) and none in {searched}"
     return f"{head}. Get {where}"
 
 

@@ -29,6 +29,7 @@ from einops import rearrange
 PSNR_CAP_DB = 100.0
 SSIM_KERNEL_SIZE = 11
 SSIM_SIGMA = 1.5
+LPIPS_MIN_SIDE = 31        # smallest frame side AlexNet's five LPIPS stages accept
 
 CONVENTIONS = {
     "psnr": f"per frame on [0, 1] (data_range=1), RGB MSE in float64, capped at {PSNR_CAP_DB:g} dB for "
@@ -106,6 +107,9 @@ class LPIPS:
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) x2 in [-1, 1] -> LPIPS per frame (B, T), frames in chunks of ``batch_size``."""
         a, b = _frames01(pred.float(), target.float(), "lpips")
+        if min(a.shape[-2:]) < LPIPS_MIN_SIDE:
+            raise ValueError(f"lpips: frames of {a.shape[-2]}x{a.shape[-1]} are smaller than the "
+                             f"{LPIPS_MIN_SIDE} px AlexNet needs")
         scores = []
         for i in range(0, a.shape[0], self.batch_size):
             x = a[i:i + self.batch_size].to(self.device) * 2 - 1          # back to [-1, 1] after the checks

@@ -106,6 +106,25 @@ def test_eval_folder_with_skips(sets, capsys, tmp_path):
     assert table[1]["lpips"] == ""
 
 
+def test_lpips_through_the_cli_with_cached_backbone(sets, capsys, tmp_path):
+    import torchvision
+
+    from eval.metrics import alexnet_weights_path
+
+    path = alexnet_weights_path()                  # in the empty per-test hub folder
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)   # stand-in weights: plumbing only
+    _eval("--real", sets["real"], "--fake", sets["fake"], "--metrics", "lpips", "--frames", FRAMES,
+          "--json", tmp_path / "r.json")
+    capsys.readouterr()
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = {row["name"]: row for row in report["per_video"]}
+    assert report["results"]["lpips"]["frames"] == 3 * FRAMES
+    assert rows["clip_00000"]["lpips"] == pytest.approx(0.0, abs=1e-6) and rows["clip_00001"]["lpips"] > 1e-4
+    assert "AlexNet" in report["conventions"]["lpips"]
+
+
 def test_fvd_runs_random_clips_and_cache(sets, capsys, tmp_path):
     common = ["--metrics", "fvd", "--frames", 9, "--runs", 2, "--seed", 3, "--i3d", sets["i3d"], "--i3d-size", 16,
               "--cache-dir", tmp_path / "cache"]

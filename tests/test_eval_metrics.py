@@ -121,3 +121,5 @@ def test_lpips_runs_per_frame_with_cached_backbone(hub_dir):
     assert d.shape == (2, 3)
     assert torch.all(d[:, 0].abs() < 1e-6)
     assert torch.all(d[:, 1] > 0) and torch.all(d[:, 2] > d[:, 1])
+    with pytest.raises(ValueError, match="smaller than the 31 px"):
+        lpips(pred[..., :30, :30], target[..., :30, :30])
