@@ -52,12 +52,12 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(p)
 
 
-def _load_pipeline(args):
+def _load_pipeline(args, previewer: bool = False):
     from cascadev.pipeline import CascadeVPipeline
     print("loading weights ...", flush=True)
     return CascadeVPipeline.from_pretrained(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder,
                                             previewer=args.previewer, stage_a=args.stage_a, device=args.device,
-                                            load_previewer=False)
+                                            load_previewer=previewer)
 
 
 def _decode_kwargs(args) -> dict:

@@ -1,0 +1,143 @@
+"""``cascadev bench-recon``: the released reconstruction benchmark, with any weights.
+
+The first ``--limit`` videos of a folder (sorted by name; the release used the first 200 Inter4K
+videos) are cut to ``--frames`` frames from the start, resized on the short side and centre-cropped
+to ``--size`` x ``--size`` (the release: 1024, 8 frames), then reconstructed by the cascade and by the
+Previewer baseline (no LDM). PSNR / SSIM / LPIPS are computed in memory on the exact tensors, per
+frame (conventions in ``eval.metrics``); FVD, when asked for and the clips are long enough for I3D,
+runs ``cascadev eval`` over the written videos. Writes RUN_DIR/{real,cascade,baseline}/NAME.mp4 and
+RUN_DIR/results.json, and prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cascadev.cli import UserError
+from eval.cli import VIDEO_EXTENSIONS
+
+METHODS = ("cascade", "baseline")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cascadev.decode_cli import add_pipeline_arguments
+
+    p.add_argument("data", help="folder of videos (the first --limit by name are used)")
+    p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="where videos and results.json go")
+    p.add_argument("--size", type=int, default=1024, help="square side in pixels (release: 1024)")
+    p.add_argument("--frames", type=int, default=8, help="frames per video, from the first (release: 8)")
+    p.add_argument("--limit", type=int, default=200, help="number of videos (release: 200)")
+    p.add_argument("--metrics", default="psnr,ssim,lpips,fvd", help="subset of psnr,ssim,lpips,fvd")
+    p.add_argument("--i3d", help="I3D detector for FVD (i3d_pretrained_400.pt or i3d_torchscript.pt)")
+    add_pipeline_arguments(p)
+
+
+def square_crop(video, size: int):
+    """(1, 3, T, H, W) -> (1, 3, T, size, size): short side resized to ``size``, then a centre crop."""
+    from cascadev.pipeline import resize_video
+
+    H, W = video.shape[-2:]
+    scale = size / min(H, W)
+    video = resize_video(video, (max(size, round(H * scale)), max(size, round(W * scale))))
+    H, W = video.shape[-2:]
+    top, left = (H - size) // 2, (W - size) // 2
+    return video[..., top:top + size, left:left + size]
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from cascadev.decode_cli import _decode_kwargs, _load_pipeline
+    from cascadev.video_io import VideoReadError, read_video, write_video
+    from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips, psnr, ssim
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = set(metrics) - {"psnr", "ssim", "lpips", "fvd"}
+    if unknown:
+        raise UserError(f"unknown metric(s) {sorted(unknown)}; choose from psnr,ssim,lpips,fvd")
+    if args.size % 32 or args.size < 32:
+        raise UserError(f"--size must be a positive multiple of 32, got {args.size}")
+    if args.frames < 1 or args.limit < 1:
+        raise UserError("--frames and --limit must be >= 1")
+    data = Path(args.data)
+    if not data.is_dir():
+        raise UserError(f"{data}: not a folder of videos")
+    files = sorted(p for p in data.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)[: args.limit]
+    if not files:
+        raise UserError(f"{data}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
+
+    pipe = _load_pipeline(args, previewer=True)
+    lpips, notes = None, {}
+    if "lpips" in metrics:
+        try:
+            lpips = load_lpips(pipe.device)
+        except LpipsUnavailable as e:
+            notes["lpips"] = f"LPIPS skipped: {e}"
+            print(notes["lpips"])
+    run_dir = Path(args.output)
+    scores = {m: {k: [] for k in ("psnr", "ssim", "lpips")} for m in METHODS}
+    skipped = []
+    for path in tqdm(files, desc="reconstructing"):
+        try:
+            video = read_video(path, num_frames=args.frames)
+        except VideoReadError as e:
+            skipped.append({"file": path.name, "reason": str(e)})
+            continue
+        if video.shape[2] < args.frames:
+            skipped.append({"file": path.name, "reason": f"only {video.shape[2]} frames, need {args.frames}"})
+            continue
+        video = square_crop(video, args.size).clamp(-1, 1)
+        latents = pipe.encode(video)
+        outputs = {"cascade": pipe.decode(latents, progress=False, **_decode_kwargs(args)).cpu(),
+                   "baseline": pipe.preview(latents).cpu()}
+        write_video(run_dir / "real" / f"{path.stem}.mp4", video, fps=8)
+        for method, out in outputs.items():
+            write_video(run_dir / method / f"{path.stem}.mp4", out, fps=8)
+            scores[method]["psnr"].append(psnr(out, video))
+            scores[method]["ssim"].append(ssim(out, video))
+            if lpips is not None:
+                scores[method]["lpips"].append(lpips(out, video))
+    done = len(files) - len(skipped)
+    if not done:
+        raise UserError(f"none of the {len(files)} videos could be used: " + "; ".join(s["reason"] for s in skipped))
+
+    results = {m: {} for m in METHODS}
+    for method in METHODS:
+        for metric in ("psnr", "ssim", "lpips"):
+            if metric in metrics and scores[method][metric]:
+                results[method][metric] = torch.cat(scores[method][metric]).mean().item()  # mean over all frames
+    if "fvd" in metrics:
+        fvd_frames = min(args.frames, 16)
+        if fvd_frames < 9 or done < 2:
+            notes["fvd"] = f"FVD skipped: I3D needs >= 9 frames and >= 2 videos ({args.frames} frames, {done} videos)"
+            print(notes["fvd"])
+        else:
+            from eval import cli as eval_cli
+            parser = argparse.ArgumentParser()
+            eval_cli.add_arguments(parser)
+            for method in METHODS:
+                argv = ["--real", str(run_dir / "real"), "--fake", str(run_dir / method), "--metrics", "fvd",
+                        "--frames", str(fvd_frames)] + (["--i3d", args.i3d] if args.i3d else [])
+                report = eval_cli.run(parser.parse_args(argv))
+                fvd = report["results"]["fvd"]
+                results[method]["fvd"] = fvd.get("mean")
+                if "skipped" in fvd:
+                    notes[f"fvd_{method}"] = fvd["skipped"]
+
+    report = {**results, "videos": done, "skipped": skipped, "notes": notes,
+              "settings": {"size": args.size, "frames": args.frames, "limit": args.limit, "steps": args.steps,
+                           "scheduler": args.scheduler, "tiling": args.tiling, "seed": args.seed,
+                           "data": str(data), "selection": "first videos by file name, first frames"},
+              "conventions": {m: CONVENTIONS[m] for m in ("psnr", "ssim", "lpips")}}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(report, indent=2))
+    print(f"\n{done} videos, {args.frames} frames at {args.size}x{args.size} ({len(skipped)} skipped)")
+    print(f"{'method':<10}" + "".join(f"{m.upper():>10}" for m in ("psnr", "ssim", "lpips", "fvd")))
+    for method in METHODS:
+        cells = [results[method].get(m) for m in ("psnr", "ssim", "lpips", "fvd")]
+        print(f"{method:<10}" + "".join(f"{'-' if v is None else f'{v:.4g}':>10}" for v in cells))
+    print(f"-> {run_dir / 'results.json'}")
+    return report

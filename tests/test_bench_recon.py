@@ -1,0 +1,30 @@
+import json
+
+from cascadev.synthetic import write_clips
+from test_pipeline import run_cli
+
+
+def test_bench_recon_on_generated_clips(tmp_path, capsys, tiny_pipeline_dir):
+    data = tmp_path / "data"
+    write_clips(data, 3, frames=5, height=72, width=96)
+    (data / "zz_broken.mp4").write_bytes(b"garbage")
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "bench-recon", data, "-o", run_dir, "--size", 64, "--frames", 4, "--limit", 3,
+                             "--weights", tiny_pipeline_dir, "--steps", 1, "--metrics", "psnr,ssim,fvd")
+    assert code == 0, err
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["videos"] == 3 and results["skipped"] == []  # --limit 3 takes the first three by name
+    for method in ("cascade", "baseline"):
+        assert 0 < results[method]["psnr"] < 100 and -1 <= results[method]["ssim"] <= 1
+        assert len(list((run_dir / method).glob("*.mp4"))) == 3
+    assert "FVD skipped: I3D needs >= 9 frames" in out
+    assert "cascade" in out and "baseline" in out and "PSNR" in out
+
+    code, out, err = run_cli(capsys, "bench-recon", data, "-o", tmp_path / "run2", "--size", 64, "--frames", 4,
+                             "--weights", tiny_pipeline_dir, "--steps", 1, "--metrics", "psnr")
+    assert code == 0, err
+    results = json.loads((tmp_path / "run2" / "results.json").read_text())
+    assert results["videos"] == 3 and [s["file"] for s in results["skipped"]] == ["zz_broken.mp4"]
+
+    code, _, err = run_cli(capsys, "bench-recon", data, "-o", run_dir, "--size", 50, "--weights", tiny_pipeline_dir)
+    assert code == 2 and "multiple of 32" in err and err.count("\n") == 1
