@@ -1,0 +1,130 @@
+"""Precompute the DiT's inputs for a dataset: Stage A latents and the compact condition, one file per clip.
+
+    python -m cascadev.cache_latents --config configs/dit_official_finetune.yaml --out cache/ [--clips-per-video 4]
+    accelerate launch -m cascadev.cache_latents --config ... --out cache/      (clips split over processes)
+    cascadev cache-latents --config ... --out cache/
+
+Clips are cut deterministically from the training split of ``data.videos`` (validation clips stay
+pixels): ``--clips-per-video`` first frames evenly spaced over the video, centre crop, no flip. Each
+``{video:06d}_{clip:02d}.safetensors`` holds "latent" (4, T, h, w) and "cond" (the compact condition:
+semantic latent or low-resolution Stage A latent, already scaled), as ``DiTTask.encode`` makes them,
+with the source path, start frame and caption in its metadata. Files are written atomically and
+existing ones are kept, so an interrupted run continues. ``cache.yaml`` records what the latents
+depend on; training with ``data.latents=DIR`` checks it against the training config.
+
+Training from the cache sees no crop/flip/start augmentation and, when ``stage_a.sample_posterior``
+is on, one fixed posterior sample per clip (the cache stores what the encoder returned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from cascadev.config import ConfigError, to_dict
+from cascadev.data import clip_starts, load_clip, mix_seed, split_validation
+from cascadev.train_config import TrainConfig, load_train_config
+from cascadev.video_io import VideoReadError, video_info
+from cascadev.weights import atomic_write, save_state_dict
+
+log = logging.getLogger("cascadev.cache_latents")
+
+CACHE_CONFIG = "cache.yaml"
+
+
+def cache_signature(config: TrainConfig) -> dict:
+    """What cached latents depend on: the clip geometry, the condition route and the Stage A model."""
+    d = config.data
+    return {
+        "data": {"num_frames": d.num_frames, "frame_stride": d.frame_stride, "height": d.height, "width": d.width},
+        "condition": to_dict(config.condition),
+        "stage_a": to_dict(config.stage_a.model_config()),
+    }
+
+
+def check_cache(folder: str | Path, config: TrainConfig) -> None:
+    """Raise ConfigError naming every setting where the cache in ``folder`` differs from ``config``."""
+    path = Path(folder) / CACHE_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: write the cache with python -m cascadev.cache_latents")
+    cached = yaml.safe_load(path.read_text())
+    wanted = yaml.safe_load(yaml.safe_dump(cache_signature(config)))      # tuples -> lists, as in the file
+    diffs = [f"{section}.{key}: cache {cached.get(section, {}).get(key)!r} != config {value!r}"
+             for section, fields in wanted.items() for key, value in fields.items()
+             if cached.get(section, {}).get(key) != value]
+    if diffs:
+        raise ConfigError(f"latent cache {folder} was made with other settings: " + "; ".join(diffs))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cascadev.cache_latents", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a DiT training YAML (stage: dit)")
+    parser.add_argument("--out", required=True, help="cache folder (then train with --set data.latents=OUT)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--clips-per-video", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Write the cache; returns its folder."""
+    from accelerate import Accelerator
+
+    from cascadev.train import DiTTask
+
+    args = parse_args(argv)
+    config = load_train_config(args.config, args.overrides)
+    if config.stage != "dit":
+        raise ConfigError(f"latent caching is for stage dit, the config says {config.stage!r}")
+    if args.clips_per_video < 1:
+        raise ConfigError("--clips-per-video must be >= 1")
+    out = Path(args.out)
+    accelerator = Accelerator(mixed_precision=config.run.mixed_precision)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if accelerator.is_main_process:
+        text = yaml.safe_dump(cache_signature(config), sort_keys=False)
+        atomic_write(out / CACHE_CONFIG, lambda tmp: Path(tmp).write_text(text))
+
+    task = DiTTask(config, build_model=False).to(accelerator.device)
+    samples, _ = split_validation(config.data)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    written = kept = skipped = 0
+    for index in range(rank, len(samples), world):
+        sample = samples[index]
+        try:
+            starts = clip_starts(video_info(sample.path).frames, config.data, args.clips_per_video)
+            if not starts:
+                raise VideoReadError(f"{sample.path}: too short for {config.data.num_frames} frames at stride "
+                                     f"{config.data.frame_stride}")
+            for clip, start in enumerate(starts):
+                path = out / f"{index:06d}_{clip:02d}.safetensors"
+                if path.is_file():
+                    kept += 1
+                    continue
+                g = torch.Generator(accelerator.device).manual_seed(mix_seed(config.run.seed, index, clip))
+                video = load_clip(sample.path, config.data, g, start=start, train=False)
+                with accelerator.autocast():
+                    encoded = task.encode(video[None].to(accelerator.device), g)
+                save_state_dict({k: v[0].float().cpu() for k, v in encoded.items()}, path,
+                                metadata={"path": str(sample.path), "start": str(start), "caption": sample.caption})
+                written += 1
+        except (VideoReadError, OSError, ValueError, RuntimeError) as e:
+            skipped += 1
+            log.warning("skipping video %s: %s", sample.path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    counts = accelerator.reduce(torch.tensor([written, kept, skipped], device=accelerator.device), "sum").tolist()
+    log.info("latent cache %s: %d clip(s) written, %d already there, %d video(s) skipped", out, *counts)
+    accelerator.wait_for_everyone()
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"cascadev.cache_latents: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,643 @@
+"""Train a stage of the cascade with accelerate: the Stage B DiT ("dit") or the Stage A VAE ("vae").
+
+    accelerate launch [--config_file configs/accelerate/ddp.yaml] -m cascadev.train \\
+        --config configs/dit_official_finetune.yaml [--set optim.lr=1e-5 data.videos=list.txt ...]
+    python -m cascadev.train --config configs/dit_tiny.yaml --set data.videos=clips/ --max-steps 20
+
+``main`` reads top to bottom: config -> Accelerator -> models -> data -> prepare -> resume -> loop -> save.
+What differs between stages (models, loss, validation, export) is a task object picked by one if/elif
+(``build_task``); the loop, checkpoints and logs are shared.
+
+Run directory (``run.dir``): ``config.yaml`` (resolved), ``train.log``, ``logs/`` (TensorBoard),
+``samples/`` (validation videos), ``checkpoints/step_XXXXXXXX/`` (accelerate state: weights as
+safetensors, optimizer, RNG, grad scaler; plus ``ema.safetensors``, ``trainer.json`` with the step,
+``config.yaml``; a DiT checkpoint also has ``config.json``, so it loads with ``VideoDiT.from_pretrained``),
+and ``final/`` (``model/`` and ``ema/`` in our weight format, or diffusers folders for the VAE).
+Checkpoints are written to a temporary folder and renamed; a restarted run continues from the newest.
+
+Determinism: data order and augmentation depend only on (seed, position in the stream), and the noise
+of micro-step m on rank r comes from a generator seeded with (seed, m, r), so a resumed run repeats an
+uninterrupted one. Rank, world size and device come from the Accelerator only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fnmatch
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from cascadev.config import ConfigError, save_config, to_dict
+from cascadev.conditioning import downsample_video, resize_small_from_latent, semantic_small, upsample_condition
+from cascadev.data import (ImageDataset, LatentDataset, VideoDataset, collate, image_step, image_steps_before,
+                           list_samples, make_loader, mix_seed, split_validation, IMAGE_EXTENSIONS)
+from cascadev.diffusion import build_diffusion
+from cascadev.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, kl_standard_normal, load_lpips_loss
+from cascadev.train_config import TrainConfig, load_train_config
+from cascadev.weights import CONFIG_NAME, WEIGHTS_NAME, atomic_write, load_state_dict_strict, save_state_dict
+
+log = logging.getLogger("cascadev.train")
+
+CHECKPOINT_PREFIX = "step_"
+TRAINER_STATE = "trainer.json"
+EMA_WEIGHTS = "ema.safetensors"
+
+
+# -- models: one task per stage ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def seeded(seed: int, part: int):
+    """Initialise a model from (seed, part) without touching the global RNG: every process and every
+    command (train, cache_latents) builds the same random-init weights, whatever else it builds."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(mix_seed(seed, part))
+        yield
+
+
+def build_semantic_encoder(config: TrainConfig, load_weights: bool) -> nn.Module:
+    """The frozen semantic encoder: released weights ("hub" or a file), our format (a folder), or random."""
+    from vae.semantic_encoder import PRESETS, SemanticEncoder
+
+    c = config.condition
+    preset = PRESETS[c.semantic_preset]
+    if not load_weights or c.semantic_weights == "random":
+        encoder = SemanticEncoder(preset)
+    elif c.semantic_weights == "hub":
+        encoder = SemanticEncoder.from_official(None, preset)
+    elif (Path(c.semantic_weights) / CONFIG_NAME).is_file():
+        encoder = SemanticEncoder.from_pretrained(c.semantic_weights)
+    else:
+        encoder = SemanticEncoder.from_official(c.semantic_weights, preset)
+    return encoder.eval().requires_grad_(False)
+
+
+def build_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
+    """The DiT that trains: fresh, from the release (``official:PATH``), or from a folder in our format."""
+    from safetensors.torch import load_file
+
+    from dit.video_dit import VideoDiT
+
+    section = config.dit
+    dit_config = section.model_config()
+    init = section.init_from if load_weights else None
+    if init and init.startswith("official:"):
+        model = VideoDiT.from_official_checkpoint(init.removeprefix("official:"), dit_config)
+    elif init:
+        weights = Path(init) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"dit.init_from: {weights} not found (expected a folder written by save_pretrained, "
+                                    "a checkpoint of a DiT run, or official:PATH for s1024.effn-f32.pth)")
+        model = VideoDiT(dit_config)
+        load_state_dict_strict(model, load_file(str(weights)), str(weights))
+    else:
+        model = VideoDiT(dit_config)
+    model.enable_gradient_checkpointing(section.gradient_checkpointing)
+    return model.train()
+
+
+class DiTTask:
+    """Stage B: the DiT denoises Stage A latents given the condition; Stage A and the semantic encoder are frozen."""
+
+    name = "dit"
+
+    def __init__(self, config: TrainConfig, load_weights: bool = True, build_model: bool = True):
+        from vae.stage_a import StageAVAE
+
+        self.config = config
+        seed = config.run.seed
+        with seeded(seed, 0):
+            self.model = build_dit(config, load_weights) if build_model else None   # None: encoders only (caching)
+        with seeded(seed, 1):
+            self.stage_a = StageAVAE.from_config(config.stage_a.model_config(), load_weights=load_weights)
+        with seeded(seed, 2):
+            self.semantic = build_semantic_encoder(config, load_weights) if config.condition.route == "semantic" else None
+        self.diffusion = build_diffusion(config.diffusion)
+        self.discriminator = None
+
+    def to(self, device: torch.device) -> "DiTTask":
+        """Move the frozen encoders (the trained model is placed by ``accelerator.prepare``)."""
+        self.stage_a.to(device)
+        if self.semantic is not None:
+            self.semantic.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """(B, 3, T, H, W) in [-1, 1] -> {"latent": (B, 4, T, H/8, W/8), "cond": the compact condition}, scaled.
+
+        This is what a latent cache stores (``cascadev.cache_latents``).
+        """
+        c = self.config.condition
+        latent = self.stage_a.encode(video, generator=generator)
+        if c.route == "semantic":
+            cond = semantic_small(self.semantic.encode(video), self.stage_a.config.scale_factor)
+        elif c.resize_from == "pixels":
+            cond = self.stage_a.encode(downsample_video(video, c.spatial_factor, c.temporal_factor), generator=generator)
+        else:
+            cond = resize_small_from_latent(latent, c.spatial_factor, c.temporal_factor)
+        return {"latent": latent, "cond": cond}
+
+    def inputs(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of pixels ("video") or of cached latents ("latent", "cond") -> (x0, cond), both (B, C, T, h, w).
+
+        x0 is the scaled Stage A latent; cond the condition upsampled to its grid (bilinear, align_corners
+        False), concatenated to the noisy latent on channels by ``loss``.
+        """
+        device = self.stage_a.device
+        if "video" in batch:
+            encoded = self.encode(batch["video"].to(device), generator)
+        else:
+            encoded = {k: batch[k].to(device) for k in ("latent", "cond")}
+        x0 = encoded["latent"]
+        factor = self.config.condition.temporal_factor if self.config.condition.route == "resize" else 1
+        return x0, upsample_condition(encoded["cond"], tuple(x0.shape[2:]), factor)
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator, as_images: bool) -> tuple[torch.Tensor, dict]:
+        """Diffusion loss of one micro-batch: per-video timesteps, (eps, v) predicted on cat([x_t, cond]).
+
+        A posterior sample in on-the-fly encoding draws from its own generator, so the noise is the same
+        whether the batch holds pixels or cached latents.
+        """
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
+        x0, cond = self.inputs(batch, torch.Generator(generator.device).manual_seed(seed))
+        d = self.diffusion
+        t = d.sample_t(x0.shape[0], generator)
+        eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        x_t = d.noise(x0, t, eps)
+        out = model(torch.cat([x_t, cond], dim=1), d.model_time(t), as_images=as_images)   # b c_out t h w
+        losses = d.losses(out, x0, x_t, t, eps)
+        return losses["loss"].mean(), {k: v.detach().mean() for k, v in losses.items()}
+
+    def micro_step(self, accelerator, prepared: dict, batch: dict, generator: torch.Generator, as_images: bool,
+                   step: int, accum: int) -> dict:
+        loss, logs = self.loss(prepared["model"], batch, generator, as_images)
+        accelerator.backward(loss / accum)
+        return logs
+
+    @torch.no_grad()
+    def validate(self, accelerator, prepared: dict, clips: list[torch.Tensor], step: int, run_dir: Path) -> dict:
+        """Loss at fixed timesteps and noise on held-out clips; on the main process, a sampled reconstruction
+        of the first clip (``cascadev.sampling``, IDDPM only) saved as ``samples/step_N.mp4`` next to the input."""
+        from eval.metrics import psnr
+
+        model = prepared["model"]
+        model.eval()
+        d, n_t = self.diffusion, self.config.run.val_timesteps
+        losses = []
+        for i, clip in enumerate(clips):
+            g = torch.Generator(accelerator.device).manual_seed(mix_seed(self.config.run.seed, i, 3))
+            x0, cond = self.inputs({"video": clip[None]}, g)
+            for k in range(n_t):
+                frac = (k + 0.5) / n_t
+                t = (torch.tensor([int(frac * d.num_timesteps)]) if self.config.diffusion.objective == "iddpm"
+                     else torch.tensor([frac])).to(x0.device)
+                eps = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
+                x_t = d.noise(x0, t, eps)
+                out = model(torch.cat([x_t, cond], dim=1), d.model_time(t))
+                losses.append(d.losses(out, x0, x_t, t, eps)["loss"].mean())
+        logs = {"val/loss": torch.stack(losses).mean().item()} if losses else {}
+        steps = self.config.run.val_sample_steps
+        if accelerator.is_main_process and clips and steps > 0 and not _is_fsdp(accelerator):
+            if self.config.diffusion.objective != "iddpm":
+                log.info("validation sampling runs for objective 'iddpm' only (cascadev.sampling has no flow "
+                         "scheduler step); reporting the validation loss")
+            else:
+                from cascadev.sampling import sample
+
+                unwrapped = accelerator.unwrap_model(model)
+                g = torch.Generator(accelerator.device).manual_seed(self.config.run.seed)
+                x0, cond = self.inputs({"video": clips[0][None]}, g)
+                noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
+                with accelerator.autocast():
+                    z = sample(unwrapped, cond, noise, "euler_a", steps=steps, generator=g, progress=False)
+                recon = self.stage_a.decode(z.float()).clamp(-1, 1)
+                reference = self.stage_a.decode(x0).clamp(-1, 1)
+                logs["val/psnr_sampled_vs_input"] = psnr(recon.cpu(), clips[0][None].cpu()).mean().item()
+                logs["val/psnr_stage_a_vs_input"] = psnr(reference.cpu(), clips[0][None].cpu()).mean().item()
+                write_sample(run_dir, step, [clips[0][None].cpu(), reference.cpu(), recon.cpu()])
+        model.train()
+        return logs
+
+    def export(self, state_dict: dict, directory: Path) -> None:
+        """Weights in our format: ``config.json`` (DiTConfig) + ``model.safetensors``; ``VideoDiT.from_pretrained`` reads it."""
+        save_state_dict(state_dict, directory / WEIGHTS_NAME)
+        write_json(directory / CONFIG_NAME, to_dict(self.model.config))
+
+
+class VAEReconstruction(nn.Module):
+    """The diffusers autoencoder as one module for DDP: video (B, 3, T, H, W) -> (reconstruction, posterior mean, log var)."""
+
+    def __init__(self, vae: nn.Module, temporal: bool):
+        super().__init__()
+        self.vae, self.temporal = vae, temporal
+
+    def forward(self, video: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
+        B, _, T = video.shape[:3]
+        posterior = self.vae.encode(rearrange(video, "b c t h w -> (b t) c h w")).latent_dist   # (b t) 4 h w
+        z = posterior.sample(generator) if sample else posterior.mode()
+        frames = self.vae.decode(z, num_frames=T).sample if self.temporal else self.vae.decode(z).sample
+        return rearrange(frames, "(b t) c h w -> b c t h w", b=B), posterior.mean, posterior.logvar
+
+
+class VAETask:
+    """Stage A: L1 + LPIPS (when its weights are on disk) + KL, and a hinge patch discriminator from ``vae.disc_start``."""
+
+    name = "vae"
+
+    def __init__(self, config: TrainConfig, load_weights: bool = True):
+        from vae.stage_a import StageAVAE
+
+        self.config = config
+        stage_a_config = config.stage_a.model_config()
+        if stage_a_config.dtype != "float32":
+            raise ConfigError("stage vae trains float32 weights: set stage_a.overrides.dtype=float32 "
+                              "(use run.mixed_precision for bf16/fp16 compute)")
+        with seeded(config.run.seed, 1):
+            vae = StageAVAE.from_config(stage_a_config, load_weights=load_weights).model
+        vae.requires_grad_(False)
+        patterns = config.vae.trainable
+        trainable = [p for n, p in vae.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+        if not trainable:
+            raise ConfigError(f"vae.trainable {list(patterns)} matches no parameter of {type(vae).__name__} "
+                              f"(names look like {next(iter(dict(vae.named_parameters())))!r})")
+        for p in trainable:
+            p.requires_grad_(True)
+        self.model = VAEReconstruction(vae, temporal=stage_a_config.kind == "svd_temporal").train()
+        with seeded(config.run.seed, 3):
+            self.discriminator = (PatchDiscriminator(config.vae.disc_channels, config.vae.disc_layers)
+                                  if config.vae.disc_start is not None else None)
+        self.lpips = None
+
+    def to(self, device: torch.device) -> "VAETask":
+        if self.config.vae.lpips_weight > 0:
+            self.lpips = load_lpips_loss(device)
+        return self
+
+    def generator_loss(self, model: nn.Module, discriminator: nn.Module | None, video: torch.Tensor,
+                       generator: torch.Generator, use_disc: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        c = self.config.vae
+        recon, mean, logvar = model(video, generator, sample=c.sample_posterior)
+        l1 = (recon.float() - video).abs().mean()
+        kl = kl_standard_normal(mean.float(), logvar.float()).mean()
+        loss = c.l1_weight * l1 + c.kl_weight * kl
+        logs = {"l1": l1.detach(), "kl": kl.detach()}
+        frames = rearrange(recon, "b c t h w -> (b t) c h w")
+        if self.lpips is not None:
+            lp = self.lpips(frames.float(), rearrange(video, "b c t h w -> (b t) c h w")).mean()
+            loss = loss + c.lpips_weight * lp
+            logs["lpips"] = lp.detach()
+        if use_disc:
+            # the discriminator's weights are constants here: its own step trains it
+            params = {n: p.detach() for n, p in discriminator.named_parameters()}
+            g_adv = hinge_g_loss(torch.func.functional_call(discriminator, params, (frames,)).float())
+            loss = loss + c.disc_weight * g_adv
+            logs["g_adv"] = g_adv.detach()
+        logs["loss"] = loss.detach()
+        return loss, recon, logs
+
+    def micro_step(self, accelerator, prepared: dict, batch: dict, generator: torch.Generator, as_images: bool,
+                   step: int, accum: int) -> dict:
+        video = batch["video"].to(accelerator.device)
+        use_disc = self.discriminator is not None and step >= self.config.vae.disc_start
+        disc = prepared.get("discriminator")
+        with accelerator.autocast():
+            loss, recon, logs = self.generator_loss(prepared["model"], accelerator.unwrap_model(disc) if use_disc else None,
+                                                    video, generator, use_disc)
+        accelerator.backward(loss / accum)
+        if use_disc:
+            real = rearrange(video, "b c t h w -> (b t) c h w")
+            fake = rearrange(recon.detach(), "b c t h w -> (b t) c h w")
+            logits = disc(torch.cat([real, fake.to(real.dtype)]))          # one forward for DDP
+            d_loss = hinge_d_loss(*logits.float().chunk(2))
+            accelerator.backward(d_loss / accum)
+            logs["d_loss"] = d_loss.detach()
+        return logs
+
+    @torch.no_grad()
+    def validate(self, accelerator, prepared: dict, clips: list[torch.Tensor], step: int, run_dir: Path) -> dict:
+        """Reconstruction (posterior mode) of held-out clips: PSNR and L1; the first saved as a sample video."""
+        from eval.metrics import psnr
+
+        model = prepared["model"]
+        model.eval()
+        values, l1 = [], []
+        for i, clip in enumerate(clips):
+            video = clip[None].to(accelerator.device)
+            recon = model(video, None, sample=False)[0].float().clamp(-1, 1)
+            values.append(psnr(recon.cpu(), video.cpu()).mean())
+            l1.append((recon - video).abs().mean().cpu())
+            if i == 0 and accelerator.is_main_process:
+                write_sample(run_dir, step, [video.cpu(), recon.cpu()])
+        model.train()
+        return {"val/psnr": torch.stack(values).mean().item(), "val/l1": torch.stack(l1).mean().item()} if values else {}
+
+    def export(self, state_dict: dict, directory: Path) -> None:
+        """A diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``): load it with
+        ``stage_a.overrides.pretrained=DIR`` (``subfolder: null``) or ``from_pretrained``."""
+        vae_state = {k.removeprefix("vae."): v for k, v in state_dict.items()}
+        save_state_dict(vae_state, directory / "diffusion_pytorch_model.safetensors")
+        self.model.vae.save_config(str(directory))
+
+
+def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAETask:
+    """The one factory of what trains. Stage C ("base") will be one more branch."""
+    if config.stage == "dit":
+        return DiTTask(config, load_weights)
+    elif config.stage == "vae":
+        return VAETask(config, load_weights)
+    raise ConfigError(f"unknown stage {config.stage!r}; expected 'dit' or 'vae'")
+
+
+# -- small helpers ----------------------------------------------------------------------------------
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step``: linear warmup from 0, then constant or cosine to 0 at max_steps."""
+    o = config.optim
+    warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+    if o.schedule == "cosine" and step >= o.warmup_steps:
+        progress = (step - o.warmup_steps) / max(1, config.run.max_steps - o.warmup_steps)
+        return o.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return o.lr * warm
+
+
+def ema_init(model: nn.Module) -> dict[str, torch.Tensor]:
+    """EMA copies (float32) of the parameters that train."""
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights."""
+    for name, p in model.named_parameters():
+        if name in ema:
+            ema[name].lerp_(p.detach().float(), 1.0 - decay)
+
+
+def write_json(path: Path, data: dict) -> None:
+    text = json.dumps(data, indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_sample(run_dir: Path, step: int, videos: list[torch.Tensor]) -> None:
+    """Videos (1, 3, T, H, W) side by side as ``samples/step_N.mp4``."""
+    from cascadev.video_io import write_video
+    write_video(run_dir / "samples" / f"step_{step:08d}.mp4", torch.cat([v.float() for v in videos], dim=-1))
+
+
+def checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with trainer.json) under ``root``, oldest first."""
+    found = []
+    for path in root.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
+        if suffix.isdigit() and (path / TRAINER_STATE).is_file():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict | None, task, config: TrainConfig,
+                    keep: int) -> Path:
+    """accelerate state + EMA + trainer state + config into a temp folder, renamed to ``step_N`` when complete."""
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = root / f".tmp_{CHECKPOINT_PREFIX}{step:08d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))                         # every rank: weights, optimizer, RNG, scaler
+    if accelerator.is_main_process:
+        if ema is not None:
+            save_state_dict(ema, tmp / EMA_WEIGHTS)
+        save_config(config, tmp / "config.yaml")
+        if task.name == "dit":                               # the folder is a VideoDiT.from_pretrained folder
+            write_json(tmp / CONFIG_NAME, to_dict(task.model.config))
+        write_json(tmp / TRAINER_STATE, {**state, "step": step})
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep:
+            for _, old in checkpoints(root)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _is_fsdp(accelerator) -> bool:
+    return accelerator.distributed_type.name == "FSDP"
+
+
+def setup_logging(accelerator, run_dir: Path) -> None:
+    """INFO on the main process (console and ``train.log``), warnings only elsewhere."""
+    logger = logging.getLogger("cascadev")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+
+
+def flat_config(config: TrainConfig) -> dict:
+    """The config as flat scalar hparams for TensorBoard."""
+    out = {}
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    walk("", to_dict(config))
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cascadev.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config fields, e.g. --set optim.lr=1e-4 data.videos=clips/")
+    parser.add_argument("--max-steps", type=int, default=None, help="same as --set run.max_steps=N")
+    parser.add_argument("--run-dir", default=None, help="same as --set run.dir=DIR")
+    return parser.parse_args(argv)
+
+
+# -- the script -------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train as the config says; returns the run directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    # -- config
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"run.max_steps={args.max_steps}")
+    if args.run_dir is not None:
+        overrides.append(f"run.dir={args.run_dir}")
+    config = load_train_config(args.config, overrides)
+    run, data, optim = config.run, config.data, config.optim
+    run_dir = Path(run.dir)
+
+    # -- Accelerator: rank, world size, device, mixed precision, trackers
+    accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with="tensorboard" if run.tensorboard else None,
+                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
+    setup_logging(accelerator, run_dir)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if accelerator.is_main_process:
+        save_config(config, run_dir / "config.yaml")
+    log.info("stage %s on %d process(es), device %s, mixed precision %s, run dir %s",
+             config.stage, world, device, run.mixed_precision, run_dir)
+    set_seed(run.seed)                                       # the same initial weights on every rank
+
+    # -- models
+    task = build_task(config).to(device)
+    model = task.model
+    log.info("%s: %.2fM parameters, %.2fM trained", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
+             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+    if optim.ema_decay > 0 and _is_fsdp(accelerator):
+        raise ConfigError("EMA over FSDP shards is not supported: set optim.ema_decay=0 (or use DDP)")
+    ema = ema_init(model) if optim.ema_decay > 0 else None
+    if ema is not None:
+        ema = {k: v.to(device) for k, v in ema.items()}
+
+    # -- data
+    if data.latents:
+        if config.stage != "dit":
+            raise ConfigError("data.latents (a latent cache) only feeds the DiT (stage dit)")
+        from cascadev.cache_latents import check_cache
+        check_cache(data.latents, config)
+        train_set = LatentDataset(data.latents)
+        _, val_samples = split_validation(data)
+    else:
+        train_samples, val_samples = split_validation(data)
+        train_set = VideoDataset(train_samples, data)
+    image_set = ImageDataset(list_samples(data.images, IMAGE_EXTENSIONS), data) if data.images else None
+    val_set = VideoDataset(val_samples, data, train=False)
+    log.info("data: %d training %s, %d validation clip(s)%s", len(train_set), train_set.kind + "s", len(val_set),
+             f", {len(image_set)} images (p={data.image_prob})" if image_set else "")
+
+    # -- prepare: DDP / FSDP wrapping, device placement, autocast, grad scaler (model first, as FSDP needs)
+    prepared = {"model": accelerator.prepare(model)}
+    params = [p for p in prepared["model"].parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    prepared["optimizer"] = accelerator.prepare(optimizer)
+    if task.discriminator is not None:
+        prepared["discriminator"] = accelerator.prepare(task.discriminator)
+        d_opt = torch.optim.AdamW(prepared["discriminator"].parameters(), lr=config.vae.disc_lr, betas=(0.5, 0.9))
+        prepared["d_optimizer"] = accelerator.prepare(d_opt)
+    if run.tensorboard:
+        accelerator.init_trackers("tb", config=flat_config(config))
+
+    # -- resume from the newest complete checkpoint
+    ckpt_root = run_dir / "checkpoints"
+    step, state = 0, {"skipped": 0}
+    found = checkpoints(ckpt_root)
+    if found:
+        step, path = found[-1]
+        accelerator.load_state(str(path))
+        state = json.loads((path / TRAINER_STATE).read_text())
+        if ema is not None and (path / EMA_WEIGHTS).is_file():
+            from safetensors.torch import load_file
+            ema = {k: v.to(device) for k, v in load_file(str(path / EMA_WEIGHTS)).items()}
+        log.info("resumed from %s (step %d)", path, step)
+
+    # data streams continue where the consumed micro-batches leave them
+    micro_done = step * optim.grad_accum
+    image_batches = image_steps_before(run.seed, micro_done, data.image_prob) if image_set else 0
+    video_iter = make_loader(train_set, data.batch_size, run.seed, rank, world, micro_done - image_batches,
+                             data.num_workers)
+    image_iter = (make_loader(image_set, data.images_per_batch, run.seed + 1, rank, world, image_batches,
+                              data.num_workers) if image_set else None)
+    val_clips = [collate([val_set[i]])["video"][0] for i in range(len(val_set))] if run.val_every else []
+
+    # -- loop
+    progress = tqdm(total=run.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
+                    dynamic_ncols=True)
+    sums: dict[str, float] = {}
+    counted, tic, samples_seen, frames_seen = 0, time.perf_counter(), 0, 0
+    while step < run.max_steps:
+        for micro in range(optim.grad_accum):
+            m = step * optim.grad_accum + micro
+            as_images = image_step(run.seed, m, data.image_prob)
+            batch = next(image_iter if as_images and image_iter is not None else video_iter)
+            state["skipped"] += batch["skipped"]
+            generator = torch.Generator(device).manual_seed(mix_seed(run.seed, m, rank, 2))
+            sync = micro == optim.grad_accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(prepared["model"]):
+                logs = task.micro_step(accelerator, prepared, batch, generator, as_images, step, optim.grad_accum)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / optim.grad_accum
+            first = next(v for k, v in batch.items() if isinstance(v, torch.Tensor))
+            samples_seen += first.shape[0] * world
+            frames_seen += first.shape[0] * first.shape[2] * world
+        lr = lr_at(step, config)
+        grad_norm = accelerator.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
+        for group in prepared["optimizer"].param_groups:
+            group["lr"] = lr
+        for key in ("optimizer", "d_optimizer"):
+            if key in prepared:
+                prepared[key].step()
+                prepared[key].zero_grad(set_to_none=True)
+        if ema is not None and not accelerator.optimizer_step_was_skipped:
+            ema_update(ema, accelerator.unwrap_model(prepared["model"]), optim.ema_decay)
+        step += 1
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        counted += 1
+        progress.update(1)
+
+        if step % run.log_every == 0 or step == run.max_steps:
+            means = {k: v / counted for k, v in sums.items()}
+            means = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in means.items()}
+            skipped = int(accelerator.reduce(torch.tensor(state["skipped"], device=device), "sum").item())
+            elapsed = time.perf_counter() - tic
+            means.update({"lr": lr, "samples_per_s": samples_seen / elapsed, "frames_per_s": frames_seen / elapsed,
+                          "data/skipped": skipped})
+            accelerator.log({f"train/{k}" if "/" not in k else k: v for k, v in means.items()}, step=step)
+            progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")
+            log.info("step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in means.items()))
+            sums, counted, tic, samples_seen, frames_seen = {}, 0, time.perf_counter(), 0, 0
+        if run.val_every and (step % run.val_every == 0 or step == run.max_steps):
+            val_logs = task.validate(accelerator, prepared, val_clips, step, run_dir)
+            accelerator.log(val_logs, step=step)
+            log.info("step %d  validation  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in val_logs.items()))
+        if step % run.save_every == 0 or step == run.max_steps:
+            path = save_checkpoint(accelerator, ckpt_root, step, state, ema, task, config, run.keep_checkpoints)
+            log.info("saved %s", path)
+    progress.close()
+
+    # -- save: final weights (and EMA) in our formats
+    state_dict = accelerator.get_state_dict(prepared["model"])
+    if accelerator.is_main_process:
+        task.export(state_dict, run_dir / "final" / "model")
+        if ema is not None:
+            task.export({**state_dict, **{k: v.cpu() for k, v in ema.items()}}, run_dir / "final" / "ema")
+        log.info("final weights in %s", run_dir / "final")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    del video_iter, image_iter
+    return run_dir
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"cascadev.train: error: {e}", file=sys.stderr)
+        sys.exit(2)

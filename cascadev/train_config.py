@@ -1,0 +1,189 @@
+"""``TrainConfig``: everything one training run reads, as frozen dataclasses loaded from one flat YAML file.
+
+Sections (each a mapping in the YAML; a key left out keeps its default):
+
+- ``stage``: what trains. "dit" (Stage B decoder) or "vae" (Stage A). Stage C ("base") is to come:
+  add its section and a branch in ``cascadev.train.build_task``.
+- ``dit``: DiT preset name + field overrides, ``init_from``, gradient checkpointing (stage "dit").
+- ``stage_a``: Stage A VAE preset + overrides: frozen for "dit", the model that trains for "vae".
+- ``condition``: the DiT's condition: semantic encoder (preset, weights) or the resize route.
+- ``diffusion``: the objective (``cascadev.diffusion.DiffusionConfig``).
+- ``vae``: Stage A training: which parameters train, loss weights, discriminator.
+- ``data`` (``cascadev.data.DataConfig``), ``optim``, ``run``.
+
+Load with ``load_train_config(path, ["optim.lr=1e-4", ...])``; every override is type-checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cascadev.config import ConfigError, from_dict, load_config, to_dict
+from cascadev.data import DataConfig
+from cascadev.diffusion import DiffusionConfig
+
+Stage = Literal["dit", "vae"]
+
+
+def resolve_preset(presets: dict, preset: str, overrides: dict[str, Any], what: str):
+    """``presets[preset]`` with ``overrides`` applied through the config loader (types checked, lists to tuples)."""
+    if preset not in presets:
+        raise ConfigError(f"unknown {what} preset {preset!r}; choose from {sorted(presets)}")
+    base = presets[preset]
+    return from_dict(type(base), {**to_dict(base), **overrides}, prefix=f"{what}.overrides.")
+
+
+@dataclass(frozen=True)
+class DiTSection:
+    preset: str = "official"                       # dit.PRESETS
+    overrides: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields, e.g. {depth: 2}
+    init_from: str | None = None                   # "official:PATH" (s1024.effn-f32.pth) or a save_pretrained DIR
+    gradient_checkpointing: bool = False
+
+    def model_config(self):
+        from dit.video_dit import PRESETS
+        return resolve_preset(PRESETS, self.preset, self.overrides, "dit")
+
+
+@dataclass(frozen=True)
+class StageASection:
+    preset: str = "official"                       # vae.stage_a.PRESETS ("official" = the SVD VAE)
+    overrides: dict[str, Any] = field(default_factory=dict)  # StageAConfig fields
+
+    def model_config(self):
+        from vae.stage_a import PRESETS
+        return resolve_preset(PRESETS, self.preset, self.overrides, "stage_a")
+
+
+@dataclass(frozen=True)
+class ConditionSection:
+    route: Literal["semantic", "resize"] = "semantic"
+    semantic_preset: str = "official"              # vae.semantic_encoder.PRESETS
+    semantic_weights: str = "hub"                  # "hub" (released file, HF cache), "random" (tests), or a path
+    spatial_factor: int = 4                        # resize route: latent frames shrunk by this (4x resolution)
+    temporal_factor: int = 1                       # resize route: 1 frame in this kept (4x frame rate with 4)
+    resize_from: Literal["pixels", "latent"] = "pixels"   # encode the small video (release) or shrink the latent
+
+    def __post_init__(self):
+        if self.spatial_factor < 1 or self.temporal_factor < 1:
+            raise ValueError("condition.spatial_factor and temporal_factor must be >= 1")
+
+
+@dataclass(frozen=True)
+class VAESection:
+    trainable: tuple[str, ...] = ("*",)            # fnmatch patterns of parameter names that train
+    l1_weight: float = 1.0
+    lpips_weight: float = 0.1                      # used only when the LPIPS weights are on disk
+    kl_weight: float = 1e-6                        # on the per-element mean KL
+    sample_posterior: bool = True
+    disc_start: int | None = None                  # step from which the hinge patch discriminator trains; None = off
+    disc_weight: float = 0.5
+    disc_lr: float = 1e-4
+    disc_channels: int = 64
+    disc_layers: int = 3
+
+    def __post_init__(self):
+        if not self.trainable:
+            raise ValueError("vae.trainable needs at least one pattern (e.g. ['*'] or ['decoder.*'])")
+        if min(self.l1_weight, self.lpips_weight, self.kl_weight, self.disc_weight) < 0:
+            raise ValueError("vae loss weights must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-5                               # release: 2e-5 (CAME); we use AdamW
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 1000                       # linear from 0
+    schedule: Literal["constant", "cosine"] = "constant"   # after warmup; cosine decays to 0 at run.max_steps
+    grad_clip: float = 0.01                        # release: 0.01; 0 disables
+    grad_accum: int = 1                            # micro-batches per optimizer step
+    ema_decay: float = 0.9999                      # 0 disables EMA
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.grad_accum < 1:
+            raise ValueError("need lr > 0, warmup_steps >= 0, grad_clip >= 0, grad_accum >= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"                      # checkpoints, logs, samples; a run resumes from here
+    max_steps: int = 100_000                       # optimizer steps
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_every: int = 10
+    save_every: int = 1000
+    keep_checkpoints: int = 3                      # newest kept; 0 keeps all
+    val_every: int = 1000                          # 0 disables validation
+    val_timesteps: int = 4                         # DiT: validation loss at this many evenly spaced t per clip
+    val_sample_steps: int = 8                      # DiT: sampler steps of the validation reconstruction; 0 = none
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        if self.max_steps < 0 or self.log_every < 1 or self.save_every < 1 or self.keep_checkpoints < 0:
+            raise ValueError("need max_steps >= 0, log_every >= 1, save_every >= 1, keep_checkpoints >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: Stage = "dit"
+    dit: DiTSection = DiTSection()
+    stage_a: StageASection = StageASection()
+    condition: ConditionSection = ConditionSection()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    vae: VAESection = VAESection()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
+
+    def __post_init__(self):
+        if self.stage not in ("dit", "vae"):
+            raise ValueError(f"unknown stage {self.stage!r}; expected 'dit' or 'vae'")
+        self.stage_a.model_config()                           # fails early on a bad preset or override
+        if self.stage == "dit":
+            self.check_dit()
+
+    def check_dit(self) -> None:
+        """The DiT's channels, window and latent grid fit the condition route and the clip size."""
+        from vae.semantic_encoder import PRESETS as SEMANTIC_PRESETS
+        from vae.stage_a import DOWNSAMPLE, LATENT_CHANNELS
+        dit = self.dit.model_config()
+        if self.condition.route == "semantic":
+            if self.condition.semantic_preset not in SEMANTIC_PRESETS:
+                raise ValueError(f"unknown semantic encoder preset {self.condition.semantic_preset!r}; "
+                                 f"choose from {sorted(SEMANTIC_PRESETS)}")
+            cond_channels = SEMANTIC_PRESETS[self.condition.semantic_preset].latent_channels
+            multiple = 32                                     # the semantic latent is f32
+        else:
+            cond_channels = LATENT_CHANNELS                  # a Stage A latent
+            multiple = DOWNSAMPLE * self.condition.spatial_factor
+        if dit.cond_channels != cond_channels:
+            raise ValueError(f"condition route {self.condition.route!r} gives {cond_channels} channels but the DiT "
+                             f"has cond_channels={dit.cond_channels}; set dit.overrides.cond_channels={cond_channels}")
+        d = self.data
+        if d.height % multiple or d.width % multiple:
+            raise ValueError(f"data.height/width {d.height}x{d.width} must be multiples of {multiple} for the "
+                             f"{self.condition.route} route")
+        if self.condition.route == "resize" and d.num_frames % self.condition.temporal_factor:
+            raise ValueError(f"data.num_frames={d.num_frames} must be a multiple of condition.temporal_factor")
+        dit.check_window(d.num_frames, d.height // DOWNSAMPLE, d.width // DOWNSAMPLE)
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Load a training YAML with dotted overrides (``run.max_steps=10``)."""
+    try:
+        return load_config(TrainConfig, path, overrides)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def replace(config: TrainConfig, **sections: dict) -> TrainConfig:
+    """A copy of ``config`` with fields of sections changed: ``replace(c, run={"max_steps": 5})``."""
+    changes = {name: dataclasses.replace(getattr(config, name), **fields) for name, fields in sections.items()}
+    return dataclasses.replace(config, **changes)

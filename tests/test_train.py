@@ -1,0 +1,163 @@
+"""The real training script on generated clips: runs, resumes exactly, trains from a latent cache; the loss falls."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cascadev.cache_latents import main as cache_main
+from cascadev.config import ConfigError
+from cascadev.data import LatentDataset, VideoDataset, make_loader, split_validation
+from cascadev.synthetic import write_clips
+from cascadev.train import DiTTask, VAETask, checkpoints, lr_at, main
+from cascadev.train_config import load_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DIT_TINY = ROOT / "configs" / "dit_tiny.yaml"
+VAE_TINY = ROOT / "configs" / "vae_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    write_clips(folder, 4, frames=5, height=64, width=80)      # non-square sources: resize, then crop
+    return folder
+
+
+SMALL = ["data.height=32", "data.width=32"]   # DiT: latents 4x4, semantic latents 1x1 (keeps CPU tests fast)
+
+
+def train(config: Path, run_dir: Path, clips: Path, steps: int, *overrides: str) -> Path:
+    return main(["--config", str(config), "--max-steps", str(steps),
+                 "--set", f"data.videos={clips}", f"run.dir={run_dir}", "run.tensorboard=false", *overrides])
+
+
+def assert_same_weights(a: Path, b: Path, name: str, atol: float = 1e-6):
+    wa, wb = load_file(str(a / name)), load_file(str(b / name))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=atol), k
+
+
+def test_dit_script_resumed_run_equals_uninterrupted(clips, tmp_path):
+    # gradient accumulation, image batches (as_images) and EMA all take part
+    common = ["optim.grad_accum=2", "data.image_prob=0.5", "run.save_every=2", "run.val_every=4", "run.log_every=2",
+              *SMALL]
+    whole = train(DIT_TINY, tmp_path / "whole", clips, 4, *common)
+    parts = train(DIT_TINY, tmp_path / "parts", clips, 2, *common)
+    assert [s for s, _ in checkpoints(parts / "checkpoints")] == [2]
+    train(DIT_TINY, tmp_path / "parts", clips, 4, *common)            # resumes from step 2 by itself
+    assert [s for s, _ in checkpoints(parts / "checkpoints")] == [2, 4]
+    assert json.loads((parts / "checkpoints/step_00000004/trainer.json").read_text())["step"] == 4
+    for sub in ("final/model", "final/ema"):
+        assert_same_weights(whole / sub, parts / sub, "model.safetensors")
+    start = load_file(str(parts / "checkpoints/step_00000002/model.safetensors"))
+    end = load_file(str(whole / "final/model/model.safetensors"))
+    assert not torch.allclose(start["final_layer.linear.weight"], end["final_layer.linear.weight"])
+    # a checkpoint and the export are VideoDiT.from_pretrained folders; validation wrote a sample video
+    from dit import VideoDiT
+    VideoDiT.from_pretrained(whole / "checkpoints/step_00000004")
+    VideoDiT.from_pretrained(whole / "final/ema")
+    assert (whole / "samples/step_00000004.mp4").is_file()
+    assert "val/loss" in (whole / "train.log").read_text()
+
+
+def test_vae_script_resumed_run_equals_uninterrupted(clips, tmp_path):
+    common = ["vae.disc_start=1", "run.save_every=2", "run.val_every=3"]
+    whole = train(VAE_TINY, tmp_path / "whole", clips, 3, *common)
+    parts = train(VAE_TINY, tmp_path / "parts", clips, 2, *common)
+    train(VAE_TINY, tmp_path / "parts", clips, 3, *common)
+    assert [s for s, _ in checkpoints(parts / "checkpoints")] == [2, 3]
+    for sub in ("final/model", "final/ema"):
+        assert_same_weights(whole / sub, parts / sub, "diffusion_pytorch_model.safetensors")
+    assert_same_weights(whole / "checkpoints/step_00000003", parts / "checkpoints/step_00000003", "model_1.safetensors")
+    log = (whole / "train.log").read_text()
+    assert "LPIPS loss off" in log or "LPIPS loss on" in log
+    assert "val/psnr" in log and "d_loss" in log
+    # only the decoder trained; the export is a diffusers folder that Stage A loads
+    first = load_file(str(parts / "checkpoints/step_00000002/model.safetensors"))
+    final = load_file(str(whole / "final/model/diffusion_pytorch_model.safetensors"))
+    assert torch.equal(first["vae.encoder.conv_in.weight"], final["encoder.conv_in.weight"])
+    assert not torch.equal(first["vae.decoder.conv_out.weight"], final["decoder.conv_out.weight"])
+    from vae.stage_a import build_stage_a
+    build_stage_a("tiny_temporal", pretrained=str(whole / "final/model"))
+
+
+def test_cached_latents_give_the_same_batches_as_encoding_on_the_fly(clips, tmp_path):
+    fixed = ["data.crop=center", "data.flip_prob=0", "data.start_jitter=false", *SMALL]
+    cache = cache_main(["--config", str(DIT_TINY), "--out", str(tmp_path / "cache"), "--set", f"data.videos={clips}", *fixed])
+    assert len(list(cache.glob("*.safetensors"))) == 3                # 4 clips, the last held out for validation
+    config = load_train_config(DIT_TINY, [f"data.videos={clips}", *fixed])
+    task = DiTTask(config)
+    pixels = make_loader(VideoDataset(split_validation(config.data)[0], config.data), 2, seed=5)
+    cached = make_loader(LatentDataset(cache), 2, seed=5)
+    for step in range(3):                                             # crosses an epoch boundary
+        a, b = next(pixels), next(cached)
+        ga, gb = (torch.Generator().manual_seed(step) for _ in range(2))
+        x0_a, cond_a = task.inputs(a)
+        x0_b, cond_b = task.inputs(b)
+        assert x0_a.shape == (2, 4, 4, 4, 4) and cond_a.shape == (2, 16, 4, 4, 4)
+        assert torch.allclose(x0_a, x0_b, atol=1e-5) and torch.allclose(cond_a, cond_b, atol=1e-5)
+        loss_a, _ = task.loss(task.model, a, ga, as_images=False)
+        loss_b, _ = task.loss(task.model, b, gb, as_images=False)
+        assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    # the script trains from the cache, and refuses a cache made with other settings
+    run = train(DIT_TINY, tmp_path / "run", clips, 1, f"data.latents={cache}", "run.val_every=0", *fixed)
+    assert (run / "final/model/model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="data.height: cache 32 != config 64"):
+        train(DIT_TINY, tmp_path / "run2", clips, 1, f"data.latents={cache}", *fixed, "data.height=64")
+
+
+def test_dit_loss_falls_on_a_tiny_set(clips):
+    config = load_train_config(DIT_TINY, [f"data.videos={clips}"])
+    task = DiTTask(config)
+    data = VideoDataset(split_validation(config.data)[0], config.data, train=False)
+    with torch.no_grad():
+        encoded = task.encode(torch.stack([data[i]["video"] for i in range(2)]))
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(100):
+        loss, _ = task.loss(task.model, encoded, torch.Generator().manual_seed(step), as_images=step % 10 == 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+
+
+def test_vae_loss_falls_on_a_tiny_set(clips):
+    config = load_train_config(VAE_TINY, [f"data.videos={clips}", "vae.lpips_weight=0", "data.num_frames=2"])
+    task = VAETask(config)
+    video = VideoDataset(split_validation(config.data)[0], config.data, train=False)[0]["video"][None]
+    optimizer = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for step in range(80):
+        loss, _, logs = task.generator_loss(task.model, None, video, torch.Generator().manual_seed(step), False)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(logs["l1"].item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+
+
+def test_warmup_then_constant_or_cosine():
+    config = load_train_config(DIT_TINY, ["optim.lr=1.0", "optim.warmup_steps=4", "run.max_steps=14"])
+    assert [lr_at(s, config) for s in (0, 1, 3, 4, 13)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cosine = load_train_config(DIT_TINY, ["optim.lr=1.0", "optim.warmup_steps=4", "run.max_steps=14",
+                                          "optim.schedule=cosine"])
+    assert lr_at(4, cosine) == 1.0 and abs(lr_at(9, cosine) - 0.5) < 1e-9 and lr_at(14, cosine) < 1e-9
+
+
+def test_config_mistakes_fail_with_one_clear_line(tmp_path):
+    with pytest.raises(ConfigError, match="cond_channels=4"):
+        load_train_config(DIT_TINY, ["condition.route=resize"])
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_train_config(DIT_TINY, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="unknown dit preset"):
+        load_train_config(DIT_TINY, ["dit.preset=huge"])
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        VAETask(load_train_config(VAE_TINY, ["vae.trainable=[nothing.*]"]))
