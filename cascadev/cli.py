@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=decode_cli.run_decode)
     # --- end reconstruct / decode ---
 
+    # --- generate (cascadev/generate_cli.py) ---
+    from cascadev import generate_cli
+
+    p = sub.add_parser("generate", help="text -> video: the Stage C base model, then the LDM-VAE decoder")
+    generate_cli.add_generate_arguments(p)
+    p.set_defaults(func=generate_cli.run_generate)
+    # --- end generate ---
+
     # --- eval (eval/cli.py) ---
     from eval.cli import add_arguments as add_eval_arguments
 
@@ -69,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(p)
     p.set_defaults(func=run_eval)
     # --- end eval ---
+
+    # --- bench-recon (eval/bench_recon.py) ---
+    from eval import bench_recon
+
+    p = sub.add_parser("bench-recon", help="reconstruction benchmark: cascade vs Previewer baseline on a folder")
+    bench_recon.add_arguments(p)
+    p.set_defaults(func=bench_recon.run)
+    # --- end bench-recon ---
 
     return parser
 

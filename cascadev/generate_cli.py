@@ -1,0 +1,85 @@
+"""``cascadev generate``: text -> video with the Stage C base model and the LDM-VAE decoder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cascadev.cli import UserError
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="what the video shows")
+    p.add_argument("-o", "--output", required=True, help="video file (.mp4); with --num N > 1, OUT_0.mp4 ... OUT_{N-1}.mp4")
+    p.add_argument("--frames", type=int, help="number of frames (default: the base model's trained clip length)")
+    p.add_argument("--size", help="WxH in pixels, multiples of 32 (default: the base model's trained size)")
+    p.add_argument("--steps", type=int, help="base model denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 disables it (default 4)")
+    p.add_argument("--negative", default="", help="negative prompt (default: empty)")
+    p.add_argument("--seed", type=int, default=0, help="video k uses seed + k")
+    p.add_argument("--num", type=int, default=1, help="videos to generate")
+    p.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp"], help="base model sampler (default dpmpp)")
+    p.add_argument("--latents-out", help="also save the semantic latents (.safetensors) for `cascadev decode`")
+    g = p.add_argument_group("weights and decoding")
+    g.add_argument("--weights", help="folder written by TextToVideoPipeline.save_pretrained (text_encoder/, base_dit/, "
+                                     "cascade/); the base model has no released weights")
+    g.add_argument("--text-encoder", help="text encoder: our folder, or an open_clip preset (bigG, H)")
+    g.add_argument("--cascade", help="LDM-VAE decoder weights, as for `cascadev decode --weights` (default: WEIGHTS/cascade, "
+                                     "else the released files from the hub)")
+    g.add_argument("--decode-steps", type=int, help="LDM-VAE decoder steps (default: the decoder's, 8)")
+    g.add_argument("--tiling", choices=["blend", "official"], help="LDM-VAE windows/tiles (default blend)")
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--fps", type=float, default=8.0)
+    g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """"WxH" -> (W, H)."""
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size must be WxH in pixels, e.g. 1024x576, got {size!r}") from None
+    return w, h
+
+
+def output_paths(output: str | Path, n: int) -> list[Path]:
+    """OUT.mp4 for one video; OUT_0.mp4, OUT_1.mp4, ... for several."""
+    out = Path(output)
+    return [out] if n == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(n)]
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from cascadev.generate import TextToVideoPipeline, check_request
+    from cascadev.pipeline import save_latents
+    from cascadev.video_io import write_video
+
+    request = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("scheduler", args.scheduler))
+               if v is not None}
+    size = parse_size(args.size) if args.size else None
+    # what can be checked before loading weights: one line, no waiting
+    check_request([args.prompt], 1 if args.frames is None else args.frames, size or (32, 32),
+                  request.get("steps", 1), request.get("guidance", 0.0), args.num)
+    if args.decode_steps is not None and args.decode_steps < 1:
+        raise UserError(f"--decode-steps must be >= 1, got {args.decode_steps}")
+    if args.weights is None:
+        raise UserError("--weights is required: a folder with the base model (base_dit/), written by "
+                        "TextToVideoPipeline.save_pretrained; no base model weights are released")
+
+    print("loading weights ...", flush=True)
+    pipe = TextToVideoPipeline.from_pretrained(args.weights, text_encoder=args.text_encoder, cascade=args.cascade,
+                                               device=args.device)
+    W, H = size or pipe.default_size()
+    frames = args.frames or pipe.base.config.window_frames
+    print(f"generating {args.num} video(s) of {frames} frames at {W}x{H}", flush=True)
+    latents = pipe.generate_latents(args.prompt, frames=frames, size=(W, H), negative=args.negative, seed=args.seed,
+                                    num_per_prompt=args.num, **request)
+    if args.latents_out:
+        save_latents(args.latents_out, latents, prompt=args.prompt, negative=args.negative, seed=args.seed)
+        print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
+    decode_kwargs = {k: v for k, v in (("steps", args.decode_steps), ("tiling", args.tiling)) if v is not None}
+    videos = pipe.decode(latents, seed=args.seed, **decode_kwargs)
+    for path, video in zip(output_paths(args.output, len(videos)), videos):
+        write_video(path, video, fps=args.fps, crf=args.crf)
+        print(f"-> {path}")
+    timings = {**pipe.timings, **{f"decode {k}": v for k, v in pipe.cascade.timings.items()}}
+    print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))

@@ -1,0 +1,226 @@
+"""The frozen text encoder of Stage C: an open_clip CLIP text tower and its tokenizer.
+
+As Stable Cascade's Stage C (CLIP ViT-bigG-14, laion2b_s39b_b160k): the per-token states are a
+transformer block's output before ``ln_final`` (``hidden_layer=-1``, the last block, is Hugging Face's
+``hidden_states[-1]`` that Stable Cascade reads; -2 is SDXL's penultimate layer), and the pooled
+embedding is the projected end-of-text token (CLIP's text features, unnormalised). Prompts are padded
+to the tokenizer's context length (77); the mask marks start-of-text through end-of-text.
+
+Only the text tower is built and loaded (the released checkpoints also hold the image tower, which
+Stage C does not need): from an open_clip pretrained tag (Hugging Face hub or cache), a local
+checkpoint file, or our ``save_pretrained`` folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # as open_clip's hub repos ship them
+NON_TEXT_KEYS = ("visual.", "logit_scale", "logit_bias")                          # the rest of a CLIP checkpoint
+
+
+class TextEmbedding(NamedTuple):
+    """Encoded prompts: context (B, L, width) token states, pooled (B, embed_dim), mask (B, L) bool (True = real token)."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """An open_clip text tower: an architecture name, optional overrides of its text config, and weights."""
+
+    model_name: str = "ViT-bigG-14"                # an open_clip architecture (open_clip.list_models())
+    pretrained: str | None = "laion2b_s39b_b160k"  # open_clip tag, a local checkpoint (file or folder), or None: random
+    hidden_layer: int = -1                         # token states = output of this block, before ln_final
+    text_overrides: dict | None = None             # open_clip CLIPTextCfg fields replacing the architecture's
+    embed_dim: int | None = None                   # pooled width; None = the architecture's
+
+    def __post_init__(self):
+        self.architecture()  # fail early on an unknown name or override
+
+    def architecture(self) -> tuple[int, dict, bool]:
+        """(embed_dim, text_cfg, quick_gelu) of the tower, from open_clip's shipped config plus overrides."""
+        import open_clip
+
+        base = open_clip.get_model_config(self.model_name)
+        if base is None:
+            raise ValueError(f"unknown open_clip model {self.model_name!r}; see open_clip.list_models()")
+        text_cfg = {**base["text_cfg"], **(self.text_overrides or {})}
+        known = {f.name for f in dataclasses.fields(open_clip.CLIPTextCfg)}
+        unknown = sorted(set(text_cfg) - known)
+        if unknown:
+            raise ValueError(f"text_overrides: unknown open_clip text config field(s) {', '.join(unknown)}")
+        if text_cfg.get("hf_model_name") or text_cfg.get("pool_type", "argmax") != "argmax" or text_cfg.get("embed_cls"):
+            raise ValueError(f"{self.model_name}: only CLIP text towers (BPE tokenizer, end-of-text pooling) are supported")
+        if not -text_cfg.get("layers", 12) <= self.hidden_layer < text_cfg.get("layers", 12):
+            raise ValueError(f"hidden_layer {self.hidden_layer} is out of range for {text_cfg.get('layers', 12)} layers")
+        return self.embed_dim or base["embed_dim"], text_cfg, bool(base.get("quick_gelu", False))
+
+
+PRESETS: dict[str, TextEncoderConfig] = {
+    # Stable Cascade's text encoder
+    "bigG": TextEncoderConfig(),
+    # The smaller LAION CLIP (SD 2.x's), 1024 wide
+    "H": TextEncoderConfig(model_name="ViT-H-14", pretrained="laion2b_s32b_b79k"),
+    # A random 2-layer, 32-wide tower with the real tokenizer, for CPU tests
+    "tiny": TextEncoderConfig(model_name="ViT-B-32", pretrained=None, embed_dim=32,
+                              text_overrides={"width": 32, "heads": 2, "layers": 2}),
+}
+
+
+def _state_dict_of_file(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors: safetensors or a torch file (a state dict, or {'state_dict': ...})."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or foreign file: one line, not a pickle traceback
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
+        blob = blob["state_dict"]
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(blob).__name__}")
+    return {k.removeprefix("module."): v for k, v in blob.items()}
+
+
+def text_tower_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text tower's entries of an open_clip checkpoint: ``text.*`` (CustomTextCLIP) or the
+    top-level text keys of a CLIP (everything but ``visual.*`` and the logit scale/bias)."""
+    if any(k.startswith("text.") for k in state_dict):
+        return {k.removeprefix("text."): v for k, v in state_dict.items() if k.startswith("text.")}
+    return {k: v for k, v in state_dict.items() if not k.startswith(NON_TEXT_KEYS)}
+
+
+def resolve_checkpoint(config: TextEncoderConfig) -> Path:
+    """The checkpoint file ``config.pretrained`` names: a local file or folder, or an open_clip tag (hub)."""
+    import open_clip
+
+    source = str(config.pretrained)
+    path = Path(source).expanduser()
+    if path.exists() or "/" in source or path.suffix in (".bin", ".pt", ".pth", ".safetensors"):
+        if path.is_dir():
+            found = [path / n for n in CHECKPOINT_NAMES if (path / n).is_file()]
+            if not found:
+                raise FileNotFoundError(f"{path}: no {' or '.join(CHECKPOINT_NAMES)} in this folder")
+            path = found[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass an open_clip checkpoint of {config.model_name} "
+                                    f"(e.g. {CHECKPOINT_NAMES[1]}) or an open_clip pretrained tag")
+        return path
+    cfg = open_clip.get_pretrained_cfg(config.model_name, source)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(config.model_name)
+        raise ValueError(f"{source!r} is not an open_clip pretrained tag of {config.model_name}; choose from {tags} "
+                         "or pass a checkpoint path")
+    where = f"https://huggingface.co/{cfg['hf_hub'].rstrip('/')}" if cfg.get("hf_hub") else cfg.get("url", "?")
+    try:
+        file = open_clip.download_pretrained(cfg)
+    except Exception as e:  # offline, gated or missing: all mean "get the file yourself"
+        raise FileNotFoundError(f"text encoder weights {config.model_name} ({source}) are not in the cache and could not be "
+                                f"downloaded ({type(e).__name__}); download {CHECKPOINT_NAMES[1]} from {where} "
+                                "and pass its path") from None
+    if not file:
+        raise FileNotFoundError(f"open_clip has no download for {config.model_name} ({source}); pass a checkpoint path")
+    return Path(file)
+
+
+class TextEncoder(nn.Module):
+    """Frozen open_clip text tower + tokenizer: ``encode(prompts)`` -> ``TextEmbedding``."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        import open_clip
+        from open_clip.model import _build_text_tower  # the builder open_clip's own CLIP uses for its text half
+
+        self.config = config
+        embed_dim, text_cfg, quick_gelu = config.architecture()
+        self.tower = _build_text_tower(embed_dim, open_clip.CLIPTextCfg(**text_cfg), quick_gelu)
+        self.tokenizer = open_clip.get_tokenizer(config.model_name, context_length=self.tower.context_length)
+        self.requires_grad_(False).eval()
+
+    @property
+    def width(self) -> int:
+        """Token state width: a ``TextDiTConfig.caption_channels``."""
+        return self.tower.width
+
+    @property
+    def embed_dim(self) -> int:
+        """Pooled width: a ``TextDiTConfig.pooled_channels``."""
+        return self.tower.output_dim
+
+    @property
+    def context_length(self) -> int:
+        return self.tower.context_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.tower.token_embedding.weight.device
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> token ids (B, L) long, padded or truncated to the context length, and mask (B, L) bool.
+
+        The mask runs from start-of-text through end-of-text, the token with the largest id (which
+        CLIP's own pooling looks up by argmax): padding is 0, which is also a real token ("!").
+        """
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("tokenize expects a list of strings")
+        tokens = self.tokenizer(list(prompts))  # b l
+        eot = tokens.argmax(dim=1, keepdim=True)
+        mask = torch.arange(tokens.shape[1])[None] <= eot
+        return tokens, mask
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, L) -> (token states (B, L, width) of ``hidden_layer``, pooled (B, embed_dim))."""
+        layer = self.config.hidden_layer % len(self.tower.transformer.resblocks)
+        out = self.tower.forward_intermediates(tokens, indices=[layer], output_fmt="NLC")
+        return out["text_intermediates"][0], out["text_features"]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str] | str) -> TextEmbedding:
+        """Prompts -> ``TextEmbedding`` (context (B, L, width), pooled (B, embed_dim), mask (B, L)) on this device."""
+        tokens, mask = self.tokenize([prompts] if isinstance(prompts, str) else prompts)
+        context, pooled = self(tokens.to(self.device))
+        return TextEmbedding(context.float(), pooled.float(), mask.to(self.device))
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Strictly load the text tower of an open_clip checkpoint (names every bad key)."""
+        from cascadev.weights import load_state_dict_strict
+        path = Path(path)
+        load_state_dict_strict(self.tower, text_tower_state_dict(_state_dict_of_file(path)), str(path))
+
+    @classmethod
+    def from_config(cls, config: TextEncoderConfig, load_weights: bool = True) -> "TextEncoder":
+        """Build the tower and load ``config.pretrained`` (unless None or ``load_weights`` is False)."""
+        model = cls(config)
+        if load_weights and config.pretrained is not None:
+            model.load_checkpoint(resolve_checkpoint(config))
+        return model.eval()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` (with ``pretrained`` cleared: the weights are here) + ``model.safetensors``."""
+        from cascadev.weights import save_pretrained
+        save_pretrained(self, dataclasses.replace(self.config, pretrained=None), directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "TextEncoder":
+        """Load a directory written by ``save_pretrained`` (frozen, eval mode)."""
+        from cascadev.weights import load_pretrained
+        return load_pretrained(cls, TextEncoderConfig, directory).requires_grad_(False)
+
+
+def build_text_encoder(preset: str = "bigG", load_weights: bool = True, **overrides) -> TextEncoder:
+    """The one factory: a preset plus field overrides, e.g. ``build_text_encoder("H", pretrained="/ckpt.bin")``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown text encoder preset {preset!r}; choose from {sorted(PRESETS)}")
+    return TextEncoder.from_config(dataclasses.replace(PRESETS[preset], **overrides), load_weights)
