@@ -185,7 +185,8 @@ class _SkippingDataset(Dataset):
             except (VideoReadError, OSError, ValueError, RuntimeError) as e:
                 if index not in self._bad:
                     self._bad.add(index)
-                    log.warning("skipping %s %s: %s", self.kind, sample.path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    log.warning("skipping %s %s", self.kind, reason if str(sample.path) in reason else f"{sample.path}: {reason}")
                 index = int(torch.randint(len(self.samples), (1,), generator=g))
                 continue
             return {"caption": sample.caption, **item, "skipped": skipped}
