@@ -202,9 +202,10 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_config(cls, config: TextEncoderConfig, load_weights: bool = True) -> "TextEncoder":
         """Build the tower and load ``config.pretrained`` (unless None or ``load_weights`` is False)."""
+        file = resolve_checkpoint(config) if load_weights and config.pretrained is not None else None  # fail before building
         model = cls(config)
-        if load_weights and config.pretrained is not None:
-            model.load_checkpoint(resolve_checkpoint(config))
+        if file is not None:
+            model.load_checkpoint(file)
         return model.eval()
 
     def save_pretrained(self, directory: str | Path) -> None:

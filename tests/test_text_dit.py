@@ -1,0 +1,143 @@
+import dataclasses
+
+import pytest
+import torch
+from einops import repeat
+
+from conftest import randomize_
+from dit.text_dit import PRESETS, CrossAttention, TextDiT, TextDiTConfig, build_text_dit, masked_attention
+
+TINY = PRESETS["tiny"]
+
+
+def tiny_model(**overrides) -> TextDiT:
+    return randomize_(TextDiT(dataclasses.replace(TINY, **overrides))).eval()
+
+
+def inputs(B=2, T=4, H=8, W=6, L=7, seed=1):
+    """Latents (B, 16, T, H, W), timesteps, text tokens (B, L, 32), pooled (B, 32), a mask with padding."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 16, T, H, W, generator=g)
+    t = torch.tensor([3.0, 871.0, 500.0][:B])
+    context = torch.randn(B, L, TINY.caption_channels, generator=g)
+    pooled = torch.randn(B, TINY.pooled_channels, generator=g)
+    mask = torch.arange(L)[None] < torch.tensor([L, 3, 5][:B])[:, None]
+    return x, t, context, pooled, mask
+
+
+@pytest.mark.parametrize("T,H,W", [(4, 8, 8), (4, 8, 6), (2, 4, 10), (6, 2, 2)])
+def test_output_shape_square_and_non_square(T, H, W):
+    model = tiny_model()
+    x, t, context, pooled, mask = inputs(T=T, H=H, W=W)
+    assert model(x, t, context, pooled, mask).shape == (2, 32, T, H, W)
+    assert model(x, t, context, pooled).shape == (2, 32, T, H, W)
+    assert model(x, t, context, pooled, mask, as_images=True).shape == (2, 32, T, H, W)
+    per_frame_t = torch.rand(2, T) * 999
+    assert model(x, per_frame_t, context, pooled, mask, as_images=True).shape == (2, 32, T, H, W)
+
+
+def test_untrained_model_predicts_zero():
+    x, t, context, pooled, mask = inputs()
+    assert torch.equal(build_text_dit("tiny")(x, t, context, pooled, mask), torch.zeros(2, 32, 4, 8, 6))
+
+
+def test_strides_one_one_equal_full_attention_with_cross_attention():
+    full = tiny_model(attn_strides=(None,))
+    ones = tiny_model(attn_strides=((1, 1),))
+    x, t, context, pooled, mask = inputs()
+    torch.testing.assert_close(ones(x, t, context, pooled, mask), full(x, t, context, pooled, mask), rtol=0, atol=0)
+    grid = tiny_model()
+    assert not torch.allclose(grid(x, t, context, pooled, mask), full(x, t, context, pooled, mask), atol=1e-4)
+
+
+def test_cross_attention_over_parts_equals_the_text_repeated_per_part():
+    torch.manual_seed(0)
+    attn = randomize_(CrossAttention(48, 4, qk_norm=True, fp32=False, backend="sdpa"), std=0.2)
+    B, G, n, L = 2, 6, 5, 7
+    x = torch.randn(B * G, n, 48)
+    context = torch.randn(B, L, 48)
+    mask = torch.arange(L)[None] < torch.tensor([[7], [2]])
+    stacked = attn(x, context, mask)
+    per_part = attn(x, repeat(context, "b l d -> (b g) l d", g=G), repeat(mask, "b l -> (b g) l", g=G))
+    torch.testing.assert_close(stacked, per_part, rtol=1e-5, atol=1e-6)
+
+
+def test_text_conditions_the_output():
+    model = tiny_model()
+    x, t, context, pooled, mask = inputs()
+    out = model(x, t, context, pooled, mask)
+    other = torch.randn_like(context)
+    assert not torch.allclose(model(x, t, other, pooled, mask), out, atol=1e-4)
+    assert not torch.allclose(model(x, t, context, torch.randn_like(pooled), mask), out, atol=1e-4)
+    # the videos of a batch read their own text
+    swapped = model(x, t, context.flip(0), pooled, mask.flip(0))
+    assert not torch.allclose(swapped, out, atol=1e-4)
+    # masked-out (padding) tokens are not read; real ones are
+    padded = context.clone()
+    padded[1, 3:] = 100.0
+    torch.testing.assert_close(model(x, t, padded, pooled, mask), out, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model(x, t, padded, pooled, None), model(x, t, context, pooled, None), atol=1e-4)
+
+
+def test_masked_attention_sdpa_and_math_agree():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 3, 10, 8, generator=g), torch.randn(2, 3, 6, 8, generator=g), torch.randn(2, 3, 6, 8, generator=g)
+    mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
+    out = masked_attention(q, k, v, mask, "sdpa")
+    torch.testing.assert_close(out, masked_attention(q, k, v, mask, "math", fp32=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1], masked_attention(q[1:], k[1:, :, :2], v[1:, :, :2], None, "math")[0], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_output_and_gradients():
+    x, t, context, pooled, mask = inputs()
+    model = tiny_model().train()
+    out = model(x, t, context, pooled, mask)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    out2 = model(x, t, context, pooled, mask)
+    out2.square().mean().backward()
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "base")
+    loaded = TextDiT.from_pretrained(tmp_path / "base")
+    assert loaded.config == model.config
+    x, t, context, pooled, mask = inputs()
+    torch.testing.assert_close(loaded(x, t, context, pooled, mask), model(x, t, context, pooled, mask), rtol=0, atol=0)
+
+
+def test_base_preset_builds_on_meta_with_about_one_billion_parameters():
+    with torch.device("meta"):
+        model = build_text_dit("base")
+    count = sum(p.numel() for p in model.parameters())
+    assert 1.0e9 < count < 1.2e9, count  # 1,083,781,664
+    c = model.config
+    for frames in (8, 16):
+        c.check_window(frames, 32, 32)  # 1024 px
+    c.check_window(16, 18, 32)          # 1024x576
+    assert (c.caption_channels, c.pooled_channels, c.in_channels, c.out_channels) == (1280, 1280, 16, 32)
+
+
+def test_bad_inputs_fail_loudly():
+    model = tiny_model()
+    x, t, context, pooled, mask = inputs()
+    with pytest.raises(ValueError, match=r"expects \(B, 16, T, H, W\).*is T before C"):
+        model(x.transpose(1, 2), t, context, pooled, mask)
+    with pytest.raises(ValueError, match=r"context must be \(B=2, L, 32\)"):
+        model(x, t, context[..., :8], pooled, mask)
+    with pytest.raises(ValueError, match=r"pooled must be \(B=2, 32\)"):
+        model(x, t, context, pooled[:1], mask)
+    with pytest.raises(ValueError, match="without any token"):
+        model(x, t, context, pooled, torch.zeros_like(mask))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        model(*inputs(T=3))
+    with pytest.raises(ValueError, match="cond_channels must be 0"):
+        TextDiTConfig(cond_channels=16)
+    with pytest.raises(ValueError, match="unknown text DiT preset"):
+        build_text_dit("huge")
