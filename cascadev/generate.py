@@ -70,7 +70,7 @@ def drop_captions(text: TextEmbedding, null_text: TextEmbedding, drop: torch.Ten
 def _config_of(model: torch.nn.Module) -> TextDiTConfig:
     """The TextDiTConfig of a model, also when wrapped (DDP ``.module``, torch.compile ``._orig_mod``)."""
     while not hasattr(model, "config"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = model.module if hasattr(model, "module") else model._orig_mod
     return model.config
 
 
@@ -169,10 +169,11 @@ def check_request(prompts: list[str], frames: int, size: tuple[int, int], steps:
             raise ValueError(f"prompt {p!r} is empty: describe the video to generate")
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
-    for name, n in zip(("width", "height"), size):
-        if not isinstance(n, int) or n < 1 or n % SEMANTIC_DOWNSAMPLE:
-            lo = max(SEMANTIC_DOWNSAMPLE, n // SEMANTIC_DOWNSAMPLE * SEMANTIC_DOWNSAMPLE) if isinstance(n, int) else SEMANTIC_DOWNSAMPLE
-            raise ValueError(f"{name} {n} is not a positive multiple of {SEMANTIC_DOWNSAMPLE} pixels (e.g. {lo} or {lo + SEMANTIC_DOWNSAMPLE})")
+    m = SEMANTIC_DOWNSAMPLE
+    for name, n in zip(("width", "height"), size, strict=True):
+        if not isinstance(n, int) or n < 1 or n % m:
+            lo = max(m, n // m * m) if isinstance(n, int) else m
+            raise ValueError(f"{name} {n} is not a positive multiple of {m} pixels (e.g. {lo} or {lo + m})")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if guidance < 0:
@@ -215,8 +216,8 @@ class TextToVideoPipeline:
             text_encoder, base, cascade = pick(text_encoder, TEXT_ENCODER_DIR), pick(base, BASE_DIR), pick(cascade, CASCADE_DIR)
         if base is None or not Path(base).is_dir():
             where = base if base is not None else (root / BASE_DIR if root is not None else "(no --weights folder)")
-            raise FileNotFoundError(f"{where}: no base model (Stage C) weights; none are released: train them "
-                                    "(cascadev train, stage base) or pass a folder written by TextToVideoPipeline.save_pretrained")
+            raise FileNotFoundError(f"{where}: no base model (Stage C) weights; none are released: train them (cascadev "
+                                    "train, stage base) or pass a folder written by TextToVideoPipeline.save_pretrained")
         base_model = TextDiT.from_pretrained(base)
         text_encoder = text_encoder if text_encoder is not None else "bigG"
         if str(text_encoder) in TEXT_ENCODER_PRESETS:
