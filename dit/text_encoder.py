@@ -23,6 +23,7 @@ import torch.nn as nn
 
 CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # as open_clip's hub repos ship them
 NON_TEXT_KEYS = ("visual.", "logit_scale", "logit_bias")                          # the rest of a CLIP checkpoint
+MIN_OPEN_CLIP = "2.32"  # TextTransformer.forward_intermediates (2.31 and earlier lack it)
 
 
 class TextEmbedding(NamedTuple):
@@ -144,6 +145,8 @@ class TextEncoder(nn.Module):
         self.config = config
         embed_dim, text_cfg, quick_gelu = config.architecture()
         self.tower = _build_text_tower(embed_dim, open_clip.CLIPTextCfg(**text_cfg), quick_gelu)
+        if not hasattr(self.tower, "forward_intermediates"):
+            raise ImportError(f"dit.text_encoder needs open_clip_torch >= {MIN_OPEN_CLIP} (pip install -U open_clip_torch)")
         self.tokenizer = open_clip.get_tokenizer(config.model_name, context_length=self.tower.context_length)
         self.requires_grad_(False).eval()
 
