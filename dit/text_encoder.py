@@ -47,23 +47,23 @@ class TextEncoderConfig:
     def __post_init__(self):
         self.architecture()  # fail early on an unknown name or override
 
-    def architecture(self) -> tuple[int, dict, bool]:
-        """(embed_dim, text_cfg, quick_gelu) of the tower, from open_clip's shipped config plus overrides."""
+    def architecture(self):
+        """(embed_dim, open_clip CLIPTextCfg, quick_gelu) of the tower: open_clip's shipped config plus overrides."""
         import open_clip
 
         base = open_clip.get_model_config(self.model_name)
         if base is None:
             raise ValueError(f"unknown open_clip model {self.model_name!r}; see open_clip.list_models()")
-        text_cfg = {**base["text_cfg"], **(self.text_overrides or {})}
-        known = {f.name for f in dataclasses.fields(open_clip.CLIPTextCfg)}
-        unknown = sorted(set(text_cfg) - known)
+        fields = {**base["text_cfg"], **(self.text_overrides or {})}
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(open_clip.CLIPTextCfg)})
         if unknown:
             raise ValueError(f"text_overrides: unknown open_clip text config field(s) {', '.join(unknown)}")
-        if text_cfg.get("hf_model_name") or text_cfg.get("pool_type", "argmax") != "argmax" or text_cfg.get("embed_cls"):
+        cfg = open_clip.CLIPTextCfg(**fields)
+        if cfg.hf_model_name or cfg.pool_type != "argmax" or cfg.embed_cls:
             raise ValueError(f"{self.model_name}: only CLIP text towers (BPE tokenizer, end-of-text pooling) are supported")
-        if not -text_cfg.get("layers", 12) <= self.hidden_layer < text_cfg.get("layers", 12):
-            raise ValueError(f"hidden_layer {self.hidden_layer} is out of range for {text_cfg.get('layers', 12)} layers")
-        return self.embed_dim or base["embed_dim"], text_cfg, bool(base.get("quick_gelu", False))
+        if not -cfg.layers <= self.hidden_layer < cfg.layers:
+            raise ValueError(f"hidden_layer {self.hidden_layer} is out of range for {cfg.layers} layers")
+        return self.embed_dim or base["embed_dim"], cfg, bool(base.get("quick_gelu", False))
 
 
 PRESETS: dict[str, TextEncoderConfig] = {
@@ -144,7 +144,7 @@ class TextEncoder(nn.Module):
 
         self.config = config
         embed_dim, text_cfg, quick_gelu = config.architecture()
-        self.tower = _build_text_tower(embed_dim, open_clip.CLIPTextCfg(**text_cfg), quick_gelu)
+        self.tower = _build_text_tower(embed_dim, text_cfg, quick_gelu)
         if not hasattr(self.tower, "forward_intermediates"):
             raise ImportError(f"dit.text_encoder needs open_clip_torch >= {MIN_OPEN_CLIP} (pip install -U open_clip_torch)")
         self.tokenizer = open_clip.get_tokenizer(config.model_name, context_length=self.tower.context_length)
