@@ -28,6 +28,7 @@ import yaml
 
 from cascadev.config import ConfigError, to_dict
 from cascadev.data import clip_starts, load_clip, mix_seed, split_validation
+from cascadev.train_args import add_cache_arguments
 from cascadev.train_config import TrainConfig, load_train_config
 from cascadev.video_io import VideoReadError, video_info
 from cascadev.weights import atomic_write, save_state_dict
@@ -63,20 +64,21 @@ def check_cache(folder: str | Path, config: TrainConfig) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cascadev.cache_latents", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="a DiT training YAML (stage: dit)")
-    parser.add_argument("--out", required=True, help="cache folder (then train with --set data.latents=OUT)")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--clips-per-video", type=int, default=1)
+    add_cache_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Write the cache; returns its folder."""
+    """Write the cache (``argv`` as on the command line); returns its folder."""
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> Path:
+    """The caching command, from parsed arguments (``cascadev cache-latents`` calls this)."""
     from accelerate import Accelerator
 
     from cascadev.train import DiTTask
 
-    args = parse_args(argv)
     config = load_train_config(args.config, args.overrides)
     if config.stage != "dit":
         raise ConfigError(f"latent caching is for stage dit, the config says {config.stage!r}")

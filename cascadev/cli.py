@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_eval)
     # --- end eval ---
 
+    # --- train / cache-latents (cascadev/train.py, cascadev/cache_latents.py) ---
+    from cascadev import train_args
+
+    p = sub.add_parser("train", help="train a stage (Stage B DiT or Stage A VAE) from a config; "
+                                     "several GPUs: accelerate launch -m cascadev.train")
+    train_args.add_train_arguments(p)
+    p.set_defaults(func=train_args.run_train)
+    p = sub.add_parser("cache-latents", help="precompute Stage A latents and DiT conditions of a dataset")
+    train_args.add_cache_arguments(p)
+    p.set_defaults(func=train_args.run_cache)
+    # --- end train / cache-latents ---
+
     # --- bench-recon (eval/bench_recon.py) ---
     from eval import bench_recon
 

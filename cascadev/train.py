@@ -44,6 +44,7 @@ from cascadev.data import (ImageDataset, LatentDataset, VideoDataset, collate, i
                            list_samples, make_loader, mix_seed, split_validation, IMAGE_EXTENSIONS)
 from cascadev.diffusion import build_diffusion
 from cascadev.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, kl_standard_normal, load_lpips_loss
+from cascadev.train_args import add_train_arguments
 from cascadev.train_config import TrainConfig, load_train_config
 from cascadev.weights import CONFIG_NAME, WEIGHTS_NAME, atomic_write, load_state_dict_strict, save_state_dict
 
@@ -468,24 +469,24 @@ def flat_config(config: TrainConfig) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cascadev.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override config fields, e.g. --set optim.lr=1e-4 data.videos=clips/")
-    parser.add_argument("--max-steps", type=int, default=None, help="same as --set run.max_steps=N")
-    parser.add_argument("--run-dir", default=None, help="same as --set run.dir=DIR")
+    add_train_arguments(parser)
     return parser.parse_args(argv)
 
 
 # -- the script -------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> Path:
-    """Train as the config says; returns the run directory."""
+    """Train as the config says (``argv`` as on the command line); returns the run directory."""
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> Path:
+    """The training script, from parsed arguments (``cascadev train`` calls this)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
     # -- config
-    args = parse_args(argv)
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"run.max_steps={args.max_steps}")
@@ -496,8 +497,12 @@ def main(argv: list[str] | None = None) -> Path:
     run_dir = Path(run.dir)
 
     # -- Accelerator: rank, world size, device, mixed precision, trackers
+    # VAE: a trainable pattern may select parameters the forward never uses (diffusers' temporal mid-block skips
+    # its attention with one layer per block), which plain DDP refuses
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "vae")
     accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with="tensorboard" if run.tensorboard else None,
-                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
+                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+                              kwargs_handlers=[ddp])
     setup_logging(accelerator, run_dir)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if accelerator.is_main_process:

@@ -1,0 +1,34 @@
+"""Command-line arguments of ``cascadev.train`` and ``cascadev.cache_latents`` (``cascadev train`` and
+``cascadev cache-latents``). No heavy imports here, so building the ``cascadev`` parser stays fast."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config fields, e.g. --set optim.lr=1e-4 data.videos=clips/")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--max-steps", type=int, default=None, help="same as --set run.max_steps=N")
+    parser.add_argument("--run-dir", default=None, help="same as --set run.dir=DIR")
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--out", required=True, help="cache folder (then train with --set data.latents=OUT)")
+    parser.add_argument("--clips-per-video", type=int, default=1, help="clips with evenly spaced first frames")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from cascadev.train import run
+    run(args)
+
+
+def run_cache(args: argparse.Namespace) -> None:
+    from cascadev.cache_latents import run
+    run(args)
