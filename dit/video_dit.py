@@ -148,8 +148,9 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.fp32, self.backend = num_heads, fp32, backend
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.LayerNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
+        # over the full width with LayerNorm's default eps, as PixArt-sigma's qk_norm
+        self.q_norm = nn.LayerNorm(dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
