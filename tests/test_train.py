@@ -1,6 +1,7 @@
 """The real training script on generated clips: runs, resumes exactly, trains from a latent cache; the loss falls."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,12 @@ def test_dit_script_resumed_run_equals_uninterrupted(clips, tmp_path):
     # gradient accumulation, image batches (as_images) and EMA all take part
     common = ["optim.grad_accum=2", "data.image_prob=0.5", "run.save_every=2", "run.val_every=4", "run.log_every=2",
               *SMALL]
+    data = tmp_path / "data"                                          # the clips plus an unreadable file
+    data.mkdir()
+    for clip in clips.glob("*.mp4"):
+        (data / clip.name).symlink_to(clip)
+    (data / "broken.mp4").write_bytes(b"not a video at all")          # sorts first: in the training split
+    clips = data
     whole = train(DIT_TINY, tmp_path / "whole", clips, 4, *common)
     parts = train(DIT_TINY, tmp_path / "parts", clips, 2, *common)
     assert [s for s, _ in checkpoints(parts / "checkpoints")] == [2]
@@ -61,15 +68,19 @@ def test_dit_script_resumed_run_equals_uninterrupted(clips, tmp_path):
     VideoDiT.from_pretrained(whole / "checkpoints/step_00000004")
     VideoDiT.from_pretrained(whole / "final/ema")
     assert (whole / "samples/step_00000004.mp4").is_file()
-    assert "val/loss" in (whole / "train.log").read_text()
+    log = (whole / "train.log").read_text()
+    assert "val/loss" in log and "broken.mp4" in log
+    skipped = [int(n) for n in re.findall(r"data/skipped (\d+)", log)]
+    assert skipped and skipped[-1] > 0                                # counted across the run, and logged
 
 
 def test_vae_script_resumed_run_equals_uninterrupted(clips, tmp_path):
-    common = ["vae.disc_start=1", "run.save_every=2", "run.val_every=3"]
+    common = ["vae.disc_start=1", "run.save_every=2", "run.val_every=3", "run.keep_checkpoints=1"]
     whole = train(VAE_TINY, tmp_path / "whole", clips, 3, *common)
     parts = train(VAE_TINY, tmp_path / "parts", clips, 2, *common)
+    first = load_file(str(parts / "checkpoints/step_00000002/model.safetensors"))
     train(VAE_TINY, tmp_path / "parts", clips, 3, *common)
-    assert [s for s, _ in checkpoints(parts / "checkpoints")] == [2, 3]
+    assert [s for s, _ in checkpoints(parts / "checkpoints")] == [3]          # older ones pruned
     for sub in ("final/model", "final/ema"):
         assert_same_weights(whole / sub, parts / sub, "diffusion_pytorch_model.safetensors")
     assert_same_weights(whole / "checkpoints/step_00000003", parts / "checkpoints/step_00000003", "model_1.safetensors")
@@ -77,7 +88,6 @@ def test_vae_script_resumed_run_equals_uninterrupted(clips, tmp_path):
     assert "LPIPS loss off" in log or "LPIPS loss on" in log
     assert "val/psnr" in log and "d_loss" in log
     # only the decoder trained; the export is a diffusers folder that Stage A loads
-    first = load_file(str(parts / "checkpoints/step_00000002/model.safetensors"))
     final = load_file(str(whole / "final/model/diffusion_pytorch_model.safetensors"))
     assert torch.equal(first["vae.encoder.conv_in.weight"], final["encoder.conv_in.weight"])
     assert not torch.equal(first["vae.decoder.conv_out.weight"], final["decoder.conv_out.weight"])
@@ -185,3 +195,55 @@ def test_config_mistakes_fail_with_one_clear_line(tmp_path):
         load_train_config(DIT_TINY, ["dit.preset=huge"])
     with pytest.raises(ConfigError, match="matches no parameter"):
         VAETask(load_train_config(VAE_TINY, ["vae.trainable=[nothing.*]"]))
+
+
+def test_resize_route_conditions_on_a_small_stage_a_latent(clips):
+    for source in ("pixels", "latent"):
+        config = load_train_config(DIT_TINY, [f"data.videos={clips}", "condition.route=resize", "dit.overrides.cond_channels=4",
+                                              "condition.spatial_factor=2", "condition.temporal_factor=2",
+                                              f"condition.resize_from={source}"])
+        task = DiTTask(config)
+        assert task.semantic is None
+        video = VideoDataset(split_validation(config.data)[0], config.data, train=False)[0]["video"][None]
+        encoded = task.encode(video)
+        assert encoded["latent"].shape == (1, 4, 4, 8, 8) and encoded["cond"].shape == (1, 4, 2, 4, 4)
+        x0, cond = task.inputs({"video": video})
+        assert cond.shape == x0.shape
+        if source == "pixels":                                         # frame 0 is the latent of the small frame 0
+            small = task.stage_a.encode(torch.nn.functional.interpolate(video[:, :, 0], scale_factor=0.5,
+                                                                         mode="bilinear", antialias=True)[:, :, None])
+            assert torch.allclose(encoded["cond"][:, :, :1], small, atol=1e-5)
+        loss, _ = task.loss(task.model, {"video": video}, torch.Generator().manual_seed(0), as_images=False)
+        assert torch.isfinite(loss)
+
+
+def test_init_from_our_format_and_the_official_checkpoint(tmp_path):
+    from dit import VideoDiT
+    from cascadev.train import build_dit
+    config = load_train_config(DIT_TINY)
+    source = VideoDiT(config.dit.model_config())
+    torch.nn.init.normal_(source.final_layer.linear.weight)
+    source.save_pretrained(tmp_path / "ours")
+    torch.save({"state_dict": {**source.state_dict(), "pos_embed": torch.zeros(1)}}, tmp_path / "release.pth")
+    for init in (str(tmp_path / "ours"), f"official:{tmp_path / 'release.pth'}"):
+        model = build_dit(load_train_config(DIT_TINY, [f"dit.init_from={init}", "dit.gradient_checkpointing=true"]), True)
+        assert model.training and model.gradient_checkpointing
+        assert torch.equal(model.final_layer.linear.weight, source.final_layer.linear.weight)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        build_dit(load_train_config(DIT_TINY, [f"dit.init_from={tmp_path / 'missing'}"]), True)
+
+
+def test_vae_loss_terms_with_lpips_and_discriminator(clips):
+    from cascadev.losses import PatchDiscriminator, hinge_d_loss
+    config = load_train_config(VAE_TINY, [f"data.videos={clips}"])
+    task = VAETask(config)
+    task.lpips = lambda x, y: (x - y).abs().mean(dim=(1, 2, 3), keepdim=True)   # stands in for LPIPS (no weights here)
+    video = VideoDataset(split_validation(config.data)[0], config.data, train=False)[0]["video"][None]
+    disc = task.discriminator
+    assert isinstance(disc, PatchDiscriminator) and disc(video[:, :, 0]).shape[1] == 1
+    loss, recon, logs = task.generator_loss(task.model, disc, video, torch.Generator().manual_seed(0), use_disc=True)
+    assert set(logs) == {"l1", "kl", "lpips", "g_adv", "loss"} and recon.shape == video.shape
+    loss.backward()
+    assert all(p.grad is None for p in disc.parameters())            # the generator step leaves D alone
+    assert task.model.vae.decoder.conv_out.weight.grad is not None and task.model.vae.encoder.conv_in.weight.grad is None
+    assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0     # both margins met
