@@ -70,10 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     """Write the cache (``argv`` as on the command line); returns its folder."""
-    return run(parse_args(argv))
+    return run_caching(parse_args(argv))
 
 
-def run(args: argparse.Namespace) -> Path:
+def run_caching(args: argparse.Namespace) -> Path:
     """The caching command, from parsed arguments (``cascadev cache-latents`` calls this)."""
     from accelerate import Accelerator
 
@@ -127,6 +127,6 @@ def run(args: argparse.Namespace) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"cascadev.cache_latents: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -96,6 +96,8 @@ class Sample:
 
 def list_samples(source: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> list[Sample]:
     """The files a source names: a folder (recursive, sorted), .txt, .csv, .jsonl or .json list."""
+    if not str(source):
+        raise ValueError("no data source given: set data.videos (or data.images) to a folder or a list file")
     source = Path(source)
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in extensions and p.is_file())

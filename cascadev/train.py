@@ -40,8 +40,8 @@ from einops import rearrange
 
 from cascadev.config import ConfigError, save_config, to_dict
 from cascadev.conditioning import downsample_video, resize_small_from_latent, semantic_small, upsample_condition
-from cascadev.data import (ImageDataset, LatentDataset, VideoDataset, collate, image_step, image_steps_before,
-                           list_samples, make_loader, mix_seed, split_validation, IMAGE_EXTENSIONS)
+from cascadev.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step, image_steps_before,
+                           list_samples, make_loader, mix_seed, split_validation)
 from cascadev.diffusion import build_diffusion
 from cascadev.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, kl_standard_normal, load_lpips_loss
 from cascadev.train_args import add_train_arguments
@@ -477,10 +477,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     """Train as the config says (``argv`` as on the command line); returns the run directory."""
-    return run(parse_args(argv))
+    return run_training(parse_args(argv))
 
 
-def run(args: argparse.Namespace) -> Path:
+def run_training(args: argparse.Namespace) -> Path:
     """The training script, from parsed arguments (``cascadev train`` calls this)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
@@ -529,12 +529,12 @@ def run(args: argparse.Namespace) -> Path:
         from cascadev.cache_latents import check_cache
         check_cache(data.latents, config)
         train_set = LatentDataset(data.latents)
-        _, val_samples = split_validation(data)
+        val_samples = split_validation(data)[1] if data.videos or data.val_videos else []
     else:
         train_samples, val_samples = split_validation(data)
         train_set = VideoDataset(train_samples, data)
     image_set = ImageDataset(list_samples(data.images, IMAGE_EXTENSIONS), data) if data.images else None
-    val_set = VideoDataset(val_samples, data, train=False)
+    val_set = VideoDataset(val_samples, data, train=False) if val_samples and run.val_every else []
     log.info("data: %d training %s, %d validation clip(s)%s", len(train_set), train_set.kind + "s", len(val_set),
              f", {len(image_set)} images (p={data.image_prob})" if image_set else "")
 
@@ -570,7 +570,7 @@ def run(args: argparse.Namespace) -> Path:
                              data.num_workers)
     image_iter = (make_loader(image_set, data.images_per_batch, run.seed + 1, rank, world, image_batches,
                               data.num_workers) if image_set else None)
-    val_clips = [collate([val_set[i]])["video"][0] for i in range(len(val_set))] if run.val_every else []
+    val_clips = [val_set[i]["video"] for i in range(len(val_set))]
 
     # -- loop
     progress = tqdm(total=run.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
@@ -618,7 +618,7 @@ def run(args: argparse.Namespace) -> Path:
             progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")
             log.info("step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in means.items()))
             sums, counted, tic, samples_seen, frames_seen = {}, 0, time.perf_counter(), 0, 0
-        if run.val_every and (step % run.val_every == 0 or step == run.max_steps):
+        if val_clips and (step % run.val_every == 0 or step == run.max_steps):
             val_logs = task.validate(accelerator, prepared, val_clips, step, run_dir)
             accelerator.log(val_logs, step=step)
             log.info("step %d  validation  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in val_logs.items()))
@@ -643,6 +643,6 @@ def run(args: argparse.Namespace) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:   # bad input: one line; real bugs keep their traceback
         print(f"cascadev.train: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -25,10 +25,10 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from cascadev.train import run
-    run(args)
+    from cascadev.train import run_training
+    run_training(args)
 
 
 def run_cache(args: argparse.Namespace) -> None:
-    from cascadev.cache_latents import run
-    run(args)
+    from cascadev.cache_latents import run_caching
+    run_caching(args)
