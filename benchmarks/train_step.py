@@ -6,8 +6,9 @@
 A step is what ``cascadev.train`` does per micro-batch when training from a latent cache: noise the
 latent at per-video timesteps, run the DiT on cat([x_t, cond]), MSE + VLB, backward, clip, AdamW.
 Frozen encoders are not included (they run once per clip when caching). Peak memory is
-``torch.cuda.max_memory_allocated`` on CUDA and the process's peak resident set size on CPU
-(everything the process holds, weights included). Prints one JSON line per case.
+``torch.cuda.max_memory_allocated`` on CUDA; on CPU, how far the process's peak resident set size
+rose above its level before the model was built (weights, optimizer state, activations; a high-water
+mark, so run one case per process for exact numbers). Prints one JSON line per case.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def bench(preset: str, frames: int, size: int, batch: int, steps: int, warmup: i
           bf16: bool, checkpointing: bool) -> dict:
     torch.manual_seed(0)
     dev = torch.device(device)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20            # KiB -> GiB (Linux)
     config = PRESETS[preset]
     model = VideoDiT(dataclasses.replace(config, attn_fp32=config.attn_fp32)).to(dev).train()
     model.enable_gradient_checkpointing(checkpointing)
@@ -66,12 +68,12 @@ def bench(preset: str, frames: int, size: int, batch: int, steps: int, warmup: i
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB -> GiB (Linux)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20 - baseline     # above the imports
     return {"preset": preset, "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
             "threads": torch.get_num_threads(), "latent": f"{batch}x{frames}x{size}x{size}", "bf16": bf16,
             "checkpointing": checkpointing, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "step_s": round(seconds, 4), "latent_frames_per_s": round(batch * frames / seconds, 2),
-            "peak_mem_GiB": round(peak, 3), "peak_mem_kind": "cuda allocated" if dev.type == "cuda" else "process RSS"}
+            "peak_mem_GiB": round(peak, 3), "peak_mem_kind": "cuda allocated" if dev.type == "cuda" else "process peak RSS above its start"}
 
 
 def main(argv: list[str] | None = None) -> None:
