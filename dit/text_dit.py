@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from timm.layers import Mlp
-from torch.utils.checkpoint import checkpoint
 
-from dit.attention import attention, num_parts, partition, unpartition
-from dit.video_dit import DiTBlock, DiTConfig, FinalLayer, PatchEmbed, Strides, TimestepEmbedder, modulate, position_embedding
+from dit.attention import attention
+from dit.video_dit import DiTBlock, DiTConfig, DiTTrunk, Strides, modulate
 
 # The release's schedule (dit.video_dit.OFFICIAL_ATTN_STRIDES) scaled to 32x32 latents at patch 1:
 # 2x2 spatial parts keep the released part size (16x16 tokens); full 3D attention in blocks 8-11, 20-27.
@@ -151,53 +149,28 @@ class TextDiTBlock(DiTBlock):
         return x
 
 
-class TextDiT(nn.Module):
+class TextDiT(DiTTrunk):
     """Text-to-video DiT. ``model(x, t, context, pooled, context_mask)`` -> (B, C_out, T, H, W)."""
 
+    config_class = TextDiTConfig
+
     def __init__(self, config: TextDiTConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config, [TextDiTBlock(config) for _ in range(config.depth)])
         D = config.hidden_size
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D)
         self.pooled_embedder = nn.Sequential(nn.Linear(config.pooled_channels, D), nn.SiLU(), nn.Linear(D, D))
         self.y_embedder = Mlp(config.caption_channels, D, D, act_layer=lambda: nn.GELU(approximate="tanh"))  # PixArt
         self.y_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)  # Stable Cascade's clip_norm
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
-        self.blocks = nn.ModuleList([TextDiTBlock(config) for _ in range(config.depth)])
-        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
-        self.gradient_checkpointing = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """PixArt initialisation: xavier linears, N(0, 0.02) embedding MLPs, zeroed cross-attention
-        output projections and output layer (so the untrained model predicts zero)."""
-        def basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        self.apply(basic_init)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # patch embedding as a linear layer
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1], self.pooled_embedder[0],
-                      self.pooled_embedder[2], self.y_embedder.fc1, self.y_embedder.fc2):
+        """The trunk's PixArt initialisation, N(0, 0.02) text embedders, zeroed cross-attention outputs
+        (so the untrained model predicts zero and starts as the unconditional trunk)."""
+        super().initialize_weights()
+        for layer in (self.pooled_embedder[0], self.pooled_embedder[2], self.y_embedder.fc1, self.y_embedder.fc2):
             nn.init.normal_(layer.weight, std=0.02)
-        D = self.config.hidden_size
-        for table in [b.scale_shift_table for b in self.blocks] + [self.final_layer.scale_shift_table]:
-            nn.init.normal_(table, std=D ** -0.5)
         for block in self.blocks:
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.gradient_checkpointing = enabled
-
-    def block_strides(self, index: int) -> Strides:
-        strides = self.config.attn_strides
-        return strides[index % len(strides)]
 
     def _check_text(self, B: int, context: torch.Tensor, pooled: torch.Tensor,
                     mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -226,62 +199,17 @@ class TextDiT(nn.Module):
         as_images: every frame is its own image (spatial partitions only), reading its video's text.
         Returns (B, C_out, T, H, W).
         """
-        c = self.config
-        if x.ndim != 5 or x.shape[1] != c.in_channels:
-            hint = " (is T before C? expected B C T H W)" if x.ndim == 5 and x.shape[2] == c.in_channels else ""
-            raise ValueError(f"TextDiT expects (B, {c.in_channels}, T, H, W) latents, got {tuple(x.shape)}{hint}")
-        B, _, T, H, W = x.shape
-        c.check_window(T, H, W, as_images)
+        t = self.check_inputs(x, t, as_images)
+        B, T = x.shape[0], x.shape[2]
         mask = self._check_text(B, context, pooled, context_mask)
-        t = t.to(device=x.device, dtype=torch.float32).reshape(B, -1)
-        if t.shape[1] not in (1, T) or (t.shape[1] == T and not as_images):
-            raise ValueError(f"timesteps must be (B,) per video{' or (B, T)' if as_images else ''}, got {tuple(t.shape)}")
-        h, w = H // c.patch_size, W // c.patch_size
-
-        x = self.x_embedder(x)  # b (t h w) d
-        x = x + position_embedding(c, T, h, w, x.device, x.dtype)
-        y = self.y_norm(self.y_embedder(context.to(x.dtype)))  # b l d
-        pooled = pooled.to(x.dtype)
+        tokens, t, grid = self.embed(x, t, as_images)
+        y = self.y_norm(self.y_embedder(context.to(tokens.dtype)))  # b l d
+        pooled = pooled.to(tokens.dtype)
         if as_images:
-            x = rearrange(x, "b (t n) d -> (b t) n d", t=T)
-            t = rearrange(t.expand(B, T), "b t -> (b t)")
             pooled = repeat(pooled, "b d -> (b t) d", t=T)
-            grid = (1, h, w)
-        else:
-            t = t[:, 0]
-            grid = (T, h, w)
         c_emb = self.t_embedder(t) + self.pooled_embedder(pooled)  # (b or (b t)) d
-        t6 = self.t_block(c_emb)  # (b or (b t)) 6d
-
-        for i, block in enumerate(self.blocks):
-            strides = self.block_strides(i)
-            if as_images and strides is not None:
-                strides = (1, strides[1])
-            parts = partition(x, grid, strides)  # (b parts) n d
-            t_parts = repeat(t6, "b d -> (b n) d", n=num_parts(strides))
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                parts = checkpoint(block, parts, t_parts, y, mask, use_reentrant=False)
-            else:
-                parts = block(parts, t_parts, y, mask)
-            x = unpartition(parts, grid, strides)
-
-        x = self.final_layer(x, c_emb)  # b (t h w) (p q c)
-        if as_images:
-            x = rearrange(x, "(b t) n d -> b (t n) d", t=T)
-        return rearrange(x, "b (t h w) (p q c) -> b c t (h p) (w q)", t=T, h=h, w=w, p=c.patch_size, q=c.patch_size)
-
-    # -- weights -------------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors``."""
-        from cascadev.weights import save_pretrained
-        save_pretrained(self, self.config, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "TextDiT":
-        """Load a directory written by ``save_pretrained`` (eval mode)."""
-        from cascadev.weights import load_pretrained
-        return load_pretrained(cls, TextDiTConfig, directory)
+        tokens = self.run_blocks(tokens, self.t_block(c_emb), grid, as_images, y, mask)
+        return self.head(tokens, c_emb, x.shape, as_images)
 
 
 def build_text_dit(preset: str = "base", **overrides) -> TextDiT:

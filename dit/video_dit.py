@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid, get_2d_sincos_pos_embed_from_grid, get_timestep_embedding
 from einops import rearrange, repeat
 from timm.layers import Mlp
@@ -214,20 +213,22 @@ def position_embedding(config: DiTConfig, T: int, h: int, w: int, device=None, d
     return rearrange(embed, "t n d -> (t n) d").to(dtype)
 
 
-class VideoDiT(nn.Module):
-    """Video DiT denoiser. ``model(x, t)``: x (B, C_in, T, H, W), t (B,) -> (B, C_out, T, H, W)."""
+class DiTTrunk(nn.Module):
+    """What every video DiT here shares: patch and timestep embedders, ``t_block``, a stack of blocks
+    run over their grid partitions, and the final layer. Subclasses add conditioning and ``forward``."""
 
-    def __init__(self, config: DiTConfig):
+    config_class = DiTConfig
+
+    def __init__(self, config: DiTConfig, blocks: list[nn.Module]):
         super().__init__()
         self.config = config
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
-        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
+        self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
         self.gradient_checkpointing = False
-        self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """PixArt initialisation: xavier linears, N(0, 0.02) timestep MLPs, zeroed output layer."""
@@ -255,6 +256,75 @@ class VideoDiT(nn.Module):
         strides = self.config.attn_strides
         return strides[index % len(strides)]
 
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, as_images: bool) -> torch.Tensor:
+        """Check x (B, C_in, T, H, W) and return t as (B, 1), or (B, T) per frame with ``as_images``."""
+        c = self.config
+        if x.ndim != 5 or x.shape[1] != c.in_channels:
+            hint = " (is T before C? expected B C T H W)" if x.ndim == 5 and x.shape[2] == c.in_channels else ""
+            raise ValueError(f"{type(self).__name__} expects (B, {c.in_channels}, T, H, W) latents, "
+                             f"got {tuple(x.shape)}{hint}")
+        B, _, T, H, W = x.shape
+        c.check_window(T, H, W, as_images)
+        t = t.to(device=x.device, dtype=torch.float32).reshape(B, -1)
+        if t.shape[1] not in (1, T) or (t.shape[1] == T and not as_images):
+            raise ValueError(f"timesteps must be (B,) per video{' or (B, T)' if as_images else ''}, got {tuple(t.shape)}")
+        return t
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, as_images: bool):
+        """Patchify and add positions. Returns tokens, per-sequence timesteps and the token grid:
+        (B, T*h*w, D), (B,), (T, h, w); with ``as_images`` (B*T, h*w, D), (B*T,), (1, h, w)."""
+        B, _, T, H, W = x.shape
+        h, w = H // self.config.patch_size, W // self.config.patch_size
+        x = self.x_embedder(x)  # b (t h w) d
+        x = x + position_embedding(self.config, T, h, w, x.device, x.dtype)
+        if as_images:
+            return rearrange(x, "b (t n) d -> (b t) n d", t=T), rearrange(t.expand(B, T), "b t -> (b t)"), (1, h, w)
+        return x, t[:, 0], (T, h, w)
+
+    def run_blocks(self, x: torch.Tensor, t6: torch.Tensor, grid: tuple[int, int, int], as_images: bool,
+                   *block_args) -> torch.Tensor:
+        """Every block on its attention parts. x: (B, T*h*w, D); t6: (B, 6*D); ``block_args`` pass through."""
+        for i, block in enumerate(self.blocks):
+            strides = self.block_strides(i)
+            if as_images and strides is not None:
+                strides = (1, strides[1])  # images: spatial partitions only
+            parts = partition(x, grid, strides)  # (b parts) n d
+            t_parts = repeat(t6, "b d -> (b n) d", n=num_parts(strides))
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                parts = checkpoint(block, parts, t_parts, *block_args, use_reentrant=False)
+            else:
+                parts = block(parts, t_parts, *block_args)
+            x = unpartition(parts, grid, strides)
+        return x
+
+    def head(self, x: torch.Tensor, t_emb: torch.Tensor, shape: tuple[int, ...], as_images: bool) -> torch.Tensor:
+        """Final layer and unpatchify: tokens -> (B, C_out, T, H, W) for an input of ``shape``."""
+        B, _, T, H, W = shape
+        p = self.config.patch_size
+        x = self.final_layer(x, t_emb)  # b (t h w) (p q c)
+        if as_images:
+            x = rearrange(x, "(b t) n d -> b (t n) d", t=T)
+        return rearrange(x, "b (t h w) (p q c) -> b c t (h p) (w q)", t=T, h=H // p, w=W // p, p=p, q=p)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors``."""
+        from cascadev.weights import save_pretrained
+        save_pretrained(self, self.config, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path):
+        """Load a directory written by ``save_pretrained`` (eval mode)."""
+        from cascadev.weights import load_pretrained
+        return load_pretrained(cls, cls.config_class, directory)
+
+
+class VideoDiT(DiTTrunk):
+    """Video DiT denoiser. ``model(x, t)``: x (B, C_in, T, H, W), t (B,) -> (B, C_out, T, H, W)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__(config, [DiTBlock(config) for _ in range(config.depth)])
+        self.initialize_weights()
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, as_images: bool = False) -> torch.Tensor:
         """Predict (eps, v) for a window of latents.
 
@@ -264,57 +334,13 @@ class VideoDiT(nn.Module):
             joint image training); frames keep their temporal position embedding.
         Returns (B, C_out, T, H, W).
         """
-        c = self.config
-        if x.ndim != 5 or x.shape[1] != c.in_channels:
-            raise ValueError(f"VideoDiT expects (B, {c.in_channels}, T, H, W) latents, got {tuple(x.shape)}")
-        B, _, T, H, W = x.shape
-        c.check_window(T, H, W, as_images)
-        t = t.to(device=x.device, dtype=torch.float32).reshape(B, -1)
-        if t.shape[1] not in (1, T) or (t.shape[1] == T and not as_images):
-            raise ValueError(f"timesteps must be (B,) per video{' or (B, T)' if as_images else ''}, got {tuple(t.shape)}")
-        h, w = H // c.patch_size, W // c.patch_size
-
-        x = self.x_embedder(x)  # b (t h w) d
-        x = x + position_embedding(c, T, h, w, x.device, x.dtype)
-        if as_images:
-            x = rearrange(x, "b (t n) d -> (b t) n d", t=T)
-            t = rearrange(t.expand(B, T), "b t -> (b t)")
-            grid = (1, h, w)
-        else:
-            t = t[:, 0]
-            grid = (T, h, w)
+        t = self.check_inputs(x, t, as_images)
+        tokens, t, grid = self.embed(x, t, as_images)
         t_emb = self.t_embedder(t)  # b d
-        t6 = self.t_block(t_emb)  # b 6d
+        tokens = self.run_blocks(tokens, self.t_block(t_emb), grid, as_images)
+        return self.head(tokens, t_emb, x.shape, as_images)
 
-        for i, block in enumerate(self.blocks):
-            strides = self.block_strides(i)
-            if as_images and strides is not None:
-                strides = (1, strides[1])
-            parts = partition(x, grid, strides)  # (b parts) n d
-            t_parts = repeat(t6, "b d -> (b n) d", n=num_parts(strides))
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                parts = checkpoint(block, parts, t_parts, use_reentrant=False)
-            else:
-                parts = block(parts, t_parts)
-            x = unpartition(parts, grid, strides)
-
-        x = self.final_layer(x, t_emb)  # b (t h w) (p q c)
-        if as_images:
-            x = rearrange(x, "(b t) n d -> b (t n) d", t=T)
-        return rearrange(x, "b (t h w) (p q c) -> b c t (h p) (w q)", t=T, h=h, w=w, p=c.patch_size, q=c.patch_size)
-
-    # -- weights -------------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors``."""
-        from cascadev.weights import save_pretrained
-        save_pretrained(self, self.config, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "VideoDiT":
-        """Load a directory written by ``save_pretrained`` (eval mode)."""
-        from cascadev.weights import load_pretrained
-        return load_pretrained(cls, DiTConfig, directory)
+    # -- weights ---------------------------------------------------------------------------------
 
     @classmethod
     def from_official_checkpoint(cls, path: str | Path, config: DiTConfig | None = None) -> "VideoDiT":

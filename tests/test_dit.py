@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from einops import rearrange
 
 from conftest import randomize_
 from dit import PRESETS, DiTConfig, VideoDiT, build_dit

@@ -3,7 +3,7 @@ import torch
 
 from cascadev.cli import main
 from cascadev.pipeline import CascadeVPipeline, load_latents, round_size, save_latents, seeded_noise
-from cascadev.video_io import read_video, video_info, write_video
+from cascadev.video_io import read_video, video_info
 
 
 @pytest.fixture(scope="module")
