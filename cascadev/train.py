@@ -1,4 +1,5 @@
-"""Train a stage of the cascade with accelerate: the Stage B DiT ("dit") or the Stage A VAE ("vae").
+"""Train a stage of the cascade with accelerate: the Stage B DiT ("dit"), the Stage A VAE ("vae"), or the
+Stage B semantic encoder with the Previewer ("semantic").
 
     accelerate launch [--config_file configs/accelerate/ddp.yaml] -m cascadev.train \\
         --config configs/dit_official_finetune.yaml [--set optim.lr=1e-5 data.videos=list.txt ...]
@@ -9,10 +10,12 @@ What differs between stages (models, loss, validation, export) is a task object 
 (``build_task``); the loop, checkpoints and logs are shared.
 
 Run directory (``run.dir``): ``config.yaml`` (resolved), ``train.log``, ``logs/`` (TensorBoard),
-``samples/`` (validation videos), ``checkpoints/step_XXXXXXXX/`` (accelerate state: weights as
-safetensors, optimizer, RNG, grad scaler; plus ``ema.safetensors``, ``trainer.json`` with the step,
-``config.yaml``; a DiT checkpoint also has ``config.json``, so it loads with ``VideoDiT.from_pretrained``),
-and ``final/`` (``model/`` and ``ema/`` in our weight format, or diffusers folders for the VAE).
+``samples/`` (validation videos), ``checkpoints/step_XXXXXXXX/`` (accelerate state: weights and buffers such
+as BatchNorm running statistics as safetensors, optimizer, RNG, grad scaler; plus ``ema.safetensors``,
+``trainer.json`` with the step, ``config.yaml``; a DiT checkpoint also has ``config.json``, so it loads with
+``VideoDiT.from_pretrained``), and ``final/`` (``export_final``): dit and vae write ``model/`` and ``ema/``
+(our weight format, or diffusers folders for the VAE); semantic writes ``semantic_encoder/`` and
+``previewer/`` (EMA weights when EMA is on) and the trained weights in ``model/``.
 Checkpoints are written to a temporary folder and renamed; a restarted run continues from the newest.
 
 Determinism: data order and augmentation depend only on (seed, position in the stream), and the noise
@@ -65,20 +68,32 @@ def seeded(seed: int, part: int):
         yield
 
 
+def load_semantic_encoder(weights: str, config, load_weights: bool, key: str) -> nn.Module:
+    """A ``SemanticEncoder``: the released file ("hub", or a path to/holding ``effnet_encoder.safetensors``), our
+    format (a folder with ``config.json``, e.g. ``RUN/final/semantic_encoder`` of a "semantic" run: its own
+    config wins over ``config`` but must give as many channels), or random ("random", or ``load_weights`` False)."""
+    from vae.semantic_encoder import SemanticEncoder
+
+    if not load_weights or weights == "random":
+        return SemanticEncoder(config)
+    if weights == "hub":
+        return SemanticEncoder.from_official(None, config)
+    if (Path(weights) / CONFIG_NAME).is_file():
+        encoder = SemanticEncoder.from_pretrained(weights)
+        if encoder.config.latent_channels != config.latent_channels:
+            raise ConfigError(f"{key}={weights}: that encoder gives {encoder.config.latent_channels} channels, "
+                              f"this config expects {config.latent_channels}")
+        return encoder
+    return SemanticEncoder.from_official(weights, config)
+
+
 def build_semantic_encoder(config: TrainConfig, load_weights: bool) -> nn.Module:
-    """The frozen semantic encoder: released weights ("hub" or a file), our format (a folder), or random."""
-    from vae.semantic_encoder import PRESETS, SemanticEncoder
+    """The frozen semantic encoder of the condition (stages dit and base), in eval mode (running BatchNorm stats)."""
+    from vae.semantic_encoder import PRESETS
 
     c = config.condition
-    preset = PRESETS[c.semantic_preset]
-    if not load_weights or c.semantic_weights == "random":
-        encoder = SemanticEncoder(preset)
-    elif c.semantic_weights == "hub":
-        encoder = SemanticEncoder.from_official(None, preset)
-    elif (Path(c.semantic_weights) / CONFIG_NAME).is_file():
-        encoder = SemanticEncoder.from_pretrained(c.semantic_weights)
-    else:
-        encoder = SemanticEncoder.from_official(c.semantic_weights, preset)
+    encoder = load_semantic_encoder(c.semantic_weights, PRESETS[c.semantic_preset], load_weights,
+                                    "condition.semantic_weights")
     return encoder.eval().requires_grad_(False)
 
 
@@ -350,13 +365,147 @@ class VAETask:
         self.model.vae.save_config(str(directory))
 
 
-def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAETask:
-    """The one factory of what trains. Stage C ("base") will be one more branch."""
+class SemanticAutoencoder(nn.Module):
+    """The semantic encoder and the Previewer as one module (one DDP wrapper), every frame an image:
+    video (B, 3, T, H, W) in [-1, 1] -> (preview (B, 3, T, H/4, W/4) in about [-1, 1], latent (B, 16, T, H/32, W/32))."""
+
+    def __init__(self, encoder: nn.Module, previewer: nn.Module, train_encoder: bool):
+        super().__init__()
+        self.encoder, self.previewer, self.train_encoder = encoder, previewer, train_encoder
+        self.encoder.requires_grad_(train_encoder)
+        self.previewer.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "SemanticAutoencoder":
+        super().train(mode)
+        if not self.train_encoder:      # frozen: its BatchNorm keeps normalising with the given running statistics
+            self.encoder.eval()
+        return self
+
+    def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B = video.shape[0]
+        latent = self.encoder(rearrange(video, "b c t h w -> (b t) c h w"))           # (b t) 16 h/32 w/32
+        latent = rearrange(latent, "(b t) c h w -> b c t h w", b=B)
+        return self.previewer(latent), latent                                            # b 3 t h/4 w/4
+
+
+class SemanticTask:
+    """Stage B's semantic encoder and the Previewer trained jointly as an autoencoder of frames (or the Previewer
+    alone on a given encoder, ``semantic.train_encoder: false``, as Stable Cascade released it).
+
+    The encoder's latent is normalised by its mapper's BatchNorm (no affine): batch statistics while it trains,
+    running statistics (buffers: checkpointed, resumed and exported with the weights) otherwise. The Previewer
+    predicts the frame at 1/4 resolution (f32 latent, x8 decoder), so the target is the frame downsampled x4
+    (bilinear, antialiased). Loss: ``l1_weight`` L1 + ``mse_weight`` MSE, per pixel.
+    """
+
+    name = "semantic"
+
+    def __init__(self, config: TrainConfig, load_weights: bool = True):
+        from vae.previewer import Previewer
+
+        self.config = config
+        s = config.semantic
+        with seeded(config.run.seed, 2):
+            encoder = load_semantic_encoder(s.encoder_weights, s.encoder_config(), load_weights, "semantic.encoder_weights")
+        with seeded(config.run.seed, 4):
+            previewer_config = s.previewer_config()
+            if not load_weights or s.previewer_weights == "random":
+                previewer = Previewer(previewer_config)
+            elif s.previewer_weights == "hub":
+                previewer = Previewer.from_official(None, previewer_config)
+            elif (Path(s.previewer_weights) / CONFIG_NAME).is_file():
+                previewer = Previewer.from_pretrained(s.previewer_weights)
+            else:
+                previewer = Previewer.from_official(s.previewer_weights, previewer_config)
+        self.model = SemanticAutoencoder(encoder, previewer, s.train_encoder).train()
+        self.discriminator = None
+
+    def to(self, device: torch.device) -> "SemanticTask":
+        return self                                          # nothing frozen outside the model
+
+    @staticmethod
+    def target(video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) -> the frames the Previewer should output, (B, 3, T, H/4, W/4)."""
+        from vae.previewer import UPSAMPLE
+        from vae.semantic_encoder import DOWNSAMPLE
+        return downsample_video(video, DOWNSAMPLE // UPSAMPLE, 1)
+
+    def loss(self, model: nn.Module, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(loss, preview, logs) of a batch of frames (B, 3, T, H, W) in [-1, 1]."""
+        c = self.config.semantic
+        preview, latent = model(video)
+        error = preview.float() - self.target(video)
+        l1, mse = error.abs().mean(), error.square().mean()
+        loss = c.l1_weight * l1 + c.mse_weight * mse
+        logs = {"loss": loss.detach(), "l1": l1.detach(), "mse": mse.detach(),
+                "latent_std": latent.detach().float().std()}
+        return loss, preview, logs
+
+    def micro_step(self, accelerator, prepared: dict, batch: dict, generator: torch.Generator, as_images: bool,
+                   step: int, accum: int) -> dict:
+        loss, _, logs = self.loss(prepared["model"], batch["video"].to(accelerator.device))
+        accelerator.backward(loss / accum)
+        return logs
+
+    @torch.no_grad()
+    def validate(self, accelerator, prepared: dict, clips: list[torch.Tensor], step: int, run_dir: Path) -> dict:
+        """PSNR and L1 of the previews (eval mode: running BatchNorm statistics) against the x4-downsampled
+        held-out clips; the first saved as ``samples/step_N.mp4``, target beside preview."""
+        from eval.metrics import psnr
+
+        model = prepared["model"]
+        model.eval()
+        values, l1 = [], []
+        for i, clip in enumerate(clips):
+            video = clip[None].to(accelerator.device)
+            preview = model(video)[0].float().clamp(-1, 1)
+            target = self.target(video)
+            values.append(psnr(preview.cpu(), target.cpu()).mean())
+            l1.append((preview - target).abs().mean().cpu())
+            if i == 0 and accelerator.is_main_process:
+                write_sample(run_dir, step, [target.cpu(), preview.cpu()])
+        model.train()
+        return {"val/psnr": torch.stack(values).mean().item(), "val/l1": torch.stack(l1).mean().item()} if values else {}
+
+    def export(self, state_dict: dict, directory: Path) -> None:
+        """``semantic_encoder/`` and ``previewer/`` in our format (``SemanticEncoder/Previewer.from_pretrained``;
+        ``condition.semantic_weights=DIR/semantic_encoder`` for stages dit and base). The BatchNorm running
+        statistics are the model's (EMA averages parameters only)."""
+        for part in ("encoder", "previewer"):
+            module = getattr(self.model, part)
+            sub = {k.removeprefix(f"{part}."): v for k, v in state_dict.items() if k.startswith(f"{part}.")}
+            save_state_dict(sub, directory / PART_DIRS[part] / WEIGHTS_NAME)
+            write_json(directory / PART_DIRS[part] / CONFIG_NAME, to_dict(module.config))
+
+
+PART_DIRS = {"encoder": "semantic_encoder", "previewer": "previewer"}
+
+
+def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAETask | SemanticTask:
+    """The one factory of what trains."""
     if config.stage == "dit":
         return DiTTask(config, load_weights)
     elif config.stage == "vae":
         return VAETask(config, load_weights)
-    raise ConfigError(f"unknown stage {config.stage!r}; expected 'dit' or 'vae'")
+    elif config.stage == "semantic":
+        return SemanticTask(config, load_weights)
+    raise ConfigError(f"unknown stage {config.stage!r}; expected 'dit', 'vae' or 'semantic'")
+
+
+def export_final(task, final: Path, state_dict: dict, ema: dict | None) -> None:
+    """Write the final weights. Stages dit and vae: ``final/model`` (trained weights) and ``final/ema`` (EMA
+    parameters, the model's buffers). Stages semantic and base: ``final/`` itself is a folder their loaders
+    take (semantic_encoder/ + previewer/; base_dit/ + text_encoder/) holding the EMA weights when EMA is on --
+    what inference should use -- else the trained ones; with EMA, the trained weights also go to ``final/model/``."""
+    ema_state = {**state_dict, **{k: v.cpu() for k, v in ema.items()}} if ema is not None else None
+    if task.name in ("dit", "vae"):
+        task.export(state_dict, final / "model")
+        if ema_state is not None:
+            task.export(ema_state, final / "ema")
+        return
+    task.export(ema_state if ema_state is not None else state_dict, final)
+    if ema_state is not None:
+        task.export(state_dict, final / "model")
 
 
 # -- small helpers ----------------------------------------------------------------------------------
@@ -626,12 +775,10 @@ def run_training(args: argparse.Namespace) -> Path:
             log.info("saved %s", path)
     progress.close()
 
-    # -- save: final weights (and EMA) in our formats
+    # -- save: final weights (and EMA) in our formats (``export_final``)
     state_dict = accelerator.get_state_dict(prepared["model"])
     if accelerator.is_main_process:
-        task.export(state_dict, run_dir / "final" / "model")
-        if ema is not None:
-            task.export({**state_dict, **{k: v.cpu() for k, v in ema.items()}}, run_dir / "final" / "ema")
+        export_final(task, run_dir / "final", state_dict, ema)
         log.info("final weights in %s", run_dir / "final")
     accelerator.wait_for_everyone()
     accelerator.end_training()

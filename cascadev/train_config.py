@@ -2,9 +2,12 @@
 
 Sections (each a mapping in the YAML; a key left out keeps its default):
 
-- ``stage``: what trains. "dit" (Stage B decoder) or "vae" (Stage A). Stage C ("base") is to come:
-  add its section and a branch in ``cascadev.train.build_task``.
+- ``stage``: what trains. "dit" (Stage B decoder), "vae" (Stage A), "semantic" (Stage B semantic encoder
+  + Previewer as an autoencoder) or "base" (Stage C text-to-video DiT); one branch each in
+  ``cascadev.train.build_task``.
 - ``dit``: DiT preset name + field overrides, ``init_from``, gradient checkpointing (stage "dit").
+- ``semantic``: encoder and Previewer presets + overrides, initial weights, which train, loss weights
+  (stage "semantic").
 - ``stage_a``: Stage A VAE preset + overrides: frozen for "dit", the model that trains for "vae".
 - ``condition``: the DiT's condition: semantic encoder (preset, weights) or the resize route.
 - ``diffusion``: the objective (``cascadev.diffusion.DiffusionConfig``).
@@ -25,15 +28,17 @@ from cascadev.config import ConfigError, from_dict, load_config, to_dict
 from cascadev.data import DataConfig
 from cascadev.diffusion import DiffusionConfig
 
-Stage = Literal["dit", "vae"]
+Stage = Literal["dit", "vae", "semantic"]
+STAGES = ("dit", "vae", "semantic")
 
 
-def resolve_preset(presets: dict, preset: str, overrides: dict[str, Any], what: str):
-    """``presets[preset]`` with ``overrides`` applied through the config loader (types checked, lists to tuples)."""
+def resolve_preset(presets: dict, preset: str, overrides: dict[str, Any], what: str, key: str | None = None):
+    """``presets[preset]`` with ``overrides`` applied through the config loader (types checked, lists to tuples).
+    ``key``: the overrides' config key in messages (default ``{what}.overrides``)."""
     if preset not in presets:
         raise ConfigError(f"unknown {what} preset {preset!r}; choose from {sorted(presets)}")
     base = presets[preset]
-    return from_dict(type(base), {**to_dict(base), **overrides}, prefix=f"{what}.overrides.")
+    return from_dict(type(base), {**to_dict(base), **overrides}, prefix=f"{key or what + '.overrides'}.")
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,36 @@ class VAESection:
 
 
 @dataclass(frozen=True)
+class SemanticSection:
+    """Stage "semantic": frame -> encoder -> (16, H/32, W/32) latent -> Previewer -> RGB at H/4 x W/4, trained
+    against the frame downsampled x4 (Stable Cascade's previewer predicts low-resolution previews)."""
+
+    encoder_preset: str = "official"               # vae.semantic_encoder.PRESETS
+    encoder_overrides: dict[str, Any] = field(default_factory=dict)   # SemanticEncoderConfig fields
+    encoder_weights: str = "hub"                   # "hub" (effnet_encoder.safetensors), "random", or a path
+    train_encoder: bool = True                     # False: the release's setting, only the Previewer trains
+    previewer_preset: str = "official"             # vae.previewer.PRESETS
+    previewer_overrides: dict[str, Any] = field(default_factory=dict)  # PreviewerConfig fields
+    previewer_weights: str = "random"              # "random", "hub" (previewer.safetensors), or a path
+    l1_weight: float = 1.0
+    mse_weight: float = 0.0
+
+    def __post_init__(self):
+        if min(self.l1_weight, self.mse_weight) < 0 or self.l1_weight + self.mse_weight == 0:
+            raise ValueError("semantic.l1_weight and mse_weight must be >= 0, and not both 0")
+
+    def encoder_config(self):
+        from vae.semantic_encoder import PRESETS
+        return resolve_preset(PRESETS, self.encoder_preset, self.encoder_overrides, "semantic encoder",
+                              "semantic.encoder_overrides")
+
+    def previewer_config(self):
+        from vae.previewer import PRESETS
+        return resolve_preset(PRESETS, self.previewer_preset, self.previewer_overrides, "Previewer",
+                              "semantic.previewer_overrides")
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = 2e-5                               # release: 2e-5 (CAME); we use AdamW
     weight_decay: float = 0.0
@@ -138,16 +173,19 @@ class TrainConfig:
     condition: ConditionSection = ConditionSection()
     diffusion: DiffusionConfig = DiffusionConfig()
     vae: VAESection = VAESection()
+    semantic: SemanticSection = SemanticSection()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
 
     def __post_init__(self):
-        if self.stage not in ("dit", "vae"):
-            raise ValueError(f"unknown stage {self.stage!r}; expected 'dit' or 'vae'")
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; expected one of {', '.join(STAGES)}")
         self.stage_a.model_config()                           # fails early on a bad preset or override
         if self.stage == "dit":
             self.check_dit()
+        elif self.stage == "semantic":
+            self.check_semantic()
 
     def check_dit(self) -> None:
         """The DiT's channels, window and latent grid fit the condition route and the clip size."""
@@ -173,6 +211,19 @@ class TrainConfig:
         if self.condition.route == "resize" and d.num_frames % self.condition.temporal_factor:
             raise ValueError(f"data.num_frames={d.num_frames} must be a multiple of condition.temporal_factor")
         dit.check_window(d.num_frames, d.height // DOWNSAMPLE, d.width // DOWNSAMPLE)
+
+
+    def check_semantic(self) -> None:
+        """The encoder's latent fits the Previewer, and frames are multiples of the encoder's stride."""
+        from vae.semantic_encoder import DOWNSAMPLE
+        encoder, previewer = self.semantic.encoder_config(), self.semantic.previewer_config()
+        if encoder.latent_channels != previewer.latent_channels:
+            raise ValueError(f"the semantic encoder gives {encoder.latent_channels} channels, the Previewer reads "
+                             f"{previewer.latent_channels}: set semantic.previewer_overrides.latent_channels")
+        d = self.data
+        if d.height % DOWNSAMPLE or d.width % DOWNSAMPLE:
+            raise ValueError(f"data.height/width {d.height}x{d.width} must be multiples of {DOWNSAMPLE} for the "
+                             "semantic encoder")
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

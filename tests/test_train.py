@@ -91,8 +91,13 @@ def test_vae_script_resumed_run_equals_uninterrupted(clips, tmp_path):
     final = load_file(str(whole / "final/model/diffusion_pytorch_model.safetensors"))
     assert torch.equal(first["vae.encoder.conv_in.weight"], final["encoder.conv_in.weight"])
     assert not torch.equal(first["vae.decoder.conv_out.weight"], final["decoder.conv_out.weight"])
-    from vae.stage_a import build_stage_a
+    from vae.stage_a import StageAConfig, StageAVAE, build_stage_a
     build_stage_a("tiny_temporal", pretrained=str(whole / "final/model"))
+    # a plain StageAConfig takes either export as a diffusers folder (the architecture comes from its config.json)
+    for sub in ("final/model", "final/ema"):
+        vae = StageAVAE.from_config(StageAConfig(kind="svd_temporal", pretrained=str(whole / sub), subfolder=None))
+        exported = load_file(str(whole / sub / "diffusion_pytorch_model.safetensors"))
+        assert all(torch.equal(v, exported[k]) for k, v in vae.model.state_dict().items())
 
 
 def test_dit_ddp_on_two_cpu_processes_resumes_exactly(clips, tmp_path):
