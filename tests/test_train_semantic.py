@@ -1,6 +1,5 @@
 """Stage "semantic": the semantic encoder and the Previewer trained as an f32 autoencoder of frames."""
 
-import json
 from pathlib import Path
 
 import pytest
