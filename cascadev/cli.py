@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=train_args.run_cache)
     # --- end train / cache-latents ---
 
+    # --- demo (cascadev/demo.py) ---
+    from cascadev import demo
+
+    p = sub.add_parser("demo", help="the built-in tiny cascade on held-out clips vs the Previewer baseline")
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
+    # --- end demo ---
+
     # --- bench-recon (eval/bench_recon.py) ---
     from eval import bench_recon
 

@@ -1,0 +1,27 @@
+import json
+
+from cascadev.demo import ASSETS
+from cascadev.video_io import video_info
+from test_pipeline import run_cli
+
+
+def test_demo_runs_on_any_cascade_folder(tmp_path, capsys, tiny_pipeline_dir):
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli(capsys, "demo", "-o", out, "--weights", tiny_pipeline_dir, "--clips", 2,
+                                "--frames", 4, "--size", 64, "--steps", 1)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    for method in ("cascade", "baseline"):
+        assert 0 < results[method]["psnr"] < 100 and -1 <= results[method]["ssim"] <= 1
+    assert results["seeds"] == [100_000, 100_001] and results["clips"] == 2
+    info = video_info(out / "side_by_side.mp4")
+    assert (info.frames, info.width, info.height) == (8, 192, 64)  # 2 clips x 4 frames, input | cascade | baseline
+    assert (out / "frames.png").stat().st_size > 0
+    assert "cascade" in stdout and "baseline" in stdout
+
+
+def test_demo_rejects_bad_sizes(tmp_path, capsys, tiny_pipeline_dir):
+    code, _, err = run_cli(capsys, "demo", "-o", tmp_path, "--weights", tiny_pipeline_dir, "--size", 100)
+    assert code == 2 and "multiple of 32" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "demo", "-o", tmp_path, "--weights", tmp_path / "empty")
+    assert code == 2 and "no cascade here" in err
