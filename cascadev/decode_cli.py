@@ -86,7 +86,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     video = resize_video(video, size)
     pipe = _load_pipeline(args)
     print(f"reconstructing {video.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
-    latents = pipe.encode(video)
+    latents = pipe.encode(video, progress=True)
     if args.latents_out:
         save_latents(args.latents_out, latents, source=str(args.input))
         print(f"latents {tuple(latents.shape)} -> {args.latents_out}")

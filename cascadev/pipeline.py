@@ -242,10 +242,10 @@ class CascadeVPipeline:
     # -- the cascade ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1], H and W multiples of 32 -> semantic latents (B, 16, T, H/32, W/32)."""
         check_video(video, 3, SEMANTIC_DOWNSAMPLE, "CascadeVPipeline.encode")
-        return self._timed("encode", lambda: self.semantic_encoder.encode(video.to(self.device)))
+        return self._timed("encode", lambda: self.semantic_encoder.encode(video.to(self.device), progress))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, steps: int = 8, seed: int = 0, scheduler: str = "euler_a",
@@ -265,7 +265,7 @@ class CascadeVPipeline:
                tiling: str | Tiling = "blend", progress: bool = True) -> torch.Tensor:
         """Semantic latents (B, 16, T, h, w) -> video (B, 3, T, 32h, 32w) in [-1, 1]."""
         z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress)
-        return self._timed("stage_a", lambda: self.stage_a.decode(z)).clamp(-1, 1)
+        return self._timed("stage_a", lambda: self.stage_a.decode(z, progress)).clamp(-1, 1)
 
     @torch.no_grad()
     def reconstruct(self, video: torch.Tensor, **decode_kwargs) -> torch.Tensor:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from einops import rearrange
+from tqdm.auto import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # torchvision EfficientNetV2 input normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,17 +116,18 @@ class SemanticEncoder(nn.Module):
         return self.mapper(self.backbone(x))
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> (B, 16, T, H/32, W/32), ``frame_batch`` frames per call.
 
-        Runs in the module's dtype and device; returns float32 on that device.
+        Runs in the module's dtype and device; returns float32 on that device. ``progress`` shows a bar.
         """
         check_video(video, 3, DOWNSAMPLE, "SemanticEncoder.encode")
         B = video.shape[0]
         param = next(self.parameters())
         frames = rearrange(video, "b c t h w -> (b t) c h w")
         out = [self(chunk.to(device=param.device, dtype=param.dtype)).float()
-               for chunk in frames.split(self.config.frame_batch)]
+               for chunk in tqdm(frames.split(self.config.frame_batch), desc="semantic encode", disable=not progress,
+                                 leave=False)]
         return rearrange(torch.cat(out), "(b t) c h w -> b c t h w", b=B)
 
     # -- weights -------------------------------------------------------------------------------

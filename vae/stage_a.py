@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 from einops import rearrange
+from tqdm.auto import tqdm
 
 from vae.semantic_encoder import check_video
 
@@ -263,10 +264,11 @@ class StageAVAE(nn.Module):
         return self.model.decode(z).sample
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """(B, 4, T, h, w) scaled latents -> (B, 3, T, 8h, 8w) float32 in about [-1, 1] (not clamped).
 
-        Frames go through the decoder ``chunk_frames`` at a time and in spatial tiles of ``tile_size`` px.
+        Frames go through the decoder ``chunk_frames`` at a time and in spatial tiles of ``tile_size`` px;
+        ``progress`` shows a bar over the chunks.
         """
         check_video(latents, LATENT_CHANNELS, 1, "StageAVAE.decode")
         c = self.config
@@ -275,7 +277,7 @@ class StageAVAE(nn.Module):
         windows = spans(T, c.chunk_frames, c.chunk_overlap)
         video = torch.zeros(B, 3, T, h * DOWNSAMPLE, w * DOWNSAMPLE, device=self.device)
         weight = torch.zeros(T, device=self.device)
-        for index, (t0, t1) in enumerate(windows):
+        for index, (t0, t1) in enumerate(tqdm(windows, desc="Stage A decode", disable=not progress, leave=False)):
             frames = rearrange(z[:, :, t0:t1], "b c t h w -> (b t) c h w").to(self.dtype)
             decoded = tiled_apply(lambda x: self._decode_frames(x, num_frames=t1 - t0), frames, (h, w),
                                   c.tile_size // DOWNSAMPLE, c.tile_overlap // DOWNSAMPLE, 1, DOWNSAMPLE)
