@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
-from cascadev.pipeline import SEMANTIC_DOWNSAMPLE, CascadeVPipeline
+from cascadev.pipeline import SEMANTIC_DOWNSAMPLE, CascadeVPipeline, timed
 from cascadev.sampling import make_scheduler
 from cascadev.weights import atomic_write
 from dit.text_dit import TextDiT, TextDiTConfig
@@ -237,14 +236,7 @@ class TextToVideoPipeline:
         atomic_write(root / PIPELINE_FILE, lambda tmp: Path(tmp).write_text(text))
 
     def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
-        return out
+        return timed(self.timings, phase, self.device, fn)
 
     def default_size(self) -> tuple[int, int]:
         """(W, H) pixels of the base model's trained clips."""

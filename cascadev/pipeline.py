@@ -35,6 +35,18 @@ STABLE_CASCADE_REPO = "stabilityai/StableWurst"   # effnet_encoder / previewer, 
 PIPELINE_FILE = "pipeline.json"
 
 
+def timed(timings: dict[str, float], phase: str, device: torch.device, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run ``fn`` and add its wall time (synchronised on CUDA) to ``timings[phase]``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+    return out
+
+
 def upsample_condition(latents: torch.Tensor, factor: int = COND_UPSAMPLE) -> torch.Tensor:
     """Per-frame bilinear upsampling (align_corners False, as released). (B, C, T, h, w) -> (B, C, T, f*h, f*w)."""
     T = latents.shape[2]
@@ -230,14 +242,7 @@ class CascadeVPipeline:
         atomic_write(root / PIPELINE_FILE, lambda tmp: Path(tmp).write_text(text))
 
     def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
-        return out
+        return timed(self.timings, phase, self.device, fn)
 
     # -- the cascade ----------------------------------------------------------------------------
 

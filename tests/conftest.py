@@ -16,6 +16,19 @@ def _seed_and_threads():
     yield
 
 
+def run_cli(capsys, *argv):
+    """Run `cascadev ARGV` in-process; return (exit code, stdout, stderr)."""
+    from cascadev.cli import main
+
+    code = 0
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def randomize_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Fill every parameter with seeded noise, so zero-initialised layers cannot hide a bug."""
     g = torch.Generator().manual_seed(seed)

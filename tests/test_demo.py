@@ -1,8 +1,7 @@
 import json
 
-from cascadev.demo import ASSETS
 from cascadev.video_io import video_info
-from test_pipeline import run_cli
+from conftest import run_cli
 
 
 def test_demo_runs_on_any_cascade_folder(tmp_path, capsys, tiny_pipeline_dir):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cascadev.cli import main
+from conftest import run_cli
 from cascadev.diffusion import DiffusionConfig, build_diffusion
 from cascadev.generate import (TextToVideoPipeline, base_training_loss, guided_noise, make_scheduler, repeat_text,
                                sample_base)
@@ -33,17 +33,6 @@ def weights_dir(pipe, tmp_path_factory):
     root = tmp_path_factory.mktemp("t2v")
     pipe.save_pretrained(root)
     return root
-
-
-def run_cli(capsys, *argv):
-    """Run `cascadev ARGV`; return (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # -- text encoder ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cascadev.cli import main
+from conftest import run_cli
 from cascadev.pipeline import CascadeVPipeline, load_latents, round_size, save_latents, seeded_noise
 from cascadev.video_io import read_video, video_info
 
@@ -9,17 +9,6 @@ from cascadev.video_io import read_video, video_info
 @pytest.fixture(scope="module")
 def pipe(tiny_pipeline_dir):
     return CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
-
-
-def run_cli(capsys, *argv):
-    """Run `cascadev ARGV`; return (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_reconstruct_api_shapes_range_and_seeding(pipe, clip_file):
