@@ -1,16 +1,18 @@
-"""Precompute the DiT's inputs for a dataset: Stage A latents and the compact condition, one file per clip.
+"""Precompute a stage's inputs for a dataset, one file per clip: for the DiT (stage dit) the Stage A latents and
+the compact condition, for the base model (stage base) the semantic latents; the caption goes along.
 
     python -m cascadev.cache_latents --config configs/dit_official_finetune.yaml --out cache/ [--clips-per-video 4]
     accelerate launch -m cascadev.cache_latents --config ... --out cache/      (clips split over processes)
-    cascadev cache-latents --config ... --out cache/
+    cascadev cache-latents --config configs/base.yaml --out cache/base --set data.videos=train.jsonl
 
 Clips are cut deterministically from the training split of ``data.videos`` (validation clips stay
 pixels): ``--clips-per-video`` first frames evenly spaced over the video, centre crop, no flip. Each
-``{video:06d}_{clip:02d}.safetensors`` holds "latent" (4, T, h, w) and "cond" (the compact condition:
-semantic latent or low-resolution Stage A latent, already scaled), as ``DiTTask.encode`` makes them,
-with the source path, start frame and caption in its metadata. Files are written atomically and
-existing ones are kept, so an interrupted run continues. ``cache.yaml`` records what the latents
-depend on; training with ``data.latents=DIR`` checks it against the training config.
+``{video:06d}_{clip:02d}.safetensors`` holds, for stage dit, "latent" (4, T, h, w) and "cond" (the compact
+condition: semantic latent or low-resolution Stage A latent, already scaled), as ``DiTTask.encode`` makes
+them; for stage base, "semantic" (16, T, H/32, W/32) unscaled, as ``BaseTask.encode`` makes it. The source
+path, start frame and caption are in its metadata (``LatentDataset`` returns the caption with the tensors).
+Files are written atomically and existing ones are kept, so an interrupted run continues. ``cache.yaml``
+records what the latents depend on; training with ``data.latents=DIR`` checks it against the training config.
 
 Training from the cache sees no crop/flip/start augmentation and, when ``stage_a.sample_posterior``
 is on, one fixed posterior sample per clip (the cache stores what the encoder returned).
@@ -38,14 +40,20 @@ log = logging.getLogger("cascadev.cache_latents")
 CACHE_CONFIG = "cache.yaml"
 
 
+CACHED_STAGES = ("dit", "base")
+
+
 def cache_signature(config: TrainConfig) -> dict:
-    """What cached latents depend on: the clip geometry, the condition route and the Stage A model."""
+    """What cached latents depend on: the clip geometry, the condition (semantic encoder or resize route) and,
+    for stage dit, the Stage A model; a base cache also names its stage (a dit cache holds other tensors)."""
     d = config.data
-    return {
+    signature = {
         "data": {"num_frames": d.num_frames, "frame_stride": d.frame_stride, "height": d.height, "width": d.width},
         "condition": to_dict(config.condition),
-        "stage_a": to_dict(config.stage_a.model_config()),
     }
+    if config.stage == "base":
+        return {"cache": {"stage": "base"}, **signature}
+    return {**signature, "stage_a": to_dict(config.stage_a.model_config())}
 
 
 def check_cache(folder: str | Path, config: TrainConfig) -> None:
@@ -54,6 +62,9 @@ def check_cache(folder: str | Path, config: TrainConfig) -> None:
     if not path.is_file():
         raise ConfigError(f"{path} not found: write the cache with python -m cascadev.cache_latents")
     cached = yaml.safe_load(path.read_text())
+    stage = cached.get("cache", {}).get("stage", "dit")                     # dit caches predate the field
+    if stage != config.stage:
+        raise ConfigError(f"latent cache {folder} holds stage {stage} inputs, the config trains stage {config.stage}")
     wanted = yaml.safe_load(yaml.safe_dump(cache_signature(config)))      # tuples -> lists, as in the file
     diffs = [f"{section}.{key}: cache {cached.get(section, {}).get(key)!r} != config {value!r}"
              for section, fields in wanted.items() for key, value in fields.items()
@@ -77,11 +88,11 @@ def run_caching(args: argparse.Namespace) -> Path:
     """The caching command, from parsed arguments (``cascadev cache-latents`` calls this)."""
     from accelerate import Accelerator
 
-    from cascadev.train import DiTTask
+    from cascadev.train import BaseTask, DiTTask
 
     config = load_train_config(args.config, args.overrides)
-    if config.stage != "dit":
-        raise ConfigError(f"latent caching is for stage dit, the config says {config.stage!r}")
+    if config.stage not in CACHED_STAGES:
+        raise ConfigError(f"latent caching is for stages {' and '.join(CACHED_STAGES)}, the config says {config.stage!r}")
     if args.clips_per_video < 1:
         raise ConfigError("--clips-per-video must be >= 1")
     out = Path(args.out)
@@ -92,7 +103,7 @@ def run_caching(args: argparse.Namespace) -> Path:
         text = yaml.safe_dump(cache_signature(config), sort_keys=False)
         atomic_write(out / CACHE_CONFIG, lambda tmp: Path(tmp).write_text(text))
 
-    task = DiTTask(config, build_model=False).to(accelerator.device)
+    task = (DiTTask if config.stage == "dit" else BaseTask)(config, build_model=False).to(accelerator.device)
     samples, _ = split_validation(config.data)
     rank, world = accelerator.process_index, accelerator.num_processes
     written = kept = skipped = 0

@@ -1,5 +1,5 @@
-"""Train a stage of the cascade with accelerate: the Stage B DiT ("dit"), the Stage A VAE ("vae"), or the
-Stage B semantic encoder with the Previewer ("semantic").
+"""Train a stage of the cascade with accelerate: the Stage B DiT ("dit"), the Stage A VAE ("vae"), the Stage B
+semantic encoder with the Previewer ("semantic"), or the Stage C text-to-video base model ("base").
 
     accelerate launch [--config_file configs/accelerate/ddp.yaml] -m cascadev.train \\
         --config configs/dit_official_finetune.yaml [--set optim.lr=1e-5 data.videos=list.txt ...]
@@ -10,12 +10,14 @@ What differs between stages (models, loss, validation, export) is a task object 
 (``build_task``); the loop, checkpoints and logs are shared.
 
 Run directory (``run.dir``): ``config.yaml`` (resolved), ``train.log``, ``logs/`` (TensorBoard),
-``samples/`` (validation videos), ``checkpoints/step_XXXXXXXX/`` (accelerate state: weights and buffers such
-as BatchNorm running statistics as safetensors, optimizer, RNG, grad scaler; plus ``ema.safetensors``,
-``trainer.json`` with the step, ``config.yaml``; a DiT checkpoint also has ``config.json``, so it loads with
-``VideoDiT.from_pretrained``), and ``final/`` (``export_final``): dit and vae write ``model/`` and ``ema/``
-(our weight format, or diffusers folders for the VAE); semantic writes ``semantic_encoder/`` and
-``previewer/`` (EMA weights when EMA is on) and the trained weights in ``model/``.
+``samples/`` (validation videos, or latents for base), ``checkpoints/step_XXXXXXXX/`` (accelerate state:
+weights and buffers such as BatchNorm running statistics as safetensors, optimizer, RNG, grad scaler; plus
+``ema.safetensors``, ``trainer.json`` with the step, ``config.yaml``; a dit or base checkpoint also has
+``config.json``, so it loads with ``VideoDiT`` / ``TextDiT.from_pretrained``), and ``final/``
+(``export_final``): dit and vae write ``model/`` and ``ema/`` (our weight format, or diffusers folders for
+the VAE); semantic writes ``semantic_encoder/`` and ``previewer/``, base ``base_dit/`` and ``text_encoder/``
+(a ``TextToVideoPipeline.from_pretrained`` root: ``cascadev generate --weights RUN/final --cascade ...``),
+with EMA weights when EMA is on and the trained ones in ``model/``.
 Checkpoints are written to a temporary folder and renamed; a restarted run continues from the newest.
 
 Determinism: data order and augmentation depend only on (seed, position in the stream), and the noise
@@ -201,7 +203,7 @@ class DiTTask:
         return logs
 
     @torch.no_grad()
-    def validate(self, accelerator, prepared: dict, clips: list[torch.Tensor], step: int, run_dir: Path) -> dict:
+    def validate(self, accelerator, prepared: dict, clips: list[dict], step: int, run_dir: Path) -> dict:
         """Loss at fixed timesteps and noise on held-out clips; on the main process, a sampled reconstruction
         of the first clip (``cascadev.sampling``, IDDPM only) saved as ``samples/step_N.mp4`` next to the input."""
         from eval.metrics import psnr
@@ -212,7 +214,7 @@ class DiTTask:
         losses = []
         for i, clip in enumerate(clips):
             g = torch.Generator(accelerator.device).manual_seed(mix_seed(self.config.run.seed, i, 3))
-            x0, cond = self.inputs({"video": clip[None]}, g)
+            x0, cond = self.inputs({"video": clip["video"][None]}, g)
             for k in range(n_t):
                 frac = (k + 0.5) / n_t
                 t = (torch.tensor([int(frac * d.num_timesteps)]) if self.config.diffusion.objective == "iddpm"
@@ -232,15 +234,15 @@ class DiTTask:
 
                 unwrapped = accelerator.unwrap_model(model)
                 g = torch.Generator(accelerator.device).manual_seed(self.config.run.seed)
-                x0, cond = self.inputs({"video": clips[0][None]}, g)
+                x0, cond = self.inputs({"video": clips[0]["video"][None]}, g)
                 noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
                 with accelerator.autocast():
                     z = sample(unwrapped, cond, noise, "euler_a", steps=steps, generator=g, progress=False)
                 recon = self.stage_a.decode(z.float()).clamp(-1, 1)
                 reference = self.stage_a.decode(x0).clamp(-1, 1)
-                logs["val/psnr_sampled_vs_input"] = psnr(recon.cpu(), clips[0][None].cpu()).mean().item()
-                logs["val/psnr_stage_a_vs_input"] = psnr(reference.cpu(), clips[0][None].cpu()).mean().item()
-                write_sample(run_dir, step, [clips[0][None].cpu(), reference.cpu(), recon.cpu()])
+                logs["val/psnr_sampled_vs_input"] = psnr(recon.cpu(), clips[0]["video"][None].cpu()).mean().item()
+                logs["val/psnr_stage_a_vs_input"] = psnr(reference.cpu(), clips[0]["video"][None].cpu()).mean().item()
+                write_sample(run_dir, step, [clips[0]["video"][None].cpu(), reference.cpu(), recon.cpu()])
         model.train()
         return logs
 
@@ -340,7 +342,7 @@ class VAETask:
         return logs
 
     @torch.no_grad()
-    def validate(self, accelerator, prepared: dict, clips: list[torch.Tensor], step: int, run_dir: Path) -> dict:
+    def validate(self, accelerator, prepared: dict, clips: list[dict], step: int, run_dir: Path) -> dict:
         """Reconstruction (posterior mode) of held-out clips: PSNR and L1; the first saved as a sample video."""
         from eval.metrics import psnr
 
@@ -348,7 +350,7 @@ class VAETask:
         model.eval()
         values, l1 = [], []
         for i, clip in enumerate(clips):
-            video = clip[None].to(accelerator.device)
+            video = clip["video"][None].to(accelerator.device)
             recon = model(video, None, sample=False)[0].float().clamp(-1, 1)
             values.append(psnr(recon.cpu(), video.cpu()).mean())
             l1.append((recon - video).abs().mean().cpu())
@@ -448,7 +450,7 @@ class SemanticTask:
         return logs
 
     @torch.no_grad()
-    def validate(self, accelerator, prepared: dict, clips: list[torch.Tensor], step: int, run_dir: Path) -> dict:
+    def validate(self, accelerator, prepared: dict, clips: list[dict], step: int, run_dir: Path) -> dict:
         """PSNR and L1 of the previews (eval mode: running BatchNorm statistics) against the x4-downsampled
         held-out clips; the first saved as ``samples/step_N.mp4``, target beside preview."""
         from eval.metrics import psnr
@@ -457,7 +459,7 @@ class SemanticTask:
         model.eval()
         values, l1 = [], []
         for i, clip in enumerate(clips):
-            video = clip[None].to(accelerator.device)
+            video = clip["video"][None].to(accelerator.device)
             preview = model(video)[0].float().clamp(-1, 1)
             target = self.target(video)
             values.append(psnr(preview.cpu(), target.cpu()).mean())
@@ -481,7 +483,162 @@ class SemanticTask:
 PART_DIRS = {"encoder": "semantic_encoder", "previewer": "previewer"}
 
 
-def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAETask | SemanticTask:
+def build_base_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
+    """The TextDiT that trains: fresh, or from a folder in our format (``base.init_from``)."""
+    from safetensors.torch import load_file
+
+    from dit.text_dit import TextDiT
+
+    section = config.base
+    model = TextDiT(section.model_config())
+    if section.init_from and load_weights:
+        weights = Path(section.init_from) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"base.init_from: {weights} not found (expected a folder written by "
+                                    "TextDiT.save_pretrained, e.g. a base run's final/base_dit or a checkpoint)")
+        load_state_dict_strict(model, load_file(str(weights)), str(weights))
+    model.enable_gradient_checkpointing(section.gradient_checkpointing)
+    return model.train()
+
+
+def build_text_encoder(config: TrainConfig, load_weights: bool) -> nn.Module:
+    """The frozen text encoder of stage base: our folder (``base.text_encoder_weights`` holding config.json), or the
+    preset (+ overrides) with its open_clip weights, a checkpoint path, or random weights."""
+    from dit.text_encoder import TextEncoder
+
+    b = config.base
+    text_config = b.text_encoder_config()
+    if text_config is None:
+        encoder = TextEncoder.from_pretrained(b.text_encoder_weights)
+    else:
+        encoder = TextEncoder.from_config(text_config, load_weights=load_weights)
+    return encoder.eval().requires_grad_(False)
+
+
+class BaseTask:
+    """Stage C: the TextDiT denoises semantic latents (B, 16, T, H/32, W/32) given the caption; the semantic encoder
+    (``condition`` section) and the text encoder are frozen.
+
+    Latents come from a cache of this stage (``cascadev.cache_latents``: "semantic", unscaled, and the caption)
+    or are encoded on the fly. Captions are encoded per batch by the frozen text encoder (no caption cache: a
+    bigG embedding is 77 x 1280 floats, too large to keep for a real dataset, and cheap beside the DiT); the
+    empty prompt once. ``cascadev.generate.base_training_loss`` does the rest: the latent scale, ``caption_dropout``
+    of the captions replaced by the empty prompt (for classifier-free guidance), IDDPM with per-video timesteps.
+    """
+
+    name = "base"
+
+    def __init__(self, config: TrainConfig, load_weights: bool = True, build_model: bool = True):
+        self.config = config
+        seed = config.run.seed
+        with seeded(seed, 0):
+            self.model = build_base_dit(config, load_weights) if build_model else None   # None: encoder only (caching)
+        with seeded(seed, 2):
+            self.semantic = build_semantic_encoder(config, load_weights)
+        with seeded(seed, 5):
+            self.text_encoder = build_text_encoder(config, load_weights) if build_model else None
+        if self.model is not None:
+            c = self.model.config
+            widths = (self.text_encoder.width, self.text_encoder.embed_dim)
+            if (c.caption_channels, c.pooled_channels) != widths:        # a text encoder folder with other widths
+                raise ConfigError(f"the text encoder gives widths {widths}, the base model reads "
+                                  f"{(c.caption_channels, c.pooled_channels)} (base.overrides.caption_channels / "
+                                  "pooled_channels)")
+        self.diffusion = build_diffusion(config.diffusion)
+        self.discriminator = None
+        self._null_text = None
+
+    def to(self, device: torch.device) -> "BaseTask":
+        self.semantic.to(device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device)
+        self._null_text = None
+        return self
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """(B, 3, T, H, W) in [-1, 1] -> {"semantic": (B, 16, T, H/32, W/32)}, unscaled: what a cache of this stage stores."""
+        return {"semantic": self.semantic.encode(video)}
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        """A batch of pixels ("video") or of cached latents ("semantic") -> semantic latents (B, 16, T, h, w), unscaled."""
+        device = self.semantic.mapper[0].weight.device
+        if "semantic" in batch:
+            return batch["semantic"].to(device)
+        return self.encode(batch["video"].to(device))["semantic"]
+
+    @torch.no_grad()
+    def text(self, captions: list[str]):
+        """Captions -> ``TextEmbedding`` (context (B, L, width), pooled (B, embed_dim), mask (B, L))."""
+        return self.text_encoder.encode(list(captions))
+
+    @property
+    def null_text(self):
+        """The empty prompt's ``TextEmbedding`` (1 row): what dropped captions become, and CFG's unconditional side."""
+        if self._null_text is None:
+            self._null_text = self.text([""])
+        return self._null_text
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator, as_images: bool) -> tuple[torch.Tensor, dict]:
+        from cascadev.generate import base_training_loss
+
+        return base_training_loss(model, self.diffusion, self.latents(batch), self.text(batch["caption"]), self.null_text,
+                                  generator, drop_prob=self.config.base.caption_dropout, as_images=as_images)
+
+    def micro_step(self, accelerator, prepared: dict, batch: dict, generator: torch.Generator, as_images: bool,
+                   step: int, accum: int) -> dict:
+        loss, logs = self.loss(prepared["model"], batch, generator, as_images)
+        accelerator.backward(loss / accum)
+        return logs
+
+    @torch.no_grad()
+    def validate(self, accelerator, prepared: dict, clips: list[dict], step: int, run_dir: Path) -> dict:
+        """Loss at fixed timesteps and noise on held-out clips with their captions (none dropped); on the main
+        process, latents sampled for the first clip's caption (``val_sample_steps`` steps, default guidance) saved
+        as ``samples/step_N.safetensors``: ``cascadev decode`` turns them into video."""
+        from cascadev.generate import DEFAULT_GUIDANCE, from_model, sample_base, to_model
+        from cascadev.pipeline import save_latents
+
+        model = prepared["model"]
+        model.eval()
+        config = accelerator.unwrap_model(model).config
+        d, n_t = self.diffusion, self.config.run.val_timesteps
+        losses = []
+        for i, clip in enumerate(clips):
+            g = torch.Generator(accelerator.device).manual_seed(mix_seed(self.config.run.seed, i, 3))
+            x0 = to_model(self.latents({"video": clip["video"][None]}), config)
+            text = self.text([clip["caption"]])
+            for k in range(n_t):
+                t = torch.tensor([int((k + 0.5) / n_t * d.num_timesteps)], device=x0.device)
+                eps = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
+                x_t = d.noise(x0, t, eps)
+                out = model(x_t, d.model_time(t), *text)
+                losses.append(d.losses(out, x0, x_t, t, eps)["loss"].mean())
+        logs = {"val/loss": torch.stack(losses).mean().item()} if losses else {}
+        steps = self.config.run.val_sample_steps
+        if accelerator.is_main_process and clips and steps > 0 and not _is_fsdp(accelerator):
+            unwrapped = accelerator.unwrap_model(model)
+            shape = self.latents({"video": clips[0]["video"][None]}).shape
+            g = torch.Generator(accelerator.device).manual_seed(self.config.run.seed)
+            noise = torch.randn(shape, generator=g, device=g.device).to(accelerator.device)
+            with accelerator.autocast():
+                z = sample_base(unwrapped, noise, self.text([clips[0]["caption"]]), self.null_text, DEFAULT_GUIDANCE,
+                                steps=steps, generator=g, progress=False)
+            z = from_model(z, config)
+            logs["val/sample_std"] = z.std().item()
+            save_latents(run_dir / "samples" / f"step_{step:08d}.safetensors", z.cpu(), prompt=clips[0]["caption"])
+        model.train()
+        return logs
+
+    def export(self, state_dict: dict, directory: Path) -> None:
+        """``base_dit/`` in our format (``TextDiT.from_pretrained``); ``export_final`` adds ``text_encoder/``, so the
+        folder is a ``TextToVideoPipeline.from_pretrained`` root (with a cascade given apart)."""
+        from cascadev.generate import BASE_DIR
+        save_state_dict(state_dict, directory / BASE_DIR / WEIGHTS_NAME)
+        write_json(directory / BASE_DIR / CONFIG_NAME, to_dict(self.model.config))
+
+
+def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAETask | SemanticTask | BaseTask:
     """The one factory of what trains."""
     if config.stage == "dit":
         return DiTTask(config, load_weights)
@@ -489,7 +646,9 @@ def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAET
         return VAETask(config, load_weights)
     elif config.stage == "semantic":
         return SemanticTask(config, load_weights)
-    raise ConfigError(f"unknown stage {config.stage!r}; expected 'dit', 'vae' or 'semantic'")
+    elif config.stage == "base":
+        return BaseTask(config, load_weights)
+    raise ConfigError(f"unknown stage {config.stage!r}; expected 'dit', 'vae', 'semantic' or 'base'")
 
 
 def export_final(task, final: Path, state_dict: dict, ema: dict | None) -> None:
@@ -506,6 +665,9 @@ def export_final(task, final: Path, state_dict: dict, ema: dict | None) -> None:
     task.export(ema_state if ema_state is not None else state_dict, final)
     if ema_state is not None:
         task.export(state_dict, final / "model")
+    if task.name == "base":              # the frozen text encoder, once (the trained weights in final/model/ share it)
+        from cascadev.generate import TEXT_ENCODER_DIR
+        task.text_encoder.save_pretrained(final / TEXT_ENCODER_DIR)
 
 
 # -- small helpers ----------------------------------------------------------------------------------
@@ -567,7 +729,7 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict |
         if ema is not None:
             save_state_dict(ema, tmp / EMA_WEIGHTS)
         save_config(config, tmp / "config.yaml")
-        if task.name == "dit":                               # the folder is a VideoDiT.from_pretrained folder
+        if task.name in ("dit", "base"):                     # a VideoDiT / TextDiT.from_pretrained folder
             write_json(tmp / CONFIG_NAME, to_dict(task.model.config))
         write_json(tmp / TRAINER_STATE, {**state, "step": step})
         if final.exists():
@@ -672,8 +834,8 @@ def run_training(args: argparse.Namespace) -> Path:
 
     # -- data
     if data.latents:
-        if config.stage != "dit":
-            raise ConfigError("data.latents (a latent cache) only feeds the DiT (stage dit)")
+        if config.stage not in ("dit", "base"):
+            raise ConfigError("data.latents (a latent cache) only feeds stages dit and base")
         from cascadev.cache_latents import check_cache
         check_cache(data.latents, config)
         train_set = LatentDataset(data.latents)
@@ -681,6 +843,9 @@ def run_training(args: argparse.Namespace) -> Path:
     else:
         train_samples, val_samples = split_validation(data)
         train_set = VideoDataset(train_samples, data)
+        if config.stage == "base" and not any(sample.caption for sample in train_samples):
+            log.warning("stage base: no training video has a caption (give data.videos as a .csv/.jsonl/.json with a "
+                        "'caption' field); the model learns unconditional generation only")
     image_set = ImageDataset(list_samples(data.images, IMAGE_EXTENSIONS), data) if data.images else None
     val_set = VideoDataset(val_samples, data, train=False) if val_samples and run.val_every else []
     log.info("data: %d training %s, %d validation clip(s)%s", len(train_set), train_set.kind + "s", len(val_set),
@@ -718,7 +883,7 @@ def run_training(args: argparse.Namespace) -> Path:
                              data.num_workers)
     image_iter = (make_loader(image_set, data.images_per_batch, run.seed + 1, rank, world, image_batches,
                               data.num_workers) if image_set else None)
-    val_clips = [val_set[i]["video"] for i in range(len(val_set))]
+    val_clips = [val_set[i] for i in range(len(val_set))]     # {"video": (3, T, H, W), "caption"}
 
     # -- loop
     progress = tqdm(total=run.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",

@@ -8,6 +8,9 @@ Sections (each a mapping in the YAML; a key left out keeps its default):
 - ``dit``: DiT preset name + field overrides, ``init_from``, gradient checkpointing (stage "dit").
 - ``semantic``: encoder and Previewer presets + overrides, initial weights, which train, loss weights
   (stage "semantic").
+- ``base``: TextDiT preset + overrides, ``init_from``, gradient checkpointing, the frozen text encoder
+  (preset + overrides + weights), caption dropout (stage "base"; its semantic latents come from the
+  ``condition`` section's encoder, or from a latent cache).
 - ``stage_a``: Stage A VAE preset + overrides: frozen for "dit", the model that trains for "vae".
 - ``condition``: the DiT's condition: semantic encoder (preset, weights) or the resize route.
 - ``diffusion``: the objective (``cascadev.diffusion.DiffusionConfig``).
@@ -28,8 +31,8 @@ from cascadev.config import ConfigError, from_dict, load_config, to_dict
 from cascadev.data import DataConfig
 from cascadev.diffusion import DiffusionConfig
 
-Stage = Literal["dit", "vae", "semantic"]
-STAGES = ("dit", "vae", "semantic")
+Stage = Literal["dit", "vae", "semantic", "base"]
+STAGES = ("dit", "vae", "semantic", "base")
 
 
 def resolve_preset(presets: dict, preset: str, overrides: dict[str, Any], what: str, key: str | None = None):
@@ -128,6 +131,49 @@ class SemanticSection:
 
 
 @dataclass(frozen=True)
+class BaseSection:
+    """Stage "base" (Stage C): the text-to-video ``TextDiT`` denoises semantic latents given captions."""
+
+    preset: str = "base"                           # dit.text_dit.PRESETS
+    overrides: dict[str, Any] = field(default_factory=dict)  # TextDiTConfig fields, e.g. {depth: 2}
+    init_from: str | None = None                   # a TextDiT folder: a base run's final/base_dit or checkpoint
+    gradient_checkpointing: bool = False
+    text_encoder_preset: str = "bigG"              # dit.text_encoder.PRESETS (frozen)
+    text_encoder_overrides: dict[str, Any] = field(default_factory=dict)  # TextEncoderConfig fields
+    text_encoder_weights: str = "preset"           # "preset" (its open_clip tag), "random", our folder, or a checkpoint
+    caption_dropout: float = 0.1                   # captions trained as the empty prompt, for guidance (CFG)
+
+    def __post_init__(self):
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"base.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+
+    def model_config(self):
+        from dit.text_dit import PRESETS
+        return resolve_preset(PRESETS, self.preset, self.overrides, "base")
+
+    def text_encoder_config(self):
+        """The text encoder's config; None when ``text_encoder_weights`` is our folder (its config.json rules)."""
+        from dit.text_encoder import PRESETS
+        from cascadev.weights import CONFIG_NAME
+        if (Path(self.text_encoder_weights) / CONFIG_NAME).is_file():
+            return None
+        config = resolve_preset(PRESETS, self.text_encoder_preset, self.text_encoder_overrides, "text encoder",
+                                "base.text_encoder_overrides")
+        if self.text_encoder_weights == "preset":
+            return config
+        pretrained = None if self.text_encoder_weights == "random" else self.text_encoder_weights
+        return dataclasses.replace(config, pretrained=pretrained)
+
+    def text_widths(self) -> tuple[int, int]:
+        """(token width, pooled width) of the text encoder, without building it."""
+        from cascadev.weights import load_pretrained_config
+        from dit.text_encoder import TextEncoderConfig
+        config = self.text_encoder_config() or load_pretrained_config(TextEncoderConfig, self.text_encoder_weights)
+        embed_dim, text_cfg, _ = config.architecture()
+        return text_cfg.width, embed_dim
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = 2e-5                               # release: 2e-5 (CAME); we use AdamW
     weight_decay: float = 0.0
@@ -174,6 +220,7 @@ class TrainConfig:
     diffusion: DiffusionConfig = DiffusionConfig()
     vae: VAESection = VAESection()
     semantic: SemanticSection = SemanticSection()
+    base: BaseSection = BaseSection()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
@@ -186,6 +233,8 @@ class TrainConfig:
             self.check_dit()
         elif self.stage == "semantic":
             self.check_semantic()
+        elif self.stage == "base":
+            self.check_base()
 
     def check_dit(self) -> None:
         """The DiT's channels, window and latent grid fit the condition route and the clip size."""
@@ -224,6 +273,41 @@ class TrainConfig:
         if d.height % DOWNSAMPLE or d.width % DOWNSAMPLE:
             raise ValueError(f"data.height/width {d.height}x{d.width} must be multiples of {DOWNSAMPLE} for the "
                              "semantic encoder")
+
+
+    def check_base(self) -> None:
+        """IDDPM only; the TextDiT reads the semantic encoder's channels and the text encoder's widths, and its
+        attention partitions fit the clip's latent grid."""
+        from vae.semantic_encoder import DOWNSAMPLE
+        from vae.semantic_encoder import PRESETS as SEMANTIC_PRESETS
+        if self.diffusion.objective != "iddpm":
+            raise ValueError(f"stage base trains diffusion.objective 'iddpm' only (eps + learned sigma): the base model's "
+                             f"sampler (cascadev.generate, DDPM-family schedulers) has no {self.diffusion.objective!r} "
+                             "counterpart")
+        sampler = DiffusionConfig()      # cascadev.generate samples with diffusers' default schedule, which this is
+        schedule = ("num_timesteps", "beta_start", "beta_end")
+        if any(getattr(self.diffusion, k) != getattr(sampler, k) for k in schedule):
+            raise ValueError("stage base: the base model's sampler (cascadev.generate) uses diffusers' default schedule, "
+                             f"so diffusion.{'/'.join(schedule)} must stay {'/'.join(str(getattr(sampler, k)) for k in schedule)}")
+        if self.condition.route != "semantic":
+            raise ValueError("stage base generates semantic latents: condition.route must be 'semantic'")
+        if self.condition.semantic_preset not in SEMANTIC_PRESETS:
+            raise ValueError(f"unknown semantic encoder preset {self.condition.semantic_preset!r}; "
+                             f"choose from {sorted(SEMANTIC_PRESETS)}")
+        model = self.base.model_config()
+        channels = SEMANTIC_PRESETS[self.condition.semantic_preset].latent_channels
+        if model.latent_channels != channels:
+            raise ValueError(f"the semantic encoder gives {channels} channels but the base model has "
+                             f"latent_channels={model.latent_channels}; set base.overrides.latent_channels={channels}")
+        width, pooled = self.base.text_widths()
+        if (model.caption_channels, model.pooled_channels) != (width, pooled):
+            raise ValueError(f"the text encoder gives tokens of width {width} and pooled {pooled}, the base model reads "
+                             f"{model.caption_channels} / {model.pooled_channels}: set base.overrides.caption_channels="
+                             f"{width} and base.overrides.pooled_channels={pooled}")
+        d = self.data
+        if d.height % DOWNSAMPLE or d.width % DOWNSAMPLE:
+            raise ValueError(f"data.height/width {d.height}x{d.width} must be multiples of {DOWNSAMPLE} (semantic latents)")
+        model.check_window(d.num_frames, d.height // DOWNSAMPLE, d.width // DOWNSAMPLE)
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

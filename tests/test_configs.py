@@ -17,7 +17,8 @@ ACCELERATE_CONFIGS = sorted((CONFIGS / "accelerate").glob("*.yaml"))
 
 def test_the_configs_exist():
     names = {p.name for p in TRAIN_CONFIGS}
-    assert {"dit_official_finetune.yaml", "dit_resize_4x.yaml", "vae_svd.yaml", "dit_tiny.yaml", "vae_tiny.yaml"} <= names
+    assert {"dit_official_finetune.yaml", "dit_resize_4x.yaml", "vae_svd.yaml", "dit_tiny.yaml", "vae_tiny.yaml",
+            "semantic_tiny.yaml", "base.yaml", "base_tiny.yaml"} <= names
     assert {p.name for p in ACCELERATE_CONFIGS} >= {"ddp.yaml", "fsdp.yaml"}
 
 
@@ -33,6 +34,10 @@ def test_config_loads_and_its_models_build_on_meta(path):
     assert any(p.requires_grad for p in task.model.parameters())
     if config.stage == "dit":
         assert task.model.config == config.dit.model_config()
+    elif config.stage == "base":                                   # the frozen text encoder fits the TextDiT
+        assert task.model.config == config.base.model_config()
+        assert (task.text_encoder.width, task.text_encoder.embed_dim) == (task.model.config.caption_channels,
+                                                                          task.model.config.pooled_channels)
     # the resolved config round-trips through YAML (what a run writes into its directory)
     assert load_train_config(_write(path.stem, to_dict(config))) == config
 
