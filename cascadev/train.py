@@ -582,8 +582,10 @@ class BaseTask:
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator, as_images: bool) -> tuple[torch.Tensor, dict]:
         from cascadev.generate import base_training_loss
 
-        return base_training_loss(model, self.diffusion, self.latents(batch), self.text(batch["caption"]), self.null_text,
-                                  generator, drop_prob=self.config.base.caption_dropout, as_images=as_images)
+        latents = self.latents(batch)
+        loss, logs = base_training_loss(model, self.diffusion, latents, self.text(batch["caption"]), self.null_text,
+                                        generator, drop_prob=self.config.base.caption_dropout, as_images=as_images)
+        return loss, {**logs, "latent_std": latents.detach().float().std()}   # ~1 from a calibrated encoder
 
     def micro_step(self, accelerator, prepared: dict, batch: dict, generator: torch.Generator, as_images: bool,
                    step: int, accum: int) -> dict:

@@ -12,7 +12,8 @@ Sections (each a mapping in the YAML; a key left out keeps its default):
   (preset + overrides + weights), caption dropout (stage "base"; its semantic latents come from the
   ``condition`` section's encoder, or from a latent cache).
 - ``stage_a``: Stage A VAE preset + overrides: frozen for "dit", the model that trains for "vae".
-- ``condition``: the DiT's condition: semantic encoder (preset, weights) or the resize route.
+- ``condition``: the DiT's condition: semantic encoder (preset, weights) or the resize route; stage base
+  takes its semantic encoder from here too.
 - ``diffusion``: the objective (``cascadev.diffusion.DiffusionConfig``).
 - ``vae``: Stage A training: which parameters train, loss weights, discriminator.
 - ``data`` (``cascadev.data.DataConfig``), ``optim``, ``run``.

@@ -175,6 +175,26 @@ def test_caption_dropout_rate_is_honoured(toy, rate):
     assert len(dropped) == 500 and abs(sum(dropped) / 500 - rate) < 0.05, sum(dropped)
 
 
+def test_init_from_a_text_dit_folder_with_gradient_checkpointing(toy, tmp_path):
+    from cascadev.train import build_base_dit
+    from dit.text_dit import TextDiT
+    config = load_train_config(BASE_TINY, overrides(toy))
+    source = TextDiT(config.base.model_config())
+    torch.nn.init.normal_(source.final_layer.linear.weight)
+    source.save_pretrained(tmp_path / "ours")
+    model = build_base_dit(load_train_config(BASE_TINY, [*overrides(toy), f"base.init_from={tmp_path / 'ours'}",
+                                                         "base.gradient_checkpointing=true"]), True)
+    assert model.training and model.gradient_checkpointing
+    assert torch.equal(model.final_layer.linear.weight, source.final_layer.linear.weight)
+    with pytest.raises(FileNotFoundError, match="base.init_from"):
+        build_base_dit(load_train_config(BASE_TINY, [f"base.init_from={tmp_path / 'missing'}"]), True)
+    # a text encoder folder (a base run's final/text_encoder) is taken as it is
+    task = BaseTask(config)
+    task.text_encoder.save_pretrained(tmp_path / "text")
+    again = BaseTask(load_train_config(BASE_TINY, [*overrides(toy), f"base.text_encoder_weights={tmp_path / 'text'}"]))
+    assert torch.equal(again.text(["red"]).context, task.text(["red"]).context)
+
+
 def test_base_config_mistakes_fail_with_one_clear_line():
     with pytest.raises(ConfigError, match="'iddpm' only"):
         load_train_config(BASE_TINY, ["diffusion.objective=rf"])
