@@ -34,6 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    with torch.no_grad():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    import torch
+
     from cascadev.pipeline import CascadeVPipeline
     from cascadev.synthetic import make_clip
     from cascadev.video_io import write_png_strip, write_video
@@ -51,7 +58,6 @@ def run(args: argparse.Namespace) -> dict:
     scheduler = args.scheduler or settings.get("scheduler", "euler_a")
 
     start = time.perf_counter()
-    torch.set_grad_enabled(False)
     pipe = CascadeVPipeline.from_pretrained(weights, device="cpu")
     seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
     scores = {"cascade": {"psnr": [], "ssim": []}, "baseline": {"psnr": [], "ssim": []}}

@@ -49,18 +49,24 @@ class Tiling:
 
 
 def make_scheduler(name: str | SchedulerMixin = "euler_a", config: dict | None = None) -> SchedulerMixin:
-    """A diffusers scheduler by short name, with its default config (as the release used them) or ``config``."""
+    """A diffusers scheduler by short name, with its default config (as the release used them) or ``config``.
+
+    One exception: DDIM's default ``clip_sample=True`` clamps the predicted x0 to [-1, 1], a rule for
+    pixels that distorts latents, so it is off unless ``config`` turns it on (the release's DDIM path
+    kept the clamp: pass ``{"clip_sample": True}`` to reproduce it).
+    """
     if isinstance(name, SchedulerMixin):
         return name
+    defaults = {}
     if name == "euler_a":
         cls = EulerAncestralDiscreteScheduler
     elif name == "ddim":
-        cls = DDIMScheduler
+        cls, defaults = DDIMScheduler, {"clip_sample": False}
     elif name == "dpmpp":
         cls = DPMSolverMultistepScheduler  # algorithm_type "dpmsolver++" by default
     else:
         raise ValueError(f"unknown scheduler {name!r}; choose from {SCHEDULERS}")
-    return cls.from_config(config) if config else cls()
+    return cls.from_config(cls().config, **{**defaults, **(config or {})})
 
 
 def window_starts(length: int, size: int, stride: int) -> list[int]:

@@ -121,6 +121,14 @@ def test_sample_is_seedable_and_shapes_hold(name):
         make_scheduler("heun")
 
 
+def test_schedulers_keep_diffusers_defaults_except_the_ddim_pixel_clamp():
+    assert make_scheduler("euler_a").config.num_train_timesteps == 1000
+    assert make_scheduler("euler_a").config.beta_schedule == "linear"
+    assert make_scheduler("ddim").config.clip_sample is False
+    assert make_scheduler("ddim", {"clip_sample": True}).config.clip_sample is True
+    assert make_scheduler("dpmpp", {"solver_order": 3}).config.solver_order == 3
+
+
 # --- the release's loop, frames as a batch (recon/refine_latent.py + forward_with_dpmsolver) ---------
 
 def _release_slices(size, window):

@@ -27,12 +27,6 @@ def clips(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_seed_and_threads):
-    """Tiny models on CPU: one thread is several times faster than two (no thread synchronisation per small op)."""
-    torch.set_num_threads(1)
-
-
 SMALL = ["data.height=32", "data.width=32"]   # DiT: latents 4x4, semantic latents 1x1 (keeps CPU tests fast)
 
 

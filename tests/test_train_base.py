@@ -49,12 +49,6 @@ def toy(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_seed_and_threads):
-    """Tiny models on CPU: one thread is several times faster than two (no thread synchronisation per small op)."""
-    torch.set_num_threads(1)
-
-
 def overrides(toy: Path) -> list[str]:
     return [f"data.videos={toy / 'list.jsonl'}", f"condition.semantic_weights={toy / 'encoder'}", "data.num_frames=2"]
 

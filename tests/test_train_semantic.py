@@ -25,12 +25,6 @@ def clips(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_seed_and_threads):
-    """Tiny models on CPU: one thread is several times faster than two (no thread synchronisation per small op)."""
-    torch.set_num_threads(1)
-
-
 def train(run_dir: Path, clips: Path, steps: int, *overrides: str) -> Path:
     return main(["--config", str(SEMANTIC_TINY), "--max-steps", str(steps), "--set", f"data.videos={clips}",
                  f"run.dir={run_dir}", "run.tensorboard=false", *overrides])
