@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=128, help="square side in pixels (multiple of 32)")
     p.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the shipped setting)")
     p.add_argument("--scheduler", default=None, choices=["euler_a", "ddim", "dpmpp"])
+    p.add_argument("--kind", default=None, help="procedural clip kind (default: what the cascade was trained on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default=None, help="another cascade folder (save_pretrained layout)")
 
@@ -56,6 +57,7 @@ def _run(args: argparse.Namespace) -> dict:
     settings = json.loads((weights / "pipeline.json").read_text()).get("demo", {})
     steps = args.steps or settings.get("steps", 8)
     scheduler = args.scheduler or settings.get("scheduler", "euler_a")
+    kind = args.kind or settings.get("kind", "mixed")
 
     start = time.perf_counter()
     pipe = CascadeVPipeline.from_pretrained(weights, device="cpu")
@@ -63,7 +65,7 @@ def _run(args: argparse.Namespace) -> dict:
     scores = {"cascade": {"psnr": [], "ssim": []}, "baseline": {"psnr": [], "ssim": []}}
     panels = []
     for i, seed in enumerate(seeds):
-        video = make_clip(seed, args.frames, args.size, args.size)[None]      # (1, 3, T, H, W)
+        video = make_clip(seed, args.frames, args.size, args.size, kind)[None]   # (1, 3, T, H, W)
         latents = pipe.encode(video)
         outputs = {"cascade": pipe.decode(latents, steps=steps, seed=args.seed + i, scheduler=scheduler, progress=False),
                    "baseline": pipe.preview(latents)}
@@ -83,7 +85,7 @@ def _run(args: argparse.Namespace) -> dict:
     results = {method: {k: torch.cat(v).mean().item() for k, v in metrics.items()} for method, metrics in scores.items()}
     results.update({
         "clips": args.clips, "frames": args.frames, "size": [args.size, args.size], "seeds": seeds,
-        "steps": steps, "scheduler": scheduler, "weights": str(weights),
+        "steps": steps, "scheduler": scheduler, "kind": kind, "weights": str(weights),
         "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over all frames",
         "seconds": round(time.perf_counter() - start, 1),
     })

@@ -4,9 +4,10 @@
     python scripts/build_demo_cascade.py --from export                # only re-export finished runs
 
 Steps: procedural training clips (seeds < 100000, shapes over gradients) -> Stage A VAE
-(configs/demo_vae.yaml) and semantic encoder + Previewer (configs/demo_semantic.yaml), run side by
-side -> cached latents -> LDM-VAE DiT (configs/demo_dit.yaml) -> cascadev/assets/tiny_cascade.
-Each training run resumes by itself if interrupted.
+(configs/demo_vae.yaml) and semantic encoder + Previewer (configs/demo_semantic.yaml), side by side
+-> cached latents -> the LDM-VAE DiT (configs/demo_dit.yaml) and, beside it, a decoder-only
+fine-tune of Stage A on full frames (configs/demo_vae_decoder.yaml; the latent space stays fixed)
+-> cascadev/assets/tiny_cascade. Each training run resumes by itself if interrupted.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import sys
 from pathlib import Path
 
 STEPS = ("data", "stages", "cache", "dit", "export")
+STAGE_A = "runs/demo_vae_decoder/final/ema"
 DATA = "runs/demo_data/train"
-DEMO_SETTINGS = {"steps": 4, "scheduler": "ddim"}   # the sampler the demo uses by default
+DEMO_SETTINGS = {"steps": 8, "scheduler": "euler_a", "kind": "shapes"}   # the release's sampler; best of those tried on seeds 200000+
 
 
 def run(*argv: str, env: dict | None = None) -> subprocess.Popen:
@@ -39,9 +41,12 @@ def export(out: Path) -> None:
 
     from cascadev.pipeline import CascadeVPipeline
 
+    from cascadev.train_config import load_train_config
+
+    stage_a_config = load_train_config("configs/demo_dit.yaml").stage_a.model_config()   # tiny, latent scale 0.30
     pipe = CascadeVPipeline.from_pretrained(
         dit="runs/demo_dit/final/ema", semantic_encoder="runs/demo_semantic/final/semantic_encoder",
-        previewer="runs/demo_semantic/final/previewer", stage_a="runs/demo_vae/final/ema", device="cpu")
+        previewer="runs/demo_semantic/final/previewer", stage_a=STAGE_A, stage_a_config=stage_a_config, device="cpu")
     pipe.save_pretrained(out)
     meta = json.loads((out / "pipeline.json").read_text())
     meta["demo"] = DEMO_SETTINGS
@@ -56,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     todo = STEPS[STEPS.index(args.start):]
     if "data" in todo:
-        wait(run("-m", "cascadev.synthetic", DATA, "--n", "96", "--frames", "16", "--size", "128", "--kind", "shapes"))
+        wait(run("-m", "cascadev.synthetic", DATA, "--n", "396", "--frames", "16", "--size", "128", "--kind", "shapes"))
     if "stages" in todo:  # independent: one core each
         wait(run("-m", "cascadev.train", "--config", "configs/demo_vae.yaml"),
              run("-m", "cascadev.train", "--config", "configs/demo_semantic.yaml"))
@@ -64,8 +69,8 @@ def main() -> None:
         wait(run("-m", "cascadev.cache_latents", "--config", "configs/demo_dit.yaml", "--out", "runs/demo_cache",
                  "--clips-per-video", "4"))
     if "dit" in todo:
-        wait(run("-m", "cascadev.train", "--config", "configs/demo_dit.yaml", "--set", "data.latents=runs/demo_cache",
-                 env={"OMP_NUM_THREADS": "2"}))
+        wait(run("-m", "cascadev.train", "--config", "configs/demo_dit.yaml", "--set", "data.latents=runs/demo_cache"),
+             run("-m", "cascadev.train", "--config", "configs/demo_vae_decoder.yaml"))
     export(Path(__file__).resolve().parents[1] / "cascadev" / "assets" / "tiny_cascade")
 
 
