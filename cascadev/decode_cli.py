@@ -18,7 +18,7 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--previewer", help="previewer.safetensors or our folder")
     g.add_argument("--stage-a", help="Stage A VAE: diffusers folder or hub id (default: the SVD VAE)")
     g.add_argument("--steps", type=int, default=8, help="denoising steps (release: 8)")
-    g.add_argument("--scheduler", default="euler_a", choices=["euler_a", "ddim", "dpmpp"])
+    g.add_argument("--scheduler", default="euler_a", choices=["euler_a", "ddim", "dpmpp", "flow"])
     g.add_argument("--tiling", default="blend", choices=["blend", "official"],
                    help="blend windows/tiles smoothly (default) or reproduce the release exactly")
     g.add_argument("--seed", type=int, default=0)

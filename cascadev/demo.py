@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=128, help="square side in pixels (multiple of 32)")
     p.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the shipped setting)")
-    p.add_argument("--scheduler", default=None, choices=["euler_a", "ddim", "dpmpp"])
+    p.add_argument("--scheduler", default=None, choices=["euler_a", "ddim", "dpmpp", "flow"])
     p.add_argument("--kind", default=None, help="procedural clip kind (default: what the cascade was trained on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default=None, help="another cascade folder (save_pretrained layout)")

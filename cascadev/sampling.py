@@ -23,12 +23,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from einops import rearrange
 from tqdm.auto import tqdm
 
-SCHEDULERS = ("euler_a", "ddim", "dpmpp")
+SCHEDULERS = ("euler_a", "ddim", "dpmpp", "flow")  # "flow": for models trained with rectified flow
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def make_scheduler(name: str | SchedulerMixin = "euler_a", config: dict | None =
         cls, defaults = DDIMScheduler, {"clip_sample": False}
     elif name == "dpmpp":
         cls = DPMSolverMultistepScheduler  # algorithm_type "dpmsolver++" by default
+    elif name == "flow":
+        cls = FlowMatchEulerDiscreteScheduler  # the model predicts v = eps - x0 (cascadev.diffusion.RectifiedFlow)
     else:
         raise ValueError(f"unknown scheduler {name!r}; choose from {SCHEDULERS}")
     return cls.from_config(cls().config, **{**defaults, **(config or {})})
@@ -137,7 +140,7 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
     """Eps for a whole clip. x: (B, C_in, T, H, W) = cat([noisy latent, cond]), any size; t: scalar or (B,).
 
     Returns (B, C_latent, T, H, W): the eps channels of the model output (the learned variance is
-    not used by the schedulers).
+    not used by the schedulers); for a rectified-flow model, its velocity.
     """
     c = model.config
     tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
@@ -200,9 +203,11 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
     to_frames = lambda z: rearrange(z, "b c t h w -> (b t) c h w")  # noqa: E731
     from_frames = lambda z: rearrange(z, "(b t) c h w -> b c t h w", t=T)  # noqa: E731
 
-    latents = to_frames(noise * scheduler.init_noise_sigma)
+    # flow matching starts from unit noise and has no input scaling
+    latents = to_frames(noise * getattr(scheduler, "init_noise_sigma", 1.0))
     for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
-        model_input = from_frames(scheduler.scale_model_input(latents, t))
+        scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+        model_input = from_frames(scaled)
         eps = predict_noise(model, torch.cat([model_input, cond.to(model_input)], dim=1), t, tiling)
         latents = scheduler.step(to_frames(eps), t, latents, generator=generator, return_dict=False)[0]
     return from_frames(latents)

@@ -109,7 +109,7 @@ def test_official_tiling_rejects_clips_smaller_than_the_window():
         Tiling("seamless")
 
 
-@pytest.mark.parametrize("name", ["euler_a", "ddim", "dpmpp"])
+@pytest.mark.parametrize("name", ["euler_a", "ddim", "dpmpp", "flow"])
 def test_sample_is_seedable_and_shapes_hold(name):
     model = tiny_model()
     cond, noise = torch.randn(1, 16, 6, 16, 24), torch.randn(1, 4, 6, 16, 24)
@@ -119,6 +119,17 @@ def test_sample_is_seedable_and_shapes_hold(name):
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
     with pytest.raises(ValueError, match="unknown scheduler"):
         make_scheduler("heun")
+
+
+def test_flow_sampling_is_euler_on_the_velocity():
+    """One flow step from sigma=1: x0 = noise - v, exactly what a rectified-flow model implies."""
+    class ConstantVelocity(CallConstant):
+        def forward(self, x, t):
+            return torch.full((x.shape[0], self.config.out_channels, *x.shape[2:]), 0.25)
+
+    noise = torch.randn(1, 4, 4, 16, 16)
+    out = sample(ConstantVelocity(), torch.zeros(1, 16, 4, 16, 16), noise, "flow", 1, progress=False)
+    torch.testing.assert_close(out, noise - 0.25, rtol=0, atol=1e-6)
 
 
 def test_schedulers_keep_diffusers_defaults_except_the_ddim_pixel_clamp():
