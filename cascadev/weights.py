@@ -80,6 +80,22 @@ def load_pretrained_config(config_cls: type, directory: str | Path):
     return from_dict(config_cls, json.loads(path.read_text()))
 
 
+class PretrainedMixin:
+    """``save_pretrained`` / ``from_pretrained`` in our format for a module with ``self.config`` of ``config_class``."""
+
+    config_class: type
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors``."""
+        save_pretrained(self, self.config, directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path):
+        """Load a directory written by ``save_pretrained`` (or its ``model.safetensors``); eval mode."""
+        path = Path(path)
+        return load_pretrained(cls, cls.config_class, path.parent if path.is_file() else path)
+
+
 def load_pretrained(build: Callable[[Any], M], config_cls: type, directory: str | Path) -> M:
     """Build a model with ``build(config)`` from ``directory``'s config.json and load its weights (eval mode)."""
     config = load_pretrained_config(config_cls, directory)

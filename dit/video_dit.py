@@ -22,6 +22,7 @@ from einops import rearrange, repeat
 from timm.layers import Mlp
 from torch.utils.checkpoint import checkpoint
 
+from cascadev.weights import PretrainedMixin
 from dit.attention import BACKENDS, attention, num_parts, partition, unpartition
 
 Strides = tuple[int, int] | None
@@ -213,7 +214,7 @@ def position_embedding(config: DiTConfig, T: int, h: int, w: int, device=None, d
     return rearrange(embed, "t n d -> (t n) d").to(dtype)
 
 
-class DiTTrunk(nn.Module):
+class DiTTrunk(PretrainedMixin, nn.Module):
     """What every video DiT here shares: patch and timestep embedders, ``t_block``, a stack of blocks
     run over their grid partitions, and the final layer. Subclasses add conditioning and ``forward``."""
 
@@ -306,16 +307,6 @@ class DiTTrunk(nn.Module):
             x = rearrange(x, "(b t) n d -> b (t n) d", t=T)
         return rearrange(x, "b (t h w) (p q c) -> b c t (h p) (w q)", t=T, h=H // p, w=W // p, p=p, q=p)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors``."""
-        from cascadev.weights import save_pretrained
-        save_pretrained(self, self.config, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path):
-        """Load a directory written by ``save_pretrained`` (eval mode)."""
-        from cascadev.weights import load_pretrained
-        return load_pretrained(cls, cls.config_class, directory)
 
 
 class VideoDiT(DiTTrunk):

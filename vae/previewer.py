@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from cascadev.weights import PretrainedMixin
+
 from vae.semantic_encoder import check_video, load_official_weights, resolve_official_file
 
 UPSAMPLE = 8                    # three stride-2 transposed convs
@@ -51,8 +53,10 @@ def _stage(layer: nn.Module, channels: int) -> list[nn.Module]:
     return [layer, nn.GELU(), nn.BatchNorm2d(channels)]
 
 
-class Previewer(nn.Module):
+class Previewer(PretrainedMixin, nn.Module):
     """(B, 16, T, h, w) semantic latents -> (B, 3, T, 8h, 8w) video in about [-1, 1]."""
+
+    config_class = PreviewerConfig
 
     def __init__(self, config: PreviewerConfig):
         super().__init__()
@@ -87,18 +91,6 @@ class Previewer(nn.Module):
         return self(latents).clamp_(-1.0, 1.0)
 
     # -- weights -------------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors``."""
-        from cascadev.weights import save_pretrained
-        save_pretrained(self, self.config, directory)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Previewer":
-        """Load a directory written by ``save_pretrained`` (or its ``model.safetensors``); eval mode."""
-        from cascadev.weights import load_pretrained
-        path = Path(path)
-        return load_pretrained(cls, PreviewerConfig, path.parent if path.is_file() else path)
 
     @classmethod
     def from_official(cls, path: str | Path | None = None, config: PreviewerConfig | None = None) -> "Previewer":

@@ -22,6 +22,8 @@ import torch.nn as nn
 from einops import rearrange
 from tqdm.auto import tqdm
 
+from cascadev.weights import PretrainedMixin
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # torchvision EfficientNetV2 input normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNSAMPLE = 32                         # EfficientNetV2 features: total stride 32
@@ -88,8 +90,10 @@ def _tiny_backbone(channels: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class SemanticEncoder(nn.Module):
+class SemanticEncoder(PretrainedMixin, nn.Module):
     """Frames in [-1, 1] -> semantic latents (16 ch, f32). Frozen in CascadeV: ``encode`` runs without grad."""
+
+    config_class = SemanticEncoderConfig
 
     def __init__(self, config: SemanticEncoderConfig):
         super().__init__()
@@ -131,18 +135,6 @@ class SemanticEncoder(nn.Module):
         return rearrange(torch.cat(out), "(b t) c h w -> b c t h w", b=B)
 
     # -- weights -------------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors``."""
-        from cascadev.weights import save_pretrained
-        save_pretrained(self, self.config, directory)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "SemanticEncoder":
-        """Load a directory written by ``save_pretrained`` (or its ``model.safetensors``); eval mode."""
-        from cascadev.weights import load_pretrained
-        path = Path(path)
-        return load_pretrained(cls, SemanticEncoderConfig, path.parent if path.is_file() else path)
 
     @classmethod
     def from_official(cls, path: str | Path | None = None,
