@@ -35,11 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cascadev.video_io import VideoReadError, read_video, video_info
+from cascadev.video_io import VIDEO_EXTENSIONS, VideoReadError, read_video, video_info
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".gif", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_ATTEMPTS = 64  # replacement draws before concluding that nothing in the dataset can be read
 

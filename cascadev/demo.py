@@ -58,6 +58,8 @@ def _run(args: argparse.Namespace) -> dict:
     steps = args.steps or settings.get("steps", 8)
     scheduler = args.scheduler or settings.get("scheduler", "euler_a")
     kind = args.kind or settings.get("kind", "mixed")
+    # e.g. the flow shift the DiT was trained at; it belongs to the shipped scheduler only
+    scheduler_config = settings.get("scheduler_config") if scheduler == settings.get("scheduler") else None
 
     start = time.perf_counter()
     pipe = CascadeVPipeline.from_pretrained(weights, device="cpu")
@@ -67,7 +69,8 @@ def _run(args: argparse.Namespace) -> dict:
     for i, seed in enumerate(seeds):
         video = make_clip(seed, args.frames, args.size, args.size, kind)[None]   # (1, 3, T, H, W)
         latents = pipe.encode(video)
-        outputs = {"cascade": pipe.decode(latents, steps=steps, seed=args.seed + i, scheduler=scheduler, progress=False),
+        outputs = {"cascade": pipe.decode(latents, steps=steps, seed=args.seed + i, scheduler=scheduler,
+                                                scheduler_config=scheduler_config, progress=False),
                    "baseline": pipe.preview(latents)}
         for method, out in outputs.items():
             scores[method]["psnr"].append(psnr(out, video))
@@ -85,7 +88,7 @@ def _run(args: argparse.Namespace) -> dict:
     results = {method: {k: torch.cat(v).mean().item() for k, v in metrics.items()} for method, metrics in scores.items()}
     results.update({
         "clips": args.clips, "frames": args.frames, "size": [args.size, args.size], "seeds": seeds,
-        "steps": steps, "scheduler": scheduler, "kind": kind, "weights": str(weights),
+        "steps": steps, "scheduler": scheduler, "scheduler_config": scheduler_config, "kind": kind, "weights": str(weights),
         "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over all frames",
         "seconds": round(time.perf_counter() - start, 1),
     })

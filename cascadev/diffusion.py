@@ -36,6 +36,10 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     vlb_lambda: float = 0.001       # L_hybrid = L_simple + lambda * L_vlb (IDDPM Sec. 3.1, Eq. 16)
+    # rf only: train on sigma' = s sigma / (1 + (s - 1) sigma), sigma ~ U(0, 1) (SD3, Esser et al. 2024,
+    # Eq. 23). s > 1 spends more steps at high noise, where the decoder must infer latents from the
+    # condition alone; the "flow" sampler takes the same value as its scheduler's ``shift``.
+    sigma_shift: float = 1.0
 
     def __post_init__(self):
         if self.num_timesteps < 2:
@@ -44,6 +48,10 @@ class DiffusionConfig:
             raise ValueError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
         if self.vlb_lambda < 0:
             raise ValueError(f"vlb_lambda must be >= 0, got {self.vlb_lambda}")
+        if self.sigma_shift <= 0:
+            raise ValueError(f"sigma_shift must be > 0, got {self.sigma_shift}")
+        if self.sigma_shift != 1.0 and self.objective != "rf":
+            raise ValueError(f"sigma_shift applies to objective 'rf' only, got objective {self.objective!r}")
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -169,10 +177,15 @@ class GaussianDiffusion:
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
 
+def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift (Eq. 23), the same map as diffusers' FlowMatchEulerDiscreteScheduler(shift=...)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 class RectifiedFlow:
     """Rectified flow (Liu et al. 2022; SD3 convention): x_t = (1 - sigma) x0 + sigma eps, target v = eps - x0.
 
-    sigma ~ U(0, 1) per video; the network sees sigma * num_timesteps, as diffusers'
+    sigma ~ U(0, 1) per video, then shifted by ``sigma_shift`` (``shift_sigma``); the network sees sigma * num_timesteps, as diffusers'
     FlowMatchEulerDiscreteScheduler does at inference. Only the first C output channels are used
     (a model with learned sigma keeps its variance channels, untrained).
     """
@@ -185,8 +198,9 @@ class RectifiedFlow:
         return self.config.num_timesteps
 
     def sample_t(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """sigma ~ U(0, 1), shape (B,), one per video."""
-        return torch.rand(batch, generator=generator, device=generator.device if generator is not None else device)
+        """sigma ~ U(0, 1) then shifted, shape (B,), one per video."""
+        u = torch.rand(batch, generator=generator, device=generator.device if generator is not None else device)
+        return shift_sigma(u, self.config.sigma_shift)
 
     def model_time(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma * self.num_timesteps

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
+from cascadev.conditioning import semantic_small, upsample_condition
 from cascadev.config import from_dict, to_dict
 from cascadev.sampling import Tiling, sample
 from cascadev.weights import atomic_write
@@ -45,14 +46,6 @@ def timed(timings: dict[str, float], phase: str, device: torch.device, fn: Calla
         torch.cuda.synchronize()
     timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
     return out
-
-
-def upsample_condition(latents: torch.Tensor, factor: int = COND_UPSAMPLE) -> torch.Tensor:
-    """Per-frame bilinear upsampling (align_corners False, as released). (B, C, T, h, w) -> (B, C, T, f*h, f*w)."""
-    T = latents.shape[2]
-    frames = rearrange(latents, "b c t h w -> (b t) c h w")
-    frames = F.interpolate(frames, scale_factor=factor, mode="bilinear", align_corners=False)
-    return rearrange(frames, "(b t) c h w -> b c t h w", t=T)
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -254,22 +247,28 @@ class CascadeVPipeline:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, steps: int = 8, seed: int = 0, scheduler: str = "euler_a",
-                       tiling: str | Tiling = "blend", progress: bool = True) -> torch.Tensor:
-        """Semantic latents (B, 16, T, h, w) -> Stage A latents (B, 4, T, 4h, 4w), scaled."""
+                       tiling: str | Tiling = "blend", progress: bool = True,
+                       scheduler_config: dict | None = None) -> torch.Tensor:
+        """Semantic latents (B, 16, T, h, w) -> Stage A latents (B, 4, T, 4h, 4w), scaled.
+        ``scheduler_config`` overrides the scheduler's defaults (e.g. ``{"shift": 3.0}`` for flow)."""
         check_video(latents, self.dit.config.cond_channels, 1, "CascadeVPipeline.decode")
-        cond = upsample_condition(latents.to(self.device).float()) * self.scale_factor
+        T, h, w = latents.shape[2:]
+        small = semantic_small(latents.to(self.device).float(), self.scale_factor)   # as the DiT was trained
+        cond = upsample_condition(small, (T, COND_UPSAMPLE * h, COND_UPSAMPLE * w))
         B, _, T, H, W = cond.shape
         noise = seeded_noise((B, self.dit.config.latent_channels, T, H, W), seed, self.device)
         dtype = next(self.dit.parameters()).dtype
         generator = torch.Generator(device=self.device).manual_seed(seed + 1)  # ancestral steps
-        return self._timed("dit", lambda: sample(self.dit, cond.to(dtype), noise.to(dtype), scheduler, steps,
-                                                 tiling, generator=generator, progress=progress).float())
+        return self._timed("dit", lambda: sample(self.dit, cond.to(dtype), noise.to(dtype), scheduler, steps, tiling,
+                                                 generator=generator, scheduler_config=scheduler_config,
+                                                 progress=progress).float())
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, steps: int = 8, seed: int = 0, scheduler: str = "euler_a",
-               tiling: str | Tiling = "blend", progress: bool = True) -> torch.Tensor:
+               tiling: str | Tiling = "blend", progress: bool = True,
+               scheduler_config: dict | None = None) -> torch.Tensor:
         """Semantic latents (B, 16, T, h, w) -> video (B, 3, T, 32h, 32w) in [-1, 1]."""
-        z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress)
+        z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress, scheduler_config)
         return self._timed("stage_a", lambda: self.stage_a.decode(z, progress)).clamp(-1, 1)
 
     @torch.no_grad()

@@ -205,7 +205,7 @@ class DiTTask:
     @torch.no_grad()
     def validate(self, accelerator, prepared: dict, clips: list[dict], step: int, run_dir: Path) -> dict:
         """Loss at fixed timesteps and noise on held-out clips; on the main process, a sampled reconstruction
-        of the first clip (``cascadev.sampling``, IDDPM only) saved as ``samples/step_N.mp4`` next to the input."""
+        of the first clip (``cascadev.sampling``, the objective's sampler) saved as ``samples/step_N.mp4`` next to the input."""
         from eval.metrics import psnr
 
         model = prepared["model"]
@@ -226,23 +226,24 @@ class DiTTask:
         logs = {"val/loss": torch.stack(losses).mean().item()} if losses else {}
         steps = self.config.run.val_sample_steps
         if accelerator.is_main_process and clips and steps > 0 and not _is_fsdp(accelerator):
-            if self.config.diffusion.objective != "iddpm":
-                log.info("validation sampling runs for objective 'iddpm' only (cascadev.sampling has no flow "
-                         "scheduler step); reporting the validation loss")
-            else:
-                from cascadev.sampling import sample
+            from cascadev.sampling import sample
 
-                unwrapped = accelerator.unwrap_model(model)
-                g = torch.Generator(accelerator.device).manual_seed(self.config.run.seed)
-                x0, cond = self.inputs({"video": clips[0]["video"][None]}, g)
-                noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
-                with accelerator.autocast():
-                    z = sample(unwrapped, cond, noise, "euler_a", steps=steps, generator=g, progress=False)
-                recon = self.stage_a.decode(z.float()).clamp(-1, 1)
-                reference = self.stage_a.decode(x0).clamp(-1, 1)
-                logs["val/psnr_sampled_vs_input"] = psnr(recon.cpu(), clips[0]["video"][None].cpu()).mean().item()
-                logs["val/psnr_stage_a_vs_input"] = psnr(reference.cpu(), clips[0]["video"][None].cpu()).mean().item()
-                write_sample(run_dir, step, [clips[0]["video"][None].cpu(), reference.cpu(), recon.cpu()])
+            diffusion = self.config.diffusion
+            # the sampler that matches the objective: ancestral Euler (release) or flow Euler at the trained shift
+            scheduler, scheduler_config = (("euler_a", None) if diffusion.objective == "iddpm"
+                                           else ("flow", {"shift": diffusion.sigma_shift}))
+            unwrapped = accelerator.unwrap_model(model)
+            g = torch.Generator(accelerator.device).manual_seed(self.config.run.seed)
+            x0, cond = self.inputs({"video": clips[0]["video"][None]}, g)
+            noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
+            with accelerator.autocast():
+                z = sample(unwrapped, cond, noise, scheduler, steps=steps, generator=g,
+                           scheduler_config=scheduler_config, progress=False)
+            recon = self.stage_a.decode(z.float()).clamp(-1, 1)
+            reference = self.stage_a.decode(x0).clamp(-1, 1)
+            logs["val/psnr_sampled_vs_input"] = psnr(recon.cpu(), clips[0]["video"][None].cpu()).mean().item()
+            logs["val/psnr_stage_a_vs_input"] = psnr(reference.cpu(), clips[0]["video"][None].cpu()).mean().item()
+            write_sample(run_dir, step, [clips[0]["video"][None].cpu(), reference.cpu(), recon.cpu()])
         model.train()
         return logs
 

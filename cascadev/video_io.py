@@ -19,6 +19,9 @@ from einops import rearrange
 
 from cascadev.weights import atomic_write
 
+# what training folders and evaluation sets pick up (anything FFmpeg demuxes; these are the usual ones)
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".gif", ".m4v", ".mpg", ".mpeg", ".ts")
+
 
 class VideoReadError(ValueError):
     """A video file that cannot be read as asked (missing, not a video, too few frames, corrupt)."""

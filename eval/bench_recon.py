@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from cascadev.cli import UserError
-from eval.cli import VIDEO_EXTENSIONS
+from cascadev.video_io import VIDEO_EXTENSIONS
 
 METHODS = ("cascade", "baseline")
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cascadev.cli import UserError
+from cascadev.video_io import VIDEO_EXTENSIONS
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v", ".mpg", ".mpeg", ".ts")
 PAIRED_METRICS = ("psnr", "ssim", "lpips")
 METRICS = PAIRED_METRICS + ("fvd",)
 

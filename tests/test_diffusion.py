@@ -6,7 +6,8 @@ import torch
 from scipy.stats import norm
 
 from cascadev.diffusion import (DiffusionConfig, GaussianDiffusion, RectifiedFlow, build_diffusion,
-                                discretized_gaussian_log_likelihood, normal_kl)
+                                discretized_gaussian_log_likelihood, normal_kl, shift_sigma)
+from cascadev.sampling import make_scheduler
 
 
 def latents(B=3, seed=0, shape=(4, 2, 4, 4)):
@@ -126,6 +127,18 @@ def test_rectified_flow():
     assert torch.allclose(rf.losses(perfect, x0, x_t, sigma, eps)["loss"], torch.zeros(2))
     s = rf.sample_t(1000, torch.Generator().manual_seed(0))
     assert s.min() >= 0 and s.max() < 1 and abs(s.mean() - 0.5) < 0.05
+
+
+def test_sigma_shift_matches_the_flow_scheduler():
+    shifted = build_diffusion(DiffusionConfig(objective="rf", sigma_shift=3.0))
+    s = shifted.sample_t(4000, torch.Generator().manual_seed(0))
+    assert abs(s.median() - 0.75) < 0.02          # 3 * 0.5 / (1 + 2 * 0.5)
+    plain, flow = make_scheduler("flow"), make_scheduler("flow", {"shift": 3.0})   # their 1000 training sigmas
+    assert torch.allclose(shift_sigma(plain.sigmas, 3.0), flow.sigmas, atol=1e-6)
+    with pytest.raises(ValueError, match="sigma_shift applies to objective 'rf' only"):
+        DiffusionConfig(sigma_shift=3.0)
+    with pytest.raises(ValueError, match="sigma_shift must be > 0"):
+        DiffusionConfig(objective="rf", sigma_shift=0.0)
 
 
 def test_timesteps_are_per_video_and_config_is_checked():
