@@ -88,7 +88,7 @@ def run_caching(args: argparse.Namespace) -> Path:
     """The caching command, from parsed arguments (``cascadev cache-latents`` calls this)."""
     from accelerate import Accelerator
 
-    from cascadev.train import BaseTask, DiTTask
+    from cascadev.tasks import BaseTask, DiTTask
 
     config = load_train_config(args.config, args.overrides)
     if config.stage not in CACHED_STAGES:

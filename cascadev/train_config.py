@@ -4,7 +4,7 @@ Sections (each a mapping in the YAML; a key left out keeps its default):
 
 - ``stage``: what trains. "dit" (Stage B decoder), "vae" (Stage A), "semantic" (Stage B semantic encoder
   + Previewer as an autoencoder) or "base" (Stage C text-to-video DiT); one branch each in
-  ``cascadev.train.build_task``.
+  ``cascadev.tasks.build_task``.
 - ``dit``: DiT preset name + field overrides, ``init_from``, gradient checkpointing (stage "dit").
 - ``semantic``: encoder and Previewer presets + overrides, initial weights, which train, loss weights
   (stage "semantic").

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from cascadev.config import to_dict
-from cascadev.train import build_task
+from cascadev.tasks import build_task
 from cascadev.train_config import TrainConfig, load_train_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

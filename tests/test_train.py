@@ -12,7 +12,8 @@ from cascadev.cache_latents import main as cache_main
 from cascadev.config import ConfigError
 from cascadev.data import LatentDataset, VideoDataset, make_loader, split_validation
 from cascadev.synthetic import write_clips
-from cascadev.train import DiTTask, VAETask, checkpoints, lr_at, main
+from cascadev.tasks import DiTTask, VAETask
+from cascadev.train import checkpoints, lr_at, main
 from cascadev.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,7 +225,7 @@ def test_resize_route_conditions_on_a_small_stage_a_latent(clips):
 
 def test_init_from_our_format_and_the_official_checkpoint(tmp_path):
     from dit import VideoDiT
-    from cascadev.train import build_dit
+    from cascadev.tasks import build_dit
     config = load_train_config(DIT_TINY)
     source = VideoDiT(config.dit.model_config())
     torch.nn.init.normal_(source.final_layer.linear.weight)

@@ -13,7 +13,8 @@ from cascadev.cache_latents import main as cache_main
 from cascadev.config import ConfigError
 from cascadev.data import LatentDataset, VideoDataset, make_loader, split_validation
 from cascadev.synthetic import make_clip
-from cascadev.train import BaseTask, checkpoints, main
+from cascadev.tasks import BaseTask
+from cascadev.train import checkpoints, main
 from cascadev.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +171,7 @@ def test_caption_dropout_rate_is_honoured(toy, rate):
 
 
 def test_init_from_a_text_dit_folder_with_gradient_checkpointing(toy, tmp_path):
-    from cascadev.train import build_base_dit
+    from cascadev.tasks import build_base_dit
     from dit.text_dit import TextDiT
     config = load_train_config(BASE_TINY, overrides(toy))
     source = TextDiT(config.base.model_config())

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from cascadev.config import ConfigError
 from cascadev.data import VideoDataset, split_validation
 from cascadev.synthetic import write_clips
-from cascadev.train import DiTTask, SemanticTask, build_task, checkpoints, main
+from cascadev.tasks import DiTTask, SemanticTask, build_task
+from cascadev.train import checkpoints, main
 from cascadev.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
