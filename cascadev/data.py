@@ -6,7 +6,8 @@ paths (one per line, as the release's ``video_list``), a ``.csv`` with a ``path`
 paths in a list are relative to the list file's folder.
 
 A clip is ``num_frames`` frames ``frame_stride`` apart from a start drawn at random (``start_jitter``),
-resized keeping the aspect ratio so it covers ``height x width``, then cropped (random or centre)
+resized keeping the aspect ratio so it covers ``height x width`` (or not, with ``resize`` off: crops
+at the file's own resolution, e.g. to train on details of larger frames), then cropped (random or centre)
 and flipped horizontally with ``flip_prob``. Items are dicts: ``video`` (3, T, H, W) in [-1, 1],
 ``caption`` (str), ``skipped`` (files passed over to produce this item). Images are (3, 1, H, W).
 
@@ -59,6 +60,7 @@ class DataConfig:
     height: int = 1024
     width: int = 1024
     crop: Literal["random", "center"] = "random"
+    resize: bool = True               # cover-resize to height x width before cropping; False: crop at native size
     flip_prob: float = 0.5
     batch_size: int = 4               # per process
     image_batch_size: int = 0         # images per image batch; 0 = batch_size * num_frames
@@ -223,7 +225,8 @@ def clip_starts(frames: int, config: DataConfig, clips: int) -> list[int]:
 def load_clip(path: Path, config: DataConfig, g: torch.Generator, start: int | None = None,
               train: bool = True) -> torch.Tensor:
     """One clip (3, T, H, W) in [-1, 1] of ``path``: from ``start`` (None: random with start_jitter in
-    training, else 0), resized to cover the configured size, cropped and flipped (``augment``)."""
+    training, else 0), resized to cover the configured size (unless ``resize`` is off), cropped and flipped
+    (``augment``)."""
     info = video_info(path)
     if info.frames < config.span:
         raise VideoReadError(f"{path}: too short ({info.frames} frames; {config.num_frames} frames "
@@ -231,7 +234,13 @@ def load_clip(path: Path, config: DataConfig, g: torch.Generator, start: int | N
     if start is None:
         jitter = train and config.start_jitter
         start = int(torch.randint(info.frames - config.span + 1, (1,), generator=g)) if jitter else 0
-    size = cover_size(info.height, info.width, config.height, config.width)
+    if config.resize:
+        size = cover_size(info.height, info.width, config.height, config.width)
+    elif info.height < config.height or info.width < config.width:
+        raise VideoReadError(f"{path}: {info.height}x{info.width} is smaller than the {config.height}x{config.width} "
+                             f"crop (data.resize is false)")
+    else:
+        size = (info.height, info.width)
     video = read_video(path, config.num_frames, start, config.frame_stride, size=size)[0]   # c t h w
     if video.shape[1] < config.num_frames:   # the header over-counted frames
         raise VideoReadError(f"{path}: too short (decoded {video.shape[1]} of {config.num_frames} frames)")
@@ -252,7 +261,10 @@ class ImageDataset(_SkippingDataset):
 
         image = decode_image(read_file(str(sample.path)), mode=ImageReadMode.RGB)        # 3 h w uint8
         c = self.config
-        size = cover_size(image.shape[1], image.shape[2], c.height, c.width)
+        if not c.resize and (image.shape[1] < c.height or image.shape[2] < c.width):
+            raise VideoReadError(f"{sample.path}: {image.shape[1]}x{image.shape[2]} is smaller than the "
+                                 f"{c.height}x{c.width} crop (data.resize is false)")
+        size = cover_size(image.shape[1], image.shape[2], c.height, c.width) if c.resize else tuple(image.shape[1:])
         image = image.float().div(127.5).sub(1.0)[None]
         if size != tuple(image.shape[-2:]):
             image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)

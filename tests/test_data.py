@@ -10,10 +10,10 @@ from einops import rearrange
 from cascadev.conditioning import (downsample_video, resize_small_from_latent, temporal_upsample,
                                    upsample_condition)
 from cascadev.data import (DataConfig, ImageDataset, LatentDataset, ResumableSampler, Sample, VideoDataset,
-                           clip_starts, collate, cover_size, image_step, image_steps_before, list_samples,
+                           clip_starts, collate, cover_size, image_step, image_steps_before, list_samples, load_clip,
                            make_loader, split_validation)
 from cascadev.synthetic import make_clip, write_clips
-from cascadev.video_io import read_video
+from cascadev.video_io import VideoReadError, read_video
 from cascadev.weights import save_state_dict
 
 
@@ -62,6 +62,16 @@ def test_clip_is_resized_keeping_aspect_then_cropped(clips):
     assert torch.equal(item["video"], full[:, :, 1:33])
     flipped = VideoDataset([Sample(path)], config(videos=str(clips), crop="center", flip_prob=1.0, start_jitter=False))
     assert torch.equal(flipped[0, 123]["video"], item["video"].flip(-1))
+
+
+def test_resize_off_crops_at_native_resolution(clips):
+    path = sorted(clips.glob("*.mp4"))[0]                                       # 40 x 56
+    c = config(videos=str(clips), crop="center", flip_prob=0.0, start_jitter=False, resize=False, height=16, width=24)
+    item = VideoDataset([Sample(path)], c)[0, 7]
+    full = read_video(path, 3, 0, 2)[0]                                         # native size, frames 0, 2, 4
+    assert item["video"].shape == (3, 3, 16, 24) and torch.equal(item["video"], full[:, :, 12:28, 16:40])
+    with pytest.raises(VideoReadError, match="smaller than the 48x48 crop"):
+        load_clip(path, config(resize=False, height=48, width=48), torch.Generator().manual_seed(0))
 
 
 def test_augmentation_is_a_function_of_the_item_seed(clips):
