@@ -6,7 +6,8 @@ the compact condition, for the base model (stage base) the semantic latents; the
     cascadev cache-latents --config configs/base.yaml --out cache/base --set data.videos=train.jsonl
 
 Clips are cut deterministically from the training split of ``data.videos`` (validation clips stay
-pixels): ``--clips-per-video`` first frames evenly spaced over the video, centre crop, no flip. Each
+pixels): ``--clips-per-video`` first frames evenly spaced over the video, centre crop (or, with ``--crop
+random``, a crop placed by the clip's own seeded generator), no flip. Each
 ``{video:06d}_{clip:02d}.safetensors`` holds, for stage dit, "latent" (4, T, h, w) and "cond" (the compact
 condition: semantic latent or low-resolution Stage A latent, already scaled), as ``DiTTask.encode`` makes
 them; for stage base, "semantic" (16, T, H/32, W/32) unscaled, as ``BaseTask.encode`` makes it. The source
@@ -21,6 +22,7 @@ is on, one fixed posterior sample per clip (the cache stores what the encoder re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -105,6 +107,8 @@ def run_caching(args: argparse.Namespace) -> Path:
 
     task = (DiTTask if config.stage == "dit" else BaseTask)(config, build_model=False).to(accelerator.device)
     samples, _ = split_validation(config.data)
+    # the loader's training crop (random or centre) without flips; start frames are given explicitly
+    data = dataclasses.replace(config.data, crop=args.crop, flip_prob=0.0)
     rank, world = accelerator.process_index, accelerator.num_processes
     written = kept = skipped = 0
     for index in range(rank, len(samples), world):
@@ -120,7 +124,7 @@ def run_caching(args: argparse.Namespace) -> Path:
                     kept += 1
                     continue
                 g = torch.Generator(accelerator.device).manual_seed(mix_seed(config.run.seed, index, clip))
-                video = load_clip(sample.path, config.data, g, start=start, train=False)
+                video = load_clip(sample.path, data, g, start=start, train=args.crop == "random")
                 with accelerator.autocast():
                     encoded = task.encode(video[None].to(accelerator.device), g)
                 save_state_dict({k: v[0].float().cpu() for k, v in encoded.items()}, path,

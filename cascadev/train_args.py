@@ -22,6 +22,9 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--out", required=True, help="cache folder (then train with --set data.latents=OUT)")
     parser.add_argument("--clips-per-video", type=int, default=1, help="clips with evenly spaced first frames")
+    parser.add_argument("--crop", choices=("center", "random"), default="center",
+                        help="where each clip is cropped to data.height x data.width: the centre, or a seeded random "
+                             "place per clip (e.g. tiles of larger frames with data.resize false)")
 
 
 def run_train(args: argparse.Namespace) -> None:

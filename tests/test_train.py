@@ -1,5 +1,6 @@
 """The real training script on generated clips: runs, resumes exactly, trains from a latent cache; the loss falls."""
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -10,11 +11,13 @@ from safetensors.torch import load_file
 
 from cascadev.cache_latents import main as cache_main
 from cascadev.config import ConfigError
-from cascadev.data import LatentDataset, VideoDataset, make_loader, split_validation
+from cascadev.data import (LatentDataset, VideoDataset, clip_starts, load_clip, make_loader, mix_seed,
+                           split_validation)
 from cascadev.synthetic import write_clips
 from cascadev.tasks import DiTTask, VAETask
 from cascadev.train import checkpoints, lr_at, main
 from cascadev.train_config import load_train_config
+from cascadev.video_io import video_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DIT_TINY = ROOT / "configs" / "dit_tiny.yaml"
@@ -148,6 +151,24 @@ def test_cached_latents_give_the_same_batches_as_encoding_on_the_fly(clips, tmp_
     assert (run / "final/model/model.safetensors").is_file()           # latents alone: no validation clips
     with pytest.raises(ConfigError, match="data.height: cache 32 != config 64"):
         train(DIT_TINY, tmp_path / "run2", clips, 1, f"data.latents={cache}", *fixed, "data.height=64")
+
+
+def test_cache_random_crops_of_native_frames(clips, tmp_path):
+    fixed = ["data.resize=false", "data.start_jitter=false", *SMALL]           # 32x32 tiles of 64x80 frames
+    args = ["--config", str(DIT_TINY), "--set", f"data.videos={clips}", *fixed]
+    random = cache_main([*args[:2], "--out", str(tmp_path / "random"), "--crop", "random", "--clips-per-video", "2", *args[2:]])
+    centre = cache_main([*args[:2], "--out", str(tmp_path / "centre"), "--clips-per-video", "2", *args[2:]])
+    config = load_train_config(DIT_TINY, [f"data.videos={clips}", *fixed])
+    task, data = DiTTask(config, build_model=False), dataclasses.replace(config.data, crop="random", flip_prob=0.0)
+    first = split_validation(config.data)[0][0].path
+    g = torch.Generator().manual_seed(mix_seed(config.run.seed, 0, 1))
+    start = clip_starts(video_info(first).frames, config.data, 2)[1]
+    expected = task.encode(load_clip(first, data, g, start=start, train=True)[None], g)
+    cached = load_file(str(random / "000000_01.safetensors"))
+    assert cached["latent"].shape == (4, 4, 4, 4) and torch.allclose(cached["latent"], expected["latent"][0], atol=1e-5)
+    differ = [not torch.allclose(load_file(str(p))["cond"], load_file(str(centre / p.name))["cond"])
+              for p in sorted(random.glob("*.safetensors"))]
+    assert len(differ) == 6 and any(differ)                          # 3 videos x 2 clips, not all at the centre
 
 
 def test_dit_loss_falls_on_a_tiny_set(clips):
