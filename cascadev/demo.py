@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="demo_out", metavar="DIR", help="where videos and results go")
     p.add_argument("--clips", type=int, default=4, help="held-out clips to reconstruct")
     p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--size", type=int, default=128, help="square side in pixels (multiple of 32)")
+    p.add_argument("--size", type=int, default=None,
+                   help="square side in pixels, a multiple of 32 (default: the shipped setting, else 128)")
     p.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the shipped setting)")
     p.add_argument("--scheduler", default=None, choices=["euler_a", "ddim", "dpmpp", "flow"])
     p.add_argument("--kind", default=None, help="procedural clip kind (default: what the cascade was trained on)")
@@ -47,8 +48,6 @@ def _run(args: argparse.Namespace) -> dict:
     from cascadev.video_io import write_png_strip, write_video
     from eval.metrics import psnr, ssim
 
-    if args.size % 32 or args.size < 32:
-        raise UserError(f"--size must be a positive multiple of 32, got {args.size}")
     if args.clips < 1 or args.frames < 1:
         raise UserError("--clips and --frames must be >= 1")
     weights = Path(args.weights) if args.weights else ASSETS
@@ -58,6 +57,9 @@ def _run(args: argparse.Namespace) -> dict:
     steps = args.steps or settings.get("steps", 8)
     scheduler = args.scheduler or settings.get("scheduler", "euler_a")
     kind = args.kind or settings.get("kind", "mixed")
+    size = args.size if args.size is not None else settings.get("size", 128)
+    if size % 32 or size < 32:
+        raise UserError(f"--size must be a positive multiple of 32, got {size}")
     # e.g. the flow shift the DiT was trained at; it belongs to the shipped scheduler only
     scheduler_config = settings.get("scheduler_config") if scheduler == settings.get("scheduler") else None
 
@@ -67,7 +69,7 @@ def _run(args: argparse.Namespace) -> dict:
     scores = {"cascade": {"psnr": [], "ssim": []}, "baseline": {"psnr": [], "ssim": []}}
     panels = []
     for i, seed in enumerate(seeds):
-        video = make_clip(seed, args.frames, args.size, args.size, kind)[None]   # (1, 3, T, H, W)
+        video = make_clip(seed, args.frames, size, size, kind)[None]   # (1, 3, T, H, W)
         latents = pipe.encode(video)
         outputs = {"cascade": pipe.decode(latents, steps=steps, seed=args.seed + i, scheduler=scheduler,
                                                 scheduler_config=scheduler_config, progress=False),
@@ -82,19 +84,19 @@ def _run(args: argparse.Namespace) -> dict:
     out_dir = Path(args.output)
     write_video(out_dir / "side_by_side.mp4", torch.cat(panels, dim=2), fps=8)
     first = panels[0]
-    W = args.size
+    W = size
     rows = torch.cat([first[..., :W], first[..., W:2 * W], first[..., 2 * W:]], dim=-2)     # input / cascade / baseline
     write_png_strip(out_dir / "frames.png", rows, max_frames=args.frames)
     results = {method: {k: torch.cat(v).mean().item() for k, v in metrics.items()} for method, metrics in scores.items()}
     results.update({
-        "clips": args.clips, "frames": args.frames, "size": [args.size, args.size], "seeds": seeds,
+        "clips": args.clips, "frames": args.frames, "size": [size, size], "seeds": seeds,
         "steps": steps, "scheduler": scheduler, "scheduler_config": scheduler_config, "kind": kind, "weights": str(weights),
         "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over all frames",
         "seconds": round(time.perf_counter() - start, 1),
     })
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{args.clips} held-out clips, {args.frames} frames at {args.size}x{args.size}, {steps} {scheduler} steps")
+    print(f"\n{args.clips} held-out clips, {args.frames} frames at {size}x{size}, {steps} {scheduler} steps")
     print(f"{'method':<10}{'PSNR':>8}{'SSIM':>8}")
     for method in ("cascade", "baseline"):
         print(f"{method:<10}{results[method]['psnr']:>8.2f}{results[method]['ssim']:>8.3f}")
