@@ -1,13 +1,13 @@
 """Train the built-in tiny cascade from the committed configs and export it into the package.
 
-    OMP_NUM_THREADS=1 python scripts/build_demo_cascade.py            # all steps (about 35 min on 2 CPU cores)
+    python scripts/build_demo_cascade.py                              # all steps
     python scripts/build_demo_cascade.py --from export                # only re-export finished runs
 
-Steps: procedural training clips (seeds < 100000, shapes over gradients) -> Stage A VAE
-(configs/demo_vae.yaml) and semantic encoder + Previewer (configs/demo_semantic.yaml), side by side
--> cached latents -> the LDM-VAE DiT (configs/demo_dit.yaml) and, beside it, a decoder-only
-fine-tune of Stage A on full frames (configs/demo_vae_decoder.yaml; the latent space stays fixed)
--> cascadev/assets/tiny_cascade. Each training run resumes by itself if interrupted.
+Steps: procedural training clips (396 clips, seeds < 100000, striped shapes over gradients, 16 frames at
+256x256) -> Stage A VAE (configs/demo_vae.yaml) and semantic encoder + Previewer
+(configs/demo_semantic.yaml), side by side, one CPU thread each -> cached latents of random 128x128
+crops -> the LDM-VAE DiT (configs/demo_dit.yaml) -> cascadev/assets/tiny_cascade. Each training run
+resumes by itself if interrupted.
 """
 
 from __future__ import annotations
@@ -20,14 +20,17 @@ import sys
 from pathlib import Path
 
 STEPS = ("data", "stages", "cache", "dit", "export")
-STAGE_A = "runs/demo_vae_decoder/final/ema"
-DATA = "runs/demo_data/train"
-DEMO_SETTINGS = {"steps": 8, "scheduler": "flow", "kind": "shapes"}   # best of flow 1/2/4/8 on seeds 200000+
+STAGE_A = "runs/demo_vae/final/ema"
+DATA = "runs/demo_data256/train"
+CACHE = "runs/demo_cache"
+DEMO_SETTINGS = {"steps": 8, "scheduler": "flow", "kind": "shapes", "size": 256}   # chosen on seeds 200000+
 
 
-def run(*argv: str, env: dict | None = None) -> subprocess.Popen:
+def run(*argv: str, threads: int = 1) -> subprocess.Popen:
+    """A python step in its own process. One thread each when two run side by side: with default threads,
+    two CPU trainings on 2 cores ran 20-40x slower (OpenMP oversubscription)."""
     print("$", " ".join(argv), flush=True)
-    return subprocess.Popen([sys.executable, *argv], env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.Popen([sys.executable, *argv], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
 def wait(*procs: subprocess.Popen) -> None:
@@ -43,7 +46,7 @@ def export(out: Path) -> None:
 
     from cascadev.train_config import load_train_config
 
-    stage_a_config = load_train_config("configs/demo_dit.yaml").stage_a.model_config()   # tiny, latent scale 0.30
+    stage_a_config = load_train_config("configs/demo_dit.yaml").stage_a.model_config()   # with its latent scale
     pipe = CascadeVPipeline.from_pretrained(
         dit="runs/demo_dit/final/ema", semantic_encoder="runs/demo_semantic/final/semantic_encoder",
         previewer="runs/demo_semantic/final/previewer", stage_a=STAGE_A, stage_a_config=stage_a_config, device="cpu")
@@ -61,16 +64,16 @@ def main() -> None:
     args = parser.parse_args()
     todo = STEPS[STEPS.index(args.start):]
     if "data" in todo:
-        wait(run("-m", "cascadev.synthetic", DATA, "--n", "396", "--frames", "16", "--size", "128", "--kind", "shapes"))
+        wait(run("-m", "cascadev.synthetic", DATA, "--n", "396", "--frames", "16", "--size", "256", "--kind", "shapes"))
     if "stages" in todo:  # independent: one core each
         wait(run("-m", "cascadev.train", "--config", "configs/demo_vae.yaml"),
              run("-m", "cascadev.train", "--config", "configs/demo_semantic.yaml"))
     if "cache" in todo:
-        wait(run("-m", "cascadev.cache_latents", "--config", "configs/demo_dit.yaml", "--out", "runs/demo_cache",
-                 "--clips-per-video", "4"))
+        wait(run("-m", "cascadev.cache_latents", "--config", "configs/demo_dit.yaml", "--out", CACHE,
+                 "--clips-per-video", "6", "--crop", "random", threads=2))
     if "dit" in todo:
-        wait(run("-m", "cascadev.train", "--config", "configs/demo_dit.yaml", "--set", "data.latents=runs/demo_cache"),
-             run("-m", "cascadev.train", "--config", "configs/demo_vae_decoder.yaml"))
+        wait(run("-m", "cascadev.train", "--config", "configs/demo_dit.yaml", "--set", f"data.latents={CACHE}",
+                 threads=2))
     export(Path(__file__).resolve().parents[1] / "cascadev" / "assets" / "tiny_cascade")
 
 

@@ -316,6 +316,17 @@ def test_stage_a_save_and_load_local_folder(tmp_path, tiny_vae):
     assert "\n" not in str(info.value)
 
 
+def test_stage_a_without_mid_attention(tmp_path):
+    vae = build_stage_a("tiny", mid_attention=False)
+    assert vae.model.encoder.mid_block.attentions[0] is None and vae.model.decoder.mid_block.attentions[0] is None
+    assert build_stage_a("tiny").model.decoder.mid_block.attentions[0] is not None     # diffusers' default
+    randomize_(vae.model)
+    vae.save_pretrained(tmp_path / "vae")
+    loaded = StageAVAE.from_config(dataclasses.replace(vae.config, pretrained=str(tmp_path / "vae")))
+    z = torch.randn(1, 4, 2, 4, 4)
+    assert loaded.model.decoder.mid_block.attentions[0] is None and torch.equal(loaded.decode(z), vae.decode(z))
+
+
 def test_stage_a_official_builds_on_meta():
     with torch.device("meta"):
         vae = build_stage_a("official", load_weights=False)

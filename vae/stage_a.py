@@ -58,6 +58,9 @@ class StageAConfig:
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
     norm_num_groups: int = 32               # "kl" only; the temporal decoder always uses 32 groups
+    # "kl" only: self-attention in the middle blocks (diffusers' default). Off, nothing looks across the
+    # whole frame, so what small training crops teach carries over to large frames.
+    mid_attention: bool = True
 
     def __post_init__(self):
         if self.kind not in ("svd_temporal", "kl"):
@@ -167,7 +170,7 @@ def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
     elif config.kind == "kl":
         cls = AutoencoderKL
         arch = dict(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                    norm_num_groups=config.norm_num_groups)
+                    norm_num_groups=config.norm_num_groups, mid_block_add_attention=config.mid_attention)
     else:
         raise ValueError(f"unknown Stage A kind {config.kind!r}; expected 'svd_temporal' or 'kl'")
     if not (load_weights and config.pretrained):
