@@ -23,7 +23,7 @@ STEPS = ("data", "stages", "cache", "dit", "export")
 STAGE_A = "runs/demo_vae/final/ema"
 DATA = "runs/demo_data256/train"
 CACHE = "runs/demo_cache"
-DEMO_SETTINGS = {"steps": 8, "scheduler": "flow", "kind": "shapes", "size": 256}   # chosen on seeds 200000+
+DEMO_SETTINGS = {"steps": 4, "scheduler": "flow", "kind": "shapes", "size": 256}   # best of flow 1/2/4/8 on seeds 200000+
 
 
 def run(*argv: str, threads: int = 1) -> subprocess.Popen:
