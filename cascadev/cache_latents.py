@@ -7,7 +7,9 @@ the compact condition, for the base model (stage base) the semantic latents; the
 
 Clips are cut deterministically from the training split of ``data.videos`` (validation clips stay
 pixels): ``--clips-per-video`` first frames evenly spaced over the video, centre crop (or, with ``--crop
-random``, a crop placed by the clip's own seeded generator), no flip. Each
+random``, a crop placed by the clip's own seeded generator; with ``--crop context``, the whole frame is
+encoded and the latents are cut on the semantic grid, so border cells of a window see their real
+neighbours, as when a large frame is decoded in windows), no flip. Each
 ``{video:06d}_{clip:02d}.safetensors`` holds, for stage dit, "latent" (4, T, h, w) and "cond" (the compact
 condition: semantic latent or low-resolution Stage A latent, already scaled), as ``DiTTask.encode`` makes
 them; for stage base, "semantic" (16, T, H/32, W/32) unscaled, as ``BaseTask.encode`` makes it. The source
@@ -36,6 +38,8 @@ from cascadev.train_args import add_cache_arguments
 from cascadev.train_config import TrainConfig, load_train_config
 from cascadev.video_io import VideoReadError, video_info
 from cascadev.weights import atomic_write, save_state_dict
+from vae.semantic_encoder import DOWNSAMPLE as CELL
+from vae.stage_a import DOWNSAMPLE as LATENT
 
 log = logging.getLogger("cascadev.cache_latents")
 
@@ -75,6 +79,30 @@ def check_cache(folder: str | Path, config: TrainConfig) -> None:
         raise ConfigError(f"latent cache {folder} was made with other settings: " + "; ".join(diffs))
 
 
+def encode_whole(task, path: Path, config: TrainConfig, start: int, g: torch.Generator, accelerator) -> dict:
+    """Encode a clip's whole frames (``--crop context``): {"latent": (1, 4, T, H/8, W/8), "cond": (1, 16, T, H/32, W/32)}."""
+    d = config.data
+    info = video_info(path)
+    if info.height % CELL or info.width % CELL or info.height < d.height or info.width < d.width:
+        raise ValueError(f"{path}: {info.height}x{info.width} frames must be multiples of {CELL} and at least "
+                         f"{d.height}x{d.width} for --crop context")
+    whole = dataclasses.replace(d, resize=False, height=info.height, width=info.width)
+    video = load_clip(path, whole, g, start=start, train=False)
+    with accelerator.autocast():
+        return task.encode(video[None].to(accelerator.device), g)
+
+
+def context_window(encoded: dict, height: int, width: int, g: torch.Generator) -> dict:
+    """A random ``height x width`` window of whole-frame encodings whose edges lie on the semantic grid."""
+    H, W = encoded["cond"].shape[-2:]                                          # semantic cells
+    h, w = height // CELL, width // CELL
+    top = int(torch.randint(H - h + 1, (1,), generator=g))
+    left = int(torch.randint(W - w + 1, (1,), generator=g))
+    f = CELL // LATENT                                                         # latent pixels per cell
+    return {"latent": encoded["latent"][..., top * f:(top + h) * f, left * f:(left + w) * f],
+            "cond": encoded["cond"][..., top:top + h, left:left + w]}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cascadev.cache_latents", description=__doc__.splitlines()[0])
     add_cache_arguments(parser)
@@ -97,6 +125,10 @@ def run_caching(args: argparse.Namespace) -> Path:
         raise ConfigError(f"latent caching is for stages {' and '.join(CACHED_STAGES)}, the config says {config.stage!r}")
     if args.clips_per_video < 1:
         raise ConfigError("--clips-per-video must be >= 1")
+    if args.crop == "context" and (config.stage != "dit" or config.condition.route != "semantic"):
+        raise ConfigError("--crop context is for stage dit on the semantic route")
+    if args.windows_per_clip < 1:
+        raise ConfigError("--windows-per-clip must be >= 1")
     out = Path(args.out)
     accelerator = Accelerator(mixed_precision=config.run.mixed_precision)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
@@ -108,7 +140,8 @@ def run_caching(args: argparse.Namespace) -> Path:
     task = (DiTTask if config.stage == "dit" else BaseTask)(config, build_model=False).to(accelerator.device)
     samples, _ = split_validation(config.data)
     # the loader's training crop (random or centre) without flips; start frames are given explicitly
-    data = dataclasses.replace(config.data, crop=args.crop, flip_prob=0.0)
+    data = dataclasses.replace(config.data, crop="center" if args.crop == "context" else args.crop, flip_prob=0.0)
+    windows = args.windows_per_clip if args.crop == "context" else 1     # whole frames are encoded once
     rank, world = accelerator.process_index, accelerator.num_processes
     written = kept = skipped = 0
     for index in range(rank, len(samples), world):
@@ -119,17 +152,23 @@ def run_caching(args: argparse.Namespace) -> Path:
                 raise VideoReadError(f"{sample.path}: too short for {config.data.num_frames} frames at stride "
                                      f"{config.data.frame_stride}")
             for clip, start in enumerate(starts):
-                path = out / f"{index:06d}_{clip:02d}.safetensors"
-                if path.is_file():
-                    kept += 1
+                names = [f"{index:06d}_{clip:02d}"] if windows == 1 else [f"{index:06d}_{clip:02d}_{k}" for k in range(windows)]
+                paths = [out / f"{name}.safetensors" for name in names]
+                if all(path.is_file() for path in paths):
+                    kept += len(paths)
                     continue
                 g = torch.Generator(accelerator.device).manual_seed(mix_seed(config.run.seed, index, clip))
-                video = load_clip(sample.path, data, g, start=start, train=args.crop == "random")
-                with accelerator.autocast():
-                    encoded = task.encode(video[None].to(accelerator.device), g)
-                save_state_dict({k: v[0].float().cpu() for k, v in encoded.items()}, path,
-                                metadata={"path": str(sample.path), "start": str(start), "caption": sample.caption})
-                written += 1
+                if args.crop == "context":
+                    whole = encode_whole(task, sample.path, config, start, g, accelerator)
+                    items = [context_window(whole, config.data.height, config.data.width, g) for _ in paths]
+                else:
+                    video = load_clip(sample.path, data, g, start=start, train=args.crop == "random")
+                    with accelerator.autocast():
+                        items = [task.encode(video[None].to(accelerator.device), g)]
+                for path, encoded in zip(paths, items):
+                    save_state_dict({k: v[0].float().cpu() for k, v in encoded.items()}, path,
+                                    metadata={"path": str(sample.path), "start": str(start), "caption": sample.caption})
+                    written += 1
         except (VideoReadError, OSError, ValueError, RuntimeError) as e:
             skipped += 1
             log.warning("skipping video %s: %s", sample.path, str(e).splitlines()[0] if str(e) else type(e).__name__)

@@ -22,9 +22,13 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--out", required=True, help="cache folder (then train with --set data.latents=OUT)")
     parser.add_argument("--clips-per-video", type=int, default=1, help="clips with evenly spaced first frames")
-    parser.add_argument("--crop", choices=("center", "random"), default="center",
-                        help="where each clip is cropped to data.height x data.width: the centre, or a seeded random "
-                             "place per clip (e.g. tiles of larger frames with data.resize false)")
+    parser.add_argument("--crop", choices=("center", "random", "context"), default="center",
+                        help="where each clip is cropped to data.height x data.width: the centre, a seeded random "
+                             "place per clip (e.g. tiles of larger frames with data.resize false), or 'context': "
+                             "encode the whole frame, then cut a random crop on the semantic grid (stage dit, "
+                             "semantic route), so a window's condition is what a whole frame gives it")
+    parser.add_argument("--windows-per-clip", type=int, default=1,
+                        help="--crop context: windows cut from each encoded clip (one file each)")
 
 
 def run_train(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from cascadev.synthetic import write_clips
 from cascadev.tasks import DiTTask, VAETask
 from cascadev.train import checkpoints, lr_at, main
 from cascadev.train_config import load_train_config
-from cascadev.video_io import video_info
+from cascadev.video_io import read_video, video_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DIT_TINY = ROOT / "configs" / "dit_tiny.yaml"
@@ -169,6 +169,31 @@ def test_cache_random_crops_of_native_frames(clips, tmp_path):
     differ = [not torch.allclose(load_file(str(p))["cond"], load_file(str(centre / p.name))["cond"])
               for p in sorted(random.glob("*.safetensors"))]
     assert len(differ) == 6 and any(differ)                          # 3 videos x 2 clips, not all at the centre
+
+
+def test_cache_context_windows_are_cut_from_whole_frame_encodings(tmp_path):
+    folder = tmp_path / "clips"
+    write_clips(folder, 3, frames=5, height=64, width=96)                     # 2 x 3 semantic cells
+    fixed = [f"data.videos={folder}", "data.start_jitter=false", *SMALL]       # windows of 1 x 1 cell
+    cache = cache_main(["--config", str(DIT_TINY), "--out", str(tmp_path / "ctx"), "--crop", "context",
+                        "--windows-per-clip", "3", "--set", *fixed])
+    files = sorted(cache.glob("*.safetensors"))
+    assert [f.name for f in files] == [f"{v:06d}_00_{k}.safetensors" for v in range(2) for k in range(3)]
+    config = load_train_config(DIT_TINY, fixed)
+    task = DiTTask(config, build_model=False)
+    T = config.data.num_frames
+    whole = task.encode(read_video(split_validation(config.data)[0][0].path, T, 0, config.data.frame_stride))
+    for f in files[:3]:
+        item = load_file(str(f))
+        assert item["latent"].shape == (4, T, 4, 4) and item["cond"].shape == (16, T, 1, 1)
+        hits = [(r, c) for r in range(2) for c in range(3)
+                if torch.allclose(item["cond"], whole["cond"][0, :, :, r:r + 1, c:c + 1], atol=1e-5)]
+        assert len(hits) == 1
+        r, c = hits[0]                                                           # the latent window on the same cell
+        assert torch.allclose(item["latent"], whole["latent"][0, :, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4], atol=1e-5)
+    with pytest.raises(ConfigError, match="semantic route"):
+        cache_main(["--config", str(ROOT / "configs" / "dit_resize_4x.yaml"), "--out", str(tmp_path / "x"),
+                    "--crop", "context", "--set", f"data.videos={folder}"])
 
 
 def test_dit_loss_falls_on_a_tiny_set(clips):
