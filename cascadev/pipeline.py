@@ -177,6 +177,9 @@ class CascadeVPipeline:
         self.stage_a = stage_a.eval().requires_grad_(False).to(self.device)
         self.previewer = previewer.eval().requires_grad_(False).to(self.device) if previewer is not None else None
         self.timings: dict[str, float] = {}
+        if dit.config.latent_channels != self.stage_a.latent_channels:
+            raise ValueError(f"the DiT makes {dit.config.latent_channels}-channel latents but the Stage A VAE decodes "
+                             f"{self.stage_a.latent_channels}")
 
     @property
     def scale_factor(self) -> float:

@@ -240,8 +240,12 @@ class TrainConfig:
     def check_dit(self) -> None:
         """The DiT's channels, window and latent grid fit the condition route and the clip size."""
         from vae.semantic_encoder import PRESETS as SEMANTIC_PRESETS
-        from vae.stage_a import DOWNSAMPLE, LATENT_CHANNELS
+        from vae.stage_a import DOWNSAMPLE
         dit = self.dit.model_config()
+        latent_channels = self.stage_a.model_config().latent_channels
+        if dit.latent_channels != latent_channels:
+            raise ValueError(f"the Stage A VAE has {latent_channels} latent channels but the DiT has latent_channels="
+                             f"{dit.latent_channels}; set dit.overrides.latent_channels={latent_channels}")
         if self.condition.route == "semantic":
             if self.condition.semantic_preset not in SEMANTIC_PRESETS:
                 raise ValueError(f"unknown semantic encoder preset {self.condition.semantic_preset!r}; "
@@ -249,7 +253,7 @@ class TrainConfig:
             cond_channels = SEMANTIC_PRESETS[self.condition.semantic_preset].latent_channels
             multiple = 32                                     # the semantic latent is f32
         else:
-            cond_channels = LATENT_CHANNELS                  # a Stage A latent
+            cond_channels = latent_channels                  # a Stage A latent
             multiple = DOWNSAMPLE * self.condition.spatial_factor
         if dit.cond_channels != cond_channels:
             raise ValueError(f"condition route {self.condition.route!r} gives {cond_channels} channels but the DiT "

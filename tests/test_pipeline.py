@@ -97,3 +97,12 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, tiny_pipeline_dir):
         CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu").encode(torch.zeros(1, 4, 3, 32, 32))
     with pytest.raises(ValueError, match="H=40 is not a positive multiple of 32"):
         CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu").encode(torch.zeros(1, 3, 2, 40, 32))
+
+
+def test_dit_and_stage_a_must_agree_on_latent_channels():
+    from dit import build_dit
+    from vae import build_semantic_encoder, build_stage_a
+
+    with pytest.raises(ValueError, match="4-channel latents but the Stage A VAE decodes 8"):
+        CascadeVPipeline(dit=build_dit("tiny"), semantic_encoder=build_semantic_encoder("tiny"),
+                         stage_a=build_stage_a("tiny", latent_channels=8), device="cpu")

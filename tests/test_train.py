@@ -245,6 +245,8 @@ def test_config_mistakes_fail_with_one_clear_line(tmp_path):
         load_train_config(DIT_TINY, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match="unknown dit preset"):
         load_train_config(DIT_TINY, ["dit.preset=huge"])
+    with pytest.raises(ConfigError, match="set dit.overrides.latent_channels=8"):
+        load_train_config(DIT_TINY, ["stage_a.overrides.latent_channels=8"])
     with pytest.raises(ConfigError, match="matches no parameter"):
         VAETask(load_train_config(VAE_TINY, ["vae.trainable=[nothing.*]"]))
 

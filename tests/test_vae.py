@@ -339,6 +339,16 @@ def test_stage_a_official_builds_on_meta():
     assert shapes["decoder.time_conv_out.weight"] == (3, 3, 3, 1, 1)
 
 
+def test_stage_a_with_more_latent_channels(tiny_vae):
+    vae = build_stage_a("tiny", latent_channels=8)
+    z = vae.encode(video(T=2, H=32, W=32))
+    assert vae.latent_channels == 8 and z.shape == (1, 8, 2, 4, 4) and vae.decode(z).shape == (1, 3, 2, 32, 32)
+    with pytest.raises(ValueError, match="expected 8 channels"):
+        vae.decode(torch.randn(1, 4, 2, 4, 4))
+    with pytest.raises(ValueError, match="latent_channels must be >= 1"):
+        StageAConfig(latent_channels=0)
+
+
 def test_stage_a_bad_inputs_and_configs(tiny_vae):
     with pytest.raises(ValueError, match="expected 4 channels"):
         tiny_vae.decode(torch.randn(1, 3, 2, 4, 4))

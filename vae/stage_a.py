@@ -57,6 +57,7 @@ class StageAConfig:
     # architecture when built without pretrained weights (tiny presets, meta-device builds)
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
+    latent_channels: int = LATENT_CHANNELS  # 4 as SVD's VAE; a pretrained folder brings its own
     norm_num_groups: int = 32               # "kl" only; the temporal decoder always uses 32 groups
     # "kl" only: self-attention in the middle blocks (diffusers' default). Off, nothing looks across the
     # whole frame, so what small training crops teach carries over to large frames.
@@ -69,6 +70,8 @@ class StageAConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.scale_factor <= 0:
             raise ValueError(f"scale_factor must be positive, got {self.scale_factor}")
+        if self.latent_channels < 1:
+            raise ValueError(f"latent_channels must be >= 1, got {self.latent_channels}")
         if 2 ** (len(self.block_out_channels) - 1) != DOWNSAMPLE:
             raise ValueError(f"block_out_channels needs 4 entries for an f{DOWNSAMPLE} VAE, got {self.block_out_channels}")
         if self.kind == "svd_temporal" and any(c % 32 for c in self.block_out_channels):
@@ -175,7 +178,7 @@ def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
         raise ValueError(f"unknown Stage A kind {config.kind!r}; expected 'svd_temporal' or 'kl'")
     if not (load_weights and config.pretrained):
         return cls(in_channels=3, out_channels=3, block_out_channels=tuple(config.block_out_channels),
-                   layers_per_block=config.layers_per_block, latent_channels=LATENT_CHANNELS,
+                   layers_per_block=config.layers_per_block, latent_channels=config.latent_channels,
                    scaling_factor=config.scale_factor, **arch)
     source, subfolder = config.pretrained, config.subfolder
     kwargs = {}
@@ -266,14 +269,20 @@ class StageAVAE(nn.Module):
             return self.model.decode(z, num_frames=num_frames).sample
         return self.model.decode(z).sample
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent, as the loaded (or built) autoencoder has them."""
+        return self.model.config.latent_channels
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """(B, 4, T, h, w) scaled latents -> (B, 3, T, 8h, 8w) float32 in about [-1, 1] (not clamped).
+        """(B, C, T, h, w) scaled latents, C = ``latent_channels`` (4 for SVD) -> (B, 3, T, 8h, 8w) float32 in
+        about [-1, 1] (not clamped).
 
         Frames go through the decoder ``chunk_frames`` at a time and in spatial tiles of ``tile_size`` px;
         ``progress`` shows a bar over the chunks.
         """
-        check_video(latents, LATENT_CHANNELS, 1, "StageAVAE.decode")
+        check_video(latents, self.latent_channels, 1, "StageAVAE.decode")
         c = self.config
         B, _, T, h, w = latents.shape
         z = latents.to(device=self.device, dtype=torch.float32) / c.scale_factor
