@@ -146,6 +146,17 @@ def cover_size(height: int, width: int, out_height: int, out_width: int) -> tupl
     return max(out_height, round(height * scale)), max(out_width, round(width * scale))
 
 
+def load_size(path: Path, height: int, width: int, config: DataConfig) -> tuple[int, int]:
+    """The size a (height x width) file is brought to before cropping: covering the configured size, or its own
+    size with ``resize`` off (then it must be at least as large as the crop)."""
+    if config.resize:
+        return cover_size(height, width, config.height, config.width)
+    if height < config.height or width < config.width:
+        raise VideoReadError(f"{path}: {height}x{width} is smaller than the {config.height}x{config.width} "
+                             f"crop (data.resize is false)")
+    return height, width
+
+
 def crop_offsets(size: tuple[int, int], out: tuple[int, int], mode: str, g: torch.Generator) -> tuple[int, int]:
     """Top-left corner of an ``out`` crop in ``size``: uniform at random, or centred."""
     (H, W), (h, w) = size, out
@@ -234,13 +245,7 @@ def load_clip(path: Path, config: DataConfig, g: torch.Generator, start: int | N
     if start is None:
         jitter = train and config.start_jitter
         start = int(torch.randint(info.frames - config.span + 1, (1,), generator=g)) if jitter else 0
-    if config.resize:
-        size = cover_size(info.height, info.width, config.height, config.width)
-    elif info.height < config.height or info.width < config.width:
-        raise VideoReadError(f"{path}: {info.height}x{info.width} is smaller than the {config.height}x{config.width} "
-                             f"crop (data.resize is false)")
-    else:
-        size = (info.height, info.width)
+    size = load_size(path, info.height, info.width, config)
     video = read_video(path, config.num_frames, start, config.frame_stride, size=size)[0]   # c t h w
     if video.shape[1] < config.num_frames:   # the header over-counted frames
         raise VideoReadError(f"{path}: too short (decoded {video.shape[1]} of {config.num_frames} frames)")
@@ -261,10 +266,7 @@ class ImageDataset(_SkippingDataset):
 
         image = decode_image(read_file(str(sample.path)), mode=ImageReadMode.RGB)        # 3 h w uint8
         c = self.config
-        if not c.resize and (image.shape[1] < c.height or image.shape[2] < c.width):
-            raise VideoReadError(f"{sample.path}: {image.shape[1]}x{image.shape[2]} is smaller than the "
-                                 f"{c.height}x{c.width} crop (data.resize is false)")
-        size = cover_size(image.shape[1], image.shape[2], c.height, c.width) if c.resize else tuple(image.shape[1:])
+        size = load_size(sample.path, image.shape[1], image.shape[2], c)
         image = image.float().div(127.5).sub(1.0)[None]
         if size != tuple(image.shape[-2:]):
             image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)
