@@ -139,6 +139,10 @@ class GaussianDiffusion:
         alpha_bar_t = _at(self.alpha_bar, t, x_t)
         return (x_t - (1.0 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
 
+    def predict_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's estimate of x0 from its eps (the first C output channels)."""
+        return self.x0_from_eps(x_t, t, model_output[:, :x_t.shape[1]].to(x_t.dtype))
+
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log variance of q(x_{t-1} | x_t, x0)  (DDPM Eqs. 6-7)."""
         mean = _at(self.posterior_c0, t, x_t) * x0 + _at(self.posterior_ct, t, x_t) * x_t
@@ -208,6 +212,11 @@ class RectifiedFlow:
     def noise(self, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         sigma = sigma.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
         return (1.0 - sigma) * x0 + sigma * eps
+
+    def predict_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x0 = x_t - sigma v, the point a single Euler step from sigma to 0 lands on."""
+        sigma = sigma.to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return x_t - sigma * model_output[:, :x_t.shape[1]].to(x_t.dtype)
 
     def losses(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor,
                eps: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from einops import rearrange
 from cascadev.config import ConfigError, to_dict
 from cascadev.conditioning import downsample_video, resize_small_from_latent, semantic_small, upsample_condition
 from cascadev.data import mix_seed
-from cascadev.diffusion import build_diffusion
+from cascadev.diffusion import build_diffusion, mean_flat
 from cascadev.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, kl_standard_normal, load_lpips_loss
 from cascadev.train_config import TrainConfig
 from cascadev.weights import CONFIG_NAME, WEIGHTS_NAME, atomic_write, load_state_dict_strict, save_state_dict
@@ -106,8 +106,29 @@ def build_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
     return model.train()
 
 
+class DiffusionAutoencoder(nn.Module):
+    """Stage B as Wuerstchen trains it: the semantic encoder and the DiT as one module (one DDP wrapper), so the
+    encoder learns what the DiT needs. forward: noisy latents (B, C, T, h, w) and the clean video (B, 3, T, 8h, 8w)
+    -> the DiT's output (B, C_out, T, h, w)."""
+
+    def __init__(self, dit: nn.Module, encoder: nn.Module, scale_factor: float):
+        super().__init__()
+        self.dit, self.encoder, self.scale_factor = dit, encoder.requires_grad_(True), scale_factor
+
+    def condition(self, video: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, 3, T, H, W) -> the DiT's condition on the latent grid (T, h, w), as ``DiTTask.inputs`` builds it."""
+        latent = self.encoder(rearrange(video, "b c t h w -> (b t) c h w"))              # (b t) 16 H/32 W/32
+        latent = rearrange(latent, "(b t) c h w -> b c t h w", b=video.shape[0])
+        return upsample_condition(semantic_small(latent, self.scale_factor), grid)
+
+    def forward(self, x_t: torch.Tensor, video: torch.Tensor, t: torch.Tensor, as_images: bool = False) -> torch.Tensor:
+        cond = self.condition(video, tuple(x_t.shape[2:]))
+        return self.dit(torch.cat([x_t, cond.to(x_t.dtype)], dim=1), t, as_images=as_images)
+
+
 class DiTTask:
-    """Stage B: the DiT denoises Stage A latents given the condition; Stage A and the semantic encoder are frozen."""
+    """Stage B: the DiT denoises Stage A latents given the condition. Stage A is frozen; so is the semantic
+    encoder, unless ``condition.train_encoder`` makes the model a ``DiffusionAutoencoder``."""
 
     name = "dit"
 
@@ -122,6 +143,12 @@ class DiTTask:
             self.stage_a = StageAVAE.from_config(config.stage_a.model_config(), load_weights=load_weights)
         with seeded(seed, 2):
             self.semantic = build_semantic_encoder(config, load_weights) if config.condition.route == "semantic" else None
+        self.joint = config.condition.train_encoder
+        if self.joint:
+            if not build_model:
+                raise ConfigError("condition.train_encoder: the encoder trains, so there is nothing to cache")
+            self.model = DiffusionAutoencoder(self.model, self.semantic.train(), self.stage_a.config.scale_factor)
+            self.semantic = None                                 # part of the model now
         self.diffusion = build_diffusion(config.diffusion)
         self.discriminator = None
 
@@ -155,6 +182,8 @@ class DiTTask:
         False), concatenated to the noisy latent on channels by ``loss``.
         """
         device = self.stage_a.device
+        if self.joint:                                # the condition comes from the model (DiffusionAutoencoder)
+            return self.stage_a.encode(batch["video"].to(device), generator=generator), None
         if "video" in batch:
             encoded = self.encode(batch["video"].to(device), generator)
         else:
@@ -162,6 +191,13 @@ class DiTTask:
         x0 = encoded["latent"]
         factor = self.config.condition.temporal_factor if self.config.condition.route == "resize" else 1
         return x0, upsample_condition(encoded["cond"], tuple(x0.shape[2:]), factor)
+
+    def denoise(self, model: nn.Module, x_t: torch.Tensor, cond: torch.Tensor | None, t: torch.Tensor,
+                batch: dict, as_images: bool = False) -> torch.Tensor:
+        """The model's output on cat([x_t, cond]); a ``DiffusionAutoencoder`` builds cond from the batch's video."""
+        if self.joint:
+            return model(x_t, batch["video"].to(x_t.device), t, as_images=as_images)
+        return model(torch.cat([x_t, cond], dim=1), t, as_images=as_images)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator, as_images: bool) -> tuple[torch.Tensor, dict]:
         """Diffusion loss of one micro-batch: per-video timesteps, (eps, v) predicted on cat([x_t, cond]).
@@ -175,9 +211,23 @@ class DiTTask:
         t = d.sample_t(x0.shape[0], generator)
         eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
         x_t = d.noise(x0, t, eps)
-        out = model(torch.cat([x_t, cond], dim=1), d.model_time(t), as_images=as_images)   # b c_out t h w
+        out = self.denoise(model, x_t, cond, d.model_time(t), batch, as_images)            # b c_out t h w
         losses = d.losses(out, x0, x_t, t, eps)
+        weight = self.config.dit.decoded_loss_weight
+        if weight > 0:
+            frames = torch.randperm(x0.shape[2], generator=generator, device=generator.device)
+            frames = frames[:self.config.dit.decoded_loss_frames].to(x0.device)
+            x0_pred = d.predict_x0(out.float(), x_t.float(), t)
+            losses["decoded_mse"] = self.decoded_mse(x0_pred[:, :, frames], x0[:, :, frames])
+            losses["loss"] = losses["loss"] + weight * losses["decoded_mse"]
         return losses["loss"].mean(), {k: v.detach().mean() for k, v in losses.items()}
+
+    def decoded_mse(self, x0_pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Per-video MSE (B,) of two latent batches (B, C, T, h, w) decoded by the frozen Stage A; gradients
+        reach ``x0_pred`` only. The target is Stage A's reconstruction: a latent cache holds no pixels."""
+        with torch.no_grad():
+            target = self.stage_a.decode_window(x0)
+        return mean_flat((self.stage_a.decode_window(x0_pred) - target).square())
 
     def micro_step(self, accelerator, prepared: dict, batch: dict, generator: torch.Generator, as_images: bool,
                    step: int, accum: int) -> dict:
@@ -197,14 +247,15 @@ class DiTTask:
         losses = []
         for i, clip in enumerate(clips):
             g = torch.Generator(accelerator.device).manual_seed(mix_seed(self.config.run.seed, i, 3))
-            x0, cond = self.inputs({"video": clip["video"][None]}, g)
+            batch = {"video": clip["video"][None]}
+            x0, cond = self.inputs(batch, g)
             for k in range(n_t):
                 frac = (k + 0.5) / n_t
                 t = (torch.tensor([int(frac * d.num_timesteps)]) if self.config.diffusion.objective == "iddpm"
                      else torch.tensor([frac])).to(x0.device)
                 eps = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
                 x_t = d.noise(x0, t, eps)
-                out = model(torch.cat([x_t, cond], dim=1), d.model_time(t))
+                out = self.denoise(model, x_t, cond, d.model_time(t), batch)
                 losses.append(d.losses(out, x0, x_t, t, eps)["loss"].mean())
         logs = {"val/loss": torch.stack(losses).mean().item()} if losses else {}
         steps = self.config.run.val_sample_steps
@@ -217,7 +268,10 @@ class DiTTask:
                                            else ("flow", {"shift": diffusion.sigma_shift}))
             unwrapped = accelerator.unwrap_model(model)
             g = torch.Generator(accelerator.device).manual_seed(self.config.run.seed)
-            x0, cond = self.inputs({"video": clips[0]["video"][None]}, g)
+            video = clips[0]["video"][None].to(accelerator.device)
+            x0, cond = self.inputs({"video": video}, g)
+            if self.joint:
+                cond, unwrapped = unwrapped.condition(video, tuple(x0.shape[2:])), unwrapped.dit
             noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
             with accelerator.autocast():
                 z = sample(unwrapped, cond, noise, scheduler, steps=steps, generator=g,
@@ -231,9 +285,16 @@ class DiTTask:
         return logs
 
     def export(self, state_dict: dict, directory: Path) -> None:
-        """Weights in our format: ``config.json`` (DiTConfig) + ``model.safetensors``; ``VideoDiT.from_pretrained`` reads it."""
-        save_state_dict(state_dict, directory / WEIGHTS_NAME)
-        write_json(directory / CONFIG_NAME, to_dict(self.model.config))
+        """Weights in our format: ``config.json`` (DiTConfig) + ``model.safetensors``; ``VideoDiT.from_pretrained`` reads it.
+        A trained encoder goes to ``semantic_encoder/`` beside them (``SemanticEncoder.from_pretrained``)."""
+        if not self.joint:
+            save_state_dict(state_dict, directory / WEIGHTS_NAME)
+            write_json(directory / CONFIG_NAME, to_dict(self.model.config))
+            return
+        for part, folder in (("dit", directory), ("encoder", directory / PART_DIRS["encoder"])):
+            save_state_dict({k.removeprefix(f"{part}."): v for k, v in state_dict.items() if k.startswith(f"{part}.")},
+                            folder / WEIGHTS_NAME)
+            write_json(folder / CONFIG_NAME, to_dict(getattr(self.model, part).config))
 
 
 class VAEReconstruction(nn.Module):

@@ -124,8 +124,8 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict |
         if ema is not None:
             save_state_dict(ema, tmp / EMA_WEIGHTS)
         save_config(config, tmp / "config.yaml")
-        if task.name in ("dit", "base"):                     # a VideoDiT / TextDiT.from_pretrained folder
-            write_json(tmp / CONFIG_NAME, to_dict(task.model.config))
+        if task.name in ("dit", "base") and hasattr(task.model, "config"):   # a VideoDiT / TextDiT.from_pretrained
+            write_json(tmp / CONFIG_NAME, to_dict(task.model.config))        # folder (not a DiffusionAutoencoder)
         write_json(tmp / TRAINER_STATE, {**state, "step": step})
         if final.exists():
             shutil.rmtree(final)

@@ -5,7 +5,8 @@ Sections (each a mapping in the YAML; a key left out keeps its default):
 - ``stage``: what trains. "dit" (Stage B decoder), "vae" (Stage A), "semantic" (Stage B semantic encoder
   + Previewer as an autoencoder) or "base" (Stage C text-to-video DiT); one branch each in
   ``cascadev.tasks.build_task``.
-- ``dit``: DiT preset name + field overrides, ``init_from``, gradient checkpointing (stage "dit").
+- ``dit``: DiT preset name + field overrides, ``init_from``, gradient checkpointing, the weight of a loss on
+  decoded pixels (stage "dit").
 - ``semantic``: encoder and Previewer presets + overrides, initial weights, which train, loss weights
   (stage "semantic").
 - ``base``: TextDiT preset + overrides, ``init_from``, gradient checkpointing, the frozen text encoder
@@ -51,6 +52,16 @@ class DiTSection:
     overrides: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields, e.g. {depth: 2}
     init_from: str | None = None                   # "official:PATH" (s1024.effn-f32.pth) or a save_pretrained DIR
     gradient_checkpointing: bool = False
+    # + w * MSE between the model's x0 estimate and the clean latent, both decoded by the frozen Stage A: a
+    # latent-space loss makes high-noise x0 the mean latent, whose decoding is blurrier than the mean frame
+    decoded_loss_weight: float = 0.0
+    decoded_loss_frames: int = 1                   # frames of each window decoded for it, at random (decoding is costly)
+
+    def __post_init__(self):
+        if self.decoded_loss_weight < 0:
+            raise ValueError(f"dit.decoded_loss_weight must be >= 0, got {self.decoded_loss_weight}")
+        if self.decoded_loss_frames < 1:
+            raise ValueError(f"dit.decoded_loss_frames must be >= 1, got {self.decoded_loss_frames}")
 
     def model_config(self):
         from dit.video_dit import PRESETS
@@ -75,6 +86,9 @@ class ConditionSection:
     spatial_factor: int = 4                        # resize route: latent frames shrunk by this (4x resolution)
     temporal_factor: int = 1                       # resize route: 1 frame in this kept (4x frame rate with 4)
     resize_from: Literal["pixels", "latent"] = "pixels"   # encode the small video (release) or shrink the latent
+    # semantic route: the encoder trains with the DiT, Stage B as Wuerstchen's diffusion autoencoder; needs
+    # pixel batches (no latent cache) and optim.ema_decay 0 (its BatchNorm statistics belong to its weights)
+    train_encoder: bool = False
 
     def __post_init__(self):
         if self.spatial_factor < 1 or self.temporal_factor < 1:
@@ -265,6 +279,14 @@ class TrainConfig:
         if self.condition.route == "resize" and d.num_frames % self.condition.temporal_factor:
             raise ValueError(f"data.num_frames={d.num_frames} must be a multiple of condition.temporal_factor")
         dit.check_window(d.num_frames, d.height // DOWNSAMPLE, d.width // DOWNSAMPLE)
+        if self.condition.train_encoder:
+            if self.condition.route != "semantic":
+                raise ValueError("condition.train_encoder needs condition.route 'semantic'")
+            if d.latents:
+                raise ValueError("condition.train_encoder encodes pixels as it trains: drop data.latents (a cache)")
+            if self.optim.ema_decay > 0:
+                raise ValueError("condition.train_encoder trains the encoder's BatchNorm: set optim.ema_decay=0; "
+                                 "EMA weights do not match the BatchNorm running statistics")
 
 
     def check_semantic(self) -> None:

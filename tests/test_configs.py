@@ -33,7 +33,8 @@ def test_config_loads_and_its_models_build_on_meta(path):
     assert sum(p.numel() for p in task.model.parameters() if not p.is_meta) < 100
     assert any(p.requires_grad for p in task.model.parameters())
     if config.stage == "dit":
-        assert task.model.config == config.dit.model_config()
+        dit = task.model.dit if config.condition.train_encoder else task.model   # a DiffusionAutoencoder holds it
+        assert dit.config == config.dit.model_config()
     elif config.stage == "base":                                   # the frozen text encoder fits the TextDiT
         assert task.model.config == config.base.model_config()
         assert (task.text_encoder.width, task.text_encoder.embed_dim) == (task.model.config.caption_channels,

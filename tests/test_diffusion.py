@@ -129,6 +129,16 @@ def test_rectified_flow():
     assert s.min() >= 0 and s.max() < 1 and abs(s.mean() - 0.5) < 0.05
 
 
+@pytest.mark.parametrize("objective", ["iddpm", "rf"])
+def test_predict_x0_from_a_perfect_output_is_x0(objective):
+    d = build_diffusion(DiffusionConfig(objective=objective))
+    x0, eps = latents(B=2, seed=12), latents(B=2, seed=13)
+    t = torch.tensor([10, 900]) if objective == "iddpm" else torch.tensor([0.1, 1.0], dtype=torch.float64)
+    x_t = d.noise(x0, t, eps)
+    perfect = eps if objective == "iddpm" else eps - x0
+    assert torch.allclose(d.predict_x0(torch.cat([perfect, torch.randn_like(x0)], dim=1), x_t, t), x0, atol=1e-9)
+
+
 def test_sigma_shift_matches_the_flow_scheduler():
     shifted = build_diffusion(DiffusionConfig(objective="rf", sigma_shift=3.0))
     s = shifted.sample_t(4000, torch.Generator().manual_seed(0))

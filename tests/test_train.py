@@ -104,6 +104,32 @@ def test_vae_script_resumed_run_equals_uninterrupted(clips, tmp_path):
         assert all(torch.equal(v, exported[k]) for k, v in vae.model.state_dict().items())
 
 
+def test_diffusion_autoencoder_trains_the_encoder_with_the_dit_and_resumes_exactly(clips, tmp_path):
+    # condition.train_encoder: Wuerstchen's Stage B, the semantic encoder learning with the DiT
+    common = ["condition.train_encoder=true", "optim.ema_decay=0", "dit.decoded_loss_weight=1", "run.save_every=2",
+              "run.val_every=4", *SMALL]
+    whole = train(DIT_TINY, tmp_path / "whole", clips, 4, *common)
+    parts = train(DIT_TINY, tmp_path / "parts", clips, 2, *common)
+    train(DIT_TINY, tmp_path / "parts", clips, 4, *common)
+    assert not (whole / "final/ema").exists()
+    for sub in ("final/model", "final/model/semantic_encoder"):
+        assert_same_weights(whole / sub, parts / sub, "model.safetensors")
+    from dit import VideoDiT
+    from vae.semantic_encoder import SemanticEncoder
+    VideoDiT.from_pretrained(whole / "final/model")
+    trained = SemanticEncoder.from_pretrained(whole / "final/model/semantic_encoder").state_dict()
+    config = load_train_config(DIT_TINY, [f"data.videos={clips}"])
+    initial = DiTTask(config, build_model=False).semantic.state_dict()       # the same seeded random init
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained if k.endswith("weight"))
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained if k.endswith("running_var"))
+    assert "val/loss" in (whole / "train.log").read_text()
+    for extra, message in ((["optim.ema_decay=0.99"], "set optim.ema_decay=0"), (["data.latents=cache"], "drop data.latents"),
+                           (["condition.route=resize", "dit.overrides.cond_channels=4"], "needs condition.route 'semantic'")):
+        with pytest.raises(ConfigError, match=message):
+            load_train_config(DIT_TINY, [*common, *extra])
+
+
 def test_dit_ddp_on_two_cpu_processes_resumes_exactly(clips, tmp_path):
     """The same script under torchrun (what accelerate launch runs): DDP over gloo, sharded data, exact resume."""
     import os
@@ -212,6 +238,28 @@ def test_dit_loss_falls_on_a_tiny_set(clips):
         losses.append(loss.item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
+
+
+def test_decoded_loss_adds_the_error_of_x0_decoded_by_stage_a(clips):
+    config = load_train_config(DIT_TINY, [f"data.videos={clips}", "diffusion.objective=rf"])
+    weighted = dataclasses.replace(config, dit=dataclasses.replace(config.dit, decoded_loss_weight=2.0,
+                                                                   decoded_loss_frames=2))
+    plain_task, task = DiTTask(config), DiTTask(weighted)
+    data = VideoDataset(split_validation(config.data)[0], config.data, train=False)
+    with torch.no_grad():
+        batch = task.encode(torch.stack([data[i]["video"] for i in range(2)]))   # 2 videos of 4 latent frames
+    plain, _ = plain_task.loss(task.model, batch, torch.Generator().manual_seed(0), as_images=False)
+    loss, logs = task.loss(task.model, batch, torch.Generator().manual_seed(0), as_images=False)
+    assert logs["decoded_mse"] > 0
+    assert torch.allclose(loss, plain + 2.0 * logs["decoded_mse"], rtol=1e-5)
+    loss.backward()                                    # through the frozen decoder into the DiT
+    assert all(p.grad is not None for p in task.model.parameters()) and not any(
+        p.requires_grad for p in task.stage_a.parameters())
+    x0 = batch["latent"]
+    assert torch.equal(task.decoded_mse(x0, x0), torch.zeros(2))
+    assert torch.allclose(task.stage_a.decode_window(x0), task.stage_a.decode(x0), atol=1e-5)   # one window
+    with pytest.raises(ValueError, match="decoded_loss_frames must be >= 1"):
+        dataclasses.replace(config.dit, decoded_loss_frames=0)
 
 
 def test_vae_loss_falls_on_a_tiny_set(clips):

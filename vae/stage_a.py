@@ -274,6 +274,13 @@ class StageAVAE(nn.Module):
         """Channels of the latent, as the loaded (or built) autoencoder has them."""
         return self.model.config.latent_channels
 
+    def decode_window(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, h, w) scaled latents -> (B, 3, T, 8h, 8w) in one pass, with gradients: for losses on decoded
+        pixels of a training window (``decode`` chunks, tiles and blends, under no_grad)."""
+        z = latents.to(self.dtype) / self.config.scale_factor
+        frames = self._decode_frames(rearrange(z, "b c t h w -> (b t) c h w"), num_frames=latents.shape[2])
+        return rearrange(frames.float(), "(b t) c h w -> b c t h w", b=latents.shape[0])
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """(B, C, T, h, w) scaled latents, C = ``latent_channels`` (4 for SVD) -> (B, 3, T, 8h, 8w) float32 in
