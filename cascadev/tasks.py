@@ -313,7 +313,8 @@ class VAEReconstruction(nn.Module):
 
 
 class VAETask:
-    """Stage A: L1 + LPIPS (when its weights are on disk) + KL, and a hinge patch discriminator from ``vae.disc_start``."""
+    """Stage A: L1 + MSE + LPIPS (when its weights are on disk) + KL, and a hinge patch discriminator from
+    ``vae.disc_start``."""
 
     name = "vae"
 
@@ -350,10 +351,11 @@ class VAETask:
                        generator: torch.Generator, use_disc: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
         c = self.config.vae
         recon, mean, logvar = model(video, generator, sample=c.sample_posterior)
-        l1 = (recon.float() - video).abs().mean()
+        error = recon.float() - video
+        l1, mse = error.abs().mean(), error.square().mean()
         kl = kl_standard_normal(mean.float(), logvar.float()).mean()
-        loss = c.l1_weight * l1 + c.kl_weight * kl
-        logs = {"l1": l1.detach(), "kl": kl.detach()}
+        loss = c.l1_weight * l1 + c.mse_weight * mse + c.kl_weight * kl
+        logs = {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
         frames = rearrange(recon, "b c t h w -> (b t) c h w")
         if self.lpips is not None:
             lp = self.lpips(frames.float(), rearrange(video, "b c t h w -> (b t) c h w")).mean()

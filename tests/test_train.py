@@ -344,7 +344,15 @@ def test_vae_loss_terms_with_lpips_and_discriminator(clips):
     disc = task.discriminator
     assert isinstance(disc, PatchDiscriminator) and disc(video[:, :, 0]).shape[1] == 1
     loss, recon, logs = task.generator_loss(task.model, disc, video, torch.Generator().manual_seed(0), use_disc=True)
-    assert set(logs) == {"l1", "kl", "lpips", "g_adv", "loss"} and recon.shape == video.shape
+    assert set(logs) == {"l1", "mse", "kl", "lpips", "g_adv", "loss"} and recon.shape == video.shape
+    c = config.vae
+    assert torch.allclose(logs["loss"], c.l1_weight * logs["l1"] + c.kl_weight * logs["kl"] + c.lpips_weight * logs["lpips"]
+                          + c.disc_weight * logs["g_adv"], rtol=1e-5)          # mse_weight 0 by default
+    weighted = VAETask(dataclasses.replace(config, vae=dataclasses.replace(c, mse_weight=2.0)))
+    weighted.model.load_state_dict(task.model.state_dict())
+    loss2, _, logs2 = weighted.generator_loss(weighted.model, None, video, torch.Generator().manual_seed(0), use_disc=False)
+    assert torch.allclose(logs2["mse"], logs["mse"]) and logs["mse"] > 0
+    assert torch.allclose(loss2, c.l1_weight * logs["l1"] + 2.0 * logs["mse"] + c.kl_weight * logs["kl"], rtol=1e-5)
     loss.backward()
     assert all(p.grad is None for p in disc.parameters())            # the generator step leaves D alone
     assert task.model.vae.decoder.conv_out.weight.grad is not None and task.model.vae.encoder.conv_in.weight.grad is None
