@@ -106,6 +106,12 @@ def build_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
     return model.train()
 
 
+def encode_frames(encoder: nn.Module, video: torch.Tensor) -> torch.Tensor:
+    """A semantic encoder on every frame, differentiably: (B, 3, T, H, W) -> (B, 16, T, H/32, W/32)."""
+    latent = encoder(rearrange(video, "b c t h w -> (b t) c h w"))                    # (b t) 16 H/32 W/32
+    return rearrange(latent, "(b t) c h w -> b c t h w", b=video.shape[0])
+
+
 class DiffusionAutoencoder(nn.Module):
     """Stage B as Wuerstchen trains it: the semantic encoder and the DiT as one module (one DDP wrapper), so the
     encoder learns what the DiT needs. forward: noisy latents (B, C, T, h, w) and the clean video (B, 3, T, 8h, 8w)
@@ -117,9 +123,7 @@ class DiffusionAutoencoder(nn.Module):
 
     def condition(self, video: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, 3, T, H, W) -> the DiT's condition on the latent grid (T, h, w), as ``DiTTask.inputs`` builds it."""
-        latent = self.encoder(rearrange(video, "b c t h w -> (b t) c h w"))              # (b t) 16 H/32 W/32
-        latent = rearrange(latent, "(b t) c h w -> b c t h w", b=video.shape[0])
-        return upsample_condition(semantic_small(latent, self.scale_factor), grid)
+        return upsample_condition(semantic_small(encode_frames(self.encoder, video), self.scale_factor), grid)
 
     def forward(self, x_t: torch.Tensor, video: torch.Tensor, t: torch.Tensor, as_images: bool = False) -> torch.Tensor:
         cond = self.condition(video, tuple(x_t.shape[2:]))
@@ -431,9 +435,7 @@ class SemanticAutoencoder(nn.Module):
         return self
 
     def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B = video.shape[0]
-        latent = self.encoder(rearrange(video, "b c t h w -> (b t) c h w"))           # (b t) 16 h/32 w/32
-        latent = rearrange(latent, "(b t) c h w -> b c t h w", b=B)
+        latent = encode_frames(self.encoder, video)
         return self.previewer(latent), latent                                            # b 3 t h/4 w/4
 
 
