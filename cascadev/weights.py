@@ -32,6 +32,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)              # as any new file (mkstemp and safetensors make it 0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

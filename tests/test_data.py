@@ -1,6 +1,7 @@
 import json
 import logging
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +169,28 @@ def test_conditioning_upsampling():
     assert downsample_video(torch.zeros(1, 3, 8, 64, 64), 4, 1).shape == (1, 3, 8, 16, 16)
     with pytest.raises(ValueError, match="not divisible"):
         resize_small_from_latent(torch.zeros(1, 4, 1, 6, 6), 4, 1)
+
+
+
+def test_atomic_writes_leave_no_temp_file_and_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from safetensors.torch import load_file
+
+    from cascadev.weights import atomic_write
+
+    path = tmp_path / "w.safetensors"
+    save_state_dict({"x": torch.ones(2)}, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask          # readable like any file the user writes
+
+    def interrupted(tmp: str) -> None:
+        Path(tmp).write_text("half a file")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, interrupted)
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]    # the old file stays, the temp is gone
+    assert torch.equal(load_file(str(path))["x"], torch.ones(2))
