@@ -80,7 +80,8 @@ def check_cache(folder: str | Path, config: TrainConfig) -> None:
 
 
 def encode_whole(task, path: Path, config: TrainConfig, start: int, g: torch.Generator, accelerator) -> dict:
-    """Encode a clip's whole frames (``--crop context``): {"latent": (1, 4, T, H/8, W/8), "cond": (1, 16, T, H/32, W/32)}."""
+    """Encode a clip's whole frames (``--crop context``):
+    {"latent": (1, 4, T, H/8, W/8), "cond": (1, 16, T, H/32, W/32)}."""
     d = config.data
     info = video_info(path)
     if info.height % CELL or info.width % CELL or info.height < d.height or info.width < d.width:
@@ -152,7 +153,8 @@ def run_caching(args: argparse.Namespace) -> Path:
                 raise VideoReadError(f"{sample.path}: too short for {config.data.num_frames} frames at stride "
                                      f"{config.data.frame_stride}")
             for clip, start in enumerate(starts):
-                names = [f"{index:06d}_{clip:02d}"] if windows == 1 else [f"{index:06d}_{clip:02d}_{k}" for k in range(windows)]
+                name = f"{index:06d}_{clip:02d}"
+                names = [name] if windows == 1 else [f"{name}_{k}" for k in range(windows)]
                 paths = [out / f"{name}.safetensors" for name in names]
                 if all(path.is_file() for path in paths):
                     kept += len(paths)

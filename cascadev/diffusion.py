@@ -190,8 +190,8 @@ class RectifiedFlow:
     """Rectified flow (Liu et al. 2022; SD3 convention): x_t = (1 - sigma) x0 + sigma eps, target v = eps - x0.
 
     sigma ~ U(0, 1) per video, then shifted by ``sigma_shift`` (``shift_sigma``); the network sees
-    sigma * num_timesteps, as diffusers' FlowMatchEulerDiscreteScheduler does at inference. Only the first C output channels are used
-    (a model with learned sigma keeps its variance channels, untrained).
+    sigma * num_timesteps, as diffusers' FlowMatchEulerDiscreteScheduler does at inference. Only the first
+    C output channels are used (a model with learned sigma keeps its variance channels, untrained).
     """
 
     def __init__(self, config: DiffusionConfig = DiffusionConfig(objective="rf")):

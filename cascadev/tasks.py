@@ -33,13 +33,14 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from cascadev.config import ConfigError, to_dict
+from cascadev.config import ConfigError
 from cascadev.conditioning import downsample_video, resize_small_from_latent, semantic_small, upsample_condition
 from cascadev.data import mix_seed
 from cascadev.diffusion import build_diffusion, mean_flat
 from cascadev.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, kl_standard_normal, load_lpips_loss
 from cascadev.train_config import TrainConfig
-from cascadev.weights import CONFIG_NAME, WEIGHTS_NAME, atomic_write, load_state_dict_strict, save_state_dict
+from cascadev.weights import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, load_state_dict_strict, save_pretrained,
+                              save_state_dict)
 
 
 # -- models: one task per stage ---------------------------------------------------------------------
@@ -221,8 +222,8 @@ class DiTTask:
         if weight > 0:
             frames = torch.randperm(x0.shape[2], generator=generator, device=generator.device)
             frames = frames[:self.config.dit.decoded_loss_frames].to(x0.device)
-            x0_pred = d.predict_x0(out.float(), x_t.float(), t)
-            losses["decoded_mse"] = self.decoded_mse(x0_pred[:, :, frames], x0[:, :, frames])
+            x0_pred = d.predict_x0(out[:, :, frames].float(), x_t[:, :, frames].float(), t)
+            losses["decoded_mse"] = self.decoded_mse(x0_pred, x0[:, :, frames])
             losses["loss"] = losses["loss"] + weight * losses["decoded_mse"]
         return losses["loss"].mean(), {k: v.detach().mean() for k, v in losses.items()}
 
@@ -289,16 +290,13 @@ class DiTTask:
         return logs
 
     def export(self, state_dict: dict, directory: Path) -> None:
-        """Weights in our format: ``config.json`` (DiTConfig) + ``model.safetensors``; ``VideoDiT.from_pretrained`` reads it.
-        A trained encoder goes to ``semantic_encoder/`` beside them (``SemanticEncoder.from_pretrained``)."""
+        """Weights in our format: ``config.json`` (DiTConfig) + ``model.safetensors``; ``VideoDiT.from_pretrained``
+        reads it. A trained encoder goes to ``semantic_encoder/`` beside them (``SemanticEncoder.from_pretrained``)."""
         if not self.joint:
-            save_state_dict(state_dict, directory / WEIGHTS_NAME)
-            write_json(directory / CONFIG_NAME, to_dict(self.model.config))
+            save_module(state_dict, self.model, directory)
             return
-        for part, folder in (("dit", directory), ("encoder", directory / PART_DIRS["encoder"])):
-            save_state_dict({k.removeprefix(f"{part}."): v for k, v in state_dict.items() if k.startswith(f"{part}.")},
-                            folder / WEIGHTS_NAME)
-            write_json(folder / CONFIG_NAME, to_dict(getattr(self.model, part).config))
+        save_module(state_dict, self.model.dit, directory, "dit.")
+        save_module(state_dict, self.model.encoder, directory / PART_DIRS["encoder"], "encoder.")
 
 
 class VAEReconstruction(nn.Module):
@@ -523,10 +521,7 @@ class SemanticTask:
         ``condition.semantic_weights=DIR/semantic_encoder`` for stages dit and base). The BatchNorm running
         statistics are the model's (EMA averages parameters only)."""
         for part in ("encoder", "previewer"):
-            module = getattr(self.model, part)
-            sub = {k.removeprefix(f"{part}."): v for k, v in state_dict.items() if k.startswith(f"{part}.")}
-            save_state_dict(sub, directory / PART_DIRS[part] / WEIGHTS_NAME)
-            write_json(directory / PART_DIRS[part] / CONFIG_NAME, to_dict(module.config))
+            save_module(state_dict, getattr(self.model, part), directory / PART_DIRS[part], f"{part}.")
 
 
 PART_DIRS = {"encoder": "semantic_encoder", "previewer": "previewer"}
@@ -685,8 +680,14 @@ class BaseTask:
         """``base_dit/`` in our format (``TextDiT.from_pretrained``); ``export_final`` adds ``text_encoder/``, so the
         folder is a ``TextToVideoPipeline.from_pretrained`` root (with a cascade given apart)."""
         from cascadev.generate import BASE_DIR
-        save_state_dict(state_dict, directory / BASE_DIR / WEIGHTS_NAME)
-        write_json(directory / BASE_DIR / CONFIG_NAME, to_dict(self.model.config))
+        save_module(state_dict, self.model, directory / BASE_DIR)
+
+
+def save_module(state_dict: dict, module: nn.Module, folder: Path, prefix: str = "") -> None:
+    """``save_pretrained`` of ``module`` with the entries of ``state_dict`` under ``prefix`` (prefix removed): the
+    folder its ``from_pretrained`` reads."""
+    save_pretrained({k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)},
+                    module.config, folder)
 
 
 def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAETask | SemanticTask | BaseTask:

@@ -55,7 +55,7 @@ class DiTSection:
     # + w * MSE between the model's x0 estimate and the clean latent, both decoded by the frozen Stage A: a
     # latent-space loss makes high-noise x0 the mean latent, whose decoding is blurrier than the mean frame
     decoded_loss_weight: float = 0.0
-    decoded_loss_frames: int = 1                   # frames of each window decoded for it, at random (decoding is costly)
+    decoded_loss_frames: int = 1                   # frames of each window decoded for it, at random (costly)
 
     def __post_init__(self):
         if self.decoded_loss_weight < 0:

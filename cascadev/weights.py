@@ -67,10 +67,11 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
     model.load_state_dict(state_dict, strict=True, assign=any(p.is_meta for p in model.parameters()))
 
 
-def save_pretrained(model: torch.nn.Module, config: Any, directory: str | Path) -> None:
-    """Write ``config.json`` (the frozen dataclass) and ``model.safetensors`` into ``directory``."""
+def save_pretrained(state_dict: dict[str, torch.Tensor], config: Any, directory: str | Path) -> None:
+    """Write ``config.json`` (the frozen dataclass) and ``model.safetensors`` (``state_dict``: a model's own, or
+    other weights for it, e.g. EMA) into ``directory``."""
     directory = Path(directory)
-    save_state_dict(model.state_dict(), directory / WEIGHTS_NAME)
+    save_state_dict(state_dict, directory / WEIGHTS_NAME)
     text = json.dumps(to_dict(config), indent=2)
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
@@ -90,7 +91,7 @@ class PretrainedMixin:
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` + ``model.safetensors``."""
-        save_pretrained(self, self.config, directory)
+        save_pretrained(self.state_dict(), self.config, directory)
 
     @classmethod
     def from_pretrained(cls, path: str | Path):

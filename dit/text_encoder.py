@@ -214,7 +214,7 @@ class TextEncoder(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` (with ``pretrained`` cleared: the weights are here) + ``model.safetensors``."""
         from cascadev.weights import save_pretrained
-        save_pretrained(self, dataclasses.replace(self.config, pretrained=None), directory)
+        save_pretrained(self.state_dict(), dataclasses.replace(self.config, pretrained=None), directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "TextEncoder":
