@@ -120,6 +120,8 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict |
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))                         # every rank: weights, optimizer, RNG, scaler
+    # save_state ends without a barrier: every rank's RNG file must be in tmp before the main process renames it
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
             save_state_dict(ema, tmp / EMA_WEIGHTS)
