@@ -17,8 +17,10 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--semantic-encoder", help="effnet_encoder.safetensors or our folder")
     g.add_argument("--previewer", help="previewer.safetensors or our folder")
     g.add_argument("--stage-a", help="Stage A VAE: diffusers folder or hub id (default: the SVD VAE)")
-    g.add_argument("--steps", type=int, default=8, help="denoising steps (release: 8)")
-    g.add_argument("--scheduler", default="euler_a", choices=["euler_a", "ddim", "dpmpp", "flow"])
+    g.add_argument("--steps", type=int, help="denoising steps (default: the folder's saved sampler, else 8 as the "
+                                             "release)")
+    g.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp", "flow"],
+                   help="default: the folder's saved sampler (flow for the built-in tiny cascade), else euler_a")
     g.add_argument("--tiling", default="blend", choices=["blend", "official"],
                    help="blend windows/tiles smoothly (default) or reproduce the release exactly")
     g.add_argument("--seed", type=int, default=0)
@@ -61,9 +63,10 @@ def _load_pipeline(args, previewer: bool = False):
 
 
 def _decode_kwargs(args) -> dict:
-    if args.steps < 1:
+    from cascadev.pipeline import resolve_sampler
+    if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    return dict(steps=args.steps, seed=args.seed, scheduler=args.scheduler, tiling=args.tiling)
+    return dict(seed=args.seed, tiling=args.tiling, **resolve_sampler(args.weights, args.steps, args.scheduler))
 
 
 def _report(pipe) -> None:

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     import torch
 
-    from cascadev.pipeline import CascadeVPipeline
+    from cascadev.pipeline import CascadeVPipeline, resolve_sampler, saved_settings
     from cascadev.synthetic import make_clip
     from cascadev.video_io import write_png_strip, write_video
     from eval.metrics import psnr, ssim
@@ -53,15 +53,13 @@ def _run(args: argparse.Namespace) -> dict:
     weights = Path(args.weights) if args.weights else ASSETS
     if not (weights / "pipeline.json").is_file():
         raise UserError(f"{weights}: no cascade here (expected dit/, semantic_encoder/, previewer/, stage_a/, pipeline.json)")
-    settings = json.loads((weights / "pipeline.json").read_text()).get("demo", {})
-    steps = args.steps or settings.get("steps", 8)
-    scheduler = args.scheduler or settings.get("scheduler", "euler_a")
+    settings = saved_settings(weights)
+    sampler = resolve_sampler(weights, args.steps, args.scheduler)
+    steps, scheduler, scheduler_config = sampler["steps"], sampler["scheduler"], sampler["scheduler_config"]
     kind = args.kind or settings.get("kind", "mixed")
     size = args.size if args.size is not None else settings.get("size", 128)
     if size % 32 or size < 32:
         raise UserError(f"--size must be a positive multiple of 32, got {size}")
-    # e.g. the flow shift the DiT was trained at; it belongs to the shipped scheduler only
-    scheduler_config = settings.get("scheduler_config") if scheduler == settings.get("scheduler") else None
 
     start = time.perf_counter()
     pipe = CascadeVPipeline.from_pretrained(weights, device="cpu")

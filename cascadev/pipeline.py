@@ -291,6 +291,23 @@ class CascadeVPipeline:
         return video
 
 
+def saved_settings(weights: str | Path | None) -> dict:
+    """What a cascade folder says about its use (``pipeline.json``'s "demo" entry: sampler, clip kind and size),
+    or {}: the released weights carry none."""
+    path = Path(weights) / "pipeline.json" if weights else None
+    return json.loads(path.read_text()).get("demo", {}) if path is not None and path.is_file() else {}
+
+
+def resolve_sampler(weights: str | Path | None, steps: int | None, scheduler: str | None) -> dict:
+    """``steps``, ``scheduler`` and ``scheduler_config`` for ``decode``: the ones given, else the folder's saved
+    sampler (the tiny cascade is a flow model), else the release's (8 steps, ancestral Euler)."""
+    settings = saved_settings(weights)
+    scheduler = scheduler or settings.get("scheduler", "euler_a")
+    # e.g. the flow shift the DiT was trained at; it belongs to the saved scheduler only
+    config = settings.get("scheduler_config") if scheduler == settings.get("scheduler") else None
+    return {"steps": steps or settings.get("steps", 8), "scheduler": scheduler, "scheduler_config": config}
+
+
 def infer_size(height: int, width: int, size: str | None, multiple: int = SEMANTIC_DOWNSAMPLE) -> tuple[int, int]:
     """Parse ``--size``: None (keep), "N" (long side N, aspect kept) or "WxH"; rounded to ``multiple``."""
     if size is None:

@@ -106,3 +106,19 @@ def test_dit_and_stage_a_must_agree_on_latent_channels():
     with pytest.raises(ValueError, match="4-channel latents but the Stage A VAE decodes 8"):
         CascadeVPipeline(dit=build_dit("tiny"), semantic_encoder=build_semantic_encoder("tiny"),
                          stage_a=build_stage_a("tiny", latent_channels=8), device="cpu")
+
+
+def test_sampler_defaults_follow_the_folder(tmp_path, tiny_pipeline_dir):
+    from cascadev.demo import ASSETS
+    from cascadev.pipeline import resolve_sampler
+
+    # the built-in tiny cascade is a flow model: reconstruct / decode with its folder sample as the demo does
+    assert resolve_sampler(ASSETS, None, None) == {"steps": 4, "scheduler": "flow", "scheduler_config": None}
+    assert resolve_sampler(ASSETS, 2, "euler_a") == {"steps": 2, "scheduler": "euler_a", "scheduler_config": None}
+    release = {"steps": 8, "scheduler": "euler_a", "scheduler_config": None}
+    assert resolve_sampler(None, None, None) == release == resolve_sampler(tiny_pipeline_dir, None, None)
+    folder = tmp_path / "shifted"
+    folder.mkdir()
+    (folder / "pipeline.json").write_text('{"demo": {"scheduler": "flow", "scheduler_config": {"shift": 3.0}}}')
+    assert resolve_sampler(folder, None, None)["scheduler_config"] == {"shift": 3.0}
+    assert resolve_sampler(folder, None, "ddim")["scheduler_config"] is None    # the shift belongs to flow only
