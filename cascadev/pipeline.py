@@ -26,7 +26,7 @@ from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
 from vae.semantic_encoder import SemanticEncoder, check_video, resolve_official_file
 from vae.stage_a import PRESETS as STAGE_A_PRESETS
-from vae.stage_a import StageAConfig, StageAVAE
+from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE
 
 SEMANTIC_DOWNSAMPLE = 32        # Stage B latent: f32
 COND_UPSAMPLE = 4               # semantic latent grid -> Stage A latent grid (f32 -> f8)
@@ -157,9 +157,9 @@ def resolve_stage_a_config(source: str | Path | None, config: StageAConfig | Non
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path}: no diffusers VAE config.json (expected a folder written by save_pretrained)")
         name = json.loads(cfg_file.read_text()).get("_class_name")
-        kind = {"AutoencoderKLTemporalDecoder": "svd_temporal", "AutoencoderKL": "kl"}.get(name)
+        kind = KIND_OF_CLASS.get(name)
         if kind is None:
-            raise ValueError(f"{cfg_file}: {name!r} is not a supported Stage A VAE (AutoencoderKL or AutoencoderKLTemporalDecoder)")
+            raise ValueError(f"{cfg_file}: {name!r} is not a supported Stage A VAE (one of {', '.join(KIND_OF_CLASS)})")
         subfolder = None if cfg_file.parent == path else "vae"
         return StageAConfig(**{**to_dict(base), "kind": kind, "pretrained": str(path), "subfolder": subfolder,
                                "block_out_channels": tuple(base.block_out_channels)})

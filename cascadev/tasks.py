@@ -307,11 +307,18 @@ class VAEReconstruction(nn.Module):
         self.vae, self.temporal = vae, temporal
 
     def forward(self, video: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
+        """The log variance is None for a deterministic autoencoder (``AutoencoderTiny``): no KL term."""
         B, _, T = video.shape[:3]
-        posterior = self.vae.encode(rearrange(video, "b c t h w -> (b t) c h w")).latent_dist   # (b t) 4 h w
-        z = posterior.sample(generator) if sample else posterior.mode()
+        encoded = self.vae.encode(rearrange(video, "b c t h w -> (b t) c h w"))
+        if hasattr(encoded, "latents"):                                      # AutoencoderTiny
+            z = mean = encoded.latents
+            logvar = None
+        else:
+            posterior = encoded.latent_dist                                  # (b t) 4 h w diagonal Gaussian
+            z = posterior.sample(generator) if sample else posterior.mode()
+            mean, logvar = posterior.mean, posterior.logvar
         frames = self.vae.decode(z, num_frames=T).sample if self.temporal else self.vae.decode(z).sample
-        return rearrange(frames, "(b t) c h w -> b c t h w", b=B), posterior.mean, posterior.logvar
+        return rearrange(frames, "(b t) c h w -> b c t h w", b=B), mean, logvar
 
 
 class VAETask:
@@ -355,7 +362,7 @@ class VAETask:
         recon, mean, logvar = model(video, generator, sample=c.sample_posterior)
         error = recon.float() - video
         l1, mse = error.abs().mean(), error.square().mean()
-        kl = kl_standard_normal(mean.float(), logvar.float()).mean()
+        kl = kl_standard_normal(mean.float(), logvar.float()).mean() if logvar is not None else error.new_zeros(())
         loss = c.l1_weight * l1 + c.mse_weight * mse + c.kl_weight * kl
         logs = {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
         frames = rearrange(recon, "b c t h w -> (b t) c h w")

@@ -262,9 +262,12 @@ def test_decoded_loss_adds_the_error_of_x0_decoded_by_stage_a(clips):
         dataclasses.replace(config.dit, decoded_loss_frames=0)
 
 
-def test_vae_loss_falls_on_a_tiny_set(clips):
-    config = load_train_config(VAE_TINY, [f"data.videos={clips}", "vae.lpips_weight=0", "data.num_frames=2"])
+@pytest.mark.parametrize("kind", ["svd_temporal", "taesd"])
+def test_vae_loss_falls_on_a_tiny_set(clips, kind):
+    preset = ["stage_a.preset=tiny_taesd", "vae.trainable=['*']"] if kind == "taesd" else []
+    config = load_train_config(VAE_TINY, [f"data.videos={clips}", "vae.lpips_weight=0", "data.num_frames=2", *preset])
     task = VAETask(config)
+    assert task.config.stage_a.model_config().kind == kind
     video = VideoDataset(split_validation(config.data)[0], config.data, train=False)[0]["video"][None]
     optimizer = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
@@ -274,6 +277,7 @@ def test_vae_loss_falls_on_a_tiny_set(clips):
         loss.backward()
         optimizer.step()
         losses.append(logs["l1"].item())
+        assert (logs["kl"] == 0) == (kind == "taesd")                   # AutoencoderTiny: no posterior, no KL
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.6 * first, (first, last)
 

@@ -369,3 +369,31 @@ def test_stage_a_bad_inputs_and_configs(tiny_vae):
     config = from_dict(StageAConfig, {"kind": "kl", "pretrained": None, "tile_size": 512, "tile_overlap": 64,
                                       "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8})
     assert config.block_out_channels == (16, 32, 32, 32) and config.kind == "kl"
+
+
+def test_taesd_stage_a_is_deterministic_tile_stable_and_round_trips(tmp_path):
+    """AutoencoderTiny: encode has no posterior (sample is ignored), the scale is Stage A's, and with no
+    GroupNorm tiles decode nearly as the whole frame (a random KL VAE differs by up to 20%)."""
+    from cascadev.pipeline import resolve_stage_a_config
+
+    torch.manual_seed(0)
+    vae = build_stage_a("tiny_taesd", tile_size=0, scale_factor=0.5)
+    assert type(vae.model).__name__ == "AutoencoderTiny"
+    x = video(T=2, H=32, W=48)
+    z = vae.encode(x)
+    assert z.shape == (1, 4, 2, 4, 6)
+    assert torch.equal(vae.encode(x, sample=True, generator=torch.Generator().manual_seed(1)), z)
+    with torch.no_grad():
+        raw = vae.model.encode(x[0].transpose(0, 1)).latents                             # t 4 h w
+        torch.testing.assert_close(z[0].transpose(0, 1), raw * 0.5)
+        torch.testing.assert_close(vae.decode(z)[0].transpose(0, 1), vae.model.decode(raw).sample)
+    latents = torch.randn(1, 4, 1, 24, 24)
+    plain = vae.decode(latents)
+    tiled = with_config(vae, tile_size=96, tile_overlap=48).decode(latents)
+    assert (tiled - plain).abs().mean() / plain.std() < 0.05
+    randomize_(vae.model)
+    vae.save_pretrained(tmp_path / "vae")
+    config = resolve_stage_a_config(str(tmp_path / "vae"), stage_a_mod.PRESETS["tiny_taesd"])
+    assert config.kind == "taesd" and config.pretrained == str(tmp_path / "vae")
+    loaded = StageAVAE.from_config(dataclasses.replace(config, scale_factor=0.5))
+    assert torch.equal(loaded.decode(latents), vae.decode(latents))

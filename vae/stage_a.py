@@ -1,12 +1,16 @@
 """Stage A: the pixel VAE (f8, 4 channels) around a diffusers autoencoder. It owns the latent scale.
 
 ``StageAVAE.encode``: video (B, 3, T, H, W) in [-1, 1] -> latents (B, 4, T, H/8, W/8) already multiplied
-by ``scale_factor`` (CascadeV: 0.13025); ``decode`` divides by it and returns the video. Two kinds:
+by ``scale_factor`` (CascadeV: 0.13025); ``decode`` divides by it and returns the video. Three kinds:
 
 - ``"svd_temporal"``: Stable Video Diffusion's ``AutoencoderKLTemporalDecoder`` (per-frame encoder, a
   decoder with temporal layers that mixes the ``num_frames`` frames of one call). The default, as in
   CascadeV, loaded from ``stabilityai/stable-video-diffusion-img2vid-xt`` subfolder ``vae``.
 - ``"kl"``: an image ``AutoencoderKL`` (SD family); frames are independent.
+- ``"taesd"``: diffusers' ``AutoencoderTiny`` (TAESD's architecture): a deterministic autoencoder of plain
+  convolutions, no normalisation, frames independent. Small ones train quickly, and with no GroupNorm their
+  output does not depend on the tile they decode (GroupNorm's per-tile statistics shift a small VAE's colours
+  and contrast); the built-in tiny cascade uses one.
 
 Memory is bounded by the config, whatever the clip: frames go through the decoder ``chunk_frames`` at a
 time, and frames larger than ``tile_size`` pixels go through in spatial tiles cut in latent space.
@@ -37,26 +41,28 @@ LATENT_SCALE = 0.13025          # CascadeV's latent scale (both latents are mult
 DOWNSAMPLE = 8                  # Stage A: f8
 LATENT_CHANNELS = 4
 SVD_VAE_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
+KIND_OF_CLASS = {"AutoencoderKLTemporalDecoder": "svd_temporal", "AutoencoderKL": "kl", "AutoencoderTiny": "taesd"}
+KINDS = tuple(KIND_OF_CLASS.values())
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class StageAConfig:
-    kind: Literal["svd_temporal", "kl"] = "svd_temporal"
+    kind: Literal["svd_temporal", "kl", "taesd"] = "svd_temporal"
     pretrained: str | None = SVD_VAE_REPO   # local diffusers folder or hub id; None = random init (arch below)
     subfolder: str | None = "vae"
     variant: str | None = None              # hub file variant, e.g. "fp16"
     dtype: str = "float32"                  # float32 | float16 | bfloat16
     scale_factor: float = LATENT_SCALE
-    sample_posterior: bool = False          # encode: posterior mode (default) or a sample
+    sample_posterior: bool = False          # encode: posterior mode (default) or a sample; "taesd" has no posterior
     encode_frame_batch: int = 8             # frames per encoder call
     chunk_frames: int = 8                   # frames per decoder call (the temporal decoder's window); 0 = all
     chunk_overlap: int = 0                  # min frames shared by consecutive decode chunks, blended linearly
     tile_size: int = 1024                   # pixels per tile side; larger frames are tiled; 0 = never tile
     tile_overlap: int = 128                 # min pixels shared by neighbouring tiles, blended linearly
     # architecture when built without pretrained weights (tiny presets, meta-device builds)
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)    # "taesd": encoder and decoder both
+    layers_per_block: int = 2               # "taesd" keeps TAESD's blocks per stage (1, 3, 3, 3)
     latent_channels: int = LATENT_CHANNELS  # 4 as SVD's VAE; a pretrained folder brings its own
     norm_num_groups: int = 32               # "kl" only; the temporal decoder always uses 32 groups
     # "kl" only: self-attention in the middle blocks (diffusers' default). Off, nothing looks across the
@@ -64,8 +70,8 @@ class StageAConfig:
     mid_attention: bool = True
 
     def __post_init__(self):
-        if self.kind not in ("svd_temporal", "kl"):
-            raise ValueError(f"unknown Stage A kind {self.kind!r}; expected 'svd_temporal' or 'kl'")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown Stage A kind {self.kind!r}; expected one of {', '.join(map(repr, KINDS))}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.scale_factor <= 0:
@@ -97,6 +103,8 @@ PRESETS: dict[str, StageAConfig] = {
     # CPU tests and the demo: random-init f8 VAEs with a few hundred K parameters
     "tiny": StageAConfig(kind="kl", pretrained=None, subfolder=None, block_out_channels=(16, 32, 32, 32),
                          layers_per_block=1, norm_num_groups=8, tile_size=256, tile_overlap=64),
+    "tiny_taesd": StageAConfig(kind="taesd", pretrained=None, subfolder=None, block_out_channels=(16, 16, 16, 16),
+                               tile_size=256, tile_overlap=64),
     "tiny_temporal": StageAConfig(kind="svd_temporal", pretrained=None, subfolder=None,
                                   block_out_channels=(32, 32, 32, 32), layers_per_block=1,
                                   tile_size=256, tile_overlap=64),
@@ -162,24 +170,28 @@ def _is_local(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
 
 
+def _architecture(config: StageAConfig) -> tuple[type, dict]:
+    """The diffusers class for ``config.kind`` and its constructor arguments for a random-init build."""
+    from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder, AutoencoderTiny
+
+    channels = tuple(config.block_out_channels)
+    if config.kind == "taesd":
+        return AutoencoderTiny, dict(encoder_block_out_channels=channels, decoder_block_out_channels=channels,
+                                     latent_channels=config.latent_channels, scaling_factor=config.scale_factor)
+    arch = dict(in_channels=3, out_channels=3, block_out_channels=channels, layers_per_block=config.layers_per_block,
+                latent_channels=config.latent_channels, scaling_factor=config.scale_factor,
+                down_block_types=("DownEncoderBlock2D",) * len(channels))
+    if config.kind == "svd_temporal":
+        return AutoencoderKLTemporalDecoder, arch
+    return AutoencoderKL, dict(arch, up_block_types=("UpDecoderBlock2D",) * len(channels),
+                               norm_num_groups=config.norm_num_groups, mid_block_add_attention=config.mid_attention)
+
+
 def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
     """The diffusers autoencoder for ``config``: loaded from ``config.pretrained`` or built from the arch fields."""
-    from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
-
-    n = len(config.block_out_channels)
-    if config.kind == "svd_temporal":
-        cls = AutoencoderKLTemporalDecoder
-        arch = dict(down_block_types=("DownEncoderBlock2D",) * n)
-    elif config.kind == "kl":
-        cls = AutoencoderKL
-        arch = dict(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                    norm_num_groups=config.norm_num_groups, mid_block_add_attention=config.mid_attention)
-    else:
-        raise ValueError(f"unknown Stage A kind {config.kind!r}; expected 'svd_temporal' or 'kl'")
+    cls, arch = _architecture(config)
     if not (load_weights and config.pretrained):
-        return cls(in_channels=3, out_channels=3, block_out_channels=tuple(config.block_out_channels),
-                   layers_per_block=config.layers_per_block, latent_channels=config.latent_channels,
-                   scaling_factor=config.scale_factor, **arch)
+        return cls(**arch)
     source, subfolder = config.pretrained, config.subfolder
     kwargs = {}
     if _is_local(source):
@@ -236,6 +248,8 @@ class StageAVAE(nn.Module):
     # -- encode ------------------------------------------------------------------------------------
 
     def _encode_frames(self, x: torch.Tensor, sample: bool, generator: torch.Generator | None) -> torch.Tensor:
+        if self.config.kind == "taesd":
+            return self.model.encode(x).latents                       # deterministic: no posterior to sample
         posterior = self.model.encode(x).latent_dist                  # (n, 4, h, w) diagonal Gaussian
         return posterior.sample(generator) if sample else posterior.mode()
 
