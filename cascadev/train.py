@@ -93,6 +93,12 @@ def ema_init(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """The decay for update ``step`` (0-based): ``min(decay, (1 + step) / (10 + step))``, diffusers' EMAModel
+    warmup, so a short run's EMA does not still carry its random initialisation (0.999 ** 3500 = 3%)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * weights."""
@@ -307,7 +313,7 @@ def run_training(args: argparse.Namespace) -> Path:
                 prepared[key].step()
                 prepared[key].zero_grad(set_to_none=True)
         if ema is not None and not accelerator.optimizer_step_was_skipped:
-            ema_update(ema, accelerator.unwrap_model(prepared["model"]), optim.ema_decay)
+            ema_update(ema, accelerator.unwrap_model(prepared["model"]), ema_decay_at(step, optim.ema_decay))
         step += 1
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
         counted += 1

@@ -15,7 +15,7 @@ from cascadev.data import (LatentDataset, VideoDataset, clip_starts, load_clip, 
                            split_validation)
 from cascadev.synthetic import write_clips
 from cascadev.tasks import DiTTask, VAETask
-from cascadev.train import checkpoints, lr_at, main
+from cascadev.train import checkpoints, ema_decay_at, lr_at, main
 from cascadev.train_config import load_train_config
 from cascadev.video_io import read_video, video_info
 
@@ -280,6 +280,15 @@ def test_vae_loss_falls_on_a_tiny_set(clips, kind):
         assert (logs["kl"] == 0) == (kind == "taesd")                   # AutoencoderTiny: no posterior, no KL
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.6 * first, (first, last)
+
+
+def test_ema_decay_warms_up_to_the_configured_value():
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(90, 0.999) == pytest.approx(0.91)
+    assert ema_decay_at(100_000, 0.999) == 0.999
+    weight = 1.0                                   # share of the initial weights left in the EMA after 3500 steps
+    for step in range(3500):
+        weight *= ema_decay_at(step, 0.999)
+    assert weight < 1e-6 < 0.999 ** 3500
 
 
 def test_warmup_then_constant_or_cosine():

@@ -201,6 +201,11 @@ def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
         if subfolder and not (root / subfolder).is_dir() and (root / "config.json").is_file():
             subfolder = None                  # the folder is the VAE itself (e.g. from save_pretrained)
         source, kwargs = str(root), {"local_files_only": True}
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    if config.kind == "taesd":     # AutoencoderTiny saves block_out_channels itself, then warns that it is unexpected
+        diffusers_logging.set_verbosity_error()
     try:
         model = cls.from_pretrained(source, subfolder=subfolder, variant=config.variant,
                                     torch_dtype=DTYPES[config.dtype], **kwargs)
@@ -210,6 +215,8 @@ def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
             f"cannot load the Stage A VAE ({cls.__name__}) from {where}: {str(e).strip().splitlines()[0][:200]} "
             f"-- set stage_a.pretrained to a local diffusers folder, or download it once online "
             f"(huggingface-cli download {config.pretrained} --include '{subfolder or ''}*')") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
     if type(model) is not cls:
         raise ValueError(f"{config.pretrained!r}: expected a {cls.__name__} for kind={config.kind!r}, got {type(model).__name__}")
     return model
