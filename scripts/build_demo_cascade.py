@@ -4,16 +4,15 @@
     python scripts/build_demo_cascade.py --from export                # only re-export finished runs
 
 Steps: procedural training clips (396 clips, seeds < 100000, striped shapes over gradients, 16 frames at
-256x256) -> Stage A VAE (configs/demo_vae.yaml) and semantic encoder + Previewer
-(configs/demo_semantic.yaml), side by side, one CPU thread each -> cached latents of random 128x128
-crops -> the LDM-VAE DiT (configs/demo_dit.yaml) -> cascadev/assets/tiny_cascade. Each training run
-resumes by itself if interrupted.
+256x256) -> Stage A (configs/demo_vae.yaml, then its decoder with MSE: configs/demo_vae_mse.yaml) and
+semantic encoder + Previewer (configs/demo_semantic.yaml), side by side, one CPU thread each -> cached
+latents of random 128x128 crops -> the LDM-VAE DiT (configs/demo_dit.yaml) -> cascadev/assets/tiny_cascade.
+Each training run resumes by itself if interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -21,14 +20,10 @@ import sys
 from pathlib import Path
 
 STEPS = ("data", "stages", "cache", "dit", "export")
-STAGE_A = "runs/demo_vae/final/ema"
+STAGE_A = "runs/demo_vae_mse/final/ema"    # its encoder is configs/demo_dit.yaml's, the decoder fine-tuned with MSE
 DATA = "runs/demo_data256/train"
 CACHE = "runs/demo_cache"
 DEMO_SETTINGS = {"steps": 4, "scheduler": "flow", "kind": "shapes", "size": 256}   # best of flow 1/2/4/8 on seeds 200000+
-# Stage A decodes the cascade's latents in 128 px tiles: its GroupNorm statistics depend on the area it sees (it
-# trained on 64 px crops). Cascade on seeds 200000+, 1 flow step: whole 256 px frames 21.61 dB, tiles of
-# 64 / 96 / 128 / 192 px 21.40 / 21.97 / 22.17 / 21.74
-STAGE_A_TILES = {"tile_size": 128, "tile_overlap": 32}
 
 
 def run(*argv: str, threads: int = 1) -> subprocess.Popen:
@@ -50,8 +45,7 @@ def export(out: Path) -> None:
     from cascadev.pipeline import CascadeVPipeline
     from cascadev.train_config import load_train_config
 
-    trained = load_train_config("configs/demo_dit.yaml").stage_a.model_config()     # with its latent scale
-    stage_a_config = dataclasses.replace(trained, **STAGE_A_TILES)
+    stage_a_config = load_train_config("configs/demo_dit.yaml").stage_a.model_config()     # with its latent scale
     pipe = CascadeVPipeline.from_pretrained(
         dit="runs/demo_dit/final/ema", semantic_encoder="runs/demo_semantic/final/semantic_encoder",
         previewer="runs/demo_semantic/final/previewer", stage_a=STAGE_A, stage_a_config=stage_a_config, device="cpu")
@@ -70,9 +64,10 @@ def main() -> None:
     todo = STEPS[STEPS.index(args.start):]
     if "data" in todo:
         wait(run("-m", "cascadev.synthetic", DATA, "--n", "396", "--frames", "16", "--size", "256", "--kind", "shapes"))
-    if "stages" in todo:  # independent: one core each
-        wait(run("-m", "cascadev.train", "--config", "configs/demo_vae.yaml"),
-             run("-m", "cascadev.train", "--config", "configs/demo_semantic.yaml"))
+    if "stages" in todo:  # independent: one core each; Stage A, then its decoder fine-tuned with MSE
+        semantic = run("-m", "cascadev.train", "--config", "configs/demo_semantic.yaml")
+        wait(run("-m", "cascadev.train", "--config", "configs/demo_vae.yaml"))
+        wait(run("-m", "cascadev.train", "--config", "configs/demo_vae_mse.yaml"), semantic)
     if "cache" in todo:
         wait(run("-m", "cascadev.cache_latents", "--config", "configs/demo_dit.yaml", "--out", CACHE,
                  "--clips-per-video", "6", "--crop", "random", threads=2))
