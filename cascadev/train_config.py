@@ -100,6 +100,7 @@ class VAESection:
     trainable: tuple[str, ...] = ("*",)            # fnmatch patterns of parameter names that train
     l1_weight: float = 1.0
     mse_weight: float = 0.0                        # PSNR is an MSE: weight it when PSNR is what is judged
+    lowpass_weight: float = 0.0                    # MSE of 8x8 block means: colour the per-pixel losses underweight
     lpips_weight: float = 0.1                      # used only when the LPIPS weights are on disk
     kl_weight: float = 1e-6                        # on the per-element mean KL
     sample_posterior: bool = True
@@ -112,7 +113,7 @@ class VAESection:
     def __post_init__(self):
         if not self.trainable:
             raise ValueError("vae.trainable needs at least one pattern (e.g. ['*'] or ['decoder.*'])")
-        if min(self.l1_weight, self.mse_weight, self.lpips_weight, self.kl_weight, self.disc_weight) < 0:
+        if min(self.l1_weight, self.mse_weight, self.lowpass_weight, self.lpips_weight, self.kl_weight, self.disc_weight) < 0:
             raise ValueError("vae loss weights must be >= 0")
 
 

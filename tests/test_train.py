@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cascadev.cache_latents import main as cache_main
@@ -366,6 +367,13 @@ def test_vae_loss_terms_with_lpips_and_discriminator(clips):
     loss2, _, logs2 = weighted.generator_loss(weighted.model, None, video, torch.Generator().manual_seed(0), use_disc=False)
     assert torch.allclose(logs2["mse"], logs["mse"]) and logs["mse"] > 0
     assert torch.allclose(loss2, c.l1_weight * logs["l1"] + 2.0 * logs["mse"] + c.kl_weight * logs["kl"], rtol=1e-5)
+    colour = VAETask(dataclasses.replace(config, vae=dataclasses.replace(c, lowpass_weight=3.0)))
+    colour.model.load_state_dict(task.model.state_dict())
+    loss3, recon3, logs3 = colour.generator_loss(colour.model, None, video, torch.Generator().manual_seed(0), use_disc=False)
+    block_means = lambda v: F.avg_pool2d(v.transpose(1, 2).flatten(0, 1), 8)              # (b t) 3 h/8 w/8
+    lowpass = (block_means(recon3) - block_means(video)).square().mean()
+    assert torch.allclose(logs3["lowpass"], lowpass) and lowpass > 0
+    assert torch.allclose(loss3, loss2 - 2.0 * logs["mse"] + 3.0 * lowpass, rtol=1e-5)
     loss.backward()
     assert all(p.grad is None for p in disc.parameters())            # the generator step leaves D alone
     assert task.model.vae.decoder.conv_out.weight.grad is not None and task.model.vae.encoder.conv_in.weight.grad is None
