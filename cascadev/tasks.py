@@ -367,14 +367,14 @@ class VAETask:
         loss = c.l1_weight * l1 + c.mse_weight * mse + c.kl_weight * kl
         logs = {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
         frames = rearrange(recon, "b c t h w -> (b t) c h w")
+        target = rearrange(video, "b c t h w -> (b t) c h w")
         if c.lowpass_weight > 0:
             # block means of the f8 grid: a tiny TAESD trained on L1 + MSE alone missed flat colours by ~0.1
-            target = rearrange(video, "b c t h w -> (b t) c h w")
             lowpass = (F.avg_pool2d(frames.float(), 8) - F.avg_pool2d(target, 8)).square().mean()
             loss = loss + c.lowpass_weight * lowpass
             logs["lowpass"] = lowpass.detach()
         if self.lpips is not None:
-            lp = self.lpips(frames.float(), rearrange(video, "b c t h w -> (b t) c h w")).mean()
+            lp = self.lpips(frames.float(), target).mean()
             loss = loss + c.lpips_weight * lp
             logs["lpips"] = lp.detach()
         if use_disc:

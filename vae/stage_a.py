@@ -189,6 +189,8 @@ def _architecture(config: StageAConfig) -> tuple[type, dict]:
 
 def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
     """The diffusers autoencoder for ``config``: loaded from ``config.pretrained`` or built from the arch fields."""
+    from diffusers.utils import logging as diffusers_logging
+
     cls, arch = _architecture(config)
     if not (load_weights and config.pretrained):
         return cls(**arch)
@@ -201,8 +203,6 @@ def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
         if subfolder and not (root / subfolder).is_dir() and (root / "config.json").is_file():
             subfolder = None                  # the folder is the VAE itself (e.g. from save_pretrained)
         source, kwargs = str(root), {"local_files_only": True}
-    from diffusers.utils import logging as diffusers_logging
-
     level = diffusers_logging.get_verbosity()
     if config.kind == "taesd":     # AutoencoderTiny saves block_out_channels itself, then warns that it is unexpected
         diffusers_logging.set_verbosity_error()
