@@ -23,6 +23,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the folder's saved sampler (flow for the built-in tiny cascade), else euler_a")
     g.add_argument("--tiling", default="blend", choices=["blend", "official"],
                    help="blend windows/tiles smoothly (default) or reproduce the release exactly")
+    g.add_argument("--colour-fix", type=int, metavar="N",
+                   help="take the band of N x N pixel blocks and below from the Previewer (StableSR's colour fix; "
+                        "default: the folder's saved setting, 16 for the built-in tiny cascade; 0: off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
@@ -54,7 +57,7 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(p)
 
 
-def _load_pipeline(args, previewer: bool = False):
+def _load_pipeline(args, previewer: bool):
     from cascadev.pipeline import CascadeVPipeline
     print("loading weights ...", flush=True)
     return CascadeVPipeline.from_pretrained(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder,
@@ -63,10 +66,13 @@ def _load_pipeline(args, previewer: bool = False):
 
 
 def _decode_kwargs(args) -> dict:
-    from cascadev.pipeline import resolve_sampler
+    from cascadev.pipeline import resolve_colour_fix, resolve_sampler
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    return dict(seed=args.seed, tiling=args.tiling, **resolve_sampler(args.weights, args.steps, args.scheduler))
+    if args.colour_fix is not None and args.colour_fix < 0:
+        raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
+    return dict(seed=args.seed, tiling=args.tiling, colour_fix=resolve_colour_fix(args.weights, args.colour_fix),
+                **resolve_sampler(args.weights, args.steps, args.scheduler))
 
 
 def _report(pipe) -> None:
@@ -87,13 +93,14 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     if size != (H, W):
         print(f"resizing {W}x{H} -> {size[1]}x{size[0]} (aspect kept, multiples of 32)")
     video = resize_video(video, size)
-    pipe = _load_pipeline(args)
+    decode_kwargs = _decode_kwargs(args)
+    pipe = _load_pipeline(args, previewer=decode_kwargs["colour_fix"] is not None)
     print(f"reconstructing {video.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
     latents = pipe.encode(video, progress=True)
     if args.latents_out:
         save_latents(args.latents_out, latents, source=str(args.input))
         print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
-    recon = pipe.decode(latents, **_decode_kwargs(args)).cpu()
+    recon = pipe.decode(latents, **decode_kwargs).cpu()
     fps = (info.fps or 8.0) / args.stride
     write_video(args.output, recon, fps=fps, crf=args.crf)
     if args.compare:
@@ -113,12 +120,14 @@ def run_decode(args: argparse.Namespace) -> None:
         if args.scale is not None or args.vae is not None:
             raise UserError("--scale and --vae are for --latent-space sd-vae")
         latents = load_latents(args.latents, SEMANTIC_CHANNELS)
-        pipe = _load_pipeline(args)
+        decode_kwargs = _decode_kwargs(args)
+        pipe = _load_pipeline(args, previewer=decode_kwargs["colour_fix"] is not None)
         print(f"decoding latents {tuple(latents.shape)} -> {latents.shape[-1] * 32}x{latents.shape[-2] * 32}")
-        videos = pipe.decode(latents, **_decode_kwargs(args)).cpu()
+        videos = pipe.decode(latents, **decode_kwargs).cpu()
     else:
         from cascadev.pipeline import resolve_stage_a_config
         from vae.stage_a import SVD_VAE_REPO, StageAVAE
+        decode_kwargs = _decode_kwargs(args)
         latents = load_latents(args.latents, 4)
         if args.vae_scale <= 0:
             raise UserError(f"--vae-scale must be positive, got {args.vae_scale}")
@@ -133,8 +142,8 @@ def run_decode(args: argparse.Namespace) -> None:
         long_side = round(max(H, W) * args.scale) if args.scale else None
         size = infer_size(H, W, args.size if args.size else str(long_side or 2048))
         print(f"upscaling {W}x{H} -> {size[1]}x{size[0]} through the cascade")
-        pipe = _load_pipeline(args)
-        videos = pipe.reconstruct(resize_video(pixels, size), **_decode_kwargs(args)).cpu()
+        pipe = _load_pipeline(args, previewer=decode_kwargs["colour_fix"] is not None)
+        videos = pipe.reconstruct(resize_video(pixels, size), **decode_kwargs).cpu()
     out = Path(args.output)
     for i, video in enumerate(videos):
         path = out if len(videos) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")

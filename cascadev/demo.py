@@ -2,8 +2,10 @@
 
 The built-in tiny cascade (``cascadev/assets/tiny_cascade``, trained on ``cascadev.synthetic`` clips by
 the configs in ``configs/demo_*.yaml``) encodes each clip to 16-channel f32 semantic latents, then
-decodes them two ways: the LDM-VAE (DiT sampling + Stage A decode) and the no-LDM baseline (the
-Previewer, x8, then bilinear x4). Clips use seeds the training never saw. Writes DIR/side_by_side.mp4
+decodes them two ways: the LDM-VAE (DiT sampling + Stage A decode; with the shipped setting, its band of
+16 x 16 pixel blocks and below taken from the Previewer, StableSR's colour fix) and the no-LDM baseline (the
+Previewer, x8, then bilinear x4). Clips use seeds the training never saw. The cascade without the colour fix is
+scored too. Writes DIR/side_by_side.mp4
 (input | cascade | baseline), DIR/frames.png (the same, first clip, as rows) and DIR/results.json.
 """
 
@@ -29,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the shipped setting)")
     p.add_argument("--scheduler", default=None, choices=["euler_a", "ddim", "dpmpp", "flow"])
     p.add_argument("--kind", default=None, help="procedural clip kind (default: what the cascade was trained on)")
+    p.add_argument("--colour-fix", type=int, default=None, metavar="N",
+                   help="the cascade's band of N x N pixel blocks from the Previewer (default: the shipped setting; 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default=None, help="another cascade folder (save_pretrained layout)")
 
@@ -43,7 +47,7 @@ def run(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     import torch
 
-    from cascadev.pipeline import CascadeVPipeline, resolve_sampler, saved_settings
+    from cascadev.pipeline import CascadeVPipeline, fix_colour, resolve_colour_fix, resolve_sampler, saved_settings
     from cascadev.synthetic import make_clip
     from cascadev.video_io import write_png_strip, write_video
     from eval.metrics import psnr, ssim
@@ -60,18 +64,24 @@ def _run(args: argparse.Namespace) -> dict:
     size = args.size if args.size is not None else settings.get("size", 128)
     if size % 32 or size < 32:
         raise UserError(f"--size must be a positive multiple of 32, got {size}")
+    if args.colour_fix is not None and (args.colour_fix < 0 or (args.colour_fix and size % args.colour_fix)):
+        raise UserError(f"--colour-fix must be 0 (off) or divide --size {size}, got {args.colour_fix}")
+    fix = resolve_colour_fix(weights, args.colour_fix)
 
     start = time.perf_counter()
     pipe = CascadeVPipeline.from_pretrained(weights, device="cpu")
     seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
-    scores = {"cascade": {"psnr": [], "ssim": []}, "baseline": {"psnr": [], "ssim": []}}
+    methods = ["cascade", "baseline"] + (["cascade_without_colour_fix"] if fix else [])
+    scores = {method: {"psnr": [], "ssim": []} for method in methods}
     panels = []
     for i, seed in enumerate(seeds):
         video = make_clip(seed, args.frames, size, size, kind)[None]   # (1, 3, T, H, W)
         latents = pipe.encode(video)
-        outputs = {"cascade": pipe.decode(latents, steps=steps, seed=args.seed + i, scheduler=scheduler,
-                                                scheduler_config=scheduler_config, progress=False),
-                   "baseline": pipe.preview(latents)}
+        cascade = pipe.decode(latents, steps=steps, seed=args.seed + i, scheduler=scheduler,
+                              scheduler_config=scheduler_config, progress=False)
+        outputs = {"cascade": cascade, "baseline": pipe.preview(latents)}
+        if fix:
+            outputs.update(cascade=fix_colour(cascade, outputs["baseline"], fix), cascade_without_colour_fix=cascade)
         for method, out in outputs.items():
             scores[method]["psnr"].append(psnr(out, video))
             scores[method]["ssim"].append(ssim(out, video))
@@ -88,15 +98,16 @@ def _run(args: argparse.Namespace) -> dict:
     results = {method: {k: torch.cat(v).mean().item() for k, v in metrics.items()} for method, metrics in scores.items()}
     results.update({
         "clips": args.clips, "frames": args.frames, "size": [size, size], "seeds": seeds,
-        "steps": steps, "scheduler": scheduler, "scheduler_config": scheduler_config, "kind": kind, "weights": str(weights),
+        "steps": steps, "scheduler": scheduler, "scheduler_config": scheduler_config, "colour_fix": fix,
+        "kind": kind, "weights": str(weights),
         "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over all frames",
         "seconds": round(time.perf_counter() - start, 1),
     })
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\n{args.clips} held-out clips, {args.frames} frames at {size}x{size}, {steps} {scheduler} steps")
-    print(f"{'method':<10}{'PSNR':>8}{'SSIM':>8}")
-    for method in ("cascade", "baseline"):
-        print(f"{method:<10}{results[method]['psnr']:>8.2f}{results[method]['ssim']:>8.3f}")
+    print(f"{'method':<28}{'PSNR':>8}{'SSIM':>8}")
+    for method in methods:
+        print(f"{method:<28}{results[method]['psnr']:>8.2f}{results[method]['ssim']:>8.3f}")
     print(f"{results['seconds']:.0f} s -> {out_dir}/side_by_side.mp4, frames.png, results.json")
     return results

@@ -4,6 +4,8 @@
 ``decode``: semantic latents -> upsampled x4 and scaled condition -> DiT sampling of Stage A latents
 (B, 4, T, H/8, W/8) -> Stage A decode -> video (B, 3, T, H, W) in [-1, 1].
 ``preview``: the no-LDM baseline, the Previewer (x8) then bilinear x4 to full size.
+``decode(..., colour_fix=f)``: the cascade's detail above the band of f x f pixel blocks over the Previewer's band
+below it (``fix_colour``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,24 @@ def resize_video(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 # -- latents files -------------------------------------------------------------------------------
+
+def low_band(video: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, 3, T, H, W) -> the same size, holding only the band of ``factor`` x ``factor`` pixel blocks:
+    antialiased bilinear down by ``factor``, bilinear back up."""
+    H, W = video.shape[-2:]
+    if factor < 1 or H % factor or W % factor:
+        raise ValueError(f"colour fix: frames {H}x{W} are not divisible by its factor {factor}")
+    return resize_video(resize_video(video, (H // factor, W // factor)), (H, W))
+
+
+def fix_colour(video: torch.Tensor, reference: torch.Tensor, factor: int) -> torch.Tensor:
+    """``video``'s detail above the ``factor`` band on ``reference``'s band below it, both (B, 3, T, H, W).
+
+    StableSR's wavelet colour fix (Wang et al. 2023), with the Previewer's decoding of the same
+    semantic latents as the low-resolution reference: a diffusion decoder's samples drift in colour and
+    brightness over whole regions, the regression-trained Previewer does not."""
+    return (video - low_band(video, factor) + low_band(reference, factor)).clamp(-1, 1)
+
 
 def save_latents(path: str | Path, latents: torch.Tensor, **metadata: str) -> None:
     """Write (B, C, T, h, w) latents as safetensors (key ``latents``), atomically."""
@@ -269,10 +289,17 @@ class CascadeVPipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, steps: int = 8, seed: int = 0, scheduler: str = "euler_a",
                tiling: str | Tiling = "blend", progress: bool = True,
-               scheduler_config: dict | None = None) -> torch.Tensor:
-        """Semantic latents (B, 16, T, h, w) -> video (B, 3, T, 32h, 32w) in [-1, 1]."""
+               scheduler_config: dict | None = None, colour_fix: int | None = None) -> torch.Tensor:
+        """Semantic latents (B, 16, T, h, w) -> video (B, 3, T, 32h, 32w) in [-1, 1].
+
+        ``colour_fix=f`` takes the band of f x f pixel blocks and below from the Previewer (``fix_colour``)."""
+        if colour_fix is not None and self.previewer is None:
+            raise ValueError("colour_fix needs the Previewer: load the pipeline with one")
         z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress, scheduler_config)
-        return self._timed("stage_a", lambda: self.stage_a.decode(z, progress)).clamp(-1, 1)
+        video = self._timed("stage_a", lambda: self.stage_a.decode(z, progress)).clamp(-1, 1)
+        if colour_fix is None:
+            return video
+        return fix_colour(video, self.preview(latents), colour_fix)
 
     @torch.no_grad()
     def reconstruct(self, video: torch.Tensor, **decode_kwargs) -> torch.Tensor:
@@ -306,6 +333,14 @@ def resolve_sampler(weights: str | Path | None, steps: int | None, scheduler: st
     # e.g. the flow shift the DiT was trained at; it belongs to the saved scheduler only
     config = settings.get("scheduler_config") if scheduler == settings.get("scheduler") else None
     return {"steps": steps or settings.get("steps", 8), "scheduler": scheduler, "scheduler_config": config}
+
+
+def resolve_colour_fix(weights: str | Path | None, given: int | None) -> int | None:
+    """The ``colour_fix`` factor for ``decode``: the one given (0: off), else the folder's saved one, else off."""
+    if given is not None and given < 0:
+        raise ValueError(f"colour fix factor must be >= 0 (0: off), got {given}")
+    factor = saved_settings(weights).get("colour_fix") if given is None else given
+    return factor or None
 
 
 def infer_size(height: int, width: int, size: str | None, multiple: int = SEMANTIC_DOWNSAMPLE) -> tuple[int, int]:

@@ -92,6 +92,12 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, tiny_pipeline_dir):
     save_latents(tmp_path / "ok.safetensors", torch.randn(1, 16, 4, 3, 5))
     code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4", "--weights", tmp_path / "nowhere")
     assert code == 2 and err.count("\n") == 1 and "nowhere" in err
+    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir,
+                           "--colour-fix", -1)
+    assert code == 2 and err.count("\n") == 1 and "--colour-fix must be >= 0" in err
+    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir,
+                           "--colour-fix", 64, "--steps", 1)
+    assert code == 2 and err.count("\n") == 1 and "not divisible by its factor 64" in err
 
     with pytest.raises(ValueError, match=r"expected 3 channels.*is T before C"):
         CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu").encode(torch.zeros(1, 4, 3, 32, 32))
@@ -122,3 +128,48 @@ def test_sampler_defaults_follow_the_folder(tmp_path, tiny_pipeline_dir):
     (folder / "pipeline.json").write_text('{"demo": {"scheduler": "flow", "scheduler_config": {"shift": 3.0}}}')
     assert resolve_sampler(folder, None, None)["scheduler_config"] == {"shift": 3.0}
     assert resolve_sampler(folder, None, "ddim")["scheduler_config"] is None    # the shift belongs to flow only
+
+
+def test_colour_fix_takes_the_low_band_from_the_reference():
+    from cascadev.pipeline import fix_colour, low_band
+
+    torch.manual_seed(0)
+    video = 0.4 * torch.rand(1, 3, 2, 64, 96) - 0.2
+    torch.testing.assert_close(fix_colour(video, video, 16), video, rtol=0, atol=1e-6)
+    shift = torch.tensor([0.1, -0.2, 0.05]).view(1, 3, 1, 1, 1)    # a colour cast over the whole frame
+    torch.testing.assert_close(fix_colour(video, video + shift, 16), video + shift, rtol=0, atol=1e-6)
+    # a video = smooth colour field + fine detail; the reference has another smooth field and no detail: the fix
+    # keeps the detail on the reference's field
+    detail = 0.2 * torch.rand(1, 3, 2, 64, 96) - 0.1
+    field_a = torch.linspace(-0.3, 0.3, 96).expand(1, 3, 2, 64, 96)
+    field_b = torch.linspace(0.4, -0.2, 64)[:, None].expand(1, 3, 2, 64, 96)
+    fixed = fix_colour(field_a + detail, field_b, 8)
+    target = field_b + detail
+    assert (fixed - target).abs().mean() < 0.05 * (field_a - field_b).abs().mean()
+    reference = 0.4 * torch.rand(1, 3, 2, 64, 96) - 0.2
+    with pytest.raises(ValueError, match="not divisible by its factor 24"):
+        fix_colour(video, reference, 24)
+
+
+def test_decode_with_colour_fix_equals_the_fix_applied_to_the_plain_decode(pipe, tiny_pipeline_dir):
+    from cascadev.pipeline import fix_colour
+
+    latents = torch.randn(1, 16, 2, 2, 2)
+    plain = pipe.decode(latents, steps=1, seed=3, progress=False)
+    fixed = pipe.decode(latents, steps=1, seed=3, progress=False, colour_fix=16)
+    torch.testing.assert_close(fixed, fix_colour(plain, pipe.preview(latents), 16), rtol=0, atol=0)
+    assert not torch.allclose(fixed, plain)
+    without = CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu", load_previewer=False)
+    with pytest.raises(ValueError, match="colour_fix needs the Previewer"):
+        without.decode(latents, steps=1, progress=False, colour_fix=16)
+
+
+def test_colour_fix_default_follows_the_folder(tmp_path, tiny_pipeline_dir):
+    from cascadev.demo import ASSETS
+    from cascadev.pipeline import resolve_colour_fix
+
+    assert resolve_colour_fix(ASSETS, None) == 16 and resolve_colour_fix(ASSETS, 0) is None
+    assert resolve_colour_fix(ASSETS, 8) == 8
+    assert resolve_colour_fix(None, None) is None is resolve_colour_fix(tiny_pipeline_dir, None)   # the release: off
+    with pytest.raises(ValueError, match="must be >= 0"):
+        resolve_colour_fix(ASSETS, -1)
