@@ -4,9 +4,9 @@ The built-in tiny cascade (``cascadev/assets/tiny_cascade``, trained on ``cascad
 the configs in ``configs/demo_*.yaml``) encodes each clip to 16-channel f32 semantic latents, then
 decodes them two ways: the LDM-VAE (DiT sampling + Stage A decode; with the shipped setting, its band of
 16 x 16 pixel blocks and below taken from the Previewer, StableSR's colour fix) and the no-LDM baseline (the
-Previewer, x8, then bilinear x4). Clips use seeds the training never saw. The cascade without the colour fix is
-scored too. Writes DIR/side_by_side.mp4
-(input | cascade | baseline), DIR/frames.png (the same, first clip, as rows) and DIR/results.json.
+Previewer, x8, then bilinear x4). Clips use seeds the training never saw; the cascade without the colour fix
+is scored too. Writes DIR/side_by_side.mp4 (input | cascade | baseline), DIR/frames.png (the same, first
+clip, as rows) and DIR/results.json.
 """
 
 from __future__ import annotations

@@ -7,11 +7,12 @@ from conftest import run_cli
 def test_demo_runs_on_any_cascade_folder(tmp_path, capsys, tiny_pipeline_dir):
     out = tmp_path / "demo"
     code, stdout, err = run_cli(capsys, "demo", "-o", out, "--weights", tiny_pipeline_dir, "--clips", 2,
-                                "--frames", 4, "--size", 64, "--steps", 1)
+                                "--frames", 4, "--size", 64, "--steps", 1, "--colour-fix", 32)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
-    for method in ("cascade", "baseline"):
+    for method in ("cascade", "baseline", "cascade_without_colour_fix"):
         assert 0 < results[method]["psnr"] < 100 and -1 <= results[method]["ssim"] <= 1
+    assert results["colour_fix"] == 32 and results["cascade"] != results["cascade_without_colour_fix"]
     assert results["seeds"] == [100_000, 100_001] and results["clips"] == 2
     info = video_info(out / "side_by_side.mp4")
     assert (info.frames, info.width, info.height) == (8, 192, 64)  # 2 clips x 4 frames, input | cascade | baseline
@@ -22,6 +23,8 @@ def test_demo_runs_on_any_cascade_folder(tmp_path, capsys, tiny_pipeline_dir):
 def test_demo_rejects_bad_sizes(tmp_path, capsys, tiny_pipeline_dir):
     code, _, err = run_cli(capsys, "demo", "-o", tmp_path, "--weights", tiny_pipeline_dir, "--size", 100)
     assert code == 2 and "multiple of 32" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "demo", "-o", tmp_path, "--weights", tiny_pipeline_dir, "--size", 64, "--colour-fix", 24)
+    assert code == 2 and "--colour-fix must be 0 (off) or divide --size 64" in err and err.count("\n") == 1
     code, _, err = run_cli(capsys, "demo", "-o", tmp_path, "--weights", tmp_path / "empty")
     assert code == 2 and "no cascade here" in err
 
@@ -35,6 +38,8 @@ def test_demo_with_the_shipped_tiny_cascade(tmp_path, capsys):
     assert code == 0, err
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["kind"] == "shapes" and results["scheduler"] == "flow" and results["steps"] == 4
-    assert results["size"] == [256, 256]
-    # regression bounds for the shipped weights (measured on seed 100000: cascade 21.02 dB, baseline 22.61 dB)
-    assert 20.5 < results["cascade"]["psnr"] < 30 and 21.5 < results["baseline"]["psnr"] < 30
+    assert results["size"] == [256, 256] and results["colour_fix"] == 16
+    # regression bounds for the shipped weights (measured on seed 100000: cascade 22.77 dB, baseline 22.61 dB)
+    assert 22.2 < results["cascade"]["psnr"] < 30 and 22.2 < results["baseline"]["psnr"] < 30
+    assert results["cascade"]["psnr"] > results["baseline"]["psnr"]
+    assert 19.0 < results["cascade_without_colour_fix"]["psnr"] < results["cascade"]["psnr"]
