@@ -75,8 +75,6 @@ def resize_video(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return rearrange(frames, "(b t) c h w -> b c t h w", t=T)
 
 
-# -- latents files -------------------------------------------------------------------------------
-
 def low_band(video: torch.Tensor, factor: int) -> torch.Tensor:
     """(B, 3, T, H, W) -> the same size, holding only the band of ``factor`` x ``factor`` pixel blocks:
     antialiased bilinear down by ``factor``, bilinear back up."""
@@ -94,6 +92,8 @@ def fix_colour(video: torch.Tensor, reference: torch.Tensor, factor: int) -> tor
     brightness over whole regions, the regression-trained Previewer does not."""
     return (video - low_band(video, factor) + low_band(reference, factor)).clamp(-1, 1)
 
+
+# -- latents files -------------------------------------------------------------------------------
 
 def save_latents(path: str | Path, latents: torch.Tensor, **metadata: str) -> None:
     """Write (B, C, T, h, w) latents as safetensors (key ``latents``), atomically."""
