@@ -57,13 +57,12 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(p)
 
 
-def _load_pipeline(args, decode_kwargs: dict):
-    """The pipeline for ``args``; the Previewer only when ``decode_kwargs`` (``_decode_kwargs``) use the colour fix."""
+def _load_pipeline(args, previewer: bool):
     from cascadev.pipeline import CascadeVPipeline
     print("loading weights ...", flush=True)
     return CascadeVPipeline.from_pretrained(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder,
                                             previewer=args.previewer, stage_a=args.stage_a, device=args.device,
-                                            load_previewer=decode_kwargs["colour_fix"] is not None)
+                                            load_previewer=previewer)
 
 
 def _decode_kwargs(args) -> dict:
@@ -95,7 +94,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
         print(f"resizing {W}x{H} -> {size[1]}x{size[0]} (aspect kept, multiples of 32)")
     video = resize_video(video, size)
     decode_kwargs = _decode_kwargs(args)
-    pipe = _load_pipeline(args, decode_kwargs)
+    pipe = _load_pipeline(args, previewer=decode_kwargs["colour_fix"] is not None)
     print(f"reconstructing {video.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
     latents = pipe.encode(video, progress=True)
     if args.latents_out:
@@ -122,7 +121,7 @@ def run_decode(args: argparse.Namespace) -> None:
             raise UserError("--scale and --vae are for --latent-space sd-vae")
         latents = load_latents(args.latents, SEMANTIC_CHANNELS)
         decode_kwargs = _decode_kwargs(args)
-        pipe = _load_pipeline(args, decode_kwargs)
+        pipe = _load_pipeline(args, previewer=decode_kwargs["colour_fix"] is not None)
         print(f"decoding latents {tuple(latents.shape)} -> {latents.shape[-1] * 32}x{latents.shape[-2] * 32}")
         videos = pipe.decode(latents, **decode_kwargs).cpu()
     else:
@@ -143,7 +142,7 @@ def run_decode(args: argparse.Namespace) -> None:
         long_side = round(max(H, W) * args.scale) if args.scale else None
         size = infer_size(H, W, args.size if args.size else str(long_side or 2048))
         print(f"upscaling {W}x{H} -> {size[1]}x{size[0]} through the cascade")
-        pipe = _load_pipeline(args, decode_kwargs)
+        pipe = _load_pipeline(args, previewer=decode_kwargs["colour_fix"] is not None)
         videos = pipe.reconstruct(resize_video(pixels, size), **decode_kwargs).cpu()
     out = Path(args.output)
     for i, video in enumerate(videos):

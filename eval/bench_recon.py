@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from cascadev.decode_cli import _decode_kwargs, _load_pipeline
+    from cascadev.pipeline import fix_colour
     from cascadev.video_io import VideoReadError, read_video, write_video
     from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips, psnr, ssim
 
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"{data}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
 
     pipe = _load_pipeline(args, previewer=True)
+    decode_kwargs = _decode_kwargs(args)
+    fix = decode_kwargs.pop("colour_fix")      # applied here, to the baseline already decoded for the table
     lpips, notes = None, {}
     if "lpips" in metrics:
         try:
@@ -91,8 +94,8 @@ def run(args: argparse.Namespace) -> dict:
             continue
         video = square_crop(video, args.size).clamp(-1, 1)
         latents = pipe.encode(video)
-        outputs = {"cascade": pipe.decode(latents, progress=False, **_decode_kwargs(args)).cpu(),
-                   "baseline": pipe.preview(latents).cpu()}
+        cascade, baseline = pipe.decode(latents, progress=False, **decode_kwargs).cpu(), pipe.preview(latents).cpu()
+        outputs = {"cascade": fix_colour(cascade, baseline, fix) if fix else cascade, "baseline": baseline}
         write_video(run_dir / "real" / f"{path.stem}.mp4", video, fps=8)
         for method, out in outputs.items():
             write_video(run_dir / method / f"{path.stem}.mp4", out, fps=8)
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
 
     report = {**results, "videos": done, "skipped": skipped, "notes": notes,
               "settings": {"size": args.size, "frames": args.frames, "limit": args.limit, "steps": args.steps,
-                           "scheduler": args.scheduler, "tiling": args.tiling, "seed": args.seed,
+                           "scheduler": args.scheduler, "tiling": args.tiling, "colour_fix": fix, "seed": args.seed,
                            "data": str(data), "selection": "first videos by file name, first frames"},
               "conventions": {m: CONVENTIONS[m] for m in ("psnr", "ssim", "lpips")}}
     run_dir.mkdir(parents=True, exist_ok=True)
