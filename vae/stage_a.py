@@ -9,21 +9,25 @@ by ``scale_factor`` (CascadeV: 0.13025); ``decode`` divides by it and returns th
 - ``"kl"``: an image ``AutoencoderKL`` (SD family); frames are independent.
 - ``"taesd"``: diffusers' ``AutoencoderTiny`` (TAESD's architecture): a deterministic autoencoder of plain
   convolutions, no normalisation, frames independent. Small ones train quickly, and with no GroupNorm their
-  output does not depend on the tile they decode (GroupNorm's per-tile statistics shift a small VAE's colours
-  and contrast); the built-in tiny cascade uses one.
+  tiles decode close to the whole frame (GroupNorm's per-tile statistics shift a small VAE's colours and
+  contrast): max 0.023 off on the tiny preset vs 0.49 for the tiny "kl"; the built-in tiny cascade uses one.
 
 Memory is bounded by the config, whatever the clip: frames go through the decoder ``chunk_frames`` at a
-time, and frames larger than ``tile_size`` pixels go through in spatial tiles cut in latent space.
-Chunks and tiles always have the full size (the temporal decoder sees the window length it was trained
-on); they are spaced evenly, neighbours share at least ``chunk_overlap`` frames / ``tile_overlap``
-pixels, and overlaps are blended with linear ramps (no seams). T a multiple of ``chunk_frames`` with no
-overlap gives CascadeV's disjoint chunks. A clip that fits in one chunk and one tile takes the plain
-path, bit for bit.
+time, and frames larger than ``tile_size`` pixels go through in spatial tiles sharing ``tile_overlap``
+pixels. Chunks are ours for every kind: full size (the temporal decoder sees the window length it was
+trained on), spaced evenly, neighbours share at least ``chunk_overlap`` frames, blended with linear
+ramps; T a multiple of ``chunk_frames`` with no overlap gives CascadeV's disjoint chunks. Tiles:
+``"kl"`` tiles inside diffusers (``enable_tiling``, with ``tile_sample_min_size``, ``tile_latent_min_size``
+and ``tile_overlap_factor`` set from the config once, when the config is set; the settings live on the
+diffusers model, so a pipeline that calls it directly tiles alike). Elsewhere (``DIFFUSERS_TILING_KINDS``
+says why) ``tiled_apply`` cuts full-size tiles in latent space, spaced evenly, and blends them with
+linear ramps. A clip that fits in one chunk and one tile takes the plain path, bit for bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,6 +142,20 @@ def blend_ramp(windows: list[tuple[int, int]], index: int, factor: int = 1) -> t
     return weight
 
 
+@functools.lru_cache(maxsize=64)
+def _ramps(windows: tuple[tuple[int, int], ...], factor: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``blend_ramp`` of every window of one layout, built once on ``device``."""
+    return tuple(blend_ramp(list(windows), i, factor).to(device) for i in range(len(windows)))
+
+
+def _ramp_total(windows: tuple[tuple[int, int], ...], factor: int, device: torch.device) -> torch.Tensor:
+    """Summed ramps of a layout (what the blended output is divided by), in output units."""
+    total = torch.zeros(windows[-1][1] * factor, device=device)
+    for (start, end), ramp in zip(windows, _ramps(windows, factor, device)):
+        total[start * factor:end * factor] += ramp
+    return total
+
+
 def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: tuple[int, int],
                 tile: int, overlap: int, in_factor: int, out_factor: int) -> torch.Tensor:
     """Apply ``fn`` to overlapping spatial tiles of ``x`` and blend the results.
@@ -146,21 +164,20 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, gri
     (th * in_factor, tw * in_factor) to (N, C', th * out_factor, tw * out_factor). Tiles of ``tile`` cells
     share at least ``overlap`` cells and are blended with linear ramps; one tile = ``fn(x)`` unchanged.
     """
-    rows, cols = spans(grid[0], tile, overlap), spans(grid[1], tile, overlap)
+    rows, cols = tuple(spans(grid[0], tile, overlap)), tuple(spans(grid[1], tile, overlap))
     if len(rows) == 1 and len(cols) == 1:
         return fn(x)
-    out = weight = None
-    for i, (r0, r1) in enumerate(rows):
-        wr = blend_ramp(rows, i, out_factor)
-        for j, (c0, c1) in enumerate(cols):
+    row_ramps, col_ramps = _ramps(rows, out_factor, x.device), _ramps(cols, out_factor, x.device)
+    out = None
+    for (r0, r1), wr in zip(rows, row_ramps):
+        for (c0, c1), wc in zip(cols, col_ramps):
             y = fn(x[..., r0 * in_factor:r1 * in_factor, c0 * in_factor:c1 * in_factor])
             if out is None:
                 out = y.new_zeros(*y.shape[:2], grid[0] * out_factor, grid[1] * out_factor, dtype=torch.float32)
-                weight = torch.zeros(grid[0] * out_factor, grid[1] * out_factor, device=y.device)
-            w = (wr[:, None] * blend_ramp(cols, j, out_factor)[None, :]).to(y.device)     # th tw
             region = (..., slice(r0 * out_factor, r1 * out_factor), slice(c0 * out_factor, c1 * out_factor))
-            out[region] += y.float() * w
-            weight[region] += w
+            out[region] += y.float() * (wr[:, None] * wc[None, :])                        # th tw weights
+    # the weights are outer products of row and column ramps, so their sum is the product of the sums
+    weight = _ramp_total(rows, out_factor, x.device)[:, None] * _ramp_total(cols, out_factor, x.device)[None, :]
     return (out / weight).to(y.dtype)
 
 
@@ -222,13 +239,67 @@ def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
     return model
 
 
+# Kinds whose spatial tiles diffusers cuts (``enable_tiling``). Not "svd_temporal": AutoencoderKLTemporalDecoder
+# has no tiling. Not "taesd", measured on the tiny preset: AutoencoderTiny tiles every frame once tiling is on
+# (a 256 px frame with tile 256 / overlap 64 decodes up to 0.0105 off instead of bit for bit), its tiled decode is
+# 2-5x further from untiled than ours (max 0.049 vs 0.023 at 192 px, tile 96 / 48), and its tiled encode gives NaN
+# or drops tiles below 16 px of overlap and assumes 4 latent channels.
+DIFFUSERS_TILING_KINDS = ("kl",)
+
+
+def _set_diffusers_tiling(model: nn.Module, config: StageAConfig) -> bool:
+    """Configure the diffusers model's own spatial tiling from ``config.tile_size`` / ``tile_overlap`` (pixels).
+    Returns whether diffusers does all the tiling the config asks for (none when ``tile_size`` is 0); False
+    leaves its tiling off, and ``tiled_apply`` tiles instead."""
+    tile, overlap = config.tile_size, config.tile_overlap
+    if config.kind not in DIFFUSERS_TILING_KINDS:
+        if hasattr(model, "disable_tiling"):
+            model.disable_tiling()
+        return not tile
+    model.disable_tiling()
+    if not tile:
+        return True
+    factor = overlap / tile
+    # AutoencoderKL derives its steps and blend widths by int() of products with the factor; all must be exact
+    # (136 px / 40 px, say, are not in floating point: then ours tiles)
+    counts = [(tile * factor, overlap), (tile // DOWNSAMPLE * factor, overlap // DOWNSAMPLE),
+              (tile * (1 - factor), tile - overlap), (tile // DOWNSAMPLE * (1 - factor), (tile - overlap) // DOWNSAMPLE)]
+    if any(int(product) != count for product, count in counts):
+        return False
+    # frames larger than tile_sample_min_size (latents larger than tile_latent_min_size) are tiled, stepping
+    # tile - overlap from the top left (edge tiles cut short), overlaps blended with linear ramps
+    model.tile_sample_min_size, model.tile_latent_min_size = tile, tile // DOWNSAMPLE
+    model.tile_overlap_factor = factor
+    model.enable_tiling()
+    return True
+
+
 class StageAVAE(nn.Module):
     """Frozen Stage A VAE: (B, 3, T, H, W) in [-1, 1] <-> scaled latents (B, 4, T, H/8, W/8)."""
 
     def __init__(self, config: StageAConfig, model: nn.Module):
         super().__init__()
-        self.config = config
         self.model = model.eval().requires_grad_(False)
+        self.config = config                                    # sets the model's tiling (see the setter)
+
+    @property
+    def config(self) -> StageAConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: StageAConfig) -> None:
+        """Set the config and, once per config, the diffusers model's own tiling from it. The settings live on
+        ``self.model``: wrappers that share one model share them (the last config set wins)."""
+        self._config = config
+        self._own_tiles = not _set_diffusers_tiling(self.model, config)
+
+    def _tiled(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: tuple[int, int],
+               in_factor: int, out_factor: int) -> torch.Tensor:
+        """``fn`` on frames x (n, C, h * in_factor, w * in_factor), tiled by us only where diffusers does not tile."""
+        if not self._own_tiles:
+            return fn(x)                                        # diffusers tiles inside fn, or no tiling at all
+        c = self._config
+        return tiled_apply(fn, x, grid, c.tile_size // DOWNSAMPLE, c.tile_overlap // DOWNSAMPLE, in_factor, out_factor)
 
     @classmethod
     def from_config(cls, config: StageAConfig, load_weights: bool = True) -> "StageAVAE":
@@ -276,8 +347,7 @@ class StageAVAE(nn.Module):
         out = []
         for chunk in frames.split(c.encode_frame_batch):
             chunk = chunk.to(device=self.device, dtype=self.dtype)
-            z = tiled_apply(lambda x: self._encode_frames(x, sample, generator), chunk, grid,
-                            c.tile_size // DOWNSAMPLE, c.tile_overlap // DOWNSAMPLE, DOWNSAMPLE, 1)
+            z = self._tiled(lambda x: self._encode_frames(x, sample, generator), chunk, grid, DOWNSAMPLE, 1)
             out.append(z.float())
         latents = rearrange(torch.cat(out), "(b t) c h w -> b c t h w", b=B)
         return latents * c.scale_factor
@@ -314,21 +384,18 @@ class StageAVAE(nn.Module):
         c = self.config
         B, _, T, h, w = latents.shape
         z = latents.to(device=self.device, dtype=torch.float32) / c.scale_factor
-        windows = spans(T, c.chunk_frames, c.chunk_overlap)
-        video = torch.zeros(B, 3, T, h * DOWNSAMPLE, w * DOWNSAMPLE, device=self.device)
-        weight = torch.zeros(T, device=self.device)
+        windows = tuple(spans(T, c.chunk_frames, c.chunk_overlap))
+        video = None                                  # the whole-clip buffer, only when chunks are blended
         for index, (t0, t1) in enumerate(tqdm(windows, desc="Stage A decode", disable=not progress, leave=False)):
             frames = rearrange(z[:, :, t0:t1], "b c t h w -> (b t) c h w").to(self.dtype)
-            decoded = tiled_apply(lambda x: self._decode_frames(x, num_frames=t1 - t0), frames, (h, w),
-                                  c.tile_size // DOWNSAMPLE, c.tile_overlap // DOWNSAMPLE, 1, DOWNSAMPLE)
+            decoded = self._tiled(lambda x: self._decode_frames(x, num_frames=t1 - t0), frames, (h, w), 1, DOWNSAMPLE)
             decoded = rearrange(decoded.float(), "(b t) c h w -> b c t h w", b=B)
             if len(windows) == 1:
                 return decoded
-            ramp = blend_ramp(windows, index).to(video.device)
-            video[:, :, t0:t1] += decoded * ramp.view(1, 1, -1, 1, 1)
-            weight[t0:t1] += ramp
-        return video / weight.view(1, 1, -1, 1, 1)
-
+            if video is None:
+                video = decoded.new_zeros(B, 3, T, h * DOWNSAMPLE, w * DOWNSAMPLE)
+            video[:, :, t0:t1] += decoded * _ramps(windows, 1, decoded.device)[index].view(1, 1, -1, 1, 1)
+        return video.div_(_ramp_total(windows, 1, video.device).view(1, 1, -1, 1, 1))
 
 def build_stage_a(preset: str = "official", load_weights: bool = True, **overrides) -> StageAVAE:
     """A preset name plus field overrides, e.g. ``build_stage_a("tiny", tile_size=128)``."""
