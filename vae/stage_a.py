@@ -14,14 +14,12 @@ by ``scale_factor`` (CascadeV: 0.13025); ``decode`` divides by it and returns th
 
 Memory is bounded by the config, whatever the clip: frames go through the decoder ``chunk_frames`` at a
 time, and frames larger than ``tile_size`` pixels go through in spatial tiles sharing ``tile_overlap``
-pixels. Chunks are ours for every kind: full size (the temporal decoder sees the window length it was
-trained on), spaced evenly, neighbours share at least ``chunk_overlap`` frames, blended with linear
-ramps; T a multiple of ``chunk_frames`` with no overlap gives CascadeV's disjoint chunks. Tiles:
-``"kl"`` tiles inside diffusers (``enable_tiling``, with ``tile_sample_min_size``, ``tile_latent_min_size``
-and ``tile_overlap_factor`` set from the config once, when the config is set; the settings live on the
-diffusers model, so a pipeline that calls it directly tiles alike). Elsewhere (``DIFFUSERS_TILING_KINDS``
-says why) ``tiled_apply`` cuts full-size tiles in latent space, spaced evenly, and blends them with
-linear ramps. A clip that fits in one chunk and one tile takes the plain path, bit for bit.
+pixels. Chunks and tiles always have the full size (the temporal decoder sees the window length it was
+trained on); they are spaced evenly, neighbours share at least ``chunk_overlap`` frames / ``tile_overlap``
+pixels, and overlaps are blended with linear ramps (no seams). T a multiple of ``chunk_frames`` with no
+overlap gives CascadeV's disjoint chunks. A clip that fits in one chunk and one tile takes the plain
+path, bit for bit. Tiles are ours, not diffusers' ``enable_tiling`` (measured worse: see ``tiled_apply``'s
+neighbour comment).
 """
 
 from __future__ import annotations
@@ -239,39 +237,12 @@ def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
     return model
 
 
-# Kinds whose spatial tiles diffusers cuts (``enable_tiling``). Not "svd_temporal": AutoencoderKLTemporalDecoder
-# has no tiling. Not "taesd", measured on the tiny preset: AutoencoderTiny tiles every frame once tiling is on
-# (a 256 px frame with tile 256 / overlap 64 decodes up to 0.0105 off instead of bit for bit), its tiled decode is
-# 2-5x further from untiled than ours (max 0.049 vs 0.023 at 192 px, tile 96 / 48), and its tiled encode gives NaN
-# or drops tiles below 16 px of overlap and assumes 4 latent channels.
-DIFFUSERS_TILING_KINDS = ("kl",)
-
-
-def _set_diffusers_tiling(model: nn.Module, config: StageAConfig) -> bool:
-    """Configure the diffusers model's own spatial tiling from ``config.tile_size`` / ``tile_overlap`` (pixels).
-    Returns whether diffusers does all the tiling the config asks for (none when ``tile_size`` is 0); False
-    leaves its tiling off, and ``tiled_apply`` tiles instead."""
-    tile, overlap = config.tile_size, config.tile_overlap
-    if config.kind not in DIFFUSERS_TILING_KINDS:
-        if hasattr(model, "disable_tiling"):
-            model.disable_tiling()
-        return not tile
-    model.disable_tiling()
-    if not tile:
-        return True
-    factor = overlap / tile
-    # AutoencoderKL derives its steps and blend widths by int() of products with the factor; all must be exact
-    # (136 px / 40 px, say, are not in floating point: then ours tiles)
-    counts = [(tile * factor, overlap), (tile // DOWNSAMPLE * factor, overlap // DOWNSAMPLE),
-              (tile * (1 - factor), tile - overlap), (tile // DOWNSAMPLE * (1 - factor), (tile - overlap) // DOWNSAMPLE)]
-    if any(int(product) != count for product, count in counts):
-        return False
-    # frames larger than tile_sample_min_size (latents larger than tile_latent_min_size) are tiled, stepping
-    # tile - overlap from the top left (edge tiles cut short), overlaps blended with linear ramps
-    model.tile_sample_min_size, model.tile_latent_min_size = tile, tile // DOWNSAMPLE
-    model.tile_overlap_factor = factor
-    model.enable_tiling()
-    return True
+# Spatial tiles are ours (``tiled_apply``) for every kind. diffusers' ``enable_tiling`` was measured on the tiny
+# presets and is worse where it exists: AutoencoderKL at tile 256 / overlap 64, 384 px frames: decode max |tiled -
+# untiled| 0.207 vs ours 0.107, encode cosine to untiled 0.923 vs 0.966 (its tile steps come from int() of float
+# products, inexact for e.g. 136 / 40 px); AutoencoderTiny tiles every frame once on (a frame that fits one tile
+# decodes 0.0105 off instead of bit for bit), is 2-5x further from untiled (0.049 vs 0.023 at 192 px, 96 / 48) and
+# its tiled encode gives NaN below 16 px of overlap; AutoencoderKLTemporalDecoder has no tiling.
 
 
 class StageAVAE(nn.Module):
@@ -279,26 +250,13 @@ class StageAVAE(nn.Module):
 
     def __init__(self, config: StageAConfig, model: nn.Module):
         super().__init__()
+        self.config = config
         self.model = model.eval().requires_grad_(False)
-        self.config = config                                    # sets the model's tiling (see the setter)
-
-    @property
-    def config(self) -> StageAConfig:
-        return self._config
-
-    @config.setter
-    def config(self, config: StageAConfig) -> None:
-        """Set the config and, once per config, the diffusers model's own tiling from it. The settings live on
-        ``self.model``: wrappers that share one model share them (the last config set wins)."""
-        self._config = config
-        self._own_tiles = not _set_diffusers_tiling(self.model, config)
 
     def _tiled(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: tuple[int, int],
                in_factor: int, out_factor: int) -> torch.Tensor:
-        """``fn`` on frames x (n, C, h * in_factor, w * in_factor), tiled by us only where diffusers does not tile."""
-        if not self._own_tiles:
-            return fn(x)                                        # diffusers tiles inside fn, or no tiling at all
-        c = self._config
+        """``fn`` on frames x (n, C, h * in_factor, w * in_factor) in the config's spatial tiles."""
+        c = self.config
         return tiled_apply(fn, x, grid, c.tile_size // DOWNSAMPLE, c.tile_overlap // DOWNSAMPLE, in_factor, out_factor)
 
     @classmethod
