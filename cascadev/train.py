@@ -12,7 +12,8 @@ What differs between stages (models, loss, validation, export) is a task object 
 Run directory (``run.dir``): ``config.yaml`` (resolved), ``train.log``, ``logs/`` (TensorBoard),
 ``samples/`` (validation videos, or latents for base), ``checkpoints/step_XXXXXXXX/`` (accelerate state:
 weights and buffers such as BatchNorm running statistics as safetensors, optimizer, RNG, grad scaler; plus
-``ema.safetensors``, ``trainer.json`` with the step, ``config.yaml``; a dit or base checkpoint also has
+``ema.safetensors`` (EMA weights by parameter name), ``trainer.json`` with the step and the EMA's update
+counter, ``config.yaml``; a dit or base checkpoint also has
 ``config.json``, so it loads with ``VideoDiT`` / ``TextDiT.from_pretrained``), and ``final/``
 (``export_final``): dit and vae write ``model/`` and ``ema/`` (our weight format, or diffusers folders for
 the VAE); semantic writes ``semantic_encoder/`` and ``previewer/``, base ``base_dit/`` and ``text_encoder/``
@@ -31,14 +32,14 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 
 from cascadev.config import ConfigError, save_config, to_dict
 from cascadev.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step, image_steps_before,
@@ -78,33 +79,42 @@ def export_final(task, final: Path, state_dict: dict, ema: dict | None) -> None:
 
 # -- small helpers ----------------------------------------------------------------------------------
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step``: linear warmup from 0, then constant or cosine to 0 at max_steps."""
-    o = config.optim
-    warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
-    if o.schedule == "cosine" and step >= o.warmup_steps:
-        progress = (step - o.warmup_steps) / max(1, config.run.max_steps - o.warmup_steps)
-        return o.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return o.lr * warm
+SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}     # optim.schedule -> diffusers' name
 
 
-def ema_init(model: nn.Module) -> dict[str, torch.Tensor]:
-    """EMA copies (float32) of the parameters that train."""
-    return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+def lr_scheduler_at(optimizer, config: TrainConfig, step: int):
+    """diffusers' LR schedule positioned at optimizer step ``step``: linear warmup ``k / warmup_steps`` at step k,
+    then constant, or cosine to 0 at run.max_steps. A ``LambdaLR`` whose state is the step alone, so a resumed
+    run builds it at its checkpoint's step (``last_epoch``) from the config, as an uninterrupted run reaches it."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.optim.lr                 # the base LR of a LambdaLR built past step 0
+    return get_scheduler(SCHEDULES[config.optim.schedule], optimizer, num_warmup_steps=config.optim.warmup_steps,
+                         num_training_steps=config.run.max_steps, last_epoch=step - 1)
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """The decay for update ``step`` (0-based): ``min(decay, (1 + step) / (10 + step))``, diffusers' EMAModel
-    warmup, so a short run's EMA does not still carry its random initialisation (0.999 ** 3500 = 3%)."""
-    return min(decay, (1 + step) / (10 + step))
+def make_ema(model: torch.nn.Module, decay: float) -> tuple[EMAModel, list[str]]:
+    """diffusers' EMAModel over the parameters that train, with float32 shadow weights whatever the model's dtype, and
+    their names. Its warmup: update k (0-based) has decay ``min(decay, (1 + k) / (10 + k))``, except update 0, a plain
+    copy (decay 0), so a short run's EMA does not still carry the random init (0.999 ** 3500 = 3%)."""
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ema = EMAModel([p for _, p in trained], decay=decay, foreach=True)
+    ema.to(dtype=torch.float32)
+    return ema, [n for n, _ in trained]
 
 
-@torch.no_grad()
-def ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * weights."""
-    for name, p in model.named_parameters():
-        if name in ema:
-            ema[name].lerp_(p.detach().float(), 1.0 - decay)
+def ema_weights(ema: EMAModel, names: list[str]) -> dict[str, torch.Tensor]:
+    """The EMA's shadow parameters by name (``names``: the trained parameters, in the order the EMA holds them)."""
+    return dict(zip(names, ema.shadow_params, strict=True))
+
+
+def load_ema_weights(ema: EMAModel, names: list[str], path: Path) -> None:
+    """Shadow parameters from ``ema.safetensors`` (keyed by parameter name), as float32 on their current device."""
+    from safetensors.torch import load_file
+    saved = load_file(str(path))
+    missing = [n for n in names if n not in saved]
+    if missing:
+        raise ValueError(f"{path} has no EMA weights for {len(missing)} trained parameter(s), e.g. {missing[0]}")
+    ema.shadow_params = [saved[n].to(device=s.device, dtype=torch.float32) for n, s in zip(names, ema.shadow_params)]
 
 
 def checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -227,9 +237,7 @@ def run_training(args: argparse.Namespace) -> Path:
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
     if optim.ema_decay > 0 and is_fsdp(accelerator):
         raise ConfigError("EMA over FSDP shards is not supported: set optim.ema_decay=0 (or use DDP)")
-    ema = ema_init(model) if optim.ema_decay > 0 else None
-    if ema is not None:
-        ema = {k: v.to(device) for k, v in ema.items()}
+    ema, ema_names = make_ema(model, optim.ema_decay) if optim.ema_decay > 0 else (None, [])
 
     # -- data
     if data.latents:
@@ -271,9 +279,11 @@ def run_training(args: argparse.Namespace) -> Path:
         accelerator.load_state(str(path))
         state = json.loads((path / TRAINER_STATE).read_text())
         if ema is not None and (path / EMA_WEIGHTS).is_file():
-            from safetensors.torch import load_file
-            ema = {k: v.to(device) for k, v in load_file(str(path / EMA_WEIGHTS)).items()}
+            load_ema_weights(ema, ema_names, path / EMA_WEIGHTS)
+            ema.optimization_step = state.get("ema_step", step)   # older checkpoints: one update per step before
         log.info("resumed from %s (step %d)", path, step)
+
+    lr_scheduler = lr_scheduler_at(optimizer, config, step)      # on the optimizer the prepared one wraps
 
     # data streams continue where the consumed micro-batches leave them
     micro_done = step * optim.grad_accum
@@ -304,16 +314,17 @@ def run_training(args: argparse.Namespace) -> Path:
             first = next(v for k, v in batch.items() if isinstance(v, torch.Tensor))
             samples_seen += first.shape[0] * world
             frames_seen += first.shape[0] * first.shape[2] * world
-        lr = lr_at(step, config)
+        lr = lr_scheduler.get_last_lr()[0]
         grad_norm = accelerator.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
-        for group in prepared["optimizer"].param_groups:
-            group["lr"] = lr
         for key in ("optimizer", "d_optimizer"):
             if key in prepared:
                 prepared[key].step()
                 prepared[key].zero_grad(set_to_none=True)
-        if ema is not None and not accelerator.optimizer_step_was_skipped:
-            ema_update(ema, accelerator.unwrap_model(prepared["model"]), ema_decay_at(step, optim.ema_decay))
+        lr_scheduler.step()                                   # every step, skipped (fp16 overflow) ones too
+        if ema is not None and accelerator.optimizer_step_was_skipped:
+            ema.optimization_step += 1                        # no update, but the warmup counts the step
+        elif ema is not None:
+            ema.step(p for p in accelerator.unwrap_model(prepared["model"]).parameters() if p.requires_grad)
         step += 1
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
         counted += 1
@@ -335,14 +346,17 @@ def run_training(args: argparse.Namespace) -> Path:
             accelerator.log(val_logs, step=step)
             log.info("step %d  validation  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in val_logs.items()))
         if step % run.save_every == 0 or step == run.max_steps:
-            path = save_checkpoint(accelerator, ckpt_root, step, state, ema, task, config, run.keep_checkpoints)
+            if ema is not None:
+                state["ema_step"] = ema.optimization_step
+            ema_state = ema_weights(ema, ema_names) if ema is not None else None
+            path = save_checkpoint(accelerator, ckpt_root, step, state, ema_state, task, config, run.keep_checkpoints)
             log.info("saved %s", path)
     progress.close()
 
     # -- save: final weights (and EMA) in our formats (``export_final``)
     state_dict = accelerator.get_state_dict(prepared["model"])
     if accelerator.is_main_process:
-        export_final(task, run_dir / "final", state_dict, ema)
+        export_final(task, run_dir / "final", state_dict, ema_weights(ema, ema_names) if ema is not None else None)
         log.info("final weights in %s", run_dir / "final")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -16,7 +16,7 @@ from cascadev.data import (LatentDataset, VideoDataset, clip_starts, load_clip, 
                            split_validation)
 from cascadev.synthetic import write_clips
 from cascadev.tasks import DiTTask, VAETask
-from cascadev.train import checkpoints, ema_decay_at, lr_at, main
+from cascadev.train import checkpoints, load_ema_weights, lr_scheduler_at, main, make_ema
 from cascadev.train_config import load_train_config
 from cascadev.video_io import read_video, video_info
 
@@ -284,20 +284,55 @@ def test_vae_loss_falls_on_a_tiny_set(clips, kind):
 
 
 def test_ema_decay_warms_up_to_the_configured_value():
-    assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(90, 0.999) == pytest.approx(0.91)
-    assert ema_decay_at(100_000, 0.999) == 0.999
-    weight = 1.0                                   # share of the initial weights left in the EMA after 3500 steps
-    for step in range(3500):
-        weight *= ema_decay_at(step, 0.999)
-    assert weight < 1e-6 < 0.999 ** 3500
+    # diffusers' EMAModel as make_ema sets it up: update k has decay min(0.999, (1 + k) / (10 + k)), update 0 copies
+    model = torch.nn.Linear(3, 2).bfloat16()
+    model.bias.requires_grad_(False)                                  # frozen: not averaged
+    ema, names = make_ema(model, 0.999)
+    assert names == ["weight"] and len(ema.shadow_params) == 1 and ema.shadow_params[0].dtype == torch.float32
+    expected, decays = model.weight.detach().float().clone(), []
+    for k in range(100):
+        with torch.no_grad():
+            model.weight.add_(0.01)
+        ema.step(p for p in model.parameters() if p.requires_grad)
+        decays.append(ema.cur_decay_value)
+        assert ema.cur_decay_value == (0.0 if k == 0 else min(0.999, (1 + k) / (10 + k)))
+        expected = decays[-1] * expected + (1 - decays[-1]) * model.weight.float()   # the update rule, in float32
+        assert torch.allclose(ema.shadow_params[0], expected, atol=1e-5)
+    assert decays[90] == pytest.approx(0.91) and ema.optimization_step == 100
+    assert ema.get_decay(100_001) == 0.999                            # update 100000: the configured decay
+
+
+def test_ema_weights_load_by_parameter_name(tmp_path):
+    from safetensors.torch import save_file
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    ema, names = make_ema(model, 0.99)
+    saved = {n: torch.full_like(p, i, dtype=torch.float64) for i, (n, p) in enumerate(model.named_parameters())}
+    save_file(saved, str(tmp_path / "ema.safetensors"))               # the format a checkpoint has always held
+    load_ema_weights(ema, names, tmp_path / "ema.safetensors")
+    assert all(s.dtype == torch.float32 and torch.equal(s, saved[n].float()) for n, s in zip(names, ema.shadow_params))
+    save_file({"0.weight": saved["0.weight"]}, str(tmp_path / "part.safetensors"))
+    with pytest.raises(ValueError, match="no EMA weights for 3 trained parameter"):
+        load_ema_weights(ema, names, tmp_path / "part.safetensors")
 
 
 def test_warmup_then_constant_or_cosine():
-    config = load_train_config(DIT_TINY, ["optim.lr=1.0", "optim.warmup_steps=4", "run.max_steps=14"])
-    assert [lr_at(s, config) for s in (0, 1, 3, 4, 13)] == [0.25, 0.5, 1.0, 1.0, 1.0]
-    cosine = load_train_config(DIT_TINY, ["optim.lr=1.0", "optim.warmup_steps=4", "run.max_steps=14",
-                                          "optim.schedule=cosine"])
-    assert lr_at(4, cosine) == 1.0 and abs(lr_at(9, cosine) - 0.5) < 1e-9 and lr_at(14, cosine) < 1e-9
+    # diffusers' schedules: warmup k / warmup_steps at optimizer step k (step 0 at LR 0), cosine to 0 at max_steps
+    def lrs(overrides, steps):
+        config = load_train_config(DIT_TINY, ["optim.lr=1.0", "optim.warmup_steps=4", "run.max_steps=14", *overrides])
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.optim.lr)
+        scheduler, out = lr_scheduler_at(optimizer, config, 0), []
+        for step in range(15):
+            out.append(scheduler.get_last_lr()[0])
+            assert optimizer.param_groups[0]["lr"] == out[-1]
+            optimizer.step()
+            scheduler.step()
+        for step in steps:                                            # built at a resumed step: the same LR
+            assert lr_scheduler_at(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0), config,
+                                   step).get_last_lr()[0] == out[step]
+        return [out[s] for s in steps]
+    assert lrs([], (0, 1, 3, 4, 13)) == [0.0, 0.25, 0.75, 1.0, 1.0]
+    first, middle, last, end = lrs(["optim.schedule=cosine"], (4, 9, 13, 14))
+    assert first == 1.0 and abs(middle - 0.5) < 1e-9 and 0 < last < 0.03 and end < 1e-9
 
 
 def test_config_mistakes_fail_with_one_clear_line(tmp_path):
