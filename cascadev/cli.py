@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=demo.run)
     # --- end demo ---
 
+    # --- convert (cascadev/convert.py) ---
+    from cascadev import convert
+
+    p = sub.add_parser("convert", help="rewrite a cascade saved by cascadev < 0.2 in diffusers' pipeline layout")
+    convert.add_arguments(p)
+    p.set_defaults(func=convert.run)
+    # --- end convert ---
+
     # --- bench-recon (eval/bench_recon.py) ---
     from eval import bench_recon
 
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         args.func(args)
-    except (UserError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError, FileExistsError, ValueError) as e:
         # Bad input is reported as one line; real bugs keep their traceback.
         print(f"cascadev {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 from cascadev.cli import UserError
@@ -57,22 +58,40 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(p)
 
 
-def _load_pipeline(args, previewer: bool):
-    from cascadev.pipeline import CascadeVPipeline
+def load_pipeline(args, previewer: bool):
+    from cascadev.pipeline import load_cascade
     print("loading weights ...", flush=True)
-    return CascadeVPipeline.from_pretrained(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder,
-                                            previewer=args.previewer, stage_a=args.stage_a, device=args.device,
-                                            load_previewer=previewer)
+    pipe = load_cascade(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder, previewer=args.previewer,
+                        vae=args.stage_a, load_previewer=previewer)
+    return pipe.to(args.device or ("cuda" if _cuda() else "cpu"))
 
 
-def _decode_kwargs(args) -> dict:
-    from cascadev.pipeline import resolve_colour_fix, resolve_sampler
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def check_decode_args(args) -> None:
+    """What can be checked before any weights load."""
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.colour_fix is not None and args.colour_fix < 0:
         raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
-    return dict(seed=args.seed, tiling=args.tiling, colour_fix=resolve_colour_fix(args.weights, args.colour_fix),
-                **resolve_sampler(args.weights, args.steps, args.scheduler))
+
+
+def decode_kwargs(args, pipe) -> dict:
+    """``decode`` arguments: what was given, else the loaded pipeline's saved sampler and colour fix."""
+    from cascadev.pipeline import resolve_colour_fix
+    return dict(seed=args.seed, tiling=args.tiling, steps=args.steps, scheduler=args.scheduler,
+                colour_fix=resolve_colour_fix(pipe, args.colour_fix))
+
+
+def _wants_previewer(args) -> bool:
+    """Load the Previewer only for the colour fix (its reference): asked for, or saved in the weights folder."""
+    if args.colour_fix is not None:
+        return args.colour_fix > 0
+    index = Path(args.weights or "") / "model_index.json"
+    return index.is_file() and bool(json.loads(index.read_text()).get("colour_fix"))
 
 
 def _report(pipe) -> None:
@@ -93,14 +112,15 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     if size != (H, W):
         print(f"resizing {W}x{H} -> {size[1]}x{size[0]} (aspect kept, multiples of 32)")
     video = resize_video(video, size)
-    decode_kwargs = _decode_kwargs(args)
-    pipe = _load_pipeline(args, previewer=decode_kwargs["colour_fix"] is not None)
+    check_decode_args(args)
+    pipe = load_pipeline(args, previewer=_wants_previewer(args))
+    decode_kw = decode_kwargs(args, pipe)
     print(f"reconstructing {video.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
     latents = pipe.encode(video, progress=True)
     if args.latents_out:
         save_latents(args.latents_out, latents, source=str(args.input))
         print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
-    recon = pipe.decode(latents, **decode_kwargs).cpu()
+    recon = pipe.decode(latents, **decode_kw).cpu()
     fps = (info.fps or 8.0) / args.stride
     write_video(args.output, recon, fps=fps, crf=args.crf)
     if args.compare:
@@ -120,14 +140,15 @@ def run_decode(args: argparse.Namespace) -> None:
         if args.scale is not None or args.vae is not None:
             raise UserError("--scale and --vae are for --latent-space sd-vae")
         latents = load_latents(args.latents, SEMANTIC_CHANNELS)
-        decode_kwargs = _decode_kwargs(args)
-        pipe = _load_pipeline(args, previewer=decode_kwargs["colour_fix"] is not None)
+        check_decode_args(args)
+        pipe = load_pipeline(args, previewer=_wants_previewer(args))
+        decode_kw = decode_kwargs(args, pipe)
         print(f"decoding latents {tuple(latents.shape)} -> {latents.shape[-1] * 32}x{latents.shape[-2] * 32}")
-        videos = pipe.decode(latents, **decode_kwargs).cpu()
+        videos = pipe.decode(latents, **decode_kw).cpu()
     else:
         from cascadev.pipeline import resolve_stage_a_config
         from vae.stage_a import SVD_VAE_REPO, StageAVAE
-        decode_kwargs = _decode_kwargs(args)
+        check_decode_args(args)
         latents = load_latents(args.latents, 4)
         if args.vae_scale <= 0:
             raise UserError(f"--vae-scale must be positive, got {args.vae_scale}")
@@ -142,8 +163,8 @@ def run_decode(args: argparse.Namespace) -> None:
         long_side = round(max(H, W) * args.scale) if args.scale else None
         size = infer_size(H, W, args.size if args.size else str(long_side or 2048))
         print(f"upscaling {W}x{H} -> {size[1]}x{size[0]} through the cascade")
-        pipe = _load_pipeline(args, previewer=decode_kwargs["colour_fix"] is not None)
-        videos = pipe.reconstruct(resize_video(pixels, size), **decode_kwargs).cpu()
+        pipe = load_pipeline(args, previewer=_wants_previewer(args))
+        videos = pipe.reconstruct(resize_video(pixels, size), **decode_kwargs(args, pipe)).cpu()
     out = Path(args.output)
     for i, video in enumerate(videos):
         path = out if len(videos) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     import torch
 
-    from cascadev.pipeline import CascadeVPipeline, fix_colour, resolve_colour_fix, resolve_sampler, saved_settings
+    from cascadev.pipeline import CascadeVPipeline, fix_colour, resolve_colour_fix
+    from cascadev.sampling import scheduler_name
     from cascadev.synthetic import make_clip
     from cascadev.video_io import write_png_strip, write_video
     from eval.metrics import psnr, ssim
@@ -55,21 +56,26 @@ def _run(args: argparse.Namespace) -> dict:
     if args.clips < 1 or args.frames < 1:
         raise UserError("--clips and --frames must be >= 1")
     weights = Path(args.weights) if args.weights else ASSETS
-    if not (weights / "pipeline.json").is_file():
-        raise UserError(f"{weights}: no cascade here (expected dit/, semantic_encoder/, previewer/, stage_a/, pipeline.json)")
-    settings = saved_settings(weights)
-    sampler = resolve_sampler(weights, args.steps, args.scheduler)
-    steps, scheduler, scheduler_config = sampler["steps"], sampler["scheduler"], sampler["scheduler_config"]
+    if not (weights / "model_index.json").is_file():
+        raise UserError(f"{weights}: no cascade here (expected a folder written by CascadeVPipeline.save_pretrained, "
+                        "with model_index.json)")
+    if args.size is not None and (args.size % 32 or args.size < 32):
+        raise UserError(f"--size must be a positive multiple of 32, got {args.size}")
+    if args.colour_fix is not None and args.colour_fix < 0:
+        raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
+
+    start = time.perf_counter()
+    pipe = CascadeVPipeline.from_pretrained(str(weights)).to("cpu")
+    settings = pipe.config.demo or {}
     kind = args.kind or settings.get("kind", "mixed")
     size = args.size if args.size is not None else settings.get("size", 128)
     if size % 32 or size < 32:
         raise UserError(f"--size must be a positive multiple of 32, got {size}")
-    if args.colour_fix is not None and (args.colour_fix < 0 or (args.colour_fix and size % args.colour_fix)):
-        raise UserError(f"--colour-fix must be 0 (off) or divide --size {size}, got {args.colour_fix}")
-    fix = resolve_colour_fix(weights, args.colour_fix)
-
-    start = time.perf_counter()
-    pipe = CascadeVPipeline.from_pretrained(weights, device="cpu")
+    fix = resolve_colour_fix(pipe, args.colour_fix)
+    if fix and size % fix:
+        raise UserError(f"--colour-fix must be 0 (off) or divide --size {size}, got {fix}")
+    scheduler = pipe.scheduler_for(args.scheduler)
+    steps = args.steps or pipe.config.num_inference_steps
     seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
     methods = ["cascade", "baseline"] + (["cascade_without_colour_fix"] if fix else [])
     scores = {method: {"psnr": [], "ssim": []} for method in methods}
@@ -77,8 +83,7 @@ def _run(args: argparse.Namespace) -> dict:
     for i, seed in enumerate(seeds):
         video = make_clip(seed, args.frames, size, size, kind)[None]   # (1, 3, T, H, W)
         latents = pipe.encode(video)
-        cascade = pipe.decode(latents, steps=steps, seed=args.seed + i, scheduler=scheduler,
-                              scheduler_config=scheduler_config, progress=False)
+        cascade = pipe.decode(latents, steps=steps, seed=args.seed + i, scheduler=scheduler, progress=False)
         outputs = {"cascade": cascade, "baseline": pipe.preview(latents)}
         if fix:
             outputs.update(cascade=fix_colour(cascade, outputs["baseline"], fix), cascade_without_colour_fix=cascade)
@@ -98,14 +103,14 @@ def _run(args: argparse.Namespace) -> dict:
     results = {method: {k: torch.cat(v).mean().item() for k, v in metrics.items()} for method, metrics in scores.items()}
     results.update({
         "clips": args.clips, "frames": args.frames, "size": [size, size], "seeds": seeds,
-        "steps": steps, "scheduler": scheduler, "scheduler_config": scheduler_config, "colour_fix": fix,
+        "steps": steps, "scheduler": scheduler_name(scheduler), "colour_fix": fix,
         "kind": kind, "weights": str(weights),
         "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over all frames",
         "seconds": round(time.perf_counter() - start, 1),
     })
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{args.clips} held-out clips, {args.frames} frames at {size}x{size}, {steps} {scheduler} steps")
+    print(f"\n{args.clips} held-out clips, {args.frames} frames at {size}x{size}, {steps} {scheduler_name(scheduler)} steps")
     print(f"{'method':<28}{'PSNR':>8}{'SSIM':>8}")
     for method in methods:
         print(f"{method:<28}{results[method]['psnr']:>8.2f}{results[method]['ssim']:>8.3f}")

@@ -11,28 +11,34 @@ phase-2 training calls with the same conventions: eps prediction, empty-caption 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from cascadev.pipeline import SEMANTIC_DOWNSAMPLE, CascadeVPipeline, timed
+from cascadev.pipeline import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade, timed,
+                               to_numpy_video)
 from cascadev.sampling import make_scheduler
-from cascadev.weights import atomic_write
 from dit.text_dit import TextDiT, TextDiTConfig
 from dit.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
 from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
+from dit.video_dit import VideoDiT
+from vae.previewer import Previewer
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0          # Stable Cascade's Stage C default
 DEFAULT_SCHEDULER = "dpmpp"
 CAPTION_DROPOUT = 0.1           # share of captions trained as the empty prompt, for CFG
-TEXT_ENCODER_DIR, BASE_DIR, CASCADE_DIR = "text_encoder", "base_dit", "cascade"
-PIPELINE_FILE = "text_to_video.json"
+TEXT_ENCODER_DIR, BASE_DIR = "text_encoder", "base"    # component folders (training exports them too)
+LEGACY_PIPELINE_FILE = "text_to_video.json"             # folders of cascadev < 0.2
 
 
 # -- the latent scale ----------------------------------------------------------------------------
@@ -181,62 +187,54 @@ def check_request(prompts: list[str], frames: int, size: tuple[int, int], steps:
         raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
 
 
-class TextToVideoPipeline:
-    """Text encoder + base TextDiT + the LDM-VAE cascade. Videos are (N, 3, T, H, W) in [-1, 1]."""
+@dataclass
+class TextToVideoPipelineOutput(BaseOutput):
+    """``frames`` as ``CascadeVPipelineOutput``; ``latents``: the semantic latents (N, 16, T, H/32, W/32)."""
 
-    def __init__(self, text_encoder: TextEncoder, base: TextDiT, cascade: CascadeVPipeline,
-                 device: str | torch.device | None = None):
+    frames: torch.Tensor | np.ndarray | list
+    latents: torch.Tensor
+
+
+class TextToVideoPipeline(DiffusionPipeline):
+    """Text encoder + base TextDiT (Stage C) + the LDM-VAE cascade (Stage B and A). Videos are (N, 3, T, H, W)
+    in [-1, 1]; N = prompts x ``num_per_prompt``.
+
+    Components: ``text_encoder``, ``base`` (``TextDiT``), ``base_scheduler``, and the cascade's decoding parts
+    ``dit``, ``vae``, ``scheduler``, ``previewer`` (optional) with its registered settings (``stage_a``,
+    ``num_inference_steps``, ``colour_fix``); ``self.cascade`` is a ``CascadeVPipeline`` over the same modules.
+    """
+
+    model_cpu_offload_seq = "text_encoder->base->dit->vae->previewer"
+    _optional_components = ["previewer"]
+
+    def __init__(self, text_encoder: TextEncoder, base: TextDiT, base_scheduler: SchedulerMixin, dit: VideoDiT,
+                 vae: torch.nn.Module, scheduler: SchedulerMixin, previewer: Previewer | None = None,
+                 stage_a: dict | None = None, num_inference_steps: int = RELEASE_STEPS, colour_fix: int | None = None):
+        super().__init__()
         c = base.config
         if (c.caption_channels, c.pooled_channels) != (text_encoder.width, text_encoder.embed_dim):
             raise ValueError(f"the base model reads text of width {c.caption_channels} / pooled {c.pooled_channels}, "
                              f"the text encoder gives {text_encoder.width} / {text_encoder.embed_dim}")
-        self.device = torch.device(device) if device is not None else cascade.device
-        self.text_encoder = text_encoder.eval().requires_grad_(False).to(self.device)
-        self.base = base.eval().requires_grad_(False).to(self.device)
-        self.cascade = cascade
+        self.register_modules(text_encoder=text_encoder, base=base, base_scheduler=base_scheduler, dit=dit, vae=vae,
+                              scheduler=scheduler, previewer=previewer)
+        self.register_to_config(stage_a=stage_a, num_inference_steps=num_inference_steps, colour_fix=colour_fix)
+        for module in (text_encoder, base):
+            module.eval().requires_grad_(False)
+        self.cascade = CascadeVPipeline(dit=dit, semantic_encoder=None, vae=vae, scheduler=scheduler, previewer=previewer,
+                                        stage_a=stage_a, num_inference_steps=num_inference_steps, colour_fix=colour_fix)
         self.timings: dict[str, float] = {}
 
     @classmethod
-    def from_pretrained(cls, root: str | Path | None = None, *, text_encoder: str | Path | None = None,
-                        base: str | Path | None = None, cascade: str | Path | None = None,
-                        device: str | torch.device | None = None) -> "TextToVideoPipeline":
-        """Load the parts. ``root``: a folder written by ``save_pretrained`` (text_encoder/, base_dit/, cascade/).
-
-        Each part can be given on its own: ``base`` a TextDiT folder (required: no weights are released);
-        ``text_encoder`` our folder or a preset of ``dit.text_encoder`` ("bigG", "H") loaded through
-        open_clip (default "bigG"); ``cascade`` anything ``CascadeVPipeline.from_pretrained`` takes
-        (default: the released files from the hub).
-        """
-        if root is not None:
-            root = Path(root)
-            if not root.is_dir():
-                raise FileNotFoundError(f"{root}: weights folder not found")
-            pick = lambda given, name: given if given is not None else (root / name if (root / name).exists() else None)  # noqa: E731
-            text_encoder, base, cascade = pick(text_encoder, TEXT_ENCODER_DIR), pick(base, BASE_DIR), pick(cascade, CASCADE_DIR)
-        if base is None or not Path(base).is_dir():
-            where = base if base is not None else (root / BASE_DIR if root is not None else "(no --weights folder)")
-            raise FileNotFoundError(f"{where}: no base model (Stage C) weights; none are released: train them (cascadev "
-                                    "train, stage base) or pass a folder written by TextToVideoPipeline.save_pretrained")
-        base_model = TextDiT.from_pretrained(base)
-        text_encoder = text_encoder if text_encoder is not None else "bigG"
-        if str(text_encoder) in TEXT_ENCODER_PRESETS:
-            encoder = build_text_encoder(str(text_encoder))
-        else:
-            encoder = TextEncoder.from_pretrained(text_encoder)
-        cascade_pipe = CascadeVPipeline.from_pretrained(cascade, device=device, load_previewer=False)
-        return cls(encoder, base_model, cascade_pipe, device=device)
-
-    def save_pretrained(self, root: str | Path) -> None:
-        """Write every part in our format: root/{text_encoder,base_dit,cascade} (+ a small index file)."""
-        root = Path(root)
-        self.text_encoder.save_pretrained(root / TEXT_ENCODER_DIR)
-        self.base.save_pretrained(root / BASE_DIR)
-        self.cascade.save_pretrained(root / CASCADE_DIR)
-        text = json.dumps({"text_encoder": TEXT_ENCODER_DIR, "base": BASE_DIR, "cascade": CASCADE_DIR}, indent=2)
-        atomic_write(root / PIPELINE_FILE, lambda tmp: Path(tmp).write_text(text))
+    def from_parts(cls, text_encoder: TextEncoder, base: TextDiT, cascade: CascadeVPipeline,
+                   base_scheduler: str | SchedulerMixin = DEFAULT_SCHEDULER) -> "TextToVideoPipeline":
+        """Join a text encoder, a base model and a cascade (its decoding parts and settings)."""
+        c = cascade.config
+        return cls(text_encoder=text_encoder, base=base, base_scheduler=make_scheduler(base_scheduler),
+                   dit=cascade.dit, vae=cascade.vae, scheduler=cascade.scheduler, previewer=cascade.previewer,
+                   stage_a=c.stage_a, num_inference_steps=c.num_inference_steps, colour_fix=c.colour_fix)
 
     def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return timed(self.timings, phase, self.device, fn)
+        return timed(self.timings, phase, self._execution_device, fn)
 
     def default_size(self) -> tuple[int, int]:
         """(W, H) pixels of the base model's trained clips."""
@@ -246,7 +244,7 @@ class TextToVideoPipeline:
     @torch.no_grad()
     def generate_latents(self, prompt: str | list[str], frames: int | None = None, size: tuple[int, int] | None = None,
                          steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, negative: str | list[str] = "",
-                         seed: int = 0, num_per_prompt: int = 1, scheduler: str | SchedulerMixin = DEFAULT_SCHEDULER,
+                         seed: int = 0, num_per_prompt: int = 1, scheduler: str | SchedulerMixin | None = None,
                          progress: bool = True) -> torch.Tensor:
         """Prompts -> semantic latents (N, 16, T, H/32, W/32), N = prompts x num_per_prompt (prompt-major),
         unscaled as ``CascadeVPipeline.decode`` takes them.
@@ -256,15 +254,17 @@ class TextToVideoPipeline:
             next larger latent grid and cropped.
         negative: the prompt guided away from (one for all, or one per prompt); empty by default.
         seed: video k starts from the noise of ``seed + k``, so it can be regenerated alone.
+        scheduler: a name or object (default: ``base_scheduler``).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        c = self.base.config
+        c = self.base.spec
         frames = c.window_frames if frames is None else frames
         W, H = size if size is not None else self.default_size()
         check_request(prompts, frames, (W, H), steps, guidance, num_per_prompt)
         negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        device = self._execution_device
 
         text = self._timed("text", lambda: repeat_text(self.text_encoder.encode(prompts), num_per_prompt))
         null_text = None
@@ -275,8 +275,9 @@ class TextToVideoPipeline:
                 *(math.ceil(n / c.spatial_multiple) * c.spatial_multiple for n in (h, w)))
         N = len(prompts) * num_per_prompt
         noise = torch.cat([torch.randn(1, c.latent_channels, *grid, generator=torch.Generator().manual_seed(seed + k))
-                           for k in range(N)]).to(self.device)
-        generator = torch.Generator(device=self.device).manual_seed(seed)  # ancestral steps
+                           for k in range(N)]).to(device)
+        generator = torch.Generator(device=device).manual_seed(seed)  # ancestral steps
+        scheduler = self.base_scheduler if scheduler is None else make_scheduler(scheduler)
         z = self._timed("base", lambda: sample_base(self.base, noise, text, null_text, guidance, scheduler, steps,
                                                     generator=generator, progress=progress))
         return from_model(z[:, :, :frames, :h, :w], c)
@@ -292,9 +293,64 @@ class TextToVideoPipeline:
     @torch.no_grad()
     def generate(self, prompt: str | list[str], frames: int | None = None, size: tuple[int, int] | None = None,
                  steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, negative: str | list[str] = "",
-                 seed: int = 0, num_per_prompt: int = 1, scheduler: str | SchedulerMixin = DEFAULT_SCHEDULER,
+                 seed: int = 0, num_per_prompt: int = 1, scheduler: str | SchedulerMixin | None = None,
                  progress: bool = True, decode_kwargs: dict | None = None) -> torch.Tensor:
         """Prompts -> video (N, 3, T, H, W) in [-1, 1] on the CPU: ``generate_latents`` then ``decode``."""
         latents = self.generate_latents(prompt, frames, size, steps, guidance, negative, seed, num_per_prompt,
                                         scheduler, progress)
         return self.decode(latents, seed, progress, **(decode_kwargs or {}))
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], num_frames: int | None = None, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
+                 guidance_scale: float = DEFAULT_GUIDANCE, negative_prompt: str | list[str] = "",
+                 num_videos_per_prompt: int = 1, seed: int = 0, decoder_num_inference_steps: int | None = None,
+                 output_type: str = "pt", return_dict: bool = True):
+        """``generate`` in diffusers' vocabulary. output_type: "pt" (N, 3, T, H, W) in [-1, 1], "np"
+        (N, T, H, W, 3) in [0, 1], "pil", or "latent" (the semantic latents only). Returns
+        ``TextToVideoPipelineOutput(frames, latents)`` or, without ``return_dict``, ``(frames,)``."""
+        if output_type not in ("pt", "np", "pil", "latent"):
+            raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
+        default_w, default_h = self.default_size()
+        latents = self.generate_latents(prompt, num_frames, (width or default_w, height or default_h),
+                                        num_inference_steps, guidance_scale, negative_prompt, seed,
+                                        num_videos_per_prompt)
+        frames = latents
+        if output_type != "latent":
+            frames = self.decode(latents, seed, steps=decoder_num_inference_steps,
+                                 colour_fix=self.config.colour_fix if self.previewer is not None else None)
+            if output_type != "pt":
+                frames = to_numpy_video(frames)
+                if output_type == "pil":
+                    frames = [[PIL.Image.fromarray((f * 255).round().astype(np.uint8)) for f in clip] for clip in frames]
+        self.maybe_free_model_hooks()
+        return TextToVideoPipelineOutput(frames=frames, latents=latents) if return_dict else (frames,)
+
+
+def is_legacy_text_to_video(folder: str | Path) -> bool:
+    """A text-to-video folder saved by cascadev < 0.2 (``text_to_video.json``, ``base_dit/``, ``cascade/``)."""
+    folder = Path(folder)
+    return (folder / LEGACY_PIPELINE_FILE).is_file() and not (folder / "model_index.json").is_file()
+
+
+def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None = None,
+                       cascade: str | Path | None = None, torch_dtype: torch.dtype | None = None) -> TextToVideoPipeline:
+    """The CLI's loader: ``weights`` written by ``TextToVideoPipeline.save_pretrained`` (no base model is released);
+    ``text_encoder`` (a folder, or an open_clip preset of ``dit.text_encoder``: "bigG", "H") and ``cascade``
+    (anything ``load_cascade`` takes) replace those parts."""
+    weights = Path(weights)
+    if is_legacy_text_to_video(weights):
+        raise FileNotFoundError(f"{weights} is a text-to-video folder in the previous format ({LEGACY_PIPELINE_FILE}); "
+                                f"convert it once with: cascadev convert {weights} NEW_FOLDER")
+    if not (weights / "model_index.json").is_file():
+        raise FileNotFoundError(f"{weights}: no base model (Stage C) weights; none are released: train them (cascadev "
+                                "train, stage base) or pass a folder written by TextToVideoPipeline.save_pretrained")
+    parts = {}
+    if text_encoder is not None:
+        parts["text_encoder"] = (build_text_encoder(str(text_encoder)) if str(text_encoder) in TEXT_ENCODER_PRESETS
+                                 else TextEncoder.from_pretrained(text_encoder))
+    if cascade is not None:
+        pipe = load_cascade(cascade, load_previewer=False, torch_dtype=torch_dtype)
+        parts.update(dit=pipe.dit, vae=pipe.vae, scheduler=pipe.scheduler, previewer=None, stage_a=pipe.config.stage_a,
+                     num_inference_steps=pipe.config.num_inference_steps, colour_fix=None)
+    return TextToVideoPipeline.from_pretrained(str(weights), torch_dtype=torch_dtype, **parts)

@@ -21,11 +21,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp"], help="base model sampler (default dpmpp)")
     p.add_argument("--latents-out", help="also save the semantic latents (.safetensors) for `cascadev decode`")
     g = p.add_argument_group("weights and decoding")
-    g.add_argument("--weights", help="folder written by TextToVideoPipeline.save_pretrained (text_encoder/, base_dit/, "
-                                     "cascade/); the base model has no released weights")
+    g.add_argument("--weights", help="folder written by TextToVideoPipeline.save_pretrained (model_index.json); "
+                                     "the base model has no released weights")
     g.add_argument("--text-encoder", help="text encoder: our folder, or an open_clip preset (bigG, H)")
-    g.add_argument("--cascade", help="LDM-VAE decoder weights, as for `cascadev decode --weights` (default: WEIGHTS/cascade, "
-                                     "else the released files from the hub)")
+    g.add_argument("--cascade", help="LDM-VAE decoder weights, as for `cascadev decode --weights` (default: the "
+                                     "decoder saved in WEIGHTS)")
     g.add_argument("--decode-steps", type=int, help="LDM-VAE decoder steps (default: the decoder's, 8)")
     g.add_argument("--tiling", choices=["blend", "official"], help="LDM-VAE windows/tiles (default blend)")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -49,7 +49,9 @@ def output_paths(output: str | Path, n: int) -> list[Path]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from cascadev.generate import TextToVideoPipeline, check_request
+    from cascadev.generate import check_request, load_text_to_video
+    import torch
+
     from cascadev.pipeline import save_latents
     from cascadev.video_io import write_video
 
@@ -66,8 +68,8 @@ def run_generate(args: argparse.Namespace) -> None:
                         "TextToVideoPipeline.save_pretrained; no base model weights are released")
 
     print("loading weights ...", flush=True)
-    pipe = TextToVideoPipeline.from_pretrained(args.weights, text_encoder=args.text_encoder, cascade=args.cascade,
-                                               device=args.device)
+    pipe = load_text_to_video(args.weights, text_encoder=args.text_encoder, cascade=args.cascade)
+    pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     W, H = size or pipe.default_size()
     frames = args.frames or pipe.base.config.window_frames
     print(f"generating {args.num} video(s) of {frames} frames at {W}x{H}", flush=True)

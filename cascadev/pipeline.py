@@ -1,4 +1,4 @@
-"""The LDM-VAE pipeline: video <-> semantic latents (f32, 16 ch) through the cascade.
+"""The LDM-VAE pipeline: video <-> semantic latents (f32, 16 ch) through the cascade, a diffusers ``DiffusionPipeline``.
 
 ``encode``: frames -> semantic encoder -> (B, 16, T, H/32, W/32).
 ``decode``: semantic latents -> upsampled x4 and scaled condition -> DiT sampling of Stage A latents
@@ -6,6 +6,8 @@
 ``preview``: the no-LDM baseline, the Previewer (x8) then bilinear x4 to full size.
 ``decode(..., colour_fix=f)``: the cascade's detail above the band of f x f pixel blocks over the Previewer's band
 below it (``fix_colour``).
+``__call__``: the same in diffusers' vocabulary (``num_inference_steps``, ``generator``, ``output_type``,
+``callback_on_step_end``, an output dataclass).
 """
 
 from __future__ import annotations
@@ -13,16 +15,23 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
 from cascadev.conditioning import semantic_small, upsample_condition
-from cascadev.config import from_dict, to_dict
-from cascadev.sampling import Tiling, sample
+from cascadev.config import to_dict
+from cascadev.sampling import Tiling, make_scheduler, sample
 from cascadev.weights import atomic_write
 from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
@@ -33,9 +42,14 @@ from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE
 SEMANTIC_DOWNSAMPLE = 32        # Stage B latent: f32
 COND_UPSAMPLE = 4               # semantic latent grid -> Stage A latent grid (f32 -> f8)
 SEMANTIC_CHANNELS = 16
+RELEASE_STEPS = 8               # the release's recon: 8 Euler-ancestral steps
 DIT_REPO, DIT_FILE = "ByteDance/CascadeV", "s1024.effn-f32.pth"
 STABLE_CASCADE_REPO = "stabilityai/StableWurst"   # effnet_encoder / previewer, as the release downloads them
-PIPELINE_FILE = "pipeline.json"
+ENCODER_FILE, PREVIEWER_FILE = "effnet_encoder.safetensors", "previewer.safetensors"
+# Stage A config fields the pipeline keeps (the rest describe an architecture, which the VAE brings itself)
+STAGE_A_SETTINGS = ("scale_factor", "sample_posterior", "encode_frame_batch", "chunk_frames", "chunk_overlap",
+                    "tile_size", "tile_overlap")
+LEGACY_PIPELINE_FILE, LEGACY_WEIGHTS = "pipeline.json", "model.safetensors"   # cascadev < 0.2 folders
 
 
 def timed(timings: dict[str, float], phase: str, device: torch.device, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -146,24 +160,37 @@ def _is_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not Path(source).exists() and not source.startswith((".", "/", "~"))
 
 
-def load_dit(source: str | Path | None) -> VideoDiT:
-    """Our directory (config.json + model.safetensors), the released .pth, a folder holding it, or a hub id."""
+def _load_model(cls, source: str | Path | None, filename: str, repo: str, torch_dtype: torch.dtype | None):
+    """One model of the cascade from: a folder we wrote (diffusers' layout, or the previous one with
+    ``model.safetensors``), the released file, a folder holding it, or a hub id (None: the release's repo)."""
     if source is None or _is_hub_id(str(source)):
-        return VideoDiT.from_official_checkpoint(resolve_official_file(None, DIT_FILE, str(source or DIT_REPO)))
-    path = Path(source)
-    if path.is_dir() and (path / "config.json").is_file():
-        return VideoDiT.from_pretrained(path)
-    return VideoDiT.from_official_checkpoint(resolve_official_file(path, DIT_FILE, DIT_REPO))
+        model = cls.from_single_file(resolve_official_file(None, filename, str(source or repo)))
+    else:
+        path = Path(source)
+        if path.is_dir() and (path / "config.json").is_file():
+            model = cls.from_legacy_folder(path) if (path / LEGACY_WEIGHTS).is_file() else cls.from_pretrained(path)
+        else:
+            model = cls.from_single_file(resolve_official_file(path, filename, repo))
+    return model if torch_dtype is None else model.to(torch_dtype)
 
 
-def _load_released_or_ours(cls, source: str | Path | None, filename: str):
-    """Previewer / SemanticEncoder: our directory, the released safetensors (file, folder or hub id)."""
-    if source is None or _is_hub_id(str(source)):
-        return cls.from_official(resolve_official_file(None, filename, str(source or STABLE_CASCADE_REPO)))
-    path = Path(source)
-    if path.is_dir() and (path / "config.json").is_file():
-        return cls.from_pretrained(path)
-    return cls.from_official(path)
+def load_dit(source: str | Path | None, torch_dtype: torch.dtype | None = None) -> VideoDiT:
+    """The DiT: our folder, the released .pth, a folder holding it, or a hub id (None: ByteDance/CascadeV)."""
+    return _load_model(VideoDiT, source, DIT_FILE, DIT_REPO, torch_dtype)
+
+
+def load_semantic_encoder(source: str | Path | None, torch_dtype: torch.dtype | None = None) -> SemanticEncoder:
+    return _load_model(SemanticEncoder, source, ENCODER_FILE, STABLE_CASCADE_REPO, torch_dtype)
+
+
+def load_previewer(source: str | Path | None, torch_dtype: torch.dtype | None = None) -> Previewer:
+    return _load_model(Previewer, source, PREVIEWER_FILE, STABLE_CASCADE_REPO, torch_dtype)
+
+
+def load_vae(source: str | Path | None, torch_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Stage A: a diffusers autoencoder folder or hub id (None: the SVD VAE, as released)."""
+    vae = StageAVAE.from_config(resolve_stage_a_config(source, None)).model
+    return vae if torch_dtype is None else vae.to(torch_dtype)
 
 
 def resolve_stage_a_config(source: str | Path | None, config: StageAConfig | None) -> StageAConfig:
@@ -186,20 +213,104 @@ def resolve_stage_a_config(source: str | Path | None, config: StageAConfig | Non
     return StageAConfig(**{**to_dict(base), "pretrained": str(source), "block_out_channels": tuple(base.block_out_channels)})
 
 
-class CascadeVPipeline:
-    """Semantic encoder + DiT + Stage A VAE (+ Previewer baseline). Videos are (B, 3, T, H, W) in [-1, 1]."""
+def stage_a_settings(config: StageAConfig) -> dict:
+    """What the pipeline keeps of a Stage A config: the latent scale and how to chunk and tile (the
+    architecture comes with the VAE itself)."""
+    return {name: getattr(config, name) for name in STAGE_A_SETTINGS}
 
-    def __init__(self, dit: VideoDiT, semantic_encoder: SemanticEncoder, stage_a: StageAVAE,
-                 previewer: Previewer | None = None, device: str | torch.device | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dit = dit.eval().requires_grad_(False).to(self.device)
-        self.semantic_encoder = semantic_encoder.eval().requires_grad_(False).to(self.device)
-        self.stage_a = stage_a.eval().requires_grad_(False).to(self.device)
-        self.previewer = previewer.eval().requires_grad_(False).to(self.device) if previewer is not None else None
-        self.timings: dict[str, float] = {}
-        if dit.config.latent_channels != self.stage_a.latent_channels:
+
+def is_legacy_cascade(folder: str | Path) -> bool:
+    """A cascade saved by cascadev < 0.2 (``pipeline.json``, ``stage_a/``, ``model.safetensors`` per part)."""
+    folder = Path(folder)
+    return (folder / LEGACY_PIPELINE_FILE).is_file() and not (folder / "model_index.json").is_file()
+
+
+def load_cascade(weights: str | Path | None = None, *, dit=None, semantic_encoder=None, previewer=None, vae=None,
+                 load_previewer: bool = True, torch_dtype: torch.dtype | None = None) -> "CascadeVPipeline":
+    """The cascade as the CLI finds it: ``weights`` is a folder or hub id written by ``save_pretrained``, a folder
+    holding the released files, or None (the released files from the hub); ``dit``, ``semantic_encoder``,
+    ``previewer``, ``vae`` replace one part each (a path or hub id, as ``load_dit`` etc. take them)."""
+    if weights is not None and is_legacy_cascade(weights):
+        raise FileNotFoundError(f"{weights} is a cascade in the previous format (pipeline.json, model.safetensors); "
+                                f"convert it once with: cascadev convert {weights} NEW_FOLDER")
+    parts = {name: load(source, torch_dtype) for name, load, source in (
+        ("dit", load_dit, dit), ("semantic_encoder", load_semantic_encoder, semantic_encoder),
+        ("previewer", load_previewer, previewer), ("vae", load_vae, vae)) if source is not None}
+    if not load_previewer:
+        parts["previewer"] = None
+    ours = weights is not None and ((Path(weights) / "model_index.json").is_file() or _is_hub_id(str(weights)))
+    if ours:
+        try:
+            return CascadeVPipeline.from_pretrained(str(weights), torch_dtype=torch_dtype, **parts)
+        except OSError as e:   # offline, or no such repo / file: one line, with what to do
+            raise FileNotFoundError(f"cannot load the cascade {weights!r}: {str(e).strip().splitlines()[0][:200]}") from None
+    return CascadeVPipeline.from_release(weights, torch_dtype=torch_dtype, **parts)
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+
+@dataclass
+class CascadeVPipelineOutput(BaseOutput):
+    """``frames``: (B, 3, T, H, W) in [-1, 1] for ``output_type="pt"``; (B, T, H, W, 3) in [0, 1] for "np";
+    a list of B lists of T PIL images for "pil"; Stage A latents (B, 4, T, H/8, W/8) for "latent"."""
+
+    frames: torch.Tensor | np.ndarray | list
+
+
+class CascadeVPipeline(DiffusionPipeline):
+    """The LDM-VAE cascade: semantic encoder + DiT + Stage A VAE (+ the Previewer baseline) and the sampler the
+    DiT was trained for. Videos are (B, 3, T, H, W) in [-1, 1]; semantic latents (B, 16, T, H/32, W/32).
+
+    Components: ``dit`` (``VideoDiT``), ``semantic_encoder``, ``vae`` (Stage A: a diffusers autoencoder),
+    ``scheduler``, ``previewer`` (optional). Registered settings: ``stage_a`` (latent scale, chunks and tiles
+    of Stage A decoding), ``num_inference_steps`` and ``colour_fix`` (the defaults these weights were tuned
+    for) and ``demo`` (what ``cascadev demo`` shows them on).
+    """
+
+    model_cpu_offload_seq = "semantic_encoder->dit->vae->previewer"
+    _optional_components = ["semantic_encoder", "previewer"]
+
+    def __init__(self, dit: VideoDiT, semantic_encoder: SemanticEncoder | None, vae: torch.nn.Module,
+                 scheduler: SchedulerMixin, previewer: Previewer | None = None, stage_a: dict | None = None,
+                 num_inference_steps: int = RELEASE_STEPS, colour_fix: int | None = None, demo: dict | None = None):
+        super().__init__()
+        kind = KIND_OF_CLASS.get(type(vae).__name__)
+        if kind is None:
+            raise ValueError(f"Stage A VAE {type(vae).__name__} is not supported (one of {', '.join(KIND_OF_CLASS)})")
+        if dit.config.latent_channels != vae.config.latent_channels:
             raise ValueError(f"the DiT makes {dit.config.latent_channels}-channel latents but the Stage A VAE decodes "
-                             f"{self.stage_a.latent_channels}")
+                             f"{vae.config.latent_channels}")
+        settings = {**stage_a_settings(STAGE_A_PRESETS["official"]), **(stage_a or {})}
+        self.register_modules(dit=dit, semantic_encoder=semantic_encoder, vae=vae, scheduler=scheduler,
+                              previewer=previewer)
+        self.register_to_config(stage_a=settings, num_inference_steps=num_inference_steps, colour_fix=colour_fix,
+                                demo=demo)
+        for module in (dit, semantic_encoder, vae, previewer):
+            if module is not None:
+                module.eval().requires_grad_(False)
+        # chunked, tiled decoding and the latent scale around the same autoencoder object (no copy of its weights)
+        self.stage_a = StageAVAE(StageAConfig(kind=kind, pretrained=None, subfolder=None,
+                                              latent_channels=vae.config.latent_channels, **settings), vae)
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def from_release(cls, folder: str | Path | None = None, *, torch_dtype: torch.dtype | None = None,
+                     **components) -> "CascadeVPipeline":
+        """The released cascade: ``s1024.effn-f32.pth``, ``effnet_encoder.safetensors`` and ``previewer.safetensors``
+        from ``folder`` (those it lacks, and all when None, from the hub), the SVD VAE from the hub, and the
+        release's sampler (8 steps of ``EulerAncestralDiscreteScheduler()``). ``components`` (loaded modules,
+        or ``previewer=None``) replace parts."""
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder}: weights folder not found")
+
+        def local(filename):
+            return folder if folder is not None and (Path(folder) / filename).is_file() else None
+        loaders = {"dit": lambda: load_dit(local(DIT_FILE), torch_dtype),
+                   "semantic_encoder": lambda: load_semantic_encoder(local(ENCODER_FILE), torch_dtype),
+                   "previewer": lambda: load_previewer(local(PREVIEWER_FILE), torch_dtype),
+                   "vae": lambda: load_vae(None, torch_dtype)}
+        parts = {name: components[name] if name in components else load() for name, load in loaders.items()}
+        return cls(**parts, scheduler=make_scheduler("euler_a"))
 
     @property
     def scale_factor(self) -> float:
@@ -210,94 +321,76 @@ class CascadeVPipeline:
     def pixel_multiple(self) -> int:
         return SEMANTIC_DOWNSAMPLE
 
-    @classmethod
-    def from_pretrained(cls, root: str | Path | None = None, *, dit=None, semantic_encoder=None, previewer=None,
-                        stage_a=None, stage_a_config: StageAConfig | None = None,
-                        device: str | torch.device | None = None, load_previewer: bool = True) -> "CascadeVPipeline":
-        """Load the four parts. ``root``: a folder written by ``save_pretrained`` (dit/, semantic_encoder/,
-        previewer/, stage_a/) or holding the released files (s1024.effn-f32.pth, effnet_encoder.safetensors,
-        previewer.safetensors). Each part can be given on its own as a path or hub id; what is not given
-        comes from the hub (ByteDance/CascadeV, stabilityai/StableWurst, the SVD VAE) with a clear error offline.
-        """
-        if root is not None:
-            root = Path(root)
-            if not root.is_dir():
-                raise FileNotFoundError(f"{root}: weights folder not found")
-            if (root / PIPELINE_FILE).is_file():
-                meta = json.loads((root / PIPELINE_FILE).read_text())
-                stage_a_config = stage_a_config or from_dict(StageAConfig, meta["stage_a"])
-
-            def pick(given, *names):
-                if given is not None:
-                    return given
-                found = [root / n for n in names if (root / n).exists()]
-                return found[0] if found else None
-            dit = pick(dit, "dit", DIT_FILE)
-            semantic_encoder = pick(semantic_encoder, "semantic_encoder", "effnet_encoder.safetensors")
-            previewer = pick(previewer, "previewer", "previewer.safetensors")
-            stage_a = pick(stage_a, "stage_a")
-        stage_a_model = StageAVAE.from_config(resolve_stage_a_config(stage_a, stage_a_config))
-        return cls(
-            dit=load_dit(dit),
-            semantic_encoder=_load_released_or_ours(SemanticEncoder, semantic_encoder, "effnet_encoder.safetensors"),
-            stage_a=stage_a_model,
-            previewer=_load_released_or_ours(Previewer, previewer, "previewer.safetensors") if load_previewer else None,
-            device=device,
-        )
-
-    def save_pretrained(self, root: str | Path) -> None:
-        """Write every part in our format: root/{dit,semantic_encoder,previewer,stage_a} + pipeline.json."""
-        root = Path(root)
-        self.dit.save_pretrained(root / "dit")
-        self.semantic_encoder.save_pretrained(root / "semantic_encoder")
-        if self.previewer is not None:
-            self.previewer.save_pretrained(root / "previewer")
-        self.stage_a.save_pretrained(root / "stage_a")
-        meta = {"stage_a": {**to_dict(self.stage_a.config), "pretrained": None, "subfolder": None}}
-        text = json.dumps(meta, indent=2)
-        atomic_write(root / PIPELINE_FILE, lambda tmp: Path(tmp).write_text(text))
+    def scheduler_for(self, name: str | None) -> SchedulerMixin:
+        """The saved scheduler, or another by short name (``make_scheduler``); a scheduler of the saved one's
+        class keeps its saved config (e.g. the flow shift the DiT was trained at)."""
+        if name is None:
+            return self.scheduler
+        wanted = make_scheduler(name)
+        if type(wanted) is type(self.scheduler):
+            return type(wanted).from_config(self.scheduler.config)
+        return wanted
 
     def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return timed(self.timings, phase, self.device, fn)
+        return timed(self.timings, phase, self._execution_device, fn)
 
     # -- the cascade ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """(B, 3, T, H, W) in [-1, 1], H and W multiples of 32 -> semantic latents (B, 16, T, H/32, W/32)."""
+        """(B, 3, T, H, W) in [-1, 1], H and W multiples of 32 -> semantic latents (B, 16, T, H/32, W/32) float32."""
         check_video(video, 3, SEMANTIC_DOWNSAMPLE, "CascadeVPipeline.encode")
-        return self._timed("encode", lambda: self.semantic_encoder.encode(video.to(self.device), progress))
+        if self.semantic_encoder is None:
+            raise ValueError("this pipeline was loaded without a semantic encoder")
+        return self._timed("encode", lambda: self.semantic_encoder.encode(video.to(self._execution_device), progress))
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, steps: int = 8, seed: int = 0, scheduler: str = "euler_a",
-                       tiling: str | Tiling = "blend", progress: bool = True,
-                       scheduler_config: dict | None = None) -> torch.Tensor:
+    def decode_latents(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,
+                       scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend",
+                       progress: bool = True, scheduler_config: dict | None = None,
+                       generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
         """Semantic latents (B, 16, T, h, w) -> Stage A latents (B, 4, T, 4h, 4w), scaled.
-        ``scheduler_config`` overrides the scheduler's defaults (e.g. ``{"shift": 3.0}`` for flow)."""
+
+        Noise: ``seed`` draws it as the release did (frames first, CPU generator; ancestral steps from
+        ``seed + 1``); a ``generator`` replaces both. ``scheduler``: a name or object (default: the saved one);
+        ``scheduler_config`` overrides its config (e.g. ``{"shift": 3.0}`` for flow). ``callback(i, t, latents)``
+        runs after each step and may return replacement latents."""
         check_video(latents, self.dit.config.cond_channels, 1, "CascadeVPipeline.decode")
+        device = self._execution_device
         T, h, w = latents.shape[2:]
-        small = semantic_small(latents.to(self.device).float(), self.scale_factor)   # as the DiT was trained
+        small = semantic_small(latents.to(device).float(), self.scale_factor)   # as the DiT was trained
         cond = upsample_condition(small, (T, COND_UPSAMPLE * h, COND_UPSAMPLE * w))
         B, _, T, H, W = cond.shape
-        noise = seeded_noise((B, self.dit.config.latent_channels, T, H, W), seed, self.device)
+        shape = (B, self.dit.config.latent_channels, T, H, W)
+        if generator is None:
+            noise = seeded_noise(shape, seed, device)
+            generator = torch.Generator(device=device).manual_seed(seed + 1)  # ancestral steps
+        else:
+            noise = rearrange(randn_tensor((B, T, *shape[1:2], H, W), generator=generator, device=device),
+                              "b t c h w -> b c t h w")   # frames first, as seeded_noise
+        if isinstance(scheduler, str) or scheduler is None:
+            scheduler = self.scheduler_for(scheduler)
+        if scheduler_config:
+            scheduler = type(scheduler).from_config(scheduler.config, **scheduler_config)
+        steps = steps or self.config.num_inference_steps
         dtype = next(self.dit.parameters()).dtype
-        generator = torch.Generator(device=self.device).manual_seed(seed + 1)  # ancestral steps
         return self._timed("dit", lambda: sample(self.dit, cond.to(dtype), noise.to(dtype), scheduler, steps, tiling,
-                                                 generator=generator, scheduler_config=scheduler_config,
-                                                 progress=progress).float())
+                                                 generator=generator, progress=progress, callback=callback).float())
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, steps: int = 8, seed: int = 0, scheduler: str = "euler_a",
-               tiling: str | Tiling = "blend", progress: bool = True,
-               scheduler_config: dict | None = None, colour_fix: int | None = None) -> torch.Tensor:
-        """Semantic latents (B, 16, T, h, w) -> video (B, 3, T, 32h, 32w) in [-1, 1].
+    def decode(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,
+               scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend", progress: bool = True,
+               scheduler_config: dict | None = None, colour_fix: int | None = None,
+               generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
+        """Semantic latents (B, 16, T, h, w) -> video (B, 3, T, 32h, 32w) in [-1, 1] (arguments as ``decode_latents``).
 
-        ``colour_fix=f`` takes the band of f x f pixel blocks and below from the Previewer (``fix_colour``)."""
-        if colour_fix is not None and self.previewer is None:
+        ``colour_fix=f`` takes the band of f x f pixel blocks and below from the Previewer (``fix_colour``); 0 or
+        None: off (the saved default is applied by ``__call__`` and the CLI, not here)."""
+        if colour_fix and self.previewer is None:
             raise ValueError("colour_fix needs the Previewer: load the pipeline with one")
-        z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress, scheduler_config)
+        z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress, scheduler_config, generator, callback)
         video = self._timed("stage_a", lambda: self.stage_a.decode(z, progress)).clamp(-1, 1)
-        if colour_fix is None:
+        if not colour_fix:
             return video
         return fix_colour(video, self.preview(latents), colour_fix)
 
@@ -311,36 +404,69 @@ class CascadeVPipeline:
         """The no-LDM baseline: Previewer (x8), then bilinear x4 to the cascade's size when ``full_size``."""
         if self.previewer is None:
             raise ValueError("this pipeline was loaded without a Previewer")
-        video = self._timed("preview", lambda: self.previewer.decode(latents.to(self.device)))
+        video = self._timed("preview", lambda: self.previewer.decode(latents.to(self._execution_device)))
         if full_size:
             h, w = latents.shape[-2:]
             video = resize_video(video, (h * SEMANTIC_DOWNSAMPLE, w * SEMANTIC_DOWNSAMPLE)).clamp(-1, 1)
         return video
 
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor | None = None, video: torch.Tensor | None = None,
+                 num_inference_steps: int | None = None, generator: torch.Generator | None = None,
+                 tiling: str | Tiling = "blend", colour_fix: int | None = None, output_type: str = "pt",
+                 return_dict: bool = True, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",)):
+        """Decode semantic ``latents`` (B, 16, T, h, w), or reconstruct ``video`` (B, 3, T, H, W) in [-1, 1].
 
-def saved_settings(weights: str | Path | None) -> dict:
-    """What a cascade folder says about its use (``pipeline.json``'s "demo" entry: sampler, clip kind and size),
-    or {}: the released weights carry none."""
-    path = Path(weights) / "pipeline.json" if weights else None
-    return json.loads(path.read_text()).get("demo", {}) if path is not None and path.is_file() else {}
+        num_inference_steps: DiT steps (default: the saved ``num_inference_steps``; 8 for the release).
+        generator: seeds the noise (drawn frames first as the release did) and ancestral steps.
+        colour_fix: block size of the Previewer's colour fix (default: the saved setting; 0: off).
+        output_type: "pt" (B, 3, T, H, W) in [-1, 1], "np" (B, T, H, W, 3) in [0, 1], "pil", or "latent"
+            (Stage A latents, scaled).
+        callback_on_step_end(pipe, i, t, {"latents": (B, 4, T, H/8, W/8)}): after each DiT step; may return
+            {"latents": ...} to replace them.
+        Returns ``CascadeVPipelineOutput(frames=...)``, or a tuple ``(frames,)`` without ``return_dict``.
+        """
+        if (latents is None) == (video is None):
+            raise ValueError("give either latents= (semantic latents to decode) or video= (to reconstruct)")
+        if output_type not in ("pt", "np", "pil", "latent"):
+            raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
+        if set(callback_on_step_end_tensor_inputs) - {"latents"}:
+            raise ValueError(f"callback_on_step_end_tensor_inputs can only hold 'latents', got "
+                             f"{list(callback_on_step_end_tensor_inputs)}")
+        colour_fix = self.config.colour_fix if colour_fix is None else colour_fix
+        if latents is None:
+            latents = self.encode(video)
+
+        def on_step(i, t, z):
+            if callback_on_step_end is None:
+                return None
+            out = callback_on_step_end(self, i, t, {"latents": z}) or {}
+            return out.get("latents")
+        kwargs = dict(steps=num_inference_steps, seed=0 if generator is None else None, tiling=tiling,
+                      generator=generator, callback=on_step)
+        if output_type == "latent":
+            frames = self.decode_latents(latents, **kwargs)
+        else:
+            frames = self.decode(latents, colour_fix=colour_fix, **kwargs)
+            if output_type != "pt":
+                frames = to_numpy_video(frames)
+                if output_type == "pil":
+                    frames = [[PIL.Image.fromarray((f * 255).round().astype(np.uint8)) for f in clip] for clip in frames]
+        self.maybe_free_model_hooks()
+        return CascadeVPipelineOutput(frames=frames) if return_dict else (frames,)
 
 
-def resolve_sampler(weights: str | Path | None, steps: int | None, scheduler: str | None) -> dict:
-    """``steps``, ``scheduler`` and ``scheduler_config`` for ``decode``: the ones given, else the folder's saved
-    sampler (the tiny cascade is a flow model), else the release's (8 steps, ancestral Euler)."""
-    settings = saved_settings(weights)
-    scheduler = scheduler or settings.get("scheduler", "euler_a")
-    # e.g. the flow shift the DiT was trained at; it belongs to the saved scheduler only
-    config = settings.get("scheduler_config") if scheduler == settings.get("scheduler") else None
-    return {"steps": steps or settings.get("steps", 8), "scheduler": scheduler, "scheduler_config": config}
+def to_numpy_video(video: torch.Tensor) -> np.ndarray:
+    """(B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) float32 in [0, 1], diffusers' "np" video layout."""
+    return rearrange((video.float().clamp(-1, 1) + 1) / 2, "b c t h w -> b t h w c").cpu().numpy()
 
 
-def resolve_colour_fix(weights: str | Path | None, given: int | None) -> int | None:
-    """The ``colour_fix`` factor for ``decode``: the one given (0: off), else the folder's saved one, else off."""
+def resolve_colour_fix(pipe: CascadeVPipeline, given: int | None) -> int | None:
+    """The ``colour_fix`` factor for ``decode``: the one given (0: off), else the pipeline's saved one, else off."""
     if given is not None and given < 0:
         raise ValueError(f"colour fix factor must be >= 0 (0: off), got {given}")
-    factor = saved_settings(weights).get("colour_fix") if given is None else given
-    return factor or None
+    return (pipe.config.colour_fix if given is None else given) or None
 
 
 def infer_size(height: int, width: int, size: str | None, multiple: int = SEMANTIC_DOWNSAMPLE) -> tuple[int, int]:

@@ -18,6 +18,7 @@ is moved back to end at the edge.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,7 +30,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from einops import rearrange
 from tqdm.auto import tqdm
 
-SCHEDULERS = ("euler_a", "ddim", "dpmpp", "flow")  # "flow": for models trained with rectified flow
+SCHEDULERS = {                   # short names, as the CLI takes them
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "ddim": DDIMScheduler,
+    "dpmpp": DPMSolverMultistepScheduler,         # algorithm_type "dpmsolver++" by default
+    "flow": FlowMatchEulerDiscreteScheduler,      # models trained with rectified flow: v = eps - x0 (cascadev.diffusion)
+}
 
 
 @dataclass(frozen=True)
@@ -58,18 +64,16 @@ def make_scheduler(name: str | SchedulerMixin = "euler_a", config: dict | None =
     """
     if isinstance(name, SchedulerMixin):
         return name
-    defaults = {}
-    if name == "euler_a":
-        cls = EulerAncestralDiscreteScheduler
-    elif name == "ddim":
-        cls, defaults = DDIMScheduler, {"clip_sample": False}
-    elif name == "dpmpp":
-        cls = DPMSolverMultistepScheduler  # algorithm_type "dpmsolver++" by default
-    elif name == "flow":
-        cls = FlowMatchEulerDiscreteScheduler  # the model predicts v = eps - x0 (cascadev.diffusion.RectifiedFlow)
-    else:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {SCHEDULERS}")
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {tuple(SCHEDULERS)}")
+    cls = SCHEDULERS[name]
+    defaults = {"clip_sample": False} if name == "ddim" else {}
     return cls.from_config(cls().config, **{**defaults, **(config or {})})
+
+
+def scheduler_name(scheduler: SchedulerMixin) -> str:
+    """The short name of a scheduler's class ("euler_a", "flow", ...), or its class name."""
+    return next((name for name, cls in SCHEDULERS.items() if type(scheduler) is cls), type(scheduler).__name__)
 
 
 def window_starts(length: int, size: int, stride: int) -> list[int]:
@@ -181,13 +185,15 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
 @torch.no_grad()
 def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | SchedulerMixin = "euler_a",
            steps: int = 8, tiling: str | Tiling = "blend", generator: torch.Generator | None = None,
-           scheduler_config: dict | None = None, progress: bool = True) -> torch.Tensor:
+           scheduler_config: dict | None = None, progress: bool = True,
+           callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
     """Denoise ``noise`` (B, C_latent, T, H, W) given ``cond`` (B, C_cond, T, H, W); both already scaled.
 
     The release's loop (recon/refine_latent.py): scale the noise by ``init_noise_sigma``, then at each
     timestep predict eps on cat([scaled input, cond]) and take a scheduler step. The step runs on
     frames as a batch, (B*T, C, H, W), the release's layout, so a seeded ancestral sampler draws the
-    same noise as the released code. Returns the denoised latents (B, C_latent, T, H, W).
+    same noise as the released code. ``callback(i, t, latents)`` runs after step i with the latents
+    (B, C_latent, T, H, W) and may return replacements. Returns the denoised latents (B, C_latent, T, H, W).
     """
     c = model.config
     if noise.ndim != 5 or noise.shape[1] != c.latent_channels:
@@ -205,9 +211,11 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
 
     # flow matching starts from unit noise and has no input scaling
     latents = to_frames(noise * getattr(scheduler, "init_noise_sigma", 1.0))
-    for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
         scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         model_input = from_frames(scaled)
         eps = predict_noise(model, torch.cat([model_input, cond.to(model_input)], dim=1), t, tiling)
         latents = scheduler.step(to_frames(eps), t, latents, generator=generator, return_dict=False)[0]
+        if callback is not None and (replaced := callback(i, t, from_frames(latents))) is not None:
+            latents = to_frames(replaced)
     return from_frames(latents)

@@ -569,7 +569,7 @@ def build_text_encoder(config: TrainConfig, load_weights: bool) -> nn.Module:
     if text_config is None:
         encoder = TextEncoder.from_pretrained(b.text_encoder_weights)
     else:
-        encoder = TextEncoder.from_config(text_config, load_weights=load_weights)
+        encoder = TextEncoder.build(text_config, load_weights=load_weights)
     return encoder.eval().requires_grad_(False)
 
 

@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 
 CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # as open_clip's hub repos ship them
 NON_TEXT_KEYS = ("visual.", "logit_scale", "logit_bias")                          # the rest of a CLIP checkpoint
@@ -134,20 +136,26 @@ def resolve_checkpoint(config: TextEncoderConfig) -> Path:
     return Path(file)
 
 
-class TextEncoder(nn.Module):
-    """Frozen open_clip text tower + tokenizer: ``encode(prompts)`` -> ``TextEmbedding``."""
+class TextEncoder(ModelMixin, ConfigMixin):
+    """Frozen open_clip text tower + tokenizer: ``encode(prompts)`` -> ``TextEmbedding``.
 
-    def __init__(self, config: TextEncoderConfig):
+    A diffusers model: ``TextEncoder(**fields of TextEncoderConfig)`` builds the tower with random weights,
+    ``build_text_encoder`` also loads ``pretrained``; ``save_pretrained`` / ``from_pretrained`` are diffusers' own
+    (the saved config has ``pretrained`` cleared: the weights are in the folder)."""
+
+    @register_to_config
+    def __init__(self, model_name: str = "ViT-bigG-14", pretrained: str | None = "laion2b_s39b_b160k",
+                 hidden_layer: int = -1, text_overrides: dict | None = None, embed_dim: int | None = None):
         super().__init__()
         import open_clip
         from open_clip.model import _build_text_tower  # the builder open_clip's own CLIP uses for its text half
 
-        self.config = config
-        embed_dim, text_cfg, quick_gelu = config.architecture()
+        self.spec = TextEncoderConfig(model_name, pretrained, hidden_layer, text_overrides, embed_dim)
+        embed_dim, text_cfg, quick_gelu = self.spec.architecture()
         self.tower = _build_text_tower(embed_dim, text_cfg, quick_gelu)
         if not hasattr(self.tower, "forward_intermediates"):
             raise ImportError(f"dit.text_encoder needs open_clip_torch >= {MIN_OPEN_CLIP} (pip install -U open_clip_torch)")
-        self.tokenizer = open_clip.get_tokenizer(config.model_name, context_length=self.tower.context_length)
+        self.tokenizer = open_clip.get_tokenizer(model_name, context_length=self.tower.context_length)
         self.requires_grad_(False).eval()
 
     @property
@@ -183,7 +191,7 @@ class TextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, L) -> (token states (B, L, width) of ``hidden_layer``, pooled (B, embed_dim))."""
-        layer = self.config.hidden_layer % len(self.tower.transformer.resblocks)
+        layer = self.spec.hidden_layer % len(self.tower.transformer.resblocks)
         out = self.tower.forward_intermediates(tokens, indices=[layer], output_fmt="NLC")
         return out["text_intermediates"][0], out["text_features"]
 
@@ -203,28 +211,40 @@ class TextEncoder(nn.Module):
         load_state_dict_strict(self.tower, text_tower_state_dict(_state_dict_of_file(path)), str(path))
 
     @classmethod
-    def from_config(cls, config: TextEncoderConfig, load_weights: bool = True) -> "TextEncoder":
+    def build(cls, config: TextEncoderConfig, load_weights: bool = True) -> "TextEncoder":
         """Build the tower and load ``config.pretrained`` (unless None or ``load_weights`` is False)."""
         file = resolve_checkpoint(config) if load_weights and config.pretrained is not None else None  # fail before building
-        model = cls(config)
+        model = cls(**dataclasses.asdict(config))
         if file is not None:
             model.load_checkpoint(file)
         return model.eval()
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` (with ``pretrained`` cleared: the weights are here) + ``model.safetensors``."""
-        from cascadev.weights import save_pretrained
-        save_pretrained(self.state_dict(), dataclasses.replace(self.config, pretrained=None), directory)
+    def save_pretrained(self, directory: str | Path, **kwargs) -> None:
+        """diffusers' ``save_pretrained``, with ``pretrained`` cleared in the saved config: the weights are here."""
+        pretrained = self.config.pretrained
+        self.register_to_config(pretrained=None)
+        try:
+            super().save_pretrained(directory, **kwargs)
+        finally:
+            self.register_to_config(pretrained=pretrained)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "TextEncoder":
-        """Load a directory written by ``save_pretrained`` (frozen, eval mode)."""
-        from cascadev.weights import load_pretrained
-        return load_pretrained(cls, TextEncoderConfig, directory).requires_grad_(False)
+    def from_legacy_folder(cls, folder: str | Path) -> "TextEncoder":
+        """A folder saved by cascadev < 0.2 (``config.json`` of ``TextEncoderConfig`` + ``model.safetensors``)."""
+        import json
+
+        from safetensors.torch import load_file
+
+        from cascadev.weights import load_state_dict_strict
+        folder = Path(folder)
+        config = {**json.loads((folder / "config.json").read_text()), "pretrained": None}
+        model = cls(**{f.name: config[f.name] for f in dataclasses.fields(TextEncoderConfig) if f.name in config})
+        load_state_dict_strict(model, load_file(str(folder / "model.safetensors")), str(folder))
+        return model.eval()
 
 
 def build_text_encoder(preset: str = "bigG", load_weights: bool = True, **overrides) -> TextEncoder:
     """The one factory: a preset plus field overrides, e.g. ``build_text_encoder("H", pretrained="/ckpt.bin")``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown text encoder preset {preset!r}; choose from {sorted(PRESETS)}")
-    return TextEncoder.from_config(dataclasses.replace(PRESETS[preset], **overrides), load_weights)
+    return TextEncoder.build(dataclasses.replace(PRESETS[preset], **overrides), load_weights)

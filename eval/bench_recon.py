@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from cascadev.decode_cli import _decode_kwargs, _load_pipeline
+    from cascadev.decode_cli import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.pipeline import fix_colour
     from cascadev.video_io import VideoReadError, read_video, write_video
     from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips, psnr, ssim
@@ -70,13 +70,14 @@ def run(args: argparse.Namespace) -> dict:
     if not files:
         raise UserError(f"{data}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
 
-    pipe = _load_pipeline(args, previewer=True)
-    decode_kwargs = _decode_kwargs(args)
-    fix = decode_kwargs.pop("colour_fix")      # applied here, to the baseline already decoded for the table
+    check_decode_args(args)
+    pipe = load_pipeline(args, previewer=True)
+    decode_kw = decode_kwargs(args, pipe)
+    fix = decode_kw.pop("colour_fix")      # applied here, to the baseline already decoded for the table
     lpips, notes = None, {}
     if "lpips" in metrics:
         try:
-            lpips = load_lpips(pipe.device)
+            lpips = load_lpips(pipe._execution_device)
         except LpipsUnavailable as e:
             notes["lpips"] = f"LPIPS skipped: {e}"
             print(notes["lpips"])
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
             continue
         video = square_crop(video, args.size).clamp(-1, 1)
         latents = pipe.encode(video)
-        cascade, baseline = pipe.decode(latents, progress=False, **decode_kwargs).cpu(), pipe.preview(latents).cpu()
+        cascade, baseline = pipe.decode(latents, progress=False, **decode_kw).cpu(), pipe.preview(latents).cpu()
         outputs = {"cascade": fix_colour(cascade, baseline, fix) if fix else cascade, "baseline": baseline}
         write_video(run_dir / "real" / f"{path.stem}.mp4", video, fps=8)
         for method, out in outputs.items():
@@ -131,8 +132,8 @@ def run(args: argparse.Namespace) -> dict:
                     notes[f"fvd_{method}"] = fvd["skipped"]
 
     report = {**results, "videos": done, "skipped": skipped, "notes": notes,
-              "settings": {"size": args.size, "frames": args.frames, "limit": args.limit, "steps": args.steps,
-                           "scheduler": args.scheduler, "tiling": args.tiling, "colour_fix": fix, "seed": args.seed,
+              "settings": {"size": args.size, "frames": args.frames, "limit": args.limit, "steps": args.steps or pipe.config.num_inference_steps,
+                           "scheduler": args.scheduler or type(pipe.scheduler).__name__, "tiling": args.tiling, "colour_fix": fix, "seed": args.seed,
                            "data": str(data), "selection": "first videos by file name, first frames"},
               "conventions": {m: CONVENTIONS[m] for m in ("psnr", "ssim", "lpips")}}
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -40,16 +40,24 @@ def randomize_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torc
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
-    """A tiny cascade (random weights, every part nonzero) saved in our format."""
-    from cascadev.pipeline import CascadeVPipeline
+    """A tiny cascade (random weights, every part nonzero) saved with ``save_pretrained``; the release's sampler."""
+    root = tmp_path_factory.mktemp("tiny_cascade")
+    tiny_cascade().save_pretrained(str(root))
+    return root
+
+
+def tiny_cascade(**settings):
+    """A tiny ``CascadeVPipeline`` with random weights (the DiT's nonzero) and the release's sampler."""
+    from cascadev.pipeline import CascadeVPipeline, stage_a_settings
+    from cascadev.sampling import make_scheduler
     from dit import build_dit
     from vae import build_previewer, build_semantic_encoder, build_stage_a
+    from vae.stage_a import PRESETS as STAGE_A_PRESETS
 
-    root = tmp_path_factory.mktemp("tiny_cascade")
-    pipe = CascadeVPipeline(dit=randomize_(build_dit("tiny"), std=0.02), semantic_encoder=build_semantic_encoder("tiny"),
-                            stage_a=build_stage_a("tiny"), previewer=build_previewer("tiny"), device="cpu")
-    pipe.save_pretrained(root)
-    return root
+    return CascadeVPipeline(dit=randomize_(build_dit("tiny"), std=0.02), semantic_encoder=build_semantic_encoder("tiny"),
+                            vae=build_stage_a("tiny").model, scheduler=make_scheduler("euler_a"),
+                            previewer=build_previewer("tiny"), stage_a=stage_a_settings(STAGE_A_PRESETS["tiny"]),
+                            **settings)
 
 
 @pytest.fixture(scope="session")

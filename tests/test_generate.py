@@ -44,7 +44,7 @@ def test_text_encoder_tokens_mask_and_states(encoder):
     tokens, _ = encoder.tokenize(["a red ball"])
     assert torch.equal(encoder.tower(tokens), encoder.encode("a red ball").pooled)  # open_clip's own pooled features
     # the per-token states are a block's output before ln_final: the last block by default, the one before with -2
-    penultimate = TextEncoder(dataclasses.replace(encoder.config, hidden_layer=-2))
+    penultimate = TextEncoder(**dataclasses.asdict(dataclasses.replace(encoder.spec, hidden_layer=-2)))
     penultimate.load_state_dict(encoder.state_dict())
     assert not torch.allclose(penultimate.encode("a red ball").context, text.context[:1])
     torch.testing.assert_close(penultimate.encode("a red ball").pooled, text.pooled[:1])

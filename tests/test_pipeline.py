@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from conftest import run_cli
-from cascadev.pipeline import CascadeVPipeline, load_latents, round_size, save_latents, seeded_noise
+from conftest import run_cli, tiny_cascade
+from cascadev.pipeline import CascadeVPipeline, load_latents, resolve_colour_fix, round_size, save_latents, seeded_noise
 from cascadev.video_io import read_video, video_info
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_pipeline_dir):
-    return CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
+    return CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir))
 
 
 def test_reconstruct_api_shapes_range_and_seeding(pipe, clip_file):
@@ -100,34 +100,38 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, tiny_pipeline_dir):
     assert code == 2 and err.count("\n") == 1 and "not divisible by its factor 64" in err
 
     with pytest.raises(ValueError, match=r"expected 3 channels.*is T before C"):
-        CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu").encode(torch.zeros(1, 4, 3, 32, 32))
+        CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir)).encode(torch.zeros(1, 4, 3, 32, 32))
     with pytest.raises(ValueError, match="H=40 is not a positive multiple of 32"):
-        CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu").encode(torch.zeros(1, 3, 2, 40, 32))
+        CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir)).encode(torch.zeros(1, 3, 2, 40, 32))
 
 
 def test_dit_and_stage_a_must_agree_on_latent_channels():
+    from cascadev.sampling import make_scheduler
     from dit import build_dit
     from vae import build_semantic_encoder, build_stage_a
 
     with pytest.raises(ValueError, match="4-channel latents but the Stage A VAE decodes 8"):
         CascadeVPipeline(dit=build_dit("tiny"), semantic_encoder=build_semantic_encoder("tiny"),
-                         stage_a=build_stage_a("tiny", latent_channels=8), device="cpu")
+                         vae=build_stage_a("tiny", latent_channels=8).model, scheduler=make_scheduler("euler_a"))
 
 
-def test_sampler_defaults_follow_the_folder(tmp_path, tiny_pipeline_dir):
+def test_sampler_defaults_follow_the_folder(tiny_pipeline_dir):
+    from diffusers import EulerAncestralDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
     from cascadev.demo import ASSETS
-    from cascadev.pipeline import resolve_sampler
 
-    # the built-in tiny cascade is a flow model: reconstruct / decode with its folder sample as the demo does
-    assert resolve_sampler(ASSETS, None, None) == {"steps": 4, "scheduler": "flow", "scheduler_config": None}
-    assert resolve_sampler(ASSETS, 2, "euler_a") == {"steps": 2, "scheduler": "euler_a", "scheduler_config": None}
-    release = {"steps": 8, "scheduler": "euler_a", "scheduler_config": None}
-    assert resolve_sampler(None, None, None) == release == resolve_sampler(tiny_pipeline_dir, None, None)
-    folder = tmp_path / "shifted"
-    folder.mkdir()
-    (folder / "pipeline.json").write_text('{"demo": {"scheduler": "flow", "scheduler_config": {"shift": 3.0}}}')
-    assert resolve_sampler(folder, None, None)["scheduler_config"] == {"shift": 3.0}
-    assert resolve_sampler(folder, None, "ddim")["scheduler_config"] is None    # the shift belongs to flow only
+    # the built-in tiny cascade is a flow model, saved with its scheduler and step count
+    shipped = CascadeVPipeline.from_pretrained(str(ASSETS))
+    assert type(shipped.scheduler) is FlowMatchEulerDiscreteScheduler and shipped.config.num_inference_steps == 4
+    assert type(shipped.scheduler_for("euler_a")) is EulerAncestralDiscreteScheduler
+    # a scheduler of the saved one's class keeps the saved config (e.g. the flow shift it was trained at)
+    shifted = tiny_cascade(num_inference_steps=3)
+    shifted.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    assert shifted.scheduler_for("flow").config.shift == 3.0 and shifted.scheduler_for(None) is shifted.scheduler
+    # the release's sampler: 8 steps of EulerAncestralDiscreteScheduler()
+    release = CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir))
+    assert type(release.scheduler) is EulerAncestralDiscreteScheduler and release.config.num_inference_steps == 8
+    assert dict(release.scheduler.config) == dict(EulerAncestralDiscreteScheduler().config)
 
 
 def test_colour_fix_takes_the_low_band_from_the_reference():
@@ -158,17 +162,17 @@ def test_decode_with_colour_fix_equals_the_fix_applied_to_the_plain_decode(pipe,
     fixed = pipe.decode(latents, steps=1, seed=3, progress=False, colour_fix=16)
     torch.testing.assert_close(fixed, fix_colour(plain, pipe.preview(latents), 16), rtol=0, atol=0)
     assert not torch.allclose(fixed, plain)
-    without = CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu", load_previewer=False)
+    without = CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir), previewer=None)
     with pytest.raises(ValueError, match="colour_fix needs the Previewer"):
         without.decode(latents, steps=1, progress=False, colour_fix=16)
 
 
-def test_colour_fix_default_follows_the_folder(tmp_path, tiny_pipeline_dir):
+def test_colour_fix_default_follows_the_folder(pipe):
     from cascadev.demo import ASSETS
-    from cascadev.pipeline import resolve_colour_fix
 
-    assert resolve_colour_fix(ASSETS, None) == 16 and resolve_colour_fix(ASSETS, 0) is None
-    assert resolve_colour_fix(ASSETS, 8) == 8
-    assert resolve_colour_fix(None, None) is None is resolve_colour_fix(tiny_pipeline_dir, None)   # the release: off
+    shipped = CascadeVPipeline.from_pretrained(str(ASSETS))
+    assert resolve_colour_fix(shipped, None) == 16 and resolve_colour_fix(shipped, 0) is None
+    assert resolve_colour_fix(shipped, 8) == 8
+    assert resolve_colour_fix(pipe, None) is None   # the release: off
     with pytest.raises(ValueError, match="must be >= 0"):
-        resolve_colour_fix(ASSETS, -1)
+        resolve_colour_fix(shipped, -1)

@@ -1,0 +1,79 @@
+"""``cascadev convert OLD NEW``: rewrite a cascade saved by cascadev < 0.2 in diffusers' pipeline layout.
+
+The previous layout: ``pipeline.json`` (Stage A settings and the sampler the weights were tuned for),
+``dit/``, ``semantic_encoder/``, ``previewer/`` (``config.json`` + ``model.safetensors`` each, released key
+names) and ``stage_a/`` (a diffusers autoencoder). The new one is what ``CascadeVPipeline.save_pretrained``
+writes: ``model_index.json``, one diffusers folder per component and ``scheduler/``. Same weights, same output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cascadev.pipeline import LEGACY_PIPELINE_FILE, RELEASE_STEPS, CascadeVPipeline, is_legacy_cascade, load_vae, stage_a_settings
+from cascadev.config import from_dict
+from cascadev.sampling import make_scheduler
+from dit.video_dit import VideoDiT
+from vae.previewer import Previewer
+from vae.semantic_encoder import SemanticEncoder
+from vae.stage_a import StageAConfig
+
+
+def load_legacy_cascade(folder: str | Path) -> CascadeVPipeline:
+    """A cascade in the previous layout, as a ``CascadeVPipeline``."""
+    folder = Path(folder)
+    if not is_legacy_cascade(folder):
+        raise FileNotFoundError(f"{folder}: not a cascade in the previous format (expected {LEGACY_PIPELINE_FILE} "
+                                "and no model_index.json)")
+    meta = json.loads((folder / LEGACY_PIPELINE_FILE).read_text())
+    demo = dict(meta.get("demo", {}))
+    stage_a = from_dict(StageAConfig, {**meta["stage_a"], "pretrained": None, "subfolder": None})
+    scheduler = make_scheduler(demo.pop("scheduler", "euler_a"), demo.pop("scheduler_config", None))
+    return CascadeVPipeline(
+        dit=VideoDiT.from_legacy_folder(folder / "dit"),
+        semantic_encoder=SemanticEncoder.from_legacy_folder(folder / "semantic_encoder"),
+        vae=load_vae(folder / "stage_a"),
+        scheduler=scheduler,
+        previewer=Previewer.from_legacy_folder(folder / "previewer") if (folder / "previewer").is_dir() else None,
+        stage_a=stage_a_settings(stage_a),
+        num_inference_steps=demo.pop("steps", RELEASE_STEPS),
+        colour_fix=demo.pop("colour_fix", None),
+        demo=demo or None,                      # what is left: the clips the demo shows (kind, size)
+    )
+
+
+def load_legacy_text_to_video(folder: str | Path):
+    """A text-to-video folder in the previous layout (``text_to_video.json``: ``text_encoder/``, ``base_dit/``,
+    ``cascade/``), as a ``TextToVideoPipeline``."""
+    from cascadev.generate import TextToVideoPipeline
+    from dit.text_dit import TextDiT
+    from dit.text_encoder import TextEncoder
+
+    folder = Path(folder)
+    return TextToVideoPipeline.from_parts(TextEncoder.from_legacy_folder(folder / "text_encoder"),
+                                          TextDiT.from_legacy_folder(folder / "base_dit"),
+                                          load_legacy_cascade(folder / "cascade"))
+
+
+def convert(old: str | Path, new: str | Path):
+    """Load ``old`` (a cascade or a text-to-video folder in the previous layout) and write it to ``new`` with
+    ``save_pretrained``. Returns the pipeline."""
+    from cascadev.generate import is_legacy_text_to_video
+
+    if Path(new).exists() and any(Path(new).iterdir()):
+        raise FileExistsError(f"{new} exists and is not empty: choose a new folder")
+    pipe = load_legacy_text_to_video(old) if is_legacy_text_to_video(old) else load_legacy_cascade(old)
+    pipe.save_pretrained(str(new))
+    return pipe
+
+
+def add_arguments(p) -> None:
+    p.add_argument("old", help="a cascade (pipeline.json) or text-to-video folder (text_to_video.json) written by "
+                               "cascadev < 0.2")
+    p.add_argument("new", help="where to write it in diffusers' layout (model_index.json)")
+
+
+def run(args) -> None:
+    convert(args.old, args.new)
+    print(f"{args.old} -> {args.new} (load it with CascadeVPipeline.from_pretrained or --weights)")
