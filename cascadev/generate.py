@@ -68,9 +68,9 @@ def drop_captions(text: TextEmbedding, null_text: TextEmbedding, drop: torch.Ten
 
 def _config_of(model: torch.nn.Module) -> TextDiTConfig:
     """The TextDiTConfig of a model, also when wrapped (DDP ``.module``, torch.compile ``._orig_mod``)."""
-    while not hasattr(model, "config"):
+    while not hasattr(model, "spec"):
         model = model.module if hasattr(model, "module") else model._orig_mod
-    return model.config
+    return model.spec
 
 
 # -- sampling with classifier-free guidance ------------------------------------------------------
@@ -186,7 +186,7 @@ class TextToVideoPipeline:
 
     def __init__(self, text_encoder: TextEncoder, base: TextDiT, cascade: CascadeVPipeline,
                  device: str | torch.device | None = None):
-        c = base.config
+        c = base.spec
         if (c.caption_channels, c.pooled_channels) != (text_encoder.width, text_encoder.embed_dim):
             raise ValueError(f"the base model reads text of width {c.caption_channels} / pooled {c.pooled_channels}, "
                              f"the text encoder gives {text_encoder.width} / {text_encoder.embed_dim}")
@@ -240,7 +240,7 @@ class TextToVideoPipeline:
 
     def default_size(self) -> tuple[int, int]:
         """(W, H) pixels of the base model's trained clips."""
-        side = self.base.config.window_size * SEMANTIC_DOWNSAMPLE
+        side = self.base.spec.window_size * SEMANTIC_DOWNSAMPLE
         return side, side
 
     @torch.no_grad()
@@ -258,7 +258,7 @@ class TextToVideoPipeline:
         seed: video k starts from the noise of ``seed + k``, so it can be regenerated alone.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        c = self.base.config
+        c = self.base.spec
         frames = c.window_frames if frames is None else frames
         W, H = size if size is not None else self.default_size()
         check_request(prompts, frames, (W, H), steps, guidance, num_per_prompt)

@@ -147,23 +147,23 @@ def _is_hub_id(source: str) -> bool:
 
 
 def load_dit(source: str | Path | None) -> VideoDiT:
-    """Our directory (config.json + model.safetensors), the released .pth, a folder holding it, or a hub id."""
+    """Our directory (config.json + weights), the released .pth, a folder holding it, or a hub id."""
     if source is None or _is_hub_id(str(source)):
-        return VideoDiT.from_official_checkpoint(resolve_official_file(None, DIT_FILE, str(source or DIT_REPO)))
+        return VideoDiT.from_single_file(resolve_official_file(None, DIT_FILE, str(source or DIT_REPO)))
     path = Path(source)
     if path.is_dir() and (path / "config.json").is_file():
-        return VideoDiT.from_pretrained(path)
-    return VideoDiT.from_official_checkpoint(resolve_official_file(path, DIT_FILE, DIT_REPO))
+        return VideoDiT.from_folder(path)
+    return VideoDiT.from_single_file(resolve_official_file(path, DIT_FILE, DIT_REPO))
 
 
 def _load_released_or_ours(cls, source: str | Path | None, filename: str):
     """Previewer / SemanticEncoder: our directory, the released safetensors (file, folder or hub id)."""
     if source is None or _is_hub_id(str(source)):
-        return cls.from_official(resolve_official_file(None, filename, str(source or STABLE_CASCADE_REPO)))
+        return cls.from_single_file(resolve_official_file(None, filename, str(source or STABLE_CASCADE_REPO)))
     path = Path(source)
     if path.is_dir() and (path / "config.json").is_file():
-        return cls.from_pretrained(path)
-    return cls.from_official(path)
+        return cls.from_folder(path)
+    return cls.from_single_file(path)
 
 
 def resolve_stage_a_config(source: str | Path | None, config: StageAConfig | None) -> StageAConfig:
