@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from dit.attention import BACKENDS, attention_backend, num_parts, partition, unpartition  # noqa: E402
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
+
+from dit.attention import num_parts, partition, unpartition  # noqa: E402
 from dit.video_dit import PRESETS, DiTBlock  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=None,
                    help="tokens per side of a frame (default 64 on CUDA, 32 on CPU)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="attention kernel (auto: flash-attn on CUDA in fp16/bf16, else SDPA)")
+    p.add_argument("--backend", choices=sorted(b.value for b in AttentionBackendName), default=None,
+                   help="diffusers attention backend, e.g. native (torch SDPA), flash, _native_math "
+                        "(default: diffusers' active one, native unless DIFFUSERS_ATTN_BACKEND says otherwise)")
     p.add_argument("--attn-fp32", action="store_true", help="upcast q, k, v as the release's fp32_attention")
     p.add_argument("--batch", type=int, default=1, help="windows per forward")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per config (default 3 CUDA, 1 CPU)")
@@ -119,17 +122,19 @@ def main(argv: list[str] | None = None) -> None:
                      f"got {T} frames of {tokens}x{tokens}")
 
     config = dataclasses.replace(PRESETS["official"], hidden_size=hidden, num_heads=heads, depth=1,
-                                 attn_backend=args.backend, attn_fp32=args.attn_fp32)
+                                 attn_fp32=args.attn_fp32)
     torch.manual_seed(0)
     block = DiTBlock(config).to(device=device, dtype=dtype).eval()
     for p in block.parameters():  # the scale_shift_table starts at zero; any values do for timing
         torch.nn.init.normal_(p, std=0.02)
+    if args.backend:
+        block.attn.set_attention_backend(args.backend)  # diffusers' AttentionModuleMixin
     grid = (T, tokens, tokens)
     N = T * tokens * tokens
     x = torch.randn(args.batch, N, hidden, device=device, dtype=dtype)  # b (t h w) d
     t6 = torch.randn(args.batch, 6 * hidden, device=device, dtype=dtype)
 
-    kernel = attention_backend(device, torch.float32 if args.attn_fp32 else dtype, args.backend, args.attn_fp32)
+    kernel = args.backend or _AttentionBackendRegistry.get_active_backend()[0].value
     scaled = "" if (hidden, tokens, T) == (1152, 64, 8) else "  (scaled down; the trained window: hidden 1152, 8x64x64)"
     where = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} threads"
     print(f"DiTBlock: hidden {hidden}, heads {heads}, mlp_ratio {config.mlp_ratio}, window {T}x{tokens}x{tokens} "

@@ -14,7 +14,6 @@ mark, so run one case per process for exact numbers). Prints one JSON line per c
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import sys
@@ -35,8 +34,9 @@ def bench(preset: str, frames: int, size: int, batch: int, steps: int, warmup: i
     dev = torch.device(device)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20            # KiB -> GiB (Linux)
     config = PRESETS[preset]
-    model = VideoDiT(dataclasses.replace(config, attn_fp32=config.attn_fp32)).to(dev).train()
-    model.enable_gradient_checkpointing(checkpointing)
+    model = VideoDiT.from_spec(config).to(dev).train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     diffusion = GaussianDiffusion()
     x0 = torch.randn(batch, config.latent_channels, frames, size, size, device=dev)

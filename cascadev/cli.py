@@ -19,7 +19,7 @@ def run_info(args: argparse.Namespace) -> None:
     import torch
 
     import cascadev
-    from dit.attention import attention_backend
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"cascadev     {cascadev.__version__}")
@@ -32,8 +32,8 @@ def run_info(args: argparse.Namespace) -> None:
         except ImportError:
             print(f"{name:<12} not installed")
     print(f"device       {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    print(f"attention    {attention_backend(torch.device(device), dtype)} (for {str(dtype).removeprefix('torch.')})")
+    backend = _AttentionBackendRegistry.get_active_backend()[0].value  # what a model without set_attention_backend uses
+    print(f"attention    {backend} (diffusers dispatcher; DIFFUSERS_ATTN_BACKEND or model.set_attention_backend)")
 
 
 # --- eval (eval/cli.py) -------------------------------------------------------------------------

@@ -74,9 +74,9 @@ def drop_captions(text: TextEmbedding, null_text: TextEmbedding, drop: torch.Ten
 
 def _config_of(model: torch.nn.Module) -> TextDiTConfig:
     """The TextDiTConfig of a model, also when wrapped (DDP ``.module``, torch.compile ``._orig_mod``)."""
-    while not hasattr(model, "config"):
+    while not hasattr(model, "spec"):
         model = model.module if hasattr(model, "module") else model._orig_mod
-    return model.config
+    return model.spec
 
 
 # -- sampling with classifier-free guidance ------------------------------------------------------
@@ -238,7 +238,7 @@ class TextToVideoPipeline(DiffusionPipeline):
 
     def default_size(self) -> tuple[int, int]:
         """(W, H) pixels of the base model's trained clips."""
-        side = self.base.config.window_size * SEMANTIC_DOWNSAMPLE
+        side = self.base.spec.window_size * SEMANTIC_DOWNSAMPLE
         return side, side
 
     @torch.no_grad()

@@ -49,7 +49,7 @@ ENCODER_FILE, PREVIEWER_FILE = "effnet_encoder.safetensors", "previewer.safetens
 # Stage A config fields the pipeline keeps (the rest describe an architecture, which the VAE brings itself)
 STAGE_A_SETTINGS = ("scale_factor", "sample_posterior", "encode_frame_batch", "chunk_frames", "chunk_overlap",
                     "tile_size", "tile_overlap")
-LEGACY_PIPELINE_FILE, LEGACY_WEIGHTS = "pipeline.json", "model.safetensors"   # cascadev < 0.2 folders
+LEGACY_PIPELINE_FILE = "pipeline.json"   # cascades saved by cascadev < 0.2
 
 
 def timed(timings: dict[str, float], phase: str, device: torch.device, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -168,7 +168,7 @@ def _load_model(cls, source: str | Path | None, filename: str, repo: str, torch_
     else:
         path = Path(source)
         if path.is_dir() and (path / "config.json").is_file():
-            model = cls.from_legacy_folder(path) if (path / LEGACY_WEIGHTS).is_file() else cls.from_pretrained(path)
+            model = cls.from_folder(path)          # diffusers' layout or the previous one (model.safetensors)
         else:
             model = cls.from_single_file(resolve_official_file(path, filename, repo))
     return model if torch_dtype is None else model.to(torch_dtype)

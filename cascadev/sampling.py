@@ -109,7 +109,7 @@ def _pad_to(x: torch.Tensor, multiples: tuple[int, int, int]) -> torch.Tensor:
 
 def _run_window(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Eps of one window (B, C_in, T, H, W) -> (B, C_latent, T, H, W); pads sizes the partitions need."""
-    c = model.config
+    c = model.spec
     T, H, W = x.shape[2:]
     out = model(_pad_to(x, (c.frame_multiple, c.spatial_multiple, c.spatial_multiple)), t)
     return out[:, : c.latent_channels, :T, :H, :W]
@@ -117,7 +117,7 @@ def _run_window(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def _predict_tiles(model, x: torch.Tensor, t: torch.Tensor, tiling: Tiling) -> torch.Tensor:
     """Eps over all spatial tiles of one temporal window. x: (B, C_in, T, H, W)."""
-    c = model.config
+    c = model.spec
     B, _, T, H, W = x.shape
     size = c.window_size
     stride = tiling.tile_stride or round(0.75 * size)
@@ -146,7 +146,7 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
     Returns (B, C_latent, T, H, W): the eps channels of the model output (the learned variance is
     not used by the schedulers); for a rectified-flow model, its velocity.
     """
-    c = model.config
+    c = model.spec
     tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
     if x.ndim != 5 or x.shape[1] != c.in_channels:
         raise ValueError(f"predict_noise expects (B, {c.in_channels}, T, H, W) = noisy latent + condition, got {tuple(x.shape)}")
@@ -195,7 +195,7 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
     same noise as the released code. ``callback(i, t, latents)`` runs after step i with the latents
     (B, C_latent, T, H, W) and may return replacements. Returns the denoised latents (B, C_latent, T, H, W).
     """
-    c = model.config
+    c = model.spec
     if noise.ndim != 5 or noise.shape[1] != c.latent_channels:
         raise ValueError(f"noise must be (B, {c.latent_channels}, T, H, W), got {tuple(noise.shape)}")
     if cond.shape[0] != noise.shape[0] or cond.shape[2:] != noise.shape[2:] or cond.shape[1] != c.cond_channels:

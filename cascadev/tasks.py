@@ -40,8 +40,7 @@ from cascadev.data import mix_seed
 from cascadev.diffusion import build_diffusion, mean_flat
 from cascadev.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, kl_standard_normal, load_lpips_loss
 from cascadev.train_config import TrainConfig
-from cascadev.weights import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, load_state_dict_strict, save_pretrained,
-                              save_state_dict)
+from cascadev.weights import CONFIG_NAME, atomic_write, save_model_weights, save_state_dict
 
 
 # -- models: one task per stage ---------------------------------------------------------------------
@@ -57,21 +56,21 @@ def seeded(seed: int, part: int):
 
 def load_semantic_encoder(weights: str, config, load_weights: bool, key: str) -> nn.Module:
     """A ``SemanticEncoder``: the released file ("hub", or a path to/holding ``effnet_encoder.safetensors``), our
-    format (a folder with ``config.json``, e.g. ``RUN/final/semantic_encoder`` of a "semantic" run: its own
+    formats (a folder with ``config.json``, e.g. ``RUN/final/semantic_encoder`` of a "semantic" run: its own
     config wins over ``config`` but must give as many channels), or random ("random", or ``load_weights`` False)."""
     from vae.semantic_encoder import SemanticEncoder
 
     if not load_weights or weights == "random":
-        return SemanticEncoder(config)
+        return SemanticEncoder.from_spec(config)
     if weights == "hub":
-        return SemanticEncoder.from_official(None, config)
+        return SemanticEncoder.from_single_file(None, config)
     if (Path(weights) / CONFIG_NAME).is_file():
-        encoder = SemanticEncoder.from_pretrained(weights)
+        encoder = SemanticEncoder.from_folder(weights)
         if encoder.config.latent_channels != config.latent_channels:
             raise ConfigError(f"{key}={weights}: that encoder gives {encoder.config.latent_channels} channels, "
                               f"this config expects {config.latent_channels}")
         return encoder
-    return SemanticEncoder.from_official(weights, config)
+    return SemanticEncoder.from_single_file(weights, config)
 
 
 def build_semantic_encoder(config: TrainConfig, load_weights: bool) -> nn.Module:
@@ -84,27 +83,30 @@ def build_semantic_encoder(config: TrainConfig, load_weights: bool) -> nn.Module
     return encoder.eval().requires_grad_(False)
 
 
-def build_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
-    """The DiT that trains: fresh, from the release (``official:PATH``), or from a folder in our format."""
-    from safetensors.torch import load_file
+def init_weights(model: nn.Module, folder: str | Path, key: str) -> None:
+    """Load the weights of a model folder (either layout ``from_folder`` takes) into ``model``, built from this run's config."""
+    if not (Path(folder) / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{key}: {Path(folder) / CONFIG_NAME} not found (expected a folder written by "
+                                "save_pretrained or a checkpoint of a run)")
+    source = type(model).from_folder(folder)
+    model.load_state_dict(source.state_dict(), strict=True)
 
+
+def build_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
+    """The DiT that trains: fresh, from the release (``official:PATH``), or from a folder in our formats."""
     from dit.video_dit import VideoDiT
 
     section = config.dit
     dit_config = section.model_config()
     init = section.init_from if load_weights else None
     if init and init.startswith("official:"):
-        model = VideoDiT.from_official_checkpoint(init.removeprefix("official:"), dit_config)
-    elif init:
-        weights = Path(init) / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"dit.init_from: {weights} not found (expected a folder written by save_pretrained, "
-                                    "a checkpoint of a DiT run, or official:PATH for s1024.effn-f32.pth)")
-        model = VideoDiT(dit_config)
-        load_state_dict_strict(model, load_file(str(weights)), str(weights))
+        model = VideoDiT.from_single_file(init.removeprefix("official:"), dit_config)
     else:
-        model = VideoDiT(dit_config)
-    model.enable_gradient_checkpointing(section.gradient_checkpointing)
+        model = VideoDiT.from_spec(dit_config)
+        if init:
+            init_weights(model, init, "dit.init_from (or official:PATH for s1024.effn-f32.pth)")
+    if section.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     return model.train()
 
 
@@ -291,8 +293,8 @@ class DiTTask:
         return logs
 
     def export(self, state_dict: dict, directory: Path) -> None:
-        """Weights in our format: ``config.json`` (DiTConfig) + ``model.safetensors``; ``VideoDiT.from_pretrained``
-        reads it. A trained encoder goes to ``semantic_encoder/`` beside them (``SemanticEncoder.from_pretrained``)."""
+        """Weights in diffusers' layout (``config.json`` + ``diffusion_pytorch_model.safetensors``);
+        ``VideoDiT.from_pretrained`` reads it. A trained encoder goes to ``semantic_encoder/`` beside them (``SemanticEncoder.from_pretrained``)."""
         if not self.joint:
             save_module(state_dict, self.model, directory)
             return
@@ -473,13 +475,13 @@ class SemanticTask:
         with seeded(config.run.seed, 4):
             previewer_config = s.previewer_config()
             if not load_weights or s.previewer_weights == "random":
-                previewer = Previewer(previewer_config)
+                previewer = Previewer.from_spec(previewer_config)
             elif s.previewer_weights == "hub":
-                previewer = Previewer.from_official(None, previewer_config)
+                previewer = Previewer.from_single_file(None, previewer_config)
             elif (Path(s.previewer_weights) / CONFIG_NAME).is_file():
-                previewer = Previewer.from_pretrained(s.previewer_weights)
+                previewer = Previewer.from_folder(s.previewer_weights)
             else:
-                previewer = Previewer.from_official(s.previewer_weights, previewer_config)
+                previewer = Previewer.from_single_file(s.previewer_weights, previewer_config)
         self.model = SemanticAutoencoder(encoder, previewer, s.train_encoder).train()
         self.discriminator = None
 
@@ -542,20 +544,15 @@ PART_DIRS = {"encoder": "semantic_encoder", "previewer": "previewer"}
 
 
 def build_base_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
-    """The TextDiT that trains: fresh, or from a folder in our format (``base.init_from``)."""
-    from safetensors.torch import load_file
-
+    """The TextDiT that trains: fresh, or from a folder in our formats (``base.init_from``)."""
     from dit.text_dit import TextDiT
 
     section = config.base
-    model = TextDiT(section.model_config())
+    model = TextDiT.from_spec(section.model_config())
     if section.init_from and load_weights:
-        weights = Path(section.init_from) / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"base.init_from: {weights} not found (expected a folder written by "
-                                    "TextDiT.save_pretrained, e.g. a base run's final/base_dit or a checkpoint)")
-        load_state_dict_strict(model, load_file(str(weights)), str(weights))
-    model.enable_gradient_checkpointing(section.gradient_checkpointing)
+        init_weights(model, section.init_from, "base.init_from (e.g. a base run's final/base_dit or a checkpoint)")
+    if section.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     return model.train()
 
 
@@ -596,7 +593,7 @@ class BaseTask:
         with seeded(seed, 5):
             self.text_encoder = build_text_encoder(config, load_weights) if build_model else None
         if self.model is not None:
-            c = self.model.config
+            c = self.model.spec
             widths = (self.text_encoder.width, self.text_encoder.embed_dim)
             if (c.caption_channels, c.pooled_channels) != widths:        # a text encoder folder with other widths
                 raise ConfigError(f"the text encoder gives widths {widths}, the base model reads "
@@ -661,7 +658,7 @@ class BaseTask:
 
         model = prepared["model"]
         model.eval()
-        config = accelerator.unwrap_model(model).config
+        config = accelerator.unwrap_model(model).spec
         d, n_t = self.diffusion, self.config.run.val_timesteps
         losses = []
         for i, clip in enumerate(clips):
@@ -700,8 +697,8 @@ class BaseTask:
 def save_module(state_dict: dict, module: nn.Module, folder: Path, prefix: str = "") -> None:
     """``save_pretrained`` of ``module`` with the entries of ``state_dict`` under ``prefix`` (prefix removed): the
     folder its ``from_pretrained`` reads."""
-    save_pretrained({k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)},
-                    module.config, folder)
+    save_model_weights(module, {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)},
+                       folder)
 
 
 def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAETask | SemanticTask | BaseTask:

@@ -13,10 +13,9 @@ Run directory (``run.dir``): ``config.yaml`` (resolved), ``train.log``, ``logs/`
 ``samples/`` (validation videos, or latents for base), ``checkpoints/step_XXXXXXXX/`` (accelerate state:
 weights and buffers such as BatchNorm running statistics as safetensors, optimizer, RNG, grad scaler; plus
 ``ema.safetensors`` (EMA weights by parameter name), ``trainer.json`` with the step and the EMA's update
-counter, ``config.yaml``; a dit or base checkpoint also has
-``config.json``, so it loads with ``VideoDiT`` / ``TextDiT.from_pretrained``), and ``final/``
-(``export_final``): dit and vae write ``model/`` and ``ema/`` (our weight format, or diffusers folders for
-the VAE); semantic writes ``semantic_encoder/`` and ``previewer/``, base ``base_dit/`` and ``text_encoder/``
+counter, ``config.yaml``; a dit or base checkpoint also has ``config.json``, so it loads with
+``VideoDiT`` / ``TextDiT.from_legacy_folder``), and ``final/`` (``export_final``): dit and vae write
+``model/`` and ``ema/`` (diffusers folders); semantic writes ``semantic_encoder/`` and ``previewer/``, base ``base/`` and ``text_encoder/``
 (a ``TextToVideoPipeline.from_pretrained`` root: ``cascadev generate --weights RUN/final --cascade ...``),
 with EMA weights when EMA is on and the trained ones in ``model/``.
 Checkpoints are written to a temporary folder and renamed; a restarted run continues from the newest.
@@ -47,7 +46,7 @@ from cascadev.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoD
 from cascadev.tasks import build_task, is_fsdp, write_json
 from cascadev.train_args import add_train_arguments
 from cascadev.train_config import TrainConfig, load_train_config
-from cascadev.weights import CONFIG_NAME, save_state_dict
+from cascadev.weights import save_state_dict
 
 log = logging.getLogger("cascadev.train")
 
@@ -142,8 +141,8 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict |
         if ema is not None:
             save_state_dict(ema, tmp / EMA_WEIGHTS)
         save_config(config, tmp / "config.yaml")
-        if task.name in ("dit", "base") and hasattr(task.model, "config"):   # a VideoDiT / TextDiT.from_pretrained
-            write_json(tmp / CONFIG_NAME, to_dict(task.model.config))        # folder (not a DiffusionAutoencoder)
+        if task.name in ("dit", "base") and hasattr(task.model, "spec"):     # a VideoDiT / TextDiT.from_legacy_folder
+            task.model.save_config(tmp)                                      # folder (not a DiffusionAutoencoder)
         write_json(tmp / TRAINER_STATE, {**state, "step": step})
         if final.exists():
             shutil.rmtree(final)

@@ -1,8 +1,9 @@
-"""Attention kernels and the grid partitions of the CascadeV DiT.
+"""Attention through diffusers' dispatcher, and the grid partitions of the CascadeV DiT.
 
-Kernels: flash-attn when installed, on CUDA, in fp16/bf16; torch SDPA otherwise; an explicit
-"math" path (fp32 softmax) kept as the reference. ``fp32=True`` upcasts q, k, v as the release's
-``fp32_attention`` did (then flash-attn, which has no fp32 kernel, is not used).
+Kernels: ``dispatch_attention_fn`` with the backend a processor holds (None: diffusers' active one,
+torch SDPA by default); ``model.set_attention_backend("flash" | "native" | "_native_math" | ...)``
+sets it in every processor. ``fp32=True`` upcasts q, k, v as the release's ``fp32_attention`` did
+(flash-attn has no fp32 kernel: use it with ``attn_fp32=False``).
 
 Grid attention (CascadeV, Sec. 3.2): a window of T x h x w tokens, ordered frame, row, column, is
 split into ``ts`` contiguous chunks of frames and ``xs x xs`` contiguous spatial blocks; attention
@@ -12,45 +13,36 @@ runs inside each part. ``None`` means full 3D attention.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry, dispatch_attention_fn
 from einops import rearrange
 
-try:  # optional extra `flash`
-    from flash_attn import flash_attn_func
-except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_func = None
-
-BACKENDS = ("auto", "flash", "sdpa", "math")
+# torch SDPA backends that take a boolean padding mask; flash-attn / sage kernels do not
+MASK_BACKENDS = ("native", "_native_math", "_native_efficient", "_native_cudnn", "flex")
 
 
-def attention_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto", fp32: bool = False) -> str:
-    """The kernel that will run for tensors on ``device`` in ``dtype``: "flash", "sdpa" or "math"."""
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown attention backend {requested!r}; choose from {BACKENDS}")
-    flash_ok = (flash_attn_func is not None and device.type == "cuda" and not fp32
-                and dtype in (torch.float16, torch.bfloat16))
-    if requested == "flash" and not flash_ok:
-        raise ValueError("attention backend 'flash' needs flash-attn installed (pip install cascadev[flash]), "
-                         "a CUDA device, fp16/bf16 tensors and attn_fp32=False")
-    if requested == "auto":
-        return "flash" if flash_ok else "sdpa"
-    return requested
+class DispatchProcessor:
+    """Base of our attention processors: the attributes diffusers' ``set_attention_backend`` and context
+    parallelism set, and the dispatch call. Subclasses' ``__call__(attn, ...)`` do the projections."""
 
+    def __init__(self):
+        self._attention_backend = None
+        self._parallel_config = None
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto", fp32: bool = False) -> torch.Tensor:
-    """Softmax attention. q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim) in q's dtype."""
-    dtype = q.dtype
-    if fp32:
-        q, k, v = q.float(), k.float(), v.float()
-    kernel = attention_backend(q.device, q.dtype, backend, fp32)
-    if kernel == "flash":
-        out = flash_attn_func(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
-    elif kernel == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v)
-    else:
-        weights = torch.einsum("bhnd,bhmd->bhnm", q.float(), k.float()) * q.shape[-1] ** -0.5
-        out = torch.einsum("bhnm,bhmd->bhnd", weights.softmax(dim=-1), v.float())
-    return out.to(dtype)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               fp32: bool = False) -> torch.Tensor:
+        """Softmax attention. q: (B, N, heads, e); k, v: (B, L, heads, e); mask: (B, L) bool, True for keys to
+        attend to. Returns (B, N, heads, e) in q's dtype (the dispatcher's layout)."""
+        dtype = q.dtype
+        if fp32:
+            q, k, v = q.float(), k.float(), v.float()
+        backend = self._attention_backend
+        if mask is not None:
+            mask = rearrange(mask, "b l -> b 1 1 l")
+            active = backend or _AttentionBackendRegistry.get_active_backend()[0]
+            if active not in MASK_BACKENDS:  # a padding mask needs SDPA (as before: flash-attn's dense kernel has none)
+                backend = "native"
+        out = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend, parallel_config=self._parallel_config)
+        return out.to(dtype)
 
 
 def partition(x: torch.Tensor, grid: tuple[int, int, int], strides: tuple[int, int] | None) -> torch.Tensor:

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import AttentionModuleMixin
 from einops import rearrange, repeat
 from timm.layers import Mlp
 
-from dit.attention import attention
+from cascadev.weights import fields_of
+from dit.attention import DispatchProcessor
 from dit.video_dit import DiTBlock, DiTConfig, DiTTrunk, Strides, modulate
 
 # The release's schedule (dit.video_dit.OFFICIAL_ATTN_STRIDES) scaled to 32x32 latents at patch 1:
@@ -78,39 +80,33 @@ PRESETS: dict[str, TextDiTConfig] = {
 }
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     backend: str = "auto", fp32: bool = False) -> torch.Tensor:
-    """Attention to keys where ``mask`` is True. q: (B, heads, N, e); k, v: (B, heads, L, e); mask: (B, L) bool.
+class CrossAttnProcessor(DispatchProcessor):
+    """``CrossAttention``'s computation: the video's groups stacked into one query sequence per video."""
 
-    Without a mask this is ``dit.attention.attention`` (flash-attn when it applies). flash-attn's dense
-    kernel takes no padding mask, so a masked call runs SDPA, or the fp32 "math" reference.
-    """
-    if mask is None:
-        return attention(q, k, v, backend, fp32)
-    dtype = q.dtype
-    if fp32:
-        q, k, v = q.float(), k.float(), v.float()
-    keep = mask[:, None, None, :]  # b 1 1 l
-    if backend == "math":
-        weights = torch.einsum("bhnd,bhmd->bhnm", q.float(), k.float()) * q.shape[-1] ** -0.5
-        weights = weights.masked_fill(~keep, float("-inf")).softmax(dim=-1)
-        out = torch.einsum("bhnm,bhmd->bhnd", weights, v.float())
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-    return out.to(dtype)
+    def __call__(self, attn: "CrossAttention", x: torch.Tensor, context: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, n = context.shape[0], x.shape[1]
+        q = attn.q_norm(attn.q_linear(rearrange(x, "(b g) n d -> b (g n) d", b=B)))
+        k, v = rearrange(attn.kv_linear(context), "b l (two d) -> two b l d", two=2)
+        k = attn.k_norm(k)
+        q, k, v = (rearrange(z, "b n (h e) -> b n h e", h=attn.num_heads) for z in (q, k, v))
+        out = self.attend(q, k, v, mask, attn.fp32)  # b (g n) h e
+        out = attn.proj(rearrange(out, "b n h e -> b n (h e)"))
+        return rearrange(out, "b (g n) d -> (b g) n d", n=n)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(nn.Module, AttentionModuleMixin):
     """Video tokens attend to text tokens (PixArt's MultiHeadCrossAttention: q_linear, kv_linear, proj)."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, fp32: bool, backend: str):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, fp32: bool):
         super().__init__()
-        self.num_heads, self.fp32, self.backend = num_heads, fp32, backend
+        self.num_heads, self.fp32 = num_heads, fp32
         self.q_linear = nn.Linear(dim, dim)
         self.kv_linear = nn.Linear(dim, 2 * dim)
         self.q_norm = nn.LayerNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.processor = CrossAttnProcessor()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B*G, n, D) tokens of B videos in G groups each (attention parts, frames), video-major;
@@ -118,16 +114,10 @@ class CrossAttention(nn.Module):
 
         Every group of a video reads the same text, and cross-attention treats queries independently,
         so stacking a video's groups into one query sequence equals repeating the text per group,
-        without copying the text or computing its keys and values G times.
+        without copying the text or computing its keys and values G times. flash-attn takes no padding
+        mask: a masked call runs torch SDPA (``dit.attention.MASK_BACKENDS``).
         """
-        B, n = context.shape[0], x.shape[1]
-        q = self.q_norm(self.q_linear(rearrange(x, "(b g) n d -> b (g n) d", b=B)))
-        k, v = rearrange(self.kv_linear(context), "b l (two d) -> two b l d", two=2)
-        k = self.k_norm(k)
-        q, k, v = (rearrange(z, "b n (h e) -> b h n e", h=self.num_heads) for z in (q, k, v))
-        out = masked_attention(q, k, v, mask, self.backend, self.fp32)  # b h (g n) e
-        out = self.proj(rearrange(out, "b h n e -> b n (h e)"))
-        return rearrange(out, "b (g n) d -> (b g) n d", n=n)
+        return self.processor(self, x, context, mask)
 
 
 class TextDiTBlock(DiTBlock):
@@ -135,8 +125,7 @@ class TextDiTBlock(DiTBlock):
 
     def __init__(self, config: TextDiTConfig):
         super().__init__(config)
-        self.cross_attn = CrossAttention(config.hidden_size, config.num_heads, config.qk_norm, config.attn_fp32,
-                                         config.attn_backend)
+        self.cross_attn = CrossAttention(config.hidden_size, config.num_heads, config.qk_norm, config.attn_fp32)
 
     def forward(self, x: torch.Tensor, t6: torch.Tensor, context: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,11 +139,17 @@ class TextDiTBlock(DiTBlock):
 
 
 class TextDiT(DiTTrunk):
-    """Text-to-video DiT. ``model(x, t, context, pooled, context_mask)`` -> (B, C_out, T, H, W)."""
+    """Text-to-video DiT. ``model(x, t, context, pooled, context_mask)`` -> (B, C_out, T, H, W).
 
-    config_class = TextDiTConfig
+    ``TextDiT(**fields)``: the keywords are the fields of ``TextDiTConfig`` (``build_text_dit`` takes a preset).
+    """
 
-    def __init__(self, config: TextDiTConfig):
+    spec_class = TextDiTConfig
+
+    @register_to_config
+    @fields_of(TextDiTConfig)
+    def __init__(self, **fields):
+        config = TextDiTConfig(**fields)
         super().__init__(config, [TextDiTBlock(config) for _ in range(config.depth)])
         D = config.hidden_size
         self.pooled_embedder = nn.Sequential(nn.Linear(config.pooled_channels, D), nn.SiLU(), nn.Linear(D, D))
@@ -174,7 +169,7 @@ class TextDiT(DiTTrunk):
 
     def _check_text(self, B: int, context: torch.Tensor, pooled: torch.Tensor,
                     mask: torch.Tensor | None) -> torch.Tensor | None:
-        c = self.config
+        c = self.spec
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.caption_channels:
             raise ValueError(f"context must be (B={B}, L, {c.caption_channels}) text tokens, got {tuple(context.shape)}")
         if pooled.shape != (B, c.pooled_channels):
@@ -207,8 +202,8 @@ class TextDiT(DiTTrunk):
         pooled = pooled.to(tokens.dtype)
         if as_images:
             pooled = repeat(pooled, "b d -> (b t) d", t=T)
-        c_emb = self.t_embedder(t) + self.pooled_embedder(pooled)  # (b or (b t)) d
-        tokens = self.run_blocks(tokens, self.t_block(c_emb), grid, as_images, y, mask)
+        c_emb = self.timestep_embedding(t) + self.pooled_embedder(pooled)  # (b or (b t)) d
+        tokens = self.run_blocks(tokens, self.modulation(c_emb), grid, as_images, y, mask)
         return self.head(tokens, c_emb, x.shape, as_images)
 
 
@@ -216,4 +211,4 @@ def build_text_dit(preset: str = "base", **overrides) -> TextDiT:
     """The one factory: a preset name plus field overrides, e.g. ``build_text_dit("base", depth=2)``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown text DiT preset {preset!r}; choose from {sorted(PRESETS)}")
-    return TextDiT(dataclasses.replace(PRESETS[preset], **overrides))
+    return TextDiT(**dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides)))

@@ -3,8 +3,10 @@
 It denoises Stage A latents (4 ch, f8) conditioned on the Stage B semantic latent upsampled to the
 same grid (16 ch), concatenated on channels. Blocks are adaLN-single (PixArt-alpha, Sec. 2.3): one
 ``t_block`` output per video, plus a learned per-block ``scale_shift_table``. Attention runs on a
-grid of parts per block (CascadeV, Sec. 3.2; see ``dit.attention``). Parameter names follow the
-released ``s1024.effn-f32.pth`` so its state dict loads as is.
+grid of parts per block (CascadeV, Sec. 3.2; see ``dit.attention``). A diffusers model: ``save_pretrained``
+/ ``from_pretrained``, ``set_attention_backend``, ``enable_gradient_checkpointing``. Parameter names follow
+the released ``s1024.effn-f32.pth`` except the timestep embedder and ``t_block``, which are diffusers'
+``AdaLayerNormSingle`` (``adaln_single``; ``convert_released_state_dict`` renames them).
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid, get_2d_sincos_pos_embed_from_grid, get_timestep_embedding
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid, get_2d_sincos_pos_embed_from_grid
+from diffusers.models.normalization import AdaLayerNormSingle
 from einops import rearrange, repeat
 from timm.layers import Mlp
-from torch.utils.checkpoint import checkpoint
 
-from cascadev.weights import PretrainedMixin
-from dit.attention import BACKENDS, attention, num_parts, partition, unpartition
+from cascadev.weights import DataclassModel, fields_of, load_state_dict_strict
+from dit.attention import DispatchProcessor, num_parts, partition, unpartition
 
 Strides = tuple[int, int] | None
 
@@ -33,7 +37,12 @@ OFFICIAL_ATTN_STRIDES: tuple[Strides, ...] = (
     *[(1, 4), (4, 1)] * 4, None, None, None, None,
     *[(1, 4), (4, 1)] * 4, *[None] * 8,
 )
-TIMESTEP_FREQ_DIM = 256  # sinusoidal frequencies fed to t_embedder (DiT / PixArt)
+# released names -> ours: the timestep embedder and t_block are diffusers' AdaLayerNormSingle
+RELEASED_PREFIXES = {
+    "t_embedder.mlp.0.": "adaln_single.emb.timestep_embedder.linear_1.",
+    "t_embedder.mlp.2.": "adaln_single.emb.timestep_embedder.linear_2.",
+    "t_block.1.": "adaln_single.linear.",
+}
 
 
 @dataclass(frozen=True)
@@ -54,16 +63,16 @@ class DiTConfig:
     attn_strides: tuple[tuple[int, int] | None, ...] = OFFICIAL_ATTN_STRIDES  # cycled over blocks
     qk_norm: bool = False
     attn_fp32: bool = True          # upcast q, k, v (the release's fp32_attention)
-    attn_backend: str = "auto"      # auto | flash | sdpa | math
 
     def __post_init__(self):
+        # config.json holds lists: back to tuples, so a round-tripped config equals the original
+        strides = tuple(None if s is None else tuple(s) for s in self.attn_strides)
+        object.__setattr__(self, "attn_strides", strides)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.hidden_size % 12:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 12 "
                              "(1/3 temporal and 2/3 spatial sin-cos position embedding)")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend {self.attn_backend!r} is not one of {BACKENDS}")
         if not self.attn_strides:
             raise ValueError("attn_strides needs at least one entry (use [null] for full attention)")
         for s in self.attn_strides:
@@ -116,20 +125,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-class TimestepEmbedder(nn.Module):
-    """Scalar timesteps -> vectors: 256 sinusoidal frequencies (cos first), then Linear-SiLU-Linear."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freqs = get_timestep_embedding(t, TIMESTEP_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
-        return self.mlp(freqs.to(self.mlp[0].weight.dtype))  # (B, D)
-
-
 class PatchEmbed(nn.Module):
-    """Per-frame patchify. (B, C, T, H, W) -> (B, T*H/p*W/p, D), tokens ordered frame, row, column."""
+    """Ours, not diffusers' PatchEmbed (which adds a fixed 2D position table): per-frame patchify. (B, C, T, H, W) -> (B, T*H/p*W/p, D), tokens ordered frame, row, column."""
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
@@ -141,24 +138,33 @@ class PatchEmbed(nn.Module):
         return rearrange(x, "(b t) d h w -> b (t h w) d", t=T)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over (B, N, D) tokens with a fused qkv projection."""
+class SelfAttnProcessor(DispatchProcessor):
+    """``SelfAttention``'s computation: fused qkv, optional q/k norms, dispatched attention, output projection."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, fp32: bool, backend: str):
+    def __call__(self, attn: "SelfAttention", x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(attn.qkv(x), "b n (three d) -> three b n d", three=3)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = (rearrange(z, "b n (h e) -> b n h e", h=attn.num_heads) for z in (q, k, v))
+        x = self.attend(q, k, v, fp32=attn.fp32)  # b n h e
+        return attn.proj(rearrange(x, "b n h e -> b n (h e)"))
+
+
+class SelfAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head self-attention over (B, N, D) tokens with a fused qkv projection (the release's names)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, fp32: bool):
         super().__init__()
-        self.num_heads, self.fp32, self.backend = num_heads, fp32, backend
+        self.num_heads, self.fp32 = num_heads, fp32
         self.qkv = nn.Linear(dim, 3 * dim)
         # over the full width with LayerNorm's default eps, as PixArt-sigma's qk_norm
         self.q_norm = nn.LayerNorm(dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.processor = SelfAttnProcessor()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three d) -> three b n d", three=3)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (rearrange(z, "b n (h e) -> b h n e", h=self.num_heads) for z in (q, k, v))
-        x = attention(q, k, v, self.backend, self.fp32)  # b h n e
-        return self.proj(rearrange(x, "b h n e -> b n (h e)"))
+        """x: (B, N, D) -> (B, N, D)."""
+        return self.processor(self, x)
 
 
 class DiTBlock(nn.Module):
@@ -168,7 +174,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         D = config.hidden_size
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(D, config.num_heads, config.qk_norm, config.attn_fp32, config.attn_backend)
+        self.attn = SelfAttention(D, config.num_heads, config.qk_norm, config.attn_fp32)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(D, int(D * config.mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.scale_shift_table = nn.Parameter(torch.zeros(6, D))
@@ -183,7 +189,7 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN with its own 2-row table and the timestep embedding (before t_block), then a linear to patches."""
+    """Ours (diffusers has no final layer with a 2-row table): adaLN with its own 2-row table and the timestep embedding (before t_block), then a linear to patches."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -198,6 +204,7 @@ class FinalLayer(nn.Module):
 
 def position_embedding(config: DiTConfig, T: int, h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Sin-cos embedding of a (T, h, w) token grid -> (T*h*w, D), tokens ordered frame, row, column.
+    Ours: diffusers' 3D embeddings put the spatial part first and have no ``pe_interpolation`` here.
 
     Temporal part first (D/3 dims, frame index), then the 2D spatial part (2D/3 dims, grid
     coordinates / pe_interpolation; its first half encodes the column, the second the row).
@@ -214,19 +221,33 @@ def position_embedding(config: DiTConfig, T: int, h: int, w: int, device=None, d
     return rearrange(embed, "t n d -> (t n) d").to(dtype)
 
 
-class DiTTrunk(PretrainedMixin, nn.Module):
-    """What every video DiT here shares: patch and timestep embedders, ``t_block``, a stack of blocks
-    run over their grid partitions, and the final layer. Subclasses add conditioning and ``forward``."""
+def convert_released_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The release's (and this project's previous) DiT keys -> ours: ``t_embedder.mlp.{0,2}`` and ``t_block.1``
+    -> ``adaln_single.*``; ``pos_embed`` (recomputed at run time) dropped; other keys (ours already) kept."""
+    out = {}
+    for key, value in state_dict.items():
+        if key == "pos_embed":
+            continue
+        old = next((p for p in RELEASED_PREFIXES if key.startswith(p)), None)
+        out[RELEASED_PREFIXES[old] + key.removeprefix(old) if old else key] = value
+    return out
 
-    config_class = DiTConfig
+
+class DiTTrunk(DataclassModel):
+    """What every video DiT here shares: the patch embedder, adaLN-single (timestep embedder and ``t_block``:
+    diffusers' ``AdaLayerNormSingle``, the same numerics as the release), a stack of blocks run over their grid
+    partitions, and the final layer. Subclasses add conditioning, ``forward`` and their ``__init__`` keywords."""
+
+    spec_class = DiTConfig
+    _supports_gradient_checkpointing = True
+    convert_state_dict = staticmethod(convert_released_state_dict)
 
     def __init__(self, config: DiTConfig, blocks: list[nn.Module]):
         super().__init__()
-        self.config = config
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        # Timesteps(256, cos first) -> Linear-SiLU-Linear, then SiLU-Linear to 6D (PixArt-alpha, Sec. 2.3)
+        self.adaln_single = AdaLayerNormSingle(D, use_additional_conditions=False)
         self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
         self.gradient_checkpointing = False
@@ -241,25 +262,32 @@ class DiTTrunk(PretrainedMixin, nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # patch embedding as a linear layer
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        embedder = self.adaln_single.emb.timestep_embedder
+        for layer in (embedder.linear_1, embedder.linear_2, self.adaln_single.linear):
+            nn.init.normal_(layer.weight, std=0.02)
         D = self.config.hidden_size
         for table in [b.scale_shift_table for b in self.blocks] + [self.final_layer.scale_shift_table]:
             nn.init.normal_(table, std=D ** -0.5)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.gradient_checkpointing = enabled
+    def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) float timesteps -> (B, D), in the parameters' dtype (the final layer's input, before ``t_block``)."""
+        emb = self.adaln_single.emb
+        return emb.timestep_embedder(emb.time_proj(t).to(emb.timestep_embedder.linear_1.weight.dtype))
+
+    def modulation(self, t_emb: torch.Tensor) -> torch.Tensor:
+        """(B, D) embedding -> (B, 6*D) adaLN-single modulation shared by all blocks (the release's ``t_block``)."""
+        return self.adaln_single.linear(self.adaln_single.silu(t_emb))
 
     def block_strides(self, index: int) -> Strides:
         strides = self.config.attn_strides
-        return strides[index % len(strides)]
+        s = strides[index % len(strides)]
+        return None if s is None else tuple(s)  # a list when the config came from config.json
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, as_images: bool) -> torch.Tensor:
         """Check x (B, C_in, T, H, W) and return t as (B, 1), or (B, T) per frame with ``as_images``."""
-        c = self.config
+        c = self.spec
         if x.ndim != 5 or x.shape[1] != c.in_channels:
             hint = " (is T before C? expected B C T H W)" if x.ndim == 5 and x.shape[2] == c.in_channels else ""
             raise ValueError(f"{type(self).__name__} expects (B, {c.in_channels}, T, H, W) latents, "
@@ -277,7 +305,7 @@ class DiTTrunk(PretrainedMixin, nn.Module):
         B, _, T, H, W = x.shape
         h, w = H // self.config.patch_size, W // self.config.patch_size
         x = self.x_embedder(x)  # b (t h w) d
-        x = x + position_embedding(self.config, T, h, w, x.device, x.dtype)
+        x = x + position_embedding(self.spec, T, h, w, x.device, x.dtype)
         if as_images:
             return rearrange(x, "b (t n) d -> (b t) n d", t=T), rearrange(t.expand(B, T), "b t -> (b t)"), (1, h, w)
         return x, t[:, 0], (T, h, w)
@@ -291,8 +319,8 @@ class DiTTrunk(PretrainedMixin, nn.Module):
                 strides = (1, strides[1])  # images: spatial partitions only
             parts = partition(x, grid, strides)  # (b parts) n d
             t_parts = repeat(t6, "b d -> (b n) d", n=num_parts(strides))
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                parts = checkpoint(block, parts, t_parts, *block_args, use_reentrant=False)
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # set by enable_gradient_checkpointing
+                parts = self._gradient_checkpointing_func(block, parts, t_parts, *block_args)
             else:
                 parts = block(parts, t_parts, *block_args)
             x = unpartition(parts, grid, strides)
@@ -308,11 +336,16 @@ class DiTTrunk(PretrainedMixin, nn.Module):
         return rearrange(x, "b (t h w) (p q c) -> b c t (h p) (w q)", t=T, h=H // p, w=W // p, p=p, q=p)
 
 
-
 class VideoDiT(DiTTrunk):
-    """Video DiT denoiser. ``model(x, t)``: x (B, C_in, T, H, W), t (B,) -> (B, C_out, T, H, W)."""
+    """Video DiT denoiser. ``model(x, t)``: x (B, C_in, T, H, W), t (B,) -> (B, C_out, T, H, W).
 
-    def __init__(self, config: DiTConfig):
+    ``VideoDiT(**fields)``: the keywords are the fields of ``DiTConfig`` (``build_dit`` takes a preset).
+    """
+
+    @register_to_config
+    @fields_of(DiTConfig)
+    def __init__(self, **fields):
+        config = DiTConfig(**fields)
         super().__init__(config, [DiTBlock(config) for _ in range(config.depth)])
         self.initialize_weights()
 
@@ -327,19 +360,19 @@ class VideoDiT(DiTTrunk):
         """
         t = self.check_inputs(x, t, as_images)
         tokens, t, grid = self.embed(x, t, as_images)
-        t_emb = self.t_embedder(t)  # b d
-        tokens = self.run_blocks(tokens, self.t_block(t_emb), grid, as_images)
+        dtype = self.adaln_single.linear.weight.dtype
+        t6, t_emb = self.adaln_single(t, batch_size=t.shape[0], hidden_dtype=dtype)  # b 6d, b d
+        tokens = self.run_blocks(tokens, t6, grid, as_images)
         return self.head(tokens, t_emb, x.shape, as_images)
 
     # -- weights ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_official_checkpoint(cls, path: str | Path, config: DiTConfig | None = None) -> "VideoDiT":
-        """Load the release's ``s1024.effn-f32.pth`` ({'state_dict': PixArt-XL/2 keys}); eval mode.
-
-        ``config=None`` means the ``official`` preset; pass a config for other sizes in that layout.
+    def from_single_file(cls, path: str | Path, config: DiTConfig | None = None) -> "VideoDiT":
+        """Load the release's ``s1024.effn-f32.pth`` ({'state_dict': PixArt-XL/2 keys}, converted by
+        ``convert_released_state_dict``); eval mode. ``config=None`` means the ``official`` preset; pass a
+        config (or a model's ``config``) for other sizes in that layout.
         """
-        from cascadev.weights import load_state_dict_strict
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: download s1024.effn-f32.pth from the CascadeV release "
@@ -348,9 +381,8 @@ class VideoDiT(DiTTrunk):
         state_dict = blob.get("state_dict", blob) if isinstance(blob, dict) else None
         if not isinstance(state_dict, dict):
             raise ValueError(f"{path} is not a CascadeV checkpoint (expected a dict with a 'state_dict' entry)")
-        state_dict = {k: v for k, v in state_dict.items() if k != "pos_embed"}  # recomputed at run time
-        model = cls(config or PRESETS["official"])
-        load_state_dict_strict(model, state_dict, str(path))
+        model = cls.from_spec(config or PRESETS["official"])
+        load_state_dict_strict(model, convert_released_state_dict(state_dict), str(path))
         return model.eval()
 
 
@@ -358,4 +390,4 @@ def build_dit(preset: str = "official", **overrides) -> VideoDiT:
     """The one factory: a preset name plus field overrides, e.g. ``build_dit("official", depth=2)``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown DiT preset {preset!r}; choose from {sorted(PRESETS)}")
-    return VideoDiT(dataclasses.replace(PRESETS[preset], **overrides))
+    return VideoDiT(**dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides)))

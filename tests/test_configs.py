@@ -34,9 +34,9 @@ def test_config_loads_and_its_models_build_on_meta(path):
     assert any(p.requires_grad for p in task.model.parameters())
     if config.stage == "dit":
         dit = task.model.dit if config.condition.train_encoder else task.model   # a DiffusionAutoencoder holds it
-        assert dit.config == config.dit.model_config()
+        assert dit.spec == config.dit.model_config()
     elif config.stage == "base":                                   # the frozen text encoder fits the TextDiT
-        assert task.model.config == config.base.model_config()
+        assert task.model.spec == config.base.model_config()
         assert (task.text_encoder.width, task.text_encoder.embed_dim) == (task.model.config.caption_channels,
                                                                           task.model.config.pooled_channels)
     # the resolved config round-trips through YAML (what a run writes into its directory)

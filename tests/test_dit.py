@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -7,14 +8,14 @@ import torch
 
 from conftest import randomize_
 from dit import PRESETS, DiTConfig, VideoDiT, build_dit
-from dit.attention import attention, partition, unpartition
-from dit.video_dit import OFFICIAL_ATTN_STRIDES, position_embedding
+from dit.attention import partition, unpartition
+from dit.video_dit import OFFICIAL_ATTN_STRIDES, RELEASED_PREFIXES, convert_released_state_dict, position_embedding
 
 TINY = PRESETS["tiny"]
 
 
 def tiny_model(**overrides) -> VideoDiT:
-    return randomize_(VideoDiT(dataclasses.replace(TINY, **overrides))).eval()
+    return randomize_(VideoDiT.from_spec(dataclasses.replace(TINY, **overrides))).eval()
 
 
 def inputs(B=2, T=4, H=16, W=24, C=20, seed=1):
@@ -69,14 +70,19 @@ def test_grid_attention_changes_the_output():
     assert not torch.allclose(tiny_model()(x, t), tiny_model(attn_strides=(None,))(x, t), atol=1e-4)
 
 
-def test_sdpa_and_fp32_math_paths_agree():
+def test_native_and_math_attention_backends_agree():
+    """diffusers' set_attention_backend reaches every block: SDPA and the explicit math kernel agree."""
     x, t = inputs()
-    out = {b: tiny_model(attn_backend=b, attn_fp32=fp32)(x, t) for b, fp32 in [("sdpa", False), ("math", True)]}
-    torch.testing.assert_close(out["sdpa"], out["math"], rtol=1e-5, atol=1e-5)
-    q, k, v = torch.randn(3, 2, 4, 50, 16).unbind(0)
-    torch.testing.assert_close(attention(q, k, v, "sdpa"), attention(q, k, v, "math"), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="flash-attn"):
-        attention(q, k, v, "flash")
+    out = {}
+    for backend, fp32 in [("native", False), ("_native_math", True)]:
+        model = tiny_model(attn_fp32=fp32)
+        model.set_attention_backend(backend)
+        assert {b.attn.processor._attention_backend for b in model.blocks} == {backend}
+        out[backend] = model(x, t)
+    model.set_attention_backend("native")  # also diffusers' global active backend: back to its default
+    torch.testing.assert_close(out["native"], out["_native_math"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="must be one of"):
+        model.set_attention_backend("sdpa")
 
 
 def test_gradient_checkpointing_same_loss_and_gradients():
@@ -84,7 +90,8 @@ def test_gradient_checkpointing_same_loss_and_gradients():
     grads = {}
     for ckpt in (False, True):
         model = tiny_model().train()
-        model.enable_gradient_checkpointing(ckpt)
+        if ckpt:
+            model.enable_gradient_checkpointing()  # diffusers' ModelMixin method
         loss = model(x, t).square().mean()
         loss.backward()
         grads[ckpt] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
@@ -100,11 +107,24 @@ def test_initialisation_zeroes_the_output_layer():
     assert model.blocks[0].scale_shift_table.std() > 0
 
 
+def released_names(state_dict: dict) -> dict:
+    """Our keys -> the release's (t_embedder.mlp.*, t_block.1.*): a fake s1024.effn-f32.pth."""
+    ours = {new: old for old, new in RELEASED_PREFIXES.items()}
+    out = {}
+    for k, v in state_dict.items():
+        prefix = next((p for p in ours if k.startswith(p)), None)
+        out[ours[prefix] + k.removeprefix(prefix) if prefix else k] = v
+    return out
+
+
 def test_official_checkpoint_round_trip(tmp_path):
     model = tiny_model()
-    state = {"state_dict": {**model.state_dict(), "pos_embed": torch.zeros(1, 8, 96)}, "step": 10}
+    released = released_names(model.state_dict())
+    assert {"t_embedder.mlp.0.weight", "t_embedder.mlp.2.bias", "t_block.1.weight"} <= set(released)
+    assert convert_released_state_dict(released).keys() == model.state_dict().keys()
+    state = {"state_dict": {**released, "pos_embed": torch.zeros(1, 8, 96)}, "step": 10}
     torch.save(state, tmp_path / "s1024.effn-f32.pth")
-    loaded = VideoDiT.from_official_checkpoint(tmp_path / "s1024.effn-f32.pth", config=TINY)
+    loaded = VideoDiT.from_single_file(tmp_path / "s1024.effn-f32.pth", config=TINY)
     assert not loaded.training
     x, t = inputs()
     torch.testing.assert_close(loaded(x, t), model(x, t), rtol=0, atol=0)
@@ -113,35 +133,37 @@ def test_official_checkpoint_round_trip(tmp_path):
     state["state_dict"]["blocks.1.extra"] = torch.zeros(1)
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match=r"missing keys: blocks\.1\.attn\.qkv\.weight; unexpected keys: blocks\.1\.extra"):
-        VideoDiT.from_official_checkpoint(tmp_path / "broken.pth", config=TINY)
+        VideoDiT.from_single_file(tmp_path / "broken.pth", config=TINY)
     with pytest.raises(FileNotFoundError, match="s1024.effn-f32.pth"):
-        VideoDiT.from_official_checkpoint(tmp_path / "missing.pth")
+        VideoDiT.from_single_file(tmp_path / "missing.pth")
 
 
 def test_save_and_from_pretrained_round_trip(tmp_path):
     model = tiny_model(attn_strides=((1, 2), None))
     model.save_pretrained(tmp_path / "dit")
-    assert sorted(p.name for p in (tmp_path / "dit").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "dit").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     loaded = VideoDiT.from_pretrained(tmp_path / "dit")
-    assert loaded.config == model.config
+    assert loaded.spec == model.spec and loaded.spec.attn_strides == ((1, 2), None)  # JSON lists back to tuples
+    assert json.loads((tmp_path / "dit/config.json").read_text())["_class_name"] == "VideoDiT"
     x, t = inputs()
     torch.testing.assert_close(loaded(x, t), model(x, t), rtol=0, atol=0)
 
 
 def test_official_preset_on_meta_device_has_released_layout():
     with torch.device("meta"):
-        model = VideoDiT(PRESETS["official"])
+        model = VideoDiT.from_spec(PRESETS["official"])
     assert sum(p.numel() for p in model.parameters()) == 456_117_152
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes["x_embedder.proj.weight"] == (1152, 20, 2, 2)
-    assert shapes["t_embedder.mlp.0.weight"] == (1152, 256)
-    assert shapes["t_block.1.weight"] == (6 * 1152, 1152)
+    assert shapes["adaln_single.emb.timestep_embedder.linear_1.weight"] == (1152, 256)
+    assert shapes["adaln_single.linear.weight"] == (6 * 1152, 1152)
     assert shapes["blocks.27.scale_shift_table"] == (6, 1152)
     assert shapes["blocks.0.attn.qkv.weight"] == (3 * 1152, 1152)
     assert shapes["blocks.0.mlp.fc1.weight"] == (4608, 1152)
     assert shapes["final_layer.scale_shift_table"] == (2, 1152)
     assert shapes["final_layer.linear.weight"] == (2 * 2 * 8, 1152)
-    assert len(shapes) == 2 + 4 + 2 + 28 * 9 + 3  # x_embedder, t_embedder, t_block, blocks, final_layer
+    assert len(shapes) == 2 + 4 + 2 + 28 * 9 + 3  # x_embedder, t_embedder, t_block (adaln_single), blocks, final_layer
+    assert set(convert_released_state_dict(released_names(model.state_dict()))) == set(shapes)
     assert [model.block_strides(i) for i in (0, 1, 7, 8, 11, 12, 19, 20, 27)] == [
         (1, 4), (4, 1), (4, 1), None, None, (1, 4), (4, 1), None, None]
     assert len(OFFICIAL_ATTN_STRIDES) == 28
@@ -171,7 +193,7 @@ def _sincos_np(dim, pos):
 def _reference_forward(model: VideoDiT, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The release's computation, independent of VideoDiT.forward: frames as a batch, per-frame
     timesteps, numpy position embedding, reshape/permute partitions, explicit fp32 attention."""
-    c = model.config
+    c = model.spec
     B, C, T, H, W = x.shape
     p, D, nh = c.patch_size, c.hidden_size, c.num_heads
     frames = x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W)
@@ -179,7 +201,8 @@ def _reference_forward(model: VideoDiT, x: torch.Tensor, t: torch.Tensor) -> tor
     half = 128
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     args = t_frames[:, None].float() * freqs[None]
-    t_emb = model.t_embedder.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B*T, D)
+    mlp = model.adaln_single.emb.timestep_embedder  # the release's t_embedder.mlp.{0,2}
+    t_emb = mlp.linear_2(torch.nn.functional.silu(mlp.linear_1(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))))
     tok = model.x_embedder.proj(frames).flatten(2).transpose(1, 2)  # (B*T, n, D)
     h, w = H // p, W // p
     n = h * w
@@ -190,7 +213,7 @@ def _reference_forward(model: VideoDiT, x: torch.Tensor, t: torch.Tensor) -> tor
     temporal = _sincos_np(D_t, np.arange(T, dtype=np.float32))
     pe = np.concatenate([np.repeat(temporal[:, None], n, 1), np.repeat(spatial[None], T, 0)], axis=2)
     x3d = tok.reshape(B, T * n, D) + torch.from_numpy(pe).float().reshape(1, T * n, D)
-    t3d = model.t_block(t_emb.reshape(B, T, D)[:, 0])
+    t3d = model.adaln_single.linear(torch.nn.functional.silu(t_emb.reshape(B, T, D)[:, 0]))  # the release's t_block
 
     def block_forward(blk, z, tt):
         b, N, _ = z.shape
@@ -223,7 +246,7 @@ def _reference_forward(model: VideoDiT, x: torch.Tensor, t: torch.Tensor) -> tor
 
 def test_forward_matches_the_released_computation_on_the_trained_window():
     config = dataclasses.replace(TINY, hidden_size=96, depth=6, attn_strides=((1, 2), (2, 1), None))
-    model = randomize_(VideoDiT(config)).eval()
+    model = randomize_(VideoDiT.from_spec(config)).eval()
     x, t = inputs(T=config.window_frames, H=config.window_size, W=config.window_size)
     with torch.no_grad():
         ours, ref = model(x, t), _reference_forward(model, x, t)

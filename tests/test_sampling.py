@@ -10,7 +10,7 @@ TINY = PRESETS["tiny"]  # window: 4 frames x 16x16 latents
 
 
 def tiny_model(seed=0):
-    return randomize_(VideoDiT(TINY), seed=seed).eval()
+    return randomize_(VideoDiT.from_spec(TINY), seed=seed).eval()
 
 
 class CallConstant(torch.nn.Module):
@@ -18,19 +18,19 @@ class CallConstant(torch.nn.Module):
 
     def __init__(self, config=TINY):
         super().__init__()
-        self.config, self.calls = config, 0
+        self.spec, self.calls = config, 0
 
     def forward(self, x, t):
         self.calls += 1
         B, _, T, H, W = x.shape
-        return torch.full((B, self.config.out_channels, T, H, W), float(self.calls))
+        return torch.full((B, self.spec.out_channels, T, H, W), float(self.calls))
 
 
 class PassThrough(CallConstant):
     """Stub DiT whose eps is its first input channel: a partition of unity must give the input back."""
 
     def forward(self, x, t):
-        return x[:, :1].expand(-1, self.config.out_channels, -1, -1, -1).clone()
+        return x[:, :1].expand(-1, self.spec.out_channels, -1, -1, -1).clone()
 
 
 def test_window_starts_cover_and_end_at_the_edge():
@@ -125,7 +125,7 @@ def test_flow_sampling_is_euler_on_the_velocity():
     """One flow step from sigma=1: x0 = noise - v, exactly what a rectified-flow model implies."""
     class ConstantVelocity(CallConstant):
         def forward(self, x, t):
-            return torch.full((x.shape[0], self.config.out_channels, *x.shape[2:]), 0.25)
+            return torch.full((x.shape[0], self.spec.out_channels, *x.shape[2:]), 0.25)
 
     noise = torch.randn(1, 4, 4, 16, 16)
     out = sample(ConstantVelocity(), torch.zeros(1, 16, 4, 16, 16), noise, "flow", 1, progress=False)
@@ -152,7 +152,7 @@ def _release_slices(size, window):
 
 def _release_eps(model, frames, timestep):
     """forward_with_dpmsolver: frames (n, C, h, w), timestep (n,) -> eps (n, 4, h, w)."""
-    c = model.config
+    c = model.spec
     L, S = c.window_frames, c.window_size
     n, _, h, w = frames.shape
 

@@ -5,13 +5,14 @@ import torch
 from einops import repeat
 
 from conftest import randomize_
-from dit.text_dit import PRESETS, CrossAttention, TextDiT, TextDiTConfig, build_text_dit, masked_attention
+from dit.attention import DispatchProcessor
+from dit.text_dit import PRESETS, CrossAttention, TextDiT, TextDiTConfig, build_text_dit
 
 TINY = PRESETS["tiny"]
 
 
 def tiny_model(**overrides) -> TextDiT:
-    return randomize_(TextDiT(dataclasses.replace(TINY, **overrides))).eval()
+    return randomize_(TextDiT.from_spec(dataclasses.replace(TINY, **overrides))).eval()
 
 
 def inputs(B=2, T=4, H=8, W=6, L=7, seed=1):
@@ -52,7 +53,7 @@ def test_strides_one_one_equal_full_attention_with_cross_attention():
 
 def test_cross_attention_over_parts_equals_the_text_repeated_per_part():
     torch.manual_seed(0)
-    attn = randomize_(CrossAttention(48, 4, qk_norm=True, fp32=False, backend="sdpa"), std=0.2)
+    attn = randomize_(CrossAttention(48, 4, qk_norm=True, fp32=False), std=0.2)
     B, G, n, L = 2, 6, 5, 7
     x = torch.randn(B * G, n, 48)
     context = torch.randn(B, L, 48)
@@ -80,12 +81,17 @@ def test_text_conditions_the_output():
 
 
 def test_masked_attention_sdpa_and_math_agree():
-    g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 3, 10, 8, generator=g), torch.randn(2, 3, 6, 8, generator=g), torch.randn(2, 3, 6, 8, generator=g)
+    g = torch.Generator().manual_seed(0)   # the dispatcher's layout: (B, N, heads, e)
+    q, k, v = torch.randn(2, 10, 3, 8, generator=g), torch.randn(2, 6, 3, 8, generator=g), torch.randn(2, 6, 3, 8, generator=g)
     mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
-    out = masked_attention(q, k, v, mask, "sdpa")
-    torch.testing.assert_close(out, masked_attention(q, k, v, mask, "math", fp32=True), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out[1], masked_attention(q[1:], k[1:, :, :2], v[1:, :, :2], None, "math")[0], rtol=1e-5, atol=1e-6)
+    sdpa, math = DispatchProcessor(), DispatchProcessor()
+    sdpa._attention_backend, math._attention_backend = "native", "_native_math"
+    out = sdpa.attend(q, k, v, mask)
+    torch.testing.assert_close(out, math.attend(q, k, v, mask, fp32=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1], math.attend(q[1:], k[1:, :2], v[1:, :2])[0], rtol=1e-5, atol=1e-6)
+    flash = DispatchProcessor()
+    flash._attention_backend = "flash"     # flash-attn takes no padding mask: a masked call runs SDPA
+    torch.testing.assert_close(flash.attend(q, k, v, mask), out, rtol=0, atol=0)
 
 
 def test_gradient_checkpointing_gives_the_same_output_and_gradients():
@@ -107,7 +113,7 @@ def test_save_and_load_round_trip(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path / "base")
     loaded = TextDiT.from_pretrained(tmp_path / "base")
-    assert loaded.config == model.config
+    assert loaded.spec == model.spec
     x, t, context, pooled, mask = inputs()
     torch.testing.assert_close(loaded(x, t, context, pooled, mask), model(x, t, context, pooled, mask), rtol=0, atol=0)
 
@@ -117,7 +123,7 @@ def test_base_preset_builds_on_meta_with_about_one_billion_parameters():
         model = build_text_dit("base")
     count = sum(p.numel() for p in model.parameters())
     assert 1.0e9 < count < 1.2e9, count  # 1,083,781,664
-    c = model.config
+    c = model.spec
     for frames in (8, 16):
         c.check_window(frames, 32, 32)  # 1024 px
     c.check_window(16, 18, 32)          # 1024x576

@@ -64,13 +64,13 @@ def test_dit_script_resumed_run_equals_uninterrupted(clips, tmp_path):
     assert [s for s, _ in checkpoints(parts / "checkpoints")] == [2, 4]
     assert json.loads((parts / "checkpoints/step_00000004/trainer.json").read_text())["step"] == 4
     for sub in ("final/model", "final/ema"):
-        assert_same_weights(whole / sub, parts / sub, "model.safetensors")
+        assert_same_weights(whole / sub, parts / sub, "diffusion_pytorch_model.safetensors")
     start = load_file(str(parts / "checkpoints/step_00000002/model.safetensors"))
-    end = load_file(str(whole / "final/model/model.safetensors"))
+    end = load_file(str(whole / "final/model/diffusion_pytorch_model.safetensors"))
     assert not torch.allclose(start["final_layer.linear.weight"], end["final_layer.linear.weight"])
-    # a checkpoint and the export are VideoDiT.from_pretrained folders; validation wrote a sample video
+    # a checkpoint loads with VideoDiT.from_legacy_folder, the export with from_pretrained; validation wrote a video
     from dit import VideoDiT
-    VideoDiT.from_pretrained(whole / "checkpoints/step_00000004")
+    VideoDiT.from_legacy_folder(whole / "checkpoints/step_00000004")
     VideoDiT.from_pretrained(whole / "final/ema")
     assert (whole / "samples/step_00000004.mp4").is_file()
     log = (whole / "train.log").read_text()
@@ -114,7 +114,7 @@ def test_diffusion_autoencoder_trains_the_encoder_with_the_dit_and_resumes_exact
     train(DIT_TINY, tmp_path / "parts", clips, 4, *common)
     assert not (whole / "final/ema").exists()
     for sub in ("final/model", "final/model/semantic_encoder"):
-        assert_same_weights(whole / sub, parts / sub, "model.safetensors")
+        assert_same_weights(whole / sub, parts / sub, "diffusion_pytorch_model.safetensors")
     from dit import VideoDiT
     from vae.semantic_encoder import SemanticEncoder
     VideoDiT.from_pretrained(whole / "final/model")
@@ -152,7 +152,7 @@ def test_dit_ddp_on_two_cpu_processes_resumes_exactly(clips, tmp_path):
     launch(tmp_path / "parts", 4)
     assert "on 2 process(es)" in (tmp_path / "whole/train.log").read_text()
     assert len(list((tmp_path / "whole/checkpoints/step_00000004").glob("random_states_*.pkl"))) == 2
-    assert_same_weights(tmp_path / "whole/final/model", tmp_path / "parts/final/model", "model.safetensors")
+    assert_same_weights(tmp_path / "whole/final/model", tmp_path / "parts/final/model", "diffusion_pytorch_model.safetensors")
 
 
 def test_cached_latents_give_the_same_batches_as_encoding_on_the_fly(clips, tmp_path):
@@ -175,7 +175,7 @@ def test_cached_latents_give_the_same_batches_as_encoding_on_the_fly(clips, tmp_
         assert torch.allclose(loss_a, loss_b, atol=1e-5)
     # the script trains from the cache, and refuses a cache made with other settings
     run = train(DIT_TINY, tmp_path / "run", clips, 1, f"data.latents={cache}", *fixed, 'data.videos=""')
-    assert (run / "final/model/model.safetensors").is_file()           # latents alone: no validation clips
+    assert (run / "final/model/diffusion_pytorch_model.safetensors").is_file()           # latents alone: no validation clips
     with pytest.raises(ConfigError, match="data.height: cache 32 != config 64"):
         train(DIT_TINY, tmp_path / "run2", clips, 1, f"data.latents={cache}", *fixed, "data.height=64")
 
@@ -372,7 +372,7 @@ def test_init_from_our_format_and_the_official_checkpoint(tmp_path):
     from dit import VideoDiT
     from cascadev.tasks import build_dit
     config = load_train_config(DIT_TINY)
-    source = VideoDiT(config.dit.model_config())
+    source = VideoDiT.from_spec(config.dit.model_config())
     torch.nn.init.normal_(source.final_layer.linear.weight)
     source.save_pretrained(tmp_path / "ours")
     torch.save({"state_dict": {**source.state_dict(), "pos_embed": torch.zeros(1)}}, tmp_path / "release.pth")

@@ -60,7 +60,7 @@ def train(run_dir: Path, toy: Path, steps: int, *extra: str) -> Path:
 
 
 def assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    wa, wb = load_file(str(a / "diffusion_pytorch_model.safetensors")), load_file(str(b / "diffusion_pytorch_model.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=atol), k
@@ -77,7 +77,7 @@ def test_base_script_resumed_run_equals_uninterrupted(toy, tmp_path, tiny_pipeli
     for sub in ("final/base_dit", "final/model/base_dit"):           # EMA weights, trained weights
         assert_same_weights(whole / sub, parts / sub)
     start = load_file(str(parts / "checkpoints/step_00000002/model.safetensors"))
-    end = load_file(str(whole / "final/model/base_dit/model.safetensors"))
+    end = load_file(str(whole / "final/model/base_dit/diffusion_pytorch_model.safetensors"))
     assert not torch.allclose(start["final_layer.linear.weight"], end["final_layer.linear.weight"])
     log = (whole / "train.log").read_text()
     assert "val/loss" in log and "vb" in log
@@ -87,7 +87,7 @@ def test_base_script_resumed_run_equals_uninterrupted(toy, tmp_path, tiny_pipeli
     # a checkpoint is a TextDiT folder; final/ is a TextToVideoPipeline root (cascade apart)
     from cascadev.generate import TextToVideoPipeline
     from dit.text_dit import TextDiT
-    TextDiT.from_pretrained(whole / "checkpoints/step_00000003")
+    TextDiT.from_legacy_folder(whole / "checkpoints/step_00000003")
     pipe = TextToVideoPipeline.from_pretrained(whole / "final", cascade=tiny_pipeline_dir, device="cpu")
     video = pipe.generate("red", frames=2, size=(64, 64), steps=2, progress=False, decode_kwargs={"steps": 1})
     assert video.shape == (1, 3, 2, 64, 64)
@@ -111,7 +111,7 @@ def test_base_trains_from_a_latent_cache_with_captions(toy, tmp_path):
         lb, _ = task.loss(task.model, b, torch.Generator().manual_seed(0), as_images=False)
         assert torch.allclose(la, lb, atol=1e-5)
     run = train(tmp_path / "run", toy, 1, f"data.latents={cache}", 'data.videos=""', *fixed[1:])
-    assert (run / "final/base_dit/model.safetensors").is_file()
+    assert (run / "final/base_dit/diffusion_pytorch_model.safetensors").is_file()
     with pytest.raises(ConfigError, match="holds stage base inputs, the config trains stage dit"):
         main(["--config", str(DIT_TINY), "--max-steps", "1", "--set", f"data.latents={cache}", f"run.dir={tmp_path / 'dit'}",
               "run.tensorboard=false"])
@@ -158,11 +158,11 @@ def test_caption_dropout_rate_is_honoured(toy, rate):
     dropped = []
 
     class Spy(torch.nn.Module):                                       # records which rows read the empty prompt
-        config = task.model.config
+        spec = task.model.spec
 
         def forward(self, x, t, context, pooled, mask, as_images=False):
             dropped.extend(torch.equal(row, null) for row in context)
-            return torch.zeros(x.shape[0], self.config.out_channels, *x.shape[2:])
+            return torch.zeros(x.shape[0], self.spec.out_channels, *x.shape[2:])
 
     batch = {"semantic": torch.randn(50, 16, 2, 2, 2), "caption": ["red", "blue"] * 25}
     for i in range(10):
@@ -174,7 +174,7 @@ def test_init_from_a_text_dit_folder_with_gradient_checkpointing(toy, tmp_path):
     from cascadev.tasks import build_base_dit
     from dit.text_dit import TextDiT
     config = load_train_config(BASE_TINY, overrides(toy))
-    source = TextDiT(config.base.model_config())
+    source = TextDiT.from_spec(config.base.model_config())
     torch.nn.init.normal_(source.final_layer.linear.weight)
     source.save_pretrained(tmp_path / "ours")
     model = build_base_dit(load_train_config(BASE_TINY, [*overrides(toy), f"base.init_from={tmp_path / 'ours'}",

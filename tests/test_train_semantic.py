@@ -33,7 +33,7 @@ def train(run_dir: Path, clips: Path, steps: int, *overrides: str) -> Path:
 
 def assert_same_state(a: Path, b: Path, atol: float = 1e-6) -> None:
     """Same keys, same values (integer buffers such as num_batches_tracked exactly)."""
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    wa, wb = load_file(str(a / "diffusion_pytorch_model.safetensors")), load_file(str(b / "diffusion_pytorch_model.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:
         same = torch.allclose(wa[k], wb[k], atol=atol) if wa[k].is_floating_point() else torch.equal(wa[k], wb[k])
@@ -53,7 +53,7 @@ def test_semantic_script_resumed_run_equals_uninterrupted(clips, tmp_path):
     # BatchNorm running statistics are buffers: checkpointed, restored on resume, exported
     ckpt = load_file(str(parts / "checkpoints/step_00000002/model.safetensors"))
     assert ckpt["encoder.mapper.1.num_batches_tracked"].item() == 2
-    final = load_file(str(whole / "final/semantic_encoder/model.safetensors"))
+    final = load_file(str(whole / "final/semantic_encoder/diffusion_pytorch_model.safetensors"))
     assert final["mapper.1.num_batches_tracked"].item() == 3
     assert not torch.allclose(final["mapper.1.running_var"], torch.ones(16))
     log = (whole / "train.log").read_text()

@@ -38,8 +38,7 @@ def test_encoder_tiny_shapes_normalisation_and_frame_batches():
     mean, std = torch.tensor(encoder_mod.IMAGENET_MEAN), torch.tensor(encoder_mod.IMAGENET_STD)
     manual = enc.mapper(enc.backbone(((frame + 1) / 2 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)))
     torch.testing.assert_close(z[1, :, 2], manual[0], rtol=1e-5, atol=1e-5)
-    one_at_a_time = dataclasses.replace(enc.config, frame_batch=1)
-    enc.config = one_at_a_time
+    enc.register_to_config(frame_batch=1)                                            # one frame per backbone call
     torch.testing.assert_close(enc.encode(x), z, rtol=1e-5, atol=1e-5)
 
 
@@ -80,12 +79,13 @@ def test_encoder_save_and_from_pretrained(tmp_path):
     enc = randomize_(build_semantic_encoder("tiny"), std=0.1, seed=1)
     enc.mapper[1].running_mean.normal_()
     enc.save_pretrained(tmp_path / "enc")
-    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["config.json", "model.safetensors"]
-    assert (tmp_path / "enc" / "model.safetensors").stat().st_size < 500_000
+    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert (tmp_path / "enc" / "diffusion_pytorch_model.safetensors").stat().st_size < 500_000
     x = video(T=2, H=64, W=64)
-    for path in (tmp_path / "enc", tmp_path / "enc" / "model.safetensors"):
-        loaded = SemanticEncoder.from_pretrained(path)
-        assert loaded.config == enc.config and not loaded.training
+    for low_cpu_mem_usage in (True, False):   # the non-persistent ImageNet mean/std are right either way
+        loaded = SemanticEncoder.from_pretrained(tmp_path / "enc", low_cpu_mem_usage=low_cpu_mem_usage)
+        assert loaded.spec == enc.spec and not loaded.training
+        assert torch.equal(loaded.mean, enc.mean) and torch.equal(loaded.std, enc.std)
         assert torch.equal(loaded.encode(x), enc.encode(x))
 
 
@@ -102,7 +102,7 @@ def test_encoder_from_official_file(tmp_path):
     state = {k: v.half() if v.is_floating_point() else v for k, v in state.items() if "num_batches_tracked" not in k}
     save_file(state, tmp_path / "effnet_encoder.safetensors")
 
-    enc = SemanticEncoder.from_official(tmp_path)                                    # a folder holding the file
+    enc = SemanticEncoder.from_single_file(tmp_path)                                  # a folder holding the file
     assert enc.mapper[0].weight.dtype == torch.float32
     torch.testing.assert_close(enc.mapper[1].running_var, mapper[1].running_var.half().float())
     reference.load_state_dict({k.removeprefix("backbone."): v.float() for k, v in enc.state_dict().items()
@@ -118,21 +118,21 @@ def test_encoder_from_official_file(tmp_path):
 
 def test_official_loader_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="effnet_encoder.safetensors.*stabilityai/stable-cascade"):
-        SemanticEncoder.from_official(tmp_path / "nowhere" / "effnet_encoder.safetensors")
+        SemanticEncoder.from_single_file(tmp_path / "nowhere" / "effnet_encoder.safetensors")
     with pytest.raises(FileNotFoundError, match="previewer.safetensors.*stabilityai/stable-cascade"):
-        Previewer.from_official(tmp_path)
+        Previewer.from_single_file(tmp_path)
     (tmp_path / "previewer.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="not a readable safetensors"):
-        Previewer.from_official(tmp_path)
+        Previewer.from_single_file(tmp_path)
     tiny = build_previewer("tiny")
     save_file(tiny.state_dict(), tmp_path / "previewer.safetensors")
     with pytest.raises(ValueError, match=r"shape mismatch: blocks\.0\.bias"):          # tiny weights, official preset
-        Previewer.from_official(tmp_path)
+        Previewer.from_single_file(tmp_path)
     state = {k: v for k, v in tiny.state_dict().items() if k != "blocks.3.weight"}
     state["blocks.25.weight"] = torch.zeros(1)
     save_file(state, tmp_path / "previewer.safetensors")
     with pytest.raises(ValueError, match=r"missing keys: blocks\.3\.weight; unexpected keys: blocks\.25\.weight"):
-        Previewer.from_official(tmp_path, config=tiny.config)
+        Previewer.from_single_file(tmp_path, config=tiny.spec)
 
 
 # -- previewer -----------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_previewer_tiny_forward_decode_and_round_trip(tmp_path):
     prev.save_pretrained(tmp_path / "prev")
     assert torch.equal(Previewer.from_pretrained(tmp_path / "prev").decode(z), decoded)
     save_file(prev.state_dict(), tmp_path / "previewer.safetensors")                   # the released layout
-    assert torch.equal(Previewer.from_official(tmp_path, config=prev.config).decode(z), decoded)
+    assert torch.equal(Previewer.from_single_file(tmp_path, config=prev.spec).decode(z), decoded)
     with pytest.raises(ValueError, match="expected 16 channels"):
         prev(torch.randn(1, 4, 2, 4, 4))
     with pytest.raises(ValueError, match="multiple of 4"):

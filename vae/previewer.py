@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 
-from cascadev.weights import PretrainedMixin
-
+from cascadev.weights import DataclassModel, fields_of
 from vae.semantic_encoder import check_video, load_official_weights, resolve_official_file
 
 UPSAMPLE = 8                    # three stride-2 transposed convs
@@ -53,14 +53,19 @@ def _stage(layer: nn.Module, channels: int) -> list[nn.Module]:
     return [layer, nn.GELU(), nn.BatchNorm2d(channels)]
 
 
-class Previewer(PretrainedMixin, nn.Module):
-    """(B, 16, T, h, w) semantic latents -> (B, 3, T, 8h, 8w) video in about [-1, 1]."""
+class Previewer(DataclassModel):
+    """(B, 16, T, h, w) semantic latents -> (B, 3, T, 8h, 8w) video in about [-1, 1].
 
-    config_class = PreviewerConfig
+    ``Previewer(**fields)``: the keywords are the fields of ``PreviewerConfig``. A diffusers model.
+    """
 
-    def __init__(self, config: PreviewerConfig):
+    spec_class = PreviewerConfig
+
+    @register_to_config
+    @fields_of(PreviewerConfig)
+    def __init__(self, **fields):
         super().__init__()
-        self.config = config
+        config = PreviewerConfig(**fields)
         c, c2, c4 = config.hidden_channels, config.hidden_channels // 2, config.hidden_channels // 4
         self.blocks = nn.Sequential(
             *_stage(nn.Conv2d(config.latent_channels, c, kernel_size=1), c),
@@ -93,11 +98,11 @@ class Previewer(PretrainedMixin, nn.Module):
     # -- weights -------------------------------------------------------------------------------
 
     @classmethod
-    def from_official(cls, path: str | Path | None = None, config: PreviewerConfig | None = None) -> "Previewer":
+    def from_single_file(cls, path: str | Path | None = None, config: PreviewerConfig | None = None) -> "Previewer":
         """Load Stable Cascade's ``previewer.safetensors`` (a file, a folder holding it, or None for the
         Hugging Face cache / hub); eval mode. ``config=None`` is the ``official`` preset."""
         file = resolve_official_file(path, OFFICIAL_FILE)
-        model = cls(config or PRESETS["official"])
+        model = cls.from_spec(config or PRESETS["official"])
         load_official_weights(model, file)
         return model.eval()
 
@@ -106,4 +111,4 @@ def build_previewer(preset: str = "official", **overrides) -> Previewer:
     """The one factory: a preset name plus field overrides."""
     if preset not in PRESETS:
         raise ValueError(f"unknown previewer preset {preset!r}; choose from {sorted(PRESETS)}")
-    return Previewer(dataclasses.replace(PRESETS[preset], **overrides))
+    return Previewer(**dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides)))

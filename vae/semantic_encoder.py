@@ -4,7 +4,8 @@ As in Stable Cascade / Wuerstchen v3: torchvision ``efficientnet_v2_s().features
 ``mapper`` = Conv2d(1280, 16, 1, bias=False) + BatchNorm2d(16, affine=False), whose running statistics
 normalise the latent to roughly zero mean and unit variance. Parameter names match Stable Cascade's
 ``effnet_encoder.safetensors`` key for key (``backbone.<torchvision features key>``, ``mapper.0.weight``,
-``mapper.1.running_mean`` ...), so the released file loads as is (``SemanticEncoder.from_official``).
+``mapper.1.running_mean`` ...), so the released file loads as is (``SemanticEncoder.from_single_file``). A diffusers model:
+``save_pretrained`` / ``from_pretrained``.
 
 ``encode`` returns the raw mapper output, which the Previewer consumes directly. CascadeV multiplies it
 by the latent scale (0.13025, ``vae.stage_a.LATENT_SCALE``) after upsampling, before the DiT; that is
@@ -19,10 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from cascadev.weights import PretrainedMixin
+from cascadev.weights import DataclassModel, fields_of, load_state_dict_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # torchvision EfficientNetV2 input normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,6 +44,7 @@ class SemanticEncoderConfig:
     frame_batch: int = 16                                   # frames per backbone call in ``encode``
 
     def __post_init__(self):
+        object.__setattr__(self, "tiny_channels", tuple(self.tiny_channels))   # a list from config.json
         if self.backbone not in ("efficientnet_v2_s", "tiny"):
             raise ValueError(f"unknown semantic encoder backbone {self.backbone!r}; "
                              "expected 'efficientnet_v2_s' or 'tiny'")
@@ -90,17 +93,22 @@ def _tiny_backbone(channels: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class SemanticEncoder(PretrainedMixin, nn.Module):
-    """Frames in [-1, 1] -> semantic latents (16 ch, f32). Frozen in CascadeV: ``encode`` runs without grad."""
+class SemanticEncoder(DataclassModel):
+    """Frames in [-1, 1] -> semantic latents (16 ch, f32). Frozen in CascadeV: ``encode`` runs without grad.
 
-    config_class = SemanticEncoderConfig
+    ``SemanticEncoder(**fields)``: the keywords are the fields of ``SemanticEncoderConfig``.
+    """
 
-    def __init__(self, config: SemanticEncoderConfig):
+    spec_class = SemanticEncoderConfig
+
+    @register_to_config
+    @fields_of(SemanticEncoderConfig)
+    def __init__(self, **fields):
         super().__init__()
-        self.config = config
+        config = SemanticEncoderConfig(**fields)
         if config.backbone == "efficientnet_v2_s":
             from torchvision.models import efficientnet_v2_s
-            self.backbone = efficientnet_v2_s(weights=None).features   # weights come from from_official
+            self.backbone = efficientnet_v2_s(weights=None).features   # weights come from from_single_file
         elif config.backbone == "tiny":
             self.backbone = _tiny_backbone(config.tiny_channels)
         else:
@@ -109,7 +117,7 @@ class SemanticEncoder(PretrainedMixin, nn.Module):
             nn.Conv2d(config.feature_channels, config.latent_channels, kernel_size=1, bias=False),
             nn.BatchNorm2d(config.latent_channels, affine=False),        # running stats normalise the latent
         )
-        # not persistent: the released state dict has no such keys
+        # not persistent: the released state dict has no such keys (from_pretrained builds them, see tests)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.eval()
@@ -137,12 +145,12 @@ class SemanticEncoder(PretrainedMixin, nn.Module):
     # -- weights -------------------------------------------------------------------------------
 
     @classmethod
-    def from_official(cls, path: str | Path | None = None,
-                      config: SemanticEncoderConfig | None = None) -> "SemanticEncoder":
+    def from_single_file(cls, path: str | Path | None = None,
+                         config: SemanticEncoderConfig | None = None) -> "SemanticEncoder":
         """Load Stable Cascade's ``effnet_encoder.safetensors`` (a file, a folder holding it, or None for
         the Hugging Face cache / hub); eval mode. ``config=None`` is the ``official`` preset."""
         file = resolve_official_file(path, OFFICIAL_FILE)
-        model = cls(config or PRESETS["official"])
+        model = cls.from_spec(config or PRESETS["official"])
         load_official_weights(model, file)
         return model.eval()
 
@@ -151,7 +159,7 @@ def build_semantic_encoder(preset: str = "official", **overrides) -> SemanticEnc
     """The one factory: a preset name plus field overrides, e.g. ``build_semantic_encoder("tiny", frame_batch=4)``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown semantic encoder preset {preset!r}; choose from {sorted(PRESETS)}")
-    return SemanticEncoder(dataclasses.replace(PRESETS[preset], **overrides))
+    return SemanticEncoder(**dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides)))
 
 
 # -- released Stable Cascade files (shared with vae.previewer) ------------------------------------
@@ -183,7 +191,6 @@ def load_official_weights(model: nn.Module, file: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from cascadev.weights import load_state_dict_strict
     try:
         state_dict = load_file(str(file))
     except (SafetensorError, OSError) as e:
