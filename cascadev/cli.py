@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     if not getattr(args, "func", None):
         parser.print_help()
         return
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()    # "Loading pipeline components": the commands say "loading weights"
     try:
         args.func(args)
     except (UserError, FileNotFoundError, FileExistsError, ValueError) as e:

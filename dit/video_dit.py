@@ -18,6 +18,7 @@ from functools import reduce
 from pathlib import Path
 
 import torch
+from diffusers import ModelMixin  # noqa: F401  DiffusionPipeline.from_pretrained finds the load method by this name here
 import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import AttentionModuleMixin

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import ModelMixin  # noqa: F401  DiffusionPipeline.from_pretrained finds the load method by this name here
 import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
 from einops import rearrange
