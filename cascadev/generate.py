@@ -37,7 +37,7 @@ DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0          # Stable Cascade's Stage C default
 DEFAULT_SCHEDULER = "dpmpp"
 CAPTION_DROPOUT = 0.1           # share of captions trained as the empty prompt, for CFG
-TEXT_ENCODER_DIR, BASE_DIR = "text_encoder", "base"    # component folders (training exports them too)
+TEXT_ENCODER_DIR, BASE_DIR = "text_encoder", "base_dit"    # what a base training run's final/ holds
 LEGACY_PIPELINE_FILE = "text_to_video.json"             # folders of cascadev < 0.2
 
 
@@ -339,9 +339,18 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
     ``text_encoder`` (a folder, or an open_clip preset of ``dit.text_encoder``: "bigG", "H") and ``cascade``
     (anything ``load_cascade`` takes) replace those parts."""
     weights = Path(weights)
+    if not weights.is_dir():
+        raise FileNotFoundError(f"{weights}: weights folder not found")
     if is_legacy_text_to_video(weights):
         raise FileNotFoundError(f"{weights} is a text-to-video folder in the previous format ({LEGACY_PIPELINE_FILE}); "
                                 f"convert it once with: cascadev convert {weights} NEW_FOLDER")
+    if not (weights / "model_index.json").is_file() and (weights / BASE_DIR).is_dir():
+        # a base training run's final/: the text encoder and base model, with a cascade from elsewhere
+        if cascade is None:
+            raise FileNotFoundError(f"{weights} holds a base model without a decoder: pass the cascade (--cascade)")
+        return TextToVideoPipeline.from_parts(TextEncoder.from_pretrained(weights / TEXT_ENCODER_DIR),
+                                              TextDiT.from_folder(weights / BASE_DIR),
+                                              load_cascade(cascade, load_previewer=False, torch_dtype=torch_dtype))
     if not (weights / "model_index.json").is_file():
         raise FileNotFoundError(f"{weights}: no base model (Stage C) weights; none are released: train them (cascadev "
                                 "train, stage base) or pass a folder written by TextToVideoPipeline.save_pretrained")

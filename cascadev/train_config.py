@@ -183,9 +183,15 @@ class BaseSection:
 
     def text_widths(self) -> tuple[int, int]:
         """(token width, pooled width) of the text encoder, without building it."""
-        from cascadev.weights import load_pretrained_config
+        import json
+
+        from cascadev.weights import CONFIG_NAME
         from dit.text_encoder import TextEncoderConfig
-        config = self.text_encoder_config() or load_pretrained_config(TextEncoderConfig, self.text_encoder_weights)
+        config = self.text_encoder_config()
+        if config is None:   # our folder: its config.json (diffusers' keys such as _class_name aside)
+            saved = json.loads((Path(self.text_encoder_weights) / CONFIG_NAME).read_text())
+            config = TextEncoderConfig(**{f.name: saved[f.name] for f in dataclasses.fields(TextEncoderConfig)
+                                          if f.name in saved})
         embed_dim, text_cfg, _ = config.architecture()
         return text_cfg.width, embed_dim
 

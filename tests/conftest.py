@@ -69,3 +69,30 @@ def clip_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("clips") / "clip.mp4"
     write_video(path, make_clip(seed=3, frames=9, height=96, width=160), fps=8)
     return path
+
+
+def write_legacy_cascade(pipe, folder):
+    """``pipe`` in the layout of cascadev < 0.2: pipeline.json, config.json + model.safetensors with the released
+    key names per part, stage_a/ a diffusers folder."""
+    from safetensors.torch import save_file
+
+    from cascadev.config import to_dict
+    from vae.stage_a import PRESETS
+
+    released = {"adaln_single.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+                "adaln_single.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.", "adaln_single.linear.": "t_block.1."}
+    for name in ("dit", "semantic_encoder", "previewer"):
+        model = getattr(pipe, name)
+        state = {}
+        for key, value in model.state_dict().items():
+            for new, old in released.items():
+                key = key.replace(new, old) if key.startswith(new) else key
+            state[key] = value.contiguous()
+        (folder / name).mkdir(parents=True)
+        save_file(state, str(folder / name / "model.safetensors"))
+        config = {**to_dict(model.spec), **({"attn_backend": "auto"} if name == "dit" else {})}
+        (folder / name / "config.json").write_text(__import__('json').dumps(config))
+    pipe.vae.save_pretrained(str(folder / "stage_a"))
+    stage_a = {**to_dict(PRESETS["tiny"]), "pretrained": None, "subfolder": None}
+    demo = {"steps": 3, "scheduler": "flow", "colour_fix": 16, "kind": "shapes", "size": 64}
+    (folder / "pipeline.json").write_text(__import__('json').dumps({"stage_a": stage_a, "demo": demo}))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, tiny_cascade
+from conftest import run_cli, tiny_cascade, write_legacy_cascade
 from cascadev.conditioning import semantic_small, upsample_condition
 from cascadev.pipeline import CascadeVPipeline, CascadeVPipelineOutput, load_cascade
 from cascadev.sampling import make_scheduler, sample
@@ -112,33 +112,6 @@ def test_a_seeded_generator_draws_the_release_noise_in_official_tiling():
     released = sample(pipe.dit, cond, noise, make_scheduler("euler_a"), 3, "official", progress=False)
     rel = ((ours - released).norm() / released.norm()).item()
     assert rel < 1e-6, rel
-
-
-def write_legacy_cascade(pipe, folder):
-    """``pipe`` in the layout of cascadev < 0.2: pipeline.json, config.json + model.safetensors with the released
-    key names per part, stage_a/ a diffusers folder."""
-    from safetensors.torch import save_file
-
-    from cascadev.config import to_dict
-    from vae.stage_a import PRESETS
-
-    released = {"adaln_single.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
-                "adaln_single.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.", "adaln_single.linear.": "t_block.1."}
-    for name in ("dit", "semantic_encoder", "previewer"):
-        model = getattr(pipe, name)
-        state = {}
-        for key, value in model.state_dict().items():
-            for new, old in released.items():
-                key = key.replace(new, old) if key.startswith(new) else key
-            state[key] = value.contiguous()
-        (folder / name).mkdir(parents=True)
-        save_file(state, str(folder / name / "model.safetensors"))
-        config = {**to_dict(model.spec), **({"attn_backend": "auto"} if name == "dit" else {})}
-        (folder / name / "config.json").write_text(json.dumps(config))
-    pipe.vae.save_pretrained(str(folder / "stage_a"))
-    stage_a = {**to_dict(PRESETS["tiny"]), "pretrained": None, "subfolder": None}
-    demo = {"steps": 3, "scheduler": "flow", "colour_fix": 16, "kind": "shapes", "size": 64}
-    (folder / "pipeline.json").write_text(json.dumps({"stage_a": stage_a, "demo": demo}))
 
 
 def test_previous_format_folder_says_how_to_convert_and_converts(tmp_path, capsys, clip_file):

@@ -24,8 +24,8 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def pipe(encoder, tiny_pipeline_dir):
-    cascade = CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu", load_previewer=False)
-    return TextToVideoPipeline(encoder, randomize_(build_text_dit("tiny"), std=0.02), cascade)
+    cascade = CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir), previewer=None)
+    return TextToVideoPipeline.from_parts(encoder, randomize_(build_text_dit("tiny"), std=0.02), cascade)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_generate_latents_shapes_seeds_and_guidance(pipe):
 def test_generate_end_to_end_api_and_reload(pipe, weights_dir):
     video = pipe.generate("a red ball", num_per_prompt=2, decode_kwargs={"steps": 1}, **FAST)
     assert video.shape == (2, 3, 3, 64, 96) and video.abs().max() <= 1
-    loaded = TextToVideoPipeline.from_pretrained(weights_dir, device="cpu")
+    loaded = TextToVideoPipeline.from_pretrained(str(weights_dir))
     torch.testing.assert_close(loaded.generate_latents("a red ball", **FAST), pipe.generate_latents("a red ball", **FAST),
                                rtol=0, atol=0)
 
@@ -160,12 +160,12 @@ def test_bad_requests_raise_value_errors(pipe):
         with pytest.raises(ValueError, match=message):
             pipe.generate_latents(**{**FAST, "prompt": "a cat", **kwargs})
     with pytest.raises(ValueError, match="reads text of width 48"):
-        TextToVideoPipeline(build_text_encoder("tiny"), build_text_dit("tiny", caption_channels=48), pipe.cascade)
+        TextToVideoPipeline.from_parts(build_text_encoder("tiny"), build_text_dit("tiny", caption_channels=48), pipe.cascade)
 
 
 # -- CLI -------------------------------------------------------------------------------------------
 
-def test_cli_generate_then_decode_the_saved_latents(tmp_path, capsys, weights_dir):
+def test_cli_generate_then_decode_the_saved_latents(tmp_path, capsys, weights_dir, tiny_pipeline_dir):
     out, z = tmp_path / "clip.mp4", tmp_path / "z.safetensors"
     code, stdout, err = run_cli(capsys, "generate", "a red ball bouncing", "-o", out, "--weights", weights_dir,
                                 "--frames", 3, "--size", "96x64", "--steps", 2, "--num", 2, "--latents-out", z,
@@ -177,7 +177,7 @@ def test_cli_generate_then_decode_the_saved_latents(tmp_path, capsys, weights_di
         assert (info.frames, info.width, info.height) == (3, 96, 64)
     assert load_latents(z).shape == (2, 16, 3, 2, 3)
 
-    code, stdout, err = run_cli(capsys, "decode", z, "-o", tmp_path / "dec.mp4", "--weights", weights_dir / "cascade",
+    code, stdout, err = run_cli(capsys, "decode", z, "-o", tmp_path / "dec.mp4", "--weights", tiny_pipeline_dir,
                                 "--steps", 1)
     assert code == 0, err
     assert video_info(tmp_path / "dec_1.mp4").frames == 3

@@ -78,7 +78,20 @@ def test_from_pretrained_is_strict(tmp_path):
 @pytest.mark.parametrize("cls,folder,run", [(VideoDiT, "dit", None), (SemanticEncoder, "semantic_encoder", encoder_run),
                                             (Previewer, "previewer", previewer_run)])
 def test_legacy_tiny_cascade_loads_and_round_trips_bit_identically(cls, folder, run, tmp_path):
-    legacy = cls.from_legacy_folder(TINY_CASCADE / folder)
+    from cascadev.pipeline import CascadeVPipeline
+    from conftest import write_legacy_cascade
+
+    shipped = CascadeVPipeline.from_pretrained(str(TINY_CASCADE))
+    write_legacy_cascade(shipped, tmp_path / "legacy")        # the shipped cascade in the previous layout
+    legacy = cls.from_legacy_folder(tmp_path / "legacy" / folder)
+    with torch.no_grad():
+        current = getattr(shipped, folder)
+        if cls is VideoDiT:
+            g = torch.Generator().manual_seed(1)
+            x, t = torch.randn(1, 20, 8, 16, 16, generator=g), torch.tensor([321.0])
+            assert torch.equal(current(x, t), legacy(x, t))
+        else:
+            assert torch.equal(run(current), run(legacy))
     assert not legacy.training
     legacy.save_pretrained(tmp_path / folder)
     again = cls.from_pretrained(tmp_path / folder)
@@ -89,7 +102,7 @@ def test_legacy_tiny_cascade_loads_and_round_trips_bit_identically(cls, folder, 
             assert torch.equal(again(x, t), legacy(x, t))
         else:
             assert torch.equal(run(again), run(legacy))
-    old = load_file(TINY_CASCADE / folder / "model.safetensors")
+    old = load_file(tmp_path / "legacy" / folder / "model.safetensors")
     assert cls.convert_state_dict(old).keys() == legacy.state_dict().keys()
 
 

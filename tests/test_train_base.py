@@ -85,10 +85,10 @@ def test_base_script_resumed_run_equals_uninterrupted(toy, tmp_path, tiny_pipeli
         assert (f.metadata() or {}).get("prompt") in COLOURS
 
     # a checkpoint is a TextDiT folder; final/ is a TextToVideoPipeline root (cascade apart)
-    from cascadev.generate import TextToVideoPipeline
+    from cascadev.generate import TextToVideoPipeline, load_text_to_video
     from dit.text_dit import TextDiT
     TextDiT.from_legacy_folder(whole / "checkpoints/step_00000003")
-    pipe = TextToVideoPipeline.from_pretrained(whole / "final", cascade=tiny_pipeline_dir, device="cpu")
+    pipe = load_text_to_video(whole / "final", cascade=tiny_pipeline_dir)
     video = pipe.generate("red", frames=2, size=(64, 64), steps=2, progress=False, decode_kwargs={"steps": 1})
     assert video.shape == (1, 3, 2, 64, 64)
 
@@ -143,7 +143,7 @@ def test_tiny_model_learns_two_captions(toy, tiny_pipeline_dir):
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.15 * first, (first, last)
 
-    pipe = TextToVideoPipeline(task.text_encoder, task.model, CascadeVPipeline.from_pretrained(tiny_pipeline_dir, device="cpu"))
+    pipe = TextToVideoPipeline.from_parts(task.text_encoder, task.model, CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir)))
     for seed in range(3):
         for own, other in (("red", "blue"), ("blue", "red")):
             z = pipe.generate_latents(own, frames=2, size=(64, 64), seed=seed, progress=False)[0]
