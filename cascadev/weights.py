@@ -21,10 +21,10 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 
-from cascadev.config import from_dict, to_dict
+from cascadev.config import from_dict
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"  # our previous format (TextEncoder still), and accelerate's checkpoints
+WEIGHTS_NAME = "model.safetensors"  # our previous format, and accelerate's checkpoints
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -71,36 +71,6 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
 
 
 # -- the previous format, still written by TextEncoder ---------------------------------------------
-
-def save_pretrained(state_dict: dict[str, torch.Tensor], config: Any, directory: str | Path) -> None:
-    """Write ``config.json`` (the frozen dataclass) and ``model.safetensors`` (``state_dict``: a model's own, or
-    other weights for it, e.g. EMA) into ``directory``."""
-    directory = Path(directory)
-    save_state_dict(state_dict, directory / WEIGHTS_NAME)
-    text = json.dumps(to_dict(config), indent=2)
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-
-
-def load_pretrained_config(config_cls: type, directory: str | Path):
-    """Read ``config.json`` of a directory written by ``save_pretrained``."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected a directory written by save_pretrained")
-    return from_dict(config_cls, json.loads(path.read_text()))
-
-
-def load_pretrained(build: Callable[[Any], torch.nn.Module], config_cls: type, directory: str | Path) -> torch.nn.Module:
-    """Build a model with ``build(config)`` from ``directory``'s config.json and load its weights (eval mode)."""
-    config = load_pretrained_config(config_cls, directory)
-    weights = Path(directory) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: expected a directory written by save_pretrained")
-    model = build(config)
-    load_state_dict_strict(model, load_file(weights), str(weights))
-    return model.eval()
-
-
-# -- diffusers models over a frozen dataclass config ------------------------------------------------
 
 def fields_of(spec_class: type) -> Callable:
     """Give an ``__init__(self, **fields)`` the signature of ``spec_class``'s fields (names and defaults), so
