@@ -348,13 +348,14 @@ class CascadeVPipeline(DiffusionPipeline):
     def decode_latents(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,
                        scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend",
                        progress: bool = True, scheduler_config: dict | None = None,
-                       generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, callback=None, window_batch: int = 1) -> torch.Tensor:
         """Semantic latents (B, 16, T, h, w) -> Stage A latents (B, 4, T, 4h, 4w), scaled.
 
         Noise: ``seed`` draws it as the release did (frames first, CPU generator; ancestral steps from
         ``seed + 1``); a ``generator`` replaces both. ``scheduler``: a name or object (default: the saved one);
         ``scheduler_config`` overrides its config (e.g. ``{"shift": 3.0}`` for flow). ``callback(i, t, latents)``
-        runs after each step and may return replacement latents."""
+        runs after each step and may return replacement latents. ``window_batch``: DiT windows/tiles per forward
+        (more is faster on a GPU, at the memory of that many windows)."""
         check_video(latents, self.dit.config.cond_channels, 1, "CascadeVPipeline.decode")
         device = self._execution_device
         T, h, w = latents.shape[2:]
@@ -375,20 +376,22 @@ class CascadeVPipeline(DiffusionPipeline):
         steps = steps or self.config.num_inference_steps
         dtype = next(self.dit.parameters()).dtype
         return self._timed("dit", lambda: sample(self.dit, cond.to(dtype), noise.to(dtype), scheduler, steps, tiling,
-                                                 generator=generator, progress=progress, callback=callback).float())
+                                                 generator=generator, progress=progress, callback=callback,
+                                                 window_batch=window_batch).float())
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,
                scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend", progress: bool = True,
                scheduler_config: dict | None = None, colour_fix: int | None = None,
-               generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
+               generator: torch.Generator | None = None, callback=None, window_batch: int = 1) -> torch.Tensor:
         """Semantic latents (B, 16, T, h, w) -> video (B, 3, T, 32h, 32w) in [-1, 1] (arguments as ``decode_latents``).
 
         ``colour_fix=f`` takes the band of f x f pixel blocks and below from the Previewer (``fix_colour``); 0 or
         None: off (the saved default is applied by ``__call__`` and the CLI, not here)."""
         if colour_fix and self.previewer is None:
             raise ValueError("colour_fix needs the Previewer: load the pipeline with one")
-        z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress, scheduler_config, generator, callback)
+        z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress, scheduler_config, generator, callback,
+                               window_batch)
         video = self._timed("stage_a", lambda: self.stage_a.decode(z, progress)).clamp(-1, 1)
         if not colour_fix:
             return video
@@ -415,7 +418,7 @@ class CascadeVPipeline(DiffusionPipeline):
                  num_inference_steps: int | None = None, generator: torch.Generator | None = None,
                  tiling: str | Tiling = "blend", colour_fix: int | None = None, output_type: str = "pt",
                  return_dict: bool = True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",)):
+                 callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",), window_batch: int = 1):
         """Decode semantic ``latents`` (B, 16, T, h, w), or reconstruct ``video`` (B, 3, T, H, W) in [-1, 1].
 
         num_inference_steps: DiT steps (default: the saved ``num_inference_steps``; 8 for the release).
@@ -425,6 +428,7 @@ class CascadeVPipeline(DiffusionPipeline):
             (Stage A latents, scaled).
         callback_on_step_end(pipe, i, t, {"latents": (B, 4, T, H/8, W/8)}): after each DiT step; may return
             {"latents": ...} to replace them.
+        window_batch: DiT windows/tiles per forward (faster on a GPU; same result within rounding).
         Returns ``CascadeVPipelineOutput(frames=...)``, or a tuple ``(frames,)`` without ``return_dict``.
         """
         if (latents is None) == (video is None):
@@ -444,7 +448,8 @@ class CascadeVPipeline(DiffusionPipeline):
             out = callback_on_step_end(self, i, t, {"latents": z}) or {}
             return out.get("latents")
         kwargs = dict(steps=num_inference_steps, seed=0 if generator is None else None, tiling=tiling,
-                      generator=generator, callback=on_step)
+                      generator=generator, callback=on_step,
+                      window_batch=window_batch)
         if output_type == "latent":
             frames = self.decode_latents(latents, **kwargs)
         else:

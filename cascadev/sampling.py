@@ -115,85 +115,92 @@ def _run_window(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return out[:, : c.latent_channels, :T, :H, :W]
 
 
-def _predict_tiles(model, x: torch.Tensor, t: torch.Tensor, tiling: Tiling) -> torch.Tensor:
-    """Eps over all spatial tiles of one temporal window. x: (B, C_in, T, H, W)."""
-    c = model.spec
-    B, _, T, H, W = x.shape
-    size = c.window_size
-    stride = tiling.tile_stride or round(0.75 * size)
-    th, tw = min(size, H), min(size, W)
-    rows, cols = window_starts(H, th, stride), window_starts(W, tw, stride)
-    if len(rows) == len(cols) == 1:
-        return _run_window(model, x, t)
-    out = x.new_zeros(B, c.latent_channels, T, H, W)
-    weight = x.new_zeros(1, 1, 1, H, W)
-    for r in rows:
-        for col in cols:
-            eps = _run_window(model, x[..., r:r + th, col:col + tw], t)
-            if tiling.mode == "official":  # later tiles overwrite earlier ones
-                out[..., r:r + th, col:col + tw] = eps
-                continue
-            w = ramp(H, th, r, th - stride)[:, None] * ramp(W, tw, col, tw - stride)[None, :]  # th tw
-            w = w.to(x)
-            out[..., r:r + th, col:col + tw] += eps * w
-            weight[..., r:r + th, col:col + tw] += w
-    return out if tiling.mode == "official" else out / weight
+Crop = tuple[slice, slice, slice]   # frames, rows, columns of one window x tile
 
 
-def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str | Tiling = "blend") -> torch.Tensor:
+def _crops_eps(model, x: torch.Tensor, t: torch.Tensor, crops: list[Crop], window_batch: int) -> list[torch.Tensor]:
+    """Eps of every crop of x (B, C_in, T, H, W), ``window_batch`` crops stacked on the batch per forward
+    (all crops have one size, so they stack). Returns one (B, C_latent, *crop size) per crop, in order."""
+    out = []
+    for i in range(0, len(crops), window_batch):
+        group = crops[i:i + window_batch]
+        stacked = torch.cat([x[:, :, f, r, c] for f, r, c in group])  # (k b) c t h w
+        out.extend(_run_window(model, stacked, t.repeat(len(group))).chunk(len(group)))
+    return out
+
+
+def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str | Tiling = "blend",
+                  window_batch: int = 1) -> torch.Tensor:
     """Eps for a whole clip. x: (B, C_in, T, H, W) = cat([noisy latent, cond]), any size; t: scalar or (B,).
 
     Returns (B, C_latent, T, H, W): the eps channels of the model output (the learned variance is
-    not used by the schedulers); for a rectified-flow model, its velocity.
+    not used by the schedulers); for a rectified-flow model, its velocity. ``window_batch`` windows and
+    tiles go through the model per forward (same result as one by one, within rounding; faster on a GPU).
     """
     c = model.spec
     tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
     if x.ndim != 5 or x.shape[1] != c.in_channels:
         raise ValueError(f"predict_noise expects (B, {c.in_channels}, T, H, W) = noisy latent + condition, got {tuple(x.shape)}")
+    if window_batch < 1:
+        raise ValueError(f"window_batch must be >= 1, got {window_batch}")
     B, _, T, H, W = x.shape
     if tiling.mode == "official" and (T < c.window_frames or min(H, W) < c.window_size):
         raise ValueError(f"official tiling needs at least {c.window_frames} latent frames and {c.window_size}x"
                          f"{c.window_size} latents, got {T}x{H}x{W}; use tiling='blend' for smaller clips")
     t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
 
-    size = min(c.window_frames, T)
-    stride = tiling.frame_stride or c.window_frames // 2
-    starts = window_starts(T, size, stride)
-    if len(starts) == 1:
-        return _predict_tiles(model, x, t, tiling)
+    size, th, tw = min(c.window_frames, T), min(c.window_size, H), min(c.window_size, W)
+    frame_stride = tiling.frame_stride or c.window_frames // 2
+    tile_stride = tiling.tile_stride or round(0.75 * c.window_size)
+    starts = window_starts(T, size, frame_stride)
+    rows, cols = window_starts(H, th, tile_stride), window_starts(W, tw, tile_stride)
+    if len(starts) == len(rows) == len(cols) == 1:
+        return _run_window(model, x, t)
+    crops = [(slice(f, f + size), slice(r, r + th), slice(col, col + tw)) for f in starts for r in rows for col in cols]
+    eps = iter(_crops_eps(model, x, t, crops, window_batch))
     out = x.new_zeros(B, c.latent_channels, T, H, W)
-    weight = x.new_zeros(1, 1, T, 1, 1)
-    last_end = 0
-    for start in starts:
-        eps = _predict_tiles(model, x[:, :, start:start + size], t, tiling)
-        window = slice(start, start + size)
-        if tiling.mode == "official":
+
+    if tiling.mode == "official":
+        last_end = 0
+        for start in starts:
+            window = x.new_zeros(B, c.latent_channels, size, H, W)
+            for r in rows:
+                for col in cols:  # later tiles overwrite earlier ones
+                    window[..., r:r + th, col:col + tw] = next(eps)
             overlap = last_end - start
             w = torch.ones(size)
-            if overlap >= 2:  # the release blends the overlap linearly, 0 -> 1
+            if overlap >= 2:  # the release blends the overlap of consecutive windows linearly, 0 -> 1
                 w[:overlap] = torch.linspace(0, 1, overlap)
             w = w.to(x).reshape(1, 1, size, 1, 1)
-            out[:, :, window] = out[:, :, window] * (1 - w) + eps * w
-        else:
-            w = ramp(T, size, start, size - stride).to(x).reshape(1, 1, size, 1, 1)
-            out[:, :, window] += eps * w
-            weight[:, :, window] += w
-        last_end = start + size
-    return out if tiling.mode == "official" else out / weight
+            out[:, :, start:start + size] = out[:, :, start:start + size] * (1 - w) + window * w
+            last_end = start + size
+        return out
+
+    # blend: each crop weighted by the product of its ramps over frames, rows and columns, then normalised
+    weight = x.new_zeros(1, 1, T, H, W)
+    for (f, r, col), e in zip(crops, eps):
+        w = (ramp(T, size, f.start, size - frame_stride)[:, None, None]
+             * ramp(H, th, r.start, th - tile_stride)[None, :, None]
+             * ramp(W, tw, col.start, tw - tile_stride)[None, None, :]).to(x)  # t h w
+        out[:, :, f, r, col] += e * w
+        weight[:, :, f, r, col] += w
+    return out / weight
 
 
 @torch.no_grad()
 def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | SchedulerMixin = "euler_a",
            steps: int = 8, tiling: str | Tiling = "blend", generator: torch.Generator | None = None,
            scheduler_config: dict | None = None, progress: bool = True,
-           callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
+           callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+           window_batch: int = 1) -> torch.Tensor:
     """Denoise ``noise`` (B, C_latent, T, H, W) given ``cond`` (B, C_cond, T, H, W); both already scaled.
 
     The release's loop (recon/refine_latent.py): scale the noise by ``init_noise_sigma``, then at each
     timestep predict eps on cat([scaled input, cond]) and take a scheduler step. The step runs on
     frames as a batch, (B*T, C, H, W), the release's layout, so a seeded ancestral sampler draws the
     same noise as the released code. ``callback(i, t, latents)`` runs after step i with the latents
-    (B, C_latent, T, H, W) and may return replacements. Returns the denoised latents (B, C_latent, T, H, W).
+    (B, C_latent, T, H, W) and may return replacements. ``window_batch``: windows/tiles per forward.
+    Returns the denoised latents (B, C_latent, T, H, W).
     """
     c = model.spec
     if noise.ndim != 5 or noise.shape[1] != c.latent_channels:
@@ -214,7 +221,8 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
         scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         model_input = from_frames(scaled)
-        eps = predict_noise(model, torch.cat([model_input, cond.to(model_input)], dim=1), t, tiling)
+        eps = predict_noise(model, torch.cat([model_input, cond.to(model_input)], dim=1), t, tiling,
+                             window_batch)
         latents = scheduler.step(to_frames(eps), t, latents, generator=generator, return_dict=False)[0]
         if callback is not None and (replaced := callback(i, t, from_frames(latents))) is not None:
             latents = to_frames(replaced)

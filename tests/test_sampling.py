@@ -209,3 +209,29 @@ def test_official_sampling_equals_the_released_loop():
     ours = sample(model, ref_z.permute(1, 0, 2, 3).unsqueeze(0), noise, "euler_a", 3, tiling="official", progress=False)
     rel = (ours - released).norm() / released.norm()
     assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("mode", ["blend", "official"])
+def test_batched_windows_equal_one_by_one(mode):
+    model = tiny_model()
+    x = torch.randn(2, 20, 10, 24, 40)  # 4 windows x 2 rows x 3 columns of tiles = 24 crops per step
+    one_by_one = predict_noise(model, x, 300.0, mode)
+    for batch in (5, 24, 100):  # a last partial batch, all at once, more than there are
+        torch.testing.assert_close(predict_noise(model, x, 300.0, mode, window_batch=batch), one_by_one,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="window_batch must be >= 1"):
+        predict_noise(model, x, 300.0, mode, window_batch=0)
+
+
+def test_batched_windows_take_fewer_forwards():
+    stub = CallConstant()
+    predict_noise(stub, torch.zeros(1, 20, 10, 16, 28), 1.0, "official", window_batch=3)
+    assert stub.calls == 3  # 8 crops in batches of 3
+
+
+def test_sampling_with_batched_windows_matches():
+    model = tiny_model()
+    cond, noise = torch.randn(1, 16, 8, 24, 24), torch.randn(1, 4, 8, 24, 24)
+    run = lambda batch: sample(model, cond, noise, "euler_a", 3, generator=torch.Generator().manual_seed(1),  # noqa: E731
+                               progress=False, window_batch=batch)
+    torch.testing.assert_close(run(4), run(1), rtol=1e-4, atol=1e-4)
