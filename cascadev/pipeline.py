@@ -342,7 +342,7 @@ class CascadeVPipeline(DiffusionPipeline):
         check_video(video, 3, SEMANTIC_DOWNSAMPLE, "CascadeVPipeline.encode")
         if self.semantic_encoder is None:
             raise ValueError("this pipeline was loaded without a semantic encoder")
-        return self._timed("encode", lambda: self.semantic_encoder.encode(video.to(self._execution_device), progress))
+        return self._timed("encode", lambda: self.semantic_encoder.encode(video, progress, self._execution_device))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,
@@ -392,7 +392,7 @@ class CascadeVPipeline(DiffusionPipeline):
             raise ValueError("colour_fix needs the Previewer: load the pipeline with one")
         z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress, scheduler_config, generator, callback,
                                window_batch)
-        video = self._timed("stage_a", lambda: self.stage_a.decode(z, progress)).clamp(-1, 1)
+        video = self._timed("stage_a", lambda: self.stage_a.decode(z, progress, self._execution_device)).clamp(-1, 1)
         if not colour_fix:
             return video
         return fix_colour(video, self.preview(latents), colour_fix)

@@ -129,16 +129,17 @@ class SemanticEncoder(DataclassModel):
         return self.mapper(self.backbone(x))
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, progress: bool = False, device: torch.device | None = None) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> (B, 16, T, H/32, W/32), ``frame_batch`` frames per call.
 
-        Runs in the module's dtype and device; returns float32 on that device. ``progress`` shows a bar.
+        Runs in the module's dtype on ``device`` (default: the module's; a pipeline with offload hooks passes its
+        execution device); returns float32 there. ``progress`` shows a bar.
         """
         check_video(video, 3, DOWNSAMPLE, "SemanticEncoder.encode")
         B = video.shape[0]
         param = next(self.parameters())
         frames = rearrange(video, "b c t h w -> (b t) c h w")
-        out = [self(chunk.to(device=param.device, dtype=param.dtype)).float()
+        out = [self(chunk.to(device=device or param.device, dtype=param.dtype)).float()
                for chunk in tqdm(frames.split(self.config.frame_batch), desc="semantic encode", disable=not progress,
                                  leave=False)]
         return rearrange(torch.cat(out), "(b t) c h w -> b c t h w", b=B)

@@ -291,10 +291,11 @@ class StageAVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, sample: bool | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, device: torch.device | None = None) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> (B, 4, T, H/8, W/8) float32, times ``scale_factor``.
 
         ``sample=None`` follows ``config.sample_posterior`` (default: the posterior mode, deterministic).
+        ``device``: where to run (default: the model's; a pipeline with offload hooks passes its execution device).
         """
         check_video(video, 3, DOWNSAMPLE, "StageAVAE.encode")
         c = self.config
@@ -304,7 +305,7 @@ class StageAVAE(nn.Module):
         frames = rearrange(video, "b c t h w -> (b t) c h w")
         out = []
         for chunk in frames.split(c.encode_frame_batch):
-            chunk = chunk.to(device=self.device, dtype=self.dtype)
+            chunk = chunk.to(device=device or self.device, dtype=self.dtype)
             z = self._tiled(lambda x: self._encode_frames(x, sample, generator), chunk, grid, DOWNSAMPLE, 1)
             out.append(z.float())
         latents = rearrange(torch.cat(out), "(b t) c h w -> b c t h w", b=B)
@@ -331,17 +332,18 @@ class StageAVAE(nn.Module):
         return rearrange(frames.float(), "(b t) c h w -> b c t h w", b=latents.shape[0])
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, progress: bool = False, device: torch.device | None = None) -> torch.Tensor:
         """(B, C, T, h, w) scaled latents, C = ``latent_channels`` (4 for SVD) -> (B, 3, T, 8h, 8w) float32 in
         about [-1, 1] (not clamped).
 
         Frames go through the decoder ``chunk_frames`` at a time and in spatial tiles of ``tile_size`` px;
-        ``progress`` shows a bar over the chunks.
+        ``progress`` shows a bar over the chunks. ``device``: where to run (default: the model's; a pipeline with
+        offload hooks passes its execution device, and diffusers' hook on ``decode`` brings the weights there).
         """
         check_video(latents, self.latent_channels, 1, "StageAVAE.decode")
         c = self.config
         B, _, T, h, w = latents.shape
-        z = latents.to(device=self.device, dtype=torch.float32) / c.scale_factor
+        z = latents.to(device=device or self.device, dtype=torch.float32) / c.scale_factor
         windows = tuple(spans(T, c.chunk_frames, c.chunk_overlap))
         video = None                                  # the whole-clip buffer, only when chunks are blended
         for index, (t0, t1) in enumerate(tqdm(windows, desc="Stage A decode", disable=not progress, leave=False)):

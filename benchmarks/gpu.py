@@ -1,0 +1,248 @@
+"""GPU benchmark of the cascade's decode: the official architectures with random weights (no download).
+
+    python benchmarks/gpu.py --out gpu.json                  # everything, about 5 minutes on one H100
+    python benchmarks/gpu.py --preset tiny --device cpu --sizes 8x64x64 --steps 2    # dry run on a CPU
+
+Sections, each timed after a warm-up and reported as it finishes (a failing section prints one line and
+the rest still run):
+1. ``dit_forward``: one DiT forward on one window (8x128x128 latents for ``official``): FLOPs (counted on the
+   meta device), time per attention backend in bf16, the release's fp32 path, torch.compile of the blocks;
+   achieved TFLOP/s against the card's dense bf16 peak.
+2. ``decode``: reconstruct a random clip of each size, per phase (semantic encode, DiT steps, Stage A
+   decode): seconds and peak device memory; bf16 with windows one by one and batched, fp32 as released
+   (first size only), bf16 with ``enable_model_cpu_offload``, bf16 with compiled DiT blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cascadev.pipeline import CascadeVPipeline, stage_a_settings
+from cascadev.sampling import make_scheduler
+from dit import build_dit
+from vae import build_semantic_encoder, build_stage_a
+from vae.stage_a import PRESETS as STAGE_A_PRESETS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("native", "_native_flash", "_native_cudnn", "_native_efficient", "flash", "flash_varlen")
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 tensor-core peak of the card, from its name (None when unknown or on a CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(device: torch.device, fn: Callable[[], object], repeats: int = 1) -> tuple[float, float, object]:
+    """Mean seconds of ``fn`` over ``repeats`` calls, peak device memory (GiB; 0 on a CPU), the last output."""
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / repeats
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return seconds, peak, out
+
+
+def dit_flops(preset: str, window: tuple[int, int, int]) -> float:
+    """FLOPs of one DiT forward on one window (T, H, W latents), counted on the meta device."""
+    with torch.device("meta"):
+        dit = build_dit(preset, attn_fp32=False)
+        x = torch.empty(1, dit.spec.in_channels, *window)
+        t = torch.empty(1)
+        with FlopCounterMode(display=False) as counter:
+            dit(x, t)
+    return float(counter.get_total_flops())
+
+
+def build_pipeline(preset: str, dtype: torch.dtype) -> CascadeVPipeline:
+    """The cascade with random weights: ``official`` is the released architectures (EfficientNetV2-S encoder,
+    PixArt-XL/2 DiT, SVD's temporal VAE) and sampler (Euler-ancestral); fp32 keeps the release's fp32 attention."""
+    stage_a = "tiny_taesd" if preset == "tiny" else "official"
+    return CascadeVPipeline(dit=build_dit(preset, attn_fp32=dtype == torch.float32).to(dtype),
+                            semantic_encoder=build_semantic_encoder(preset).to(dtype),
+                            vae=build_stage_a(stage_a, load_weights=False).model.to(dtype),
+                            scheduler=make_scheduler("euler_a"), stage_a=stage_a_settings(STAGE_A_PRESETS[stage_a]))
+
+
+def warm_up(pipe: CascadeVPipeline, frames: int, device: torch.device) -> None:
+    """One small decode, so the timed runs find kernels loaded and the allocator warm."""
+    video = torch.rand(1, 3, frames, 256, 256) * 2 - 1
+    z = pipe.decode_latents(pipe.encode(video), steps=1, progress=False)
+    pipe.stage_a.decode(z, device=device)
+    synchronize(device)
+
+
+def compile_blocks(pipe: CascadeVPipeline) -> None:
+    """torch.compile each DiT block (shapes are static per window, so each partition layout compiles once)."""
+    for block in pipe.dit.blocks:
+        block.compile(dynamic=False)
+
+
+class Report:
+    """Rows printed as they come and rewritten to ``out`` (JSON) after each, so a cut-off run keeps its figures."""
+
+    def __init__(self, out: Path | None):
+        self.out, self.rows = out, []
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        if self.out is not None:
+            self.out.write_text(json.dumps(self.rows, indent=1))
+
+
+def bench_dit_forward(args, device: torch.device, report: Report) -> None:
+    window = (8, 128, 128) if args.preset == "official" else (4, 16, 16)
+    flops = dit_flops(args.preset, window)
+    peak = peak_tflops(device)
+    report.add(section="dit_forward", case="flops", window=list(window), tflop=round(flops / 1e12, 4))
+
+    def row(case, seconds, mem, **extra):
+        tflops = flops / seconds / 1e12
+        report.add(section="dit_forward", case=case, seconds=round(seconds, 4), peak_gib=round(mem, 2),
+                   tflops=round(tflops, 1), peak_fraction=None if peak is None else round(tflops / peak, 3), **extra)
+
+    torch.manual_seed(0)
+    dit = build_dit(args.preset, attn_fp32=False).eval()
+    with torch.no_grad():   # every weight nonzero (the DiT zero-initialises its output layers), so errors mean something
+        for p in dit.parameters():
+            p.normal_(0, 0.02)
+    dit = dit.to(device, torch.bfloat16)
+    x = torch.randn(1, dit.spec.in_channels, *window, device=device, dtype=torch.bfloat16)
+    t = torch.full((1,), 500.0, device=device)
+    reference = None
+    with torch.no_grad():
+        for backend in BACKENDS:
+            try:
+                dit.set_attention_backend(backend)
+                measure(device, lambda: dit(x, t))                     # warm-up
+                seconds, mem, out = measure(device, lambda: dit(x, t), repeats=args.repeats)
+            except Exception as e:  # a kernel this machine lacks (flash-attn not installed, ...)
+                report.add(section="dit_forward", case=f"bf16 {backend}", error=f"{type(e).__name__}: {str(e)[:160]}")
+                continue
+            reference = out.float() if reference is None else reference
+            rel = ((out.float() - reference).norm() / reference.norm()).item()
+            row(f"bf16 {backend}", seconds, mem, rel_err_vs_native=round(rel, 5))
+        dit.set_attention_backend("native")   # diffusers also sets the global default: back to torch SDPA for what follows
+
+        fp32 = build_dit(args.preset, attn_fp32=True).to(device).eval()
+        fp32.load_state_dict(dit.state_dict())   # the same (bf16-rounded) weights in fp32
+        measure(device, lambda: fp32(x.float(), t))
+        seconds, mem, out = measure(device, lambda: fp32(x.float(), t))
+        rel = ((reference - out).norm() / out.norm()).item()
+        row("fp32 (release: fp32 weights and attention)", seconds, mem, bf16_rel_err=round(rel, 5))
+        del fp32
+
+        for block in dit.blocks:
+            block.compile(dynamic=False)
+        compile_s, _, _ = measure(device, lambda: dit(x, t))
+        seconds, mem, out = measure(device, lambda: dit(x, t), repeats=args.repeats)
+        rel = ((out.float() - reference).norm() / reference.norm()).item()
+        row("bf16 native, compiled blocks", seconds, mem, first_call_s=round(compile_s, 1), rel_err_vs_eager=round(rel, 5))
+
+
+def decode_phases(pipe: CascadeVPipeline, video: torch.Tensor, steps: int, window_batch: int, device, report: Report,
+                  **labels) -> None:
+    """Encode, DiT sampling, Stage A decode of ``video`` (B, 3, T, H, W): one row per phase and the total."""
+    rows, total = [], 0.0
+    seconds, mem, latents = measure(device, lambda: pipe.encode(video))
+    rows.append(("encode", seconds, mem))
+    seconds, mem, z = measure(device, lambda: pipe.decode_latents(latents, steps=steps, progress=False,
+                                                                 window_batch=window_batch))
+    rows.append(("dit", seconds, mem))
+    seconds, mem, _ = measure(device, lambda: pipe.stage_a.decode(z, device=pipe._execution_device))
+    rows.append(("stage_a", seconds, mem))
+    for phase, seconds, mem in rows:
+        total += seconds
+        report.add(section="decode", phase=phase, seconds=round(seconds, 3), peak_gib=round(mem, 2),
+                   window_batch=window_batch, **labels)
+    report.add(section="decode", phase="total", seconds=round(total, 3), peak_gib=round(max(r[2] for r in rows), 2),
+               window_batch=window_batch, **labels)
+
+
+def bench_decode(args, device: torch.device, report: Report) -> None:
+    sizes = [tuple(int(n) for n in s.split("x")) for s in args.sizes]   # T x H x W pixels
+    torch.manual_seed(0)
+    pipe = build_pipeline(args.preset, torch.bfloat16).to(device)
+    warm_up(pipe, sizes[0][0], device)
+    for T, H, W in sizes:
+        video = torch.rand(1, 3, T, H, W) * 2 - 1
+        for batch in dict.fromkeys((1, args.window_batch)):
+            decode_phases(pipe, video, args.steps, batch, device, report, size=f"{T}x{H}x{W}", dtype="bf16")
+    if device.type == "cuda":
+        pipe.to("cpu")
+        pipe.enable_model_cpu_offload(device=device)
+        for T, H, W in sizes:
+            video = torch.rand(1, 3, T, H, W) * 2 - 1
+            decode_phases(pipe, video, args.steps, args.window_batch, device, report, size=f"{T}x{H}x{W}",
+                          dtype="bf16", offload="model")
+        pipe.remove_all_hooks()
+    del pipe
+
+    T, H, W = sizes[0]
+    video = torch.rand(1, 3, T, H, W) * 2 - 1
+    torch.manual_seed(0)
+    compiled = build_pipeline(args.preset, torch.bfloat16).to(device)
+    compile_blocks(compiled)
+    seconds, _, _ = measure(device, lambda: compiled.decode_latents(compiled.encode(video), steps=1, progress=False,
+                                                                   window_batch=args.window_batch))
+    report.add(section="decode", phase="compile (first call, 1 step)", seconds=round(seconds, 1), size=f"{T}x{H}x{W}")
+    warm_up(compiled, T, device)
+    decode_phases(compiled, video, args.steps, args.window_batch, device, report, size=f"{T}x{H}x{W}", dtype="bf16",
+                  compiled=True)
+    del compiled
+
+    torch.manual_seed(0)
+    fp32 = build_pipeline(args.preset, torch.float32).to(device)
+    warm_up(fp32, T, device)
+    decode_phases(fp32, video, args.steps, 1, device, report, size=f"{T}x{H}x{W}", dtype="fp32 (release)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="official", choices=["official", "tiny"])
+    parser.add_argument("--sizes", nargs="+", default=["8x1024x1024", "8x1152x2048"],
+                        help="clips as TxHxW pixels (H, W multiples of 32)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--window-batch", type=int, default=6, help="DiT windows/tiles per forward, batched rows")
+    parser.add_argument("--repeats", type=int, default=3, help="timed DiT forwards per backend")
+    parser.add_argument("--sections", nargs="+", default=["dit_forward", "decode"], choices=["dit_forward", "decode"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    report = Report(args.out)
+    report.add(section="env", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               torch=torch.__version__, preset=args.preset, steps=args.steps, peak_bf16_tflops=peak_tflops(device))
+    for name, bench in (("dit_forward", bench_dit_forward), ("decode", bench_decode)):
+        if name not in args.sections:
+            continue
+        try:
+            bench(args, device, report)
+        except Exception as e:  # keep what the other sections measure
+            report.add(section=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
