@@ -60,11 +60,15 @@ def test_attention_kernels_agree_in_bf16(backend):
     assert rel_err(got.cpu(), want) < 0.02, rel_err(got.cpu(), want)
 
 
+@torch.no_grad()
 def test_batched_windows_equal_one_by_one_on_gpu():
     dit = randomize_(build_dit("tiny"), std=0.02).to(CUDA)
     x = torch.randn(2, 20, 10, 24, 40, device=CUDA)
-    one = predict_noise(dit, x, 300.0)
-    assert rel_err(predict_noise(dit, x, 300.0, window_batch=24), one) < 1e-5
+    # cuDNN convolutions default to TF32, whose rounding depends on the batch (1.6e-4 apart on an H100): off here
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        one = predict_noise(dit, x, 300.0)
+        batched = predict_noise(dit, x, 300.0, window_batch=24)
+    assert rel_err(batched, one) < 1e-5
 
 
 def test_model_offload_on_gpu_equals_plain(semantic_latents):
