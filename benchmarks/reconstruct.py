@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from cascadev.pipeline import CascadeVPipeline
+from cascadev.pipelines.cascade import CascadeVPipeline
 from dit import build_dit
 from vae import build_semantic_encoder, build_stage_a
 

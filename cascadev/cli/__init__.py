@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, device and attention backend in use")
     p.set_defaults(func=run_info)
 
-    # --- reconstruct / decode (cascadev/decode_cli.py) ---
-    from cascadev import decode_cli
+    # --- reconstruct / decode (cascadev/cli/decode.py) ---
+    from cascadev.cli import decode as decode_cli
 
     p = sub.add_parser("reconstruct", help="video -> semantic latents -> LDM-VAE decode -> video")
     decode_cli.add_reconstruct_arguments(p)
@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=decode_cli.run_decode)
     # --- end reconstruct / decode ---
 
-    # --- generate (cascadev/generate_cli.py) ---
-    from cascadev import generate_cli
+    # --- generate (cascadev/cli/generate.py) ---
+    from cascadev.cli import generate as generate_cli
 
     p = sub.add_parser("generate", help="text -> video: the Stage C base model, then the LDM-VAE decoder")
     generate_cli.add_generate_arguments(p)
@@ -78,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_eval)
     # --- end eval ---
 
-    # --- train / cache-latents (cascadev/train.py, cascadev/cache_latents.py) ---
-    from cascadev import train_args
+    # --- train / cache-latents (cascadev/training/train.py, cascadev/training/cache_latents.py) ---
+    from cascadev.training import args as train_args
 
     p = sub.add_parser("train", help="train a stage (Stage B DiT or Stage A VAE) from a config; "
-                                     "several GPUs: accelerate launch -m cascadev.train")
+                                     "several GPUs: accelerate launch -m cascadev.training.train")
     train_args.add_train_arguments(p)
     p.set_defaults(func=train_args.run_train)
     p = sub.add_parser("cache-latents", help="precompute Stage A latents and DiT conditions of a dataset")
@@ -90,16 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=train_args.run_cache)
     # --- end train / cache-latents ---
 
-    # --- demo (cascadev/demo.py) ---
-    from cascadev import demo
+    # --- demo (cascadev/cli/demo.py) ---
+    from cascadev.cli import demo
 
     p = sub.add_parser("demo", help="the built-in tiny cascade on held-out clips vs the Previewer baseline")
     demo.add_arguments(p)
     p.set_defaults(func=demo.run)
     # --- end demo ---
 
-    # --- convert (cascadev/convert.py) ---
-    from cascadev import convert
+    # --- convert (cascadev/pipelines/convert.py) ---
+    from cascadev.pipelines import convert
 
     p = sub.add_parser("convert", help="rewrite a cascade saved by cascadev < 0.2 in diffusers' pipeline layout")
     convert.add_arguments(p)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cascadev.pipeline import LEGACY_PIPELINE_FILE, RELEASE_STEPS, CascadeVPipeline, is_legacy_cascade, load_vae, stage_a_settings
+from cascadev.pipelines.cascade import LEGACY_PIPELINE_FILE, RELEASE_STEPS, CascadeVPipeline, is_legacy_cascade, load_vae, stage_a_settings
 from cascadev.config import from_dict
-from cascadev.sampling import make_scheduler
+from cascadev.pipelines.sampling import make_scheduler
 from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
 from vae.semantic_encoder import SemanticEncoder
@@ -46,7 +46,7 @@ def load_legacy_cascade(folder: str | Path) -> CascadeVPipeline:
 def load_legacy_text_to_video(folder: str | Path):
     """A text-to-video folder in the previous layout (``text_to_video.json``: ``text_encoder/``, ``base_dit/``,
     ``cascade/``), as a ``TextToVideoPipeline``."""
-    from cascadev.generate import TextToVideoPipeline
+    from cascadev.pipelines.text_to_video import TextToVideoPipeline
     from dit.text_dit import TextDiT
     from dit.text_encoder import TextEncoder
 
@@ -59,7 +59,7 @@ def load_legacy_text_to_video(folder: str | Path):
 def convert(old: str | Path, new: str | Path):
     """Load ``old`` (a cascade or a text-to-video folder in the previous layout) and write it to ``new`` with
     ``save_pretrained``. Returns the pipeline."""
-    from cascadev.generate import is_legacy_text_to_video
+    from cascadev.pipelines.text_to_video import is_legacy_text_to_video
 
     if Path(new).exists() and any(Path(new).iterdir()):
         raise FileExistsError(f"{new} exists and is not empty: choose a new folder")

@@ -59,7 +59,7 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_pipeline(args, previewer: bool):
-    from cascadev.pipeline import load_cascade
+    from cascadev.pipelines.cascade import load_cascade
     print("loading weights ...", flush=True)
     pipe = load_cascade(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder, previewer=args.previewer,
                         vae=args.stage_a, load_previewer=previewer)
@@ -81,7 +81,7 @@ def check_decode_args(args) -> None:
 
 def decode_kwargs(args, pipe) -> dict:
     """``decode`` arguments: what was given, else the loaded pipeline's saved sampler and colour fix."""
-    from cascadev.pipeline import resolve_colour_fix
+    from cascadev.pipelines.cascade import resolve_colour_fix
     return dict(seed=args.seed, tiling=args.tiling, steps=args.steps, scheduler=args.scheduler,
                 colour_fix=resolve_colour_fix(pipe, args.colour_fix))
 
@@ -99,7 +99,7 @@ def _report(pipe) -> None:
 
 
 def run_reconstruct(args: argparse.Namespace) -> None:
-    from cascadev.pipeline import infer_size, resize_video, save_latents
+    from cascadev.pipelines.cascade import infer_size, resize_video, save_latents
     from cascadev.video_io import read_video, video_info, write_video
     from eval.metrics import psnr
 
@@ -132,7 +132,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
 
 
 def run_decode(args: argparse.Namespace) -> None:
-    from cascadev.pipeline import SEMANTIC_CHANNELS, infer_size, load_latents, resize_video
+    from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, infer_size, load_latents, resize_video
     from cascadev.video_io import write_video
 
     pipe = None
@@ -146,7 +146,7 @@ def run_decode(args: argparse.Namespace) -> None:
         print(f"decoding latents {tuple(latents.shape)} -> {latents.shape[-1] * 32}x{latents.shape[-2] * 32}")
         videos = pipe.decode(latents, **decode_kw).cpu()
     else:
-        from cascadev.pipeline import resolve_stage_a_config
+        from cascadev.pipelines.cascade import resolve_stage_a_config
         from vae.stage_a import SVD_VAE_REPO, StageAVAE
         check_decode_args(args)
         latents = load_latents(args.latents, 4)

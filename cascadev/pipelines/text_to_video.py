@@ -24,9 +24,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from cascadev.pipeline import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade, timed,
+from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade, timed,
                                to_numpy_video)
-from cascadev.sampling import make_scheduler
+from cascadev.pipelines.sampling import make_scheduler
 from dit.text_dit import TextDiT, TextDiTConfig
 from dit.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
 from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
@@ -147,7 +147,7 @@ def base_training_loss(model: torch.nn.Module, diffusion, latents: torch.Tensor,
     latents: (B, 16, T, h, w) semantic latents as the encoder makes them (unscaled; cached ones too).
     text: the captions' ``TextEmbedding`` (B rows); null_text: the empty prompt's (1 row), which
         replaces a ``drop_prob`` share of the captions so the model also learns eps(null) for CFG.
-    diffusion: a ``cascadev.diffusion`` objective (per-video timesteps; eps + learned variance for iddpm).
+    diffusion: a ``cascadev.training.diffusion`` objective (per-video timesteps; eps + learned variance for iddpm).
     Returns (mean loss, {"loss", "mse", "vb"} detached means), as the Stage B task does.
     """
     x0 = to_model(latents, _config_of(model))

@@ -1,4 +1,4 @@
-"""Command-line arguments of ``cascadev.train`` and ``cascadev.cache_latents`` (``cascadev train`` and
+"""Command-line arguments of ``cascadev.training.train`` and ``cascadev.training.cache_latents`` (``cascadev train`` and
 ``cascadev cache-latents``). No heavy imports here, so building the ``cascadev`` parser stays fast."""
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from cascadev.train import run_training
+    from cascadev.training.train import run_training
     run_training(args)
 
 
 def run_cache(args: argparse.Namespace) -> None:
-    from cascadev.cache_latents import run_caching
+    from cascadev.training.cache_latents import run_caching
     run_caching(args)

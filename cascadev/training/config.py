@@ -4,7 +4,7 @@ Sections (each a mapping in the YAML; a key left out keeps its default):
 
 - ``stage``: what trains. "dit" (Stage B decoder), "vae" (Stage A), "semantic" (Stage B semantic encoder
   + Previewer as an autoencoder) or "base" (Stage C text-to-video DiT); one branch each in
-  ``cascadev.tasks.build_task``.
+  ``cascadev.training.tasks.build_task``.
 - ``dit``: DiT preset name + field overrides, ``init_from``, gradient checkpointing, the weight of a loss on
   decoded pixels (stage "dit").
 - ``semantic``: encoder and Previewer presets + overrides, initial weights, which train, loss weights
@@ -15,9 +15,9 @@ Sections (each a mapping in the YAML; a key left out keeps its default):
 - ``stage_a``: Stage A VAE preset + overrides: frozen for "dit", the model that trains for "vae".
 - ``condition``: the DiT's condition: semantic encoder (preset, weights) or the resize route; stage base
   takes its semantic encoder from here too.
-- ``diffusion``: the objective (``cascadev.diffusion.DiffusionConfig``).
+- ``diffusion``: the objective (``cascadev.training.diffusion.DiffusionConfig``).
 - ``vae``: Stage A training: which parameters train, loss weights, discriminator.
-- ``data`` (``cascadev.data.DataConfig``), ``optim``, ``run``.
+- ``data`` (``cascadev.training.data.DataConfig``), ``optim``, ``run``.
 
 Load with ``load_train_config(path, ["optim.lr=1e-4", ...])``; every override is type-checked.
 """
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cascadev.config import ConfigError, from_dict, load_config, to_dict
-from cascadev.data import DataConfig
-from cascadev.diffusion import DiffusionConfig
+from cascadev.training.data import DataConfig
+from cascadev.training.diffusion import DiffusionConfig
 
 Stage = Literal["dit", "vae", "semantic", "base"]
 STAGES = ("dit", "vae", "semantic", "base")
@@ -322,12 +322,12 @@ class TrainConfig:
         from vae.semantic_encoder import PRESETS as SEMANTIC_PRESETS
         if self.diffusion.objective != "iddpm":
             raise ValueError(f"stage base trains diffusion.objective 'iddpm' only (eps + learned sigma): the base model's "
-                             f"sampler (cascadev.generate, DDPM-family schedulers) has no {self.diffusion.objective!r} "
+                             f"sampler (cascadev.pipelines.text_to_video, DDPM-family schedulers) has no {self.diffusion.objective!r} "
                              "counterpart")
-        sampler = DiffusionConfig()      # cascadev.generate samples with diffusers' default schedule, which this is
+        sampler = DiffusionConfig()      # cascadev.pipelines.text_to_video samples with diffusers' default schedule, which this is
         schedule = ("num_timesteps", "beta_start", "beta_end")
         if any(getattr(self.diffusion, k) != getattr(sampler, k) for k in schedule):
-            raise ValueError("stage base: the base model's sampler (cascadev.generate) uses diffusers' default schedule, "
+            raise ValueError("stage base: the base model's sampler (cascadev.pipelines.text_to_video) uses diffusers' default schedule, "
                              f"so diffusion.{'/'.join(schedule)} must stay {'/'.join(str(getattr(sampler, k)) for k in schedule)}")
         if self.condition.route != "semantic":
             raise ValueError("stage base generates semantic latents: condition.route must be 'semantic'")
