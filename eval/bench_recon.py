@@ -15,14 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
-from cascadev.cli import UserError
+from cascadev.errors import UserError
 from cascadev.video_io import VIDEO_EXTENSIONS
 
 METHODS = ("cascade", "baseline")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.cli.decode import add_pipeline_arguments
+    from cascadev.pipelines.options import add_pipeline_arguments
 
     p.add_argument("data", help="folder of videos (the first --limit by name are used)")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="where videos and results.json go")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from cascadev.cli.decode import check_decode_args, decode_kwargs, load_pipeline
+    from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.pipelines.cascade import fix_colour
     from cascadev.video_io import VideoReadError, read_video, write_video
     from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips, psnr, ssim

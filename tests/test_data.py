@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from cascadev.pipelines.conditioning import (downsample_video, resize_small_from_latent, temporal_upsample,
-                                   upsample_condition)
-from cascadev.training.data import (DataConfig, ImageDataset, LatentDataset, ResumableSampler, Sample, VideoDataset,
-                           clip_starts, collate, cover_size, image_step, image_steps_before, list_samples, load_clip,
-                           make_loader, split_validation)
+                                             upsample_condition)
 from cascadev.synthetic import make_clip, write_clips
+from cascadev.training.data import (DataConfig, ImageDataset, LatentDataset, ResumableSampler, Sample, VideoDataset,
+                                    clip_starts, collate, cover_size, image_step, image_steps_before, list_samples,
+                                    load_clip, make_loader, split_validation)
 from cascadev.video_io import VideoReadError, read_video
 from cascadev.weights import save_state_dict
 

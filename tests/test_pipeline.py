@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_cascade
-from cascadev.pipelines.cascade import CascadeVPipeline, load_latents, resolve_colour_fix, round_size, save_latents, seeded_noise
+from cascadev.pipelines.cascade import (CascadeVPipeline, load_latents, resolve_colour_fix, round_size, save_latents,
+                                        seeded_noise)
 from cascadev.video_io import read_video, video_info
 
 

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from cascadev.training.cache_latents import main as cache_main
 from cascadev.config import ConfigError
-from cascadev.training.data import (LatentDataset, VideoDataset, clip_starts, load_clip, make_loader, mix_seed,
-                           split_validation)
 from cascadev.synthetic import write_clips
+from cascadev.training.cache_latents import main as cache_main
+from cascadev.training.config import load_train_config
+from cascadev.training.data import (LatentDataset, VideoDataset, clip_starts, load_clip, make_loader, mix_seed,
+                                    split_validation)
 from cascadev.training.tasks import DiTTask, VAETask
 from cascadev.training.train import checkpoints, load_ema_weights, lr_scheduler_at, main, make_ema
-from cascadev.training.config import load_train_config
 from cascadev.video_io import read_video, video_info
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,13 +9,13 @@ from einops import rearrange
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cascadev.training.cache_latents import main as cache_main
 from cascadev.config import ConfigError
-from cascadev.training.data import LatentDataset, VideoDataset, make_loader, split_validation
 from cascadev.synthetic import make_clip
+from cascadev.training.cache_latents import main as cache_main
+from cascadev.training.config import load_train_config
+from cascadev.training.data import LatentDataset, VideoDataset, make_loader, split_validation
 from cascadev.training.tasks import BaseTask
 from cascadev.training.train import checkpoints, main
-from cascadev.training.config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_TINY = ROOT / "configs" / "base_tiny.yaml"

@@ -1,6 +1,9 @@
 """CascadeV: latent-cascade video generation (LDM-VAE decoding up to 2K, training, evaluation).
 
-The ``cascadev`` command. Each subcommand imports its heavy modules only when it runs.
+The ``cascadev`` command: ``main`` parses the command line and hands it to a subcommand, one module each in
+this package (``info``, ``decode`` for reconstruct and decode, ``generate``, ``train`` for train and cache-latents,
+``demo``, ``convert``) or in ``eval/`` (``eval``, ``bench-recon``). Each subcommand imports its heavy modules only
+when it runs.
 """
 
 from __future__ import annotations
@@ -8,86 +11,58 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-class UserError(Exception):
-    """A problem with the user's input; printed as one line, without a traceback."""
-
-
-def run_info(args: argparse.Namespace) -> None:
-    import platform
-
-    import torch
-
-    import cascadev
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"cascadev     {cascadev.__version__}")
-    print(f"python       {platform.python_version()}")
-    print(f"torch        {torch.__version__}")
-    for name in ("torchvision", "diffusers", "timm", "accelerate", "open_clip", "av", "einops"):
-        try:
-            module = __import__(name)
-            print(f"{name:<12} {getattr(module, '__version__', '?')}")
-        except ImportError:
-            print(f"{name:<12} not installed")
-    print(f"device       {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
-    backend = _AttentionBackendRegistry.get_active_backend()[0].value  # what a model without set_attention_backend uses
-    print(f"attention    {backend} (diffusers dispatcher; DIFFUSERS_ATTN_BACKEND or model.set_attention_backend)")
-
-
-# --- eval (eval/cli.py) -------------------------------------------------------------------------
-def run_eval(args: argparse.Namespace) -> None:
-    from eval.cli import run
-
-    run(args)
-# --- end eval --------------------------------------------------------------------------------------
+from cascadev.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascadev", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    # --- info (cascadev/cli/info.py) ---
+    from cascadev.cli import info
+
     p = sub.add_parser("info", help="versions, device and attention backend in use")
-    p.set_defaults(func=run_info)
+    p.set_defaults(func=info.run)
+    # --- end info ---
 
     # --- reconstruct / decode (cascadev/cli/decode.py) ---
-    from cascadev.cli import decode as decode_cli
+    from cascadev.cli import decode
 
     p = sub.add_parser("reconstruct", help="video -> semantic latents -> LDM-VAE decode -> video")
-    decode_cli.add_reconstruct_arguments(p)
-    p.set_defaults(func=decode_cli.run_reconstruct)
+    decode.add_reconstruct_arguments(p)
+    p.set_defaults(func=decode.run_reconstruct)
     p = sub.add_parser("decode", help="decode latents (ours, or SD/SVD-family VAE latents) to video, up to 2K")
-    decode_cli.add_decode_arguments(p)
-    p.set_defaults(func=decode_cli.run_decode)
+    decode.add_decode_arguments(p)
+    p.set_defaults(func=decode.run_decode)
     # --- end reconstruct / decode ---
 
     # --- generate (cascadev/cli/generate.py) ---
-    from cascadev.cli import generate as generate_cli
+    from cascadev.cli import generate
 
     p = sub.add_parser("generate", help="text -> video: the Stage C base model, then the LDM-VAE decoder")
-    generate_cli.add_generate_arguments(p)
-    p.set_defaults(func=generate_cli.run_generate)
+    generate.add_generate_arguments(p)
+    p.set_defaults(func=generate.run_generate)
     # --- end generate ---
 
     # --- eval (eval/cli.py) ---
-    from eval.cli import add_arguments as add_eval_arguments
+    from eval import cli as eval_cli
 
     p = sub.add_parser("eval", help="PSNR/SSIM/LPIPS between paired videos, FVD between two sets")
-    add_eval_arguments(p)
-    p.set_defaults(func=run_eval)
+    eval_cli.add_arguments(p)
+    p.set_defaults(func=eval_cli.run)
     # --- end eval ---
 
-    # --- train / cache-latents (cascadev/training/train.py, cascadev/training/cache_latents.py) ---
-    from cascadev.training import args as train_args
+    # --- train / cache-latents (cascadev/cli/train.py -> cascadev/training/train.py, cache_latents.py) ---
+    from cascadev.cli import train
+    from cascadev.training import args as training_args
 
     p = sub.add_parser("train", help="train a stage (Stage B DiT or Stage A VAE) from a config; "
                                      "several GPUs: accelerate launch -m cascadev.training.train")
-    train_args.add_train_arguments(p)
-    p.set_defaults(func=train_args.run_train)
+    training_args.add_train_arguments(p)
+    p.set_defaults(func=train.run_train)
     p = sub.add_parser("cache-latents", help="precompute Stage A latents and DiT conditions of a dataset")
-    train_args.add_cache_arguments(p)
-    p.set_defaults(func=train_args.run_cache)
+    training_args.add_cache_arguments(p)
+    p.set_defaults(func=train.run_cache)
     # --- end train / cache-latents ---
 
     # --- demo (cascadev/cli/demo.py) ---
@@ -98,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=demo.run)
     # --- end demo ---
 
-    # --- convert (cascadev/pipelines/convert.py) ---
-    from cascadev.pipelines import convert
+    # --- convert (cascadev/cli/convert.py -> cascadev/pipelines/convert.py) ---
+    from cascadev.cli import convert
 
     p = sub.add_parser("convert", help="rewrite a cascade saved by cascadev < 0.2 in diffusers' pipeline layout")
     convert.add_arguments(p)

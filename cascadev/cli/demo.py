@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from cascadev.cli import UserError
+from cascadev.errors import UserError
 
 HELD_OUT_SEED0 = 100_000   # training clips use seeds below this (configs/demo_*.yaml)
 ASSETS = Path(__file__).parents[1] / "assets" / "tiny_cascade"

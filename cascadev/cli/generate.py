@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cascadev.cli import UserError
+from cascadev.errors import UserError
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:

@@ -29,8 +29,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
-from cascadev.pipelines.conditioning import semantic_small, upsample_condition
 from cascadev.config import to_dict
+from cascadev.pipelines.conditioning import semantic_small, upsample_condition
 from cascadev.pipelines.sampling import Tiling, make_scheduler, sample
 from cascadev.weights import atomic_write
 from dit.video_dit import VideoDiT

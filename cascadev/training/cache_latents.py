@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from cascadev.config import ConfigError, to_dict
-from cascadev.training.data import clip_starts, load_clip, mix_seed, split_validation
+from cascadev.config import ConfigError
 from cascadev.training.args import add_cache_arguments
-from cascadev.training.config import TrainConfig, load_train_config
+from cascadev.training.config import CACHE_CONFIG, TrainConfig, cache_signature, load_train_config
+from cascadev.training.data import clip_starts, load_clip, mix_seed, split_validation
 from cascadev.video_io import VideoReadError, video_info
 from cascadev.weights import atomic_write, save_state_dict
 from vae.semantic_encoder import DOWNSAMPLE as CELL
@@ -43,40 +43,7 @@ from vae.stage_a import DOWNSAMPLE as LATENT
 
 log = logging.getLogger("cascadev.training.cache_latents")
 
-CACHE_CONFIG = "cache.yaml"
-
-
 CACHED_STAGES = ("dit", "base")
-
-
-def cache_signature(config: TrainConfig) -> dict:
-    """What cached latents depend on: the clip geometry, the condition (semantic encoder or resize route) and,
-    for stage dit, the Stage A model; a base cache also names its stage (a dit cache holds other tensors)."""
-    d = config.data
-    signature = {
-        "data": {"num_frames": d.num_frames, "frame_stride": d.frame_stride, "height": d.height, "width": d.width},
-        "condition": to_dict(config.condition),
-    }
-    if config.stage == "base":
-        return {"cache": {"stage": "base"}, **signature}
-    return {**signature, "stage_a": to_dict(config.stage_a.model_config())}
-
-
-def check_cache(folder: str | Path, config: TrainConfig) -> None:
-    """Raise ConfigError naming every setting where the cache in ``folder`` differs from ``config``."""
-    path = Path(folder) / CACHE_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: write the cache with python -m cascadev.training.cache_latents")
-    cached = yaml.safe_load(path.read_text())
-    stage = cached.get("cache", {}).get("stage", "dit")                     # dit caches predate the field
-    if stage != config.stage:
-        raise ConfigError(f"latent cache {folder} holds stage {stage} inputs, the config trains stage {config.stage}")
-    wanted = yaml.safe_load(yaml.safe_dump(cache_signature(config)))      # tuples -> lists, as in the file
-    diffs = [f"{section}.{key}: cache {cached.get(section, {}).get(key)!r} != config {value!r}"
-             for section, fields in wanted.items() for key, value in fields.items()
-             if cached.get(section, {}).get(key) != value]
-    if diffs:
-        raise ConfigError(f"latent cache {folder} was made with other settings: " + "; ".join(diffs))
 
 
 def encode_whole(task, path: Path, config: TrainConfig, start: int, g: torch.Generator, accelerator) -> dict:

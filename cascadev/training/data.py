@@ -291,7 +291,8 @@ class LatentDataset(_SkippingDataset):
     def __init__(self, folder: str | Path):
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"latent cache {folder} not found: write it with python -m cascadev.training.cache_latents")
+            raise FileNotFoundError(f"latent cache {folder} not found: write it with "
+                                    "python -m cascadev.training.cache_latents")
         super().__init__([Sample(p) for p in sorted(folder.glob("*.safetensors"))])
         self.folder = folder
 

@@ -36,10 +36,11 @@ from einops import rearrange
 
 from cascadev.config import ConfigError
 from cascadev.pipelines.conditioning import downsample_video, resize_small_from_latent, semantic_small, upsample_condition
+from cascadev.training.config import TrainConfig
 from cascadev.training.data import mix_seed
 from cascadev.training.diffusion import build_diffusion, mean_flat
-from cascadev.training.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, kl_standard_normal, load_lpips_loss
-from cascadev.training.config import TrainConfig
+from cascadev.training.losses import (PatchDiscriminator, base_training_loss, hinge_d_loss, hinge_g_loss,
+                                      kl_standard_normal, load_lpips_loss)
 from cascadev.weights import CONFIG_NAME, atomic_write, save_model_weights, save_state_dict
 
 
@@ -246,7 +247,8 @@ class DiTTask:
     @torch.no_grad()
     def validate(self, accelerator, prepared: dict, clips: list[dict], step: int, run_dir: Path) -> dict:
         """Loss at fixed timesteps and noise on held-out clips; on the main process, a sampled reconstruction
-        of the first clip (``cascadev.pipelines.sampling``, the objective's sampler) saved as ``samples/step_N.mp4`` next to the input."""
+        of the first clip (``cascadev.pipelines.sampling``, the objective's sampler) saved as ``samples/step_N.mp4``
+        next to the input."""
         from eval.metrics import psnr
 
         model = prepared["model"]
@@ -577,7 +579,7 @@ class BaseTask:
     Latents come from a cache of this stage (``cascadev.training.cache_latents``: "semantic", unscaled, and the caption)
     or are encoded on the fly. Captions are encoded per batch by the frozen text encoder (no caption cache: a
     bigG embedding is 77 x 1280 floats, too large to keep for a real dataset, and cheap beside the DiT); the
-    empty prompt once. ``cascadev.pipelines.text_to_video.base_training_loss`` does the rest: the latent scale, ``caption_dropout``
+    empty prompt once. ``cascadev.training.losses.base_training_loss`` does the rest: the latent scale, ``caption_dropout``
     of the captions replaced by the empty prompt (for classifier-free guidance), IDDPM with per-video timesteps.
     """
 
@@ -635,8 +637,6 @@ class BaseTask:
         return self._null_text
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator, as_images: bool) -> tuple[torch.Tensor, dict]:
-        from cascadev.pipelines.text_to_video import base_training_loss
-
         latents = self.latents(batch)
         loss, logs = base_training_loss(model, self.diffusion, latents, self.text(batch["caption"]), self.null_text,
                                         generator, drop_prob=self.config.base.caption_dropout, as_images=as_images)

@@ -41,11 +41,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from cascadev.config import ConfigError, save_config, to_dict
-from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step, image_steps_before,
-                           list_samples, make_loader, mix_seed, split_validation)
-from cascadev.training.tasks import build_task, is_fsdp, write_json
 from cascadev.training.args import add_train_arguments
-from cascadev.training.config import TrainConfig, load_train_config
+from cascadev.training.config import TrainConfig, check_cache, load_train_config
+from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step,
+                                    image_steps_before, list_samples, make_loader, mix_seed, split_validation)
+from cascadev.training.tasks import build_task, is_fsdp, write_json
 from cascadev.weights import save_state_dict
 
 log = logging.getLogger("cascadev.training.train")
@@ -242,7 +242,6 @@ def run_training(args: argparse.Namespace) -> Path:
     if data.latents:
         if config.stage not in ("dit", "base"):
             raise ConfigError("data.latents (a latent cache) only feeds stages dit and base")
-        from cascadev.training.cache_latents import check_cache
         check_cache(data.latents, config)
         train_set = LatentDataset(data.latents)
         val_samples = split_validation(data)[1] if data.videos or data.val_videos else []
