@@ -16,6 +16,7 @@ the rest still run):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -24,8 +25,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cascadev.pipeline import CascadeVPipeline, stage_a_settings
-from cascadev.sampling import make_scheduler
+from cascadev.pipelines.cascade import CascadeVPipeline, stage_a_settings
+from cascadev.pipelines.sampling import make_scheduler
 from dit import build_dit
 from vae import build_semantic_encoder, build_stage_a
 from vae.stage_a import PRESETS as STAGE_A_PRESETS
@@ -91,9 +92,10 @@ def warm_up(pipe: CascadeVPipeline, frames: int, device: torch.device) -> None:
     synchronize(device)
 
 
-def compile_blocks(pipe: CascadeVPipeline) -> None:
+def compile_blocks(dit) -> None:
     """torch.compile each DiT block (shapes are static per window, so each partition layout compiles once)."""
-    for block in pipe.dit.blocks:
+    torch._dynamo.config.recompile_limit = 64   # blocks share one forward: layouts x batch sizes exceed the default 8
+    for block in dit.blocks:
         block.compile(dynamic=False)
 
 
@@ -108,6 +110,14 @@ class Report:
         print(json.dumps(row), flush=True)
         if self.out is not None:
             self.out.write_text(json.dumps(self.rows, indent=1))
+
+
+def time_fp32_forward(preset: str, dit, x: torch.Tensor, t: torch.Tensor, device: torch.device):
+    """The release's fp32 forward (fp32 weights, fp32 attention) with ``dit``'s weights: seconds, GiB, output."""
+    fp32 = build_dit(preset, attn_fp32=True).to(device).eval()
+    fp32.load_state_dict(dit.state_dict())   # the same (bf16-rounded) weights in fp32
+    measure(device, lambda: fp32(x, t))
+    return measure(device, lambda: fp32(x, t))
 
 
 def bench_dit_forward(args, device: torch.device, report: Report) -> None:
@@ -144,16 +154,11 @@ def bench_dit_forward(args, device: torch.device, report: Report) -> None:
             row(f"bf16 {backend}", seconds, mem, rel_err_vs_native=round(rel, 5))
         dit.set_attention_backend("native")   # diffusers also sets the global default: back to torch SDPA for what follows
 
-        fp32 = build_dit(args.preset, attn_fp32=True).to(device).eval()
-        fp32.load_state_dict(dit.state_dict())   # the same (bf16-rounded) weights in fp32
-        measure(device, lambda: fp32(x.float(), t))
-        seconds, mem, out = measure(device, lambda: fp32(x.float(), t))
+        seconds, mem, out = time_fp32_forward(args.preset, dit, x.float(), t, device)
         rel = ((reference - out).norm() / out.norm()).item()
         row("fp32 (release: fp32 weights and attention)", seconds, mem, bf16_rel_err=round(rel, 5))
-        del fp32
 
-        for block in dit.blocks:
-            block.compile(dynamic=False)
+        compile_blocks(dit)
         compile_s, _, _ = measure(device, lambda: dit(x, t))
         seconds, mem, out = measure(device, lambda: dit(x, t), repeats=args.repeats)
         rel = ((out.float() - reference).norm() / reference.norm()).item()
@@ -179,42 +184,61 @@ def decode_phases(pipe: CascadeVPipeline, video: torch.Tensor, steps: int, windo
                window_batch=window_batch, **labels)
 
 
-def bench_decode(args, device: torch.device, report: Report) -> None:
-    sizes = [tuple(int(n) for n in s.split("x")) for s in args.sizes]   # T x H x W pixels
+def run_variant(args, device: torch.device, report: Report, sizes: list[tuple[int, int, int]],
+                dtype: torch.dtype = torch.bfloat16, batches: tuple[int, ...] = (1,), offload: bool = False,
+                compiled: bool = False, labels: dict | None = None) -> None:
+    """Build one pipeline as asked, warm it up, and decode each size with each window batch; ``labels`` go in the rows."""
     torch.manual_seed(0)
-    pipe = build_pipeline(args.preset, torch.bfloat16).to(device)
-    warm_up(pipe, sizes[0][0], device)
+    pipe = build_pipeline(args.preset, dtype)
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    T, H, W = sizes[0]
+    if compiled:
+        compile_blocks(pipe.dit)
+        video = torch.rand(1, 3, T, H, W) * 2 - 1
+        seconds, _, _ = measure(device, lambda: pipe.decode_latents(pipe.encode(video), steps=1, progress=False,
+                                                                   window_batch=batches[0]))
+        report.add(section="decode", phase="compile (first call, 1 step)", seconds=round(seconds, 1), size=f"{T}x{H}x{W}")
+    warm_up(pipe, T, device)
     for T, H, W in sizes:
         video = torch.rand(1, 3, T, H, W) * 2 - 1
-        for batch in dict.fromkeys((1, args.window_batch)):
-            decode_phases(pipe, video, args.steps, batch, device, report, size=f"{T}x{H}x{W}", dtype="bf16")
+        for batch in batches:
+            decode_phases(pipe, video, args.steps, batch, device, report, size=f"{T}x{H}x{W}", **(labels or {}))
+
+
+def bench_decode(args, device: torch.device, report: Report) -> None:
+    sizes = [tuple(int(n) for n in s.split("x")) for s in args.sizes]   # T x H x W pixels
+    run_variant(args, device, report, sizes, batches=tuple(dict.fromkeys((1, args.window_batch))),
+                labels={"dtype": "bf16"})
     if device.type == "cuda":
-        pipe.to("cpu")
-        pipe.enable_model_cpu_offload(device=device)
-        for T, H, W in sizes:
-            video = torch.rand(1, 3, T, H, W) * 2 - 1
-            decode_phases(pipe, video, args.steps, args.window_batch, device, report, size=f"{T}x{H}x{W}",
-                          dtype="bf16", offload="model")
-        pipe.remove_all_hooks()
-    del pipe
+        run_variant(args, device, report, sizes, batches=(args.window_batch,), offload=True,
+                    labels={"dtype": "bf16", "offload": "model"})
+    run_variant(args, device, report, sizes[:1], batches=(args.window_batch,), compiled=True,
+                labels={"dtype": "bf16", "compiled": True})
+    run_variant(args, device, report, sizes[:1], dtype=torch.float32, labels={"dtype": "fp32 (release)"})
 
-    T, H, W = sizes[0]
-    video = torch.rand(1, 3, T, H, W) * 2 - 1
-    torch.manual_seed(0)
-    compiled = build_pipeline(args.preset, torch.bfloat16).to(device)
-    compile_blocks(compiled)
-    seconds, _, _ = measure(device, lambda: compiled.decode_latents(compiled.encode(video), steps=1, progress=False,
-                                                                   window_batch=args.window_batch))
-    report.add(section="decode", phase="compile (first call, 1 step)", seconds=round(seconds, 1), size=f"{T}x{H}x{W}")
-    warm_up(compiled, T, device)
-    decode_phases(compiled, video, args.steps, args.window_batch, device, report, size=f"{T}x{H}x{W}", dtype="bf16",
-                  compiled=True)
-    del compiled
 
+def bench_stage_a(args, device: torch.device, report: Report) -> None:
+    """Stage A alone on the last size's latents: spatial tile size x cuDNN autotuning (bf16)."""
+    T, H, W = (int(n) for n in args.sizes[-1].split("x"))
+    name = "tiny_taesd" if args.preset == "tiny" else "official"
     torch.manual_seed(0)
-    fp32 = build_pipeline(args.preset, torch.float32).to(device)
-    warm_up(fp32, T, device)
-    decode_phases(fp32, video, args.steps, 1, device, report, size=f"{T}x{H}x{W}", dtype="fp32 (release)")
+    stage_a = build_stage_a(name, load_weights=False)
+    stage_a.model.to(device, torch.bfloat16)
+    z = torch.randn(1, stage_a.latent_channels, T, H // 8, W // 8, device=device) * 0.5
+    for tile in args.stage_a_tiles:
+        for autotune in (False, True):
+            stage_a.config = dataclasses.replace(stage_a.config, tile_size=tile)
+            with torch.backends.cudnn.flags(enabled=True, benchmark=autotune):
+                measure(device, lambda: stage_a.decode(z))          # warm-up (and the autotuner's trials)
+                seconds, mem, _ = measure(device, lambda: stage_a.decode(z))
+            report.add(section="stage_a", size=f"{T}x{H}x{W}", tile_size=tile or "whole frame",
+                       cudnn_benchmark=autotune, seconds=round(seconds, 3), peak_gib=round(mem, 2))
+
+
+SECTIONS = {"dit_forward": bench_dit_forward, "decode": bench_decode, "stage_a": bench_stage_a}
 
 
 def main() -> None:
@@ -225,7 +249,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--window-batch", type=int, default=6, help="DiT windows/tiles per forward, batched rows")
     parser.add_argument("--repeats", type=int, default=3, help="timed DiT forwards per backend")
-    parser.add_argument("--sections", nargs="+", default=["dit_forward", "decode"], choices=["dit_forward", "decode"])
+    parser.add_argument("--stage-a-tiles", nargs="+", type=int, default=[1024, 1536, 0],
+                        help="Stage A tile sizes in pixels for the stage_a section (0: whole frames)")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
@@ -233,9 +259,8 @@ def main() -> None:
     report = Report(args.out)
     report.add(section="env", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                torch=torch.__version__, preset=args.preset, steps=args.steps, peak_bf16_tflops=peak_tflops(device))
-    for name, bench in (("dit_forward", bench_dit_forward), ("decode", bench_decode)):
-        if name not in args.sections:
-            continue
+    for name in args.sections:
+        bench = SECTIONS[name]
         try:
             bench(args, device, report)
         except Exception as e:  # keep what the other sections measure

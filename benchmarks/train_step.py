@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                      # tiny preset on CPU; + official 8x128x128 on CUDA
     python benchmarks/train_step.py --preset official --frames 8 --size 128 --batch 1 --bf16 --checkpointing
 
-A step is what ``cascadev.train`` does per micro-batch when training from a latent cache: noise the
+A step is what ``cascadev.training.train`` does per micro-batch when training from a latent cache: noise the
 latent at per-video timesteps, run the DiT on cat([x_t, cond]), MSE + VLB, backward, clip, AdamW.
 Frozen encoders are not included (they run once per clip when caching). Peak memory is
 ``torch.cuda.max_memory_allocated`` on CUDA; on CPU, how far the process's peak resident set size
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cascadev.diffusion import GaussianDiffusion  # noqa: E402
+from cascadev.training.diffusion import GaussianDiffusion  # noqa: E402
 from dit.video_dit import PRESETS, VideoDiT  # noqa: E402
 
 

@@ -9,7 +9,7 @@ add their pooled CLIP vector). Text comes from ``dit.text_encoder``: per-token h
 (B, L, caption_channels), a pooled vector (B, pooled_channels) and a mask (B, L) of real tokens.
 
 Latents are the semantic encoder's output (B, 16, T, H/32, W/32) times ``latent_scale``; sampling
-and training divide and multiply by it in ``cascadev.generate``, nowhere else.
+and training divide and multiply by it in ``cascadev.pipelines.text_to_video``, nowhere else.
 """
 
 from __future__ import annotations

@@ -15,14 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
-from cascadev.cli import UserError
+from cascadev.errors import UserError
 from cascadev.video_io import VIDEO_EXTENSIONS
 
 METHODS = ("cascade", "baseline")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.decode_cli import add_pipeline_arguments
+    from cascadev.pipelines.options import add_pipeline_arguments
 
     p.add_argument("data", help="folder of videos (the first --limit by name are used)")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="where videos and results.json go")
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def square_crop(video, size: int):
     """(1, 3, T, H, W) -> (1, 3, T, size, size): short side resized to ``size``, then a centre crop."""
-    from cascadev.pipeline import resize_video
+    from cascadev.pipelines.cascade import resize_video
 
     H, W = video.shape[-2:]
     scale = size / min(H, W)
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from cascadev.decode_cli import check_decode_args, decode_kwargs, load_pipeline
-    from cascadev.pipeline import fix_colour
+    from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline
+    from cascadev.pipelines.cascade import fix_colour
     from cascadev.video_io import VideoReadError, read_video, write_video
     from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips, psnr, ssim
 

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cascadev.cli import UserError
+from cascadev.errors import UserError
 from cascadev.video_io import VIDEO_EXTENSIONS
 
 PAIRED_METRICS = ("psnr", "ssim", "lpips")

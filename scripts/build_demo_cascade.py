@@ -45,8 +45,8 @@ def wait(*procs: subprocess.Popen) -> None:
 def export(out: Path) -> None:
     import torch
 
-    from cascadev.pipeline import CascadeVPipeline
-    from cascadev.train_config import load_train_config
+    from cascadev.pipelines.cascade import CascadeVPipeline
+    from cascadev.training.config import load_train_config
 
     stage_a_config = load_train_config("configs/demo_dit.yaml").stage_a.model_config()     # with its latent scale
     pipe = CascadeVPipeline.from_pretrained(
@@ -68,15 +68,15 @@ def main() -> None:
     if "data" in todo:
         wait(run("-m", "cascadev.synthetic", DATA, "--n", "396", "--frames", "16", "--size", "256", "--kind", "shapes"))
     if "stages" in todo:  # independent: one core each; Stage A, then its decoder fine-tuned with MSE
-        semantic = run("-m", "cascadev.train", "--config", "configs/demo_semantic.yaml")
-        wait(run("-m", "cascadev.train", "--config", "configs/demo_vae.yaml"))
-        wait(run("-m", "cascadev.train", "--config", "configs/demo_vae_mse.yaml"), semantic)
+        semantic = run("-m", "cascadev.training.train", "--config", "configs/demo_semantic.yaml")
+        wait(run("-m", "cascadev.training.train", "--config", "configs/demo_vae.yaml"))
+        wait(run("-m", "cascadev.training.train", "--config", "configs/demo_vae_mse.yaml"), semantic)
     if "cache" in todo:
-        wait(run("-m", "cascadev.cache_latents", "--config", "configs/demo_dit.yaml", "--out", CACHE,
+        wait(run("-m", "cascadev.training.cache_latents", "--config", "configs/demo_dit.yaml", "--out", CACHE,
                  "--clips-per-video", "6", "--crop", "random", threads=2))
     if "dit" in todo:
         for config in ("configs/demo_dit.yaml", "configs/demo_dit_more.yaml"):
-            wait(run("-m", "cascadev.train", "--config", config, "--set", f"data.latents={CACHE}", threads=2))
+            wait(run("-m", "cascadev.training.train", "--config", config, "--set", f"data.latents={CACHE}", threads=2))
     export(Path(__file__).resolve().parents[1] / "cascadev" / "assets" / "tiny_cascade")
 
 

@@ -48,8 +48,8 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 def tiny_cascade(**settings):
     """A tiny ``CascadeVPipeline`` with random weights (the DiT's nonzero) and the release's sampler."""
-    from cascadev.pipeline import CascadeVPipeline, stage_a_settings
-    from cascadev.sampling import make_scheduler
+    from cascadev.pipelines.cascade import CascadeVPipeline, stage_a_settings
+    from cascadev.pipelines.sampling import make_scheduler
     from dit import build_dit
     from vae import build_previewer, build_semantic_encoder, build_stage_a
     from vae.stage_a import PRESETS as STAGE_A_PRESETS

@@ -7,8 +7,8 @@ import torch
 import yaml
 
 from cascadev.config import to_dict
-from cascadev.tasks import build_task
-from cascadev.train_config import TrainConfig, load_train_config
+from cascadev.training.config import TrainConfig, load_train_config
+from cascadev.training.tasks import build_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.relative_to(CONFIGS).parts)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import randomize_, tiny_cascade
-from cascadev.demo import ASSETS
-from cascadev.pipeline import CascadeVPipeline
-from cascadev.sampling import predict_noise
+from cascadev.cli.demo import ASSETS
+from cascadev.pipelines.cascade import CascadeVPipeline
+from cascadev.pipelines.sampling import predict_noise
 from dit import build_dit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

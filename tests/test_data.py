@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from cascadev.conditioning import (downsample_video, resize_small_from_latent, temporal_upsample,
-                                   upsample_condition)
-from cascadev.data import (DataConfig, ImageDataset, LatentDataset, ResumableSampler, Sample, VideoDataset,
-                           clip_starts, collate, cover_size, image_step, image_steps_before, list_samples, load_clip,
-                           make_loader, split_validation)
+from cascadev.pipelines.conditioning import (downsample_video, resize_small_from_latent, temporal_upsample,
+                                             upsample_condition)
 from cascadev.synthetic import make_clip, write_clips
+from cascadev.training.data import (DataConfig, ImageDataset, LatentDataset, ResumableSampler, Sample, VideoDataset,
+                                    clip_starts, collate, cover_size, image_step, image_steps_before, list_samples,
+                                    load_clip, make_loader, split_validation)
 from cascadev.video_io import VideoReadError, read_video
 from cascadev.weights import save_state_dict
 
@@ -92,7 +92,7 @@ def test_unreadable_and_too_short_files_are_skipped_and_counted(clips, tmp_path,
     samples = list_samples(folder)
     assert len(samples) == 5
     ds = VideoDataset(samples, config())
-    with caplog.at_level(logging.WARNING, logger="cascadev.data"):
+    with caplog.at_level(logging.WARNING, logger="cascadev.training.data"):
         batches = list(islice(make_loader(ds, 5, seed=0), 4))
     assert all(b["video"].shape == (5, 3, 3, 32, 48) for b in batches)
     assert sum(b["skipped"] for b in batches) >= 4 * 3                           # 3 of 5 files are bad in each epoch

@@ -30,7 +30,7 @@ def test_demo_rejects_bad_sizes(tmp_path, capsys, tiny_pipeline_dir):
 
 
 def test_demo_with_the_shipped_tiny_cascade(tmp_path, capsys):
-    from cascadev.demo import ASSETS
+    from cascadev.cli.demo import ASSETS
 
     total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
     assert total < 20 * 2**20  # weights shipped in the package: 20 MB at most

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_cascade, write_legacy_cascade
-from cascadev.conditioning import semantic_small, upsample_condition
-from cascadev.pipeline import CascadeVPipeline, CascadeVPipelineOutput, load_cascade
-from cascadev.sampling import make_scheduler, sample
+from cascadev.pipelines.cascade import CascadeVPipeline, CascadeVPipelineOutput, load_cascade
+from cascadev.pipelines.conditioning import semantic_small, upsample_condition
+from cascadev.pipelines.sampling import make_scheduler, sample
 
 LATENTS = torch.randn(1, 16, 4, 4, 4, generator=torch.Generator().manual_seed(7))   # 4 frames of 128x128 px
 

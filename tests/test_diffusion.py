@@ -5,9 +5,9 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from cascadev.diffusion import (DiffusionConfig, GaussianDiffusion, RectifiedFlow, build_diffusion,
-                                discretized_gaussian_log_likelihood, normal_kl, shift_sigma)
-from cascadev.sampling import make_scheduler
+from cascadev.pipelines.sampling import make_scheduler
+from cascadev.training.diffusion import (DiffusionConfig, GaussianDiffusion, RectifiedFlow, build_diffusion,
+                                         discretized_gaussian_log_likelihood, normal_kl, shift_sigma)
 
 
 def latents(B=3, seed=0, shape=(4, 2, 4, 4)):

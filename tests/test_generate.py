@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from cascadev.diffusion import DiffusionConfig, build_diffusion
-from cascadev.generate import (TextToVideoPipeline, base_training_loss, guided_noise, make_scheduler, repeat_text,
-                               sample_base)
-from cascadev.pipeline import CascadeVPipeline, load_latents
+from cascadev.pipelines.cascade import CascadeVPipeline, load_latents
+from cascadev.pipelines.text_to_video import TextToVideoPipeline, guided_noise, make_scheduler, repeat_text, sample_base
+from cascadev.training.diffusion import DiffusionConfig, build_diffusion
+from cascadev.training.losses import base_training_loss
 from cascadev.video_io import video_info
 from conftest import randomize_
 from dit.text_dit import build_text_dit

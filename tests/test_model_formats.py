@@ -78,7 +78,7 @@ def test_from_pretrained_is_strict(tmp_path):
 @pytest.mark.parametrize("cls,folder,run", [(VideoDiT, "dit", None), (SemanticEncoder, "semantic_encoder", encoder_run),
                                             (Previewer, "previewer", previewer_run)])
 def test_legacy_tiny_cascade_loads_and_round_trips_bit_identically(cls, folder, run, tmp_path):
-    from cascadev.pipeline import CascadeVPipeline
+    from cascadev.pipelines.cascade import CascadeVPipeline
     from conftest import write_legacy_cascade
 
     shipped = CascadeVPipeline.from_pretrained(str(TINY_CASCADE))

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_cascade
-from cascadev.pipeline import CascadeVPipeline, load_latents, resolve_colour_fix, round_size, save_latents, seeded_noise
+from cascadev.pipelines.cascade import (CascadeVPipeline, load_latents, resolve_colour_fix, round_size, save_latents,
+                                        seeded_noise)
 from cascadev.video_io import read_video, video_info
 
 
@@ -106,7 +107,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, tiny_pipeline_dir):
 
 
 def test_dit_and_stage_a_must_agree_on_latent_channels():
-    from cascadev.sampling import make_scheduler
+    from cascadev.pipelines.sampling import make_scheduler
     from dit import build_dit
     from vae import build_semantic_encoder, build_stage_a
 
@@ -118,7 +119,7 @@ def test_dit_and_stage_a_must_agree_on_latent_channels():
 def test_sampler_defaults_follow_the_folder(tiny_pipeline_dir):
     from diffusers import EulerAncestralDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-    from cascadev.demo import ASSETS
+    from cascadev.cli.demo import ASSETS
 
     # the built-in tiny cascade is a flow model, saved with its scheduler and step count
     shipped = CascadeVPipeline.from_pretrained(str(ASSETS))
@@ -136,7 +137,7 @@ def test_sampler_defaults_follow_the_folder(tiny_pipeline_dir):
 
 
 def test_colour_fix_takes_the_low_band_from_the_reference():
-    from cascadev.pipeline import fix_colour
+    from cascadev.pipelines.cascade import fix_colour
 
     torch.manual_seed(0)
     video = 0.4 * torch.rand(1, 3, 2, 64, 96) - 0.2
@@ -156,7 +157,7 @@ def test_colour_fix_takes_the_low_band_from_the_reference():
 
 
 def test_decode_with_colour_fix_equals_the_fix_applied_to_the_plain_decode(pipe, tiny_pipeline_dir):
-    from cascadev.pipeline import fix_colour
+    from cascadev.pipelines.cascade import fix_colour
 
     latents = torch.randn(1, 16, 2, 2, 2)
     plain = pipe.decode(latents, steps=1, seed=3, progress=False)
@@ -169,7 +170,7 @@ def test_decode_with_colour_fix_equals_the_fix_applied_to_the_plain_decode(pipe,
 
 
 def test_colour_fix_default_follows_the_folder(pipe):
-    from cascadev.demo import ASSETS
+    from cascadev.cli.demo import ASSETS
 
     shipped = CascadeVPipeline.from_pretrained(str(ASSETS))
     assert resolve_colour_fix(shipped, None) == 16 and resolve_colour_fix(shipped, 0) is None

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import randomize_
-from cascadev.sampling import Tiling, make_scheduler, predict_noise, sample, window_starts
+from cascadev.pipelines.sampling import Tiling, make_scheduler, predict_noise, sample, window_starts
 from dit import PRESETS, VideoDiT
 
 TINY = PRESETS["tiny"]  # window: 4 frames x 16x16 latents

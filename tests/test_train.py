@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from cascadev.cache_latents import main as cache_main
 from cascadev.config import ConfigError
-from cascadev.data import (LatentDataset, VideoDataset, clip_starts, load_clip, make_loader, mix_seed,
-                           split_validation)
 from cascadev.synthetic import write_clips
-from cascadev.tasks import DiTTask, VAETask
-from cascadev.train import checkpoints, load_ema_weights, lr_scheduler_at, main, make_ema
-from cascadev.train_config import load_train_config
+from cascadev.training.cache_latents import main as cache_main
+from cascadev.training.config import load_train_config
+from cascadev.training.data import (LatentDataset, VideoDataset, clip_starts, load_clip, make_loader, mix_seed,
+                                    split_validation)
+from cascadev.training.tasks import DiTTask, VAETask
+from cascadev.training.train import checkpoints, load_ema_weights, lr_scheduler_at, main, make_ema
 from cascadev.video_io import read_video, video_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_dit_ddp_on_two_cpu_processes_resumes_exactly(clips, tmp_path):
 
     def launch(run_dir, steps):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "cascadev.train", "--config", str(DIT_TINY), "--max-steps", str(steps),
+               "-m", "cascadev.training.train", "--config", str(DIT_TINY), "--max-steps", str(steps),
                "--set", f"data.videos={clips}", f"run.dir={run_dir}", "run.tensorboard=false", "run.save_every=2",
                "run.val_every=0", *SMALL]
         done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -370,7 +370,7 @@ def test_resize_route_conditions_on_a_small_stage_a_latent(clips):
 
 def test_init_from_our_format_and_the_official_checkpoint(tmp_path):
     from dit import VideoDiT
-    from cascadev.tasks import build_dit
+    from cascadev.training.tasks import build_dit
     config = load_train_config(DIT_TINY)
     source = VideoDiT.from_spec(config.dit.model_config())
     torch.nn.init.normal_(source.final_layer.linear.weight)
@@ -385,7 +385,7 @@ def test_init_from_our_format_and_the_official_checkpoint(tmp_path):
 
 
 def test_vae_loss_terms_with_lpips_and_discriminator(clips):
-    from cascadev.losses import PatchDiscriminator, hinge_d_loss
+    from cascadev.training.losses import PatchDiscriminator, hinge_d_loss
     config = load_train_config(VAE_TINY, [f"data.videos={clips}"])
     task = VAETask(config)
     task.lpips = lambda x, y: (x - y).abs().mean(dim=(1, 2, 3), keepdim=True)   # stands in for LPIPS (no weights here)

@@ -9,13 +9,13 @@ from einops import rearrange
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cascadev.cache_latents import main as cache_main
 from cascadev.config import ConfigError
-from cascadev.data import LatentDataset, VideoDataset, make_loader, split_validation
 from cascadev.synthetic import make_clip
-from cascadev.tasks import BaseTask
-from cascadev.train import checkpoints, main
-from cascadev.train_config import load_train_config
+from cascadev.training.cache_latents import main as cache_main
+from cascadev.training.config import load_train_config
+from cascadev.training.data import LatentDataset, VideoDataset, make_loader, split_validation
+from cascadev.training.tasks import BaseTask
+from cascadev.training.train import checkpoints, main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_TINY = ROOT / "configs" / "base_tiny.yaml"
@@ -85,7 +85,7 @@ def test_base_script_resumed_run_equals_uninterrupted(toy, tmp_path, tiny_pipeli
         assert (f.metadata() or {}).get("prompt") in COLOURS
 
     # a checkpoint is a TextDiT folder; final/ is a TextToVideoPipeline root (cascade apart)
-    from cascadev.generate import TextToVideoPipeline, load_text_to_video
+    from cascadev.pipelines.text_to_video import TextToVideoPipeline, load_text_to_video
     from dit.text_dit import TextDiT
     TextDiT.from_legacy_folder(whole / "checkpoints/step_00000003")
     pipe = load_text_to_video(whole / "final", cascade=tiny_pipeline_dir)
@@ -121,8 +121,8 @@ def test_tiny_model_learns_two_captions(toy, tiny_pipeline_dir):
     """Trained on red clips captioned "red" and blue ones captioned "blue", the tiny model's generations
     (TextToVideoPipeline, its default sampler and guidance, the same noise for both prompts) land nearer
     their own kind's mean latent than the other's."""
-    from cascadev.generate import TextToVideoPipeline
-    from cascadev.pipeline import CascadeVPipeline
+    from cascadev.pipelines.text_to_video import TextToVideoPipeline
+    from cascadev.pipelines.cascade import CascadeVPipeline
 
     config = load_train_config(BASE_TINY, [*overrides(toy), "data.val_count=0"])
     task = BaseTask(config)
@@ -171,7 +171,7 @@ def test_caption_dropout_rate_is_honoured(toy, rate):
 
 
 def test_init_from_a_text_dit_folder_with_gradient_checkpointing(toy, tmp_path):
-    from cascadev.tasks import build_base_dit
+    from cascadev.training.tasks import build_base_dit
     from dit.text_dit import TextDiT
     config = load_train_config(BASE_TINY, overrides(toy))
     source = TextDiT.from_spec(config.base.model_config())

@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from cascadev.config import ConfigError
-from cascadev.data import VideoDataset, split_validation
 from cascadev.synthetic import write_clips
-from cascadev.tasks import DiTTask, SemanticTask, build_task
-from cascadev.train import checkpoints, main
-from cascadev.train_config import load_train_config
+from cascadev.training.config import load_train_config
+from cascadev.training.data import VideoDataset, split_validation
+from cascadev.training.tasks import DiTTask, SemanticTask, build_task
+from cascadev.training.train import checkpoints, main
 
 ROOT = Path(__file__).resolve().parents[1]
 SEMANTIC_TINY = ROOT / "configs" / "semantic_tiny.yaml"

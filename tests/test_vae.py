@@ -398,7 +398,7 @@ def test_our_tiles_are_closer_to_untiled_than_diffusers_enable_tiling(preset, si
 def test_taesd_stage_a_is_deterministic_tile_stable_and_round_trips(tmp_path):
     """AutoencoderTiny: encode has no posterior (sample is ignored), the scale is Stage A's, and with no
     GroupNorm tiles decode nearly as the whole frame (a random KL VAE differs by up to 20%)."""
-    from cascadev.pipeline import resolve_stage_a_config
+    from cascadev.pipelines.cascade import resolve_stage_a_config
 
     torch.manual_seed(0)
     vae = build_stage_a("tiny_taesd", tile_size=0, scale_factor=0.5)

@@ -16,10 +16,10 @@ import json
 import time
 from pathlib import Path
 
-from cascadev.cli import UserError
+from cascadev.errors import UserError
 
 HELD_OUT_SEED0 = 100_000   # training clips use seeds below this (configs/demo_*.yaml)
-ASSETS = Path(__file__).parent / "assets" / "tiny_cascade"
+ASSETS = Path(__file__).parents[1] / "assets" / "tiny_cascade"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     import torch
 
-    from cascadev.pipeline import CascadeVPipeline, fix_colour, resolve_colour_fix
-    from cascadev.sampling import scheduler_name
+    from cascadev.pipelines.cascade import CascadeVPipeline, fix_colour, resolve_colour_fix
+    from cascadev.pipelines.sampling import scheduler_name
     from cascadev.synthetic import make_clip
     from cascadev.video_io import write_png_strip, write_video
     from eval.metrics import psnr, ssim

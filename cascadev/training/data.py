@@ -51,7 +51,7 @@ class DataConfig:
     videos: str = ""                  # folder, .txt list, .csv or .jsonl/.json with `path` (+ `caption`)
     images: str | None = None         # optional image folder/list for joint image-video training
     image_prob: float = 0.1           # fraction of steps trained as images (release: joint_training = 0.1)
-    latents: str | None = None        # a cache written by cascadev.cache_latents: train the DiT from it
+    latents: str | None = None        # a cache written by cascadev.training.cache_latents: train the DiT from it
     val_videos: str | None = None     # held-out clips; None holds out the last `val_count` of `videos`
     val_count: int = 2
     num_frames: int = 8
@@ -284,14 +284,15 @@ def augment(video: torch.Tensor, config: DataConfig, g: torch.Generator, train: 
 
 
 class LatentDataset(_SkippingDataset):
-    """Clips cached by ``cascadev.cache_latents``: every tensor of a ``*.safetensors`` file, plus "skipped"."""
+    """Clips cached by ``cascadev.training.cache_latents``: every tensor of a ``*.safetensors`` file, plus "skipped"."""
 
     kind = "latent file"
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"latent cache {folder} not found: write it with python -m cascadev.cache_latents")
+            raise FileNotFoundError(f"latent cache {folder} not found: write it with "
+                                    "python -m cascadev.training.cache_latents")
         super().__init__([Sample(p) for p in sorted(folder.glob("*.safetensors"))])
         self.folder = folder
 

@@ -1,5 +1,6 @@
-"""Command-line arguments of ``cascadev.train`` and ``cascadev.cache_latents`` (``cascadev train`` and
-``cascadev cache-latents``). No heavy imports here, so building the ``cascadev`` parser stays fast."""
+"""Command-line arguments of ``cascadev.training.train`` and ``cascadev.training.cache_latents`` (also
+``cascadev train`` and ``cascadev cache-latents``). No heavy imports here, so building the ``cascadev`` parser
+stays fast."""
 
 from __future__ import annotations
 
@@ -29,13 +30,3 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
                              "semantic route), so a window's condition is what a whole frame gives it")
     parser.add_argument("--windows-per-clip", type=int, default=1,
                         help="--crop context: windows cut from each encoded clip (one file each)")
-
-
-def run_train(args: argparse.Namespace) -> None:
-    from cascadev.train import run_training
-    run_training(args)
-
-
-def run_cache(args: argparse.Namespace) -> None:
-    from cascadev.cache_latents import run_caching
-    run_caching(args)

@@ -1,8 +1,8 @@
 """Precompute a stage's inputs for a dataset, one file per clip: for the DiT (stage dit) the Stage A latents and
 the compact condition, for the base model (stage base) the semantic latents; the caption goes along.
 
-    python -m cascadev.cache_latents --config configs/dit_official_finetune.yaml --out cache/ [--clips-per-video 4]
-    accelerate launch -m cascadev.cache_latents --config ... --out cache/      (clips split over processes)
+    python -m cascadev.training.cache_latents --config configs/dit_official_finetune.yaml --out cache/ [--clips-per-video 4]
+    accelerate launch -m cascadev.training.cache_latents --config ... --out cache/      (clips split over processes)
     cascadev cache-latents --config configs/base.yaml --out cache/base --set data.videos=train.jsonl
 
 Clips are cut deterministically from the training split of ``data.videos`` (validation clips stay
@@ -32,51 +32,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from cascadev.config import ConfigError, to_dict
-from cascadev.data import clip_starts, load_clip, mix_seed, split_validation
-from cascadev.train_args import add_cache_arguments
-from cascadev.train_config import TrainConfig, load_train_config
+from cascadev.config import ConfigError
+from cascadev.training.args import add_cache_arguments
+from cascadev.training.config import CACHE_CONFIG, TrainConfig, cache_signature, load_train_config
+from cascadev.training.data import clip_starts, load_clip, mix_seed, split_validation
 from cascadev.video_io import VideoReadError, video_info
 from cascadev.weights import atomic_write, save_state_dict
 from vae.semantic_encoder import DOWNSAMPLE as CELL
 from vae.stage_a import DOWNSAMPLE as LATENT
 
-log = logging.getLogger("cascadev.cache_latents")
-
-CACHE_CONFIG = "cache.yaml"
-
+log = logging.getLogger("cascadev.training.cache_latents")
 
 CACHED_STAGES = ("dit", "base")
-
-
-def cache_signature(config: TrainConfig) -> dict:
-    """What cached latents depend on: the clip geometry, the condition (semantic encoder or resize route) and,
-    for stage dit, the Stage A model; a base cache also names its stage (a dit cache holds other tensors)."""
-    d = config.data
-    signature = {
-        "data": {"num_frames": d.num_frames, "frame_stride": d.frame_stride, "height": d.height, "width": d.width},
-        "condition": to_dict(config.condition),
-    }
-    if config.stage == "base":
-        return {"cache": {"stage": "base"}, **signature}
-    return {**signature, "stage_a": to_dict(config.stage_a.model_config())}
-
-
-def check_cache(folder: str | Path, config: TrainConfig) -> None:
-    """Raise ConfigError naming every setting where the cache in ``folder`` differs from ``config``."""
-    path = Path(folder) / CACHE_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: write the cache with python -m cascadev.cache_latents")
-    cached = yaml.safe_load(path.read_text())
-    stage = cached.get("cache", {}).get("stage", "dit")                     # dit caches predate the field
-    if stage != config.stage:
-        raise ConfigError(f"latent cache {folder} holds stage {stage} inputs, the config trains stage {config.stage}")
-    wanted = yaml.safe_load(yaml.safe_dump(cache_signature(config)))      # tuples -> lists, as in the file
-    diffs = [f"{section}.{key}: cache {cached.get(section, {}).get(key)!r} != config {value!r}"
-             for section, fields in wanted.items() for key, value in fields.items()
-             if cached.get(section, {}).get(key) != value]
-    if diffs:
-        raise ConfigError(f"latent cache {folder} was made with other settings: " + "; ".join(diffs))
 
 
 def encode_whole(task, path: Path, config: TrainConfig, start: int, g: torch.Generator, accelerator) -> dict:
@@ -105,7 +72,7 @@ def context_window(encoded: dict, height: int, width: int, g: torch.Generator) -
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cascadev.cache_latents", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cascadev.training.cache_latents", description=__doc__.splitlines()[0])
     add_cache_arguments(parser)
     return parser.parse_args(argv)
 
@@ -119,7 +86,7 @@ def run_caching(args: argparse.Namespace) -> Path:
     """The caching command, from parsed arguments (``cascadev cache-latents`` calls this)."""
     from accelerate import Accelerator
 
-    from cascadev.tasks import BaseTask, DiTTask
+    from cascadev.training.tasks import BaseTask, DiTTask
 
     config = load_train_config(args.config, args.overrides)
     if config.stage not in CACHED_STAGES:
@@ -184,5 +151,5 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"cascadev.cache_latents: error: {e}", file=sys.stderr)
+        print(f"cascadev.training.cache_latents: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -29,9 +29,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
-from cascadev.conditioning import semantic_small, upsample_condition
 from cascadev.config import to_dict
-from cascadev.sampling import Tiling, make_scheduler, sample
+from cascadev.pipelines.conditioning import semantic_small, upsample_condition
+from cascadev.pipelines.sampling import Tiling, make_scheduler, sample
 from cascadev.weights import atomic_write
 from dit.video_dit import VideoDiT
 from vae.previewer import Previewer

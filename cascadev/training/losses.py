@@ -1,6 +1,7 @@
-"""Losses of Stage A (VAE) training: L1, LPIPS, KL, and a hinge patch discriminator.
+"""Losses of Stage A (VAE) training: L1, LPIPS, KL, and a hinge patch discriminator; and the diffusion loss of
+the Stage C base model (``base_training_loss``).
 
-Frames are scored as images: (N, 3, H, W) in [-1, 1], N = videos x frames. The discriminator is the
+Stage A: frames are scored as images: (N, 3, H, W) in [-1, 1], N = videos x frames. The discriminator is the
 PatchGAN of pix2pix / taming-transformers (stride-2 4x4 convs, one logit per patch), trained with the
 hinge loss (Lim & Ye 2017), as the latent-diffusion VAEs were.
 """
@@ -13,7 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cascadev.pipelines.text_to_video import config_of, to_model
+from dit.text_encoder import TextEmbedding
+
 log = logging.getLogger(__name__)
+
+CAPTION_DROPOUT = 0.1           # share of captions trained as the empty prompt, for CFG
 
 
 def kl_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -68,3 +74,35 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Generator side of the hinge loss: -E[D(G(z))]."""
     return -logits_fake.mean()
+
+
+# -- Stage C: the base model (stage base) ------------------------------------------------------------
+
+def drop_captions(text: TextEmbedding, null_text: TextEmbedding, drop: torch.Tensor) -> TextEmbedding:
+    """Replace the rows where ``drop`` (B,) is True by ``null_text`` (1 row: the empty prompt's encoding)."""
+    if null_text.context.shape[1:] != text.context.shape[1:]:
+        raise ValueError(f"null text {tuple(null_text.context.shape)} does not match the captions {tuple(text.context.shape)}")
+    return TextEmbedding(*(torch.where(drop.view(-1, *[1] * (z.ndim - 1)), n.to(z), z) for z, n in zip(text, null_text)))
+
+
+def base_training_loss(model: torch.nn.Module, diffusion, latents: torch.Tensor, text: TextEmbedding,
+                       null_text: TextEmbedding, generator: torch.Generator, drop_prob: float = CAPTION_DROPOUT,
+                       as_images: bool = False) -> tuple[torch.Tensor, dict]:
+    """Diffusion loss of the base model on one micro-batch.
+
+    latents: (B, 16, T, h, w) semantic latents as the encoder makes them (unscaled; cached ones too).
+    text: the captions' ``TextEmbedding`` (B rows); null_text: the empty prompt's (1 row), which
+        replaces a ``drop_prob`` share of the captions so the model also learns eps(null) for CFG.
+    diffusion: a ``cascadev.training.diffusion`` objective (per-video timesteps; eps + learned variance for iddpm).
+    Returns (mean loss, {"loss", "mse", "vb"} detached means), as the Stage B task does.
+    """
+    x0 = to_model(latents, config_of(model))
+    B = x0.shape[0]
+    drop = torch.rand(B, generator=generator, device=generator.device) < drop_prob
+    text = drop_captions(TextEmbedding(*(z.to(x0.device) for z in text)), null_text, drop.to(x0.device))
+    t = diffusion.sample_t(B, generator).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    x_t = diffusion.noise(x0, t, eps)
+    out = model(x_t, diffusion.model_time(t), *text, as_images=as_images)  # b c_out t h w
+    losses = diffusion.losses(out, x0, x_t, t, eps)
+    return losses["loss"].mean(), {k: v.detach().mean() for k, v in losses.items()}

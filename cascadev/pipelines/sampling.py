@@ -34,7 +34,8 @@ SCHEDULERS = {                   # short names, as the CLI takes them
     "euler_a": EulerAncestralDiscreteScheduler,
     "ddim": DDIMScheduler,
     "dpmpp": DPMSolverMultistepScheduler,         # algorithm_type "dpmsolver++" by default
-    "flow": FlowMatchEulerDiscreteScheduler,      # models trained with rectified flow: v = eps - x0 (cascadev.diffusion)
+    "flow": FlowMatchEulerDiscreteScheduler,      # models trained with rectified flow: v = eps - x0
+                                                  # (cascadev.training.diffusion)
 }
 
 

@@ -4,7 +4,7 @@ Sections (each a mapping in the YAML; a key left out keeps its default):
 
 - ``stage``: what trains. "dit" (Stage B decoder), "vae" (Stage A), "semantic" (Stage B semantic encoder
   + Previewer as an autoencoder) or "base" (Stage C text-to-video DiT); one branch each in
-  ``cascadev.tasks.build_task``.
+  ``cascadev.training.tasks.build_task``.
 - ``dit``: DiT preset name + field overrides, ``init_from``, gradient checkpointing, the weight of a loss on
   decoded pixels (stage "dit").
 - ``semantic``: encoder and Previewer presets + overrides, initial weights, which train, loss weights
@@ -15,11 +15,13 @@ Sections (each a mapping in the YAML; a key left out keeps its default):
 - ``stage_a``: Stage A VAE preset + overrides: frozen for "dit", the model that trains for "vae".
 - ``condition``: the DiT's condition: semantic encoder (preset, weights) or the resize route; stage base
   takes its semantic encoder from here too.
-- ``diffusion``: the objective (``cascadev.diffusion.DiffusionConfig``).
+- ``diffusion``: the objective (``cascadev.training.diffusion.DiffusionConfig``).
 - ``vae``: Stage A training: which parameters train, loss weights, discriminator.
-- ``data`` (``cascadev.data.DataConfig``), ``optim``, ``run``.
+- ``data`` (``cascadev.training.data.DataConfig``), ``optim``, ``run``.
 
-Load with ``load_train_config(path, ["optim.lr=1e-4", ...])``; every override is type-checked.
+Load with ``load_train_config(path, ["optim.lr=1e-4", ...])``; every override is type-checked. A latent
+cache's ``cache.yaml`` holds the part of the config its latents depend on (``cache_signature``); training from
+the cache checks it (``check_cache``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from cascadev.config import ConfigError, from_dict, load_config, to_dict
-from cascadev.data import DataConfig
-from cascadev.diffusion import DiffusionConfig
+from cascadev.training.data import DataConfig
+from cascadev.training.diffusion import DiffusionConfig
 
 Stage = Literal["dit", "vae", "semantic", "base"]
 STAGES = ("dit", "vae", "semantic", "base")
@@ -322,13 +326,15 @@ class TrainConfig:
         from vae.semantic_encoder import PRESETS as SEMANTIC_PRESETS
         if self.diffusion.objective != "iddpm":
             raise ValueError(f"stage base trains diffusion.objective 'iddpm' only (eps + learned sigma): the base model's "
-                             f"sampler (cascadev.generate, DDPM-family schedulers) has no {self.diffusion.objective!r} "
-                             "counterpart")
-        sampler = DiffusionConfig()      # cascadev.generate samples with diffusers' default schedule, which this is
+                             "sampler (cascadev.pipelines.text_to_video, DDPM-family schedulers) has no "
+                             f"{self.diffusion.objective!r} counterpart")
+        # cascadev.pipelines.text_to_video samples with diffusers' default schedule, which this is
+        sampler = DiffusionConfig()
         schedule = ("num_timesteps", "beta_start", "beta_end")
         if any(getattr(self.diffusion, k) != getattr(sampler, k) for k in schedule):
-            raise ValueError("stage base: the base model's sampler (cascadev.generate) uses diffusers' default schedule, "
-                             f"so diffusion.{'/'.join(schedule)} must stay {'/'.join(str(getattr(sampler, k)) for k in schedule)}")
+            raise ValueError("stage base: the base model's sampler (cascadev.pipelines.text_to_video) uses diffusers' "
+                             f"default schedule, so diffusion.{'/'.join(schedule)} must stay "
+                             f"{'/'.join(str(getattr(sampler, k)) for k in schedule)}")
         if self.condition.route != "semantic":
             raise ValueError("stage base generates semantic latents: condition.route must be 'semantic'")
         if self.condition.semantic_preset not in SEMANTIC_PRESETS:
@@ -362,3 +368,38 @@ def replace(config: TrainConfig, **sections: dict) -> TrainConfig:
     """A copy of ``config`` with fields of sections changed: ``replace(c, run={"max_steps": 5})``."""
     changes = {name: dataclasses.replace(getattr(config, name), **fields) for name, fields in sections.items()}
     return dataclasses.replace(config, **changes)
+
+
+# -- latent caches (written by cascadev.training.cache_latents, checked by cascadev.training.train) ----------
+
+CACHE_CONFIG = "cache.yaml"
+
+
+def cache_signature(config: TrainConfig) -> dict:
+    """What cached latents depend on: the clip geometry, the condition (semantic encoder or resize route) and,
+    for stage dit, the Stage A model; a base cache also names its stage (a dit cache holds other tensors)."""
+    d = config.data
+    signature = {
+        "data": {"num_frames": d.num_frames, "frame_stride": d.frame_stride, "height": d.height, "width": d.width},
+        "condition": to_dict(config.condition),
+    }
+    if config.stage == "base":
+        return {"cache": {"stage": "base"}, **signature}
+    return {**signature, "stage_a": to_dict(config.stage_a.model_config())}
+
+
+def check_cache(folder: str | Path, config: TrainConfig) -> None:
+    """Raise ConfigError naming every setting where the cache in ``folder`` differs from ``config``."""
+    path = Path(folder) / CACHE_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: write the cache with python -m cascadev.training.cache_latents")
+    cached = yaml.safe_load(path.read_text())
+    stage = cached.get("cache", {}).get("stage", "dit")                     # dit caches predate the field
+    if stage != config.stage:
+        raise ConfigError(f"latent cache {folder} holds stage {stage} inputs, the config trains stage {config.stage}")
+    wanted = yaml.safe_load(yaml.safe_dump(cache_signature(config)))      # tuples -> lists, as in the file
+    diffs = [f"{section}.{key}: cache {cached.get(section, {}).get(key)!r} != config {value!r}"
+             for section, fields in wanted.items() for key, value in fields.items()
+             if cached.get(section, {}).get(key) != value]
+    if diffs:
+        raise ConfigError(f"latent cache {folder} was made with other settings: " + "; ".join(diffs))

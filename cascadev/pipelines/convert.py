@@ -1,4 +1,4 @@
-"""``cascadev convert OLD NEW``: rewrite a cascade saved by cascadev < 0.2 in diffusers' pipeline layout.
+"""Rewrite a cascade saved by cascadev < 0.2 in diffusers' pipeline layout (``cascadev convert OLD NEW``).
 
 The previous layout: ``pipeline.json`` (Stage A settings and the sampler the weights were tuned for),
 ``dit/``, ``semantic_encoder/``, ``previewer/`` (``config.json`` + ``model.safetensors`` each, released key
@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cascadev.pipeline import LEGACY_PIPELINE_FILE, RELEASE_STEPS, CascadeVPipeline, is_legacy_cascade, load_vae, stage_a_settings
 from cascadev.config import from_dict
-from cascadev.sampling import make_scheduler
+from cascadev.pipelines.cascade import (LEGACY_PIPELINE_FILE, RELEASE_STEPS, CascadeVPipeline, is_legacy_cascade,
+                                        load_vae, stage_a_settings)
+from cascadev.pipelines.sampling import make_scheduler
+from cascadev.pipelines.text_to_video import TextToVideoPipeline, is_legacy_text_to_video
+from dit.text_dit import TextDiT
+from dit.text_encoder import TextEncoder
 from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
 from vae.semantic_encoder import SemanticEncoder
@@ -46,10 +50,6 @@ def load_legacy_cascade(folder: str | Path) -> CascadeVPipeline:
 def load_legacy_text_to_video(folder: str | Path):
     """A text-to-video folder in the previous layout (``text_to_video.json``: ``text_encoder/``, ``base_dit/``,
     ``cascade/``), as a ``TextToVideoPipeline``."""
-    from cascadev.generate import TextToVideoPipeline
-    from dit.text_dit import TextDiT
-    from dit.text_encoder import TextEncoder
-
     folder = Path(folder)
     return TextToVideoPipeline.from_parts(TextEncoder.from_legacy_folder(folder / "text_encoder"),
                                           TextDiT.from_legacy_folder(folder / "base_dit"),
@@ -59,21 +59,8 @@ def load_legacy_text_to_video(folder: str | Path):
 def convert(old: str | Path, new: str | Path):
     """Load ``old`` (a cascade or a text-to-video folder in the previous layout) and write it to ``new`` with
     ``save_pretrained``. Returns the pipeline."""
-    from cascadev.generate import is_legacy_text_to_video
-
     if Path(new).exists() and any(Path(new).iterdir()):
         raise FileExistsError(f"{new} exists and is not empty: choose a new folder")
     pipe = load_legacy_text_to_video(old) if is_legacy_text_to_video(old) else load_legacy_cascade(old)
     pipe.save_pretrained(str(new))
     return pipe
-
-
-def add_arguments(p) -> None:
-    p.add_argument("old", help="a cascade (pipeline.json) or text-to-video folder (text_to_video.json) written by "
-                               "cascadev < 0.2")
-    p.add_argument("new", help="where to write it in diffusers' layout (model_index.json)")
-
-
-def run(args) -> None:
-    convert(args.old, args.new)
-    print(f"{args.old} -> {args.new} (load it with CascadeVPipeline.from_pretrained or --weights)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cascadev.cli import UserError
+from cascadev.errors import UserError
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,10 +49,10 @@ def output_paths(output: str | Path, n: int) -> list[Path]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from cascadev.generate import check_request, load_text_to_video
+    from cascadev.pipelines.text_to_video import check_request, load_text_to_video
     import torch
 
-    from cascadev.pipeline import save_latents
+    from cascadev.pipelines.cascade import save_latents
     from cascadev.video_io import write_video
 
     request = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("scheduler", args.scheduler))

@@ -7,29 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from cascadev.cli import UserError
-
-
-def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("weights and sampling")
-    g.add_argument("--weights", help="folder with the released files or one written by save_pretrained "
-                                     "(default: download from the hub)")
-    g.add_argument("--dit", help="DiT: s1024.effn-f32.pth, our folder, or a hub id")
-    g.add_argument("--semantic-encoder", help="effnet_encoder.safetensors or our folder")
-    g.add_argument("--previewer", help="previewer.safetensors or our folder")
-    g.add_argument("--stage-a", help="Stage A VAE: diffusers folder or hub id (default: the SVD VAE)")
-    g.add_argument("--steps", type=int, help="denoising steps (default: the folder's saved sampler, else 8 as the "
-                                             "release)")
-    g.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp", "flow"],
-                   help="default: the folder's saved sampler (flow for the built-in tiny cascade), else euler_a")
-    g.add_argument("--tiling", default="blend", choices=["blend", "official"],
-                   help="blend windows/tiles smoothly (default) or reproduce the release exactly")
-    g.add_argument("--colour-fix", type=int, metavar="N",
-                   help="take the band of N x N pixel blocks and below from the Previewer (StableSR's colour fix; "
-                        "default: the folder's saved setting, 16 for the built-in tiny cascade; 0: off)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+from cascadev.errors import UserError
+from cascadev.pipelines.options import add_pipeline_arguments, check_decode_args, decode_kwargs, load_pipeline
 
 
 def add_reconstruct_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,34 +37,6 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(p)
 
 
-def load_pipeline(args, previewer: bool):
-    from cascadev.pipeline import load_cascade
-    print("loading weights ...", flush=True)
-    pipe = load_cascade(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder, previewer=args.previewer,
-                        vae=args.stage_a, load_previewer=previewer)
-    return pipe.to(args.device or ("cuda" if _cuda() else "cpu"))
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
-def check_decode_args(args) -> None:
-    """What can be checked before any weights load."""
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if args.colour_fix is not None and args.colour_fix < 0:
-        raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
-
-
-def decode_kwargs(args, pipe) -> dict:
-    """``decode`` arguments: what was given, else the loaded pipeline's saved sampler and colour fix."""
-    from cascadev.pipeline import resolve_colour_fix
-    return dict(seed=args.seed, tiling=args.tiling, steps=args.steps, scheduler=args.scheduler,
-                colour_fix=resolve_colour_fix(pipe, args.colour_fix))
-
-
 def _wants_previewer(args) -> bool:
     """Load the Previewer only for the colour fix (its reference): asked for, or saved in the weights folder."""
     if args.colour_fix is not None:
@@ -99,7 +50,7 @@ def _report(pipe) -> None:
 
 
 def run_reconstruct(args: argparse.Namespace) -> None:
-    from cascadev.pipeline import infer_size, resize_video, save_latents
+    from cascadev.pipelines.cascade import infer_size, resize_video, save_latents
     from cascadev.video_io import read_video, video_info, write_video
     from eval.metrics import psnr
 
@@ -132,7 +83,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
 
 
 def run_decode(args: argparse.Namespace) -> None:
-    from cascadev.pipeline import SEMANTIC_CHANNELS, infer_size, load_latents, resize_video
+    from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, infer_size, load_latents, resize_video
     from cascadev.video_io import write_video
 
     pipe = None
@@ -146,7 +97,7 @@ def run_decode(args: argparse.Namespace) -> None:
         print(f"decoding latents {tuple(latents.shape)} -> {latents.shape[-1] * 32}x{latents.shape[-2] * 32}")
         videos = pipe.decode(latents, **decode_kw).cpu()
     else:
-        from cascadev.pipeline import resolve_stage_a_config
+        from cascadev.pipelines.cascade import resolve_stage_a_config
         from vae.stage_a import SVD_VAE_REPO, StageAVAE
         check_decode_args(args)
         latents = load_latents(args.latents, 4)

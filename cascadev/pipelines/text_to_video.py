@@ -5,8 +5,8 @@ scheduler with classifier-free guidance -> semantic latents (B, 16, T, H/32, W/3
 the semantic encoder makes them -> ``CascadeVPipeline.decode`` -> video (B, 3, T, H, W) in [-1, 1].
 
 The base model works on latents times ``TextDiTConfig.latent_scale``; ``to_model`` and ``from_model``
-are the only places that apply it, for sampling here and for training (``base_training_loss``, which
-phase-2 training calls with the same conventions: eps prediction, empty-caption dropout for CFG).
+are the only places that apply it, for sampling here and for training (``cascadev.training.losses.base_training_loss``,
+with the same conventions: eps prediction, empty-caption dropout for CFG).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from cascadev.pipeline import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade, timed,
-                               to_numpy_video)
-from cascadev.sampling import make_scheduler
+from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade, timed,
+                                        to_numpy_video)
+from cascadev.pipelines.sampling import make_scheduler
 from dit.text_dit import TextDiT, TextDiTConfig
 from dit.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
 from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
@@ -36,7 +36,6 @@ from vae.previewer import Previewer
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0          # Stable Cascade's Stage C default
 DEFAULT_SCHEDULER = "dpmpp"
-CAPTION_DROPOUT = 0.1           # share of captions trained as the empty prompt, for CFG
 TEXT_ENCODER_DIR, BASE_DIR = "text_encoder", "base_dit"    # what a base training run's final/ holds
 LEGACY_PIPELINE_FILE = "text_to_video.json"             # folders of cascadev < 0.2
 
@@ -65,14 +64,7 @@ def cat_text(*texts: TextEmbedding) -> TextEmbedding:
     return TextEmbedding(*(torch.cat(zs) for zs in zip(*texts)))
 
 
-def drop_captions(text: TextEmbedding, null_text: TextEmbedding, drop: torch.Tensor) -> TextEmbedding:
-    """Replace the rows where ``drop`` (B,) is True by ``null_text`` (1 row: the empty prompt's encoding)."""
-    if null_text.context.shape[1:] != text.context.shape[1:]:
-        raise ValueError(f"null text {tuple(null_text.context.shape)} does not match the captions {tuple(text.context.shape)}")
-    return TextEmbedding(*(torch.where(drop.view(-1, *[1] * (z.ndim - 1)), n.to(z), z) for z, n in zip(text, null_text)))
-
-
-def _config_of(model: torch.nn.Module) -> TextDiTConfig:
+def config_of(model: torch.nn.Module) -> TextDiTConfig:
     """The TextDiTConfig of a model, also when wrapped (DDP ``.module``, torch.compile ``._orig_mod``)."""
     while not hasattr(model, "spec"):
         model = model.module if hasattr(model, "module") else model._orig_mod
@@ -89,7 +81,7 @@ def guided_noise(model: TextDiT, x: torch.Tensor, t: torch.Tensor | float, text:
     with both passes in one batch of 2B. ``guidance == 1`` is the conditional pass alone. Returns the
     eps channels (B, C, T, h, w) in float32 (a learned variance is not used by the schedulers).
     """
-    C = _config_of(model).latent_channels
+    C = config_of(model).latent_channels
     B = x.shape[0]
     dtype = next(model.parameters()).dtype
     t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
@@ -113,7 +105,7 @@ def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_t
     scheduler-scaled input and take a scheduler step (``generator`` feeds ancestral samplers).
     Returns float32 latents (B, C, T, h, w) in the model's space (see ``from_model``).
     """
-    c = _config_of(model)
+    c = config_of(model)
     if noise.ndim != 5 or noise.shape[1] != c.latent_channels:
         raise ValueError(f"noise must be (B, {c.latent_channels}, T, h, w), got {tuple(noise.shape)}")
     if steps < 1:
@@ -135,31 +127,6 @@ def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_t
         eps = guided_noise(model, scheduler.scale_model_input(latents, t), t, text, null_text, guidance)
         latents = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
     return latents
-
-
-# -- training (called by the training script, stage base) ----------------------------------------
-
-def base_training_loss(model: torch.nn.Module, diffusion, latents: torch.Tensor, text: TextEmbedding,
-                       null_text: TextEmbedding, generator: torch.Generator, drop_prob: float = CAPTION_DROPOUT,
-                       as_images: bool = False) -> tuple[torch.Tensor, dict]:
-    """Diffusion loss of the base model on one micro-batch.
-
-    latents: (B, 16, T, h, w) semantic latents as the encoder makes them (unscaled; cached ones too).
-    text: the captions' ``TextEmbedding`` (B rows); null_text: the empty prompt's (1 row), which
-        replaces a ``drop_prob`` share of the captions so the model also learns eps(null) for CFG.
-    diffusion: a ``cascadev.diffusion`` objective (per-video timesteps; eps + learned variance for iddpm).
-    Returns (mean loss, {"loss", "mse", "vb"} detached means), as the Stage B task does.
-    """
-    x0 = to_model(latents, _config_of(model))
-    B = x0.shape[0]
-    drop = torch.rand(B, generator=generator, device=generator.device) < drop_prob
-    text = drop_captions(TextEmbedding(*(z.to(x0.device) for z in text)), null_text, drop.to(x0.device))
-    t = diffusion.sample_t(B, generator).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-    x_t = diffusion.noise(x0, t, eps)
-    out = model(x_t, diffusion.model_time(t), *text, as_images=as_images)  # b c_out t h w
-    losses = diffusion.losses(out, x0, x_t, t, eps)
-    return losses["loss"].mean(), {k: v.detach().mean() for k, v in losses.items()}
 
 
 # -- the pipeline --------------------------------------------------------------------------------

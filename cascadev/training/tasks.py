@@ -1,7 +1,7 @@
 """What trains in each stage of the cascade: one task object per stage, picked by ``build_task``.
 
 A task holds what differs between stages -- the models (the one that trains, the frozen encoders around it, a
-discriminator), the loss, validation and the export of final weights -- so that the loop in ``cascadev.train``
+discriminator), the loss, validation and the export of final weights -- so that the loop in ``cascadev.training.train``
 is the same for all of them: ``DiTTask`` (stage "dit", Stage B), ``VAETask`` ("vae", Stage A), ``SemanticTask``
 ("semantic", Stage B's semantic encoder with the Previewer) and ``BaseTask`` ("base", Stage C).
 
@@ -14,10 +14,10 @@ What the loop uses of a task:
   micro-batch (``prepared`` holds the prepared "model" and "discriminator"); returns the values to log.
 - ``validate(accelerator, prepared, clips, step, run_dir)``: metrics on held-out clips, and a sample under
   ``run_dir/samples``.
-- ``export(state_dict, directory)``: final weights in our formats (``cascadev.train.export_final`` decides
+- ``export(state_dict, directory)``: final weights in our formats (``cascadev.training.train.export_final`` decides
   which state dict goes where; for stage base it also saves ``text_encoder``).
 
-``DiTTask`` and ``BaseTask`` also ``encode`` videos into what ``cascadev.cache_latents`` stores, built with
+``DiTTask`` and ``BaseTask`` also ``encode`` videos into what ``cascadev.training.cache_latents`` stores, built with
 ``build_model=False`` (frozen encoders only). Every model is initialised under ``seeded(seed, part)``, so each
 process and command builds the same random-init weights.
 """
@@ -35,11 +35,12 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from cascadev.config import ConfigError
-from cascadev.conditioning import downsample_video, resize_small_from_latent, semantic_small, upsample_condition
-from cascadev.data import mix_seed
-from cascadev.diffusion import build_diffusion, mean_flat
-from cascadev.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, kl_standard_normal, load_lpips_loss
-from cascadev.train_config import TrainConfig
+from cascadev.pipelines.conditioning import downsample_video, resize_small_from_latent, semantic_small, upsample_condition
+from cascadev.training.config import TrainConfig
+from cascadev.training.data import mix_seed
+from cascadev.training.diffusion import build_diffusion, mean_flat
+from cascadev.training.losses import (PatchDiscriminator, base_training_loss, hinge_d_loss, hinge_g_loss,
+                                      kl_standard_normal, load_lpips_loss)
 from cascadev.weights import CONFIG_NAME, atomic_write, save_model_weights, save_state_dict
 
 
@@ -171,7 +172,7 @@ class DiTTask:
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """(B, 3, T, H, W) in [-1, 1] -> {"latent": (B, 4, T, H/8, W/8), "cond": the compact condition}, scaled.
 
-        This is what a latent cache stores (``cascadev.cache_latents``).
+        This is what a latent cache stores (``cascadev.training.cache_latents``).
         """
         c = self.config.condition
         latent = self.stage_a.encode(video, generator=generator)
@@ -246,7 +247,8 @@ class DiTTask:
     @torch.no_grad()
     def validate(self, accelerator, prepared: dict, clips: list[dict], step: int, run_dir: Path) -> dict:
         """Loss at fixed timesteps and noise on held-out clips; on the main process, a sampled reconstruction
-        of the first clip (``cascadev.sampling``, the objective's sampler) saved as ``samples/step_N.mp4`` next to the input."""
+        of the first clip (``cascadev.pipelines.sampling``, the objective's sampler) saved as ``samples/step_N.mp4``
+        next to the input."""
         from eval.metrics import psnr
 
         model = prepared["model"]
@@ -268,7 +270,7 @@ class DiTTask:
         logs = {"val/loss": torch.stack(losses).mean().item()} if losses else {}
         steps = self.config.run.val_sample_steps
         if accelerator.is_main_process and clips and steps > 0 and not is_fsdp(accelerator):
-            from cascadev.sampling import sample
+            from cascadev.pipelines.sampling import sample
 
             diffusion = self.config.diffusion
             # the sampler that matches the objective: ancestral Euler (release) or flow Euler at the trained shift
@@ -574,10 +576,10 @@ class BaseTask:
     """Stage C: the TextDiT denoises semantic latents (B, 16, T, H/32, W/32) given the caption; the semantic encoder
     (``condition`` section) and the text encoder are frozen.
 
-    Latents come from a cache of this stage (``cascadev.cache_latents``: "semantic", unscaled, and the caption)
+    Latents come from a cache of this stage (``cascadev.training.cache_latents``: "semantic", unscaled, and the caption)
     or are encoded on the fly. Captions are encoded per batch by the frozen text encoder (no caption cache: a
     bigG embedding is 77 x 1280 floats, too large to keep for a real dataset, and cheap beside the DiT); the
-    empty prompt once. ``cascadev.generate.base_training_loss`` does the rest: the latent scale, ``caption_dropout``
+    empty prompt once. ``cascadev.training.losses.base_training_loss`` does the rest: the latent scale, ``caption_dropout``
     of the captions replaced by the empty prompt (for classifier-free guidance), IDDPM with per-video timesteps.
     """
 
@@ -635,8 +637,6 @@ class BaseTask:
         return self._null_text
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator, as_images: bool) -> tuple[torch.Tensor, dict]:
-        from cascadev.generate import base_training_loss
-
         latents = self.latents(batch)
         loss, logs = base_training_loss(model, self.diffusion, latents, self.text(batch["caption"]), self.null_text,
                                         generator, drop_prob=self.config.base.caption_dropout, as_images=as_images)
@@ -653,8 +653,8 @@ class BaseTask:
         """Loss at fixed timesteps and noise on held-out clips with their captions (none dropped); on the main
         process, latents sampled for the first clip's caption (``val_sample_steps`` steps, default guidance) saved
         as ``samples/step_N.safetensors``: ``cascadev decode`` turns them into video."""
-        from cascadev.generate import DEFAULT_GUIDANCE, from_model, sample_base, to_model
-        from cascadev.pipeline import save_latents
+        from cascadev.pipelines.text_to_video import DEFAULT_GUIDANCE, from_model, sample_base, to_model
+        from cascadev.pipelines.cascade import save_latents
 
         model = prepared["model"]
         model.eval()
@@ -690,7 +690,7 @@ class BaseTask:
     def export(self, state_dict: dict, directory: Path) -> None:
         """``base_dit/`` in our format (``TextDiT.from_pretrained``); ``export_final`` adds ``text_encoder/``, so the
         folder is a ``TextToVideoPipeline.from_pretrained`` root (with a cascade given apart)."""
-        from cascadev.generate import BASE_DIR
+        from cascadev.pipelines.text_to_video import BASE_DIR
         save_module(state_dict, self.model, directory / BASE_DIR)
 
 

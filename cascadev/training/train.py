@@ -1,12 +1,12 @@
 """Train a stage of the cascade with accelerate: the Stage B DiT ("dit"), the Stage A VAE ("vae"), the Stage B
 semantic encoder with the Previewer ("semantic"), or the Stage C text-to-video base model ("base").
 
-    accelerate launch [--config_file configs/accelerate/ddp.yaml] -m cascadev.train \\
+    accelerate launch [--config_file configs/accelerate/ddp.yaml] -m cascadev.training.train \\
         --config configs/dit_official_finetune.yaml [--set optim.lr=1e-5 data.videos=list.txt ...]
-    python -m cascadev.train --config configs/dit_tiny.yaml --set data.videos=clips/ --max-steps 20
+    python -m cascadev.training.train --config configs/dit_tiny.yaml --set data.videos=clips/ --max-steps 20
 
 ``main`` reads top to bottom: config -> Accelerator -> models -> data -> prepare -> resume -> loop -> save.
-What differs between stages (models, loss, validation, export) is a task object from ``cascadev/tasks.py``
+What differs between stages (models, loss, validation, export) is a task object from ``cascadev/training/tasks.py``
 (``build_task``); this module is what they share: the loop, checkpoints, EMA, LR schedule, logs and the CLI.
 
 Run directory (``run.dir``): ``config.yaml`` (resolved), ``train.log``, ``logs/`` (TensorBoard),
@@ -41,14 +41,14 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from cascadev.config import ConfigError, save_config, to_dict
-from cascadev.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step, image_steps_before,
-                           list_samples, make_loader, mix_seed, split_validation)
-from cascadev.tasks import build_task, is_fsdp, write_json
-from cascadev.train_args import add_train_arguments
-from cascadev.train_config import TrainConfig, load_train_config
+from cascadev.training.args import add_train_arguments
+from cascadev.training.config import TrainConfig, check_cache, load_train_config
+from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step,
+                                    image_steps_before, list_samples, make_loader, mix_seed, split_validation)
+from cascadev.training.tasks import build_task, is_fsdp, write_json
 from cascadev.weights import save_state_dict
 
-log = logging.getLogger("cascadev.train")
+log = logging.getLogger("cascadev.training.train")
 
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer.json"
@@ -72,7 +72,7 @@ def export_final(task, final: Path, state_dict: dict, ema: dict | None) -> None:
     if ema_state is not None:
         task.export(state_dict, final / "model")
     if task.name == "base":              # the frozen text encoder, once (the trained weights in final/model/ share it)
-        from cascadev.generate import TEXT_ENCODER_DIR
+        from cascadev.pipelines.text_to_video import TEXT_ENCODER_DIR
         task.text_encoder.save_pretrained(final / TEXT_ENCODER_DIR)
 
 
@@ -186,7 +186,7 @@ def flat_config(config: TrainConfig) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cascadev.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cascadev.training.train", description=__doc__.splitlines()[0])
     add_train_arguments(parser)
     return parser.parse_args(argv)
 
@@ -242,7 +242,6 @@ def run_training(args: argparse.Namespace) -> Path:
     if data.latents:
         if config.stage not in ("dit", "base"):
             raise ConfigError("data.latents (a latent cache) only feeds stages dit and base")
-        from cascadev.cache_latents import check_cache
         check_cache(data.latents, config)
         train_set = LatentDataset(data.latents)
         val_samples = split_validation(data)[1] if data.videos or data.val_videos else []
@@ -367,5 +366,5 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, FileNotFoundError, ValueError) as e:   # bad input: one line; real bugs keep their traceback
-        print(f"cascadev.train: error: {e}", file=sys.stderr)
+        print(f"cascadev.training.train: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -11,7 +11,7 @@ The training step reads
 Symbols follow the papers: ``alpha_bar_t`` (DDPM, Ho et al. 2020), ``beta_tilde_t`` the posterior
 variance (DDPM Eq. 7), the learned variance interpolation ``v`` (IDDPM, Nichol & Dhariwal 2021,
 Eq. 15). Tensors are latents (B, C, T, H, W); reductions are over all but the batch dimension, so
-every video gets its own loss. Sampling loops are not here: see ``cascadev.sampling``, which runs
+every video gets its own loss. Sampling loops are not here: see ``cascadev.pipelines.sampling``, which runs
 the matching diffusers schedulers (DDPM-family for ``iddpm``, FlowMatchEuler for ``rf``).
 """
 

@@ -1,0 +1,13 @@
+"""Inference: the diffusers pipelines and what they are made of.
+
+``cascade``: ``CascadeVPipeline``, video <-> semantic latents through the LDM-VAE cascade (Stage B and A).
+``text_to_video``: ``TextToVideoPipeline``, prompts -> the Stage C base model -> the cascade -> video.
+``sampling`` (the DiT over diffusers schedulers, windows and tiles) and ``conditioning`` (the semantic condition on
+the Stage A grid) are their parts; ``convert`` rewrites folders of cascadev < 0.2; ``options`` holds the command-line
+options of a cascade, shared by ``cascadev decode`` and ``eval/bench_recon.py``.
+"""
+
+from cascadev.pipelines.cascade import CascadeVPipeline
+from cascadev.pipelines.text_to_video import TextToVideoPipeline
+
+__all__ = ["CascadeVPipeline", "TextToVideoPipeline"]
