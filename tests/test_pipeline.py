@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import run_cli, tiny_cascade
+from conftest import ROOT, run_cli, tiny_cascade
 from cascadev.pipelines.cascade import (CascadeVPipeline, load_latents, resolve_colour_fix, round_size, save_latents,
                                         seeded_noise)
 from cascadev.video_io import read_video, video_info
@@ -178,3 +178,13 @@ def test_colour_fix_default_follows_the_folder(pipe):
     assert resolve_colour_fix(pipe, None) is None   # the release: off
     with pytest.raises(ValueError, match="must be >= 0"):
         resolve_colour_fix(shipped, -1)
+
+
+def test_the_cascade_imports_without_the_text_side():
+    """Decoding needs no open_clip (the GPU image and many users' environments lack it)."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['open_clip'] = None\n"
+            "import cascadev.pipelines.cascade, cascadev.pipelines.sampling, cascadev.cli.decode")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-500:]

@@ -5,9 +5,6 @@
 ``sampling`` (the DiT over diffusers schedulers, windows and tiles) and ``conditioning`` (the semantic condition on
 the Stage A grid) are their parts; ``convert`` rewrites folders of cascadev < 0.2; ``options`` holds the command-line
 options of a cascade, shared by ``cascadev decode`` and ``eval/bench_recon.py``.
+
+Nothing is imported here, so the cascade loads without the text side's dependencies (open_clip).
 """
-
-from cascadev.pipelines.cascade import CascadeVPipeline
-from cascadev.pipelines.text_to_video import TextToVideoPipeline
-
-__all__ = ["CascadeVPipeline", "TextToVideoPipeline"]
