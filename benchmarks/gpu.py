@@ -74,14 +74,18 @@ def dit_flops(preset: str, window: tuple[int, int, int]) -> float:
     return float(counter.get_total_flops())
 
 
-def build_pipeline(preset: str, dtype: torch.dtype) -> CascadeVPipeline:
+def build_pipeline(preset: str, dtype: torch.dtype, stage_a_tile: int | None = None) -> CascadeVPipeline:
     """The cascade with random weights: ``official`` is the released architectures (EfficientNetV2-S encoder,
-    PixArt-XL/2 DiT, SVD's temporal VAE) and sampler (Euler-ancestral); fp32 keeps the release's fp32 attention."""
+    PixArt-XL/2 DiT, SVD's temporal VAE) and sampler (Euler-ancestral); fp32 keeps the release's fp32 attention.
+    ``stage_a_tile``: Stage A's tile size in pixels (None: the preset's; 0: whole frames)."""
     stage_a = "tiny_taesd" if preset == "tiny" else "official"
+    settings = stage_a_settings(STAGE_A_PRESETS[stage_a])
+    if stage_a_tile is not None:
+        settings["tile_size"] = stage_a_tile
     return CascadeVPipeline(dit=build_dit(preset, attn_fp32=dtype == torch.float32).to(dtype),
                             semantic_encoder=build_semantic_encoder(preset).to(dtype),
                             vae=build_stage_a(stage_a, load_weights=False).model.to(dtype),
-                            scheduler=make_scheduler("euler_a"), stage_a=stage_a_settings(STAGE_A_PRESETS[stage_a]))
+                            scheduler=make_scheduler("euler_a"), stage_a=settings)
 
 
 def warm_up(pipe: CascadeVPipeline, frames: int, device: torch.device) -> None:
@@ -189,7 +193,7 @@ def run_variant(args, device: torch.device, report: Report, sizes: list[tuple[in
                 compiled: bool = False, labels: dict | None = None) -> None:
     """Build one pipeline as asked, warm it up, and decode each size with each window batch; ``labels`` go in the rows."""
     torch.manual_seed(0)
-    pipe = build_pipeline(args.preset, dtype)
+    pipe = build_pipeline(args.preset, dtype, args.stage_a_tile)
     if offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -210,14 +214,19 @@ def run_variant(args, device: torch.device, report: Report, sizes: list[tuple[in
 
 def bench_decode(args, device: torch.device, report: Report) -> None:
     sizes = [tuple(int(n) for n in s.split("x")) for s in args.sizes]   # T x H x W pixels
-    run_variant(args, device, report, sizes, batches=tuple(dict.fromkeys((1, args.window_batch))),
-                labels={"dtype": "bf16"})
-    if device.type == "cuda":
+    tile = {} if args.stage_a_tile is None else {"stage_a_tile": args.stage_a_tile or "whole frame"}
+    variants = args.decode_variants
+    if "plain" in variants:
+        run_variant(args, device, report, sizes, batches=tuple(dict.fromkeys((1, args.window_batch))),
+                    labels={"dtype": "bf16", **tile})
+    if "offload" in variants and device.type == "cuda":
         run_variant(args, device, report, sizes, batches=(args.window_batch,), offload=True,
-                    labels={"dtype": "bf16", "offload": "model"})
-    run_variant(args, device, report, sizes[:1], batches=(args.window_batch,), compiled=True,
-                labels={"dtype": "bf16", "compiled": True})
-    run_variant(args, device, report, sizes[:1], dtype=torch.float32, labels={"dtype": "fp32 (release)"})
+                    labels={"dtype": "bf16", "offload": "model", **tile})
+    if "compiled" in variants:
+        run_variant(args, device, report, sizes[:1], batches=(args.window_batch,), compiled=True,
+                    labels={"dtype": "bf16", "compiled": True, **tile})
+    if "fp32" in variants:
+        run_variant(args, device, report, sizes[:1], dtype=torch.float32, labels={"dtype": "fp32 (release)", **tile})
 
 
 def bench_stage_a(args, device: torch.device, report: Report) -> None:
@@ -238,6 +247,7 @@ def bench_stage_a(args, device: torch.device, report: Report) -> None:
                        cudnn_benchmark=autotune, seconds=round(seconds, 3), peak_gib=round(mem, 2))
 
 
+VARIANTS = ("plain", "offload", "compiled", "fp32")
 SECTIONS = {"dit_forward": bench_dit_forward, "decode": bench_decode, "stage_a": bench_stage_a}
 
 
@@ -249,6 +259,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--window-batch", type=int, default=6, help="DiT windows/tiles per forward, batched rows")
     parser.add_argument("--repeats", type=int, default=3, help="timed DiT forwards per backend")
+    parser.add_argument("--decode-variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="decode section: bf16 (all sizes), model offload (all sizes), compiled DiT blocks and "
+                             "the release's fp32 (first size)")
+    parser.add_argument("--stage-a-tile", type=int, default=None,
+                        help="decode section: Stage A tile size in pixels (default: the preset's 1024; 0: whole frames)")
     parser.add_argument("--stage-a-tiles", nargs="+", type=int, default=[1024, 1536, 0],
                         help="Stage A tile sizes in pixels for the stage_a section (0: whole frames)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))

@@ -71,12 +71,16 @@ def test_batched_windows_equal_one_by_one_on_gpu():
     assert rel_err(batched, one) < 1e-5
 
 
-def test_model_offload_on_gpu_equals_plain(semantic_latents):
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_on_gpu_equals_plain(semantic_latents, offload):
     pipe = tiny_cascade().to(CUDA)
-    want = pipe.decode(semantic_latents, seed=0, progress=False, colour_fix=4)
+    video = torch.rand(1, 3, 8, 128, 192) * 2 - 1
+    want = pipe.decode(semantic_latents, seed=0, progress=False, colour_fix=4), pipe.encode(video)
     pipe.to("cpu")
-    pipe.enable_model_cpu_offload(device=CUDA)
-    got = pipe.decode(semantic_latents, seed=0, progress=False, colour_fix=4)
-    assert got.device.type == "cuda"
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert next(pipe.dit.parameters()).device.type == "cpu"   # parked again once the next model ran
+    getattr(pipe, f"enable_{offload}_cpu_offload")(device=CUDA)
+    got = pipe.decode(semantic_latents, seed=0, progress=False, colour_fix=4), pipe.encode(video)
+    assert got[0].device.type == "cuda"
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    parked = "cpu" if offload == "model" else "meta"   # model: parked once the next one ran; sequential: always
+    assert next(pipe.dit.parameters()).device.type == parked

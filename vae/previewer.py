@@ -82,11 +82,11 @@ class Previewer(DataclassModel):
         self.eval()
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, 16, T, h, w) -> (B, 3, T, 8h, 8w) in about [-1, 1] (not clamped), ``frame_batch`` frames per call."""
+        """(B, 16, T, h, w) -> (B, 3, T, 8h, 8w) in about [-1, 1] (not clamped), ``frame_batch`` frames per call.
+        Runs where ``latents`` are (as diffusers models do, so offload hooks can place the weights)."""
         check_video(latents, self.config.latent_channels, 1, "Previewer")
         B = latents.shape[0]
-        param = next(self.parameters())
-        frames = rearrange(latents, "b c t h w -> (b t) c h w").to(device=param.device, dtype=param.dtype)
+        frames = rearrange(latents, "b c t h w -> (b t) c h w").to(self.dtype)
         images = torch.cat([self.blocks(chunk) for chunk in frames.split(self.config.frame_batch)])
         images = images.float() * 2.0 - 1.0                      # released output range [0, 1] -> [-1, 1]
         return rearrange(images, "(b t) c h w -> b c t h w", b=B)
