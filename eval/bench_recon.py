@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"{data}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
 
     check_decode_args(args)
-    pipe = load_pipeline(args, previewer=True)
+    pipe = load_pipeline(args, with_previewer=True)
     decode_kw = decode_kwargs(args, pipe)
     fix = decode_kw.pop("colour_fix")      # applied here, to the baseline already decoded for the table
     lpips, notes = None, {}

@@ -153,3 +153,16 @@ def test_previous_format_folder_says_how_to_convert_and_converts(tmp_path, capsy
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     code, _, err = run_cli(capsys, "convert", legacy, new)
     assert code == 2 and "not empty" in err
+
+
+def test_load_cascade_takes_the_previewer_for_the_saved_colour_fix_and_replaces_parts(saved, tiny_pipeline_dir, tmp_path):
+    pipe, root = saved                                               # saved with colour_fix=16
+    assert load_cascade(root).previewer is not None                  # the saved colour fix needs its reference
+    assert load_cascade(root, with_previewer=False).previewer is None
+    assert load_cascade(tiny_pipeline_dir).previewer is None         # no colour fix saved: not loaded
+    other = tiny_cascade().previewer
+    torch.nn.init.constant_(other.blocks[-1].bias, 0.25)
+    other.save_pretrained(tmp_path / "previewer")
+    replaced = load_cascade(root, previewer=tmp_path / "previewer")
+    torch.testing.assert_close(replaced.previewer.blocks[-1].bias, torch.full_like(other.blocks[-1].bias, 0.25))
+    torch.testing.assert_close(replaced.dit.x_embedder.proj.weight, pipe.dit.x_embedder.proj.weight)

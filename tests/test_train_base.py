@@ -85,7 +85,7 @@ def test_base_script_resumed_run_equals_uninterrupted(toy, tmp_path, tiny_pipeli
         assert (f.metadata() or {}).get("prompt") in COLOURS
 
     # a checkpoint is a TextDiT folder; final/ is a TextToVideoPipeline root (cascade apart)
-    from cascadev.pipelines.text_to_video import TextToVideoPipeline, load_text_to_video
+    from cascadev.pipelines.text_to_video import load_text_to_video
     from dit.text_dit import TextDiT
     TextDiT.from_legacy_folder(whole / "checkpoints/step_00000003")
     pipe = load_text_to_video(whole / "final", cascade=tiny_pipeline_dir)

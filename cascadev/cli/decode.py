@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from cascadev.errors import UserError
@@ -37,14 +36,6 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(p)
 
 
-def _wants_previewer(args) -> bool:
-    """Load the Previewer only for the colour fix (its reference): asked for, or saved in the weights folder."""
-    if args.colour_fix is not None:
-        return args.colour_fix > 0
-    index = Path(args.weights or "") / "model_index.json"
-    return index.is_file() and bool(json.loads(index.read_text()).get("colour_fix"))
-
-
 def _report(pipe) -> None:
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items()))
 
@@ -64,7 +55,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
         print(f"resizing {W}x{H} -> {size[1]}x{size[0]} (aspect kept, multiples of 32)")
     video = resize_video(video, size)
     check_decode_args(args)
-    pipe = load_pipeline(args, previewer=_wants_previewer(args))
+    pipe = load_pipeline(args)
     decode_kw = decode_kwargs(args, pipe)
     print(f"reconstructing {video.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
     latents = pipe.encode(video, progress=True)
@@ -92,7 +83,7 @@ def run_decode(args: argparse.Namespace) -> None:
             raise UserError("--scale and --vae are for --latent-space sd-vae")
         latents = load_latents(args.latents, SEMANTIC_CHANNELS)
         check_decode_args(args)
-        pipe = load_pipeline(args, previewer=_wants_previewer(args))
+        pipe = load_pipeline(args)
         decode_kw = decode_kwargs(args, pipe)
         print(f"decoding latents {tuple(latents.shape)} -> {latents.shape[-1] * 32}x{latents.shape[-2] * 32}")
         videos = pipe.decode(latents, **decode_kw).cpu()
@@ -114,7 +105,7 @@ def run_decode(args: argparse.Namespace) -> None:
         long_side = round(max(H, W) * args.scale) if args.scale else None
         size = infer_size(H, W, args.size if args.size else str(long_side or 2048))
         print(f"upscaling {W}x{H} -> {size[1]}x{size[0]} through the cascade")
-        pipe = load_pipeline(args, previewer=_wants_previewer(args))
+        pipe = load_pipeline(args)
         videos = pipe.reconstruct(resize_video(pixels, size), **decode_kwargs(args, pipe)).cpu()
     out = Path(args.output)
     for i, video in enumerate(videos):

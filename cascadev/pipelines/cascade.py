@@ -226,24 +226,28 @@ def is_legacy_cascade(folder: str | Path) -> bool:
 
 
 def load_cascade(weights: str | Path | None = None, *, dit=None, semantic_encoder=None, previewer=None, vae=None,
-                 load_previewer: bool = True, torch_dtype: torch.dtype | None = None) -> "CascadeVPipeline":
+                 with_previewer: bool | None = None, torch_dtype: torch.dtype | None = None) -> "CascadeVPipeline":
     """The cascade as the CLI finds it: ``weights`` is a folder or hub id written by ``save_pretrained``, a folder
     holding the released files, or None (the released files from the hub); ``dit``, ``semantic_encoder``,
-    ``previewer``, ``vae`` replace one part each (a path or hub id, as ``load_dit`` etc. take them)."""
+    ``previewer``, ``vae`` replace one part each (a path or hub id, as ``load_dit`` etc. take them).
+    ``with_previewer``: load the Previewer (None: only when the saved ``colour_fix`` needs it as its reference)."""
     if weights is not None and is_legacy_cascade(weights):
         raise FileNotFoundError(f"{weights} is a cascade in the previous format (pipeline.json, model.safetensors); "
                                 f"convert it once with: cascadev convert {weights} NEW_FOLDER")
-    parts = {name: load(source, torch_dtype) for name, load, source in (
-        ("dit", load_dit, dit), ("semantic_encoder", load_semantic_encoder, semantic_encoder),
-        ("previewer", load_previewer, previewer), ("vae", load_vae, vae)) if source is not None}
-    if not load_previewer:
-        parts["previewer"] = None
     ours = weights is not None and ((Path(weights) / "model_index.json").is_file() or _is_hub_id(str(weights)))
-    if ours:
-        try:
+    try:
+        saved = CascadeVPipeline.load_config(str(weights)) if ours else {}
+        if with_previewer is None:
+            with_previewer = bool(saved.get("colour_fix"))
+        parts = {name: load(source, torch_dtype) for name, load, source in (
+            ("dit", load_dit, dit), ("semantic_encoder", load_semantic_encoder, semantic_encoder),
+            ("previewer", load_previewer, previewer), ("vae", load_vae, vae)) if source is not None}
+        if not with_previewer:
+            parts["previewer"] = None
+        if ours:
             return CascadeVPipeline.from_pretrained(str(weights), torch_dtype=torch_dtype, **parts)
-        except OSError as e:   # offline, or no such repo / file: one line, with what to do
-            raise FileNotFoundError(f"cannot load the cascade {weights!r}: {str(e).strip().splitlines()[0][:200]}") from None
+    except OSError as e:   # offline, or no such repo / file: one line, with what to do
+        raise FileNotFoundError(f"cannot load the cascade {weights!r}: {str(e).strip().splitlines()[0][:200]}") from None
     return CascadeVPipeline.from_release(weights, torch_dtype=torch_dtype, **parts)
 
 

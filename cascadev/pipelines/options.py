@@ -33,10 +33,14 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
 
 
-def load_pipeline(args, previewer: bool):
+def load_pipeline(args, with_previewer: bool | None = None):
+    """The cascade the options name; the Previewer when asked, else only for the colour fix (given, or the folder's
+    saved one)."""
     print("loading weights ...", flush=True)
+    if with_previewer is None and args.colour_fix is not None:
+        with_previewer = args.colour_fix > 0
     pipe = load_cascade(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder, previewer=args.previewer,
-                        vae=args.stage_a, load_previewer=previewer)
+                        vae=args.stage_a, with_previewer=with_previewer)
     return pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 

@@ -317,7 +317,7 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
             raise FileNotFoundError(f"{weights} holds a base model without a decoder: pass the cascade (--cascade)")
         return TextToVideoPipeline.from_parts(TextEncoder.from_pretrained(weights / TEXT_ENCODER_DIR),
                                               TextDiT.from_folder(weights / BASE_DIR),
-                                              load_cascade(cascade, load_previewer=False, torch_dtype=torch_dtype))
+                                              load_cascade(cascade, with_previewer=False, torch_dtype=torch_dtype))
     if not (weights / "model_index.json").is_file():
         raise FileNotFoundError(f"{weights}: no base model (Stage C) weights; none are released: train them (cascadev "
                                 "train, stage base) or pass a folder written by TextToVideoPipeline.save_pretrained")
@@ -326,7 +326,7 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
         parts["text_encoder"] = (build_text_encoder(str(text_encoder)) if str(text_encoder) in TEXT_ENCODER_PRESETS
                                  else TextEncoder.from_pretrained(text_encoder))
     if cascade is not None:
-        pipe = load_cascade(cascade, load_previewer=False, torch_dtype=torch_dtype)
+        pipe = load_cascade(cascade, with_previewer=False, torch_dtype=torch_dtype)
         parts.update(dit=pipe.dit, vae=pipe.vae, scheduler=pipe.scheduler, previewer=None, stage_a=pipe.config.stage_a,
                      num_inference_steps=pipe.config.num_inference_steps, colour_fix=None)
     return TextToVideoPipeline.from_pretrained(str(weights), torch_dtype=torch_dtype, **parts)
