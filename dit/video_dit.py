@@ -272,6 +272,14 @@ class DiTTrunk(DataclassModel):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def set_attn_fp32(self, fp32: bool) -> None:
+        """Upcast q, k, v to fp32 in every attention (the release's numerics) or keep them in the weights' dtype,
+        so half precision runs on the flash / cuDNN kernels. Updates the config (saved with the model)."""
+        for module in self.modules():
+            if isinstance(module, AttentionModuleMixin) and hasattr(module, "fp32"):
+                module.fp32 = fp32
+        self.register_to_config(attn_fp32=fp32)
+
     def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) float timesteps -> (B, D), in the parameters' dtype (the final layer's input, before ``t_block``)."""
         emb = self.adaln_single.emb

@@ -166,3 +166,27 @@ def test_load_cascade_takes_the_previewer_for_the_saved_colour_fix_and_replaces_
     replaced = load_cascade(root, previewer=tmp_path / "previewer")
     torch.testing.assert_close(replaced.previewer.blocks[-1].bias, torch.full_like(other.blocks[-1].bias, 0.25))
     torch.testing.assert_close(replaced.dit.x_embedder.proj.weight, pipe.dit.x_embedder.proj.weight)
+
+
+def test_set_precision_keeps_latents_and_scheduler_in_fp32(saved):
+    _, root = saved
+    pipe = CascadeVPipeline.from_pretrained(str(root)).set_precision(torch.bfloat16)
+    assert pipe.dit.dtype == pipe.vae.dtype == pipe.semantic_encoder.dtype == torch.bfloat16
+    assert not pipe.dit.config.attn_fp32 and not any(b.attn.fp32 for b in pipe.dit.blocks)   # flash / cuDNN kernels
+    steps = []
+    pipe(latents=LATENTS, num_inference_steps=2, output_type="latent",
+         callback_on_step_end=lambda p, i, t, tensors: steps.append(tensors["latents"].dtype) or {})
+    assert steps == [torch.float32, torch.float32]
+    assert CascadeVPipeline.from_pretrained(str(root)).set_precision(torch.bfloat16, attn_fp32=True).dit.blocks[0].attn.fp32
+    pipe.vae.register_to_config(force_upcast=True)         # diffusers' flag for VAEs that overflow in fp16
+    pipe.set_precision(torch.float16)
+    assert pipe.dit.dtype == torch.float16 and pipe.vae.dtype == torch.float32
+
+
+def test_compiled_models_give_the_eager_output(saved):
+    _, root = saved
+    pipe = CascadeVPipeline.from_pretrained(str(root))
+    kwargs = dict(latents=LATENTS, num_inference_steps=1, colour_fix=0, generator=torch.Generator().manual_seed(4))
+    eager = pipe(**kwargs).frames
+    compiled = pipe.compile_models()(**{**kwargs, "generator": torch.Generator().manual_seed(4)}).frames
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

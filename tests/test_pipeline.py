@@ -188,3 +188,20 @@ def test_the_cascade_imports_without_the_text_side():
             "import cascadev.pipelines.cascade, cascadev.pipelines.sampling, cascadev.cli.decode")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-500:]
+
+
+def test_cli_half_precision_batched_windows_and_bad_options(tmp_path, capsys, tiny_pipeline_dir, clip_file):
+    fp32, bf16 = tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors"
+    common = ["--weights", tiny_pipeline_dir, "--steps", 2, "--frames", 8, "--size", "256x128"]
+    code, _, err = run_cli(capsys, "reconstruct", clip_file, "-o", tmp_path / "a.mp4", "--latents-out", fp32, *common)
+    assert code == 0, err
+    code, stdout, err = run_cli(capsys, "reconstruct", clip_file, "-o", tmp_path / "b.mp4", "--latents-out", bf16,
+                                "--dtype", "bf16", "--window-batch", 3, *common)
+    assert code == 0, err
+    rel = ((load_latents(bf16) - load_latents(fp32)).norm() / load_latents(fp32).norm()).item()
+    assert 0 < rel < 0.02, rel          # the semantic encoder in bf16
+    assert "PSNR" in stdout
+    for option, message in ((["--window-batch", 0], "--window-batch must be >= 1"),
+                            (["--offload", "model", "--device", "cpu"], "--offload moves models to a GPU")):
+        code, _, err = run_cli(capsys, "reconstruct", clip_file, "-o", tmp_path / "c.mp4", *common, *option)
+        assert code == 2 and message in err and "Traceback" not in err, err

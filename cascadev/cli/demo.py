@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--colour-fix", type=int, default=None, metavar="N",
                    help="the cascade's band of N x N pixel blocks from the Previewer (default: the shipped setting; 0: off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="the models' precision (bf16 runs on a CPU too; fp32: the shipped numbers)")
     p.add_argument("--weights", default=None, help="another cascade folder (save_pretrained layout)")
 
 
@@ -49,6 +51,7 @@ def _run(args: argparse.Namespace) -> dict:
 
     from cascadev.pipelines.cascade import CascadeVPipeline, fix_colour, resolve_colour_fix
     from cascadev.pipelines.sampling import scheduler_name
+    from cascadev.pipelines.options import DTYPES
     from cascadev.synthetic import make_clip
     from cascadev.video_io import write_png_strip, write_video
     from eval.metrics import psnr, ssim
@@ -65,7 +68,7 @@ def _run(args: argparse.Namespace) -> dict:
         raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
 
     start = time.perf_counter()
-    pipe = CascadeVPipeline.from_pretrained(str(weights)).to("cpu")
+    pipe = CascadeVPipeline.from_pretrained(str(weights)).to("cpu").set_precision(DTYPES[args.dtype])
     settings = pipe.config.demo or {}
     kind = args.kind or settings.get("kind", "mixed")
     size = args.size if args.size is not None else settings.get("size", 128)

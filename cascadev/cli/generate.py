@@ -29,6 +29,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-steps", type=int, help="LDM-VAE decoder steps (default: the decoder's, 8)")
     g.add_argument("--tiling", choices=["blend", "official"], help="LDM-VAE windows/tiles (default blend)")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the models' precision (default: bf16 on CUDA, "
+                                                                       "fp32 on CPU)")
     g.add_argument("--fps", type=float, default=8.0)
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
 
@@ -49,6 +51,7 @@ def output_paths(output: str | Path, n: int) -> list[Path]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    from cascadev.pipelines.options import resolve_dtype
     from cascadev.pipelines.text_to_video import check_request, load_text_to_video
     import torch
 
@@ -69,7 +72,10 @@ def run_generate(args: argparse.Namespace) -> None:
 
     print("loading weights ...", flush=True)
     pipe = load_text_to_video(args.weights, text_encoder=args.text_encoder, cascade=args.cascade)
-    pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(args.dtype, device)
+    pipe.to(device, dtype)
+    pipe.dit.set_attn_fp32(dtype == torch.float32)   # half precision: the flash / cuDNN kernels
     W, H = size or pipe.default_size()
     frames = args.frames or pipe.base.config.window_frames
     print(f"generating {args.num} video(s) of {frames} frames at {W}x{H}", flush=True)

@@ -325,6 +325,27 @@ class CascadeVPipeline(DiffusionPipeline):
     def pixel_multiple(self) -> int:
         return SEMANTIC_DOWNSAMPLE
 
+    def set_precision(self, dtype: torch.dtype, attn_fp32: bool | None = None) -> "CascadeVPipeline":
+        """Run the models in ``dtype`` (fp32, bf16 or fp16). Kept in fp32: the latents and the scheduler's arithmetic
+        (``decode_latents``), the latent scale (``StageAVAE``), and in fp16 a Stage A VAE whose config sets diffusers'
+        ``force_upcast`` (VAEs that overflow in fp16). ``attn_fp32``: upcast the DiT's q, k, v as the release did
+        (default: only in fp32, where it changes nothing); off, half precision uses the flash / cuDNN kernels."""
+        for module in (self.dit, self.semantic_encoder, self.previewer, self.vae):
+            if module is not None:   # torch's cast: diffusers' to(dtype) warns about an empty list of fp32 modules
+                torch.nn.Module.to(module, dtype)
+        if dtype == torch.float16 and self.vae.config.get("force_upcast"):
+            torch.nn.Module.to(self.vae, torch.float32)
+        self.dit.set_attn_fp32(dtype == torch.float32 if attn_fp32 is None else attn_fp32)
+        return self
+
+    def compile_models(self) -> "CascadeVPipeline":
+        """torch.compile the DiT blocks and the Stage A decoder, shapes static: each window layout (and Stage A chunk
+        size) compiles once, on its first call."""
+        for block in self.dit.blocks:
+            block.compile(dynamic=False)
+        self.vae.decoder.compile(dynamic=False)
+        return self
+
     def scheduler_for(self, name: str | None) -> SchedulerMixin:
         """The saved scheduler, or another by short name (``make_scheduler``); a scheduler of the saved one's
         class keeps its saved config (e.g. the flow shift the DiT was trained at)."""
@@ -378,10 +399,10 @@ class CascadeVPipeline(DiffusionPipeline):
         if scheduler_config:
             scheduler = type(scheduler).from_config(scheduler.config, **scheduler_config)
         steps = steps or self.config.num_inference_steps
-        dtype = next(self.dit.parameters()).dtype
-        return self._timed("dit", lambda: sample(self.dit, cond.to(dtype), noise.to(dtype), scheduler, steps, tiling,
+        # latents and the scheduler's arithmetic stay fp32; the DiT runs in its own dtype (``_run_window``)
+        return self._timed("dit", lambda: sample(self.dit, cond.float(), noise.float(), scheduler, steps, tiling,
                                                  generator=generator, progress=progress, callback=callback,
-                                                 window_batch=window_batch).float())
+                                                 window_batch=window_batch))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,

@@ -10,6 +10,8 @@ import torch
 from cascadev.errors import UserError
 from cascadev.pipelines.cascade import load_cascade, resolve_colour_fix
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("weights and sampling")
@@ -30,7 +32,24 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the folder's saved setting, 16 for the built-in tiny cascade; 0: off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), help="the models' precision (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--attn-fp32", action="store_true",
+                   help="in bf16/fp16, keep the DiT's attention in fp32 as the release did (slower)")
+    g.add_argument("--window-batch", type=int, default=1,
+                   help="DiT windows/tiles per forward (same result; on a GPU the 1024 px window already fills it)")
+    g.add_argument("--offload", choices=["model", "sequential"],
+                   help="keep the models on the CPU and move each to the GPU while it runs (model), or stream the "
+                        "weights layer by layer (sequential: least memory, slowest)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT blocks and the Stage A decoder (compiles once per size)")
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``--dtype``: as given, else bf16 on CUDA (the kernels' precision) and fp32 on a CPU (exact release numerics)."""
+    if name is not None:
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def load_pipeline(args, with_previewer: bool | None = None):
@@ -39,9 +58,18 @@ def load_pipeline(args, with_previewer: bool | None = None):
     print("loading weights ...", flush=True)
     if with_previewer is None and args.colour_fix is not None:
         with_previewer = args.colour_fix > 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(args.dtype, device)
     pipe = load_cascade(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder, previewer=args.previewer,
                         vae=args.stage_a, with_previewer=with_previewer)
-    return pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.set_precision(dtype, attn_fp32=True if args.attn_fp32 else None)
+    if args.offload:
+        if device.type != "cuda":
+            raise UserError("--offload moves models to a GPU and back: it needs --device cuda")
+        getattr(pipe, f"enable_{args.offload}_cpu_offload")(device=device)
+    else:
+        pipe.to(device)
+    return pipe.compile_models() if args.compile else pipe
 
 
 def check_decode_args(args) -> None:
@@ -50,9 +78,11 @@ def check_decode_args(args) -> None:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.colour_fix is not None and args.colour_fix < 0:
         raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
+    if args.window_batch < 1:
+        raise UserError(f"--window-batch must be >= 1, got {args.window_batch}")
 
 
 def decode_kwargs(args, pipe) -> dict:
     """``decode`` arguments: what was given, else the loaded pipeline's saved sampler and colour fix."""
     return dict(seed=args.seed, tiling=args.tiling, steps=args.steps, scheduler=args.scheduler,
-                colour_fix=resolve_colour_fix(pipe, args.colour_fix))
+                colour_fix=resolve_colour_fix(pipe, args.colour_fix), window_batch=args.window_batch)

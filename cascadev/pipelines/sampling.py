@@ -109,11 +109,14 @@ def _pad_to(x: torch.Tensor, multiples: tuple[int, int, int]) -> torch.Tensor:
 
 
 def _run_window(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Eps of one window (B, C_in, T, H, W) -> (B, C_latent, T, H, W); pads sizes the partitions need."""
+    """Eps of one window (B, C_in, T, H, W) -> (B, C_latent, T, H, W) in x's dtype; pads sizes the partitions
+    need. The model runs in its own dtype (half precision stays inside the network)."""
     c = model.spec
     T, H, W = x.shape[2:]
-    out = model(_pad_to(x, (c.frame_multiple, c.spatial_multiple, c.spatial_multiple)), t)
-    return out[:, : c.latent_channels, :T, :H, :W]
+    weights = next(model.parameters(), None)
+    padded = _pad_to(x, (c.frame_multiple, c.spatial_multiple, c.spatial_multiple))
+    out = model(padded if weights is None else padded.to(weights.dtype), t)
+    return out[:, : c.latent_channels, :T, :H, :W].to(x.dtype)
 
 
 Crop = tuple[slice, slice, slice]   # frames, rows, columns of one window x tile
