@@ -87,11 +87,12 @@ def window_starts(length: int, size: int, stride: int) -> list[int]:
     return starts
 
 
-def ramp(length: int, size: int, start: int, overlap: int) -> torch.Tensor:
+def ramp(length: int, size: int, start: int, overlap: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Blend weights (size,) of a window at ``start``: linear ramps of ``overlap`` steps toward
-    neighbours, flat at the clip's own edges. Never zero, so weights always sum to > 0."""
-    i = torch.arange(size, dtype=torch.float32)
-    w = torch.ones(size)
+    neighbours, flat at the clip's own edges. Never zero, so weights always sum to > 0. Made on ``device``
+    (no host-to-device copy, which would wait for the GPU, in the denoising loop)."""
+    i = torch.arange(size, dtype=torch.float32, device=device)
+    w = torch.ones(size, device=device)
     if start > 0:
         w = torch.minimum(w, (i + 1) / (overlap + 1))
     if start + size < length:
@@ -172,10 +173,10 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
                 for col in cols:  # later tiles overwrite earlier ones
                     window[..., r:r + th, col:col + tw] = next(eps)
             overlap = last_end - start
-            w = torch.ones(size)
+            w = torch.ones(size, device=x.device)
             if overlap >= 2:  # the release blends the overlap of consecutive windows linearly, 0 -> 1
-                w[:overlap] = torch.linspace(0, 1, overlap)
-            w = w.to(x).reshape(1, 1, size, 1, 1)
+                w[:overlap] = torch.linspace(0, 1, overlap, device=x.device)
+            w = w.to(x.dtype).reshape(1, 1, size, 1, 1)
             out[:, :, start:start + size] = out[:, :, start:start + size] * (1 - w) + window * w
             last_end = start + size
         return out
@@ -183,9 +184,9 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
     # blend: each crop weighted by the product of its ramps over frames, rows and columns, then normalised
     weight = x.new_zeros(1, 1, T, H, W)
     for (f, r, col), e in zip(crops, eps):
-        w = (ramp(T, size, f.start, size - frame_stride)[:, None, None]
-             * ramp(H, th, r.start, th - tile_stride)[None, :, None]
-             * ramp(W, tw, col.start, tw - tile_stride)[None, None, :]).to(x)  # t h w
+        w = (ramp(T, size, f.start, size - frame_stride, x.device)[:, None, None]
+             * ramp(H, th, r.start, th - tile_stride, x.device)[None, :, None]
+             * ramp(W, tw, col.start, tw - tile_stride, x.device)[None, None, :]).to(x.dtype)  # t h w
         out[:, :, f, r, col] += e * w
         weight[:, :, f, r, col] += w
     return out / weight
