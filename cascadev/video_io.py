@@ -8,6 +8,8 @@ decode failure) is one ``VideoReadError`` line naming the file, never a PyAV tra
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from cascadev.weights import atomic_write
+from cascadev.weights import atomic_path, atomic_write
 
 # what training folders and evaluation sets pick up (anything FFmpeg demuxes; these are the usual ones)
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".gif", ".m4v", ".mpg", ".mpeg", ".ts")
@@ -92,15 +94,23 @@ def read_video(path: str | Path, num_frames: int | None = None, start: int = 0, 
     Fewer than ``num_frames`` frames are returned when the file ends first; none at all
     (an empty file, or ``start`` past the last frame) is a VideoReadError.
     """
+    return torch.cat(list(iter_video(path, None, num_frames, start, stride, size)), dim=2)
+
+
+def iter_video(path: str | Path, chunk_frames: int | None, num_frames: int | None = None, start: int = 0,
+               stride: int = 1, size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
+    """``read_video`` in pieces of ``chunk_frames`` frames (None: one piece), each (1, 3, t, H, W) in [-1, 1], so a
+    long clip never sits in memory whole. Arguments and errors as ``read_video``."""
     path = Path(path)
     if start < 0 or stride < 1 or (num_frames is not None and num_frames < 1):
         raise ValueError(f"read_video: need start >= 0, stride >= 1, num_frames >= 1 or None; "
                          f"got start={start}, stride={stride}, num_frames={num_frames}")
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise ValueError(f"read_video: size must be (H, W) with positive sides, got {size}")
+    if chunk_frames is not None and chunk_frames < 1:
+        raise ValueError(f"read_video: chunk_frames must be >= 1 or None, got {chunk_frames}")
     container = _open(path)
-    frames = []
-    seen = 0
+    frames, seen, kept = [], 0, 0
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -109,16 +119,26 @@ def read_video(path: str | Path, num_frames: int | None = None, start: int = 0, 
             if index < start or (index - start) % stride:
                 continue
             frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))  # h w c, uint8
-            if num_frames is not None and len(frames) == num_frames:
+            kept += 1
+            if len(frames) == chunk_frames:
+                yield _to_video(frames, size)
+                frames = []
+            if num_frames is not None and kept == num_frames:
                 break
     except (av.FFmpegError, OSError) as e:
         raise VideoReadError(f"{path}: decoding failed after {seen} frame(s) ({_reason(e)})") from None
     finally:
         container.close()
-    if not frames:
+    if not kept:
         if seen == 0:
             raise VideoReadError(f"{path}: contains no decodable video frames")
         raise VideoReadError(f"{path}: has {seen} frame(s), so start={start} is past the last frame")
+    if frames:
+        yield _to_video(frames, size)
+
+
+def _to_video(frames: list[torch.Tensor], size: tuple[int, int] | None) -> torch.Tensor:
+    """T frames (H, W, 3) uint8 -> (1, 3, T, H, W) in [-1, 1], resized to ``size`` (H, W) when given."""
     video = rearrange(torch.stack(frames), "t h w c -> 1 c t h w").float().div_(127.5).sub_(1.0)
     if size is not None and tuple(size) != tuple(video.shape[-2:]):
         t = video.shape[2]
@@ -150,37 +170,78 @@ def _to_uint8_frames(video: torch.Tensor, who: str) -> torch.Tensor:
     return rearrange(video, "c t h w -> t h w c")
 
 
-def write_video(path: str | Path, video: torch.Tensor, fps: float = 8, crf: int = 18) -> None:
-    """Write (1, 3, T, H, W) or (3, T, H, W) in [-1, 1] as H.264 mp4 (yuv420p, ``crf`` quality).
+def write_video(path: str | Path, video: torch.Tensor | Iterable[torch.Tensor], fps: float = 8, crf: int = 18) -> None:
+    """Write (1, 3, T, H, W) or (3, T, H, W) in [-1, 1] as H.264 mp4 (yuv420p, ``crf`` quality). ``video`` may also
+    be an iterable of such pieces of one clip, written as they come (``VideoWriter``).
 
     yuv420p needs even sides: an odd height or width is padded by one replicated row/column.
     The file is written to a temporary name beside ``path`` and renamed, so readers never see
-    half a file.
+    half a file (nor any file, if the pieces stop with an error).
     """
-    path = Path(path)
-    frames = _to_uint8_frames(video, "write_video")                           # t h w c
-    if fps <= 0:
-        raise ValueError(f"write_video: fps must be positive, got {fps}")
+    with VideoWriter(path, fps, crf) as out:
+        for piece in [video] if isinstance(video, torch.Tensor) else video:
+            out.write(piece)
+
+
+class VideoWriter:
+    """An H.264 mp4 written piece by piece, so a long clip never sits in memory whole::
+
+        with VideoWriter("out.mp4", fps=8) as out:
+            for piece in pipe.decode_pieces(latents):   # (1, 3, t, H, W) in [-1, 1]
+                out.write(piece)
+
+    The file appears, atomically, when the block ends without error.
+    """
+
+    def __init__(self, path: str | Path, fps: float = 8, crf: int = 18):
+        if fps <= 0:
+            raise ValueError(f"write_video: fps must be positive, got {fps}")
+        self.path, self.rate, self.crf = Path(path), Fraction(fps).limit_denominator(1001), crf
+        self.stream, self.frames = None, 0
+
+    def __enter__(self) -> "VideoWriter":
+        self._files = ExitStack()      # closed in reverse: the container first, then the rename
+        tmp = self._files.enter_context(atomic_path(self.path))
+        self.container = self._files.enter_context(av.open(tmp, mode="w", format="mp4"))
+        return self
+
+    def write(self, video: torch.Tensor) -> None:
+        """Append (1, 3, t, H, W) or (3, t, H, W) in [-1, 1]; every piece has the first one's size."""
+        frames = _even_sides(_to_uint8_frames(video, "write_video"))                    # t h w c
+        if self.stream is None:
+            self.stream = self.container.add_stream("libx264", rate=self.rate)
+            self.stream.height, self.stream.width = frames.shape[1], frames.shape[2]
+            self.stream.pix_fmt = "yuv420p"
+            self.stream.options = {"crf": str(self.crf)}
+        elif (frames.shape[1], frames.shape[2]) != (self.stream.height, self.stream.width):
+            raise ValueError(f"write_video: a piece of {frames.shape[2]}x{frames.shape[1]} frames after "
+                             f"{self.stream.width}x{self.stream.height} ones")
+        for array in frames.numpy():
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = self.frames, 1 / self.rate
+            self.container.mux(self.stream.encode(frame))
+            self.frames += 1
+
+    def __exit__(self, *exc) -> bool:
+        if exc[0] is None:
+            try:
+                if self.stream is None:
+                    raise ValueError("write_video: video has no frames (T=0)")
+                self.container.mux(self.stream.encode())                              # flush the encoder
+            except BaseException as e:
+                self._files.__exit__(type(e), e, e.__traceback__)
+                raise
+        return self._files.__exit__(*exc)
+
+
+def _even_sides(frames: torch.Tensor) -> torch.Tensor:
+    """(T, H, W, 3) uint8 padded by one replicated row / column where H / W is odd (yuv420p subsamples chroma 2x2)."""
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-    if pad_h or pad_w:  # yuv420p subsamples chroma 2x2
-        frames = rearrange(frames, "t h w c -> t c h w")
-        frames = F.pad(frames.float(), (0, pad_w, 0, pad_h), mode="replicate").to(torch.uint8)
-        frames = rearrange(frames, "t c h w -> t h w c")
-    rate = Fraction(fps).limit_denominator(1001)
-
-    def write(tmp: str) -> None:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=rate)
-            stream.height, stream.width = frames.shape[1], frames.shape[2]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for i, array in enumerate(frames.numpy()):
-                frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-                frame.pts, frame.time_base = i, 1 / rate
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode())
-
-    atomic_write(path, write)
+    if not (pad_h or pad_w):
+        return frames
+    frames = rearrange(frames, "t h w c -> t c h w")
+    frames = F.pad(frames.float(), (0, pad_w, 0, pad_h), mode="replicate").to(torch.uint8)
+    return rearrange(frames, "t c h w -> t h w c")
 
 
 def write_png_strip(path: str | Path, video: torch.Tensor, max_frames: int = 8) -> None:

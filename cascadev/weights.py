@@ -12,7 +12,8 @@ import inspect
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +28,29 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"  # our previous format, and accelerate's checkpoints
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """A temporary file name beside ``path``, renamed onto it when the block ends without error and removed
+    otherwise: readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        yield tmp
         umask = os.umask(0o022)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)              # as any new file (mkstemp and safetensors make it 0600)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path`` (``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:

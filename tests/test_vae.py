@@ -421,3 +421,21 @@ def test_taesd_stage_a_is_deterministic_tile_stable_and_round_trips(tmp_path):
     assert config.kind == "taesd" and config.pretrained == str(tmp_path / "vae")
     loaded = StageAVAE.from_config(dataclasses.replace(config, scale_factor=0.5))
     assert torch.equal(loaded.decode(latents), vae.decode(latents))
+
+
+@pytest.mark.parametrize("chunk, overlap, T", [(4, 2, 10), (4, 0, 12), (3, 2, 7), (8, 0, 5)])
+def test_decode_pieces_are_final_frames_in_order_and_make_the_whole_decode(chunk, overlap, T):
+    stage_a = build_stage_a("tiny_taesd", chunk_frames=chunk, chunk_overlap=overlap)
+    z = torch.randn(2, 4, T, 6, 5)
+    pieces = list(stage_a.decode_pieces(z))
+    windows = spans(T, chunk, overlap)
+    ends = [w[0] for w in windows[1:]] + [T]                          # a piece ends where the next chunk starts
+    assert [p.shape[2] for p in pieces] == [e - s for s, e in zip([0] + ends, ends)]
+    # the reference: every chunk decoded alone, blended by its ramp, divided by the summed ramps
+    total, acc = torch.zeros(T), torch.zeros(2, 3, T, 48, 40)
+    for i, (s, e) in enumerate(windows):
+        ramp = blend_ramp(windows, i) if len(windows) > 1 else torch.ones(e - s)
+        acc[:, :, s:e] += stage_a.decode_window(z[:, :, s:e]) * ramp.view(1, 1, -1, 1, 1)
+        total[s:e] += ramp
+    torch.testing.assert_close(torch.cat(pieces, dim=2), acc / total.view(1, 1, -1, 1, 1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat(pieces, dim=2), stage_a.decode(z))

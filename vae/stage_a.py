@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -340,22 +340,33 @@ class StageAVAE(nn.Module):
         ``progress`` shows a bar over the chunks. ``device``: where to run (default: the model's; a pipeline with
         offload hooks passes its execution device, and diffusers' hook on ``decode`` brings the weights there).
         """
+        return torch.cat(list(self.decode_pieces(latents, progress, device)), dim=2)
+
+    @torch.no_grad()
+    def decode_pieces(self, latents: torch.Tensor, progress: bool = False,
+                      device: torch.device | None = None) -> Iterator[torch.Tensor]:
+        """``decode`` in pieces (B, 3, t, 8h, 8w), in frame order, each yielded as soon as every chunk covering it
+        is decoded: only one chunk and its overlap with the next are held, whatever the clip's length."""
         check_video(latents, self.latent_channels, 1, "StageAVAE.decode")
         c = self.config
         B, _, T, h, w = latents.shape
         z = latents.to(device=device or self.device, dtype=torch.float32) / c.scale_factor
         windows = tuple(spans(T, c.chunk_frames, c.chunk_overlap))
-        video = None                                  # the whole-clip buffer, only when chunks are blended
+        pending = None      # weighted sums of the frames this chunk shares with the next ones
         for index, (t0, t1) in enumerate(tqdm(windows, desc="Stage A decode", disable=not progress, leave=False)):
             frames = rearrange(z[:, :, t0:t1], "b c t h w -> (b t) c h w").to(self.dtype)
             decoded = self._tiled(lambda x: self._decode_frames(x, num_frames=t1 - t0), frames, (h, w), 1, DOWNSAMPLE)
             decoded = rearrange(decoded.float(), "(b t) c h w -> b c t h w", b=B)
             if len(windows) == 1:
-                return decoded
-            if video is None:
-                video = decoded.new_zeros(B, 3, T, h * DOWNSAMPLE, w * DOWNSAMPLE)
-            video[:, :, t0:t1] += decoded * _ramps(windows, 1, decoded.device)[index].view(1, 1, -1, 1, 1)
-        return video.div_(_ramp_total(windows, 1, video.device).view(1, 1, -1, 1, 1))
+                yield decoded
+                return
+            weighted = decoded * _ramps(windows, 1, decoded.device)[index].view(1, 1, -1, 1, 1)
+            if pending is not None:
+                weighted[:, :, :pending.shape[2]] += pending
+            final = (windows[index + 1][0] if index + 1 < len(windows) else t1) - t0   # frames no later chunk touches
+            total = _ramp_total(windows, 1, decoded.device)[t0:t0 + final]
+            yield weighted[:, :, :final] / total.view(1, 1, -1, 1, 1)
+            pending = weighted[:, :, final:]
 
 def build_stage_a(preset: str = "official", load_weights: bool = True, **overrides) -> StageAVAE:
     """A preset name plus field overrides, e.g. ``build_stage_a("tiny", tile_size=128)``."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from pathlib import Path
+
+import torch
 
 from cascadev.errors import UserError
 from cascadev.pipelines.options import add_pipeline_arguments, check_decode_args, decode_kwargs, load_pipeline
@@ -40,44 +43,68 @@ def _report(pipe) -> None:
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items()))
 
 
+READ_FRAMES = 16        # input frames read, resized and encoded at a time: a long clip never sits in memory whole
+
+
+class Frames:
+    """The frames of a stream of pieces (B, C, t, H, W), handed out in pieces of any length."""
+
+    def __init__(self, pieces):
+        self.pieces, self.held = iter(pieces), None
+
+    def take(self, n: int) -> torch.Tensor:
+        parts, have = [], 0
+        while have < n:
+            if self.held is None or self.held.shape[2] == 0:
+                self.held = next(self.pieces)
+            parts.append(self.held[:, :, :n - have])
+            self.held = self.held[:, :, n - have:]
+            have += parts[-1].shape[2]
+        return torch.cat(parts, dim=2)
+
+
 def run_reconstruct(args: argparse.Namespace) -> None:
     from cascadev.pipelines.cascade import infer_size, resize_video, save_latents
-    from cascadev.video_io import read_video, video_info, write_video
+    from cascadev.video_io import VideoWriter, iter_video, video_info
     from eval.metrics import psnr
 
     if args.frames is not None and args.frames < 1:
         raise UserError(f"--frames must be >= 1, got {args.frames}")
     info = video_info(args.input)
-    video = read_video(args.input, num_frames=args.frames, start=args.start, stride=args.stride)
-    H, W = video.shape[-2:]
+    H, W = next(iter_video(args.input, 1, 1, args.start, args.stride)).shape[-2:]   # bad input fails before loading
     size = infer_size(H, W, args.size)
     if size != (H, W):
         print(f"resizing {W}x{H} -> {size[1]}x{size[0]} (aspect kept, multiples of 32)")
-    video = resize_video(video, size)
     check_decode_args(args)
     pipe = load_pipeline(args)
     decode_kw = decode_kwargs(args, pipe)
-    print(f"reconstructing {video.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
-    latents = pipe.encode(video, progress=True)
+
+    def source():      # the input clip, resized, in pieces
+        return (resize_video(piece, size) for piece in
+                iter_video(args.input, READ_FRAMES, args.frames, args.start, args.stride))
+    latents = torch.cat([pipe.encode(piece) for piece in source()], dim=2)
+    print(f"reconstructing {latents.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
     if args.latents_out:
         save_latents(args.latents_out, latents, source=str(args.input))
         print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
-    recon = pipe.decode(latents, **decode_kw).cpu()
     fps = (info.fps or 8.0) / args.stride
-    write_video(args.output, recon, fps=fps, crf=args.crf)
-    if args.compare:
-        import torch
-        write_video(args.compare, torch.cat([video.clamp(-1, 1), recon], dim=-1), fps=fps, crf=args.crf)
-    value = psnr(recon, video).mean().item()
+    inputs, scores = Frames(source()), []
+    with VideoWriter(args.output, fps, args.crf) as out, \
+            (VideoWriter(args.compare, fps, args.crf) if args.compare else contextlib.nullcontext()) as side:
+        for recon in pipe.decode_pieces(latents, **decode_kw):     # written as each piece is final
+            recon, video = recon.cpu(), inputs.take(recon.shape[2])
+            out.write(recon)
+            if side is not None:
+                side.write(torch.cat([video.clamp(-1, 1), recon], dim=-1))
+            scores.append(psnr(recon, video))
     _report(pipe)
-    print(f"PSNR {value:.2f} dB (per frame on [0, 1], mean) -> {args.output}")
+    print(f"PSNR {torch.cat(scores, dim=1).mean().item():.2f} dB (per frame on [0, 1], mean) -> {args.output}")
 
 
 def run_decode(args: argparse.Namespace) -> None:
     from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, infer_size, load_latents, resize_video
-    from cascadev.video_io import write_video
+    from cascadev.video_io import VideoWriter
 
-    pipe = None
     if args.latent_space == "semantic":
         if args.scale is not None or args.vae is not None:
             raise UserError("--scale and --vae are for --latent-space sd-vae")
@@ -86,7 +113,6 @@ def run_decode(args: argparse.Namespace) -> None:
         pipe = load_pipeline(args)
         decode_kw = decode_kwargs(args, pipe)
         print(f"decoding latents {tuple(latents.shape)} -> {latents.shape[-1] * 32}x{latents.shape[-2] * 32}")
-        videos = pipe.decode(latents, **decode_kw).cpu()
     else:
         from cascadev.pipelines.cascade import resolve_stage_a_config
         from vae.stage_a import SVD_VAE_REPO, StageAVAE
@@ -106,10 +132,14 @@ def run_decode(args: argparse.Namespace) -> None:
         size = infer_size(H, W, args.size if args.size else str(long_side or 2048))
         print(f"upscaling {W}x{H} -> {size[1]}x{size[0]} through the cascade")
         pipe = load_pipeline(args)
-        videos = pipe.reconstruct(resize_video(pixels, size), **decode_kwargs(args, pipe)).cpu()
+        latents, decode_kw = pipe.encode(resize_video(pixels, size)), decode_kwargs(args, pipe)
+        del pixels
     out = Path(args.output)
-    for i, video in enumerate(videos):
-        path = out if len(videos) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
-        write_video(path, video, fps=args.fps, crf=args.crf)
-        print(f"-> {path}")
+    paths = [out] if len(latents) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(latents))]
+    with contextlib.ExitStack() as files:      # every video written as each piece is final
+        writers = [files.enter_context(VideoWriter(path, args.fps, args.crf)) for path in paths]
+        for piece in pipe.decode_pieces(latents, **decode_kw):
+            for writer, video in zip(writers, piece.cpu()):
+                writer.write(video)
+    print("\n".join(f"-> {path}" for path in paths))
     _report(pipe)

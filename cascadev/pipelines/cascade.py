@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -413,14 +413,30 @@ class CascadeVPipeline(DiffusionPipeline):
 
         ``colour_fix=f`` takes the band of f x f pixel blocks and below from the Previewer (``fix_colour``); 0 or
         None: off (the saved default is applied by ``__call__`` and the CLI, not here)."""
+        return torch.cat(list(self.decode_pieces(latents, steps, seed, scheduler, tiling, progress, scheduler_config,
+                                                 colour_fix, generator, callback, window_batch)), dim=2)
+
+    @torch.no_grad()
+    def decode_pieces(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,
+                      scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend",
+                      progress: bool = True, scheduler_config: dict | None = None, colour_fix: int | None = None,
+                      generator: torch.Generator | None = None, callback=None,
+                      window_batch: int = 1) -> Iterator[torch.Tensor]:
+        """``decode`` in pieces (B, 3, t, 32h, 32w), in frame order: the DiT samples the whole clip in latent space
+        (4 channels at 1/8 of the pixels), then each Stage A chunk is decoded, colour-fixed and yielded as soon as it
+        is final, so a long clip's pixels never sit in memory whole (``write_video`` takes the pieces)."""
         if colour_fix and self.previewer is None:
             raise ValueError("colour_fix needs the Previewer: load the pipeline with one")
         z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress, scheduler_config, generator, callback,
                                window_batch)
-        video = self._timed("stage_a", lambda: self.stage_a.decode(z, progress, self._execution_device)).clamp(-1, 1)
-        if not colour_fix:
-            return video
-        return fix_colour(video, self.preview(latents), colour_fix)
+        pieces = self.stage_a.decode_pieces(z, progress, self._execution_device)
+        start = 0
+        while (video := self._timed("stage_a", lambda: next(pieces, None))) is not None:
+            video, end = video.clamp(-1, 1), start + video.shape[2]
+            if colour_fix:
+                video = fix_colour(video, self.preview(latents[:, :, start:end]), colour_fix)
+            yield video
+            start = end
 
     @torch.no_grad()
     def reconstruct(self, video: torch.Tensor, **decode_kwargs) -> torch.Tensor:
