@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--i3d-size", type=int, default=None,
                         help="I3D input side (default: 224; other values only for quick tests, "
                              "the FVD is then not comparable)")
+    parser.add_argument("--fvd-protocol", default="cascadev", choices=("cascadev", "videogpt", "tf", "stylegan-v"),
+                        help="how clips become I3D input, as one reference does it: cascadev (default: stretch to "
+                             "224x224), videogpt (short side to 224, centre crop), tf (TF1 resize_bilinear), "
+                             "stylegan-v (its TorchScript detector resizes; covariance over N)")
     parser.add_argument("--runs", type=int, default=1, help="FVD clip draws; mean and std are reported (default 1)")
     parser.add_argument("--clip", choices=("first", "random"), default=None,
                         help="FVD clip start: first frames, or random per video and run "
@@ -223,7 +227,15 @@ def run_fvd(real: dict[str, Video], fake: dict[str, Video], args, extractor, siz
         return {"skipped": f"fvd needs at least 2 videos of >= {frames} frames per set "
                            f"(real {len(sets['real'])}, fake {len(sets['fake'])})"}
     rule = args.clip or ("random" if args.runs > 1 else "first")
-    settings = {"frames": frames, "i3d_size": args.i3d_size, "read_size": size, "detector": extractor.identity}
+    protocol = fvd.PROTOCOLS[args.fvd_protocol]
+    if protocol.detector_resizes and size is None:      # clips at their own size: one size for every clip
+        sizes = {(v.height, v.width) for videos in sets.values() for v in videos}
+        if len(sizes) > 1:
+            raise UserError(f"--fvd-protocol {protocol.name} feeds clips at their own size, and these videos have "
+                            f"{len(sizes)} sizes (e.g. {sorted(sizes)[:2]}): give --size H W")
+        size = sizes.pop()
+    settings = {"frames": frames, "i3d_size": args.i3d_size, "read_size": size, "detector": extractor.identity,
+                "protocol": protocol.name}
     workers = args.workers if args.workers is not None else (4 if str(extractor.device).startswith("cuda") else 0)
     values, counts, failed_files = [], [], set()
     for run in range(args.runs):
@@ -237,7 +249,7 @@ def run_fvd(real: dict[str, Video], fake: dict[str, Video], args, extractor, siz
             if cached is None:
                 cached = fvd.extract_features(clips, extractor, frames, args.i3d_size, size, args.batch_size, workers,
                                               accelerator, progress=f"fvd {set_name} run {run + 1}/{args.runs}"
-                                              if show_progress else None)
+                                              if show_progress else None, protocol=protocol.name)
                 if set_name == "real" and args.cache_dir and (accelerator is None or accelerator.is_main_process):
                     fvd.save_cached_features(args.cache_dir, key, *cached)
             feats[set_name], failed = cached
@@ -248,7 +260,7 @@ def run_fvd(real: dict[str, Video], fake: dict[str, Video], args, extractor, siz
                                                                "could not be decoded"))
         if min(len(feats["real"]), len(feats["fake"])) < 2:
             return {"skipped": "fvd: fewer than 2 decodable clips in a set"}
-        values.append(fvd.fvd_from_features(feats["real"], feats["fake"]))
+        values.append(fvd.fvd_from_features(feats["real"], feats["fake"], ddof=protocol.ddof))
         counts.append((len(feats["real"]), len(feats["fake"])))
     n_real, n_fake = min(c[0] for c in counts), min(c[1] for c in counts)
     clip_text = (f"first {frames} frames of each video" if rule == "first" else
@@ -262,9 +274,10 @@ def run_fvd(real: dict[str, Video], fake: dict[str, Video], args, extractor, siz
         "n_fake": n_fake,
         "clip": clip_text,
         "detector": extractor.name,
-        "input": (f"frames read at {size[0]}x{size[1]} (antialiased), then " if size else "") +
-                 f"uint8 frames -> {args.i3d_size}x{args.i3d_size} bilinear (no antialias, no crop) -> [-1, 1]",
-        "statistics": "float64 mean and unbiased (N-1) covariance of the features; Frechet distance exact "
+        "protocol": protocol.name,
+        "protocol_source": protocol.source,
+        "input": (f"frames read at {size[0]}x{size[1]} (antialiased), then " if size else "") + protocol.input,
+        "statistics": f"float64 mean and covariance over N - {protocol.ddof} of the features; Frechet distance exact "
                       "(symmetric eigendecomposition, or singular values of the centred features when N <= D)",
     }
     notes = []
@@ -375,7 +388,14 @@ def run(args: argparse.Namespace) -> dict:
     extractor = lpips = None
     results: dict[str, dict] = {}
     if "fvd" in metrics:
-        extractor = fvd.load_extractor(args.i3d or fvd.default_detector_path(), device, args.i3d_bn_eps)
+        try:
+            extractor = fvd.load_extractor(args.i3d or fvd.default_detector_path(), device, args.i3d_bn_eps,
+                                           protocol=args.fvd_protocol)
+        except FileNotFoundError as e:      # alone it is an error; beside other metrics, FVD is skipped
+            if len(metrics) == 1:
+                raise
+            results["fvd"] = {"skipped": f"FVD skipped: {e}"}
+            print(f"warning: FVD skipped: {e}", file=sys.stderr)
     if "lpips" in metrics:
         try:
             lpips = load_lpips(device)
@@ -416,7 +436,7 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             results[m] = _summary(rows, m) if rows else {"skipped": "no pair could be read"}
 
-    if "fvd" in metrics:
+    if extractor is not None:
         results["fvd"] = run_fvd(real, fake, args, extractor, size, accelerator, skips, main)
         if len(metrics) == 1 and "skipped" in results["fvd"]:
             raise UserError(results["fvd"]["skipped"])
@@ -424,14 +444,15 @@ def run(args: argparse.Namespace) -> dict:
     conventions = {m: CONVENTIONS[m] for m in paired}
     if "fvd" in metrics and "skipped" not in results["fvd"]:
         r = results["fvd"]
-        conventions["fvd"] = (f"{r['detector']}; clips: {r['clip']}; input: {r['input']}; N = {r['n_real']} real / "
+        conventions["fvd"] = (f"{r['detector']}; protocol {r['protocol']} ({r['protocol_source']}); clips: {r['clip']}; "
+                              f"input: {r['input']}; N = {r['n_real']} real / "
                               f"{r['n_fake']} fake; {r['statistics']}; mean and std (N-1) over {len(r['runs'])} run(s)")
     report = {
         "real": str(args.real),
         "fake": str(args.fake),
         "settings": {"metrics": metrics, "frames": args.frames, "paired_frames": paired_frames,
                      "size": list(size) if size else None, "device": str(device), "runs": args.runs,
-                     "seed": args.seed},
+                     "seed": args.seed, "fvd_protocol": args.fvd_protocol},
         "conventions": conventions,
         "counts": {"real": len(real), "fake": len(fake), "pairs": len(rows)},
         "skipped": [s.__dict__ for s in skips],

@@ -4,9 +4,11 @@ Unterthiner et al., "Towards Accurate Generative Models of Video: A New Metric &
 What this module does, so that numbers can be compared with the published ones:
 
 - Clips: ``frames`` (16 by default) consecutive frames per video, each video read at its own size
-  (or at the evaluation ``size``), quantised to uint8 levels, resized straight to 224 x 224 with
-  bilinear interpolation (no antialias, align_corners=False; the TF reference resizes the same way,
-  without cropping) and mapped to [-1, 1]. One clip per video and run; the start is 0 ("first"), or
+  (or at the evaluation ``size``), quantised to uint8 levels, then prepared as one reference does
+  (``PROTOCOLS``): ours by default (bilinear stretch to 224 x 224, half-pixel centres, no antialias,
+  [-1, 1]); "videogpt" (short side to 224, centre crop); "tf" (TF1 resize_bilinear, corner-anchored
+  sampling); "stylegan-v" (the TorchScript detector rescales and resizes; covariance over N). On square
+  clips the stretch and the centre crop agree. One clip per video and run; the start is 0 ("first"), or
   drawn per video and run from a seeded generator ("random").
 - Features: the 400 Kinetics logits averaged over time, the output the original TF-Hub FVD,
   StyleGAN-V (``return_features=True``) and VideoGPT/TATS all compare. Two detectors give them:
@@ -14,7 +16,7 @@ What this module does, so that numbers can be compared with the published ones:
   TF-Hub model, ``i3d_torchscript.pt``, called with ``rescale=False, resize=False`` because the
   clips are already 224 px in [-1, 1].
 - Statistics in float64: mean and unbiased covariance (N - 1, as TF-GAN and VideoGPT; StyleGAN-V
-  divides by N, which differs by a factor N / (N - 1) on the covariance).
+  divides by N, its protocol does too).
 - Distance: d^2 = |mu_r - mu_g|^2 + tr(S_r) + tr(S_g) - 2 tr((S_r S_g)^(1/2)) (Dowson & Landau, 1982),
   with tr((S_r S_g)^(1/2)) = sum of sqrt(eig(S_r^(1/2) S_g S_r^(1/2))), a symmetric PSD matrix, so
   only symmetric eigendecompositions are needed (no scipy.linalg.sqrtm, no ``disp``); with fewer
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -57,12 +60,12 @@ DETECTOR_SOURCES = {
 
 # --------------------------------------------------------------------------------------- distance
 
-def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) features -> mean (D,) and unbiased covariance (D, D), both float64."""
+def gaussian_stats(features: np.ndarray, ddof: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features -> mean (D,) and covariance (D, D) divided by N - ``ddof`` (1: unbiased), both float64."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"gaussian_stats: need (N >= 2, D) features, got shape {x.shape}")
-    return x.mean(axis=0), np.cov(x, rowvar=False)
+    return x.mean(axis=0), np.cov(x, rowvar=False, ddof=ddof)
 
 
 def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
@@ -86,8 +89,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
-def fvd_from_features(real: np.ndarray, fake: np.ndarray) -> float:
-    """FVD between two sets of (N, D) clip features (N >= 2 each), in float64.
+def fvd_from_features(real: np.ndarray, fake: np.ndarray, ddof: int = 1) -> float:
+    """FVD between two sets of (N, D) clip features (N >= 2 each), in float64; covariances divided by N - ``ddof``.
 
     With fewer clips than feature dimensions (N <= D, e.g. 256 clips of 400-d logits) the covariances
     are low-rank; writing S_r = A^T A, S_g = B^T B with A = (X_r - mu_r) / sqrt(N_r - 1) (N_r x D), the
@@ -99,10 +102,10 @@ def fvd_from_features(real: np.ndarray, fake: np.ndarray) -> float:
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
         raise ValueError(f"fvd_from_features: need two (N >= 2, D) arrays of equal D, got {x.shape} and {y.shape}")
     if min(len(x), len(y)) > x.shape[1]:
-        return frechet_distance(*gaussian_stats(x), *gaussian_stats(y))
+        return frechet_distance(*gaussian_stats(x, ddof), *gaussian_stats(y, ddof))
     mu_x, mu_y = x.mean(axis=0), y.mean(axis=0)
-    a = (x - mu_x) / np.sqrt(len(x) - 1)                                  # n_r d, S_r = a^T a
-    b = (y - mu_y) / np.sqrt(len(y) - 1)                                  # n_g d, S_g = b^T b
+    a = (x - mu_x) / np.sqrt(len(x) - ddof)                               # n_r d, S_r = a^T a
+    b = (y - mu_y) / np.sqrt(len(y) - ddof)                               # n_g d, S_g = b^T b
     trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()         # tr((S_r S_g)^(1/2))
     diff = mu_x - mu_y
     return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * trace_sqrt)
@@ -110,20 +113,82 @@ def fvd_from_features(real: np.ndarray, fake: np.ndarray) -> float:
 
 # ---------------------------------------------------------------------------------- preprocessing
 
-def preprocess_clips(video: torch.Tensor, size: int = I3D_SIZE) -> torch.Tensor:
-    """(B, 3, T, H, W) in [-1, 1] -> (B, 3, T, size, size) in [-1, 1], as the FVD references prepare clips.
+@dataclass(frozen=True)
+class Protocol:
+    """How one reference turns clips into I3D input, and normalises the covariance (by N - ``ddof``)."""
 
-    uint8 quantisation, then bilinear resize to size x size (no antialias, no crop), then [-1, 1].
-    """
+    name: str
+    input: str           # the input preparation, in words (reports and results JSON)
+    source: str          # where it is defined
+    ddof: int = 1
+    detector_resizes: bool = False    # the TorchScript detector rescales and resizes itself (rescale=resize=True)
+
+
+PROTOCOLS = {p.name: p for p in (
+    Protocol("cascadev", "uint8 levels, bilinear stretch to 224 x 224 (half-pixel centres, no antialias), [-1, 1]",
+             "this package's default"),
+    Protocol("videogpt", "[0, 1], short side scaled to 224 (the other ceil'd; bilinear, half-pixel centres), centre "
+                         "crop 224 x 224, [-1, 1]",
+             "VideoGPT's data.preprocess times 2, as TATS's fvd.preprocess (wilson1yan/VideoGPT, songweige/TATS)"),
+    Protocol("tf", "0..255, TF1 resize_bilinear to 224 x 224 with its defaults (output pixel i samples the input at "
+                   "i * in / out: no half-pixel offset, corner-anchored), 2x/255 - 1",
+             "google-research frechet_video_distance.py preprocess()"),
+    Protocol("stylegan-v", "0..255 at the clip's own size, rescaled and resized inside the TorchScript detector "
+                           "(rescale=True, resize=True); covariance divided by N",
+             "StyleGAN-V src/metrics/frechet_video_distance.py and metric_utils.FeatureStats", ddof=0,
+             detector_resizes=True),
+)}
+DEFAULT_PROTOCOL = "cascadev"
+
+
+def preprocess_clips(video: torch.Tensor, size: int = I3D_SIZE, protocol: str = DEFAULT_PROTOCOL) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] -> the I3D input of ``protocol`` (``PROTOCOLS``): (B, 3, T, size, size) in [-1, 1],
+    or for "stylegan-v" (B, 3, T, H, W) in 0..255 (its detector resizes)."""
     if video.ndim != 5 or video.shape[1] != 3:
         raise ValueError(f"preprocess_clips: expected (B, 3, T, H, W), got shape {tuple(video.shape)}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown FVD protocol {protocol!r}; choose from {sorted(PROTOCOLS)}")
     b = video.shape[0]
-    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round()            # uint8 levels 0..255
-    frames = rearrange(frames, "b c t h w -> (b t) c h w")
-    if tuple(frames.shape[-2:]) != (size, size):
-        frames = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    frames = frames / 127.5 - 1.0
+    levels = ((video.float().clamp(-1, 1) + 1) * 127.5).round()          # the uint8 levels of the decoded frames
+    if protocol == "stylegan-v":
+        return levels
+    frames = rearrange(levels, "b c t h w -> (b t) c h w")
+    if protocol == "videogpt":
+        frames = _short_side_centre_crop(frames / 255, size) * 2 - 1
+    elif protocol == "tf":
+        frames = 2 * _tf1_resize_bilinear(frames, size) / 255 - 1
+    else:
+        if tuple(frames.shape[-2:]) != (size, size):
+            frames = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+        frames = frames / 127.5 - 1.0
     return rearrange(frames, "(b t) c h w -> b c t h w", b=b).contiguous()
+
+
+def _short_side_centre_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, size, size): short side to ``size``, the other side ceil'd, bilinear (half-pixel
+    centres, no antialias), then the centre crop (offsets floored), as VideoGPT's preprocess."""
+    h, w = frames.shape[-2:]
+    scale = size / min(h, w)
+    target = (size, math.ceil(w * scale)) if h < w else (math.ceil(h * scale), size)
+    frames = F.interpolate(frames, size=target, mode="bilinear", align_corners=False)
+    top, left = (frames.shape[-2] - size) // 2, (frames.shape[-1] - size) // 2
+    return frames[..., top:top + size, left:left + size]
+
+
+def _tf1_resize_bilinear(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, size, size) as TF1's ``tf.image.resize_bilinear`` with its defaults: output index i
+    samples the input at i * in / out (float32 scale), the neighbour index clamped at the edge, interpolated along
+    x then y."""
+    def taps(n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        src = torch.arange(size, dtype=torch.float32) * torch.tensor(n_in / size, dtype=torch.float32)
+        lower = src.floor()
+        return lower.long(), (lower.long() + 1).clamp(max=n_in - 1), (src - lower).to(frames.dtype)
+    y0, y1, dy = taps(frames.shape[-2])
+    x0, x1, dx = taps(frames.shape[-1])
+    rows_top, rows_bottom = frames[..., y0, :], frames[..., y1, :]
+    top = rows_top[..., x0] + (rows_top[..., x1] - rows_top[..., x0]) * dx
+    bottom = rows_bottom[..., x0] + (rows_bottom[..., x1] - rows_bottom[..., x0]) * dx
+    return top + (bottom - top) * dy[:, None]
 
 
 # -------------------------------------------------------------------------------------- detectors
@@ -166,16 +231,19 @@ class TorchScriptExtractor(FeatureExtractor):
     already 224 px in [-1, 1] (what both flags produce), so both are off. Output: 400-d logits.
     """
 
-    def __init__(self, module: torch.jit.ScriptModule, device: torch.device | str = "cpu", identity: dict | None = None):
+    def __init__(self, module: torch.jit.ScriptModule, device: torch.device | str = "cpu", identity: dict | None = None,
+                 resizes: bool = False):
         self.module = module.to(device).eval()
         self.device = torch.device(device)
         self.dim = NUM_CLASSES
+        self.resizes = resizes       # StyleGAN-V's own call: clips in 0..255 at their size, rescale=resize=True
         self.name = "I3D TorchScript (StyleGAN-V port of TF-Hub i3d-kinetics-400, 400-d logits)"
-        self.identity = {"kind": "torchscript", **(identity or {})}
+        self.identity = {"kind": "torchscript", "resizes": resizes, **(identity or {})}
 
     @torch.no_grad()
     def __call__(self, clips: torch.Tensor) -> torch.Tensor:
-        y = self.module(clips.to(self.device, torch.float32), rescale=False, resize=False, return_features=True)
+        y = self.module(clips.to(self.device, torch.float32), rescale=self.resizes, resize=self.resizes,
+                        return_features=True)
         return y.float().cpu()
 
 
@@ -210,10 +278,11 @@ def _file_identity(path: Path) -> dict:
 
 
 def load_extractor(path: str | Path | None, device: torch.device | str = "cpu", bn_eps: float = BN_EPS_VIDEOGPT,
-                   output: str = "logits") -> FeatureExtractor:
+                   output: str = "logits", protocol: str = DEFAULT_PROTOCOL) -> FeatureExtractor:
     """Detector from a file: a TorchScript archive (StyleGAN-V) or an I3D state dict (``i3d_pretrained_400.pt``).
 
-    A missing file is a one-line ``FileNotFoundError`` naming it and where to get the detectors.
+    A missing file is a one-line ``FileNotFoundError`` naming it and where to get the detectors; a protocol whose
+    detector resizes (stylegan-v) needs the TorchScript file.
     """
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(missing_detector_message(path))
@@ -222,7 +291,11 @@ def load_extractor(path: str | Path | None, device: torch.device | str = "cpu", 
     if _is_torchscript(path):
         if output != "logits":
             raise ValueError(f"{path}: the TorchScript detector only gives the 400-d logits")
-        return TorchScriptExtractor(torch.jit.load(str(path), map_location="cpu"), device, identity)
+        return TorchScriptExtractor(torch.jit.load(str(path), map_location="cpu"), device, identity,
+                                    resizes=PROTOCOLS[protocol].detector_resizes)
+    if PROTOCOLS[protocol].detector_resizes:
+        raise ValueError(f"{path}: the {protocol} protocol resizes inside StyleGAN-V's TorchScript detector; "
+                         f"give --i3d i3d_torchscript.pt ({DETECTOR_SOURCES['i3d_torchscript.pt']})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code, a truncated file, not a torch file at all
@@ -274,8 +347,9 @@ class ClipDataset(torch.utils.data.Dataset):
     """Items (index, clip (3, F, S, S) in [-1, 1], ok) for the extraction loader; unreadable -> ok False."""
 
     def __init__(self, clips: Sequence[Clip], frames: int, i3d_size: int = I3D_SIZE,
-                 read_size: tuple[int, int] | None = None):
+                 read_size: tuple[int, int] | None = None, protocol: str = DEFAULT_PROTOCOL):
         self.clips, self.frames, self.i3d_size, self.read_size = list(clips), frames, i3d_size, read_size
+        self.protocol = protocol
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -289,8 +363,9 @@ class ClipDataset(torch.utils.data.Dataset):
         except VideoReadError:
             video = None
         if video is None or video.shape[2] != self.frames:
-            return i, torch.zeros(3, self.frames, self.i3d_size, self.i3d_size), False
-        return i, preprocess_clips(video, self.i3d_size)[0], True
+            side = self.read_size if PROTOCOLS[self.protocol].detector_resizes else (self.i3d_size, self.i3d_size)
+            return i, torch.zeros(3, self.frames, *side), False
+        return i, preprocess_clips(video, self.i3d_size, self.protocol)[0], True
 
 
 @contextlib.contextmanager
@@ -306,7 +381,8 @@ def _no_tf32() -> Iterator[None]:
 
 def extract_features(clips: Sequence[Clip], extractor: FeatureExtractor, frames: int = FVD_FRAMES,
                      i3d_size: int = I3D_SIZE, read_size: tuple[int, int] | None = None, batch_size: int = 8,
-                     workers: int = 0, accelerator=None, progress: str | None = None) -> tuple[np.ndarray, list[int]]:
+                     workers: int = 0, accelerator=None, progress: str | None = None,
+                     protocol: str = DEFAULT_PROTOCOL) -> tuple[np.ndarray, list[int]]:
     """Features of ``clips`` -> (features (N_ok, D) float32 in clip order, indices of the clips that failed).
 
     With an ``accelerate.Accelerator``, each process reads and embeds its share of the clips and the
@@ -315,7 +391,9 @@ def extract_features(clips: Sequence[Clip], extractor: FeatureExtractor, frames:
     """
     if frames < MIN_FRAMES:
         raise ValueError(f"FVD clips need at least {MIN_FRAMES} frames for I3D, got {frames}")
-    loader = torch.utils.data.DataLoader(ClipDataset(clips, frames, i3d_size, read_size), batch_size=batch_size,
+    if PROTOCOLS[protocol].detector_resizes and read_size is None:
+        raise ValueError(f"the {protocol} protocol feeds clips at their own size: give the size they share (read_size)")
+    loader = torch.utils.data.DataLoader(ClipDataset(clips, frames, i3d_size, read_size, protocol), batch_size=batch_size,
                                          shuffle=False, num_workers=workers)
     main = True
     if accelerator is not None:

@@ -34,7 +34,7 @@ LPIPS_MIN_SIDE = 31        # smallest frame side AlexNet's five LPIPS stages acc
 CONVENTIONS = {
     "psnr": f"per frame on [0, 1] (data_range=1), RGB MSE in float64, capped at {PSNR_CAP_DB:g} dB for "
             "identical frames; video = mean over its frames, set = mean over all frames",
-    "ssim": f"per frame on [0, 1] (data_range=1), {SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} Gaussian window, "
+    "ssim": f"per frame on [0, 1] (data_range=1) in float64, {SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} Gaussian window, "
             f"sigma {SSIM_SIGMA}, mean over RGB channels and valid window positions (border cropped); video = mean over its frames, set = mean over all frames",
     "lpips": "per frame, AlexNet (LPIPS v0.1 linear heads, torchmetrics), inputs in [-1, 1]; "
              "video = mean over its frames, set = mean over all frames",
@@ -65,11 +65,12 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B, 3, T, H, W) x2 in [-1, 1] -> SSIM per frame (B, T), on [0, 1], 11x11 Gaussian window, sigma 1.5.
 
-    Mean over channels and valid window positions (see the module docstring).
+    Mean over channels and valid window positions (see the module docstring); computed in float64, as the
+    reference implementations (float32 is 2e-5 off them), returned as float32.
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    a, b = _frames01(pred.float(), target.float(), "ssim")
+    a, b = _frames01(pred.double(), target.double(), "ssim")
     if min(a.shape[-2:]) < SSIM_KERNEL_SIZE:
         raise ValueError(f"ssim: frames of {a.shape[-2]}x{a.shape[-1]} are smaller than the "
                          f"{SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} window")
@@ -78,7 +79,7 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                                                       reduction="none", return_full_image=True)   # (b t) c h w
     pad = (SSIM_KERNEL_SIZE - 1) // 2
     values = ssim_map[..., pad:-pad, pad:-pad].mean(dim=(1, 2, 3))                              # (b t)
-    return rearrange(values, "(b t) -> b t", b=pred.shape[0])
+    return rearrange(values.float(), "(b t) -> b t", b=pred.shape[0])
 
 
 class LpipsUnavailable(RuntimeError):

@@ -165,3 +165,28 @@ def test_mismatched_sets_are_one_line_errors(sets, capsys, tmp_path):
     assert "--clip random" in _fails(capsys, "--real", sets["real"], "--fake", sets["fake"], "--metrics", "fvd",
                                      "--runs", 2, "--clip", "first")
     assert "no such folder" in _fails(capsys, "--real", tmp_path / "missing", "--fake", sets["fake"])
+
+
+def test_fvd_protocols_on_non_square_clips_and_a_missing_detector(tmp_path, capsys, sets):
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    write_clips(real, 3, frames=FRAMES, height=32, width=48)
+    write_clips(fake, 3, frames=FRAMES, height=32, width=48, kind="shapes")
+    values = {}
+    for protocol in ("cascadev", "videogpt", "tf"):
+        out = tmp_path / f"{protocol}.json"
+        _eval("--real", real, "--fake", fake, "--metrics", "fvd", "--frames", 10, "--i3d", sets["i3d"],
+              "--i3d-size", 32, "--fvd-protocol", protocol, "--json", out)
+        report = json.loads(out.read_text())
+        assert report["settings"]["fvd_protocol"] == report["results"]["fvd"]["protocol"] == protocol
+        assert f"protocol {protocol}" in report["conventions"]["fvd"]
+        values[protocol] = report["results"]["fvd"]["mean"]
+    assert len({round(v, 6) for v in values.values()}) == 3          # non-square clips: three different inputs
+    err = _fails(capsys, "--real", real, "--fake", fake, "--metrics", "fvd", "--i3d", sets["i3d"],
+                 "--fvd-protocol", "stylegan-v")
+    assert "TorchScript detector" in err
+    # no detector anywhere: beside other metrics FVD is skipped with the reason, the others still computed
+    out = tmp_path / "skip.json"
+    _eval("--real", real, "--fake", fake, "--metrics", "psnr,fvd", "--frames", 10, "--json", out)
+    report = json.loads(out.read_text())
+    assert "FVD skipped: no I3D weights given" in report["results"]["fvd"]["skipped"]
+    assert report["results"]["psnr"]["mean"] > 0

@@ -255,3 +255,50 @@ def test_feature_cache_roundtrip_and_key(clip_files, tmp_path):
     stat = os.stat(paths[0])
     os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))       # file changed -> new key
     assert fvd.cache_key(clips, settings) != key
+
+
+# ---------------------------------------------------------------------------------------- protocols
+
+def test_videogpt_protocol_scales_the_short_side_and_crops_the_centre():
+    levels = torch.arange(40 * 60, dtype=torch.float32).reshape(1, 1, 1, 40, 60) % 256
+    video = (levels.expand(1, 3, 2, 40, 60) / 127.5 - 1)                  # uint8 levels in [-1, 1]
+    out = fvd.preprocess_clips(video, size=20, protocol="videogpt")
+    # short side 40 -> 20 (factor 1/2): 40x60 -> 20x30, then the centre 20 columns (offset 5)
+    half = torch.nn.functional.interpolate(levels[0, :, 0][None] / 255, size=(20, 30), mode="bilinear",
+                                           align_corners=False)[0, 0]
+    torch.testing.assert_close(out[0, 0, 0], half[:, 5:25] * 2 - 1)
+    square = video[..., :40, :40]                                          # square clips: the stretch and the crop agree
+    torch.testing.assert_close(fvd.preprocess_clips(square, 20, "videogpt"), fvd.preprocess_clips(square, 20),
+                               atol=1e-5, rtol=0)
+
+
+def test_tf_protocol_samples_without_half_pixel_offset():
+    row = torch.tensor([0.0, 100.0, 200.0, 250.0])                          # 4 -> 8: sources 0, .5, 1, ..., 3.5
+    video = (row.expand(1, 3, 1, 4, 4) / 127.5 - 1)
+    out = (fvd.preprocess_clips(video, size=8, protocol="tf")[0, 0, 0] + 1) * 255 / 2
+    torch.testing.assert_close(out[0], torch.tensor([0.0, 50, 100, 150, 200, 225, 250, 250]))   # edge held
+    torch.testing.assert_close(out[:, 3], torch.full((8,), 150.0))
+    same = torch.rand(1, 3, 2, 6, 6) * 2 - 1
+    same = ((same + 1) * 127.5).round() / 127.5 - 1
+    torch.testing.assert_close(fvd.preprocess_clips(same, 6, "tf"), same, atol=1e-6, rtol=0)    # no resize: identity
+
+
+def test_stylegan_v_protocol_divides_by_n_and_needs_its_detector(tmp_path, model):
+    x, y = np.random.default_rng(0).normal(size=(2, 30, 8))
+    biased = fvd.frechet_distance(*fvd.gaussian_stats(x, ddof=0), *fvd.gaussian_stats(y, ddof=0))
+    assert fvd.fvd_from_features(x, y, ddof=0) == pytest.approx(biased, rel=1e-9)
+    assert fvd.fvd_from_features(x[:6], y[:6], ddof=0) == pytest.approx(     # the low-rank path (N <= D)
+        fvd.frechet_distance(*fvd.gaussian_stats(x[:6], 0), *fvd.gaussian_stats(y[:6], 0)), rel=1e-6)
+    assert fvd.fvd_from_features(x, y, ddof=0) != pytest.approx(fvd.fvd_from_features(x, y), rel=1e-3)
+    video = torch.rand(1, 3, 2, 10, 14) * 2 - 1
+    levels = fvd.preprocess_clips(video, protocol="stylegan-v")
+    assert levels.shape == video.shape and levels.min() >= 0 and levels.max() <= 255       # 0..255, own size
+    path = tmp_path / "i3d_torchscript.pt"
+    torch.jit.save(torch.jit.script(_FakeTorchScriptDetector()), str(path))
+    extractor = fvd.load_extractor(path, protocol="stylegan-v")
+    assert torch.allclose(extractor(levels)[:, 0], levels.mean() + 1 + 2 + 4)     # rescale, resize, return_features
+    torch.save(model.state_dict(), tmp_path / "i3d_pretrained_400.pt")
+    with pytest.raises(ValueError, match="resizes inside StyleGAN-V's TorchScript detector"):
+        fvd.load_extractor(tmp_path / "i3d_pretrained_400.pt", protocol="stylegan-v")
+    with pytest.raises(ValueError, match="unknown FVD protocol"):
+        fvd.preprocess_clips(video, protocol="fid")
