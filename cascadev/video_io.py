@@ -171,7 +171,8 @@ def _to_uint8_frames(video: torch.Tensor, who: str) -> torch.Tensor:
 
 
 def write_video(path: str | Path, video: torch.Tensor | Iterable[torch.Tensor], fps: float = 8, crf: int = 18) -> None:
-    """Write (1, 3, T, H, W) or (3, T, H, W) in [-1, 1] as H.264 mp4 (yuv420p, ``crf`` quality). ``video`` may also
+    """Write (1, 3, T, H, W) or (3, T, H, W) in [-1, 1] as H.264 (.mp4, .mov, .mkv) or VP9 (.webm), yuv420p, ``crf``
+    quality; any other extension is refused (``check_video_output``). ``video`` may also
     be an iterable of such pieces of one clip, written as they come (``VideoWriter``).
 
     yuv420p needs even sides: an odd height or width is padded by one replicated row/column.
@@ -183,8 +184,27 @@ def write_video(path: str | Path, video: torch.Tensor | Iterable[torch.Tensor], 
             out.write(piece)
 
 
+# output suffix -> (container, encoder): H.264 where the container holds it, VP9 in WebM
+CONTAINERS = {".mp4": ("mp4", "libx264"), ".mov": ("mov", "libx264"), ".mkv": ("matroska", "libx264"),
+              ".webm": ("webm", "libvpx-vp9")}
+
+
+def check_video_output(path: str | Path, option: str = "-o") -> Path:
+    """An output video path that can be written, checked before any compute: one line naming what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a directory; give a video file name (e.g. {path / 'out.mp4'})")
+    if path.suffix.lower() not in CONTAINERS:
+        raise ValueError(f"{option} {path}: cannot write {path.suffix or 'a file without extension'}; "
+                         f"use one of {', '.join(CONTAINERS)}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{option} {path}: {path.parent} is a file, not a folder")
+    return path
+
+
 class VideoWriter:
-    """An H.264 mp4 written piece by piece, so a long clip never sits in memory whole::
+    """A video (the container and codec its extension names, ``CONTAINERS``) written piece by piece, so a long
+    clip never sits in memory whole::
 
         with VideoWriter("out.mp4", fps=8) as out:
             for piece in pipe.decode_pieces(latents):   # (1, 3, t, H, W) in [-1, 1]
@@ -196,23 +216,24 @@ class VideoWriter:
     def __init__(self, path: str | Path, fps: float = 8, crf: int = 18):
         if fps <= 0:
             raise ValueError(f"write_video: fps must be positive, got {fps}")
-        self.path, self.rate, self.crf = Path(path), Fraction(fps).limit_denominator(1001), crf
+        self.path, self.rate, self.crf = check_video_output(path, "write_video:"), Fraction(fps).limit_denominator(1001), crf
+        self.container_format, self.codec = CONTAINERS[self.path.suffix.lower()]
         self.stream, self.frames = None, 0
 
     def __enter__(self) -> "VideoWriter":
         self._files = ExitStack()      # closed in reverse: the container first, then the rename
         tmp = self._files.enter_context(atomic_path(self.path))
-        self.container = self._files.enter_context(av.open(tmp, mode="w", format="mp4"))
+        self.container = self._files.enter_context(av.open(tmp, mode="w", format=self.container_format))
         return self
 
     def write(self, video: torch.Tensor) -> None:
         """Append (1, 3, t, H, W) or (3, t, H, W) in [-1, 1]; every piece has the first one's size."""
         frames = _even_sides(_to_uint8_frames(video, "write_video"))                    # t h w c
         if self.stream is None:
-            self.stream = self.container.add_stream("libx264", rate=self.rate)
+            self.stream = self.container.add_stream(self.codec, rate=self.rate)
             self.stream.height, self.stream.width = frames.shape[1], frames.shape[2]
             self.stream.pix_fmt = "yuv420p"
-            self.stream.options = {"crf": str(self.crf)}
+            self.stream.options = {"crf": str(self.crf), **({"b:v": "0"} if self.codec == "libvpx-vp9" else {})}
         elif (frames.shape[1], frames.shape[2]) != (self.stream.height, self.stream.width):
             raise ValueError(f"write_video: a piece of {frames.shape[2]}x{frames.shape[1]} frames after "
                              f"{self.stream.width}x{self.stream.height} ones")

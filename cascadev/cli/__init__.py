@@ -45,6 +45,7 @@ def _function(ref: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascadev", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text, add_arguments, run in COMMANDS:
         p = sub.add_parser(name, help=help_text)
@@ -65,7 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     diffusers_logging.disable_progress_bar()    # "Loading pipeline components": the commands say "loading weights"
     try:
         args.func(args)
-    except (UserError, FileNotFoundError, FileExistsError, ValueError) as e:
-        # Bad input is reported as one line; real bugs keep their traceback.
-        print(f"cascadev {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, OSError, ValueError) as e:      # OSError: missing files, a full disk, no permission
+        print(f"cascadev {args.command}: error: {e}", file=sys.stderr)           # bad input: one line
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"cascadev {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"cascadev {args.command}: internal error: {type(e).__name__}: {first} (run with --debug for the "
+              "traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -35,7 +35,8 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-scale", type=float, default=0.18215, help="sd-vae route: that VAE's latent scale")
     p.add_argument("--scale", type=float, help="sd-vae route: upscale factor over the VAE's pixels")
     p.add_argument("--size", help="sd-vae route: output long side or WxH (default: 2048 long side)")
-    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--fps", type=float, help="frame rate of the output (default: the source's, kept in the latents "
+                                             "file by `reconstruct --latents-out`; else 8)")
     add_pipeline_arguments(p)
 
 
@@ -64,12 +65,17 @@ class Frames:
 
 
 def run_reconstruct(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.cascade import infer_size, resize_video, save_latents
-    from cascadev.video_io import VideoWriter, iter_video, video_info
+    from cascadev.pipelines.cascade import check_latents_output, infer_size, resize_video, save_latents
+    from cascadev.video_io import VideoWriter, check_video_output, iter_video, video_info
     from eval.metrics import psnr
 
     if args.frames is not None and args.frames < 1:
         raise UserError(f"--frames must be >= 1, got {args.frames}")
+    check_video_output(args.output)
+    if args.compare:
+        check_video_output(args.compare, "--compare")
+    if args.latents_out:
+        check_latents_output(args.latents_out)
     info = video_info(args.input)
     H, W = next(iter_video(args.input, 1, 1, args.start, args.stride)).shape[-2:]   # bad input fails before loading
     size = infer_size(H, W, args.size)
@@ -84,10 +90,10 @@ def run_reconstruct(args: argparse.Namespace) -> None:
                 iter_video(args.input, READ_FRAMES, args.frames, args.start, args.stride))
     latents = torch.cat([pipe.encode(piece) for piece in source()], dim=2)
     print(f"reconstructing {latents.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
-    if args.latents_out:
-        save_latents(args.latents_out, latents, source=str(args.input))
-        print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
     fps = (info.fps or 8.0) / args.stride
+    if args.latents_out:
+        save_latents(args.latents_out, latents, source=str(args.input), fps=fps)
+        print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
     inputs, scores = Frames(source()), []
     with VideoWriter(args.output, fps, args.crf) as out, \
             (VideoWriter(args.compare, fps, args.crf) if args.compare else contextlib.nullcontext()) as side:
@@ -102,8 +108,12 @@ def run_reconstruct(args: argparse.Namespace) -> None:
 
 
 def run_decode(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, infer_size, load_latents, resize_video
-    from cascadev.video_io import VideoWriter
+    from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, infer_size, latents_metadata, load_latents, resize_video
+    from cascadev.video_io import VideoWriter, check_video_output
+
+    check_video_output(args.output)
+    if args.fps is not None and args.fps <= 0:
+        raise UserError(f"--fps must be positive, got {args.fps}")
 
     if args.latent_space == "semantic":
         if args.scale is not None or args.vae is not None:
@@ -137,7 +147,8 @@ def run_decode(args: argparse.Namespace) -> None:
     out = Path(args.output)
     paths = [out] if len(latents) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(latents))]
     with contextlib.ExitStack() as files:      # every video written as each piece is final
-        writers = [files.enter_context(VideoWriter(path, args.fps, args.crf)) for path in paths]
+        fps = args.fps or float(latents_metadata(args.latents).get("fps", 8.0))
+        writers = [files.enter_context(VideoWriter(path, fps, args.crf)) for path in paths]
         for piece in pipe.decode_pieces(latents, **decode_kw):
             for writer, video in zip(writers, piece.cpu()):
                 writer.write(video)

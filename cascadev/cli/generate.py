@@ -51,12 +51,12 @@ def output_paths(output: str | Path, n: int) -> list[Path]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.options import resolve_dtype
+    from cascadev.pipelines.options import check_device, resolve_dtype
     from cascadev.pipelines.text_to_video import check_request, load_text_to_video
     import torch
 
-    from cascadev.pipelines.cascade import save_latents
-    from cascadev.video_io import write_video
+    from cascadev.pipelines.cascade import check_latents_output, save_latents
+    from cascadev.video_io import check_video_output, write_video
 
     request = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("scheduler", args.scheduler))
                if v is not None}
@@ -66,6 +66,12 @@ def run_generate(args: argparse.Namespace) -> None:
                   request.get("steps", 1), request.get("guidance", 0.0), args.num)
     if args.decode_steps is not None and args.decode_steps < 1:
         raise UserError(f"--decode-steps must be >= 1, got {args.decode_steps}")
+    if args.fps <= 0:
+        raise UserError(f"--fps must be positive, got {args.fps}")
+    check_video_output(args.output)
+    check_device(args.device)
+    if args.latents_out:
+        check_latents_output(args.latents_out)
     if args.weights is None:
         raise UserError("--weights is required: a folder with the base model (base_dit/), written by "
                         "TextToVideoPipeline.save_pretrained; no base model weights are released")

@@ -27,6 +27,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cascadev.config import to_dict
@@ -109,11 +110,40 @@ def fix_colour(video: torch.Tensor, reference: torch.Tensor, factor: int) -> tor
 
 # -- latents files -------------------------------------------------------------------------------
 
+LATENTS_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def check_latents_output(path: str | Path, option: str = "--latents-out") -> Path:
+    """A latents file name we can write (and read back), checked before any compute."""
+    path = Path(path)
+    if path.is_dir() or path.suffix not in LATENTS_SUFFIXES:
+        raise ValueError(f"{option} {path}: give a file ending in {' or '.join(LATENTS_SUFFIXES)}")
+    return path
+
+
 def save_latents(path: str | Path, latents: torch.Tensor, **metadata: str) -> None:
-    """Write (B, C, T, h, w) latents as safetensors (key ``latents``), atomically."""
-    tensors = {"latents": latents.detach().float().contiguous().cpu()}
+    """Write (B, C, T, h, w) latents, atomically, in the format the suffix names: safetensors (key ``latents``, the
+    metadata as the file's metadata) or torch (.pt / .pth: {"latents", "metadata"}). ``load_latents`` reads both."""
+    path = check_latents_output(path, "save_latents:")
+    tensor = latents.detach().float().contiguous().cpu()
     meta = {"layout": "B C T H W", **{k: str(v) for k, v in metadata.items()}}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    if path.suffix == ".safetensors":
+        atomic_write(path, lambda tmp: save_file({"latents": tensor}, tmp, metadata=meta))
+    else:
+        atomic_write(path, lambda tmp: torch.save({"latents": tensor, "metadata": meta}, tmp))
+
+
+def latents_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata ``save_latents`` stored with the latents (empty for files written elsewhere)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                return dict(f.metadata() or {})
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:   # unreadable files are reported by load_latents
+        return {}
+    return dict(blob.get("metadata") or {}) if isinstance(blob, dict) else {}
 
 
 def load_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> torch.Tensor:
@@ -149,6 +179,8 @@ def load_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> torch.T
         hint = " (is T before C? expected B C T H W)" if z.ndim == 5 and z.shape[2] == channels else ""
         raise ValueError(f"{path}: expected latents ({channels}, T, h, w) or (B, {channels}, T, h, w), "
                          f"got {tuple(blob.shape)}{hint}")
+    if z.numel() == 0:
+        raise ValueError(f"{path}: latents {tuple(z.shape)} have a zero-sized dimension")
     if not torch.isfinite(z).all():
         raise ValueError(f"{path}: latents contain NaN or inf values")
     return z

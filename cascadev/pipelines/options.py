@@ -80,6 +80,21 @@ def check_decode_args(args) -> None:
         raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
     if args.window_batch < 1:
         raise UserError(f"--window-batch must be >= 1, got {args.window_batch}")
+    check_device(args.device)
+
+
+def check_device(name: str | None) -> None:
+    """``--device``: a torch device this machine has (None: chosen later)."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
 
 
 def decode_kwargs(args, pipe) -> dict:

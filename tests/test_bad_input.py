@@ -1,0 +1,87 @@
+"""Every command answers bad input with one line and exit code 2, before any model loads, and leaves no file behind.
+
+One table of cases, each a command line as a user would type it; ``{dir}`` is the case's own empty folder and
+``{clip}``, ``{latents}``, ``{weights}`` are good inputs, so each case breaks exactly one thing.
+"""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import run_cli
+
+CASES = [
+    # reconstruct: the input video
+    ("reconstruct {dir}/missing.mp4 -o {dir}/o.mp4 --weights {weights}", "file not found"),
+    ("reconstruct {dir}/text.mp4 -o {dir}/o.mp4 --weights {weights}", "text.mp4"),
+    ("reconstruct {dir}/empty.mp4 -o {dir}/o.mp4 --weights {weights}", "empty.mp4"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --start 500", "past the last frame"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --frames 0", "--frames must be >= 1"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --stride 0", "stride >= 1"),
+    # reconstruct: where the results go
+    ("reconstruct {clip} -o {dir} --weights {weights}", "is a directory"),
+    ("reconstruct {clip} -o {dir}/o.gif --weights {weights}", "cannot write .gif"),
+    ("reconstruct {clip} -o {dir}/o --weights {weights}", "without extension"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --compare {dir}/c.avi --weights {weights}", "--compare"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --latents-out {dir}/z.npy --weights {weights}", "--latents-out"),
+    # reconstruct: sampling options
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --steps 0", "--steps must be >= 1"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --colour-fix -1", "--colour-fix must be >= 0"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --window-batch 0", "--window-batch must be >= 1"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --device tpu7", "not a device"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --device cuda", "no CUDA GPU"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {dir}/nothing", "not found"),
+    # decode: the latents file
+    ("decode {dir}/missing.safetensors -o {dir}/o.mp4 --weights {weights}", "not found"),
+    ("decode {dir}/empty.safetensors -o {dir}/o.mp4 --weights {weights}", "cannot read latents"),
+    ("decode {dir}/zero.safetensors -o {dir}/o.mp4 --weights {weights}", "zero-sized dimension"),
+    ("decode {dir}/nan.safetensors -o {dir}/o.mp4 --weights {weights}", "NaN"),
+    ("decode {dir}/channels.safetensors -o {dir}/o.mp4 --weights {weights}", "expected latents (16"),
+    ("decode {dir}/tchw.safetensors -o {dir}/o.mp4 --weights {weights}", "is T before C"),
+    ("decode {dir}/z.npy -o {dir}/o.mp4 --weights {weights}", ".safetensors or .pt"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --fps 0", "--fps must be positive"),
+    ("decode {latents} -o {dir}/o.txt --weights {weights}", "cannot write .txt"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --scale 2", "--scale and --vae are for"),
+    # generate, eval, convert, demo
+    ("generate hello -o {dir}/o.mp4", "--weights is required"),
+    ("generate hello -o {dir}/o.mp4 --weights {dir} --fps 0", "--fps must be positive"),
+    ("generate hello -o {dir} --weights {dir}", "is a directory"),
+    ("eval --real {dir}/missing --fake {dir}", "no such folder"),
+    ("eval --real {dir} --fake {dir} --metrics psnr,fid", "unknown fid"),
+    ("eval --real {dir} --fake {dir} --device nowhere", "not a device"),
+    ("convert {dir}/missing {dir}/new", "missing"),
+]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_pipeline_dir, clip_file):
+    root = tmp_path_factory.mktemp("good")
+    latents = root / "z.safetensors"
+    save_file({"latents": torch.randn(1, 16, 2, 2, 2)}, str(latents))
+    return {"clip": clip_file, "latents": latents, "weights": tiny_pipeline_dir}
+
+
+def _broken_files(folder):
+    (folder / "text.mp4").write_text("not a video at all")
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "empty.safetensors").write_bytes(b"")
+    (folder / "z.npy").write_bytes(b"\x93NUMPY")
+    save_file({"latents": torch.zeros(1, 16, 0, 2, 2)}, str(folder / "zero.safetensors"))
+    save_file({"latents": torch.full((1, 16, 2, 2, 2), math.nan)}, str(folder / "nan.safetensors"))
+    save_file({"latents": torch.randn(1, 4, 2, 2, 2)}, str(folder / "channels.safetensors"))
+    save_file({"latents": torch.randn(1, 2, 16, 2, 2)}, str(folder / "tchw.safetensors"))
+
+
+@pytest.mark.parametrize("line, message", CASES, ids=[f"{i:02d}-{c[0].split()[0]}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_line_and_leaves_nothing(line, message, inputs, tmp_path, capsys):
+    _broken_files(tmp_path)
+    before = set(tmp_path.iterdir())
+    argv = line.format(dir=tmp_path, **inputs).split()
+    code, _, err = run_cli(capsys, *argv)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err and len(lines) <= 2, err         # argparse: usage + the error line
+    assert message in lines[-1], lines[-1]
+    assert set(tmp_path.iterdir()) == before                        # no output, no temp file
