@@ -413,3 +413,25 @@ def test_vae_loss_terms_with_lpips_and_discriminator(clips):
     assert all(p.grad is None for p in disc.parameters())            # the generator step leaves D alone
     assert task.model.vae.decoder.conv_out.weight.grad is not None and task.model.vae.encoder.conv_in.weight.grad is None
     assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0     # both margins met
+
+
+def test_resume_checks_the_config_and_can_start_over_or_go_back(clips, tmp_path):
+    run = tmp_path / "run"
+    common = ["run.save_every=1", "run.val_every=0", *SMALL]
+    train(DIT_TINY, run, clips, 2, *common)
+    assert [s for s, _ in checkpoints(run / "checkpoints")] == [1, 2]
+    with pytest.raises(ConfigError, match=r"optim.lr: .* -> 0.5.*--allow-config-change"):
+        train(DIT_TINY, run, clips, 3, *common, "optim.lr=0.5")
+    with pytest.raises(ConfigError, match=r"trained as another model \(dit.overrides.depth: None -> 3\)"):
+        train(DIT_TINY, run, clips, 3, *common, "dit.overrides.depth=3", "--allow-config-change")
+    train(DIT_TINY, run, clips, 3, *common, "optim.lr=0.5", "--allow-config-change")     # resumes at 2, runs to 3
+    assert [s for s, _ in checkpoints(run / "checkpoints")] == [1, 2, 3]
+    main(["--config", str(DIT_TINY), "--max-steps", "2", "--resume-from", "1", "--allow-config-change", "--set",
+          f"data.videos={clips}", f"run.dir={run}", "run.tensorboard=false", "optim.lr=0.5", *common])
+    assert [s for s, _ in checkpoints(run / "checkpoints")] == [1, 2]                # 2 and 3 moved aside
+    assert [s for s, _ in checkpoints(next((run / "checkpoints").glob("after-1-*")))] == [2, 3]
+    train(DIT_TINY, run, clips, 1, *common, "dit.overrides.depth=3", "--fresh")                  # another model, from step 0
+    assert [s for s, _ in checkpoints(run / "checkpoints")] == [1]
+    assert json.loads((run / "checkpoints/step_00000001/trainer.json").read_text())["step"] == 1
+    with pytest.raises(ConfigError, match="--resume-from 7: no complete checkpoint"):
+        train(DIT_TINY, run, clips, 8, *common, "dit.overrides.depth=3", "--resume-from", "7")

@@ -17,6 +17,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--max-steps", type=int, default=None, help="same as --set run.max_steps=N")
     parser.add_argument("--run-dir", default=None, help="same as --set run.dir=DIR")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--fresh", action="store_true",
+                        help="start at step 0 in a run dir that has checkpoints (they are moved aside, not deleted)")
+    resume.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                        help="resume from this checkpoint instead of the newest (later ones are moved aside)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although the config differs from the checkpoint's (the model must not change)")
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:

@@ -185,6 +185,47 @@ def flat_config(config: TrainConfig) -> dict:
     return out
 
 
+# what may change between a run and its resumption without a word: how long, how often, where, how many workers
+FREE_ON_RESUME = ("run.max_steps", "run.dir", "run.log_every", "run.save_every", "run.keep_checkpoints",
+                  "run.val_every", "run.tensorboard", "data.num_workers")
+MODEL_SECTION = {"dit": "dit.", "base": "base.", "vae": "stage_a.", "semantic": "semantic."}   # the trained model
+
+
+def config_changes(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
+    """Config keys whose value differs between a checkpoint's config and this run's: {key: (saved, new)}."""
+    old, cur = flat_config(saved), flat_config(new)
+    return {k: (old.get(k), cur.get(k)) for k in sorted(set(old) | set(cur))
+            if old.get(k) != cur.get(k) and k not in FREE_ON_RESUME}
+
+
+def check_resume(checkpoint: Path, config: TrainConfig, allow_change: bool) -> None:
+    """Refuse to resume ``checkpoint`` into another model; any other config change only with ``allow_change``."""
+    if not (checkpoint / "config.yaml").is_file():
+        return
+    changes = config_changes(load_train_config(checkpoint / "config.yaml"), config)
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:6])
+    model = [k for k in changes if k == "stage" or k.startswith(MODEL_SECTION.get(config.stage, "-"))]
+    if model:
+        raise ConfigError(f"{checkpoint} was trained as another model ({listed}): use another run.dir, or --fresh "
+                          "to start over here")
+    if changes and not allow_change:
+        raise ConfigError(f"the config changed since {checkpoint} ({listed}): resume anyway with "
+                          "--allow-config-change, or start over with --fresh")
+    if changes:
+        log.warning("resuming with a changed config: %s", listed)
+
+
+def set_aside(paths: list[Path], root: Path, why: str) -> None:
+    """Move checkpoints out of the way (into ``root/why-TIME/``): resuming never finds them, nothing is deleted."""
+    if not paths:
+        return
+    folder = root / f"{why}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder.mkdir(parents=True)
+    for path in paths:
+        path.rename(folder / path.name)
+    log.info("moved %d checkpoint(s) to %s", len(paths), folder)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cascadev.training.train", description=__doc__.splitlines()[0])
     add_train_arguments(parser)
@@ -213,6 +254,16 @@ def run_training(args: argparse.Namespace) -> Path:
     config = load_train_config(args.config, overrides)
     run, data, optim = config.run, config.data, config.optim
     run_dir = Path(run.dir)
+    ckpt_root = run_dir / "checkpoints"
+    found = checkpoints(ckpt_root)
+    fresh, resume_from = getattr(args, "fresh", False), getattr(args, "resume_from", None)
+    if resume_from is not None and resume_from not in dict(found):
+        raise ConfigError(f"--resume-from {resume_from}: no complete checkpoint of that step in {ckpt_root} "
+                          f"(have: {[s for s, _ in found] or 'none'})")
+    superseded = [p for s, p in found if fresh or (resume_from is not None and s > resume_from)]
+    found = [(s, p) for s, p in found if p not in superseded]
+    if found:      # before anything is written or built: the checkpoint must be this model
+        check_resume(found[-1][1], config, getattr(args, "allow_config_change", False))
 
     # -- Accelerator: rank, world size, device, mixed precision, trackers
     # VAE: a trainable pattern may select parameters the forward never uses (diffusers' temporal mid-block skips
@@ -224,7 +275,9 @@ def run_training(args: argparse.Namespace) -> Path:
     setup_logging(accelerator, run_dir)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if accelerator.is_main_process:
+        set_aside(superseded, ckpt_root, "replaced" if fresh else f"after-{resume_from}")
         save_config(config, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
     log.info("stage %s on %d process(es), device %s, mixed precision %s, run dir %s",
              config.stage, world, device, run.mixed_precision, run_dir)
     set_seed(run.seed)                                       # the same initial weights on every rank
@@ -268,10 +321,8 @@ def run_training(args: argparse.Namespace) -> Path:
     if run.tensorboard:
         accelerator.init_trackers("tb", config=flat_config(config))
 
-    # -- resume from the newest complete checkpoint
-    ckpt_root = run_dir / "checkpoints"
+    # -- resume from the newest complete checkpoint (or --resume-from's)
     step, state = 0, {"skipped": 0}
-    found = checkpoints(ckpt_root)
     if found:
         step, path = found[-1]
         accelerator.load_state(str(path))
