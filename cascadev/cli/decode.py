@@ -7,7 +7,8 @@ import dataclasses
 from pathlib import Path
 
 from cascadev.errors import UserError
-from cascadev.pipelines.options import add_pipeline_arguments, check_decode_args, decode_kwargs, load_pipeline
+from cascadev.pipelines.options import (add_pipeline_arguments, check_decode_args, decode_kwargs, load_pipeline,
+                                        processes)
 
 
 def add_reconstruct_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,10 +60,12 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     decode_kw = decode_kwargs(args, pipe)
     print(f"reconstructing {video.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
     latents = pipe.encode(video, progress=True)
-    if args.latents_out:
+    if args.latents_out and processes().is_main_process:
         save_latents(args.latents_out, latents, source=str(args.input))
         print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
     recon = pipe.decode(latents, **decode_kw).cpu()
+    if not processes().is_main_process:
+        return      # under accelerate launch the other processes only shared the DiT's windows; the main one writes
     fps = (info.fps or 8.0) / args.stride
     write_video(args.output, recon, fps=fps, crf=args.crf)
     if args.compare:
@@ -107,6 +110,8 @@ def run_decode(args: argparse.Namespace) -> None:
         print(f"upscaling {W}x{H} -> {size[1]}x{size[0]} through the cascade")
         pipe = load_pipeline(args)
         videos = pipe.reconstruct(resize_video(pixels, size), **decode_kwargs(args, pipe)).cpu()
+    if not processes().is_main_process:
+        return      # as in run_reconstruct: the main process writes
     out = Path(args.output)
     for i, video in enumerate(videos):
         path = out if len(videos) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
