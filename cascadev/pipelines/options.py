@@ -54,11 +54,13 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def processes():
-    """accelerate's view of this run (``accelerate launch --num_processes N``, else one process); creating it in a
-    plain process initialises nothing."""
+    """accelerate's view of this run (``accelerate launch --multi_gpu --num_processes N``, else one process); creating
+    it in a plain process initialises nothing. ACCELERATE_USE_CPU (``accelerate launch --cpu``) asks for CPU processes
+    over gloo, as Accelerator reads it."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    return PartialState()
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def default_device() -> torch.device:
