@@ -46,14 +46,42 @@ def square_crop(video, size: int):
     return video[..., top:top + size, left:left + size]
 
 
-def run(args: argparse.Namespace) -> dict:
+def _score_video(pipe, path: Path, args, decode_kw: dict, fix: int, lpips) -> dict:
+    """One video: {"skipped": {"file", "reason"}} when unusable, else its videos written under RUN_DIR and
+    {"scores": {method: {metric: per-frame scores on the CPU}}}."""
+    from cascadev.pipelines.cascade import fix_colour
+    from cascadev.video_io import VideoReadError, read_video, write_video
+    from eval.metrics import psnr, ssim
+
+    try:
+        video = read_video(path, num_frames=args.frames)
+    except VideoReadError as e:
+        return {"skipped": {"file": path.name, "reason": str(e)}}
+    if video.shape[2] < args.frames:
+        return {"skipped": {"file": path.name, "reason": f"only {video.shape[2]} frames, need {args.frames}"}}
+    video = square_crop(video, args.size).clamp(-1, 1)
+    latents = pipe.encode(video)
+    cascade, baseline = pipe.decode(latents, progress=False, **decode_kw).cpu(), pipe.preview(latents).cpu()
+    outputs = {"cascade": fix_colour(cascade, baseline, fix) if fix else cascade, "baseline": baseline}
+    run_dir = Path(args.output)
+    write_video(run_dir / "real" / f"{path.stem}.mp4", video, fps=8)   # one file per video: safe from any process
+    scores = {}
+    for method, out in outputs.items():
+        write_video(run_dir / method / f"{path.stem}.mp4", out, fps=8)
+        scores[method] = {"psnr": psnr(out, video), "ssim": ssim(out, video)}
+        if lpips is not None:
+            scores[method]["lpips"] = lpips(out, video).cpu()
+    return {"scores": scores}
+
+
+def run(args: argparse.Namespace) -> dict | None:
     import torch
     from tqdm.auto import tqdm
 
-    from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline
-    from cascadev.pipelines.cascade import fix_colour
-    from cascadev.video_io import VideoReadError, read_video, write_video
-    from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips, psnr, ssim
+    from accelerate.utils import gather_object
+
+    from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline, processes
+    from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = set(metrics) - {"psnr", "ssim", "lpips", "fvd"}
@@ -74,6 +102,7 @@ def run(args: argparse.Namespace) -> dict:
     pipe = load_pipeline(args, with_previewer=True)
     decode_kw = decode_kwargs(args, pipe)
     fix = decode_kw.pop("colour_fix")      # applied here, to the baseline already decoded for the table
+    decode_kw["distributed"] = False       # several processes: each decodes its own videos whole
     lpips, notes = None, {}
     if "lpips" in metrics:
         try:
@@ -82,31 +111,21 @@ def run(args: argparse.Namespace) -> dict:
             notes["lpips"] = f"LPIPS skipped: {e}"
             print(notes["lpips"])
     run_dir = Path(args.output)
-    scores = {m: {k: [] for k in ("psnr", "ssim", "lpips")} for m in METHODS}
-    skipped = []
-    for path in tqdm(files, desc="reconstructing"):
-        try:
-            video = read_video(path, num_frames=args.frames)
-        except VideoReadError as e:
-            skipped.append({"file": path.name, "reason": str(e)})
-            continue
-        if video.shape[2] < args.frames:
-            skipped.append({"file": path.name, "reason": f"only {video.shape[2]} frames, need {args.frames}"})
-            continue
-        video = square_crop(video, args.size).clamp(-1, 1)
-        latents = pipe.encode(video)
-        cascade, baseline = pipe.decode(latents, progress=False, **decode_kw).cpu(), pipe.preview(latents).cpu()
-        outputs = {"cascade": fix_colour(cascade, baseline, fix) if fix else cascade, "baseline": baseline}
-        write_video(run_dir / "real" / f"{path.stem}.mp4", video, fps=8)
-        for method, out in outputs.items():
-            write_video(run_dir / method / f"{path.stem}.mp4", out, fps=8)
-            scores[method]["psnr"].append(psnr(out, video))
-            scores[method]["ssim"].append(ssim(out, video))
-            if lpips is not None:
-                scores[method]["lpips"].append(lpips(out, video))
+    state = processes()
+    with state.split_between_processes(files) as mine:     # contiguous blocks: gathered back in file order
+        records = [_score_video(pipe, path, args, decode_kw, fix, lpips) for path in tqdm(mine, desc="reconstructing")]
+    records = gather_object(records)          # every process's per-video records, in file order
+    skipped = [r["skipped"] for r in records if "skipped" in r]
     done = len(files) - len(skipped)
     if not done:
         raise UserError(f"none of the {len(files)} videos could be used: " + "; ".join(s["reason"] for s in skipped))
+    if not state.is_main_process:
+        return None                            # the main process writes results.json and runs FVD
+    scores = {m: {k: [] for k in ("psnr", "ssim", "lpips")} for m in METHODS}
+    for record in records:
+        for method, per_frame in record.get("scores", {}).items():
+            for metric, value in per_frame.items():
+                scores[method][metric].append(value)
 
     results = {m: {} for m in METHODS}
     for method in METHODS:

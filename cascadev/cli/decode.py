@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from cascadev.errors import UserError
-from cascadev.pipelines.options import add_pipeline_arguments, check_decode_args, decode_kwargs, load_pipeline
+from cascadev.pipelines.options import (add_pipeline_arguments, check_decode_args, decode_kwargs, load_pipeline,
+                                        processes)
 
 
 def add_reconstruct_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,6 +91,10 @@ def run_reconstruct(args: argparse.Namespace) -> None:
                 iter_video(args.input, READ_FRAMES, args.frames, args.start, args.stride))
     latents = torch.cat([pipe.encode(piece) for piece in source()], dim=2)
     print(f"reconstructing {latents.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
+    if not processes().is_main_process:    # under accelerate launch the others share the DiT's windows; main writes
+        for _ in pipe.decode_pieces(latents, **decode_kw):
+            pass
+        return
     fps = (info.fps or 8.0) / args.stride
     if args.latents_out:
         save_latents(args.latents_out, latents, source=str(args.input), fps=fps)
@@ -144,6 +149,10 @@ def run_decode(args: argparse.Namespace) -> None:
         pipe = load_pipeline(args)
         latents, decode_kw = pipe.encode(resize_video(pixels, size)), decode_kwargs(args, pipe)
         del pixels
+    if not processes().is_main_process:    # as in run_reconstruct: the others share the DiT's windows; main writes
+        for _ in pipe.decode_pieces(latents, **decode_kw):
+            pass
+        return
     out = Path(args.output)
     paths = [out] if len(latents) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(latents))]
     with contextlib.ExitStack() as files:      # every video written as each piece is final

@@ -405,14 +405,17 @@ class CascadeVPipeline(DiffusionPipeline):
     def decode_latents(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,
                        scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend",
                        progress: bool = True, scheduler_config: dict | None = None,
-                       generator: torch.Generator | None = None, callback=None, window_batch: int = 1) -> torch.Tensor:
+                       generator: torch.Generator | None = None, callback=None, window_batch: int = 1,
+                       distributed: bool = False) -> torch.Tensor:
         """Semantic latents (B, 16, T, h, w) -> Stage A latents (B, 4, T, 4h, 4w), scaled.
 
         Noise: ``seed`` draws it as the release did (frames first, CPU generator; ancestral steps from
         ``seed + 1``); a ``generator`` replaces both. ``scheduler``: a name or object (default: the saved one);
         ``scheduler_config`` overrides its config (e.g. ``{"shift": 3.0}`` for flow). ``callback(i, t, latents)``
         runs after each step and may return replacement latents. ``window_batch``: DiT windows/tiles per forward
-        (more is faster on a GPU, at the memory of that many windows)."""
+        (more is faster on a GPU, at the memory of that many windows). ``distributed``: under ``accelerate launch``,
+        every rank decodes the same latents and the DiT's windows/tiles of each step are split across the ranks
+        (``sampling.predict_noise``); the noise is seeded on the CPU, so it is the same on every rank."""
         check_video(latents, self.dit.config.cond_channels, 1, "CascadeVPipeline.decode")
         device = self._execution_device
         T, h, w = latents.shape[2:]
@@ -434,33 +437,35 @@ class CascadeVPipeline(DiffusionPipeline):
         # latents and the scheduler's arithmetic stay fp32; the DiT runs in its own dtype (``_run_window``)
         return self._timed("dit", lambda: sample(self.dit, cond.float(), noise.float(), scheduler, steps, tiling,
                                                  generator=generator, progress=progress, callback=callback,
-                                                 window_batch=window_batch))
+                                                 window_batch=window_batch, distributed=distributed))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,
                scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend", progress: bool = True,
                scheduler_config: dict | None = None, colour_fix: int | None = None,
-               generator: torch.Generator | None = None, callback=None, window_batch: int = 1) -> torch.Tensor:
+               generator: torch.Generator | None = None, callback=None, window_batch: int = 1,
+               distributed: bool = False) -> torch.Tensor:
         """Semantic latents (B, 16, T, h, w) -> video (B, 3, T, 32h, 32w) in [-1, 1] (arguments as ``decode_latents``).
 
         ``colour_fix=f`` takes the band of f x f pixel blocks and below from the Previewer (``fix_colour``); 0 or
         None: off (the saved default is applied by ``__call__`` and the CLI, not here)."""
         return torch.cat(list(self.decode_pieces(latents, steps, seed, scheduler, tiling, progress, scheduler_config,
-                                                 colour_fix, generator, callback, window_batch)), dim=2)
+                                                 colour_fix, generator, callback, window_batch, distributed)), dim=2)
 
     @torch.no_grad()
     def decode_pieces(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,
                       scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend",
                       progress: bool = True, scheduler_config: dict | None = None, colour_fix: int | None = None,
-                      generator: torch.Generator | None = None, callback=None,
-                      window_batch: int = 1) -> Iterator[torch.Tensor]:
+                      generator: torch.Generator | None = None, callback=None, window_batch: int = 1,
+                      distributed: bool = False) -> Iterator[torch.Tensor]:
         """``decode`` in pieces (B, 3, t, 32h, 32w), in frame order: the DiT samples the whole clip in latent space
         (4 channels at 1/8 of the pixels), then each Stage A chunk is decoded, colour-fixed and yielded as soon as it
         is final, so a long clip's pixels never sit in memory whole (``write_video`` takes the pieces)."""
         if colour_fix and self.previewer is None:
             raise ValueError("colour_fix needs the Previewer: load the pipeline with one")
         z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress, scheduler_config, generator, callback,
-                               window_batch)
+                               window_batch, distributed)
+        # distributed: Stage A and the colour fix's Previewer run replicated on every rank (cheap next to the DiT)
         pieces = self.stage_a.decode_pieces(z, progress, self._execution_device)
         start = 0
         while (video := self._timed("stage_a", lambda: next(pieces, None))) is not None:

@@ -31,7 +31,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help="take the band of N x N pixel blocks and below from the Previewer (StableSR's colour fix; "
                         "default: the folder's saved setting, 16 for the built-in tiny cascade; 0: off)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available; under accelerate launch, each "
+                                    "process's own GPU)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="the models' precision (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--attn-fp32", action="store_true",
                    help="in bf16/fp16, keep the DiT's attention in fp32 as the release did (slower)")
@@ -52,13 +53,31 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def processes():
+    """accelerate's view of this run (``accelerate launch --multi_gpu --num_processes N``, else one process); creating
+    it in a plain process initialises nothing. ACCELERATE_USE_CPU (``accelerate launch --cpu``) asks for CPU processes
+    over gloo, as Accelerator reads it."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def default_device() -> torch.device:
+    """This process's device under ``accelerate launch`` with several processes; else cuda when available."""
+    state = processes()
+    if state.num_processes > 1:
+        return state.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_pipeline(args, with_previewer: bool | None = None):
     """The cascade the options name; the Previewer when asked, else only for the colour fix (given, or the folder's
     saved one)."""
     print("loading weights ...", flush=True)
     if with_previewer is None and args.colour_fix is not None:
         with_previewer = args.colour_fix > 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else default_device()
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_cascade(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder, previewer=args.previewer,
                         vae=args.stage_a, with_previewer=with_previewer)
@@ -98,6 +117,8 @@ def check_device(name: str | None) -> None:
 
 
 def decode_kwargs(args, pipe) -> dict:
-    """``decode`` arguments: what was given, else the loaded pipeline's saved sampler and colour fix."""
+    """``decode`` arguments: what was given, else the loaded pipeline's saved sampler and colour fix; under
+    ``accelerate launch`` with several processes, the DiT's windows/tiles split across them."""
     return dict(seed=args.seed, tiling=args.tiling, steps=args.steps, scheduler=args.scheduler,
-                colour_fix=resolve_colour_fix(pipe, args.colour_fix), window_batch=args.window_batch)
+                colour_fix=resolve_colour_fix(pipe, args.colour_fix), window_batch=args.window_batch,
+                distributed=processes().num_processes > 1)

@@ -134,13 +134,27 @@ def _crops_eps(model, x: torch.Tensor, t: torch.Tensor, crops: list[Crop], windo
     return out
 
 
+def _distributed_eps(model, x: torch.Tensor, t: torch.Tensor, crops: list[Crop], window_batch: int) -> list[torch.Tensor]:
+    """``_crops_eps`` with the crops split across the process group's ranks and the eps all-gathered."""
+    from cascadev.pipelines.distributed import gather_eps, share, world
+
+    rank, size = world()
+    if size == 1:
+        return _crops_eps(model, x, t, crops, window_batch)
+    mine = _crops_eps(model, x, t, share(crops, rank, size), window_batch)
+    return gather_eps(mine, len(crops), size)
+
+
 def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str | Tiling = "blend",
-                  window_batch: int = 1) -> torch.Tensor:
+                  window_batch: int = 1, distributed: bool = False) -> torch.Tensor:
     """Eps for a whole clip. x: (B, C_in, T, H, W) = cat([noisy latent, cond]), any size; t: scalar or (B,).
 
     Returns (B, C_latent, T, H, W): the eps channels of the model output (the learned variance is
     not used by the schedulers); for a rectified-flow model, its velocity. ``window_batch`` windows and
     tiles go through the model per forward (same result as one by one, within rounding; faster on a GPU).
+    ``distributed``: with an initialised process group of several ranks, each holding the same x, every rank runs
+    its share of the windows/tiles and all-gathers the others' (``cascadev.pipelines.distributed``); all ranks
+    return the same eps. A no-op without such a group; every rank must call it (a collective).
     """
     c = model.spec
     tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
@@ -162,7 +176,8 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
     if len(starts) == len(rows) == len(cols) == 1:
         return _run_window(model, x, t)
     crops = [(slice(f, f + size), slice(r, r + th), slice(col, col + tw)) for f in starts for r in rows for col in cols]
-    eps = iter(_crops_eps(model, x, t, crops, window_batch))
+    eps = iter(_distributed_eps(model, x, t, crops, window_batch) if distributed
+               else _crops_eps(model, x, t, crops, window_batch))
     out = x.new_zeros(B, c.latent_channels, T, H, W)
 
     if tiling.mode == "official":
@@ -197,7 +212,7 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
            steps: int = 8, tiling: str | Tiling = "blend", generator: torch.Generator | None = None,
            scheduler_config: dict | None = None, progress: bool = True,
            callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
-           window_batch: int = 1) -> torch.Tensor:
+           window_batch: int = 1, distributed: bool = False) -> torch.Tensor:
     """Denoise ``noise`` (B, C_latent, T, H, W) given ``cond`` (B, C_cond, T, H, W); both already scaled.
 
     The release's loop (recon/refine_latent.py): scale the noise by ``init_noise_sigma``, then at each
@@ -205,6 +220,8 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
     frames as a batch, (B*T, C, H, W), the release's layout, so a seeded ancestral sampler draws the
     same noise as the released code. ``callback(i, t, latents)`` runs after step i with the latents
     (B, C_latent, T, H, W) and may return replacements. ``window_batch``: windows/tiles per forward.
+    ``distributed``: split each step's windows/tiles across the process group's ranks (``predict_noise``); every
+    rank must pass the same noise, cond and generator seed, so that all step identically.
     Returns the denoised latents (B, C_latent, T, H, W).
     """
     c = model.spec
@@ -215,6 +232,11 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
                          f"got {tuple(cond.shape)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if distributed:
+        from cascadev.pipelines.distributed import broadcast, world
+
+        if world()[1] > 1:   # every rank steps from rank 0's inputs, so all stay identical
+            cond, noise = broadcast(cond), broadcast(noise)
     scheduler = make_scheduler(scheduler, scheduler_config)
     scheduler.set_timesteps(steps, device=noise.device)
     T = noise.shape[2]
@@ -227,7 +249,7 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
         scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         model_input = from_frames(scaled)
         eps = predict_noise(model, torch.cat([model_input, cond.to(model_input)], dim=1), t, tiling,
-                             window_batch)
+                             window_batch, distributed)
         latents = scheduler.step(to_frames(eps), t, latents, generator=generator, return_dict=False)[0]
         if callback is not None and (replaced := callback(i, t, from_frames(latents))) is not None:
             latents = to_frames(replaced)
