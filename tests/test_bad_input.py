@@ -33,6 +33,7 @@ CASES = [
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --device tpu7", "not a device"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --device cuda", "no CUDA GPU"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {dir}/nothing", "not found"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --scheduler flow", "--force-scheduler"),
     # decode: the latents file
     ("decode {dir}/missing.safetensors -o {dir}/o.mp4 --weights {weights}", "not found"),
     ("decode {dir}/empty.safetensors -o {dir}/o.mp4 --weights {weights}", "cannot read latents"),

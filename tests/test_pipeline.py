@@ -124,7 +124,7 @@ def test_sampler_defaults_follow_the_folder(tiny_pipeline_dir):
     # the built-in tiny cascade is a flow model, saved with its scheduler and step count
     shipped = CascadeVPipeline.from_pretrained(str(ASSETS))
     assert type(shipped.scheduler) is FlowMatchEulerDiscreteScheduler and shipped.config.num_inference_steps == 4
-    assert type(shipped.scheduler_for("euler_a")) is EulerAncestralDiscreteScheduler
+    assert type(shipped.scheduler_for("euler_a", force=True)) is EulerAncestralDiscreteScheduler   # other family: forced
     # a scheduler of the saved one's class keeps the saved config (e.g. the flow shift it was trained at)
     shifted = tiny_cascade(num_inference_steps=3)
     shifted.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)

@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -378,14 +378,21 @@ class CascadeVPipeline(DiffusionPipeline):
         self.vae.decoder.compile(dynamic=False)
         return self
 
-    def scheduler_for(self, name: str | None) -> SchedulerMixin:
+    def scheduler_for(self, name: str | None, force: bool = False) -> SchedulerMixin:
         """The saved scheduler, or another by short name (``make_scheduler``); a scheduler of the saved one's
-        class keeps its saved config (e.g. the flow shift the DiT was trained at)."""
+        class keeps its saved config (e.g. the flow shift the DiT was trained at). One of the other family (flow
+        matching vs eps prediction) than the saved one is refused unless ``force``: the DiT predicts one or the other
+        (an ancestral sampler on the flow-trained tiny cascade gives 8 dB instead of 21)."""
         if name is None:
             return self.scheduler
         wanted = make_scheduler(name)
         if type(wanted) is type(self.scheduler):
             return type(wanted).from_config(self.scheduler.config)
+        flow = [isinstance(s, FlowMatchEulerDiscreteScheduler) for s in (self.scheduler, wanted)]
+        if flow[0] != flow[1] and not force:
+            trained = "flow matching (velocity)" if flow[0] else "eps prediction"
+            raise ValueError(f"scheduler {name!r} does not fit this DiT, trained for {trained} (its saved scheduler "
+                             f"is {type(self.scheduler).__name__}); force it with --force-scheduler")
         return wanted
 
     def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:

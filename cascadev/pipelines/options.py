@@ -25,6 +25,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                                              "release)")
     g.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp", "flow"],
                    help="default: the folder's saved sampler (flow for the built-in tiny cascade), else euler_a")
+    g.add_argument("--force-scheduler", action="store_true",
+                   help="use --scheduler even if it is of the other family (flow vs eps) than the DiT was trained for")
     g.add_argument("--tiling", default="blend", choices=["blend", "official"],
                    help="blend windows/tiles smoothly (default) or reproduce the release exactly")
     g.add_argument("--colour-fix", type=int, metavar="N",
@@ -119,6 +121,7 @@ def check_device(name: str | None) -> None:
 def decode_kwargs(args, pipe) -> dict:
     """``decode`` arguments: what was given, else the loaded pipeline's saved sampler and colour fix; under
     ``accelerate launch`` with several processes, the DiT's windows/tiles split across them."""
-    return dict(seed=args.seed, tiling=args.tiling, steps=args.steps, scheduler=args.scheduler,
+    return dict(seed=args.seed, tiling=args.tiling, steps=args.steps,
+                scheduler=pipe.scheduler_for(args.scheduler, force=args.force_scheduler),
                 colour_fix=resolve_colour_fix(pipe, args.colour_fix), window_batch=args.window_batch,
                 distributed=processes().num_processes > 1)
