@@ -435,3 +435,23 @@ def test_resume_checks_the_config_and_can_start_over_or_go_back(clips, tmp_path)
     assert json.loads((run / "checkpoints/step_00000001/trainer.json").read_text())["step"] == 1
     with pytest.raises(ConfigError, match="--resume-from 7: no complete checkpoint"):
         train(DIT_TINY, run, clips, 8, *common, "dit.overrides.depth=3", "--resume-from", "7")
+
+
+def test_nothing_loads_a_full_disk_and_a_killed_export_are_one_line_and_leave_nothing(clips, tmp_path, monkeypatch):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (broken / name).write_bytes(b"not a video")
+    with pytest.raises(ValueError, match=r"none of the \d+ video\(s\) could be loaded, e\.g\. .*\.mp4: not a readable video"):
+        train(DIT_TINY, tmp_path / "nothing", broken, 1, *SMALL)
+    run = tmp_path / "run"
+    (run / "checkpoints/.tmp_step_00000009").mkdir(parents=True)          # left by a killed run
+    (run / ".final.tmp").mkdir()
+    import accelerate
+    def full_disk(self, output_dir=None, **kwargs):
+        import errno
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", full_disk)
+    with pytest.raises(OSError, match="could not write checkpoint .*step_00000001: No space left on device"):
+        train(DIT_TINY, run, clips, 1, *SMALL, "run.save_every=1", "run.val_every=0")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [] and not (run / ".final.tmp").exists()

@@ -189,6 +189,18 @@ class _SkippingDataset(Dataset):
     def load(self, sample: Sample, g: torch.Generator) -> dict:
         raise NotImplementedError
 
+    def check_loadable(self) -> None:
+        """Load samples in order until one works: a source where nothing loads is one line before the first step
+        (not a worker's traceback after every file was tried)."""
+        reasons = []
+        for index, sample in enumerate(self.samples):
+            try:
+                self.load(sample, torch.Generator().manual_seed(index_seed(index)))
+                return
+            except (VideoReadError, OSError, ValueError, RuntimeError) as e:
+                reasons.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise ValueError(f"none of the {len(self.samples)} {self.kind}(s) could be loaded, e.g. {reasons[0]}")
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, index_seed(key))
         g = torch.Generator().manual_seed(seed)

@@ -52,6 +52,7 @@ log = logging.getLogger("cascadev.training.train")
 
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer.json"
+FINAL_TMP = ".final.tmp"            # the export's folder until it is complete
 EMA_WEIGHTS = "ema.safetensors"
 
 
@@ -134,16 +135,21 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict |
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))                         # every rank: weights, optimizer, RNG, scaler
-    # save_state ends without a barrier: every rank's RNG file must be in tmp before the main process renames it
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))                     # every rank: weights, optimizer, RNG, scaler
+        # save_state ends without a barrier: every rank's RNG file must be in tmp before the main process renames it
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if ema is not None:
+                save_state_dict(ema, tmp / EMA_WEIGHTS)
+            save_config(config, tmp / "config.yaml")
+            if task.name in ("dit", "base") and hasattr(task.model, "spec"):  # a VideoDiT / TextDiT.from_legacy_folder
+                task.model.save_config(tmp)                                   # folder (not a DiffusionAutoencoder)
+            write_json(tmp / TRAINER_STATE, {**state, "step": step})
+    except OSError as e:       # a full disk, no permission: one line, and no half checkpoint left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write checkpoint {final}: {e.strerror or e}") from None
     if accelerator.is_main_process:
-        if ema is not None:
-            save_state_dict(ema, tmp / EMA_WEIGHTS)
-        save_config(config, tmp / "config.yaml")
-        if task.name in ("dit", "base") and hasattr(task.model, "spec"):     # a VideoDiT / TextDiT.from_legacy_folder
-            task.model.save_config(tmp)                                      # folder (not a DiffusionAutoencoder)
-        write_json(tmp / TRAINER_STATE, {**state, "step": step})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -275,6 +281,8 @@ def run_training(args: argparse.Namespace) -> Path:
     setup_logging(accelerator, run_dir)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if accelerator.is_main_process:
+        for stale in [*ckpt_root.glob(f".tmp_{CHECKPOINT_PREFIX}*"), run_dir / FINAL_TMP]:   # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
         set_aside(superseded, ckpt_root, "replaced" if fresh else f"after-{resume_from}")
         save_config(config, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
@@ -304,6 +312,8 @@ def run_training(args: argparse.Namespace) -> Path:
         if config.stage == "base" and not any(sample.caption for sample in train_samples):
             log.warning("stage base: no training video has a caption (give data.videos as a .csv/.jsonl/.json with a "
                         "'caption' field); the model learns unconditional generation only")
+    if isinstance(train_set, VideoDataset):
+        train_set.check_loadable()
     image_set = ImageDataset(list_samples(data.images, IMAGE_EXTENSIONS), data) if data.images else None
     val_set = VideoDataset(val_samples, data, train=False) if val_samples and run.val_every else []
     log.info("data: %d training %s, %d validation clip(s)%s", len(train_set), train_set.kind + "s", len(val_set),
@@ -404,9 +414,18 @@ def run_training(args: argparse.Namespace) -> Path:
 
     # -- save: final weights (and EMA) in our formats (``export_final``)
     state_dict = accelerator.get_state_dict(prepared["model"])
-    if accelerator.is_main_process:
-        export_final(task, run_dir / "final", state_dict, ema_weights(ema, ema_names) if ema is not None else None)
-        log.info("final weights in %s", run_dir / "final")
+    if accelerator.is_main_process:       # written beside, then renamed: a killed export leaves no half final/
+        final, tmp = run_dir / "final", run_dir / FINAL_TMP
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            export_final(task, tmp, state_dict, ema_weights(ema, ema_names) if ema is not None else None)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"could not write the final weights to {final}: {e.strerror or e}") from None
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        log.info("final weights in %s", final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     del video_iter, image_iter
