@@ -8,6 +8,7 @@ decode failure) is one ``VideoReadError`` line naming the file, never a PyAV tra
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from cascadev.weights import atomic_path, atomic_write
+
+log = logging.getLogger("cascadev")
 
 # what training folders and evaluation sets pick up (anything FFmpeg demuxes; these are the usual ones)
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".gif", ".m4v", ".mpg", ".mpeg", ".ts")
@@ -73,17 +76,31 @@ def _count_frames(container: av.container.InputContainer, path: Path) -> int:
 
 
 def video_info(path: str | Path) -> VideoInfo:
-    """Frame count, frame rate and frame size of the first video stream of ``path``."""
+    """Frame count, frame rate and the frame size as shown (rotation and pixel aspect applied, as ``read_video``
+    returns frames) of the first video stream of ``path``."""
     path = Path(path)
     container = _open(path)
     try:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
-        height, width = stream.codec_context.height, stream.codec_context.width
         frames = _count_frames(container, path)
     finally:
         container.close()
-    return VideoInfo(frames=frames, fps=float(rate) if rate else 0.0, height=height, width=width)
+    shown = next(iter_video(path, 1, 1))
+    return VideoInfo(frames=frames, fps=float(rate) if rate else 0.0, height=shown.shape[-2], width=shown.shape[-1])
+
+
+def _as_shown(frame: av.VideoFrame, sample_aspect: float) -> torch.Tensor:
+    """A decoded frame as players show it -> (H, W, 3) uint8: non-square pixels stretched to square ones, then
+    rotated by the display matrix (``frame.rotation``, degrees counter-clockwise, as ffmpeg's autorotate)."""
+    pixels = torch.from_numpy(frame.to_ndarray(format="rgb24"))                          # h w c
+    if abs(sample_aspect - 1) > 1e-6:
+        h, w = pixels.shape[:2]
+        wide = F.interpolate(rearrange(pixels, "h w c -> 1 c h w").float(), size=(h, round(w * sample_aspect)),
+                             mode="bilinear", align_corners=False, antialias=True)
+        pixels = rearrange(wide, "1 c h w -> h w c").round().clamp(0, 255).to(torch.uint8)
+    turns = round((frame.rotation or 0) / 90) % 4
+    return torch.rot90(pixels, turns, dims=(0, 1)).contiguous() if turns else pixels
 
 
 def read_video(path: str | Path, num_frames: int | None = None, start: int = 0, stride: int = 1,
@@ -114,11 +131,13 @@ def iter_video(path: str | Path, chunk_frames: int | None, num_frames: int | Non
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        sample_aspect = float(stream.sample_aspect_ratio or 1) or 1.0
+        expected = int(stream.frames or 0)
         for frame in container.decode(stream):
             index, seen = seen, seen + 1
             if index < start or (index - start) % stride:
                 continue
-            frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))  # h w c, uint8
+            frames.append(_as_shown(frame, sample_aspect))                       # h w c, uint8
             kept += 1
             if len(frames) == chunk_frames:
                 yield _to_video(frames, size)
@@ -133,6 +152,9 @@ def iter_video(path: str | Path, chunk_frames: int | None, num_frames: int | Non
         if seen == 0:
             raise VideoReadError(f"{path}: contains no decodable video frames")
         raise VideoReadError(f"{path}: has {seen} frame(s), so start={start} is past the last frame")
+    if (num_frames is None or kept < num_frames) and expected and seen < expected:
+        log.warning("%s: the stream ends after %d of the %d frames its header announces (truncated?)",
+                    path, seen, expected)
     if frames:
         yield _to_video(frames, size)
 

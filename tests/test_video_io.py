@@ -178,3 +178,48 @@ def test_pieces_in_and_out_match_the_whole(tmp_path, clip):
     with pytest.raises(ValueError, match="no frames"):
         write_video(tmp_path / "empty.mp4", [])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pieces.mp4", "whole.mp4"]
+
+
+def _write_raw(path, clip, rotation=0, sample_aspect=None):
+    """A clip written with PyAV directly, with a display rotation and / or non-square pixels."""
+    frames = ((clip[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()   # t h w c
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        stream.options = {"crf": "12"}
+        if sample_aspect:
+            stream.codec_context.sample_aspect_ratio = sample_aspect
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_rotation_and_pixel_aspect_are_applied_as_players_show_them(tmp_path, clip):
+    from fractions import Fraction
+    _write_raw(tmp_path / "plain.mp4", clip)
+    _write_raw(tmp_path / "turned.mp4", clip, rotation=90)
+    _write_raw(tmp_path / "wide.mp4", clip, sample_aspect=Fraction(2, 1))
+    plain, turned = read_video(tmp_path / "plain.mp4"), read_video(tmp_path / "turned.mp4")
+    assert turned.shape[-2:] == (96, 64) and (video_info(tmp_path / "turned.mp4").height,
+                                              video_info(tmp_path / "turned.mp4").width) == (96, 64)
+    rotated = torch.rot90(plain, 1, dims=(-2, -1))                          # 90 degrees counter-clockwise
+    assert (turned - rotated).abs().mean() < 0.02 < (turned - rotated.flip(-1, -2)).abs().mean()
+    wide = read_video(tmp_path / "wide.mp4")
+    assert wide.shape[-2:] == (64, 192) and video_info(tmp_path / "wide.mp4").width == 192
+
+
+def test_a_truncated_stream_says_how_many_frames_it_had(tmp_path, clip, caplog):
+    data = (tmp_path / "whole.mp4")
+    write_video(data, clip)
+    raw = data.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(raw[: int(len(raw) * 0.7)])
+    try:
+        video = read_video(tmp_path / "cut.mp4")
+    except VideoReadError as e:                                # cut inside the index: refused in one line
+        assert "cut.mp4" in str(e)
+        return
+    assert video.shape[2] < 10 and "truncated" in caplog.text
