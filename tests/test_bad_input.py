@@ -32,6 +32,9 @@ CASES = [
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --window-batch 0", "--window-batch must be >= 1"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --device tpu7", "not a device"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --device cuda", "no CUDA GPU"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --crf 99", "--crf 99"),
+    ("train --config {dir}/bad.yaml", "bad.yaml"),
+    ("train --config {dir}/missing.yaml", "missing.yaml"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {dir}/nothing", "not found"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --scheduler flow", "--force-scheduler"),
     # decode: the latents file
@@ -66,6 +69,7 @@ def inputs(tmp_path_factory, tiny_pipeline_dir, clip_file):
 
 def _broken_files(folder):
     (folder / "text.mp4").write_text("not a video at all")
+    (folder / "bad.yaml").write_text("stage: dit\nrun: {dir: [unclosed\n")
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "empty.safetensors").write_bytes(b"")
     (folder / "z.npy").write_bytes(b"\x93NUMPY")

@@ -51,7 +51,7 @@ def output_paths(output: str | Path, n: int) -> list[Path]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.options import check_device, resolve_dtype
+    from cascadev.pipelines.options import check_crf, check_device, resolve_dtype
     from cascadev.pipelines.text_to_video import check_request, load_text_to_video
     import torch
 
@@ -70,6 +70,7 @@ def run_generate(args: argparse.Namespace) -> None:
         raise UserError(f"--fps must be positive, got {args.fps}")
     check_video_output(args.output)
     check_device(args.device)
+    check_crf(args.crf)
     if args.latents_out:
         check_latents_output(args.latents_out)
     if args.weights is None:

@@ -101,7 +101,14 @@ def check_decode_args(args) -> None:
         raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
     if args.window_batch < 1:
         raise UserError(f"--window-batch must be >= 1, got {args.window_batch}")
+    check_crf(args.crf)
     check_device(args.device)
+
+
+def check_crf(crf: int) -> None:
+    """``--crf``: a quality the encoders take (H.264 0-51; lower is better)."""
+    if not 0 <= crf <= 51:
+        raise UserError(f"--crf {crf}: the encoders take 0 (lossless) to 51 (worst); 18 is visually lossless")
 
 
 def check_device(name: str | None) -> None:
