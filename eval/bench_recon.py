@@ -99,11 +99,22 @@ def run(args: argparse.Namespace) -> dict | None:
         raise UserError(f"{data}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
 
     check_decode_args(args)
+    notes = {}
+    if "fvd" in metrics:           # known before any video is reconstructed: the other metrics still run
+        from eval.fvd import MIN_FRAMES, default_detector_path, missing_detector_message
+        detector = args.i3d or default_detector_path()
+        if min(args.frames, 16) < MIN_FRAMES:
+            notes["fvd"] = f"FVD skipped: I3D needs >= {MIN_FRAMES} frames ({args.frames} frames)"
+        elif detector is None or not Path(detector).is_file():
+            notes["fvd"] = f"FVD skipped: {missing_detector_message(args.i3d)}"
+        if "fvd" in notes:
+            print(notes["fvd"])
+            metrics = [m for m in metrics if m != "fvd"]
     pipe = load_pipeline(args, with_previewer=True)
     decode_kw = decode_kwargs(args, pipe)
     fix = decode_kw.pop("colour_fix")      # applied here, to the baseline already decoded for the table
     decode_kw["distributed"] = False       # several processes: each decodes its own videos whole
-    lpips, notes = None, {}
+    lpips = None
     if "lpips" in metrics:
         try:
             lpips = load_lpips(pipe._execution_device)
@@ -134,8 +145,8 @@ def run(args: argparse.Namespace) -> dict | None:
                 results[method][metric] = torch.cat(scores[method][metric]).mean().item()  # mean over all frames
     if "fvd" in metrics:
         fvd_frames = min(args.frames, 16)
-        if fvd_frames < 9 or done < 2:
-            notes["fvd"] = f"FVD skipped: I3D needs >= 9 frames and >= 2 videos ({args.frames} frames, {done} videos)"
+        if done < 2:
+            notes["fvd"] = f"FVD skipped: it needs >= 2 videos ({done} reconstructed)"
             print(notes["fvd"])
         else:
             from eval import cli as eval_cli

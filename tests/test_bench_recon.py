@@ -28,3 +28,17 @@ def test_bench_recon_on_generated_clips(tmp_path, capsys, tiny_pipeline_dir):
 
     code, _, err = run_cli(capsys, "bench-recon", data, "-o", run_dir, "--size", 50, "--weights", tiny_pipeline_dir)
     assert code == 2 and "multiple of 32" in err and err.count("\n") == 1
+
+
+def test_fvd_without_detector_is_skipped_up_front_and_the_rest_still_runs(tmp_path, capsys, tiny_pipeline_dir,
+                                                                          monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))      # no I3D anywhere
+    data = tmp_path / "data"
+    write_clips(data, 2, frames=9, height=64, width=64)
+    code, out, err = run_cli(capsys, "bench-recon", data, "-o", tmp_path / "run", "--size", 64, "--frames", 9,
+                             "--weights", tiny_pipeline_dir, "--steps", 1, "--metrics", "psnr,fvd")
+    assert code == 0, err
+    assert out.index("FVD skipped: no I3D weights given") < out.index("PSNR")      # said before the work
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["cascade"]["psnr"] > 0 and "fvd" not in results["cascade"] and "FVD skipped" in results["notes"]["fvd"]
