@@ -439,3 +439,47 @@ def test_decode_pieces_are_final_frames_in_order_and_make_the_whole_decode(chunk
         total[s:e] += ramp
     torch.testing.assert_close(torch.cat(pieces, dim=2), acc / total.view(1, 1, -1, 1, 1), rtol=1e-5, atol=1e-5)
     assert torch.equal(torch.cat(pieces, dim=2), stage_a.decode(z))
+
+
+# -- Stage A: memory budget and tile margins ------------------------------------------------------------
+
+@pytest.mark.parametrize("preset, bound", [("tiny_taesd", 5e-4), ("tiny", 0.2), ("tiny_temporal", 0.05)])
+def test_tiled_decode_stays_within_the_measured_bound_of_untiled(preset, bound):
+    """256 px tiles sharing 64 at 384 px against the whole frame (benchmarks/stage_a.py closeness): taesd has a finite
+    receptive field, so the margin makes tiles nearly exact (0.0002 measured; 0.009 with a full ramp); GroupNorm
+    kinds keep per-tile statistics (kl 0.18, svd_temporal 0.036 measured)."""
+    torch.manual_seed(0)
+    vae = build_stage_a(preset, chunk_frames=2)
+    z = torch.randn(1, 4, 2, 48, 48, generator=torch.Generator().manual_seed(1))
+    plain = with_config(vae, tile_size=0).decode(z)
+    tiled = with_config(vae, tile_size=256, tile_overlap=64).decode(z)
+    assert (tiled - plain).abs().max() < bound
+
+
+def test_memory_budget_chooses_whole_frames_when_they_fit_and_tiles_otherwise():
+    vae = build_stage_a("tiny_taesd")                       # 16 channels fp32: 4.5 * 16 * 4 = 288 B per pixel-frame
+    assert vae.plan(8, 512, 512) == ((256, 256), 8)         # no budget: the config's tiles
+    roomy = with_config(vae, max_memory=1.0)
+    assert roomy.plan(8, 512, 512) == ((0, 0), 8)           # 8 x 512^2 x 288 B = 0.56 GiB: whole frames
+    assert roomy.plan(8, 1152, 2048) == ((0, 0), 1)         # one 2K frame (0.63 GiB) per call: still whole
+    tight = with_config(vae, max_memory=0.25)
+    (th, tw), n = tight.plan(8, 1152, 2048)
+    assert n == 1 and (th, tw) != (0, 0) and th % 8 == tw % 8 == 0                  # 0: the whole height / width
+    assert (th or 1152) * (tw or 2048) * 288 <= 0.25 * 2 ** 30
+    temporal = with_config(build_stage_a("tiny_temporal"), max_memory=0.25)
+    assert temporal.plan(8, 1152, 2048)[1] == 8             # the temporal decoder keeps its window of frames
+    z = torch.randn(1, 4, 3, 16, 24)                        # the budget changes tiles, not the result (taesd)
+    small = with_config(vae, max_memory=3 * 128 * 192 * 288 / 2 ** 30 / 4)   # a quarter frame: tiled, 1 per call
+    assert small.plan(3, 128, 192)[0] != (0, 0)
+    torch.testing.assert_close(small.decode(z), with_config(vae, tile_size=0).decode(z), rtol=0, atol=5e-3)  # 0.0034
+    pieces = list(small.decode_pieces(z))
+    assert torch.equal(torch.cat(pieces, dim=2), small.decode(z))
+
+
+def test_ramp_margin_gives_the_neighbour_the_edge_and_sums_to_one():
+    windows = spans(40, 16, 8)
+    total = sum(torch.nn.functional.pad(blend_ramp(windows, i, 1, margin=2), (s, 40 - e))
+                for i, (s, e) in enumerate(windows))
+    torch.testing.assert_close(total, torch.ones(40))
+    first = blend_ramp(windows, 0, 1, margin=2)
+    assert first[-2:].eq(0).all() and first[:windows[1][0] + 2].eq(1).all()

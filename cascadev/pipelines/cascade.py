@@ -12,6 +12,7 @@ below it (``fix_colour``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -105,7 +106,9 @@ def fix_colour(video: torch.Tensor, reference: torch.Tensor, factor: int) -> tor
     StableSR's wavelet colour fix (Wang et al. 2023), with the Previewer's decoding of the same
     semantic latents as the low-resolution reference: a diffusion decoder's samples drift in colour and
     brightness over whole regions, the regression-trained Previewer does not."""
-    return (video - low_band(video, factor) + low_band(reference, factor)).clamp(-1, 1)
+    out = video - low_band(video, factor)
+    out += low_band(reference, factor)                    # in place: one temporary of the video's size at a time
+    return out.clamp_(-1, 1)
 
 
 # -- latents files -------------------------------------------------------------------------------
@@ -370,6 +373,12 @@ class CascadeVPipeline(DiffusionPipeline):
         self.dit.set_attn_fp32(dtype == torch.float32 if attn_fp32 is None else attn_fp32)
         return self
 
+    def set_stage_a_memory(self, gib: float) -> "CascadeVPipeline":
+        """Choose Stage A's tiles and frames per call from ``gib`` GiB (``StageAVAE.plan``; 0: the saved tiles). A
+        setting of this run, not saved with the pipeline."""
+        self.stage_a.config = dataclasses.replace(self.stage_a.config, max_memory=gib)
+        return self
+
     def compile_models(self) -> "CascadeVPipeline":
         """torch.compile the DiT blocks and the Stage A decoder, shapes static: each window layout (and Stage A chunk
         size) compiles once, on its first call."""
@@ -476,8 +485,8 @@ class CascadeVPipeline(DiffusionPipeline):
         pieces = self.stage_a.decode_pieces(z, progress, self._execution_device)
         start = 0
         while (video := self._timed("stage_a", lambda: next(pieces, None))) is not None:
-            video, end = video.clamp(-1, 1), start + video.shape[2]
-            if colour_fix:
+            video, end = video.clamp_(-1, 1), start + video.shape[2]
+            if colour_fix:     # per piece (one Stage A chunk), with one temporary of its size at a time
                 video = fix_colour(video, self.preview(latents[:, :, start:end]), colour_fix)
             yield video
             start = end
@@ -495,7 +504,7 @@ class CascadeVPipeline(DiffusionPipeline):
         video = self._timed("preview", lambda: self.previewer.decode(latents.to(self._execution_device)))
         if full_size:
             h, w = latents.shape[-2:]
-            video = resize_video(video, (h * SEMANTIC_DOWNSAMPLE, w * SEMANTIC_DOWNSAMPLE)).clamp(-1, 1)
+            video = resize_video(video, (h * SEMANTIC_DOWNSAMPLE, w * SEMANTIC_DOWNSAMPLE)).clamp_(-1, 1)
         return video
 
     @torch.no_grad()

@@ -45,6 +45,12 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                         "weights layer by layer (sequential: least memory, slowest)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks and the Stage A decoder (compiles once per size)")
+    g.add_argument("--max-memory", type=float, metavar="GIB",
+                   help="memory for one Stage A decoder call: tiles and frames per call chosen from it, whole frames "
+                        "when they fit (default: 80%% of the GPU's free memory; 1 GiB on a CPU; 0: the saved tiles)")
+    g.add_argument("--no-tf32", action="store_true",
+                   help="fp32 on CUDA: exact fp32 matmuls and convolutions (default: TF32 tensor cores, as in bf16 "
+                        "the kernels' own precision)")
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
 
 
@@ -90,7 +96,29 @@ def load_pipeline(args, with_previewer: bool | None = None):
         getattr(pipe, f"enable_{args.offload}_cpu_offload")(device=device)
     else:
         pipe.to(device)
+    set_tf32(device, not args.no_tf32)
+    pipe.set_stage_a_memory(stage_a_budget(args.max_memory, device))
     return pipe.compile_models() if args.compile else pipe
+
+
+CPU_STAGE_A_GIB = 1.0       # a CPU's default Stage A budget: 2048 x 1152 in full-height tiles, smaller frames whole
+
+
+def stage_a_budget(given: float | None, device: torch.device) -> float:
+    """``--max-memory`` in GiB: as given, else 80% of the GPU's free memory (after loading), else 1 GiB on a CPU."""
+    if given is not None:
+        if given < 0:
+            raise UserError(f"--max-memory must be >= 0 GiB (0: the saved tiles), got {given}")
+        return given
+    if device.type == "cuda":
+        return 0.8 * torch.cuda.mem_get_info(device)[0] / 2 ** 30
+    return CPU_STAGE_A_GIB
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA (a process-wide torch setting, set once by the CLI)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
 
 
 def check_decode_args(args) -> None:
