@@ -14,7 +14,6 @@ shipped VAE, and the random-init tiny presets). ``rss``: ``cascadev reconstruct`
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -46,9 +45,8 @@ print('SECONDS', time.perf_counter() - start)
 WAYS = ("ours (1 GiB)", "ours (256 px tiles)", "diffusers untiled", "diffusers tiled")
 
 
-def run(code: str, *args: str, env: dict | None = None) -> dict[str, float]:
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
-                            env={**os.environ, **(env or {})})
+def run(code: str, *args: str) -> dict[str, float]:
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     found = dict(line.split()[:2] for line in result.stdout.splitlines() if line.startswith(("MAXRSS", "SECONDS")))
     return {"rss_mib": int(found["MAXRSS"]) / 1024, **({"s": float(found["SECONDS"])} if "SECONDS" in found else {})}
 
@@ -98,21 +96,19 @@ RECONSTRUCT = ("import sys, time; from cascadev.cli import main; start = time.pe
                "print('SECONDS', time.perf_counter() - start); " + REPORT)
 
 
-def rss(sizes: list[str], frames: int, extra: list[str], malloc: str) -> None:
+def rss(sizes: list[str], frames: int, extra: list[str]) -> None:
     from cascadev.synthetic import make_clip
     from cascadev.video_io import VideoWriter
 
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"| clip | malloc | time s | peak RSS MiB |\n|---|---|---|---|")
+        print("| clip | time s | peak RSS MiB |\n|---|---|---|")
         for size in sizes:
             W, H = (int(v) for v in size.split("x"))
             clip = Path(tmp) / f"clip{size}.mp4"
             with VideoWriter(clip, fps=8) as writer:
                 writer.write(make_clip(seed=0, frames=frames, height=H, width=W)[None])
-            for mode in (["kept", "default"] if malloc == "both" else [malloc]):
-                got = run(RECONSTRUCT, str(clip), str(Path(tmp) / "out.mp4"), str(ASSETS), *extra,
-                          env={"CASCADEV_MALLOC": mode})
-                print(f"| {frames} x {H} x {W} | {mode} | {got['s']:.1f} | {got['rss_mib']:.0f} |", flush=True)
+            got = run(RECONSTRUCT, str(clip), str(Path(tmp) / "out.mp4"), str(ASSETS), *extra)
+            print(f"| {frames} x {H} x {W} | {got['s']:.1f} | {got['rss_mib']:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -120,7 +116,6 @@ def main() -> None:
     parser.add_argument("what", choices=["table", "closeness", "rss"])
     parser.add_argument("--sizes", nargs="+")
     parser.add_argument("--frames", type=int)
-    parser.add_argument("--malloc", default="kept", choices=["kept", "default", "both"])
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="rss: more reconstruct arguments")
     args = parser.parse_args()
     if args.what == "table":
@@ -128,7 +123,7 @@ def main() -> None:
     elif args.what == "closeness":
         closeness()
     else:
-        rss(args.sizes or ["1024x576", "2048x1152"], args.frames or 8, args.extra, args.malloc)
+        rss(args.sizes or ["1024x576", "2048x1152"], args.frames or 8, args.extra)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ when it runs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
-import os
 import sys
 
 from cascadev.errors import UserError
@@ -58,25 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4            # glibc mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """glibc: serve large tensors from the heap and keep freed ones for the next (no mmap, no trim). By default glibc
-    maps each block over 32 MiB afresh and unmaps it on free, so every decoder call page-faults its buffers again:
-    87 s of system time in a 2048 x 1152 tiny reconstruction, 22.4 -> 16.9 s on the demo. Peak memory is what is in
-    use at once, as before. Off with CASCADEV_MALLOC=default; a no-op off glibc."""
-    if os.environ.get("CASCADEV_MALLOC") == "default" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30))
-    except (OSError, AttributeError):      # musl and others: no mallopt
-        return False
-
-
 def main(argv: list[str] | None = None) -> None:
-    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
