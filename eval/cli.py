@@ -373,6 +373,10 @@ def run(args: argparse.Namespace) -> dict:
     paired_frames = args.frames if args.paired_frames is None else args.paired_frames
     if paired_frames < 0:
         raise UserError(f"--paired-frames must be >= 0, got {paired_frames}")
+    for name, value, least in (("--frames", args.frames, 1), ("--batch-size", args.batch_size, 1),
+                               ("--i3d-size", args.i3d_size, 32), ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{name} must be >= {least}, got {value}")
     if "fvd" in metrics:
         if args.frames < fvd.MIN_FRAMES:
             raise UserError(f"--frames {args.frames}: I3D needs clips of at least {fvd.MIN_FRAMES} frames")

@@ -55,7 +55,19 @@ CASES = [
     ("eval --real {dir}/missing --fake {dir}", "no such folder"),
     ("eval --real {dir} --fake {dir} --metrics psnr,fid", "unknown fid"),
     ("eval --real {dir} --fake {dir} --device nowhere", "not a device"),
+    ("eval --real {dir} --fake {dir} --batch-size 0", "--batch-size must be >= 1"),
+    ("eval --real {dir} --fake {dir} --metrics fvd --i3d-size 8", "--i3d-size must be >= 32"),
+    ("eval --real {dir} --fake {dir} --workers -1", "--workers must be >= 0"),
+    ("eval --real {dir} --fake {dir} --frames 0", "--frames must be >= 1"),
+    ("eval --real {dir} --fake {dir} --metrics fvd --runs 0", "--runs must be >= 1"),
+    ("eval --real {dir} --fake {dir} --size 0", "--size must be positive"),
     ("convert {dir}/missing {dir}/new", "missing"),
+    ("demo -o {dir}/d --clips 0", "--clips and --frames must be >= 1"),
+    ("demo -o {dir}/d --size 50", "multiple of 32"),
+    ("demo -o {dir}/d --weights {dir}", "no cascade here"),
+    ("demo -o {dir}/d --colour-fix -2", "--colour-fix must be >= 0"),
+    ("cache-latents --config {dir}/missing.yaml --out {dir}/c", "missing.yaml"),
+    ("train --config {dir}/bad.yaml --max-steps 3", "bad.yaml"),
 ]
 
 

@@ -150,6 +150,6 @@ def run_caching(args: argparse.Namespace) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OSError, ValueError) as e:
         print(f"cascadev.training.cache_latents: error: {e}", file=sys.stderr)
         sys.exit(2)

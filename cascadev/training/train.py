@@ -435,6 +435,6 @@ def run_training(args: argparse.Namespace) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, FileNotFoundError, ValueError) as e:   # bad input: one line; real bugs keep their traceback
+    except (ConfigError, OSError, ValueError) as e:   # bad input, a full disk: one line; real bugs keep their traceback
         print(f"cascadev.training.train: error: {e}", file=sys.stderr)
         sys.exit(2)
