@@ -374,7 +374,7 @@ def run(args: argparse.Namespace) -> dict:
     if paired_frames < 0:
         raise UserError(f"--paired-frames must be >= 0, got {paired_frames}")
     for name, value, least in (("--frames", args.frames, 1), ("--batch-size", args.batch_size, 1),
-                               ("--i3d-size", args.i3d_size, 32), ("--workers", args.workers, 0)):
+                               ("--i3d-size", args.i3d_size, 1), ("--workers", args.workers, 0)):
         if value is not None and value < least:
             raise UserError(f"{name} must be >= {least}, got {value}")
     if "fvd" in metrics:

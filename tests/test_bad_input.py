@@ -56,7 +56,7 @@ CASES = [
     ("eval --real {dir} --fake {dir} --metrics psnr,fid", "unknown fid"),
     ("eval --real {dir} --fake {dir} --device nowhere", "not a device"),
     ("eval --real {dir} --fake {dir} --batch-size 0", "--batch-size must be >= 1"),
-    ("eval --real {dir} --fake {dir} --metrics fvd --i3d-size 8", "--i3d-size must be >= 32"),
+    ("eval --real {dir} --fake {dir} --metrics fvd --i3d-size 0", "--i3d-size must be >= 1"),
     ("eval --real {dir} --fake {dir} --workers -1", "--workers must be >= 0"),
     ("eval --real {dir} --fake {dir} --frames 0", "--frames must be >= 1"),
     ("eval --real {dir} --fake {dir} --metrics fvd --runs 0", "--runs must be >= 1"),
