@@ -123,3 +123,15 @@ def test_lpips_runs_per_frame_with_cached_backbone(hub_dir):
     assert torch.all(d[:, 1] > 0) and torch.all(d[:, 2] > d[:, 1])
     with pytest.raises(ValueError, match="smaller than the 31 px"):
         lpips(pred[..., :30, :30], target[..., :30, :30])
+
+
+def test_ssim_equals_torchmetrics_on_the_valid_window_positions():
+    from torchmetrics.functional.image import structural_similarity_index_measure
+    target = _video(3, b=2, t=2, h=37, w=52)
+    pred = _noisy(target, [0.05, 0.2])
+    frames = lambda v: rearrange((v.double() + 1) / 2, "b c t h w -> (b t) c h w")  # noqa: E731
+    _, full = structural_similarity_index_measure(frames(pred), frames(target), gaussian_kernel=True, sigma=1.5,
+                                                  kernel_size=11, data_range=1.0, reduction="none",
+                                                  return_full_image=True)
+    expected = full[..., 5:-5, 5:-5].mean(dim=(1, 2, 3)).float().view(2, 2)
+    torch.testing.assert_close(ssim(pred, target), expected, rtol=0, atol=1e-7)
