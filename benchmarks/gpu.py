@@ -31,7 +31,6 @@ from dit import build_dit
 from vae import build_semantic_encoder, build_stage_a
 from vae.stage_a import PRESETS as STAGE_A_PRESETS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("native", "_native_flash", "_native_cudnn", "_native_efficient", "flash", "flash_varlen")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 

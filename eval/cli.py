@@ -353,9 +353,7 @@ def _accelerator():
 
 def run(args: argparse.Namespace) -> dict:
     """Run the evaluation, print the report (main process), write --json/--csv; return the report."""
-    import torch
-
-    from cascadev.pipelines.options import check_device
+    from cascadev.pipelines.options import resolve_device
     from eval import fvd
     from eval.i3d import BN_EPS_VIDEOGPT
     from eval.metrics import CONVENTIONS, LPIPS_MIN_SIDE, LpipsUnavailable, load_lpips
@@ -385,10 +383,9 @@ def run(args: argparse.Namespace) -> dict:
         if args.runs > 1 and args.clip == "first":
             raise UserError("--runs > 1 needs --clip random (first-frame clips are the same in every run)")
 
-    check_device(args.device)
     accelerator = _accelerator()
     main = accelerator is None or accelerator.is_main_process
-    device = accelerator.device if accelerator else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = accelerator.device if accelerator else resolve_device(args.device)
 
     # Load what can fail before reading any video: the detector is an error, LPIPS a skip.
     extractor = lpips = None

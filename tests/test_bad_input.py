@@ -33,6 +33,8 @@ CASES = [
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --device tpu7", "not a device"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --device cuda", "no CUDA GPU"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --crf 99", "--crf 99"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --max-memory -1", "--max-memory must be >= 0"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --offload model --device cpu", "--offload moves models"),
     ("train --config {dir}/bad.yaml", "bad.yaml"),
     ("train --config {dir}/missing.yaml", "missing.yaml"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {dir}/nothing", "not found"),

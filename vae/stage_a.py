@@ -440,7 +440,7 @@ class StageAVAE(nn.Module):
         B, _, T, h, w = latents.shape
         z = latents.to(device=device or self.device, dtype=torch.float32) / c.scale_factor
         windows = tuple(spans(T, c.chunk_frames, c.chunk_overlap))
-        tile, per_call = self.plan(B * (windows[0][1] - windows[0][0]), 8 * h, 8 * w)
+        tile, per_call = self.plan(B * (windows[0][1] - windows[0][0]), DOWNSAMPLE * h, DOWNSAMPLE * w)
         pending = None      # weighted sums of the frames this chunk shares with the next ones
         for index, (t0, t1) in enumerate(tqdm(windows, desc="Stage A decode", disable=not progress, leave=False)):
             frames = rearrange(z[:, :, t0:t1], "b c t h w -> (b t) c h w").to(self.dtype)

@@ -65,6 +65,16 @@ class Frames:
         return torch.cat(parts, dim=2)
 
 
+def shared_windows_only(pipe, latents: torch.Tensor, decode_kw: dict) -> bool:
+    """Under ``accelerate launch``, a process other than the main one shares the DiT's windows and writes nothing:
+    it runs the decode here and returns True; the main process returns False and writes."""
+    if processes().is_main_process:
+        return False
+    for _ in pipe.decode_pieces(latents, **decode_kw):
+        pass
+    return True
+
+
 def run_reconstruct(args: argparse.Namespace) -> None:
     from cascadev.pipelines.cascade import check_latents_output, infer_size, resize_video, save_latents
     from cascadev.video_io import VideoWriter, check_video_output, iter_video, video_info
@@ -91,9 +101,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
                 iter_video(args.input, READ_FRAMES, args.frames, args.start, args.stride))
     latents = torch.cat([pipe.encode(piece) for piece in source()], dim=2)
     print(f"reconstructing {latents.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
-    if not processes().is_main_process:    # under accelerate launch the others share the DiT's windows; main writes
-        for _ in pipe.decode_pieces(latents, **decode_kw):
-            pass
+    if shared_windows_only(pipe, latents, decode_kw):
         return
     fps = (info.fps or 8.0) / args.stride
     if args.latents_out:
@@ -113,7 +121,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
 
 
 def run_decode(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, infer_size, latents_metadata, load_latents, resize_video
+    from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, infer_size, read_latents, resize_video
     from cascadev.video_io import VideoWriter, check_video_output
 
     check_video_output(args.output)
@@ -123,7 +131,7 @@ def run_decode(args: argparse.Namespace) -> None:
     if args.latent_space == "semantic":
         if args.scale is not None or args.vae is not None:
             raise UserError("--scale and --vae are for --latent-space sd-vae")
-        latents = load_latents(args.latents, SEMANTIC_CHANNELS)
+        latents, metadata = read_latents(args.latents, SEMANTIC_CHANNELS)
         check_decode_args(args)
         pipe = load_pipeline(args)
         decode_kw = decode_kwargs(args, pipe)
@@ -132,7 +140,7 @@ def run_decode(args: argparse.Namespace) -> None:
         from cascadev.pipelines.cascade import resolve_stage_a_config
         from vae.stage_a import SVD_VAE_REPO, StageAVAE
         check_decode_args(args)
-        latents = load_latents(args.latents, 4)
+        latents, metadata = read_latents(args.latents, 4)
         if args.vae_scale <= 0:
             raise UserError(f"--vae-scale must be positive, got {args.vae_scale}")
         config = dataclasses.replace(resolve_stage_a_config(args.vae or SVD_VAE_REPO, None), scale_factor=args.vae_scale)
@@ -149,14 +157,12 @@ def run_decode(args: argparse.Namespace) -> None:
         pipe = load_pipeline(args)
         latents, decode_kw = pipe.encode(resize_video(pixels, size)), decode_kwargs(args, pipe)
         del pixels
-    if not processes().is_main_process:    # as in run_reconstruct: the others share the DiT's windows; main writes
-        for _ in pipe.decode_pieces(latents, **decode_kw):
-            pass
+    if shared_windows_only(pipe, latents, decode_kw):
         return
     out = Path(args.output)
     paths = [out] if len(latents) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(latents))]
     with contextlib.ExitStack() as files:      # every video written as each piece is final
-        fps = args.fps or float(latents_metadata(args.latents).get("fps", 8.0))
+        fps = args.fps or float(metadata.get("fps", 8.0))
         writers = [files.enter_context(VideoWriter(path, fps, args.crf)) for path in paths]
         for piece in pipe.decode_pieces(latents, **decode_kw):
             for writer, video in zip(writers, piece.cpu()):

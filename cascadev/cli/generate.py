@@ -51,7 +51,7 @@ def output_paths(output: str | Path, n: int) -> list[Path]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.options import check_crf, check_device, resolve_dtype
+    from cascadev.pipelines.options import check_crf, resolve_device, resolve_dtype
     from cascadev.pipelines.text_to_video import check_request, load_text_to_video
     import torch
 
@@ -69,7 +69,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.fps <= 0:
         raise UserError(f"--fps must be positive, got {args.fps}")
     check_video_output(args.output)
-    check_device(args.device)
+    device = resolve_device(args.device)
     check_crf(args.crf)
     if args.latents_out:
         check_latents_output(args.latents_out)
@@ -79,7 +79,6 @@ def run_generate(args: argparse.Namespace) -> None:
 
     print("loading weights ...", flush=True)
     pipe = load_text_to_video(args.weights, text_encoder=args.text_encoder, cascade=args.cascade)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(args.dtype, device)
     pipe.to(device, dtype)
     pipe.dit.set_attn_fp32(dtype == torch.float32)   # half precision: the flash / cuDNN kernels

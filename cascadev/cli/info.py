@@ -33,10 +33,10 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     import cascadev
-    from cascadev.pipelines.options import resolve_dtype
+    from cascadev.pipelines.options import resolve_device, resolve_dtype
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     print(f"cascadev     {cascadev.__version__}")
     print(f"python       {platform.python_version()}")
     print(f"torch        {torch.__version__}")

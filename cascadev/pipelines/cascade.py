@@ -29,7 +29,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from cascadev.config import to_dict
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
@@ -136,30 +136,27 @@ def save_latents(path: str | Path, latents: torch.Tensor, **metadata: str) -> No
         atomic_write(path, lambda tmp: torch.save({"latents": tensor, "metadata": meta}, tmp))
 
 
-def latents_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata ``save_latents`` stored with the latents (empty for files written elsewhere)."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), "pt") as f:
-                return dict(f.metadata() or {})
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:   # unreadable files are reported by load_latents
-        return {}
-    return dict(blob.get("metadata") or {}) if isinstance(blob, dict) else {}
-
-
 def load_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> torch.Tensor:
     """Read latents saved by us or anyone: .safetensors (key ``latents`` or a single tensor) or .pt
     (a tensor or a dict with ``latents``); (C, T, h, w) or (B, C, T, h, w). Returns (B, C, T, h, w) float32."""
+    return read_latents(path, channels)[0]
+
+
+def read_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> tuple[torch.Tensor, dict[str, str]]:
+    """``load_latents`` and, from the same read, the metadata ``save_latents`` stored (empty for others' files)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: latents file not found")
     try:
         if path.suffix == ".safetensors":
-            blob = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                metadata = dict(f.metadata() or {})
+                blob = {key: f.get_tensor(key) for key in f.keys()}
         elif path.suffix in (".pt", ".pth"):
             blob = torch.load(path, map_location="cpu", weights_only=True)
+            metadata = dict(blob.get("metadata") or {}) if isinstance(blob, dict) else {}
+            if isinstance(blob, dict) and "latents" in blob:
+                blob = blob["latents"]
         else:
             raise ValueError(f"{path}: latents must be a .safetensors or .pt file")
     except ValueError:
@@ -186,7 +183,7 @@ def load_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> torch.T
         raise ValueError(f"{path}: latents {tuple(z.shape)} have a zero-sized dimension")
     if not torch.isfinite(z).all():
         raise ValueError(f"{path}: latents contain NaN or inf values")
-    return z
+    return z, metadata
 
 
 # -- loading the parts -----------------------------------------------------------------------------

@@ -85,14 +85,12 @@ def load_pipeline(args, with_previewer: bool | None = None):
     print("loading weights ...", flush=True)
     if with_previewer is None and args.colour_fix is not None:
         with_previewer = args.colour_fix > 0
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_cascade(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder, previewer=args.previewer,
                         vae=args.stage_a, with_previewer=with_previewer)
     pipe.set_precision(dtype, attn_fp32=True if args.attn_fp32 else None)
     if args.offload:
-        if device.type != "cuda":
-            raise UserError("--offload moves models to a GPU and back: it needs --device cuda")
         getattr(pipe, f"enable_{args.offload}_cpu_offload")(device=device)
     else:
         pipe.to(device)
@@ -107,8 +105,6 @@ CPU_STAGE_A_GIB = 1.0       # a CPU's default Stage A budget: 2048 x 1152 in ful
 def stage_a_budget(given: float | None, device: torch.device) -> float:
     """``--max-memory`` in GiB: as given, else 80% of the GPU's free memory (after loading), else 1 GiB on a CPU."""
     if given is not None:
-        if given < 0:
-            raise UserError(f"--max-memory must be >= 0 GiB (0: the saved tiles), got {given}")
         return given
     if device.type == "cuda":
         return 0.8 * torch.cuda.mem_get_info(device)[0] / 2 ** 30
@@ -129,14 +125,23 @@ def check_decode_args(args) -> None:
         raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
     if args.window_batch < 1:
         raise UserError(f"--window-batch must be >= 1, got {args.window_batch}")
+    if args.max_memory is not None and args.max_memory < 0:
+        raise UserError(f"--max-memory must be >= 0 GiB (0: the saved tiles), got {args.max_memory}")
     check_crf(args.crf)
-    check_device(args.device)
+    if args.offload and resolve_device(args.device).type != "cuda":
+        raise UserError("--offload moves models to a GPU and back: it needs --device cuda")
 
 
 def check_crf(crf: int) -> None:
     """``--crf``: a quality the encoders take (H.264 0-51; lower is better)."""
     if not 0 <= crf <= 51:
         raise UserError(f"--crf {crf}: the encoders take 0 (lossless) to 51 (worst); 18 is visually lossless")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: the one named, checked (``check_device``), else this process's default (``default_device``)."""
+    check_device(name)
+    return torch.device(name) if name else default_device()
 
 
 def check_device(name: str | None) -> None:

@@ -35,7 +35,7 @@ import yaml
 from cascadev.config import ConfigError
 from cascadev.training.args import add_cache_arguments
 from cascadev.training.config import CACHE_CONFIG, TrainConfig, cache_signature, load_train_config
-from cascadev.training.data import clip_starts, load_clip, mix_seed, split_validation
+from cascadev.training.data import LOAD_ERRORS, clip_starts, load_clip, mix_seed, split_validation
 from cascadev.video_io import VideoReadError, video_info
 from cascadev.weights import atomic_write, save_state_dict
 from vae.semantic_encoder import DOWNSAMPLE as CELL
@@ -138,7 +138,7 @@ def run_caching(args: argparse.Namespace) -> Path:
                     save_state_dict({k: v[0].float().cpu() for k, v in encoded.items()}, path,
                                     metadata={"path": str(sample.path), "start": str(start), "caption": sample.caption})
                     written += 1
-        except (VideoReadError, OSError, ValueError, RuntimeError) as e:
+        except LOAD_ERRORS as e:
             skipped += 1
             log.warning("skipping video %s: %s", sample.path, str(e).splitlines()[0] if str(e) else type(e).__name__)
     counts = accelerator.reduce(torch.tensor([written, kept, skipped], device=accelerator.device), "sum").tolist()

@@ -172,6 +172,9 @@ def mix_seed(*values: int) -> int:
 
 # -- datasets --------------------------------------------------------------------------------------
 
+LOAD_ERRORS = (VideoReadError, OSError, ValueError, RuntimeError)    # what makes a file skipped, not fatal
+
+
 class _SkippingDataset(Dataset):
     """Items indexed by (index, seed); a file that fails to load is replaced by another and counted."""
 
@@ -197,7 +200,7 @@ class _SkippingDataset(Dataset):
             try:
                 self.load(sample, torch.Generator().manual_seed(index_seed(index)))
                 return
-            except (VideoReadError, OSError, ValueError, RuntimeError) as e:
+            except LOAD_ERRORS as e:
                 reasons.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise ValueError(f"none of the {len(self.samples)} {self.kind}(s) could be loaded, e.g. {reasons[0]}")
 
@@ -208,7 +211,7 @@ class _SkippingDataset(Dataset):
             sample = self.samples[index]
             try:
                 item = self.load(sample, g)
-            except (VideoReadError, OSError, ValueError, RuntimeError) as e:
+            except LOAD_ERRORS as e:
                 if index not in self._bad:
                     self._bad.add(index)
                     reason = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -262,14 +262,14 @@ def run_training(args: argparse.Namespace) -> Path:
     run_dir = Path(run.dir)
     ckpt_root = run_dir / "checkpoints"
     found = checkpoints(ckpt_root)
-    fresh, resume_from = getattr(args, "fresh", False), getattr(args, "resume_from", None)
+    fresh, resume_from = args.fresh, args.resume_from
     if resume_from is not None and resume_from not in dict(found):
         raise ConfigError(f"--resume-from {resume_from}: no complete checkpoint of that step in {ckpt_root} "
                           f"(have: {[s for s, _ in found] or 'none'})")
     superseded = [p for s, p in found if fresh or (resume_from is not None and s > resume_from)]
     found = [(s, p) for s, p in found if p not in superseded]
     if found:      # before anything is written or built: the checkpoint must be this model
-        check_resume(found[-1][1], config, getattr(args, "allow_config_change", False))
+        check_resume(found[-1][1], config, args.allow_config_change)
 
     # -- Accelerator: rank, world size, device, mixed precision, trackers
     # VAE: a trainable pattern may select parameters the forward never uses (diffusers' temporal mid-block skips
