@@ -38,6 +38,7 @@ CASES = [
     ("train --config {dir}/bad.yaml", "bad.yaml"),
     ("train --config {dir}/missing.yaml", "missing.yaml"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {dir}/nothing", "not found"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights no_such_weights/", "weights folder not found"),   # not a hub id
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --scheduler flow", "--force-scheduler"),
     # decode: the latents file
     ("decode {dir}/missing.safetensors -o {dir}/o.mp4 --weights {weights}", "not found"),

@@ -269,7 +269,7 @@ def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
         where = f"{source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
         raise FileNotFoundError(
             f"cannot load the Stage A VAE ({cls.__name__}) from {where}: {str(e).strip().splitlines()[0][:200]} "
-            f"-- set stage_a.pretrained to a local diffusers folder, or download it once online "
+            f"-- give a local diffusers folder (stage_a.pretrained in a config; --stage-a or --vae on the command line), or download it once online "
             f"(huggingface-cli download {config.pretrained} --include '{subfolder or ''}*')") from None
     finally:
         diffusers_logging.set_verbosity(level)

@@ -189,7 +189,9 @@ def read_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> tuple[t
 # -- loading the parts -----------------------------------------------------------------------------
 
 def _is_hub_id(source: str) -> bool:
-    return source.count("/") == 1 and not Path(source).exists() and not source.startswith((".", "/", "~"))
+    """"owner/name" that is not a path here ("weights/" is a folder, even a missing one)."""
+    owner, _, name = source.partition("/")
+    return bool(owner) and bool(name) and "/" not in name and not Path(source).exists() and not source.startswith((".", "~"))
 
 
 def _load_model(cls, source: str | Path | None, filename: str, repo: str, torch_dtype: torch.dtype | None):
