@@ -8,9 +8,12 @@ the rest still run):
 1. ``dit_forward``: one DiT forward on one window (8x128x128 latents for ``official``): FLOPs (counted on the
    meta device), time per attention backend in bf16, the release's fp32 path, torch.compile of the blocks;
    achieved TFLOP/s against the card's dense bf16 peak.
-2. ``decode``: reconstruct a random clip of each size, per phase (semantic encode, DiT steps, Stage A
-   decode): seconds and peak device memory; bf16 with windows one by one and batched, fp32 as released
-   (first size only), bf16 with ``enable_model_cpu_offload``, bf16 with compiled DiT blocks.
+2. ``profile``: the operators with the most device time in one bf16 DiT forward.
+3. ``decode``: reconstruct a random clip of each size, per phase (semantic encode, DiT steps, Stage A
+   decode, whose tiles the CLI's memory planner picks): seconds and peak device memory; bf16 with windows one
+   by one and batched, fp32 as released (first size only), bf16 with ``enable_model_cpu_offload``, bf16 with
+   compiled DiT blocks, and compiled with DiT tiles a whole window apart (``--tile-stride 128``).
+4. ``stage_a``: Stage A alone on the last size, per tile size, with and without cuDNN autotuning.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cascadev.pipelines.cascade import CascadeVPipeline, stage_a_settings
-from cascadev.pipelines.sampling import make_scheduler
+from cascadev.pipelines.options import stage_a_budget
+from cascadev.pipelines.sampling import Tiling, make_scheduler
 from dit import build_dit
 from vae import build_semantic_encoder, build_stage_a
 from vae.stage_a import PRESETS as STAGE_A_PRESETS
@@ -76,7 +80,8 @@ def dit_flops(preset: str, window: tuple[int, int, int]) -> float:
 def build_pipeline(preset: str, dtype: torch.dtype, stage_a_tile: int | None = None) -> CascadeVPipeline:
     """The cascade with random weights: ``official`` is the released architectures (EfficientNetV2-S encoder,
     PixArt-XL/2 DiT, SVD's temporal VAE) and sampler (Euler-ancestral); fp32 keeps the release's fp32 attention.
-    ``stage_a_tile``: Stage A's tile size in pixels (None: the preset's; 0: whole frames)."""
+    ``stage_a_tile``: Stage A's tile size in pixels (None: the preset's, or the memory planner's once
+    ``set_stage_a_memory`` is called; 0: whole frames)."""
     stage_a = "tiny_taesd" if preset == "tiny" else "official"
     settings = stage_a_settings(STAGE_A_PRESETS[stage_a])
     if stage_a_tile is not None:
@@ -169,16 +174,18 @@ def bench_dit_forward(args, device: torch.device, report: Report) -> None:
 
 
 def decode_phases(pipe: CascadeVPipeline, video: torch.Tensor, steps: int, window_batch: int, device, report: Report,
-                  **labels) -> None:
+                  tiling: Tiling = Tiling(), **labels) -> None:
     """Encode, DiT sampling, Stage A decode of ``video`` (B, 3, T, H, W): one row per phase and the total."""
     rows, total = [], 0.0
     seconds, mem, latents = measure(device, lambda: pipe.encode(video))
     rows.append(("encode", seconds, mem))
     seconds, mem, z = measure(device, lambda: pipe.decode_latents(latents, steps=steps, progress=False,
-                                                                 window_batch=window_batch))
+                                                                 window_batch=window_batch, tiling=tiling))
     rows.append(("dit", seconds, mem))
     seconds, mem, _ = measure(device, lambda: pipe.stage_a.decode(z, device=pipe._execution_device))
     rows.append(("stage_a", seconds, mem))
+    (th, tw), frames = pipe.stage_a.plan(*video.shape[2:])
+    labels.setdefault("stage_a_plan", "whole frames" if th == tw == 0 else f"tiles {th or 'full'}x{tw or 'full'}")
     for phase, seconds, mem in rows:
         total += seconds
         report.add(section="decode", phase=phase, seconds=round(seconds, 3), peak_gib=round(mem, 2),
@@ -189,7 +196,7 @@ def decode_phases(pipe: CascadeVPipeline, video: torch.Tensor, steps: int, windo
 
 def run_variant(args, device: torch.device, report: Report, sizes: list[tuple[int, int, int]],
                 dtype: torch.dtype = torch.bfloat16, batches: tuple[int, ...] = (1,), offload: bool = False,
-                compiled: bool = False, labels: dict | None = None) -> None:
+                compiled: bool = False, tiling: Tiling = Tiling(), labels: dict | None = None) -> None:
     """Build one pipeline as asked, warm it up, and decode each size with each window batch; ``labels`` go in the rows."""
     torch.manual_seed(0)
     pipe = build_pipeline(args.preset, dtype, args.stage_a_tile)
@@ -197,18 +204,21 @@ def run_variant(args, device: torch.device, report: Report, sizes: list[tuple[in
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-    T, H, W = sizes[0]
-    if compiled:
+    if args.stage_a_tile is None:          # as the CLI: tiles from the memory budget, whole frames when they fit
+        pipe.set_stage_a_memory(stage_a_budget(args.max_memory, device))
+    if compiled:   # one compile per window layout: each size once, untimed in the rows that follow
         compile_blocks(pipe.dit)
-        video = torch.rand(1, 3, T, H, W) * 2 - 1
-        seconds, _, _ = measure(device, lambda: pipe.decode_latents(pipe.encode(video), steps=1, progress=False,
-                                                                   window_batch=batches[0]))
-        report.add(section="decode", phase="compile (first call, 1 step)", seconds=round(seconds, 1), size=f"{T}x{H}x{W}")
-    warm_up(pipe, T, device)
+        for T, H, W in sizes:
+            video = torch.rand(1, 3, T, H, W) * 2 - 1
+            seconds, _, _ = measure(device, lambda: pipe.decode_latents(pipe.encode(video), steps=1, progress=False,
+                                                                       window_batch=batches[0], tiling=tiling))
+            report.add(section="decode", phase="compile (first call, 1 step)", seconds=round(seconds, 1),
+                       size=f"{T}x{H}x{W}")
+    warm_up(pipe, sizes[0][0], device)
     for T, H, W in sizes:
         video = torch.rand(1, 3, T, H, W) * 2 - 1
         for batch in batches:
-            decode_phases(pipe, video, args.steps, batch, device, report, size=f"{T}x{H}x{W}", **(labels or {}))
+            decode_phases(pipe, video, args.steps, batch, device, report, tiling, size=f"{T}x{H}x{W}", **(labels or {}))
 
 
 def bench_decode(args, device: torch.device, report: Report) -> None:
@@ -224,6 +234,10 @@ def bench_decode(args, device: torch.device, report: Report) -> None:
     if "compiled" in variants:
         run_variant(args, device, report, sizes[:1], batches=(args.window_batch,), compiled=True,
                     labels={"dtype": "bf16", "compiled": True, **tile})
+    if "widest-tiles" in variants:   # DiT tiles a whole window apart (--tile-stride 128): fewer, less overlap
+        stride = 128 if args.preset == "official" else 16
+        run_variant(args, device, report, sizes, batches=(args.window_batch,), compiled=True,
+                    tiling=Tiling(tile_stride=stride), labels={"dtype": "bf16", "compiled": True, "tile_stride": stride, **tile})
     if "fp32" in variants:
         run_variant(args, device, report, sizes[:1], dtype=torch.float32, labels={"dtype": "fp32 (release)", **tile})
 
@@ -246,8 +260,29 @@ def bench_stage_a(args, device: torch.device, report: Report) -> None:
                        cudnn_benchmark=autotune, seconds=round(seconds, 3), peak_gib=round(mem, 2))
 
 
-VARIANTS = ("plain", "offload", "compiled", "fp32")
-SECTIONS = {"dit_forward": bench_dit_forward, "decode": bench_decode, "stage_a": bench_stage_a}
+def bench_profile(args, device: torch.device, report: Report) -> None:
+    """Where one bf16 DiT forward's time goes: the operators with the most device time (self time, one forward)."""
+    window = (8, 128, 128) if args.preset == "official" else (4, 16, 16)
+    dit = build_dit(args.preset, attn_fp32=False).eval().to(device, torch.bfloat16)
+    x = torch.randn(1, dit.spec.in_channels, *window, device=device, dtype=torch.bfloat16)
+    t = torch.full((1,), 500.0, device=device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda"))
+    with torch.no_grad():
+        dit(x, t)
+        synchronize(device)
+        with torch.profiler.profile(activities=activities) as prof:
+            dit(x, t)
+            synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events)
+    for e in events[:args.profile_top]:
+        report.add(section="profile", op=e.key[:90], calls=e.count, ms=round(getattr(e, key) / 1e3, 2),
+                   share=round(getattr(e, key) / total, 3))
+
+
+VARIANTS = ("plain", "offload", "compiled", "widest-tiles", "fp32")
+SECTIONS = {"dit_forward": bench_dit_forward, "profile": bench_profile, "decode": bench_decode, "stage_a": bench_stage_a}
 
 
 def main() -> None:
@@ -263,6 +298,9 @@ def main() -> None:
                              "the release's fp32 (first size)")
     parser.add_argument("--stage-a-tile", type=int, default=None,
                         help="decode section: Stage A tile size in pixels (default: the preset's 1024; 0: whole frames)")
+    parser.add_argument("--max-memory", type=float, default=None,
+                        help="decode section: Stage A memory budget in GiB, as the CLI's (default: 80%% of free memory)")
+    parser.add_argument("--profile-top", type=int, default=15, help="profile section: operators listed")
     parser.add_argument("--stage-a-tiles", nargs="+", type=int, default=[1024, 1536, 0],
                         help="Stage A tile sizes in pixels for the stage_a section (0: whole frames)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))

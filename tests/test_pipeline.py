@@ -98,7 +98,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, tiny_pipeline_dir):
     assert code == 2 and err.count("\n") == 1 and "--colour-fix must be >= 0" in err
     code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir,
                            "--colour-fix", 64, "--steps", 1)
-    assert code == 2 and err.count("\n") == 1 and "not divisible by its factor 64" in err
+    assert code == 2 and err.count("\n") == 1 and "frames are not divisible by 64" in err
 
     with pytest.raises(ValueError, match=r"expected 3 channels.*is T before C"):
         CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir)).encode(torch.zeros(1, 4, 3, 32, 32))
@@ -152,7 +152,7 @@ def test_colour_fix_takes_the_low_band_from_the_reference():
     fixed = fix_colour(field_a + detail, field_b, 8)
     target = field_b + detail
     assert (fixed - target).abs().mean() < 0.05 * (field_a - field_b).abs().mean()
-    with pytest.raises(ValueError, match="not divisible by its factor 24"):
+    with pytest.raises(ValueError, match="frames are not divisible by 24"):
         fix_colour(video, video, 24)
 
 

@@ -100,6 +100,21 @@ def test_blend_is_a_partition_of_unity_and_has_no_seams():
         assert jump_o >= 1.0  # official tiles overwrite: a step as large as the difference between calls
 
 
+def test_tile_stride_up_to_the_window_still_covers_every_latent():
+    x = torch.zeros(1, 20, 4, 16, 40)
+    x[:, 0] = 0.7
+    default, widest = CallConstant(), CallConstant()
+    predict_noise(default, x, 1.0)                                   # columns 0, 12, 24
+    predict_noise(widest, x, 1.0, Tiling(tile_stride=16))            # columns 0, 16, 24
+    assert (default.calls, widest.calls) == (3, 3)
+    torch.testing.assert_close(predict_noise(PassThrough(), x, 1.0, Tiling(tile_stride=16)), torch.full((1, 4, 4, 16, 40), 0.7))
+    stub = CallConstant()
+    predict_noise(stub, torch.zeros(1, 20, 4, 16, 64), 1.0, Tiling(tile_stride=16))
+    assert stub.calls == 4                                           # 64 = 4 x 16: no overlap at all (default: 5)
+    with pytest.raises(ValueError, match="would leave latents no window covers"):
+        predict_noise(PassThrough(), x, 1.0, Tiling(tile_stride=17))
+
+
 def test_official_tiling_rejects_clips_smaller_than_the_window():
     with pytest.raises(ValueError, match="official tiling needs at least 4 latent frames"):
         predict_noise(tiny_model(), torch.randn(1, 20, 3, 16, 16), 1.0, "official")

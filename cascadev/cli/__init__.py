@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
-from cascadev.errors import UserError
+from cascadev.errors import run_guarded
 
 
 # command, help, "module:function" adding its arguments (or None), "module:function" running it
@@ -65,18 +64,4 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()    # "Loading pipeline components": the commands say "loading weights"
-    try:
-        args.func(args)
-    except (UserError, OSError, ValueError) as e:      # OSError: missing files, a full disk, no permission
-        print(f"cascadev {args.command}: error: {e}", file=sys.stderr)           # bad input: one line
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"cascadev {args.command}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:
-        if args.debug:
-            raise
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        print(f"cascadev {args.command}: internal error: {type(e).__name__}: {first} (run with --debug for the "
-              "traceback)", file=sys.stderr)
-        sys.exit(1)
+    run_guarded(f"cascadev {args.command}", lambda: args.func(args), args.debug)

@@ -76,7 +76,8 @@ def shared_windows_only(pipe, latents: torch.Tensor, decode_kw: dict) -> bool:
 
 
 def run_reconstruct(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.cascade import check_latents_output, infer_size, resize_video, save_latents
+    from cascadev.pipelines.cascade import (check_colour_fix, check_latents_output, infer_size, resize_video,
+                                            save_latents)
     from cascadev.video_io import VideoWriter, check_video_output, iter_video, video_info
     from eval.metrics import psnr
 
@@ -95,6 +96,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     check_decode_args(args)
     pipe = load_pipeline(args)
     decode_kw = decode_kwargs(args, pipe)
+    check_colour_fix(*size, decode_kw["colour_fix"])        # before the clip is encoded
 
     def source():      # the input clip, resized, in pieces
         return (resize_video(piece, size) for piece in

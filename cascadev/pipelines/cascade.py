@@ -91,12 +91,19 @@ def resize_video(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return rearrange(frames, "(b t) c h w -> b c t h w", t=T)
 
 
+def check_colour_fix(height: int, width: int, factor: int | None) -> None:
+    """The colour fix's blocks of ``factor`` x ``factor`` pixels must tile frames of ``height`` x ``width``."""
+    if factor and (factor < 1 or height % factor or width % factor):
+        divisors = [n for n in (32, 16, 8, 4, 2) if height % n == 0 and width % n == 0]
+        raise ValueError(f"colour fix {factor}: {width}x{height} frames are not divisible by {factor}; use a divisor "
+                         f"of both (e.g. {divisors[0] if divisors else 1}) or 0 to turn it off")
+
+
 def low_band(video: torch.Tensor, factor: int) -> torch.Tensor:
     """(B, 3, T, H, W) -> the same size, holding only the band of ``factor`` x ``factor`` pixel blocks:
     antialiased bilinear down by ``factor``, bilinear back up."""
     H, W = video.shape[-2:]
-    if factor < 1 or H % factor or W % factor:
-        raise ValueError(f"colour fix: frames {H}x{W} are not divisible by its factor {factor}")
+    check_colour_fix(H, W, factor)
     return resize_video(resize_video(video, (H // factor, W // factor)), (H, W))
 
 
@@ -478,6 +485,7 @@ class CascadeVPipeline(DiffusionPipeline):
         is final, so a long clip's pixels never sit in memory whole (``write_video`` takes the pieces)."""
         if colour_fix and self.previewer is None:
             raise ValueError("colour_fix needs the Previewer: load the pipeline with one")
+        check_colour_fix(*(n * SEMANTIC_DOWNSAMPLE for n in latents.shape[-2:]), colour_fix)   # before the DiT runs
         z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress, scheduler_config, generator, callback,
                                window_batch, distributed)
         # distributed: Stage A and the colour fix's Previewer run replicated on every rank (cheap next to the DiT)

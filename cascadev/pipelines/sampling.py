@@ -171,6 +171,9 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
     size, th, tw = min(c.window_frames, T), min(c.window_size, H), min(c.window_size, W)
     frame_stride = tiling.frame_stride or c.window_frames // 2
     tile_stride = tiling.tile_stride or round(0.75 * c.window_size)
+    if frame_stride > c.window_frames or tile_stride > c.window_size:
+        raise ValueError(f"strides ({frame_stride} frames, {tile_stride} px) longer than the DiT's window "
+                         f"({c.window_frames} frames, {c.window_size} px) would leave latents no window covers")
     starts = window_starts(T, size, frame_stride)
     rows, cols = window_starts(H, th, tile_stride), window_starts(W, tw, tile_stride)
     if len(starts) == len(rows) == len(cols) == 1:

@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 
 from cascadev.config import ConfigError
+from cascadev.errors import run_guarded
 from cascadev.training.args import add_cache_arguments
 from cascadev.training.config import CACHE_CONFIG, TrainConfig, cache_signature, load_train_config
 from cascadev.training.data import LOAD_ERRORS, clip_starts, load_clip, mix_seed, split_validation
@@ -74,6 +74,7 @@ def context_window(encoded: dict, height: int, width: int, g: torch.Generator) -
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cascadev.training.cache_latents", description=__doc__.splitlines()[0])
     add_cache_arguments(parser)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
     return parser.parse_args(argv)
 
 
@@ -148,8 +149,5 @@ def run_caching(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, OSError, ValueError) as e:
-        print(f"cascadev.training.cache_latents: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    args = parse_args(None)
+    run_guarded("cascadev.training.cache_latents", lambda: run_caching(args), args.debug)

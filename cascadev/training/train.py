@@ -41,6 +41,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from cascadev.config import ConfigError, save_config, to_dict
+from cascadev.errors import run_guarded
 from cascadev.training.args import add_train_arguments
 from cascadev.training.config import TrainConfig, check_cache, load_train_config
 from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step,
@@ -235,6 +236,7 @@ def set_aside(paths: list[Path], root: Path, why: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cascadev.training.train", description=__doc__.splitlines()[0])
     add_train_arguments(parser)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
     return parser.parse_args(argv)
 
 
@@ -433,8 +435,5 @@ def run_training(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, OSError, ValueError) as e:   # bad input, a full disk: one line; real bugs keep their traceback
-        print(f"cascadev.training.train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    args = parse_args(None)
+    run_guarded("cascadev.training.train", lambda: run_training(args), args.debug)
