@@ -108,3 +108,22 @@ def test_bad_input_is_one_line_and_leaves_nothing(line, message, inputs, tmp_pat
     assert "Traceback" not in err and len(lines) <= 2, err         # argparse: usage + the error line
     assert message in lines[-1], lines[-1]
     assert set(tmp_path.iterdir()) == before                        # no output, no temp file
+
+
+def test_run_guarded_names_internal_errors_and_shows_their_traceback_only_under_debug(capsys):
+    from cascadev.errors import UserError, run_guarded
+
+    def broken():
+        raise RuntimeError("a bug\nsecond line")
+    for error, code in ((UserError("bad value"), 2), (FileNotFoundError("x.mp4"), 2), (RuntimeError("a bug"), 1)):
+        def fail(error=error):
+            raise error
+        with pytest.raises(SystemExit) as exit_:
+            run_guarded("prog", fail)
+        assert exit_.value.code == code
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["prog: error: bad value", "prog: error: x.mp4",
+                   "prog: internal error: RuntimeError: a bug (run with --debug for the traceback)"]
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_guarded("prog", broken, debug=True)
+    assert run_guarded("prog", lambda: 7) == 7
