@@ -19,16 +19,26 @@ def run_guarded(prog: str, fn: Callable[[], T], debug: bool = False) -> T:
     exit 1, with its traceback only under ``debug``."""
     try:
         return fn()
-    except (UserError, OSError, ValueError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:
-        if debug:
+    except BaseException as e:
+        close_progress_bars()
+        if isinstance(e, (UserError, OSError, ValueError)):
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(e, KeyboardInterrupt):
+            print(f"{prog}: interrupted", file=sys.stderr)
+            sys.exit(130)
+        if debug or not isinstance(e, Exception):       # SystemExit and the like pass through
             raise
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         print(f"{prog}: internal error: {type(e).__name__}: {first} (run with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(1)
+
+
+def close_progress_bars() -> None:
+    """Close the tqdm bars an exception left open, so its message starts a line of its own and no bar is drawn
+    over it later (when the bar is garbage-collected)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

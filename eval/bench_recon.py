@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     from accelerate.utils import gather_object
 
+    from cascadev.pipelines.cascade import check_colour_fix
     from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline, processes
     from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips
 
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> dict | None:
     pipe = load_pipeline(args, with_previewer=True)
     decode_kw = decode_kwargs(args, pipe)
     fix = decode_kw.pop("colour_fix")      # applied here, to the baseline already decoded for the table
+    check_colour_fix(args.size, args.size, fix)
     decode_kw["distributed"] = False       # several processes: each decodes its own videos whole
     lpips = None
     if "lpips" in metrics:
