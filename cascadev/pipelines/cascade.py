@@ -142,8 +142,9 @@ def load_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> torch.T
     return read_latents(path, channels)[0]
 
 
-def read_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> tuple[torch.Tensor, dict[str, str]]:
-    """``load_latents`` and, from the same read, the metadata ``save_latents`` stored (empty for others' files)."""
+def read_latents(path: str | Path, channels: int | None = SEMANTIC_CHANNELS) -> tuple[torch.Tensor, dict[str, str]]:
+    """``load_latents`` and, from the same read, the metadata ``save_latents`` stored (empty for others' files).
+    ``channels=None``: any (the caller checks them)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: latents file not found")
@@ -175,10 +176,10 @@ def read_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> tuple[t
     z = blob.float()
     if z.ndim == 4:
         z = z[None]
-    if z.ndim != 5 or z.shape[1] != channels:
+    if z.ndim != 5 or z.shape[1] != (channels or z.shape[1]):
         hint = " (is T before C? expected B C T H W)" if z.ndim == 5 and z.shape[2] == channels else ""
-        raise ValueError(f"{path}: expected latents ({channels}, T, h, w) or (B, {channels}, T, h, w), "
-                         f"got {tuple(blob.shape)}{hint}")
+        c = channels or "C"
+        raise ValueError(f"{path}: expected latents ({c}, T, h, w) or (B, {c}, T, h, w), got {tuple(blob.shape)}{hint}")
     if z.numel() == 0:
         raise ValueError(f"{path}: latents {tuple(z.shape)} have a zero-sized dimension")
     if not torch.isfinite(z).all():
@@ -489,6 +490,24 @@ class CascadeVPipeline(DiffusionPipeline):
                 video = fix_colour(video, self.preview(latents[:, :, start:end]), colour_fix)
             yield video
             start = end
+
+    @torch.no_grad()
+    def decode_from(self, latents: torch.Tensor, source_vae, latents_normalised: bool = True, scale: float | None = None,
+                    size: str | None = None, **decode_kwargs) -> torch.Tensor:
+        """Another model's latents (B, C, T, h, w) -> video (B, 3, T', H, W): ``source_vae`` (a ``SourceVAE``, a
+        diffusers autoencoder, or its folder / hub id) decodes them to its pixels (``latents_normalised``: as its
+        denoiser makes them, else raw), then the cascade to ``scale`` x those pixels or ``size`` (long side or "WxH";
+        default 2048 long side). ``decode_kwargs`` as ``decode``. See ``pipelines/source_vae.py``."""
+        from cascadev.pipelines.source_vae import SourceVAE, encode_resized, target_size
+
+        if isinstance(source_vae, (str, Path)):
+            source_vae = SourceVAE.from_pretrained(source_vae, torch_dtype=self.dtype).to(self._execution_device)
+        elif not isinstance(source_vae, SourceVAE):
+            source_vae = SourceVAE(source_vae)
+        source_vae.check_latents(latents)
+        size = target_size(*source_vae.pixel_size(*latents.shape[-2:]), scale, size)
+        pixels = self._timed("source_vae", lambda: source_vae.decode(latents, latents_normalised))
+        return self.decode(encode_resized(self, pixels, size), **decode_kwargs)
 
     @torch.no_grad()
     def reconstruct(self, video: torch.Tensor, **decode_kwargs) -> torch.Tensor:
