@@ -65,10 +65,9 @@ def find_config(source: str | Path, subfolder: str | None = None) -> tuple[Path 
         return Path(hf_hub_download(source, "config.json", subfolder=subfolder)), subfolder
     except Exception as e:        # offline, no such repo or file: one line, with what to do
         where = f"{source}/{subfolder + '/' if subfolder else ''}config.json"
-        raise FileNotFoundError(f"cannot fetch {where} from the hub ({type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0][:160]}); download it once online (huggingface-cli "
-                                f"download {source} --include '{subfolder + '/' if subfolder else ''}*'), or give a "
-                                f"local folder") from None
+        raise FileNotFoundError(f"cannot fetch {where} from the hub ({type(e).__name__}): download it once online "
+                                f"(huggingface-cli download {source} --include '{subfolder + '/' if subfolder else ''}*'), "
+                                f"or give a local folder") from None
 
 
 def vae_class(config_file: Path) -> type:
@@ -156,9 +155,13 @@ class SourceVAE:
         return (cfg.temporal_compression_ratio if self.name == "AutoencoderKLCogVideoX" else 1), spatial
 
     def frames_out(self, latent_frames: int) -> int:
-        """Pixel frames that ``latent_frames`` decode to: 1 + t(T - 1) for causal video VAEs, T for image VAEs."""
+        """Pixel frames that ``latent_frames`` decode to: 1 + t(T - 1) for causal video VAEs, T for image VAEs.
+        CogVideoX decodes in batches of 2 latent frames and keeps a first frame only in an odd batch (its first, for
+        odd T; its pipelines make odd T): an even T gives tT."""
         t = self.compression[0]
-        return latent_frames if t == 1 else 1 + t * (latent_frames - 1)
+        if t == 1 or (self.name == "AutoencoderKLCogVideoX" and latent_frames % 2 == 0):
+            return t * latent_frames
+        return 1 + t * (latent_frames - 1)
 
     def pixel_size(self, h: int, w: int) -> tuple[int, int]:
         s = self.compression[1]
@@ -170,8 +173,11 @@ class SourceVAE:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"{what}: expected (B, C, T, h, w) latents, got {shape}")
         if latents.shape[1] != self.channels:
+            hint = (" (is T before C? CogVideoX's pipeline returns (B, T, C, h, w): permute(0, 2, 1, 3, 4))"
+                    if latents.shape[2] == self.channels else "")
             raise ValueError(f"{what}: the latents have {latents.shape[1]} channels but the source VAE {self.name} "
-                             f"({self.where}) takes {self.channels}; shape {tuple(latents.shape)} (B, C, T, h, w)")
+                             f"({self.where}) takes {self.channels}; shape {tuple(latents.shape)} (B, C, T, h, w)"
+                             f"{hint}")
         if latents.numel() == 0:
             raise ValueError(f"{what}: latents {tuple(latents.shape)} have a zero-sized dimension")
         if not torch.isfinite(latents).all():
