@@ -151,8 +151,22 @@ def test_decode_from_in_python(saved, tiny_pipeline_dir):
     latents = vae.encode(make_clip(seed=3, frames=9, height=64, width=64)[None])
     video = pipe.decode_from(latents, vae, scale=1.5, steps=1, progress=False)
     assert video.shape == (1, 3, 9, 96, 96)
-    again = pipe.decode_from(latents, str(saved["AutoencoderKLLTXVideo"]), size="96", steps=1, progress=False)
-    torch.testing.assert_close(video, again)
+    for source in (str(saved["AutoencoderKLLTXVideo"]), vae.model):     # a folder, a diffusers autoencoder
+        torch.testing.assert_close(pipe.decode_from(latents, source, size="96", steps=1, progress=False), video)
+
+
+def test_per_channel_statistics_of_an_image_vae():
+    """AutoencoderKL with latents_mean / latents_std (Playground v2.5 style): pipeline_stable_diffusion_xl's
+    ``latents * std / scaling + mean``; they take precedence over a shift."""
+    from diffusers import AutoencoderKL
+
+    mean, std = _stats(5, 4, -1, 1), _stats(6, 4, 0.5, 2)
+    with torch.device("meta"):
+        model = AutoencoderKL(latents_mean=mean, latents_std=std, scaling_factor=0.5, shift_factor=0.3)
+    vae, z = SourceVAE(model), torch.randn(2, 4, 3, 5, 6)
+    expected = z * torch.tensor(std).view(1, 4, 1, 1, 1) / 0.5 + torch.tensor(mean).view(1, 4, 1, 1, 1)
+    torch.testing.assert_close(vae.to_raw(z), expected)
+    torch.testing.assert_close(vae.from_raw(vae.to_raw(z)), z)
 
 
 def test_mismatched_channels_is_one_line_naming_both(saved, tiny_pipeline_dir, tmp_path, capsys):

@@ -501,7 +501,7 @@ class CascadeVPipeline(DiffusionPipeline):
         from cascadev.pipelines.source_vae import SourceVAE, encode_resized, target_size
 
         if isinstance(source_vae, (str, Path)):
-            source_vae = SourceVAE.from_pretrained(source_vae, torch_dtype=self.dtype).to(self._execution_device)
+            source_vae = SourceVAE.from_pretrained(source_vae).to(self._execution_device)     # fp32, as the CLI
         elif not isinstance(source_vae, SourceVAE):
             source_vae = SourceVAE(source_vae)
         source_vae.check_latents(latents)
