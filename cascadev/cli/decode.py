@@ -173,7 +173,7 @@ def check_source_args(args: argparse.Namespace) -> None:
                         "the VAE's config)")
     if not (sd_vae or source) and (args.scale is not None or args.source_vae_subfolder or args.raw_latents):
         raise UserError("--scale and --vae are for --latent-space sd-vae; --scale, --source-vae-subfolder and "
-                        "--raw-latents for --source-vae")
+                        "--raw-latents for it or --source-vae")
     if args.scale is not None and args.size is not None:
         raise UserError("give --scale or --size, not both")
     if args.scale is not None and args.scale <= 0:
@@ -197,18 +197,18 @@ def decode_source(args: argparse.Namespace):
     else:        # the sd-vae shortcut: 4-channel latents, the SVD VAE's subfolder on the hub, the given scale
         latents, metadata = read_latents(args.latents, 4)
         source = args.vae or SVD_VAE_REPO
-        where = dict(source=source, subfolder="vae" if _is_hub_id(source) else None,
-                     scaling_factor=args.vae_scale or SD_VAE_SCALE)
-    skeleton = SourceVAE.from_pretrained(**where, load_weights=False)
+        subfolder = args.source_vae_subfolder or ("vae" if _is_hub_id(source) else None)
+        where = dict(source=source, subfolder=subfolder, scaling_factor=args.vae_scale or SD_VAE_SCALE)
+    skeleton = SourceVAE.from_pretrained(**where, load_weights=False)     # its config only: checks before loading
     skeleton.check_latents(latents, args.latents)
+    H, W = skeleton.pixel_size(*latents.shape[-2:])
+    size = target_size(H, W, args.scale, args.size)
     device = resolve_device(args.device)
-    # fp32 unless --dtype says otherwise (Wan's pipeline decodes in fp32); fp16 not for VAEs that ask to be upcast
+    # fp32 unless --dtype says otherwise (Wan's examples load its VAE in fp32); fp16 not for VAEs asking to be upcast
     dtype = DTYPES[args.dtype] if args.dtype else torch.float32
     if dtype == torch.float16 and skeleton.model.config.get("force_upcast"):
         dtype = torch.float32
     their_vae = SourceVAE.from_pretrained(**where, torch_dtype=dtype).to(device)
-    H, W = their_vae.pixel_size(*latents.shape[-2:])
-    size = target_size(H, W, args.scale, args.size)
     print(f"decoding {tuple(latents.shape)} {their_vae.name} latents to {their_vae.frames_out(latents.shape[2])} "
           f"frames of {W}x{H} ...", flush=True)
     pixels = their_vae.decode(latents, normalised=not args.raw_latents)

@@ -590,7 +590,12 @@ def infer_size(height: int, width: int, size: str | None, multiple: int = SEMANT
     """Parse ``--size``: None (keep), "N" (long side N, aspect kept) or "WxH"; rounded to ``multiple``."""
     if size is None:
         return round_size(height, width, None, multiple)
-    if "x" in size.lower():
-        w, h = (int(v) for v in size.lower().split("x"))
-        return round_size(h, w, None, multiple)
-    return round_size(height, width, int(size), multiple)
+    try:
+        numbers = [int(v) for v in size.lower().split("x")]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or min(numbers) < 1:
+        raise ValueError(f"--size {size!r}: give a long side (2048) or WxH (2048x1152) in pixels")
+    if len(numbers) == 2:
+        return round_size(numbers[1], numbers[0], None, multiple)
+    return round_size(height, width, numbers[0], multiple)
