@@ -46,7 +46,7 @@ DEFAULT_LONG_SIDE = 2048        # the cascade's output when neither scale nor si
 ENCODE_FRAMES = 4               # frames resized and semantically encoded at a time (the full-size frames never whole)
 
 
-def find_config(source: str | Path, subfolder: str | None = None) -> tuple[Path | str, str | None]:
+def find_config(source: str | Path, subfolder: str | None = None) -> tuple[Path, str | None]:
     """The VAE's ``config.json`` and the subfolder it is in: a local folder (``folder/subfolder``; without a
     subfolder, ``folder`` or else ``folder/vae``), or a hub id (the file fetched, or the cached copy offline)."""
     source = str(source)
@@ -57,7 +57,7 @@ def find_config(source: str | Path, subfolder: str | None = None) -> tuple[Path 
         tried = [root / subfolder / "config.json"] if subfolder else [root / "config.json", root / "vae" / "config.json"]
         for path in tried:
             if path.is_file():
-                return path, None if path.parent == root else path.parent.name
+                return path, subfolder or (None if path.parent == root else "vae")
         raise FileNotFoundError(f"no config.json in {' or '.join(str(p.parent) for p in tried)}: give the folder of a "
                                 f"diffusers VAE (written by save_pretrained), or --source-vae-subfolder")
     from huggingface_hub import hf_hub_download
