@@ -54,6 +54,26 @@ CASES = [
     ("decode {latents} -o {dir}/o.mp4 --weights {weights} --fps 0", "--fps must be positive"),
     ("decode {latents} -o {dir}/o.txt --weights {weights}", "cannot write .txt"),
     ("decode {latents} -o {dir}/o.mp4 --weights {weights} --scale 2", "--scale and --vae are for"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --raw-latents", "--raw-latents for it or --source-vae"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --vae-scale 0.2", "--vae and --vae-scale are for"),
+    # decode --source-vae: another model's VAE and latents
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --source-vae {dir}/nothing", "source VAE folder"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --source-vae {dir}", "no config.json in"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --source-vae {weights} --source-vae-subfolder vea",
+     "vea: give the folder"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --source-vae {dir}/unknown", "'AutoencoderXL' is not a VAE"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --source-vae {weights}/vae", "16 channels but the source "
+                                                                                        "VAE AutoencoderKL "),
+    ("decode {dir}/flat.safetensors -o {dir}/o.mp4 --weights {weights} --source-vae {weights}/vae",
+     "expected latents (C, T, h, w)"),
+    ("decode {dir}/nan.safetensors -o {dir}/o.mp4 --weights {weights} --source-vae {weights}/vae", "NaN"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --source-vae {weights}/vae --latent-space sd-vae",
+     "--source-vae replaces"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --source-vae {weights}/vae --scale 0",
+     "--scale must be positive"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --source-vae {weights} --scale 2 --size 64", "not both"),
+    ("decode {dir}/four.safetensors -o {dir}/o.mp4 --weights {weights} --source-vae {weights} --size 2k",
+     "--size '2k': give a long side"),
     # generate, eval, convert, demo
     ("generate hello -o {dir}/o.mp4", "--weights is required"),
     ("generate hello -o {dir}/o.mp4 --weights {dir} --fps 0", "--fps must be positive"),
@@ -95,6 +115,10 @@ def _broken_files(folder):
     save_file({"latents": torch.full((1, 16, 2, 2, 2), math.nan)}, str(folder / "nan.safetensors"))
     save_file({"latents": torch.randn(1, 4, 2, 2, 2)}, str(folder / "channels.safetensors"))
     save_file({"latents": torch.randn(1, 2, 16, 2, 2)}, str(folder / "tchw.safetensors"))
+    save_file({"latents": torch.randn(16, 2, 2)}, str(folder / "flat.safetensors"))
+    save_file({"latents": torch.randn(1, 4, 2, 2, 2)}, str(folder / "four.safetensors"))
+    (folder / "unknown").mkdir()
+    (folder / "unknown" / "config.json").write_text('{"_class_name": "AutoencoderXL"}')
 
 
 @pytest.mark.parametrize("line, message", CASES, ids=[f"{i:02d}-{c[0].split()[0]}" for i, c in enumerate(CASES)])

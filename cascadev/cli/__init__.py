@@ -20,7 +20,7 @@ COMMANDS = (
      "cascadev.cli.info:run"),
     ("reconstruct", "video -> semantic latents -> LDM-VAE decode -> video",
      "cascadev.cli.decode:add_reconstruct_arguments", "cascadev.cli.decode:run_reconstruct"),
-    ("decode", "decode latents (ours, or SD/SVD-family VAE latents) to video, up to 2K",
+    ("decode", "decode latents (ours, or another model's through its diffusers VAE: Wan, LTX-Video, ...) to video, up to 2K",
      "cascadev.cli.decode:add_decode_arguments", "cascadev.cli.decode:run_decode"),
     ("generate", "text -> video: the Stage C base model, then the LDM-VAE decoder",
      "cascadev.cli.generate:add_generate_arguments", "cascadev.cli.generate:run_generate"),

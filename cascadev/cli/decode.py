@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -30,12 +29,23 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("latents", help="latents file: .safetensors or .pt, (C, T, h, w) or (B, C, T, h, w)")
     p.add_argument("-o", "--output", required=True, help="decoded video (.mp4); with B > 1, one file per video")
     p.add_argument("--latent-space", default="semantic", choices=["semantic", "sd-vae"],
-                   help="semantic: our 16-ch f32 latents; sd-vae: 4-ch f8 latents of an SD/SVD-family VAE")
+                   help="semantic: our 16-ch f32 latents; sd-vae: 4-ch f8 latents of an SD/SVD-family VAE (a shortcut "
+                        "for --source-vae with --vae and --vae-scale)")
+    p.add_argument("--source-vae", metavar="FOLDER_OR_HUB_ID",
+                   help="the latents are another model's: decode them with its diffusers VAE (any class its config.json "
+                        "names: Wan, HunyuanVideo, CogVideoX, LTX-Video, Mochi, Cosmos, SD/SDXL/SD3/Flux, TAESD, SVD), "
+                        "then the cascade to --scale / --size")
+    p.add_argument("--source-vae-subfolder", metavar="NAME",
+                   help="the VAE's subfolder of a pipeline folder or hub repo (e.g. vae; a local folder's vae/ is found "
+                        "without it)")
+    p.add_argument("--raw-latents", action="store_true",
+                   help="--source-vae: the file holds the VAE's raw latents (its encoder's output), not the normalised "
+                        "ones its text-to-video model's denoiser makes (the default)")
     p.add_argument("--vae", help="sd-vae route: the VAE that made the latents (diffusers folder or hub id; "
                                  "default: the SVD VAE)")
-    p.add_argument("--vae-scale", type=float, default=0.18215, help="sd-vae route: that VAE's latent scale")
-    p.add_argument("--scale", type=float, help="sd-vae route: upscale factor over the VAE's pixels")
-    p.add_argument("--size", help="sd-vae route: output long side or WxH (default: 2048 long side)")
+    p.add_argument("--vae-scale", type=float, help="sd-vae route: that VAE's latent scale (default: 0.18215)")
+    p.add_argument("--scale", type=float, help="sd-vae / --source-vae: upscale factor over the VAE's pixels")
+    p.add_argument("--size", help="sd-vae / --source-vae: output long side or WxH (default: 2048 long side)")
     p.add_argument("--fps", type=float, help="frame rate of the output (default: the source's, kept in the latents "
                                              "file by `reconstruct --latents-out`; else 8)")
     add_pipeline_arguments(p)
@@ -122,43 +132,25 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     print(f"PSNR {torch.cat(scores, dim=1).mean().item():.2f} dB (per frame on [0, 1], mean) -> {args.output}")
 
 
+SD_VAE_SCALE = 0.18215          # --latent-space sd-vae: the SD / SVD VAEs' latent scale
+
+
 def run_decode(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, infer_size, read_latents, resize_video
+    from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, read_latents
     from cascadev.video_io import VideoWriter, check_video_output
 
     check_video_output(args.output)
     if args.fps is not None and args.fps <= 0:
         raise UserError(f"--fps must be positive, got {args.fps}")
-
-    if args.latent_space == "semantic":
-        if args.scale is not None or args.vae is not None:
-            raise UserError("--scale and --vae are for --latent-space sd-vae")
+    check_source_args(args)
+    if args.latent_space == "semantic" and not args.source_vae:
         latents, metadata = read_latents(args.latents, SEMANTIC_CHANNELS)
         check_decode_args(args)
         pipe = load_pipeline(args)
         decode_kw = decode_kwargs(args, pipe)
         print(f"decoding latents {tuple(latents.shape)} -> {latents.shape[-1] * 32}x{latents.shape[-2] * 32}")
     else:
-        from cascadev.pipelines.cascade import resolve_stage_a_config
-        from vae.stage_a import SVD_VAE_REPO, StageAVAE
-        check_decode_args(args)
-        latents, metadata = read_latents(args.latents, 4)
-        if args.vae_scale <= 0:
-            raise UserError(f"--vae-scale must be positive, got {args.vae_scale}")
-        config = dataclasses.replace(resolve_stage_a_config(args.vae or SVD_VAE_REPO, None), scale_factor=args.vae_scale)
-        their_vae = StageAVAE.from_config(config)
-        print(f"decoding {tuple(latents.shape)} sd-vae latents to pixels ...", flush=True)
-        pixels = their_vae.decode(latents).clamp(-1, 1)
-        del their_vae
-        H, W = pixels.shape[-2:]
-        if args.scale is not None and args.size is not None:
-            raise UserError("give --scale or --size, not both")
-        long_side = round(max(H, W) * args.scale) if args.scale else None
-        size = infer_size(H, W, args.size if args.size else str(long_side or 2048))
-        print(f"upscaling {W}x{H} -> {size[1]}x{size[0]} through the cascade")
-        pipe = load_pipeline(args)
-        latents, decode_kw = pipe.encode(resize_video(pixels, size)), decode_kwargs(args, pipe)
-        del pixels
+        pipe, latents, decode_kw, metadata = decode_source(args)
     if shared_windows_only(pipe, latents, decode_kw):
         return
     out = Path(args.output)
@@ -171,3 +163,59 @@ def run_decode(args: argparse.Namespace) -> None:
                 writer.write(video)
     print("\n".join(f"-> {path}" for path in paths))
     _report(pipe)
+
+
+def check_source_args(args: argparse.Namespace) -> None:
+    """The options of the two routes through another model's VAE (sd-vae, --source-vae), before anything loads."""
+    sd_vae, source = args.latent_space == "sd-vae", args.source_vae is not None
+    if sd_vae and source:
+        raise UserError("--source-vae replaces --latent-space sd-vae: give one")
+    if not sd_vae and (args.vae is not None or args.vae_scale is not None):
+        raise UserError("--vae and --vae-scale are for --latent-space sd-vae (--source-vae reads the scale from "
+                        "the VAE's config)")
+    if not (sd_vae or source) and (args.scale is not None or args.source_vae_subfolder or args.raw_latents):
+        raise UserError("--scale and --vae are for --latent-space sd-vae; --scale, --source-vae-subfolder and "
+                        "--raw-latents for it or --source-vae")
+    if args.scale is not None and args.size is not None:
+        raise UserError("give --scale or --size, not both")
+    if args.scale is not None and args.scale <= 0:
+        raise UserError(f"--scale must be positive, got {args.scale}")
+    if sd_vae and args.vae_scale is not None and args.vae_scale <= 0:
+        raise UserError(f"--vae-scale must be positive, got {args.vae_scale}")
+
+
+def decode_source(args: argparse.Namespace):
+    """Another model's latents -> its VAE's pixels -> resized -> our semantic latents: (pipe, latents, decode
+    arguments, the file's metadata). Everything is checked before the VAE's weights load."""
+    from cascadev.pipelines.cascade import _is_hub_id, read_latents
+    from cascadev.pipelines.options import DTYPES, resolve_device
+    from cascadev.pipelines.source_vae import SourceVAE, encode_resized, target_size
+    from vae.stage_a import SVD_VAE_REPO
+
+    check_decode_args(args)
+    if args.source_vae:
+        where = dict(source=args.source_vae, subfolder=args.source_vae_subfolder)
+        latents, metadata = read_latents(args.latents, None)
+    else:        # the sd-vae shortcut: 4-channel latents, the SVD VAE's subfolder on the hub, the given scale
+        latents, metadata = read_latents(args.latents, 4)
+        source = args.vae or SVD_VAE_REPO
+        subfolder = args.source_vae_subfolder or ("vae" if _is_hub_id(source) else None)
+        where = dict(source=source, subfolder=subfolder, scaling_factor=args.vae_scale or SD_VAE_SCALE)
+    skeleton = SourceVAE.from_pretrained(**where, load_weights=False)     # its config only: checks before loading
+    skeleton.check_latents(latents, args.latents)
+    H, W = skeleton.pixel_size(*latents.shape[-2:])
+    size = target_size(H, W, args.scale, args.size)
+    device = resolve_device(args.device)
+    # fp32 unless --dtype says otherwise (Wan's examples load its VAE in fp32); fp16 not for VAEs asking to be upcast
+    dtype = DTYPES[args.dtype] if args.dtype else torch.float32
+    if dtype == torch.float16 and skeleton.model.config.get("force_upcast"):
+        dtype = torch.float32
+    their_vae = SourceVAE.from_pretrained(**where, torch_dtype=dtype).to(device)
+    print(f"decoding {tuple(latents.shape)} {their_vae.name} latents to {their_vae.frames_out(latents.shape[2])} "
+          f"frames of {W}x{H} ...", flush=True)
+    pixels = their_vae.decode(latents, normalised=not args.raw_latents)
+    del their_vae
+    print(f"upscaling {W}x{H} -> {size[1]}x{size[0]} through the cascade")
+    pipe = load_pipeline(args)
+    latents = encode_resized(pipe, pixels, size)
+    return pipe, latents, decode_kwargs(args, pipe), metadata

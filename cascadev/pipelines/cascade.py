@@ -149,8 +149,9 @@ def load_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> torch.T
     return read_latents(path, channels)[0]
 
 
-def read_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> tuple[torch.Tensor, dict[str, str]]:
-    """``load_latents`` and, from the same read, the metadata ``save_latents`` stored (empty for others' files)."""
+def read_latents(path: str | Path, channels: int | None = SEMANTIC_CHANNELS) -> tuple[torch.Tensor, dict[str, str]]:
+    """``load_latents`` and, from the same read, the metadata ``save_latents`` stored (empty for others' files).
+    ``channels=None``: any (the caller checks them)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: latents file not found")
@@ -182,10 +183,10 @@ def read_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> tuple[t
     z = blob.float()
     if z.ndim == 4:
         z = z[None]
-    if z.ndim != 5 or z.shape[1] != channels:
+    if z.ndim != 5 or z.shape[1] != (channels or z.shape[1]):
         hint = " (is T before C? expected B C T H W)" if z.ndim == 5 and z.shape[2] == channels else ""
-        raise ValueError(f"{path}: expected latents ({channels}, T, h, w) or (B, {channels}, T, h, w), "
-                         f"got {tuple(blob.shape)}{hint}")
+        c = channels or "C"
+        raise ValueError(f"{path}: expected latents ({c}, T, h, w) or (B, {c}, T, h, w), got {tuple(blob.shape)}{hint}")
     if z.numel() == 0:
         raise ValueError(f"{path}: latents {tuple(z.shape)} have a zero-sized dimension")
     if not torch.isfinite(z).all():
@@ -499,6 +500,24 @@ class CascadeVPipeline(DiffusionPipeline):
             start = end
 
     @torch.no_grad()
+    def decode_from(self, latents: torch.Tensor, source_vae, latents_normalised: bool = True, scale: float | None = None,
+                    size: str | None = None, **decode_kwargs) -> torch.Tensor:
+        """Another model's latents (B, C, T, h, w) -> video (B, 3, T', H, W): ``source_vae`` (a ``SourceVAE``, a
+        diffusers autoencoder, or its folder / hub id) decodes them to its pixels (``latents_normalised``: as its
+        denoiser makes them, else raw), then the cascade to ``scale`` x those pixels or ``size`` (long side or "WxH";
+        default 2048 long side). ``decode_kwargs`` as ``decode``. See ``pipelines/source_vae.py``."""
+        from cascadev.pipelines.source_vae import SourceVAE, encode_resized, target_size
+
+        if isinstance(source_vae, (str, Path)):
+            source_vae = SourceVAE.from_pretrained(source_vae).to(self._execution_device)     # fp32, as the CLI
+        elif not isinstance(source_vae, SourceVAE):
+            source_vae = SourceVAE(source_vae)
+        source_vae.check_latents(latents)
+        size = target_size(*source_vae.pixel_size(*latents.shape[-2:]), scale, size)
+        pixels = self._timed("source_vae", lambda: source_vae.decode(latents, latents_normalised))
+        return self.decode(encode_resized(self, pixels, size), **decode_kwargs)
+
+    @torch.no_grad()
     def reconstruct(self, video: torch.Tensor, **decode_kwargs) -> torch.Tensor:
         """Encode then decode: (B, 3, T, H, W) -> (B, 3, T, H, W)."""
         return self.decode(self.encode(video), **decode_kwargs)
@@ -579,7 +598,12 @@ def infer_size(height: int, width: int, size: str | None, multiple: int = SEMANT
     """Parse ``--size``: None (keep), "N" (long side N, aspect kept) or "WxH"; rounded to ``multiple``."""
     if size is None:
         return round_size(height, width, None, multiple)
-    if "x" in size.lower():
-        w, h = (int(v) for v in size.lower().split("x"))
-        return round_size(h, w, None, multiple)
-    return round_size(height, width, int(size), multiple)
+    try:
+        numbers = [int(v) for v in size.lower().split("x")]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or min(numbers) < 1:
+        raise ValueError(f"--size {size!r}: give a long side (2048) or WxH (2048x1152) in pixels")
+    if len(numbers) == 2:
+        return round_size(numbers[1], numbers[0], None, multiple)
+    return round_size(height, width, numbers[0], multiple)
