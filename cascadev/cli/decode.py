@@ -55,7 +55,6 @@ def _report(pipe) -> None:
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items()))
 
 
-READ_FRAMES = 4         # input frames read, resized and encoded at a time: neither long clips nor large frames sit whole
 
 
 class Frames:
@@ -86,8 +85,8 @@ def shared_windows_only(pipe, latents: torch.Tensor, decode_kw: dict) -> bool:
 
 
 def run_reconstruct(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.cascade import (check_colour_fix, check_latents_output, infer_size, resize_video,
-                                            save_latents)
+    from cascadev.pipelines.cascade import (check_colour_fix, check_latents_output, frames_per_piece, infer_size,
+                                            resize_video, save_latents)
     from cascadev.video_io import VideoWriter, check_video_output, iter_video, video_info
     from eval.metrics import psnr
 
@@ -110,7 +109,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
 
     def source():      # the input clip, resized, in pieces
         return (resize_video(piece, size) for piece in
-                iter_video(args.input, READ_FRAMES, args.frames, args.start, args.stride))
+                iter_video(args.input, frames_per_piece((H, W), size), args.frames, args.start, args.stride))
     latents = torch.cat([pipe.encode(piece) for piece in source()], dim=2)
     print(f"reconstructing {latents.shape[2]} frames at {size[1]}x{size[0]}", flush=True)
     if shared_windows_only(pipe, latents, decode_kw):

@@ -91,6 +91,15 @@ def resize_video(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return rearrange(frames, "(b t) c h w -> b c t h w", t=T)
 
 
+PIECE_PIXELS = 4 * 1024 * 576      # input pixels read, resized and encoded at a time (4 frames at 1024 x 576, one at
+                                   # 2K): neither long clips nor large frames sit whole, nor the encoder's activations
+
+
+def frames_per_piece(*sizes: tuple[int, int]) -> int:
+    """Frames per piece read and encoded when frames are read at, or resized to, these (H, W) sizes: at least one."""
+    return max(1, PIECE_PIXELS // max(h * w for h, w in sizes))
+
+
 def check_colour_fix(height: int, width: int, factor: int | None) -> None:
     """The colour fix's blocks of ``factor`` x ``factor`` pixels must tile frames of ``height`` x ``width``."""
     if factor and (factor < 1 or height % factor or width % factor):

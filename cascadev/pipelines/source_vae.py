@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from cascadev.pipelines.cascade import _is_hub_id, infer_size, resize_video
+from cascadev.pipelines.cascade import _is_hub_id, frames_per_piece, infer_size, resize_video
 from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE
 
 IMAGE_VAES = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderKLTemporalDecoder")      # frame by frame, f8
@@ -43,7 +43,6 @@ SOURCE_VAE_CLASSES = IMAGE_VAES + VIDEO_VAES
 COSMOS_SIGMA_DATA = 0.5         # Cosmos 1.0's EDMEulerScheduler (its default): the pipeline divides by it, not scaling
 LTX_DECODE_TIMESTEP = 0.0       # LTXPipeline's default decode_timestep (and noise scale) for timestep-conditioned VAEs
 DEFAULT_LONG_SIDE = 2048        # the cascade's output when neither scale nor size is given
-ENCODE_FRAMES = 4               # frames resized and semantically encoded at a time (the full-size frames never whole)
 
 
 def find_config(source: str | Path, subfolder: str | None = None) -> tuple[Path, str | None]:
@@ -310,7 +309,8 @@ def target_size(height: int, width: int, scale: float | None = None, size: str |
     return infer_size(height, width, size or str(long_side))
 
 
-def encode_resized(pipe, video: torch.Tensor, size: tuple[int, int], frames: int = ENCODE_FRAMES) -> torch.Tensor:
-    """(B, 3, T, H, W) -> semantic latents (B, 16, T, size / 32) of the video resized to ``size``, ``frames`` at a
-    time: the full-size frames never sit in memory whole."""
+def encode_resized(pipe, video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 3, T, H, W) -> semantic latents (B, 16, T, size / 32) of the video resized to ``size``, a few frames at a
+    time (``frames_per_piece``): the full-size frames never sit in memory whole."""
+    frames = frames_per_piece(tuple(video.shape[-2:]), size)
     return torch.cat([pipe.encode(resize_video(piece, size)) for piece in video.split(frames, dim=2)], dim=2)
