@@ -445,9 +445,15 @@ class StageAVAE(nn.Module):
         for index, (t0, t1) in enumerate(tqdm(windows, desc="Stage A decode", disable=not progress, leave=False)):
             frames = rearrange(z[:, :, t0:t1], "b c t h w -> (b t) c h w").to(self.dtype)
             # frame-independent kinds may go through in fewer frames per call; the temporal decoder's plan keeps all
-            decoded = torch.cat([self._tiled(lambda x: self._decode_frames(x, num_frames=t1 - t0), part, (h, w), 1,
-                                             DOWNSAMPLE, tile) for part in frames.split(per_call)])
-            decoded = rearrange(decoded.float(), "(b t) c h w -> b c t h w", b=B)
+            parts = frames.split(per_call)
+
+            def decode(part):
+                return self._tiled(lambda x: self._decode_frames(x, num_frames=t1 - t0), part, (h, w), 1, DOWNSAMPLE,
+                                   tile).float()
+            if len(windows) == 1 and B == 1:   # nothing to blend: each call's frames are final (one 2K frame on a CPU)
+                yield from (rearrange(decode(part), "t c h w -> 1 c t h w") for part in parts)
+                return
+            decoded = rearrange(torch.cat([decode(part) for part in parts]), "(b t) c h w -> b c t h w", b=B)
             if len(windows) == 1:
                 yield decoded
                 return
