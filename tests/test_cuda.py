@@ -84,3 +84,21 @@ def test_offload_on_gpu_equals_plain(semantic_latents, offload):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     parked = "cpu" if offload == "model" else "meta"   # model: parked once the next one ran; sequential: always
     assert next(pipe.dit.parameters()).device.type == parked
+
+
+@pytest.mark.parametrize("name", ["AutoencoderKLWan", "AutoencoderKLLTXVideo"])
+def test_decode_from_a_video_vae_on_gpu_is_close_to_cpu(name, tmp_path):
+    from test_source_vae import _tiny
+
+    from cascadev.pipelines.source_vae import SourceVAE
+    from cascadev.synthetic import make_clip
+
+    torch.manual_seed(0)
+    _tiny(name).save_pretrained(str(tmp_path / "vae"))
+    vae = SourceVAE.from_pretrained(tmp_path, "vae")
+    latents = vae.encode(make_clip(seed=3, frames=9, height=64, width=64)[None])
+    want = CascadeVPipeline.from_pretrained(str(ASSETS)).decode_from(latents, vae, scale=2, seed=0, progress=False)
+    gpu = CascadeVPipeline.from_pretrained(str(ASSETS), torch_dtype=torch.bfloat16).to(CUDA)
+    got = gpu.decode_from(latents.to(CUDA), str(tmp_path), scale=2, seed=0, progress=False).cpu()
+    assert got.shape == want.shape == (1, 3, 9, 128, 128)
+    assert rel_err(got, want) < 0.05, rel_err(got, want)
