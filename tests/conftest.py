@@ -1,5 +1,8 @@
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # no network in tests: a hub id fails at once instead of retrying
 
 import pytest
 import torch

@@ -7,6 +7,7 @@ a successful run writes our own readers read back.
 """
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_any_single_option_value_is_handled(command, good, capsys):
         words = st.sampled_from(VALUES) | st.integers(-3, 70).map(str)
         raw = data.draw(st.sampled_from([str(c) for c in action.choices]) | words if action.choices else words,
                         label="value")
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as d, contextlib.chdir(d):    # a relative output path lands here too
             folder = Path(d)
             broken_files(folder)
             before = set(folder.iterdir())
