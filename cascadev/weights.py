@@ -179,3 +179,9 @@ def save_model_weights(model: DataclassModel, state_dict: dict[str, torch.Tensor
     directory = Path(directory)
     save_state_dict(state_dict, directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
     model.save_config(directory)
+
+
+def is_hub_id(source: str) -> bool:
+    """"owner/name" that is not a path here ("weights/" is a folder, even a missing one)."""
+    owner, _, name = source.partition("/")
+    return bool(owner) and bool(name) and "/" not in name and not Path(source).exists() and not source.startswith((".", "~"))

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def square_crop(video, size: int):
     """(1, 3, T, H, W) -> (1, 3, T, size, size): short side resized to ``size``, then a centre crop."""
-    from cascadev.pipelines.cascade import resize_video
+    from cascadev.pipelines.frames import resize_video
 
     H, W = video.shape[-2:]
     scale = size / min(H, W)
@@ -49,7 +49,7 @@ def square_crop(video, size: int):
 def _score_video(pipe, path: Path, args, decode_kw: dict, fix: int, lpips) -> dict:
     """One video: {"skipped": {"file", "reason"}} when unusable, else its videos written under RUN_DIR and
     {"scores": {method: {metric: per-frame scores on the CPU}}}."""
-    from cascadev.pipelines.cascade import fix_colour
+    from cascadev.pipelines.frames import fix_colour
     from cascadev.video_io import VideoReadError, read_video, write_video
     from eval.metrics import psnr, ssim
 
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     from accelerate.utils import gather_object
 
-    from cascadev.pipelines.cascade import check_colour_fix
+    from cascadev.pipelines.frames import check_colour_fix
     from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline, processes
     from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips
 

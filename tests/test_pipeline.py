@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli, tiny_cascade
-from cascadev.pipelines.cascade import (CascadeVPipeline, load_latents, resolve_colour_fix, round_size, save_latents,
+from cascadev.pipelines.cascade import (CascadeVPipeline, load_latents, resolve_colour_fix, save_latents,
                                         seeded_noise)
+from cascadev.pipelines.frames import round_size
 from cascadev.video_io import read_video, video_info
 
 
@@ -137,7 +138,7 @@ def test_sampler_defaults_follow_the_folder(tiny_pipeline_dir):
 
 
 def test_colour_fix_takes_the_low_band_from_the_reference():
-    from cascadev.pipelines.cascade import fix_colour
+    from cascadev.pipelines.frames import fix_colour
 
     torch.manual_seed(0)
     video = 0.4 * torch.rand(1, 3, 2, 64, 96) - 0.2
@@ -157,7 +158,7 @@ def test_colour_fix_takes_the_low_band_from_the_reference():
 
 
 def test_decode_with_colour_fix_equals_the_fix_applied_to_the_plain_decode(pipe, tiny_pipeline_dir):
-    from cascadev.pipelines.cascade import fix_colour
+    from cascadev.pipelines.frames import fix_colour
 
     latents = torch.randn(1, 16, 2, 2, 2)
     plain = pipe.decode(latents, steps=1, seed=3, progress=False)

@@ -85,8 +85,8 @@ def shared_windows_only(pipe, latents: torch.Tensor, decode_kw: dict) -> bool:
 
 
 def run_reconstruct(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.cascade import (check_colour_fix, check_latents_output, frames_per_piece, infer_size,
-                                            resize_video, save_latents)
+    from cascadev.pipelines.cascade import check_latents_output, save_latents
+    from cascadev.pipelines.frames import check_colour_fix, frames_per_piece, infer_size, resize_video
     from cascadev.video_io import VideoWriter, check_video_output, iter_video, video_info
     from eval.metrics import psnr
 
@@ -186,7 +186,8 @@ def check_source_args(args: argparse.Namespace) -> None:
 def decode_source(args: argparse.Namespace):
     """Another model's latents -> its VAE's pixels -> resized -> our semantic latents: (pipe, latents, decode
     arguments, the file's metadata). Everything is checked before the VAE's weights load."""
-    from cascadev.pipelines.cascade import _is_hub_id, read_latents
+    from cascadev.pipelines.cascade import read_latents
+    from cascadev.weights import is_hub_id
     from cascadev.pipelines.options import DTYPES, resolve_device
     from cascadev.pipelines.source_vae import SourceVAE, encode_resized, target_size
     from vae.stage_a import SVD_VAE_REPO
@@ -198,7 +199,7 @@ def decode_source(args: argparse.Namespace):
     else:        # the sd-vae shortcut: 4-channel latents, the SVD VAE's subfolder on the hub, the given scale
         latents, metadata = read_latents(args.latents, 4)
         source = args.vae or SVD_VAE_REPO
-        subfolder = args.source_vae_subfolder or ("vae" if _is_hub_id(source) else None)
+        subfolder = args.source_vae_subfolder or ("vae" if is_hub_id(source) else None)
         where = dict(source=source, subfolder=subfolder, scaling_factor=args.vae_scale or SD_VAE_SCALE)
     skeleton = SourceVAE.from_pretrained(**where, load_weights=False)     # its config only: checks before loading
     skeleton.check_latents(latents, args.latents)

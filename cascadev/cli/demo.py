@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     import torch
 
-    from cascadev.pipelines.cascade import CascadeVPipeline, fix_colour, resolve_colour_fix
+    from cascadev.pipelines.cascade import CascadeVPipeline, resolve_colour_fix
+    from cascadev.pipelines.frames import fix_colour
     from cascadev.pipelines.sampling import scheduler_name
     from cascadev.pipelines.options import DTYPES
     from cascadev.synthetic import make_clip

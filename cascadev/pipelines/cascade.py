@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -34,14 +33,14 @@ from safetensors.torch import save_file
 from cascadev.config import to_dict
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
 from cascadev.pipelines.sampling import Tiling, make_scheduler, sample
-from cascadev.weights import atomic_write
+from cascadev.pipelines.frames import SEMANTIC_DOWNSAMPLE, check_colour_fix, fix_colour, resize_video
+from cascadev.weights import atomic_write, is_hub_id
 from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
 from vae.semantic_encoder import SemanticEncoder, check_video, resolve_official_file
 from vae.stage_a import PRESETS as STAGE_A_PRESETS
 from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE
 
-SEMANTIC_DOWNSAMPLE = 32        # Stage B latent: f32
 COND_UPSAMPLE = 4               # semantic latent grid -> Stage A latent grid (f32 -> f8)
 SEMANTIC_CHANNELS = 16
 RELEASE_STEPS = 8               # the release's recon: 8 Euler-ancestral steps
@@ -73,58 +72,6 @@ def seeded_noise(shape: tuple[int, ...], seed: int, device: torch.device | str =
     g = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(B, T, C, H, W, generator=g)
     return rearrange(noise, "b t c h w -> b c t h w").to(device)
-
-
-def round_size(height: int, width: int, long_side: int | None = None, multiple: int = SEMANTIC_DOWNSAMPLE) -> tuple[int, int]:
-    """(H, W) scaled so the long side is ``long_side`` (aspect kept), each rounded to a multiple."""
-    scale = 1.0 if long_side is None else long_side / max(height, width)
-    return tuple(max(multiple, round(n * scale / multiple) * multiple) for n in (height, width))
-
-
-def resize_video(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 3, T, H, W) -> (B, 3, T, *size), bilinear with antialiasing."""
-    if tuple(video.shape[-2:]) == tuple(size):
-        return video
-    T = video.shape[2]
-    frames = F.interpolate(rearrange(video, "b c t h w -> (b t) c h w"), size=size, mode="bilinear",
-                           align_corners=False, antialias=True)
-    return rearrange(frames, "(b t) c h w -> b c t h w", t=T)
-
-
-PIECE_PIXELS = 4 * 1024 * 576      # input pixels read, resized and encoded at a time (4 frames at 1024 x 576, one at
-                                   # 2K): neither long clips nor large frames sit whole, nor the encoder's activations
-
-
-def frames_per_piece(*sizes: tuple[int, int]) -> int:
-    """Frames per piece read and encoded when frames are read at, or resized to, these (H, W) sizes: at least one."""
-    return max(1, PIECE_PIXELS // max(h * w for h, w in sizes))
-
-
-def check_colour_fix(height: int, width: int, factor: int | None) -> None:
-    """The colour fix's blocks of ``factor`` x ``factor`` pixels must tile frames of ``height`` x ``width``."""
-    if factor and (factor < 1 or height % factor or width % factor):
-        divisors = [n for n in (32, 16, 8, 4, 2) if height % n == 0 and width % n == 0]
-        raise ValueError(f"colour fix {factor}: {width}x{height} frames are not divisible by {factor}; use a divisor "
-                         f"of both (e.g. {divisors[0] if divisors else 1}) or 0 to turn it off")
-
-
-def low_band(video: torch.Tensor, factor: int) -> torch.Tensor:
-    """(B, 3, T, H, W) -> the same size, holding only the band of ``factor`` x ``factor`` pixel blocks:
-    antialiased bilinear down by ``factor``, bilinear back up."""
-    H, W = video.shape[-2:]
-    check_colour_fix(H, W, factor)
-    return resize_video(resize_video(video, (H // factor, W // factor)), (H, W))
-
-
-def fix_colour(video: torch.Tensor, reference: torch.Tensor, factor: int) -> torch.Tensor:
-    """``video``'s detail above the ``factor`` band on ``reference``'s band below it, both (B, 3, T, H, W).
-
-    StableSR's wavelet colour fix (Wang et al. 2023), with the Previewer's decoding of the same
-    semantic latents as the low-resolution reference: a diffusion decoder's samples drift in colour and
-    brightness over whole regions, the regression-trained Previewer does not."""
-    out = video - low_band(video, factor)
-    out += low_band(reference, factor)                    # in place: one temporary of the video's size at a time
-    return out.clamp_(-1, 1)
 
 
 # -- latents files -------------------------------------------------------------------------------
@@ -205,16 +152,10 @@ def read_latents(path: str | Path, channels: int | None = SEMANTIC_CHANNELS) -> 
 
 # -- loading the parts -----------------------------------------------------------------------------
 
-def _is_hub_id(source: str) -> bool:
-    """"owner/name" that is not a path here ("weights/" is a folder, even a missing one)."""
-    owner, _, name = source.partition("/")
-    return bool(owner) and bool(name) and "/" not in name and not Path(source).exists() and not source.startswith((".", "~"))
-
-
 def _load_model(cls, source: str | Path | None, filename: str, repo: str, torch_dtype: torch.dtype | None):
     """One model of the cascade from: a folder we wrote (diffusers' layout, or the previous one with
     ``model.safetensors``), the released file, a folder holding it, or a hub id (None: the release's repo)."""
-    if source is None or _is_hub_id(str(source)):
+    if source is None or is_hub_id(str(source)):
         model = cls.from_single_file(resolve_official_file(None, filename, str(source or repo)))
     else:
         path = Path(source)
@@ -285,7 +226,7 @@ def load_cascade(weights: str | Path | None = None, *, dit=None, semantic_encode
     if weights is not None and is_legacy_cascade(weights):
         raise FileNotFoundError(f"{weights} is a cascade in the previous format (pipeline.json, model.safetensors); "
                                 f"convert it once with: cascadev convert {weights} NEW_FOLDER")
-    ours = weights is not None and ((Path(weights) / "model_index.json").is_file() or _is_hub_id(str(weights)))
+    ours = weights is not None and ((Path(weights) / "model_index.json").is_file() or is_hub_id(str(weights)))
     try:
         saved = CascadeVPipeline.load_config(str(weights)) if ours else {}
         if with_previewer is None:
@@ -601,18 +542,3 @@ def resolve_colour_fix(pipe: CascadeVPipeline, given: int | None) -> int | None:
     if given is not None and given < 0:
         raise ValueError(f"colour fix factor must be >= 0 (0: off), got {given}")
     return (pipe.config.colour_fix if given is None else given) or None
-
-
-def infer_size(height: int, width: int, size: str | None, multiple: int = SEMANTIC_DOWNSAMPLE) -> tuple[int, int]:
-    """Parse ``--size``: None (keep), "N" (long side N, aspect kept) or "WxH"; rounded to ``multiple``."""
-    if size is None:
-        return round_size(height, width, None, multiple)
-    try:
-        numbers = [int(v) for v in size.lower().split("x")]
-    except ValueError:
-        numbers = []
-    if len(numbers) not in (1, 2) or min(numbers) < 1:
-        raise ValueError(f"--size {size!r}: give a long side (2048) or WxH (2048x1152) in pixels")
-    if len(numbers) == 2:
-        return round_size(numbers[1], numbers[0], None, multiple)
-    return round_size(height, width, numbers[0], multiple)

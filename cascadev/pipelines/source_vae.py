@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from cascadev.pipelines.cascade import _is_hub_id, frames_per_piece, infer_size, resize_video
+from cascadev.pipelines.frames import frames_per_piece, infer_size, resize_video
+from cascadev.weights import is_hub_id
 from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE
 
 IMAGE_VAES = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderKLTemporalDecoder")      # frame by frame, f8
@@ -49,7 +50,7 @@ def find_config(source: str | Path, subfolder: str | None = None) -> tuple[Path,
     """The VAE's ``config.json`` and the subfolder it is in: a local folder (``folder/subfolder``; without a
     subfolder, ``folder`` or else ``folder/vae``), or a hub id (the file fetched, or the cached copy offline)."""
     source = str(source)
-    if not _is_hub_id(source):
+    if not is_hub_id(source):
         root = Path(source).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"source VAE folder {root} not found")
@@ -124,7 +125,7 @@ class SourceVAE:
                 with torch.device("meta"):
                     return cls(cls_.from_config(cls_.load_config(str(Path(config_file).parent))), where,
                                scaling_factor)
-            local = {"local_files_only": True} if not _is_hub_id(str(source)) else {}
+            local = {"local_files_only": True} if not is_hub_id(str(source)) else {}
             root = Path(source).expanduser() if local else source
             try:
                 model = cls_.from_pretrained(str(root), subfolder=subfolder, torch_dtype=torch_dtype, **local)
