@@ -1,0 +1,151 @@
+"""``cascadev upscale``: the resize route (4x resolution or 4x frame rate) on a video or a latents file."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+from pathlib import Path
+
+from cascadev.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="low video (mp4, mkv, ...) or its Stage A latents (.safetensors or .pt, (4, T, h, w) "
+                                 "or (B, 4, T, h, w), scaled as Stage A encodes them)")
+    p.add_argument("-o", "--output", required=True, help="output video (.mp4); with B > 1 latents, one file per video")
+    p.add_argument("--weights", required=True, help="a resize-route model folder (CascadeVUpscalePipeline."
+                                                    "save_pretrained), e.g. cascadev/assets/tiny_fps4x")
+    p.add_argument("--stage-a", help="Stage A VAE (diffusers folder or hub id; default: the folder's own or the one it "
+                                     "names)")
+    p.add_argument("--frames", type=int, help="input frames to take (default: all)")
+    p.add_argument("--start", type=int, default=0, help="first input frame")
+    p.add_argument("--fps", type=float, help="input frame rate (default: the file's, or the latents file's 'fps', "
+                                             "else 8); the output's is this times the route's temporal factor")
+    p.add_argument("--latent-scale", type=float, help="latents input: the scale they carry (default: the model's "
+                                                      "Stage A scale_factor)")
+    p.add_argument("--regenerate-input-frames", action="store_true",
+                   help="frame rate: let the DiT redo the given frames too (default: they are output as given)")
+    p.add_argument("--compare", help="also write the input (repeated, resized) | output side by side here (.mp4)")
+    g = p.add_argument_group("sampling and device")
+    g.add_argument("--steps", type=int, help="denoising steps (default: the folder's saved setting)")
+    g.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp", "flow"], help="default: the folder's saved one")
+    g.add_argument("--tiling", default="blend", choices=["blend", "official"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--window-batch", type=int, default=1, help="DiT windows/tiles per forward")
+    g.add_argument("--max-memory", type=float, metavar="GIB", help="memory for one Stage A call (see decode)")
+    g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+
+
+def _check_args(args) -> None:
+    from cascadev.pipelines.options import check_crf, check_device
+    from cascadev.video_io import check_video_output
+
+    check_video_output(args.output)
+    if args.compare:
+        check_video_output(args.compare, "--compare")
+    for name in ("frames", "steps", "window_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.start < 0:
+        raise UserError(f"--start must be >= 0, got {args.start}")
+    for name in ("fps", "latent_scale"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.max_memory is not None and args.max_memory < 0:
+        raise UserError(f"--max-memory must be >= 0 GiB, got {args.max_memory}")
+    check_crf(args.crf)
+    check_device(args.device)
+
+
+def _read_input(args):
+    """(video or None, latents or None, input fps): the input, checked, before the weights load."""
+    import torch
+
+    from cascadev.pipelines.cascade import LATENTS_SUFFIXES, read_latents
+    from cascadev.video_io import read_video, video_info
+
+    if Path(args.input).suffix in LATENTS_SUFFIXES:
+        if args.start or args.frames:
+            latents, metadata = read_latents(args.input, 4)
+            latents = latents[:, :, args.start:args.start + args.frames if args.frames else None]
+            if latents.shape[2] == 0:
+                raise UserError(f"--start {args.start} is past the last of the latents' frames")
+        else:
+            latents, metadata = read_latents(args.input, 4)
+        return None, latents, args.fps or float(metadata.get("fps", 8.0))
+    if args.latent_scale is not None:
+        raise UserError("--latent-scale is for a latents input")
+    info = video_info(args.input)
+    video = read_video(args.input, args.frames, args.start)
+    return video.to(torch.float32), None, args.fps or info.fps or 8.0
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from cascadev.pipelines.options import DTYPES, resolve_device, resolve_dtype, set_tf32, stage_a_budget
+    from cascadev.pipelines.upscale import load_upscale
+    from cascadev.video_io import VideoWriter
+
+    _check_args(args)
+    video, latents, fps = _read_input(args)
+    print("loading weights ...", flush=True)
+    device = resolve_device(args.device)
+    pipe = load_upscale(args.weights, vae=args.stage_a)
+    ks, kt = pipe.factors
+    if args.regenerate_input_frames and pipe.config.spatial_factor != 1:
+        raise UserError("--regenerate-input-frames is for a frame-rate-only model (spatial_factor 1)")
+    try:     # bad sizes and frame counts: one line, before any compute
+        pipe.check_input(*(video.shape[2:] if video is not None else latents.shape[2:3]))
+    except ValueError as e:
+        raise UserError(f"{args.input}: {e}") from None
+    if latents is not None and args.latent_scale is not None:
+        latents = latents * (pipe.stage_a.config.scale_factor / args.latent_scale)
+    pipe.set_precision(resolve_dtype(args.dtype, device) if args.dtype is None else DTYPES[args.dtype]).to(device)
+    set_tf32(device, True)
+    pipe.stage_a.config = dataclasses.replace(pipe.stage_a.config, max_memory=stage_a_budget(args.max_memory, device))
+    T, H, W = (video.shape[2:] if video is not None else (latents.shape[2], latents.shape[3] * 8, latents.shape[4] * 8))
+    T2, H2, W2 = pipe.output_shape(T, H, W)
+    print(f"{'x'.join(map(str, (W, H)))} at {fps:g} fps, {T} frames -> {W2}x{H2} at {fps * kt:g} fps, {T2} frames "
+          f"(spatial x{ks}, temporal x{kt})", flush=True)
+    sample_kw = dict(steps=args.steps, seed=args.seed, scheduler=args.scheduler, tiling=args.tiling,
+                     window_batch=args.window_batch)
+    keep = None if video is None else (not args.regenerate_input_frames and ks == 1)
+    out = Path(args.output)
+    B = (video if video is not None else latents).shape[0]
+    paths = [out] if B == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(B)]
+    with contextlib.ExitStack() as files:
+        writers = [files.enter_context(VideoWriter(path, fps * kt, args.crf)) for path in paths]
+        side = files.enter_context(VideoWriter(args.compare, fps * kt, args.crf)) if args.compare else None
+        start = 0
+        for piece in pipe.upscale_pieces(video, latents, keep_input_frames=keep, **sample_kw):
+            piece = piece.cpu()
+            for writer, clip in zip(writers, piece):
+                writer.write(clip)
+            if side is not None:
+                side.write(torch.cat([_nearest(video, latents, pipe, start, piece), piece[:1]], dim=-1))
+            start += piece.shape[2]
+    print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items()))
+    print("\n".join(f"-> {path}" for path in paths))
+
+
+def _nearest(video, latents, pipe, start: int, piece):
+    """The input of the first video, frames repeated and pixels resized (nearest) to the output's, for ``--compare``."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    ks, kt = pipe.factors
+    idx = [i // kt for i in range(start, start + piece.shape[2])]
+    if video is None:
+        low = pipe.stage_a.decode(latents[:1, :, idx[0]:idx[-1] + 1].to(pipe._execution_device)).cpu().clamp(-1, 1)
+        low = low[:, :, [i - idx[0] for i in idx]]
+    else:
+        low = video[:1, :, idx]
+    T = low.shape[2]
+    up = F.interpolate(rearrange(low, "b c t h w -> (b t) c h w"), scale_factor=ks, mode="nearest")
+    return rearrange(up, "(b t) c h w -> b c t h w", t=T)
