@@ -149,3 +149,89 @@ def _nearest(video, latents, pipe, start: int, piece):
     T = low.shape[2]
     up = F.interpolate(rearrange(low, "b c t h w -> (b t) c h w"), scale_factor=ks, mode="nearest")
     return rearrange(up, "(b t) c h w -> b c t h w", t=T)
+
+
+# -- cascadev demo --fps-x4 ----------------------------------------------------------------------------
+
+DEMO_FPS = 6.0          # the low-rate input's frame rate in the side-by-side video (the output's: x temporal factor)
+
+
+def demo_fps_x4(args: argparse.Namespace) -> dict:
+    """``cascadev demo --fps-x4``: the built-in tiny 4x frame-rate model (``cascadev/assets/tiny_fps4x``) on held-out
+    procedural clips at 1/4 of their frame rate, against frame repetition and linear frame blending.
+
+    Each clip has ``4 (n - 1) + 4`` frames, ``n`` = ``--frames`` (the input frames); the input is every 4th one. Scores
+    (PSNR, SSIM per frame, mean) are over the frames strictly between input frames, the ones a method must make; the
+    3 frames after the last input (extrapolation, held by both baselines) are scored apart. Writes
+    DIR/side_by_side.mp4 (truth | ours | blend | repeat), DIR/frames.png (the same for the first clip, as rows) and
+    DIR/results.json."""
+    import json
+    import time
+
+    import torch
+
+    from cascadev.cli.demo import HELD_OUT_SEED0
+    from cascadev.pipelines.conditioning import temporal_upsample
+    from cascadev.pipelines.options import DTYPES
+    from cascadev.pipelines.upscale import TINY_FPS4X, load_upscale
+    from cascadev.synthetic import make_clip
+    from cascadev.video_io import write_png_strip, write_video
+    from eval.metrics import psnr, ssim
+
+    weights = Path(args.weights) if args.weights else TINY_FPS4X
+    if args.clips < 1 or args.frames < 2:
+        raise UserError("--fps-x4 needs --clips >= 1 and --frames >= 2 (input frames at the low rate)")
+    if args.size is not None and (args.size % 8 or args.size < 16):
+        raise UserError(f"--size must be a multiple of 8 and >= 16 with --fps-x4, got {args.size}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    start = time.perf_counter()
+    with torch.no_grad():
+        pipe = load_upscale(weights).to("cpu").set_precision(DTYPES[args.dtype])
+        ks, kt = pipe.factors
+        if ks != 1:
+            raise UserError(f"{weights}: a {ks}x resolution model; --fps-x4 shows a frame-rate model (spatial_factor 1)")
+        settings = pipe.config.demo or {}
+        kind = args.kind or settings.get("kind", "shapes")
+        size = args.size or settings.get("size", 128)
+        steps = args.steps or pipe.config.num_inference_steps
+        frames = kt * args.frames                                      # the last input frame + kt - 1 after it
+        between = [i for i in range(kt * (args.frames - 1)) if i % kt]   # strictly between input frames
+        tail = list(range(kt * (args.frames - 1) + 1, frames))
+        methods = ("ours", "blend", "repeat")
+        scores = {m: {k: [] for k in ("psnr", "ssim", "psnr_tail", "ssim_tail")} for m in methods}
+        seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
+        panels = []
+        for i, seed in enumerate(seeds):
+            truth = make_clip(seed, frames, size, size, kind)[None]      # (1, 3, T, H, W)
+            low = truth[:, :, ::kt]
+            outputs = {"ours": pipe.upscale(video=low, steps=steps, seed=args.seed + i, progress=False),
+                       "blend": temporal_upsample(low, kt, frames), "repeat": low.repeat_interleave(kt, dim=2)}
+            for m, out in outputs.items():
+                for suffix, idx in (("", between), ("_tail", tail)):
+                    scores[m]["psnr" + suffix].append(psnr(out[:, :, idx], truth[:, :, idx]))
+                    scores[m]["ssim" + suffix].append(ssim(out[:, :, idx], truth[:, :, idx]))
+            panels.append(torch.cat([truth, *outputs.values()], dim=-1))   # truth | ours | blend | repeat
+            print(f"clip {i + 1}/{args.clips} (seed {seed}): PSNR between input frames: " + ", ".join(
+                f"{m} {scores[m]['psnr'][-1].mean():.2f} dB" for m in methods), flush=True)
+    out_dir = Path(args.output)
+    write_video(out_dir / "side_by_side.mp4", torch.cat(panels, dim=2), fps=DEMO_FPS * kt)
+    rows = torch.cat(panels[0].split(size, dim=-1), dim=-2)                 # truth / ours / blend / repeat
+    write_png_strip(out_dir / "frames.png", rows[:, :, :min(frames, 2 * kt)], max_frames=2 * kt)
+    results = {m: {k: torch.cat(v).mean().item() for k, v in metric.items()} for m, metric in scores.items()}
+    results.update({
+        "clips": args.clips, "input_frames": args.frames, "output_frames": frames, "size": [size, size], "kind": kind,
+        "seeds": seeds, "steps": steps, "weights": str(weights), "temporal_factor": kt,
+        "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over the frames "
+                       "strictly between input frames; *_tail: the frames after the last input frame",
+        "seconds": round(time.perf_counter() - start, 1)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{args.clips} held-out clips, {args.frames} -> {frames} frames at {size}x{size}, {steps} steps; "
+          f"frames between input frames (after the last one):")
+    print(f"{'method':<10}{'PSNR':>8}{'SSIM':>8}{'PSNR':>10}{'SSIM':>8}")
+    for m in methods:
+        r = results[m]
+        print(f"{m:<10}{r['psnr']:>8.2f}{r['ssim']:>8.3f}  ({r['psnr_tail']:>6.2f}{r['ssim_tail']:>8.3f})")
+    print(f"{results['seconds']:.0f} s -> {out_dir}/side_by_side.mp4, frames.png, results.json")
+    return results
