@@ -101,7 +101,7 @@ def export_fps4x(out: Path) -> None:
 
 def build_fps4x(assets: Path) -> None:
     wait(run("-m", "cascadev.training.cache_latents", "--config", FPS4X_CONFIG, "--out", FPS4X_CACHE,
-             "--clips-per-video", "3", "--crop", "random"))
+             "--clips-per-video", "1", "--crop", "random"))
     wait(run("-m", "cascadev.training.train", "--config", FPS4X_CONFIG, "--set", f"data.latents={FPS4X_CACHE}"))
     export_fps4x(assets / "tiny_fps4x")
 

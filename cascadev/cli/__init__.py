@@ -1,9 +1,9 @@
 """CascadeV: latent-cascade video generation (LDM-VAE decoding up to 2K, training, evaluation).
 
 The ``cascadev`` command: ``main`` parses the command line and hands it to a subcommand, one module each in
-this package (``info``, ``decode`` for reconstruct and decode, ``upscale``, ``generate``, ``train`` for train and cache-latents,
-``demo``, ``convert``) or in ``eval/`` (``eval``, ``bench-recon``). Each subcommand imports its heavy modules only
-when it runs.
+this package (``info``, ``decode`` for reconstruct and decode, ``upscale``, ``generate``, ``train`` for train and
+cache-latents, ``demo``, ``convert``) or in ``eval/`` (``eval``, ``bench-recon``). Each subcommand imports its heavy
+modules only when it runs.
 """
 
 from __future__ import annotations

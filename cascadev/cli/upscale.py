@@ -88,7 +88,7 @@ def _read_input(args):
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from cascadev.pipelines.options import DTYPES, resolve_device, resolve_dtype, set_tf32, stage_a_budget
+    from cascadev.pipelines.options import resolve_device, resolve_dtype, set_tf32, stage_a_budget
     from cascadev.pipelines.upscale import load_upscale
     from cascadev.video_io import VideoWriter
 
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{args.input}: {e}") from None
     if latents is not None and args.latent_scale is not None:
         latents = latents * (pipe.stage_a.config.scale_factor / args.latent_scale)
-    pipe.set_precision(resolve_dtype(args.dtype, device) if args.dtype is None else DTYPES[args.dtype]).to(device)
+    pipe.set_precision(resolve_dtype(args.dtype, device)).to(device)
     set_tf32(device, True)
     pipe.stage_a.config = dataclasses.replace(pipe.stage_a.config, max_memory=stage_a_budget(args.max_memory, device))
     T, H, W = (video.shape[2:] if video is not None else (latents.shape[2], latents.shape[3] * 8, latents.shape[4] * 8))

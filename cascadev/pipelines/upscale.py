@@ -103,6 +103,14 @@ class CascadeVUpscalePipeline(DiffusionPipeline):
             if n is not None and (n < DOWNSAMPLE or n % DOWNSAMPLE):
                 raise ValueError(f"input {name} {n} is not a positive multiple of {DOWNSAMPLE} (Stage A's downsampling)")
 
+    def scheduler_for(self, scheduler: str | SchedulerMixin | None) -> SchedulerMixin:
+        """The saved scheduler (None), a scheduler object, or one by short name; of the saved one's class, it keeps
+        the saved config (e.g. the flow shift the DiT was trained at)."""
+        if scheduler is None or isinstance(scheduler, SchedulerMixin):
+            return scheduler or self.scheduler
+        wanted = make_scheduler(scheduler)
+        return type(wanted).from_config(self.scheduler.config) if type(wanted) is type(self.scheduler) else wanted
+
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Low video (B, 3, T', H', W') in [-1, 1] -> scaled Stage A latents (B, 4, T', H'/8, W'/8)."""
@@ -125,7 +133,7 @@ class CascadeVUpscalePipeline(DiffusionPipeline):
         device = self._execution_device
         cond = self.condition(small.to(device))
         noise = seeded_noise((cond.shape[0], self.dit.config.latent_channels, *cond.shape[2:]), seed, device)
-        scheduler = self.scheduler if scheduler is None else make_scheduler(scheduler)
+        scheduler = self.scheduler_for(scheduler)
         generator = torch.Generator(device=device).manual_seed(seed + 1)       # ancestral steps
         steps = steps or self.config.num_inference_steps
         return timed(self.timings, "dit", device, lambda: sample(self.dit, cond, noise.float(), scheduler, steps, tiling,
