@@ -155,3 +155,24 @@ def test_shipped_fps4x_loads_and_its_demo_runs(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) >= {"ours", "repeat", "blend"}
     assert (tmp_path / "side_by_side.mp4").is_file()
+
+
+def test_init_new_condition_starts_a_resize_dit_from_a_semantic_one(tmp_path):
+    """dit.init_new_condition: every weight of the semantic-route DiT, but the condition's patch-embedding columns
+    (16 there, 4 here), which start at zero."""
+    from cascadev.training.config import load_train_config
+    from cascadev.training.tasks import build_dit
+    from dit import build_dit as build_video_dit
+
+    source = randomize_(build_video_dit("tiny"))
+    source.save_pretrained(str(tmp_path / "semantic_dit"))
+    overrides = ["condition.route=resize", "dit.overrides.cond_channels=4", f"dit.init_from={tmp_path / 'semantic_dit'}"]
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        build_dit(load_train_config("configs/dit_tiny.yaml", overrides), load_weights=True)
+    model = build_dit(load_train_config("configs/dit_tiny.yaml", overrides + ["dit.init_new_condition=true"]), True)
+    w, w0 = model.x_embedder.proj.weight, source.x_embedder.proj.weight
+    assert w.shape[1] == 8 and torch.equal(w[:, :4], w0[:, :4]) and not w[:, 4:].any()
+    ours, theirs = model.state_dict(), source.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if k != "x_embedder.proj.weight")
+    with pytest.raises(ValueError, match="needs dit.init_from"):
+        load_train_config("configs/dit_tiny.yaml", ["dit.init_new_condition=true"])
