@@ -7,7 +7,7 @@ import torch
 
 from conftest import randomize_, run_cli
 
-from cascadev.pipelines.conditioning import downsample_video
+from cascadev.pipelines.conditioning import downsample_video, upsample_condition
 from cascadev.pipelines.upscale import TINY_FPS4X, CascadeVUpscalePipeline, load_upscale
 from cascadev.synthetic import make_clip
 
@@ -110,6 +110,33 @@ def test_cli_upscale_video_and_latents(tmp_path, capsys, route_dirs, low_clip, r
     assert (info.width, info.height, info.frames, info.fps) == (*size, frames, fps)
 
 
+@pytest.mark.parametrize("factors", [(4, 1), (1, 4), (2, 3)])
+def test_colour_fix_reference_is_the_condition_in_pixels_piece_by_piece(factors):
+    """The colour fix's reference is the input brought to the output grid as the condition is; by pieces as whole."""
+    pipe = tiny_upscaler(*factors)
+    low = make_clip(seed=4, frames=5, height=16, width=24)[None]
+    T, H, W = pipe.output_shape(*low.shape[2:])
+    whole = upsample_condition(low, (T, H, W), factors[1])
+    torch.testing.assert_close(pipe.colour_reference(low, 0, T), whole)
+    cuts = [0, *(c for c in (1, 4, 7) if c < T), T]
+    pieces = torch.cat([pipe.colour_reference(low, a, b) for a, b in zip(cuts, cuts[1:])], dim=2)
+    torch.testing.assert_close(pieces, whole)
+
+
+def test_colour_fix_takes_the_low_band_of_the_reference():
+    from cascadev.pipelines.cascade import fix_colour
+
+    pipe = tiny_upscaler(1, 4, colour_fix=8)
+    low = make_clip(seed=6, frames=2, height=32, width=32)[None]
+    out = pipe.upscale(video=low, progress=False)                   # the saved colour fix
+    raw = pipe.upscale(video=low, colour_fix=0, progress=False)     # the same sample, without it
+    torch.testing.assert_close(out[:, :, 1:], fix_colour(raw.clone(), pipe.colour_reference(low, 0, 8), 8)[:, :, 1:]
+                               .index_copy(2, torch.tensor([3]), low[:, :, 1:]))
+    assert torch.equal(out[:, :, ::4], low) and torch.equal(raw[:, :, ::4], low)   # the given frames as given
+    with pytest.raises(ValueError, match="colour fix"):
+        pipe.check_input(2, 24, 32, colour_fix=16)
+
+
 def test_route_factors_are_read_from_the_folder(route_dirs):
     saved = json.loads((route_dirs["fps4"] / "model_index.json").read_text())
     assert (saved["spatial_factor"], saved["temporal_factor"]) == (1, 4)
@@ -150,10 +177,10 @@ def test_a_semantic_route_dit_is_refused():
 def test_shipped_fps4x_loads_and_its_demo_runs(tmp_path, capsys):
     pipe = load_upscale(TINY_FPS4X)
     assert pipe.factors == (1, 4) and pipe.dit.dtype == torch.float32
-    code, stdout, err = run_cli(capsys, "demo", "--fps-x4", "-o", tmp_path, "--clips", 1, "--frames", 8, "--size", 64)
+    code, stdout, err = run_cli(capsys, "demo", "--fps-x4", "-o", tmp_path, "--clips", 1, "--frames", 2, "--size", 64)
     assert code in (0, None), err
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) >= {"ours", "repeat", "blend"}
+    assert set(results) >= {"ours", "repeat", "blend", "ours_without_colour_fix"} and results["output_frames"] == 8
     assert (tmp_path / "side_by_side.mp4").is_file()
 
 

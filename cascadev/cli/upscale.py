@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                       "Stage A scale_factor)")
     p.add_argument("--regenerate-input-frames", action="store_true",
                    help="frame rate: let the DiT redo the given frames too (default: they are output as given)")
+    p.add_argument("--colour-fix", type=int, metavar="N",
+                   help="the output's band of N x N pixel blocks from the input brought to its grid (StableSR's colour "
+                        "fix; default: the folder's saved setting, 16 for tiny_fps4x; 0: off)")
     p.add_argument("--compare", help="also write the input (repeated, resized) | output side by side here (.mp4)")
     g = p.add_argument_group("sampling and device")
     g.add_argument("--steps", type=int, help="denoising steps (default: the folder's saved setting)")
@@ -46,6 +49,8 @@ def _check_args(args) -> None:
     check_video_output(args.output)
     if args.compare:
         check_video_output(args.compare, "--compare")
+    if args.colour_fix is not None and args.colour_fix < 0:
+        raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
     for name in ("frames", "steps", "window_batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -100,8 +105,10 @@ def run(args: argparse.Namespace) -> None:
     ks, kt = pipe.factors
     if args.regenerate_input_frames and pipe.config.spatial_factor != 1:
         raise UserError("--regenerate-input-frames is for a frame-rate-only model (spatial_factor 1)")
+    fix = pipe.config.colour_fix if args.colour_fix is None else args.colour_fix
     try:     # bad sizes and frame counts: one line, before any compute
-        pipe.check_input(*(video.shape[2:] if video is not None else latents.shape[2:3]))
+        pipe.check_input(*(video.shape[2:] if video is not None else (latents.shape[2], *(8 * n for n in latents.shape[3:]))),
+                         colour_fix=fix)
     except ValueError as e:
         raise UserError(f"{args.input}: {e}") from None
     if latents is not None and args.latent_scale is not None:
@@ -123,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
         writers = [files.enter_context(VideoWriter(path, fps * kt, args.crf)) for path in paths]
         side = files.enter_context(VideoWriter(args.compare, fps * kt, args.crf)) if args.compare else None
         start = 0
-        for piece in pipe.upscale_pieces(video, latents, keep_input_frames=keep, **sample_kw):
+        for piece in pipe.upscale_pieces(video, latents, keep_input_frames=keep, colour_fix=fix, **sample_kw):
             piece = piece.cpu()
             for writer, clip in zip(writers, piece):
                 writer.write(clip)
@@ -171,6 +178,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
     import torch
 
     from cascadev.cli.demo import HELD_OUT_SEED0
+    from cascadev.pipelines.cascade import fix_colour
     from cascadev.pipelines.conditioning import temporal_upsample
     from cascadev.pipelines.options import DTYPES
     from cascadev.pipelines.upscale import TINY_FPS4X, load_upscale
@@ -198,20 +206,25 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         frames = kt * args.frames                                      # the last input frame + kt - 1 after it
         between = [i for i in range(kt * (args.frames - 1)) if i % kt]   # strictly between input frames
         tail = list(range(kt * (args.frames - 1) + 1, frames))
-        methods = ("ours", "blend", "repeat")
+        fix = pipe.config.colour_fix if args.colour_fix is None else args.colour_fix
+        methods = ("ours", "blend", "repeat") + (("ours_without_colour_fix",) if fix else ())
         scores = {m: {k: [] for k in ("psnr", "ssim", "psnr_tail", "ssim_tail")} for m in methods}
         seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
         panels = []
         for i, seed in enumerate(seeds):
             truth = make_clip(seed, frames, size, size, kind)[None]      # (1, 3, T, H, W)
             low = truth[:, :, ::kt]
-            outputs = {"ours": pipe.upscale(video=low, steps=steps, seed=args.seed + i, progress=False),
-                       "blend": temporal_upsample(low, kt, frames), "repeat": low.repeat_interleave(kt, dim=2)}
+            raw = pipe.upscale(video=low, steps=steps, seed=args.seed + i, colour_fix=0, progress=False)
+            outputs = {"ours": raw, "blend": temporal_upsample(low, kt, frames), "repeat": low.repeat_interleave(kt, dim=2)}
+            if fix:      # the same sample with the colour fix, as pipe.upscale(video=low) gives it
+                fixed = fix_colour(raw.clone(), pipe.colour_reference(low, 0, frames), fix)
+                fixed[:, :, ::kt] = low
+                outputs.update(ours=fixed, ours_without_colour_fix=raw)
             for m, out in outputs.items():
                 for suffix, idx in (("", between), ("_tail", tail)):
                     scores[m]["psnr" + suffix].append(psnr(out[:, :, idx], truth[:, :, idx]))
                     scores[m]["ssim" + suffix].append(ssim(out[:, :, idx], truth[:, :, idx]))
-            panels.append(torch.cat([truth, *outputs.values()], dim=-1))   # truth | ours | blend | repeat
+            panels.append(torch.cat([truth, *(outputs[m] for m in methods[:3])], dim=-1))   # truth | ours | blend | repeat
             print(f"clip {i + 1}/{args.clips} (seed {seed}): PSNR between input frames: " + ", ".join(
                 f"{m} {scores[m]['psnr'][-1].mean():.2f} dB" for m in methods), flush=True)
     out_dir = Path(args.output)
@@ -221,7 +234,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
     results = {m: {k: torch.cat(v).mean().item() for k, v in metric.items()} for m, metric in scores.items()}
     results.update({
         "clips": args.clips, "input_frames": args.frames, "output_frames": frames, "size": [size, size], "kind": kind,
-        "seeds": seeds, "steps": steps, "weights": str(weights), "temporal_factor": kt,
+        "seeds": seeds, "steps": steps, "colour_fix": fix, "weights": str(weights), "temporal_factor": kt,
         "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over the frames "
                        "strictly between input frames; *_tail: the frames after the last input frame",
         "seconds": round(time.perf_counter() - start, 1)})
@@ -229,9 +242,9 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\n{args.clips} held-out clips, {args.frames} -> {frames} frames at {size}x{size}, {steps} steps; "
           f"frames between input frames (after the last one):")
-    print(f"{'method':<10}{'PSNR':>8}{'SSIM':>8}{'PSNR':>10}{'SSIM':>8}")
+    print(f"{'method':<24}{'PSNR':>8}{'SSIM':>8}{'PSNR':>10}{'SSIM':>8}")
     for m in methods:
         r = results[m]
-        print(f"{m:<10}{r['psnr']:>8.2f}{r['ssim']:>8.3f}  ({r['psnr_tail']:>6.2f}{r['ssim_tail']:>8.3f})")
+        print(f"{m:<24}{r['psnr']:>8.2f}{r['ssim']:>8.3f}  ({r['psnr_tail']:>6.2f}{r['ssim_tail']:>8.3f})")
     print(f"{results['seconds']:.0f} s -> {out_dir}/side_by_side.mp4, frames.png, results.json")
     return results

@@ -10,7 +10,9 @@ space. So the output has ``spatial_factor`` x the size and ``temporal_factor`` x
 ``condition``: those -> (B, 4, T' kt, h' ks, w' ks) on the output's latent grid.
 ``upscale_latents``: DiT sampling of the output's Stage A latents (windows and tiles, ``sampling.sample``).
 ``upscale``: pixels or latents in, video (B, 3, T' kt, 8 h' ks, 8 w' ks) out; for frame rate alone, the given
-frames can be kept as they are (``keep_input_frames``), as frame interpolation does.
+frames can be kept as they are (``keep_input_frames``), as frame interpolation does; ``colour_fix=f`` keeps the
+output's detail above the band of f x f pixel blocks over that band of the input brought to the output's grid as the
+condition is (``colour_reference``): StableSR's colour fix, as ``CascadeVPipeline`` does with the Previewer.
 
 The route's factors are part of the pipeline's config (``model_index.json``); a folder may leave out ``vae/`` and
 name the Stage A it shares with a cascade in ``vae_source`` (the built-in tiny 4x frame-rate model does).
@@ -26,8 +28,8 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from cascadev.pipelines.cascade import load_vae, seeded_noise, stage_a_settings, timed
-from cascadev.pipelines.conditioning import upsample_condition
+from cascadev.pipelines.cascade import fix_colour, load_vae, seeded_noise, stage_a_settings, timed
+from cascadev.pipelines.conditioning import temporal_upsample, upsample_condition
 from cascadev.pipelines.sampling import Tiling, make_scheduler, sample
 from dit.video_dit import VideoDiT
 from vae.semantic_encoder import check_video
@@ -43,14 +45,15 @@ class CascadeVUpscalePipeline(DiffusionPipeline):
 
     Registered settings: ``spatial_factor`` and ``temporal_factor`` (the route, as trained), ``stage_a`` (latent
     scale, chunks and tiles of Stage A), ``num_inference_steps``, ``vae_source`` (where Stage A lives when the folder
-    has no ``vae/``: a path relative to the folder, or a hub id) and ``demo`` (what ``cascadev demo --fps-x4`` uses).
+    has no ``vae/``: a path relative to the folder, or a hub id), ``colour_fix`` (the default block size of the colour
+    fix, None: off) and ``demo`` (what ``cascadev demo --fps-x4`` uses).
     """
 
     model_cpu_offload_seq = "vae->dit"
 
     def __init__(self, dit: VideoDiT, vae: torch.nn.Module, scheduler: SchedulerMixin, spatial_factor: int = 4,
                  temporal_factor: int = 1, stage_a: dict | None = None, num_inference_steps: int = 8,
-                 vae_source: str | None = None, demo: dict | None = None):
+                 vae_source: str | None = None, colour_fix: int | None = None, demo: dict | None = None):
         super().__init__()
         kind = KIND_OF_CLASS.get(type(vae).__name__)
         if kind is None:
@@ -65,7 +68,8 @@ class CascadeVUpscalePipeline(DiffusionPipeline):
         settings = {**stage_a_settings(STAGE_A_PRESETS["official"]), **(stage_a or {})}
         self.register_modules(dit=dit, vae=vae, scheduler=scheduler)
         self.register_to_config(spatial_factor=spatial_factor, temporal_factor=temporal_factor, stage_a=settings,
-                                num_inference_steps=num_inference_steps, vae_source=vae_source, demo=demo)
+                                num_inference_steps=num_inference_steps, vae_source=vae_source, colour_fix=colour_fix,
+                                demo=demo)
         for module in (dit, vae):
             module.eval().requires_grad_(False)
         self.stage_a = StageAVAE(StageAConfig(kind=kind, pretrained=None, subfolder=None,
@@ -91,9 +95,11 @@ class CascadeVUpscalePipeline(DiffusionPipeline):
         ks, kt = self.factors
         return frames * kt, height * ks, width * ks
 
-    def check_input(self, frames: int, height: int | None = None, width: int | None = None) -> None:
+    def check_input(self, frames: int, height: int | None = None, width: int | None = None,
+                    colour_fix: int | None = None) -> None:
         """Raise ValueError, before any compute, for an input the route cannot take: pixel sides (when given) not
-        multiples of Stage A's 8, or a single frame to raise the frame rate of."""
+        multiples of Stage A's 8, a single frame to raise the frame rate of, or output sides the colour fix's block
+        size does not divide."""
         if frames < 1:
             raise ValueError("the input has no frames")
         if self.config.temporal_factor > 1 and frames < 2:
@@ -102,6 +108,9 @@ class CascadeVUpscalePipeline(DiffusionPipeline):
         for name, n in (("height", height), ("width", width)):
             if n is not None and (n < DOWNSAMPLE or n % DOWNSAMPLE):
                 raise ValueError(f"input {name} {n} is not a positive multiple of {DOWNSAMPLE} (Stage A's downsampling)")
+            if n is not None and colour_fix and n * self.config.spatial_factor % colour_fix:
+                raise ValueError(f"output {name} {n * self.config.spatial_factor} is not a multiple of the colour fix's "
+                                 f"{colour_fix} px blocks (turn it off with colour_fix=0 / --colour-fix 0)")
 
     def scheduler_for(self, scheduler: str | SchedulerMixin | None) -> SchedulerMixin:
         """The saved scheduler (None), a scheduler object, or one by short name; of the saved one's class, it keeps
@@ -140,23 +149,43 @@ class CascadeVUpscalePipeline(DiffusionPipeline):
                                                                  generator=generator, progress=progress,
                                                                  window_batch=window_batch))
 
+    def colour_reference(self, low: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Output frames ``start:end`` of the low video (B, 3, T', H', W') brought to the output's grid as the condition
+        is (linear in time, bilinear in space): the colour fix's reference (B, 3, end - start, H' ks, W' ks)."""
+        kt = self.config.temporal_factor
+        first = start // kt                       # the low frames these output frames lie between, and one more
+        part = low[:, :, first:min(-(-end // kt) + 1, low.shape[2])].float()
+        frames = temporal_upsample(part, kt, end - first * kt)[:, :, start - first * kt:]
+        H, W = low.shape[-2:]
+        return upsample_condition(frames, (frames.shape[2], H * self.config.spatial_factor,
+                                           W * self.config.spatial_factor))
+
     @torch.no_grad()
     def upscale_pieces(self, video: torch.Tensor | None = None, latents: torch.Tensor | None = None,
-                       keep_input_frames: bool | None = None, **sample_kwargs) -> Iterator[torch.Tensor]:
+                       keep_input_frames: bool | None = None, colour_fix: int | None = None,
+                       **sample_kwargs) -> Iterator[torch.Tensor]:
         """``upscale`` in pieces (B, 3, t, H, W), in frame order, each yielded when Stage A has decoded it."""
         if (video is None) == (latents is None):
             raise ValueError("give either video= (B, 3, T, H, W) or latents= (B, 4, T, h, w)")
         keep = self.keeps_input_frames(video is not None) if keep_input_frames is None else keep_input_frames
         if keep and (video is None or self.config.spatial_factor != 1):
             raise ValueError("keep_input_frames needs a video input and a frame-rate-only route (spatial_factor 1)")
+        fix = self.config.colour_fix if colour_fix is None else colour_fix
         if video is not None:
-            self.check_input(*video.shape[2:])
+            self.check_input(*video.shape[2:], colour_fix=fix)
             latents = self.encode(video)
+        else:
+            self.check_input(latents.shape[2], *(n * DOWNSAMPLE for n in latents.shape[3:]), colour_fix=fix)
         z = self.upscale_latents(latents, **sample_kwargs)
+        low = None
+        if fix:       # the reference: the input's pixels (a latents input: Stage A's decoding of it)
+            low = video if video is not None else self.stage_a.decode(latents, device=self._execution_device).clamp(-1, 1)
         pieces = self.stage_a.decode_pieces(z, sample_kwargs.get("progress", True), self._execution_device)
         kt, start = self.config.temporal_factor, 0
         while (piece := timed(self.timings, "stage_a", self._execution_device, lambda: next(pieces, None))) is not None:
             piece, end = piece.clamp_(-1, 1), start + piece.shape[2]
+            if fix:
+                piece = fix_colour(piece, self.colour_reference(low, start, end).to(piece), fix)
             if keep:   # output frame i * kt is input frame i
                 first = -(-start // kt) * kt
                 piece[:, :, first - start::kt] = video[:, :, first // kt:(end + kt - 1) // kt].to(piece)
@@ -169,14 +198,14 @@ class CascadeVUpscalePipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def upscale(self, video: torch.Tensor | None = None, latents: torch.Tensor | None = None,
-                keep_input_frames: bool | None = None, **sample_kwargs) -> torch.Tensor:
+                keep_input_frames: bool | None = None, colour_fix: int | None = None, **sample_kwargs) -> torch.Tensor:
         """A low video (B, 3, T', H', W') in [-1, 1] or its scaled Stage A latents (B, 4, T', h', w') -> video
         (B, 3, T' kt, H' ks, W' ks) in [-1, 1] (kt, ks: the route's factors; H' = 8 h' for latents).
 
         ``keep_input_frames`` (frame rate only; default on for a video): output frame i kt is input frame i as given,
-        the DiT's frames go between. ``sample_kwargs``: ``steps``, ``seed``, ``scheduler``, ``tiling``, ``progress``,
+        the DiT's frames go between. ``colour_fix``: block size of the colour fix (default: the saved one; 0: off). ``sample_kwargs``: ``steps``, ``seed``, ``scheduler``, ``tiling``, ``progress``,
         ``window_batch`` (``upscale_latents``)."""
-        return torch.cat(list(self.upscale_pieces(video, latents, keep_input_frames, **sample_kwargs)), dim=2)
+        return torch.cat(list(self.upscale_pieces(video, latents, keep_input_frames, colour_fix, **sample_kwargs)), dim=2)
 
     __call__ = upscale
 
