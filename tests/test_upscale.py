@@ -160,6 +160,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, route_dirs, low_clip, 
     fails(low_clip, "-o", tmp_path / "o.txt", "--weights", route_dirs["fps4"], says="o.txt")
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["x4"], "--regenerate-input-frames",
           says="frame-rate-only")
+    fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--colour-fix", 32, says="colour fix")
+    fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--colour-fix", -1, says="--colour-fix")
     torch.save(torch.zeros(1, 16, 2, 4, 4), tmp_path / "c16.pt")
     fails(tmp_path / "c16.pt", "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], says="(B, 4, T, h, w)")
 

@@ -75,13 +75,10 @@ def _read_input(args):
     from cascadev.video_io import read_video, video_info
 
     if Path(args.input).suffix in LATENTS_SUFFIXES:
-        if args.start or args.frames:
-            latents, metadata = read_latents(args.input, 4)
-            latents = latents[:, :, args.start:args.start + args.frames if args.frames else None]
-            if latents.shape[2] == 0:
-                raise UserError(f"--start {args.start} is past the last of the latents' frames")
-        else:
-            latents, metadata = read_latents(args.input, 4)
+        latents, metadata = read_latents(args.input, 4)
+        latents = latents[:, :, args.start:args.start + args.frames if args.frames else None]
+        if latents.shape[2] == 0:
+            raise UserError(f"--start {args.start} is past the last of the latents' frames")
         return None, latents, args.fps or float(metadata.get("fps", 8.0))
     if args.latent_scale is not None:
         raise UserError("--latent-scale is for a latents input")

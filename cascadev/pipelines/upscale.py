@@ -203,17 +203,12 @@ class CascadeVUpscalePipeline(DiffusionPipeline):
         (B, 3, T' kt, H' ks, W' ks) in [-1, 1] (kt, ks: the route's factors; H' = 8 h' for latents).
 
         ``keep_input_frames`` (frame rate only; default on for a video): output frame i kt is input frame i as given,
-        the DiT's frames go between. ``colour_fix``: block size of the colour fix (default: the saved one; 0: off). ``sample_kwargs``: ``steps``, ``seed``, ``scheduler``, ``tiling``, ``progress``,
-        ``window_batch`` (``upscale_latents``)."""
+        the DiT's frames go between. ``colour_fix``: block size of the colour fix (default: the saved one; 0: off).
+        ``sample_kwargs``: ``steps``, ``seed``, ``scheduler``, ``tiling``, ``progress``, ``window_batch``
+        (``upscale_latents``)."""
         return torch.cat(list(self.upscale_pieces(video, latents, keep_input_frames, colour_fix, **sample_kwargs)), dim=2)
 
     __call__ = upscale
-
-
-def is_upscale_folder(folder: str | Path) -> bool:
-    """A folder written by ``CascadeVUpscalePipeline.save_pretrained``."""
-    index = Path(folder) / "model_index.json"
-    return index.is_file() and json.loads(index.read_text()).get("_class_name") == PIPELINE_CLASS
 
 
 def load_upscale(weights: str | Path, vae: str | Path | None = None,
