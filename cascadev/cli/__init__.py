@@ -1,9 +1,9 @@
 """CascadeV: latent-cascade video generation (LDM-VAE decoding up to 2K, training, evaluation).
 
 The ``cascadev`` command: ``main`` parses the command line and hands it to a subcommand, one module each in
-this package (``info``, ``decode`` for reconstruct and decode, ``generate``, ``train`` for train and cache-latents,
-``demo``, ``convert``) or in ``eval/`` (``eval``, ``bench-recon``). Each subcommand imports its heavy modules only
-when it runs.
+this package (``info``, ``decode`` for reconstruct and decode, ``upscale``, ``generate``, ``train`` for train and
+cache-latents, ``demo``, ``convert``) or in ``eval/`` (``eval``, ``bench-recon``). Each subcommand imports its heavy
+modules only when it runs.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ COMMANDS = (
      "cascadev.cli.decode:add_reconstruct_arguments", "cascadev.cli.decode:run_reconstruct"),
     ("decode", "decode latents (ours, or another model's through its diffusers VAE: Wan, LTX-Video, ...) to video, up to 2K",
      "cascadev.cli.decode:add_decode_arguments", "cascadev.cli.decode:run_decode"),
+    ("upscale", "the resize route: 4x resolution or 4x frame rate of a video or Stage A latents",
+     "cascadev.cli.upscale:add_arguments", "cascadev.cli.upscale:run"),
     ("generate", "text -> video: the Stage C base model, then the LDM-VAE decoder",
      "cascadev.cli.generate:add_generate_arguments", "cascadev.cli.generate:run_generate"),
     ("eval", "PSNR/SSIM/LPIPS between paired videos, FVD between two sets", "eval.cli:add_arguments", "eval.cli:run"),

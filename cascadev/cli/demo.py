@@ -37,11 +37,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="the models' precision (bf16 runs on a CPU too; fp32: the shipped numbers)")
     p.add_argument("--weights", default=None, help="another cascade folder (save_pretrained layout)")
+    p.add_argument("--fps-x4", action="store_true",
+                   help="the built-in 4x frame-rate model instead (resize route): input every 4th frame, vs frame "
+                        "repetition and blending; --frames counts the input frames")
 
 
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    if args.fps_x4:
+        from cascadev.cli.upscale import demo_fps_x4
+        return demo_fps_x4(args)
     with torch.no_grad():
         return _run(args)
 

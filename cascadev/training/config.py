@@ -55,6 +55,9 @@ class DiTSection:
     preset: str = "official"                       # dit.PRESETS
     overrides: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields, e.g. {depth: 2}
     init_from: str | None = None                   # "official:PATH" (s1024.effn-f32.pth) or a save_pretrained DIR
+    # init_from a DiT of another condition (e.g. a semantic-route DiT for the resize route): every weight is
+    # loaded but the patch embedding's condition channels, which start at zero (the model starts unconditional)
+    init_new_condition: bool = False
     gradient_checkpointing: bool = False
     # + w * MSE between the model's x0 estimate and the clean latent, both decoded by the frozen Stage A: a
     # latent-space loss makes high-noise x0 the mean latent, whose decoding is blurrier than the mean frame
@@ -66,6 +69,8 @@ class DiTSection:
             raise ValueError(f"dit.decoded_loss_weight must be >= 0, got {self.decoded_loss_weight}")
         if self.decoded_loss_frames < 1:
             raise ValueError(f"dit.decoded_loss_frames must be >= 1, got {self.decoded_loss_frames}")
+        if self.init_new_condition and not self.init_from:
+            raise ValueError("dit.init_new_condition needs dit.init_from (the DiT whose weights start this one)")
 
     def model_config(self):
         from dit.video_dit import PRESETS

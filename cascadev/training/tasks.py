@@ -84,13 +84,19 @@ def build_semantic_encoder(config: TrainConfig, load_weights: bool) -> nn.Module
     return encoder.eval().requires_grad_(False)
 
 
-def init_weights(model: nn.Module, folder: str | Path, key: str) -> None:
-    """Load the weights of a model folder (either layout ``from_folder`` takes) into ``model``, built from this run's config."""
+def init_weights(model: nn.Module, folder: str | Path, key: str, new_condition: bool = False) -> None:
+    """Load the weights of a model folder (either layout ``from_folder`` takes) into ``model``, built from this run's config.
+    ``new_condition``: ``dit.init_new_condition`` (a DiT trained with another condition)."""
     if not (Path(folder) / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{key}: {Path(folder) / CONFIG_NAME} not found (expected a folder written by "
                                 "save_pretrained or a checkpoint of a run)")
-    source = type(model).from_folder(folder)
-    model.load_state_dict(source.state_dict(), strict=True)
+    state = type(model).from_folder(folder).state_dict()
+    if new_condition:   # DiT: the noisy-latent input channels of the patch embedding kept, the condition's zeroed
+        key_w, n = "x_embedder.proj.weight", model.spec.latent_channels
+        fresh = torch.zeros_like(model.state_dict()[key_w])
+        fresh[:, :n] = state[key_w][:, :n]
+        state[key_w] = fresh
+    model.load_state_dict(state, strict=True)
 
 
 def build_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
@@ -105,7 +111,7 @@ def build_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
     else:
         model = VideoDiT.from_spec(dit_config)
         if init:
-            init_weights(model, init, "dit.init_from (or official:PATH for s1024.effn-f32.pth)")
+            init_weights(model, init, "dit.init_from (or official:PATH for s1024.effn-f32.pth)", section.init_new_condition)
     if section.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model.train()

@@ -1,0 +1,247 @@
+"""``cascadev upscale``: the resize route (4x resolution or 4x frame rate) on a video or a latents file."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+from pathlib import Path
+
+from cascadev.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="low video (mp4, mkv, ...) or its Stage A latents (.safetensors or .pt, (4, T, h, w) "
+                                 "or (B, 4, T, h, w), scaled as Stage A encodes them)")
+    p.add_argument("-o", "--output", required=True, help="output video (.mp4); with B > 1 latents, one file per video")
+    p.add_argument("--weights", required=True, help="a resize-route model folder (CascadeVUpscalePipeline."
+                                                    "save_pretrained), e.g. cascadev/assets/tiny_fps4x")
+    p.add_argument("--stage-a", help="Stage A VAE (diffusers folder or hub id; default: the folder's own or the one it "
+                                     "names)")
+    p.add_argument("--frames", type=int, help="input frames to take (default: all)")
+    p.add_argument("--start", type=int, default=0, help="first input frame")
+    p.add_argument("--fps", type=float, help="input frame rate (default: the file's, or the latents file's 'fps', "
+                                             "else 8); the output's is this times the route's temporal factor")
+    p.add_argument("--latent-scale", type=float, help="latents input: the scale they carry (default: the model's "
+                                                      "Stage A scale_factor)")
+    p.add_argument("--regenerate-input-frames", action="store_true",
+                   help="frame rate: let the DiT redo the given frames too (default: they are output as given)")
+    p.add_argument("--colour-fix", type=int, metavar="N",
+                   help="the output's band of N x N pixel blocks from the input brought to its grid (StableSR's colour "
+                        "fix; default: the folder's saved setting, 16 for tiny_fps4x; 0: off)")
+    p.add_argument("--compare", help="also write the input (repeated, resized) | output side by side here (.mp4)")
+    g = p.add_argument_group("sampling and device")
+    g.add_argument("--steps", type=int, help="denoising steps (default: the folder's saved setting)")
+    g.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp", "flow"], help="default: the folder's saved one")
+    g.add_argument("--tiling", default="blend", choices=["blend", "official"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--window-batch", type=int, default=1, help="DiT windows/tiles per forward")
+    g.add_argument("--max-memory", type=float, metavar="GIB", help="memory for one Stage A call (see decode)")
+    g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+
+
+def _check_args(args) -> None:
+    from cascadev.pipelines.options import check_crf, check_device
+    from cascadev.video_io import check_video_output
+
+    check_video_output(args.output)
+    if args.compare:
+        check_video_output(args.compare, "--compare")
+    if args.colour_fix is not None and args.colour_fix < 0:
+        raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
+    for name in ("frames", "steps", "window_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.start < 0:
+        raise UserError(f"--start must be >= 0, got {args.start}")
+    for name in ("fps", "latent_scale"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.max_memory is not None and args.max_memory < 0:
+        raise UserError(f"--max-memory must be >= 0 GiB, got {args.max_memory}")
+    check_crf(args.crf)
+    check_device(args.device)
+
+
+def _read_input(args):
+    """(video or None, latents or None, input fps): the input, checked, before the weights load."""
+    import torch
+
+    from cascadev.pipelines.cascade import LATENTS_SUFFIXES, read_latents
+    from cascadev.video_io import read_video, video_info
+
+    if Path(args.input).suffix in LATENTS_SUFFIXES:
+        latents, metadata = read_latents(args.input, 4)
+        latents = latents[:, :, args.start:args.start + args.frames if args.frames else None]
+        if latents.shape[2] == 0:
+            raise UserError(f"--start {args.start} is past the last of the latents' frames")
+        return None, latents, args.fps or float(metadata.get("fps", 8.0))
+    if args.latent_scale is not None:
+        raise UserError("--latent-scale is for a latents input")
+    info = video_info(args.input)
+    video = read_video(args.input, args.frames, args.start)
+    return video.to(torch.float32), None, args.fps or info.fps or 8.0
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from cascadev.pipelines.options import resolve_device, resolve_dtype, set_tf32, stage_a_budget
+    from cascadev.pipelines.upscale import load_upscale
+    from cascadev.video_io import VideoWriter
+
+    _check_args(args)
+    video, latents, fps = _read_input(args)
+    print("loading weights ...", flush=True)
+    device = resolve_device(args.device)
+    pipe = load_upscale(args.weights, vae=args.stage_a)
+    ks, kt = pipe.factors
+    if args.regenerate_input_frames and pipe.config.spatial_factor != 1:
+        raise UserError("--regenerate-input-frames is for a frame-rate-only model (spatial_factor 1)")
+    fix = pipe.config.colour_fix if args.colour_fix is None else args.colour_fix
+    try:     # bad sizes and frame counts: one line, before any compute
+        pipe.check_input(*(video.shape[2:] if video is not None else (latents.shape[2], *(8 * n for n in latents.shape[3:]))),
+                         colour_fix=fix)
+    except ValueError as e:
+        raise UserError(f"{args.input}: {e}") from None
+    if latents is not None and args.latent_scale is not None:
+        latents = latents * (pipe.stage_a.config.scale_factor / args.latent_scale)
+    pipe.set_precision(resolve_dtype(args.dtype, device)).to(device)
+    set_tf32(device, True)
+    pipe.stage_a.config = dataclasses.replace(pipe.stage_a.config, max_memory=stage_a_budget(args.max_memory, device))
+    T, H, W = (video.shape[2:] if video is not None else (latents.shape[2], latents.shape[3] * 8, latents.shape[4] * 8))
+    T2, H2, W2 = pipe.output_shape(T, H, W)
+    print(f"{'x'.join(map(str, (W, H)))} at {fps:g} fps, {T} frames -> {W2}x{H2} at {fps * kt:g} fps, {T2} frames "
+          f"(spatial x{ks}, temporal x{kt})", flush=True)
+    sample_kw = dict(steps=args.steps, seed=args.seed, scheduler=args.scheduler, tiling=args.tiling,
+                     window_batch=args.window_batch)
+    keep = None if video is None else (not args.regenerate_input_frames and ks == 1)
+    out = Path(args.output)
+    B = (video if video is not None else latents).shape[0]
+    paths = [out] if B == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(B)]
+    with contextlib.ExitStack() as files:
+        writers = [files.enter_context(VideoWriter(path, fps * kt, args.crf)) for path in paths]
+        side = files.enter_context(VideoWriter(args.compare, fps * kt, args.crf)) if args.compare else None
+        start = 0
+        for piece in pipe.upscale_pieces(video, latents, keep_input_frames=keep, colour_fix=fix, **sample_kw):
+            piece = piece.cpu()
+            for writer, clip in zip(writers, piece):
+                writer.write(clip)
+            if side is not None:
+                side.write(torch.cat([_nearest(video, latents, pipe, start, piece), piece[:1]], dim=-1))
+            start += piece.shape[2]
+    print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items()))
+    print("\n".join(f"-> {path}" for path in paths))
+
+
+def _nearest(video, latents, pipe, start: int, piece):
+    """The input of the first video, frames repeated and pixels resized (nearest) to the output's, for ``--compare``."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    ks, kt = pipe.factors
+    idx = [i // kt for i in range(start, start + piece.shape[2])]
+    if video is None:
+        low = pipe.stage_a.decode(latents[:1, :, idx[0]:idx[-1] + 1].to(pipe._execution_device)).cpu().clamp(-1, 1)
+        low = low[:, :, [i - idx[0] for i in idx]]
+    else:
+        low = video[:1, :, idx]
+    T = low.shape[2]
+    up = F.interpolate(rearrange(low, "b c t h w -> (b t) c h w"), scale_factor=ks, mode="nearest")
+    return rearrange(up, "(b t) c h w -> b c t h w", t=T)
+
+
+# -- cascadev demo --fps-x4 ----------------------------------------------------------------------------
+
+DEMO_FPS = 6.0          # the low-rate input's frame rate in the side-by-side video (the output's: x temporal factor)
+
+
+def demo_fps_x4(args: argparse.Namespace) -> dict:
+    """``cascadev demo --fps-x4``: the built-in tiny 4x frame-rate model (``cascadev/assets/tiny_fps4x``) on held-out
+    procedural clips at 1/4 of their frame rate, against frame repetition and linear frame blending.
+
+    Each clip has ``4 (n - 1) + 4`` frames, ``n`` = ``--frames`` (the input frames); the input is every 4th one. Scores
+    (PSNR, SSIM per frame, mean) are over the frames strictly between input frames, the ones a method must make; the
+    3 frames after the last input (extrapolation, held by both baselines) are scored apart. Writes
+    DIR/side_by_side.mp4 (truth | ours | blend | repeat), DIR/frames.png (the same for the first clip, as rows) and
+    DIR/results.json."""
+    import json
+    import time
+
+    import torch
+
+    from cascadev.cli.demo import HELD_OUT_SEED0
+    from cascadev.pipelines.frames import fix_colour
+    from cascadev.pipelines.conditioning import temporal_upsample
+    from cascadev.pipelines.options import DTYPES
+    from cascadev.pipelines.upscale import TINY_FPS4X, load_upscale
+    from cascadev.synthetic import make_clip
+    from cascadev.video_io import write_png_strip, write_video
+    from eval.metrics import psnr, ssim
+
+    weights = Path(args.weights) if args.weights else TINY_FPS4X
+    if args.clips < 1 or args.frames < 2:
+        raise UserError("--fps-x4 needs --clips >= 1 and --frames >= 2 (input frames at the low rate)")
+    if args.size is not None and (args.size % 8 or args.size < 16):
+        raise UserError(f"--size must be a multiple of 8 and >= 16 with --fps-x4, got {args.size}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    start = time.perf_counter()
+    with torch.no_grad():
+        pipe = load_upscale(weights).to("cpu").set_precision(DTYPES[args.dtype])
+        ks, kt = pipe.factors
+        if ks != 1:
+            raise UserError(f"{weights}: a {ks}x resolution model; --fps-x4 shows a frame-rate model (spatial_factor 1)")
+        settings = pipe.config.demo or {}
+        kind = args.kind or settings.get("kind", "shapes")
+        size = args.size or settings.get("size", 128)
+        steps = args.steps or pipe.config.num_inference_steps
+        frames = kt * args.frames                                      # the last input frame + kt - 1 after it
+        between = [i for i in range(kt * (args.frames - 1)) if i % kt]   # strictly between input frames
+        tail = list(range(kt * (args.frames - 1) + 1, frames))
+        fix = pipe.config.colour_fix if args.colour_fix is None else args.colour_fix
+        methods = ("ours", "blend", "repeat") + (("ours_without_colour_fix",) if fix else ())
+        scores = {m: {k: [] for k in ("psnr", "ssim", "psnr_tail", "ssim_tail")} for m in methods}
+        seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
+        panels = []
+        for i, seed in enumerate(seeds):
+            truth = make_clip(seed, frames, size, size, kind)[None]      # (1, 3, T, H, W)
+            low = truth[:, :, ::kt]
+            raw = pipe.upscale(video=low, steps=steps, seed=args.seed + i, colour_fix=0, progress=False)
+            outputs = {"ours": raw, "blend": temporal_upsample(low, kt, frames), "repeat": low.repeat_interleave(kt, dim=2)}
+            if fix:      # the same sample with the colour fix, as pipe.upscale(video=low) gives it
+                fixed = fix_colour(raw.clone(), pipe.colour_reference(low, 0, frames), fix)
+                fixed[:, :, ::kt] = low
+                outputs.update(ours=fixed, ours_without_colour_fix=raw)
+            for m, out in outputs.items():
+                for suffix, idx in (("", between), ("_tail", tail)):
+                    scores[m]["psnr" + suffix].append(psnr(out[:, :, idx], truth[:, :, idx]))
+                    scores[m]["ssim" + suffix].append(ssim(out[:, :, idx], truth[:, :, idx]))
+            panels.append(torch.cat([truth, *(outputs[m] for m in methods[:3])], dim=-1))   # truth | ours | blend | repeat
+            print(f"clip {i + 1}/{args.clips} (seed {seed}): PSNR between input frames: " + ", ".join(
+                f"{m} {scores[m]['psnr'][-1].mean():.2f} dB" for m in methods), flush=True)
+    out_dir = Path(args.output)
+    write_video(out_dir / "side_by_side.mp4", torch.cat(panels, dim=2), fps=DEMO_FPS * kt)
+    rows = torch.cat(panels[0].split(size, dim=-1), dim=-2)                 # truth / ours / blend / repeat
+    write_png_strip(out_dir / "frames.png", rows[:, :, :min(frames, 2 * kt)], max_frames=2 * kt)
+    results = {m: {k: torch.cat(v).mean().item() for k, v in metric.items()} for m, metric in scores.items()}
+    results.update({
+        "clips": args.clips, "input_frames": args.frames, "output_frames": frames, "size": [size, size], "kind": kind,
+        "seeds": seeds, "steps": steps, "colour_fix": fix, "weights": str(weights), "temporal_factor": kt,
+        "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over the frames "
+                       "strictly between input frames; *_tail: the frames after the last input frame",
+        "seconds": round(time.perf_counter() - start, 1)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{args.clips} held-out clips, {args.frames} -> {frames} frames at {size}x{size}, {steps} steps; "
+          f"frames between input frames (after the last one):")
+    print(f"{'method':<24}{'PSNR':>8}{'SSIM':>8}{'PSNR':>10}{'SSIM':>8}")
+    for m in methods:
+        r = results[m]
+        print(f"{m:<24}{r['psnr']:>8.2f}{r['ssim']:>8.3f}  ({r['psnr_tail']:>6.2f}{r['ssim_tail']:>8.3f})")
+    print(f"{results['seconds']:.0f} s -> {out_dir}/side_by_side.mp4, frames.png, results.json")
+    return results
