@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
 from cascadev.cli import build_parser
+from cascadev.cli.demo import ASSETS
 
 VALUES = ["-1", "0", "1", "2", "3", "0.5", "-0", "1e-9", "nan", "inf", "", "x", "{dir}", "{dir}/missing.mp4",
           "{dir}/text.mp4", "{dir}/empty.safetensors", "{dir}/out.gif", "{dir}/noext"]
@@ -32,6 +33,7 @@ BASES = {    # command -> (a good command line, examples drawn)
     "bench-recon": ("bench-recon {real} -o {dir}/run --weights {weights} --frames 2 --metrics psnr " + " ".join(FAST), 25),
     "info": ("info --dtype fp32", 25),
     "demo": ("demo -o {dir}/demo --clips 1 --frames 2 " + " ".join(FAST), 6),
+    "upscale": ("upscale {clip} -o {dir}/o.mp4 --weights {fps4x} --frames 2 --steps 1", 15),
     "train": ("train " + TRAIN + " run.tensorboard=false --max-steps 1 --run-dir {dir}/run", 10),
     "cache-latents": ("cache-latents " + TRAIN + " --out {dir}/cache", 10),
 }
@@ -62,7 +64,7 @@ def good(tmp_path_factory, tiny_pipeline_dir, clip_file):
     (root / "real").mkdir()
     shutil.copy(clip_file, root / "real" / "a.mp4")
     return {"clip": clip_file, "latents": root / "z.safetensors", "weights": tiny_pipeline_dir, "real": root / "real",
-            "clips": root / "clips", "dit_tiny": Path(__file__).resolve().parents[1] / "configs" / "dit_tiny.yaml"}
+            "clips": root / "clips", "fps4x": ASSETS.parent / "tiny_fps4x", "dit_tiny": Path(__file__).resolve().parents[1] / "configs" / "dit_tiny.yaml"}
 
 
 def check_outputs_readable(paths: set[Path]) -> None:
