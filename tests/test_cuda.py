@@ -102,3 +102,16 @@ def test_decode_from_a_video_vae_on_gpu_is_close_to_cpu(name, tmp_path):
     got = gpu.decode_from(latents.to(CUDA), str(tmp_path), scale=2, seed=0, progress=False).cpu()
     assert got.shape == want.shape == (1, 3, 9, 128, 128)
     assert rel_err(got, want) < 0.05, rel_err(got, want)
+
+
+def test_shipped_fps4x_upscale_bf16_on_gpu_is_close_to_fp32_on_cpu():
+    from cascadev.pipelines.upscale import load_upscale
+    from cascadev.synthetic import make_clip
+
+    folder = ASSETS.parent / "tiny_fps4x"
+    video = make_clip(seed=100001, frames=4, height=64, width=64)[None]
+    want = load_upscale(folder).upscale(video, steps=2, seed=0, progress=False)
+    gpu = load_upscale(folder, torch_dtype=torch.bfloat16).to(CUDA)
+    got = gpu.upscale(video.to(CUDA), steps=2, seed=0, progress=False).cpu()
+    assert got.shape == want.shape == (1, 3, 16, 64, 64)
+    assert rel_err(got, want) < 0.05, rel_err(got, want)
