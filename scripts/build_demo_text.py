@@ -27,7 +27,7 @@ CACHE = "runs/demo_text_cache"
 FINAL = "runs/demo_base/final"
 OUT = ROOT / "cascadev" / "assets" / "tiny_text2video"
 # the demo's sampler: guidance and steps chosen on training-distribution prompts (scripts/eval_text2video.py)
-DEMO_SETTINGS = {"steps": 20, "guidance": 3.0, "scheduler": "dpmpp", "frames": 8, "size": 256, "decode_steps": 4}
+DEMO_SETTINGS = {"steps": 20, "guidance": 3.0, "scheduler": "dpmpp", "frames": 8, "size": 256}
 
 
 def run(*argv: str) -> None:

@@ -52,7 +52,7 @@ CASES = [
     ("decode {latents} -o {dir}/o.txt --weights {weights}", "cannot write .txt"),
     ("decode {latents} -o {dir}/o.mp4 --weights {weights} --scale 2", "--scale and --vae are for"),
     # generate, eval, convert, demo
-    ("generate hello -o {dir}/o.mp4", "--weights is required"),
+    ("generate hello -o {dir}/o.mp4 --text-encoder bigG", "--text-encoder replaces"),
     ("generate hello -o {dir}/o.mp4 --weights {dir} --fps 0", "--fps must be positive"),
     ("generate hello -o {dir} --weights {dir}", "is a directory"),
     ("eval --real {dir}/missing --fake {dir}", "no such folder"),

@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from cascadev.cli.text2video import add_prompt_arguments, run_prompt
 from cascadev.errors import UserError
 
 HELD_OUT_SEED0 = 100_000   # training clips use seeds below this (configs/demo_*.yaml)
@@ -37,10 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="the models' precision (bf16 runs on a CPU too; fp32: the shipped numbers)")
     p.add_argument("--weights", default=None, help="another cascade folder (save_pretrained layout)")
+    add_prompt_arguments(p)
 
 
 def run(args: argparse.Namespace) -> dict:
     import torch
+
+    if args.prompt is not None:
+        return run_prompt(args)   # text -> video with the built-in tiny Stage C
 
     with torch.no_grad():
         return _run(args)
