@@ -20,14 +20,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("data", "cache", "train", "export")
+STEPS = ("data", "cache", "train", "more", "export")
 CONFIG = "configs/demo_base.yaml"
+MORE = "configs/demo_base_more.yaml"     # trained on from CONFIG's EMA weights
 DATA = "runs/demo_text_data"
 CACHE = "runs/demo_text_cache"
-FINAL = "runs/demo_base/final"
+FINAL = "runs/demo_base_more/final"
 OUT = ROOT / "cascadev" / "assets" / "tiny_text2video"
 # the demo's sampler: guidance and steps chosen on training-distribution prompts (scripts/eval_text2video.py)
-DEMO_SETTINGS = {"steps": 20, "guidance": 3.0, "scheduler": "dpmpp", "frames": 8, "size": 256}
+DEMO_SETTINGS = {"steps": 20, "guidance": 3.0, "scheduler": "flow", "frames": 8, "size": 256}
 
 
 def run(*argv: str) -> None:
@@ -65,6 +66,8 @@ def main() -> None:
         run("-m", "cascadev.training.cache_latents", "--config", CONFIG, "--out", CACHE)
     if "train" in todo:
         run("-m", "cascadev.training.train", "--config", CONFIG, "--set", f"data.latents={CACHE}")
+    if "more" in todo:
+        run("-m", "cascadev.training.train", "--config", MORE, "--set", f"data.latents={CACHE}")
     export(OUT)
 
 
