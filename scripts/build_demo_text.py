@@ -27,8 +27,8 @@ DATA = "runs/demo_text_data"
 CACHE = "runs/demo_text_cache"
 FINAL = "runs/demo_base_more/final"
 OUT = ROOT / "cascadev" / "assets" / "tiny_text2video"
-# the demo's sampler: guidance and steps chosen on training-distribution prompts (scripts/eval_text2video.py)
-DEMO_SETTINGS = {"steps": 20, "guidance": 3.0, "scheduler": "flow", "frames": 8, "size": 256}
+# the demo's sampler: guidance 5 beat 1, 2 and 3 on 24 training-distribution captions (seeds 3000+; shape 50 % vs 38 %)
+DEMO_SETTINGS = {"steps": 20, "guidance": 5.0, "scheduler": "flow", "frames": 8, "size": 256}
 
 
 def run(*argv: str) -> None:
