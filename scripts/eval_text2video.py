@@ -1,6 +1,6 @@
 """Does the built-in tiny Stage C follow the text? Attribute accuracy of generated semantic latents for held-out prompts.
 
-    python scripts/eval_text2video.py                          # the shipped weights; ~4 min on one CPU thread
+    python scripts/eval_text2video.py --guidance 1,3,5         # the shipped weights; 5 min on one CPU thread
     python scripts/eval_text2video.py --weights runs/demo_base/final --guidance 1,2,3,5
 
 The measuring instrument: nearest-class-mean classifiers on the semantic latents (B, 16, T, H/32, W/32) of real

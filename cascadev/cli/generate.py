@@ -18,7 +18,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--seed", type=int, default=0, help="video k uses seed + k")
     p.add_argument("--num", type=int, default=1, help="videos to generate")
-    p.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp"], help="base model sampler (default dpmpp)")
+    p.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp", "flow"],
+                   help="base model sampler (default dpmpp; flow for a rectified-flow model such as the built-in one)")
     p.add_argument("--latents-out", help="also save the semantic latents (.safetensors) for `cascadev decode`")
     g = p.add_argument_group("weights and decoding")
     g.add_argument("--weights", help="folder written by TextToVideoPipeline.save_pretrained (model_index.json), or a "
