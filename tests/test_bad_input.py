@@ -75,7 +75,7 @@ CASES = [
     ("decode {dir}/four.safetensors -o {dir}/o.mp4 --weights {weights} --source-vae {weights} --size 2k",
      "--size '2k': give a long side"),
     # generate, eval, convert, demo
-    ("generate hello -o {dir}/o.mp4", "--weights is required"),
+    ("generate hello -o {dir}/o.mp4 --text-encoder bigG", "--text-encoder replaces"),
     ("generate hello -o {dir}/o.mp4 --weights {dir} --fps 0", "--fps must be positive"),
     ("generate hello -o {dir} --weights {dir}", "is a directory"),
     ("eval --real {dir}/missing --fake {dir}", "no such folder"),

@@ -191,7 +191,7 @@ def test_cli_bad_inputs_give_one_clear_line(tmp_path, capsys, weights_dir):
                           (["a cat", "--weights", weights_dir, "--frames", 0], "frames must be >= 1"),
                           (["a cat", "--weights", tmp_path / "nowhere"], "nowhere: weights folder not found"),
                           (["a cat", "--weights", tmp_path], "no base model (Stage C) weights"),
-                          (["a cat"], "--weights is required")]:
+                          (["a cat", "--text-encoder", "bigG"], "--text-encoder replaces")]:
         code, _, err = run_cli(capsys, "generate", *argv, "-o", out)
         assert code == 2 and err.count("\n") == 1 and message in err, (argv, err)
     assert not out.exists()

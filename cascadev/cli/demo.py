@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from cascadev.cli.text2video import add_prompt_arguments, run_prompt
 from cascadev.errors import UserError
 
 HELD_OUT_SEED0 = 100_000   # training clips use seeds below this (configs/demo_*.yaml)
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps-x4", action="store_true",
                    help="the built-in 4x frame-rate model instead (resize route): input every 4th frame, vs frame "
                         "repetition and blending; --frames counts the input frames")
+    add_prompt_arguments(p)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -48,6 +50,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.fps_x4:
         from cascadev.cli.upscale import demo_fps_x4
         return demo_fps_x4(args)
+    if args.prompt is not None:
+        return run_prompt(args)   # text -> video with the built-in tiny Stage C
+
     with torch.no_grad():
         return _run(args)
 

@@ -18,11 +18,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--seed", type=int, default=0, help="video k uses seed + k")
     p.add_argument("--num", type=int, default=1, help="videos to generate")
-    p.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp"], help="base model sampler (default dpmpp)")
+    p.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp", "flow"],
+                   help="base model sampler (default dpmpp; flow for a rectified-flow model such as the built-in one)")
     p.add_argument("--latents-out", help="also save the semantic latents (.safetensors) for `cascadev decode`")
     g = p.add_argument_group("weights and decoding")
-    g.add_argument("--weights", help="folder written by TextToVideoPipeline.save_pretrained (model_index.json); "
-                                     "the base model has no released weights")
+    g.add_argument("--weights", help="folder written by TextToVideoPipeline.save_pretrained (model_index.json), or a "
+                                     "base training run's final/ with --cascade (default: the built-in tiny model)")
     g.add_argument("--text-encoder", help="text encoder: our folder, or an open_clip preset (bigG, H)")
     g.add_argument("--cascade", help="LDM-VAE decoder weights, as for `cascadev decode --weights` (default: the "
                                      "decoder saved in WEIGHTS)")
@@ -73,12 +74,20 @@ def run_generate(args: argparse.Namespace) -> None:
     check_crf(args.crf)
     if args.latents_out:
         check_latents_output(args.latents_out)
-    if args.weights is None:
-        raise UserError("--weights is required: a folder with the base model (base_dit/), written by "
-                        "TextToVideoPipeline.save_pretrained; no base model weights are released")
+    if args.weights is None and args.text_encoder is not None:
+        raise UserError("--text-encoder replaces the text encoder of --weights; the built-in model has its own")
 
     print("loading weights ...", flush=True)
-    pipe = load_text_to_video(args.weights, text_encoder=args.text_encoder, cascade=args.cascade)
+    if args.weights is None:     # the built-in tiny model (cascadev.cli.text2video): its sampler unless one is given
+        from cascadev.cli.text2video import builtin_settings, load_builtin
+        pipe = load_builtin(with_previewer=args.cascade is None, cascade=args.cascade)
+        shipped = builtin_settings()
+        request = {**{k: shipped[k] for k in ("steps", "guidance", "scheduler")}, **request}
+        size = size or (shipped["size"], shipped["size"])
+        print(f"no --weights: the built-in tiny text-to-video model, {shipped['size']} px, trained on captions such as "
+              f"'a fast red striped disc with vertical stripes moving left over a dark background'", flush=True)
+    else:
+        pipe = load_text_to_video(args.weights, text_encoder=args.text_encoder, cascade=args.cascade)
     dtype = resolve_dtype(args.dtype, device)
     pipe.to(device, dtype)
     pipe.dit.set_attn_fp32(dtype == torch.float32)   # half precision: the flash / cuDNN kernels
@@ -91,6 +100,8 @@ def run_generate(args: argparse.Namespace) -> None:
         save_latents(args.latents_out, latents, prompt=args.prompt, negative=args.negative, seed=args.seed)
         print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
     decode_kwargs = {k: v for k, v in (("steps", args.decode_steps), ("tiling", args.tiling)) if v is not None}
+    if args.weights is None and pipe.cascade.previewer is not None:
+        decode_kwargs["colour_fix"] = pipe.cascade.config.colour_fix   # the tiny cascade's shipped setting
     videos = pipe.decode(latents, seed=args.seed, **decode_kwargs)
     for path, video in zip(output_paths(args.output, len(videos)), videos):
         write_video(path, video, fps=args.fps, crf=args.crf)

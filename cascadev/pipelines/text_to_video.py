@@ -71,6 +71,12 @@ def config_of(model: torch.nn.Module) -> TextDiTConfig:
     return model.spec
 
 
+def sampler_for(diffusion) -> str:
+    """The sampler of a training objective (``cascadev.training.diffusion.DiffusionConfig``): "flow" for rectified
+    flow (the model predicts v = eps - x0), else the default DDPM-family one (eps)."""
+    return "flow" if diffusion.objective == "rf" else DEFAULT_SCHEDULER
+
+
 # -- sampling with classifier-free guidance ------------------------------------------------------
 
 def guided_noise(model: TextDiT, x: torch.Tensor, t: torch.Tensor | float, text: TextEmbedding,
@@ -122,9 +128,10 @@ def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_t
     scheduler = make_scheduler(scheduler, scheduler_config)
     scheduler.set_timesteps(steps, device=device)
 
-    latents = noise.float() * scheduler.init_noise_sigma
+    latents = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)       # flow matching: unit noise, no scaling
     for t in tqdm(scheduler.timesteps, desc="generating", disable=not progress, leave=False):
-        eps = guided_noise(model, scheduler.scale_model_input(latents, t), t, text, null_text, guidance)
+        scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+        eps = guided_noise(model, scaled, t, text, null_text, guidance)   # eps, or the velocity of a flow model
         latents = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
     return latents
 

@@ -325,21 +325,18 @@ class TrainConfig:
 
 
     def check_base(self) -> None:
-        """IDDPM only; the TextDiT reads the semantic encoder's channels and the text encoder's widths, and its
-        attention partitions fit the clip's latent grid."""
+        """IDDPM (DDPM-family samplers) or rectified flow (the "flow" sampler); the TextDiT reads the semantic encoder's
+        channels and the text encoder's widths, and its attention partitions fit the clip's latent grid."""
         from vae.semantic_encoder import DOWNSAMPLE
         from vae.semantic_encoder import PRESETS as SEMANTIC_PRESETS
-        if self.diffusion.objective != "iddpm":
-            raise ValueError(f"stage base trains diffusion.objective 'iddpm' only (eps + learned sigma): the base model's "
-                             "sampler (cascadev.pipelines.text_to_video, DDPM-family schedulers) has no "
-                             f"{self.diffusion.objective!r} counterpart")
-        # cascadev.pipelines.text_to_video samples with diffusers' default schedule, which this is
-        sampler = DiffusionConfig()
-        schedule = ("num_timesteps", "beta_start", "beta_end")
-        if any(getattr(self.diffusion, k) != getattr(sampler, k) for k in schedule):
-            raise ValueError("stage base: the base model's sampler (cascadev.pipelines.text_to_video) uses diffusers' "
-                             f"default schedule, so diffusion.{'/'.join(schedule)} must stay "
-                             f"{'/'.join(str(getattr(sampler, k)) for k in schedule)}")
+        if self.diffusion.objective == "iddpm":
+            # cascadev.pipelines.text_to_video samples with diffusers' default schedule, which this is
+            sampler = DiffusionConfig()
+            schedule = ("num_timesteps", "beta_start", "beta_end")
+            if any(getattr(self.diffusion, k) != getattr(sampler, k) for k in schedule):
+                raise ValueError("stage base: the base model's sampler (cascadev.pipelines.text_to_video) uses diffusers' "
+                                 f"default schedule, so diffusion.{'/'.join(schedule)} must stay "
+                                 f"{'/'.join(str(getattr(sampler, k)) for k in schedule)}")
         if self.condition.route != "semantic":
             raise ValueError("stage base generates semantic latents: condition.route must be 'semantic'")
         if self.condition.semantic_preset not in SEMANTIC_PRESETS:

@@ -659,7 +659,7 @@ class BaseTask:
         """Loss at fixed timesteps and noise on held-out clips with their captions (none dropped); on the main
         process, latents sampled for the first clip's caption (``val_sample_steps`` steps, default guidance) saved
         as ``samples/step_N.safetensors``: ``cascadev decode`` turns them into video."""
-        from cascadev.pipelines.text_to_video import DEFAULT_GUIDANCE, from_model, sample_base, to_model
+        from cascadev.pipelines.text_to_video import DEFAULT_GUIDANCE, from_model, sample_base, sampler_for, to_model
         from cascadev.pipelines.cascade import save_latents
 
         model = prepared["model"]
@@ -672,7 +672,8 @@ class BaseTask:
             x0 = to_model(self.latents({"video": clip["video"][None]}), config)
             text = self.text([clip["caption"]])
             for k in range(n_t):
-                t = torch.tensor([int((k + 0.5) / n_t * d.num_timesteps)], device=x0.device)
+                t = torch.tensor([(k + 0.5) / n_t], device=x0.device)      # rf: sigma; iddpm: the integer step
+                t = t if self.config.diffusion.objective == "rf" else (t * d.num_timesteps).long()
                 eps = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
                 x_t = d.noise(x0, t, eps)
                 out = model(x_t, d.model_time(t), *text)
@@ -686,7 +687,7 @@ class BaseTask:
             noise = torch.randn(shape, generator=g, device=g.device).to(accelerator.device)
             with accelerator.autocast():
                 z = sample_base(unwrapped, noise, self.text([clips[0]["caption"]]), self.null_text, DEFAULT_GUIDANCE,
-                                steps=steps, generator=g, progress=False)
+                                scheduler=sampler_for(self.config.diffusion), steps=steps, generator=g, progress=False)
             z = from_model(z, config)
             logs["val/sample_std"] = z.std().item()
             save_latents(run_dir / "samples" / f"step_{step:08d}.safetensors", z.cpu(), prompt=clips[0]["caption"])

@@ -1,0 +1,66 @@
+"""The built-in tiny text-to-video cascade: shipped weights, ``cascadev demo --prompt``, ``cascadev generate``."""
+
+import json
+
+import pytest
+import torch
+
+from cascadev.video_io import video_info
+from conftest import run_cli
+
+PROMPT = "a fast yellow striped box with vertical stripes moving up over a dark background"
+
+
+def test_shipped_weights_load_small_and_float32():
+    from cascadev.cli.text2video import BUILTIN, builtin_settings, load_builtin
+
+    assert sum(f.stat().st_size for f in BUILTIN.rglob("*") if f.is_file()) <= 5 * 2**20
+    pipe = load_builtin(with_previewer=False)
+    assert all(p.dtype == torch.float32 for m in (pipe.text_encoder, pipe.base) for p in m.parameters())
+    c = pipe.base.config
+    assert (c.caption_channels, c.pooled_channels) == (pipe.text_encoder.width, pipe.text_encoder.embed_dim)
+    assert c.window_size * 32 == builtin_settings()["size"] and c.window_frames == builtin_settings()["frames"]
+    z = pipe.generate_latents(PROMPT, frames=2, size=(64, 64), steps=2, guidance=3.0, progress=False)
+    assert z.shape == (1, 16, 2, 2, 2) and torch.isfinite(z).all()
+
+
+def test_demo_prompt_end_to_end(tmp_path, capsys):
+    code, stdout, err = run_cli(capsys, "demo", "--prompt", PROMPT, "-o", tmp_path, "--frames", 3, "--size", 64,
+                                "--base-steps", 2, "--steps", 1)
+    assert code == 0, err
+    info = video_info(tmp_path / "text2video.mp4")
+    assert (info.frames, info.width, info.height) == (3, 128, 64)       # LDM-VAE | Previewer
+    assert (tmp_path / "text2video.png").stat().st_size > 0
+    results = json.loads((tmp_path / "text2video.json").read_text())
+    assert results["prompt"] == PROMPT and results["base_steps"] == 2 and results["decode_steps"] == 1
+    for stage in ("[1/4] Stage C", "[2/4] Stage B + A", "[3/4] Previewer", "[4/4] writing"):
+        assert stage in stdout
+
+
+def test_generate_uses_the_builtin_weights(tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    code, stdout, err = run_cli(capsys, "generate", PROMPT, "-o", out, "--frames", 2, "--size", "64x32", "--steps", 2,
+                                "--decode-steps", 1)
+    assert code == 0, err
+    assert "built-in tiny text-to-video model" in stdout
+    info = video_info(out)
+    assert (info.frames, info.width, info.height) == (2, 64, 32)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--prompt", ""], "is empty"),
+    (["demo", "--prompt", "   "], "is empty"),
+    (["demo", "--prompt", PROMPT, "--guidance", "-1"], "--guidance must be >= 0"),
+    (["demo", "--prompt", PROMPT, "--base-steps", "0"], "--base-steps must be >= 1"),
+    (["demo", "--prompt", PROMPT, "--steps", "0"], "--steps must be >= 1"),
+    (["demo", "--prompt", PROMPT, "--size", "50"], "--size 50 is not a positive multiple of 32"),
+    (["demo", "--prompt", PROMPT, "--frames", "0"], "--frames must be >= 1"),
+    (["generate", "", "-o", "{dir}/o.mp4"], "is empty"),
+    (["generate", PROMPT, "-o", "{dir}/o.mp4", "--text-encoder", "bigG"], "--text-encoder replaces"),
+])
+def test_bad_prompt_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
+    argv = [a.format(dir=tmp_path) for a in argv] + (["-o", str(tmp_path / "d")] if argv[0] == "demo" else [])
+    code, _, err = run_cli(capsys, *argv)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not any(tmp_path.iterdir())
