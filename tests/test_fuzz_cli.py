@@ -33,6 +33,7 @@ BASES = {    # command -> (a good command line, examples drawn)
     "bench-recon": ("bench-recon {real} -o {dir}/run --weights {weights} --frames 2 --metrics psnr " + " ".join(FAST), 25),
     "info": ("info --dtype fp32", 25),
     "demo": ("demo -o {dir}/demo --clips 1 --frames 2 " + " ".join(FAST), 6),
+    "generate": ("generate red -o {dir}/g.mp4 --frames 2 --size 64x64 --steps 1 --decode-steps 1", 15),
     "upscale": ("upscale {clip} -o {dir}/o.mp4 --weights {fps4x} --frames 2 --steps 1", 15),
     "train": ("train " + TRAIN + " run.tensorboard=false --max-steps 1 --run-dir {dir}/run", 10),
     "cache-latents": ("cache-latents " + TRAIN + " --out {dir}/cache", 10),
