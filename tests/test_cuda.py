@@ -87,7 +87,7 @@ def test_offload_on_gpu_equals_plain(semantic_latents, offload):
 
 
 @pytest.mark.parametrize("name", ["AutoencoderKLWan", "AutoencoderKLLTXVideo"])
-def test_decode_from_a_video_vae_on_gpu_is_close_to_cpu(name, tmp_path):
+def test_decode_from_a_video_vae_on_gpu_equals_cpu_within_tf32(name, tmp_path):
     from test_source_vae import _tiny
 
     from cascadev.pipelines.source_vae import SourceVAE
@@ -98,10 +98,11 @@ def test_decode_from_a_video_vae_on_gpu_is_close_to_cpu(name, tmp_path):
     vae = SourceVAE.from_pretrained(tmp_path, "vae")
     latents = vae.encode(make_clip(seed=3, frames=9, height=64, width=64)[None])
     want = CascadeVPipeline.from_pretrained(str(ASSETS)).decode_from(latents, vae, scale=2, seed=0, progress=False)
-    gpu = CascadeVPipeline.from_pretrained(str(ASSETS), torch_dtype=torch.bfloat16).to(CUDA)
+    # fp32 on the GPU (TF32 convolutions, torch's default): the route itself; bf16 has its own test above
+    gpu = CascadeVPipeline.from_pretrained(str(ASSETS)).to(CUDA)
     got = gpu.decode_from(latents.to(CUDA), str(tmp_path), scale=2, seed=0, progress=False).cpu()
     assert got.shape == want.shape == (1, 3, 9, 128, 128)
-    assert rel_err(got, want) < 0.05, rel_err(got, want)
+    assert rel_err(got, want) < 0.01, rel_err(got, want)
 
 
 def test_shipped_fps4x_upscale_bf16_on_gpu_is_close_to_fp32_on_cpu():
