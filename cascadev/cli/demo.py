@@ -19,7 +19,6 @@ from pathlib import Path
 from cascadev.cli.text2video import add_prompt_arguments, run_prompt
 from cascadev.errors import UserError
 
-HELD_OUT_SEED0 = 100_000   # training clips use seeds below this (configs/demo_*.yaml)
 ASSETS = Path(__file__).parents[1] / "assets" / "tiny_cascade"
 
 
@@ -64,7 +63,7 @@ def _run(args: argparse.Namespace) -> dict:
     from cascadev.pipelines.frames import fix_colour
     from cascadev.pipelines.sampling import scheduler_name
     from cascadev.pipelines.options import DTYPES
-    from cascadev.synthetic import make_clip
+    from cascadev.synthetic import HELD_OUT_SEED0, make_clip
     from cascadev.video_io import write_png_strip, write_video
     from eval.metrics import psnr, ssim
 

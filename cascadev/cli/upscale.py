@@ -174,7 +174,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from cascadev.cli.demo import HELD_OUT_SEED0
+    from cascadev.synthetic import HELD_OUT_SEED0
     from cascadev.pipelines.frames import fix_colour
     from cascadev.pipelines.conditioning import temporal_upsample
     from cascadev.pipelines.options import DTYPES
