@@ -136,6 +136,12 @@ PRESETS: dict[str, StageAConfig] = {
 
 # -- tiles and chunks -------------------------------------------------------------------------------
 
+def vae_dtype(config, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a diffusers VAE with ``config`` runs in when the pipeline runs in ``dtype``: fp32 instead of fp16 where
+    the config sets diffusers' ``force_upcast`` (VAEs that overflow in fp16)."""
+    return torch.float32 if dtype == torch.float16 and config.get("force_upcast") else dtype
+
+
 def spans(length: int, size: int, overlap: int) -> list[tuple[int, int]]:
     """Windows ``[start, end)`` of ``size`` covering ``range(length)``, evenly spaced, neighbours sharing
     at least ``overlap``; one window ``(0, length)`` when it fits (or ``size`` is 0)."""

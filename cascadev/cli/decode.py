@@ -190,7 +190,7 @@ def decode_source(args: argparse.Namespace):
     from cascadev.weights import is_hub_id
     from cascadev.pipelines.options import DTYPES, resolve_device
     from cascadev.pipelines.source_vae import SourceVAE, encode_resized, target_size
-    from vae.stage_a import SVD_VAE_REPO
+    from vae.stage_a import SVD_VAE_REPO, vae_dtype
 
     check_decode_args(args)
     if args.source_vae:
@@ -207,9 +207,7 @@ def decode_source(args: argparse.Namespace):
     size = target_size(H, W, args.scale, args.size)
     device = resolve_device(args.device)
     # fp32 unless --dtype says otherwise (Wan's examples load its VAE in fp32); fp16 not for VAEs asking to be upcast
-    dtype = DTYPES[args.dtype] if args.dtype else torch.float32
-    if dtype == torch.float16 and skeleton.model.config.get("force_upcast"):
-        dtype = torch.float32
+    dtype = vae_dtype(skeleton.model.config, DTYPES[args.dtype] if args.dtype else torch.float32)
     their_vae = SourceVAE.from_pretrained(**where, torch_dtype=dtype).to(device)
     print(f"decoding {tuple(latents.shape)} {their_vae.name} latents to {their_vae.frames_out(latents.shape[2])} "
           f"frames of {W}x{H} ...", flush=True)

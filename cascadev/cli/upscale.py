@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> None:
     from cascadev.pipelines.options import resolve_device, resolve_dtype, set_tf32, stage_a_budget
     from cascadev.pipelines.upscale import load_upscale
     from cascadev.video_io import VideoWriter
+    from vae.stage_a import DOWNSAMPLE
 
     _check_args(args)
     video, latents, fps = _read_input(args)
@@ -103,9 +104,9 @@ def run(args: argparse.Namespace) -> None:
     if args.regenerate_input_frames and pipe.config.spatial_factor != 1:
         raise UserError("--regenerate-input-frames is for a frame-rate-only model (spatial_factor 1)")
     fix = pipe.config.colour_fix if args.colour_fix is None else args.colour_fix
+    T, H, W = video.shape[2:] if video is not None else (latents.shape[2], *(DOWNSAMPLE * n for n in latents.shape[3:]))
     try:     # bad sizes and frame counts: one line, before any compute
-        pipe.check_input(*(video.shape[2:] if video is not None else (latents.shape[2], *(8 * n for n in latents.shape[3:]))),
-                         colour_fix=fix)
+        pipe.check_input(T, H, W, colour_fix=fix)
     except ValueError as e:
         raise UserError(f"{args.input}: {e}") from None
     if latents is not None and args.latent_scale is not None:
@@ -113,7 +114,6 @@ def run(args: argparse.Namespace) -> None:
     pipe.set_precision(resolve_dtype(args.dtype, device)).to(device)
     set_tf32(device, True)
     pipe.stage_a.config = dataclasses.replace(pipe.stage_a.config, max_memory=stage_a_budget(args.max_memory, device))
-    T, H, W = (video.shape[2:] if video is not None else (latents.shape[2], latents.shape[3] * 8, latents.shape[4] * 8))
     T2, H2, W2 = pipe.output_shape(T, H, W)
     print(f"{'x'.join(map(str, (W, H)))} at {fps:g} fps, {T} frames -> {W2}x{H2} at {fps * kt:g} fps, {T2} frames "
           f"(spatial x{ks}, temporal x{kt})", flush=True)
@@ -174,12 +174,11 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from cascadev.synthetic import HELD_OUT_SEED0
     from cascadev.pipelines.frames import fix_colour
     from cascadev.pipelines.conditioning import temporal_upsample
     from cascadev.pipelines.options import DTYPES
     from cascadev.pipelines.upscale import TINY_FPS4X, load_upscale
-    from cascadev.synthetic import make_clip
+    from cascadev.synthetic import HELD_OUT_SEED0, make_clip
     from cascadev.video_io import write_png_strip, write_video
     from eval.metrics import psnr, ssim
 

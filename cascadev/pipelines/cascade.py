@@ -39,7 +39,7 @@ from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
 from vae.semantic_encoder import SemanticEncoder, check_video, resolve_official_file
 from vae.stage_a import PRESETS as STAGE_A_PRESETS
-from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE
+from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE, vae_dtype
 
 COND_UPSAMPLE = 4               # semantic latent grid -> Stage A latent grid (f32 -> f8)
 SEMANTIC_CHANNELS = 16
@@ -322,11 +322,10 @@ class CascadeVPipeline(DiffusionPipeline):
         (``decode_latents``), the latent scale (``StageAVAE``), and in fp16 a Stage A VAE whose config sets diffusers'
         ``force_upcast`` (VAEs that overflow in fp16). ``attn_fp32``: upcast the DiT's q, k, v as the release did
         (default: only in fp32, where it changes nothing); off, half precision uses the flash / cuDNN kernels."""
-        for module in (self.dit, self.semantic_encoder, self.previewer, self.vae):
+        for module in (self.dit, self.semantic_encoder, self.previewer):
             if module is not None:   # torch's cast: diffusers' to(dtype) warns about an empty list of fp32 modules
                 torch.nn.Module.to(module, dtype)
-        if dtype == torch.float16 and self.vae.config.get("force_upcast"):
-            torch.nn.Module.to(self.vae, torch.float32)
+        torch.nn.Module.to(self.vae, vae_dtype(self.vae.config, dtype))
         self.dit.set_attn_fp32(dtype == torch.float32 if attn_fp32 is None else attn_fp32)
         return self
 

@@ -34,7 +34,7 @@ from cascadev.pipelines.conditioning import temporal_upsample, upsample_conditio
 from cascadev.pipelines.sampling import Tiling, make_scheduler, sample
 from dit.video_dit import VideoDiT
 from vae.semantic_encoder import check_video
-from vae.stage_a import DOWNSAMPLE, KIND_OF_CLASS, PRESETS as STAGE_A_PRESETS, StageAConfig, StageAVAE
+from vae.stage_a import DOWNSAMPLE, KIND_OF_CLASS, PRESETS as STAGE_A_PRESETS, StageAConfig, StageAVAE, vae_dtype
 
 PIPELINE_CLASS = "CascadeVUpscalePipeline"
 TINY_FPS4X = Path(__file__).resolve().parents[1] / "assets" / "tiny_fps4x"
@@ -84,10 +84,8 @@ class CascadeVUpscalePipeline(DiffusionPipeline):
 
     def set_precision(self, dtype: torch.dtype) -> "CascadeVUpscalePipeline":
         """Run the DiT and Stage A in ``dtype``; latents and the scheduler stay fp32 (``sample``)."""
-        for module in (self.dit, self.vae):
-            torch.nn.Module.to(module, dtype)
-        if dtype == torch.float16 and self.vae.config.get("force_upcast"):
-            torch.nn.Module.to(self.vae, torch.float32)
+        torch.nn.Module.to(self.dit, dtype)
+        torch.nn.Module.to(self.vae, vae_dtype(self.vae.config, dtype))
         self.dit.set_attn_fp32(dtype == torch.float32)
         return self
 
