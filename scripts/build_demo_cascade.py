@@ -63,6 +63,10 @@ def export(out: Path) -> None:
         dit=DIT, semantic_encoder="runs/demo_semantic/final/semantic_encoder",
         previewer="runs/demo_semantic/final/previewer", stage_a=STAGE_A, stage_a_config=stage_a_config, device="cpu")
     pipe.save_pretrained(out)
+    # AutoencoderTiny registers block_out_channels when built, then warns on every load that the saved key is unexpected
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    vae_config.pop("block_out_channels", None)
+    (out / "vae" / "config.json").write_text(json.dumps(vae_config, indent=2, sort_keys=True) + "\n")
     meta = json.loads((out / "pipeline.json").read_text())
     meta["demo"] = DEMO_SETTINGS
     (out / "pipeline.json").write_text(json.dumps(meta, indent=2))

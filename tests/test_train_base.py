@@ -89,6 +89,7 @@ def test_base_script_resumed_run_equals_uninterrupted(toy, tmp_path, tiny_pipeli
     from dit.text_dit import TextDiT
     TextDiT.from_legacy_folder(whole / "checkpoints/step_00000003")
     pipe = load_text_to_video(whole / "final", cascade=tiny_pipeline_dir)
+    assert type(pipe.base_scheduler).__name__ == "DPMSolverMultistepScheduler"     # iddpm's (eps) sampler, exported
     video = pipe.generate("red", frames=2, size=(64, 64), steps=2, progress=False, decode_kwargs={"steps": 1})
     assert video.shape == (1, 3, 2, 64, 64)
 
@@ -190,15 +191,27 @@ def test_init_from_a_text_dit_folder_with_gradient_checkpointing(toy, tmp_path):
     assert torch.equal(again.text(["red"]).context, task.text(["red"]).context)
 
 
-def test_rectified_flow_base_validates_and_samples_with_the_flow_sampler(toy, tmp_path):
-    """diffusion.objective=rf: validation at sigma in (0, 1) and a sample by the "flow" sampler (sampler_for)."""
-    from cascadev.pipelines.text_to_video import sampler_for
-    config = load_train_config(BASE_TINY, ["diffusion.objective=rf"])
-    assert sampler_for(config.diffusion) == "flow" and sampler_for(load_train_config(BASE_TINY).diffusion) == "dpmpp"
-    run = train(tmp_path / "rf", toy, 2, "diffusion.objective=rf", "base.overrides.learn_sigma=false", "run.val_every=2")
+def test_rectified_flow_base_validates_samples_and_exports_the_flow_sampler(toy, tmp_path, tiny_pipeline_dir):
+    """diffusion.objective=rf: validation at sigma in (0, 1), a sample by the flow sampler at the trained shift
+    (scheduler_for), and that sampler in final/base_scheduler, which load_text_to_video uses (a final/ without it
+    is refused: the default eps sampler would turn a velocity model's output into noise)."""
+    import shutil
+
+    from cascadev.pipelines.text_to_video import load_text_to_video, scheduler_for
+    from cascadev.pipelines.sampling import scheduler_name
+    rf = ("diffusion.objective=rf", "diffusion.sigma_shift=3", "base.overrides.learn_sigma=false")
+    flow = scheduler_for(load_train_config(BASE_TINY, list(rf)).diffusion)
+    assert scheduler_name(flow) == "flow" and flow.config.shift == 3.0
+    assert scheduler_name(scheduler_for(load_train_config(BASE_TINY).diffusion)) == "dpmpp"
+    run = train(tmp_path / "rf", toy, 2, *rf, "run.val_every=2")
     logs = (run / "train.log").read_text()
     assert "val/loss" in logs and "val/sample_std" in logs and "nan" not in logs.split("val/loss")[1][:30]
     assert (run / "samples" / "step_00000002.safetensors").is_file()
+    pipe = load_text_to_video(run / "final", cascade=tiny_pipeline_dir)
+    assert scheduler_name(pipe.base_scheduler) == "flow" and pipe.base_scheduler.config.shift == 3.0
+    shutil.rmtree(run / "final/base_scheduler")
+    with pytest.raises(FileNotFoundError, match="no base_scheduler/"):
+        load_text_to_video(run / "final", cascade=tiny_pipeline_dir)
 
 
 def test_base_config_mistakes_fail_with_one_clear_line():

@@ -19,7 +19,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="video k uses seed + k")
     p.add_argument("--num", type=int, default=1, help="videos to generate")
     p.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp", "flow"],
-                   help="base model sampler (default dpmpp; flow for a rectified-flow model such as the built-in one)")
+                   help="base model sampler with its default settings (default: the model's own, saved in its "
+                        "base_scheduler/ folder, e.g. flow Euler at the trained shift)")
     p.add_argument("--latents-out", help="also save the semantic latents (.safetensors) for `cascadev decode`")
     g = p.add_argument_group("weights and decoding")
     g.add_argument("--weights", help="folder written by TextToVideoPipeline.save_pretrained (model_index.json), or a "
@@ -78,11 +79,11 @@ def run_generate(args: argparse.Namespace) -> None:
         raise UserError("--text-encoder replaces the text encoder of --weights; the built-in model has its own")
 
     print("loading weights ...", flush=True)
-    if args.weights is None:     # the built-in tiny model (cascadev.cli.text2video): its sampler unless one is given
+    if args.weights is None:     # the built-in tiny model (cascadev.cli.text2video): its settings unless given
         from cascadev.cli.text2video import builtin_settings, load_builtin
         pipe = load_builtin(with_previewer=args.cascade is None, cascade=args.cascade)
         shipped = builtin_settings()
-        request = {**{k: shipped[k] for k in ("steps", "guidance", "scheduler")}, **request}
+        request = {**{k: shipped[k] for k in ("steps", "guidance")}, **request}
         size = size or (shipped["size"], shipped["size"])
         print(f"no --weights: the built-in tiny text-to-video model, {shipped['size']} px, trained on captions such as "
               f"'a fast red striped disc with vertical stripes moving left over a dark background'", flush=True)

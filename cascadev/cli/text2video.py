@@ -41,7 +41,8 @@ def load_builtin(with_previewer: bool = True, cascade: str | Path | None = None)
     import torch
 
     from cascadev.pipelines.cascade import load_cascade
-    from cascadev.pipelines.text_to_video import BASE_DIR, TEXT_ENCODER_DIR, TextToVideoPipeline
+    from cascadev.pipelines.sampling import load_scheduler
+    from cascadev.pipelines.text_to_video import BASE_DIR, SCHEDULER_DIR, TEXT_ENCODER_DIR, TextToVideoPipeline
     from dit.text_dit import TextDiT
     from dit.text_encoder import TextEncoder
 
@@ -51,7 +52,7 @@ def load_builtin(with_previewer: bool = True, cascade: str | Path | None = None)
     f32 = torch.float32                        # the weights are stored as fp16
     return TextToVideoPipeline.from_parts(TextEncoder.from_pretrained(BUILTIN / TEXT_ENCODER_DIR, torch_dtype=f32),
                                           TextDiT.from_pretrained(BUILTIN / BASE_DIR, torch_dtype=f32), decoder,
-                                          builtin_settings()["scheduler"])
+                                          load_scheduler(BUILTIN / SCHEDULER_DIR))
 
 
 def _stage(index: int, name: str, fn):

@@ -18,8 +18,10 @@ is moved back to end at the edge.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -70,6 +72,18 @@ def make_scheduler(name: str | SchedulerMixin = "euler_a", config: dict | None =
     cls = SCHEDULERS[name]
     defaults = {"clip_sample": False} if name == "ddim" else {}
     return cls.from_config(cls().config, **{**defaults, **(config or {})})
+
+
+def load_scheduler(folder: str | Path) -> SchedulerMixin:
+    """A scheduler saved by ``save_pretrained`` (``scheduler_config.json``), one of ``SCHEDULERS``' classes."""
+    config_file = Path(folder) / "scheduler_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: no scheduler_config.json (a folder written by a scheduler's save_pretrained)")
+    name = json.loads(config_file.read_text()).get("_class_name")
+    cls = next((c for c in SCHEDULERS.values() if c.__name__ == name), None)
+    if cls is None:
+        raise ValueError(f"{config_file}: scheduler {name!r} is not one of {', '.join(c.__name__ for c in SCHEDULERS.values())}")
+    return cls.from_pretrained(folder)
 
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade, timed,
                                         to_numpy_video)
-from cascadev.pipelines.sampling import make_scheduler
+from cascadev.pipelines.sampling import load_scheduler, make_scheduler
 from dit.text_dit import TextDiT, TextDiTConfig
 from dit.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
 from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
@@ -36,7 +36,7 @@ from vae.previewer import Previewer
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0          # Stable Cascade's Stage C default
 DEFAULT_SCHEDULER = "dpmpp"
-TEXT_ENCODER_DIR, BASE_DIR = "text_encoder", "base_dit"    # what a base training run's final/ holds
+TEXT_ENCODER_DIR, BASE_DIR, SCHEDULER_DIR = "text_encoder", "base_dit", "base_scheduler"  # a base run's final/
 LEGACY_PIPELINE_FILE = "text_to_video.json"             # folders of cascadev < 0.2
 
 
@@ -71,10 +71,12 @@ def config_of(model: torch.nn.Module) -> TextDiTConfig:
     return model.spec
 
 
-def sampler_for(diffusion) -> str:
-    """The sampler of a training objective (``cascadev.training.diffusion.DiffusionConfig``): "flow" for rectified
-    flow (the model predicts v = eps - x0), else the default DDPM-family one (eps)."""
-    return "flow" if diffusion.objective == "rf" else DEFAULT_SCHEDULER
+def scheduler_for(diffusion) -> SchedulerMixin:
+    """The sampler of a training objective (``cascadev.training.diffusion.DiffusionConfig``): flow Euler at the
+    trained ``sigma_shift`` for rectified flow (the model predicts v = eps - x0), else the default DDPM-family one (eps)."""
+    if diffusion.objective == "rf":
+        return make_scheduler("flow", {"shift": diffusion.sigma_shift})
+    return make_scheduler(DEFAULT_SCHEDULER)
 
 
 # -- sampling with classifier-free guidance ------------------------------------------------------
@@ -319,12 +321,17 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
         raise FileNotFoundError(f"{weights} is a text-to-video folder in the previous format ({LEGACY_PIPELINE_FILE}); "
                                 f"convert it once with: cascadev convert {weights} NEW_FOLDER")
     if not (weights / "model_index.json").is_file() and (weights / BASE_DIR).is_dir():
-        # a base training run's final/: the text encoder and base model, with a cascade from elsewhere
+        # a base training run's final/: the text encoder, base model and its sampler, with a cascade from elsewhere
         if cascade is None:
             raise FileNotFoundError(f"{weights} holds a base model without a decoder: pass the cascade (--cascade)")
+        if not (weights / SCHEDULER_DIR).is_dir():
+            raise FileNotFoundError(f"{weights}: no {SCHEDULER_DIR}/ (the sampler of the run's objective; final/ "
+                                    f"folders written before it was exported lack it): save cascadev.pipelines.text_to_video.scheduler_for(your "
+                                    f"config's diffusion) there with save_pretrained")
         return TextToVideoPipeline.from_parts(TextEncoder.from_pretrained(weights / TEXT_ENCODER_DIR),
                                               TextDiT.from_folder(weights / BASE_DIR),
-                                              load_cascade(cascade, with_previewer=False, torch_dtype=torch_dtype))
+                                              load_cascade(cascade, with_previewer=False, torch_dtype=torch_dtype),
+                                              load_scheduler(weights / SCHEDULER_DIR))
     if not (weights / "model_index.json").is_file():
         raise FileNotFoundError(f"{weights}: no base model (Stage C) weights; none are released: train them (cascadev "
                                 "train, stage base) or pass a folder written by TextToVideoPipeline.save_pretrained")

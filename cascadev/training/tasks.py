@@ -659,7 +659,7 @@ class BaseTask:
         """Loss at fixed timesteps and noise on held-out clips with their captions (none dropped); on the main
         process, latents sampled for the first clip's caption (``val_sample_steps`` steps, default guidance) saved
         as ``samples/step_N.safetensors``: ``cascadev decode`` turns them into video."""
-        from cascadev.pipelines.text_to_video import DEFAULT_GUIDANCE, from_model, sample_base, sampler_for, to_model
+        from cascadev.pipelines.text_to_video import DEFAULT_GUIDANCE, from_model, sample_base, scheduler_for, to_model
         from cascadev.pipelines.cascade import save_latents
 
         model = prepared["model"]
@@ -687,7 +687,7 @@ class BaseTask:
             noise = torch.randn(shape, generator=g, device=g.device).to(accelerator.device)
             with accelerator.autocast():
                 z = sample_base(unwrapped, noise, self.text([clips[0]["caption"]]), self.null_text, DEFAULT_GUIDANCE,
-                                scheduler=sampler_for(self.config.diffusion), steps=steps, generator=g, progress=False)
+                                scheduler=scheduler_for(self.config.diffusion), steps=steps, generator=g, progress=False)
             z = from_model(z, config)
             logs["val/sample_std"] = z.std().item()
             save_latents(run_dir / "samples" / f"step_{step:08d}.safetensors", z.cpu(), prompt=clips[0]["caption"])

@@ -73,9 +73,10 @@ def export_final(task, final: Path, state_dict: dict, ema: dict | None) -> None:
     task.export(ema_state if ema_state is not None else state_dict, final)
     if ema_state is not None:
         task.export(state_dict, final / "model")
-    if task.name == "base":              # the frozen text encoder, once (the trained weights in final/model/ share it)
-        from cascadev.pipelines.text_to_video import TEXT_ENCODER_DIR
+    if task.name == "base":   # the frozen text encoder, once (final/model/ shares it), and the objective's sampler
+        from cascadev.pipelines.text_to_video import SCHEDULER_DIR, TEXT_ENCODER_DIR, scheduler_for
         task.text_encoder.save_pretrained(final / TEXT_ENCODER_DIR)
+        scheduler_for(task.config.diffusion).save_pretrained(final / SCHEDULER_DIR)
 
 
 # -- small helpers ----------------------------------------------------------------------------------
