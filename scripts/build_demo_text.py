@@ -6,8 +6,9 @@
 Steps: captioned procedural clips (``cascadev.captioned``: 2400 clips, 8 frames at 256 x 256, the held-out
 colour-shape pairs left out) -> their semantic latents by the shipped tiny cascade's semantic encoder (cached) ->
 the TextDiT (configs/demo_base.yaml; resumes by itself if interrupted) -> cascadev/assets/tiny_text2video:
-``text_encoder/`` and ``base_dit/`` (weights stored as fp16 to keep the package small; they load as float32)
-and ``demo.json`` (the demo's sampler settings). The decoder is the tiny cascade beside it.
+``text_encoder/``, ``base_dit/`` (weights stored as fp16 to keep the package small; they load as float32),
+``base_scheduler/`` (the objective's sampler) and ``demo.json`` (the demo's steps, guidance and size). The decoder
+is the tiny cascade beside it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ CACHE = "runs/demo_text_cache"
 FINAL = "runs/demo_base_more/final"
 OUT = ROOT / "cascadev" / "assets" / "tiny_text2video"
 # the demo's sampler: guidance 5 beat 1, 2 and 3 on 24 training-distribution captions (seeds 3000+; shape 50 % vs 38 %)
-DEMO_SETTINGS = {"steps": 20, "guidance": 5.0, "scheduler": "flow", "frames": 8, "size": 256}
+DEMO_SETTINGS = {"steps": 20, "guidance": 5.0, "frames": 8, "size": 256}    # the sampler: final/base_scheduler
 
 
 def run(*argv: str) -> None:
@@ -46,7 +47,7 @@ def export(out: Path) -> None:
 
     if out.exists():
         shutil.rmtree(out)
-    for part in ("text_encoder", "base_dit"):
+    for part in ("text_encoder", "base_dit", "base_scheduler"):
         shutil.copytree(ROOT / FINAL / part, out / part)
         for file in (out / part).glob("*.safetensors"):
             save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(file).items()}, file)

@@ -64,3 +64,26 @@ def test_bad_prompt_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert not any(tmp_path.iterdir())
+
+
+def test_the_text_following_check_scores_and_probes_the_shipped_model(tmp_path):
+    """scripts/eval_text2video.py on a few clips: the table's rows, and the word-swap probe, which must see that
+    the shipped model relies on the colour word (its samples have the prompt's colour) far more than on nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "eval_text2video.py"
+    spec = importlib.util.spec_from_file_location("eval_text2video", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--prompts", "3", "--seen", "6", "--fit", "36", "--guidance", "1,3", "--steps", "4",
+                          "--out", str(tmp_path / "eval.json")])
+    assert set(result["rows"]) == {"real clips, held-out prompts", "chance",
+                                   *(f"generated, {s} prompts, guidance {g}" for s in ("held-out", "seen") for g in (1, 3))}
+    assert result["rows"]["real clips, held-out prompts"]["colour"] == 1.0
+    assert result["rows"]["chance"]["direction"] == 0.25
+    probe = result["word_reliance"]
+    assert set(probe) == {"0.5", "0.9", "0.97"}
+    assert set(probe["0.9"]) == {"empty", "colour", "shape", "direction", "background"}
+    assert probe["0.9"]["colour"] > 0.2 and probe["0.9"]["empty"] > 0.05
+    assert json.loads((tmp_path / "eval.json").read_text())["word_reliance"] == probe
