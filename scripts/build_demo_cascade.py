@@ -31,6 +31,7 @@ STAGE_A = "runs/demo_vae_mse/final/ema"    # its encoder is configs/demo_dit.yam
 DATA = "runs/demo_data256/train"
 CACHE = "runs/demo_cache"
 DIT = "runs/demo_dit_more/final/ema"
+SEMANTIC = "runs/demo_semantic/final"      # semantic_encoder/ + previewer/
 # sampler: the best of flow 1/2/4/8 steps on seeds 200000+; colour fix: x16 beat x4 and x8 there
 DEMO_SETTINGS = {"steps": 4, "scheduler": "flow", "colour_fix": 16, "kind": "shapes", "size": 256}
 FPS4X_CONFIG, FPS4X_CACHE, FPS4X_DIT = "configs/demo_fps4x.yaml", "runs/demo_fps4x_cache", "runs/demo_fps4x/final/ema"
@@ -53,23 +54,35 @@ def wait(*procs: subprocess.Popen) -> None:
 
 
 def export(out: Path) -> None:
+    """The tiny cascade: the DiT run's EMA weights, the semantic run's encoder and Previewer, the MSE-tuned Stage A at
+    configs/demo_dit.yaml's latent scale, and the demo's sampler and colour fix (``DEMO_SETTINGS``)."""
+    import dataclasses
+    import shutil
+
     import torch
 
-    from cascadev.pipelines.cascade import CascadeVPipeline
+    from cascadev.pipelines.cascade import (CascadeVPipeline, load_dit, load_previewer, load_semantic_encoder,
+                                            stage_a_settings)
+    from cascadev.pipelines.sampling import make_scheduler
     from cascadev.training.config import load_train_config
+    from vae.stage_a import StageAVAE
 
-    stage_a_config = load_train_config("configs/demo_dit.yaml").stage_a.model_config()     # with its latent scale
-    pipe = CascadeVPipeline.from_pretrained(
-        dit=DIT, semantic_encoder="runs/demo_semantic/final/semantic_encoder",
-        previewer="runs/demo_semantic/final/previewer", stage_a=STAGE_A, stage_a_config=stage_a_config, device="cpu")
+    config = load_train_config("configs/demo_dit.yaml")
+    stage_a = StageAVAE.from_config(dataclasses.replace(config.stage_a.model_config(), pretrained=STAGE_A,
+                                                        subfolder=None))
+    pipe = CascadeVPipeline(
+        dit=load_dit(DIT), semantic_encoder=load_semantic_encoder(f"{SEMANTIC}/semantic_encoder"), vae=stage_a.model,
+        scheduler=make_scheduler(DEMO_SETTINGS["scheduler"], {"shift": config.diffusion.sigma_shift}),
+        previewer=load_previewer(f"{SEMANTIC}/previewer"), stage_a=stage_a_settings(stage_a.config),
+        num_inference_steps=DEMO_SETTINGS["steps"], colour_fix=DEMO_SETTINGS["colour_fix"],
+        demo={k: DEMO_SETTINGS[k] for k in ("kind", "size")})
+    if out.exists():
+        shutil.rmtree(out)
     pipe.save_pretrained(out)
     # AutoencoderTiny registers block_out_channels when built, then warns on every load that the saved key is unexpected
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     vae_config.pop("block_out_channels", None)
     (out / "vae" / "config.json").write_text(json.dumps(vae_config, indent=2, sort_keys=True) + "\n")
-    meta = json.loads((out / "pipeline.json").read_text())
-    meta["demo"] = DEMO_SETTINGS
-    (out / "pipeline.json").write_text(json.dumps(meta, indent=2))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"exported to {out}: {size / 2**20:.1f} MiB, torch {torch.__version__}")
 
