@@ -88,12 +88,13 @@ def word_reliance(pipe, z: torch.Tensor, attrs: list, seed: int = 0) -> dict:
     """How much the model's training loss rises when one word of the caption is swapped for another of its kind.
 
     z: semantic latents (B, 16, T, h, w) of real clips captioned by ``attrs``. For each sigma of ``PROBE_SIGMAS``
-    the rectified-flow loss |v - (eps - x0)|^2 of the true captions, then the relative rise with each attribute's
-    word replaced by the next word of its vocabulary ("empty": no caption). 0 means the model ignores that word.
+    the rectified-flow training loss (``RectifiedFlow.losses``) of the true captions, then the relative rise with
+    each attribute's word replaced by the next word of its vocabulary ("empty": no caption). 0: the word is ignored.
     """
     from cascadev.pipelines.text_to_video import to_model
+    from cascadev.training.diffusion import RectifiedFlow
 
-    base, encode = pipe.base, pipe.text_encoder.encode
+    base, encode, flow = pipe.base, pipe.text_encoder.encode, RectifiedFlow()
     x0 = to_model(z, base.spec)
     g = torch.Generator().manual_seed(seed)
     def swapped(name):
@@ -103,11 +104,11 @@ def word_reliance(pipe, z: torch.Tensor, attrs: list, seed: int = 0) -> dict:
     captions = {"empty": [""] * len(attrs), **{name: swapped(name) for name in (*EVAL_ATTRIBUTES, "background")}}
     out = {}
     for sigma in PROBE_SIGMAS:
-        eps = torch.randn(x0.shape, generator=g)
-        x_t, t = (1 - sigma) * x0 + sigma * eps, torch.full((len(attrs),), sigma * 1000.0)
+        eps, sigmas = torch.randn(x0.shape, generator=g), torch.full((len(attrs),), sigma)
+        x_t = flow.noise(x0, sigmas, eps)
         def loss(texts):
-            v = base(x_t, t, *encode(texts))[:, :x0.shape[1]]
-            return (v - (eps - x0)).pow(2).mean().item()
+            v = base(x_t, flow.model_time(sigmas), *encode(texts))
+            return flow.losses(v, x0, x_t, sigmas, eps)["loss"].mean().item()
         true = loss([caption(a) for a in attrs])
         out[f"{sigma:g}"] = {name: loss(texts) / true - 1 for name, texts in captions.items()}
     return out
@@ -182,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("|---|" + "---|" * len(names))
         for sigma, rise in reliance.items():
             print(f"| sigma {sigma} | " + " | ".join(f"{100 * rise[n]:+.1f} %" for n in names) + " |")
-    result = {"rows": rows, "word_reliance": reliance, "steps": steps, "frames": frames, "size": size, "prompts": args.prompts, "seen": args.seen,
-              "fit": args.fit, "weights": args.weights or "built-in", "seconds": round(time.perf_counter() - start, 1)}
+    result = {"rows": rows, "word_reliance": reliance, "steps": steps, "frames": frames, "size": size,
+              "prompts": args.prompts, "seen": args.seen, "fit": args.fit, "weights": args.weights or "built-in", "seconds": round(time.perf_counter() - start, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"{result['seconds']:.0f} s -> {args.out}")

@@ -325,9 +325,10 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
         if cascade is None:
             raise FileNotFoundError(f"{weights} holds a base model without a decoder: pass the cascade (--cascade)")
         if not (weights / SCHEDULER_DIR).is_dir():
-            raise FileNotFoundError(f"{weights}: no {SCHEDULER_DIR}/ (the sampler of the run's objective; final/ "
-                                    f"folders written before it was exported lack it): save cascadev.pipelines.text_to_video.scheduler_for(your "
-                                    f"config's diffusion) there with save_pretrained")
+            raise FileNotFoundError(
+                f"{weights}: no {SCHEDULER_DIR}/ (the sampler of the run's objective; final/ folders written before it "
+                f"was exported lack it): save cascadev.pipelines.text_to_video.scheduler_for(your config's diffusion) "
+                f"there with save_pretrained")
         return TextToVideoPipeline.from_parts(TextEncoder.from_pretrained(weights / TEXT_ENCODER_DIR),
                                               TextDiT.from_folder(weights / BASE_DIR),
                                               load_cascade(cascade, with_previewer=False, torch_dtype=torch_dtype),
