@@ -24,6 +24,16 @@ def test_shipped_weights_load_small_and_float32():
     assert z.shape == (1, 16, 2, 2, 2) and torch.isfinite(z).all()
 
 
+def test_set_precision_casts_every_model_once_without_diffusers_warnings(capsys):
+    from cascadev.cli.text2video import load_builtin
+
+    pipe = load_builtin(with_previewer=False).set_precision(torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for m in (pipe.text_encoder, pipe.base, pipe.dit, pipe.vae) for p in m.parameters())
+    assert "kept in float32" not in capsys.readouterr().err     # what diffusers' to(dtype) printed per model
+    z = pipe.generate_latents(PROMPT, frames=2, size=(64, 64), steps=2, guidance=3.0, progress=False)
+    assert z.shape == (1, 16, 2, 2, 2) and torch.isfinite(z).all()
+
+
 def test_demo_prompt_end_to_end(tmp_path, capsys):
     code, stdout, err = run_cli(capsys, "demo", "--prompt", PROMPT, "-o", tmp_path, "--frames", 3, "--size", 64,
                                 "--base-steps", 2, "--steps", 1)

@@ -55,8 +55,6 @@ def output_paths(output: str | Path, n: int) -> list[Path]:
 def run_generate(args: argparse.Namespace) -> None:
     from cascadev.pipelines.options import check_crf, resolve_device, resolve_dtype
     from cascadev.pipelines.text_to_video import check_request, load_text_to_video
-    import torch
-
     from cascadev.pipelines.cascade import check_latents_output, save_latents
     from cascadev.video_io import check_video_output, write_video
 
@@ -90,8 +88,7 @@ def run_generate(args: argparse.Namespace) -> None:
     else:
         pipe = load_text_to_video(args.weights, text_encoder=args.text_encoder, cascade=args.cascade)
     dtype = resolve_dtype(args.dtype, device)
-    pipe.to(device, dtype)
-    pipe.dit.set_attn_fp32(dtype == torch.float32)   # half precision: the flash / cuDNN kernels
+    pipe.set_precision(dtype).to(device)
     W, H = size or pipe.default_size()
     frames = args.frames or pipe.base.config.window_frames
     print(f"generating {args.num} video(s) of {frames} frames at {W}x{H}", flush=True)

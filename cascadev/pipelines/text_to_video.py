@@ -209,6 +209,14 @@ class TextToVideoPipeline(DiffusionPipeline):
                    dit=cascade.dit, vae=cascade.vae, scheduler=cascade.scheduler, previewer=cascade.previewer,
                    stage_a=c.stage_a, num_inference_steps=c.num_inference_steps, colour_fix=c.colour_fix)
 
+    def set_precision(self, dtype: torch.dtype) -> "TextToVideoPipeline":
+        """Run the text encoder and base model in ``dtype`` (fp32, bf16 or fp16), the decoding parts as
+        ``CascadeVPipeline.set_precision`` does (a VAE with diffusers' ``force_upcast`` stays fp32 in fp16)."""
+        for module in (self.text_encoder, self.base):   # torch's cast: diffusers' to(dtype) warns about an empty list
+            torch.nn.Module.to(module, dtype)
+        self.cascade.set_precision(dtype)
+        return self
+
     def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         return timed(self.timings, phase, self._execution_device, fn)
 
