@@ -1,6 +1,6 @@
 """Does the built-in tiny Stage C follow the text? Attribute accuracy of generated semantic latents for held-out prompts.
 
-    python scripts/eval_text2video.py --guidance 1,3,5         # the shipped weights; 2.5 min on 2 CPU cores
+    python scripts/eval_text2video.py --guidance 1,3,5         # the shipped weights; 5 min on 2 CPU cores
     python scripts/eval_text2video.py --weights runs/demo_base/final --guidance 1,2,3,5
 
 The measuring instrument: nearest-class-mean classifiers on the semantic latents (B, 16, T, H/32, W/32) of real
@@ -14,6 +14,9 @@ test, so it may see the held-out pairs) on two features of the latents:
 Prompts: captions of ``held_out_attributes`` (colour-shape pairs never in the training captions) and, for
 comparison, captions the model was trained on. Each prompt is generated once per guidance scale (same noise);
 the real clips of the held-out prompts (new seeds) give the classifier's own accuracy, the ceiling.
+A classifier-free check (``paired_swap``): prompts that differ in one word only, generated from the same noise, and
+real clips that differ in that word only (same seeds): the cosine between the generated and the real latent difference,
+mean over word pairs (0: the word changes nothing in the right direction; real vs real of new seeds gives the ceiling).
 A probe for rectified-flow models (``word_reliance``): how much the training loss on the seen prompts' real clips
 rises when one attribute's word is swapped, at a few noise levels: 0 means the model ignores that word.
 """
@@ -81,6 +84,26 @@ def score(classifiers: dict, z: torch.Tensor, attrs: list) -> dict:
     return acc
 
 
+def paired_swap(pipe, encoder, attrs: list, frames: int, size: int, steps: int, guidance: float) -> dict:
+    """Per attribute: mean cosine between (generated word a - word b) and (real word a - word b), ``attrs`` with the
+    attribute set to each word of its vocabulary, the rest unchanged; generated from the same noise, real from the
+    same seeds (see the module docstring). ``real`` rows: the same with real clips of other seeds (the ceiling)."""
+    seeds = [FIT_SEED0 + 50_000 + i for i in range(len(attrs))]
+    out = {}
+    for name in EVAL_ATTRIBUTES:
+        variants = {w: [dataclasses.replace(a, **{name: w}) for a in attrs] for w in VOCABULARY[name]}
+        real = {w: encode_real(encoder, v, seeds, frames, size) for w, v in variants.items()}
+        other = {w: encode_real(encoder, v, [s + 1 for s in seeds], frames, size) for w, v in variants.items()}
+        gen = {w: pipe.generate_latents([caption(a) for a in v], frames=frames, size=(size, size), steps=steps,
+                                        guidance=guidance, seed=0, progress=False) for w, v in variants.items()}
+        def cosine(z):
+            pairs = [(a, b) for i, a in enumerate(VOCABULARY[name]) for b in VOCABULARY[name][i + 1:]]
+            return sum(torch.nn.functional.cosine_similarity((z[a] - z[b]).flatten(1), (real[a] - real[b]).flatten(1))
+                       .mean() for a, b in pairs).item() / len(pairs)
+        out[name] = {"generated": cosine(gen), "real": cosine(other)}
+    return out
+
+
 PROBE_SIGMAS = (0.5, 0.9, 0.97)    # rectified-flow noise levels; the path of the shape is decided near 1
 
 
@@ -122,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fit", type=int, default=720, help="real clips the classifiers are fitted on")
     parser.add_argument("--guidance", default="1,shipped", help="comma-separated scales ('shipped': the demo's)")
     parser.add_argument("--steps", type=int, default=None, help="Stage C steps (default: the shipped)")
+    parser.add_argument("--paired", type=int, default=12, help="prompts of the paired word-swap check (0: skip)")
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--out", default="runs/eval_text2video.json")
     args = parser.parse_args(argv)
@@ -164,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
                                for i in range(0, len(attrs), args.batch)])
                 rows[f"generated, {name} prompts, guidance {g:g}"] = score(classifiers, z, attrs)
                 print(f"{name} prompts, guidance {g:g}: {rows[f'generated, {name} prompts, guidance {g:g}']}", flush=True)
+        paired = (paired_swap(pipe, encoder, sets["seen"][:args.paired], frames, size, steps, settings["guidance"])
+                  if args.paired and sets["seen"] else None)
         reliance = None
         if scheduler_name(pipe.base_scheduler) == "flow" and sets["seen"]:     # the probe's loss is rectified flow's
             seen = sets["seen"]
@@ -177,13 +203,19 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|" + "---|" * len(columns))
     for row, acc in rows.items():
         print(f"| {row} | " + " | ".join(f"{100 * acc[c]:.0f} %" for c in columns) + " |")
+    if paired:
+        print(f"\n| one word swapped, same noise ({min(args.paired, args.seen)} seen prompts, guidance {settings['guidance']:g}):"
+              " cosine of the latent change with the real one | " + " | ".join(paired) + " |")
+        print("|---|" + "---|" * len(paired))
+        for row in ("generated", "real"):
+            print(f"| {row} | " + " | ".join(f"{v[row]:.2f}" for v in paired.values()) + " |")
     if reliance:
         names = list(next(iter(reliance.values())))
         print(f"\n| loss rise when one word is swapped ({len(sets['seen'])} training clips) | " + " | ".join(names) + " |")
         print("|---|" + "---|" * len(names))
         for sigma, rise in reliance.items():
             print(f"| sigma {sigma} | " + " | ".join(f"{100 * rise[n]:+.1f} %" for n in names) + " |")
-    result = {"rows": rows, "word_reliance": reliance, "steps": steps, "frames": frames, "size": size,
+    result = {"rows": rows, "word_reliance": reliance, "paired_swap": paired, "steps": steps, "frames": frames, "size": size,
               "prompts": args.prompts, "seen": args.seen, "fit": args.fit, "weights": args.weights or "built-in", "seconds": round(time.perf_counter() - start, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -78,7 +78,8 @@ def test_bad_prompt_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
 
 def test_the_text_following_check_scores_and_probes_the_shipped_model(tmp_path):
     """scripts/eval_text2video.py on a few clips: the table's rows, and the word-swap probe, which must see that
-    the shipped model relies on the colour word (its samples have the prompt's colour) far more than on nothing."""
+    the shipped model relies on the colour and direction words (its samples follow both) far more than on nothing,
+    and the paired word swap moves generated latents the way it moves real ones."""
     import importlib.util
     from pathlib import Path
 
@@ -87,7 +88,7 @@ def test_the_text_following_check_scores_and_probes_the_shipped_model(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     result = script.main(["--prompts", "3", "--seen", "6", "--fit", "36", "--guidance", "1,3", "--steps", "4",
-                          "--out", str(tmp_path / "eval.json")])
+                          "--paired", "2", "--out", str(tmp_path / "eval.json")])
     assert set(result["rows"]) == {"real clips, held-out prompts", "chance",
                                    *(f"generated, {s} prompts, guidance {g}" for s in ("held-out", "seen") for g in (1, 3))}
     assert result["rows"]["real clips, held-out prompts"]["colour"] == 1.0
@@ -96,4 +97,8 @@ def test_the_text_following_check_scores_and_probes_the_shipped_model(tmp_path):
     assert set(probe) == {"0.5", "0.9", "0.97"}
     assert set(probe["0.9"]) == {"empty", "colour", "shape", "direction", "background"}
     assert probe["0.9"]["colour"] > 0.2 and probe["0.9"]["empty"] > 0.05
+    assert probe["0.97"]["direction"] > 0.2            # the model before sigma_shift 6 ignored it (-0.5 %)
+    paired = result["paired_swap"]
+    assert set(paired) == {"colour", "shape", "direction"} and all(set(v) == {"generated", "real"} for v in paired.values())
+    assert paired["colour"]["generated"] > 0.3 and paired["direction"]["generated"] > 0.3
     assert json.loads((tmp_path / "eval.json").read_text())["word_reliance"] == probe
