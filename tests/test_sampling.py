@@ -250,3 +250,14 @@ def test_sampling_with_batched_windows_matches():
     run = lambda batch: sample(model, cond, noise, "euler_a", 3, generator=torch.Generator().manual_seed(1),  # noqa: E731
                                progress=False, window_batch=batch)
     torch.testing.assert_close(run(4), run(1), rtol=1e-4, atol=1e-4)
+
+
+def test_the_sampler_of_a_training_objective():
+    """Rectified flow samples with flow Euler at the trained shift, eps objectives with the sampler asked for."""
+    from cascadev.pipelines.sampling import scheduler_for_objective, scheduler_name
+    from cascadev.training.diffusion import DiffusionConfig
+
+    flow = scheduler_for_objective(DiffusionConfig(objective="rf", sigma_shift=3.0), "euler_a")
+    assert scheduler_name(flow) == "flow" and flow.config.shift == 3.0
+    assert scheduler_name(scheduler_for_objective(DiffusionConfig(objective="iddpm"), "euler_a")) == "euler_a"
+    assert scheduler_name(scheduler_for_objective(DiffusionConfig(objective="iddpm"), "dpmpp")) == "dpmpp"

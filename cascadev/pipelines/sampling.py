@@ -74,6 +74,14 @@ def make_scheduler(name: str | SchedulerMixin = "euler_a", config: dict | None =
     return cls.from_config(cls().config, **{**defaults, **(config or {})})
 
 
+def scheduler_for_objective(diffusion, eps_sampler: str = "euler_a") -> SchedulerMixin:
+    """The sampler of a training objective (``cascadev.training.diffusion.DiffusionConfig``): flow Euler at the
+    trained ``sigma_shift`` for rectified flow (the model predicts v = eps - x0), else ``eps_sampler`` (eps)."""
+    if diffusion.objective == "rf":
+        return make_scheduler("flow", {"shift": diffusion.sigma_shift})
+    return make_scheduler(eps_sampler)
+
+
 def load_scheduler(folder: str | Path) -> SchedulerMixin:
     """A scheduler saved by ``save_pretrained`` (``scheduler_config.json``), one of ``SCHEDULERS``' classes."""
     config_file = Path(folder) / "scheduler_config.json"

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade, timed,
                                         to_numpy_video)
-from cascadev.pipelines.sampling import load_scheduler, make_scheduler
+from cascadev.pipelines.sampling import load_scheduler, make_scheduler, scheduler_for_objective
 from dit.text_dit import TextDiT, TextDiTConfig
 from dit.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
 from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
@@ -72,11 +72,8 @@ def config_of(model: torch.nn.Module) -> TextDiTConfig:
 
 
 def scheduler_for(diffusion) -> SchedulerMixin:
-    """The sampler of a training objective (``cascadev.training.diffusion.DiffusionConfig``): flow Euler at the
-    trained ``sigma_shift`` for rectified flow (the model predicts v = eps - x0), else the default DDPM-family one (eps)."""
-    if diffusion.objective == "rf":
-        return make_scheduler("flow", {"shift": diffusion.sigma_shift})
-    return make_scheduler(DEFAULT_SCHEDULER)
+    """Stage C's sampler for a training objective: flow Euler at the trained shift for rectified flow, else DPM-Solver++."""
+    return scheduler_for_objective(diffusion, DEFAULT_SCHEDULER)
 
 
 # -- sampling with classifier-free guidance ------------------------------------------------------

@@ -276,12 +276,10 @@ class DiTTask:
         logs = {"val/loss": torch.stack(losses).mean().item()} if losses else {}
         steps = self.config.run.val_sample_steps
         if accelerator.is_main_process and clips and steps > 0 and not is_fsdp(accelerator):
-            from cascadev.pipelines.sampling import sample
+            from cascadev.pipelines.sampling import sample, scheduler_for_objective
 
-            diffusion = self.config.diffusion
             # the sampler that matches the objective: ancestral Euler (release) or flow Euler at the trained shift
-            scheduler, scheduler_config = (("euler_a", None) if diffusion.objective == "iddpm"
-                                           else ("flow", {"shift": diffusion.sigma_shift}))
+            scheduler = scheduler_for_objective(self.config.diffusion, "euler_a")
             unwrapped = accelerator.unwrap_model(model)
             g = torch.Generator(accelerator.device).manual_seed(self.config.run.seed)
             video = clips[0]["video"][None].to(accelerator.device)
@@ -290,8 +288,7 @@ class DiTTask:
                 cond, unwrapped = unwrapped.condition(video, tuple(x0.shape[2:])), unwrapped.dit
             noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
             with accelerator.autocast():
-                z = sample(unwrapped, cond, noise, scheduler, steps=steps, generator=g,
-                           scheduler_config=scheduler_config, progress=False)
+                z = sample(unwrapped, cond, noise, scheduler, steps=steps, generator=g, progress=False)
             recon = self.stage_a.decode(z.float()).clamp(-1, 1)
             reference = self.stage_a.decode(x0).clamp(-1, 1)
             logs["val/psnr_sampled_vs_input"] = psnr(recon.cpu(), clips[0]["video"][None].cpu()).mean().item()
