@@ -34,6 +34,7 @@ import torch
 from cascadev.captioned import (EVAL_ATTRIBUTES, VOCABULARY, attributes, caption, held_out_attributes, render)
 
 FIT_SEED0 = 700_000        # real clips the classifier is fitted on (every pair); training seeds are < 2400
+PAIRED_SEED0 = 750_000     # real clips of the paired word-swap check
 
 
 def features(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +89,7 @@ def paired_swap(pipe, encoder, attrs: list, frames: int, size: int, steps: int, 
     """Per attribute: mean cosine between (generated word a - word b) and (real word a - word b), ``attrs`` with the
     attribute set to each word of its vocabulary, the rest unchanged; generated from the same noise, real from the
     same seeds (see the module docstring). ``real`` rows: the same with real clips of other seeds (the ceiling)."""
-    seeds = [FIT_SEED0 + 50_000 + i for i in range(len(attrs))]
+    seeds = [PAIRED_SEED0 + i for i in range(len(attrs))]
     out = {}
     for name in EVAL_ATTRIBUTES:
         variants = {w: [dataclasses.replace(a, **{name: w}) for a in attrs] for w in VOCABULARY[name]}
@@ -135,6 +136,12 @@ def word_reliance(pipe, z: torch.Tensor, attrs: list, seed: int = 0) -> dict:
         true = loss([caption(a) for a in attrs])
         out[f"{sigma:g}"] = {name: loss(texts) / true - 1 for name, texts in captions.items()}
     return out
+
+
+def markdown_table(title: str, columns: list[str], rows: dict[str, list[str]]) -> str:
+    """A table with a header row (``title`` over the row names, then ``columns``) and one line per row of cells."""
+    lines = [f"| {title} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    return "\n".join([*lines, *(f"| {row} | " + " | ".join(cells) + " |" for row, cells in rows.items())])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -199,24 +206,21 @@ def main(argv: list[str] | None = None) -> dict:
     rows["chance"] = chance
 
     columns = [*EVAL_ATTRIBUTES, "all three"]
-    print(f"\n| clips ({args.prompts} held-out, {args.seen} seen prompts; {steps} steps) | " + " | ".join(columns) + " |")
-    print("|---|" + "---|" * len(columns))
-    for row, acc in rows.items():
-        print(f"| {row} | " + " | ".join(f"{100 * acc[c]:.0f} %" for c in columns) + " |")
+    print("\n" + markdown_table(f"clips ({args.prompts} held-out, {args.seen} seen prompts; {steps} steps)", columns,
+                                {row: [f"{100 * acc[c]:.0f} %" for c in columns] for row, acc in rows.items()}))
     if paired:
-        print(f"\n| one word swapped, same noise ({min(args.paired, args.seen)} seen prompts, guidance {settings['guidance']:g}):"
-              " cosine of the latent change with the real one | " + " | ".join(paired) + " |")
-        print("|---|" + "---|" * len(paired))
-        for row in ("generated", "real"):
-            print(f"| {row} | " + " | ".join(f"{v[row]:.2f}" for v in paired.values()) + " |")
+        title = f"one word swapped, same noise ({min(args.paired, args.seen)} seen prompts, guidance {settings['guidance']:g})"
+        labels = {"generated": "generated", "real": "real clips of other seeds (the ceiling)"}
+        print("\n" + markdown_table(title, list(paired),
+                                    {labels[row]: [f"{v[row]:.2f}" for v in paired.values()] for row in labels}))
     if reliance:
         names = list(next(iter(reliance.values())))
-        print(f"\n| loss rise when one word is swapped ({len(sets['seen'])} training clips) | " + " | ".join(names) + " |")
-        print("|---|" + "---|" * len(names))
-        for sigma, rise in reliance.items():
-            print(f"| sigma {sigma} | " + " | ".join(f"{100 * rise[n]:+.1f} %" for n in names) + " |")
-    result = {"rows": rows, "word_reliance": reliance, "paired_swap": paired, "steps": steps, "frames": frames, "size": size,
-              "prompts": args.prompts, "seen": args.seen, "fit": args.fit, "weights": args.weights or "built-in", "seconds": round(time.perf_counter() - start, 1)}
+        print("\n" + markdown_table(f"loss rise when one word is swapped ({len(sets['seen'])} training clips)", names,
+                                    {f"sigma {sigma}": [f"{100 * rise[n]:+.1f} %" for n in names]
+                                     for sigma, rise in reliance.items()}))
+    result = {"rows": rows, "word_reliance": reliance, "paired_swap": paired, "steps": steps, "frames": frames,
+              "size": size, "prompts": args.prompts, "seen": args.seen, "fit": args.fit,
+              "weights": args.weights or "built-in", "seconds": round(time.perf_counter() - start, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"{result['seconds']:.0f} s -> {args.out}")
