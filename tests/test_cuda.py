@@ -116,3 +116,25 @@ def test_shipped_fps4x_upscale_bf16_on_gpu_is_close_to_fp32_on_cpu():
     got = gpu.upscale(video.to(CUDA), steps=2, seed=0, progress=False).cpu()
     assert got.shape == want.shape == (1, 3, 16, 64, 64)
     assert rel_err(got, want) < 0.05, rel_err(got, want)
+
+
+@pytest.mark.parametrize("which", ["upscale", "text_to_video"])
+def test_model_offload_of_the_other_pipelines_equals_plain(which):
+    """``--offload model`` on ``upscale`` and ``generate`` (``options.prepare_pipeline``): the same frames as the
+    pipeline on the GPU; the text-to-video pipeline's inner cascade runs on the shared, hooked modules."""
+    from cascadev.cli.text2video import load_builtin
+    from cascadev.pipelines.upscale import load_upscale
+    from cascadev.synthetic import make_clip
+
+    if which == "upscale":
+        pipe = load_upscale(ASSETS.parent / "tiny_fps4x")
+        video = make_clip(seed=100001, frames=4, height=64, width=64)[None]
+        run = lambda: pipe.upscale(video.to(CUDA), steps=2, seed=0, progress=False).cpu()     # noqa: E731
+    else:
+        pipe = load_builtin(with_previewer=True)
+        run = lambda: pipe.generate("a red ring moving right", steps=2, decode_kwargs={"steps": 1},   # noqa: E731
+                                    progress=False)
+    want = (pipe.to(CUDA), run())[1]
+    pipe.to("cpu")
+    pipe.enable_model_cpu_offload(device=CUDA)
+    torch.testing.assert_close(run(), want, rtol=1e-4, atol=1e-4)

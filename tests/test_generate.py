@@ -183,6 +183,28 @@ def test_cli_generate_then_decode_the_saved_latents(tmp_path, capsys, weights_di
     assert video_info(tmp_path / "dec_1.mp4").frames == 3
 
 
+def test_cli_generate_runs_its_decoder_as_decode_does(tmp_path, capsys, weights_dir):
+    """``generate``'s device and speed options are ``decode``'s (``options.prepare_pipeline``): batched windows give
+    the default video (within fp32 rounding), a frame stride changes it; the runtime settings reach the cascade."""
+    from cascadev.video_io import read_video
+
+    def generate(name, *options):
+        code, _, err = run_cli(capsys, "generate", "a red ball", "-o", tmp_path / name, "--weights", weights_dir,
+                               "--frames", 6, "--size", "96x64", "--steps", 1, "--decode-steps", 1, "--crf", 0,
+                               *options)
+        assert code == 0, err
+        return read_video(tmp_path / name)
+
+    default = generate("default.mp4")
+    # lossless H.264 (--crf 0): batching's fp32 rounding flips only a few 8-bit levels (mean 2e-6), a stride 6e-4
+    assert (generate("batched.mp4", "--window-batch", 2, "--no-tf32") - default).abs().mean() < 2e-5
+    assert (generate("strided.mp4", "--frame-stride", 1) - default).abs().mean() > 2e-4
+
+    pipe = TextToVideoPipeline.from_pretrained(str(weights_dir)).set_precision(torch.bfloat16).set_stage_a_memory(0.5)
+    assert pipe.cascade.stage_a.config.max_memory == 0.5
+    assert {m.dtype for m in (pipe.text_encoder, pipe.base, pipe.dit, pipe.cascade.dit)} == {torch.bfloat16}
+
+
 def test_cli_bad_inputs_give_one_clear_line(tmp_path, capsys, weights_dir):
     out = tmp_path / "x.mp4"
     for argv, message in [(["", "--weights", weights_dir], "is empty"),
@@ -191,7 +213,10 @@ def test_cli_bad_inputs_give_one_clear_line(tmp_path, capsys, weights_dir):
                           (["a cat", "--weights", weights_dir, "--frames", 0], "frames must be >= 1"),
                           (["a cat", "--weights", tmp_path / "nowhere"], "nowhere: weights folder not found"),
                           (["a cat", "--weights", tmp_path], "no base model (Stage C) weights"),
-                          (["a cat", "--text-encoder", "bigG"], "--text-encoder replaces")]:
+                          (["a cat", "--text-encoder", "bigG"], "--text-encoder replaces"),
+                          (["a cat", "--weights", weights_dir, "--window-batch", 0], "--window-batch must be >= 1"),
+                          (["a cat", "--weights", weights_dir, "--tile-stride", 99], "longer than the DiT's window"),
+                          (["a cat", "--weights", weights_dir, "--offload", "model"], "--offload")]:
         code, _, err = run_cli(capsys, "generate", *argv, "-o", out)
         assert code == 2 and err.count("\n") == 1 and message in err, (argv, err)
     assert not out.exists()

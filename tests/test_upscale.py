@@ -164,6 +164,35 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, route_dirs, low_clip, 
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--colour-fix", -1, says="--colour-fix")
     torch.save(torch.zeros(1, 16, 2, 4, 4), tmp_path / "c16.pt")
     fails(tmp_path / "c16.pt", "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], says="(B, 4, T, h, w)")
+    # the flow-trained route with an eps sampler would be noise, not an upscale
+    fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--scheduler", "euler_a",
+          says="does not fit this DiT")
+    fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--tile-stride", 99,
+          says="longer than the DiT's window")
+    fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--offload", "model",
+          says="--offload")
+    fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--max-memory", -1, says="--max-memory")
+
+
+def test_cli_runtime_options_are_the_decoders(tmp_path, capsys, route_dirs, low_clip):
+    """``upscale`` runs as ``decode`` does (``options.prepare_pipeline``): batched windows give the default output
+    (within fp32 rounding); the sampler and tiling options reach the DiT."""
+    from cascadev.video_io import read_video
+
+    def upscale(name, *options):
+        code, _, err = run_cli(capsys, "upscale", low_clip, "-o", tmp_path / name, "--weights", route_dirs["fps4"],
+                               "--steps", 1, "--crf", 0, *options)
+        assert code in (0, None), err
+        return read_video(tmp_path / name)
+
+    default = upscale("default.mp4")
+    # lossless H.264 (--crf 0): batching's fp32 rounding flips only a few 8-bit levels (mean 4e-7), a stride 2e-3
+    assert (upscale("batched.mp4", "--window-batch", 3, "--no-tf32") - default).abs().mean() < 2e-5
+    assert (upscale("strided.mp4", "--frame-stride", 1) - default).abs().mean() > 2e-4
+    assert not torch.equal(upscale("forced.mp4", "--scheduler", "euler_a", "--force-scheduler"), default)
+
+    pipe = load_upscale(route_dirs["fps4"]).set_precision(torch.bfloat16, attn_fp32=True).set_stage_a_memory(0.5)
+    assert pipe.dit.dtype == torch.bfloat16 and pipe.dit.blocks[0].attn.fp32 and pipe.stage_a.config.max_memory == 0.5
 
 
 def test_a_semantic_route_dit_is_refused():

@@ -9,6 +9,8 @@ from cascadev.errors import UserError
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    from cascadev.pipelines.options import add_runtime_arguments, add_tiling_arguments
+
     p.add_argument("prompt", help="what the video shows")
     p.add_argument("-o", "--output", required=True, help="video file (.mp4); with --num N > 1, OUT_0.mp4 ... OUT_{N-1}.mp4")
     p.add_argument("--frames", type=int, help="number of frames (default: the base model's trained clip length)")
@@ -29,12 +31,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cascade", help="LDM-VAE decoder weights, as for `cascadev decode --weights` (default: the "
                                      "decoder saved in WEIGHTS)")
     g.add_argument("--decode-steps", type=int, help="LDM-VAE decoder steps (default: the decoder's, 8)")
-    g.add_argument("--tiling", choices=["blend", "official"], help="LDM-VAE windows/tiles (default blend)")
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the models' precision (default: bf16 on CUDA, "
-                                                                       "fp32 on CPU)")
+    add_tiling_arguments(g)
     g.add_argument("--fps", type=float, default=8.0)
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+    add_runtime_arguments(p)
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -53,7 +53,7 @@ def output_paths(output: str | Path, n: int) -> list[Path]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.options import check_crf, resolve_device, resolve_dtype
+    from cascadev.pipelines.options import check_crf, check_runtime_args, prepare_pipeline, tiling_of
     from cascadev.pipelines.text_to_video import check_request, load_text_to_video
     from cascadev.pipelines.cascade import check_latents_output, save_latents
     from cascadev.video_io import check_video_output, write_video
@@ -69,8 +69,8 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.fps <= 0:
         raise UserError(f"--fps must be positive, got {args.fps}")
     check_video_output(args.output)
-    device = resolve_device(args.device)
     check_crf(args.crf)
+    check_runtime_args(args)
     if args.latents_out:
         check_latents_output(args.latents_out)
     if args.weights is None and args.text_encoder is not None:
@@ -87,8 +87,7 @@ def run_generate(args: argparse.Namespace) -> None:
               f"'a fast red striped disc with vertical stripes moving left over a dark background'", flush=True)
     else:
         pipe = load_text_to_video(args.weights, text_encoder=args.text_encoder, cascade=args.cascade)
-    dtype = resolve_dtype(args.dtype, device)
-    pipe.set_precision(dtype).to(device)
+    prepare_pipeline(pipe, args)
     W, H = size or pipe.default_size()
     frames = args.frames or pipe.base.config.window_frames
     print(f"generating {args.num} video(s) of {frames} frames at {W}x{H}", flush=True)
@@ -97,7 +96,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.latents_out:
         save_latents(args.latents_out, latents, prompt=args.prompt, negative=args.negative, seed=args.seed)
         print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
-    decode_kwargs = {k: v for k, v in (("steps", args.decode_steps), ("tiling", args.tiling)) if v is not None}
+    decode_kwargs = dict(steps=args.decode_steps, tiling=tiling_of(args, pipe.dit.spec), window_batch=args.window_batch)
     if args.weights is None and pipe.cascade.previewer is not None:
         decode_kwargs["colour_fix"] = pipe.cascade.config.colour_fix   # the tiny cascade's shipped setting
     videos = pipe.decode(latents, seed=args.seed, **decode_kwargs)

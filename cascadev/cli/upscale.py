@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 from pathlib import Path
 
 from cascadev.errors import UserError
@@ -30,20 +29,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the output's band of N x N pixel blocks from the input brought to its grid (StableSR's colour "
                         "fix; default: the folder's saved setting, 16 for tiny_fps4x; 0: off)")
     p.add_argument("--compare", help="also write the input (repeated, resized) | output side by side here (.mp4)")
-    g = p.add_argument_group("sampling and device")
+    from cascadev.pipelines.options import add_runtime_arguments, add_scheduler_arguments, add_tiling_arguments
+
+    g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, help="denoising steps (default: the folder's saved setting)")
-    g.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp", "flow"], help="default: the folder's saved one")
-    g.add_argument("--tiling", default="blend", choices=["blend", "official"])
+    add_scheduler_arguments(g, "default: the folder's saved one")
+    add_tiling_arguments(g)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--window-batch", type=int, default=1, help="DiT windows/tiles per forward")
-    g.add_argument("--max-memory", type=float, metavar="GIB", help="memory for one Stage A call (see decode)")
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+    add_runtime_arguments(p)
 
 
 def _check_args(args) -> None:
-    from cascadev.pipelines.options import check_crf, check_device
+    from cascadev.pipelines.options import check_crf, check_runtime_args
     from cascadev.video_io import check_video_output
 
     check_video_output(args.output)
@@ -51,7 +49,7 @@ def _check_args(args) -> None:
         check_video_output(args.compare, "--compare")
     if args.colour_fix is not None and args.colour_fix < 0:
         raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
-    for name in ("frames", "steps", "window_batch"):
+    for name in ("frames", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -61,10 +59,8 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.max_memory is not None and args.max_memory < 0:
-        raise UserError(f"--max-memory must be >= 0 GiB, got {args.max_memory}")
     check_crf(args.crf)
-    check_device(args.device)
+    check_runtime_args(args)
 
 
 def _read_input(args):
@@ -90,7 +86,7 @@ def _read_input(args):
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from cascadev.pipelines.options import resolve_device, resolve_dtype, set_tf32, stage_a_budget
+    from cascadev.pipelines.options import prepare_pipeline, tiling_of
     from cascadev.pipelines.upscale import load_upscale
     from cascadev.video_io import VideoWriter
     from vae.stage_a import DOWNSAMPLE
@@ -98,7 +94,6 @@ def run(args: argparse.Namespace) -> None:
     _check_args(args)
     video, latents, fps = _read_input(args)
     print("loading weights ...", flush=True)
-    device = resolve_device(args.device)
     pipe = load_upscale(args.weights, vae=args.stage_a)
     ks, kt = pipe.factors
     if args.regenerate_input_frames and pipe.config.spatial_factor != 1:
@@ -111,14 +106,12 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{args.input}: {e}") from None
     if latents is not None and args.latent_scale is not None:
         latents = latents * (pipe.stage_a.config.scale_factor / args.latent_scale)
-    pipe.set_precision(resolve_dtype(args.dtype, device)).to(device)
-    set_tf32(device, True)
-    pipe.stage_a.config = dataclasses.replace(pipe.stage_a.config, max_memory=stage_a_budget(args.max_memory, device))
+    prepare_pipeline(pipe, args)
     T2, H2, W2 = pipe.output_shape(T, H, W)
     print(f"{'x'.join(map(str, (W, H)))} at {fps:g} fps, {T} frames -> {W2}x{H2} at {fps * kt:g} fps, {T2} frames "
           f"(spatial x{ks}, temporal x{kt})", flush=True)
-    sample_kw = dict(steps=args.steps, seed=args.seed, scheduler=args.scheduler, tiling=args.tiling,
-                     window_batch=args.window_batch)
+    sample_kw = dict(steps=args.steps, seed=args.seed, scheduler=pipe.scheduler_for(args.scheduler, args.force_scheduler),
+                     tiling=tiling_of(args, pipe.dit.spec), window_batch=args.window_batch)
     keep = None if video is None else (not args.regenerate_input_frames and ks == 1)
     out = Path(args.output)
     B = (video if video is not None else latents).shape[0]

@@ -12,7 +12,6 @@ below it (``fix_colour``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -33,13 +32,14 @@ from safetensors.torch import save_file
 from cascadev.config import to_dict
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
 from cascadev.pipelines.sampling import Tiling, make_scheduler, sample
+from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.frames import SEMANTIC_DOWNSAMPLE, check_colour_fix, fix_colour, resize_video
 from cascadev.weights import atomic_write, is_hub_id
 from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
 from vae.semantic_encoder import SemanticEncoder, check_video, resolve_official_file
 from vae.stage_a import PRESETS as STAGE_A_PRESETS
-from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE, vae_dtype
+from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE
 
 COND_UPSAMPLE = 4               # semantic latent grid -> Stage A latent grid (f32 -> f8)
 SEMANTIC_CHANNELS = 16
@@ -253,7 +253,7 @@ class CascadeVPipelineOutput(BaseOutput):
     frames: torch.Tensor | np.ndarray | list
 
 
-class CascadeVPipeline(DiffusionPipeline):
+class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
     """The LDM-VAE cascade: semantic encoder + DiT + Stage A VAE (+ the Previewer baseline) and the sampler the
     DiT was trained for. Videos are (B, 3, T, H, W) in [-1, 1]; semantic latents (B, 16, T, H/32, W/32).
 
@@ -316,49 +316,6 @@ class CascadeVPipeline(DiffusionPipeline):
     @property
     def pixel_multiple(self) -> int:
         return SEMANTIC_DOWNSAMPLE
-
-    def set_precision(self, dtype: torch.dtype, attn_fp32: bool | None = None) -> "CascadeVPipeline":
-        """Run the models in ``dtype`` (fp32, bf16 or fp16). Kept in fp32: the latents and the scheduler's arithmetic
-        (``decode_latents``), the latent scale (``StageAVAE``), and in fp16 a Stage A VAE whose config sets diffusers'
-        ``force_upcast`` (VAEs that overflow in fp16). ``attn_fp32``: upcast the DiT's q, k, v as the release did
-        (default: only in fp32, where it changes nothing); off, half precision uses the flash / cuDNN kernels."""
-        for module in (self.dit, self.semantic_encoder, self.previewer):
-            if module is not None:   # torch's cast: diffusers' to(dtype) warns about an empty list of fp32 modules
-                torch.nn.Module.to(module, dtype)
-        torch.nn.Module.to(self.vae, vae_dtype(self.vae.config, dtype))
-        self.dit.set_attn_fp32(dtype == torch.float32 if attn_fp32 is None else attn_fp32)
-        return self
-
-    def set_stage_a_memory(self, gib: float) -> "CascadeVPipeline":
-        """Choose Stage A's tiles and frames per call from ``gib`` GiB (``StageAVAE.plan``; 0: the saved tiles). A
-        setting of this run, not saved with the pipeline."""
-        self.stage_a.config = dataclasses.replace(self.stage_a.config, max_memory=gib)
-        return self
-
-    def compile_models(self) -> "CascadeVPipeline":
-        """torch.compile the DiT blocks and the Stage A decoder, shapes static: each window layout (and Stage A chunk
-        size) compiles once, on its first call."""
-        for block in self.dit.blocks:
-            block.compile(dynamic=False)
-        self.vae.decoder.compile(dynamic=False)
-        return self
-
-    def scheduler_for(self, name: str | None, force: bool = False) -> SchedulerMixin:
-        """The saved scheduler, or another by short name (``make_scheduler``); a scheduler of the saved one's
-        class keeps its saved config (e.g. the flow shift the DiT was trained at). One of the other family (flow
-        matching vs eps prediction) than the saved one is refused unless ``force``: the DiT predicts one or the other
-        (an ancestral sampler on the flow-trained tiny cascade gives 8 dB instead of 21)."""
-        if name is None:
-            return self.scheduler
-        wanted = make_scheduler(name)
-        if type(wanted) is type(self.scheduler):
-            return type(wanted).from_config(self.scheduler.config)
-        flow = [isinstance(s, FlowMatchEulerDiscreteScheduler) for s in (self.scheduler, wanted)]
-        if flow[0] != flow[1] and not force:
-            trained = "flow matching (velocity)" if flow[0] else "eps prediction"
-            raise ValueError(f"scheduler {name!r} does not fit this DiT, trained for {trained} (its saved scheduler "
-                             f"is {type(self.scheduler).__name__}); force it with --force-scheduler")
-        return wanted
 
     def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         return timed(self.timings, phase, self._execution_device, fn)

@@ -15,6 +15,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``reconstruct``, ``decode`` and ``bench-recon``: the cascade's weights, its sampling, and how it
+    runs."""
     g = p.add_argument_group("weights and sampling")
     g.add_argument("--weights", help="folder with the released files or one written by save_pretrained "
                                      "(default: download from the hub)")
@@ -24,10 +26,25 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stage-a", help="Stage A VAE: diffusers folder or hub id (default: the SVD VAE)")
     g.add_argument("--steps", type=int, help="denoising steps (default: the folder's saved sampler, else 8 as the "
                                              "release)")
-    g.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp", "flow"],
-                   help="default: the folder's saved sampler (flow for the built-in tiny cascade), else euler_a")
+    add_scheduler_arguments(g, "default: the folder's saved sampler (flow for the built-in tiny cascade), else euler_a")
+    add_tiling_arguments(g)
+    g.add_argument("--colour-fix", type=int, metavar="N",
+                   help="take the band of N x N pixel blocks and below from the Previewer (StableSR's colour fix; "
+                        "default: the folder's saved setting, 16 for the built-in tiny cascade; 0: off)")
+    g.add_argument("--seed", type=int, default=0)
+    add_runtime_arguments(p)
+    g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+
+
+def add_scheduler_arguments(g, default_help: str) -> None:
+    """``--scheduler`` (of the DiT that decodes) and ``--force-scheduler``."""
+    g.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp", "flow"], help=default_help)
     g.add_argument("--force-scheduler", action="store_true",
                    help="use --scheduler even if it is of the other family (flow vs eps) than the DiT was trained for")
+
+
+def add_tiling_arguments(g) -> None:
+    """How the DiT covers a clip with its windows and tiles (``tiling_of``)."""
     g.add_argument("--tiling", default="blend", choices=["blend", "official"],
                    help="blend windows/tiles smoothly (default) or reproduce the release exactly")
     g.add_argument("--tile-stride", type=int, metavar="N",
@@ -35,10 +52,12 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                         "96 for the official DiT; up to the window, 128: fewer tiles, a third faster at 2048x1152)")
     g.add_argument("--frame-stride", type=int, metavar="N",
                    help="latent frames between DiT windows of long clips (default: the release's half window)")
-    g.add_argument("--colour-fix", type=int, metavar="N",
-                   help="take the band of N x N pixel blocks and below from the Previewer (StableSR's colour fix; "
-                        "default: the folder's saved setting, 16 for the built-in tiny cascade; 0: off)")
-    g.add_argument("--seed", type=int, default=0)
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """Device, precision, speed and memory of a pipeline that decodes with the DiT and Stage A (``prepare_pipeline``,
+    ``check_runtime_args``)."""
+    g = p.add_argument_group("device, precision and speed")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available; under accelerate launch, each "
                                     "process's own GPU)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="the models' precision (default: bf16 on CUDA, fp32 on CPU)")
@@ -57,7 +76,6 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-tf32", action="store_true",
                    help="fp32 on CUDA: exact fp32 matmuls and convolutions (default: TF32 tensor cores, as in bf16 "
                         "the kernels' own precision)")
-    g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -86,16 +104,21 @@ def default_device() -> torch.device:
 
 
 def load_pipeline(args, with_previewer: bool | None = None):
-    """The cascade the options name; the Previewer when asked, else only for the colour fix (given, or the folder's
-    saved one)."""
+    """The cascade the options name, ready to run (``prepare_pipeline``); the Previewer when asked, else only for the
+    colour fix (given, or the folder's saved one)."""
     print("loading weights ...", flush=True)
     if with_previewer is None and args.colour_fix is not None:
         with_previewer = args.colour_fix > 0
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
     pipe = load_cascade(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder, previewer=args.previewer,
                         vae=args.stage_a, with_previewer=with_previewer)
-    pipe.set_precision(dtype, attn_fp32=True if args.attn_fp32 else None)
+    return prepare_pipeline(pipe, args)
+
+
+def prepare_pipeline(pipe, args):
+    """A loaded pipeline (any ``DecoderRuntimeMixin``) set up as ``add_runtime_arguments``' options say: precision,
+    on the device or offloaded to it, TF32, Stage A's memory budget, compiled."""
+    device = resolve_device(args.device)
+    pipe.set_precision(resolve_dtype(args.dtype, device), attn_fp32=True if args.attn_fp32 else None)
     if args.offload:
         getattr(pipe, f"enable_{args.offload}_cpu_offload")(device=device)
     else:
@@ -129,14 +152,18 @@ def check_decode_args(args) -> None:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.colour_fix is not None and args.colour_fix < 0:
         raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
-    if args.window_batch < 1:
-        raise UserError(f"--window-batch must be >= 1, got {args.window_batch}")
-    for option in ("tile_stride", "frame_stride"):
+    check_crf(args.crf)
+    check_runtime_args(args)
+
+
+def check_runtime_args(args) -> None:
+    """``add_tiling_arguments`` and ``add_runtime_arguments``' options, before any weights load."""
+    check_device(args.device)
+    for option in ("window_batch", "tile_stride", "frame_stride"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UserError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     if args.max_memory is not None and args.max_memory < 0:
         raise UserError(f"--max-memory must be >= 0 GiB (0: the saved tiles), got {args.max_memory}")
-    check_crf(args.crf)
     if args.offload and resolve_device(args.device).type != "cuda":
         raise UserError("--offload moves models to a GPU and back: it needs --device cuda")
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade, timed,
                                         to_numpy_video)
+from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.sampling import load_scheduler, make_scheduler, scheduler_for_objective
 from dit.text_dit import TextDiT, TextDiTConfig
 from dit.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
@@ -168,7 +169,7 @@ class TextToVideoPipelineOutput(BaseOutput):
     latents: torch.Tensor
 
 
-class TextToVideoPipeline(DiffusionPipeline):
+class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
     """Text encoder + base TextDiT (Stage C) + the LDM-VAE cascade (Stage B and A). Videos are (N, 3, T, H, W)
     in [-1, 1]; N = prompts x ``num_per_prompt``.
 
@@ -206,13 +207,16 @@ class TextToVideoPipeline(DiffusionPipeline):
                    dit=cascade.dit, vae=cascade.vae, scheduler=cascade.scheduler, previewer=cascade.previewer,
                    stage_a=c.stage_a, num_inference_steps=c.num_inference_steps, colour_fix=c.colour_fix)
 
-    def set_precision(self, dtype: torch.dtype) -> "TextToVideoPipeline":
-        """Run the text encoder and base model in ``dtype`` (fp32, bf16 or fp16), the decoding parts as
-        ``CascadeVPipeline.set_precision`` does (a VAE with diffusers' ``force_upcast`` stays fp32 in fp16)."""
-        for module in (self.text_encoder, self.base):   # torch's cast: diffusers' to(dtype) warns about an empty list
-            torch.nn.Module.to(module, dtype)
-        self.cascade.set_precision(dtype)
-        return self
+    @property
+    def stage_a(self):
+        """The cascade's ``StageAVAE`` (``DecoderRuntimeMixin`` sets its memory budget)."""
+        return self.cascade.stage_a
+
+    def compile_models(self) -> "TextToVideoPipeline":
+        """torch.compile the base model's blocks, then the decoding parts as ``DecoderRuntimeMixin`` does."""
+        for block in self.base.blocks:
+            block.compile(dynamic=False)
+        return super().compile_models()
 
     def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         return timed(self.timings, phase, self._execution_device, fn)

@@ -31,16 +31,17 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from cascadev.pipelines.cascade import load_vae, seeded_noise, stage_a_settings, timed
 from cascadev.pipelines.frames import fix_colour
 from cascadev.pipelines.conditioning import temporal_upsample, upsample_condition
-from cascadev.pipelines.sampling import Tiling, make_scheduler, sample
+from cascadev.pipelines.runtime import DecoderRuntimeMixin
+from cascadev.pipelines.sampling import Tiling, sample
 from dit.video_dit import VideoDiT
 from vae.semantic_encoder import check_video
-from vae.stage_a import DOWNSAMPLE, KIND_OF_CLASS, PRESETS as STAGE_A_PRESETS, StageAConfig, StageAVAE, vae_dtype
+from vae.stage_a import DOWNSAMPLE, KIND_OF_CLASS, PRESETS as STAGE_A_PRESETS, StageAConfig, StageAVAE
 
 PIPELINE_CLASS = "CascadeVUpscalePipeline"
 TINY_FPS4X = Path(__file__).resolve().parents[1] / "assets" / "tiny_fps4x"
 
 
-class CascadeVUpscalePipeline(DiffusionPipeline):
+class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
     """Resize-route DiT + Stage A VAE + the sampler it was trained for. Videos (B, 3, T, H, W) in [-1, 1]; latents
     (B, 4, T, h, w), scaled by Stage A's ``scale_factor``.
 
@@ -82,13 +83,6 @@ class CascadeVUpscalePipeline(DiffusionPipeline):
         """(spatial_factor, temporal_factor) of the route."""
         return self.config.spatial_factor, self.config.temporal_factor
 
-    def set_precision(self, dtype: torch.dtype) -> "CascadeVUpscalePipeline":
-        """Run the DiT and Stage A in ``dtype``; latents and the scheduler stay fp32 (``sample``)."""
-        torch.nn.Module.to(self.dit, dtype)
-        torch.nn.Module.to(self.vae, vae_dtype(self.vae.config, dtype))
-        self.dit.set_attn_fp32(dtype == torch.float32)
-        return self
-
     def output_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         """(T, H, W) of the output for an input of ``frames`` x ``height`` x ``width`` (pixels or latent cells alike)."""
         ks, kt = self.factors
@@ -110,14 +104,6 @@ class CascadeVUpscalePipeline(DiffusionPipeline):
             if n is not None and colour_fix and n * self.config.spatial_factor % colour_fix:
                 raise ValueError(f"output {name} {n * self.config.spatial_factor} is not a multiple of the colour fix's "
                                  f"{colour_fix} px blocks (turn it off with colour_fix=0 / --colour-fix 0)")
-
-    def scheduler_for(self, scheduler: str | SchedulerMixin | None) -> SchedulerMixin:
-        """The saved scheduler (None), a scheduler object, or one by short name; of the saved one's class, it keeps
-        the saved config (e.g. the flow shift the DiT was trained at)."""
-        if scheduler is None or isinstance(scheduler, SchedulerMixin):
-            return scheduler or self.scheduler
-        wanted = make_scheduler(scheduler)
-        return type(wanted).from_config(self.scheduler.config) if type(wanted) is type(self.scheduler) else wanted
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:

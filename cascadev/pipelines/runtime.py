@@ -1,0 +1,63 @@
+"""How a pipeline that decodes with the LDM-VAE's DiT and Stage A runs: precision, Stage A's memory budget,
+compilation and the sampler. ``CascadeVPipeline``, ``CascadeVUpscalePipeline`` and ``TextToVideoPipeline`` share it,
+so the command-line options of one (``options.prepare_pipeline``) mean the same on all three."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from cascadev.pipelines.sampling import make_scheduler
+from vae.stage_a import vae_dtype
+
+
+class DecoderRuntimeMixin:
+    """For a ``DiffusionPipeline`` with components ``dit`` (a ``VideoDiT``), ``vae`` (Stage A's autoencoder) and
+    ``scheduler`` (the sampler the DiT was trained for), and ``self.stage_a`` (the ``StageAVAE`` around ``vae``)."""
+
+    def set_precision(self, dtype: torch.dtype, attn_fp32: bool | None = None):
+        """Run the models in ``dtype`` (fp32, bf16 or fp16). Kept in fp32: the latents and the scheduler's arithmetic
+        (``sampling.sample``), the latent scale (``StageAVAE``), and in fp16 a Stage A VAE whose config sets
+        diffusers' ``force_upcast`` (VAEs that overflow in fp16). ``attn_fp32``: upcast the DiT's q, k, v as the
+        release did (default: only in fp32, where it changes nothing); off, half precision uses the flash / cuDNN
+        kernels."""
+        for name, module in self.components.items():
+            if isinstance(module, torch.nn.Module) and name != "vae":
+                torch.nn.Module.to(module, dtype)   # torch's cast: diffusers' to(dtype) warns about no fp32 modules
+        torch.nn.Module.to(self.vae, vae_dtype(self.vae.config, dtype))
+        self.dit.set_attn_fp32(dtype == torch.float32 if attn_fp32 is None else attn_fp32)
+        return self
+
+    def set_stage_a_memory(self, gib: float):
+        """Choose Stage A's tiles and frames per call from ``gib`` GiB (``StageAVAE.plan``; 0: the saved tiles). A
+        setting of this run, not saved with the pipeline."""
+        self.stage_a.config = dataclasses.replace(self.stage_a.config, max_memory=gib)
+        return self
+
+    def compile_models(self):
+        """torch.compile the DiT blocks and the Stage A decoder, shapes static: each window layout (and Stage A chunk
+        size) compiles once, on its first call."""
+        for block in self.dit.blocks:
+            block.compile(dynamic=False)
+        self.vae.decoder.compile(dynamic=False)
+        return self
+
+    def scheduler_for(self, scheduler: str | SchedulerMixin | None, force: bool = False) -> SchedulerMixin:
+        """The saved scheduler (None), a scheduler object, or one by short name (``make_scheduler``); a named one of
+        the saved one's class keeps its saved config (e.g. the flow shift the DiT was trained at). A named one of
+        the other family (flow matching vs eps prediction) than the saved one is refused unless ``force``: the DiT
+        predicts one or the other (an ancestral sampler on the flow-trained tiny cascade gives 8 dB instead of 21)."""
+        if scheduler is None or isinstance(scheduler, SchedulerMixin):
+            return scheduler or self.scheduler
+        wanted = make_scheduler(scheduler)
+        if type(wanted) is type(self.scheduler):
+            return type(wanted).from_config(self.scheduler.config)
+        flow = [isinstance(s, FlowMatchEulerDiscreteScheduler) for s in (self.scheduler, wanted)]
+        if flow[0] != flow[1] and not force:
+            trained = "flow matching (velocity)" if flow[0] else "eps prediction"
+            raise ValueError(f"scheduler {scheduler!r} does not fit this DiT, trained for {trained} (its saved "
+                             f"scheduler is {type(self.scheduler).__name__}); force it with --force-scheduler")
+        return wanted
