@@ -6,8 +6,8 @@ semantic encoder with the Previewer ("semantic"), or the Stage C text-to-video b
     python -m cascadev.training.train --config configs/dit_tiny.yaml --set data.videos=clips/ --max-steps 20
 
 ``main`` reads top to bottom: config -> Accelerator -> models -> data -> prepare -> resume -> loop -> save.
-What differs between stages (models, loss, validation, export) is a task object from ``cascadev/training/tasks.py``
-(``build_task``); this module is what they share: the loop, checkpoints, EMA, LR schedule, logs and the CLI.
+What differs between stages (models, loss, validation, export) is a task object from ``cascadev/training/tasks/``
+(one module per stage, ``build_task``); this module is what they share: the loop, checkpoints, EMA, LR schedule, logs and the CLI.
 
 Run directory (``run.dir``): ``config.yaml`` (resolved), ``train.log``, ``logs/`` (TensorBoard),
 ``samples/`` (validation videos, or latents for base), ``checkpoints/step_XXXXXXXX/`` (accelerate state:

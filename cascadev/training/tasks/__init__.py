@@ -1,0 +1,52 @@
+"""What trains in each stage of the cascade: one task object per stage, picked by ``build_task``.
+
+A task holds what differs between stages -- the models (the one that trains, the frozen encoders around it, a
+discriminator), the loss, validation and the export of final weights -- so that the loop in ``cascadev.training.train``
+is the same for all of them: ``DiTTask`` (stage "dit", Stage B), ``VAETask`` ("vae", Stage A), ``SemanticTask``
+("semantic", Stage B's semantic encoder with the Previewer) and ``BaseTask`` ("base", Stage C).
+
+What the loop uses of a task:
+
+- ``name``: the stage; ``model``: the module that trains (the loop prepares it, its optimizer and EMA);
+  ``discriminator``: a second trained module with its own optimizer, or None.
+- ``to(device)``: move what the task keeps outside ``model`` (frozen encoders, LPIPS); returns the task.
+- ``micro_step(accelerator, prepared, batch, generator, as_images, step, accum)``: loss and backward of one
+  micro-batch (``prepared`` holds the prepared "model" and "discriminator"); returns the values to log.
+- ``validate(accelerator, prepared, clips, step, run_dir)``: metrics on held-out clips, and a sample under
+  ``run_dir/samples``.
+- ``export(state_dict, directory)``: final weights in our formats (``cascadev.training.train.export_final`` decides
+  which state dict goes where; for stage base it also saves ``text_encoder``).
+
+``DiTTask`` and ``BaseTask`` also ``encode`` videos into what ``cascadev.training.cache_latents`` stores, built with
+``build_model=False`` (frozen encoders only). Every model is initialised under ``seeded(seed, part)``, so each
+process and command builds the same random-init weights.
+
+One module per stage (``dit_task``, ``vae_task``, ``semantic_task``, ``base_task``) over ``common``'s helpers.
+"""
+
+
+from __future__ import annotations
+
+from cascadev.config import ConfigError
+from cascadev.training.config import TrainConfig
+from cascadev.training.tasks.base_task import BaseTask, build_base_dit
+from cascadev.training.tasks.common import is_fsdp, write_json
+from cascadev.training.tasks.dit_task import DiTTask, build_dit
+from cascadev.training.tasks.semantic_task import SemanticTask
+from cascadev.training.tasks.vae_task import VAETask
+
+__all__ = ["BaseTask", "DiTTask", "SemanticTask", "VAETask", "build_base_dit", "build_dit", "build_task", "is_fsdp",
+           "write_json"]
+
+
+def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAETask | SemanticTask | BaseTask:
+    """The one factory of what trains."""
+    if config.stage == "dit":
+        return DiTTask(config, load_weights)
+    elif config.stage == "vae":
+        return VAETask(config, load_weights)
+    elif config.stage == "semantic":
+        return SemanticTask(config, load_weights)
+    elif config.stage == "base":
+        return BaseTask(config, load_weights)
+    raise ConfigError(f"unknown stage {config.stage!r}; expected 'dit', 'vae', 'semantic' or 'base'")
