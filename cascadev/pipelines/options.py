@@ -1,5 +1,7 @@
 """The cascade's loading and decoding options on the command line: ``cascadev reconstruct`` / ``decode``
-(``cascadev/cli/decode.py``) and ``cascadev bench-recon`` (``eval/bench_recon.py``) share them."""
+(``cascadev/cli/decode.py``) and ``cascadev bench-recon`` (``eval/bench_recon.py``) share them all; ``cascadev
+generate`` and ``upscale`` share the tiling, device, precision and speed options (``add_tiling_arguments``,
+``add_runtime_arguments``, ``prepare_pipeline``) over any ``DecoderRuntimeMixin`` pipeline."""
 
 from __future__ import annotations
 
