@@ -75,6 +75,7 @@ def test_offloaded_output_equals_plain(saved, offload):
     pipe = CascadeVPipeline.from_pretrained(str(root))
     if offload == "model":
         pipe.enable_model_cpu_offload(device="cpu")
+        assert type(pipe.dit._hf_hook).__name__ == "CpuOffload"                # accelerate's hook is in place
     else:
         sequential_offload_on_cpu(pipe)
         assert pipe.dit.x_embedder.proj.weight.device.type == "meta"
@@ -189,6 +190,8 @@ def test_compiled_models_give_the_eager_output(saved):
     kwargs = dict(latents=LATENTS, num_inference_steps=1, colour_fix=0, generator=torch.Generator().manual_seed(4))
     eager = pipe(**kwargs).frames
     compiled = pipe.compile_models()(**{**kwargs, "generator": torch.Generator().manual_seed(4)}).frames
+    assert all(b._compiled_call_impl is not None for b in pipe.dit.blocks)     # torch.nn.Module.compile's wrapper
+    assert pipe.vae.decoder._compiled_call_impl is not None
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 

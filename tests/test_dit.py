@@ -31,6 +31,20 @@ def test_output_shape_square_and_non_square(T, H, W):
     assert model(x, t, as_images=True).shape == (2, 8, T, H, W)
 
 
+def test_as_images_treats_each_frame_alone():
+    """Training's image batches (``as_images``): no token attends across frames, so a frame's output depends on that
+    frame alone (as a video, frames mix); a timestep per video equals the same timestep for each frame."""
+    model = tiny_model()
+    x, t = inputs()
+    out = model(x, t, as_images=True)
+    changed = x.clone()
+    changed[:, :, 1:] = torch.randn_like(changed[:, :, 1:])
+    assert torch.equal(model(changed, t, as_images=True)[:, :, 0], out[:, :, 0])
+    assert not torch.allclose(model(changed, t)[:, :, 0], model(x, t)[:, :, 0])
+    torch.testing.assert_close(model(x[:, :, :1], t, as_images=True), out[:, :, :1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(model(x, t[:, None].expand(-1, x.shape[2]), as_images=True), out)
+
+
 def test_bad_sizes_say_what_would_work():
     model = tiny_model()
     with pytest.raises(ValueError, match=r"multiple of 2 \(e.g. 2 or 4\)"):
@@ -87,14 +101,17 @@ def test_native_and_math_attention_backends_agree():
 
 def test_gradient_checkpointing_same_loss_and_gradients():
     x, t = inputs()
-    grads = {}
+    grads, calls = {}, {}
     for ckpt in (False, True):
         model = tiny_model().train()
         if ckpt:
             model.enable_gradient_checkpointing()  # diffusers' ModelMixin method
+        calls[ckpt] = []
+        model.blocks[0].register_forward_pre_hook(lambda *_, c=calls[ckpt]: c.append(1))
         loss = model(x, t).square().mean()
         loss.backward()
         grads[ckpt] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert (len(calls[False]), len(calls[True])) == (1, 2)      # checkpointed: the block runs again in backward
     torch.testing.assert_close(grads[True][0], grads[False][0], rtol=0, atol=0)
     for name, g in grads[False][1].items():
         torch.testing.assert_close(grads[True][1][name], g, rtol=1e-6, atol=1e-7, msg=name)

@@ -39,21 +39,24 @@ def test_round_size_keeps_aspect():
 def test_cli_reconstruct_end_to_end(tmp_path, capsys, tiny_pipeline_dir, clip_file):
     out, side, z = tmp_path / "recon.mp4", tmp_path / "side.mp4", tmp_path / "z.safetensors"
     code, stdout, err = run_cli(capsys, "reconstruct", clip_file, "-o", out, "--weights", tiny_pipeline_dir,
-                                "--steps", 2, "--compare", side, "--latents-out", z, "--frames", 8, "--start", 1)
+                                "--steps", 2, "--compare", side, "--latents-out", z, "--frames", 8, "--start", 1,
+                                "--crf", 0)
     assert code == 0, err
     assert "PSNR" in stdout and "time: encode" in stdout
     info = video_info(out)
     assert (info.frames, info.height, info.width) == (8, 96, 160)
     assert video_info(side).width == 320
     assert load_latents(z).shape == (1, 16, 8, 3, 5)
+    want = CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir)).encode(read_video(clip_file, 8, start=1))
+    assert (load_latents(z) - want).norm() / want.norm() < 1e-4     # frames 1-8 as the API encodes them (in pieces)
 
-    # decode those latents again, from safetensors and from a 4D .pt
-    code, stdout, err = run_cli(capsys, "decode", z, "-o", tmp_path / "dec.mp4", "--weights", tiny_pipeline_dir, "--steps", 2)
-    assert code == 0, err
-    assert (video_info(tmp_path / "dec.mp4").frames, video_info(tmp_path / "dec.mp4").width) == (8, 160)
+    # decode those latents again, from safetensors and from a 4D .pt: the same frames as the reconstruction
     torch.save(load_latents(z)[0], tmp_path / "z.pt")
-    code, _, err = run_cli(capsys, "decode", tmp_path / "z.pt", "-o", tmp_path / "dec2.mp4", "--weights", tiny_pipeline_dir, "--steps", 1)
-    assert code == 0, err
+    for latents in (z, tmp_path / "z.pt"):
+        code, stdout, err = run_cli(capsys, "decode", latents, "-o", tmp_path / "dec.mp4", "--weights",
+                                    tiny_pipeline_dir, "--steps", 2, "--crf", 0)
+        assert code == 0, err
+        assert torch.equal(read_video(tmp_path / "dec.mp4"), read_video(out))
 
 
 def test_cli_resizes_to_multiples_of_32_and_says_so(tmp_path, capsys, tiny_pipeline_dir, clip_file):
@@ -208,19 +211,25 @@ def test_cli_half_precision_batched_windows_and_bad_options(tmp_path, capsys, ti
         assert code == 2 and message in err and "Traceback" not in err, err
 
 
-def test_cli_streams_a_long_clip_and_matches_the_in_memory_path(tmp_path, capsys, pipe, tiny_pipeline_dir):
-    """24 frames: three Stage A chunks and two pieces of input read; the CLI never holds the whole clip, yet its
-    frames are those of the pipeline's in-memory decode (compared through the PSNR it reports)."""
+def test_cli_streams_a_long_clip_and_matches_the_in_memory_path(tmp_path, capsys):
+    """24 frames: three Stage A chunks and two pieces of input read; the CLI never holds the whole clip, yet it writes
+    the frames of the pipeline's in-memory decode. The shipped cascade, whose output follows its input: a piece read
+    twice or out of order would show."""
     from cascadev.synthetic import make_clip
     from cascadev.video_io import write_video
+    from conftest import SHIPPED_CASCADE, as_written, mean_abs
     from eval.metrics import psnr
+
     clip = tmp_path / "long.mp4"
     write_video(clip, make_clip(seed=5, frames=24, height=64, width=96), fps=8)
-    code, stdout, err = run_cli(capsys, "reconstruct", clip, "-o", tmp_path / "r.mp4", "--weights", tiny_pipeline_dir,
-                                "--steps", 1, "--compare", tmp_path / "side.mp4")
+    code, stdout, err = run_cli(capsys, "reconstruct", clip, "-o", tmp_path / "r.mp4", "--weights", SHIPPED_CASCADE,
+                                "--steps", 1, "--compare", tmp_path / "side.mp4", "--crf", 0)
     assert code == 0, err
     video = read_video(clip)
-    expected = psnr(pipe.reconstruct(video, steps=1, progress=False), video).mean().item()
-    assert f"PSNR {expected:.2f} dB" in stdout
-    assert video_info(tmp_path / "r.mp4").frames == video_info(tmp_path / "side.mp4").frames == 24
-    assert len(list(pipe.stage_a.decode_pieces(torch.zeros(1, 4, 24, 8, 12)))) == 3
+    shipped = CascadeVPipeline.from_pretrained(str(SHIPPED_CASCADE))
+    expected = shipped.reconstruct(video, steps=1, colour_fix=shipped.config.colour_fix, progress=False)
+    assert mean_abs(read_video(tmp_path / "r.mp4"), as_written(expected, tmp_path / "expected.mp4")) < 2e-5
+    assert psnr(expected, video).mean().item() > 18          # it reconstructs this clip, not any clip
+    assert f"PSNR {psnr(expected, video).mean().item():.2f} dB" in stdout
+    assert video_info(tmp_path / "side.mp4").frames == 24
+    assert len(list(shipped.stage_a.decode_pieces(torch.zeros(1, 4, 24, 8, 12)))) == 3

@@ -136,6 +136,23 @@ def test_sample_is_seedable_and_shapes_hold(name):
         make_scheduler("heun")
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpmpp", "flow"])
+def test_each_deterministic_sampler_is_its_diffusers_loop(name):
+    """On one window, ``sample`` is the plain diffusers loop over the DiT's first 4 output channels (eps, or v for
+    flow): each name reaches its own scheduler with its own input scaling and start."""
+    model = tiny_model()
+    cond, noise = torch.randn(1, 16, 4, 16, 16), torch.randn(1, 4, 4, 16, 16)
+    scheduler = make_scheduler(name)
+    scheduler.set_timesteps(3)
+    z = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.scale_model_input(z, t) if hasattr(scheduler, "scale_model_input") else z
+            eps = model(torch.cat([x, cond], dim=1), t.float().expand(1))[:, :4]
+            z = scheduler.step(eps, t, z).prev_sample
+    torch.testing.assert_close(sample(model, cond, noise, name, 3, progress=False), z, rtol=1e-5, atol=1e-6)
+
+
 def test_flow_sampling_is_euler_on_the_velocity():
     """One flow step from sigma=1: x0 = noise - v, exactly what a rectified-flow model implies."""
     class ConstantVelocity(CallConstant):

@@ -133,16 +133,30 @@ def test_source_vae_latents_decode_through_the_cli(name, frames, channels, compr
     assert (info.frames, info.width, info.height, info.fps) == (frames, 192, 128, 16)
 
 
-def test_raw_latents_and_size(saved, tiny_pipeline_dir, tmp_path, capsys):
-    """``--raw-latents``: the file holds what the VAE's encoder gives; ``--size``: the output's long side."""
+def test_raw_latents_and_size(saved, tmp_path, capsys):
+    """``--raw-latents``: the file holds what the VAE's encoder gives; ``--size``: the output's long side. The CLI
+    writes what ``decode_from`` gives (the shipped cascade, whose output follows its input); without the flag the
+    same file is read as normalised latents and the frames change."""
+    from conftest import SHIPPED_CASCADE, as_written, mean_abs
+    from cascadev.video_io import read_video
+
     vae = SourceVAE.from_pretrained(saved["AutoencoderKLWan"])        # finds vae/ itself
-    save_latents(tmp_path / "raw.pt", vae.encode(make_clip(seed=2, frames=5, height=64, width=96)[None], normalised=False))
-    code, stdout, err = run_cli(capsys, "decode", tmp_path / "raw.pt", "-o", tmp_path / "up.mp4", "--raw-latents",
-                                "--source-vae", saved["AutoencoderKLWan"], "--size", 160, "--weights", tiny_pipeline_dir,
-                                "--steps", 1)
-    assert code == 0, err
-    info = video_info(tmp_path / "up.mp4")
-    assert (info.frames, info.width, info.height) == (5, 160, 96)
+    raw = vae.encode(make_clip(seed=2, frames=5, height=64, width=96)[None], normalised=False)
+    save_latents(tmp_path / "raw.pt", raw)
+
+    def decode(name, *flags):
+        code, _, err = run_cli(capsys, "decode", tmp_path / "raw.pt", "-o", tmp_path / name, *flags, "--source-vae",
+                               saved["AutoencoderKLWan"], "--size", 160, "--weights", SHIPPED_CASCADE, "--steps", 1,
+                               "--colour-fix", 0, "--crf", 0)
+        assert code == 0, err
+        return read_video(tmp_path / name)
+
+    out = decode("up.mp4", "--raw-latents")
+    assert out.shape == (1, 3, 5, 96, 160)
+    want = CascadeVPipeline.from_pretrained(str(SHIPPED_CASCADE)).decode_from(raw, vae, latents_normalised=False,
+                                                                               size="160", steps=1, progress=False)
+    assert mean_abs(out, as_written(want, tmp_path / "want.mp4")) < 2e-5
+    assert mean_abs(decode("as_normalised.mp4"), out) > 1e-3
 
 
 def test_decode_from_in_python(saved, tiny_pipeline_dir):

@@ -37,6 +37,19 @@ def test_output_shape_square_and_non_square(T, H, W):
     assert model(x, per_frame_t, context, pooled, mask, as_images=True).shape == (2, 32, T, H, W)
 
 
+def test_as_images_treats_each_frame_alone():
+    """As ``VideoDiT``'s: a frame's output under ``as_images`` depends on that frame alone; as a video, frames mix."""
+    model = tiny_model()
+    x, t, context, pooled, mask = inputs()
+    run = lambda v, **kw: model(v, t, context, pooled, mask, **kw)        # noqa: E731
+    changed = x.clone()
+    changed[:, :, 1:] = torch.randn_like(changed[:, :, 1:])
+    assert torch.equal(run(changed, as_images=True)[:, :, 0], run(x, as_images=True)[:, :, 0])
+    assert not torch.allclose(run(changed)[:, :, 0], run(x)[:, :, 0])
+    assert torch.equal(model(x, t[:, None].expand(-1, x.shape[2]), context, pooled, mask, as_images=True),
+                       run(x, as_images=True))
+
+
 def test_untrained_model_predicts_zero():
     x, t, context, pooled, mask = inputs()
     assert torch.equal(build_text_dit("tiny")(x, t, context, pooled, mask), torch.zeros(2, 32, 4, 8, 6))
@@ -102,8 +115,11 @@ def test_gradient_checkpointing_gives_the_same_output_and_gradients():
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model.enable_gradient_checkpointing()
+    calls = []
+    model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
     out2 = model(x, t, context, pooled, mask)
     out2.square().mean().backward()
+    assert len(calls) == 2                                      # checkpointed: the block runs again in backward
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)

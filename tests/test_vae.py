@@ -264,8 +264,10 @@ def test_tiled_decode_is_close_to_untiled(tiny_vae):
     z = torch.randn(1, 4, 1, 24, 24)                                                     # 192 x 192 px
     plain = tiny_vae.decode(z)
     blended = with_config(tiny_vae, tile_size=96, tile_overlap=48).decode(z)          # 3 x 3 tiles
+    butted = with_config(tiny_vae, tile_size=96, tile_overlap=0).decode(z)            # 2 x 2, no blending
     assert blended.shape == plain.shape == (1, 3, 1, 192, 192)
-    assert (blended - plain).abs().mean() / plain.std() < 0.2
+    off = lambda v: ((v - plain).abs().mean() / plain.std()).item()
+    assert off(blended) < 0.13 < off(butted)          # measured 0.099 and 0.21: the bound tells them apart
     for dim in (-1, -2):               # no seams: neighbouring columns/rows differ as much as untiled ones
         steps = lambda v: v.diff(dim=dim).abs().mean(dim=tuple(d for d in range(5) if d != v.ndim + dim))
         assert (steps(blended) / steps(plain)).max() < 1.5
@@ -275,9 +277,14 @@ def test_tiled_encode_is_close_to_untiled(tiny_vae):
     x = video(T=1, H=128, W=128, seed=3)
     plain = tiny_vae.encode(x)
     tiled = with_config(tiny_vae, tile_size=64, tile_overlap=32).encode(x)
+    butted = with_config(tiny_vae, tile_size=64, tile_overlap=0).encode(x)
     assert tiled.shape == plain.shape == (1, 4, 1, 16, 16)
-    a, b = (plain - plain.mean()).flatten(), (tiled - tiled.mean()).flatten()
-    assert a @ b / (a.norm() * b.norm()) > 0.7          # random-init encoder: tile statistics differ
+
+    def cosine(v):
+        a, b = (plain - plain.mean()).flatten(), (v - v.mean()).flatten()
+        return (a @ b / (a.norm() * b.norm())).item()
+    # random-init encoder: tile statistics differ; measured 0.89 blended, 0.78 without blending
+    assert cosine(tiled) > 0.85 > cosine(butted)
 
 
 @pytest.mark.parametrize("chunk_frames, chunk_overlap", [(3, 0), (3, 1), (4, 2), (2, 0)])

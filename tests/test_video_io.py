@@ -118,18 +118,20 @@ def test_read_errors_are_one_line(tmp_path, mp4):
     assert "not a readable video" in _one_line_error(tmp_path / "notes.mp4")
     assert "not a file" in _one_line_error(tmp_path)
     assert "past the last frame" in _one_line_error(mp4, start=10)
-    with pytest.raises(VideoReadError):
+    with pytest.raises(VideoReadError, match="notes.mp4: not a readable video file"):
         video_info(tmp_path / "notes.mp4")
     truncated = tmp_path / "truncated.mp4"
     truncated.write_bytes(open(mp4, "rb").read()[:200])
-    _one_line_error(truncated)
+    assert "not a readable video" in _one_line_error(truncated)
     assert issubclass(VideoReadError, ValueError)
 
 
 def test_read_argument_errors(mp4):
-    for kwargs in ({"start": -1}, {"stride": 0}, {"num_frames": 0}, {"size": (0, 8)}):
-        with pytest.raises(ValueError):
+    for kwargs, says in (({"start": -1}, "got start=-1,"), ({"stride": 0}, "stride=0,"),
+                         ({"num_frames": 0}, "num_frames=0"), ({"size": (0, 8)}, r"positive sides, got \(0, 8\)")):
+        with pytest.raises(ValueError, match=says) as info:
             read_video(mp4, **kwargs)
+        assert type(info.value) is ValueError          # a bad argument, not a VideoReadError of the file
 
 
 def test_write_rejects_bad_tensors(tmp_path, clip):
