@@ -10,6 +10,8 @@ from cascadev.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cascadev.pipelines.options import add_runtime_arguments, add_scheduler_arguments, add_tiling_arguments
+
     p.add_argument("input", help="low video (mp4, mkv, ...) or its Stage A latents (.safetensors or .pt, (4, T, h, w) "
                                  "or (B, 4, T, h, w), scaled as Stage A encodes them)")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4); with B > 1 latents, one file per video")
@@ -29,8 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the output's band of N x N pixel blocks from the input brought to its grid (StableSR's colour "
                         "fix; default: the folder's saved setting, 16 for tiny_fps4x; 0: off)")
     p.add_argument("--compare", help="also write the input (repeated, resized) | output side by side here (.mp4)")
-    from cascadev.pipelines.options import add_runtime_arguments, add_scheduler_arguments, add_tiling_arguments
-
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, help="denoising steps (default: the folder's saved setting)")
     add_scheduler_arguments(g, "default: the folder's saved one")
