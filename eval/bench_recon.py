@@ -16,13 +16,12 @@ import json
 from pathlib import Path
 
 from cascadev.errors import UserError
-from cascadev.video_io import VIDEO_EXTENSIONS
 
 METHODS = ("cascade", "baseline")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.pipelines.options import add_pipeline_arguments
+    from cascadev.pipelines.arguments import add_pipeline_arguments
 
     p.add_argument("data", help="folder of videos (the first --limit by name are used)")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="where videos and results.json go")
@@ -82,6 +81,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     from cascadev.pipelines.frames import check_colour_fix
     from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline, processes
+    from cascadev.video_io import VIDEO_EXTENSIONS
     from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]

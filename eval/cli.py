@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cascadev.errors import UserError
-from cascadev.video_io import VIDEO_EXTENSIONS
 
 PAIRED_METRICS = ("psnr", "ssim", "lpips")
 METRICS = PAIRED_METRICS + ("fvd",)
@@ -84,6 +83,8 @@ class Skip:
 
 def _list_files(source: str, set_name: str) -> list[Path]:
     """Video files of a folder (sorted, not recursive), or the paths listed in a text file."""
+    from cascadev.video_io import VIDEO_EXTENSIONS
+
     path = Path(source)
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)

@@ -194,6 +194,18 @@ def test_the_cascade_imports_without_the_text_side():
     assert result.returncode == 0, result.stderr[-500:]
 
 
+def test_the_command_line_parses_without_torch():
+    """``cascadev --help`` and a mistyped option answer at once: building the parser imports neither torch nor
+    diffusers (each command imports them when it runs; they took 5 s here)."""
+    import subprocess
+    import sys
+    code = ("import sys; from cascadev.cli import build_parser; build_parser().parse_args(['decode', 'z.pt', '-o', "
+            "'o.mp4', '--dtype', 'bf16', '--window-batch', '2']); heavy = {'torch', 'diffusers', 'av'} & set(sys.modules)"
+            "; assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-500:]
+
+
 def test_cli_half_precision_batched_windows_and_bad_options(tmp_path, capsys, tiny_pipeline_dir, clip_file):
     fp32, bf16 = tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors"
     common = ["--weights", tiny_pipeline_dir, "--steps", 2, "--frames", 8, "--size", "256x128"]

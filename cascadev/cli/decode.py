@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from cascadev.errors import UserError
-from cascadev.pipelines.options import (add_pipeline_arguments, check_decode_args, decode_kwargs, load_pipeline,
-                                        processes)
+from cascadev.pipelines.arguments import add_pipeline_arguments
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_reconstruct_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,8 +56,6 @@ def _report(pipe) -> None:
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items()))
 
 
-
-
 class Frames:
     """The frames of a stream of pieces (B, C, t, H, W), handed out in pieces of any length."""
 
@@ -64,6 +63,8 @@ class Frames:
         self.pieces, self.held = iter(pieces), None
 
     def take(self, n: int) -> torch.Tensor:
+        import torch
+
         parts, have = [], 0
         while have < n:
             if self.held is None or self.held.shape[2] == 0:
@@ -77,6 +78,8 @@ class Frames:
 def shared_windows_only(pipe, latents: torch.Tensor, decode_kw: dict) -> bool:
     """Under ``accelerate launch``, a process other than the main one shares the DiT's windows and writes nothing:
     it runs the decode here and returns True; the main process returns False and writes."""
+    from cascadev.pipelines.options import processes
+
     if processes().is_main_process:
         return False
     for _ in pipe.decode_pieces(latents, **decode_kw):
@@ -85,7 +88,10 @@ def shared_windows_only(pipe, latents: torch.Tensor, decode_kw: dict) -> bool:
 
 
 def run_reconstruct(args: argparse.Namespace) -> None:
+    import torch
+
     from cascadev.pipelines.cascade import check_latents_output, save_latents
+    from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.pipelines.frames import check_colour_fix, frames_per_piece, infer_size, resize_video
     from cascadev.video_io import VideoWriter, check_video_output, iter_video, video_info
     from eval.metrics import psnr
@@ -136,6 +142,7 @@ SD_VAE_SCALE = 0.18215          # --latent-space sd-vae: the SD / SVD VAEs' late
 
 def run_decode(args: argparse.Namespace) -> None:
     from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, read_latents
+    from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.video_io import VideoWriter, check_video_output
 
     check_video_output(args.output)
@@ -186,9 +193,11 @@ def check_source_args(args: argparse.Namespace) -> None:
 def decode_source(args: argparse.Namespace):
     """Another model's latents -> its VAE's pixels -> resized -> our semantic latents: (pipe, latents, decode
     arguments, the file's metadata). Everything is checked before the VAE's weights load."""
+    import torch
+
     from cascadev.pipelines.cascade import read_latents
     from cascadev.weights import is_hub_id
-    from cascadev.pipelines.options import DTYPES, resolve_device
+    from cascadev.pipelines.options import DTYPES, check_decode_args, decode_kwargs, load_pipeline, resolve_device
     from cascadev.pipelines.source_vae import SourceVAE, encode_resized, target_size
     from vae.stage_a import SVD_VAE_REPO, vae_dtype
 

@@ -9,7 +9,7 @@ from cascadev.errors import UserError
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.pipelines.options import add_runtime_arguments, add_tiling_arguments
+    from cascadev.pipelines.arguments import add_runtime_arguments, add_tiling_arguments
 
     p.add_argument("prompt", help="what the video shows")
     p.add_argument("-o", "--output", required=True, help="video file (.mp4); with --num N > 1, OUT_0.mp4 ... OUT_{N-1}.mp4")

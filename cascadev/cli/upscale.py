@@ -10,7 +10,7 @@ from cascadev.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.pipelines.options import add_runtime_arguments, add_scheduler_arguments, add_tiling_arguments
+    from cascadev.pipelines.arguments import add_runtime_arguments, add_scheduler_arguments, add_tiling_arguments
 
     p.add_argument("input", help="low video (mp4, mkv, ...) or its Stage A latents (.safetensors or .pt, (4, T, h, w) "
                                  "or (B, 4, T, h, w), scaled as Stage A encodes them)")
