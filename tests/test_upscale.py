@@ -199,6 +199,14 @@ def test_cli_runtime_options_are_the_decoders(tmp_path, capsys, route_dirs, low_
     assert pipe.dit.dtype == torch.bfloat16 and pipe.dit.blocks[0].attn.fp32 and pipe.stage_a.config.max_memory == 0.5
 
 
+def test_the_api_refuses_pixels_of_another_range_and_zero_steps():
+    pipe = tiny_upscaler(1, 4)
+    with pytest.raises(ValueError, match=r"CascadeVUpscalePipeline.encode: pixel values span"):
+        pipe.upscale(video=torch.rand(1, 3, 2, 32, 48) * 255, progress=False)
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        pipe.upscale(latents=torch.zeros(1, 4, 2, 4, 6), steps=0, progress=False)
+
+
 def test_a_semantic_route_dit_is_refused():
     from cascadev.pipelines.sampling import make_scheduler
     from dit import build_dit

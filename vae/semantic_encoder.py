@@ -66,8 +66,12 @@ PRESETS: dict[str, SemanticEncoderConfig] = {
 }
 
 
-def check_video(video: torch.Tensor, channels: int, multiple: int, who: str) -> None:
-    """Fail loudly on a tensor that is not (B, channels, T, H, W), finite, with H and W multiples of ``multiple``."""
+PIXEL_LIMIT = 1.5    # videos are in [-1, 1]; values past this are another convention ([0, 1] cannot be told apart)
+
+
+def check_video(video: torch.Tensor, channels: int, multiple: int, who: str, pixels: bool = False) -> None:
+    """Fail loudly on a tensor that is not (B, channels, T, H, W), finite, with H and W multiples of ``multiple``;
+    ``pixels``: also on values far outside [-1, 1] (frames of [0, 255], say)."""
     if not isinstance(video, torch.Tensor) or video.ndim != 5:
         shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
         raise ValueError(f"{who}: expected a (B, {channels}, T, H, W) tensor, got {shape}")
@@ -83,6 +87,10 @@ def check_video(video: torch.Tensor, channels: int, multiple: int, who: str) -> 
             raise ValueError(f"{who}: {name}={size} is not a positive multiple of {multiple}; sizes that work: {works}")
     if not torch.isfinite(video).all():
         raise ValueError(f"{who}: input contains NaN or inf values")
+    if pixels and video.numel() and video.abs().max() > PIXEL_LIMIT:
+        low, high = video.aminmax()
+        raise ValueError(f"{who}: pixel values span [{low:.4g}, {high:.4g}]; videos are in [-1, 1] "
+                         f"(from uint8 frames: x / 127.5 - 1)")
 
 
 def _tiny_backbone(channels: tuple[int, ...]) -> nn.Sequential:
@@ -135,7 +143,7 @@ class SemanticEncoder(DataclassModel):
         Runs in the module's dtype on ``device`` (default: the module's; a pipeline with offload hooks passes its
         execution device); returns float32 there. ``progress`` shows a bar.
         """
-        check_video(video, 3, DOWNSAMPLE, "SemanticEncoder.encode")
+        check_video(video, 3, DOWNSAMPLE, "SemanticEncoder.encode", pixels=True)
         B = video.shape[0]
         param = next(self.parameters())
         frames = rearrange(video, "b c t h w -> (b t) c h w")

@@ -389,7 +389,7 @@ class StageAVAE(nn.Module):
         ``sample=None`` follows ``config.sample_posterior`` (default: the posterior mode, deterministic).
         ``device``: where to run (default: the model's; a pipeline with offload hooks passes its execution device).
         """
-        check_video(video, 3, DOWNSAMPLE, "StageAVAE.encode")
+        check_video(video, 3, DOWNSAMPLE, "StageAVAE.encode", pixels=True)
         c = self.config
         B, _, _, H, W = video.shape
         grid = (H // DOWNSAMPLE, W // DOWNSAMPLE)

@@ -325,7 +325,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
     @torch.no_grad()
     def encode(self, video: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1], H and W multiples of 32 -> semantic latents (B, 16, T, H/32, W/32) float32."""
-        check_video(video, 3, SEMANTIC_DOWNSAMPLE, "CascadeVPipeline.encode")
+        check_video(video, 3, SEMANTIC_DOWNSAMPLE, "CascadeVPipeline.encode", pixels=True)
         if self.semantic_encoder is None:
             raise ValueError("this pipeline was loaded without a semantic encoder")
         return self._timed("encode", lambda: self.semantic_encoder.encode(video, progress, self._execution_device))
@@ -362,7 +362,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
             scheduler = self.scheduler_for(scheduler)
         if scheduler_config:
             scheduler = type(scheduler).from_config(scheduler.config, **scheduler_config)
-        steps = steps or self.config.num_inference_steps
+        steps = self.config.num_inference_steps if steps is None else steps
         # latents and the scheduler's arithmetic stay fp32; the DiT runs in its own dtype (``_run_window``)
         return self._timed("dit", lambda: sample(self.dit, cond.float(), noise.float(), scheduler, steps, tiling,
                                                  generator=generator, progress=progress, callback=callback,

@@ -108,7 +108,7 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Low video (B, 3, T', H', W') in [-1, 1] -> scaled Stage A latents (B, 4, T', H'/8, W'/8)."""
-        check_video(video, 3, DOWNSAMPLE, f"{PIPELINE_CLASS}.encode")
+        check_video(video, 3, DOWNSAMPLE, f"{PIPELINE_CLASS}.encode", pixels=True)
         return timed(self.timings, "encode", self._execution_device,
                      lambda: self.stage_a.encode(video, device=self._execution_device))
 
@@ -129,7 +129,7 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
         noise = seeded_noise((cond.shape[0], self.dit.config.latent_channels, *cond.shape[2:]), seed, device)
         scheduler = self.scheduler_for(scheduler)
         generator = torch.Generator(device=device).manual_seed(seed + 1)       # ancestral steps
-        steps = steps or self.config.num_inference_steps
+        steps = self.config.num_inference_steps if steps is None else steps
         return timed(self.timings, "dit", device, lambda: sample(self.dit, cond, noise.float(), scheduler, steps, tiling,
                                                                  generator=generator, progress=progress,
                                                                  window_batch=window_batch))
