@@ -101,6 +101,8 @@ def fvd_from_features(real: np.ndarray, fake: np.ndarray, ddof: int = 1) -> floa
     x, y = np.asarray(real, np.float64), np.asarray(fake, np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
         raise ValueError(f"fvd_from_features: need two (N >= 2, D) arrays of equal D, got {x.shape} and {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("fvd_from_features: the features contain NaN or inf values")
     if min(len(x), len(y)) > x.shape[1]:
         return frechet_distance(*gaussian_stats(x, ddof), *gaussian_stats(y, ddof))
     mu_x, mu_y = x.mean(axis=0), y.mean(axis=0)

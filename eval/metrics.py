@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from vae.semantic_encoder import check_video
+
 PSNR_CAP_DB = 100.0
 SSIM_KERNEL_SIZE = 11
 SSIM_SIGMA = 1.5
@@ -49,6 +51,8 @@ def _frames01(pred: torch.Tensor, target: torch.Tensor, who: str) -> tuple[torch
     if pred.ndim != 5 or pred.shape[1] != 3:
         hint = " (channels last? expected (B, 3, T, H, W))" if pred.ndim == 5 and pred.shape[-1] == 3 else ""
         raise ValueError(f"{who}: expected (B, 3, T, H, W), got shape {tuple(pred.shape)}{hint}")
+    for video in (pred, target):     # finite, in [-1, 1]: frames of [0, 255] would score silently wrong
+        check_video(video, 3, 1, who, pixels=True)
     to01 = lambda v: rearrange((v.clamp(-1, 1) + 1) / 2, "b c t h w -> (b t) c h w")
     return to01(pred), to01(target)
 

@@ -89,6 +89,13 @@ def test_layout_is_checked():
         ssim(rearrange(v, "b c t h w -> b t h w c"), rearrange(v, "b c t h w -> b t h w c"))
     with pytest.raises(ValueError, match="smaller than"):
         ssim(v[..., :8, :8], v[..., :8, :8])
+    # values: frames of [0, 255] would be clamped and score silently wrong; NaN would score NaN
+    with pytest.raises(ValueError, match=r"psnr: pixel values span \[.*\]; videos are in \[-1, 1\]"):
+        psnr((v + 1) * 127.5, (v + 1) * 127.5)
+    with pytest.raises(ValueError, match="ssim: input contains NaN"):
+        ssim(v, torch.full_like(v, float("nan")))
+    with pytest.raises(ValueError, match="no frames"):
+        psnr(v[:, :, :0], v[:, :, :0])
 
 
 @pytest.fixture

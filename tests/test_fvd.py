@@ -84,6 +84,8 @@ def test_gaussian_stats_unbiased_and_checked():
         fvd.gaussian_stats(x[:1])
     with pytest.raises(ValueError, match="shapes do not match"):
         fvd.frechet_distance(mu, sigma, mu[:2], sigma[:2, :2])
+    with pytest.raises(ValueError, match="contain NaN or inf"):          # numpy would stop deep in an eigensolver
+        fvd.fvd_from_features(np.full((10, 3), np.nan), x)
 
 
 # -------------------------------------------------------------------------------------------- I3D

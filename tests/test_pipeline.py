@@ -25,15 +25,17 @@ def test_reconstruct_api_shapes_range_and_seeding(pipe, clip_file):
     assert set(pipe.timings) >= {"encode", "dit", "stage_a", "preview"}
 
 
-def test_the_api_refuses_pixels_of_another_range_and_zero_steps(pipe):
+def test_the_api_refuses_pixels_of_another_range_zero_steps_and_no_frames(pipe):
     """Frames in [0, 255] (a common slip) fail in one line naming the convention; steps=0 is refused, not read as
-    the default."""
+    the default; a clip of no frames is refused before the DiT divides by its length."""
     frames = torch.rand(1, 3, 2, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
     with pytest.raises(ValueError, match=r"CascadeVPipeline.encode: pixel values span \[0.*, 25.*\]; videos are in"):
         pipe.reconstruct(frames, steps=1, progress=False)
     assert pipe.reconstruct(frames / 127.5 - 1, steps=1, progress=False).shape == (1, 3, 2, 64, 64)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         pipe.decode(torch.randn(1, 16, 2, 2, 2), steps=0, progress=False)
+    with pytest.raises(ValueError, match=r"CascadeVPipeline.decode: empty input of shape \(1, 16, 0, 2, 2\)"):
+        pipe.decode(torch.randn(1, 16, 0, 2, 2), steps=1, progress=False)
 
 
 def test_noise_is_drawn_frames_first_like_the_release():

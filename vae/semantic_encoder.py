@@ -80,6 +80,8 @@ def check_video(video: torch.Tensor, channels: int, multiple: int, who: str, pix
         raise ValueError(f"{who}: expected {channels} channels in (B, C, T, H, W), got shape {tuple(video.shape)}{hint}")
     if not video.is_floating_point():
         raise ValueError(f"{who}: expected a float tensor, got {video.dtype}")
+    if video.shape[0] == 0 or video.shape[2] == 0:
+        raise ValueError(f"{who}: empty input of shape {tuple(video.shape)} (no videos or no frames)")
     for name, size in (("H", video.shape[3]), ("W", video.shape[4])):
         if size % multiple or size == 0:
             low, high = size // multiple * multiple, (size // multiple + 1) * multiple
