@@ -63,10 +63,10 @@ def _score_video(pipe, path: Path, args, decode_kw: dict, fix: int, lpips) -> di
     cascade, baseline = pipe.decode(latents, progress=False, **decode_kw).cpu(), pipe.preview(latents).cpu()
     outputs = {"cascade": fix_colour(cascade, baseline, fix) if fix else cascade, "baseline": baseline}
     run_dir = Path(args.output)
-    write_video(run_dir / "real" / f"{path.stem}.mp4", video, fps=8)   # one file per video: safe from any process
+    write_video(run_dir / "real" / f"{path.stem}.mp4", video, fps=8, crf=args.crf)   # one file a video: any process
     scores = {}
     for method, out in outputs.items():
-        write_video(run_dir / method / f"{path.stem}.mp4", out, fps=8)
+        write_video(run_dir / method / f"{path.stem}.mp4", out, fps=8, crf=args.crf)
         scores[method] = {"psnr": psnr(out, video), "ssim": ssim(out, video)}
         if lpips is not None:
             scores[method]["lpips"] = lpips(out, video).cpu()
@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> dict | None:
     pipe = load_pipeline(args, with_previewer=True)
     decode_kw = decode_kwargs(args, pipe)
     fix = decode_kw.pop("colour_fix")      # applied here, to the baseline already decoded for the table
+    decode_kw["colour_fix"] = 0
     check_colour_fix(args.size, args.size, fix)
     decode_kw["distributed"] = False       # several processes: each decodes its own videos whole
     lpips = None

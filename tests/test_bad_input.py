@@ -53,8 +53,8 @@ CASES = [
     ("decode {dir}/z.npy -o {dir}/o.mp4 --weights {weights}", ".safetensors or .pt"),
     ("decode {latents} -o {dir}/o.mp4 --weights {weights} --fps 0", "--fps must be positive"),
     ("decode {latents} -o {dir}/o.txt --weights {weights}", "cannot write .txt"),
-    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --scale 2", "--scale and --vae are for"),
-    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --raw-latents", "--raw-latents for it or --source-vae"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --scale 2", "are for another model's latents"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --raw-latents", "are for another model's latents"),
     ("decode {latents} -o {dir}/o.mp4 --weights {weights} --vae-scale 0.2", "--vae and --vae-scale are for"),
     # decode --source-vae: another model's VAE and latents
     ("decode {latents} -o {dir}/o.mp4 --weights {weights} --source-vae {dir}/nothing", "source VAE folder"),
@@ -74,6 +74,8 @@ CASES = [
     ("decode {latents} -o {dir}/o.mp4 --weights {weights} --source-vae {weights} --scale 2 --size 64", "not both"),
     ("decode {dir}/four.safetensors -o {dir}/o.mp4 --weights {weights} --source-vae {weights} --size 2k",
      "--size '2k': give a long side"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --size 1024", "semantic latents decode at 32x their size"),
+    ("bench-recon {dir} -o {dir}/run --weights {weights} --crf 60", "--crf 60"),
     # generate, eval, convert, demo
     ("generate hello -o {dir}/o.mp4 --text-encoder bigG", "--text-encoder replaces"),
     ("generate hello -o {dir}/o.mp4 --weights {dir} --fps 0", "--fps must be positive"),

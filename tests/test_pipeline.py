@@ -38,6 +38,21 @@ def test_the_api_refuses_pixels_of_another_range_zero_steps_and_no_frames(pipe):
         pipe.decode(torch.randn(1, 16, 0, 2, 2), steps=1, progress=False)
 
 
+def test_colour_fix_none_is_the_saved_setting_where_the_previewer_is_loaded():
+    """As ``steps=None`` is the saved steps: ``colour_fix=None`` is the folder's (16 for the shipped cascade), 0 is
+    off, and without the Previewer it needs None is off."""
+    from conftest import SHIPPED_CASCADE
+
+    shipped = CascadeVPipeline.from_pretrained(str(SHIPPED_CASCADE))
+    z = shipped.encode(torch.rand(1, 3, 2, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    run = lambda p, **kw: p.decode(z, steps=1, progress=False, **kw)        # noqa: E731
+    assert shipped.config.colour_fix == 16
+    assert torch.equal(run(shipped), run(shipped, colour_fix=16))
+    assert not torch.equal(run(shipped), run(shipped, colour_fix=0))
+    bare = CascadeVPipeline.from_pretrained(str(SHIPPED_CASCADE), previewer=None)
+    assert torch.equal(run(bare), run(shipped, colour_fix=0))
+
+
 def test_noise_is_drawn_frames_first_like_the_release():
     noise = seeded_noise((1, 4, 3, 2, 2), seed=5)
     expected = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(5)).permute(1, 0, 2, 3)
@@ -252,7 +267,7 @@ def test_cli_streams_a_long_clip_and_matches_the_in_memory_path(tmp_path, capsys
     assert code == 0, err
     video = read_video(clip)
     shipped = CascadeVPipeline.from_pretrained(str(SHIPPED_CASCADE))
-    expected = shipped.reconstruct(video, steps=1, colour_fix=shipped.config.colour_fix, progress=False)
+    expected = shipped.reconstruct(video, steps=1, progress=False)          # the saved colour fix, as the CLI
     assert mean_abs(read_video(tmp_path / "r.mp4"), as_written(expected, tmp_path / "expected.mp4")) < 2e-5
     assert psnr(expected, video).mean().item() > 18          # it reconstructs this clip, not any clip
     assert f"PSNR {psnr(expected, video).mean().item():.2f} dB" in stdout

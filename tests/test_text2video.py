@@ -43,6 +43,11 @@ def test_demo_prompt_end_to_end(tmp_path, capsys):
     assert (tmp_path / "text2video.png").stat().st_size > 0
     results = json.loads((tmp_path / "text2video.json").read_text())
     assert results["prompt"] == PROMPT and results["base_steps"] == 2 and results["decode_steps"] == 1
+    assert results["colour_fix"] == 16                                     # the shipped cascade's
+    code, _, err = run_cli(capsys, "demo", "--prompt", PROMPT, "-o", tmp_path / "off", "--frames", 3, "--size", 64,
+                           "--base-steps", 2, "--steps", 1, "--colour-fix", 0)
+    assert code == 0, err
+    assert json.loads((tmp_path / "off" / "text2video.json").read_text())["colour_fix"] == 0
     for stage in ("[1/4] Stage C", "[2/4] Stage B + A", "[3/4] Previewer", "[4/4] writing"):
         assert stage in stdout
 
@@ -65,6 +70,10 @@ def test_generate_uses_the_builtin_weights(tmp_path, capsys):
     (["demo", "--prompt", PROMPT, "--steps", "0"], "--steps must be >= 1"),
     (["demo", "--prompt", PROMPT, "--size", "50"], "--size 50 is not a positive multiple of 32"),
     (["demo", "--prompt", PROMPT, "--frames", "0"], "--frames must be >= 1"),
+    (["demo", "--prompt", PROMPT, "--colour-fix", "-1"], "--colour-fix must be >= 0"),
+    (["demo", "--prompt", PROMPT, "--weights", "x", "--kind", "shapes"], "--weights, --kind: not used by --prompt"),
+    (["demo", "--prompt", PROMPT, "--fps-x4"], "two demos: give one"),
+    (["demo", "--steps", "0"], "--steps must be >= 1"),
     (["generate", "", "-o", "{dir}/o.mp4"], "is empty"),
     (["generate", PROMPT, "-o", "{dir}/o.mp4", "--text-encoder", "bigG"], "--text-encoder replaces"),
 ])

@@ -179,9 +179,10 @@ def check_source_args(args: argparse.Namespace) -> None:
     if not sd_vae and (args.vae is not None or args.vae_scale is not None):
         raise UserError("--vae and --vae-scale are for --latent-space sd-vae (--source-vae reads the scale from "
                         "the VAE's config)")
-    if not (sd_vae or source) and (args.scale is not None or args.source_vae_subfolder or args.raw_latents):
-        raise UserError("--scale and --vae are for --latent-space sd-vae; --scale, --source-vae-subfolder and "
-                        "--raw-latents for it or --source-vae")
+    if not (sd_vae or source) and (args.scale is not None or args.size is not None or args.source_vae_subfolder
+                                   or args.raw_latents):
+        raise UserError("--scale, --size, --source-vae-subfolder and --raw-latents are for another model's latents "
+                        "(--latent-space sd-vae or --source-vae); semantic latents decode at 32x their size")
     if args.scale is not None and args.size is not None:
         raise UserError("give --scale or --size, not both")
     if args.scale is not None and args.scale <= 0:

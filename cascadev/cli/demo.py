@@ -46,6 +46,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.fps_x4 and args.prompt is not None:
+        raise UserError("--fps-x4 and --prompt are two demos: give one")
+    if args.prompt is not None:     # the text demo runs the built-in cascade on its own latents
+        ignored = [f"--{name.replace('_', '-')}" for name in ("weights", "scheduler", "kind")
+                   if getattr(args, name) is not None]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)}: not used by --prompt (the built-in text-to-video model)")
     if args.fps_x4:
         from cascadev.cli.upscale import demo_fps_x4
         return demo_fps_x4(args)
@@ -89,7 +98,7 @@ def _run(args: argparse.Namespace) -> dict:
     if fix and size % fix:
         raise UserError(f"--colour-fix must be 0 (off) or divide --size {size}, got {fix}")
     scheduler = pipe.scheduler_for(args.scheduler)
-    steps = args.steps or pipe.config.num_inference_steps
+    steps = args.steps if args.steps is not None else pipe.config.num_inference_steps
     seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
     methods = ["cascade", "baseline"] + (["cascade_without_colour_fix"] if fix else [])
     scores = {method: {"psnr": [], "ssim": []} for method in methods}
@@ -97,7 +106,8 @@ def _run(args: argparse.Namespace) -> dict:
     for i, seed in enumerate(seeds):
         video = make_clip(seed, args.frames, size, size, kind)[None]   # (1, 3, T, H, W)
         latents = pipe.encode(video)
-        cascade = pipe.decode(latents, steps=steps, seed=args.seed + i, scheduler=scheduler, progress=False)
+        cascade = pipe.decode(latents, steps=steps, seed=args.seed + i, scheduler=scheduler, colour_fix=0,
+                              progress=False)
         outputs = {"cascade": cascade, "baseline": pipe.preview(latents)}
         if fix:
             outputs.update(cascade=fix_colour(cascade, outputs["baseline"], fix), cascade_without_colour_fix=cascade)

@@ -15,8 +15,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="video file (.mp4); with --num N > 1, OUT_0.mp4 ... OUT_{N-1}.mp4")
     p.add_argument("--frames", type=int, help="number of frames (default: the base model's trained clip length)")
     p.add_argument("--size", help="WxH in pixels, multiples of 32 (default: the base model's trained size)")
-    p.add_argument("--steps", type=int, help="base model denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 disables it (default 4)")
+    p.add_argument("--steps", type=int, help="base model denoising steps (default: 20 for the built-in model, else 25)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 disables it (default: 5 for the "
+                                                   "built-in model, else 4)")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--seed", type=int, default=0, help="video k uses seed + k")
     p.add_argument("--num", type=int, default=1, help="videos to generate")
@@ -30,7 +31,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-encoder", help="text encoder: our folder, or an open_clip preset (bigG, H)")
     g.add_argument("--cascade", help="LDM-VAE decoder weights, as for `cascadev decode --weights` (default: the "
                                      "decoder saved in WEIGHTS)")
-    g.add_argument("--decode-steps", type=int, help="LDM-VAE decoder steps (default: the decoder's, 8)")
+    g.add_argument("--decode-steps", type=int, help="LDM-VAE decoder steps (default: the decoder's saved steps; 4 for "
+                                                    "the built-in model's, 8 for the release's)")
+    g.add_argument("--colour-fix", type=int, metavar="N",
+                   help="the decoder's band of N x N pixel blocks from the Previewer (StableSR's colour fix; default: the "
+                        "decoder's saved setting, 16 for the built-in model; 0: off)")
     add_tiling_arguments(g)
     g.add_argument("--fps", type=float, default=8.0)
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
@@ -66,6 +71,8 @@ def run_generate(args: argparse.Namespace) -> None:
                   request.get("steps", 1), request.get("guidance", 0.0), args.num)
     if args.decode_steps is not None and args.decode_steps < 1:
         raise UserError(f"--decode-steps must be >= 1, got {args.decode_steps}")
+    if args.colour_fix is not None and args.colour_fix < 0:
+        raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
     if args.fps <= 0:
         raise UserError(f"--fps must be positive, got {args.fps}")
     check_video_output(args.output)
@@ -87,6 +94,8 @@ def run_generate(args: argparse.Namespace) -> None:
               f"'a fast red striped disc with vertical stripes moving left over a dark background'", flush=True)
     else:
         pipe = load_text_to_video(args.weights, text_encoder=args.text_encoder, cascade=args.cascade)
+    if args.colour_fix and pipe.cascade.previewer is None:
+        raise UserError("--colour-fix needs the Previewer, which this decoder folder does not have (use 0)")
     prepare_pipeline(pipe, args)
     W, H = size or pipe.default_size()
     frames = args.frames or pipe.base.config.window_frames
@@ -96,9 +105,8 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.latents_out:
         save_latents(args.latents_out, latents, prompt=args.prompt, negative=args.negative, seed=args.seed)
         print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
-    decode_kwargs = dict(steps=args.decode_steps, tiling=tiling_of(args, pipe.dit.spec), window_batch=args.window_batch)
-    if args.weights is None and pipe.cascade.previewer is not None:
-        decode_kwargs["colour_fix"] = pipe.cascade.config.colour_fix   # the tiny cascade's shipped setting
+    decode_kwargs = dict(steps=args.decode_steps, tiling=tiling_of(args, pipe.dit.spec), window_batch=args.window_batch,
+                         colour_fix=args.colour_fix)      # None: the decoder's saved setting (16 for the tiny cascade)
     videos = pipe.decode(latents, seed=args.seed, **decode_kwargs)
     for path, video in zip(output_paths(args.output, len(videos)), videos):
         write_video(path, video, fps=args.fps, crf=args.crf)

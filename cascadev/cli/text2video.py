@@ -84,6 +84,8 @@ def run_prompt(args: argparse.Namespace) -> dict:
                         .replace("frames must", "--frames must").replace("width", "--size")) from None
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.colour_fix is not None and args.colour_fix < 0:
+        raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
 
     start = time.perf_counter()
     print("loading the built-in tiny text-to-video cascade ...", flush=True)
@@ -95,7 +97,7 @@ def run_prompt(args: argparse.Namespace) -> dict:
                                                             guidance=guidance, seed=args.seed))
         cascade = pipe.cascade
         decode_steps = args.steps or cascade.config.num_inference_steps
-        fix = cascade.config.colour_fix
+        fix = cascade.config.colour_fix if args.colour_fix is None else args.colour_fix
         video, t_b = _stage(2, f"Stage B + A: LDM-VAE DiT ({decode_steps} steps) -> Stage A decode",
                             lambda: cascade.decode(latents, steps=decode_steps, seed=args.seed, colour_fix=fix))
         preview, t_p = _stage(3, "Previewer: the same latents, no LDM-VAE (x8, then bilinear x4)",

@@ -192,6 +192,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         kind = args.kind or settings.get("kind", "shapes")
         size = args.size or settings.get("size", 128)
         steps = args.steps or pipe.config.num_inference_steps
+        scheduler = pipe.scheduler_for(args.scheduler)
         frames = kt * args.frames                                      # the last input frame + kt - 1 after it
         between = [i for i in range(kt * (args.frames - 1)) if i % kt]   # strictly between input frames
         tail = list(range(kt * (args.frames - 1) + 1, frames))
@@ -203,7 +204,8 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         for i, seed in enumerate(seeds):
             truth = make_clip(seed, frames, size, size, kind)[None]      # (1, 3, T, H, W)
             low = truth[:, :, ::kt]
-            raw = pipe.upscale(video=low, steps=steps, seed=args.seed + i, colour_fix=0, progress=False)
+            raw = pipe.upscale(video=low, steps=steps, seed=args.seed + i, scheduler=scheduler, colour_fix=0,
+                               progress=False)
             outputs = {"ours": raw, "blend": temporal_upsample(low, kt, frames), "repeat": low.repeat_interleave(kt, dim=2)}
             if fix:      # the same sample with the colour fix, as pipe.upscale(video=low) gives it
                 fixed = fix_colour(raw.clone(), pipe.colour_reference(low, 0, frames), fix)

@@ -376,8 +376,8 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                distributed: bool = False) -> torch.Tensor:
         """Semantic latents (B, 16, T, h, w) -> video (B, 3, T, 32h, 32w) in [-1, 1] (arguments as ``decode_latents``).
 
-        ``colour_fix=f`` takes the band of f x f pixel blocks and below from the Previewer (``fix_colour``); 0 or
-        None: off (the saved default is applied by ``__call__`` and the CLI, not here)."""
+        ``colour_fix=f`` takes the band of f x f pixel blocks and below from the Previewer (``fix_colour``); 0: off;
+        None: the folder's saved setting when the Previewer is loaded (as ``steps=None`` is its saved steps)."""
         return torch.cat(list(self.decode_pieces(latents, steps, seed, scheduler, tiling, progress, scheduler_config,
                                                  colour_fix, generator, callback, window_batch, distributed)), dim=2)
 
@@ -390,6 +390,8 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         """``decode`` in pieces (B, 3, t, 32h, 32w), in frame order: the DiT samples the whole clip in latent space
         (4 channels at 1/8 of the pixels), then each Stage A chunk is decoded, colour-fixed and yielded as soon as it
         is final, so a long clip's pixels never sit in memory whole (``write_video`` takes the pieces)."""
+        if colour_fix is None:       # the saved setting, where the Previewer it needs is loaded
+            colour_fix = self.config.colour_fix if self.previewer is not None else None
         if colour_fix and self.previewer is None:
             raise ValueError("colour_fix needs the Previewer: load the pipeline with one")
         check_colour_fix(*(n * SEMANTIC_DOWNSAMPLE for n in latents.shape[-2:]), colour_fix)   # before the DiT runs

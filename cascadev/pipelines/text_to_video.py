@@ -302,8 +302,7 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                                         num_videos_per_prompt)
         frames = latents
         if output_type != "latent":
-            frames = self.decode(latents, seed, steps=decoder_num_inference_steps,
-                                 colour_fix=self.config.colour_fix if self.previewer is not None else None)
+            frames = self.decode(latents, seed, steps=decoder_num_inference_steps)   # the saved colour fix
             if output_type != "pt":
                 frames = to_numpy_video(frames)
                 if output_type == "pil":
