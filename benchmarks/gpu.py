@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cascadev.pipelines.cascade import CascadeVPipeline, stage_a_settings
+from cascadev.pipelines.cascade import CascadeVPipeline
 from cascadev.pipelines.options import stage_a_budget
 from cascadev.pipelines.sampling import Tiling, make_scheduler
 from dit import build_dit
 from vae import build_semantic_encoder, build_stage_a
 from vae.stage_a import PRESETS as STAGE_A_PRESETS
+from vae.stage_a import stage_a_settings
 
 BACKENDS = ("native", "_native_flash", "_native_cudnn", "_native_efficient", "flash", "flash_varlen")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}

@@ -112,7 +112,7 @@ def render(a: Attributes, seed: int, frames: int, height: int, width: int) -> to
     if frames < 1 or height < 1 or width < 1:
         raise ValueError(f"render: frames, height and width must be >= 1, got {frames}, {height}, {width}")
     g = torch.Generator().manual_seed(int(seed) + 7_919)
-    y, x, unit = _grid(frames, height, width)
+    y, x, unit = _grid(height, width)
     tau = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1)
 
     # background: a soft linear gradient around the named brightness, faintly tinted

@@ -41,7 +41,7 @@ def _color(g: torch.Generator, n: int = 1) -> torch.Tensor:
     return (0.75 * base + _uniform(g, -0.25, 0.25, n, 1)).clamp(-1, 1)
 
 
-def _grid(frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _grid(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Pixel-centre coordinates in world units: y (H, 1), x (1, W); and pixels per world unit."""
     unit = min(height, width) / 2
     y = ((torch.arange(height) + 0.5 - height / 2) / unit).view(height, 1)
@@ -73,7 +73,7 @@ def _texture(g: torch.Generator, y: torch.Tensor, x: torch.Tensor, unit: float) 
 
 def _pan(g: torch.Generator, frames: int, height: int, width: int) -> torch.Tensor:
     """Camera pan + slow zoom over the procedural texture -> (3, T, H, W)."""
-    y, x, unit = _grid(frames, height, width)
+    y, x, unit = _grid(height, width)
     tau = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1)
     direction = _uniform(g, 0, 2 * math.pi)
     speed = _uniform(g, 0.02, 0.06)                                 # world units per frame
@@ -89,7 +89,7 @@ def _pan(g: torch.Generator, frames: int, height: int, width: int) -> torch.Tens
 
 def _gradient(g: torch.Generator, frames: int, height: int, width: int) -> torch.Tensor:
     """Linear + radial colour gradients whose direction and colours drift -> (3, T, H, W)."""
-    y, x, _ = _grid(frames, height, width)
+    y, x, _ = _grid(height, width)
     tau = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1)
     c0, c1, c2 = _color(g, 3).view(3, 3, 1, 1, 1)
     angle = _uniform(g, 0, 2 * math.pi) + _uniform(g, -0.05, 0.05) * tau
@@ -110,7 +110,7 @@ def _bounce(p: torch.Tensor, low: float, high: float) -> torch.Tensor:
 
 def _shapes(g: torch.Generator, frames: int, height: int, width: int, background: torch.Tensor) -> torch.Tensor:
     """Composite 2-5 moving, rotating, striped shapes over ``background`` (3, T, H, W)."""
-    y, x, unit = _grid(frames, height, width)
+    y, x, unit = _grid(height, width)
     tau = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1)
     half_h, half_w = height / 2 / unit, width / 2 / unit
     out = background.clone()

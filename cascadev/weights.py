@@ -78,7 +78,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
     model.load_state_dict(state_dict, strict=True, assign=any(p.is_meta for p in model.parameters()))
 
 
-# -- the previous format, still written by TextEncoder ---------------------------------------------
+# -- diffusers models configured by a frozen dataclass ----------------------------------------------
 
 def fields_of(spec_class: type) -> Callable:
     """Give an ``__init__(self, **fields)`` the signature of ``spec_class``'s fields (names and defaults), so

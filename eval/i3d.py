@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 NUM_CLASSES = 400          # Kinetics-400
 FEATURE_DIM = 1024         # channels after Mixed_5c (the pooled "features" output)
-BN_EPS_TF_HUB = 1e-3       # TF-Hub i3d-kinetics-400 (original FVD)
 BN_EPS_VIDEOGPT = 1e-5     # VideoGPT / TATS port of i3d_pretrained_400.pt
 POOL_KERNEL = (2, 7, 7)    # final average pool (VALID, stride 1)
 MIN_FRAMES = 9             # shortest clip the final (2, 7, 7) pool accepts

@@ -93,7 +93,7 @@ def export_fps4x(out: Path) -> None:
 
     import torch
 
-    from cascadev.pipelines.cascade import stage_a_settings
+    from vae.stage_a import stage_a_settings
     from cascadev.pipelines.upscale import CascadeVUpscalePipeline
     from cascadev.pipelines.sampling import make_scheduler
     from cascadev.training.config import load_train_config

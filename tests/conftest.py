@@ -71,11 +71,12 @@ def tiny_cascade(**settings):
     """A tiny ``CascadeVPipeline`` with random weights (the DiT's nonzero) and the release's sampler. Its output
     hardly follows its input (two clips' reconstructions differ by 2e-6 mean): tests of what reaches the model
     compare exactly, or use ``SHIPPED_CASCADE``."""
-    from cascadev.pipelines.cascade import CascadeVPipeline, stage_a_settings
+    from cascadev.pipelines.cascade import CascadeVPipeline
     from cascadev.pipelines.sampling import make_scheduler
     from dit import build_dit
     from vae import build_previewer, build_semantic_encoder, build_stage_a
     from vae.stage_a import PRESETS as STAGE_A_PRESETS
+    from vae.stage_a import stage_a_settings
 
     return CascadeVPipeline(dit=randomize_(build_dit("tiny"), std=0.02), semantic_encoder=build_semantic_encoder("tiny"),
                             vae=build_stage_a("tiny").model, scheduler=make_scheduler("euler_a"),

@@ -14,7 +14,7 @@ from cascadev.synthetic import make_clip
 
 def tiny_upscaler(spatial_factor: int, temporal_factor: int, **settings) -> CascadeVUpscalePipeline:
     """Random tiny resize-route pipeline (DiT with 4 condition channels, tiny Stage A, 2 flow steps)."""
-    from cascadev.pipelines.cascade import stage_a_settings
+    from vae.stage_a import stage_a_settings
     from cascadev.pipelines.sampling import make_scheduler
     from dit import build_dit
     from vae import build_stage_a

@@ -136,6 +136,16 @@ PRESETS: dict[str, StageAConfig] = {
 
 # -- tiles and chunks -------------------------------------------------------------------------------
 
+# Stage A config fields a pipeline keeps (the rest describe an architecture, which the VAE brings itself)
+PIPELINE_SETTINGS = ("scale_factor", "sample_posterior", "encode_frame_batch", "chunk_frames", "chunk_overlap",
+                     "tile_size", "tile_overlap")
+
+
+def stage_a_settings(config: StageAConfig) -> dict:
+    """What a pipeline keeps of a Stage A config: the latent scale and how to chunk and tile."""
+    return {name: getattr(config, name) for name in PIPELINE_SETTINGS}
+
+
 def vae_dtype(config, dtype: torch.dtype) -> torch.dtype:
     """The dtype a diffusers VAE with ``config`` runs in when the pipeline runs in ``dtype``: fp32 instead of fp16 where
     the config sets diffusers' ``force_upcast`` (VAEs that overflow in fp16)."""
@@ -349,6 +359,17 @@ class StageAVAE(nn.Module):
         if best is None:                                                 # nothing fits: the smallest tile
             return (min(smallest, height), min(smallest, width)), n
         return best[1], n
+
+    @classmethod
+    def around(cls, vae: nn.Module, settings: dict | None = None) -> "StageAVAE":
+        """A pipeline's Stage A: the loaded diffusers autoencoder ``vae`` (the same object, no copy of its weights)
+        with the official preset's settings updated by ``settings`` (``stage_a_settings``' fields, as saved)."""
+        kind = KIND_OF_CLASS.get(type(vae).__name__)
+        if kind is None:
+            raise ValueError(f"Stage A VAE {type(vae).__name__} is not supported (one of {', '.join(KIND_OF_CLASS)})")
+        settings = {**stage_a_settings(PRESETS["official"]), **(settings or {})}
+        return cls(StageAConfig(kind=kind, pretrained=None, subfolder=None,
+                                latent_channels=vae.config.latent_channels, **settings), vae)
 
     @classmethod
     def from_config(cls, config: StageAConfig, load_weights: bool = True) -> "StageAVAE":

@@ -27,9 +27,9 @@ COMMANDS = (
     ("generate", "text -> video: the Stage C base model, then the LDM-VAE decoder",
      "cascadev.cli.generate:add_generate_arguments", "cascadev.cli.generate:run_generate"),
     ("eval", "PSNR/SSIM/LPIPS between paired videos, FVD between two sets", "eval.cli:add_arguments", "eval.cli:run"),
-    ("train", "train a stage (Stage B DiT or Stage A VAE) from a config; several GPUs: accelerate launch -m "
+    ("train", "train a stage (dit, vae, semantic or base) from a config; several GPUs: accelerate launch -m "
               "cascadev.training.train", "cascadev.training.args:add_train_arguments", "cascadev.cli.train:run_train"),
-    ("cache-latents", "precompute Stage A latents and DiT conditions of a dataset",
+    ("cache-latents", "precompute what a stage trains on (Stage A latents and conditions; semantic latents for base)",
      "cascadev.training.args:add_cache_arguments", "cascadev.cli.train:run_cache"),
     ("demo", "the built-in tiny cascade on held-out clips vs the Previewer baseline", "cascadev.cli.demo:add_arguments",
      "cascadev.cli.demo:run"),

@@ -2,9 +2,12 @@
 
 ``cascade``: ``CascadeVPipeline``, video <-> semantic latents through the LDM-VAE cascade (Stage B and A).
 ``text_to_video``: ``TextToVideoPipeline``, prompts -> the Stage C base model -> the cascade -> video.
-``sampling`` (the DiT over diffusers schedulers, windows and tiles) and ``conditioning`` (the semantic condition on
-the Stage A grid) are their parts; ``convert`` rewrites folders of cascadev < 0.2; ``options`` holds the command-line
-options of a cascade, shared by ``cascadev decode`` and ``eval/bench_recon.py``.
+``upscale``: ``CascadeVUpscalePipeline``, the resize route (4x resolution or frame rate).
+``runtime`` (precision, Stage A's memory, compilation, the sampler: what the three share), ``sampling`` (the DiT over
+diffusers schedulers, windows and tiles), ``conditioning`` (the condition on the Stage A grid), ``frames`` (sizes,
+resizing, the colour fix), ``source_vae`` (another model's VAE as the source of the latents) and ``distributed``
+(windows split across processes) are their parts; ``convert`` rewrites folders of cascadev < 0.2; ``arguments``
+declares the commands' options without importing torch and ``options`` acts on them.
 
 Nothing is imported here, so the cascade loads without the text side's dependencies (open_clip).
 """

@@ -13,8 +13,7 @@ below it (``fix_colour``).
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
 from vae.semantic_encoder import SemanticEncoder, check_video, resolve_official_file
 from vae.stage_a import PRESETS as STAGE_A_PRESETS
-from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE
+from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE, stage_a_settings
 
 COND_UPSAMPLE = 4               # semantic latent grid -> Stage A latent grid (f32 -> f8)
 SEMANTIC_CHANNELS = 16
@@ -47,22 +46,7 @@ RELEASE_STEPS = 8               # the release's recon: 8 Euler-ancestral steps
 DIT_REPO, DIT_FILE = "ByteDance/CascadeV", "s1024.effn-f32.pth"
 STABLE_CASCADE_REPO = "stabilityai/StableWurst"   # effnet_encoder / previewer, as the release downloads them
 ENCODER_FILE, PREVIEWER_FILE = "effnet_encoder.safetensors", "previewer.safetensors"
-# Stage A config fields the pipeline keeps (the rest describe an architecture, which the VAE brings itself)
-STAGE_A_SETTINGS = ("scale_factor", "sample_posterior", "encode_frame_batch", "chunk_frames", "chunk_overlap",
-                    "tile_size", "tile_overlap")
 LEGACY_PIPELINE_FILE = "pipeline.json"   # cascades saved by cascadev < 0.2
-
-
-def timed(timings: dict[str, float], phase: str, device: torch.device, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Run ``fn`` and add its wall time (synchronised on CUDA) to ``timings[phase]``."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
-    return out
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -205,12 +189,6 @@ def resolve_stage_a_config(source: str | Path | None, config: StageAConfig | Non
     return StageAConfig(**{**to_dict(base), "pretrained": str(source), "block_out_channels": tuple(base.block_out_channels)})
 
 
-def stage_a_settings(config: StageAConfig) -> dict:
-    """What the pipeline keeps of a Stage A config: the latent scale and how to chunk and tile (the
-    architecture comes with the VAE itself)."""
-    return {name: getattr(config, name) for name in STAGE_A_SETTINGS}
-
-
 def is_legacy_cascade(folder: str | Path) -> bool:
     """A cascade saved by cascadev < 0.2 (``pipeline.json``, ``stage_a/``, ``model.safetensors`` per part)."""
     folder = Path(folder)
@@ -270,23 +248,18 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                  scheduler: SchedulerMixin, previewer: Previewer | None = None, stage_a: dict | None = None,
                  num_inference_steps: int = RELEASE_STEPS, colour_fix: int | None = None, demo: dict | None = None):
         super().__init__()
-        kind = KIND_OF_CLASS.get(type(vae).__name__)
-        if kind is None:
-            raise ValueError(f"Stage A VAE {type(vae).__name__} is not supported (one of {', '.join(KIND_OF_CLASS)})")
+        stage_a_vae = StageAVAE.around(vae, stage_a)     # chunked, tiled decoding and the latent scale
         if dit.config.latent_channels != vae.config.latent_channels:
             raise ValueError(f"the DiT makes {dit.config.latent_channels}-channel latents but the Stage A VAE decodes "
                              f"{vae.config.latent_channels}")
-        settings = {**stage_a_settings(STAGE_A_PRESETS["official"]), **(stage_a or {})}
         self.register_modules(dit=dit, semantic_encoder=semantic_encoder, vae=vae, scheduler=scheduler,
                               previewer=previewer)
-        self.register_to_config(stage_a=settings, num_inference_steps=num_inference_steps, colour_fix=colour_fix,
-                                demo=demo)
+        self.register_to_config(stage_a=stage_a_settings(stage_a_vae.config), num_inference_steps=num_inference_steps,
+                                colour_fix=colour_fix, demo=demo)
         for module in (dit, semantic_encoder, vae, previewer):
             if module is not None:
                 module.eval().requires_grad_(False)
-        # chunked, tiled decoding and the latent scale around the same autoencoder object (no copy of its weights)
-        self.stage_a = StageAVAE(StageAConfig(kind=kind, pretrained=None, subfolder=None,
-                                              latent_channels=vae.config.latent_channels, **settings), vae)
+        self.stage_a = stage_a_vae
         self.timings: dict[str, float] = {}
 
     @classmethod
@@ -313,12 +286,6 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         """Stage A's latent scale; the semantic condition is multiplied by the same factor (as released)."""
         return self.stage_a.config.scale_factor
 
-    @property
-    def pixel_multiple(self) -> int:
-        return SEMANTIC_DOWNSAMPLE
-
-    def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return timed(self.timings, phase, self._execution_device, fn)
 
     # -- the cascade ----------------------------------------------------------------------------
 

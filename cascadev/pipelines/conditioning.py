@@ -6,9 +6,9 @@ Two routes (CascadeV, Fig. 4):
   Stage A scale (0.13025, owned by ``vae.stage_a``), upsampled x4 to the Stage A latent grid.
 - ``resize`` (Fig. 4b): a low-resolution and/or low-frame-rate Stage A latent, upsampled back to the
   full grid; the DiT then learns 4x resolution or 4x frame rate (``DiTConfig.cond_channels = 4``). The
-  low-resolution latent is either the Stage A latent of the downsampled video (``from_pixels``, as the
-  release trained, and what another model's latents of a small video are) or the full latent
-  downsampled (cheap, and possible from a latent cache).
+  low-resolution latent is either the Stage A latent of the downsampled video (``condition.resize_from: pixels``,
+  as the release trained, and what another model's latents of a small video are) or the full latent downsampled
+  (cheap, and possible from a latent cache).
 
 Each route has two halves: ``*_small`` makes the compact condition (what a latent cache stores),
 ``upsample_condition`` brings it to the latent grid (B, C, T, h, w). All tensors are (B, C, T, H, W).

@@ -5,6 +5,8 @@ so the command-line options of one (``options.prepare_pipeline``) mean the same 
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -14,9 +16,25 @@ from cascadev.pipelines.sampling import make_scheduler
 from vae.stage_a import vae_dtype
 
 
+def timed(timings: dict[str, float], phase: str, device: torch.device, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run ``fn`` and add its wall time (synchronised on CUDA) to ``timings[phase]``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+    return out
+
+
 class DecoderRuntimeMixin:
     """For a ``DiffusionPipeline`` with components ``dit`` (a ``VideoDiT``), ``vae`` (Stage A's autoencoder) and
-    ``scheduler`` (the sampler the DiT was trained for), and ``self.stage_a`` (the ``StageAVAE`` around ``vae``)."""
+    ``scheduler`` (the sampler the DiT was trained for), ``self.stage_a`` (the ``StageAVAE`` around ``vae``) and
+    ``self.timings`` (seconds by phase, ``_timed``)."""
+
+    def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return timed(self.timings, phase, self._execution_device, fn)
 
     def set_precision(self, dtype: torch.dtype, attn_fp32: bool | None = None):
         """Run the models in ``dtype`` (fp32, bf16 or fp16). Kept in fp32: the latents and the scheduler's arithmetic

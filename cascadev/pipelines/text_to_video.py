@@ -6,13 +6,12 @@ the semantic encoder makes them -> ``CascadeVPipeline.decode`` -> video (B, 3, T
 
 The base model works on latents times ``TextDiTConfig.latent_scale``; ``to_model`` and ``from_model``
 are the only places that apply it, for sampling here and for training (``cascadev.training.losses.base_training_loss``,
-with the same conventions: eps prediction, empty-caption dropout for CFG).
+with the same conventions: the objective's prediction, eps or v for rectified flow; empty-caption dropout for CFG).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade, timed,
+from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade,
                                         to_numpy_video)
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.sampling import load_scheduler, make_scheduler, scheduler_for_objective
@@ -217,9 +216,6 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         for block in self.base.blocks:
             block.compile(dynamic=False)
         return super().compile_models()
-
-    def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return timed(self.timings, phase, self._execution_device, fn)
 
     def default_size(self) -> tuple[int, int]:
         """(W, H) pixels of the base model's trained clips."""

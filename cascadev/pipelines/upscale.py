@@ -28,14 +28,14 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from cascadev.pipelines.cascade import load_vae, seeded_noise, stage_a_settings, timed
+from cascadev.pipelines.cascade import load_vae, seeded_noise
 from cascadev.pipelines.frames import fix_colour
 from cascadev.pipelines.conditioning import temporal_upsample, upsample_condition
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.sampling import Tiling, sample
 from dit.video_dit import VideoDiT
 from vae.semantic_encoder import check_video
-from vae.stage_a import DOWNSAMPLE, KIND_OF_CLASS, PRESETS as STAGE_A_PRESETS, StageAConfig, StageAVAE
+from vae.stage_a import DOWNSAMPLE, StageAVAE, stage_a_settings
 
 PIPELINE_CLASS = "CascadeVUpscalePipeline"
 TINY_FPS4X = Path(__file__).resolve().parents[1] / "assets" / "tiny_fps4x"
@@ -57,9 +57,7 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
                  temporal_factor: int = 1, stage_a: dict | None = None, num_inference_steps: int = 8,
                  vae_source: str | None = None, colour_fix: int | None = None, demo: dict | None = None):
         super().__init__()
-        kind = KIND_OF_CLASS.get(type(vae).__name__)
-        if kind is None:
-            raise ValueError(f"Stage A VAE {type(vae).__name__} is not supported (one of {', '.join(KIND_OF_CLASS)})")
+        stage_a_vae = StageAVAE.around(vae, stage_a)
         c = dit.config
         if c.cond_channels != c.latent_channels or c.latent_channels != vae.config.latent_channels:
             raise ValueError(f"not a resize-route DiT: its condition has {c.cond_channels} channels, its latent "
@@ -67,15 +65,13 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
         if spatial_factor < 1 or temporal_factor < 1 or spatial_factor * temporal_factor == 1:
             raise ValueError(f"the route's factors must be >= 1 and not both 1, got spatial {spatial_factor}, "
                              f"temporal {temporal_factor}")
-        settings = {**stage_a_settings(STAGE_A_PRESETS["official"]), **(stage_a or {})}
         self.register_modules(dit=dit, vae=vae, scheduler=scheduler)
-        self.register_to_config(spatial_factor=spatial_factor, temporal_factor=temporal_factor, stage_a=settings,
-                                num_inference_steps=num_inference_steps, vae_source=vae_source, colour_fix=colour_fix,
-                                demo=demo)
+        self.register_to_config(spatial_factor=spatial_factor, temporal_factor=temporal_factor,
+                                stage_a=stage_a_settings(stage_a_vae.config), num_inference_steps=num_inference_steps,
+                                vae_source=vae_source, colour_fix=colour_fix, demo=demo)
         for module in (dit, vae):
             module.eval().requires_grad_(False)
-        self.stage_a = StageAVAE(StageAConfig(kind=kind, pretrained=None, subfolder=None,
-                                              latent_channels=vae.config.latent_channels, **settings), vae)
+        self.stage_a = stage_a_vae
         self.timings: dict[str, float] = {}
 
     @property
@@ -109,8 +105,7 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Low video (B, 3, T', H', W') in [-1, 1] -> scaled Stage A latents (B, 4, T', H'/8, W'/8)."""
         check_video(video, 3, DOWNSAMPLE, f"{PIPELINE_CLASS}.encode", pixels=True)
-        return timed(self.timings, "encode", self._execution_device,
-                     lambda: self.stage_a.encode(video, device=self._execution_device))
+        return self._timed("encode", lambda: self.stage_a.encode(video, device=self._execution_device))
 
     def condition(self, small: torch.Tensor) -> torch.Tensor:
         """Small latents (B, 4, T', h', w') -> the DiT's condition (B, 4, T' kt, h' ks, w' ks), as in training."""
@@ -130,9 +125,8 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
         scheduler = self.scheduler_for(scheduler)
         generator = torch.Generator(device=device).manual_seed(seed + 1)       # ancestral steps
         steps = self.config.num_inference_steps if steps is None else steps
-        return timed(self.timings, "dit", device, lambda: sample(self.dit, cond, noise.float(), scheduler, steps, tiling,
-                                                                 generator=generator, progress=progress,
-                                                                 window_batch=window_batch))
+        return self._timed("dit", lambda: sample(self.dit, cond, noise.float(), scheduler, steps, tiling,
+                                                 generator=generator, progress=progress, window_batch=window_batch))
 
     def colour_reference(self, low: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Output frames ``start:end`` of the low video (B, 3, T', H', W') brought to the output's grid as the condition
@@ -167,7 +161,7 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
             low = video if video is not None else self.stage_a.decode(latents, device=self._execution_device).clamp(-1, 1)
         pieces = self.stage_a.decode_pieces(z, sample_kwargs.get("progress", True), self._execution_device)
         kt, start = self.config.temporal_factor, 0
-        while (piece := timed(self.timings, "stage_a", self._execution_device, lambda: next(pieces, None))) is not None:
+        while (piece := self._timed("stage_a", lambda: next(pieces, None))) is not None:
             piece, end = piece.clamp_(-1, 1), start + piece.shape[2]
             if fix:
                 piece = fix_colour(piece, self.colour_reference(low, start, end).to(piece), fix)

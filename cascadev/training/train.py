@@ -15,8 +15,9 @@ weights and buffers such as BatchNorm running statistics as safetensors, optimiz
 ``ema.safetensors`` (EMA weights by parameter name), ``trainer.json`` with the step and the EMA's update
 counter, ``config.yaml``; a dit or base checkpoint also has ``config.json``, so it loads with
 ``VideoDiT`` / ``TextDiT.from_legacy_folder``), and ``final/`` (``export_final``): dit and vae write
-``model/`` and ``ema/`` (diffusers folders); semantic writes ``semantic_encoder/`` and ``previewer/``, base ``base/`` and ``text_encoder/``
-(a ``TextToVideoPipeline.from_pretrained`` root: ``cascadev generate --weights RUN/final --cascade ...``),
+``model/`` and ``ema/`` (diffusers folders); semantic writes ``semantic_encoder/`` and ``previewer/``, base ``base_dit/``, ``base_scheduler/`` and
+``text_encoder/`` (``load_text_to_video`` reads it with a cascade given apart: ``cascadev generate --weights RUN/final
+--cascade ...``),
 with EMA weights when EMA is on and the trained ones in ``model/``.
 Checkpoints are written to a temporary folder and renamed; a restarted run continues from the newest.
 

@@ -50,7 +50,8 @@ class BaseTask:
     or are encoded on the fly. Captions are encoded per batch by the frozen text encoder (no caption cache: a
     bigG embedding is 77 x 1280 floats, too large to keep for a real dataset, and cheap beside the DiT); the
     empty prompt once. ``cascadev.training.losses.base_training_loss`` does the rest: the latent scale, ``caption_dropout``
-    of the captions replaced by the empty prompt (for classifier-free guidance), IDDPM with per-video timesteps.
+    of the captions replaced by the empty prompt (for classifier-free guidance), the ``diffusion`` objective (IDDPM or
+    rectified flow) with per-video timesteps.
     """
 
     name = "base"
@@ -159,7 +160,7 @@ class BaseTask:
         return logs
 
     def export(self, state_dict: dict, directory: Path) -> None:
-        """``base_dit/`` in our format (``TextDiT.from_pretrained``); ``export_final`` adds ``text_encoder/``, so the
-        folder is a ``TextToVideoPipeline.from_pretrained`` root (with a cascade given apart)."""
+        """``base_dit/`` in our format (``TextDiT.from_pretrained``); ``export_final`` adds ``text_encoder/`` and
+        ``base_scheduler/``, which ``load_text_to_video`` reads with a cascade given apart."""
         from cascadev.pipelines.text_to_video import BASE_DIR
         save_module(state_dict, self.model, directory / BASE_DIR)
