@@ -87,10 +87,10 @@ def build_pipeline(preset: str, dtype: torch.dtype, stage_a_tile: int | None = N
     settings = stage_a_settings(STAGE_A_PRESETS[stage_a])
     if stage_a_tile is not None:
         settings["tile_size"] = stage_a_tile
-    return CascadeVPipeline(dit=build_dit(preset, attn_fp32=dtype == torch.float32).to(dtype),
-                            semantic_encoder=build_semantic_encoder(preset).to(dtype),
-                            vae=build_stage_a(stage_a, load_weights=False).model.to(dtype),
-                            scheduler=make_scheduler("euler_a"), stage_a=settings)
+    pipe = CascadeVPipeline(dit=build_dit(preset), semantic_encoder=build_semantic_encoder(preset),
+                            vae=build_stage_a(stage_a, load_weights=False).model, scheduler=make_scheduler("euler_a"),
+                            stage_a=settings)
+    return pipe.set_precision(dtype)        # as the CLI: attention in fp32 only for fp32, the release's numerics
 
 
 def warm_up(pipe: CascadeVPipeline, frames: int, device: torch.device) -> None:
