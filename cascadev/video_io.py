@@ -211,6 +211,12 @@ CONTAINERS = {".mp4": ("mp4", "libx264"), ".mov": ("mov", "libx264"), ".mkv": ("
               ".webm": ("webm", "libvpx-vp9")}
 
 
+def output_paths(output: str | Path, n: int) -> list[Path]:
+    """Where a command writes ``n`` videos: OUT.mp4 for one; OUT_0.mp4, OUT_1.mp4, ... for several."""
+    out = Path(output)
+    return [out] if n == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(n)]
+
+
 def check_video_output(path: str | Path, option: str = "-o") -> Path:
     """An output video path that can be written, checked before any compute: one line naming what is wrong."""
     path = Path(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cascadev.errors import UserError
@@ -143,7 +142,7 @@ SD_VAE_SCALE = 0.18215          # --latent-space sd-vae: the SD / SVD VAEs' late
 def run_decode(args: argparse.Namespace) -> None:
     from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, read_latents
     from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline
-    from cascadev.video_io import VideoWriter, check_video_output
+    from cascadev.video_io import VideoWriter, check_video_output, output_paths
 
     check_video_output(args.output)
     if args.fps is not None and args.fps <= 0:
@@ -159,8 +158,7 @@ def run_decode(args: argparse.Namespace) -> None:
         pipe, latents, decode_kw, metadata = decode_source(args)
     if shared_windows_only(pipe, latents, decode_kw):
         return
-    out = Path(args.output)
-    paths = [out] if len(latents) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(latents))]
+    paths = output_paths(args.output, len(latents))
     with contextlib.ExitStack() as files:      # every video written as each piece is final
         fps = args.fps or float(metadata.get("fps", 8.0))
         writers = [files.enter_context(VideoWriter(path, fps, args.crf)) for path in paths]

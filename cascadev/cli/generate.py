@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from cascadev.errors import UserError
 
@@ -51,17 +50,11 @@ def parse_size(size: str) -> tuple[int, int]:
     return w, h
 
 
-def output_paths(output: str | Path, n: int) -> list[Path]:
-    """OUT.mp4 for one video; OUT_0.mp4, OUT_1.mp4, ... for several."""
-    out = Path(output)
-    return [out] if n == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(n)]
-
-
 def run_generate(args: argparse.Namespace) -> None:
     from cascadev.pipelines.options import check_crf, check_runtime_args, prepare_pipeline, tiling_of
     from cascadev.pipelines.text_to_video import check_request, load_text_to_video
     from cascadev.pipelines.cascade import check_latents_output, save_latents
-    from cascadev.video_io import check_video_output, write_video
+    from cascadev.video_io import check_video_output, output_paths, write_video
 
     request = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("scheduler", args.scheduler))
                if v is not None}

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> None:
 
     from cascadev.pipelines.options import prepare_pipeline, tiling_of
     from cascadev.pipelines.upscale import load_upscale
-    from cascadev.video_io import VideoWriter
+    from cascadev.video_io import VideoWriter, output_paths
     from vae.stage_a import DOWNSAMPLE
 
     _check_args(args)
@@ -113,9 +113,7 @@ def run(args: argparse.Namespace) -> None:
     sample_kw = dict(steps=args.steps, seed=args.seed, scheduler=pipe.scheduler_for(args.scheduler, args.force_scheduler),
                      tiling=tiling_of(args, pipe.dit.spec), window_batch=args.window_batch)
     keep = None if video is None else (not args.regenerate_input_frames and ks == 1)
-    out = Path(args.output)
-    B = (video if video is not None else latents).shape[0]
-    paths = [out] if B == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(B)]
+    paths = output_paths(args.output, (video if video is not None else latents).shape[0])
     with contextlib.ExitStack() as files:
         writers = [files.enter_context(VideoWriter(path, fps * kt, args.crf)) for path in paths]
         side = files.enter_context(VideoWriter(args.compare, fps * kt, args.crf)) if args.compare else None

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from diffusers.video_processor import VideoProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 from safetensors import safe_open
@@ -449,17 +449,10 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
             frames = self.decode_latents(latents, **kwargs)
         else:
             frames = self.decode(latents, colour_fix=colour_fix, **kwargs)
-            if output_type != "pt":
-                frames = to_numpy_video(frames)
-                if output_type == "pil":
-                    frames = [[PIL.Image.fromarray((f * 255).round().astype(np.uint8)) for f in clip] for clip in frames]
+            if output_type != "pt":      # diffusers' layouts: (B, T, H, W, 3) in [0, 1], or lists of images
+                frames = VideoProcessor(do_resize=False).postprocess_video(frames, output_type=output_type)
         self.maybe_free_model_hooks()
         return CascadeVPipelineOutput(frames=frames) if return_dict else (frames,)
-
-
-def to_numpy_video(video: torch.Tensor) -> np.ndarray:
-    """(B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) float32 in [0, 1], diffusers' "np" video layout."""
-    return rearrange((video.float().clamp(-1, 1) + 1) / 2, "b c t h w -> b t h w c").cpu().numpy()
 
 
 def resolve_colour_fix(pipe: CascadeVPipeline, given: int | None) -> int | None:

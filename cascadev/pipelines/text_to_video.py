@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from diffusers.video_processor import VideoProcessor
 from tqdm.auto import tqdm
 
-from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade,
-                                        to_numpy_video)
+from cascadev.pipelines.cascade import RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.sampling import load_scheduler, make_scheduler, scheduler_for_objective
 from dit.text_dit import TextDiT, TextDiTConfig
@@ -299,10 +298,8 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         frames = latents
         if output_type != "latent":
             frames = self.decode(latents, seed, steps=decoder_num_inference_steps)   # the saved colour fix
-            if output_type != "pt":
-                frames = to_numpy_video(frames)
-                if output_type == "pil":
-                    frames = [[PIL.Image.fromarray((f * 255).round().astype(np.uint8)) for f in clip] for clip in frames]
+            if output_type != "pt":      # diffusers' layouts: (B, T, H, W, 3) in [0, 1], or lists of images
+                frames = VideoProcessor(do_resize=False).postprocess_video(frames, output_type=output_type)
         self.maybe_free_model_hooks()
         return TextToVideoPipelineOutput(frames=frames, latents=latents) if return_dict else (frames,)
 
