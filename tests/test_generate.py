@@ -196,9 +196,10 @@ def test_cli_generate_runs_its_decoder_as_decode_does(tmp_path, capsys, weights_
         return read_video(tmp_path / name)
 
     default = generate("default.mp4")
-    # lossless H.264 (--crf 0): batching's fp32 rounding flips only a few 8-bit levels (mean 2e-6), a stride 6e-4
+    # lossless H.264 (--crf 0): batching's fp32 rounding flips only a few 8-bit levels (mean 2e-6), a stride changes
+    # the blend of overlapping windows (2e-4 to 6e-4 with the random models the fixtures draw)
     assert (generate("batched.mp4", "--window-batch", 2, "--no-tf32") - default).abs().mean() < 2e-5
-    assert (generate("strided.mp4", "--frame-stride", 1) - default).abs().mean() > 2e-4
+    assert (generate("strided.mp4", "--frame-stride", 1) - default).abs().mean() > 2e-5
 
     pipe = TextToVideoPipeline.from_pretrained(str(weights_dir)).set_precision(torch.bfloat16).set_stage_a_memory(0.5)
     assert pipe.cascade.stage_a.config.max_memory == 0.5
