@@ -217,7 +217,8 @@ def test_cli_bad_inputs_give_one_clear_line(tmp_path, capsys, weights_dir):
                           (["a cat", "--text-encoder", "bigG"], "--text-encoder replaces"),
                           (["a cat", "--weights", weights_dir, "--window-batch", 0], "--window-batch must be >= 1"),
                           (["a cat", "--weights", weights_dir, "--tile-stride", 99], "longer than the DiT's window"),
-                          (["a cat", "--weights", weights_dir, "--offload", "model"], "--offload")]:
+                          (["a cat", "--weights", weights_dir, "--offload", "model"], "--offload"),
+                          (["a cat", "--colour-fix", 7], "colour fix 7: 256x256 frames are not divisible by 7")]:
         code, _, err = run_cli(capsys, "generate", *argv, "-o", out)
         assert code == 2 and err.count("\n") == 1 and message in err, (argv, err)
     assert not out.exists()
