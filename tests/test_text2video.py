@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from cascadev.cli.text2video import CASCADE
 from cascadev.video_io import video_info
 from conftest import run_cli
 
@@ -60,6 +61,11 @@ def test_generate_uses_the_builtin_weights(tmp_path, capsys):
     assert "built-in tiny text-to-video model" in stdout
     info = video_info(out)
     assert (info.frames, info.width, info.height) == (2, 64, 32)
+    # another decoder folder (here the same tiny cascade): its Previewer is loaded for its saved or asked colour fix
+    code, stdout, err = run_cli(capsys, "generate", PROMPT, "-o", tmp_path / "c.mp4", "--frames", 2, "--size", "64x32",
+                                "--steps", 2, "--decode-steps", 1, "--cascade", CASCADE, "--colour-fix", 16)
+    assert code == 0, err
+    assert "decode preview" in stdout                      # the colour fix ran the Previewer
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -71,6 +77,7 @@ def test_generate_uses_the_builtin_weights(tmp_path, capsys):
     (["demo", "--prompt", PROMPT, "--size", "50"], "--size 50 is not a positive multiple of 32"),
     (["demo", "--prompt", PROMPT, "--frames", "0"], "--frames must be >= 1"),
     (["demo", "--prompt", PROMPT, "--colour-fix", "-1"], "--colour-fix must be >= 0"),
+    (["demo", "--prompt", PROMPT, "--colour-fix", "24"], "colour fix 24: 256x256 frames are not divisible"),
     (["demo", "--prompt", PROMPT, "--weights", "x", "--kind", "shapes"], "--weights, --kind: not used by --prompt"),
     (["demo", "--prompt", PROMPT, "--fps-x4"], "two demos: give one"),
     (["demo", "--steps", "0"], "--steps must be >= 1"),

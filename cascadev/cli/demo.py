@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="square side in pixels, a multiple of 32 (default: the shipped setting, else 128)")
     p.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the shipped setting)")
     p.add_argument("--scheduler", default=None, choices=["euler_a", "ddim", "dpmpp", "flow"])
+    p.add_argument("--force-scheduler", action="store_true",
+                   help="use --scheduler even if it is of the other family (flow vs eps) than the DiT was trained for")
     p.add_argument("--kind", default=None, help="procedural clip kind (default: what the cascade was trained on)")
     p.add_argument("--colour-fix", type=int, default=None, metavar="N",
                    help="the cascade's band of N x N pixel blocks from the Previewer (default: the shipped setting; 0: off)")
@@ -97,7 +99,7 @@ def _run(args: argparse.Namespace) -> dict:
     fix = resolve_colour_fix(pipe, args.colour_fix)
     if fix and size % fix:
         raise UserError(f"--colour-fix must be 0 (off) or divide --size {size}, got {fix}")
-    scheduler = pipe.scheduler_for(args.scheduler)
+    scheduler = pipe.scheduler_for(args.scheduler, args.force_scheduler)
     steps = args.steps if args.steps is not None else pipe.config.num_inference_steps
     seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
     methods = ["cascade", "baseline"] + (["cascade_without_colour_fix"] if fix else [])

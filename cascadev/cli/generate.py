@@ -77,20 +77,24 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.weights is None and args.text_encoder is not None:
         raise UserError("--text-encoder replaces the text encoder of --weights; the built-in model has its own")
 
+    # the decoder's Previewer: as its folder saves it (for its colour fix), or as --colour-fix asks
+    with_previewer = None if args.colour_fix is None else args.colour_fix > 0
     print("loading weights ...", flush=True)
     if args.weights is None:     # the built-in tiny model (cascadev.cli.text2video): its settings unless given
         from cascadev.cli.text2video import builtin_settings, load_builtin
-        pipe = load_builtin(with_previewer=args.cascade is None, cascade=args.cascade)
+        pipe = load_builtin(with_previewer=with_previewer, cascade=args.cascade)
         shipped = builtin_settings()
         request = {**{k: shipped[k] for k in ("steps", "guidance")}, **request}
         size = size or (shipped["size"], shipped["size"])
         print(f"no --weights: the built-in tiny text-to-video model, {shipped['size']} px, trained on captions such as "
               f"'a fast red striped disc with vertical stripes moving left over a dark background'", flush=True)
     else:
-        pipe = load_text_to_video(args.weights, text_encoder=args.text_encoder, cascade=args.cascade)
+        pipe = load_text_to_video(args.weights, text_encoder=args.text_encoder, cascade=args.cascade,
+                                  with_previewer=with_previewer)
     if args.colour_fix and pipe.cascade.previewer is None:
-        raise UserError("--colour-fix needs the Previewer, which this decoder folder does not have (use 0)")
+        raise UserError("--colour-fix needs the decoder's Previewer, which its folder does not have (use 0)")
     prepare_pipeline(pipe, args)
+    tiling = tiling_of(args, pipe.dit.spec)                      # checked before any sampling
     W, H = size or pipe.default_size()
     saved_fix = pipe.cascade.config.colour_fix if pipe.cascade.previewer is not None else None
     check_colour_fix(H, W, saved_fix if args.colour_fix is None else args.colour_fix)    # before any sampling
@@ -101,7 +105,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.latents_out:
         save_latents(args.latents_out, latents, prompt=args.prompt, negative=args.negative, seed=args.seed)
         print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
-    decode_kwargs = dict(steps=args.decode_steps, tiling=tiling_of(args, pipe.dit.spec), window_batch=args.window_batch,
+    decode_kwargs = dict(steps=args.decode_steps, tiling=tiling, window_batch=args.window_batch,
                          colour_fix=args.colour_fix)      # None: the decoder's saved setting (16 for the tiny cascade)
     videos = pipe.decode(latents, seed=args.seed, **decode_kwargs)
     for path, video in zip(output_paths(args.output, len(videos)), videos):

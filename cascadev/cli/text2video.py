@@ -36,8 +36,9 @@ def builtin_settings() -> dict:
     return json.loads((BUILTIN / "demo.json").read_text())
 
 
-def load_builtin(with_previewer: bool = True, cascade: str | Path | None = None):
-    """The built-in ``TextToVideoPipeline`` in float32 on the CPU (``cascade`` replaces the tiny decoder)."""
+def load_builtin(with_previewer: bool | None = True, cascade: str | Path | None = None):
+    """The built-in ``TextToVideoPipeline`` in float32 on the CPU (``cascade`` replaces the tiny decoder;
+    ``with_previewer`` as ``load_cascade``'s, None: when the decoder's saved colour fix needs it)."""
     import torch
 
     from cascadev.pipelines.cascade import load_cascade
@@ -69,6 +70,7 @@ def run_prompt(args: argparse.Namespace) -> dict:
     """``cascadev demo --prompt``: DIR/text2video.mp4 (cascade | Previewer), DIR/text2video.png, DIR/text2video.json."""
     import torch
 
+    from cascadev.pipelines.frames import check_colour_fix
     from cascadev.pipelines.options import DTYPES
     from cascadev.pipelines.text_to_video import check_request
     from cascadev.video_io import write_png_strip, write_video
@@ -91,13 +93,14 @@ def run_prompt(args: argparse.Namespace) -> dict:
     print("loading the built-in tiny text-to-video cascade ...", flush=True)
     pipe = load_builtin()
     pipe.cascade.set_precision(DTYPES[args.dtype])
+    fix = pipe.cascade.config.colour_fix if args.colour_fix is None else args.colour_fix
+    check_colour_fix(size, size, fix)                            # before Stage C runs
     with torch.no_grad():
         latents, t_c = _stage(1, f"Stage C: prompt -> semantic latents ({steps} steps, guidance {guidance:g})",
                               lambda: pipe.generate_latents(args.prompt, frames=args.frames, size=(size, size), steps=steps,
                                                             guidance=guidance, seed=args.seed))
         cascade = pipe.cascade
         decode_steps = args.steps or cascade.config.num_inference_steps
-        fix = cascade.config.colour_fix if args.colour_fix is None else args.colour_fix
         video, t_b = _stage(2, f"Stage B + A: LDM-VAE DiT ({decode_steps} steps) -> Stage A decode",
                             lambda: cascade.decode(latents, steps=decode_steps, seed=args.seed, colour_fix=fix))
         preview, t_p = _stage(3, "Previewer: the same latents, no LDM-VAE (x8, then bilinear x4)",

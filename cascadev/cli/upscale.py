@@ -190,7 +190,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         kind = args.kind or settings.get("kind", "shapes")
         size = args.size or settings.get("size", 128)
         steps = args.steps or pipe.config.num_inference_steps
-        scheduler = pipe.scheduler_for(args.scheduler)
+        scheduler = pipe.scheduler_for(args.scheduler, args.force_scheduler)
         frames = kt * args.frames                                      # the last input frame + kt - 1 after it
         between = [i for i in range(kt * (args.frames - 1)) if i % kt]   # strictly between input frames
         tail = list(range(kt * (args.frames - 1) + 1, frames))

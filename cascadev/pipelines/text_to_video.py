@@ -311,10 +311,12 @@ def is_legacy_text_to_video(folder: str | Path) -> bool:
 
 
 def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None = None,
-                       cascade: str | Path | None = None, torch_dtype: torch.dtype | None = None) -> TextToVideoPipeline:
+                       cascade: str | Path | None = None, torch_dtype: torch.dtype | None = None,
+                       with_previewer: bool | None = None) -> TextToVideoPipeline:
     """The CLI's loader: ``weights`` written by ``TextToVideoPipeline.save_pretrained`` (no base model is released);
     ``text_encoder`` (a folder, or an open_clip preset of ``dit.text_encoder``: "bigG", "H") and ``cascade``
-    (anything ``load_cascade`` takes) replace those parts."""
+    (anything ``load_cascade`` takes, with its Previewer and colour fix as ``with_previewer`` says) replace those
+    parts."""
     weights = Path(weights)
     if not weights.is_dir():
         raise FileNotFoundError(f"{weights}: weights folder not found")
@@ -332,7 +334,8 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
                 f"there with save_pretrained")
         return TextToVideoPipeline.from_parts(TextEncoder.from_pretrained(weights / TEXT_ENCODER_DIR),
                                               TextDiT.from_folder(weights / BASE_DIR),
-                                              load_cascade(cascade, with_previewer=False, torch_dtype=torch_dtype),
+                                              load_cascade(cascade, with_previewer=with_previewer,
+                                                           torch_dtype=torch_dtype),
                                               load_scheduler(weights / SCHEDULER_DIR))
     if not (weights / "model_index.json").is_file():
         raise FileNotFoundError(f"{weights}: no base model (Stage C) weights; none are released: train them (cascadev "
@@ -342,7 +345,8 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
         parts["text_encoder"] = (build_text_encoder(str(text_encoder)) if str(text_encoder) in TEXT_ENCODER_PRESETS
                                  else TextEncoder.from_pretrained(text_encoder))
     if cascade is not None:
-        pipe = load_cascade(cascade, with_previewer=False, torch_dtype=torch_dtype)
-        parts.update(dit=pipe.dit, vae=pipe.vae, scheduler=pipe.scheduler, previewer=None, stage_a=pipe.config.stage_a,
-                     num_inference_steps=pipe.config.num_inference_steps, colour_fix=None)
+        pipe = load_cascade(cascade, with_previewer=with_previewer, torch_dtype=torch_dtype)
+        parts.update(dit=pipe.dit, vae=pipe.vae, scheduler=pipe.scheduler, previewer=pipe.previewer,
+                     stage_a=pipe.config.stage_a, num_inference_steps=pipe.config.num_inference_steps,
+                     colour_fix=pipe.config.colour_fix)
     return TextToVideoPipeline.from_pretrained(str(weights), torch_dtype=torch_dtype, **parts)
