@@ -23,20 +23,20 @@ ASSETS = Path(__file__).parents[1] / "assets" / "tiny_cascade"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cascadev.pipelines.arguments import DTYPE_NAMES, add_scheduler_arguments
+
     p.add_argument("-o", "--output", default="demo_out", metavar="DIR", help="where videos and results go")
     p.add_argument("--clips", type=int, default=4, help="held-out clips to reconstruct")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=None,
                    help="square side in pixels, a multiple of 32 (default: the shipped setting, else 128)")
     p.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the shipped setting)")
-    p.add_argument("--scheduler", default=None, choices=["euler_a", "ddim", "dpmpp", "flow"])
-    p.add_argument("--force-scheduler", action="store_true",
-                   help="use --scheduler even if it is of the other family (flow vs eps) than the DiT was trained for")
+    add_scheduler_arguments(p, "default: the shipped one")
     p.add_argument("--kind", default=None, help="procedural clip kind (default: what the cascade was trained on)")
     p.add_argument("--colour-fix", type=int, default=None, metavar="N",
                    help="the cascade's band of N x N pixel blocks from the Previewer (default: the shipped setting; 0: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32",
                    help="the models' precision (bf16 runs on a CPU too; fp32: the shipped numbers)")
     p.add_argument("--weights", default=None, help="another cascade folder (save_pretrained layout)")
     p.add_argument("--fps-x4", action="store_true",

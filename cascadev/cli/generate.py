@@ -54,7 +54,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from cascadev.pipelines.frames import check_colour_fix
     from cascadev.pipelines.options import check_crf, check_runtime_args, prepare_pipeline, tiling_of
     from cascadev.pipelines.text_to_video import check_request, load_text_to_video
-    from cascadev.pipelines.cascade import check_latents_output, save_latents
+    from cascadev.pipelines.cascade import check_latents_output, resolve_colour_fix, save_latents
     from cascadev.video_io import check_video_output, output_paths, write_video
 
     request = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("scheduler", args.scheduler))
@@ -96,8 +96,7 @@ def run_generate(args: argparse.Namespace) -> None:
     prepare_pipeline(pipe, args)
     tiling = tiling_of(args, pipe.dit.spec)                      # checked before any sampling
     W, H = size or pipe.default_size()
-    saved_fix = pipe.cascade.config.colour_fix if pipe.cascade.previewer is not None else None
-    check_colour_fix(H, W, saved_fix if args.colour_fix is None else args.colour_fix)    # before any sampling
+    check_colour_fix(H, W, resolve_colour_fix(pipe.cascade, args.colour_fix))      # before any sampling
     frames = args.frames or pipe.base.config.window_frames
     print(f"generating {args.num} video(s) of {frames} frames at {W}x{H}", flush=True)
     latents = pipe.generate_latents(args.prompt, frames=frames, size=(W, H), negative=args.negative, seed=args.seed,

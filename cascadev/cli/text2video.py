@@ -70,6 +70,7 @@ def run_prompt(args: argparse.Namespace) -> dict:
     """``cascadev demo --prompt``: DIR/text2video.mp4 (cascade | Previewer), DIR/text2video.png, DIR/text2video.json."""
     import torch
 
+    from cascadev.pipelines.cascade import resolve_colour_fix
     from cascadev.pipelines.frames import check_colour_fix
     from cascadev.pipelines.options import DTYPES
     from cascadev.pipelines.text_to_video import check_request
@@ -93,7 +94,7 @@ def run_prompt(args: argparse.Namespace) -> dict:
     print("loading the built-in tiny text-to-video cascade ...", flush=True)
     pipe = load_builtin()
     pipe.cascade.set_precision(DTYPES[args.dtype])
-    fix = pipe.cascade.config.colour_fix if args.colour_fix is None else args.colour_fix
+    fix = resolve_colour_fix(pipe.cascade, args.colour_fix)
     check_colour_fix(size, size, fix)                            # before Stage C runs
     with torch.no_grad():
         latents, t_c = _stage(1, f"Stage C: prompt -> semantic latents ({steps} steps, guidance {guidance:g})",
@@ -110,7 +111,7 @@ def run_prompt(args: argparse.Namespace) -> dict:
         write_video(out / "text2video.mp4", torch.cat([video, preview], dim=-1), fps=8),
         write_png_strip(out / "text2video.png", torch.cat([video, preview], dim=-2), max_frames=args.frames)))
     results = {"prompt": args.prompt, "frames": args.frames, "size": [size, size], "seed": args.seed,
-               "base_steps": steps, "guidance": guidance, "decode_steps": decode_steps, "colour_fix": fix,
+               "base_steps": steps, "guidance": guidance, "decode_steps": decode_steps, "colour_fix": fix or 0,
                "seconds": {"stage_c": round(t_c, 1), "stage_b_a": round(t_b, 1), "previewer": round(t_p, 1),
                            "write": round(t_w, 1), "total": round(time.perf_counter() - start, 1)}}
     (out / "text2video.json").write_text(json.dumps(results, indent=2))

@@ -357,8 +357,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         """``decode`` in pieces (B, 3, t, 32h, 32w), in frame order: the DiT samples the whole clip in latent space
         (4 channels at 1/8 of the pixels), then each Stage A chunk is decoded, colour-fixed and yielded as soon as it
         is final, so a long clip's pixels never sit in memory whole (``write_video`` takes the pieces)."""
-        if colour_fix is None:       # the saved setting, where the Previewer it needs is loaded
-            colour_fix = self.config.colour_fix if self.previewer is not None else None
+        colour_fix = resolve_colour_fix(self, colour_fix)
         if colour_fix and self.previewer is None:
             raise ValueError("colour_fix needs the Previewer: load the pipeline with one")
         check_colour_fix(*(n * SEMANTIC_DOWNSAMPLE for n in latents.shape[-2:]), colour_fix)   # before the DiT runs
@@ -456,7 +455,10 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
 
 def resolve_colour_fix(pipe: CascadeVPipeline, given: int | None) -> int | None:
-    """The ``colour_fix`` factor for ``decode``: the one given (0: off), else the pipeline's saved one, else off."""
+    """The ``colour_fix`` factor ``decode`` applies: the one given (0: off), else the pipeline's saved one where the
+    Previewer it needs is loaded, else off."""
     if given is not None and given < 0:
         raise ValueError(f"colour fix factor must be >= 0 (0: off), got {given}")
-    return (pipe.config.colour_fix if given is None else given) or None
+    if given is None:
+        given = pipe.config.colour_fix if pipe.previewer is not None else None
+    return given or None

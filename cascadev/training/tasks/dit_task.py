@@ -1,4 +1,5 @@
-"""Stage B's training task (stage "dit"): the DiT denoises Stage A latents given the semantic condition."""
+"""Stage B's training task (stage "dit"): the DiT denoises Stage A latents given its condition (the semantic or the
+resize route)."""
 
 from __future__ import annotations
 
