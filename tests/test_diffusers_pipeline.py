@@ -42,6 +42,17 @@ def test_save_pretrained_writes_diffusers_layout_and_round_trips(saved):
     torch.testing.assert_close(out.frames, expected, rtol=0, atol=0)
 
 
+def test_call_without_previewer_decodes_without_the_saved_colour_fix(saved):
+    """``colour_fix=None`` means the saved fix only where its Previewer is loaded, in ``__call__`` as in ``decode``."""
+    _, root = saved                                                   # saved with colour_fix=16
+    pipe = CascadeVPipeline.from_pretrained(str(root), previewer=None)
+    out = pipe(latents=LATENTS, generator=torch.Generator().manual_seed(0), num_inference_steps=2).frames
+    plain = pipe.decode(LATENTS, steps=2, seed=None, generator=torch.Generator().manual_seed(0), progress=False)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs the Previewer"):
+        pipe(latents=LATENTS, num_inference_steps=1, colour_fix=16)
+
+
 def test_bf16_load_is_close_to_fp32(saved):
     _, root = saved
     fp32 = CascadeVPipeline.from_pretrained(str(root))

@@ -231,7 +231,7 @@ def test_base_training_loss_trains_and_drops_captions_to_the_empty_prompt(encode
     latents = torch.randn(2, 16, 2, 2, 4)
     text, null = encoder.encode(["a cat", "a dog"]), encoder.encode([""])
     diffusion = build_diffusion(DiffusionConfig())
-    loss, logs = base_training_loss(model, diffusion, latents, text, null, torch.Generator().manual_seed(0))
+    loss, logs = base_training_loss(model, diffusion, latents, text, null, torch.Generator().manual_seed(0), drop_prob=0.1)
     loss.backward()
     assert torch.isfinite(loss) and set(logs) == {"loss", "mse", "vb"}
     assert model.blocks[0].cross_attn.kv_linear.weight.grad.abs().sum() > 0

@@ -286,7 +286,6 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         """Stage A's latent scale; the semantic condition is multiplied by the same factor (as released)."""
         return self.stage_a.config.scale_factor
 
-
     # -- the cascade ----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -417,7 +416,8 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
         num_inference_steps: DiT steps (default: the saved ``num_inference_steps``; 8 for the release).
         generator: seeds the noise (drawn frames first as the release did) and ancestral steps.
-        colour_fix: block size of the Previewer's colour fix (default: the saved setting; 0: off).
+        colour_fix: block size of the Previewer's colour fix (default: the saved setting where the Previewer is
+            loaded; 0: off).
         output_type: "pt" (B, 3, T, H, W) in [-1, 1], "np" (B, T, H, W, 3) in [0, 1], "pil", or "latent"
             (Stage A latents, scaled).
         callback_on_step_end(pipe, i, t, {"latents": (B, 4, T, H/8, W/8)}): after each DiT step; may return
@@ -432,7 +432,6 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         if set(callback_on_step_end_tensor_inputs) - {"latents"}:
             raise ValueError(f"callback_on_step_end_tensor_inputs can only hold 'latents', got "
                              f"{list(callback_on_step_end_tensor_inputs)}")
-        colour_fix = self.config.colour_fix if colour_fix is None else colour_fix
         if latents is None:
             latents = self.encode(video)
 

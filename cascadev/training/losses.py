@@ -19,8 +19,6 @@ from dit.text_encoder import TextEmbedding
 
 log = logging.getLogger(__name__)
 
-CAPTION_DROPOUT = 0.1           # share of captions trained as the empty prompt, for CFG
-
 
 def kl_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, e^logvar) || N(0, 1)), mean over all but the batch dimension: (B, ...) -> (B,)."""
@@ -86,7 +84,7 @@ def drop_captions(text: TextEmbedding, null_text: TextEmbedding, drop: torch.Ten
 
 
 def base_training_loss(model: torch.nn.Module, diffusion, latents: torch.Tensor, text: TextEmbedding,
-                       null_text: TextEmbedding, generator: torch.Generator, drop_prob: float = CAPTION_DROPOUT,
+                       null_text: TextEmbedding, generator: torch.Generator, drop_prob: float,
                        as_images: bool = False) -> tuple[torch.Tensor, dict]:
     """Diffusion loss of the base model on one micro-batch.
 
