@@ -11,8 +11,9 @@ the rest still run):
 2. ``profile``: the operators with the most device time in one bf16 DiT forward.
 3. ``decode``: reconstruct a random clip of each size, per phase (semantic encode, DiT steps, Stage A
    decode, whose tiles the CLI's memory planner picks): seconds and peak device memory; bf16 with windows one
-   by one and batched, fp32 as released (first size only), bf16 with ``enable_model_cpu_offload``, bf16 with
-   compiled DiT blocks, and compiled with DiT tiles a whole window apart (``--tile-stride 128``).
+   by one and batched, fp32 as released (first size only), bf16 with ``enable_model_cpu_offload``, bf16 compiled as
+   ``--compile`` does (DiT blocks and Stage A's decoder), and compiled with DiT tiles a whole window apart
+   (``--tile-stride 128``).
 4. ``stage_a``: Stage A alone on the last size, per tile size, with and without cuDNN autotuning.
 """
 
@@ -30,13 +31,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cascadev.pipelines.cascade import CascadeVPipeline
 from cascadev.pipelines.options import stage_a_budget
+from cascadev.pipelines.runtime import compile_blocks
 from cascadev.pipelines.sampling import Tiling, make_scheduler
 from dit import build_dit
 from vae import build_semantic_encoder, build_stage_a
 from vae.stage_a import PRESETS as STAGE_A_PRESETS
 from vae.stage_a import stage_a_settings
 
-BACKENDS = ("native", "_native_flash", "_native_cudnn", "_native_efficient", "flash", "flash_varlen")
+BACKENDS = ("native", "_native_flash", "_native_cudnn", "_native_efficient", "flash", "flash_varlen", "_flash_3")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
 
@@ -99,13 +101,6 @@ def warm_up(pipe: CascadeVPipeline, frames: int, device: torch.device) -> None:
     z = pipe.decode_latents(pipe.encode(video), steps=1, progress=False)
     pipe.stage_a.decode(z, device=device)
     synchronize(device)
-
-
-def compile_blocks(dit) -> None:
-    """torch.compile each DiT block (shapes are static per window, so each partition layout compiles once)."""
-    torch._dynamo.config.recompile_limit = 64   # blocks share one forward: layouts x batch sizes exceed the default 8
-    for block in dit.blocks:
-        block.compile(dynamic=False)
 
 
 class Report:
@@ -207,12 +202,12 @@ def run_variant(args, device: torch.device, report: Report, sizes: list[tuple[in
         pipe.to(device)
     if args.stage_a_tile is None:          # as the CLI: tiles from the memory budget, whole frames when they fit
         pipe.set_stage_a_memory(stage_a_budget(args.max_memory, device))
-    if compiled:   # one compile per window layout: each size once, untimed in the rows that follow
-        compile_blocks(pipe.dit)
+    if compiled:   # as --compile: the DiT blocks and Stage A's decoder, each size compiled once, untimed in later rows
+        pipe.compile_models()
         for T, H, W in sizes:
             video = torch.rand(1, 3, T, H, W) * 2 - 1
-            seconds, _, _ = measure(device, lambda: pipe.decode_latents(pipe.encode(video), steps=1, progress=False,
-                                                                       window_batch=batches[0], tiling=tiling))
+            seconds, _, _ = measure(device, lambda: pipe.decode(pipe.encode(video), steps=1, progress=False,
+                                                                window_batch=batches[0], tiling=tiling))
             report.add(section="decode", phase="compile (first call, 1 step)", seconds=round(seconds, 1),
                        size=f"{T}x{H}x{W}")
     warm_up(pipe, sizes[0][0], device)
@@ -234,11 +229,11 @@ def bench_decode(args, device: torch.device, report: Report) -> None:
                     labels={"dtype": "bf16", "offload": "model", **tile})
     if "compiled" in variants:
         run_variant(args, device, report, sizes[:1], batches=(args.window_batch,), compiled=True,
-                    labels={"dtype": "bf16", "compiled": True, **tile})
+                    labels={"dtype": "bf16", "compiled": "dit+stage_a", **tile})
     if "widest-tiles" in variants:   # DiT tiles a whole window apart (--tile-stride 128): fewer, less overlap
         stride = 128 if args.preset == "official" else 16
         run_variant(args, device, report, sizes, batches=(args.window_batch,), compiled=True,
-                    tiling=Tiling(tile_stride=stride), labels={"dtype": "bf16", "compiled": True, "tile_stride": stride, **tile})
+                    tiling=Tiling(tile_stride=stride), labels={"dtype": "bf16", "compiled": "dit+stage_a", "tile_stride": stride, **tile})
     if "fp32" in variants:
         run_variant(args, device, report, sizes[:1], dtype=torch.float32, labels={"dtype": "fp32 (release)", **tile})
 
@@ -295,8 +290,8 @@ def main() -> None:
     parser.add_argument("--window-batch", type=int, default=6, help="DiT windows/tiles per forward, batched rows")
     parser.add_argument("--repeats", type=int, default=3, help="timed DiT forwards per backend")
     parser.add_argument("--decode-variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="decode section: bf16 (all sizes), model offload (all sizes), compiled DiT blocks and "
-                             "the release's fp32 (first size)")
+                        help="decode section: bf16 (all sizes), model offload (all sizes), compiled as --compile "
+                             "(first size), compiled with --tile-stride 128 (all sizes), the release's fp32 (first size)")
     parser.add_argument("--stage-a-tile", type=int, default=None,
                         help="decode section: Stage A tile size in pixels (default: the preset's 1024; 0: whole frames)")
     parser.add_argument("--max-memory", type=float, default=None,

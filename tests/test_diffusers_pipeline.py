@@ -11,6 +11,7 @@ from accelerate import cpu_offload
 from conftest import run_cli, tiny_cascade, write_legacy_cascade
 from cascadev.pipelines.cascade import CascadeVPipeline, CascadeVPipelineOutput, load_cascade
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
+from cascadev.pipelines.runtime import RECOMPILE_LIMIT
 from cascadev.pipelines.sampling import make_scheduler, sample
 
 LATENTS = torch.randn(1, 16, 4, 4, 4, generator=torch.Generator().manual_seed(7))   # 4 frames of 128x128 px
@@ -203,6 +204,7 @@ def test_compiled_models_give_the_eager_output(saved):
     compiled = pipe.compile_models()(**{**kwargs, "generator": torch.Generator().manual_seed(4)}).frames
     assert all(b._compiled_call_impl is not None for b in pipe.dit.blocks)     # torch.nn.Module.compile's wrapper
     assert pipe.vae.decoder._compiled_call_impl is not None
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT   # layouts x batches x sizes share one forward
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 

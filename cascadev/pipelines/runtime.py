@@ -28,6 +28,20 @@ def timed(timings: dict[str, float], phase: str, device: torch.device, fn: Calla
     return out
 
 
+# A compiled block's cache entries (one per token layout x windows per forward x window size) all belong to the one
+# DiTBlock.forward, so a process decoding several sizes or batches passes dynamo's default of 8 (seen on the tiny
+# cascade with window_batch 1, 2 and 3) and the rest runs eagerly.
+RECOMPILE_LIMIT = 64
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each of ``model.blocks`` with static shapes: each attention layout compiles once, for all blocks.
+    Raises dynamo's process-wide recompile limit to ``RECOMPILE_LIMIT`` (it has no per-function setting)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for block in model.blocks:
+        block.compile(dynamic=False)
+
+
 class DecoderRuntimeMixin:
     """For a ``DiffusionPipeline`` with components ``dit`` (a ``VideoDiT``), ``vae`` (Stage A's autoencoder) and
     ``scheduler`` (the sampler the DiT was trained for), ``self.stage_a`` (the ``StageAVAE`` around ``vae``) and
@@ -58,8 +72,7 @@ class DecoderRuntimeMixin:
     def compile_models(self):
         """torch.compile the DiT blocks and the Stage A decoder, shapes static: each window layout (and Stage A chunk
         size) compiles once, on its first call."""
-        for block in self.dit.blocks:
-            block.compile(dynamic=False)
+        compile_blocks(self.dit)
         self.vae.decoder.compile(dynamic=False)
         return self
 

@@ -24,7 +24,7 @@ from diffusers.video_processor import VideoProcessor
 from tqdm.auto import tqdm
 
 from cascadev.pipelines.cascade import RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade
-from cascadev.pipelines.runtime import DecoderRuntimeMixin
+from cascadev.pipelines.runtime import DecoderRuntimeMixin, compile_blocks
 from cascadev.pipelines.sampling import load_scheduler, make_scheduler, scheduler_for_objective
 from dit.text_dit import TextDiT, TextDiTConfig
 from dit.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
@@ -212,8 +212,7 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
     def compile_models(self) -> "TextToVideoPipeline":
         """torch.compile the base model's blocks, then the decoding parts as ``DecoderRuntimeMixin`` does."""
-        for block in self.base.blocks:
-            block.compile(dynamic=False)
+        compile_blocks(self.base)
         return super().compile_models()
 
     def default_size(self) -> tuple[int, int]:
