@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_cli
+from cascadev.pipelines.upscale import TINY_FPS4X
 
 CASES = [
     # reconstruct: the input video
@@ -42,13 +43,17 @@ CASES = [
     ("train --config {dir}/missing.yaml", "missing.yaml"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {dir}/nothing", "not found"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights no_such_weights/", "weights folder not found"),   # not a hub id
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {dir}", "neither a cascade saved by save_pretrained"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {fps4x}", "holds a CascadeVUpscalePipeline, not a CascadeVPipeline: "
+                                                             "use it with cascadev upscale"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --scheduler flow", "--force-scheduler"),
     # decode: the latents file
     ("decode {dir}/missing.safetensors -o {dir}/o.mp4 --weights {weights}", "not found"),
     ("decode {dir}/empty.safetensors -o {dir}/o.mp4 --weights {weights}", "cannot read latents"),
     ("decode {dir}/zero.safetensors -o {dir}/o.mp4 --weights {weights}", "zero-sized dimension"),
     ("decode {dir}/nan.safetensors -o {dir}/o.mp4 --weights {weights}", "NaN"),
-    ("decode {dir}/channels.safetensors -o {dir}/o.mp4 --weights {weights}", "expected latents (16"),
+    ("decode {dir}/channels.safetensors -o {dir}/o.mp4 --weights {weights}", "4-channel latents of another model? "
+                                                                               "decode them through its VAE: decode --source-vae"),
     ("decode {dir}/tchw.safetensors -o {dir}/o.mp4 --weights {weights}", "is T before C"),
     ("decode {dir}/z.npy -o {dir}/o.mp4 --weights {weights}", ".safetensors or .pt"),
     ("decode {latents} -o {dir}/o.mp4 --weights {weights} --fps 0", "--fps must be positive"),
@@ -93,6 +98,9 @@ CASES = [
     ("demo -o {dir}/d --clips 0", "--clips and --frames must be >= 1"),
     ("demo -o {dir}/d --size 50", "multiple of 32"),
     ("demo -o {dir}/d --weights {dir}", "no cascade here"),
+    ("demo -o {dir}/d --weights {fps4x}", "holds a CascadeVUpscalePipeline, not a CascadeVPipeline"),
+    ("generate hello -o {dir}/o.mp4 --weights {weights}", "holds a CascadeVPipeline, not a TextToVideoPipeline: "
+                                                          "use it with cascadev reconstruct"),
     ("demo -o {dir}/d --colour-fix -2", "--colour-fix must be >= 0"),
     ("cache-latents --config {dir}/missing.yaml --out {dir}/c", "missing.yaml"),
     ("train --config {dir}/bad.yaml --max-steps 3", "bad.yaml"),
@@ -104,7 +112,7 @@ def inputs(tmp_path_factory, tiny_pipeline_dir, clip_file):
     root = tmp_path_factory.mktemp("good")
     latents = root / "z.safetensors"
     save_file({"latents": torch.randn(1, 16, 2, 2, 2)}, str(latents))
-    return {"clip": clip_file, "latents": latents, "weights": tiny_pipeline_dir}
+    return {"clip": clip_file, "latents": latents, "weights": tiny_pipeline_dir, "fps4x": TINY_FPS4X}
 
 
 def _broken_files(folder):

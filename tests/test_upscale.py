@@ -150,11 +150,12 @@ def test_route_factors_are_read_from_the_folder(route_dirs):
 def test_bad_inputs_give_one_clear_line(tmp_path, capsys, route_dirs, low_clip, tiny_pipeline_dir):
     from cascadev.video_io import write_video
 
-    def fails(*argv, says):
-        code, _, err = run_cli(capsys, "upscale", *argv)
+    def fails(*argv, says, loads=False):
+        code, out, err = run_cli(capsys, "upscale", *argv)
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+        assert ("loading weights" in out) == loads, out      # the input and the folder's settings are checked first
 
-    fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir, says="not a resize-route model")
+    fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir, says="holds a CascadeVPipeline, not a CascadeVUpscalePipeline: use it with cascadev reconstruct")
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", tmp_path, says="not a resize-route model")
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", tmp_path / "nope", says="weights folder not found")
     write_video(tmp_path / "odd.mp4", make_clip(seed=1, frames=3, height=36, width=48), fps=6)
@@ -170,9 +171,9 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, route_dirs, low_clip, 
     fails(tmp_path / "c16.pt", "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], says="(B, 4, T, h, w)")
     # the flow-trained route with an eps sampler would be noise, not an upscale
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--scheduler", "euler_a",
-          says="does not fit this DiT")
+          says="does not fit this DiT", loads=True)
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--tile-stride", 99,
-          says="longer than the DiT's window")
+          says="longer than the DiT's window", loads=True)
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--offload", "model",
           says="--offload")
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--max-memory", -1, says="--max-memory")

@@ -185,7 +185,7 @@ def resolve_official_file(path: str | Path | None, filename: str, repo: str = OF
             return Path(hf_hub_download(repo, filename))
         except Exception as e:  # offline, gated, or missing: all mean "get the file yourself"
             raise FileNotFoundError(f"{filename} is not in the Hugging Face cache and could not be downloaded "
-                                    f"({type(e).__name__}); download it from {where} and pass its path") from None
+                                    f"({type(e).__name__}); download it from {where} into the weights folder, or pass the file itself") from None
     path = Path(path)
     if path.is_dir():
         path = path / filename

@@ -286,7 +286,7 @@ def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
         raise FileNotFoundError(
             f"cannot load the Stage A VAE ({cls.__name__}) from {where}: {str(e).strip().splitlines()[0][:200]} "
             f"-- give a local diffusers folder (stage_a.pretrained in a config; --stage-a or --vae on the command line), or download it once online "
-            f"(huggingface-cli download {config.pretrained} --include '{subfolder or ''}*')") from None
+            f"(hf download {config.pretrained} --include '{subfolder or ''}*')") from None
     finally:
         diffusers_logging.set_verbosity(level)
     if type(model) is not cls:

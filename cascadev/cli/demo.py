@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     import torch
 
-    from cascadev.pipelines.cascade import CascadeVPipeline, resolve_colour_fix
+    from cascadev.pipelines.cascade import CascadeVPipeline, check_pipeline_class, resolve_colour_fix
     from cascadev.pipelines.frames import fix_colour
     from cascadev.pipelines.sampling import scheduler_name
     from cascadev.pipelines.options import DTYPES
@@ -84,6 +84,7 @@ def _run(args: argparse.Namespace) -> dict:
     if not (weights / "model_index.json").is_file():
         raise UserError(f"{weights}: no cascade here (expected a folder written by CascadeVPipeline.save_pretrained, "
                         "with model_index.json)")
+    check_pipeline_class(weights, CascadeVPipeline)
     if args.size is not None and (args.size % 32 or args.size < 32):
         raise UserError(f"--size must be a positive multiple of 32, got {args.size}")
     if args.colour_fix is not None and args.colour_fix < 0:

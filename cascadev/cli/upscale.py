@@ -87,23 +87,24 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from cascadev.pipelines.options import prepare_pipeline, tiling_of
-    from cascadev.pipelines.upscale import load_upscale
+    from cascadev.pipelines.upscale import check_route_input, load_upscale, saved_settings
     from cascadev.video_io import VideoWriter, output_paths
     from vae.stage_a import DOWNSAMPLE
 
     _check_args(args)
+    settings = saved_settings(args.weights)
+    if args.regenerate_input_frames and settings["spatial_factor"] != 1:
+        raise UserError("--regenerate-input-frames is for a frame-rate-only model (spatial_factor 1)")
     video, latents, fps = _read_input(args)
+    fix = settings.get("colour_fix") if args.colour_fix is None else args.colour_fix
+    T, H, W = video.shape[2:] if video is not None else (latents.shape[2], *(DOWNSAMPLE * n for n in latents.shape[3:]))
+    try:     # bad sizes and frame counts: one line, before the weights load
+        check_route_input(settings, T, H, W, colour_fix=fix)
+    except ValueError as e:
+        raise UserError(f"{args.input}: {e}") from None
     print("loading weights ...", flush=True)
     pipe = load_upscale(args.weights, vae=args.stage_a)
     ks, kt = pipe.factors
-    if args.regenerate_input_frames and pipe.config.spatial_factor != 1:
-        raise UserError("--regenerate-input-frames is for a frame-rate-only model (spatial_factor 1)")
-    fix = pipe.config.colour_fix if args.colour_fix is None else args.colour_fix
-    T, H, W = video.shape[2:] if video is not None else (latents.shape[2], *(DOWNSAMPLE * n for n in latents.shape[3:]))
-    try:     # bad sizes and frame counts: one line, before any compute
-        pipe.check_input(T, H, W, colour_fix=fix)
-    except ValueError as e:
-        raise UserError(f"{args.input}: {e}") from None
     if latents is not None and args.latent_scale is not None:
         latents = latents * (pipe.stage_a.config.scale_factor / args.latent_scale)
     prepare_pipeline(pipe, args)

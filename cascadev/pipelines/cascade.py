@@ -124,7 +124,12 @@ def read_latents(path: str | Path, channels: int | None = SEMANTIC_CHANNELS) -> 
     if z.ndim == 4:
         z = z[None]
     if z.ndim != 5 or z.shape[1] != (channels or z.shape[1]):
-        hint = " (is T before C? expected B C T H W)" if z.ndim == 5 and z.shape[2] == channels else ""
+        hint = ""
+        if z.ndim == 5 and z.shape[2] == channels:
+            hint = " (is T before C? expected B C T H W)"
+        elif z.ndim == 5 and channels == SEMANTIC_CHANNELS:
+            hint = (f" ({z.shape[1]}-channel latents of another model? decode them through its VAE: decode --source-vae, "
+                    "or CascadeVPipeline.decode_from)")
         c = channels or "C"
         raise ValueError(f"{path}: expected latents ({c}, T, h, w) or (B, {c}, T, h, w), got {tuple(blob.shape)}{hint}")
     if z.numel() == 0:
@@ -189,6 +194,20 @@ def resolve_stage_a_config(source: str | Path | None, config: StageAConfig | Non
     return StageAConfig(**{**to_dict(base), "pretrained": str(source), "block_out_channels": tuple(base.block_out_channels)})
 
 
+def check_pipeline_class(folder: str | Path, expected: type) -> None:
+    """Refuse, in one line naming the command that fits, a saved pipeline folder of another class than ``expected``."""
+    index = Path(folder) / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if name is not None and name != expected.__name__:
+        fits = PIPELINE_COMMANDS.get(name, "its own loader")
+        raise ValueError(f"{folder} holds a {name}, not a {expected.__name__}: use it with {fits}")
+
+
+PIPELINE_COMMANDS = {"CascadeVPipeline": "cascadev reconstruct / decode / demo (--weights)",
+                     "CascadeVUpscalePipeline": "cascadev upscale (the resize route)",
+                     "TextToVideoPipeline": "cascadev generate (--weights)"}
+
+
 def is_legacy_cascade(folder: str | Path) -> bool:
     """A cascade saved by cascadev < 0.2 (``pipeline.json``, ``stage_a/``, ``model.safetensors`` per part)."""
     folder = Path(folder)
@@ -205,6 +224,8 @@ def load_cascade(weights: str | Path | None = None, *, dit=None, semantic_encode
         raise FileNotFoundError(f"{weights} is a cascade in the previous format (pipeline.json, model.safetensors); "
                                 f"convert it once with: cascadev convert {weights} NEW_FOLDER")
     ours = weights is not None and ((Path(weights) / "model_index.json").is_file() or is_hub_id(str(weights)))
+    if ours and not is_hub_id(str(weights)):
+        check_pipeline_class(weights, CascadeVPipeline)
     try:
         saved = CascadeVPipeline.load_config(str(weights)) if ours else {}
         if with_previewer is None:
@@ -269,8 +290,14 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         from ``folder`` (those it lacks, and all when None, from the hub), the SVD VAE from the hub, and the
         release's sampler (8 steps of ``EulerAncestralDiscreteScheduler()``). ``components`` (loaded modules,
         or ``previewer=None``) replace parts."""
-        if folder is not None and not Path(folder).is_dir():
-            raise FileNotFoundError(f"{folder}: weights folder not found")
+        files = {"dit": DIT_FILE, "semantic_encoder": ENCODER_FILE, "previewer": PREVIEWER_FILE}
+        if folder is not None:
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"{folder}: weights folder not found")
+            wanted = [file for name, file in files.items() if name not in components]
+            if wanted and not any((Path(folder) / file).is_file() for file in wanted):   # surely the wrong folder
+                raise FileNotFoundError(f"{folder}: neither a cascade saved by save_pretrained (model_index.json) nor "
+                                        f"a folder of the released files ({', '.join(wanted)})")
 
         def local(filename):
             return folder if folder is not None and (Path(folder) / filename).is_file() else None

@@ -66,7 +66,7 @@ def find_config(source: str | Path, subfolder: str | None = None) -> tuple[Path,
     except Exception as e:        # offline, no such repo or file: one line, with what to do
         where = f"{source}/{subfolder + '/' if subfolder else ''}config.json"
         raise FileNotFoundError(f"cannot fetch {where} from the hub ({type(e).__name__}): download it once online "
-                                f"(huggingface-cli download {source} --include '{subfolder + '/' if subfolder else ''}*'), "
+                                f"(hf download {source} --include '{subfolder + '/' if subfolder else ''}*'), "
                                 f"or give a local folder") from None
 
 

@@ -23,7 +23,8 @@ from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 from tqdm.auto import tqdm
 
-from cascadev.pipelines.cascade import RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, load_cascade
+from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, check_pipeline_class,
+                                        load_cascade)
 from cascadev.pipelines.runtime import DecoderRuntimeMixin, compile_blocks
 from cascadev.pipelines.sampling import load_scheduler, make_scheduler, scheduler_for_objective
 from dit.text_dit import TextDiT, TextDiTConfig
@@ -322,6 +323,7 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
     if is_legacy_text_to_video(weights):
         raise FileNotFoundError(f"{weights} is a text-to-video folder in the previous format ({LEGACY_PIPELINE_FILE}); "
                                 f"convert it once with: cascadev convert {weights} NEW_FOLDER")
+    check_pipeline_class(weights, TextToVideoPipeline)
     if not (weights / "model_index.json").is_file() and (weights / BASE_DIR).is_dir():
         # a base training run's final/: the text encoder, base model and its sampler, with a cascade from elsewhere
         if cascade is None:

@@ -20,6 +20,7 @@ name the Stage A it shares with a cascade in ``vae_source`` (the built-in tiny 4
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from cascadev.pipelines.cascade import load_vae, seeded_noise
+from cascadev.pipelines.cascade import check_pipeline_class, load_vae, seeded_noise
 from cascadev.pipelines.frames import fix_colour
 from cascadev.pipelines.conditioning import temporal_upsample, upsample_condition
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
@@ -86,20 +87,8 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
     def check_input(self, frames: int, height: int | None = None, width: int | None = None,
                     colour_fix: int | None = None) -> None:
-        """Raise ValueError, before any compute, for an input the route cannot take: pixel sides (when given) not
-        multiples of Stage A's 8, a single frame to raise the frame rate of, or output sides the colour fix's block
-        size does not divide."""
-        if frames < 1:
-            raise ValueError("the input has no frames")
-        if self.config.temporal_factor > 1 and frames < 2:
-            raise ValueError(f"{self.config.temporal_factor}x frame rate needs at least 2 input frames to go between, "
-                             f"got {frames}")
-        for name, n in (("height", height), ("width", width)):
-            if n is not None and (n < DOWNSAMPLE or n % DOWNSAMPLE):
-                raise ValueError(f"input {name} {n} is not a positive multiple of {DOWNSAMPLE} (Stage A's downsampling)")
-            if n is not None and colour_fix and n * self.config.spatial_factor % colour_fix:
-                raise ValueError(f"output {name} {n * self.config.spatial_factor} is not a multiple of the colour fix's "
-                                 f"{colour_fix} px blocks (turn it off with colour_fix=0 / --colour-fix 0)")
+        """``check_route_input`` with this pipeline's settings."""
+        check_route_input(self.config, frames, height, width, colour_fix)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -190,10 +179,27 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
     __call__ = upscale
 
 
-def load_upscale(weights: str | Path, vae: str | Path | None = None,
-                 torch_dtype: torch.dtype | None = None) -> CascadeVUpscalePipeline:
-    """A resize-route pipeline from its folder; Stage A from ``vae`` (a diffusers folder or hub id), else the folder's
-    ``vae/``, else its saved ``vae_source``. A folder of another kind is refused in one line."""
+def check_route_input(settings: dict, frames: int, height: int | None = None, width: int | None = None,
+                      colour_fix: int | None = None) -> None:
+    """Raise ValueError, before any compute, for an input a route (its saved ``settings``: ``spatial_factor``,
+    ``temporal_factor``) cannot take: pixel sides (when given) not multiples of Stage A's 8, a single frame to raise
+    the frame rate of, or output sides the colour fix's block size does not divide."""
+    if frames < 1:
+        raise ValueError("the input has no frames")
+    if settings["temporal_factor"] > 1 and frames < 2:
+        raise ValueError(f"{settings['temporal_factor']}x frame rate needs at least 2 input frames to go between, "
+                         f"got {frames}")
+    for name, n in (("height", height), ("width", width)):
+        if n is not None and (n < DOWNSAMPLE or n % DOWNSAMPLE):
+            raise ValueError(f"input {name} {n} is not a positive multiple of {DOWNSAMPLE} (Stage A's downsampling)")
+        if n is not None and colour_fix and n * settings["spatial_factor"] % colour_fix:
+            raise ValueError(f"output {name} {n * settings['spatial_factor']} is not a multiple of the colour fix's "
+                             f"{colour_fix} px blocks (turn it off with colour_fix=0 / --colour-fix 0)")
+
+
+def saved_settings(weights: str | Path) -> dict:
+    """The settings (``model_index.json``) of a resize-route folder, read without loading weights; a folder of
+    another kind is refused in one line."""
     folder = Path(weights)
     index = folder / "model_index.json"
     if not folder.is_dir():
@@ -201,11 +207,17 @@ def load_upscale(weights: str | Path, vae: str | Path | None = None,
     if not index.is_file():
         raise ValueError(f"{folder}: not a resize-route model (no model_index.json; expected a folder written by "
                          f"{PIPELINE_CLASS}.save_pretrained)")
-    saved = json.loads(index.read_text())
-    name = saved.get("_class_name")
-    if name != PIPELINE_CLASS:
-        hint = "; it decodes semantic latents: use cascadev decode / reconstruct" if name == "CascadeVPipeline" else ""
-        raise ValueError(f"{folder}: a {name}, not a resize-route model ({PIPELINE_CLASS}){hint}")
+    check_pipeline_class(folder, CascadeVUpscalePipeline)
+    defaults = {name: p.default for name, p in inspect.signature(CascadeVUpscalePipeline.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **json.loads(index.read_text())}
+
+
+def load_upscale(weights: str | Path, vae: str | Path | None = None,
+                 torch_dtype: torch.dtype | None = None) -> CascadeVUpscalePipeline:
+    """A resize-route pipeline from its folder; Stage A from ``vae`` (a diffusers folder or hub id), else the folder's
+    ``vae/``, else its saved ``vae_source``. A folder of another kind is refused in one line."""
+    folder, saved = Path(weights), saved_settings(weights)
     source = vae
     if source is None and not (folder / "vae").is_dir():
         if not saved.get("vae_source"):
