@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,6 +81,13 @@ def parse_caption(text: str) -> Attributes:
         raise ValueError(f"not a caption of this template: {text!r}")
     return Attributes(shape=words[4], colour=words[2], stripes=words[6], direction=words[9], speed=words[1],
                       background=words[12])
+
+
+def unknown_words(text: str) -> list[str]:
+    """The words of ``text`` no caption uses, once each in order: words a model trained on these captions never saw."""
+    template = caption(Attributes(**{name: words[0] for name, words in VOCABULARY.items()})).split()
+    known = set(template) | {word for words in VOCABULARY.values() for word in words}
+    return list(dict.fromkeys(w for w in re.findall(r"[a-z]+", text.lower()) if w not in known))
 
 
 def is_held_out(a: Attributes) -> bool:

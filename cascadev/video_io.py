@@ -8,7 +8,9 @@ decode failure) is one ``VideoReadError`` line naming the file, never a PyAV tra
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -217,17 +219,60 @@ def output_paths(output: str | Path, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(n)]
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why no file can be written in ``folder`` (its missing parts made first, as ``atomic_path`` does), or None."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {existing}"
+    if existing != folder:
+        # make and remove the first missing folder: access() cannot tell that e.g. /proc refuses new folders
+        first = folder
+        while first.parent != existing:
+            first = first.parent
+        try:
+            first.mkdir()
+        except FileExistsError:        # another process of this run made it meanwhile
+            pass
+        except OSError as e:
+            return f"cannot create the folder {first} ({(e.strerror or type(e).__name__).lower()})"
+        else:
+            with contextlib.suppress(OSError):
+                first.rmdir()
+    return None
+
+
+def check_output_folder(folder: str | Path, option: str) -> Path:
+    """A folder to write in that exists or can be made, checked before any compute: one line naming what is wrong."""
+    folder = Path(folder)
+    if problem := _unwritable(folder):
+        raise ValueError(f"{option} {folder}: {problem}")
+    return folder
+
+
+def check_output_file(path: str | Path, option: str, example: str) -> Path:
+    """A file to write at the end (its missing folders made then), checked as ``check_output_folder``; ``example``:
+    a file name to suggest when ``path`` is a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a directory; give a file name (e.g. {path / example})")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{option} {path}: no permission to overwrite it")
+    if problem := _unwritable(path.parent):
+        raise ValueError(f"{option} {path}: {problem}")
+    return path
+
+
 def check_video_output(path: str | Path, option: str = "-o") -> Path:
     """An output video path that can be written, checked before any compute: one line naming what is wrong."""
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{option} {path}: is a directory; give a video file name (e.g. {path / 'out.mp4'})")
-    if path.suffix.lower() not in CONTAINERS:
+    if path.suffix.lower() not in CONTAINERS and not path.is_dir():
         raise ValueError(f"{option} {path}: cannot write {path.suffix or 'a file without extension'}; "
                          f"use one of {', '.join(CONTAINERS)}")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise ValueError(f"{option} {path}: {path.parent} is a file, not a folder")
-    return path
+    return check_output_file(path, option, "out.mp4")
 
 
 class VideoWriter:

@@ -213,11 +213,11 @@ def position_embedding(config: DiTConfig, T: int, h: int, w: int, device=None, d
     """
     D_t = config.hidden_size // 3
     frames = torch.arange(T, dtype=torch.float64, device=device)
-    temporal = get_1d_sincos_pos_embed_from_grid(D_t, frames)  # T D_t
+    temporal = get_1d_sincos_pos_embed_from_grid(D_t, frames, output_type="pt")  # T D_t
     rows = torch.arange(h, dtype=torch.float64, device=device) / config.pe_interpolation
     cols = torch.arange(w, dtype=torch.float64, device=device) / config.pe_interpolation
     grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"))  # 2 h w: [0] = column, [1] = row
-    spatial = get_2d_sincos_pos_embed_from_grid(config.hidden_size - D_t, grid.reshape(2, -1))  # (h w) D_s
+    spatial = get_2d_sincos_pos_embed_from_grid(config.hidden_size - D_t, grid.reshape(2, -1), output_type="pt")  # (h w) D_s
     embed = torch.cat([repeat(temporal, "t d -> t n d", n=h * w), repeat(spatial, "n d -> t n d", t=T)], dim=-1)
     return rearrange(embed, "t n d -> (t n) d").to(dtype)
 

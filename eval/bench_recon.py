@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     from cascadev.pipelines.frames import check_colour_fix
     from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline, processes
-    from cascadev.video_io import VIDEO_EXTENSIONS
+    from cascadev.video_io import VIDEO_EXTENSIONS, check_output_folder
     from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -98,12 +98,15 @@ def run(args: argparse.Namespace) -> dict | None:
     files = sorted(p for p in data.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)[: args.limit]
     if not files:
         raise UserError(f"{data}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
+    check_output_folder(args.output, "-o")     # the videos and results.json go there only after the models load
 
     check_decode_args(args)
     notes = {}
     if "fvd" in metrics:           # known before any video is reconstructed: the other metrics still run
         from eval.fvd import MIN_FRAMES, default_detector_path, missing_detector_message
         detector = args.i3d or default_detector_path()
+        if args.i3d and not Path(args.i3d).is_file():      # as cascadev eval: a named file must be there
+            raise UserError(missing_detector_message(args.i3d))
         if min(args.frames, 16) < MIN_FRAMES:
             notes["fvd"] = f"FVD skipped: I3D needs >= {MIN_FRAMES} frames ({args.frames} frames)"
         elif detector is None or not Path(detector).is_file():

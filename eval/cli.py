@@ -355,6 +355,7 @@ def _accelerator():
 def run(args: argparse.Namespace) -> dict:
     """Run the evaluation, print the report (main process), write --json/--csv; return the report."""
     from cascadev.pipelines.options import resolve_device
+    from cascadev.video_io import check_output_file, check_output_folder
     from eval import fvd
     from eval.i3d import BN_EPS_VIDEOGPT
     from eval.metrics import CONVENTIONS, LPIPS_MIN_SIDE, LpipsUnavailable, load_lpips
@@ -383,6 +384,16 @@ def run(args: argparse.Namespace) -> dict:
             raise UserError(f"--runs must be >= 1, got {args.runs}")
         if args.runs > 1 and args.clip == "first":
             raise UserError("--runs > 1 needs --clip random (first-frame clips are the same in every run)")
+        # a named detector that is not there is a typo to fix, not a reason to skip FVD (that is for no --i3d)
+        if args.i3d and not Path(args.i3d).is_file():
+            raise UserError(fvd.missing_detector_message(args.i3d))
+        if args.cache_dir:
+            check_output_folder(args.cache_dir, "--cache-dir")
+    # written only after all the work: a bad path must fail now, not after the report is printed
+    if args.json:
+        check_output_file(args.json, "--json", "report.json")
+    if args.csv:
+        check_output_file(args.csv, "--csv", "per_video.csv")
 
     accelerator = _accelerator()
     main = accelerator is None or accelerator.is_main_process

@@ -94,7 +94,7 @@ CASES = [
     ("eval --real {dir} --fake {dir} --frames 0", "--frames must be >= 1"),
     ("eval --real {dir} --fake {dir} --metrics fvd --runs 0", "--runs must be >= 1"),
     ("eval --real {dir} --fake {dir} --size 0", "--size must be positive"),
-    ("convert {dir}/missing {dir}/new", "missing"),
+    ("convert {dir}/missing {dir}/new", "missing: folder not found"),
     ("demo -o {dir}/d --clips 0", "--clips and --frames must be >= 1"),
     ("demo -o {dir}/d --size 50", "multiple of 32"),
     ("demo -o {dir}/d --weights {dir}", "no cascade here"),
@@ -102,6 +102,12 @@ CASES = [
     ("generate hello -o {dir}/o.mp4 --weights {weights}", "holds a CascadeVPipeline, not a TextToVideoPipeline: "
                                                           "use it with cascadev reconstruct"),
     ("demo -o {dir}/d --colour-fix -2", "--colour-fix must be >= 0"),
+    ("demo -o {clip}", "is a file, not a folder"),
+    ("demo -o {clip} --fps-x4", "is a file, not a folder"),
+    ("demo -o {clip}/sub --prompt hello", "is a file, not a folder"),
+    ("demo -o {dir}/d --kind foo", "--kind must be one of mixed, pan, gradient, shapes, got 'foo'"),
+    ("demo -o {dir}/d --fps-x4 --kind foo", "--kind must be one of"),
+    ("generate hello -o {dir}/o.mp4 --num 0", "--num must be >= 1"),
     ("cache-latents --config {dir}/missing.yaml --out {dir}/c", "missing.yaml"),
     ("train --config {dir}/bad.yaml --max-steps 3", "bad.yaml"),
 ]
@@ -142,6 +148,13 @@ def test_bad_input_is_one_line_and_leaves_nothing(line, message, inputs, tmp_pat
     assert "Traceback" not in err and len(lines) <= 2, err         # argparse: usage + the error line
     assert message in lines[-1], lines[-1]
     assert set(tmp_path.iterdir()) == before                        # no output, no temp file
+
+
+@pytest.mark.parametrize("argv, debug", [(["info"], False), (["--debug", "info"], True), (["info", "--debug"], True)])
+def test_debug_is_taken_before_or_after_the_command(argv, debug):
+    from cascadev.cli import build_parser
+
+    assert build_parser().parse_args(argv).debug is debug
 
 
 def test_run_guarded_names_internal_errors_and_shows_their_traceback_only_under_debug(capsys):

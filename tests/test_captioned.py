@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cascadev.captioned import (HELD_OUT, VOCABULARY, Attributes, attributes, caption, held_out_attributes,
-                                is_held_out, parse_caption, render, write_dataset)
+                                is_held_out, parse_caption, render, unknown_words, write_dataset)
 
 
 def test_captions_are_deterministic_and_name_the_parameters():
@@ -50,3 +50,9 @@ def test_bad_attributes_and_captions():
         Attributes(shape="disc", colour="teal", stripes="vertical", direction="left", speed="fast", background="dark")
     with pytest.raises(ValueError, match="not a caption"):
         parse_caption("a red disc")
+
+
+def test_unknown_words_are_those_no_caption_uses():
+    assert unknown_words(caption(attributes(3))) == []
+    assert unknown_words("A Red disc, moving LEFT!") == []                      # case and punctuation aside
+    assert unknown_words("a red dog and a red cat running, a dog") == ["dog", "and", "cat", "running"]

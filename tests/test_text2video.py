@@ -39,6 +39,7 @@ def test_demo_prompt_end_to_end(tmp_path, capsys):
     code, stdout, err = run_cli(capsys, "demo", "--prompt", PROMPT, "-o", tmp_path, "--frames", 3, "--size", 64,
                                 "--base-steps", 2, "--steps", 1)
     assert code == 0, err
+    assert "never saw" not in stdout                                    # every word of PROMPT is a caption word
     info = video_info(tmp_path / "text2video.mp4")
     assert (info.frames, info.width, info.height) == (3, 128, 64)       # LDM-VAE | Previewer
     assert (tmp_path / "text2video.png").stat().st_size > 0
@@ -62,10 +63,12 @@ def test_generate_uses_the_builtin_weights(tmp_path, capsys):
     info = video_info(out)
     assert (info.frames, info.width, info.height) == (2, 64, 32)
     # another decoder folder (here the same tiny cascade): its Previewer is loaded for its saved or asked colour fix
-    code, stdout, err = run_cli(capsys, "generate", PROMPT, "-o", tmp_path / "c.mp4", "--frames", 2, "--size", "64x32",
+    code, stdout, err = run_cli(capsys, "generate", f"{PROMPT} and a dog", "-o", tmp_path / "c.mp4", "--frames", 2,
+                                "--size", "64x32",
                                 "--steps", 2, "--decode-steps", 1, "--cascade", CASCADE, "--colour-fix", 16)
     assert code == 0, err
     assert "decode preview" in stdout                      # the colour fix ran the Previewer
+    assert "note: the built-in model never saw and, dog: it knows its captions' words (disc, box, ring; red" in stdout
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text, add_arguments, run in COMMANDS:
         p = sub.add_parser(name, help=help_text)
+        # also after the command; SUPPRESS keeps the value given before it
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if add_arguments:
             _function(add_arguments)(p)
         p.set_defaults(func=_function(run))

@@ -21,7 +21,7 @@ def add_reconstruct_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", type=int, default=0, help="first frame")
     p.add_argument("--stride", type=int, default=1, help="take every k-th frame")
     p.add_argument("--compare", help="also write input | reconstruction side by side here (.mp4)")
-    p.add_argument("--latents-out", help="save the semantic latents (.safetensors) for `cascadev decode`")
+    p.add_argument("--latents-out", help="save the semantic latents (.safetensors or .pt) for `cascadev decode`")
     add_pipeline_arguments(p)
 
 

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", default=None, help="procedural clip kind (default: what the cascade was trained on)")
     p.add_argument("--colour-fix", type=int, default=None, metavar="N",
                    help="the cascade's band of N x N pixel blocks from the Previewer (default: the shipped setting; 0: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32",
                    help="the models' precision (bf16 runs on a CPU too; fp32: the shipped numbers)")
     p.add_argument("--weights", default=None, help="another cascade folder (save_pretrained layout)")
@@ -52,6 +52,12 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.fps_x4 and args.prompt is not None:
         raise UserError("--fps-x4 and --prompt are two demos: give one")
+    from cascadev.synthetic import KINDS
+    from cascadev.video_io import check_output_folder
+
+    if args.kind is not None and args.kind not in KINDS:
+        raise UserError(f"--kind must be one of {', '.join(KINDS)}, got {args.kind!r}")
+    check_output_folder(args.output, "-o")      # every demo writes its files there at the end
     if args.prompt is not None:     # the text demo runs the built-in cascade on its own latents
         ignored = [f"--{name.replace('_', '-')}" for name in ("weights", "scheduler", "kind")
                    if getattr(args, name) is not None]

@@ -13,7 +13,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="what the video shows")
     p.add_argument("-o", "--output", required=True, help="video file (.mp4); with --num N > 1, OUT_0.mp4 ... OUT_{N-1}.mp4")
     p.add_argument("--frames", type=int, help="number of frames (default: the base model's trained clip length)")
-    p.add_argument("--size", help="WxH in pixels, multiples of 32 (default: the base model's trained size)")
+    p.add_argument("--size", help="WxH in pixels, multiples of 32 (default: the base model's window, 32 x its "
+                                  "window_size per side)")
     p.add_argument("--steps", type=int, help="base model denoising steps (default: 20 for the built-in model, else 25)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 disables it (default: 5 for the "
                                                    "built-in model, else 4)")
@@ -23,7 +24,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", choices=["euler_a", "ddim", "dpmpp", "flow"],
                    help="base model sampler with its default settings (default: the model's own, saved in its "
                         "base_scheduler/ folder, e.g. flow Euler at the trained shift)")
-    p.add_argument("--latents-out", help="also save the semantic latents (.safetensors) for `cascadev decode`")
+    p.add_argument("--latents-out", help="also save the semantic latents (.safetensors or .pt) for `cascadev decode`")
     g = p.add_argument_group("weights and decoding")
     g.add_argument("--weights", help="folder written by TextToVideoPipeline.save_pretrained (model_index.json), or a "
                                      "base training run's final/ with --cascade (default: the built-in tiny model)")
@@ -36,7 +37,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="the decoder's band of N x N pixel blocks from the Previewer (StableSR's colour fix; default: the "
                         "decoder's saved setting, 16 for the built-in model; 0: off)")
     add_tiling_arguments(g)
-    g.add_argument("--fps", type=float, default=8.0)
+    g.add_argument("--fps", type=float, default=8.0, help="frame rate written in the video file")
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
     add_runtime_arguments(p)
 
@@ -57,6 +58,8 @@ def run_generate(args: argparse.Namespace) -> None:
     from cascadev.pipelines.cascade import check_latents_output, resolve_colour_fix, save_latents
     from cascadev.video_io import check_video_output, output_paths, write_video
 
+    if args.num < 1:
+        raise UserError(f"--num must be >= 1, got {args.num}")
     request = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("scheduler", args.scheduler))
                if v is not None}
     size = parse_size(args.size) if args.size else None
@@ -81,13 +84,14 @@ def run_generate(args: argparse.Namespace) -> None:
     with_previewer = None if args.colour_fix is None else args.colour_fix > 0
     print("loading weights ...", flush=True)
     if args.weights is None:     # the built-in tiny model (cascadev.cli.text2video): its settings unless given
-        from cascadev.cli.text2video import builtin_settings, load_builtin
+        from cascadev.cli.text2video import builtin_settings, load_builtin, note_unknown_words
         pipe = load_builtin(with_previewer=with_previewer, cascade=args.cascade)
         shipped = builtin_settings()
         request = {**{k: shipped[k] for k in ("steps", "guidance")}, **request}
         size = size or (shipped["size"], shipped["size"])
         print(f"no --weights: the built-in tiny text-to-video model, {shipped['size']} px, trained on captions such as "
               f"'a fast red striped disc with vertical stripes moving left over a dark background'", flush=True)
+        note_unknown_words(args.prompt)
     else:
         pipe = load_text_to_video(args.weights, text_encoder=args.text_encoder, cascade=args.cascade,
                                   with_previewer=with_previewer)

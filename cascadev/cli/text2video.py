@@ -56,6 +56,17 @@ def load_builtin(with_previewer: bool | None = True, cascade: str | Path | None 
                                           load_scheduler(BUILTIN / SCHEDULER_DIR))
 
 
+def note_unknown_words(prompt: str) -> None:
+    """Say which words of ``prompt`` the built-in model never saw (they are read, but mean nothing to it)."""
+    from cascadev.captioned import VOCABULARY, unknown_words
+
+    unknown = unknown_words(prompt)
+    if unknown:
+        known = "; ".join(", ".join(words) for words in VOCABULARY.values())
+        print(f"note: the built-in model never saw {', '.join(unknown)}: it knows its captions' words ({known})",
+              flush=True)
+
+
 def _stage(index: int, name: str, fn):
     """Run one stage under a numbered header (its own progress bar inside); return (result, seconds)."""
     print(f"[{index}/4] {name}", flush=True)
@@ -90,6 +101,7 @@ def run_prompt(args: argparse.Namespace) -> dict:
     if args.colour_fix is not None and args.colour_fix < 0:
         raise UserError(f"--colour-fix must be >= 0 (0: off), got {args.colour_fix}")
 
+    note_unknown_words(args.prompt)
     start = time.perf_counter()
     print("loading the built-in tiny text-to-video cascade ...", flush=True)
     pipe = load_builtin()

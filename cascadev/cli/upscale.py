@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help="denoising steps (default: the folder's saved setting)")
     add_scheduler_arguments(g, "default: the folder's saved one")
     add_tiling_arguments(g)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
     add_runtime_arguments(p)
 

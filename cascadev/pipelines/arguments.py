@@ -27,7 +27,7 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--colour-fix", type=int, metavar="N",
                    help="take the band of N x N pixel blocks and below from the Previewer (StableSR's colour fix; "
                         "default: the folder's saved setting, 16 for the built-in tiny cascade; 0: off)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     add_runtime_arguments(p)
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
 

@@ -27,6 +27,8 @@ from vae.stage_a import StageAConfig
 def load_legacy_cascade(folder: str | Path) -> CascadeVPipeline:
     """A cascade in the previous layout, as a ``CascadeVPipeline``."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: folder not found")
     if not is_legacy_cascade(folder):
         raise FileNotFoundError(f"{folder}: not a cascade in the previous format (expected {LEGACY_PIPELINE_FILE} "
                                 "and no model_index.json)")

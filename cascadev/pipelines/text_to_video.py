@@ -217,7 +217,7 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         return super().compile_models()
 
     def default_size(self) -> tuple[int, int]:
-        """(W, H) pixels of the base model's trained clips."""
+        """(W, H) pixels of the base model's window (``window_size`` semantic cells per side, 32 px each)."""
         side = self.base.spec.window_size * SEMANTIC_DOWNSAMPLE
         return side, side
 
