@@ -5,4 +5,4 @@ LDM-VAE DiT decoder in ``dit``; Stage C: text-to-video DiT in ``dit``. This pack
 sampling, pipelines, configs, CLI and training.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"      # 0.2: pipelines saved in diffusers' layout (`cascadev convert` reads 0.1 folders)

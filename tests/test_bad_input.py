@@ -157,6 +157,13 @@ def test_debug_is_taken_before_or_after_the_command(argv, debug):
     assert build_parser().parse_args(argv).debug is debug
 
 
+def test_version_is_the_package_version(capsys):
+    from cascadev import __version__
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"cascadev {__version__}"
+
+
 def test_run_guarded_names_internal_errors_and_shows_their_traceback_only_under_debug(capsys):
     from cascadev.errors import UserError, run_guarded
 

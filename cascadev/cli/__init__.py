@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from cascadev import __version__
 from cascadev.errors import run_guarded
 
 
@@ -48,6 +49,7 @@ def _function(ref: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascadev", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
+    parser.add_argument("--version", action="version", version=f"cascadev {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text, add_arguments, run in COMMANDS:
         p = sub.add_parser(name, help=help_text)
