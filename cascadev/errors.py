@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -11,6 +12,14 @@ T = TypeVar("T")
 
 class UserError(Exception):
     """A problem with the user's input; printed as one line, without a traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line pointing at ``--help`` (argparse prints the whole usage
+    first, 16 lines for ``decode``, which hides the error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def run_guarded(prog: str, fn: Callable[[], T], debug: bool = False) -> T:

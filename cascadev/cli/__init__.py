@@ -12,7 +12,7 @@ import argparse
 import importlib
 
 from cascadev import __version__
-from cascadev.errors import run_guarded
+from cascadev.errors import OneLineParser, run_guarded
 
 
 # command, help, "module:function" adding its arguments (or None), "module:function" running it
@@ -47,7 +47,7 @@ def _function(ref: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cascadev", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = OneLineParser(prog="cascadev", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
     parser.add_argument("--version", action="version", version=f"cascadev {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
