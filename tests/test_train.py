@@ -178,6 +178,13 @@ def test_cached_latents_give_the_same_batches_as_encoding_on_the_fly(clips, tmp_
     assert (run / "final/model/diffusion_pytorch_model.safetensors").is_file()           # latents alone: no validation clips
     with pytest.raises(ConfigError, match="data.height: cache 32 != config 64"):
         train(DIT_TINY, tmp_path / "run2", clips, 1, f"data.latents={cache}", *fixed, "data.height=64")
+    assert not (tmp_path / "run2").exists()
+    # nor does caching add clips of other settings to it
+    files = sorted(cache.iterdir())
+    with pytest.raises(ConfigError, match="data.height: cache 32 != config 64.*give another --out"):
+        cache_main(["--config", str(DIT_TINY), "--out", str(cache), "--set", f"data.videos={clips}", *fixed,
+                    "data.height=64"])
+    assert sorted(cache.iterdir()) == files
 
 
 def test_cache_random_crops_of_native_frames(clips, tmp_path):
@@ -425,6 +432,7 @@ def test_resume_checks_the_config_and_can_start_over_or_go_back(clips, tmp_path)
     with pytest.raises(ConfigError, match=r"trained as another model \(dit.overrides.depth: None -> 3\)"):
         train(DIT_TINY, run, clips, 3, *common, "dit.overrides.depth=3", "--allow-config-change")
     train(DIT_TINY, run, clips, 3, *common, "optim.lr=0.5", "--allow-config-change")     # resumes at 2, runs to 3
+    assert "resuming with a changed config: optim.lr" in (run / "train.log").read_text()
     assert [s for s, _ in checkpoints(run / "checkpoints")] == [1, 2, 3]
     main(["--config", str(DIT_TINY), "--max-steps", "2", "--resume-from", "1", "--allow-config-change", "--set",
           f"data.videos={clips}", f"run.dir={run}", "run.tensorboard=false", "optim.lr=0.5", *common])
@@ -435,6 +443,12 @@ def test_resume_checks_the_config_and_can_start_over_or_go_back(clips, tmp_path)
     assert json.loads((run / "checkpoints/step_00000001/trainer.json").read_text())["step"] == 1
     with pytest.raises(ConfigError, match="--resume-from 7: no complete checkpoint"):
         train(DIT_TINY, run, clips, 8, *common, "dit.overrides.depth=3", "--resume-from", "7")
+    # a resume that fails on its input touches nothing of the run (its data is checked before anything is written)
+    kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert "stage dit on 1 process(es)" in (run / "train.log").read_text()    # held until the run dir opened
+    with pytest.raises(FileNotFoundError, match="data.videos: data source .*nope.txt not found"):
+        train(DIT_TINY, run, tmp_path / "nope.txt", 2, *common, "dit.overrides.depth=3", "--allow-config-change")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
 
 
 def test_nothing_loads_a_full_disk_and_a_killed_export_are_one_line_and_leave_nothing(clips, tmp_path, monkeypatch):

@@ -32,11 +32,12 @@ import torch
 import yaml
 
 from cascadev.config import ConfigError
-from cascadev.errors import run_guarded
+from cascadev.errors import OneLineParser, run_guarded
 from cascadev.training.args import add_cache_arguments
-from cascadev.training.config import CACHE_CONFIG, TrainConfig, cache_signature, load_train_config
+from cascadev.training.config import (CACHE_CONFIG, TrainConfig, cache_signature, check_cache, check_weight_files,
+                                      load_train_config)
 from cascadev.training.data import LOAD_ERRORS, clip_starts, load_clip, mix_seed, split_validation
-from cascadev.video_io import VideoReadError, video_info
+from cascadev.video_io import VideoReadError, check_output_folder, video_info
 from cascadev.weights import atomic_write, save_state_dict
 from vae.semantic_encoder import DOWNSAMPLE as CELL
 from vae.stage_a import DOWNSAMPLE as LATENT
@@ -72,7 +73,7 @@ def context_window(encoded: dict, height: int, width: int, g: torch.Generator) -
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cascadev.training.cache_latents", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m cascadev.training.cache_latents", description=__doc__.splitlines()[0])
     add_cache_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
     return parser.parse_args(argv)
@@ -99,15 +100,24 @@ def run_caching(args: argparse.Namespace) -> Path:
     if args.windows_per_clip < 1:
         raise ConfigError("--windows-per-clip must be >= 1")
     out = Path(args.out)
+    check_output_folder(out, "--out")
+    if (out / CACHE_CONFIG).is_file():      # continuing a cache: its clips must be of these settings
+        try:
+            check_cache(out, config)
+        except ConfigError as e:
+            raise ConfigError(f"{e}: give another --out, or continue it with its settings") from None
+    samples, _ = split_validation(config.data)                 # the videos list, before any model loads
+    check_weight_files(config, model=False)                    # the trained model is not built here
     accelerator = Accelerator(mixed_precision=config.run.mixed_precision)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+    task = (DiTTask if config.stage == "dit" else BaseTask)(config, build_model=False).to(accelerator.device)
+    # cache.yaml once the models load (a failed start leaves no cache behind), and before the first clip
     if accelerator.is_main_process:
         text = yaml.safe_dump(cache_signature(config), sort_keys=False)
         atomic_write(out / CACHE_CONFIG, lambda tmp: Path(tmp).write_text(text))
-
-    task = (DiTTask if config.stage == "dit" else BaseTask)(config, build_model=False).to(accelerator.device)
-    samples, _ = split_validation(config.data)
+    accelerator.wait_for_everyone()
     # the loader's training crop (random or centre) without flips; start frames are given explicitly
     data = dataclasses.replace(config.data, crop="center" if args.crop == "context" else args.crop, flip_prob=0.0)
     windows = args.windows_per_clip if args.crop == "context" else 1     # whole frames are encoded once

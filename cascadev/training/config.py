@@ -36,6 +36,7 @@ import yaml
 from cascadev.config import ConfigError, from_dict, load_config, to_dict
 from cascadev.training.data import DataConfig
 from cascadev.training.diffusion import DiffusionConfig
+from cascadev.video_io import VIDEO_EXTENSIONS
 
 Stage = Literal["dit", "vae", "semantic", "base"]
 STAGES = ("dit", "vae", "semantic", "base")
@@ -358,12 +359,83 @@ class TrainConfig:
         model.check_window(d.num_frames, d.height // DOWNSAMPLE, d.width // DOWNSAMPLE)
 
 
+def check_config_file(path: str | Path) -> None:
+    """Refuse, in one line naming ``path``, a file that cannot be a training config: a folder, an unreadable
+    file, binary data (a video given to --config by mistake would otherwise end in a codec error) or YAML
+    whose top level is not a mapping of sections. Broken YAML is left to ``load_config``, which names the line."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a YAML config file")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        hint = (": videos go in data.videos (--set data.videos=FOLDER_OR_LIST)"
+                if path.suffix.lower() in VIDEO_EXTENSIONS else "")
+        raise ConfigError(f"{path} is not a YAML config (binary data, not text){hint}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return
+    if data is not None and not isinstance(data, dict):
+        kind = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(data), "value")
+        raise ConfigError(f"{path} is not a training config: its top level is a {kind}, expected a mapping of "
+                          "sections (stage:, data:, run:, ...)")
+
+
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """Load a training YAML with dotted overrides (``run.max_steps=10``)."""
+    check_config_file(path)
     try:
         return load_config(TrainConfig, path, overrides)
     except ValueError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        message = str(e)        # load_config's own messages name the file already
+        raise ConfigError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def check_weight_files(config: TrainConfig, model: bool = True) -> None:
+    """Raise FileNotFoundError naming the first local weights file or folder the config names that is not there
+    (``init_from``, encoder/Previewer/text encoder weights given as paths), so a run fails before it builds models
+    or writes its run dir. Hub ids, "hub", "random" and "preset" are not paths; those fail when they load.
+    ``model=False``: the trained model (and the text encoder) is not built, as when caching latents."""
+    from cascadev.weights import CONFIG_NAME
+
+    def folder(key: str, value: str | None) -> None:           # our formats: a folder with config.json
+        if value and not (Path(value) / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{key}: {Path(value) / CONFIG_NAME} not found (expected a folder written by "
+                                    "save_pretrained or a checkpoint of a run)")
+
+    def path(key: str, value: str, keywords: tuple[str, ...]) -> None:     # a file, or a folder holding it
+        if value not in keywords and not Path(value).exists():
+            raise FileNotFoundError(f"{key}: {value} not found (a file or folder of weights, or one of "
+                                    f"{', '.join(keywords)})")
+
+    stage, c = config.stage, config.condition
+    if stage == "dit" and model:
+        init = config.dit.init_from or ""
+        if init.startswith("official:"):
+            file = Path(init.removeprefix("official:"))
+            if not file.is_file():
+                raise FileNotFoundError(f"dit.init_from: {file} not found: download s1024.effn-f32.pth from the "
+                                        f"CascadeV release (hf download ByteDance/CascadeV s1024.effn-f32.pth "
+                                        f"--local-dir {file.parent})")
+        else:
+            folder("dit.init_from", init)
+    if stage == "base" and model:
+        folder("base.init_from", config.base.init_from)
+        path("base.text_encoder_weights", config.base.text_encoder_weights, ("preset", "random"))
+    if stage in ("dit", "base") and c.route == "semantic":
+        path("condition.semantic_weights", c.semantic_weights, ("hub", "random"))
+    if stage == "semantic":
+        path("semantic.encoder_weights", config.semantic.encoder_weights, ("hub", "random"))
+        path("semantic.previewer_weights", config.semantic.previewer_weights, ("hub", "random"))
 
 
 def replace(config: TrainConfig, **sections: dict) -> TrainConfig:
@@ -395,7 +467,14 @@ def check_cache(folder: str | Path, config: TrainConfig) -> None:
     path = Path(folder) / CACHE_CONFIG
     if not path.is_file():
         raise ConfigError(f"{path} not found: write the cache with python -m cascadev.training.cache_latents")
-    cached = yaml.safe_load(path.read_text())
+    try:
+        cached = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, yaml.YAMLError):
+        raise ConfigError(f"{path} is not a cache.yaml written by cascadev.training.cache_latents") from None
+    if not isinstance(cached, dict) or not all(isinstance(v, dict) for v in cached.values()):
+        raise ConfigError(f"{path} is not a cache.yaml written by cascadev.training.cache_latents")
     stage = cached.get("cache", {}).get("stage", "dit")                     # dit caches predate the field
     if stage != config.stage:
         raise ConfigError(f"latent cache {folder} holds stage {stage} inputs, the config trains stage {config.stage}")
@@ -405,3 +484,4 @@ def check_cache(folder: str | Path, config: TrainConfig) -> None:
              if cached.get(section, {}).get(key) != value]
     if diffs:
         raise ConfigError(f"latent cache {folder} was made with other settings: " + "; ".join(diffs))
+

@@ -95,28 +95,42 @@ class Sample:
     caption: str = ""
 
 
-def list_samples(source: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> list[Sample]:
-    """The files a source names: a folder (recursive, sorted), .txt, .csv, .jsonl or .json list."""
+def list_samples(source: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSIONS, key: str = "") -> list[Sample]:
+    """The files a source names: a folder (recursive, sorted), .txt, .csv, .jsonl or .json list. ``key``: the
+    config key that gave ``source`` (e.g. "data.videos"), named in errors."""
+    where = f"{key}: " if key else ""
     if not str(source):
-        raise ValueError("no data source given: set data.videos (or data.images) to a folder or a list file")
+        raise ValueError(f"no data source given: set {key or 'data.videos (or data.images)'} to a folder or a list "
+                         f"file (--set {key or 'data.videos'}=...)")
     source = Path(source)
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in extensions and p.is_file())
         return [Sample(p) for p in files]
     if not source.is_file():
-        raise FileNotFoundError(f"data source {source} not found (expected a folder or a .txt/.csv/.jsonl/.json list)")
+        raise FileNotFoundError(f"{where}data source {source} not found (expected a folder or a "
+                                ".txt/.csv/.jsonl/.json list)")
     suffix = source.suffix.lower()
-    if suffix == ".csv":
-        with open(source, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if rows and "path" not in rows[0]:
-            raise ValueError(f"{source}: a CSV source needs a 'path' column, found {list(rows[0])}")
-    elif suffix == ".jsonl":
-        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    elif suffix == ".json":
-        rows = json.loads(source.read_text())
-    else:  # the release's plain list: one path per line
-        rows = [{"path": line.strip()} for line in source.read_text().splitlines() if line.strip()]
+    try:       # one line for what a list cannot be: unreadable, binary (a video given as the list), broken JSON
+        if suffix == ".csv":
+            with open(source, newline="") as f:
+                rows = list(csv.DictReader(f))
+        elif suffix == ".jsonl":
+            rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+        elif suffix == ".json":
+            rows = json.loads(source.read_text())
+        else:  # the release's plain list: one path per line
+            rows = [{"path": line.strip()} for line in source.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise OSError(f"{where}cannot read data source {source}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}{source} is not a list of files (binary data, not text): give a folder of "
+                         "videos or a .txt/.csv/.jsonl/.json list") from None
+    except (json.JSONDecodeError, csv.Error) as e:
+        raise ValueError(f"{where}{source}: not a valid {suffix[1:]} list ({e})") from None
+    if suffix == ".csv" and rows and "path" not in rows[0]:
+        raise ValueError(f"{source}: a CSV source needs a 'path' column, found {list(rows[0])}")
+    if not isinstance(rows, list):
+        raise ValueError(f"{where}{source}: expected a list of objects with 'path', got a {type(rows).__name__}")
     samples = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not row.get("path"):
@@ -128,9 +142,11 @@ def list_samples(source: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSI
 
 def split_validation(config: DataConfig) -> tuple[list[Sample], list[Sample]]:
     """(train, validation) samples: ``val_videos`` if given, else the last ``val_count`` of ``videos``."""
-    samples = list_samples(config.videos)
+    samples = list_samples(config.videos, key="data.videos")
+    if not samples:
+        raise ValueError(f"data.videos: no videos in {config.videos}")
     if config.val_videos:
-        return samples, list_samples(config.val_videos)
+        return samples, list_samples(config.val_videos, key="data.val_videos")
     if config.val_count >= len(samples):
         raise ValueError(f"{config.videos}: {len(samples)} video(s) cannot spare val_count={config.val_count} "
                          "for validation; add files, lower data.val_count or set data.val_videos")

@@ -5,7 +5,9 @@ semantic encoder with the Previewer ("semantic"), or the Stage C text-to-video b
         --config configs/dit_official_finetune.yaml [--set optim.lr=1e-5 data.videos=list.txt ...]
     python -m cascadev.training.train --config configs/dit_tiny.yaml --set data.videos=clips/ --max-steps 20
 
-``main`` reads top to bottom: config -> Accelerator -> models -> data -> prepare -> resume -> loop -> save.
+``main`` reads top to bottom: config -> inputs (data sources, weight files) -> Accelerator -> models -> run dir
+-> prepare -> resume -> loop -> save. Nothing is written before the models are built, so a start that fails
+(bad input, weights that do not load) leaves no run directory behind.
 What differs between stages (models, loss, validation, export) is a task object from ``cascadev/training/tasks/``
 (one module per stage, ``build_task``); this module is what they share: the loop, checkpoints, EMA, LR schedule, logs and the CLI.
 
@@ -32,6 +34,7 @@ import argparse
 import contextlib
 import json
 import logging
+import logging.handlers
 import shutil
 import sys
 import time
@@ -42,13 +45,14 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from cascadev.config import ConfigError, save_config, to_dict
-from cascadev.errors import run_guarded
+from cascadev.errors import OneLineParser, run_guarded
 from cascadev.training.args import add_train_arguments
-from cascadev.training.config import TrainConfig, check_cache, load_train_config
+from cascadev.training.config import TrainConfig, check_cache, check_weight_files, load_train_config
 from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step,
                                     image_steps_before, list_samples, make_loader, mix_seed, split_validation)
 from cascadev.training.tasks import build_task, is_fsdp, write_json
-from cascadev.weights import save_state_dict
+from cascadev.video_io import check_output_folder
+from cascadev.weights import atomic_write, save_state_dict
 
 log = logging.getLogger("cascadev.training.train")
 
@@ -163,22 +167,68 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict |
     return final
 
 
-def setup_logging(accelerator, run_dir: Path) -> None:
-    """INFO on the main process (console and ``train.log``), warnings only elsewhere."""
+LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+
+
+def setup_logging(main_process: bool) -> None:
+    """INFO on the main process (console, and ``train.log`` from ``open_run_dir``), warnings only elsewhere. Until
+    the run dir is opened the main process holds its records in memory: a start that fails writes no train.log.
+    Replaces the handlers of an earlier run in this process, so none of its records go to that run's train.log."""
     logger = logging.getLogger("cascadev")
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
     logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stderr)]
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(LOG_FORMAT)
+    logger.addHandler(console)
+    if main_process:
+        logger.addHandler(logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1))
+
+
+def open_run_dir(accelerator, run_dir: Path, config: TrainConfig, superseded: list[Path], why: str) -> None:
+    """The run's first writes, once its inputs are checked and its models built: the folder, ``train.log`` (with
+    what was logged so far), leftovers of a killed run removed, superseded checkpoints set aside, ``config.yaml``."""
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
-    for handler in handlers:
-        handler.setFormatter(fmt)
-        logger.addHandler(handler)
+        logger = logging.getLogger("cascadev")
+        file = logging.FileHandler(run_dir / "train.log")
+        file.setFormatter(LOG_FORMAT)
+        for held in [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+            held.setTarget(file)
+            held.flush()
+            logger.removeHandler(held)
+            held.close()
+        logger.addHandler(file)
+        ckpt_root = run_dir / "checkpoints"
+        for stale in [*ckpt_root.glob(f".tmp_{CHECKPOINT_PREFIX}*"), run_dir / FINAL_TMP]:   # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        set_aside(superseded, ckpt_root, why)
+        atomic_write(run_dir / "config.yaml", lambda tmp: save_config(config, tmp))
+    accelerator.wait_for_everyone()
+
+
+def open_data(config: TrainConfig) -> tuple:
+    """(training set, validation set, image set or None, warnings): the data sources checked -- lists readable,
+    a cache matching the config -- before anything is built or written."""
+    data, notes = config.data, []
+    if data.latents:
+        if config.stage not in ("dit", "base"):
+            raise ConfigError("data.latents (a latent cache) only feeds stages dit and base")
+        check_cache(data.latents, config)
+        train_set = LatentDataset(data.latents)
+        val_samples = split_validation(data)[1] if data.videos or data.val_videos else []
+    else:
+        train_samples, val_samples = split_validation(data)
+        train_set = VideoDataset(train_samples, data)
+        if config.stage == "base" and not any(sample.caption for sample in train_samples):
+            notes.append("stage base: no training video has a caption (give data.videos as a .csv/.jsonl/.json with "
+                         "a 'caption' field); the model learns unconditional generation only")
+    image_set = (ImageDataset(list_samples(data.images, IMAGE_EXTENSIONS, key="data.images"), data)
+                 if data.images else None)
+    val_set = VideoDataset(val_samples, data, train=False) if val_samples and config.run.val_every else []
+    return train_set, val_set, image_set, notes
 
 
 def flat_config(config: TrainConfig) -> dict:
@@ -207,10 +257,11 @@ def config_changes(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
             if old.get(k) != cur.get(k) and k not in FREE_ON_RESUME}
 
 
-def check_resume(checkpoint: Path, config: TrainConfig, allow_change: bool) -> None:
-    """Refuse to resume ``checkpoint`` into another model; any other config change only with ``allow_change``."""
+def check_resume(checkpoint: Path, config: TrainConfig, allow_change: bool) -> str | None:
+    """Refuse to resume ``checkpoint`` into another model; any other config change only with ``allow_change``.
+    Returns the changes allowed, listed, for the run to log (None: none)."""
     if not (checkpoint / "config.yaml").is_file():
-        return
+        return None
     changes = config_changes(load_train_config(checkpoint / "config.yaml"), config)
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:6])
     model = [k for k in changes if k == "stage" or k.startswith(MODEL_SECTION.get(config.stage, "-"))]
@@ -220,8 +271,7 @@ def check_resume(checkpoint: Path, config: TrainConfig, allow_change: bool) -> N
     if changes and not allow_change:
         raise ConfigError(f"the config changed since {checkpoint} ({listed}): resume anyway with "
                           "--allow-config-change, or start over with --fresh")
-    if changes:
-        log.warning("resuming with a changed config: %s", listed)
+    return listed if changes else None
 
 
 def set_aside(paths: list[Path], root: Path, why: str) -> None:
@@ -236,7 +286,7 @@ def set_aside(paths: list[Path], root: Path, why: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cascadev.training.train", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m cascadev.training.train", description=__doc__.splitlines()[0])
     add_train_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
     return parser.parse_args(argv)
@@ -255,6 +305,9 @@ def run_training(args: argparse.Namespace) -> Path:
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
+    # an earlier run in this process (tests, notebooks) leaves its train.log attached: detach it until the
+    # Accelerator says whether this process logs (a PartialState made here would miss accelerate's settings)
+    setup_logging(main_process=False)
     # -- config
     overrides = list(args.overrides)
     if args.max_steps is not None:
@@ -272,8 +325,16 @@ def run_training(args: argparse.Namespace) -> Path:
                           f"(have: {[s for s, _ in found] or 'none'})")
     superseded = [p for s, p in found if fresh or (resume_from is not None and s > resume_from)]
     found = [(s, p) for s, p in found if p not in superseded]
+    changed = None
     if found:      # before anything is written or built: the checkpoint must be this model
-        check_resume(found[-1][1], config, args.allow_config_change)
+        changed = check_resume(found[-1][1], config, args.allow_config_change)
+
+    # -- inputs: data sources and weight files, before anything is built or written (a bad start leaves nothing)
+    check_output_folder(run_dir, "run.dir")
+    train_set, val_set, image_set, notes = open_data(config)
+    check_weight_files(config)
+    if isinstance(train_set, VideoDataset):
+        train_set.check_loadable()                           # decodes clips: after the checks that only look
 
     # -- Accelerator: rank, world size, device, mixed precision, trackers
     # VAE: a trainable pattern may select parameters the forward never uses (diffusers' temporal mid-block skips
@@ -282,44 +343,27 @@ def run_training(args: argparse.Namespace) -> Path:
     accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with="tensorboard" if run.tensorboard else None,
                               project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
                               kwargs_handlers=[ddp])
-    setup_logging(accelerator, run_dir)
+    if optim.ema_decay > 0 and is_fsdp(accelerator):
+        raise ConfigError("EMA over FSDP shards is not supported: set optim.ema_decay=0 (or use DDP)")
+    setup_logging(accelerator.is_main_process)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    if accelerator.is_main_process:
-        for stale in [*ckpt_root.glob(f".tmp_{CHECKPOINT_PREFIX}*"), run_dir / FINAL_TMP]:   # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        set_aside(superseded, ckpt_root, "replaced" if fresh else f"after-{resume_from}")
-        save_config(config, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
     log.info("stage %s on %d process(es), device %s, mixed precision %s, run dir %s",
              config.stage, world, device, run.mixed_precision, run_dir)
+    if changed:
+        log.warning("resuming with a changed config: %s", changed)
     set_seed(run.seed)                                       # the same initial weights on every rank
 
-    # -- models
+    # -- models (weights from the hub or files may still fail to load: the run dir is not written before they are)
     task = build_task(config).to(device)
     model = task.model
     log.info("%s: %.2fM parameters, %.2fM trained", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
-    if optim.ema_decay > 0 and is_fsdp(accelerator):
-        raise ConfigError("EMA over FSDP shards is not supported: set optim.ema_decay=0 (or use DDP)")
     ema, ema_names = make_ema(model, optim.ema_decay) if optim.ema_decay > 0 else (None, [])
+    open_run_dir(accelerator, run_dir, config, superseded, "replaced" if fresh else f"after-{resume_from}")
 
     # -- data
-    if data.latents:
-        if config.stage not in ("dit", "base"):
-            raise ConfigError("data.latents (a latent cache) only feeds stages dit and base")
-        check_cache(data.latents, config)
-        train_set = LatentDataset(data.latents)
-        val_samples = split_validation(data)[1] if data.videos or data.val_videos else []
-    else:
-        train_samples, val_samples = split_validation(data)
-        train_set = VideoDataset(train_samples, data)
-        if config.stage == "base" and not any(sample.caption for sample in train_samples):
-            log.warning("stage base: no training video has a caption (give data.videos as a .csv/.jsonl/.json with a "
-                        "'caption' field); the model learns unconditional generation only")
-    if isinstance(train_set, VideoDataset):
-        train_set.check_loadable()
-    image_set = ImageDataset(list_samples(data.images, IMAGE_EXTENSIONS), data) if data.images else None
-    val_set = VideoDataset(val_samples, data, train=False) if val_samples and run.val_every else []
+    for note in notes:
+        log.warning(note)
     log.info("data: %d training %s, %d validation clip(s)%s", len(train_set), train_set.kind + "s", len(val_set),
              f", {len(image_set)} images (p={data.image_prob})" if image_set else "")
 
