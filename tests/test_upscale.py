@@ -10,6 +10,7 @@ from conftest import as_written, mean_abs, randomize_, run_cli
 from cascadev.pipelines.conditioning import downsample_video, upsample_condition
 from cascadev.pipelines.upscale import TINY_FPS4X, CascadeVUpscalePipeline, load_upscale
 from cascadev.synthetic import make_clip
+from cascadev.video_io import video_info
 
 
 def tiny_upscaler(spatial_factor: int, temporal_factor: int, **settings) -> CascadeVUpscalePipeline:
@@ -218,7 +219,7 @@ def test_a_semantic_route_dit_is_refused():
 
 
 @pytest.mark.skipif(not (TINY_FPS4X / "model_index.json").is_file(), reason="tiny_fps4x not built")
-def test_shipped_fps4x_loads_and_its_demo_runs(tmp_path, capsys):
+def test_shipped_fps4x_loads_and_its_demo_runs(tmp_path, capsys, low_clip):
     pipe = load_upscale(TINY_FPS4X)
     assert pipe.factors == (1, 4) and pipe.dit.dtype == torch.float32
     code, stdout, err = run_cli(capsys, "demo", "--fps-x4", "-o", tmp_path, "--clips", 1, "--frames", 2, "--size", 64)
@@ -229,6 +230,12 @@ def test_shipped_fps4x_loads_and_its_demo_runs(tmp_path, capsys):
     psnr = {m: results[m]["psnr"] for m in ("ours", "repeat", "ours_without_colour_fix")}
     assert 17 < psnr["ours"] < 25 and psnr["ours"] > psnr["repeat"] and psnr["ours"] > psnr["ours_without_colour_fix"]
     assert (tmp_path / "side_by_side.mp4").is_file()
+    # upscale without --weights: the same built-in model, from any working directory
+    code, stdout, err = run_cli(capsys, "upscale", low_clip, "-o", tmp_path / "up.mp4", "--steps", 1)
+    assert code in (0, None), err
+    assert "no --weights: the built-in tiny 4x frame-rate model" in stdout
+    info = video_info(tmp_path / "up.mp4")
+    assert (info.frames, info.width, info.height, info.fps) == (12, 48, 32, 24)        # 3 frames at 6 fps, x4
 
 
 def test_init_new_condition_starts_a_resize_dit_from_a_semantic_one(tmp_path):

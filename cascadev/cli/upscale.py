@@ -15,8 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="low video (mp4, mkv, ...) or its Stage A latents (.safetensors or .pt, (4, T, h, w) "
                                  "or (B, 4, T, h, w), scaled as Stage A encodes them)")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4); with B > 1 latents, one file per video")
-    p.add_argument("--weights", required=True, help="a resize-route model folder (CascadeVUpscalePipeline."
-                                                    "save_pretrained), e.g. cascadev/assets/tiny_fps4x")
+    p.add_argument("--weights", help="a resize-route model folder (CascadeVUpscalePipeline.save_pretrained; "
+                                     "default: the built-in tiny 4x frame-rate model, cascadev/assets/tiny_fps4x)")
     p.add_argument("--stage-a", help="Stage A VAE (diffusers folder or hub id; default: the folder's own or the one it "
                                      "names)")
     p.add_argument("--frames", type=int, help="input frames to take (default: all)")
@@ -87,11 +87,15 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from cascadev.pipelines.options import prepare_pipeline, tiling_of
-    from cascadev.pipelines.upscale import check_route_input, load_upscale, saved_settings
+    from cascadev.pipelines.upscale import TINY_FPS4X, check_route_input, load_upscale, saved_settings
     from cascadev.video_io import VideoWriter, output_paths
     from vae.stage_a import DOWNSAMPLE
 
     _check_args(args)
+    if args.weights is None:       # no resize-route model is released: the built-in one, as generate's built-in
+        args.weights = TINY_FPS4X
+        print(f"no --weights: the built-in tiny 4x frame-rate model ({TINY_FPS4X}), trained on procedural clips",
+              flush=True)
     settings = saved_settings(args.weights)
     if args.regenerate_input_frames and settings["spatial_factor"] != 1:
         raise UserError("--regenerate-input-frames is for a frame-rate-only model (spatial_factor 1)")
