@@ -53,6 +53,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         write(tmp)
 
 
+def write_json(path: str | Path, data, **dumps_kwargs) -> None:
+    """``data`` as indented JSON, atomically (``atomic_write``; missing folders made)."""
+    text = json.dumps(data, indent=2, **dumps_kwargs)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
     """Atomically write a safetensors file (tensors made contiguous, shared storage untied)."""
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}

@@ -12,7 +12,6 @@ RUN_DIR/results.json, and prints one table.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from cascadev.errors import UserError
@@ -82,6 +81,7 @@ def run(args: argparse.Namespace) -> dict | None:
     from cascadev.pipelines.frames import check_colour_fix
     from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline, processes
     from cascadev.video_io import VIDEO_EXTENSIONS, check_output_folder
+    from cascadev.weights import write_json
     from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict | None:
                            "data": str(data), "selection": "first videos by file name, first frames"},
               "conventions": {m: CONVENTIONS[m] for m in ("psnr", "ssim", "lpips")}}
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps(report, indent=2))
+    write_json(run_dir / "results.json", report)
     print(f"\n{done} videos, {args.frames} frames at {args.size}x{args.size} ({len(skipped)} skipped)")
     print(f"{'method':<10}" + "".join(f"{m.upper():>10}" for m in ("psnr", "ssim", "lpips", "fvd")))
     for method in METHODS:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -324,8 +323,11 @@ def print_report(report: dict) -> None:
 
 
 def _write_csv(path: str, rows: list[dict], metrics: list[str]) -> None:
+    """The per-video rows, atomically (a reader never sees half a table)."""
+    from cascadev.weights import atomic_path
+
     keys = [m for m in PAIRED_METRICS if m in metrics]
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["name", "real", "fake", "frames", *keys])
         for row in rows:
@@ -352,19 +354,16 @@ def _accelerator():
     return Accelerator()
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run the evaluation, print the report (main process), write --json/--csv; return the report."""
-    from cascadev.pipelines.options import resolve_device
+def _check_args(args: argparse.Namespace, metrics: list[str]) -> tuple[tuple[int, int] | None, int]:
+    """Every option checked, and the defaults that depend on others filled in, before anything loads or is read:
+    returns (size or None, paired frames)."""
     from cascadev.video_io import check_output_file, check_output_folder
     from eval import fvd
     from eval.i3d import BN_EPS_VIDEOGPT
-    from eval.metrics import CONVENTIONS, LPIPS_MIN_SIDE, LpipsUnavailable, load_lpips
 
-    metrics = _parse_metrics(args.metrics)
     args.frames = fvd.FVD_FRAMES if args.frames is None else args.frames
     args.i3d_size = fvd.I3D_SIZE if args.i3d_size is None else args.i3d_size
     args.i3d_bn_eps = BN_EPS_VIDEOGPT if args.i3d_bn_eps is None else args.i3d_bn_eps
-    paired = [m for m in metrics if m in PAIRED_METRICS]
     if args.size is not None and len(args.size) not in (1, 2):
         raise UserError(f"--size takes H W or N, got {len(args.size)} numbers")
     size = None if args.size is None else (tuple(args.size) * 2)[:2]
@@ -394,7 +393,19 @@ def run(args: argparse.Namespace) -> dict:
         check_output_file(args.json, "--json", "report.json")
     if args.csv:
         check_output_file(args.csv, "--csv", "per_video.csv")
+    return size, paired_frames
 
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the evaluation, print the report (main process), write --json/--csv; return the report."""
+    from cascadev.pipelines.options import resolve_device
+    from cascadev.weights import write_json
+    from eval import fvd
+    from eval.metrics import CONVENTIONS, LPIPS_MIN_SIDE, LpipsUnavailable, load_lpips
+
+    metrics = _parse_metrics(args.metrics)
+    size, paired_frames = _check_args(args, metrics)
+    paired = [m for m in metrics if m in PAIRED_METRICS]
     accelerator = _accelerator()
     main = accelerator is None or accelerator.is_main_process
     device = accelerator.device if accelerator else resolve_device(args.device)
@@ -477,9 +488,7 @@ def run(args: argparse.Namespace) -> dict:
     if main:
         print_report(report)
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=2, allow_nan=False))
+            write_json(args.json, report, allow_nan=False)
         if args.csv:
-            Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
             _write_csv(args.csv, rows, paired)
     return report

@@ -12,7 +12,6 @@ clip, as rows) and DIR/results.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -82,6 +81,7 @@ def _run(args: argparse.Namespace) -> dict:
     from cascadev.pipelines.options import DTYPES
     from cascadev.synthetic import HELD_OUT_SEED0, make_clip
     from cascadev.video_io import write_png_strip, write_video
+    from cascadev.weights import write_json
     from eval.metrics import psnr, ssim
 
     if args.clips < 1 or args.frames < 1:
@@ -142,7 +142,7 @@ def _run(args: argparse.Namespace) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
     })
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out_dir / "results.json", results)
     print(f"\n{args.clips} held-out clips, {args.frames} frames at {size}x{size}, {steps} {scheduler_name(scheduler)} steps")
     print(f"{'method':<28}{'PSNR':>8}{'SSIM':>8}")
     for method in methods:

@@ -86,6 +86,7 @@ def run_prompt(args: argparse.Namespace) -> dict:
     from cascadev.pipelines.options import DTYPES
     from cascadev.pipelines.text_to_video import check_request
     from cascadev.video_io import write_png_strip, write_video
+    from cascadev.weights import write_json
 
     settings = builtin_settings()
     size = args.size if args.size is not None else settings["size"]
@@ -126,6 +127,6 @@ def run_prompt(args: argparse.Namespace) -> dict:
                "base_steps": steps, "guidance": guidance, "decode_steps": decode_steps, "colour_fix": fix or 0,
                "seconds": {"stage_c": round(t_c, 1), "stage_b_a": round(t_b, 1), "previewer": round(t_p, 1),
                            "write": round(t_w, 1), "total": round(time.perf_counter() - start, 1)}}
-    (out / "text2video.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "text2video.json", results)
     print(f"{results['seconds']['total']:.0f} s -> {out}/text2video.mp4 (LDM-VAE | Previewer), text2video.png")
     return results

@@ -165,7 +165,6 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
     3 frames after the last input (extrapolation, held by both baselines) are scored apart. Writes
     DIR/side_by_side.mp4 (truth | ours | blend | repeat), DIR/frames.png (the same for the first clip, as rows) and
     DIR/results.json."""
-    import json
     import time
 
     import torch
@@ -176,6 +175,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
     from cascadev.pipelines.upscale import TINY_FPS4X, load_upscale
     from cascadev.synthetic import HELD_OUT_SEED0, make_clip
     from cascadev.video_io import write_png_strip, write_video
+    from cascadev.weights import write_json
     from eval.metrics import psnr, ssim
 
     weights = Path(args.weights) if args.weights else TINY_FPS4X
@@ -233,7 +233,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
                        "strictly between input frames; *_tail: the frames after the last input frame",
         "seconds": round(time.perf_counter() - start, 1)})
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out_dir / "results.json", results)
     print(f"\n{args.clips} held-out clips, {args.frames} -> {frames} frames at {size}x{size}, {steps} steps; "
           f"frames between input frames (after the last one):")
     print(f"{'method':<24}{'PSNR':>8}{'SSIM':>8}{'PSNR':>10}{'SSIM':>8}")

@@ -50,9 +50,9 @@ from cascadev.training.args import add_train_arguments
 from cascadev.training.config import TrainConfig, check_cache, check_weight_files, load_train_config
 from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step,
                                     image_steps_before, list_samples, make_loader, mix_seed, split_validation)
-from cascadev.training.tasks import build_task, is_fsdp, write_json
+from cascadev.training.tasks import build_task, is_fsdp
 from cascadev.video_io import check_output_folder
-from cascadev.weights import atomic_write, save_state_dict
+from cascadev.weights import atomic_write, save_state_dict, write_json
 
 log = logging.getLogger("cascadev.training.train")
 

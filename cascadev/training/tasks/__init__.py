@@ -30,13 +30,12 @@ from __future__ import annotations
 from cascadev.config import ConfigError
 from cascadev.training.config import TrainConfig
 from cascadev.training.tasks.base_task import BaseTask, build_base_dit
-from cascadev.training.tasks.common import is_fsdp, write_json
+from cascadev.training.tasks.common import is_fsdp
 from cascadev.training.tasks.dit_task import DiTTask, build_dit
 from cascadev.training.tasks.semantic_task import SemanticTask
 from cascadev.training.tasks.vae_task import VAETask
 
-__all__ = ["BaseTask", "DiTTask", "SemanticTask", "VAETask", "build_base_dit", "build_dit", "build_task", "is_fsdp",
-           "write_json"]
+__all__ = ["BaseTask", "DiTTask", "SemanticTask", "VAETask", "build_base_dit", "build_dit", "build_task", "is_fsdp"]
 
 
 def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAETask | SemanticTask | BaseTask:

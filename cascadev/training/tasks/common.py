@@ -4,7 +4,6 @@ folders, and writing what a run exports."""
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from einops import rearrange
 from cascadev.config import ConfigError
 from cascadev.training.config import TrainConfig
 from cascadev.training.data import mix_seed
-from cascadev.weights import CONFIG_NAME, atomic_write, save_model_weights
+from cascadev.weights import CONFIG_NAME, save_model_weights
 
 
 @contextlib.contextmanager
@@ -85,11 +84,6 @@ def save_module(state_dict: dict, module: nn.Module, folder: Path, prefix: str =
     folder its ``from_pretrained`` reads."""
     save_model_weights(module, {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)},
                        folder)
-
-
-def write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_sample(run_dir: Path, step: int, videos: list[torch.Tensor]) -> None:
