@@ -80,6 +80,11 @@ CASES = [
     ("decode {dir}/four.safetensors -o {dir}/o.mp4 --weights {weights} --source-vae {weights} --size 2k",
      "--size '2k': give a long side"),
     ("decode {latents} -o {dir}/o.mp4 --weights {weights} --size 1024", "semantic latents decode at 32x their size"),
+    ("decode {latents} -o {dir}/o.mp4 --weights {weights} --skip-latent-frames 1", "are for another model's latents"),
+    ("decode {dir}/four.safetensors -o {dir}/o.mp4 --weights {weights} --source-vae {weights} --skip-latent-frames 2",
+     "--skip-latent-frames 2 leaves none of the 2 latent frames"),
+    ("decode {dir}/four.safetensors -o {dir}/o.mp4 --weights {weights} --source-vae {weights} --skip-latent-frames -1",
+     "--skip-latent-frames must be >= 0"),
     ("bench-recon {dir} -o {dir}/run --weights {weights} --crf 60", "--crf 60"),
     # generate, eval, convert, demo
     ("generate hello -o {dir}/o.mp4 --text-encoder bigG", "--text-encoder replaces"),

@@ -49,9 +49,10 @@ def _tiny(name: str):
         vae.latents_mean.copy_(torch.tensor(_stats(3, 128, -0.5, 0.5)))
         vae.latents_std.copy_(torch.tensor(_stats(4, 128, 0.5, 2)))
         return vae
-    if name == "AutoencoderKLMochi":     # the released latents_mean / latents_std are its config defaults
+    if name == "AutoencoderKLMochi":     # the released latents_mean / latents_std are its config defaults; the released
+        # scaling_factor is 1.0, which cannot tell * from /
         return cls(encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
-                   layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5)
+                   layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5, scaling_factor=1.5)
     if name == "AutoencoderKLCosmos":    # the released per-channel, per-frame statistics are its config defaults
         return cls(encoder_block_out_channels=(8, 8, 8, 8), decode_block_out_channels=(8, 8, 8, 8), num_layers=1,
                    attention_resolutions=())
@@ -131,6 +132,41 @@ def test_source_vae_latents_decode_through_the_cli(name, frames, channels, compr
     assert "upscaling 96x64 -> 192x128" in stdout
     info = video_info(tmp_path / "up.mp4")
     assert (info.frames, info.width, info.height, info.fps) == (frames, 192, 128, 16)
+
+
+def test_ltx_decode_timestep_is_the_pipelines_default():
+    """Read from LTXPipeline's source (importing it needs transformers, which we do not install)."""
+    import ast
+    import importlib.util
+
+    from cascadev.pipelines.source_vae import LTX_DECODE_TIMESTEP
+
+    tree = ast.parse(open(importlib.util.find_spec("diffusers.pipelines.ltx.pipeline_ltx").origin).read())
+    pipeline = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LTXPipeline")
+    call = next(n for n in pipeline.body if isinstance(n, ast.FunctionDef) and n.name == "__call__")
+    args = call.args.args[len(call.args.args) - len(call.args.defaults):] + call.args.kwonlyargs
+    defaults = {a.arg: ast.literal_eval(d) for a, d in zip(args, [*call.args.defaults, *call.args.kw_defaults])
+                if d is not None and isinstance(d, ast.Constant)}
+    assert defaults["decode_timestep"] == LTX_DECODE_TIMESTEP
+    assert defaults.get("decode_noise_scale") is None          # None: the noise scale is the timestep, as ours
+
+
+def test_cogvideox_15_padding_frame_is_skipped(saved, tiny_pipeline_dir, tmp_path, capsys):
+    """CogVideoX 1.5's pipeline pads one leading latent frame to an even count and drops it before its VAE decodes:
+    ``--skip-latent-frames 1`` does the same (9 frames, not 4 x 4 = 16), and an even count without it says so."""
+    vae = SourceVAE.from_pretrained(saved["AutoencoderKLCogVideoX"], "vae")
+    latents = vae.encode(make_clip(seed=1, frames=9, height=64, width=96)[None])           # (1, 16, 3, 8, 12)
+    padded = torch.cat([torch.randn_like(latents[:, :, :1]), latents], dim=2)             # as the 1.5 pipeline
+    save_latents(tmp_path / "z.safetensors", padded, fps=16)
+    common = ["--source-vae", saved["AutoencoderKLCogVideoX"], "--source-vae-subfolder", "vae",
+              "--weights", tiny_pipeline_dir, "--steps", 1]
+    code, stdout, err = run_cli(capsys, "decode", tmp_path / "z.safetensors", "-o", tmp_path / "a.mp4", *common,
+                                "--skip-latent-frames", 1)
+    assert code == 0, err
+    assert "note:" not in stdout and video_info(tmp_path / "a.mp4").frames == 9
+    code, stdout, err = run_cli(capsys, "decode", tmp_path / "z.safetensors", "-o", tmp_path / "b.mp4", *common)
+    assert code == 0, err
+    assert "give --skip-latent-frames 1" in stdout and video_info(tmp_path / "b.mp4").frames == 16
 
 
 def test_raw_latents_and_size(saved, tmp_path, capsys):

@@ -41,6 +41,9 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw-latents", action="store_true",
                    help="--source-vae: the file holds the VAE's raw latents (its encoder's output), not the normalised "
                         "ones its text-to-video model's denoiser makes (the default)")
+    p.add_argument("--skip-latent-frames", type=int, default=0, metavar="N",
+                   help="another model's latents: drop the first N latent frames before its VAE decodes them "
+                        "(CogVideoX 1.5's pipeline pads 1 when the count is odd and drops it in its own decode)")
     p.add_argument("--vae", help="sd-vae route: the VAE that made the latents (diffusers folder or hub id; "
                                  "default: the SVD VAE)")
     p.add_argument("--vae-scale", type=float, help="sd-vae route: that VAE's latent scale (default: 0.18215)")
@@ -178,9 +181,12 @@ def check_source_args(args: argparse.Namespace) -> None:
         raise UserError("--vae and --vae-scale are for --latent-space sd-vae (--source-vae reads the scale from "
                         "the VAE's config)")
     if not (sd_vae or source) and (args.scale is not None or args.size is not None or args.source_vae_subfolder
-                                   or args.raw_latents):
-        raise UserError("--scale, --size, --source-vae-subfolder and --raw-latents are for another model's latents "
-                        "(--latent-space sd-vae or --source-vae); semantic latents decode at 32x their size")
+                                   or args.raw_latents or args.skip_latent_frames):
+        raise UserError("--scale, --size, --source-vae-subfolder, --raw-latents and --skip-latent-frames are for "
+                        "another model's latents (--latent-space sd-vae or --source-vae); semantic latents decode at "
+                        "32x their size")
+    if args.skip_latent_frames < 0:
+        raise UserError(f"--skip-latent-frames must be >= 0, got {args.skip_latent_frames}")
     if args.scale is not None and args.size is not None:
         raise UserError("give --scale or --size, not both")
     if args.scale is not None and args.scale <= 0:
@@ -209,8 +215,15 @@ def decode_source(args: argparse.Namespace):
         source = args.vae or SVD_VAE_REPO
         subfolder = args.source_vae_subfolder or ("vae" if is_hub_id(source) else None)
         where = dict(source=source, subfolder=subfolder, scaling_factor=args.vae_scale or SD_VAE_SCALE)
+    if args.skip_latent_frames >= latents.shape[2]:
+        raise UserError(f"--skip-latent-frames {args.skip_latent_frames} leaves none of the {latents.shape[2]} latent "
+                        "frames")
+    latents = latents[:, :, args.skip_latent_frames:]
     skeleton = SourceVAE.from_pretrained(**where, load_weights=False)     # its config only: checks before loading
     skeleton.check_latents(latents, args.latents)
+    if skeleton.name == "AutoencoderKLCogVideoX" and latents.shape[2] % 2 == 0:
+        print(f"note: {latents.shape[2]} latent frames (even): CogVideoX 1.5's pipeline pads one leading latent frame "
+              "that its own decode drops; if these come from it, give --skip-latent-frames 1", flush=True)
     H, W = skeleton.pixel_size(*latents.shape[-2:])
     size = target_size(H, W, args.scale, args.size)
     device = resolve_device(args.device)

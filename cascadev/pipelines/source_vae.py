@@ -157,7 +157,8 @@ class SourceVAE:
     def frames_out(self, latent_frames: int) -> int:
         """Pixel frames that ``latent_frames`` decode to: 1 + t(T - 1) for causal video VAEs, T for image VAEs.
         CogVideoX decodes in batches of 2 latent frames and keeps a first frame only in an odd batch (its first, for
-        odd T; its pipelines make odd T): an even T gives tT."""
+        odd T): an even T gives tT. CogVideoX 1.5's pipeline makes an even T by padding one leading latent frame,
+        which its own decode drops before the VAE: drop it too (``latents[:, :, 1:]``, ``--skip-latent-frames 1``)."""
         t = self.compression[0]
         if t == 1 or (self.name == "AutoencoderKLCogVideoX" and latent_frames % 2 == 0):
             return t * latent_frames
