@@ -86,6 +86,7 @@ CASES = [
     ("decode {dir}/four.safetensors -o {dir}/o.mp4 --weights {weights} --source-vae {weights} --skip-latent-frames -1",
      "--skip-latent-frames must be >= 0"),
     ("bench-recon {dir} -o {dir}/run --weights {weights} --crf 60", "--crf 60"),
+    ("bench-recon {dir} -o {dir}/run --weights {weights} --fps -1", "--fps must be >= 0"),
     # generate, eval, convert, demo
     ("generate hello -o {dir}/o.mp4 --text-encoder bigG", "--text-encoder replaces"),
     ("generate hello -o {dir}/o.mp4 --weights {dir} --fps 0", "--fps must be positive"),

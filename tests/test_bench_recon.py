@@ -42,3 +42,26 @@ def test_fvd_without_detector_is_skipped_up_front_and_the_rest_still_runs(tmp_pa
     assert out.index("FVD skipped: no I3D weights given") < out.index("PSNR")      # said before the work
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["cascade"]["psnr"] > 0 and "fvd" not in results["cascade"] and "FVD skipped" in results["notes"]["fvd"]
+
+
+def test_frames_are_taken_near_the_release_sets_30_fps(tmp_path, capsys, tiny_pipeline_dir):
+    """Inter4K's originals are 60 fps, the release's set 30: every 2nd frame; --fps 0 takes every frame."""
+    from cascadev.synthetic import make_clip
+    from cascadev.video_io import write_video
+    from eval.bench_recon import frame_stride
+
+    assert [frame_stride(f, 30) for f in (60, 59.94, 50, 30, 25, 8, None)] == [2, 2, 2, 1, 1, 1, 1]
+    assert frame_stride(60, 0) == 1 and frame_stride(120, 30) == 4
+    data = tmp_path / "data"
+    write_video(data / "fast.mp4", make_clip(seed=1, frames=6, height=64, width=64)[None], fps=60)
+    write_video(data / "long.mp4", make_clip(seed=2, frames=8, height=64, width=64)[None], fps=60)
+    common = ["-o", tmp_path / "run", "--size", 64, "--frames", 4, "--weights", tiny_pipeline_dir, "--steps", 1,
+              "--metrics", "psnr"]
+    code, _, err = run_cli(capsys, "bench-recon", data, *common)
+    assert code == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["videos"] == 1 and results["settings"]["fps"] == 30
+    assert results["skipped"] == [{"file": "fast.mp4", "reason": "only 3 frames at every 2, need 4"}]
+    code, _, err = run_cli(capsys, "bench-recon", data, *common, "--fps", 0)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["videos"] == 2
