@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=RELEASE_FPS,
                    help="take the frames at about this rate: every round(file fps / FPS)-th (release: its set was "
                         "Inter4K at 30 fps, so every 2nd frame of the 60 fps originals); 0: every frame")
+    p.add_argument("--preprocess", default="release", choices=["release", "antialiased"],
+                   help="how frames become SIZE x SIZE: as the release's loader (3 x 3 box blur, bilinear resize, "
+                        "8-bit; the default) or our antialiased bilinear resize without blur")
     p.add_argument("--limit", type=int, default=200, help="number of videos (release: 200)")
     p.add_argument("--metrics", default="psnr,ssim,lpips,fvd", help="subset of psnr,ssim,lpips,fvd")
     p.add_argument("--i3d", help="I3D detector for FVD (i3d_pretrained_400.pt or i3d_torchscript.pt)")
@@ -43,6 +46,29 @@ def frame_stride(file_fps: float | None, fps: float) -> int:
     if not fps or not file_fps:
         return 1
     return max(1, round(file_fps / fps))
+
+
+def release_frames(video, size: int, size_div: int = 32):
+    """(1, 3, T, H, W) in [-1, 1] -> (1, 3, T, size, size) as the release's loader makes them (``patch/cv_utils.py``,
+    then ``evae.py --square``): a 3 x 3 box blur (OpenCV's reflect-101 border), the short side resized to ``size``
+    (bilinear, half-pixel centres, no antialiasing), a centre crop to multiples of ``size_div``, then to a square;
+    8-bit levels after each step, as OpenCV's uint8 images."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    T = video.shape[2]
+    x = rearrange((video.float() + 1) * 127.5, "b c t h w -> (b t) c h w").round()
+    x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), 3, stride=1).round()     # "reflect" is reflect-101
+    H, W = x.shape[-2:]
+    scale = size / min(H, W)
+    dh, dw = round(H * scale), round(W * scale)
+    x = F.interpolate(x, (dh, dw), mode="bilinear", align_corners=False).round().clamp_(0, 255)
+    ch, cw = size_div * (dh // size_div), size_div * (dw // size_div)
+    top, left = (dh - ch) // 2, (dw - cw) // 2
+    s = min(ch, cw)
+    top, left = top + (ch - s) // 2, left + (cw - s) // 2
+    x = x[..., top:top + s, left:left + s]
+    return rearrange(x / 127.5 - 1, "(b t) c h w -> b c t h w", t=T)
 
 
 def square_crop(video, size: int):
@@ -72,7 +98,8 @@ def _score_video(pipe, path: Path, args, decode_kw: dict, fix: int, lpips) -> di
     if video.shape[2] < args.frames:
         return {"skipped": {"file": path.name, "reason": f"only {video.shape[2]} frames at every {stride}, "
                                                          f"need {args.frames}"}}
-    video = square_crop(video, args.size).clamp(-1, 1)
+    video = (release_frames(video, args.size) if args.preprocess == "release"
+             else square_crop(video, args.size).clamp(-1, 1))
     latents = pipe.encode(video)
     cascade, baseline = pipe.decode(latents, progress=False, **decode_kw).cpu(), pipe.preview(latents).cpu()
     outputs = {"cascade": fix_colour(cascade, baseline, fix) if fix else cascade, "baseline": baseline}
@@ -187,7 +214,7 @@ def run(args: argparse.Namespace) -> dict | None:
     report = {**results, "videos": done, "skipped": skipped, "notes": notes,
               "settings": {"size": args.size, "frames": args.frames, "limit": args.limit, "steps": args.steps or pipe.config.num_inference_steps,
                            "scheduler": args.scheduler or type(pipe.scheduler).__name__, "tiling": args.tiling, "colour_fix": fix, "seed": args.seed,
-                           "data": str(data), "fps": args.fps,
+                           "data": str(data), "fps": args.fps, "preprocess": args.preprocess,
                            "selection": "first videos by file name, first frames at about --fps"},
               "conventions": {m: CONVENTIONS[m] for m in ("psnr", "ssim", "lpips")}}
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -65,3 +65,20 @@ def test_frames_are_taken_near_the_release_sets_30_fps(tmp_path, capsys, tiny_pi
     code, _, err = run_cli(capsys, "bench-recon", data, *common, "--fps", 0)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "results.json").read_text())["videos"] == 2
+
+
+def test_release_frames_blur_with_opencvs_border_resize_and_crop_as_the_release_loader():
+    import torch
+
+    from eval.bench_recon import release_frames
+
+    impulse = torch.full((1, 3, 1, 64, 64), -1.0)
+    impulse[..., 0, 0] = impulse[..., 10, 20] = 1.0                   # 255 in 8-bit levels
+    levels = ((release_frames(impulse, 64) + 1) * 127.5).round()[0, 0, 0]
+    # 255 / 9 = 28.3 -> 28 in the 3 x 3 around each; at the corner OpenCV's reflect-101 border repeats no pixel (a
+    # symmetric border would count the corner 4 times: 113)
+    assert levels[9:12, 19:22].eq(28).all() and levels[0:2, 0:2].eq(28).all() and levels.sum() == 28 * 13
+    wide = release_frames(torch.rand(1, 3, 2, 90, 160) * 2 - 1, 32)    # short side 90 -> 32, 57 wide -> 32 -> 32 x 32
+    assert wide.shape == (1, 3, 2, 32, 32) and wide.min() >= -1 and wide.max() <= 1
+    levels = (wide + 1) * 127.5
+    assert (levels - levels.round()).abs().max() < 1e-4                  # 8-bit levels (up to float rounding)
