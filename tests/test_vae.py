@@ -298,9 +298,15 @@ def test_chunked_decode_equals_unchunked_for_kl(tiny_vae, chunk_frames, chunk_ov
     torch.testing.assert_close(chunked, plain, rtol=1e-4, atol=1e-5)
 
 
-def test_temporal_decoder_sees_its_chunk():
+def test_temporal_decoder_sees_its_chunk_of_4_frames_as_released():
+    """The official preset decodes as the release's recon/lat2vid.py: 4 latent frames per call, no overlap."""
+    from vae.stage_a import PRESETS
+
+    official = PRESETS["official"]
+    assert (official.chunk_frames, official.chunk_overlap) == (4, 0)
     torch.manual_seed(0)
-    vae = build_stage_a("tiny_temporal", chunk_frames=4, tile_size=0)
+    vae = build_stage_a("tiny_temporal", chunk_frames=official.chunk_frames, chunk_overlap=official.chunk_overlap,
+                        tile_size=0)
     assert type(vae.model).__name__ == "AutoencoderKLTemporalDecoder"
     z = torch.randn(1, 4, 8, 4, 4)
     y = vae.decode(z)

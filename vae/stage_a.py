@@ -122,7 +122,9 @@ MEMORY_FACTOR = {"taesd": 4.5, "kl": 6.5, "svd_temporal": 8.0}
 TILE_STEP = 64                  # px: tile sizes a memory budget chooses from
 
 PRESETS: dict[str, StageAConfig] = {
-    "official": StageAConfig(),
+    # the release decodes 4 latent frames per temporal-decoder call (recon/lat2vid.py: 5 for 25-frame clips), which
+    # the decoder's temporal layers see together: its output depends on the chunk
+    "official": StageAConfig(chunk_frames=4),
     # CPU tests and the demo: random-init f8 VAEs with a few hundred K parameters
     "tiny": StageAConfig(kind="kl", pretrained=None, subfolder=None, block_out_channels=(16, 32, 32, 32),
                          layers_per_block=1, norm_num_groups=8, tile_size=256, tile_overlap=64),

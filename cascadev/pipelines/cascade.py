@@ -50,8 +50,9 @@ LEGACY_PIPELINE_FILE = "pipeline.json"   # cascades saved by cascadev < 0.2
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Gaussian noise (B, C, T, H, W) drawn in the release's frames-first order (T, C, H, W) per video,
-    so a seed gives the released code's noise."""
+    """Gaussian noise (B, C, T, H, W) drawn on a CPU generator in the release's frames-first order (T, C, H, W) per
+    video: the same on every device. (The release drew from the global CUDA generator: pass a CUDA ``generator``
+    to ``decode`` for its stream.)"""
     B, C, T, H, W = shape
     g = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(B, T, C, H, W, generator=g)
@@ -331,9 +332,11 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                        distributed: bool = False) -> torch.Tensor:
         """Semantic latents (B, 16, T, h, w) -> Stage A latents (B, 4, T, 4h, 4w), scaled.
 
-        Noise: ``seed`` draws it as the release did (frames first, CPU generator; ancestral steps from
-        ``seed + 1``); a ``generator`` replaces both. ``scheduler``: a name or object (default: the saved one);
-        ``scheduler_config`` overrides its config (e.g. ``{"shift": 3.0}`` for flow). ``callback(i, t, latents)``
+        Noise: ``seed`` draws it frames first, as the release did, on a CPU generator (ancestral steps from
+        ``seed + 1``); a ``generator`` replaces both with one stream, as the release's global generator
+        (``torch.Generator("cuda").manual_seed(42)`` on a GPU is the released code's). ``scheduler``: a name or
+        object (default: the saved one); ``scheduler_config`` overrides its config (e.g. ``{"shift": 3.0}`` for flow).
+        ``callback(i, t, latents)``
         runs after each step and may return replacement latents. ``window_batch``: DiT windows/tiles per forward
         (more is faster on a GPU, at the memory of that many windows). ``distributed``: under ``accelerate launch``,
         every rank decodes the same latents and the DiT's windows/tiles of each step are split across the ranks
