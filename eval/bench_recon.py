@@ -101,6 +101,8 @@ def _score_video(pipe, path: Path, args, decode_kw: dict, fix: int, lpips) -> di
     video = (release_frames(video, args.size) if args.preprocess == "release"
              else square_crop(video, args.size).clamp(-1, 1))
     latents = pipe.encode(video)
+    if decode_kw.get("generator") is not None:      # --noise device: every video from the seed, as one run each
+        decode_kw["generator"].manual_seed(args.seed)
     cascade, baseline = pipe.decode(latents, progress=False, **decode_kw).cpu(), pipe.preview(latents).cpu()
     outputs = {"cascade": fix_colour(cascade, baseline, fix) if fix else cascade, "baseline": baseline}
     run_dir = Path(args.output)

@@ -28,6 +28,10 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help="take the band of N x N pixel blocks and below from the Previewer (StableSR's colour fix; "
                         "default: the folder's saved setting, 16 for the built-in tiny cascade; 0: off)")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    g.add_argument("--noise", default="cpu", choices=["cpu", "device"],
+                   help="cpu: drawn on the CPU, the same on every device (default); device: one generator on the "
+                        "run's device for the noise and every ancestral step, as the released code (--seed 42 on "
+                        "CUDA: its exact stream)")
     add_runtime_arguments(p)
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
 

@@ -146,7 +146,9 @@ def tiling_of(args, spec) -> Tiling:
 def decode_kwargs(args, pipe) -> dict:
     """``decode`` arguments: what was given, else the loaded pipeline's saved sampler and colour fix; under
     ``accelerate launch`` with several processes, the DiT's windows/tiles split across them."""
-    return dict(seed=args.seed, tiling=tiling_of(args, pipe.dit.spec), steps=args.steps,
+    generator = (torch.Generator(device=pipe._execution_device).manual_seed(args.seed) if args.noise == "device"
+                 else None)      # one stream for the noise and the steps, as the release's global generator
+    return dict(seed=args.seed, generator=generator, tiling=tiling_of(args, pipe.dit.spec), steps=args.steps,
                 scheduler=pipe.scheduler_for(args.scheduler, force=args.force_scheduler),
                 colour_fix=resolve_colour_fix(pipe, args.colour_fix), window_batch=args.window_batch,
                 distributed=processes().num_processes > 1)
