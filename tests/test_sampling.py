@@ -82,6 +82,10 @@ def test_official_rules_overwrite_tiles_and_ramp_windows():
     # each later window overlaps by 2 frames, weights (0, 1): the first keeps the old value, the
     # second takes the new window's (calls 3, 5, 7 at column 0)
     assert eps[0, 0, :, 0, 0].tolist() == [1, 1, 1, 3, 3, 5, 5, 7, 7, 7]
+    # an overlap of k = 3 frames (windows at 0, 1, 2): weights linspace(0, 1, 3) = (0, 0.5, 1), as the release's
+    # np.linspace over its k-frame overlap (k = 4 at its stride), then 1 for the frames no earlier window covered
+    eps = predict_noise(CallConstant(), torch.zeros(1, 20, 6, 16, 16), 1.0, Tiling("official", frame_stride=1))
+    assert eps[0, 0, :, 0, 0].tolist() == [1, 1, 1.5, 2.5, 3, 3]
 
 
 def test_blend_is_a_partition_of_unity_and_has_no_seams():
