@@ -294,3 +294,21 @@ def test_cli_noise_device_draws_one_stream_as_the_release(tmp_path, tiny_pipelin
     device, cpu = stage_a_latents("--noise", "device"), stage_a_latents()
     torch.testing.assert_close(device, one_stream, rtol=0, atol=0)
     assert (device - cpu).abs().mean() > 1e-3         # the ancestral steps drew other noise (measured 0.011)
+
+
+def test_the_dits_condition_is_the_semantic_latent_times_0_13025_upsampled_x4_as_released():
+    """Independent of ``conditioning``: the release multiplies the upsampled semantic latent by 0.13025
+    (recon/refine_latent.py); the DiT must see exactly that beside the noisy latent."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    pipe = tiny_cascade()
+    assert pipe.scale_factor == 0.13025
+    z = torch.randn(1, 16, 2, 2, 3, generator=torch.Generator().manual_seed(2))
+    seen = []
+    pipe.dit.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    pipe.decode_latents(z, steps=1, progress=False)
+    frames = F.interpolate(rearrange(z, "b c t h w -> (b t) c h w"), scale_factor=4, mode="bilinear",
+                           align_corners=False) * 0.13025
+    torch.testing.assert_close(seen[0][:, 4:], rearrange(frames, "(b t) c h w -> b c t h w", t=2),
+                               rtol=1e-6, atol=1e-7)     # scaled before vs after the (linear) upsampling
