@@ -159,7 +159,7 @@ def test_cogvideox_15_padding_frame_is_skipped(saved, tiny_pipeline_dir, tmp_pat
     padded = torch.cat([torch.randn_like(latents[:, :, :1]), latents], dim=2)             # as the 1.5 pipeline
     save_latents(tmp_path / "z.safetensors", padded, fps=16)
     common = ["--source-vae", saved["AutoencoderKLCogVideoX"], "--source-vae-subfolder", "vae",
-              "--weights", tiny_pipeline_dir, "--steps", 1]
+              "--weights", tiny_pipeline_dir, "--steps", 1, "--scale", 1]          # not the default 2048 px
     code, stdout, err = run_cli(capsys, "decode", tmp_path / "z.safetensors", "-o", tmp_path / "a.mp4", *common,
                                 "--skip-latent-frames", 1)
     assert code == 0, err
