@@ -266,13 +266,22 @@ def check_output_file(path: str | Path, option: str, example: str) -> Path:
     return path
 
 
-def check_video_output(path: str | Path, option: str = "-o") -> Path:
-    """An output video path that can be written, checked before any compute: one line naming what is wrong."""
+def _video_name(path: str | Path, option: str) -> Path:
+    """A file name a video can be written to: not a folder, a known container, not below a file (stat calls only)."""
     path = Path(path)
-    if path.suffix.lower() not in CONTAINERS and not path.is_dir():
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a directory; give a file name (e.g. {path / 'out.mp4'})")
+    if path.suffix.lower() not in CONTAINERS:
         raise ValueError(f"{option} {path}: cannot write {path.suffix or 'a file without extension'}; "
                          f"use one of {', '.join(CONTAINERS)}")
-    return check_output_file(path, option, "out.mp4")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{option} {path}: {path.parent} is a file, not a folder")
+    return path
+
+
+def check_video_output(path: str | Path, option: str = "-o") -> Path:
+    """An output video path that can be written, checked before any compute: one line naming what is wrong."""
+    return check_output_file(_video_name(path, option), option, "out.mp4")
 
 
 class VideoWriter:
@@ -289,7 +298,9 @@ class VideoWriter:
     def __init__(self, path: str | Path, fps: float = 8, crf: int = 18):
         if fps <= 0:
             raise ValueError(f"write_video: fps must be positive, got {fps}")
-        self.path, self.rate, self.crf = check_video_output(path, "write_video:"), Fraction(fps).limit_denominator(1001), crf
+        # the name only: the commands check writability up front, and a probe here (making and removing a missing
+        # folder) would race with other processes writing beside it (bench-recon's ranks)
+        self.path, self.rate, self.crf = _video_name(path, "write_video:"), Fraction(fps).limit_denominator(1001), crf
         self.container_format, self.codec = CONTAINERS[self.path.suffix.lower()]
         self.stream, self.frames = None, 0
 
