@@ -95,6 +95,33 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return rearrange(values.float(), "(b t) -> b t", b=pred.shape[0])
 
 
+SHARPNESS_CUTOFF = 1 / 16     # cycles per pixel: periods shorter than the colour fix's 16 px blocks
+
+
+def high_frequency_energy(video: torch.Tensor, cutoff: float = SHARPNESS_CUTOFF) -> torch.Tensor:
+    """Spectral energy of each frame above ``cutoff`` cycles per pixel (radial frequency), summed over the RGB
+    channels: (B, 3, T, H, W) in [-1, 1] -> (B, T), float64."""
+    frames = rearrange(video.double(), "b c t h w -> b t c h w")
+    power = torch.fft.fft2(frames).abs() ** 2                                        # b t c h w
+    fy = torch.fft.fftfreq(video.shape[-2], dtype=torch.float64, device=video.device)
+    fx = torch.fft.fftfreq(video.shape[-1], dtype=torch.float64, device=video.device)
+    high = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff                     # h w
+    return (power * high).sum(dim=(2, 3, 4))
+
+
+def sharpness(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Fine detail of ``pred`` relative to ``target``, both (B, 3, T, H, W) in [-1, 1]: the spectral energy of all
+    frames above 1/16 cycle per pixel (``high_frequency_energy``) as a fraction of the target's. 1.0: as much fine
+    detail as the input; a blurry mean prediction scores near 0 however good its PSNR. Computed on the float frames
+    (before any video encoding, whose quantiser removes fine detail first)."""
+    pred, target = _frames01(pred, target, "sharpness")   # checked; the same frames, shifted: the ratio is unchanged
+    pred, target = (rearrange(v, "(b t) c h w -> b c t h w", b=1) for v in (pred, target))
+    reference = high_frequency_energy(target).sum()
+    if reference == 0:
+        raise ValueError("sharpness: the target has no detail above 1/16 cycle per pixel (flat frames)")
+    return float(high_frequency_energy(pred).sum() / reference)
+
+
 class LpipsUnavailable(RuntimeError):
     """LPIPS cannot run here (backbone weights missing); the message says what to put where."""
 

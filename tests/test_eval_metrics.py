@@ -142,3 +142,22 @@ def test_ssim_equals_torchmetrics_on_the_valid_window_positions():
                                                   return_full_image=True)
     expected = full[..., 5:-5, 5:-5].mean(dim=(1, 2, 3)).float().view(2, 2)
     torch.testing.assert_close(ssim(pred, target), expected, rtol=0, atol=1e-7)
+
+
+def test_sharpness_measures_fine_detail_not_fidelity():
+    from eval.metrics import SHARPNESS_CUTOFF, sharpness
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(1, 3, 2, 64, 64, generator=g) * 2 - 1
+    blurred = torch.nn.functional.avg_pool3d(target, (1, 5, 5), stride=1, padding=(0, 2, 2), count_include_pad=False)
+    assert sharpness(target, target) == pytest.approx(1.0)
+    assert sharpness(blurred, target) < 0.2                                # a blurry prediction loses the band
+    assert sharpness(target.flip(-1), target) == pytest.approx(1.0)        # detail, not fidelity
+    # a sinusoid of period 8 px (1/8 cycle per pixel) is above the cutoff, one of period 32 below it
+    x = torch.arange(64.0)
+    fine, coarse = (torch.sin(2 * torch.pi * x / p).expand(1, 3, 2, 64, 64) * 0.5 for p in (8, 32))
+    assert 1 / 32 < SHARPNESS_CUTOFF < 1 / 8
+    assert sharpness(coarse, fine) == pytest.approx(0.0, abs=1e-12)
+    assert sharpness(fine + coarse, fine) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no detail"):
+        sharpness(fine, torch.full_like(fine, 0.3))
