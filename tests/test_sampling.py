@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import randomize_
-from cascadev.pipelines.sampling import (Tiling, dit_work, grid_offset, make_scheduler, predict_noise, sample,
-                                         shifted_spans, window_crops, window_starts)
+from cascadev.pipelines.sampling import (Tiling, dit_work, finishing_step, grid_offset, make_scheduler, predict_noise,
+                                         sample, shifted_spans, window_crops, window_starts)
 from dit import PRESETS, VideoDiT
 
 TINY = PRESETS["tiny"]  # window: 4 frames x 16x16 latents
@@ -170,22 +170,51 @@ def test_shifted_tiling_runs_the_area_through_the_dit():
     forwards, blend = dit_work(spec, (8, 64, 64), "blend", steps=4)
     assert (forwards, blend) == (4 * 3 * 5 * 5, 4 * 3 * 5 * 5 * 4 * 16 * 16)   # release spacing: 2.3x the area
     assert dit_work(spec, (8, 64, 64), Tiling(tile_stride=16, frame_stride=4), steps=4)[1] == 4 * area
-    assert dit_work(spec, (8, 64, 64), "shifted", steps=4)[1] == 4 * area       # partial windows, no overlap
-    assert dit_work(spec, (8, 60, 62), "shifted", steps=4)[1] <= 4 * 8 * 64 * 64  # padding to the partitions counted
+    assert dit_work(spec, (8, 64, 64), "shifted", steps=4, finishing=-1)[1] == 4 * area   # partial windows, no overlap
+    assert dit_work(spec, (8, 60, 62), "shifted", steps=4, finishing=-1)[1] <= 4 * 8 * 64 * 64  # padding counted
     # in time too: frames 0-4, 4-8; then 0-2, 2-6, 6-8 (the grid half a window on); then 0-4, 4-8 again (a quarter
     # window rounded down to the 2 frames the partitions divide)
-    assert dit_work(spec, (8, 16, 16), "shifted", steps=3) == (2 + 3 + 2, 3 * 8 * 16 * 16)
+    assert dit_work(spec, (8, 16, 16), "shifted", steps=3, finishing=-1) == (2 + 3 + 2, 3 * 8 * 16 * 16)
 
 
-def test_shifted_sampling_changes_the_grid_at_each_step():
+def test_finishing_step_is_the_last_from_real_noise():
+    def finishing(name, steps):
+        scheduler = make_scheduler(name)
+        scheduler.set_timesteps(steps)
+        return finishing_step(scheduler)
+    assert finishing("flow", 4) == 2          # sigmas 1, 0.67, 0.33, 0.001: the fourth step starts from no noise
+    assert finishing("flow", 8) == 6 and finishing("flow", 1) == 0
+    assert finishing("euler_a", 8) == 6       # t = 142 (noise/signal 0.45); the eighth starts at t = 0
+    assert finishing("ddim", 8) == 6 and finishing("dpmpp", 8) == 7
+
+
+def test_shifted_sampling_moves_the_grid_and_blends_the_finishing_step():
     model = tiny_model()
     g = torch.Generator().manual_seed(0)
     cond, noise = torch.randn(1, 16, 4, 32, 32, generator=g), torch.randn(1, 4, 4, 32, 32, generator=g)
-    shifted = sample(model, cond, noise, "flow", 3, "shifted", progress=False)
-    still = sample(model, cond, noise, "flow", 3, Tiling(tile_stride=16), progress=False)   # step 0's grid throughout
-    one_step = [sample(model, cond, noise, "flow", 1, tiling, progress=False) for tiling in ("shifted", Tiling(tile_stride=16))]
-    torch.testing.assert_close(one_step[0], one_step[1], rtol=0, atol=0)   # step 0: the aligned grid
-    assert (shifted - still).abs().max() > 1e-3
+    tilings = []
+    original = predict_noise
+
+    def spy(model, x, t, tiling, *args, step=0):
+        tilings.append(tiling.mode if tiling.mode != "shifted" else f"shifted@{step}")
+        return original(model, x, t, tiling, *args, step=step)
+
+    import cascadev.pipelines.sampling as sampling
+    sampling.predict_noise = spy
+    try:
+        shifted = sample(model, cond, noise, "flow", 4, "shifted", progress=False)
+    finally:
+        sampling.predict_noise = original
+    assert tilings == ["shifted@0", "shifted@1", "blend", "shifted@3"]
+    blend = sample(model, cond, noise, "flow", 4, "blend", progress=False)
+    assert (shifted - blend).abs().max() > 1e-3
+    # one step is the finishing step: shifted tiling is blend
+    torch.testing.assert_close(sample(model, cond, noise, "flow", 1, "shifted", progress=False),
+                               sample(model, cond, noise, "flow", 1, "blend", progress=False), rtol=0, atol=0)
+    spec = TINY
+    _, blended = dit_work(spec, (4, 64, 64), "blend", steps=4)
+    _, moved = dit_work(spec, (4, 64, 64), "shifted", steps=4, finishing=2)
+    assert moved == 3 * 4 * 64 * 64 + blended // 4          # the area at three steps, blend's at the finishing one
 
 
 def test_official_tiling_rejects_clips_smaller_than_the_window():
