@@ -175,8 +175,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def position_embedding(hidden_size: int, pe_interpolation: float, T: int, h: int, w: int, device=None,
-                       dtype=torch.float32) -> torch.Tensor:
+def position_embedding(config, T: int, h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Sin-cos embedding of a (T, h, w) token grid -> (T*h*w, D), tokens ordered frame, row, column.
     Ours: diffusers' 3D embeddings put the spatial part first and have no ``pe_interpolation`` here.
 
@@ -184,13 +183,13 @@ def position_embedding(hidden_size: int, pe_interpolation: float, T: int, h: int
     coordinates / pe_interpolation; its first half encodes the column, the second the row).
     Computed in float64 as the release did, then cast.
     """
-    D_t = hidden_size // 3
+    D_t = config.hidden_size // 3
     frames = torch.arange(T, dtype=torch.float64, device=device)
     temporal = get_1d_sincos_pos_embed_from_grid(D_t, frames, output_type="pt")  # T D_t
-    rows = torch.arange(h, dtype=torch.float64, device=device) / pe_interpolation
-    cols = torch.arange(w, dtype=torch.float64, device=device) / pe_interpolation
+    rows = torch.arange(h, dtype=torch.float64, device=device) / config.pe_interpolation
+    cols = torch.arange(w, dtype=torch.float64, device=device) / config.pe_interpolation
     grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"))  # 2 h w: [0] = column, [1] = row
-    spatial = get_2d_sincos_pos_embed_from_grid(hidden_size - D_t, grid.reshape(2, -1), output_type="pt")  # (h w) D_s
+    spatial = get_2d_sincos_pos_embed_from_grid(config.hidden_size - D_t, grid.reshape(2, -1), output_type="pt")  # (h w) D_s
     embed = torch.cat([repeat(temporal, "t d -> t n d", n=h * w), repeat(spatial, "n d -> t n d", t=T)], dim=-1)
     return rearrange(embed, "t n d -> (t n) d").to(dtype)
 
@@ -297,7 +296,7 @@ class DiTTrunk(CascadeModel):
         B, _, T, H, W = x.shape
         h, w = H // self.config.patch_size, W // self.config.patch_size
         x = self.x_embedder(x)  # b (t h w) d
-        x = x + position_embedding(self.config.hidden_size, self.config.pe_interpolation, T, h, w, x.device, x.dtype)
+        x = x + position_embedding(self.config, T, h, w, x.device, x.dtype)
         if as_images:
             return rearrange(x, "b (t n) d -> (b t) n d", t=T), rearrange(t.expand(B, T), "b t -> (b t)"), (1, h, w)
         return x, t[:, 0], (T, h, w)
