@@ -18,8 +18,8 @@ def inputs(B=2, T=4, H=8, W=6, L=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, 16, T, H, W, generator=g)
     t = torch.tensor([3.0, 871.0, 500.0][:B])
-    context = torch.randn(B, L, TINY.caption_channels, generator=g)
-    pooled = torch.randn(B, TINY.pooled_channels, generator=g)
+    context = torch.randn(B, L, TINY["caption_channels"], generator=g)
+    pooled = torch.randn(B, TINY["pooled_channels"], generator=g)
     mask = torch.arange(L)[None] < torch.tensor([L, 3, 5][:B])[:, None]
     return x, t, context, pooled, mask
 
