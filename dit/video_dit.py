@@ -71,7 +71,8 @@ def check_dit_config(hidden_size: int, num_heads: int, patch_size: int, attn_str
     """Raise a one-line ValueError on an impossible DiT size; return ``attn_strides`` as tuples (config.json
     holds lists, so a round-tripped config equals the original)."""
     if hidden_size % num_heads:
-        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        near = min((d for d in range(1, hidden_size + 1) if hidden_size % d == 0), key=lambda d: abs(d - num_heads))
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads} (e.g. num_heads={near})")
     if hidden_size % 12:
         raise ValueError(f"hidden_size {hidden_size} must be divisible by 12 "
                          "(1/3 temporal and 2/3 spatial sin-cos position embedding)")

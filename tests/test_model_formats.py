@@ -107,7 +107,7 @@ def test_legacy_folder_errors(tmp_path):
 
 
 ONE_SOURCE = {  # a small model of each class, and a value its __init__ refuses
-    VideoDiT: (DIT_PRESETS["tiny"], {"num_heads": 5}, "hidden_size 1152 is not divisible by num_heads 5"),
+    VideoDiT: (DIT_PRESETS["tiny"], {"num_heads": 5}, "hidden_size 1152 is not divisible by num_heads 5 (e.g. num_heads=4)"),
     TextDiT: (TEXT_PRESETS["tiny"], {"cond_channels": 4}, "TextDiT concatenates no condition: cond_channels must be 0, got 4"),
     SemanticEncoder: ({"backbone_type": "tiny"}, {"frame_batch": 0}, "frame_batch and latent_channels must be >= 1"),
     Previewer: ({"hidden_channels": 32}, {"hidden_channels": 30}, "hidden_channels must be a positive multiple of 4, got 30"),
