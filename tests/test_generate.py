@@ -238,3 +238,10 @@ def test_base_training_loss_trains_and_drops_captions_to_the_empty_prompt(encode
         empty = TextEmbedding(*(z.expand(2, *z.shape[1:]) for z in null))
         expected, _ = base_training_loss(model, diffusion, latents, empty, null, torch.Generator().manual_seed(0), drop_prob=0.0)
     torch.testing.assert_close(dropped, expected, rtol=0, atol=0)
+
+
+def test_cli_generate_decodes_with_shifted_tiling(tmp_path, capsys, weights_dir):
+    code, _, err = run_cli(capsys, "generate", "a red ball", "-o", tmp_path / "s.mp4", "--weights", weights_dir,
+                           "--frames", 3, "--size", "160x64", "--steps", 1, "--decode-steps", 2, "--tiling", "shifted")
+    assert code == 0, err
+    assert video_info(tmp_path / "s.mp4").width == 160

@@ -312,3 +312,17 @@ def test_the_dits_condition_is_the_semantic_latent_times_0_13025_upsampled_x4_as
                            align_corners=False) * 0.13025
     torch.testing.assert_close(seen[0][:, 4:], rearrange(frames, "(b t) c h w -> b c t h w", t=2),
                                rtol=1e-6, atol=1e-7)     # scaled before vs after the (linear) upsampling
+
+
+def test_cli_shifted_tiling_on_reconstruct_and_decode(tmp_path, capsys, tiny_pipeline_dir, clip_file):
+    z, common = tmp_path / "z.safetensors", ("--weights", tiny_pipeline_dir, "--steps", 2, "--crf", 0)
+    code, _, err = run_cli(capsys, "reconstruct", clip_file, "-o", tmp_path / "r.mp4", "--latents-out", z,
+                           "--tiling", "shifted", *common)
+    assert code == 0, err
+    outputs = {}
+    for tiling in ("shifted", "blend"):
+        code, _, err = run_cli(capsys, "decode", z, "-o", tmp_path / f"{tiling}.mp4", "--tiling", tiling, *common)
+        assert code == 0, err
+        outputs[tiling] = read_video(tmp_path / f"{tiling}.mp4")
+    assert torch.equal(outputs["shifted"], read_video(tmp_path / "r.mp4"))
+    assert not torch.equal(outputs["shifted"], outputs["blend"])       # 20 latent columns: 2 tiles, then 3 shifted

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import randomize_
-from cascadev.pipelines.sampling import Tiling, make_scheduler, predict_noise, sample, window_starts
+from cascadev.pipelines.sampling import (Tiling, dit_work, grid_offset, make_scheduler, predict_noise, sample,
+                                         shifted_spans, window_crops, window_starts)
 from dit import PRESETS, VideoDiT
 
 TINY = PRESETS["tiny"]  # window: 4 frames x 16x16 latents
@@ -121,6 +122,74 @@ def test_tile_stride_up_to_the_window_still_covers_every_latent():
     assert stub.calls == 4                                           # 64 = 4 x 16: no overlap at all (default: 5)
     with pytest.raises(ValueError, match="would leave latents no window covers"):
         predict_noise(PassThrough(), x, 1.0, Tiling(tile_stride=17))
+
+
+def test_shifted_grid_moves_by_a_low_discrepancy_offset():
+    assert [grid_offset(i, 16, 1) for i in range(8)] == [0, 8, 4, 12, 2, 10, 6, 14]
+    assert [grid_offset(i, 16, 4) for i in range(4)] == [0, 8, 4, 12]
+    assert [grid_offset(i, 8, 4) for i in range(4)] == [0, 4, 0, 4]      # rounded to what the partitions divide
+
+
+@pytest.mark.parametrize("length", [5, 16, 17, 37, 64, 100])
+@pytest.mark.parametrize("offset", [0, 2, 4, 8, 12, 14])
+def test_shifted_spans_partition_the_clip_into_half_to_whole_windows(length, offset):
+    spans = shifted_spans(length, 16, offset, 2)
+    assert spans[0].start == 0 and spans[-1].stop == length
+    assert all(a.stop == b.start for a, b in zip(spans, spans[1:]))            # no gap, no overlap
+    sizes = [s.stop - s.start for s in spans]
+    assert max(sizes) <= 16 and (length < 16 or min(sizes) >= 16 / 2 - 2)
+    inner = {s.start for s in spans[1:]}                                       # the grid's lines stay where they were
+    assert {c for c in range(offset or 16, length, 16) if 16 / 2 <= c <= length - 16 / 2 - 1} <= inner | {length}
+
+
+def test_shifted_tiling_partitions_the_clip_and_moves_its_seams_every_step():
+    spec = TINY                                                 # window 4 frames x 16 x 16 latents
+    x = torch.zeros(1, 20, 8, 32, 48)
+    x[:, 0] = 0.7
+    for step in range(4):
+        torch.testing.assert_close(predict_noise(PassThrough(), x, 1.0, "shifted", step=step),
+                                   torch.full((1, 4, 8, 32, 48), 0.7))
+        covered = torch.zeros(8, 32, 48)
+        for f, r, c in window_crops(spec, (8, 32, 48), "shifted", step):
+            covered[f, r, c] += 1
+        assert covered.eq(1).all()
+    seams = [{c.start for _, _, c in window_crops(spec, (8, 32, 48), "shifted", step)} - {0} for step in range(2)]
+    assert seams[0] == {16, 32} and not seams[0] & seams[1]
+    # every window is exactly the model on that crop: no blending, no overlap
+    model, x = tiny_model(), torch.randn(1, 20, 8, 32, 48)
+    eps = predict_noise(model, x, 300.0, "shifted", step=1)
+    for f, r, c in window_crops(spec, (8, 32, 48), "shifted", 1):
+        direct = predict_noise(model, x[:, :, f, r, c], 300.0)
+        torch.testing.assert_close(eps[:, :, f, r, c], direct, rtol=1e-5, atol=1e-6)
+    # windows of several sizes stack by size: the same eps window by window and several per forward
+    torch.testing.assert_close(predict_noise(model, x, 300.0, "shifted", window_batch=5, step=1), eps,
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="shifted windows are a window apart"):
+        Tiling("shifted", tile_stride=8)
+
+
+def test_shifted_tiling_runs_the_area_through_the_dit():
+    spec = TINY
+    area = 8 * 64 * 64
+    forwards, blend = dit_work(spec, (8, 64, 64), "blend", steps=4)
+    assert (forwards, blend) == (4 * 3 * 5 * 5, 4 * 3 * 5 * 5 * 4 * 16 * 16)   # release spacing: 2.3x the area
+    assert dit_work(spec, (8, 64, 64), Tiling(tile_stride=16, frame_stride=4), steps=4)[1] == 4 * area
+    assert dit_work(spec, (8, 64, 64), "shifted", steps=4)[1] == 4 * area       # partial windows, no overlap
+    assert dit_work(spec, (8, 60, 62), "shifted", steps=4)[1] <= 4 * 8 * 64 * 64  # padding to the partitions counted
+    # in time too: frames 0-4, 4-8; then 0-2, 2-6, 6-8 (the grid half a window on); then 0-4, 4-8 again (a quarter
+    # window rounded down to the 2 frames the partitions divide)
+    assert dit_work(spec, (8, 16, 16), "shifted", steps=3) == (2 + 3 + 2, 3 * 8 * 16 * 16)
+
+
+def test_shifted_sampling_changes_the_grid_at_each_step():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    cond, noise = torch.randn(1, 16, 4, 32, 32, generator=g), torch.randn(1, 4, 4, 32, 32, generator=g)
+    shifted = sample(model, cond, noise, "flow", 3, "shifted", progress=False)
+    still = sample(model, cond, noise, "flow", 3, Tiling(tile_stride=16), progress=False)   # step 0's grid throughout
+    one_step = [sample(model, cond, noise, "flow", 1, tiling, progress=False) for tiling in ("shifted", Tiling(tile_stride=16))]
+    torch.testing.assert_close(one_step[0], one_step[1], rtol=0, atol=0)   # step 0: the aligned grid
+    assert (shifted - still).abs().max() > 1e-3
 
 
 def test_official_tiling_rejects_clips_smaller_than_the_window():

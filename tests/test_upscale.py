@@ -257,3 +257,15 @@ def test_init_new_condition_starts_a_resize_dit_from_a_semantic_one(tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if k != "x_embedder.proj.weight")
     with pytest.raises(ValueError, match="needs dit.init_from"):
         load_train_config("configs/dit_tiny.yaml", ["dit.init_new_condition=true"])
+
+
+def test_cli_upscale_with_shifted_tiling(tmp_path, capsys, route_dirs, low_clip):
+    from cascadev.video_io import read_video
+
+    outputs = {}
+    for tiling in ("shifted", "blend"):
+        code, _, err = run_cli(capsys, "upscale", low_clip, "-o", tmp_path / f"{tiling}.mp4", "--weights",
+                               route_dirs["x4"], "--tiling", tiling, "--crf", 0)
+        assert code in (0, None), err
+        outputs[tiling] = read_video(tmp_path / f"{tiling}.mp4")
+    assert outputs["shifted"].shape == outputs["blend"].shape

@@ -45,8 +45,10 @@ def add_scheduler_arguments(g, default_help: str) -> None:
 
 def add_tiling_arguments(g) -> None:
     """How the DiT covers a clip with its windows and tiles (``tiling_of``)."""
-    g.add_argument("--tiling", default="blend", choices=["blend", "official"],
-                   help="blend windows/tiles smoothly (default) or reproduce the release exactly")
+    g.add_argument("--tiling", default="blend", choices=["blend", "official", "shifted"],
+                   help="blend overlapping windows/tiles smoothly (default), reproduce the release exactly (official), "
+                        "or place them a window apart on a grid moved at every step (shifted: no overlap, the DiT "
+                        "runs the area once per step; 0.4x blend's work at 2K)")
     g.add_argument("--tile-stride", type=int, metavar="N",
                    help="latent pixels between DiT tiles of large frames (default: the release's 3/4 of the window, "
                         "96 for the official DiT; up to the window, 128: fewer tiles, a third faster at 2048x1152)")

@@ -100,6 +100,9 @@ def check_runtime_args(args) -> None:
     for option in ("window_batch", "tile_stride", "frame_stride"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UserError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    if args.tiling == "shifted" and (args.tile_stride or args.frame_stride):
+        raise UserError("--tile-stride and --frame-stride apply to --tiling blend and official; shifted windows "
+                        "are a whole window apart")
     if args.max_memory is not None and args.max_memory < 0:
         raise UserError(f"--max-memory must be >= 0 GiB (0: the saved tiles), got {args.max_memory}")
     if args.offload and resolve_device(args.device).type != "cuda":
