@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from functools import reduce
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from diffusers import ModelMixin  # noqa: F401  DiffusionPipeline.from_pretrained finds the load method by this name here
@@ -42,6 +43,16 @@ RELEASED_PREFIXES = {
     "t_embedder.mlp.2.": "adaln_single.emb.timestep_embedder.linear_2.",
     "t_block.1.": "adaln_single.linear.",
 }
+
+
+class Window(NamedTuple):
+    """A DiT's trained window and the multiples its attention partitions need: what tiling reads
+    (``cascadev.pipelines.sampling.window_crops``)."""
+
+    window_frames: int
+    window_size: int
+    frame_multiple: int
+    spatial_multiple: int
 
 
 def window_multiples(patch_size: int, attn_strides) -> tuple[int, int]:
@@ -276,6 +287,11 @@ class DiTTrunk(CascadeModel):
     def check_window(self, T: int, H: int, W: int, as_images: bool = False) -> None:
         """Raise ValueError naming the sizes that would work if (T, H, W) latents cannot be processed."""
         check_window(T, H, W, (self.frame_multiple, self.spatial_multiple), as_images)
+
+    @property
+    def window(self) -> Window:
+        """The trained window (config) and the multiples its partitions need (attributes), for tiling."""
+        return Window(self.config.window_frames, self.config.window_size, self.frame_multiple, self.spatial_multiple)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, as_images: bool) -> torch.Tensor:
         """Check x (B, C_in, T, H, W) and return t as (B, 1), or (B, T) per frame with ``as_images``."""

@@ -23,7 +23,7 @@ class CallConstant(torch.nn.Module):
             real = VideoDiT(**config)   # the config and sizes a DiT of this config has
         self.config, self.calls = real.config, 0
         self.in_channels, self.out_channels = real.in_channels, real.out_channels
-        self.frame_multiple, self.spatial_multiple = real.frame_multiple, real.spatial_multiple
+        self.frame_multiple, self.spatial_multiple, self.window = real.frame_multiple, real.spatial_multiple, real.window
 
     def forward(self, x, t):
         self.calls += 1
@@ -143,7 +143,7 @@ def test_shifted_spans_partition_the_clip_into_half_to_whole_windows(length, off
 
 
 def test_shifted_tiling_partitions_the_clip_and_moves_its_seams_every_step():
-    spec = TINY                                                 # window 4 frames x 16 x 16 latents
+    spec = CallConstant().window                                # window 4 frames x 16 x 16 latents
     x = torch.zeros(1, 20, 8, 32, 48)
     x[:, 0] = 0.7
     for step in range(4):
@@ -169,7 +169,7 @@ def test_shifted_tiling_partitions_the_clip_and_moves_its_seams_every_step():
 
 
 def test_shifted_tiling_runs_the_area_through_the_dit():
-    spec = TINY
+    spec = CallConstant().window
     area = 8 * 64 * 64
     forwards, blend = dit_work(spec, (8, 64, 64), "blend", steps=4)
     assert (forwards, blend) == (4 * 3 * 5 * 5, 4 * 3 * 5 * 5 * 4 * 16 * 16)   # release spacing: 2.3x the area

@@ -288,7 +288,7 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
                          f"{c.window_size} latents, got {T}x{H}x{W}; use tiling='blend' for smaller clips")
     t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
 
-    crops = window_crops(c, (T, H, W), tiling, step)
+    crops = window_crops(model.window, (T, H, W), tiling, step)
     if len(crops) == 1:
         return _run_window(model, x, t)
     eps = iter(_distributed_eps(model, x, t, crops, window_batch) if distributed
@@ -318,7 +318,7 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
         return out
 
     # blend: each crop weighted by the product of its ramps over frames, rows and columns, then normalised
-    frame_stride, tile_stride = _strides(c, tiling)
+    frame_stride, tile_stride = _strides(model.window, tiling)
     weight = x.new_zeros(1, 1, T, H, W)
     for (f, r, col), e in zip(crops, eps):
         size, th, tw = _crop_size((f, r, col))
