@@ -146,6 +146,8 @@ def test_semantic_encoder_configs_with_the_old_backbone_key_load():
     assert SemanticEncoder.from_config({"backbone": "tiny"}).config.backbone_type == "tiny"
     assert SemanticEncoder.from_config_dict({"backbone": "tiny"}).config.backbone_type == "tiny"
     assert isinstance(SemanticEncoder.from_config_dict({"backbone": "tiny"}).backbone, torch.nn.Sequential)
+    from cascadev.training.config import SemanticSection         # and a training YAML's encoder_overrides
+    assert SemanticSection(encoder_overrides={"backbone": "tiny"}).encoder_config()["backbone_type"] == "tiny"
 
 
 def test_text_dit_legacy_keys_convert():

@@ -56,6 +56,8 @@ def resolve_preset(presets: dict, preset: str, overrides: dict[str, Any], what: 
         return from_dict(type(base), {**to_dict(base), **overrides}, prefix=prefix)
     from cascadev.weights import init_keywords
     names, hints = init_keywords(model), typing.get_type_hints(model.__init__)
+    renamed = getattr(model, "legacy_config_keys", {})              # YAML written before a key was renamed
+    overrides = {renamed.get(k, k): v for k, v in overrides.items()}
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
@@ -228,15 +230,15 @@ class BaseSection:
         """(token width, pooled width) of the text encoder, without building it."""
         import json
 
-        from cascadev.weights import CONFIG_NAME
-        from dit.text_encoder import text_tower_config
+        from cascadev.weights import CONFIG_NAME, init_keywords
+        from dit.text_encoder import TextEncoder, text_tower_config
         config = self.text_encoder_config()
         if config is None:   # our folder: its config.json (diffusers' keys such as _class_name aside)
             config = json.loads((Path(self.text_encoder_weights) / CONFIG_NAME).read_text())
-        keys = ("hidden_layer", "text_overrides", "embed_dim")
+        c = {**{k: p.default for k, p in init_keywords(TextEncoder).items()}, **config}
         try:
-            embed_dim, text_cfg, _ = text_tower_config(config.get("model_name", "ViT-bigG-14"),
-                                                       **{k: config[k] for k in keys if k in config})
+            embed_dim, text_cfg, _ = text_tower_config(c["model_name"], c["hidden_layer"], c["text_overrides"],
+                                                       c["embed_dim"])
         except ValueError as e:
             raise ConfigError(f"base.text_encoder: {e}") from None
         return text_cfg.width, embed_dim
