@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     kernel = args.backend or _AttentionBackendRegistry.get_active_backend()[0].value
     scaled = "" if (hidden, tokens, T) == (1152, 64, 8) else "  (scaled down; the trained window: hidden 1152, 8x64x64)"
     where = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} threads"
-    print(f"DiTBlock: hidden {hidden}, heads {heads}, mlp_ratio {OFFICIAL["mlp_ratio"]}, window {T}x{tokens}x{tokens} "
+    print(f"DiTBlock: hidden {hidden}, heads {heads}, mlp_ratio {OFFICIAL['mlp_ratio']}, window {T}x{tokens}x{tokens} "
           f"= {N} tokens, batch {args.batch}{scaled}")
     print(f"device {where}, dtype {str(dtype).removeprefix('torch.')}, attention kernel {kernel}"
           f"{' (fp32 q/k/v)' if args.attn_fp32 else ''}, warmup {warmup}, repeats {repeats} (median)")
