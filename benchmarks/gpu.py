@@ -73,7 +73,7 @@ def dit_flops(preset: str, window: tuple[int, int, int]) -> float:
     """FLOPs of one DiT forward on one window (T, H, W latents), counted on the meta device."""
     with torch.device("meta"):
         dit = build_dit(preset, attn_fp32=False)
-        x = torch.empty(1, dit.spec.in_channels, *window)
+        x = torch.empty(1, dit.in_channels, *window)
         t = torch.empty(1)
         with FlopCounterMode(display=False) as counter:
             dit(x, t)
@@ -141,7 +141,7 @@ def bench_dit_forward(args, device: torch.device, report: Report) -> None:
         for p in dit.parameters():
             p.normal_(0, 0.02)
     dit = dit.to(device, torch.bfloat16)
-    x = torch.randn(1, dit.spec.in_channels, *window, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, dit.in_channels, *window, device=device, dtype=torch.bfloat16)
     t = torch.full((1,), 500.0, device=device)
     reference = None
     with torch.no_grad():
@@ -260,7 +260,7 @@ def bench_profile(args, device: torch.device, report: Report) -> None:
     """Where one bf16 DiT forward's time goes: the operators with the most device time (self time, one forward)."""
     window = (8, 128, 128) if args.preset == "official" else (4, 16, 16)
     dit = build_dit(args.preset, attn_fp32=False).eval().to(device, torch.bfloat16)
-    x = torch.randn(1, dit.spec.in_channels, *window, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, dit.in_channels, *window, device=device, dtype=torch.bfloat16)
     t = torch.full((1,), 500.0, device=device)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda"))
     with torch.no_grad():

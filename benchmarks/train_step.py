@@ -33,14 +33,13 @@ def bench(preset: str, frames: int, size: int, batch: int, steps: int, warmup: i
     torch.manual_seed(0)
     dev = torch.device(device)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20            # KiB -> GiB (Linux)
-    config = PRESETS[preset]
-    model = VideoDiT.from_spec(config).to(dev).train()
+    model = VideoDiT(**PRESETS[preset]).to(dev).train()
     if checkpointing:
         model.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     diffusion = GaussianDiffusion()
-    x0 = torch.randn(batch, config.latent_channels, frames, size, size, device=dev)
-    cond = torch.randn(batch, config.cond_channels, frames, size, size, device=dev)
+    x0 = torch.randn(batch, model.config.latent_channels, frames, size, size, device=dev)
+    cond = torch.randn(batch, model.config.cond_channels, frames, size, size, device=dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)

@@ -119,7 +119,7 @@ def word_reliance(pipe, z: torch.Tensor, attrs: list, seed: int = 0) -> dict:
     from cascadev.training.diffusion import RectifiedFlow
 
     base, encode, flow = pipe.base, pipe.text_encoder.encode, RectifiedFlow()
-    x0 = to_model(z, base.spec)
+    x0 = to_model(z, base.config)
     g = torch.Generator().manual_seed(seed)
     def swapped(name):
         words = VOCABULARY[name]

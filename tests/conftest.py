@@ -41,6 +41,11 @@ def randomize_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torc
     return model
 
 
+def config_fields(model) -> dict:
+    """A model's config as its ``__init__`` keywords (diffusers' ``_name_or_path``, ``_use_default_values`` ... aside)."""
+    return {k: v for k, v in model.config.items() if not k.startswith("_")}
+
+
 def as_written(video: torch.Tensor, path) -> torch.Tensor:
     """``video`` (1, 3, T, H, W) through the commands' writer (lossless H.264, ``--crf 0``) and reader: what a command
     that made these frames writes, to compare with its output within the mean 2e-5 of a few flipped 8-bit levels."""
@@ -114,7 +119,9 @@ def write_legacy_cascade(pipe, folder):
             state[key] = value.contiguous()
         (folder / name).mkdir(parents=True)
         save_file(state, str(folder / name / "model.safetensors"))
-        config = {**to_dict(model.spec), **({"attn_backend": "auto"} if name == "dit" else {})}
+        config = {**config_fields(model), **({"attn_backend": "auto"} if name == "dit" else {})}
+        if name == "semantic_encoder":                 # the previous format's name of backbone_type
+            config["backbone"] = config.pop("backbone_type")
         (folder / name / "config.json").write_text(__import__('json').dumps(config))
     pipe.vae.save_pretrained(str(folder / "stage_a"))
     stage_a = {**to_dict(PRESETS["tiny"]), "pretrained": None, "subfolder": None}

@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import config_fields
 from cascadev.config import to_dict
 from cascadev.training.config import TrainConfig, load_train_config
 from cascadev.training.tasks import build_task
@@ -34,9 +35,9 @@ def test_config_loads_and_its_models_build_on_meta(path):
     assert any(p.requires_grad for p in task.model.parameters())
     if config.stage == "dit":
         dit = task.model.dit if config.condition.train_encoder else task.model   # a DiffusionAutoencoder holds it
-        assert dit.spec == config.dit.model_config()
+        assert config_fields(dit) == {**config_fields(dit), **config.dit.model_config()}
     elif config.stage == "base":                                   # the frozen text encoder fits the TextDiT
-        assert task.model.spec == config.base.model_config()
+        assert config_fields(task.model) == {**config_fields(task.model), **config.base.model_config()}
         assert (task.text_encoder.width, task.text_encoder.embed_dim) == (task.model.config.caption_channels,
                                                                           task.model.config.pooled_channels)
     # the resolved config round-trips through YAML (what a run writes into its directory)

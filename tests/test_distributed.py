@@ -14,15 +14,15 @@ from cascadev.pipelines.distributed import share
 from cascadev.pipelines.sampling import sample
 from dit import PRESETS, VideoDiT
 
-TINY = PRESETS["tiny"]          # window: 4 frames x 16x16 latents
-SHAPE = (1, TINY.latent_channels, 8, 32, 16)   # 3 windows x 3 row tiles x 1 column = 9 crops: 5 + 5 (one padded)
+TINY = PRESETS["tiny"]          # window: 4 frames x 16x16 latents, 4 + 16 channels (VideoDiT's defaults)
+SHAPE = (1, 4, 8, 32, 16)   # 3 windows x 3 row tiles x 1 column = 9 crops: 5 + 5 (one padded)
 
 
 def _inputs():
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(SHAPE, generator=g)
-    cond = torch.randn(SHAPE[0], TINY.cond_channels, *SHAPE[2:], generator=g)
-    return randomize_(VideoDiT.from_spec(TINY), seed=1).eval(), cond, noise
+    cond = torch.randn(SHAPE[0], 16, *SHAPE[2:], generator=g)
+    return randomize_(VideoDiT(**TINY), seed=1).eval(), cond, noise
 
 
 def _sample(distributed: bool) -> tuple[torch.Tensor, int]:

@@ -1,5 +1,3 @@
-import dataclasses
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -10,7 +8,7 @@ from cascadev.pipelines.text_to_video import TextToVideoPipeline, guided_noise, 
 from cascadev.training.diffusion import DiffusionConfig, build_diffusion
 from cascadev.training.losses import base_training_loss
 from cascadev.video_io import video_info
-from conftest import randomize_
+from conftest import config_fields, randomize_
 from dit.text_dit import build_text_dit
 from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 
@@ -44,7 +42,7 @@ def test_text_encoder_tokens_mask_and_states(encoder):
     tokens, _ = encoder.tokenize(["a red ball"])
     assert torch.equal(encoder.tower(tokens), encoder.encode("a red ball").pooled)  # open_clip's own pooled features
     # the per-token states are a block's output before ln_final: the last block by default, the one before with -2
-    penultimate = TextEncoder(**dataclasses.asdict(dataclasses.replace(encoder.spec, hidden_layer=-2)))
+    penultimate = TextEncoder(**{**config_fields(encoder), "hidden_layer": -2})
     penultimate.load_state_dict(encoder.state_dict())
     assert not torch.allclose(penultimate.encode("a red ball").context, text.context[:1])
     torch.testing.assert_close(penultimate.encode("a red ball").pooled, text.pooled[:1])

@@ -11,7 +11,7 @@ TINY = PRESETS["tiny"]  # window: 4 frames x 16x16 latents
 
 
 def tiny_model(seed=0):
-    return randomize_(VideoDiT.from_spec(TINY), seed=seed).eval()
+    return randomize_(VideoDiT(**TINY), seed=seed).eval()
 
 
 class CallConstant(torch.nn.Module):
@@ -19,19 +19,23 @@ class CallConstant(torch.nn.Module):
 
     def __init__(self, config=TINY):
         super().__init__()
-        self.spec, self.calls = config, 0
+        with torch.device("meta"):
+            real = VideoDiT(**config)   # the config and sizes a DiT of this config has
+        self.config, self.calls = real.config, 0
+        self.in_channels, self.out_channels = real.in_channels, real.out_channels
+        self.frame_multiple, self.spatial_multiple, self.window = real.frame_multiple, real.spatial_multiple, real.window
 
     def forward(self, x, t):
         self.calls += 1
         B, _, T, H, W = x.shape
-        return torch.full((B, self.spec.out_channels, T, H, W), float(self.calls))
+        return torch.full((B, self.out_channels, T, H, W), float(self.calls))
 
 
 class PassThrough(CallConstant):
     """Stub DiT whose eps is its first input channel: a partition of unity must give the input back."""
 
     def forward(self, x, t):
-        return x[:, :1].expand(-1, self.spec.out_channels, -1, -1, -1).clone()
+        return x[:, :1].expand(-1, self.out_channels, -1, -1, -1).clone()
 
 
 def test_window_starts_cover_and_end_at_the_edge():
@@ -139,7 +143,7 @@ def test_shifted_spans_partition_the_clip_into_half_to_whole_windows(length, off
 
 
 def test_shifted_tiling_partitions_the_clip_and_moves_its_seams_every_step():
-    spec = TINY                                                 # window 4 frames x 16 x 16 latents
+    spec = CallConstant().window                                # window 4 frames x 16 x 16 latents
     x = torch.zeros(1, 20, 8, 32, 48)
     x[:, 0] = 0.7
     for step in range(4):
@@ -165,7 +169,7 @@ def test_shifted_tiling_partitions_the_clip_and_moves_its_seams_every_step():
 
 
 def test_shifted_tiling_runs_the_area_through_the_dit():
-    spec = TINY
+    spec = CallConstant().window
     area = 8 * 64 * 64
     forwards, blend = dit_work(spec, (8, 64, 64), "blend", steps=4)
     assert (forwards, blend) == (4 * 3 * 5 * 5, 4 * 3 * 5 * 5 * 4 * 16 * 16)   # release spacing: 2.3x the area
@@ -259,7 +263,7 @@ def test_flow_sampling_is_euler_on_the_velocity():
     """One flow step from sigma=1: x0 = noise - v, exactly what a rectified-flow model implies."""
     class ConstantVelocity(CallConstant):
         def forward(self, x, t):
-            return torch.full((x.shape[0], self.spec.out_channels, *x.shape[2:]), 0.25)
+            return torch.full((x.shape[0], self.out_channels, *x.shape[2:]), 0.25)
 
     noise = torch.randn(1, 4, 4, 16, 16)
     out = sample(ConstantVelocity(), torch.zeros(1, 16, 4, 16, 16), noise, "flow", 1, progress=False)
@@ -286,19 +290,19 @@ def _release_slices(size, window):
 
 def _release_eps(model, frames, timestep):
     """forward_with_dpmsolver: frames (n, C, h, w), timestep (n,) -> eps (n, 4, h, w)."""
-    c = model.spec
+    c = model.config
     L, S = c.window_frames, c.window_size
     n, _, h, w = frames.shape
 
     def by_slice(x, ts):  # forward_by_slice on one window of L frames
-        y = torch.zeros(L, c.out_channels, h, w)
+        y = torch.zeros(L, model.out_channels, h, w)
         for r in _release_slices(h, S):
             for col in _release_slices(w, S):
                 tile = x[:, :, r:r + S, col:col + S].unsqueeze(0).permute(0, 2, 1, 3, 4)
                 y[:, :, r:r + S, col:col + S] = model(tile, ts[:1])[0].permute(1, 0, 2, 3)
         return y
 
-    z = torch.zeros(n, c.out_channels, h, w)
+    z = torch.zeros(n, model.out_channels, h, w)
     starts = []
     for i in range(0, n, L // 2):
         begin, end = i, i + L

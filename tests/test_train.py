@@ -379,7 +379,7 @@ def test_init_from_our_format_and_the_official_checkpoint(tmp_path):
     from dit import VideoDiT
     from cascadev.training.tasks import build_dit
     config = load_train_config(DIT_TINY)
-    source = VideoDiT.from_spec(config.dit.model_config())
+    source = VideoDiT(**config.dit.model_config())
     torch.nn.init.normal_(source.final_layer.linear.weight)
     source.save_pretrained(tmp_path / "ours")
     torch.save({"state_dict": {**source.state_dict(), "pos_embed": torch.zeros(1)}}, tmp_path / "release.pth")

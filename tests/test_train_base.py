@@ -159,11 +159,11 @@ def test_caption_dropout_rate_is_honoured(toy, rate):
     dropped = []
 
     class Spy(torch.nn.Module):                                       # records which rows read the empty prompt
-        spec = task.model.spec
+        config, out_channels = task.model.config, task.model.out_channels
 
         def forward(self, x, t, context, pooled, mask, as_images=False):
             dropped.extend(torch.equal(row, null) for row in context)
-            return torch.zeros(x.shape[0], self.spec.out_channels, *x.shape[2:])
+            return torch.zeros(x.shape[0], self.out_channels, *x.shape[2:])
 
     batch = {"semantic": torch.randn(50, 16, 2, 2, 2), "caption": ["red", "blue"] * 25}
     for i in range(10):
@@ -175,7 +175,7 @@ def test_init_from_a_text_dit_folder_with_gradient_checkpointing(toy, tmp_path):
     from cascadev.training.tasks import build_base_dit
     from dit.text_dit import TextDiT
     config = load_train_config(BASE_TINY, overrides(toy))
-    source = TextDiT.from_spec(config.base.model_config())
+    source = TextDiT(**config.base.model_config())
     torch.nn.init.normal_(source.final_layer.linear.weight)
     source.save_pretrained(tmp_path / "ours")
     model = build_base_dit(load_train_config(BASE_TINY, [*overrides(toy), f"base.init_from={tmp_path / 'ours'}",

@@ -13,8 +13,7 @@ from torchvision.models import efficientnet_v2_s
 
 from cascadev.config import from_dict
 from cascadev.synthetic import make_clip
-from conftest import randomize_
-from vae import previewer as previewer_mod
+from conftest import config_fields, randomize_
 from vae import semantic_encoder as encoder_mod
 from vae import stage_a as stage_a_mod
 from vae import (LATENT_SCALE, Previewer, SemanticEncoder, StageAConfig, StageAVAE, build_previewer,
@@ -58,7 +57,7 @@ def test_encoder_rejects_bad_inputs():
     with pytest.raises(ValueError, match="NaN"):
         enc.encode(bad)
     with pytest.raises(ValueError, match="unknown semantic encoder backbone"):
-        encoder_mod.SemanticEncoderConfig(backbone="resnet")
+        SemanticEncoder(backbone_type="resnet")
     with pytest.raises(ValueError, match="unknown semantic encoder preset"):
         build_semantic_encoder("huge")
 
@@ -84,7 +83,7 @@ def test_encoder_save_and_from_pretrained(tmp_path):
     x = video(T=2, H=64, W=64)
     for low_cpu_mem_usage in (True, False):   # the non-persistent ImageNet mean/std are right either way
         loaded = SemanticEncoder.from_pretrained(tmp_path / "enc", low_cpu_mem_usage=low_cpu_mem_usage)
-        assert loaded.spec == enc.spec and not loaded.training
+        assert config_fields(loaded) == config_fields(enc) and not loaded.training
         assert torch.equal(loaded.mean, enc.mean) and torch.equal(loaded.std, enc.std)
         assert torch.equal(loaded.encode(x), enc.encode(x))
 
@@ -132,7 +131,7 @@ def test_official_loader_errors(tmp_path):
     state["blocks.25.weight"] = torch.zeros(1)
     save_file(state, tmp_path / "previewer.safetensors")
     with pytest.raises(ValueError, match=r"missing keys: blocks\.3\.weight; unexpected keys: blocks\.25\.weight"):
-        Previewer.from_single_file(tmp_path, config=tiny.spec)
+        Previewer.from_single_file(tmp_path, config=tiny.config)
 
 
 # -- previewer -----------------------------------------------------------------------------------
@@ -169,11 +168,11 @@ def test_previewer_tiny_forward_decode_and_round_trip(tmp_path):
     prev.save_pretrained(tmp_path / "prev")
     assert torch.equal(Previewer.from_pretrained(tmp_path / "prev").decode(z), decoded)
     save_file(prev.state_dict(), tmp_path / "previewer.safetensors")                   # the released layout
-    assert torch.equal(Previewer.from_single_file(tmp_path, config=prev.spec).decode(z), decoded)
+    assert torch.equal(Previewer.from_single_file(tmp_path, config=prev.config).decode(z), decoded)
     with pytest.raises(ValueError, match="expected 16 channels"):
         prev(torch.randn(1, 4, 2, 4, 4))
     with pytest.raises(ValueError, match="multiple of 4"):
-        previewer_mod.PreviewerConfig(hidden_channels=30)
+        Previewer(hidden_channels=30)
 
 
 # -- Stage A: tiles and chunks -----------------------------------------------------------------------

@@ -98,7 +98,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.colour_fix and pipe.cascade.previewer is None:
         raise UserError("--colour-fix needs the decoder's Previewer, which its folder does not have (use 0)")
     prepare_pipeline(pipe, args)
-    tiling = tiling_of(args, pipe.dit.spec)                      # checked before any sampling
+    tiling = tiling_of(args, pipe.dit.config)                      # checked before any sampling
     W, H = size or pipe.default_size()
     check_colour_fix(H, W, resolve_colour_fix(pipe.cascade, args.colour_fix))      # before any sampling
     frames = args.frames or pipe.base.config.window_frames

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"{'x'.join(map(str, (W, H)))} at {fps:g} fps, {T} frames -> {W2}x{H2} at {fps * kt:g} fps, {T2} frames "
           f"(spatial x{ks}, temporal x{kt})", flush=True)
     sample_kw = dict(steps=args.steps, seed=args.seed, scheduler=pipe.scheduler_for(args.scheduler, args.force_scheduler),
-                     tiling=tiling_of(args, pipe.dit.spec), window_batch=args.window_batch)
+                     tiling=tiling_of(args, pipe.dit.config), window_batch=args.window_batch)
     keep = None if video is None else (not args.regenerate_input_frames and ks == 1)
     paths = output_paths(args.output, (video if video is not None else latents).shape[0])
     with contextlib.ExitStack() as files:

@@ -135,11 +135,11 @@ def check_device(name: str | None) -> None:
         raise UserError(f"--device {name}: only cpu and cuda are supported")
 
 
-def tiling_of(args, spec) -> Tiling:
-    """``--tiling``, ``--tile-stride`` and ``--frame-stride``, checked against the loaded DiT's window ``spec``: a stride
+def tiling_of(args, config) -> Tiling:
+    """``--tiling``, ``--tile-stride`` and ``--frame-stride``, checked against the loaded DiT's window (its ``config``): a stride
     longer than the window would leave latents no window covers."""
-    for option, stride, size in (("--tile-stride", args.tile_stride, spec.window_size),
-                                 ("--frame-stride", args.frame_stride, spec.window_frames)):
+    for option, stride, size in (("--tile-stride", args.tile_stride, config.window_size),
+                                 ("--frame-stride", args.frame_stride, config.window_frames)):
         if stride is not None and stride > size:
             raise UserError(f"{option} {stride} is longer than the DiT's window ({size}): it would leave gaps; "
                             f"use 1 to {size}")
@@ -151,7 +151,7 @@ def decode_kwargs(args, pipe) -> dict:
     ``accelerate launch`` with several processes, the DiT's windows/tiles split across them."""
     generator = (torch.Generator(device=pipe._execution_device).manual_seed(args.seed) if args.noise == "device"
                  else None)      # one stream for the noise and the steps, as the release's global generator
-    return dict(seed=args.seed, generator=generator, tiling=tiling_of(args, pipe.dit.spec), steps=args.steps,
+    return dict(seed=args.seed, generator=generator, tiling=tiling_of(args, pipe.dit.config), steps=args.steps,
                 scheduler=pipe.scheduler_for(args.scheduler, force=args.force_scheduler),
                 colour_fix=resolve_colour_fix(pipe, args.colour_fix), window_batch=args.window_batch,
                 distributed=processes().num_processes > 1)

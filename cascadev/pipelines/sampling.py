@@ -196,10 +196,10 @@ def _pad_to(x: torch.Tensor, multiples: tuple[int, int, int]) -> torch.Tensor:
 def _run_window(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Eps of one window (B, C_in, T, H, W) -> (B, C_latent, T, H, W) in x's dtype; pads sizes the partitions
     need. The model runs in its own dtype (half precision stays inside the network)."""
-    c = model.spec
+    c = model.config
     T, H, W = x.shape[2:]
     weights = next(model.parameters(), None)
-    padded = _pad_to(x, (c.frame_multiple, c.spatial_multiple, c.spatial_multiple))
+    padded = _pad_to(x, (model.frame_multiple, model.spatial_multiple, model.spatial_multiple))
     out = model(padded if weights is None else padded.to(weights.dtype), t)
     return out[:, : c.latent_channels, :T, :H, :W].to(x.dtype)
 
@@ -306,10 +306,10 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
     return the same eps. A no-op without such a group; every rank must call it (a collective).
     ``step``: the denoising step's index, where ``shifted`` tiling places its grid (``window_crops``).
     """
-    c = model.spec
+    c = model.config
     tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
-    if x.ndim != 5 or x.shape[1] != c.in_channels:
-        raise ValueError(f"predict_noise expects (B, {c.in_channels}, T, H, W) = noisy latent + condition, got {tuple(x.shape)}")
+    if x.ndim != 5 or x.shape[1] != model.in_channels:
+        raise ValueError(f"predict_noise expects (B, {model.in_channels}, T, H, W) = noisy latent + condition, got {tuple(x.shape)}")
     if window_batch < 1:
         raise ValueError(f"window_batch must be >= 1, got {window_batch}")
     B, _, T, H, W = x.shape
@@ -318,7 +318,7 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
                          f"{c.window_size} latents, got {T}x{H}x{W}; use tiling='blend' for smaller clips")
     t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
 
-    crops = window_crops(c, (T, H, W), tiling, step)
+    crops = window_crops(model.window, (T, H, W), tiling, step)
     if len(crops) == 1:
         return _run_window(model, x, t)
     eps = iter(_distributed_eps(model, x, t, crops, window_batch) if distributed
@@ -348,7 +348,7 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
         return out
 
     # blend: each crop weighted by the product of its ramps over frames, rows and columns, then normalised
-    frame_stride, tile_stride = _strides(c, tiling)
+    frame_stride, tile_stride = _strides(model.window, tiling)
     weight = x.new_zeros(1, 1, T, H, W)
     for (f, r, col), e in zip(crops, eps):
         size, th, tw = _crop_size((f, r, col))
@@ -377,7 +377,7 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
     rank must pass the same noise, cond and generator seed, so that all step identically.
     Returns the denoised latents (B, C_latent, T, H, W).
     """
-    c = model.spec
+    c = model.config
     if noise.ndim != 5 or noise.shape[1] != c.latent_channels:
         raise ValueError(f"noise must be (B, {c.latent_channels}, T, H, W), got {tuple(noise.shape)}")
     if cond.shape[0] != noise.shape[0] or cond.shape[2:] != noise.shape[2:] or cond.shape[1] != c.cond_channels:
