@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_grad_enabled(False)
     pipe = CascadeVPipeline.from_pretrained(args.weights)
-    spec, steps = pipe.dit.spec, args.steps or pipe.config.num_inference_steps
+    spec, steps = pipe.dit.window, args.steps or pipe.config.num_inference_steps
     kind, fix = args.kind or (pipe.config.demo or {}).get("kind", "mixed"), pipe.config.colour_fix
     rows = []
     for size in args.sizes:

@@ -215,7 +215,7 @@ def test_shifted_sampling_moves_the_grid_and_blends_the_finishing_step():
     # one step is the finishing step: shifted tiling is blend
     torch.testing.assert_close(sample(model, cond, noise, "flow", 1, "shifted", progress=False),
                                sample(model, cond, noise, "flow", 1, "blend", progress=False), rtol=0, atol=0)
-    spec = TINY
+    spec = tiny_model().window
     _, blended = dit_work(spec, (4, 64, 64), "blend", steps=4)
     _, moved = dit_work(spec, (4, 64, 64), "shifted", steps=4, finishing=2)
     assert moved == 3 * 4 * 64 * 64 + blended // 4          # the area at three steps, blend's at the finishing one
