@@ -326,3 +326,17 @@ def test_cli_shifted_tiling_on_reconstruct_and_decode(tmp_path, capsys, tiny_pip
         outputs[tiling] = read_video(tmp_path / f"{tiling}.mp4")
     assert torch.equal(outputs["shifted"], read_video(tmp_path / "r.mp4"))
     assert not torch.equal(outputs["shifted"], outputs["blend"])       # 20 latent columns: 2 tiles, then 3 shifted
+
+
+def test_decode_options_are_one_value_for_every_decode_method(pipe):
+    from cascadev.pipelines.cascade import DecodeOptions
+
+    latents = torch.randn(1, 16, 2, 3, 5, generator=torch.Generator().manual_seed(0))
+    options = DecodeOptions(steps=2, seed=3, tiling="shifted", colour_fix=0, progress=False)
+    by_keywords = pipe.decode(latents, steps=2, seed=3, tiling="shifted", colour_fix=0, progress=False)
+    assert torch.equal(pipe.decode(latents, options), by_keywords)
+    assert torch.equal(pipe.decode(latents, DecodeOptions(steps=1), steps=2, seed=3, tiling="shifted", colour_fix=0,
+                                   progress=False), by_keywords)                  # keywords change the options given
+    assert torch.equal(torch.cat(list(pipe.decode_pieces(latents, options)), dim=2), by_keywords)
+    with pytest.raises(TypeError, match="unknown decode option.*stepz"):
+        pipe.decode(latents, stepz=2)
