@@ -229,6 +229,7 @@ def test_shipped_fps4x_loads_and_its_demo_runs(tmp_path, capsys, low_clip):
     # measured: ours 19.80 dB, repeat 19.33, without the colour fix 18.96 (blend 21.64 wins at 64 px)
     psnr = {m: results[m]["psnr"] for m in ("ours", "repeat", "ours_without_colour_fix")}
     assert 17 < psnr["ours"] < 25 and psnr["ours"] > psnr["repeat"] and psnr["ours"] > psnr["ours_without_colour_fix"]
+    assert all(results[m]["sharpness"] > 0 for m in ("ours", "repeat", "blend", "ours_without_colour_fix"))
     assert (tmp_path / "side_by_side.mp4").is_file()
     # upscale without --weights: the same built-in model, from any working directory
     code, stdout, err = run_cli(capsys, "upscale", low_clip, "-o", tmp_path / "up.mp4", "--steps", 1)

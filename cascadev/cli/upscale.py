@@ -176,7 +176,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
     from cascadev.synthetic import HELD_OUT_SEED0, make_clip
     from cascadev.video_io import write_png_strip, write_video
     from cascadev.weights import write_json
-    from eval.metrics import psnr, ssim
+    from eval.metrics import psnr, sharpness, ssim
 
     weights = Path(args.weights) if args.weights else TINY_FPS4X
     if args.clips < 1 or args.frames < 2:
@@ -201,7 +201,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         tail = list(range(kt * (args.frames - 1) + 1, frames))
         fix = pipe.config.colour_fix if args.colour_fix is None else args.colour_fix
         methods = ("ours", "blend", "repeat") + (("ours_without_colour_fix",) if fix else ())
-        scores = {m: {k: [] for k in ("psnr", "ssim", "psnr_tail", "ssim_tail")} for m in methods}
+        scores = {m: {k: [] for k in ("psnr", "ssim", "sharpness", "psnr_tail", "ssim_tail")} for m in methods}
         seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
         panels = []
         for i, seed in enumerate(seeds):
@@ -218,6 +218,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
                 for suffix, idx in (("", between), ("_tail", tail)):
                     scores[m]["psnr" + suffix].append(psnr(out[:, :, idx], truth[:, :, idx]))
                     scores[m]["ssim" + suffix].append(ssim(out[:, :, idx], truth[:, :, idx]))
+                scores[m]["sharpness"].append(torch.tensor([sharpness(out[:, :, between], truth[:, :, between])]))
             panels.append(torch.cat([truth, *(outputs[m] for m in methods[:3])], dim=-1))   # truth | ours | blend | repeat
             print(f"clip {i + 1}/{args.clips} (seed {seed}): PSNR between input frames: " + ", ".join(
                 f"{m} {scores[m]['psnr'][-1].mean():.2f} dB" for m in methods), flush=True)
@@ -230,15 +231,18 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         "clips": args.clips, "input_frames": args.frames, "output_frames": frames, "size": [size, size], "kind": kind,
         "seeds": seeds, "steps": steps, "colour_fix": fix, "weights": str(weights), "temporal_factor": kt,
         "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over the frames "
-                       "strictly between input frames; *_tail: the frames after the last input frame",
+                       "strictly between input frames; *_tail: the frames after the last input frame; sharpness: spectral "
+                       "energy above 1/16 cycle per pixel of the frames between input frames as a fraction of the "
+                       "truth's, per clip on the float frames, mean over clips",
         "seconds": round(time.perf_counter() - start, 1)})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
     print(f"\n{args.clips} held-out clips, {args.frames} -> {frames} frames at {size}x{size}, {steps} steps; "
           f"frames between input frames (after the last one):")
-    print(f"{'method':<24}{'PSNR':>8}{'SSIM':>8}{'PSNR':>10}{'SSIM':>8}")
+    print(f"{'method':<24}{'PSNR':>8}{'SSIM':>8}{'sharp':>8}{'PSNR':>10}{'SSIM':>8}")
     for m in methods:
         r = results[m]
-        print(f"{m:<24}{r['psnr']:>8.2f}{r['ssim']:>8.3f}  ({r['psnr_tail']:>6.2f}{r['ssim_tail']:>8.3f})")
+        print(f"{m:<24}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{r['sharpness']:>8.3f}  ({r['psnr_tail']:>6.2f}"
+              f"{r['ssim_tail']:>8.3f})")
     print(f"{results['seconds']:.0f} s -> {out_dir}/side_by_side.mp4, frames.png, results.json")
     return results
