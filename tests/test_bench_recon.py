@@ -1,7 +1,7 @@
 import json
 
 from cascadev.synthetic import write_clips
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_bench_recon_on_generated_clips(tmp_path, capsys, tiny_pipeline_dir):

@@ -1,7 +1,7 @@
 import json
 
 from cascadev.video_io import video_info
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_demo_runs_on_any_cascade_folder(tmp_path, capsys, tiny_pipeline_dir):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from accelerate import cpu_offload
 
-from conftest import run_cli, tiny_cascade, write_legacy_cascade
+from helpers import run_cli, tiny_cascade, write_legacy_cascade
 from cascadev.pipelines.cascade import CascadeVPipeline, CascadeVPipelineOutput, load_cascade
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
 from cascadev.pipelines.runtime import RECOMPILE_LIMIT

@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT, randomize_, run_cli
+from helpers import ROOT, randomize_, run_cli
 from cascadev.pipelines.distributed import share
 from cascadev.pipelines.sampling import sample
 from dit import PRESETS, VideoDiT

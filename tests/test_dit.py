@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_
+from helpers import randomize_
 from dit import PRESETS, DiTConfig, VideoDiT, build_dit
 from dit.attention import partition, unpartition
 from dit.video_dit import OFFICIAL_ATTN_STRIDES, RELEASED_PREFIXES, convert_released_state_dict, position_embedding

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cascadev.synthetic import write_clips
-from conftest import run_cli
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import run_cli
 from cascadev.cli import build_parser
 from cascadev.cli.demo import ASSETS
 

@@ -4,13 +4,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_cli
+from helpers import run_cli
 from cascadev.pipelines.cascade import CascadeVPipeline, load_latents
 from cascadev.pipelines.text_to_video import TextToVideoPipeline, guided_noise, make_scheduler, repeat_text, sample_base
 from cascadev.training.diffusion import DiffusionConfig, build_diffusion
 from cascadev.training.losses import base_training_loss
 from cascadev.video_io import video_info
-from conftest import randomize_
+from helpers import randomize_
 from dit.text_dit import build_text_dit
 from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_
+from helpers import randomize_
 from cascadev.pipelines.sampling import Tiling, make_scheduler, predict_noise, sample, window_starts
 from dit import PRESETS, VideoDiT
 

@@ -8,7 +8,7 @@ diffusers pipeline, written out here independently.
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import run_cli
 from cascadev.pipelines.cascade import CascadeVPipeline, save_latents
 from cascadev.pipelines.source_vae import SourceVAE
 from cascadev.synthetic import make_clip
@@ -173,7 +173,7 @@ def test_raw_latents_and_size(saved, tmp_path, capsys):
     """``--raw-latents``: the file holds what the VAE's encoder gives; ``--size``: the output's long side. The CLI
     writes what ``decode_from`` gives (the shipped cascade, whose output follows its input); without the flag the
     same file is read as normalised latents and the frames change."""
-    from conftest import SHIPPED_CASCADE, as_written, mean_abs
+    from helpers import SHIPPED_CASCADE, as_written, mean_abs
     from cascadev.video_io import read_video
 
     vae = SourceVAE.from_pretrained(saved["AutoencoderKLWan"])        # finds vae/ itself

@@ -7,7 +7,7 @@ import torch
 
 from cascadev.cli.text2video import CASCADE
 from cascadev.video_io import video_info
-from conftest import run_cli
+from helpers import run_cli
 
 PROMPT = "a fast yellow striped box with vertical stripes moving up over a dark background"
 

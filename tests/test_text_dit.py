@@ -4,7 +4,7 @@ import pytest
 import torch
 from einops import repeat
 
-from conftest import randomize_
+from helpers import randomize_
 from dit.attention import DispatchProcessor
 from dit.text_dit import PRESETS, CrossAttention, TextDiT, TextDiTConfig, build_text_dit
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import as_written, mean_abs, randomize_, run_cli
+from helpers import as_written, mean_abs, randomize_, run_cli
 
 from cascadev.pipelines.conditioning import downsample_video, upsample_condition
 from cascadev.pipelines.upscale import TINY_FPS4X, CascadeVUpscalePipeline, load_upscale

@@ -13,7 +13,7 @@ from torchvision.models import efficientnet_v2_s
 
 from cascadev.config import from_dict
 from cascadev.synthetic import make_clip
-from conftest import randomize_
+from helpers import randomize_
 from vae import previewer as previewer_mod
 from vae import semantic_encoder as encoder_mod
 from vae import stage_a as stage_a_mod
