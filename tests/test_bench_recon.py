@@ -17,14 +17,18 @@ def test_bench_recon_on_generated_clips(tmp_path, capsys, tiny_pipeline_dir):
     for method in ("cascade", "baseline"):
         assert 0 < results[method]["psnr"] < 100 and -1 <= results[method]["ssim"] <= 1
         assert len(list((run_dir / method).glob("*.mp4"))) == 3
-    assert "FVD skipped: I3D needs >= 9 frames" in out
-    assert "cascade" in out and "baseline" in out and "PSNR" in out
+    assert results["notes"]["fvd"].startswith("FVD skipped: I3D needs >= 9 frames") and "fvd" not in results["cascade"]
+    assert results["settings"]["frames"] == 4 and results["settings"]["size"] == 64
 
     code, out, err = run_cli(capsys, "bench-recon", data, "-o", tmp_path / "run2", "--size", 64, "--frames", 4,
-                             "--weights", tiny_pipeline_dir, "--steps", 1, "--metrics", "psnr")
+                             "--weights", tiny_pipeline_dir, "--steps", 1, "--metrics", "PSNR")   # any case, as cascadev eval
     assert code == 0, err
     results = json.loads((tmp_path / "run2" / "results.json").read_text())
     assert results["videos"] == 3 and [s["file"] for s in results["skipped"]] == ["zz_broken.mp4"]
+    assert set(results["cascade"]) == set(results["baseline"]) == {"psnr"}
+
+    code, _, err = run_cli(capsys, "bench-recon", data, "-o", run_dir, "--metrics", "psnr,FID", "--weights", tiny_pipeline_dir)
+    assert code == 2 and err == "cascadev bench-recon: error: --metrics: unknown fid; choose from psnr,ssim,lpips,fvd\n"
 
     code, _, err = run_cli(capsys, "bench-recon", data, "-o", run_dir, "--size", 50, "--weights", tiny_pipeline_dir)
     assert code == 2 and "multiple of 32" in err and err.count("\n") == 1
