@@ -14,6 +14,30 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from helpers import tiny_cascade  # noqa: E402  (the fixtures' helper; tests import theirs from helpers too)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaked_temp_files(tmp_path_factory):
+    """The suite's own temp dir, which must be empty at the end. Everything made through ``tempfile`` or $TMPDIR, in
+    this process and in the subprocesses it starts (mkdtemp, TemporaryDirectory, torch's caches, ...), goes to a
+    folder under pytest's basetemp instead of /tmp, which other runs share: anything left in it fails the run, so a
+    leak cannot come back. Tests keep their files in ``tmp_path``, which pytest manages (pyproject's retention
+    policy removes it when every test passed)."""
+    import tempfile
+
+    tmp = tmp_path_factory.mktemp("TMPDIR", numbered=False)
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(tmp)
+    yield tmp
+    if saved[0] is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+    left = sorted(p.name for p in tmp.iterdir())
+    if left:
+        pytest.fail(f"the tests left {len(left)} entr(ies) in their temp dir {tmp} (use tmp_path, or remove what a "
+                    f"test makes): {', '.join(left[:20])}", pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -20,6 +20,16 @@ def run_cli(capsys, *argv):
     return code, out.out, out.err
 
 
+def subprocess_env(tmp_path, **variables) -> dict:
+    """``os.environ`` with ``variables`` for a subprocess (torchrun, ...), its TMPDIR a folder in ``tmp_path``: what it
+    leaves there (torchelastic_* folders of torchrun's agent) goes with the test's files."""
+    import os
+
+    tmp = Path(tmp_path) / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp), **variables}
+
+
 def randomize_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Fill every parameter with seeded noise, so zero-initialised layers cannot hide a bug."""
     g = torch.Generator().manual_seed(seed)

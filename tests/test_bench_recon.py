@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from cascadev.synthetic import write_clips
 from helpers import run_cli
 
@@ -34,6 +36,7 @@ def test_bench_recon_on_generated_clips(tmp_path, capsys, tiny_pipeline_dir):
     assert code == 2 and "multiple of 32" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_fvd_without_detector_is_skipped_up_front_and_the_rest_still_runs(tmp_path, capsys, tiny_pipeline_dir,
                                                                           monkeypatch):
     import torch
@@ -48,6 +51,7 @@ def test_fvd_without_detector_is_skipped_up_front_and_the_rest_still_runs(tmp_pa
     assert results["cascade"]["psnr"] > 0 and "fvd" not in results["cascade"] and "FVD skipped" in results["notes"]["fvd"]
 
 
+@pytest.mark.slow
 def test_frames_are_taken_near_the_release_sets_30_fps(tmp_path, capsys, tiny_pipeline_dir):
     """Inter4K's originals are 60 fps, the release's set 30: every 2nd frame; --fps 0 takes every frame."""
     from cascadev.synthetic import make_clip

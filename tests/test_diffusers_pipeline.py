@@ -77,6 +77,7 @@ def sequential_offload_on_cpu(pipe: CascadeVPipeline) -> None:
 
 
 @pytest.mark.parametrize("offload", ["model", "sequential"])
+@pytest.mark.slow
 def test_offloaded_output_equals_plain(saved, offload):
     _, root = saved
     video = torch.rand(1, 3, 4, 128, 128, generator=torch.Generator().manual_seed(3)) * 2 - 1
@@ -143,6 +144,7 @@ def test_a_seeded_generator_draws_the_release_noise_in_official_tiling():
     assert rel < 1e-6, rel
 
 
+@pytest.mark.slow
 def test_previous_format_folder_says_how_to_convert_and_converts(tmp_path, capsys, clip_file):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -196,7 +198,9 @@ def test_set_precision_keeps_latents_and_scheduler_in_fp32(saved):
     assert pipe.dit.dtype == torch.float16 and pipe.vae.dtype == torch.float32
 
 
-def test_compiled_models_give_the_eager_output(saved):
+@pytest.mark.slow
+def test_compiled_models_give_the_eager_output(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))     # not $TMPDIR/torchinductor_USER
     _, root = saved
     pipe = CascadeVPipeline.from_pretrained(str(root))
     kwargs = dict(latents=LATENTS, num_inference_steps=1, colour_fix=0, generator=torch.Generator().manual_seed(4))

@@ -108,6 +108,7 @@ def test_eval_folder_with_skips(sets, capsys, tmp_path):
     assert table[1]["lpips"] == ""
 
 
+@pytest.mark.slow
 def test_lpips_through_the_cli_with_cached_backbone(sets, capsys, tmp_path):
     import torchvision
 
@@ -127,6 +128,7 @@ def test_lpips_through_the_cli_with_cached_backbone(sets, capsys, tmp_path):
     assert "AlexNet" in report["conventions"]["lpips"]
 
 
+@pytest.mark.slow
 def test_fvd_runs_random_clips_and_cache(sets, capsys, tmp_path):
     common = ["--metrics", "fvd", "--frames", 9, "--runs", 2, "--seed", 3, "--i3d", sets["i3d"], "--i3d-size", 16,
               "--cache-dir", tmp_path / "cache"]
@@ -169,6 +171,7 @@ def test_mismatched_sets_are_one_line_errors(sets, capsys, tmp_path):
     assert "no such folder" in _fails(capsys, "--real", tmp_path / "missing", "--fake", sets["fake"])
 
 
+@pytest.mark.slow
 def test_fvd_protocols_on_non_square_clips_and_a_missing_detector(tmp_path, capsys, sets):
     real, fake = tmp_path / "real", tmp_path / "fake"
     write_clips(real, 3, frames=FRAMES, height=32, width=48)

@@ -22,6 +22,8 @@ from helpers import run_cli
 from cascadev.cli import build_parser
 from cascadev.cli.demo import ASSETS
 
+pytestmark = pytest.mark.slow     # hundreds of command runs; the one-line errors have fast tests in test_bad_input.py
+
 VALUES = ["-1", "0", "1", "2", "3", "0.5", "-0", "1e-9", "nan", "inf", "", "x", "{dir}", "{dir}/missing.mp4",
           "{dir}/text.mp4", "{dir}/empty.safetensors", "{dir}/out.gif", "{dir}/noext"]
 FAST = ["--steps", "1", "--size", "64"]                       # successful runs stay small: tiny frames, one step

@@ -183,6 +183,7 @@ def test_cli_generate_then_decode_the_saved_latents(tmp_path, capsys, weights_di
     assert video_info(tmp_path / "dec_1.mp4").frames == 3
 
 
+@pytest.mark.slow
 def test_cli_generate_runs_its_decoder_as_decode_does(tmp_path, capsys, weights_dir):
     """``generate``'s device and speed options are ``decode``'s (``options.prepare_pipeline``): batched windows give
     the default video (within fp32 rounding), a frame stride changes it; the runtime settings reach the cascade."""
@@ -206,6 +207,7 @@ def test_cli_generate_runs_its_decoder_as_decode_does(tmp_path, capsys, weights_
     assert {m.dtype for m in (pipe.text_encoder, pipe.base, pipe.dit, pipe.cascade.dit)} == {torch.bfloat16}
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_give_one_clear_line(tmp_path, capsys, weights_dir):
     out = tmp_path / "x.mp4"
     for argv, message in [(["", "--weights", weights_dir], "is empty"),

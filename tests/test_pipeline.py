@@ -212,6 +212,7 @@ def test_colour_fix_default_follows_the_folder(pipe):
         resolve_colour_fix(shipped, -1)
 
 
+@pytest.mark.slow
 def test_the_cascade_imports_without_the_text_side():
     """Decoding needs no open_clip (the GPU image and many users' environments lack it)."""
     import subprocess
@@ -234,6 +235,7 @@ def test_the_command_line_parses_without_torch():
     assert result.returncode == 0, result.stderr[-500:]
 
 
+@pytest.mark.slow
 def test_cli_half_precision_batched_windows_and_bad_options(tmp_path, capsys, tiny_pipeline_dir, clip_file):
     fp32, bf16 = tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors"
     common = ["--weights", tiny_pipeline_dir, "--steps", 2, "--frames", 8, "--size", "256x128"]
@@ -251,6 +253,7 @@ def test_cli_half_precision_batched_windows_and_bad_options(tmp_path, capsys, ti
         assert code == 2 and message in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_cli_streams_a_long_clip_and_matches_the_in_memory_path(tmp_path, capsys):
     """24 frames: three Stage A chunks and two pieces of input read; the CLI never holds the whole clip, yet it writes
     the frames of the pipeline's in-memory decode. The shipped cascade, whose output follows its input: a piece read
