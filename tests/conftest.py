@@ -17,12 +17,15 @@ from helpers import tiny_cascade  # noqa: E402  (the fixtures' helper; tests imp
 @pytest.fixture(scope="session", autouse=True)
 def _no_leaked_temp_files(tmp_path_factory):
     """The suite's own temp dir, which must be empty at the end. Everything made through ``tempfile`` or $TMPDIR, in
-    this process and in the subprocesses it starts (mkdtemp, TemporaryDirectory, torch's caches, ...), goes to a
+    this process and in the subprocesses it starts (mkdtemp, TemporaryDirectory, torchelastic_* folders, ...), goes to a
     folder under pytest's basetemp instead of /tmp, which other runs share: anything left in it fails the run, so a
     leak cannot come back. Tests keep their files in ``tmp_path``, which pytest manages (pyproject's retention
     policy removes it when every test passed)."""
     import tempfile
 
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    cache_dir()     # torch's compile cache (importing torchvision makes it): kept where torch reuses it across runs
     tmp = tmp_path_factory.mktemp("TMPDIR", numbered=False)
     saved = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"] = tempfile.tempdir = str(tmp)
