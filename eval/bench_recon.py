@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how frames become SIZE x SIZE: as the release's loader (3 x 3 box blur, bilinear resize, "
                         "8-bit; the default) or our antialiased bilinear resize without blur")
     p.add_argument("--limit", type=int, default=200, help="number of videos (release: 200)")
-    p.add_argument("--metrics", default="psnr,ssim,lpips,fvd", help="subset of psnr,ssim,lpips,fvd")
+    p.add_argument("--metrics", default="psnr,ssim,lpips,fvd", help="subset of psnr,ssim,lpips,fvd (any case)")
     p.add_argument("--i3d", help="I3D detector for FVD (i3d_pretrained_400.pt or i3d_torchscript.pt)")
     add_pipeline_arguments(p)
 
@@ -126,12 +126,10 @@ def run(args: argparse.Namespace) -> dict | None:
     from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline, processes
     from cascadev.video_io import VIDEO_EXTENSIONS, check_output_folder
     from cascadev.weights import write_json
+    from eval.metric_names import parse_metrics
     from eval.metrics import CONVENTIONS, LpipsUnavailable, load_lpips
 
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = set(metrics) - {"psnr", "ssim", "lpips", "fvd"}
-    if unknown:
-        raise UserError(f"unknown metric(s) {sorted(unknown)}; choose from psnr,ssim,lpips,fvd")
+    metrics = parse_metrics(args.metrics)
     if args.size % 32 or args.size < 32:
         raise UserError(f"--size must be a positive multiple of 32, got {args.size}")
     if args.frames < 1 or args.limit < 1:
@@ -201,13 +199,11 @@ def run(args: argparse.Namespace) -> dict | None:
             notes["fvd"] = f"FVD skipped: it needs >= 2 videos ({done} reconstructed)"
             print(notes["fvd"])
         else:
-            from eval import cli as eval_cli
-            parser = argparse.ArgumentParser()
-            eval_cli.add_arguments(parser)
+            from eval.cli import print_report
+            from eval.evaluation import evaluate
             for method in METHODS:
-                argv = ["--real", str(run_dir / "real"), "--fake", str(run_dir / method), "--metrics", "fvd",
-                        "--frames", str(fvd_frames)] + (["--i3d", args.i3d] if args.i3d else [])
-                report = eval_cli.run(parser.parse_args(argv))
+                report = evaluate(run_dir / "real", run_dir / method, metrics=["fvd"], frames=fvd_frames, i3d=args.i3d)
+                print_report(report)
                 fvd = report["results"]["fvd"]
                 results[method]["fvd"] = fvd.get("mean")
                 if "skipped" in fvd:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_cli
+from helpers import run_cli
 from cascadev.pipelines.upscale import TINY_FPS4X
 
 CASES = [

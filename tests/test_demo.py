@@ -1,7 +1,9 @@
 import json
 
+import pytest
+
 from cascadev.video_io import video_info
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_demo_runs_on_any_cascade_folder(tmp_path, capsys, tiny_pipeline_dir):
@@ -22,7 +24,7 @@ def test_demo_runs_on_any_cascade_folder(tmp_path, capsys, tiny_pipeline_dir):
     info = video_info(out / "side_by_side.mp4")
     assert (info.frames, info.width, info.height) == (8, 192, 64)  # 2 clips x 4 frames, input | cascade | baseline
     assert (out / "frames.png").stat().st_size > 0
-    assert "cascade" in stdout and "baseline" in stdout
+    assert results["size"] == [64, 64] and results["steps"] == 1 and results["frames"] == 4
 
 
 def test_demo_rejects_bad_sizes(tmp_path, capsys, tiny_pipeline_dir):
@@ -34,6 +36,7 @@ def test_demo_rejects_bad_sizes(tmp_path, capsys, tiny_pipeline_dir):
     assert code == 2 and "no cascade here" in err
 
 
+@pytest.mark.slow
 def test_demo_with_the_shipped_tiny_cascade(tmp_path, capsys):
     from cascadev.cli.demo import ASSETS
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from accelerate import cpu_offload
 
-from conftest import run_cli, tiny_cascade, write_legacy_cascade
+from helpers import run_cli, tiny_cascade, write_legacy_cascade
 from cascadev.pipelines.cascade import CascadeVPipeline, CascadeVPipelineOutput, load_cascade
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
 from cascadev.pipelines.runtime import RECOMPILE_LIMIT
@@ -77,6 +77,7 @@ def sequential_offload_on_cpu(pipe: CascadeVPipeline) -> None:
 
 
 @pytest.mark.parametrize("offload", ["model", "sequential"])
+@pytest.mark.slow
 def test_offloaded_output_equals_plain(saved, offload):
     _, root = saved
     video = torch.rand(1, 3, 4, 128, 128, generator=torch.Generator().manual_seed(3)) * 2 - 1
@@ -143,6 +144,7 @@ def test_a_seeded_generator_draws_the_release_noise_in_official_tiling():
     assert rel < 1e-6, rel
 
 
+@pytest.mark.slow
 def test_previous_format_folder_says_how_to_convert_and_converts(tmp_path, capsys, clip_file):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -196,6 +198,7 @@ def test_set_precision_keeps_latents_and_scheduler_in_fp32(saved):
     assert pipe.dit.dtype == torch.float16 and pipe.vae.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_compiled_models_give_the_eager_output(saved):
     _, root = saved
     pipe = CascadeVPipeline.from_pretrained(str(root))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import config_fields, randomize_
+from helpers import config_fields, randomize_
 from dit import PRESETS, VideoDiT, build_dit
 from dit.attention import partition, unpartition
 from dit.video_dit import OFFICIAL_ATTN_STRIDES, RELEASED_PREFIXES, convert_released_state_dict, position_embedding

@@ -113,6 +113,7 @@ def test_lpips_missing_weights_is_a_clear_skip(hub_dir):
     assert str(hub_dir) in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_lpips_runs_per_frame_with_cached_backbone(hub_dir):
     import torchvision
 

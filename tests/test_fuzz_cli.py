@@ -18,9 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import run_cli
 from cascadev.cli import build_parser
 from cascadev.cli.demo import ASSETS
+
+pytestmark = pytest.mark.slow     # hundreds of command runs; the one-line errors have fast tests in test_bad_input.py
 
 VALUES = ["-1", "0", "1", "2", "3", "0.5", "-0", "1e-9", "nan", "inf", "", "x", "{dir}", "{dir}/missing.mp4",
           "{dir}/text.mp4", "{dir}/empty.safetensors", "{dir}/out.gif", "{dir}/noext"]

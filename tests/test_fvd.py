@@ -44,7 +44,7 @@ def _scipy_reference(a, b):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real)
 
 
-@pytest.mark.parametrize("n, d", [(300, 32), (150, 100), (40, 100)])     # the last: N < D, low-rank path
+@pytest.mark.parametrize("n, d", [(300, 32), pytest.param(150, 100, marks=pytest.mark.slow), (40, 100)])  # last: N < D, low-rank
 def test_frechet_distance_matches_scipy_sqrtm(n, d):
     rng = np.random.default_rng(n)
     a = rng.normal(size=(n, d))

@@ -2,13 +2,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_cli
+from helpers import run_cli
 from cascadev.pipelines.cascade import CascadeVPipeline, load_latents
 from cascadev.pipelines.text_to_video import TextToVideoPipeline, guided_noise, make_scheduler, repeat_text, sample_base
 from cascadev.training.diffusion import DiffusionConfig, build_diffusion
 from cascadev.training.losses import base_training_loss
 from cascadev.video_io import video_info
-from conftest import config_fields, randomize_
+from helpers import config_fields, randomize_
 from dit.text_dit import build_text_dit
 from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 
@@ -181,6 +181,7 @@ def test_cli_generate_then_decode_the_saved_latents(tmp_path, capsys, weights_di
     assert video_info(tmp_path / "dec_1.mp4").frames == 3
 
 
+@pytest.mark.slow
 def test_cli_generate_runs_its_decoder_as_decode_does(tmp_path, capsys, weights_dir):
     """``generate``'s device and speed options are ``decode``'s (``options.prepare_pipeline``): batched windows give
     the default video (within fp32 rounding), a frame stride changes it; the runtime settings reach the cascade."""
@@ -204,6 +205,7 @@ def test_cli_generate_runs_its_decoder_as_decode_does(tmp_path, capsys, weights_
     assert {m.dtype for m in (pipe.text_encoder, pipe.base, pipe.dit, pipe.cascade.dit)} == {torch.bfloat16}
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_give_one_clear_line(tmp_path, capsys, weights_dir):
     out = tmp_path / "x.mp4"
     for argv, message in [(["", "--weights", weights_dir], "is empty"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import config_fields, randomize_
+from helpers import config_fields, randomize_
 from dit import PRESETS as DIT_PRESETS
 from dit import TEXT_PRESETS, TextDiT, VideoDiT
 from vae import Previewer, SemanticEncoder, build_previewer, build_semantic_encoder
@@ -79,7 +79,7 @@ def test_from_pretrained_is_strict(tmp_path):
                                             (Previewer, "previewer", previewer_run)])
 def test_legacy_tiny_cascade_loads_and_round_trips_bit_identically(cls, folder, run, tmp_path):
     from cascadev.pipelines.cascade import CascadeVPipeline
-    from conftest import write_legacy_cascade
+    from helpers import write_legacy_cascade
 
     shipped = CascadeVPipeline.from_pretrained(str(TINY_CASCADE))
     write_legacy_cascade(shipped, tmp_path / "legacy")        # the shipped cascade in the previous layout

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, tiny_cascade
+from helpers import ROOT, run_cli, tiny_cascade
 from cascadev.pipelines.cascade import (CascadeVPipeline, load_latents, resolve_colour_fix, save_latents,
                                         seeded_noise)
 from cascadev.pipelines.frames import round_size
@@ -41,7 +41,7 @@ def test_the_api_refuses_pixels_of_another_range_zero_steps_and_no_frames(pipe):
 def test_colour_fix_none_is_the_saved_setting_where_the_previewer_is_loaded():
     """As ``steps=None`` is the saved steps: ``colour_fix=None`` is the folder's (16 for the shipped cascade), 0 is
     off, and without the Previewer it needs None is off."""
-    from conftest import SHIPPED_CASCADE
+    from helpers import SHIPPED_CASCADE
 
     shipped = CascadeVPipeline.from_pretrained(str(SHIPPED_CASCADE))
     z = shipped.encode(torch.rand(1, 3, 2, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
@@ -212,6 +212,7 @@ def test_colour_fix_default_follows_the_folder(pipe):
         resolve_colour_fix(shipped, -1)
 
 
+@pytest.mark.slow
 def test_the_cascade_imports_without_the_text_side():
     """Decoding needs no open_clip (the GPU image and many users' environments lack it)."""
     import subprocess
@@ -234,6 +235,7 @@ def test_the_command_line_parses_without_torch():
     assert result.returncode == 0, result.stderr[-500:]
 
 
+@pytest.mark.slow
 def test_cli_half_precision_batched_windows_and_bad_options(tmp_path, capsys, tiny_pipeline_dir, clip_file):
     fp32, bf16 = tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors"
     common = ["--weights", tiny_pipeline_dir, "--steps", 2, "--frames", 8, "--size", "256x128"]
@@ -251,13 +253,14 @@ def test_cli_half_precision_batched_windows_and_bad_options(tmp_path, capsys, ti
         assert code == 2 and message in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_cli_streams_a_long_clip_and_matches_the_in_memory_path(tmp_path, capsys):
     """24 frames: three Stage A chunks and two pieces of input read; the CLI never holds the whole clip, yet it writes
     the frames of the pipeline's in-memory decode. The shipped cascade, whose output follows its input: a piece read
     twice or out of order would show."""
     from cascadev.synthetic import make_clip
     from cascadev.video_io import write_video
-    from conftest import SHIPPED_CASCADE, as_written, mean_abs
+    from helpers import SHIPPED_CASCADE, as_written, mean_abs
     from eval.metrics import psnr
 
     clip = tmp_path / "long.mp4"

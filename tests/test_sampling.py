@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_
+from helpers import randomize_
 from cascadev.pipelines.sampling import (Tiling, dit_work, finishing_step, grid_offset, make_scheduler, predict_noise,
                                          sample, shifted_spans, window_crops, window_starts)
 from dit import PRESETS, VideoDiT
@@ -350,6 +350,7 @@ def test_official_sampling_equals_the_released_loop():
 
 
 @pytest.mark.parametrize("mode", ["blend", "official"])
+@pytest.mark.slow
 def test_batched_windows_equal_one_by_one(mode):
     model = tiny_model()
     x = torch.randn(2, 20, 10, 24, 40)  # 4 windows x 2 rows x 3 columns of tiles = 24 crops per step
@@ -367,6 +368,7 @@ def test_batched_windows_take_fewer_forwards():
     assert stub.calls == 3  # 8 crops in batches of 3
 
 
+@pytest.mark.slow
 def test_sampling_with_batched_windows_matches():
     model = tiny_model()
     cond, noise = torch.randn(1, 16, 8, 24, 24), torch.randn(1, 4, 8, 24, 24)

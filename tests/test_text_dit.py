@@ -2,7 +2,7 @@ import pytest
 import torch
 from einops import repeat
 
-from conftest import config_fields, randomize_
+from helpers import config_fields, randomize_
 from dit.attention import DispatchProcessor
 from dit.text_dit import PRESETS, CrossAttention, TextDiT, build_text_dit
 

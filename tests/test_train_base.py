@@ -66,6 +66,7 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
         assert torch.allclose(wa[k], wb[k], atol=atol), k
 
 
+@pytest.mark.slow
 def test_base_script_resumed_run_equals_uninterrupted(toy, tmp_path, tiny_pipeline_dir):
     # gradient accumulation, image batches (as_images), EMA and validation all take part
     common = ["optim.grad_accum=2", "data.image_prob=0.5", "run.save_every=2", "run.val_every=3", "run.log_every=1",
@@ -118,6 +119,7 @@ def test_base_trains_from_a_latent_cache_with_captions(toy, tmp_path):
               "run.tensorboard=false"])
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_two_captions(toy, tiny_pipeline_dir):
     """Trained on red clips captioned "red" and blue ones captioned "blue", the tiny model's generations
     (TextToVideoPipeline, its default sampler and guidance, the same noise for both prompts) land nearer

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import as_written, mean_abs, randomize_, run_cli
+from helpers import as_written, mean_abs, randomize_, run_cli
 
 from cascadev.pipelines.conditioning import downsample_video, upsample_condition
 from cascadev.pipelines.upscale import TINY_FPS4X, CascadeVUpscalePipeline, load_upscale
@@ -180,6 +180,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, route_dirs, low_clip, 
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--max-memory", -1, says="--max-memory")
 
 
+@pytest.mark.slow
 def test_cli_runtime_options_are_the_decoders(tmp_path, capsys, route_dirs, low_clip):
     """``upscale`` runs as ``decode`` does (``options.prepare_pipeline``): batched windows give the default output
     (within fp32 rounding); the sampler and tiling options reach the DiT."""
@@ -219,6 +220,7 @@ def test_a_semantic_route_dit_is_refused():
 
 
 @pytest.mark.skipif(not (TINY_FPS4X / "model_index.json").is_file(), reason="tiny_fps4x not built")
+@pytest.mark.slow
 def test_shipped_fps4x_loads_and_its_demo_runs(tmp_path, capsys, low_clip):
     pipe = load_upscale(TINY_FPS4X)
     assert pipe.factors == (1, 4) and pipe.dit.dtype == torch.float32

@@ -13,7 +13,7 @@ from torchvision.models import efficientnet_v2_s
 
 from cascadev.config import from_dict
 from cascadev.synthetic import make_clip
-from conftest import config_fields, randomize_
+from helpers import config_fields, randomize_
 from vae import semantic_encoder as encoder_mod
 from vae import stage_a as stage_a_mod
 from vae import (LATENT_SCALE, Previewer, SemanticEncoder, StageAConfig, StageAVAE, build_previewer,
@@ -62,6 +62,7 @@ def test_encoder_rejects_bad_inputs():
         build_semantic_encoder("huge")
 
 
+@pytest.mark.slow
 def test_encoder_official_layout_on_meta():
     with torch.device("meta"):
         enc = build_semantic_encoder("official")
@@ -390,6 +391,7 @@ def test_stage_a_bad_inputs_and_configs(tiny_vae):
 
 @pytest.mark.parametrize("preset, size, tile, overlap, scale", [("tiny", 48, 256, 64, 1.0),
                                                                  ("tiny_taesd", 24, 96, 48, 0.5)])
+@pytest.mark.slow
 def test_our_tiles_are_closer_to_untiled_than_diffusers_enable_tiling(preset, size, tile, overlap, scale):
     """Why Stage A tiles with ``tiled_apply`` and not diffusers' ``enable_tiling``: measured on random-init tiny
     VAEs, ours is closer to the untiled decode (kl 256/64 at 384 px: 0.107 vs 0.207; taesd 96/48 at 192 px:
@@ -458,7 +460,8 @@ def test_decode_pieces_are_final_frames_in_order_and_make_the_whole_decode(chunk
 
 # -- Stage A: memory budget and tile margins ------------------------------------------------------------
 
-@pytest.mark.parametrize("preset, bound", [("tiny_taesd", 5e-4), ("tiny", 0.2), ("tiny_temporal", 0.05)])
+@pytest.mark.parametrize("preset, bound", [("tiny_taesd", 5e-4), pytest.param("tiny", 0.2, marks=pytest.mark.slow),
+                                          pytest.param("tiny_temporal", 0.05, marks=pytest.mark.slow)])
 def test_tiled_decode_stays_within_the_measured_bound_of_untiled(preset, bound):
     """256 px tiles sharing 64 at 384 px against the whole frame (benchmarks/stage_a.py closeness): taesd has a finite
     receptive field, so the margin makes tiles nearly exact (0.0002 measured; 0.009 with a full ramp); GroupNorm
