@@ -34,7 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cascadev.pipelines.cascade import CascadeVPipeline
-from cascadev.pipelines.options import stage_a_budget
+from cascadev.pipelines.runtime import stage_a_budget
 from cascadev.pipelines.runtime import compile_blocks
 from cascadev.pipelines.sampling import Tiling, make_scheduler
 from dit import build_dit

@@ -20,7 +20,7 @@ METHODS = ("cascade", "baseline")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.pipelines.arguments import add_pipeline_arguments
+    from cascadev.cli.arguments import add_pipeline_arguments
 
     p.add_argument("data", help="folder of videos (the first --limit by name are used)")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="where videos and results.json go")
@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> dict | None:
     from accelerate.utils import gather_object
 
     from cascadev.pipelines.frames import check_colour_fix
-    from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline, processes
+    from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
+    from cascadev.pipelines.runtime import processes
     from cascadev.video_io import VIDEO_EXTENSIONS, check_output_folder
     from cascadev.weights import write_json
     from eval.metric_names import parse_metrics

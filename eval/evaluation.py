@@ -364,7 +364,7 @@ def evaluate(real: str | Path, fake: str | Path, *, metrics: str | Iterable[str]
 
     Returns the report: {"real", "fake", "settings", "conventions", "counts", "skipped", "results" (per metric:
     {"mean", ...} or {"skipped": reason}), "per_video"}. Raises ``UserError`` on bad options or unusable sets."""
-    from cascadev.pipelines.options import resolve_device
+    from cascadev.pipelines.runtime import resolve_device
     from eval import fvd
     from eval.metrics import CONVENTIONS, LPIPS_MIN_SIDE, LpipsUnavailable, load_lpips
 

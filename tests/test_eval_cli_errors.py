@@ -21,7 +21,7 @@ def clips(tmp_path_factory):
 def nothing_runs(monkeypatch, tmp_path):
     """An empty torch hub (no I3D / AlexNet, whatever the machine has), and a record of every video scan, detector
     and model load, so a test can say none happened."""
-    import cascadev.pipelines.options as options
+    import cascadev.cli.options as options
     import eval.evaluation
     import eval.fvd
     import eval.metrics

@@ -282,7 +282,7 @@ def test_cli_noise_device_draws_one_stream_as_the_release(tmp_path, tiny_pipelin
     """``--noise device``: one generator on the run's device, seeded with --seed, for the noise and every ancestral
     step (the release's global CUDA generator, here on the CPU); the default draws the steps from seed + 1."""
     from cascadev.cli import build_parser
-    from cascadev.pipelines.options import decode_kwargs
+    from cascadev.cli.options import decode_kwargs
 
     pipe = CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir))
     z = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(1))

@@ -7,7 +7,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from cascadev.errors import UserError
-from cascadev.pipelines.arguments import add_pipeline_arguments
+from cascadev.cli.arguments import add_pipeline_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +80,7 @@ class Frames:
 def shared_windows_only(pipe, latents: torch.Tensor, decode_kw: dict) -> bool:
     """Under ``accelerate launch``, a process other than the main one shares the DiT's windows and writes nothing:
     it runs the decode here and returns True; the main process returns False and writes."""
-    from cascadev.pipelines.options import processes
+    from cascadev.pipelines.runtime import processes
 
     if processes().is_main_process:
         return False
@@ -93,7 +93,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     import torch
 
     from cascadev.pipelines.cascade import check_latents_output, save_latents
-    from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline
+    from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.pipelines.frames import check_colour_fix, frames_per_piece, infer_size, resize_video
     from cascadev.video_io import VideoWriter, check_video_output, iter_video, video_info
     from eval.metrics import psnr
@@ -144,7 +144,7 @@ SD_VAE_SCALE = 0.18215          # --latent-space sd-vae: the SD / SVD VAEs' late
 
 def run_decode(args: argparse.Namespace) -> None:
     from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, read_latents
-    from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline
+    from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.video_io import VideoWriter, check_video_output, output_paths
 
     check_video_output(args.output)
@@ -202,7 +202,8 @@ def decode_source(args: argparse.Namespace):
 
     from cascadev.pipelines.cascade import read_latents
     from cascadev.weights import is_hub_id
-    from cascadev.pipelines.options import DTYPES, check_decode_args, decode_kwargs, load_pipeline, resolve_device
+    from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
+    from cascadev.pipelines.runtime import DTYPES, resolve_device
     from cascadev.pipelines.source_vae import SourceVAE, encode_resized, target_size
     from vae.stage_a import SVD_VAE_REPO, vae_dtype
 

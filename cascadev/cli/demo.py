@@ -23,7 +23,7 @@ DISTILLED = ASSETS.parent / "tiny_distilled"     # its DiT distilled to fewer st
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.pipelines.arguments import DTYPE_NAMES, add_scheduler_arguments
+    from cascadev.cli.arguments import DTYPE_NAMES, add_scheduler_arguments
 
     p.add_argument("-o", "--output", default="demo_out", metavar="DIR", help="where videos and results go")
     p.add_argument("--clips", type=int, default=4, help="held-out clips to reconstruct")
@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace) -> dict:
     from cascadev.pipelines.cascade import DecodeOptions
     from cascadev.pipelines.sampling import dit_work, finishing_step, scheduler_name
     from vae.stage_a import DOWNSAMPLE as STAGE_A_DOWNSAMPLE
-    from cascadev.pipelines.options import DTYPES
+    from cascadev.pipelines.runtime import DTYPES
     from cascadev.synthetic import HELD_OUT_SEED0, make_clip
     from cascadev.video_io import write_png_strip, write_video
     from cascadev.weights import write_json

@@ -8,7 +8,7 @@ from cascadev.errors import UserError
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.pipelines.arguments import add_runtime_arguments, add_tiling_arguments
+    from cascadev.cli.arguments import add_runtime_arguments, add_tiling_arguments
 
     p.add_argument("prompt", help="what the video shows")
     p.add_argument("-o", "--output", required=True, help="video file (.mp4); with --num N > 1, OUT_0.mp4 ... OUT_{N-1}.mp4")
@@ -53,7 +53,7 @@ def parse_size(size: str) -> tuple[int, int]:
 
 def run_generate(args: argparse.Namespace) -> None:
     from cascadev.pipelines.frames import check_colour_fix
-    from cascadev.pipelines.options import check_crf, check_runtime_args, prepare_pipeline, tiling_of
+    from cascadev.cli.options import check_crf, check_runtime_args, prepare_pipeline, tiling_of
     from cascadev.pipelines.text_to_video import check_request, load_text_to_video
     from cascadev.pipelines.cascade import check_latents_output, resolve_colour_fix, save_latents
     from cascadev.video_io import check_video_output, output_paths, write_video

@@ -83,7 +83,7 @@ def run_prompt(args: argparse.Namespace) -> dict:
 
     from cascadev.pipelines.cascade import resolve_colour_fix
     from cascadev.pipelines.frames import check_colour_fix
-    from cascadev.pipelines.options import DTYPES
+    from cascadev.pipelines.runtime import DTYPES
     from cascadev.pipelines.text_to_video import check_request
     from cascadev.video_io import write_png_strip, write_video
     from cascadev.weights import write_json

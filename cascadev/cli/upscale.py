@@ -10,7 +10,7 @@ from cascadev.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.pipelines.arguments import add_runtime_arguments, add_scheduler_arguments, add_tiling_arguments
+    from cascadev.cli.arguments import add_runtime_arguments, add_scheduler_arguments, add_tiling_arguments
 
     p.add_argument("input", help="low video (mp4, mkv, ...) or its Stage A latents (.safetensors or .pt, (4, T, h, w) "
                                  "or (B, 4, T, h, w), scaled as Stage A encodes them)")
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args) -> None:
-    from cascadev.pipelines.options import check_crf, check_runtime_args
+    from cascadev.cli.options import check_crf, check_runtime_args
     from cascadev.video_io import check_video_output
 
     check_video_output(args.output)
@@ -86,7 +86,7 @@ def _read_input(args):
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from cascadev.pipelines.options import prepare_pipeline, tiling_of
+    from cascadev.cli.options import prepare_pipeline, tiling_of
     from cascadev.pipelines.upscale import TINY_FPS4X, check_route_input, load_upscale, saved_settings
     from cascadev.video_io import VideoWriter, output_paths
     from vae.stage_a import DOWNSAMPLE
@@ -171,7 +171,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
 
     from cascadev.pipelines.frames import fix_colour
     from cascadev.pipelines.conditioning import temporal_upsample
-    from cascadev.pipelines.options import DTYPES
+    from cascadev.pipelines.runtime import DTYPES
     from cascadev.pipelines.upscale import TINY_FPS4X, load_upscale
     from cascadev.synthetic import HELD_OUT_SEED0, make_clip
     from cascadev.video_io import write_png_strip, write_video

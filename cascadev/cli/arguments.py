@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}     # --dtype -> torch's name
+from cascadev.pipelines import DTYPE_NAMES
 
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
