@@ -1,7 +1,7 @@
 """Evaluation as a library: PSNR / SSIM / LPIPS between paired videos and FVD between two sets.
 
 ``evaluate(real, fake, metrics=("psnr", "fvd"), ...)`` takes typed arguments and returns the report (a dict, what
-``cascadev eval --json`` writes); ``eval.cli`` is the command line over it. Pairs are made by file name without
+``cascadev eval --json`` writes); ``cascadev.cli.eval`` is the command line over it. Pairs are made by file name without
 extension (``real/a.mp4`` <-> ``fake/a.mkv``). Paired metrics use the first ``paired_frames`` frames of both videos
 (default: ``frames``; 0 = all frames, which must then agree in number); FVD uses one ``frames``-frame clip per video
 and run, from every readable video of each set (paired or not). Every file left out is reported with the reason,

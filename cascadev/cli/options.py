@@ -1,6 +1,6 @@
 """What the cascade's command-line options (declared in ``arguments.py``) do: check them, load and prepare the
 pipeline, and the ``decode`` arguments they give (the device and precision they name: ``pipelines/runtime.py``). ``cascadev reconstruct`` / ``decode`` (``cascadev/cli/decode.py``)
-and ``cascadev bench-recon`` (``eval/bench_recon.py``) use all of it; ``cascadev generate`` and ``upscale`` the
+and ``cascadev bench-recon`` (``cli/bench_recon.py``) use all of it; ``cascadev generate`` and ``upscale`` the
 tiling, device, precision and speed parts (``check_runtime_args``, ``prepare_pipeline``, ``tiling_of``) over any
 ``DecoderRuntimeMixin`` pipeline."""
 
