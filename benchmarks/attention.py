@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"got {T} frames of {tokens}x{tokens}")
 
     torch.manual_seed(0)
-    block = DiTBlock(hidden, heads, OFFICIAL["mlp_ratio"], OFFICIAL["qk_norm"], args.attn_fp32).to(device=device, dtype=dtype).eval()
+    block = DiTBlock(hidden, heads, OFFICIAL["mlp_ratio"], OFFICIAL["qk_norm"], args.attn_fp32)
+    block = block.to(device=device, dtype=dtype).eval()
     for p in block.parameters():  # the scale_shift_table starts at zero; any values do for timing
         torch.nn.init.normal_(p, std=0.02)
     if args.backend:

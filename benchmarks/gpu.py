@@ -141,7 +141,8 @@ def bench_dit_forward(args, device: torch.device, report: Report) -> None:
 
     torch.manual_seed(0)
     dit = build_dit(args.preset, attn_fp32=False).eval()
-    with torch.no_grad():   # every weight nonzero (the DiT zero-initialises its output layers), so errors mean something
+    # every weight nonzero (the DiT zero-initialises its output layers), so errors mean something
+    with torch.no_grad():
         for p in dit.parameters():
             p.normal_(0, 0.02)
     dit = dit.to(device, torch.bfloat16)
@@ -160,7 +161,8 @@ def bench_dit_forward(args, device: torch.device, report: Report) -> None:
             reference = out.float() if reference is None else reference
             rel = ((out.float() - reference).norm() / reference.norm()).item()
             row(f"bf16 {backend}", seconds, mem, rel_err_vs_native=round(rel, 5))
-        dit.set_attention_backend("native")   # diffusers also sets the global default: back to torch SDPA for what follows
+        # diffusers also sets the global default: back to torch SDPA for what follows
+        dit.set_attention_backend("native")
 
         seconds, mem, out = time_fp32_forward(args.preset, dit, x.float(), t, device)
         rel = ((reference - out).norm() / out.norm()).item()
@@ -170,7 +172,8 @@ def bench_dit_forward(args, device: torch.device, report: Report) -> None:
         compile_s, _, _ = measure(device, lambda: dit(x, t))
         seconds, mem, out = measure(device, lambda: dit(x, t), repeats=args.repeats)
         rel = ((out.float() - reference).norm() / reference.norm()).item()
-        row("bf16 native, compiled blocks", seconds, mem, first_call_s=round(compile_s, 1), rel_err_vs_eager=round(rel, 5))
+        row("bf16 native, compiled blocks", seconds, mem, first_call_s=round(compile_s, 1),
+            rel_err_vs_eager=round(rel, 5))
 
     bench_kernels(args, device, report, window, reference, row)
 
@@ -180,7 +183,8 @@ def attention_shapes(preset: str, window: tuple[int, int, int]) -> tuple[int, in
     with torch.device("meta"):
         config = build_dit(preset).config
     T, H, W = window
-    return T * (H // config.patch_size) * (W // config.patch_size), config.num_heads, config.hidden_size // config.num_heads
+    tokens = T * (H // config.patch_size) * (W // config.patch_size)
+    return tokens, config.num_heads, config.hidden_size // config.num_heads
 
 
 def bench_kernels(args, device: torch.device, report: Report, window, reference, row) -> None:
@@ -262,7 +266,8 @@ def run_variant(args, device: torch.device, report: Report, sizes: list[tuple[in
                 dtype: torch.dtype = torch.bfloat16, batches: tuple[int, ...] = (1,), offload: bool = False,
                 compiled: bool = False, tiling: Tiling = Tiling(), labels: dict | None = None,
                 steps: int | None = None) -> None:
-    """Build one pipeline as asked, warm it up, and decode each size with each window batch; ``labels`` go in the rows."""
+    """Build one pipeline as asked, warm it up, and decode each size with each window batch; ``labels`` go in the
+    rows."""
     torch.manual_seed(0)
     pipe = build_pipeline(args.preset, dtype, args.stage_a_tile)
     if offload:
@@ -304,11 +309,13 @@ def bench_decode(args, device: torch.device, report: Report) -> None:
     if "widest-tiles" in variants:   # DiT tiles a whole window apart (--tile-stride 128): fewer, less overlap
         stride = 128 if args.preset == "official" else 16
         run_variant(args, device, report, sizes, batches=(args.window_batch,), compiled=True,
-                    tiling=Tiling(tile_stride=stride), labels={"dtype": "bf16", "compiled": "dit+stage_a", "tile_stride": stride, **tile})
+                    tiling=Tiling(tile_stride=stride),
+                    labels={"dtype": "bf16", "compiled": "dit+stage_a", "tile_stride": stride, **tile})
     if "shifted" in variants:        # windows a window apart on a grid moved at each step; the finishing step blended
         run_variant(args, device, report, sizes, batches=(args.window_batch,), compiled=True, tiling=Tiling("shifted"),
                     labels={"dtype": "bf16", "compiled": "dit+stage_a", "grid": "shifted", **tile})
-    if "few-steps" in variants:      # what a distilled decoder runs: 1 step (blend), 2 steps (shifted, finishing blended)
+    # what a distilled decoder runs: 1 step (blend), 2 steps (shifted, finishing blended)
+    if "few-steps" in variants:
         for steps, tiling in ((1, Tiling()), (2, Tiling("shifted"))):
             run_variant(args, device, report, sizes, batches=(args.window_batch,), compiled=True, tiling=tiling,
                         steps=steps, labels={"dtype": "bf16", "compiled": "dit+stage_a", "grid": tiling.mode, **tile})
@@ -340,7 +347,8 @@ def bench_profile(args, device: torch.device, report: Report) -> None:
     dit = build_dit(args.preset, attn_fp32=False).eval().to(device, torch.bfloat16)
     x = torch.randn(1, dit.in_channels, *window, device=device, dtype=torch.bfloat16)
     t = torch.full((1,), 500.0, device=device)
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda"))
+    activities = ([torch.profiler.ProfilerActivity.CPU]
+                  + ([torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")))
     with torch.no_grad():
         dit(x, t)
         synchronize(device)
@@ -356,7 +364,8 @@ def bench_profile(args, device: torch.device, report: Report) -> None:
 
 
 VARIANTS = ("plain", "offload", "compiled", "widest-tiles", "shifted", "few-steps", "fp32")
-SECTIONS = {"dit_forward": bench_dit_forward, "profile": bench_profile, "decode": bench_decode, "stage_a": bench_stage_a}
+SECTIONS = {"dit_forward": bench_dit_forward, "profile": bench_profile, "decode": bench_decode,
+            "stage_a": bench_stage_a}
 
 
 def main() -> None:
@@ -369,11 +378,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed DiT forwards per backend")
     parser.add_argument("--decode-variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="decode section: bf16 (all sizes), model offload (all sizes), compiled as --compile "
-                             "(first size), compiled with --tile-stride 128 (all sizes), the release's fp32 (first size)")
+                             "(first size), compiled with --tile-stride 128 (all sizes), the release's fp32 "
+                             "(first size)")
     parser.add_argument("--stage-a-tile", type=int, default=None,
-                        help="decode section: Stage A tile size in pixels (default: the preset's 1024; 0: whole frames)")
+                        help="decode section: Stage A tile size in pixels (default: the preset's 1024; "
+                             "0: whole frames)")
     parser.add_argument("--max-memory", type=float, default=None,
-                        help="decode section: Stage A memory budget in GiB, as the CLI's (default: 80%% of free memory)")
+                        help="decode section: Stage A memory budget in GiB, as the CLI's "
+                             "(default: 80%% of free memory)")
     parser.add_argument("--profile-top", type=int, default=15, help="profile section: operators listed")
     parser.add_argument("--stage-a-tiles", nargs="+", type=int, default=[1024, 1536, 0],
                         help="Stage A tile sizes in pixels for the stage_a section (0: whole frames)")

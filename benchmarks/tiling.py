@@ -105,12 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
                 out = fix_colour(raw, baseline, fix) if fix else raw
                 latent_size = (T, H // STAGE_A_DOWNSAMPLE, W // STAGE_A_DOWNSAMPLE)   # Stage A keeps the frames
                 edges = window_edges(spec, latent_size, tiling, steps)
-                for metric, value in (("psnr", psnr(out, video).mean().item()), ("ssim", ssim(out, video).mean().item()),
+                for metric, value in (("psnr", psnr(out, video).mean().item()),
+                                      ("ssim", ssim(out, video).mean().item()),
                                       ("sharpness", sharpness(out, video)),
                                       ("seam", seam(raw, video, edges)),
                                       ("seconds", seconds)):
                     scores[name][metric].append(value)
-            print(f"{size} seed {k}: " + ", ".join(f"{n} {s['psnr'][-1]:.2f} dB" for n, s in scores.items()), flush=True)
+            print(f"{size} seed {k}: " + ", ".join(f"{n} {s['psnr'][-1]:.2f} dB" for n, s in scores.items()),
+                  flush=True)
         _, blend_work = dit_work(spec, latent_size, tilings(spec)["blend"], steps)
         for name, tiling in tilings(spec).items():
             forwards, voxels = dit_work(spec, latent_size, tiling, steps)

@@ -72,7 +72,8 @@ def bench(preset: str, frames: int, size: int, batch: int, steps: int, warmup: i
             "threads": torch.get_num_threads(), "latent": f"{batch}x{frames}x{size}x{size}", "bf16": bf16,
             "checkpointing": checkpointing, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "step_s": round(seconds, 4), "latent_frames_per_s": round(batch * frames / seconds, 2),
-            "peak_mem_GiB": round(peak, 3), "peak_mem_kind": "cuda allocated" if dev.type == "cuda" else "process peak RSS above its start"}
+            "peak_mem_GiB": round(peak, 3),
+            "peak_mem_kind": "cuda allocated" if dev.type == "cuda" else "process peak RSS above its start"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -174,4 +174,5 @@ def save_model_weights(model: CascadeModel, state_dict: dict[str, torch.Tensor],
 def is_hub_id(source: str) -> bool:
     """"owner/name" that is not a path here ("weights/" is a folder, even a missing one)."""
     owner, _, name = source.partition("/")
-    return bool(owner) and bool(name) and "/" not in name and not Path(source).exists() and not source.startswith((".", "~"))
+    return (bool(owner) and bool(name) and "/" not in name and not Path(source).exists()
+            and not source.startswith((".", "~")))

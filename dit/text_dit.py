@@ -130,7 +130,8 @@ class TextDiT(DiTTrunk):
         attn_fp32: bool = False,
         caption_channels: int = 1280,   # text token width (open_clip ViT-bigG-14 text tower)
         pooled_channels: int = 1280,    # pooled, projected text embedding (ViT-bigG-14 embed_dim)
-        latent_scale: float = 1.0,      # semantic latents are BatchNorm-normalised already (Stable Cascade Stage C uses them as is)
+        latent_scale: float = 1.0,      # semantic latents are BatchNorm-normalised already (Stable Cascade Stage C
+                                        # uses them as is)
     ):
         attn_strides = check_dit_config(hidden_size, num_heads, patch_size, attn_strides, window_frames, window_size)
         if cond_channels:
@@ -163,7 +164,8 @@ class TextDiT(DiTTrunk):
                     mask: torch.Tensor | None) -> torch.Tensor | None:
         c = self.config
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.caption_channels:
-            raise ValueError(f"context must be (B={B}, L, {c.caption_channels}) text tokens, got {tuple(context.shape)}")
+            raise ValueError(f"context must be (B={B}, L, {c.caption_channels}) text tokens, "
+                             f"got {tuple(context.shape)}")
         if pooled.shape != (B, c.pooled_channels):
             raise ValueError(f"pooled must be (B={B}, {c.pooled_channels}), got {tuple(pooled.shape)}")
         if mask is None:

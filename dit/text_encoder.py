@@ -27,7 +27,8 @@ MIN_OPEN_CLIP = "2.32"  # TextTransformer.forward_intermediates (2.31 and earlie
 
 
 class TextEmbedding(NamedTuple):
-    """Encoded prompts: context (B, L, width) token states, pooled (B, embed_dim), mask (B, L) bool (True = real token)."""
+    """Encoded prompts: context (B, L, width) token states, pooled (B, embed_dim), mask (B, L) bool (True = real
+    token)."""
 
     context: torch.Tensor
     pooled: torch.Tensor
@@ -74,7 +75,8 @@ def _state_dict_of_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or foreign file: one line, not a pickle traceback
-        raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise ValueError(f"{path}: cannot read the checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
         blob = blob["state_dict"]
     if not isinstance(blob, dict):
@@ -140,7 +142,8 @@ class TextEncoder(ModelMixin, ConfigMixin):
         embed_dim, text_cfg, quick_gelu = text_tower_config(model_name, hidden_layer, text_overrides, embed_dim)
         self.tower = _build_text_tower(embed_dim, text_cfg, quick_gelu)
         if not hasattr(self.tower, "forward_intermediates"):
-            raise ImportError(f"dit.text_encoder needs open_clip_torch >= {MIN_OPEN_CLIP} (pip install -U open_clip_torch)")
+            raise ImportError(f"dit.text_encoder needs open_clip_torch >= {MIN_OPEN_CLIP} "
+                              "(pip install -U open_clip_torch)")
         self.tokenizer = open_clip.get_tokenizer(model_name, context_length=self.tower.context_length)
         self.requires_grad_(False).eval()
 

@@ -111,7 +111,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class PatchEmbed(nn.Module):
-    """Ours, not diffusers' PatchEmbed (which adds a fixed 2D position table): per-frame patchify. (B, C, T, H, W) -> (B, T*H/p*W/p, D), tokens ordered frame, row, column."""
+    """Ours, not diffusers' PatchEmbed (which adds a fixed 2D position table): per-frame patchify. (B, C, T, H, W)
+    -> (B, T*H/p*W/p, D), tokens ordered frame, row, column."""
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
@@ -174,7 +175,8 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """Ours (diffusers has no final layer with a 2-row table): adaLN with its own 2-row table and the timestep embedding (before t_block), then a linear to patches."""
+    """Ours (diffusers has no final layer with a 2-row table): adaLN with its own 2-row table and the timestep
+    embedding (before t_block), then a linear to patches."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -201,7 +203,8 @@ def position_embedding(config, T: int, h: int, w: int, device=None, dtype=torch.
     rows = torch.arange(h, dtype=torch.float64, device=device) / config.pe_interpolation
     cols = torch.arange(w, dtype=torch.float64, device=device) / config.pe_interpolation
     grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"))  # 2 h w: [0] = column, [1] = row
-    spatial = get_2d_sincos_pos_embed_from_grid(config.hidden_size - D_t, grid.reshape(2, -1), output_type="pt")  # (h w) D_s
+    spatial = get_2d_sincos_pos_embed_from_grid(config.hidden_size - D_t, grid.reshape(2, -1),
+                                                output_type="pt")  # (h w) D_s
     embed = torch.cat([repeat(temporal, "t d -> t n d", n=h * w), repeat(spatial, "n d -> t n d", t=T)], dim=-1)
     return rearrange(embed, "t n d -> (t n) d").to(dtype)
 
@@ -304,7 +307,8 @@ class DiTTrunk(CascadeModel):
         self.check_window(T, H, W, as_images)
         t = t.to(device=x.device, dtype=torch.float32).reshape(B, -1)
         if t.shape[1] not in (1, T) or (t.shape[1] == T and not as_images):
-            raise ValueError(f"timesteps must be (B,) per video{' or (B, T)' if as_images else ''}, got {tuple(t.shape)}")
+            raise ValueError(f"timesteps must be (B,) per video{' or (B, T)' if as_images else ''}, "
+                             f"got {tuple(t.shape)}")
         return t
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, as_images: bool):

@@ -78,7 +78,8 @@ def scan(source: str, set_name: str, skips: list[Skip]) -> dict[str, Video]:
             continue
         if path.stem in videos or path.stem in duplicates:
             duplicates.add(path.stem)
-            skips.append(Skip(set_name, str(path), f"ambiguous name: another {set_name} file is also named {path.stem!r}"))
+            skips.append(Skip(set_name, str(path),
+                              f"ambiguous name: another {set_name} file is also named {path.stem!r}"))
             continue
         videos[path.stem] = Video(path.stem, str(path), info.frames, info.height, info.width)
     for name in duplicates:
@@ -95,7 +96,8 @@ def pair_up(real: dict[str, Video], fake: dict[str, Video], frames: int, resized
     for name, f in sorted(fake.items()):
         r = real.get(name)
         if r is None:
-            skips.append(Skip("fake", f.path, f"unmatched name: no real video named {name!r} (left out of paired metrics)"))
+            skips.append(Skip("fake", f.path,
+                              f"unmatched name: no real video named {name!r} (left out of paired metrics)"))
             continue
         if frames and min(r.frames, f.frames) < frames:
             short = r if r.frames < frames else f
@@ -112,7 +114,8 @@ def pair_up(real: dict[str, Video], fake: dict[str, Video], frames: int, resized
         pairs.append((r, f))
     for name, r in sorted(real.items()):
         if name not in fake:
-            skips.append(Skip("real", r.path, f"unmatched name: no fake video named {name!r} (left out of paired metrics)"))
+            skips.append(Skip("real", r.path,
+                              f"unmatched name: no fake video named {name!r} (left out of paired metrics)"))
     return pairs
 
 
@@ -161,7 +164,8 @@ def _summary(rows: list[dict], key: str) -> dict:
     """Set value = mean over all frames of all videos; also the spread of the per-video means."""
     frames = [x for row in rows for x in row["per_frame"][key]]
     videos = [row[key] for row in rows]
-    std = math.sqrt(sum((v - sum(videos) / len(videos)) ** 2 for v in videos) / (len(videos) - 1)) if len(videos) > 1 else None
+    std = (math.sqrt(sum((v - sum(videos) / len(videos)) ** 2 for v in videos) / (len(videos) - 1))
+           if len(videos) > 1 else None)
     return {"mean": sum(frames) / len(frames), "videos": len(videos), "frames": len(frames), "std_over_videos": std}
 
 
@@ -442,8 +446,8 @@ def evaluate(real: str | Path, fake: str | Path, *, metrics: str | Iterable[str]
     conventions = {m: CONVENTIONS[m] for m in paired}
     if "fvd" in metrics and "skipped" not in results["fvd"]:
         r = results["fvd"]
-        conventions["fvd"] = (f"{r['detector']}; protocol {r['protocol']} ({r['protocol_source']}); clips: {r['clip']}; "
-                              f"input: {r['input']}; N = {r['n_real']} real / "
+        conventions["fvd"] = (f"{r['detector']}; protocol {r['protocol']} ({r['protocol_source']}); "
+                              f"clips: {r['clip']}; input: {r['input']}; N = {r['n_real']} real / "
                               f"{r['n_fake']} fake; {r['statistics']}; mean and std (N-1) over {len(r['runs'])} run(s)")
     return {
         "real": str(real),

@@ -40,7 +40,8 @@ def randomize_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torc
 
 
 def config_fields(model) -> dict:
-    """A model's config as its ``__init__`` keywords (diffusers' ``_name_or_path``, ``_use_default_values`` ... aside)."""
+    """A model's config as its ``__init__`` keywords (diffusers' ``_name_or_path``, ``_use_default_values`` ...
+    aside)."""
     return {k: v for k, v in model.config.items() if not k.startswith("_")}
 
 
@@ -73,7 +74,8 @@ def tiny_cascade(**settings):
     from vae.stage_a import PRESETS as STAGE_A_PRESETS
     from vae.stage_a import stage_a_settings
 
-    return CascadeVPipeline(dit=randomize_(build_dit("tiny"), std=0.02), semantic_encoder=build_semantic_encoder("tiny"),
+    return CascadeVPipeline(dit=randomize_(build_dit("tiny"), std=0.02),
+                            semantic_encoder=build_semantic_encoder("tiny"),
                             vae=build_stage_a("tiny").model, scheduler=make_scheduler("euler_a"),
                             previewer=build_previewer("tiny"), stage_a=stage_a_settings(STAGE_A_PRESETS["tiny"]),
                             **settings)
@@ -88,7 +90,8 @@ def write_legacy_cascade(pipe, folder):
     from vae.stage_a import PRESETS
 
     released = {"adaln_single.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
-                "adaln_single.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.", "adaln_single.linear.": "t_block.1."}
+                "adaln_single.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+                "adaln_single.linear.": "t_block.1."}
     for name in ("dit", "semantic_encoder", "previewer"):
         model = getattr(pipe, name)
         state = {}

@@ -30,7 +30,8 @@ def test_demo_runs_on_any_cascade_folder(tmp_path, capsys, tiny_pipeline_dir):
 def test_demo_rejects_bad_sizes(tmp_path, capsys, tiny_pipeline_dir):
     code, _, err = run_cli(capsys, "demo", "-o", tmp_path, "--weights", tiny_pipeline_dir, "--size", 100)
     assert code == 2 and "multiple of 32" in err and err.count("\n") == 1
-    code, _, err = run_cli(capsys, "demo", "-o", tmp_path, "--weights", tiny_pipeline_dir, "--size", 64, "--colour-fix", 24)
+    code, _, err = run_cli(capsys, "demo", "-o", tmp_path, "--weights", tiny_pipeline_dir, "--size", 64,
+                           "--colour-fix", 24)
     assert code == 2 and "--colour-fix must be 0 (off) or divide --size 64" in err and err.count("\n") == 1
     code, _, err = run_cli(capsys, "demo", "-o", tmp_path, "--weights", tmp_path / "empty")
     assert code == 2 and "no cascade here" in err

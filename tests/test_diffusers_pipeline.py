@@ -170,7 +170,8 @@ def test_previous_format_folder_says_how_to_convert_and_converts(tmp_path, capsy
     assert code == 2 and "not empty" in err
 
 
-def test_load_cascade_takes_the_previewer_for_the_saved_colour_fix_and_replaces_parts(saved, tiny_pipeline_dir, tmp_path):
+def test_load_cascade_takes_the_previewer_for_the_saved_colour_fix_and_replaces_parts(saved, tiny_pipeline_dir,
+                                                                                       tmp_path):
     pipe, root = saved                                               # saved with colour_fix=16
     assert load_cascade(root).previewer is not None                  # the saved colour fix needs its reference
     assert load_cascade(root, with_previewer=False).previewer is None
@@ -192,7 +193,8 @@ def test_set_precision_keeps_latents_and_scheduler_in_fp32(saved):
     pipe(latents=LATENTS, num_inference_steps=2, output_type="latent",
          callback_on_step_end=lambda p, i, t, tensors: steps.append(tensors["latents"].dtype) or {})
     assert steps == [torch.float32, torch.float32]
-    assert CascadeVPipeline.from_pretrained(str(root)).set_precision(torch.bfloat16, attn_fp32=True).dit.blocks[0].attn.fp32
+    reloaded = CascadeVPipeline.from_pretrained(str(root)).set_precision(torch.bfloat16, attn_fp32=True)
+    assert reloaded.dit.blocks[0].attn.fp32
     pipe.vae.register_to_config(force_upcast=True)         # diffusers' flag for VAEs that overflow in fp16
     pipe.set_precision(torch.float16)
     assert pipe.dit.dtype == torch.float16 and pipe.vae.dtype == torch.float32

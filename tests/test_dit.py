@@ -148,7 +148,8 @@ def test_official_checkpoint_round_trip(tmp_path):
     del state["state_dict"]["blocks.1.attn.qkv.weight"]
     state["state_dict"]["blocks.1.extra"] = torch.zeros(1)
     torch.save(state, tmp_path / "broken.pth")
-    with pytest.raises(ValueError, match=r"missing keys: blocks\.1\.attn\.qkv\.weight; unexpected keys: blocks\.1\.extra"):
+    with pytest.raises(ValueError,
+                       match=r"missing keys: blocks\.1\.attn\.qkv\.weight; unexpected keys: blocks\.1\.extra"):
         VideoDiT.from_single_file(tmp_path / "broken.pth", config=TINY)
     with pytest.raises(FileNotFoundError, match="s1024.effn-f32.pth"):
         VideoDiT.from_single_file(tmp_path / "missing.pth")
@@ -157,9 +158,11 @@ def test_official_checkpoint_round_trip(tmp_path):
 def test_save_and_from_pretrained_round_trip(tmp_path):
     model = tiny_model(attn_strides=((1, 2), None))
     model.save_pretrained(tmp_path / "dit")
-    assert sorted(p.name for p in (tmp_path / "dit").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "dit").iterdir()) == ["config.json",
+                                                                    "diffusion_pytorch_model.safetensors"]
     loaded = VideoDiT.from_pretrained(tmp_path / "dit")
-    assert config_fields(loaded) == config_fields(model) and loaded.config.attn_strides == ((1, 2), None)  # JSON lists back to tuples
+    assert config_fields(loaded) == config_fields(model)
+    assert loaded.config.attn_strides == ((1, 2), None)  # JSON lists back to tuples
     assert json.loads((tmp_path / "dit/config.json").read_text())["_class_name"] == "VideoDiT"
     x, t = inputs()
     torch.testing.assert_close(loaded(x, t), model(x, t), rtol=0, atol=0)
@@ -262,7 +265,8 @@ def _reference_forward(model: VideoDiT, x: torch.Tensor, t: torch.Tensor) -> tor
 
 
 def test_forward_matches_the_released_computation_on_the_trained_window():
-    model = randomize_(VideoDiT(**{**TINY, "hidden_size": 96, "depth": 6, "attn_strides": ((1, 2), (2, 1), None)})).eval()
+    model = randomize_(VideoDiT(**{**TINY, "hidden_size": 96, "depth": 6,
+                                   "attn_strides": ((1, 2), (2, 1), None)})).eval()
     config = model.config
     x, t = inputs(T=config.window_frames, H=config.window_size, W=config.window_size)
     with torch.no_grad():

@@ -82,7 +82,8 @@ def test_eval_folder_with_skips(sets, capsys, tmp_path):
             f"too short for paired metrics: 5 < {FRAMES} frames", f"too short for fvd: 5 < {FRAMES} frames"} <= reasons
     conventions = report["conventions"]
     assert sorted(conventions) == ["fvd", "lpips", "psnr", "ssim"]
-    assert conventions["psnr"].startswith("per frame on [0, 1]") and conventions["ssim"].startswith("per frame on [0, 1]")
+    assert conventions["psnr"].startswith("per frame on [0, 1]")
+    assert conventions["ssim"].startswith("per frame on [0, 1]")
     assert "11x11 Gaussian window, sigma 1.5" in conventions["ssim"]
     for text in ("I3D (400-d logits", "first 12 frames of each video", "N = 4 real / 4 fake"):
         assert text in conventions["fvd"]
@@ -160,10 +161,12 @@ def test_mismatched_sets_are_one_line_errors(sets, capsys, tmp_path):
     write_clips(small, 1, frames=FRAMES, height=24, width=24)
     err = _fails(capsys, "--real", sets["real"], "--fake", small, "--metrics", "psnr", "--frames", FRAMES)
     assert "real frames are 32x32, fake frames 24x24" in err and "--size" in err
-    _eval("--real", sets["real"], "--fake", small, "--metrics", "psnr,ssim", "--frames", FRAMES, "--size", 24, "--json", tmp_path / "r.json")
+    _eval("--real", sets["real"], "--fake", small, "--metrics", "psnr,ssim", "--frames", FRAMES, "--size", 24,
+          "--json", tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["counts"]["pairs"] == 1
 
-    err = _fails(capsys, "--real", sets["real"], "--fake", sets["fake"], "--metrics", "fvd", "--i3d", tmp_path / "i3d.pt")
+    err = _fails(capsys, "--real", sets["real"], "--fake", sets["fake"], "--metrics", "fvd",
+                 "--i3d", tmp_path / "i3d.pt")
     assert "i3d.pt" in err and "i3d_torchscript.pt" in err and "i3d_pretrained_400.pt" in err
     assert "unknown fid" in _fails(capsys, "--real", sets["real"], "--fake", sets["fake"], "--metrics", "psnr,fid")
     assert "--clip random" in _fails(capsys, "--real", sets["real"], "--fake", sets["fake"], "--metrics", "fvd",
@@ -222,7 +225,8 @@ def test_one_metric_name_parser_for_eval_and_bench_recon():
     assert METRICS == ("psnr", "ssim", "lpips", "fvd")
     assert parse_metrics("PSNR, ssim,,psnr") == ["psnr", "ssim"]              # any case, blanks, duplicates once
     assert parse_metrics(["Fvd", "LPIPS"]) == ["fvd", "lpips"]
-    for bad, unknown in (("psnr,FID", "fid"), ("", "(empty)"), (" , ", "(empty)"), (["mse", "ms-ssim"], "mse, ms-ssim")):
+    for bad, unknown in (("psnr,FID", "fid"), ("", "(empty)"), (" , ", "(empty)"),
+                         (["mse", "ms-ssim"], "mse, ms-ssim")):
         with pytest.raises(UserError) as info:
             parse_metrics(bad)
         assert str(info.value) == f"--metrics: unknown {unknown}; choose from psnr,ssim,lpips,fvd"

@@ -57,7 +57,8 @@ def test_text_encoder_round_trip_and_open_clip_checkpoints(encoder, tmp_path):
     tower = encoder.tower.state_dict()
     clip = {**tower, "visual.conv1.weight": torch.zeros(4, 3, 2, 2), "logit_scale": torch.ones(())}
     torch.save(clip, tmp_path / "open_clip_pytorch_model.bin")  # a CLIP checkpoint: image tower + text keys
-    save_file({f"text.{k}": v.contiguous() for k, v in tower.items()}, tmp_path / "custom.safetensors")  # CustomTextCLIP
+    save_file({f"text.{k}": v.contiguous() for k, v in tower.items()},
+              tmp_path / "custom.safetensors")  # CustomTextCLIP
     for source in (tmp_path, tmp_path / "custom.safetensors"):
         other = build_text_encoder("tiny", pretrained=str(source))
         torch.testing.assert_close(other.encode("a cat").pooled, encoder.encode("a cat").pooled, rtol=0, atol=0)
@@ -145,8 +146,8 @@ def test_generate_end_to_end_api_and_reload(pipe, weights_dir):
     video = pipe.generate("a red ball", num_per_prompt=2, decode_kwargs={"steps": 1}, **FAST)
     assert video.shape == (2, 3, 3, 64, 96) and video.abs().max() <= 1
     loaded = TextToVideoPipeline.from_pretrained(str(weights_dir))
-    torch.testing.assert_close(loaded.generate_latents("a red ball", **FAST), pipe.generate_latents("a red ball", **FAST),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(loaded.generate_latents("a red ball", **FAST),
+                               pipe.generate_latents("a red ball", **FAST), rtol=0, atol=0)
 
 
 def test_bad_requests_raise_value_errors(pipe):
@@ -158,7 +159,8 @@ def test_bad_requests_raise_value_errors(pipe):
         with pytest.raises(ValueError, match=message):
             pipe.generate_latents(**{**FAST, "prompt": "a cat", **kwargs})
     with pytest.raises(ValueError, match="reads text of width 48"):
-        TextToVideoPipeline.from_parts(build_text_encoder("tiny"), build_text_dit("tiny", caption_channels=48), pipe.cascade)
+        TextToVideoPipeline.from_parts(build_text_encoder("tiny"), build_text_dit("tiny", caption_channels=48),
+                                       pipe.cascade)
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -209,7 +211,8 @@ def test_cli_generate_runs_its_decoder_as_decode_does(tmp_path, capsys, weights_
 def test_cli_bad_inputs_give_one_clear_line(tmp_path, capsys, weights_dir):
     out = tmp_path / "x.mp4"
     for argv, message in [(["", "--weights", weights_dir], "is empty"),
-                          (["a cat", "--weights", weights_dir, "--size", "100x64"], "width 100 is not a positive multiple of 32"),
+                          (["a cat", "--weights", weights_dir, "--size", "100x64"],
+                           "width 100 is not a positive multiple of 32"),
                           (["a cat", "--weights", weights_dir, "--size", "big"], "--size must be WxH"),
                           (["a cat", "--weights", weights_dir, "--frames", 0], "frames must be >= 1"),
                           (["a cat", "--weights", tmp_path / "nowhere"], "nowhere: weights folder not found"),
@@ -231,14 +234,17 @@ def test_base_training_loss_trains_and_drops_captions_to_the_empty_prompt(encode
     latents = torch.randn(2, 16, 2, 2, 4)
     text, null = encoder.encode(["a cat", "a dog"]), encoder.encode([""])
     diffusion = build_diffusion(DiffusionConfig())
-    loss, logs = base_training_loss(model, diffusion, latents, text, null, torch.Generator().manual_seed(0), drop_prob=0.1)
+    loss, logs = base_training_loss(model, diffusion, latents, text, null, torch.Generator().manual_seed(0),
+                                    drop_prob=0.1)
     loss.backward()
     assert torch.isfinite(loss) and set(logs) == {"loss", "mse", "vb"}
     assert model.blocks[0].cross_attn.kv_linear.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        dropped, _ = base_training_loss(model, diffusion, latents, text, null, torch.Generator().manual_seed(0), drop_prob=1.0)
+        dropped, _ = base_training_loss(model, diffusion, latents, text, null, torch.Generator().manual_seed(0),
+                                        drop_prob=1.0)
         empty = TextEmbedding(*(z.expand(2, *z.shape[1:]) for z in null))
-        expected, _ = base_training_loss(model, diffusion, latents, empty, null, torch.Generator().manual_seed(0), drop_prob=0.0)
+        expected, _ = base_training_loss(model, diffusion, latents, empty, null, torch.Generator().manual_seed(0),
+                                         drop_prob=0.0)
     torch.testing.assert_close(dropped, expected, rtol=0, atol=0)
 
 

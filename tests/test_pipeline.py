@@ -88,8 +88,8 @@ def test_cli_reconstruct_end_to_end(tmp_path, capsys, tiny_pipeline_dir, clip_fi
 
 
 def test_cli_resizes_to_multiples_of_32_and_says_so(tmp_path, capsys, tiny_pipeline_dir, clip_file):
-    code, stdout, err = run_cli(capsys, "reconstruct", clip_file, "-o", tmp_path / "r.mp4", "--weights", tiny_pipeline_dir,
-                                "--steps", 1, "--size", 200, "--frames", 4)
+    code, stdout, err = run_cli(capsys, "reconstruct", clip_file, "-o", tmp_path / "r.mp4",
+                                "--weights", tiny_pipeline_dir, "--steps", 1, "--size", 200, "--frames", 4)
     assert code == 0, err
     assert stdout.count("resizing 160x96 -> 192x128") == 1
     assert (video_info(tmp_path / "r.mp4").width, video_info(tmp_path / "r.mp4").height) == (192, 128)
@@ -109,27 +109,31 @@ def test_sd_vae_route_upscales_through_the_cascade(tmp_path, capsys, tiny_pipeli
 
 def test_bad_inputs_give_one_clear_line(tmp_path, capsys, tiny_pipeline_dir):
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
-    code, _, err = run_cli(capsys, "reconstruct", tmp_path / "broken.mp4", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir)
+    code, _, err = run_cli(capsys, "reconstruct", tmp_path / "broken.mp4", "-o", tmp_path / "o.mp4",
+                           "--weights", tiny_pipeline_dir)
     assert code == 2 and err.count("\n") == 1 and "broken.mp4" in err and "not a readable video" in err
 
     save_latents(tmp_path / "c8.safetensors", torch.randn(1, 8, 4, 3, 5))
-    code, _, err = run_cli(capsys, "decode", tmp_path / "c8.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir)
+    code, _, err = run_cli(capsys, "decode", tmp_path / "c8.safetensors", "-o", tmp_path / "o.mp4",
+                           "--weights", tiny_pipeline_dir)
     assert code == 2 and err.count("\n") == 1 and "expected latents (16, T, h, w)" in err
 
     bad = torch.randn(16, 4, 3, 5)
     bad[0, 0, 0, 0] = float("nan")
     save_latents(tmp_path / "nan.safetensors", bad[None])
-    code, _, err = run_cli(capsys, "decode", tmp_path / "nan.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir)
+    code, _, err = run_cli(capsys, "decode", tmp_path / "nan.safetensors", "-o", tmp_path / "o.mp4",
+                           "--weights", tiny_pipeline_dir)
     assert code == 2 and err.count("\n") == 1 and "NaN" in err
 
     save_latents(tmp_path / "ok.safetensors", torch.randn(1, 16, 4, 3, 5))
-    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4", "--weights", tmp_path / "nowhere")
+    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4",
+                           "--weights", tmp_path / "nowhere")
     assert code == 2 and err.count("\n") == 1 and "nowhere" in err
-    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir,
-                           "--colour-fix", -1)
+    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4",
+                           "--weights", tiny_pipeline_dir, "--colour-fix", -1)
     assert code == 2 and err.count("\n") == 1 and "--colour-fix must be >= 0" in err
-    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir,
-                           "--colour-fix", 64, "--steps", 1)
+    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4",
+                           "--weights", tiny_pipeline_dir, "--colour-fix", 64, "--steps", 1)
     assert code == 2 and err.count("\n") == 1 and "frames are not divisible by 64" in err
 
     with pytest.raises(ValueError, match=r"expected 3 channels.*is T before C"):
@@ -156,7 +160,8 @@ def test_sampler_defaults_follow_the_folder(tiny_pipeline_dir):
     # the built-in tiny cascade is a flow model, saved with its scheduler and step count
     shipped = CascadeVPipeline.from_pretrained(str(ASSETS))
     assert type(shipped.scheduler) is FlowMatchEulerDiscreteScheduler and shipped.config.num_inference_steps == 4
-    assert type(shipped.scheduler_for("euler_a", force=True)) is EulerAncestralDiscreteScheduler   # other family: forced
+    # other family: forced
+    assert type(shipped.scheduler_for("euler_a", force=True)) is EulerAncestralDiscreteScheduler
     # a scheduler of the saved one's class keeps the saved config (e.g. the flow shift it was trained at)
     shifted = tiny_cascade(num_inference_steps=3)
     shifted.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -229,8 +234,8 @@ def test_the_command_line_parses_without_torch():
     import subprocess
     import sys
     code = ("import sys; from cascadev.cli import build_parser; build_parser().parse_args(['decode', 'z.pt', '-o', "
-            "'o.mp4', '--dtype', 'bf16', '--window-batch', '2']); heavy = {'torch', 'diffusers', 'av'} & set(sys.modules)"
-            "; assert not heavy, heavy")
+            "'o.mp4', '--dtype', 'bf16', '--window-batch', '2']); "
+            "heavy = {'torch', 'diffusers', 'av'} & set(sys.modules); assert not heavy, heavy")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-500:]
 

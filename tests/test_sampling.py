@@ -23,7 +23,8 @@ class CallConstant(torch.nn.Module):
             real = VideoDiT(**config)   # the config and sizes a DiT of this config has
         self.config, self.calls = real.config, 0
         self.in_channels, self.out_channels = real.in_channels, real.out_channels
-        self.frame_multiple, self.spatial_multiple, self.window = real.frame_multiple, real.spatial_multiple, real.window
+        self.frame_multiple, self.spatial_multiple = real.frame_multiple, real.spatial_multiple
+        self.window = real.window
 
     def forward(self, x, t):
         self.calls += 1
@@ -116,7 +117,8 @@ def test_tile_stride_up_to_the_window_still_covers_every_latent():
     predict_noise(default, x, 1.0)                                   # columns 0, 12, 24
     predict_noise(widest, x, 1.0, Tiling(tile_stride=16))            # columns 0, 16, 24
     assert (default.calls, widest.calls) == (3, 3)
-    torch.testing.assert_close(predict_noise(PassThrough(), x, 1.0, Tiling(tile_stride=16)), torch.full((1, 4, 4, 16, 40), 0.7))
+    torch.testing.assert_close(predict_noise(PassThrough(), x, 1.0, Tiling(tile_stride=16)),
+                               torch.full((1, 4, 4, 16, 40), 0.7))
     stub = CallConstant()
     predict_noise(stub, torch.zeros(1, 20, 4, 16, 64), 1.0, Tiling(tile_stride=16))
     assert stub.calls == 4                                           # 64 = 4 x 16: no overlap at all (default: 5)

@@ -93,7 +93,8 @@ def test_text_conditions_the_output():
 
 def test_masked_attention_sdpa_and_math_agree():
     g = torch.Generator().manual_seed(0)   # the dispatcher's layout: (B, N, heads, e)
-    q, k, v = torch.randn(2, 10, 3, 8, generator=g), torch.randn(2, 6, 3, 8, generator=g), torch.randn(2, 6, 3, 8, generator=g)
+    q = torch.randn(2, 10, 3, 8, generator=g)
+    k, v = torch.randn(2, 6, 3, 8, generator=g), torch.randn(2, 6, 3, 8, generator=g)
     mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
     sdpa, math = DispatchProcessor(), DispatchProcessor()
     sdpa._attention_backend, math._attention_backend = "native", "_native_math"

@@ -156,7 +156,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, route_dirs, low_clip, 
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
         assert ("loading weights" in out) == loads, out      # the input and the folder's settings are checked first
 
-    fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir, says="holds a CascadeVPipeline, not a CascadeVUpscalePipeline: use it with cascadev reconstruct")
+    fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir,
+          says="holds a CascadeVPipeline, not a CascadeVUpscalePipeline: use it with cascadev reconstruct")
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", tmp_path, says="not a resize-route model")
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", tmp_path / "nope", says="weights folder not found")
     write_video(tmp_path / "odd.mp4", make_clip(seed=1, frames=3, height=36, width=48), fps=6)
@@ -216,7 +217,8 @@ def test_a_semantic_route_dit_is_refused():
     from vae import build_stage_a
 
     with pytest.raises(ValueError, match="not a resize-route DiT"):
-        CascadeVUpscalePipeline(dit=build_dit("tiny"), vae=build_stage_a("tiny").model, scheduler=make_scheduler("flow"))
+        CascadeVUpscalePipeline(dit=build_dit("tiny"), vae=build_stage_a("tiny").model,
+                                scheduler=make_scheduler("flow"))
 
 
 @pytest.mark.skipif(not (TINY_FPS4X / "model_index.json").is_file(), reason="tiny_fps4x not built")
@@ -250,7 +252,8 @@ def test_init_new_condition_starts_a_resize_dit_from_a_semantic_one(tmp_path):
 
     source = randomize_(build_video_dit("tiny"))
     source.save_pretrained(str(tmp_path / "semantic_dit"))
-    overrides = ["condition.route=resize", "dit.overrides.cond_channels=4", f"dit.init_from={tmp_path / 'semantic_dit'}"]
+    overrides = ["condition.route=resize", "dit.overrides.cond_channels=4",
+                 f"dit.init_from={tmp_path / 'semantic_dit'}"]
     with pytest.raises(RuntimeError, match="size mismatch"):
         build_dit(load_train_config("configs/dit_tiny.yaml", overrides), load_weights=True)
     model = build_dit(load_train_config("configs/dit_tiny.yaml", overrides + ["dit.init_new_condition=true"]), True)

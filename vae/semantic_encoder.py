@@ -4,8 +4,8 @@ As in Stable Cascade / Wuerstchen v3: torchvision ``efficientnet_v2_s().features
 ``mapper`` = Conv2d(1280, 16, 1, bias=False) + BatchNorm2d(16, affine=False), whose running statistics
 normalise the latent to roughly zero mean and unit variance. Parameter names match Stable Cascade's
 ``effnet_encoder.safetensors`` key for key (``backbone.<torchvision features key>``, ``mapper.0.weight``,
-``mapper.1.running_mean`` ...), so the released file loads as is (``SemanticEncoder.from_single_file``). A diffusers model:
-``save_pretrained`` / ``from_pretrained``.
+``mapper.1.running_mean`` ...), so the released file loads as is (``SemanticEncoder.from_single_file``). A diffusers
+model: ``save_pretrained`` / ``from_pretrained``.
 
 ``encode`` returns the raw mapper output, which the Previewer consumes directly. CascadeV multiplies it
 by the latent scale (0.13025, ``vae.stage_a.LATENT_SCALE``) after upsampling, before the DiT; that is
@@ -52,7 +52,8 @@ def check_video(video: torch.Tensor, channels: int, multiple: int, who: str, pix
         raise ValueError(f"{who}: expected a (B, {channels}, T, H, W) tensor, got {shape}")
     if video.shape[1] != channels:
         hint = " (is T before C? expected B C T H W)" if video.shape[2] == channels else ""
-        raise ValueError(f"{who}: expected {channels} channels in (B, C, T, H, W), got shape {tuple(video.shape)}{hint}")
+        raise ValueError(f"{who}: expected {channels} channels in (B, C, T, H, W), "
+                         f"got shape {tuple(video.shape)}{hint}")
     if not video.is_floating_point():
         raise ValueError(f"{who}: expected a float tensor, got {video.dtype}")
     if video.shape[0] == 0 or video.shape[2] == 0:
@@ -173,7 +174,8 @@ def resolve_official_file(path: str | Path | None, filename: str, repo: str = OF
             return Path(hf_hub_download(repo, filename))
         except Exception as e:  # offline, gated, or missing: all mean "get the file yourself"
             raise FileNotFoundError(f"{filename} is not in the Hugging Face cache and could not be downloaded "
-                                    f"({type(e).__name__}); download it from {where} into the weights folder, or pass the file itself") from None
+                                    f"({type(e).__name__}); download it from {where} into the weights folder, "
+                                    "or pass the file itself") from None
     path = Path(path)
     if path.is_dir():
         path = path / filename

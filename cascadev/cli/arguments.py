@@ -62,7 +62,8 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device, precision and speed")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available; under accelerate launch, each "
                                     "process's own GPU)")
-    g.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="the models' precision (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
+                   help="the models' precision (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--attn-fp32", action="store_true",
                    help="in bf16/fp16, keep the DiT's attention in fp32 as the release did (slower)")
     g.add_argument("--window-batch", type=int, default=1,

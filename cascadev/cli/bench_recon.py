@@ -170,8 +170,10 @@ def run(args: argparse.Namespace) -> dict | None:
                     notes[f"fvd_{method}"] = fvd["skipped"]
 
     report = {**results, "videos": done, "skipped": skipped, "notes": notes,
-              "settings": {"size": args.size, "frames": args.frames, "limit": args.limit, "steps": args.steps or pipe.config.num_inference_steps,
-                           "scheduler": args.scheduler or type(pipe.scheduler).__name__, "tiling": args.tiling, "colour_fix": fix, "seed": args.seed,
+              "settings": {"size": args.size, "frames": args.frames, "limit": args.limit,
+                           "steps": args.steps or pipe.config.num_inference_steps,
+                           "scheduler": args.scheduler or type(pipe.scheduler).__name__, "tiling": args.tiling,
+                           "colour_fix": fix, "seed": args.seed,
                            "data": str(data), "fps": args.fps, "preprocess": args.preprocess,
                            "selection": "first videos by file name, first frames at about --fps"},
               "conventions": {m: CONVENTIONS[m] for m in ("psnr", "ssim", "lpips")}}

@@ -32,12 +32,13 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
                    help="semantic: our 16-ch f32 latents; sd-vae: 4-ch f8 latents of an SD/SVD-family VAE (a shortcut "
                         "for --source-vae with --vae and --vae-scale)")
     p.add_argument("--source-vae", metavar="FOLDER_OR_HUB_ID",
-                   help="the latents are another model's: decode them with its diffusers VAE (any class its config.json "
-                        "names: Wan, HunyuanVideo, CogVideoX, LTX-Video, Mochi, Cosmos, SD/SDXL/SD3/Flux, TAESD, SVD), "
+                   help="the latents are another model's: decode them with its diffusers VAE (any class its "
+                        "config.json names: Wan, HunyuanVideo, CogVideoX, LTX-Video, Mochi, Cosmos, SD/SDXL/SD3/Flux, "
+                        "TAESD, SVD), "
                         "then the cascade to --scale / --size")
     p.add_argument("--source-vae-subfolder", metavar="NAME",
-                   help="the VAE's subfolder of a pipeline folder or hub repo (e.g. vae; a local folder's vae/ is found "
-                        "without it)")
+                   help="the VAE's subfolder of a pipeline folder or hub repo (e.g. vae; a local folder's vae/ is "
+                        "found without it)")
     p.add_argument("--raw-latents", action="store_true",
                    help="--source-vae: the file holds the VAE's raw latents (its encoder's output), not the normalised "
                         "ones its text-to-video model's denoiser makes (the default)")
@@ -134,7 +135,8 @@ def run_reconstruct(args: argparse.Namespace) -> None:
             out.write(recon)
             if side is not None:
                 side.write(torch.cat([video.clamp(-1, 1), recon], dim=-1))
-            scores += [psnr(recon[:, :, i:i + 1], video[:, :, i:i + 1]) for i in range(recon.shape[2])]   # float64 by frame
+            # float64 by frame
+            scores += [psnr(recon[:, :, i:i + 1], video[:, :, i:i + 1]) for i in range(recon.shape[2])]
     _report(pipe)
     print(f"PSNR {torch.cat(scores, dim=1).mean().item():.2f} dB (per frame on [0, 1], mean) -> {args.output}")
 

@@ -34,14 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_scheduler_arguments(p, "default: the shipped one")
     p.add_argument("--kind", default=None, help="procedural clip kind (default: what the cascade was trained on)")
     p.add_argument("--colour-fix", type=int, default=None, metavar="N",
-                   help="the cascade's band of N x N pixel blocks from the Previewer (default: the shipped setting; 0: off)")
+                   help="the cascade's band of N x N pixel blocks from the Previewer (default: the shipped setting; "
+                        "0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32",
                    help="the models' precision (bf16 runs on a CPU too; fp32: the shipped numbers)")
     p.add_argument("--weights", default=None, help="another cascade folder (save_pretrained layout)")
     p.add_argument("--distilled", action="store_true",
-                   help="also decode with the built-in distilled decoder (its saved 1-2 steps) beside the cascade at its "
-                        "saved steps and the Previewer")
+                   help="also decode with the built-in distilled decoder (its saved 1-2 steps) beside the cascade at "
+                        "its saved steps and the Previewer")
     p.add_argument("--fps-x4", action="store_true",
                    help="the built-in 4x frame-rate model instead (resize route): input every 4th frame, vs frame "
                         "repetition and blending; --frames counts the input frames")
@@ -147,7 +148,8 @@ def _run(args: argparse.Namespace) -> dict:
     write_video(out_dir / "side_by_side.mp4", torch.cat(panels, dim=2), fps=8)
     rows = torch.cat(panels[0].split(size, dim=-1), dim=-2)     # input / cascade (/ distilled) / baseline, as rows
     write_png_strip(out_dir / "frames.png", rows, max_frames=args.frames)
-    results = {method: {k: torch.cat(v).mean().item() for k, v in metrics.items()} for method, metrics in scores.items()}
+    results = {method: {k: torch.cat(v).mean().item() for k, v in metrics.items()}
+               for method, metrics in scores.items()}
     latent_size = (args.frames, size // STAGE_A_DOWNSAMPLE, size // STAGE_A_DOWNSAMPLE)
     for method, (decoder, options) in decoders.items():     # per clip; the baseline runs no DiT
         sampler = decoder.scheduler_for(options.scheduler)
@@ -167,7 +169,8 @@ def _run(args: argparse.Namespace) -> dict:
     })
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
-    print(f"\n{args.clips} held-out clips, {args.frames} frames at {size}x{size}, {steps} {scheduler_name(scheduler)} steps")
+    print(f"\n{args.clips} held-out clips, {args.frames} frames at {size}x{size}, "
+          f"{steps} {scheduler_name(scheduler)} steps")
     print(f"{'method':<28}{'PSNR':>8}{'SSIM':>8}{'sharp':>8}{'steps':>7}{'DiT fwd':>9}")
     for method in methods:
         r = results[method]

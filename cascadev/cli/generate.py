@@ -11,7 +11,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     from cascadev.cli.arguments import add_runtime_arguments, add_tiling_arguments
 
     p.add_argument("prompt", help="what the video shows")
-    p.add_argument("-o", "--output", required=True, help="video file (.mp4); with --num N > 1, OUT_0.mp4 ... OUT_{N-1}.mp4")
+    p.add_argument("-o", "--output", required=True,
+                   help="video file (.mp4); with --num N > 1, OUT_0.mp4 ... OUT_{N-1}.mp4")
     p.add_argument("--frames", type=int, help="number of frames (default: the base model's trained clip length)")
     p.add_argument("--size", help="WxH in pixels, multiples of 32 (default: the base model's window, 32 x its "
                                   "window_size per side)")
@@ -34,8 +35,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-steps", type=int, help="LDM-VAE decoder steps (default: the decoder's saved steps; 4 for "
                                                     "the built-in model's, 8 for the release's)")
     g.add_argument("--colour-fix", type=int, metavar="N",
-                   help="the decoder's band of N x N pixel blocks from the Previewer (StableSR's colour fix; default: the "
-                        "decoder's saved setting, 16 for the built-in model; 0: off)")
+                   help="the decoder's band of N x N pixel blocks from the Previewer (StableSR's colour fix; "
+                        "default: the decoder's saved setting, 16 for the built-in model; 0: off)")
     add_tiling_arguments(g)
     g.add_argument("--fps", type=float, default=8.0, help="frame rate written in the video file")
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")

@@ -1,8 +1,8 @@
 """What the cascade's command-line options (declared in ``arguments.py``) do: check them, load and prepare the
-pipeline, and the ``decode`` arguments they give (the device and precision they name: ``pipelines/runtime.py``). ``cascadev reconstruct`` / ``decode`` (``cascadev/cli/decode.py``)
-and ``cascadev bench-recon`` (``cli/bench_recon.py``) use all of it; ``cascadev generate`` and ``upscale`` the
-tiling, device, precision and speed parts (``check_runtime_args``, ``prepare_pipeline``, ``tiling_of``) over any
-``DecoderRuntimeMixin`` pipeline."""
+pipeline, and the ``decode`` arguments they give (the device and precision they name: ``pipelines/runtime.py``).
+``cascadev reconstruct`` / ``decode`` (``cascadev/cli/decode.py``) and ``cascadev bench-recon``
+(``cli/bench_recon.py``) use all of it; ``cascadev generate`` and ``upscale`` the tiling, device, precision and speed
+parts (``check_runtime_args``, ``prepare_pipeline``, ``tiling_of``) over any ``DecoderRuntimeMixin`` pipeline."""
 
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def check_crf(crf: int) -> None:
 
 
 def tiling_of(args, config) -> Tiling:
-    """``--tiling``, ``--tile-stride`` and ``--frame-stride``, checked against the loaded DiT's window (its ``config``): a stride
-    longer than the window would leave latents no window covers."""
+    """``--tiling``, ``--tile-stride`` and ``--frame-stride``, checked against the loaded DiT's window (its
+    ``config``): a stride longer than the window would leave latents no window covers."""
     for option, stride, size in (("--tile-stride", args.tile_stride, config.window_size),
                                  ("--frame-stride", args.frame_stride, config.window_frames)):
         if stride is not None and stride > size:

@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> None:
     T2, H2, W2 = pipe.output_shape(T, H, W)
     print(f"{'x'.join(map(str, (W, H)))} at {fps:g} fps, {T} frames -> {W2}x{H2} at {fps * kt:g} fps, {T2} frames "
           f"(spatial x{ks}, temporal x{kt})", flush=True)
-    sample_kw = dict(steps=args.steps, seed=args.seed, scheduler=pipe.scheduler_for(args.scheduler, args.force_scheduler),
+    sample_kw = dict(steps=args.steps, seed=args.seed,
+                     scheduler=pipe.scheduler_for(args.scheduler, args.force_scheduler),
                      tiling=tiling_of(args, pipe.dit.config), window_batch=args.window_batch)
     keep = None if video is None else (not args.regenerate_input_frames and ks == 1)
     paths = output_paths(args.output, (video if video is not None else latents).shape[0])
@@ -190,7 +191,8 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         pipe = load_upscale(weights).to("cpu").set_precision(DTYPES[args.dtype])
         ks, kt = pipe.factors
         if ks != 1:
-            raise UserError(f"{weights}: a {ks}x resolution model; --fps-x4 shows a frame-rate model (spatial_factor 1)")
+            raise UserError(f"{weights}: a {ks}x resolution model; --fps-x4 shows a frame-rate model "
+                            "(spatial_factor 1)")
         settings = pipe.config.demo or {}
         kind = args.kind or settings.get("kind", "shapes")
         size = args.size or settings.get("size", 128)
@@ -209,7 +211,8 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
             low = truth[:, :, ::kt]
             raw = pipe.upscale(video=low, steps=steps, seed=args.seed + i, scheduler=scheduler, colour_fix=0,
                                progress=False)
-            outputs = {"ours": raw, "blend": temporal_upsample(low, kt, frames), "repeat": low.repeat_interleave(kt, dim=2)}
+            outputs = {"ours": raw, "blend": temporal_upsample(low, kt, frames),
+                       "repeat": low.repeat_interleave(kt, dim=2)}
             if fix:      # the same sample with the colour fix, as pipe.upscale(video=low) gives it
                 fixed = fix_colour(raw.clone(), pipe.colour_reference(low, 0, frames), fix)
                 fixed[:, :, ::kt] = low
@@ -219,7 +222,8 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
                     scores[m]["psnr" + suffix].append(psnr(out[:, :, idx], truth[:, :, idx]))
                     scores[m]["ssim" + suffix].append(ssim(out[:, :, idx], truth[:, :, idx]))
                 scores[m]["sharpness"].append(torch.tensor([sharpness(out[:, :, between], truth[:, :, between])]))
-            panels.append(torch.cat([truth, *(outputs[m] for m in methods[:3])], dim=-1))   # truth | ours | blend | repeat
+            # truth | ours | blend | repeat
+            panels.append(torch.cat([truth, *(outputs[m] for m in methods[:3])], dim=-1))
             print(f"clip {i + 1}/{args.clips} (seed {seed}): PSNR between input frames: " + ", ".join(
                 f"{m} {scores[m]['psnr'][-1].mean():.2f} dB" for m in methods), flush=True)
     out_dir = Path(args.output)
@@ -231,8 +235,9 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         "clips": args.clips, "input_frames": args.frames, "output_frames": frames, "size": [size, size], "kind": kind,
         "seeds": seeds, "steps": steps, "colour_fix": fix, "weights": str(weights), "temporal_factor": kt,
         "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over the frames "
-                       "strictly between input frames; *_tail: the frames after the last input frame; sharpness: spectral "
-                       "energy above 1/16 cycle per pixel of the frames between input frames as a fraction of the "
+                       "strictly between input frames; *_tail: the frames after the last input frame; sharpness: "
+                       "spectral energy above 1/16 cycle per pixel of the frames between input frames as a fraction "
+                       "of the "
                        "truth's, per clip on the float frames, mean over clips",
         "seconds": round(time.perf_counter() - start, 1)})
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -119,11 +119,13 @@ def load_scheduler(folder: str | Path) -> SchedulerMixin:
     """A scheduler saved by ``save_pretrained`` (``scheduler_config.json``), one of ``SCHEDULERS``' classes."""
     config_file = Path(folder) / "scheduler_config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{folder}: no scheduler_config.json (a folder written by a scheduler's save_pretrained)")
+        raise FileNotFoundError(f"{folder}: no scheduler_config.json "
+                                "(a folder written by a scheduler's save_pretrained)")
     name = json.loads(config_file.read_text()).get("_class_name")
     cls = next((c for c in SCHEDULERS.values() if c.__name__ == name), None)
     if cls is None:
-        raise ValueError(f"{config_file}: scheduler {name!r} is not one of {', '.join(c.__name__ for c in SCHEDULERS.values())}")
+        raise ValueError(f"{config_file}: scheduler {name!r} is not one of "
+                         f"{', '.join(c.__name__ for c in SCHEDULERS.values())}")
     return cls.from_pretrained(folder)
 
 
@@ -133,7 +135,8 @@ def scheduler_name(scheduler: SchedulerMixin) -> str:
 
 
 def window_starts(length: int, size: int, stride: int) -> list[int]:
-    """Start indices of windows of ``size`` every ``stride`` over ``length``, the last moved back to end at ``length``."""
+    """Start indices of windows of ``size`` every ``stride`` over ``length``, the last moved back to end at
+    ``length``."""
     starts, begin = [], 0
     while begin + size < length:
         starts.append(begin)
@@ -156,9 +159,9 @@ def grid_offset(step: int, size: int, multiple: int) -> int:
 
 
 def shifted_spans(length: int, size: int, offset: int, multiple: int) -> list[slice]:
-    """Non-overlapping spans covering [0, length) with boundaries at ``offset`` + k * ``size``. A span at an edge shorter
-    than half a window is merged into its neighbour and the pair split in two halves (at a multiple of ``multiple``),
-    so every window keeps between half a window and a window of context."""
+    """Non-overlapping spans covering [0, length) with boundaries at ``offset`` + k * ``size``. A span at an edge
+    shorter than half a window is merged into its neighbour and the pair split in two halves (at a multiple of
+    ``multiple``), so every window keeps between half a window and a window of context."""
     if length <= size:
         return [slice(0, length)]
     cuts = [0, *range(offset % size or size, length, size), length]
@@ -279,7 +282,8 @@ def _crops_eps(model, x: torch.Tensor, t: torch.Tensor, crops: list[Crop], windo
     return out
 
 
-def _distributed_eps(model, x: torch.Tensor, t: torch.Tensor, crops: list[Crop], window_batch: int) -> list[torch.Tensor]:
+def _distributed_eps(model, x: torch.Tensor, t: torch.Tensor, crops: list[Crop],
+                     window_batch: int) -> list[torch.Tensor]:
     """``_crops_eps`` with the crops of each size split across the process group's ranks and the eps all-gathered."""
     from cascadev.pipelines.distributed import gather_eps, share, world
 
@@ -309,7 +313,8 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
     c = model.config
     tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
     if x.ndim != 5 or x.shape[1] != model.in_channels:
-        raise ValueError(f"predict_noise expects (B, {model.in_channels}, T, H, W) = noisy latent + condition, got {tuple(x.shape)}")
+        raise ValueError(f"predict_noise expects (B, {model.in_channels}, T, H, W) = noisy latent + condition, "
+                         f"got {tuple(x.shape)}")
     if window_batch < 1:
         raise ValueError(f"window_batch must be >= 1, got {window_batch}")
     B, _, T, H, W = x.shape

@@ -72,7 +72,8 @@ def config_of(model: torch.nn.Module):
 
 
 def scheduler_for(diffusion) -> SchedulerMixin:
-    """Stage C's sampler for a training objective: flow Euler at the trained shift for rectified flow, else DPM-Solver++."""
+    """Stage C's sampler for a training objective: flow Euler at the trained shift for rectified flow, else
+    DPM-Solver++."""
     return scheduler_for_objective(diffusion, DEFAULT_SCHEDULER)
 
 
@@ -94,7 +95,8 @@ def guided_noise(model: TextDiT, x: torch.Tensor, t: torch.Tensor | float, text:
         return model(x.to(dtype), t, *text)[:, :C].float()
     if null_text is None:
         raise ValueError(f"guidance {guidance} needs the unconditional (negative prompt) embedding")
-    eps_null, eps_text = model(torch.cat([x, x]).to(dtype), torch.cat([t, t]), *cat_text(null_text, text))[:, :C].float().chunk(2)
+    eps = model(torch.cat([x, x]).to(dtype), torch.cat([t, t]), *cat_text(null_text, text))
+    eps_null, eps_text = eps[:, :C].float().chunk(2)
     return eps_null + guidance * (eps_text - eps_null)
 
 
@@ -193,8 +195,9 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         self.register_to_config(stage_a=stage_a, num_inference_steps=num_inference_steps, colour_fix=colour_fix)
         for module in (text_encoder, base):
             module.eval().requires_grad_(False)
-        self.cascade = CascadeVPipeline(dit=dit, semantic_encoder=None, vae=vae, scheduler=scheduler, previewer=previewer,
-                                        stage_a=stage_a, num_inference_steps=num_inference_steps, colour_fix=colour_fix)
+        self.cascade = CascadeVPipeline(dit=dit, semantic_encoder=None, vae=vae, scheduler=scheduler,
+                                        previewer=previewer, stage_a=stage_a, num_inference_steps=num_inference_steps,
+                                        colour_fix=colour_fix)
         self.timings: dict[str, float] = {}
 
     @classmethod
