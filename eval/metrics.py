@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from vae.semantic_encoder import check_video
+from cascadev.checks import check_video
 
 PSNR_CAP_DB = 100.0
 SSIM_KERNEL_SIZE = 11

@@ -73,7 +73,7 @@ def _torchrun(tmp_path, *argv) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_cli_decode_on_two_processes_writes_what_one_writes(tmp_path, capsys, tiny_pipeline_dir):
-    from cascadev.pipelines.cascade import save_latents
+    from cascadev.pipelines.latents import save_latents
     from cascadev.video_io import read_video
 
     z = tmp_path / "z.safetensors"   # 8 frames at 192x256 px: 3 windows x 2 x 3 tiles on the tiny DiT

@@ -74,7 +74,7 @@ def good(tmp_path_factory, tiny_pipeline_dir, clip_file):
 
 
 def check_outputs_readable(paths: set[Path]) -> None:
-    from cascadev.pipelines.cascade import read_latents
+    from cascadev.pipelines.latents import read_latents
     from cascadev.video_io import iter_video
 
     for path in (f for p in paths for f in ([p] if p.is_file() else p.rglob("*"))):

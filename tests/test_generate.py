@@ -3,7 +3,8 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import run_cli
-from cascadev.pipelines.cascade import CascadeVPipeline, load_latents
+from cascadev.pipelines.cascade import CascadeVPipeline
+from cascadev.pipelines.latents import load_latents
 from cascadev.pipelines.text_to_video import TextToVideoPipeline, guided_noise, make_scheduler, repeat_text, sample_base
 from cascadev.training.diffusion import DiffusionConfig, build_diffusion
 from cascadev.training.losses import base_training_loss

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from helpers import ROOT, run_cli, tiny_cascade
-from cascadev.pipelines.cascade import (CascadeVPipeline, load_latents, resolve_colour_fix, save_latents,
-                                        seeded_noise)
+from cascadev.pipelines.cascade import CascadeVPipeline, resolve_colour_fix, seeded_noise
+from cascadev.pipelines.latents import load_latents, save_latents
 from cascadev.pipelines.frames import round_size
 from cascadev.video_io import read_video, video_info
 

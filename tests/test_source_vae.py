@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from helpers import run_cli
-from cascadev.pipelines.cascade import CascadeVPipeline, save_latents
+from cascadev.pipelines.cascade import CascadeVPipeline
+from cascadev.pipelines.latents import save_latents
 from cascadev.pipelines.source_vae import SourceVAE
 from cascadev.synthetic import make_clip
 from cascadev.video_io import video_info

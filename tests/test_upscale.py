@@ -93,7 +93,7 @@ def test_pipeline_output_shapes(factors, shape):
 
 @pytest.mark.parametrize("route,size,frames,fps", [("x4", (192, 128), 3, 6.0), ("fps4", (48, 32), 12, 24.0)])
 def test_cli_upscale_video_and_latents(tmp_path, capsys, route_dirs, low_clip, route, size, frames, fps):
-    from cascadev.pipelines.cascade import save_latents
+    from cascadev.pipelines.latents import save_latents
     from cascadev.video_io import read_video, video_info
 
     out = tmp_path / "up.mp4"

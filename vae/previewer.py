@@ -22,7 +22,8 @@ from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 
 from cascadev.weights import CascadeModel, build_preset
-from vae.semantic_encoder import check_video, load_official_weights, resolve_official_file
+from cascadev.checks import check_video
+from vae.semantic_encoder import load_official_weights, resolve_official_file
 
 UPSAMPLE = 8                    # three stride-2 transposed convs
 OFFICIAL_FILE = "previewer.safetensors"

@@ -37,7 +37,7 @@ import torch.nn as nn
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from vae.semantic_encoder import check_video
+from cascadev.checks import check_video
 
 LATENT_SCALE = 0.13025          # CascadeV's latent scale (both latents are multiplied by it before the DiT)
 DOWNSAMPLE = 8                  # Stage A: f8

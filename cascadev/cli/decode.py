@@ -93,7 +93,7 @@ def shared_windows_only(pipe, latents: torch.Tensor, decode_kw: dict) -> bool:
 def run_reconstruct(args: argparse.Namespace) -> None:
     import torch
 
-    from cascadev.pipelines.cascade import check_latents_output, save_latents
+    from cascadev.pipelines.latents import check_latents_output, save_latents
     from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.pipelines.frames import check_colour_fix, frames_per_piece, infer_size, resize_video
     from cascadev.video_io import VideoWriter, check_video_output, iter_video, video_info
@@ -145,7 +145,8 @@ SD_VAE_SCALE = 0.18215          # --latent-space sd-vae: the SD / SVD VAEs' late
 
 
 def run_decode(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, read_latents
+    from cascadev.pipelines.latents import read_latents
+    from cascadev.pipelines.frames import SEMANTIC_CHANNELS
     from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.video_io import VideoWriter, check_video_output, output_paths
 
@@ -202,7 +203,7 @@ def decode_source(args: argparse.Namespace):
     arguments, the file's metadata). Everything is checked before the VAE's weights load."""
     import torch
 
-    from cascadev.pipelines.cascade import read_latents
+    from cascadev.pipelines.latents import read_latents
     from cascadev.weights import is_hub_id
     from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.pipelines.runtime import DTYPES, resolve_device

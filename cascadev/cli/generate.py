@@ -56,7 +56,8 @@ def run_generate(args: argparse.Namespace) -> None:
     from cascadev.pipelines.frames import check_colour_fix
     from cascadev.cli.options import check_crf, check_runtime_args, prepare_pipeline, tiling_of
     from cascadev.pipelines.text_to_video import check_request, load_text_to_video
-    from cascadev.pipelines.cascade import check_latents_output, resolve_colour_fix, save_latents
+    from cascadev.pipelines.cascade import resolve_colour_fix
+    from cascadev.pipelines.latents import check_latents_output, save_latents
     from cascadev.video_io import check_video_output, output_paths, write_video
 
     if args.num < 1:

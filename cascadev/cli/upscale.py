@@ -67,7 +67,7 @@ def _read_input(args):
     """(video or None, latents or None, input fps): the input, checked, before the weights load."""
     import torch
 
-    from cascadev.pipelines.cascade import LATENTS_SUFFIXES, read_latents
+    from cascadev.pipelines.latents import LATENTS_SUFFIXES, read_latents
     from cascadev.video_io import read_video, video_info
 
     if Path(args.input).suffix in LATENTS_SUFFIXES:

@@ -25,23 +25,21 @@ from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from cascadev.checks import check_video
 from cascadev.config import to_dict
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
 from cascadev.pipelines.sampling import Tiling, make_scheduler, sample
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.frames import SEMANTIC_DOWNSAMPLE, check_colour_fix, fix_colour, resize_video
-from cascadev.weights import atomic_write, is_hub_id
+from cascadev.weights import is_hub_id
 from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
-from vae.semantic_encoder import SemanticEncoder, check_video, resolve_official_file
+from vae.semantic_encoder import SemanticEncoder, resolve_official_file
 from vae.stage_a import PRESETS as STAGE_A_PRESETS
 from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE, stage_a_settings
 
 COND_UPSAMPLE = 4               # semantic latent grid -> Stage A latent grid (f32 -> f8)
-SEMANTIC_CHANNELS = 16
 RELEASE_STEPS = 8               # the release's recon: 8 Euler-ancestral steps
 DIT_REPO, DIT_FILE = "ByteDance/CascadeV", "s1024.effn-f32.pth"
 STABLE_CASCADE_REPO = "stabilityai/StableWurst"   # effnet_encoder / previewer, as the release downloads them
@@ -87,87 +85,6 @@ class DecodeOptions:
     distributed: bool = False
     callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
     progress: bool = True
-
-
-# -- latents files -------------------------------------------------------------------------------
-
-LATENTS_SUFFIXES = (".safetensors", ".pt", ".pth")
-
-
-def check_latents_output(path: str | Path, option: str = "--latents-out") -> Path:
-    """A latents file name we can write (and read back), checked before any compute."""
-    path = Path(path)
-    if path.is_dir() or path.suffix not in LATENTS_SUFFIXES:
-        raise ValueError(f"{option} {path}: give a file ending in {' or '.join(LATENTS_SUFFIXES)}")
-    return path
-
-
-def save_latents(path: str | Path, latents: torch.Tensor, **metadata: str) -> None:
-    """Write (B, C, T, h, w) latents, atomically, in the format the suffix names: safetensors (key ``latents``, the
-    metadata as the file's metadata) or torch (.pt / .pth: {"latents", "metadata"}). ``load_latents`` reads both."""
-    path = check_latents_output(path, "save_latents:")
-    tensor = latents.detach().float().contiguous().cpu()
-    meta = {"layout": "B C T H W", **{k: str(v) for k, v in metadata.items()}}
-    if path.suffix == ".safetensors":
-        atomic_write(path, lambda tmp: save_file({"latents": tensor}, tmp, metadata=meta))
-    else:
-        atomic_write(path, lambda tmp: torch.save({"latents": tensor, "metadata": meta}, tmp))
-
-
-def load_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> torch.Tensor:
-    """Read latents saved by us or anyone: .safetensors (key ``latents`` or a single tensor) or .pt
-    (a tensor or a dict with ``latents``); (C, T, h, w) or (B, C, T, h, w). Returns (B, C, T, h, w) float32."""
-    return read_latents(path, channels)[0]
-
-
-def read_latents(path: str | Path, channels: int | None = SEMANTIC_CHANNELS) -> tuple[torch.Tensor, dict[str, str]]:
-    """``load_latents`` and, from the same read, the metadata ``save_latents`` stored (empty for others' files).
-    ``channels=None``: any (the caller checks them)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: latents file not found")
-    try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), "pt") as f:
-                metadata = dict(f.metadata() or {})
-                blob = {key: f.get_tensor(key) for key in f.keys()}
-        elif path.suffix in (".pt", ".pth"):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            metadata = dict(blob.get("metadata") or {}) if isinstance(blob, dict) else {}
-            if isinstance(blob, dict) and "latents" in blob:
-                blob = blob["latents"]
-        else:
-            raise ValueError(f"{path}: latents must be a .safetensors or .pt file")
-    except ValueError:
-        raise
-    except Exception as e:  # corrupt file: one line, not a pickle traceback
-        raise ValueError(f"{path}: cannot read latents ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if isinstance(blob, dict):
-        if "latents" in blob:
-            blob = blob["latents"]
-        elif len(blob) == 1:
-            blob = next(iter(blob.values()))
-        else:
-            raise ValueError(f"{path}: expected one tensor or a 'latents' entry, found keys {sorted(blob)}")
-    if not isinstance(blob, torch.Tensor):
-        raise ValueError(f"{path}: expected a tensor, found {type(blob).__name__}")
-    z = blob.float()
-    if z.ndim == 4:
-        z = z[None]
-    if z.ndim != 5 or z.shape[1] != (channels or z.shape[1]):
-        hint = ""
-        if z.ndim == 5 and z.shape[2] == channels:
-            hint = " (is T before C? expected B C T H W)"
-        elif z.ndim == 5 and channels == SEMANTIC_CHANNELS:
-            hint = (f" ({z.shape[1]}-channel latents of another model? decode them through its VAE: decode --source-vae, "
-                    "or CascadeVPipeline.decode_from)")
-        c = channels or "C"
-        raise ValueError(f"{path}: expected latents ({c}, T, h, w) or (B, {c}, T, h, w), got {tuple(blob.shape)}{hint}")
-    if z.numel() == 0:
-        raise ValueError(f"{path}: latents {tuple(z.shape)} have a zero-sized dimension")
-    if not torch.isfinite(z).all():
-        raise ValueError(f"{path}: latents contain NaN or inf values")
-    return z, metadata
 
 
 # -- loading the parts -----------------------------------------------------------------------------

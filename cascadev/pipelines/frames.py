@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 SEMANTIC_DOWNSAMPLE = 32        # Stage B latent: f32, so frame sizes are multiples of 32
+SEMANTIC_CHANNELS = 16          # Stage B latent channels (the semantic encoder's 1x1 conv to 16, as Stable Cascade)
 
 
 def round_size(height: int, width: int, long_side: int | None = None,

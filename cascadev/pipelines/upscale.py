@@ -35,7 +35,7 @@ from cascadev.pipelines.conditioning import temporal_upsample, upsample_conditio
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.sampling import Tiling, sample
 from dit.video_dit import VideoDiT
-from vae.semantic_encoder import check_video
+from cascadev.checks import check_video
 from vae.stage_a import DOWNSAMPLE, StageAVAE, stage_a_settings
 
 PIPELINE_CLASS = "CascadeVUpscalePipeline"

@@ -125,7 +125,7 @@ class BaseTask:
         process, latents sampled for the first clip's caption (``val_sample_steps`` steps, default guidance) saved
         as ``samples/step_N.safetensors``: ``cascadev decode`` turns them into video."""
         from cascadev.pipelines.text_to_video import DEFAULT_GUIDANCE, from_model, sample_base, scheduler_for, to_model
-        from cascadev.pipelines.cascade import save_latents
+        from cascadev.pipelines.latents import save_latents
 
         model = prepared["model"]
         model.eval()
