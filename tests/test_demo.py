@@ -15,8 +15,8 @@ def test_demo_runs_on_any_cascade_folder(tmp_path, capsys, tiny_pipeline_dir):
     for method in ("cascade", "baseline", "cascade_without_colour_fix"):
         assert 0 < results[method]["psnr"] < 100 and -1 <= results[method]["ssim"] <= 1
     assert results["colour_fix"] == 32 and results["cascade"] != results["cascade_without_colour_fix"]
-    for method in ("cascade", "baseline", "cascade_without_colour_fix"):
-        assert results[method]["sharpness"] > 0
+    for method in ("cascade", "baseline", "cascade_without_colour_fix"):   # random weights: near-flat frames
+        assert 0 <= results[method]["sharpness"] < 10
     # one step, 64 px: Stage A latents 8 x 8, one window of the tiny DiT per clip; the Previewer runs no DiT
     assert (results["cascade"]["steps"], results["cascade"]["dit_forwards"]) == (1, 1)
     assert (results["baseline"]["steps"], results["baseline"]["dit_forwards"]) == (0, 0)

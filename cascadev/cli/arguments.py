@@ -24,9 +24,7 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                                              "release)")
     add_scheduler_arguments(g, "default: the folder's saved sampler (flow for the built-in tiny cascade), else euler_a")
     add_tiling_arguments(g)
-    g.add_argument("--colour-fix", type=int, metavar="N",
-                   help="take the band of N x N pixel blocks and below from the Previewer (StableSR's colour fix; "
-                        "default: the folder's saved setting, 16 for the built-in tiny cascade; 0: off)")
+    add_colour_fix_argument(g, "the Previewer's decoding of the latents")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     g.add_argument("--noise", default="cpu", choices=["cpu", "device"],
                    help="cpu: drawn on the CPU, the same on every device (default); device: one generator on the "
@@ -34,6 +32,13 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                         "CUDA: its exact stream)")
     add_runtime_arguments(p)
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+
+
+def add_colour_fix_argument(g, reference: str) -> None:
+    """``--colour-fix N``: StableSR's colour fix against ``reference`` (in words), the folder's setting by default."""
+    g.add_argument("--colour-fix", type=int, metavar="N",
+                   help=f"take the band of N x N pixel blocks and below from {reference} (StableSR's colour fix; "
+                        "default: the folder's saved setting, 16 for the built-in models; 0: off)")
 
 
 def add_scheduler_arguments(g, default_help: str) -> None:

@@ -23,7 +23,7 @@ DISTILLED = ASSETS.parent / "tiny_distilled"     # its DiT distilled to fewer st
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.cli.arguments import DTYPE_NAMES, add_scheduler_arguments
+    from cascadev.cli.arguments import DTYPE_NAMES, add_colour_fix_argument, add_scheduler_arguments
 
     p.add_argument("-o", "--output", default="demo_out", metavar="DIR", help="where videos and results go")
     p.add_argument("--clips", type=int, default=4, help="held-out clips to reconstruct")
@@ -33,9 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the shipped setting)")
     add_scheduler_arguments(p, "default: the shipped one")
     p.add_argument("--kind", default=None, help="procedural clip kind (default: what the cascade was trained on)")
-    p.add_argument("--colour-fix", type=int, default=None, metavar="N",
-                   help="the cascade's band of N x N pixel blocks from the Previewer (default: the shipped setting; "
-                        "0: off)")
+    add_colour_fix_argument(p, "the Previewer's decoding of the latents")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32",
                    help="the models' precision (bf16 runs on a CPU too; fp32: the shipped numbers)")

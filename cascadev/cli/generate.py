@@ -8,7 +8,7 @@ from cascadev.errors import UserError
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.cli.arguments import add_runtime_arguments, add_tiling_arguments
+    from cascadev.cli.arguments import add_colour_fix_argument, add_runtime_arguments, add_tiling_arguments
 
     p.add_argument("prompt", help="what the video shows")
     p.add_argument("-o", "--output", required=True,
@@ -34,9 +34,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                                      "decoder saved in WEIGHTS)")
     g.add_argument("--decode-steps", type=int, help="LDM-VAE decoder steps (default: the decoder's saved steps; 4 for "
                                                     "the built-in model's, 8 for the release's)")
-    g.add_argument("--colour-fix", type=int, metavar="N",
-                   help="the decoder's band of N x N pixel blocks from the Previewer (StableSR's colour fix; "
-                        "default: the decoder's saved setting, 16 for the built-in model; 0: off)")
+    add_colour_fix_argument(g, "the Previewer's decoding of the latents")
     add_tiling_arguments(g)
     g.add_argument("--fps", type=float, default=8.0, help="frame rate written in the video file")
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")

@@ -10,7 +10,8 @@ from cascadev.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.cli.arguments import add_runtime_arguments, add_scheduler_arguments, add_tiling_arguments
+    from cascadev.cli.arguments import (add_colour_fix_argument, add_runtime_arguments, add_scheduler_arguments,
+                                        add_tiling_arguments)
 
     p.add_argument("input", help="low video (mp4, mkv, ...) or its Stage A latents (.safetensors or .pt, (4, T, h, w) "
                                  "or (B, 4, T, h, w), scaled as Stage A encodes them)")
@@ -27,9 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                       "Stage A scale_factor)")
     p.add_argument("--regenerate-input-frames", action="store_true",
                    help="frame rate: let the DiT redo the given frames too (default: they are output as given)")
-    p.add_argument("--colour-fix", type=int, metavar="N",
-                   help="the output's band of N x N pixel blocks from the input brought to its grid (StableSR's colour "
-                        "fix; default: the folder's saved setting, 16 for tiny_fps4x; 0: off)")
+    add_colour_fix_argument(p, "the input brought to the output's grid")
     p.add_argument("--compare", help="also write the input (repeated, resized) | output side by side here (.mp4)")
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, help="denoising steps (default: the folder's saved setting)")
