@@ -137,3 +137,37 @@ def test_a_missing_teacher_is_one_line_naming_the_file_and_where_to_get_it(clips
         load_train_config(DISTILL_TINY, ["distill.teacher=null"])
     with pytest.raises(ConfigError, match="teacher_scheduler"):
         load_train_config(DISTILL_TINY, ["distill.teacher_scheduler=fast"])
+
+
+def test_builtin_distilled_decoder_shares_the_tiny_cascades_parts_and_decodes_in_one_step():
+    from cascadev.pipelines.cascade import (SHARED_PARTS_FILE, TINY_CASCADE, TINY_DISTILLED, CascadeVPipeline,
+                                            load_cascade)
+    from cascadev.pipelines.sampling import scheduler_name
+
+    stored = sum(f.stat().st_size for f in TINY_DISTILLED.rglob("*") if f.is_file())
+    assert stored < 4 * 2 ** 20                                    # the DiT in fp16 and configs only
+    assert not (TINY_DISTILLED / "vae").exists() and (TINY_DISTILLED / SHARED_PARTS_FILE).is_file()
+    pipe = CascadeVPipeline.from_pretrained(str(TINY_DISTILLED))
+    teacher = CascadeVPipeline.from_pretrained(str(TINY_CASCADE))
+    for part in ("semantic_encoder", "vae", "previewer"):
+        ours, theirs = getattr(pipe, part).state_dict(), getattr(teacher, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    assert pipe.dit.dtype == torch.float32                         # stored in fp16, runs in fp32
+    assert pipe.config.num_inference_steps == 1 and scheduler_name(pipe.scheduler) == "flow"
+    assert (pipe.config.colour_fix, pipe.config.demo) == (teacher.config.colour_fix, teacher.config.demo)
+    # load_cascade (the CLI's loader): the Previewer only where asked for, a part given replaces the shared one
+    assert load_cascade(TINY_DISTILLED, with_previewer=False).previewer is None
+    from cascadev.synthetic import make_clip
+    video = make_clip(100_000, 2, 64, 64, "shapes")[None]
+    out = pipe.reconstruct(video, progress=False)
+    assert out.shape == video.shape and torch.isfinite(out).all()
+
+
+def test_a_shared_part_that_is_missing_is_one_line(tmp_path):
+    import shutil
+    from cascadev.pipelines.cascade import SHARED_PARTS_FILE, TINY_DISTILLED, CascadeVPipeline
+
+    folder = tmp_path / "copy"
+    shutil.copytree(TINY_DISTILLED, folder)          # ../tiny_cascade/... is not beside the copy
+    with pytest.raises(FileNotFoundError, match=f"{SHARED_PARTS_FILE}: its .* is ../tiny_cascade/"):
+        CascadeVPipeline.from_pretrained(str(folder))

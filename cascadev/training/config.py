@@ -123,13 +123,15 @@ class DistillSection:
     # frames: phase-free, so a blurred guess cannot lower it (the MSE alone prefers the blur where it is unsure)
     detail_weight: float = 0.0
     detail_frames: int = 1                         # frames of each window decoded for it, at random (costly)
+    detail_size: int = 0                           # a random square of this many latent px decoded for it; 0: all
     detail_cutoff: float = 0.0625                  # cycles per pixel: eval.metrics.sharpness's band
 
     def __post_init__(self):
         if self.student_steps < 1 or (self.teacher_steps is not None and self.teacher_steps < 1):
             raise ValueError("distill.student_steps and distill.teacher_steps must be >= 1")
-        if self.detail_weight < 0 or self.detail_frames < 1 or not 0 <= self.detail_cutoff < 0.5:
-            raise ValueError("need distill.detail_weight >= 0, detail_frames >= 1, 0 <= detail_cutoff < 0.5")
+        if self.detail_weight < 0 or self.detail_frames < 1 or self.detail_size < 0 or not 0 <= self.detail_cutoff < 0.5:
+            raise ValueError("need distill.detail_weight >= 0, detail_frames >= 1, detail_size >= 0, "
+                             "0 <= detail_cutoff < 0.5")
         from cascadev.pipelines.sampling import SCHEDULERS
         if self.teacher_scheduler is not None and self.teacher_scheduler not in SCHEDULERS:
             raise ValueError(f"distill.teacher_scheduler {self.teacher_scheduler!r}: choose from {sorted(SCHEDULERS)}")

@@ -128,14 +128,23 @@ class DistillTask(DiTTask):
         student, target = self.samples(prepared["model"], cond, noise, generator, accelerator)
         losses = distill_losses(student, target)
         if d.detail_weight > 0:
-            frames = torch.randperm(x0.shape[2], generator=generator, device=generator.device)[:d.detail_frames]
-            frames = frames.to(x0.device)
+            crop = self.detail_crop(x0.shape, generator)
             with torch.no_grad():
-                reference = self.stage_a.decode_window(target[:, :, frames])
-            losses["detail"] = detail_loss(self.stage_a.decode_window(student[:, :, frames]), reference, d.detail_cutoff)
+                reference = self.stage_a.decode_window(target[crop])
+            losses["detail"] = detail_loss(self.stage_a.decode_window(student[crop]), reference, d.detail_cutoff)
             losses["loss"] = losses["loss"] + d.detail_weight * losses["detail"]
         accelerator.backward(losses["loss"].mean() / accum)
         return {k: v.detach().mean() for k, v in losses.items()}
+
+    def detail_crop(self, shape: tuple, generator: torch.Generator) -> tuple:
+        """Index of what the detail loss decodes in latents (B, C, T, h, w): ``detail_frames`` random frames and a
+        random ``detail_size`` square (the decoder is convolutional: a crop costs its share of the window)."""
+        d, (T, h, w) = self.config.distill, shape[2:]
+        frames = torch.randperm(T, generator=generator, device=generator.device)[:d.detail_frames].tolist()
+        size_y, size_x = (min(d.detail_size, h), min(d.detail_size, w)) if d.detail_size else (h, w)
+        top = int(torch.randint(h - size_y + 1, (1,), generator=generator, device=generator.device))
+        left = int(torch.randint(w - size_x + 1, (1,), generator=generator, device=generator.device))
+        return (slice(None), slice(None), frames, slice(top, top + size_y), slice(left, left + size_x))
 
     @torch.no_grad()
     def validate(self, accelerator, prepared: dict, clips: list[dict], step: int, run_dir: Path) -> dict:
