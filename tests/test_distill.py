@@ -171,3 +171,16 @@ def test_a_shared_part_that_is_missing_is_one_line(tmp_path):
     shutil.copytree(TINY_DISTILLED, folder)          # ../tiny_cascade/... is not beside the copy
     with pytest.raises(FileNotFoundError, match=f"{SHARED_PARTS_FILE}: its .* is ../tiny_cascade/"):
         CascadeVPipeline.from_pretrained(str(folder))
+
+
+def test_a_dit_folder_teacher_of_an_eps_objective_exports_a_ddim_student_at_two_steps(clips, tmp_path):
+    from cascadev.pipelines.cascade import CascadeVPipeline
+    from cascadev.pipelines.sampling import scheduler_name
+
+    run = train(tmp_path / "run", clips, 1, f"distill.teacher={SHIPPED_CASCADE / 'dit'}", "diffusion.objective=iddpm",
+                "distill.student_steps=2", "distill.teacher_steps=2", "distill.detail_weight=0")
+    pipe = CascadeVPipeline.from_pretrained(str(run / "final"))
+    assert scheduler_name(pipe.scheduler) == "ddim" and pipe.config.num_inference_steps == 2
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.previewer is None
+    video = pipe.decode(torch.randn(1, 16, 4, 2, 2), progress=False)
+    assert video.shape == (1, 3, 4, 64, 64) and torch.isfinite(video).all()
