@@ -18,7 +18,7 @@ Sections (each a mapping in the YAML; a key left out keeps its default):
 - ``diffusion``: the objective (``cascadev.training.diffusion.DiffusionConfig``).
 - ``distill``: stage "distill": the teacher (a cascade or DiT folder, or the released file), its sampler and steps,
   the student's steps and the weight of the detail loss (``cascadev.training.tasks.distill_task``); the student is
-  a DiT as the ``dit`` section describes it, started from the teacher's weights.
+  a DiT as the ``dit`` section describes it, started from the teacher's weights (or ``dit.init_from``, a folder).
 - ``vae``: Stage A training: which parameters train, loss weights, discriminator.
 - ``data`` (``cascadev.training.data.DataConfig``), ``optim``, ``run``.
 
@@ -468,6 +468,7 @@ def check_weight_files(config: TrainConfig, model: bool = True) -> None:
             folder("dit.init_from", init)
     if stage == "distill" and model:
         check_teacher(config.distill.teacher)
+        folder("dit.init_from", config.dit.init_from)
     if stage == "base" and model:
         folder("base.init_from", config.base.init_from)
         path("base.text_encoder_weights", config.base.text_encoder_weights, ("preset", "random"))

@@ -27,7 +27,7 @@ from cascadev.config import ConfigError
 from cascadev.training.config import TrainConfig
 from cascadev.training.data import mix_seed
 from cascadev.training.distillation import (detail_loss, distill_losses, ode_scheduler, sample_unrolled)
-from cascadev.training.tasks.common import is_fsdp, save_module, seeded, write_sample
+from cascadev.training.tasks.common import init_weights, is_fsdp, save_module, seeded, write_sample
 from cascadev.training.tasks.dit_task import DiTTask
 
 RELEASE_STEPS = 8        # the release's recon steps, the teacher's default outside a cascade folder
@@ -88,7 +88,10 @@ class DistillTask(DiTTask):
         super().__init__(config, load_weights, build_model=False)      # Stage A, semantic encoder, objective
         with seeded(config.run.seed, 0):
             self.teacher = load_teacher(config, load_weights)
-        self.model = copy.deepcopy(self.teacher).train().requires_grad_(True)   # the student starts as the teacher
+        self.model = copy.deepcopy(self.teacher)          # the student starts as the teacher, or an earlier student
+        if config.dit.init_from and load_weights:
+            init_weights(self.model, config.dit.init_from, "dit.init_from (a student to train on: RUN/final/dit)")
+        self.model.train().requires_grad_(True)
         if config.dit.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.teacher_scheduler, self.teacher_steps = teacher_sampler(config)
