@@ -156,6 +156,11 @@ def export_distill(out: Path, step: int | None = None) -> None:
     pipe.save_pretrained(out)
     for part in SHARED:
         shutil.rmtree(out / part)
+    index = json.loads((out / "model_index.json").read_text())
+    index.pop("_name_or_path", None)                  # the run's folder, meaningless in the package
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for file in out.rglob("*"):
+        file.chmod(0o755 if file.is_dir() else 0o644)  # safetensors writes its files 0600
     cascade = Path(__file__).resolve().parents[1] / "cascadev" / "assets" / "tiny_cascade"
     shared = {part: os.path.relpath(cascade / part, out.resolve()) for part in SHARED}   # ../tiny_cascade/... in assets
     (out / SHARED_PARTS_FILE).write_text(json.dumps(shared, indent=2) + "\n")
