@@ -24,7 +24,6 @@ full / this (N^2 over the sum of n_part^2, i.e. the number of parts); whole-bloc
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -40,10 +39,12 @@ if str(ROOT) not in sys.path:  # run as a file from a checkout without installin
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
 
 from dit.attention import num_parts, partition, unpartition  # noqa: E402
-from dit.video_dit import PRESETS, DiTBlock  # noqa: E402
+from dit.video_dit import DiTBlock, VideoDiT  # noqa: E402
+from cascadev.weights import init_keywords  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-HEAD_DIM = PRESETS["official"].hidden_size // PRESETS["official"].num_heads  # 72, as released
+OFFICIAL = {k: p.default for k, p in init_keywords(VideoDiT).items()}  # the released config: VideoDiT's defaults
+HEAD_DIM = OFFICIAL["hidden_size"] // OFFICIAL["num_heads"]  # 72, as released
 PARTITIONS: tuple[tuple[str, tuple[int, int] | None], ...] = (("full 3D", None), ("[1,4]", (1, 4)), ("[4,1]", (4, 1)))
 
 
@@ -121,10 +122,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"{name} needs frames divisible by {strides[0]} and tokens per side by {strides[1]}; "
                      f"got {T} frames of {tokens}x{tokens}")
 
-    config = dataclasses.replace(PRESETS["official"], hidden_size=hidden, num_heads=heads, depth=1,
-                                 attn_fp32=args.attn_fp32)
     torch.manual_seed(0)
-    block = DiTBlock(config).to(device=device, dtype=dtype).eval()
+    block = DiTBlock(hidden, heads, OFFICIAL["mlp_ratio"], OFFICIAL["qk_norm"], args.attn_fp32)
+    block = block.to(device=device, dtype=dtype).eval()
     for p in block.parameters():  # the scale_shift_table starts at zero; any values do for timing
         torch.nn.init.normal_(p, std=0.02)
     if args.backend:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     kernel = args.backend or _AttentionBackendRegistry.get_active_backend()[0].value
     scaled = "" if (hidden, tokens, T) == (1152, 64, 8) else "  (scaled down; the trained window: hidden 1152, 8x64x64)"
     where = torch.cuda.get_device_name(device) if on_gpu else f"cpu, {torch.get_num_threads()} threads"
-    print(f"DiTBlock: hidden {hidden}, heads {heads}, mlp_ratio {config.mlp_ratio}, window {T}x{tokens}x{tokens} "
+    print(f"DiTBlock: hidden {hidden}, heads {heads}, mlp_ratio {OFFICIAL['mlp_ratio']}, window {T}x{tokens}x{tokens} "
           f"= {N} tokens, batch {args.batch}{scaled}")
     print(f"device {where}, dtype {str(dtype).removeprefix('torch.')}, attention kernel {kernel}"
           f"{' (fp32 q/k/v)' if args.attn_fp32 else ''}, warmup {warmup}, repeats {repeats} (median)")
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name, strides in PARTITIONS:
         ms = time_block(block, x, t6, grid, strides, warmup, repeats)
-        attn, total = flops(N, hidden, config.mlp_ratio, strides)
+        attn, total = flops(N, hidden, OFFICIAL["mlp_ratio"], strides)
         rows.append((name, num_parts(strides), N // num_parts(strides), ms, attn, total))
 
     full_ms, full_attn, full_total = rows[0][3], rows[0][4], rows[0][5]

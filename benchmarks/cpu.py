@@ -43,8 +43,8 @@ def main() -> None:
     video = torch.rand(1, 3, args.frames, H, W) * 2 - 1
     latents = fp32.encode(video)
 
-    c = fp32.dit.spec
-    x = torch.randn(1, c.in_channels, c.window_frames, c.window_size, c.window_size)
+    c = fp32.dit.config
+    x = torch.randn(1, fp32.dit.in_channels, c.window_frames, c.window_size, c.window_size)
     t = torch.full((1,), 500.0)
     with torch.no_grad():
         want, got = fp32.dit(x, t), bf16.dit(x.bfloat16(), t)

@@ -55,7 +55,8 @@ def videogpt(repo: Path) -> None:
         print(f"videogpt preparation {h}x{w}: max |ours - reference| = {(ours - ref).abs().max().item():.2e}")
     for n in (64, 600):
         x, y = features(n)
-        ref = ns2["frechet_distance"](torch.from_numpy(x.copy()), torch.from_numpy(y.copy())).item()   # it centres in place
+        # it centres in place
+        ref = ns2["frechet_distance"](torch.from_numpy(x.copy()), torch.from_numpy(y.copy())).item()
         report("videogpt", n, fvd.fvd_from_features(x, y), ref)
 
 

@@ -8,12 +8,16 @@ the rest still run):
 1. ``dit_forward``: one DiT forward on one window (8x128x128 latents for ``official``): FLOPs (counted on the
    meta device), time per attention backend in bf16, the release's fp32 path, torch.compile of the blocks;
    achieved TFLOP/s against the card's dense bf16 peak.
+   Kernels for the 72-wide heads beyond diffusers' backends: flash-attn-4 (``flash_attn.cute``, a pre-release PyPI
+   wheel; an 80-wide tile where FA2/FA3 and torch's flash pad to 96), and torchao float8 (dynamic activations and
+   weights) for the linears.
 2. ``profile``: the operators with the most device time in one bf16 DiT forward.
 3. ``decode``: reconstruct a random clip of each size, per phase (semantic encode, DiT steps, Stage A
    decode, whose tiles the CLI's memory planner picks): seconds and peak device memory; bf16 with windows one
    by one and batched, fp32 as released (first size only), bf16 with ``enable_model_cpu_offload``, bf16 compiled as
    ``--compile`` does (DiT blocks and Stage A's decoder), and compiled with DiT tiles a whole window apart
-   (``--tile-stride 128``).
+   (``--tile-stride 128``); fast decoding (issue 31): compiled with ``--tiling shifted`` at the release's steps, and
+   compiled at 1 and 2 steps (a distilled decoder's; random weights time the same as trained ones).
 4. ``stage_a``: Stage A alone on the last size, per tile size, with and without cuDNN autotuning.
 """
 
@@ -30,7 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cascadev.pipelines.cascade import CascadeVPipeline
-from cascadev.pipelines.options import stage_a_budget
+from cascadev.pipelines.runtime import stage_a_budget
 from cascadev.pipelines.runtime import compile_blocks
 from cascadev.pipelines.sampling import Tiling, make_scheduler
 from dit import build_dit
@@ -73,7 +77,7 @@ def dit_flops(preset: str, window: tuple[int, int, int]) -> float:
     """FLOPs of one DiT forward on one window (T, H, W latents), counted on the meta device."""
     with torch.device("meta"):
         dit = build_dit(preset, attn_fp32=False)
-        x = torch.empty(1, dit.spec.in_channels, *window)
+        x = torch.empty(1, dit.in_channels, *window)
         t = torch.empty(1)
         with FlopCounterMode(display=False) as counter:
             dit(x, t)
@@ -137,11 +141,12 @@ def bench_dit_forward(args, device: torch.device, report: Report) -> None:
 
     torch.manual_seed(0)
     dit = build_dit(args.preset, attn_fp32=False).eval()
-    with torch.no_grad():   # every weight nonzero (the DiT zero-initialises its output layers), so errors mean something
+    # every weight nonzero (the DiT zero-initialises its output layers), so errors mean something
+    with torch.no_grad():
         for p in dit.parameters():
             p.normal_(0, 0.02)
     dit = dit.to(device, torch.bfloat16)
-    x = torch.randn(1, dit.spec.in_channels, *window, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, dit.in_channels, *window, device=device, dtype=torch.bfloat16)
     t = torch.full((1,), 500.0, device=device)
     reference = None
     with torch.no_grad():
@@ -156,7 +161,8 @@ def bench_dit_forward(args, device: torch.device, report: Report) -> None:
             reference = out.float() if reference is None else reference
             rel = ((out.float() - reference).norm() / reference.norm()).item()
             row(f"bf16 {backend}", seconds, mem, rel_err_vs_native=round(rel, 5))
-        dit.set_attention_backend("native")   # diffusers also sets the global default: back to torch SDPA for what follows
+        # diffusers also sets the global default: back to torch SDPA for what follows
+        dit.set_attention_backend("native")
 
         seconds, mem, out = time_fp32_forward(args.preset, dit, x.float(), t, device)
         rel = ((reference - out).norm() / out.norm()).item()
@@ -166,7 +172,73 @@ def bench_dit_forward(args, device: torch.device, report: Report) -> None:
         compile_s, _, _ = measure(device, lambda: dit(x, t))
         seconds, mem, out = measure(device, lambda: dit(x, t), repeats=args.repeats)
         rel = ((out.float() - reference).norm() / reference.norm()).item()
-        row("bf16 native, compiled blocks", seconds, mem, first_call_s=round(compile_s, 1), rel_err_vs_eager=round(rel, 5))
+        row("bf16 native, compiled blocks", seconds, mem, first_call_s=round(compile_s, 1),
+            rel_err_vs_eager=round(rel, 5))
+
+    bench_kernels(args, device, report, window, reference, row)
+
+
+def attention_shapes(preset: str, window: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Tokens of one full-attention window, heads and head width of the preset's DiT."""
+    with torch.device("meta"):
+        config = build_dit(preset).config
+    T, H, W = window
+    tokens = T * (H // config.patch_size) * (W // config.patch_size)
+    return tokens, config.num_heads, config.hidden_size // config.num_heads
+
+
+def bench_kernels(args, device: torch.device, report: Report, window, reference, row) -> None:
+    """Full 3D attention of one window (the DiT's widest) per kernel, and the DiT forward with float8 linears."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    tokens, heads, width = attention_shapes(args.preset, window)
+    q, k, v = (torch.randn(1, tokens, heads, width, device=device, dtype=torch.bfloat16) for _ in range(3))
+
+    def attention_row(case, fn):
+        try:
+            measure(device, fn)
+            seconds, mem, out = measure(device, fn, repeats=args.repeats)
+        except Exception as e:    # a kernel this machine lacks
+            report.add(section="kernels", case=case, error=f"{type(e).__name__}: {str(e)[:160]}")
+            return None
+        flops = 4 * tokens * tokens * width * heads           # QK^T and PV, 2 FLOPs per multiply-add
+        report.add(section="kernels", case=case, tokens=tokens, heads=heads, head_dim=width,
+                   seconds=round(seconds, 5), tflops=round(flops / seconds / 1e12, 1), peak_gib=round(mem, 2))
+        return out
+
+    bhnd = [x.transpose(1, 2) for x in (q, k, v)]              # b h n d for torch SDPA
+    for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("sdpa efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def sdpa(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(*bhnd)
+        attention_row(f"attention {name}", sdpa)
+
+    def flash4():
+        from flash_attn.cute import flash_attn_func     # flash-attn-4 (pip install flash-attn-4 --pre)
+        out = flash_attn_func(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+    attention_row("attention flash-attn-4 (cute)", flash4)
+
+    try:      # torchao float8: dynamic per-row scaled activations and weights for every Linear of the DiT
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        dit = build_dit(args.preset, attn_fp32=False).eval()
+        with torch.no_grad():
+            for p in dit.parameters():
+                p.normal_(0, 0.02)
+        dit = dit.to(device, torch.bfloat16)
+        quantize_(dit, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        x = torch.randn(1, dit.in_channels, *window, device=device, dtype=torch.bfloat16)
+        t = torch.full((1,), 500.0, device=device)
+        with torch.no_grad():
+            compile_blocks(dit)
+            measure(device, lambda: dit(x, t))
+            seconds, mem, _ = measure(device, lambda: dit(x, t), repeats=args.repeats)
+        row("bf16 native, compiled blocks, torchao float8 linears", seconds, mem)
+    except Exception as e:
+        report.add(section="kernels", case="torchao float8 linears", error=f"{type(e).__name__}: {str(e)[:160]}")
 
 
 def decode_phases(pipe: CascadeVPipeline, video: torch.Tensor, steps: int, window_batch: int, device, report: Report,
@@ -192,8 +264,10 @@ def decode_phases(pipe: CascadeVPipeline, video: torch.Tensor, steps: int, windo
 
 def run_variant(args, device: torch.device, report: Report, sizes: list[tuple[int, int, int]],
                 dtype: torch.dtype = torch.bfloat16, batches: tuple[int, ...] = (1,), offload: bool = False,
-                compiled: bool = False, tiling: Tiling = Tiling(), labels: dict | None = None) -> None:
-    """Build one pipeline as asked, warm it up, and decode each size with each window batch; ``labels`` go in the rows."""
+                compiled: bool = False, tiling: Tiling = Tiling(), labels: dict | None = None,
+                steps: int | None = None) -> None:
+    """Build one pipeline as asked, warm it up, and decode each size with each window batch; ``labels`` go in the
+    rows."""
     torch.manual_seed(0)
     pipe = build_pipeline(args.preset, dtype, args.stage_a_tile)
     if offload:
@@ -214,7 +288,9 @@ def run_variant(args, device: torch.device, report: Report, sizes: list[tuple[in
     for T, H, W in sizes:
         video = torch.rand(1, 3, T, H, W) * 2 - 1
         for batch in batches:
-            decode_phases(pipe, video, args.steps, batch, device, report, tiling, size=f"{T}x{H}x{W}", **(labels or {}))
+            decode_phases(pipe, video, steps or args.steps, batch, device, report, tiling, size=f"{T}x{H}x{W}",
+                          sampling_steps=steps or args.steps,
+                          **(labels or {}))
 
 
 def bench_decode(args, device: torch.device, report: Report) -> None:
@@ -233,7 +309,16 @@ def bench_decode(args, device: torch.device, report: Report) -> None:
     if "widest-tiles" in variants:   # DiT tiles a whole window apart (--tile-stride 128): fewer, less overlap
         stride = 128 if args.preset == "official" else 16
         run_variant(args, device, report, sizes, batches=(args.window_batch,), compiled=True,
-                    tiling=Tiling(tile_stride=stride), labels={"dtype": "bf16", "compiled": "dit+stage_a", "tile_stride": stride, **tile})
+                    tiling=Tiling(tile_stride=stride),
+                    labels={"dtype": "bf16", "compiled": "dit+stage_a", "tile_stride": stride, **tile})
+    if "shifted" in variants:        # windows a window apart on a grid moved at each step; the finishing step blended
+        run_variant(args, device, report, sizes, batches=(args.window_batch,), compiled=True, tiling=Tiling("shifted"),
+                    labels={"dtype": "bf16", "compiled": "dit+stage_a", "grid": "shifted", **tile})
+    # what a distilled decoder runs: 1 step (blend), 2 steps (shifted, finishing blended)
+    if "few-steps" in variants:
+        for steps, tiling in ((1, Tiling()), (2, Tiling("shifted"))):
+            run_variant(args, device, report, sizes, batches=(args.window_batch,), compiled=True, tiling=tiling,
+                        steps=steps, labels={"dtype": "bf16", "compiled": "dit+stage_a", "grid": tiling.mode, **tile})
     if "fp32" in variants:
         run_variant(args, device, report, sizes[:1], dtype=torch.float32, labels={"dtype": "fp32 (release)", **tile})
 
@@ -260,9 +345,10 @@ def bench_profile(args, device: torch.device, report: Report) -> None:
     """Where one bf16 DiT forward's time goes: the operators with the most device time (self time, one forward)."""
     window = (8, 128, 128) if args.preset == "official" else (4, 16, 16)
     dit = build_dit(args.preset, attn_fp32=False).eval().to(device, torch.bfloat16)
-    x = torch.randn(1, dit.spec.in_channels, *window, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, dit.in_channels, *window, device=device, dtype=torch.bfloat16)
     t = torch.full((1,), 500.0, device=device)
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda"))
+    activities = ([torch.profiler.ProfilerActivity.CPU]
+                  + ([torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")))
     with torch.no_grad():
         dit(x, t)
         synchronize(device)
@@ -277,8 +363,9 @@ def bench_profile(args, device: torch.device, report: Report) -> None:
                    share=round(getattr(e, key) / total, 3))
 
 
-VARIANTS = ("plain", "offload", "compiled", "widest-tiles", "fp32")
-SECTIONS = {"dit_forward": bench_dit_forward, "profile": bench_profile, "decode": bench_decode, "stage_a": bench_stage_a}
+VARIANTS = ("plain", "offload", "compiled", "widest-tiles", "shifted", "few-steps", "fp32")
+SECTIONS = {"dit_forward": bench_dit_forward, "profile": bench_profile, "decode": bench_decode,
+            "stage_a": bench_stage_a}
 
 
 def main() -> None:
@@ -291,11 +378,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed DiT forwards per backend")
     parser.add_argument("--decode-variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="decode section: bf16 (all sizes), model offload (all sizes), compiled as --compile "
-                             "(first size), compiled with --tile-stride 128 (all sizes), the release's fp32 (first size)")
+                             "(first size), compiled with --tile-stride 128 (all sizes), the release's fp32 "
+                             "(first size)")
     parser.add_argument("--stage-a-tile", type=int, default=None,
-                        help="decode section: Stage A tile size in pixels (default: the preset's 1024; 0: whole frames)")
+                        help="decode section: Stage A tile size in pixels (default: the preset's 1024; "
+                             "0: whole frames)")
     parser.add_argument("--max-memory", type=float, default=None,
-                        help="decode section: Stage A memory budget in GiB, as the CLI's (default: 80%% of free memory)")
+                        help="decode section: Stage A memory budget in GiB, as the CLI's "
+                             "(default: 80%% of free memory)")
     parser.add_argument("--profile-top", type=int, default=15, help="profile section: operators listed")
     parser.add_argument("--stage-a-tiles", nargs="+", type=int, default=[1024, 1536, 0],
                         help="Stage A tile sizes in pixels for the stage_a section (0: whole frames)")

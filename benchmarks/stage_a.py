@@ -73,7 +73,8 @@ def closeness() -> None:
     print("| Stage A kind | margin px | max abs tiled - untiled (256 px tiles sharing 64) | frame std | "
           "diffusers enable_tiling (same tiles) |\n|---|---|---|---|---|")
     for name, vae in vaes.items():
-        change = lambda **kw: StageAVAE(__import__("dataclasses").replace(vae.config, **kw), vae.model)
+        def change(**kw):
+            return StageAVAE(__import__("dataclasses").replace(vae.config, **kw), vae.model)
         plain = change(tile_size=0).decode(z)
         ours = (change(tile_size=256, tile_overlap=64).decode(z) - plain).abs().max().item()
         full = (change(tile_size=256, tile_overlap=64, tile_margin=0).decode(z) - plain).abs().max().item()

@@ -19,7 +19,8 @@ from cascadev.cli.demo import ASSETS
 
 REPORT = "import resource; print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 STREAMED = ("import sys; from cascadev.cli import main; "
-            "main(['reconstruct', sys.argv[1], '-o', sys.argv[2], '--weights', sys.argv[3], '--steps', '1']); " + REPORT)
+            "main(['reconstruct', sys.argv[1], '-o', sys.argv[2], '--weights', sys.argv[3], '--steps', '1']); "
+            + REPORT)
 IN_MEMORY = ("import sys, torch; from cascadev.pipelines.cascade import CascadeVPipeline; "
              "from cascadev.video_io import read_video, write_video; "
              "pipe = CascadeVPipeline.from_pretrained(sys.argv[3]); "

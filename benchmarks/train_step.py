@@ -33,14 +33,13 @@ def bench(preset: str, frames: int, size: int, batch: int, steps: int, warmup: i
     torch.manual_seed(0)
     dev = torch.device(device)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20            # KiB -> GiB (Linux)
-    config = PRESETS[preset]
-    model = VideoDiT.from_spec(config).to(dev).train()
+    model = VideoDiT(**PRESETS[preset]).to(dev).train()
     if checkpointing:
         model.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     diffusion = GaussianDiffusion()
-    x0 = torch.randn(batch, config.latent_channels, frames, size, size, device=dev)
-    cond = torch.randn(batch, config.cond_channels, frames, size, size, device=dev)
+    x0 = torch.randn(batch, model.config.latent_channels, frames, size, size, device=dev)
+    cond = torch.randn(batch, model.config.cond_channels, frames, size, size, device=dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
@@ -73,7 +72,8 @@ def bench(preset: str, frames: int, size: int, batch: int, steps: int, warmup: i
             "threads": torch.get_num_threads(), "latent": f"{batch}x{frames}x{size}x{size}", "bf16": bf16,
             "checkpointing": checkpointing, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "step_s": round(seconds, 4), "latent_frames_per_s": round(batch * frames / seconds, 2),
-            "peak_mem_GiB": round(peak, 3), "peak_mem_kind": "cuda allocated" if dev.type == "cuda" else "process peak RSS above its start"}
+            "peak_mem_GiB": round(peak, 3),
+            "peak_mem_kind": "cuda allocated" if dev.type == "cuda" else "process peak RSS above its start"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,7 +68,8 @@ VOCABULARY: dict[str, tuple[str, ...]] = {
 
 
 def caption(a: Attributes) -> str:
-    """The one template: "a {speed} {colour} striped {shape} with {stripes} stripes moving {direction} over a {background} background"."""
+    """The one template: "a {speed} {colour} striped {shape} with {stripes} stripes moving {direction} over a
+    {background} background"."""
     return (f"a {a.speed} {a.colour} striped {a.shape} with {a.stripes} stripes moving {a.direction} "
             f"over a {a.background} background")
 

@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=128, help="square side in pixels")
-    parser.add_argument("--seed0", type=int, default=0, help=f"first seed (the demos hold out seeds >= {HELD_OUT_SEED0})")
+    parser.add_argument("--seed0", type=int, default=0,
+                        help=f"first seed (the demos hold out seeds >= {HELD_OUT_SEED0})")
     parser.add_argument("--kind", default="mixed", choices=KINDS)
     args = parser.parse_args(argv)
     paths = write_clips(args.folder, args.n, args.frames, args.size, args.size, args.seed0, kind=args.kind)

@@ -1,4 +1,4 @@
-"""Our models' base (diffusers ``ModelMixin`` + ``ConfigMixin`` over a frozen dataclass config), the
+"""Our models' base (diffusers ``ModelMixin`` + ``ConfigMixin``) and preset factory, the
 previous format (``config.json`` + ``model.safetensors``), and safe file writes.
 
 Training checkpoints and exports use these helpers, so the formats and the atomic-write rule live in one
@@ -7,7 +7,6 @@ place. Loaders for the released formats live beside each model.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import os
@@ -15,14 +14,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
-
-from cascadev.config import from_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"  # our previous format, and accelerate's checkpoints
@@ -84,46 +80,45 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
     model.load_state_dict(state_dict, strict=True, assign=any(p.is_meta for p in model.parameters()))
 
 
-# -- diffusers models configured by a frozen dataclass ----------------------------------------------
+# -- our diffusers models: the config is the ``@register_to_config`` keywords of ``__init__`` --------------
 
-def fields_of(spec_class: type) -> Callable:
-    """Give an ``__init__(self, **fields)`` the signature of ``spec_class``'s fields (names and defaults), so
-    ``register_to_config`` records every field and the defaults live in one place: the dataclass."""
-    def wrap(init):
-        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
-                   for f in dataclasses.fields(spec_class)]
-        init.__signature__ = inspect.Signature(params)
-        return init
-    return wrap
+def build_preset(cls: type, presets: dict[str, dict], preset: str, what: str, **overrides):
+    """``cls(**presets[preset], **overrides)``: the one preset factory of every model (presets are plain dicts
+    of ``__init__`` keywords, as DiT's ``DiT_XL_2``); an unknown name is a one-line ValueError."""
+    if preset not in presets:
+        raise ValueError(f"unknown {what} preset {preset!r}; choose from {sorted(presets)}")
+    return cls(**{**presets[preset], **overrides})
 
 
-class DataclassModel(ModelMixin, ConfigMixin):
-    """A diffusers model whose config is a frozen dataclass (``spec_class``).
+def init_keywords(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword arguments of ``cls.__init__`` (the model's config fields), by name."""
+    return {name: p for name, p in inspect.signature(cls.__init__).parameters.items() if name != "self"}
 
-    ``__init__`` takes the dataclass fields as keywords (``@register_to_config @fields_of(spec_class)``), so
-    ``model.config`` is diffusers' FrozenDict and ``save_pretrained`` / ``from_pretrained`` are diffusers' own
-    (``from_pretrained`` made strict here); ``model.spec`` is the dataclass again, with its derived properties.
+
+class CascadeModel(ModelMixin, ConfigMixin):
+    """A diffusers model of this project: its config is its ``@register_to_config`` ``__init__`` keywords.
+
+    ``save_pretrained`` / ``from_pretrained`` are diffusers' own (``from_pretrained`` made strict here);
+    ``legacy_config_keys`` maps config keys a model renamed (old saved configs keep loading); the previous
+    folder format (config.json + model.safetensors) loads with ``from_legacy_folder``.
     """
 
     config_name = CONFIG_NAME
-    spec_class: type
-
-    def __getattr__(self, name: str):
-        # a submodule named like a config field (SemanticEncoder's ``backbone``) is the module: diffusers'
-        # __getattr__ would return the field
-        modules = self.__dict__.get("_modules", {})
-        return modules[name] if name in modules else super().__getattr__(name)
-
-    @property
-    def spec(self):
-        """The frozen dataclass rebuilt from ``self.config`` (JSON lists normalised by its ``__post_init__``)."""
-        return spec_from(self.spec_class, self.config)
+    legacy_config_keys: dict[str, str] = {}   # old config key -> its new name
 
     @classmethod
-    def from_spec(cls, spec):
-        """A fresh model for ``spec`` (the dataclass, or a mapping such as another model's ``config``)."""
-        return cls(**dataclasses.asdict(spec_from(cls.spec_class, spec)))
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # every config diffusers reads (from_config, from_pretrained) passes here: rename the old keys
+        config_dict = {cls.legacy_config_keys.get(k, k): v for k, v in config_dict.items()}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_config_dict(cls, config: dict):
+        """A fresh model for a mapping of config keys (another model's ``config``, a JSON dict): keys that are
+        not ``__init__`` keywords (diffusers' ``_class_name``, a removed field) are dropped, renamed ones mapped."""
+        names = init_keywords(cls)
+        config = {cls.legacy_config_keys.get(k, k): v for k, v in config.items()}
+        return cls(**{k: v for k, v in config.items() if k in names})
 
     @staticmethod
     def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -153,7 +148,7 @@ class DataclassModel(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_legacy_folder(cls, folder: str | Path):
-        """Load this project's previous format: ``config.json`` (the dataclass fields; unknown keys such as the
+        """Load this project's previous format: ``config.json`` (the config keys; unknown keys such as the
         removed ``attn_backend`` are dropped) + ``model.safetensors`` (keys converted by ``convert_state_dict``),
         strictly; eval mode. A training checkpoint folder (config.json beside accelerate's model.safetensors)
         loads the same way."""
@@ -163,23 +158,12 @@ class DataclassModel(ModelMixin, ConfigMixin):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: expected a folder with {CONFIG_NAME} + "
                                         f"{WEIGHTS_NAME} (this project's previous format or a training checkpoint)")
-        model = cls.from_spec(json.loads(config.read_text()))
+        model = cls.from_config_dict(json.loads(config.read_text()))
         load_state_dict_strict(model, cls.convert_state_dict(load_file(weights)), str(weights))
         return model.eval()
 
 
-def spec_from(spec_class: type, config: Any):
-    """``spec_class`` from a dataclass or a mapping (a model's config, a JSON dict): keys that are not fields
-    (diffusers' ``_class_name``, a removed field) are dropped, types are checked."""
-    if isinstance(config, spec_class):
-        return config
-    if dataclasses.is_dataclass(config):
-        config = dataclasses.asdict(config)
-    names = {f.name for f in dataclasses.fields(spec_class)}
-    return from_dict(spec_class, {k: v for k, v in config.items() if k in names})
-
-
-def save_model_weights(model: DataclassModel, state_dict: dict[str, torch.Tensor], directory: str | Path) -> None:
+def save_model_weights(model: CascadeModel, state_dict: dict[str, torch.Tensor], directory: str | Path) -> None:
     """What ``model.save_pretrained(directory)`` writes, with other weights for it (e.g. EMA): its config.json
     and ``state_dict`` as diffusion_pytorch_model.safetensors, so ``from_pretrained`` reads the folder."""
     directory = Path(directory)
@@ -190,4 +174,5 @@ def save_model_weights(model: DataclassModel, state_dict: dict[str, torch.Tensor
 def is_hub_id(source: str) -> bool:
     """"owner/name" that is not a path here ("weights/" is a folder, even a missing one)."""
     owner, _, name = source.partition("/")
-    return bool(owner) and bool(name) and "/" not in name and not Path(source).exists() and not source.startswith((".", "~"))
+    return (bool(owner) and bool(name) and "/" not in name and not Path(source).exists()
+            and not source.startswith((".", "~")))

@@ -2,7 +2,7 @@
 base model (``TextDiT``), sharing blocks and grid attention."""
 
 from dit.text_dit import PRESETS as TEXT_PRESETS
-from dit.text_dit import TextDiT, TextDiTConfig, build_text_dit
-from dit.video_dit import PRESETS, DiTConfig, VideoDiT, build_dit
+from dit.text_dit import TextDiT, build_text_dit
+from dit.video_dit import PRESETS, VideoDiT, build_dit
 
-__all__ = ["DiTConfig", "VideoDiT", "PRESETS", "build_dit", "TextDiTConfig", "TextDiT", "TEXT_PRESETS", "build_text_dit"]
+__all__ = ["VideoDiT", "PRESETS", "build_dit", "TextDiT", "TEXT_PRESETS", "build_text_dit"]

@@ -14,9 +14,6 @@ and training divide and multiply by it in ``cascadev.pipelines.text_to_video``, 
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 from diffusers import ModelMixin  # noqa: F401  DiffusionPipeline.from_pretrained finds the load method by this name here
 import torch.nn as nn
@@ -25,9 +22,9 @@ from diffusers.models.attention import AttentionModuleMixin
 from einops import rearrange, repeat
 from timm.layers import Mlp
 
-from cascadev.weights import fields_of
+from cascadev.weights import build_preset
 from dit.attention import DispatchProcessor
-from dit.video_dit import DiTBlock, DiTConfig, DiTTrunk, Strides, modulate
+from dit.video_dit import DiTBlock, DiTTrunk, Strides, check_dit_config, modulate
 
 # The release's schedule (dit.video_dit.OFFICIAL_ATTN_STRIDES) scaled to 32x32 latents at patch 1:
 # 2x2 spatial parts keep the released part size (16x16 tokens); full 3D attention in blocks 8-11, 20-27.
@@ -37,47 +34,12 @@ BASE_ATTN_STRIDES: tuple[Strides, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class TextDiTConfig(DiTConfig):
-    """A ``DiTConfig`` (same blocks, partitions and size checks) for text-conditioned semantic latents.
-
-    Inputs are (B, latent_channels, T, H, W): no condition is concatenated on channels. The defaults are
-    the ``base`` preset: ~1.08B parameters, 1024-px videos (32x32 latents, 8-16 frames), patch 1 as
-    Stable Cascade's Stage C, whose 24x24 latents are not patchified either.
-    """
-
-    latent_channels: int = 16       # Stage B semantic latents
-    cond_channels: int = 0          # nothing concatenated: the condition is the text
-    hidden_size: int = 1536         # Stable Cascade 1B Stage C width
-    depth: int = 28
-    num_heads: int = 24             # head dim 64
-    patch_size: int = 1
-    window_frames: int = 16         # latent frames of the trained clips
-    window_size: int = 32           # 1024 px
-    pe_interpolation: float = 1.0
-    attn_strides: tuple[tuple[int, int] | None, ...] = BASE_ATTN_STRIDES
-    qk_norm: bool = True            # trained from scratch in bf16 (SD3, Sec. 5.3.2: QK-normalisation)
-    attn_fp32: bool = False
-    caption_channels: int = 1280    # text token width (open_clip ViT-bigG-14 text tower)
-    pooled_channels: int = 1280     # pooled, projected text embedding (ViT-bigG-14 embed_dim)
-    latent_scale: float = 1.0       # semantic latents are BatchNorm-normalised already (Stable Cascade Stage C uses them as is)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.cond_channels:
-            raise ValueError(f"TextDiT concatenates no condition: cond_channels must be 0, got {self.cond_channels}")
-        if self.caption_channels < 1 or self.pooled_channels < 1:
-            raise ValueError("caption_channels and pooled_channels must be >= 1")
-        if not self.latent_scale > 0:
-            raise ValueError(f"latent_scale must be positive, got {self.latent_scale}")
-
-
-PRESETS: dict[str, TextDiTConfig] = {
-    # ~1.08B parameters for 1024-px videos: 32x32 latents, 8-16 frames, open_clip ViT-bigG-14 text
-    "base": TextDiTConfig(),
+PRESETS: dict[str, dict] = {
+    # ~1.08B parameters for 1024-px videos: 32x32 latents, 8-16 frames, open_clip ViT-bigG-14 text: TextDiT's defaults
+    "base": {},
     # A few narrow blocks with every kind of partition and a 32-wide text tower, for CPU tests
-    "tiny": TextDiTConfig(hidden_size=48, depth=3, num_heads=4, window_frames=4, window_size=8,
-                          attn_strides=((1, 2), (2, 1), None), caption_channels=32, pooled_channels=32),
+    "tiny": dict(hidden_size=48, depth=3, num_heads=4, window_frames=4, window_size=8,
+                 attn_strides=((1, 2), (2, 1), None), caption_channels=32, pooled_channels=32),
 }
 
 
@@ -124,9 +86,9 @@ class CrossAttention(nn.Module, AttentionModuleMixin):
 class TextDiTBlock(DiTBlock):
     """A ``DiTBlock`` (adaLN-single self-attention and MLP) with cross-attention to the text in between."""
 
-    def __init__(self, config: TextDiTConfig):
-        super().__init__(config)
-        self.cross_attn = CrossAttention(config.hidden_size, config.num_heads, config.qk_norm, config.attn_fp32)
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, attn_fp32: bool):
+        super().__init__(hidden_size, num_heads, mlp_ratio, qk_norm, attn_fp32)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm, attn_fp32)
 
     def forward(self, x: torch.Tensor, t6: torch.Tensor, context: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,19 +104,49 @@ class TextDiTBlock(DiTBlock):
 class TextDiT(DiTTrunk):
     """Text-to-video DiT. ``model(x, t, context, pooled, context_mask)`` -> (B, C_out, T, H, W).
 
-    ``TextDiT(**fields)``: the keywords are the fields of ``TextDiTConfig`` (``build_text_dit`` takes a preset).
+    The keywords of ``__init__`` are its config, the ``VideoDiT`` ones (same blocks, partitions and size checks)
+    plus the text widths and ``latent_scale``. Inputs are (B, latent_channels, T, H, W): no condition is
+    concatenated on channels. The defaults are the ``base`` preset: ~1.08B parameters, 1024-px videos
+    (32x32 latents, 8-16 frames), patch 1 as Stable Cascade's Stage C, whose 24x24 latents are not patchified
+    either. ``build_text_dit`` takes a preset.
     """
 
-    spec_class = TextDiTConfig
-
     @register_to_config
-    @fields_of(TextDiTConfig)
-    def __init__(self, **fields):
-        config = TextDiTConfig(**fields)
-        super().__init__(config, [TextDiTBlock(config) for _ in range(config.depth)])
-        D = config.hidden_size
-        self.pooled_embedder = nn.Sequential(nn.Linear(config.pooled_channels, D), nn.SiLU(), nn.Linear(D, D))
-        self.y_embedder = Mlp(config.caption_channels, D, D, act_layer=lambda: nn.GELU(approximate="tanh"))  # PixArt
+    def __init__(
+        self,
+        latent_channels: int = 16,      # Stage B semantic latents
+        cond_channels: int = 0,         # nothing concatenated: the condition is the text
+        learn_sigma: bool = True,       # output eps and the variance interpolation v (IDDPM, Eq. 15)
+        hidden_size: int = 1536,        # Stable Cascade 1B Stage C width
+        depth: int = 28,
+        num_heads: int = 24,            # head dim 64
+        patch_size: int = 1,
+        mlp_ratio: float = 4.0,
+        window_frames: int = 16,        # latent frames of the trained clips
+        window_size: int = 32,          # 1024 px
+        pe_interpolation: float = 1.0,
+        attn_strides: tuple[Strides, ...] = BASE_ATTN_STRIDES,
+        qk_norm: bool = True,           # trained from scratch in bf16 (SD3, Sec. 5.3.2: QK-normalisation)
+        attn_fp32: bool = False,
+        caption_channels: int = 1280,   # text token width (open_clip ViT-bigG-14 text tower)
+        pooled_channels: int = 1280,    # pooled, projected text embedding (ViT-bigG-14 embed_dim)
+        latent_scale: float = 1.0,      # semantic latents are BatchNorm-normalised already (Stable Cascade Stage C
+                                        # uses them as is)
+    ):
+        attn_strides = check_dit_config(hidden_size, num_heads, patch_size, attn_strides, window_frames, window_size)
+        if cond_channels:
+            raise ValueError(f"TextDiT concatenates no condition: cond_channels must be 0, got {cond_channels}")
+        if caption_channels < 1 or pooled_channels < 1:
+            raise ValueError("caption_channels and pooled_channels must be >= 1")
+        if not latent_scale > 0:
+            raise ValueError(f"latent_scale must be positive, got {latent_scale}")
+        blocks = [TextDiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, attn_fp32) for _ in range(depth)]
+        super().__init__(latent_channels, latent_channels * (2 if learn_sigma else 1), hidden_size, patch_size,
+                         attn_strides, blocks)
+        self.register_to_config(attn_strides=attn_strides)
+        D = hidden_size
+        self.pooled_embedder = nn.Sequential(nn.Linear(pooled_channels, D), nn.SiLU(), nn.Linear(D, D))
+        self.y_embedder = Mlp(caption_channels, D, D, act_layer=lambda: nn.GELU(approximate="tanh"))  # PixArt
         self.y_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)  # Stable Cascade's clip_norm
         self.initialize_weights()
 
@@ -170,9 +162,10 @@ class TextDiT(DiTTrunk):
 
     def _check_text(self, B: int, context: torch.Tensor, pooled: torch.Tensor,
                     mask: torch.Tensor | None) -> torch.Tensor | None:
-        c = self.spec
+        c = self.config
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.caption_channels:
-            raise ValueError(f"context must be (B={B}, L, {c.caption_channels}) text tokens, got {tuple(context.shape)}")
+            raise ValueError(f"context must be (B={B}, L, {c.caption_channels}) text tokens, "
+                             f"got {tuple(context.shape)}")
         if pooled.shape != (B, c.pooled_channels):
             raise ValueError(f"pooled must be (B={B}, {c.pooled_channels}), got {tuple(pooled.shape)}")
         if mask is None:
@@ -209,7 +202,5 @@ class TextDiT(DiTTrunk):
 
 
 def build_text_dit(preset: str = "base", **overrides) -> TextDiT:
-    """The one factory: a preset name plus field overrides, e.g. ``build_text_dit("base", depth=2)``."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown text DiT preset {preset!r}; choose from {sorted(PRESETS)}")
-    return TextDiT(**dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides)))
+    """A preset name plus keyword overrides, e.g. ``build_text_dit("base", depth=2)``."""
+    return build_preset(TextDiT, PRESETS, preset, "text DiT", **overrides)

@@ -14,7 +14,6 @@ checkpoint file, or our ``save_pretrained`` folder.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,53 +27,43 @@ MIN_OPEN_CLIP = "2.32"  # TextTransformer.forward_intermediates (2.31 and earlie
 
 
 class TextEmbedding(NamedTuple):
-    """Encoded prompts: context (B, L, width) token states, pooled (B, embed_dim), mask (B, L) bool (True = real token)."""
+    """Encoded prompts: context (B, L, width) token states, pooled (B, embed_dim), mask (B, L) bool (True = real
+    token)."""
 
     context: torch.Tensor
     pooled: torch.Tensor
     mask: torch.Tensor
 
 
-@dataclass(frozen=True)
-class TextEncoderConfig:
-    """An open_clip text tower: an architecture name, optional overrides of its text config, and weights."""
+def text_tower_config(model_name: str, hidden_layer: int = -1, text_overrides: dict | None = None,
+                      embed_dim: int | None = None):
+    """(embed_dim, open_clip CLIPTextCfg, quick_gelu) of a tower: open_clip's shipped config plus overrides.
+    Raises a one-line ValueError on an unknown name or override, or a ``hidden_layer`` out of range."""
+    import open_clip
 
-    model_name: str = "ViT-bigG-14"                # an open_clip architecture (open_clip.list_models())
-    pretrained: str | None = "laion2b_s39b_b160k"  # open_clip tag, a local checkpoint (file or folder), or None: random
-    hidden_layer: int = -1                         # token states = output of this block, before ln_final
-    text_overrides: dict | None = None             # open_clip CLIPTextCfg fields replacing the architecture's
-    embed_dim: int | None = None                   # pooled width; None = the architecture's
-
-    def __post_init__(self):
-        self.architecture()  # fail early on an unknown name or override
-
-    def architecture(self):
-        """(embed_dim, open_clip CLIPTextCfg, quick_gelu) of the tower: open_clip's shipped config plus overrides."""
-        import open_clip
-
-        base = open_clip.get_model_config(self.model_name)
-        if base is None:
-            raise ValueError(f"unknown open_clip model {self.model_name!r}; see open_clip.list_models()")
-        fields = {**base["text_cfg"], **(self.text_overrides or {})}
-        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(open_clip.CLIPTextCfg)})
-        if unknown:
-            raise ValueError(f"text_overrides: unknown open_clip text config field(s) {', '.join(unknown)}")
-        cfg = open_clip.CLIPTextCfg(**fields)
-        if cfg.hf_model_name or cfg.pool_type != "argmax" or cfg.embed_cls:
-            raise ValueError(f"{self.model_name}: only CLIP text towers (BPE tokenizer, end-of-text pooling) are supported")
-        if not -cfg.layers <= self.hidden_layer < cfg.layers:
-            raise ValueError(f"hidden_layer {self.hidden_layer} is out of range for {cfg.layers} layers")
-        return self.embed_dim or base["embed_dim"], cfg, bool(base.get("quick_gelu", False))
+    base = open_clip.get_model_config(model_name)
+    if base is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
+    fields = {**base["text_cfg"], **(text_overrides or {})}
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(open_clip.CLIPTextCfg)})
+    if unknown:
+        raise ValueError(f"text_overrides: unknown open_clip text config field(s) {', '.join(unknown)}")
+    cfg = open_clip.CLIPTextCfg(**fields)
+    if cfg.hf_model_name or cfg.pool_type != "argmax" or cfg.embed_cls:
+        raise ValueError(f"{model_name}: only CLIP text towers (BPE tokenizer, end-of-text pooling) are supported")
+    if not -cfg.layers <= hidden_layer < cfg.layers:
+        raise ValueError(f"hidden_layer {hidden_layer} is out of range for {cfg.layers} layers")
+    return embed_dim or base["embed_dim"], cfg, bool(base.get("quick_gelu", False))
 
 
-PRESETS: dict[str, TextEncoderConfig] = {
-    # Stable Cascade's text encoder
-    "bigG": TextEncoderConfig(),
+PRESETS: dict[str, dict] = {
+    # Stable Cascade's text encoder: TextEncoder's defaults
+    "bigG": {},
     # The smaller LAION CLIP (SD 2.x's), 1024 wide
-    "H": TextEncoderConfig(model_name="ViT-H-14", pretrained="laion2b_s32b_b79k"),
+    "H": dict(model_name="ViT-H-14", pretrained="laion2b_s32b_b79k"),
     # A random 2-layer, 32-wide tower with the real tokenizer, for CPU tests
-    "tiny": TextEncoderConfig(model_name="ViT-B-32", pretrained=None, embed_dim=32,
-                              text_overrides={"width": 32, "heads": 2, "layers": 2}),
+    "tiny": dict(model_name="ViT-B-32", pretrained=None, embed_dim=32,
+                 text_overrides={"width": 32, "heads": 2, "layers": 2}),
 }
 
 
@@ -86,7 +75,8 @@ def _state_dict_of_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or foreign file: one line, not a pickle traceback
-        raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise ValueError(f"{path}: cannot read the checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
         blob = blob["state_dict"]
     if not isinstance(blob, dict):
@@ -102,11 +92,11 @@ def text_tower_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
     return {k: v for k, v in state_dict.items() if not k.startswith(NON_TEXT_KEYS)}
 
 
-def resolve_checkpoint(config: TextEncoderConfig) -> Path:
-    """The checkpoint file ``config.pretrained`` names: a local file or folder, or an open_clip tag (hub)."""
+def resolve_checkpoint(model_name: str, pretrained: str) -> Path:
+    """The checkpoint file ``pretrained`` names: a local file or folder, or an open_clip tag of ``model_name`` (hub)."""
     import open_clip
 
-    source = str(config.pretrained)
+    source = str(pretrained)
     path = Path(source).expanduser()
     if path.exists() or "/" in source or path.suffix in (".bin", ".pt", ".pth", ".safetensors"):
         if path.is_dir():
@@ -115,30 +105,30 @@ def resolve_checkpoint(config: TextEncoderConfig) -> Path:
                 raise FileNotFoundError(f"{path}: no {' or '.join(CHECKPOINT_NAMES)} in this folder")
             path = found[0]
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: pass an open_clip checkpoint of {config.model_name} "
+            raise FileNotFoundError(f"{path} not found: pass an open_clip checkpoint of {model_name} "
                                     f"(e.g. {CHECKPOINT_NAMES[1]}) or an open_clip pretrained tag")
         return path
-    cfg = open_clip.get_pretrained_cfg(config.model_name, source)
+    cfg = open_clip.get_pretrained_cfg(model_name, source)
     if not cfg:
-        tags = open_clip.list_pretrained_tags_by_model(config.model_name)
-        raise ValueError(f"{source!r} is not an open_clip pretrained tag of {config.model_name}; choose from {tags} "
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise ValueError(f"{source!r} is not an open_clip pretrained tag of {model_name}; choose from {tags} "
                          "or pass a checkpoint path")
     where = f"https://huggingface.co/{cfg['hf_hub'].rstrip('/')}" if cfg.get("hf_hub") else cfg.get("url", "?")
     try:
         file = open_clip.download_pretrained(cfg)
     except Exception as e:  # offline, gated or missing: all mean "get the file yourself"
-        raise FileNotFoundError(f"text encoder weights {config.model_name} ({source}) are not in the cache and could not be "
+        raise FileNotFoundError(f"text encoder weights {model_name} ({source}) are not in the cache and could not be "
                                 f"downloaded ({type(e).__name__}); download {CHECKPOINT_NAMES[1]} from {where} "
                                 "and pass its path") from None
     if not file:
-        raise FileNotFoundError(f"open_clip has no download for {config.model_name} ({source}); pass a checkpoint path")
+        raise FileNotFoundError(f"open_clip has no download for {model_name} ({source}); pass a checkpoint path")
     return Path(file)
 
 
 class TextEncoder(ModelMixin, ConfigMixin):
     """Frozen open_clip text tower + tokenizer: ``encode(prompts)`` -> ``TextEmbedding``.
 
-    A diffusers model: ``TextEncoder(**fields of TextEncoderConfig)`` builds the tower with random weights,
+    A diffusers model: ``TextEncoder(**keywords)`` (its config) builds the tower with random weights,
     ``build_text_encoder`` also loads ``pretrained``; ``save_pretrained`` / ``from_pretrained`` are diffusers' own
     (the saved config has ``pretrained`` cleared: the weights are in the folder)."""
 
@@ -149,22 +139,22 @@ class TextEncoder(ModelMixin, ConfigMixin):
         import open_clip
         from open_clip.model import _build_text_tower  # the builder open_clip's own CLIP uses for its text half
 
-        self.spec = TextEncoderConfig(model_name, pretrained, hidden_layer, text_overrides, embed_dim)
-        embed_dim, text_cfg, quick_gelu = self.spec.architecture()
+        embed_dim, text_cfg, quick_gelu = text_tower_config(model_name, hidden_layer, text_overrides, embed_dim)
         self.tower = _build_text_tower(embed_dim, text_cfg, quick_gelu)
         if not hasattr(self.tower, "forward_intermediates"):
-            raise ImportError(f"dit.text_encoder needs open_clip_torch >= {MIN_OPEN_CLIP} (pip install -U open_clip_torch)")
+            raise ImportError(f"dit.text_encoder needs open_clip_torch >= {MIN_OPEN_CLIP} "
+                              "(pip install -U open_clip_torch)")
         self.tokenizer = open_clip.get_tokenizer(model_name, context_length=self.tower.context_length)
         self.requires_grad_(False).eval()
 
     @property
     def width(self) -> int:
-        """Token state width: a ``TextDiTConfig.caption_channels``."""
+        """Token state width: a ``TextDiT``'s ``caption_channels``."""
         return self.tower.width
 
     @property
     def embed_dim(self) -> int:
-        """Pooled width: a ``TextDiTConfig.pooled_channels``."""
+        """Pooled width: a ``TextDiT``'s ``pooled_channels``."""
         return self.tower.output_dim
 
     @property
@@ -190,7 +180,7 @@ class TextEncoder(ModelMixin, ConfigMixin):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, L) -> (token states (B, L, width) of ``hidden_layer``, pooled (B, embed_dim))."""
-        layer = self.spec.hidden_layer % len(self.tower.transformer.resblocks)
+        layer = self.config.hidden_layer % len(self.tower.transformer.resblocks)
         out = self.tower.forward_intermediates(tokens, indices=[layer], output_fmt="NLC")
         return out["text_intermediates"][0], out["text_features"]
 
@@ -210,10 +200,14 @@ class TextEncoder(ModelMixin, ConfigMixin):
         load_state_dict_strict(self.tower, text_tower_state_dict(_state_dict_of_file(path)), str(path))
 
     @classmethod
-    def build(cls, config: TextEncoderConfig, load_weights: bool = True) -> "TextEncoder":
-        """Build the tower and load ``config.pretrained`` (unless None or ``load_weights`` is False)."""
-        file = resolve_checkpoint(config) if load_weights and config.pretrained is not None else None  # fail before building
-        model = cls(**dataclasses.asdict(config))
+    def build(cls, config: dict, load_weights: bool = True) -> "TextEncoder":
+        """Build the tower for ``config`` (``__init__`` keywords) and load its ``pretrained`` (unless None or
+        ``load_weights`` is False)."""
+        from cascadev.weights import init_keywords
+        full = {**{k: p.default for k, p in init_keywords(cls).items()}, **config}
+        load = load_weights and full["pretrained"] is not None
+        file = resolve_checkpoint(full["model_name"], full["pretrained"]) if load else None  # fail before building
+        model = cls(**config)
         if file is not None:
             model.load_checkpoint(file)
         return model.eval()
@@ -229,21 +223,21 @@ class TextEncoder(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_legacy_folder(cls, folder: str | Path) -> "TextEncoder":
-        """A folder saved by cascadev < 0.2 (``config.json`` of ``TextEncoderConfig`` + ``model.safetensors``)."""
+        """A folder saved by cascadev < 0.2 (``config.json`` of the ``__init__`` keywords + ``model.safetensors``)."""
         import json
 
         from safetensors.torch import load_file
 
-        from cascadev.weights import load_state_dict_strict
+        from cascadev.weights import init_keywords, load_state_dict_strict
         folder = Path(folder)
         config = {**json.loads((folder / "config.json").read_text()), "pretrained": None}
-        model = cls(**{f.name: config[f.name] for f in dataclasses.fields(TextEncoderConfig) if f.name in config})
+        model = cls(**{k: v for k, v in config.items() if k in init_keywords(cls)})
         load_state_dict_strict(model, load_file(str(folder / "model.safetensors")), str(folder))
         return model.eval()
 
 
 def build_text_encoder(preset: str = "bigG", load_weights: bool = True, **overrides) -> TextEncoder:
-    """The one factory: a preset plus field overrides, e.g. ``build_text_encoder("H", pretrained="/ckpt.bin")``."""
+    """A preset plus keyword overrides, e.g. ``build_text_encoder("H", pretrained="/ckpt.bin")``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown text encoder preset {preset!r}; choose from {sorted(PRESETS)}")
-    return TextEncoder.build(dataclasses.replace(PRESETS[preset], **overrides), load_weights)
+    return TextEncoder.build({**PRESETS[preset], **overrides}, load_weights)

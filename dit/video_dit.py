@@ -11,11 +11,10 @@ the released ``s1024.effn-f32.pth`` except the timestep embedder and ``t_block``
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from diffusers import ModelMixin  # noqa: F401  DiffusionPipeline.from_pretrained finds the load method by this name here
@@ -27,7 +26,7 @@ from diffusers.models.normalization import AdaLayerNormSingle
 from einops import rearrange, repeat
 from timm.layers import Mlp
 
-from cascadev.weights import DataclassModel, fields_of, load_state_dict_strict
+from cascadev.weights import CascadeModel, build_preset, load_state_dict_strict
 from dit.attention import DispatchProcessor, num_parts, partition, unpartition
 
 Strides = tuple[int, int] | None
@@ -46,79 +45,64 @@ RELEASED_PREFIXES = {
 }
 
 
-@dataclass(frozen=True)
-class DiTConfig:
-    """Size and behaviour of a ``VideoDiT``. Inputs are (B, latent+cond channels, T, H, W)."""
+class Window(NamedTuple):
+    """A DiT's trained window and the multiples its attention partitions need: what tiling reads
+    (``cascadev.pipelines.sampling.window_crops``)."""
 
-    latent_channels: int = 4        # noisy Stage A latent
-    cond_channels: int = 16         # semantic latent (or a resized Stage A latent on the resize route)
-    learn_sigma: bool = True        # output eps and the variance interpolation v (IDDPM, Eq. 15)
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    patch_size: int = 2
-    mlp_ratio: float = 4.0
-    window_frames: int = 8          # latent frames of the trained window
-    window_size: int = 128          # latent pixels per side of the trained window (1024 px)
-    pe_interpolation: float = 2.0   # spatial grid coordinates are divided by this
-    attn_strides: tuple[tuple[int, int] | None, ...] = OFFICIAL_ATTN_STRIDES  # cycled over blocks
-    qk_norm: bool = False
-    attn_fp32: bool = True          # upcast q, k, v (the release's fp32_attention)
-
-    def __post_init__(self):
-        # config.json holds lists: back to tuples, so a round-tripped config equals the original
-        strides = tuple(None if s is None else tuple(s) for s in self.attn_strides)
-        object.__setattr__(self, "attn_strides", strides)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.hidden_size % 12:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 12 "
-                             "(1/3 temporal and 2/3 spatial sin-cos position embedding)")
-        if not self.attn_strides:
-            raise ValueError("attn_strides needs at least one entry (use [null] for full attention)")
-        for s in self.attn_strides:
-            if s is not None and (len(s) != 2 or min(s) < 1):
-                raise ValueError(f"attn_strides entry {s} must be null or [frame_parts, spatial_parts] >= 1")
-        self.check_window(self.window_frames, self.window_size, self.window_size)
-
-    @property
-    def in_channels(self) -> int:
-        return self.latent_channels + self.cond_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.latent_channels * (2 if self.learn_sigma else 1)
-
-    @property
-    def frame_multiple(self) -> int:
-        """T must be a multiple of this (every temporal partition divides it)."""
-        return reduce(math.lcm, [s[0] for s in self.attn_strides if s is not None], 1)
-
-    @property
-    def spatial_multiple(self) -> int:
-        """Latent H and W must be multiples of this (patch size x spatial partitions)."""
-        return self.patch_size * reduce(math.lcm, [s[1] for s in self.attn_strides if s is not None], 1)
-
-    def check_window(self, T: int, H: int, W: int, as_images: bool = False) -> None:
-        """Raise ValueError naming the sizes that would work if (T, H, W) latents cannot be processed."""
-        def nearest(n, m):
-            lo = max(m, n // m * m)
-            return f"{lo} or {lo + m}" if lo != n else str(n)
-        if T < 1 or (T % self.frame_multiple and not as_images):
-            raise ValueError(f"{T} latent frames: the attention partitions need a multiple of {self.frame_multiple} "
-                             f"(e.g. {nearest(T, self.frame_multiple)})")
-        for name, n in (("height", H), ("width", W)):
-            if n < 1 or n % self.spatial_multiple:
-                raise ValueError(f"latent {name} {n} must be a multiple of {self.spatial_multiple} (patch size "
-                                 f"x spatial partitions), e.g. {nearest(n, self.spatial_multiple)}")
+    window_frames: int
+    window_size: int
+    frame_multiple: int
+    spatial_multiple: int
 
 
-PRESETS: dict[str, DiTConfig] = {
-    # PixArt-XL/2 as released in s1024.effn-f32.pth
-    "official": DiTConfig(),
+def window_multiples(patch_size: int, attn_strides) -> tuple[int, int]:
+    """(frame multiple, spatial multiple): T must be a multiple of the first (every temporal partition divides
+    it), latent H and W of the second (patch size x spatial partitions)."""
+    parts = [s for s in attn_strides if s is not None]
+    return reduce(math.lcm, [s[0] for s in parts], 1), patch_size * reduce(math.lcm, [s[1] for s in parts], 1)
+
+
+def check_window(T: int, H: int, W: int, multiples: tuple[int, int], as_images: bool = False) -> None:
+    """Raise ValueError naming the sizes that would work if (T, H, W) latents cannot be processed."""
+    frame_multiple, spatial_multiple = multiples
+    def nearest(n, m):
+        lo = max(m, n // m * m)
+        return f"{lo} or {lo + m}" if lo != n else str(n)
+    if T < 1 or (T % frame_multiple and not as_images):
+        raise ValueError(f"{T} latent frames: the attention partitions need a multiple of {frame_multiple} "
+                         f"(e.g. {nearest(T, frame_multiple)})")
+    for name, n in (("height", H), ("width", W)):
+        if n < 1 or n % spatial_multiple:
+            raise ValueError(f"latent {name} {n} must be a multiple of {spatial_multiple} (patch size "
+                             f"x spatial partitions), e.g. {nearest(n, spatial_multiple)}")
+
+
+def check_dit_config(hidden_size: int, num_heads: int, patch_size: int, attn_strides, window_frames: int,
+                     window_size: int) -> tuple[Strides, ...]:
+    """Raise a one-line ValueError on an impossible DiT size; return ``attn_strides`` as tuples (config.json
+    holds lists, so a round-tripped config equals the original)."""
+    if hidden_size % num_heads:
+        near = min((d for d in range(1, hidden_size + 1) if hidden_size % d == 0), key=lambda d: abs(d - num_heads))
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads} (e.g. num_heads={near})")
+    if hidden_size % 12:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by 12 "
+                         "(1/3 temporal and 2/3 spatial sin-cos position embedding)")
+    if not attn_strides:
+        raise ValueError("attn_strides needs at least one entry (use [null] for full attention)")
+    for s in attn_strides:
+        if s is not None and (not isinstance(s, (list, tuple)) or len(s) != 2 or min(s) < 1):
+            raise ValueError(f"attn_strides entry {s} must be null or [frame_parts, spatial_parts] >= 1")
+    strides = tuple(None if s is None else tuple(s) for s in attn_strides)
+    check_window(window_frames, window_size, window_size, window_multiples(patch_size, strides))
+    return strides
+
+
+PRESETS: dict[str, dict] = {
+    # PixArt-XL/2 as released in s1024.effn-f32.pth: VideoDiT's defaults
+    "official": {},
     # A few narrow blocks with every kind of partition, for CPU tests
-    "tiny": DiTConfig(hidden_size=96, depth=4, num_heads=4, window_frames=4, window_size=16,
-                      attn_strides=((1, 2), (2, 1), None)),
+    "tiny": dict(hidden_size=96, depth=4, num_heads=4, window_frames=4, window_size=16,
+                 attn_strides=((1, 2), (2, 1), None)),
 }
 
 
@@ -127,7 +111,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class PatchEmbed(nn.Module):
-    """Ours, not diffusers' PatchEmbed (which adds a fixed 2D position table): per-frame patchify. (B, C, T, H, W) -> (B, T*H/p*W/p, D), tokens ordered frame, row, column."""
+    """Ours, not diffusers' PatchEmbed (which adds a fixed 2D position table): per-frame patchify. (B, C, T, H, W)
+    -> (B, T*H/p*W/p, D), tokens ordered frame, row, column."""
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
@@ -171,13 +156,13 @@ class SelfAttention(nn.Module, AttentionModuleMixin):
 class DiTBlock(nn.Module):
     """PixArt block with adaLN-single: shift/scale/gate x2 = scale_shift_table + t_block(t)."""
 
-    def __init__(self, config: DiTConfig):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, attn_fp32: bool):
         super().__init__()
-        D = config.hidden_size
+        D = hidden_size
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(D, config.num_heads, config.qk_norm, config.attn_fp32)
+        self.attn = SelfAttention(D, num_heads, qk_norm, attn_fp32)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(D, int(D * config.mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.mlp = Mlp(D, int(D * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.scale_shift_table = nn.Parameter(torch.zeros(6, D))
 
     def forward(self, x: torch.Tensor, t6: torch.Tensor) -> torch.Tensor:
@@ -190,7 +175,8 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """Ours (diffusers has no final layer with a 2-row table): adaLN with its own 2-row table and the timestep embedding (before t_block), then a linear to patches."""
+    """Ours (diffusers has no final layer with a 2-row table): adaLN with its own 2-row table and the timestep
+    embedding (before t_block), then a linear to patches."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -203,7 +189,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def position_embedding(config: DiTConfig, T: int, h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def position_embedding(config, T: int, h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Sin-cos embedding of a (T, h, w) token grid -> (T*h*w, D), tokens ordered frame, row, column.
     Ours: diffusers' 3D embeddings put the spatial part first and have no ``pe_interpolation`` here.
 
@@ -217,7 +203,8 @@ def position_embedding(config: DiTConfig, T: int, h: int, w: int, device=None, d
     rows = torch.arange(h, dtype=torch.float64, device=device) / config.pe_interpolation
     cols = torch.arange(w, dtype=torch.float64, device=device) / config.pe_interpolation
     grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"))  # 2 h w: [0] = column, [1] = row
-    spatial = get_2d_sincos_pos_embed_from_grid(config.hidden_size - D_t, grid.reshape(2, -1), output_type="pt")  # (h w) D_s
+    spatial = get_2d_sincos_pos_embed_from_grid(config.hidden_size - D_t, grid.reshape(2, -1),
+                                                output_type="pt")  # (h w) D_s
     embed = torch.cat([repeat(temporal, "t d -> t n d", n=h * w), repeat(spatial, "n d -> t n d", t=T)], dim=-1)
     return rearrange(embed, "t n d -> (t n) d").to(dtype)
 
@@ -234,23 +221,30 @@ def convert_released_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
-class DiTTrunk(DataclassModel):
+class DiTTrunk(CascadeModel):
     """What every video DiT here shares: the patch embedder, adaLN-single (timestep embedder and ``t_block``:
     diffusers' ``AdaLayerNormSingle``, the same numerics as the release), a stack of blocks run over their grid
-    partitions, and the final layer. Subclasses add conditioning, ``forward`` and their ``__init__`` keywords."""
+    partitions, and the final layer. Subclasses add conditioning, ``forward`` and their ``__init__`` keywords
+    (their config), check them with ``check_dit_config`` and pass the trunk's share here.
 
-    spec_class = DiTConfig
+    Derived sizes are plain attributes, set once: ``in_channels`` (latent + condition), ``out_channels``
+    (latent, x2 with ``learn_sigma``), ``frame_multiple`` and ``spatial_multiple`` (``window_multiples``).
+    """
+
     _supports_gradient_checkpointing = True
     convert_state_dict = staticmethod(convert_released_state_dict)
 
-    def __init__(self, config: DiTConfig, blocks: list[nn.Module]):
+    def __init__(self, in_channels: int, out_channels: int, hidden_size: int, patch_size: int,
+                 attn_strides: tuple[Strides, ...], blocks: list[nn.Module]):
         super().__init__()
-        D = config.hidden_size
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.frame_multiple, self.spatial_multiple = window_multiples(patch_size, attn_strides)
+        D = hidden_size
+        self.x_embedder = PatchEmbed(patch_size, in_channels, D)
         # Timesteps(256, cos first) -> Linear-SiLU-Linear, then SiLU-Linear to 6D (PixArt-alpha, Sec. 2.3)
         self.adaln_single = AdaLayerNormSingle(D, use_additional_conditions=False)
         self.blocks = nn.ModuleList(blocks)
-        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self.final_layer = FinalLayer(D, patch_size, out_channels)
         self.gradient_checkpointing = False
 
     def initialize_weights(self) -> None:
@@ -290,22 +284,31 @@ class DiTTrunk(DataclassModel):
         return self.adaln_single.linear(self.adaln_single.silu(t_emb))
 
     def block_strides(self, index: int) -> Strides:
-        strides = self.config.attn_strides
-        s = strides[index % len(strides)]
-        return None if s is None else tuple(s)  # a list when the config came from config.json
+        strides = self.config.attn_strides  # tuples: __init__ registered them normalised
+        return strides[index % len(strides)]
+
+    def check_window(self, T: int, H: int, W: int, as_images: bool = False) -> None:
+        """Raise ValueError naming the sizes that would work if (T, H, W) latents cannot be processed."""
+        check_window(T, H, W, (self.frame_multiple, self.spatial_multiple), as_images)
+
+    @property
+    def window(self) -> Window:
+        """The trained window (config) and the multiples its partitions need (attributes), for tiling."""
+        return Window(self.config.window_frames, self.config.window_size, self.frame_multiple, self.spatial_multiple)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, as_images: bool) -> torch.Tensor:
         """Check x (B, C_in, T, H, W) and return t as (B, 1), or (B, T) per frame with ``as_images``."""
-        c = self.spec
-        if x.ndim != 5 or x.shape[1] != c.in_channels:
-            hint = " (is T before C? expected B C T H W)" if x.ndim == 5 and x.shape[2] == c.in_channels else ""
-            raise ValueError(f"{type(self).__name__} expects (B, {c.in_channels}, T, H, W) latents, "
+        C = self.in_channels
+        if x.ndim != 5 or x.shape[1] != C:
+            hint = " (is T before C? expected B C T H W)" if x.ndim == 5 and x.shape[2] == C else ""
+            raise ValueError(f"{type(self).__name__} expects (B, {C}, T, H, W) latents, "
                              f"got {tuple(x.shape)}{hint}")
         B, _, T, H, W = x.shape
-        c.check_window(T, H, W, as_images)
+        self.check_window(T, H, W, as_images)
         t = t.to(device=x.device, dtype=torch.float32).reshape(B, -1)
         if t.shape[1] not in (1, T) or (t.shape[1] == T and not as_images):
-            raise ValueError(f"timesteps must be (B,) per video{' or (B, T)' if as_images else ''}, got {tuple(t.shape)}")
+            raise ValueError(f"timesteps must be (B,) per video{' or (B, T)' if as_images else ''}, "
+                             f"got {tuple(t.shape)}")
         return t
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, as_images: bool):
@@ -314,7 +317,7 @@ class DiTTrunk(DataclassModel):
         B, _, T, H, W = x.shape
         h, w = H // self.config.patch_size, W // self.config.patch_size
         x = self.x_embedder(x)  # b (t h w) d
-        x = x + position_embedding(self.spec, T, h, w, x.device, x.dtype)
+        x = x + position_embedding(self.config, T, h, w, x.device, x.dtype)
         if as_images:
             return rearrange(x, "b (t n) d -> (b t) n d", t=T), rearrange(t.expand(B, T), "b t -> (b t)"), (1, h, w)
         return x, t[:, 0], (T, h, w)
@@ -348,14 +351,33 @@ class DiTTrunk(DataclassModel):
 class VideoDiT(DiTTrunk):
     """Video DiT denoiser. ``model(x, t)``: x (B, C_in, T, H, W), t (B,) -> (B, C_out, T, H, W).
 
-    ``VideoDiT(**fields)``: the keywords are the fields of ``DiTConfig`` (``build_dit`` takes a preset).
+    The keywords of ``__init__`` are its config; the defaults are the released model (``PRESETS["official"]``),
+    ``build_dit`` takes a preset: ``VideoDiT(**{**PRESETS["tiny"], "depth": 2})``.
     """
 
     @register_to_config
-    @fields_of(DiTConfig)
-    def __init__(self, **fields):
-        config = DiTConfig(**fields)
-        super().__init__(config, [DiTBlock(config) for _ in range(config.depth)])
+    def __init__(
+        self,
+        latent_channels: int = 4,       # noisy Stage A latent
+        cond_channels: int = 16,        # semantic latent (or a resized Stage A latent on the resize route)
+        learn_sigma: bool = True,       # output eps and the variance interpolation v (IDDPM, Eq. 15)
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        patch_size: int = 2,
+        mlp_ratio: float = 4.0,
+        window_frames: int = 8,         # latent frames of the trained window
+        window_size: int = 128,         # latent pixels per side of the trained window (1024 px)
+        pe_interpolation: float = 2.0,  # spatial grid coordinates are divided by this
+        attn_strides: tuple[Strides, ...] = OFFICIAL_ATTN_STRIDES,  # cycled over blocks
+        qk_norm: bool = False,
+        attn_fp32: bool = True,         # upcast q, k, v (the release's fp32_attention)
+    ):
+        attn_strides = check_dit_config(hidden_size, num_heads, patch_size, attn_strides, window_frames, window_size)
+        blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, attn_fp32) for _ in range(depth)]
+        super().__init__(latent_channels + cond_channels, latent_channels * (2 if learn_sigma else 1), hidden_size,
+                         patch_size, attn_strides, blocks)
+        self.register_to_config(attn_strides=attn_strides)
         self.initialize_weights()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, as_images: bool = False) -> torch.Tensor:
@@ -377,10 +399,10 @@ class VideoDiT(DiTTrunk):
     # -- weights ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_single_file(cls, path: str | Path, config: DiTConfig | None = None) -> "VideoDiT":
+    def from_single_file(cls, path: str | Path, config: dict | None = None) -> "VideoDiT":
         """Load the release's ``s1024.effn-f32.pth`` ({'state_dict': PixArt-XL/2 keys}, converted by
-        ``convert_released_state_dict``); eval mode. ``config=None`` means the ``official`` preset; pass a
-        config (or a model's ``config``) for other sizes in that layout.
+        ``convert_released_state_dict``); eval mode. ``config=None`` means the ``official`` preset; pass
+        ``__init__`` keywords (or a model's ``config``) for other sizes in that layout.
         """
         path = Path(path)
         if not path.is_file():
@@ -390,13 +412,11 @@ class VideoDiT(DiTTrunk):
         state_dict = blob.get("state_dict", blob) if isinstance(blob, dict) else None
         if not isinstance(state_dict, dict):
             raise ValueError(f"{path} is not a CascadeV checkpoint (expected a dict with a 'state_dict' entry)")
-        model = cls.from_spec(config or PRESETS["official"])
+        model = cls.from_config_dict(config or PRESETS["official"])
         load_state_dict_strict(model, convert_released_state_dict(state_dict), str(path))
         return model.eval()
 
 
 def build_dit(preset: str = "official", **overrides) -> VideoDiT:
-    """The one factory: a preset name plus field overrides, e.g. ``build_dit("official", depth=2)``."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown DiT preset {preset!r}; choose from {sorted(PRESETS)}")
-    return VideoDiT(**dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides)))
+    """A preset name plus keyword overrides, e.g. ``build_dit("official", depth=2)``."""
+    return build_preset(VideoDiT, PRESETS, preset, "DiT", **overrides)

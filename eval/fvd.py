@@ -209,14 +209,16 @@ class FeatureExtractor:
 class I3DExtractor(FeatureExtractor):
     """Our ``I3D`` module; ``output`` "logits" (400-d, the FVD convention) or "features" (pooled 1024-d)."""
 
-    def __init__(self, model: I3D, device: torch.device | str = "cpu", output: str = "logits", identity: dict | None = None):
+    def __init__(self, model: I3D, device: torch.device | str = "cpu", output: str = "logits",
+                 identity: dict | None = None):
         if output not in ("logits", "features"):
             raise ValueError(f"I3DExtractor: output must be 'logits' or 'features', got {output!r}")
         self.model = model.to(device).eval()
         self.device, self.output = torch.device(device), output
         self.dim = NUM_CLASSES if output == "logits" else FEATURE_DIM
         bn_eps = model.Conv3d_1a_7x7.bn.eps
-        self.name = f"I3D ({'400-d logits' if output == 'logits' else '1024-d pooled features'}, BatchNorm eps {bn_eps:g})"
+        self.name = (f"I3D ({'400-d logits' if output == 'logits' else '1024-d pooled features'}, "
+                     f"BatchNorm eps {bn_eps:g})")
         self.identity = {"kind": "i3d", "output": output, "bn_eps": bn_eps, **(identity or {})}
 
     @torch.no_grad()
@@ -395,8 +397,8 @@ def extract_features(clips: Sequence[Clip], extractor: FeatureExtractor, frames:
         raise ValueError(f"FVD clips need at least {MIN_FRAMES} frames for I3D, got {frames}")
     if PROTOCOLS[protocol].detector_resizes and read_size is None:
         raise ValueError(f"the {protocol} protocol feeds clips at their own size: give the size they share (read_size)")
-    loader = torch.utils.data.DataLoader(ClipDataset(clips, frames, i3d_size, read_size, protocol), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers)
+    loader = torch.utils.data.DataLoader(ClipDataset(clips, frames, i3d_size, read_size, protocol),
+                                         batch_size=batch_size, shuffle=False, num_workers=workers)
     main = True
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader, device_placement=False)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from vae.semantic_encoder import check_video
+from cascadev.checks import check_video
 
 PSNR_CAP_DB = 100.0
 SSIM_KERNEL_SIZE = 11
@@ -38,7 +38,8 @@ CONVENTIONS = {
     "psnr": f"per frame on [0, 1] (data_range=1), RGB MSE in float64, capped at {PSNR_CAP_DB:g} dB for "
             "identical frames; video = mean over its frames, set = mean over all frames",
     "ssim": f"per frame on [0, 1] (data_range=1) in float64, {SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} Gaussian window, "
-            f"sigma {SSIM_SIGMA}, mean over RGB channels and valid window positions (border cropped); video = mean over its frames, set = mean over all frames",
+            f"sigma {SSIM_SIGMA}, mean over RGB channels and valid window positions (border cropped); "
+            "video = mean over its frames, set = mean over all frames",
     "lpips": "per frame, AlexNet (LPIPS v0.1 linear heads, torchmetrics), inputs in [-1, 1]; "
              "video = mean over its frames, set = mean over all frames",
 }
@@ -53,7 +54,10 @@ def _frames01(pred: torch.Tensor, target: torch.Tensor, who: str) -> tuple[torch
         raise ValueError(f"{who}: expected (B, 3, T, H, W), got shape {tuple(pred.shape)}{hint}")
     for video in (pred, target):     # finite, in [-1, 1]: frames of [0, 255] would score silently wrong
         check_video(video, 3, 1, who, pixels=True)
-    to01 = lambda v: rearrange((v.clamp(-1, 1) + 1) / 2, "b c t h w -> (b t) c h w")
+
+    def to01(v):
+        return rearrange((v.clamp(-1, 1) + 1) / 2, "b c t h w -> (b t) c h w")
+
     return to01(pred), to01(target)
 
 

@@ -1,4 +1,5 @@
-"""Does the built-in tiny Stage C follow the text? Attribute accuracy of generated semantic latents for held-out prompts.
+"""Does the built-in tiny Stage C follow the text? Attribute accuracy of generated semantic latents for held-out
+prompts.
 
     python scripts/eval_text2video.py --guidance 1,3,5         # the shipped weights; 5 min on 2 CPU cores
     python scripts/eval_text2video.py --weights runs/demo_base/final --guidance 1,2,3,5
@@ -119,7 +120,7 @@ def word_reliance(pipe, z: torch.Tensor, attrs: list, seed: int = 0) -> dict:
     from cascadev.training.diffusion import RectifiedFlow
 
     base, encode, flow = pipe.base, pipe.text_encoder.encode, RectifiedFlow()
-    x0 = to_model(z, base.spec)
+    x0 = to_model(z, base.config)
     g = torch.Generator().manual_seed(seed)
     def swapped(name):
         words = VOCABULARY[name]
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                      size=(size, size), steps=steps, guidance=g, seed=i, progress=False)
                                for i in range(0, len(attrs), args.batch)])
                 rows[f"generated, {name} prompts, guidance {g:g}"] = score(classifiers, z, attrs)
-                print(f"{name} prompts, guidance {g:g}: {rows[f'generated, {name} prompts, guidance {g:g}']}", flush=True)
+                print(f"{name} prompts, guidance {g:g}: {rows[f'generated, {name} prompts, guidance {g:g}']}",
+                      flush=True)
         paired = (paired_swap(pipe, encoder, sets["seen"][:args.paired], frames, size, steps, settings["guidance"])
                   if args.paired and sets["seen"] else None)
         reliance = None
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n" + markdown_table(f"clips ({args.prompts} held-out, {args.seen} seen prompts; {steps} steps)", columns,
                                 {row: [f"{100 * acc[c]:.0f} %" for c in columns] for row, acc in rows.items()}))
     if paired:
-        title = f"one word swapped, same noise ({min(args.paired, args.seen)} seen prompts, guidance {settings['guidance']:g})"
+        title = (f"one word swapped, same noise ({min(args.paired, args.seen)} seen prompts, "
+                 f"guidance {settings['guidance']:g})")
         labels = {"generated": "generated", "real": "real clips of other seeds (the ceiling)"}
         print("\n" + markdown_table(title, list(paired),
                                     {labels[row]: [f"{v[row]:.2f}" for v in paired.values()] for row in labels}))

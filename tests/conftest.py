@@ -11,6 +11,36 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from helpers import tiny_cascade  # noqa: E402  (the fixtures' helper; tests import theirs from helpers too)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaked_temp_files(tmp_path_factory):
+    """The suite's own temp dir, which must be empty at the end. Everything made through ``tempfile`` or $TMPDIR, in
+    this process and in the subprocesses it starts (mkdtemp, TemporaryDirectory, torchelastic_* folders, ...), goes to a
+    folder under pytest's basetemp instead of /tmp, which other runs share: anything left in it fails the run, so a
+    leak cannot come back. Tests keep their files in ``tmp_path``, which pytest manages (pyproject's retention
+    policy removes it when every test passed)."""
+    import tempfile
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    cache_dir()     # torch's compile cache (importing torchvision makes it): kept where torch reuses it across runs
+    tmp = tmp_path_factory.mktemp("TMPDIR", numbered=False)
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(tmp)
+    yield tmp
+    if saved[0] is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+    # torch's inductor keeps some caches in gettempdir()/torchinductor_USER whatever TORCHINDUCTOR_CACHE_DIR says
+    left = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_"))
+    if left:
+        pytest.fail(f"the tests left {len(left)} entr(ies) in their temp dir {tmp} (use tmp_path, or remove what a "
+                    f"test makes): {', '.join(left[:20])}", pytrace=False)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
@@ -19,69 +49,12 @@ def _seed_and_threads():
     yield
 
 
-def run_cli(capsys, *argv):
-    """Run `cascadev ARGV` in-process; return (exit code, stdout, stderr)."""
-    from cascadev.cli import main
-
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def randomize_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
-    """Fill every parameter with seeded noise, so zero-initialised layers cannot hide a bug."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-def as_written(video: torch.Tensor, path) -> torch.Tensor:
-    """``video`` (1, 3, T, H, W) through the commands' writer (lossless H.264, ``--crf 0``) and reader: what a command
-    that made these frames writes, to compare with its output within the mean 2e-5 of a few flipped 8-bit levels."""
-    from cascadev.video_io import read_video, write_video
-
-    write_video(path, video, crf=0)
-    return read_video(path)
-
-
-def mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().mean().item()
-
-
-# The shipped tiny cascade (trained): its output follows its input (two clips' reconstructions differ by 0.17 mean),
-# where the random ``tiny_cascade``'s hardly does (8e-7): tests of what reaches the model use the shipped one.
-SHIPPED_CASCADE = ROOT / "cascadev" / "assets" / "tiny_cascade"
-
-
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny cascade (random weights, every part nonzero) saved with ``save_pretrained``; the release's sampler."""
     root = tmp_path_factory.mktemp("tiny_cascade")
     tiny_cascade().save_pretrained(str(root))
     return root
-
-
-def tiny_cascade(**settings):
-    """A tiny ``CascadeVPipeline`` with random weights (the DiT's nonzero) and the release's sampler. Its output
-    hardly follows its input (two clips' reconstructions differ by 2e-6 mean): tests of what reaches the model
-    compare exactly, or use ``SHIPPED_CASCADE``."""
-    from cascadev.pipelines.cascade import CascadeVPipeline
-    from cascadev.pipelines.sampling import make_scheduler
-    from dit import build_dit
-    from vae import build_previewer, build_semantic_encoder, build_stage_a
-    from vae.stage_a import PRESETS as STAGE_A_PRESETS
-    from vae.stage_a import stage_a_settings
-
-    return CascadeVPipeline(dit=randomize_(build_dit("tiny"), std=0.02), semantic_encoder=build_semantic_encoder("tiny"),
-                            vae=build_stage_a("tiny").model, scheduler=make_scheduler("euler_a"),
-                            previewer=build_previewer("tiny"), stage_a=stage_a_settings(STAGE_A_PRESETS["tiny"]),
-                            **settings)
 
 
 @pytest.fixture(scope="session")
@@ -93,30 +66,3 @@ def clip_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("clips") / "clip.mp4"
     write_video(path, make_clip(seed=3, frames=9, height=96, width=160), fps=8)
     return path
-
-
-def write_legacy_cascade(pipe, folder):
-    """``pipe`` in the layout of cascadev < 0.2: pipeline.json, config.json + model.safetensors with the released
-    key names per part, stage_a/ a diffusers folder."""
-    from safetensors.torch import save_file
-
-    from cascadev.config import to_dict
-    from vae.stage_a import PRESETS
-
-    released = {"adaln_single.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
-                "adaln_single.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.", "adaln_single.linear.": "t_block.1."}
-    for name in ("dit", "semantic_encoder", "previewer"):
-        model = getattr(pipe, name)
-        state = {}
-        for key, value in model.state_dict().items():
-            for new, old in released.items():
-                key = key.replace(new, old) if key.startswith(new) else key
-            state[key] = value.contiguous()
-        (folder / name).mkdir(parents=True)
-        save_file(state, str(folder / name / "model.safetensors"))
-        config = {**to_dict(model.spec), **({"attn_backend": "auto"} if name == "dit" else {})}
-        (folder / name / "config.json").write_text(__import__('json').dumps(config))
-    pipe.vae.save_pretrained(str(folder / "stage_a"))
-    stage_a = {**to_dict(PRESETS["tiny"]), "pretrained": None, "subfolder": None}
-    demo = {"steps": 3, "scheduler": "flow", "colour_fix": 16, "kind": "shapes", "size": 64}
-    (folder / "pipeline.json").write_text(__import__('json').dumps({"stage_a": stage_a, "demo": demo}))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_cli
+from helpers import run_cli
 from cascadev.pipelines.upscale import TINY_FPS4X
 
 CASES = [
@@ -34,6 +34,8 @@ CASES = [
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --tile-stride 0", "--tile-stride must be >= 1"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --tile-stride 17", "--tile-stride 17 is longer"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --frame-stride 9", "--frame-stride 9 is longer"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --tiling shifted --tile-stride 8",
+     "apply to --tiling blend"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --device tpu7", "not a device"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --device cuda", "no CUDA GPU"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --crf 99", "--crf 99"),
@@ -52,8 +54,8 @@ CASES = [
     ("decode {dir}/empty.safetensors -o {dir}/o.mp4 --weights {weights}", "cannot read latents"),
     ("decode {dir}/zero.safetensors -o {dir}/o.mp4 --weights {weights}", "zero-sized dimension"),
     ("decode {dir}/nan.safetensors -o {dir}/o.mp4 --weights {weights}", "NaN"),
-    ("decode {dir}/channels.safetensors -o {dir}/o.mp4 --weights {weights}", "4-channel latents of another model? "
-                                                                               "decode them through its VAE: decode --source-vae"),
+    ("decode {dir}/channels.safetensors -o {dir}/o.mp4 --weights {weights}",
+     "4-channel latents of another model? decode them through its VAE: decode --source-vae"),
     ("decode {dir}/tchw.safetensors -o {dir}/o.mp4 --weights {weights}", "is T before C"),
     ("decode {dir}/z.npy -o {dir}/o.mp4 --weights {weights}", ".safetensors or .pt"),
     ("decode {latents} -o {dir}/o.mp4 --weights {weights} --fps 0", "--fps must be positive"),

@@ -1,7 +1,9 @@
 import json
 
+import pytest
+
 from cascadev.synthetic import write_clips
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_bench_recon_on_generated_clips(tmp_path, capsys, tiny_pipeline_dir):
@@ -17,19 +19,26 @@ def test_bench_recon_on_generated_clips(tmp_path, capsys, tiny_pipeline_dir):
     for method in ("cascade", "baseline"):
         assert 0 < results[method]["psnr"] < 100 and -1 <= results[method]["ssim"] <= 1
         assert len(list((run_dir / method).glob("*.mp4"))) == 3
-    assert "FVD skipped: I3D needs >= 9 frames" in out
-    assert "cascade" in out and "baseline" in out and "PSNR" in out
+    assert results["notes"]["fvd"].startswith("FVD skipped: I3D needs >= 9 frames") and "fvd" not in results["cascade"]
+    assert results["settings"]["frames"] == 4 and results["settings"]["size"] == 64
 
     code, out, err = run_cli(capsys, "bench-recon", data, "-o", tmp_path / "run2", "--size", 64, "--frames", 4,
-                             "--weights", tiny_pipeline_dir, "--steps", 1, "--metrics", "psnr")
+                             "--weights", tiny_pipeline_dir, "--steps", 1,
+                             "--metrics", "PSNR")   # any case, as cascadev eval
     assert code == 0, err
     results = json.loads((tmp_path / "run2" / "results.json").read_text())
     assert results["videos"] == 3 and [s["file"] for s in results["skipped"]] == ["zz_broken.mp4"]
+    assert set(results["cascade"]) == set(results["baseline"]) == {"psnr"}
+
+    code, _, err = run_cli(capsys, "bench-recon", data, "-o", run_dir, "--metrics", "psnr,FID",
+                           "--weights", tiny_pipeline_dir)
+    assert code == 2 and err == "cascadev bench-recon: error: --metrics: unknown fid; choose from psnr,ssim,lpips,fvd\n"
 
     code, _, err = run_cli(capsys, "bench-recon", data, "-o", run_dir, "--size", 50, "--weights", tiny_pipeline_dir)
     assert code == 2 and "multiple of 32" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_fvd_without_detector_is_skipped_up_front_and_the_rest_still_runs(tmp_path, capsys, tiny_pipeline_dir,
                                                                           monkeypatch):
     import torch
@@ -41,9 +50,11 @@ def test_fvd_without_detector_is_skipped_up_front_and_the_rest_still_runs(tmp_pa
     assert code == 0, err
     assert out.index("FVD skipped: no I3D weights given") < out.index("PSNR")      # said before the work
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["cascade"]["psnr"] > 0 and "fvd" not in results["cascade"] and "FVD skipped" in results["notes"]["fvd"]
+    assert results["cascade"]["psnr"] > 0 and "fvd" not in results["cascade"]
+    assert "FVD skipped" in results["notes"]["fvd"]
 
 
+@pytest.mark.slow
 def test_frames_are_taken_near_the_release_sets_30_fps(tmp_path, capsys, tiny_pipeline_dir):
     """Inter4K's originals are 60 fps, the release's set 30: every 2nd frame; --fps 0 takes every frame."""
     from cascadev.synthetic import make_clip

@@ -35,7 +35,8 @@ def test_render_is_deterministic_and_follows_the_parameters():
 def test_held_out_pairs_never_in_training(tmp_path):
     train = [attributes(seed) for seed in range(3000)]
     assert not any(is_held_out(a) for a in train)
-    assert {a.colour for a in train} == set(VOCABULARY["colour"]) and {a.shape for a in train} == set(VOCABULARY["shape"])
+    assert {a.colour for a in train} == set(VOCABULARY["colour"])
+    assert {a.shape for a in train} == set(VOCABULARY["shape"])
     listing = write_dataset(tmp_path, 40, 2, 32)
     rows = [json.loads(line) for line in listing.read_text().splitlines()]
     assert len(rows) == 40 and all((tmp_path / r["path"]).is_file() for r in rows)

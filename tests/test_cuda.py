@@ -4,7 +4,7 @@ give what the CPU's fp32 path gives. Run with ``pytest tests/test_cuda.py`` on a
 import pytest
 import torch
 
-from conftest import randomize_, tiny_cascade
+from helpers import randomize_, tiny_cascade
 from cascadev.cli.demo import ASSETS
 from cascadev.pipelines.cascade import CascadeVPipeline
 from cascadev.pipelines.sampling import predict_noise

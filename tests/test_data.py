@@ -38,9 +38,11 @@ def test_sources_folder_txt_csv_jsonl_json(clips, tmp_path):
     assert [s.path.name for s in list_samples(tmp_path / "list.txt")] == names
     (clips / "rel.txt").write_text(names[0] + "\n")                             # relative to the list's folder
     assert list_samples(clips / "rel.txt")[0].path == clips / names[0]
-    (tmp_path / "list.csv").write_text("path,caption\n" + "".join(f"{clips / n},clip {i}\n" for i, n in enumerate(names)))
+    (tmp_path / "list.csv").write_text("path,caption\n"
+                                       + "".join(f"{clips / n},clip {i}\n" for i, n in enumerate(names)))
     assert [s.caption for s in list_samples(tmp_path / "list.csv")] == ["clip 0", "clip 1", "clip 2"]
-    (tmp_path / "list.jsonl").write_text("".join(json.dumps({"path": str(clips / n), "caption": n}) + "\n" for n in names))
+    (tmp_path / "list.jsonl").write_text("".join(json.dumps({"path": str(clips / n), "caption": n}) + "\n"
+                                                 for n in names))
     assert list_samples(tmp_path / "list.jsonl")[2] == Sample(clips / names[2], names[2])
     (tmp_path / "list.json").write_text(json.dumps([{"path": str(clips / n)} for n in names]))
     assert len(list_samples(tmp_path / "list.json")) == 3
@@ -107,12 +109,13 @@ def test_unreadable_and_too_short_files_are_skipped_and_counted(clips, tmp_path,
 def test_sampler_shards_ranks_and_resumes_mid_stream():
     n = 7
     whole = list(islice(ResumableSampler(n, seed=3), 21))
-    assert all(sorted(i for i, _ in whole[e * n:(e + 1) * n]) == list(range(n)) for e in range(3))  # permutation per epoch
-    assert [i for i, _ in whole[:n]] != [i for i, _ in whole[n:2 * n]]                               # reshuffled
+    # permutation per epoch
+    assert all(sorted(i for i, _ in whole[e * n:(e + 1) * n]) == list(range(n)) for e in range(3))
+    assert [i for i, _ in whole[:n]] != [i for i, _ in whole[n:2 * n]]      # reshuffled
     ranks = [list(islice(ResumableSampler(n, 3, rank=r, world=2), 7)) for r in range(2)]
-    assert [x for pair in zip(*ranks) for x in pair] == whole[:14]                                  # ranks interleave the stream
-    assert list(islice(ResumableSampler(n, 3, start=5), 6)) == whole[5:11]                           # resume = same stream
-    assert len({s for _, s in whole}) == 21                                                          # a seed per position
+    assert [x for pair in zip(*ranks) for x in pair] == whole[:14]          # ranks interleave the stream
+    assert list(islice(ResumableSampler(n, 3, start=5), 6)) == whole[5:11]  # resume = same stream
+    assert len({s for _, s in whole}) == 21                                 # a seed per position
 
 
 def test_workers_do_not_change_the_batches(clips):
@@ -136,8 +139,8 @@ def test_images_and_latent_files(tmp_path, caplog):
     assert all(item["video"].shape == (3, 1, 32, 48) for item in items)
     assert sum(item["skipped"] for item in items) >= 1
     cache = tmp_path / "cache"
-    save_state_dict({"latent": torch.ones(4, 2, 4, 6), "cond": torch.zeros(16, 2, 1, 2)}, cache / "000000_00.safetensors",
-                    metadata={"caption": "a clip"})
+    save_state_dict({"latent": torch.ones(4, 2, 4, 6), "cond": torch.zeros(16, 2, 1, 2)},
+                    cache / "000000_00.safetensors", metadata={"caption": "a clip"})
     (cache / "000001_00.safetensors").write_bytes(b"truncated")
     latents = LatentDataset(cache)
     batch = collate([latents[i, i] for i in range(2)])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from accelerate import cpu_offload
 
-from conftest import run_cli, tiny_cascade, write_legacy_cascade
+from helpers import run_cli, tiny_cascade, write_legacy_cascade
 from cascadev.pipelines.cascade import CascadeVPipeline, CascadeVPipelineOutput, load_cascade
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
 from cascadev.pipelines.runtime import RECOMPILE_LIMIT
@@ -77,6 +77,7 @@ def sequential_offload_on_cpu(pipe: CascadeVPipeline) -> None:
 
 
 @pytest.mark.parametrize("offload", ["model", "sequential"])
+@pytest.mark.slow
 def test_offloaded_output_equals_plain(saved, offload):
     _, root = saved
     video = torch.rand(1, 3, 4, 128, 128, generator=torch.Generator().manual_seed(3)) * 2 - 1
@@ -143,6 +144,7 @@ def test_a_seeded_generator_draws_the_release_noise_in_official_tiling():
     assert rel < 1e-6, rel
 
 
+@pytest.mark.slow
 def test_previous_format_folder_says_how_to_convert_and_converts(tmp_path, capsys, clip_file):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -168,7 +170,8 @@ def test_previous_format_folder_says_how_to_convert_and_converts(tmp_path, capsy
     assert code == 2 and "not empty" in err
 
 
-def test_load_cascade_takes_the_previewer_for_the_saved_colour_fix_and_replaces_parts(saved, tiny_pipeline_dir, tmp_path):
+def test_load_cascade_takes_the_previewer_for_the_saved_colour_fix_and_replaces_parts(saved, tiny_pipeline_dir,
+                                                                                       tmp_path):
     pipe, root = saved                                               # saved with colour_fix=16
     assert load_cascade(root).previewer is not None                  # the saved colour fix needs its reference
     assert load_cascade(root, with_previewer=False).previewer is None
@@ -190,12 +193,14 @@ def test_set_precision_keeps_latents_and_scheduler_in_fp32(saved):
     pipe(latents=LATENTS, num_inference_steps=2, output_type="latent",
          callback_on_step_end=lambda p, i, t, tensors: steps.append(tensors["latents"].dtype) or {})
     assert steps == [torch.float32, torch.float32]
-    assert CascadeVPipeline.from_pretrained(str(root)).set_precision(torch.bfloat16, attn_fp32=True).dit.blocks[0].attn.fp32
+    reloaded = CascadeVPipeline.from_pretrained(str(root)).set_precision(torch.bfloat16, attn_fp32=True)
+    assert reloaded.dit.blocks[0].attn.fp32
     pipe.vae.register_to_config(force_upcast=True)         # diffusers' flag for VAEs that overflow in fp16
     pipe.set_precision(torch.float16)
     assert pipe.dit.dtype == torch.float16 and pipe.vae.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_compiled_models_give_the_eager_output(saved):
     _, root = saved
     pipe = CascadeVPipeline.from_pretrained(str(root))

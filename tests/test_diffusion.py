@@ -47,11 +47,11 @@ def test_learned_range_variance_endpoints():
     d = GaussianDiffusion()
     t = torch.tensor([0, 1, 500, 999])
     v = torch.ones(4, 1, 1, 1, 1, dtype=torch.float64)
-    assert torch.allclose(d.model_log_variance(v, t).flatten(), d.betas[t].log())                   # v = 1: beta_t
-    assert torch.allclose(d.model_log_variance(-v, t).flatten(), d.log_beta_tilde[t])               # v = -1: beta_tilde_t
+    assert torch.allclose(d.model_log_variance(v, t).flatten(), d.betas[t].log())      # v = 1: beta_t
+    assert torch.allclose(d.model_log_variance(-v, t).flatten(), d.log_beta_tilde[t])  # v = -1: beta_tilde_t
     mid = 0.5 * (d.betas[t].log() + d.log_beta_tilde[t])
-    assert torch.allclose(d.model_log_variance(0 * v, t).flatten(), mid)                            # log-space midpoint
-    assert d.log_beta_tilde[0] == d.log_beta_tilde[1]                                               # clipped at t = 0
+    assert torch.allclose(d.model_log_variance(0 * v, t).flatten(), mid)               # log-space midpoint
+    assert d.log_beta_tilde[0] == d.log_beta_tilde[1]                                  # clipped at t = 0
 
 
 def test_posterior_is_bayes_rule():

@@ -2,27 +2,27 @@
 single-process result; the decode CLI on 2 processes writes what one process writes. (bench-recon on 2 processes,
 checked by hand: the same results.json; a third launch here would cost ~15 s of the suite.)"""
 
-import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT, randomize_, run_cli
+from helpers import ROOT, randomize_, run_cli, subprocess_env
 from cascadev.pipelines.distributed import share
 from cascadev.pipelines.sampling import sample
 from dit import PRESETS, VideoDiT
 
-TINY = PRESETS["tiny"]          # window: 4 frames x 16x16 latents
-SHAPE = (1, TINY.latent_channels, 8, 32, 16)   # 3 windows x 3 row tiles x 1 column = 9 crops: 5 + 5 (one padded)
+TINY = PRESETS["tiny"]          # window: 4 frames x 16x16 latents, 4 + 16 channels (VideoDiT's defaults)
+SHAPE = (1, 4, 8, 32, 16)   # 3 windows x 3 row tiles x 1 column = 9 crops: 5 + 5 (one padded)
 
 
 def _inputs():
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(SHAPE, generator=g)
-    cond = torch.randn(SHAPE[0], TINY.cond_channels, *SHAPE[2:], generator=g)
-    return randomize_(VideoDiT.from_spec(TINY), seed=1).eval(), cond, noise
+    cond = torch.randn(SHAPE[0], 16, *SHAPE[2:], generator=g)
+    return randomize_(VideoDiT(**TINY), seed=1).eval(), cond, noise
 
 
 def _sample(distributed: bool) -> tuple[torch.Tensor, int]:
@@ -51,6 +51,7 @@ def test_share_gives_equal_contiguous_blocks_padded_with_the_last():
     assert [share([0], r, 2) for r in range(2)] == [[0], [0]]
 
 
+@pytest.mark.slow
 def test_windows_split_across_two_processes_equal_one_process(tmp_path):
     one, calls = _sample(distributed=True)        # no process group: the plain path
     assert calls == 2 * 9 and torch.equal(one, _sample(distributed=False)[0])
@@ -62,23 +63,24 @@ def test_windows_split_across_two_processes_equal_one_process(tmp_path):
         assert torch.equal(z, one), (z - one).abs().max()   # bit-identical on CPU
 
 
-def _torchrun(*argv) -> subprocess.CompletedProcess:
+def _torchrun(tmp_path, *argv) -> subprocess.CompletedProcess:
     """`cascadev ARGV` as 2 CPU processes over gloo (what `accelerate launch --multi_gpu` does with GPUs; accelerate
-    launches CPU processes only through mpirun), one thread each like the in-process tests."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launches CPU processes only through mpirun), one thread each like the in-process tests; temp files in tmp_path."""
+    env = subprocess_env(tmp_path, PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "cascadev", *map(str, argv)], env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_decode_on_two_processes_writes_what_one_writes(tmp_path, capsys, tiny_pipeline_dir):
-    from cascadev.pipelines.cascade import save_latents
+    from cascadev.pipelines.latents import save_latents
     from cascadev.video_io import read_video
 
     z = tmp_path / "z.safetensors"   # 8 frames at 192x256 px: 3 windows x 2 x 3 tiles on the tiny DiT
     save_latents(z, torch.randn(1, 16, 8, 6, 8, generator=torch.Generator().manual_seed(0)))
     decode = ("decode", z, "--weights", tiny_pipeline_dir, "--steps", 2, "-o")
     assert run_cli(capsys, *decode, tmp_path / "one.mp4")[0] == 0
-    two = _torchrun(*decode, tmp_path / "two.mp4")
+    two = _torchrun(tmp_path, *decode, tmp_path / "two.mp4")
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("two.mp4") == 1    # only the main process writes (and says so)
     assert torch.equal(read_video(tmp_path / "one.mp4"), read_video(tmp_path / "two.mp4"))

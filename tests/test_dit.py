@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import math
 
@@ -6,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_
-from dit import PRESETS, DiTConfig, VideoDiT, build_dit
+from helpers import config_fields, randomize_
+from dit import PRESETS, VideoDiT, build_dit
 from dit.attention import partition, unpartition
 from dit.video_dit import OFFICIAL_ATTN_STRIDES, RELEASED_PREFIXES, convert_released_state_dict, position_embedding
 
@@ -15,7 +14,7 @@ TINY = PRESETS["tiny"]
 
 
 def tiny_model(**overrides) -> VideoDiT:
-    return randomize_(VideoDiT.from_spec(dataclasses.replace(TINY, **overrides))).eval()
+    return randomize_(VideoDiT(**{**TINY, **overrides})).eval()
 
 
 def inputs(B=2, T=4, H=16, W=24, C=20, seed=1):
@@ -54,7 +53,7 @@ def test_bad_sizes_say_what_would_work():
     with pytest.raises(ValueError, match=r"expects \(B, 20, T, H, W\)"):
         model(*inputs(C=16))
     with pytest.raises(ValueError, match="divisible by num_heads"):
-        DiTConfig(hidden_size=96, num_heads=5)
+        VideoDiT(hidden_size=96, num_heads=5)
 
 
 def test_partition_then_unpartition_is_identity_and_parts_are_contiguous():
@@ -149,7 +148,8 @@ def test_official_checkpoint_round_trip(tmp_path):
     del state["state_dict"]["blocks.1.attn.qkv.weight"]
     state["state_dict"]["blocks.1.extra"] = torch.zeros(1)
     torch.save(state, tmp_path / "broken.pth")
-    with pytest.raises(ValueError, match=r"missing keys: blocks\.1\.attn\.qkv\.weight; unexpected keys: blocks\.1\.extra"):
+    with pytest.raises(ValueError,
+                       match=r"missing keys: blocks\.1\.attn\.qkv\.weight; unexpected keys: blocks\.1\.extra"):
         VideoDiT.from_single_file(tmp_path / "broken.pth", config=TINY)
     with pytest.raises(FileNotFoundError, match="s1024.effn-f32.pth"):
         VideoDiT.from_single_file(tmp_path / "missing.pth")
@@ -158,9 +158,11 @@ def test_official_checkpoint_round_trip(tmp_path):
 def test_save_and_from_pretrained_round_trip(tmp_path):
     model = tiny_model(attn_strides=((1, 2), None))
     model.save_pretrained(tmp_path / "dit")
-    assert sorted(p.name for p in (tmp_path / "dit").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "dit").iterdir()) == ["config.json",
+                                                                    "diffusion_pytorch_model.safetensors"]
     loaded = VideoDiT.from_pretrained(tmp_path / "dit")
-    assert loaded.spec == model.spec and loaded.spec.attn_strides == ((1, 2), None)  # JSON lists back to tuples
+    assert config_fields(loaded) == config_fields(model)
+    assert loaded.config.attn_strides == ((1, 2), None)  # JSON lists back to tuples
     assert json.loads((tmp_path / "dit/config.json").read_text())["_class_name"] == "VideoDiT"
     x, t = inputs()
     torch.testing.assert_close(loaded(x, t), model(x, t), rtol=0, atol=0)
@@ -168,7 +170,7 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
 
 def test_official_preset_on_meta_device_has_released_layout():
     with torch.device("meta"):
-        model = VideoDiT.from_spec(PRESETS["official"])
+        model = VideoDiT(**PRESETS["official"])
     assert sum(p.numel() for p in model.parameters()) == 456_117_152
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes["x_embedder.proj.weight"] == (1152, 20, 2, 2)
@@ -187,7 +189,8 @@ def test_official_preset_on_meta_device_has_released_layout():
 
 
 def test_position_embedding_layout():
-    config = dataclasses.replace(TINY, hidden_size=48, num_heads=4, pe_interpolation=2.0)
+    with torch.device("meta"):
+        config = VideoDiT(**{**TINY, "hidden_size": 48, "num_heads": 4, "pe_interpolation": 2.0}).config
     pe = position_embedding(config, T=3, h=2, w=5).reshape(3, 2, 5, 48)
     temporal, spatial = pe[..., :16], pe[..., 16:]
     # sin before cos: frame 0 is [0]*8 + [1]*8; frame index only, not interpolated
@@ -210,7 +213,7 @@ def _sincos_np(dim, pos):
 def _reference_forward(model: VideoDiT, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The release's computation, independent of VideoDiT.forward: frames as a batch, per-frame
     timesteps, numpy position embedding, reshape/permute partitions, explicit fp32 attention."""
-    c = model.spec
+    c = model.config
     B, C, T, H, W = x.shape
     p, D, nh = c.patch_size, c.hidden_size, c.num_heads
     frames = x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W)
@@ -257,13 +260,14 @@ def _reference_forward(model: VideoDiT, x: torch.Tensor, t: torch.Tensor) -> tor
     fl = model.final_layer
     shift, scale = (fl.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
     out = fl.linear(fl.norm_final(out) * (1 + scale) + shift)
-    out = torch.einsum("nhwpqc->nchpwq", out.reshape(B * T, h, w, p, p, c.out_channels))
-    return out.reshape(B, T, c.out_channels, H, W).permute(0, 2, 1, 3, 4)
+    out = torch.einsum("nhwpqc->nchpwq", out.reshape(B * T, h, w, p, p, model.out_channels))
+    return out.reshape(B, T, model.out_channels, H, W).permute(0, 2, 1, 3, 4)
 
 
 def test_forward_matches_the_released_computation_on_the_trained_window():
-    config = dataclasses.replace(TINY, hidden_size=96, depth=6, attn_strides=((1, 2), (2, 1), None))
-    model = randomize_(VideoDiT.from_spec(config)).eval()
+    model = randomize_(VideoDiT(**{**TINY, "hidden_size": 96, "depth": 6,
+                                   "attn_strides": ((1, 2), (2, 1), None)})).eval()
+    config = model.config
     x, t = inputs(T=config.window_frames, H=config.window_size, W=config.window_size)
     with torch.no_grad():
         ours, ref = model(x, t), _reference_forward(model, x, t)

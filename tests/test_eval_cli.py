@@ -67,23 +67,26 @@ def test_eval_folder_with_skips(sets, capsys, tmp_path):
     _eval("--real", sets["real"], "--fake", sets["fake"], "--metrics", "psnr,ssim,lpips,fvd", "--frames", FRAMES,
           "--i3d", sets["i3d"], "--i3d-size", 16, "--json", out_json, "--csv", out_csv)
     out = capsys.readouterr().out
-    fake = sets["fake"]
-    assert f"skipped fake {fake / 'broken.mp4'}: unreadable:" in out
-    assert f"skipped fake {fake / 'other.mp4'}: unmatched name: no real video named 'other'" in out
-    assert f"skipped fake {fake / 'clip_00003.mp4'}: too short for paired metrics: 5 < {FRAMES} frames" in out
-    assert f"skipped fake {fake / 'clip_00003.mp4'}: too short for fvd: 5 < {FRAMES} frames" in out
-    assert "notes.txt" not in out
-    assert "3 pair(s) from 4 real and 5 fake readable video(s)" in out
-    assert "lpips" in out and "LPIPS skipped: AlexNet weights not found" in out
-    for convention in ("psnr: per frame on [0, 1]", "ssim: per frame on [0, 1]", "11x11 Gaussian window, sigma 1.5",
-                       "fvd: I3D (400-d logits", "first 12 frames of each video", "N = 4 real / 4 fake"):
-        assert convention in out
+    assert "3 pair(s) from 4 real and 5 fake readable video(s); 4 skip(s)" in out     # the report is printed too
 
     report = json.loads(out_json.read_text())
     assert report["counts"] == {"real": 4, "fake": 5, "pairs": 3}
-    reasons = {(s["file"].rsplit("/", 1)[-1], s["reason"].split(":")[0]) for s in report["skipped"]}
-    assert reasons == {("broken.mp4", "unreadable"), ("other.mp4", "unmatched name"),
-                       ("clip_00003.mp4", "too short for paired metrics"), ("clip_00003.mp4", "too short for fvd")}
+    fake = sets["fake"]
+    assert sorted((s["set"], s["file"], s["reason"].split(":")[0]) for s in report["skipped"]) == [   # no notes.txt
+        ("fake", str(fake / "broken.mp4"), "unreadable"),
+        ("fake", str(fake / "clip_00003.mp4"), "too short for fvd"),
+        ("fake", str(fake / "clip_00003.mp4"), "too short for paired metrics"),
+        ("fake", str(fake / "other.mp4"), "unmatched name")]
+    reasons = {s["reason"] for s in report["skipped"]}
+    assert {"unmatched name: no real video named 'other' (left out of paired metrics)",
+            f"too short for paired metrics: 5 < {FRAMES} frames", f"too short for fvd: 5 < {FRAMES} frames"} <= reasons
+    conventions = report["conventions"]
+    assert sorted(conventions) == ["fvd", "lpips", "psnr", "ssim"]
+    assert conventions["psnr"].startswith("per frame on [0, 1]")
+    assert conventions["ssim"].startswith("per frame on [0, 1]")
+    assert "11x11 Gaussian window, sigma 1.5" in conventions["ssim"]
+    for text in ("I3D (400-d logits", "first 12 frames of each video", "N = 4 real / 4 fake"):
+        assert text in conventions["fvd"]
     rows = {row["name"]: row for row in report["per_video"]}
     assert sorted(rows) == ["clip_00000", "clip_00001", "clip_00002"]
     assert rows["clip_00000"]["psnr"] == rows["clip_00002"]["psnr"] == 100.0          # identical files: capped
@@ -93,7 +96,7 @@ def test_eval_folder_with_skips(sets, capsys, tmp_path):
     psnr = report["results"]["psnr"]
     assert psnr["frames"] == 3 * FRAMES and psnr["videos"] == 3
     assert psnr["mean"] == pytest.approx(sum(x for r in rows.values() for x in r["per_frame"]["psnr"]) / (3 * FRAMES))
-    assert "skipped" in report["results"]["lpips"]
+    assert report["results"]["lpips"]["skipped"].startswith("LPIPS skipped: AlexNet weights not found")
     result = report["results"]["fvd"]
     assert result["n_real"] == 4 and result["n_fake"] == 4 and len(result["runs"]) == 1 and result["std"] is None
     assert result["mean"] > 0
@@ -106,6 +109,7 @@ def test_eval_folder_with_skips(sets, capsys, tmp_path):
     assert table[1]["lpips"] == ""
 
 
+@pytest.mark.slow
 def test_lpips_through_the_cli_with_cached_backbone(sets, capsys, tmp_path):
     import torchvision
 
@@ -125,6 +129,7 @@ def test_lpips_through_the_cli_with_cached_backbone(sets, capsys, tmp_path):
     assert "AlexNet" in report["conventions"]["lpips"]
 
 
+@pytest.mark.slow
 def test_fvd_runs_random_clips_and_cache(sets, capsys, tmp_path):
     common = ["--metrics", "fvd", "--frames", 9, "--runs", 2, "--seed", 3, "--i3d", sets["i3d"], "--i3d-size", 16,
               "--cache-dir", tmp_path / "cache"]
@@ -156,10 +161,12 @@ def test_mismatched_sets_are_one_line_errors(sets, capsys, tmp_path):
     write_clips(small, 1, frames=FRAMES, height=24, width=24)
     err = _fails(capsys, "--real", sets["real"], "--fake", small, "--metrics", "psnr", "--frames", FRAMES)
     assert "real frames are 32x32, fake frames 24x24" in err and "--size" in err
-    _eval("--real", sets["real"], "--fake", small, "--metrics", "psnr,ssim", "--frames", FRAMES, "--size", 24, "--json", tmp_path / "r.json")
+    _eval("--real", sets["real"], "--fake", small, "--metrics", "psnr,ssim", "--frames", FRAMES, "--size", 24,
+          "--json", tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["counts"]["pairs"] == 1
 
-    err = _fails(capsys, "--real", sets["real"], "--fake", sets["fake"], "--metrics", "fvd", "--i3d", tmp_path / "i3d.pt")
+    err = _fails(capsys, "--real", sets["real"], "--fake", sets["fake"], "--metrics", "fvd",
+                 "--i3d", tmp_path / "i3d.pt")
     assert "i3d.pt" in err and "i3d_torchscript.pt" in err and "i3d_pretrained_400.pt" in err
     assert "unknown fid" in _fails(capsys, "--real", sets["real"], "--fake", sets["fake"], "--metrics", "psnr,fid")
     assert "--clip random" in _fails(capsys, "--real", sets["real"], "--fake", sets["fake"], "--metrics", "fvd",
@@ -167,6 +174,7 @@ def test_mismatched_sets_are_one_line_errors(sets, capsys, tmp_path):
     assert "no such folder" in _fails(capsys, "--real", tmp_path / "missing", "--fake", sets["fake"])
 
 
+@pytest.mark.slow
 def test_fvd_protocols_on_non_square_clips_and_a_missing_detector(tmp_path, capsys, sets):
     real, fake = tmp_path / "real", tmp_path / "fake"
     write_clips(real, 3, frames=FRAMES, height=32, width=48)
@@ -190,3 +198,35 @@ def test_fvd_protocols_on_non_square_clips_and_a_missing_detector(tmp_path, caps
     report = json.loads(out.read_text())
     assert "FVD skipped: no I3D weights given" in report["results"]["fvd"]["skipped"]
     assert report["results"]["psnr"]["mean"] > 0
+
+
+def test_evaluate_is_the_command_without_argparse(sets, capsys, tmp_path):
+    """``eval.evaluation.evaluate`` with typed arguments returns the report ``cascadev eval --json`` writes."""
+    from eval.evaluation import evaluate
+
+    _eval("--real", sets["real"], "--fake", sets["fake"], "--metrics", "PSNR,ssim", "--frames", FRAMES, "--size", 24,
+          "--json", tmp_path / "r.json")
+    capsys.readouterr()
+    report = evaluate(sets["real"], sets["fake"], metrics=["ssim", "psnr", "SSIM"], frames=FRAMES, size=24,
+                      progress=False)
+    assert capsys.readouterr().out == ""                               # the library prints no report
+    cli = json.loads((tmp_path / "r.json").read_text())
+    assert report["settings"]["metrics"] == ["ssim", "psnr"] and cli["settings"]["metrics"] == ["psnr", "ssim"]
+    assert report["settings"]["size"] == cli["settings"]["size"] == [24, 24]
+    for key in ("counts", "skipped", "per_video"):
+        assert report[key] == cli[key], key
+    assert report["results"]["psnr"] == cli["results"]["psnr"]
+
+
+def test_one_metric_name_parser_for_eval_and_bench_recon():
+    from cascadev.errors import UserError
+    from eval.metric_names import METRICS, parse_metrics
+
+    assert METRICS == ("psnr", "ssim", "lpips", "fvd")
+    assert parse_metrics("PSNR, ssim,,psnr") == ["psnr", "ssim"]              # any case, blanks, duplicates once
+    assert parse_metrics(["Fvd", "LPIPS"]) == ["fvd", "lpips"]
+    for bad, unknown in (("psnr,FID", "fid"), ("", "(empty)"), (" , ", "(empty)"),
+                         (["mse", "ms-ssim"], "mse, ms-ssim")):
+        with pytest.raises(UserError) as info:
+            parse_metrics(bad)
+        assert str(info.value) == f"--metrics: unknown {unknown}; choose from psnr,ssim,lpips,fvd"

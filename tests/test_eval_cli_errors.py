@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cascadev.synthetic import write_clips
-from conftest import run_cli
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +21,14 @@ def clips(tmp_path_factory):
 def nothing_runs(monkeypatch, tmp_path):
     """An empty torch hub (no I3D / AlexNet, whatever the machine has), and a record of every video scan, detector
     and model load, so a test can say none happened."""
-    import cascadev.pipelines.options as options
-    import eval.cli
+    import cascadev.cli.options as options
+    import eval.evaluation
     import eval.fvd
     import eval.metrics
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))
     calls = []
-    for module, name in ((eval.cli, "scan"), (eval.fvd, "load_extractor"), (eval.metrics, "load_lpips"),
+    for module, name in ((eval.evaluation, "scan"), (eval.fvd, "load_extractor"), (eval.metrics, "load_lpips"),
                          (options, "load_pipeline")):
         def record(*args, _real=getattr(module, name), _name=name, **kwargs):
             calls.append(_name)

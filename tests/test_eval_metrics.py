@@ -45,7 +45,10 @@ def test_psnr_is_per_frame_on_unit_range():
     target = _video(0)
     pred = _noisy(target, [0.0, 0.05, 0.2])
     p = psnr(pred, target)
-    frames = lambda v: rearrange((v.double() + 1) / 2, "b c t h w -> b t (c h w)")
+
+    def frames(v):
+        return rearrange((v.double() + 1) / 2, "b c t h w -> b t (c h w)")
+
     mse = ((frames(pred) - frames(target)) ** 2).mean(-1)
     expected = torch.where(mse == 0, torch.full_like(mse, PSNR_CAP_DB), 10 * torch.log10(1 / mse)).float()
     assert torch.allclose(p, expected, rtol=1e-5)
@@ -62,7 +65,10 @@ def _reference_ssim(a, b):
     g = torch.exp(-x ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
     window = (g[:, None] * g[None, :]).expand(3, 1, k, k)
-    blur = lambda t: F.conv2d(t, window, groups=3)
+
+    def blur(t):
+        return F.conv2d(t, window, groups=3)
+
     a, b = a.double(), b.double()
     mu_a, mu_b = blur(a), blur(b)
     var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
@@ -75,7 +81,10 @@ def test_ssim_matches_reference_window_and_constants():
     target = _video(2, b=1, t=3, h=40, w=48)
     pred = _noisy(target, [0.05, 0.1, 0.3])
     s = ssim(pred, target)
-    to_frames = lambda v: rearrange((v + 1) / 2, "b c t h w -> (b t) c h w")
+
+    def to_frames(v):
+        return rearrange((v + 1) / 2, "b c t h w -> (b t) c h w")
+
     ref = _reference_ssim(to_frames(pred), to_frames(target)).float().view(1, 3)
     assert torch.allclose(s, ref, atol=1e-5)
     assert s[0, 0] > s[0, 1] > s[0, 2]
@@ -113,6 +122,7 @@ def test_lpips_missing_weights_is_a_clear_skip(hub_dir):
     assert str(hub_dir) in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_lpips_runs_per_frame_with_cached_backbone(hub_dir):
     import torchvision
 

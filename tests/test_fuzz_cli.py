@@ -18,9 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import run_cli
 from cascadev.cli import build_parser
 from cascadev.cli.demo import ASSETS
+
+pytestmark = pytest.mark.slow     # hundreds of command runs; the one-line errors have fast tests in test_bad_input.py
 
 VALUES = ["-1", "0", "1", "2", "3", "0.5", "-0", "1e-9", "nan", "inf", "", "x", "{dir}", "{dir}/missing.mp4",
           "{dir}/text.mp4", "{dir}/empty.safetensors", "{dir}/out.gif", "{dir}/noext"]
@@ -30,7 +32,8 @@ BASES = {    # command -> (a good command line, examples drawn)
     "reconstruct": ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --frames 2 " + " ".join(FAST), 25),
     "decode": ("decode {latents} -o {dir}/o.mp4 --weights {weights} --steps 1", 25),
     "eval": ("eval --real {real} --fake {real} --metrics psnr,ssim --frames 2", 25),
-    "bench-recon": ("bench-recon {real} -o {dir}/run --weights {weights} --frames 2 --metrics psnr " + " ".join(FAST), 25),
+    "bench-recon": ("bench-recon {real} -o {dir}/run --weights {weights} --frames 2 --metrics psnr "
+                    + " ".join(FAST), 25),
     "info": ("info --dtype fp32", 25),
     "demo": ("demo -o {dir}/demo --clips 1 --frames 2 " + " ".join(FAST), 6),
     "generate": ("generate red -o {dir}/g.mp4 --frames 2 --size 64x64 --steps 1 --decode-steps 1", 15),
@@ -38,7 +41,8 @@ BASES = {    # command -> (a good command line, examples drawn)
     "train": ("train " + TRAIN + " run.tensorboard=false --max-steps 1 --run-dir {dir}/run", 10),
     "cache-latents": ("cache-latents " + TRAIN + " --out {dir}/cache", 10),
 }
-SKIP = {"--help", "--compile", "--output", "--real", "--fake", "--i3d", "--config"}   # inductor is slow; the base's paths
+# inductor is slow; the base's paths
+SKIP = {"--help", "--compile", "--output", "--real", "--fake", "--i3d", "--config"}
 
 
 def options_of(command: str) -> list[argparse.Action]:
@@ -65,11 +69,12 @@ def good(tmp_path_factory, tiny_pipeline_dir, clip_file):
     (root / "real").mkdir()
     shutil.copy(clip_file, root / "real" / "a.mp4")
     return {"clip": clip_file, "latents": root / "z.safetensors", "weights": tiny_pipeline_dir, "real": root / "real",
-            "clips": root / "clips", "fps4x": ASSETS.parent / "tiny_fps4x", "dit_tiny": Path(__file__).resolve().parents[1] / "configs" / "dit_tiny.yaml"}
+            "clips": root / "clips", "fps4x": ASSETS.parent / "tiny_fps4x",
+            "dit_tiny": Path(__file__).resolve().parents[1] / "configs" / "dit_tiny.yaml"}
 
 
 def check_outputs_readable(paths: set[Path]) -> None:
-    from cascadev.pipelines.cascade import read_latents
+    from cascadev.pipelines.latents import read_latents
     from cascadev.video_io import iter_video
 
     for path in (f for p in paths for f in ([p] if p.is_file() else p.rglob("*"))):

@@ -44,7 +44,8 @@ def _scipy_reference(a, b):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real)
 
 
-@pytest.mark.parametrize("n, d", [(300, 32), (150, 100), (40, 100)])     # the last: N < D, low-rank path
+@pytest.mark.parametrize("n, d", [(300, 32), pytest.param(150, 100, marks=pytest.mark.slow),
+                                  (40, 100)])  # last: N < D, low-rank
 def test_frechet_distance_matches_scipy_sqrtm(n, d):
     rng = np.random.default_rng(n)
     a = rng.normal(size=(n, d))
@@ -201,7 +202,8 @@ def test_preprocess_quantises_resizes_and_keeps_range():
     out = fvd.preprocess_clips(video, size=16)
     assert out.shape == (2, 3, 4, 16, 16) and out.min() >= -1 and out.max() <= 1
     constant = torch.full((1, 3, 2, 17, 33), 0.3)
-    assert torch.allclose(fvd.preprocess_clips(constant, 224), torch.full((1, 3, 2, 224, 224), round(1.3 * 127.5) / 127.5 - 1))
+    assert torch.allclose(fvd.preprocess_clips(constant, 224),
+                          torch.full((1, 3, 2, 224, 224), round(1.3 * 127.5) / 127.5 - 1))
 
 
 # ------------------------------------------------------------------------------------------ clips
@@ -230,7 +232,8 @@ def clip_files(tmp_path_factory):
 def test_extract_features_batching_order_and_failures(clip_files, model):
     paths, broken = clip_files
     extractor = fvd.I3DExtractor(model)
-    clips = [fvd.Clip(str(paths[0]), 0), fvd.Clip(str(broken), 0), fvd.Clip(str(paths[1]), 1), fvd.Clip(str(paths[2]), 2)]
+    clips = [fvd.Clip(str(paths[0]), 0), fvd.Clip(str(broken), 0), fvd.Clip(str(paths[1]), 1),
+             fvd.Clip(str(paths[2]), 2)]
     feats, failed = fvd.extract_features(clips, extractor, frames=9, i3d_size=16, batch_size=3)
     assert failed == [1] and feats.shape == (3, NUM_CLASSES) and feats.dtype == np.float32
     one_by_one, _ = fvd.extract_features([clips[i] for i in (0, 2, 3)], extractor, frames=9, i3d_size=16, batch_size=1)
@@ -269,7 +272,7 @@ def test_videogpt_protocol_scales_the_short_side_and_crops_the_centre():
     half = torch.nn.functional.interpolate(levels[0, :, 0][None] / 255, size=(20, 30), mode="bilinear",
                                            align_corners=False)[0, 0]
     torch.testing.assert_close(out[0, 0, 0], half[:, 5:25] * 2 - 1)
-    square = video[..., :40, :40]                                          # square clips: the stretch and the crop agree
+    square = video[..., :40, :40]   # square clips: the stretch and the crop agree
     torch.testing.assert_close(fvd.preprocess_clips(square, 20, "videogpt"), fvd.preprocess_clips(square, 20),
                                atol=1e-5, rtol=0)
 

@@ -1,16 +1,15 @@
-import dataclasses
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_cli
-from cascadev.pipelines.cascade import CascadeVPipeline, load_latents
+from helpers import run_cli
+from cascadev.pipelines.cascade import CascadeVPipeline
+from cascadev.pipelines.latents import load_latents
 from cascadev.pipelines.text_to_video import TextToVideoPipeline, guided_noise, make_scheduler, repeat_text, sample_base
 from cascadev.training.diffusion import DiffusionConfig, build_diffusion
 from cascadev.training.losses import base_training_loss
 from cascadev.video_io import video_info
-from conftest import randomize_
+from helpers import config_fields, randomize_
 from dit.text_dit import build_text_dit
 from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 
@@ -44,7 +43,7 @@ def test_text_encoder_tokens_mask_and_states(encoder):
     tokens, _ = encoder.tokenize(["a red ball"])
     assert torch.equal(encoder.tower(tokens), encoder.encode("a red ball").pooled)  # open_clip's own pooled features
     # the per-token states are a block's output before ln_final: the last block by default, the one before with -2
-    penultimate = TextEncoder(**dataclasses.asdict(dataclasses.replace(encoder.spec, hidden_layer=-2)))
+    penultimate = TextEncoder(**{**config_fields(encoder), "hidden_layer": -2})
     penultimate.load_state_dict(encoder.state_dict())
     assert not torch.allclose(penultimate.encode("a red ball").context, text.context[:1])
     torch.testing.assert_close(penultimate.encode("a red ball").pooled, text.pooled[:1])
@@ -59,7 +58,8 @@ def test_text_encoder_round_trip_and_open_clip_checkpoints(encoder, tmp_path):
     tower = encoder.tower.state_dict()
     clip = {**tower, "visual.conv1.weight": torch.zeros(4, 3, 2, 2), "logit_scale": torch.ones(())}
     torch.save(clip, tmp_path / "open_clip_pytorch_model.bin")  # a CLIP checkpoint: image tower + text keys
-    save_file({f"text.{k}": v.contiguous() for k, v in tower.items()}, tmp_path / "custom.safetensors")  # CustomTextCLIP
+    save_file({f"text.{k}": v.contiguous() for k, v in tower.items()},
+              tmp_path / "custom.safetensors")  # CustomTextCLIP
     for source in (tmp_path, tmp_path / "custom.safetensors"):
         other = build_text_encoder("tiny", pretrained=str(source))
         torch.testing.assert_close(other.encode("a cat").pooled, encoder.encode("a cat").pooled, rtol=0, atol=0)
@@ -147,8 +147,8 @@ def test_generate_end_to_end_api_and_reload(pipe, weights_dir):
     video = pipe.generate("a red ball", num_per_prompt=2, decode_kwargs={"steps": 1}, **FAST)
     assert video.shape == (2, 3, 3, 64, 96) and video.abs().max() <= 1
     loaded = TextToVideoPipeline.from_pretrained(str(weights_dir))
-    torch.testing.assert_close(loaded.generate_latents("a red ball", **FAST), pipe.generate_latents("a red ball", **FAST),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(loaded.generate_latents("a red ball", **FAST),
+                               pipe.generate_latents("a red ball", **FAST), rtol=0, atol=0)
 
 
 def test_bad_requests_raise_value_errors(pipe):
@@ -160,7 +160,8 @@ def test_bad_requests_raise_value_errors(pipe):
         with pytest.raises(ValueError, match=message):
             pipe.generate_latents(**{**FAST, "prompt": "a cat", **kwargs})
     with pytest.raises(ValueError, match="reads text of width 48"):
-        TextToVideoPipeline.from_parts(build_text_encoder("tiny"), build_text_dit("tiny", caption_channels=48), pipe.cascade)
+        TextToVideoPipeline.from_parts(build_text_encoder("tiny"), build_text_dit("tiny", caption_channels=48),
+                                       pipe.cascade)
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -183,6 +184,7 @@ def test_cli_generate_then_decode_the_saved_latents(tmp_path, capsys, weights_di
     assert video_info(tmp_path / "dec_1.mp4").frames == 3
 
 
+@pytest.mark.slow
 def test_cli_generate_runs_its_decoder_as_decode_does(tmp_path, capsys, weights_dir):
     """``generate``'s device and speed options are ``decode``'s (``options.prepare_pipeline``): batched windows give
     the default video (within fp32 rounding), a frame stride changes it; the runtime settings reach the cascade."""
@@ -206,10 +208,12 @@ def test_cli_generate_runs_its_decoder_as_decode_does(tmp_path, capsys, weights_
     assert {m.dtype for m in (pipe.text_encoder, pipe.base, pipe.dit, pipe.cascade.dit)} == {torch.bfloat16}
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_give_one_clear_line(tmp_path, capsys, weights_dir):
     out = tmp_path / "x.mp4"
     for argv, message in [(["", "--weights", weights_dir], "is empty"),
-                          (["a cat", "--weights", weights_dir, "--size", "100x64"], "width 100 is not a positive multiple of 32"),
+                          (["a cat", "--weights", weights_dir, "--size", "100x64"],
+                           "width 100 is not a positive multiple of 32"),
                           (["a cat", "--weights", weights_dir, "--size", "big"], "--size must be WxH"),
                           (["a cat", "--weights", weights_dir, "--frames", 0], "frames must be >= 1"),
                           (["a cat", "--weights", tmp_path / "nowhere"], "nowhere: weights folder not found"),
@@ -231,12 +235,22 @@ def test_base_training_loss_trains_and_drops_captions_to_the_empty_prompt(encode
     latents = torch.randn(2, 16, 2, 2, 4)
     text, null = encoder.encode(["a cat", "a dog"]), encoder.encode([""])
     diffusion = build_diffusion(DiffusionConfig())
-    loss, logs = base_training_loss(model, diffusion, latents, text, null, torch.Generator().manual_seed(0), drop_prob=0.1)
+    loss, logs = base_training_loss(model, diffusion, latents, text, null, torch.Generator().manual_seed(0),
+                                    drop_prob=0.1)
     loss.backward()
     assert torch.isfinite(loss) and set(logs) == {"loss", "mse", "vb"}
     assert model.blocks[0].cross_attn.kv_linear.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        dropped, _ = base_training_loss(model, diffusion, latents, text, null, torch.Generator().manual_seed(0), drop_prob=1.0)
+        dropped, _ = base_training_loss(model, diffusion, latents, text, null, torch.Generator().manual_seed(0),
+                                        drop_prob=1.0)
         empty = TextEmbedding(*(z.expand(2, *z.shape[1:]) for z in null))
-        expected, _ = base_training_loss(model, diffusion, latents, empty, null, torch.Generator().manual_seed(0), drop_prob=0.0)
+        expected, _ = base_training_loss(model, diffusion, latents, empty, null, torch.Generator().manual_seed(0),
+                                         drop_prob=0.0)
     torch.testing.assert_close(dropped, expected, rtol=0, atol=0)
+
+
+def test_cli_generate_decodes_with_shifted_tiling(tmp_path, capsys, weights_dir):
+    code, _, err = run_cli(capsys, "generate", "a red ball", "-o", tmp_path / "s.mp4", "--weights", weights_dir,
+                           "--frames", 3, "--size", "160x64", "--steps", 1, "--decode-steps", 2, "--tiling", "shifted")
+    assert code == 0, err
+    assert video_info(tmp_path / "s.mp4").width == 160

@@ -1,15 +1,15 @@
 """The networks as diffusers models: save_pretrained / from_pretrained (fp32 and bf16), strict loading, the
-previous on-disk format (the shipped tiny cascade), and __init__ keywords = the config dataclass fields."""
+previous on-disk format (the shipped tiny cascade), and the config = the __init__ keywords, one source."""
 
-import dataclasses
 import inspect
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import randomize_
+from helpers import config_fields, randomize_
 from dit import PRESETS as DIT_PRESETS
 from dit import TEXT_PRESETS, TextDiT, VideoDiT
 from vae import Previewer, SemanticEncoder, build_previewer, build_semantic_encoder
@@ -25,7 +25,8 @@ def dit_run(model):
 
 def text_dit_run(model):
     g = torch.Generator().manual_seed(1)
-    x, ctx, pooled = torch.randn(2, 16, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.randn(2, 32, generator=g)
+    x = torch.randn(2, 16, 4, 8, 8, generator=g)
+    ctx, pooled = torch.randn(2, 5, 32, generator=g), torch.randn(2, 32, generator=g)
     mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
     return model(x.to(model.dtype), torch.tensor([3.0, 700.0]), ctx, pooled, mask).float()
 
@@ -39,9 +40,10 @@ def previewer_run(model):
     return model(torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(1)))
 
 
-CASES = {  # model, its run, the bf16 bound (relative L2 error vs fp32; measured 1.4e-4 Previewer, 5.4e-3 encoder, 7.8e-3 TextDiT, 8.4e-3 VideoDiT)
-    "VideoDiT": (lambda: VideoDiT.from_spec(DIT_PRESETS["tiny"]), dit_run, 2e-2),
-    "TextDiT": (lambda: TextDiT.from_spec(TEXT_PRESETS["tiny"]), text_dit_run, 2e-2),
+CASES = {  # model, its run, the bf16 bound (relative L2 error vs fp32; measured 1.4e-4 Previewer, 5.4e-3 encoder,
+           # 7.8e-3 TextDiT, 8.4e-3 VideoDiT)
+    "VideoDiT": (lambda: VideoDiT(**DIT_PRESETS["tiny"]), dit_run, 2e-2),
+    "TextDiT": (lambda: TextDiT(**TEXT_PRESETS["tiny"]), text_dit_run, 2e-2),
     "SemanticEncoder": (lambda: build_semantic_encoder("tiny"), encoder_run, 2e-2),
     "Previewer": (lambda: build_previewer("tiny"), previewer_run, 2e-2),
 }
@@ -56,7 +58,7 @@ def test_diffusers_round_trip_fp32_exact_and_bf16_close(name, tmp_path):
     with torch.no_grad():
         ref = run(model)
         loaded = type(model).from_pretrained(tmp_path / name)
-        assert loaded.spec == model.spec and not loaded.training
+        assert config_fields(loaded) == config_fields(model) and not loaded.training
         assert torch.equal(run(loaded), ref)
         half = type(model).from_pretrained(tmp_path / name, torch_dtype=torch.bfloat16)
         assert all(p.dtype == torch.bfloat16 for p in half.parameters())
@@ -79,7 +81,7 @@ def test_from_pretrained_is_strict(tmp_path):
                                             (Previewer, "previewer", previewer_run)])
 def test_legacy_tiny_cascade_loads_and_round_trips_bit_identically(cls, folder, run, tmp_path):
     from cascadev.pipelines.cascade import CascadeVPipeline
-    from conftest import write_legacy_cascade
+    from helpers import write_legacy_cascade
 
     shipped = CascadeVPipeline.from_pretrained(str(TINY_CASCADE))
     write_legacy_cascade(shipped, tmp_path / "legacy")        # the shipped cascade in the previous layout
@@ -106,15 +108,55 @@ def test_legacy_folder_errors(tmp_path):
         VideoDiT.from_legacy_folder(tmp_path)
 
 
-@pytest.mark.parametrize("cls", [VideoDiT, TextDiT, SemanticEncoder, Previewer])
-def test_init_keywords_are_the_config_fields(cls):
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    assert [(p.name, p.default) for p in params] == [(f.name, f.default) for f in dataclasses.fields(cls.spec_class)]
+ONE_SOURCE = {  # a small model of each class, and a value its __init__ refuses
+    VideoDiT: (DIT_PRESETS["tiny"], {"num_heads": 5},
+               "hidden_size 1152 is not divisible by num_heads 5 (e.g. num_heads=4)"),
+    TextDiT: (TEXT_PRESETS["tiny"], {"cond_channels": 4},
+              "TextDiT concatenates no condition: cond_channels must be 0, got 4"),
+    SemanticEncoder: ({"backbone_type": "tiny"}, {"frame_batch": 0}, "frame_batch and latent_channels must be >= 1"),
+    Previewer: ({"hidden_channels": 32}, {"hidden_channels": 30},
+                "hidden_channels must be a positive multiple of 4, got 30"),
+}
+
+
+@pytest.mark.parametrize("cls", list(ONE_SOURCE), ids=lambda c: c.__name__)
+def test_config_is_one_source_the_init_keywords(cls, tmp_path):
+    """The config is the explicit ``__init__`` keywords: the signature lists them, config.json holds exactly them, a
+    save / load round trip keeps config and weights, a bad value is a one-line ValueError; no dataclass beside it."""
+    tiny, bad, message = ONE_SOURCE[cls]
+    names = [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[1:]]
+    assert names and "fields" not in names and "kwargs" not in names
+    model = randomize_(cls(**tiny), seed=3).eval()
+    assert list(config_fields(model)) == names
+    model.save_pretrained(tmp_path)
+    assert [k for k in json.loads((tmp_path / "config.json").read_text()) if not k.startswith("_")] == sorted(names)
+    loaded = cls.from_pretrained(tmp_path)
+    assert config_fields(loaded) == config_fields(model)
+    state = model.state_dict()
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    assert not hasattr(model, "spec") and "__getattr__" not in vars(cls) and "__signature__" not in vars(cls.__init__)
+    with pytest.raises(ValueError) as error:
+        cls(**bad)
+    assert str(error.value) == message
     with pytest.raises(TypeError):
         cls(not_a_field=1)
 
 
+def test_semantic_encoder_configs_with_the_old_backbone_key_load():
+    """``backbone`` (the submodule's name) became ``backbone_type``; configs saved before (the shipped one) still
+    load."""
+    folder = TINY_CASCADE / "semantic_encoder"
+    assert json.loads((folder / "config.json").read_text())["backbone"] == "tiny"
+    assert SemanticEncoder.from_pretrained(folder).config.backbone_type == "tiny"
+    assert SemanticEncoder.from_config({"backbone": "tiny"}).config.backbone_type == "tiny"
+    assert SemanticEncoder.from_config_dict({"backbone": "tiny"}).config.backbone_type == "tiny"
+    assert isinstance(SemanticEncoder.from_config_dict({"backbone": "tiny"}).backbone, torch.nn.Sequential)
+    from cascadev.training.config import SemanticSection         # and a training YAML's encoder_overrides
+    assert SemanticSection(encoder_overrides={"backbone": "tiny"}).encoder_config()["backbone_type"] == "tiny"
+
+
 def test_text_dit_legacy_keys_convert():
-    model = TextDiT.from_spec(TEXT_PRESETS["tiny"])
+    model = TextDiT(**TEXT_PRESETS["tiny"])
     state = {k.replace("adaln_single.linear.", "t_block.1."): v for k, v in model.state_dict().items()}
     assert TextDiT.convert_state_dict(state).keys() == model.state_dict().keys()

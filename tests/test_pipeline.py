@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, tiny_cascade
-from cascadev.pipelines.cascade import (CascadeVPipeline, load_latents, resolve_colour_fix, save_latents,
-                                        seeded_noise)
+from helpers import ROOT, run_cli, tiny_cascade
+from cascadev.pipelines.cascade import CascadeVPipeline, resolve_colour_fix, seeded_noise
+from cascadev.pipelines.latents import load_latents, save_latents
 from cascadev.pipelines.frames import round_size
 from cascadev.video_io import read_video, video_info
 
@@ -41,7 +41,7 @@ def test_the_api_refuses_pixels_of_another_range_zero_steps_and_no_frames(pipe):
 def test_colour_fix_none_is_the_saved_setting_where_the_previewer_is_loaded():
     """As ``steps=None`` is the saved steps: ``colour_fix=None`` is the folder's (16 for the shipped cascade), 0 is
     off, and without the Previewer it needs None is off."""
-    from conftest import SHIPPED_CASCADE
+    from helpers import SHIPPED_CASCADE
 
     shipped = CascadeVPipeline.from_pretrained(str(SHIPPED_CASCADE))
     z = shipped.encode(torch.rand(1, 3, 2, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
@@ -88,8 +88,8 @@ def test_cli_reconstruct_end_to_end(tmp_path, capsys, tiny_pipeline_dir, clip_fi
 
 
 def test_cli_resizes_to_multiples_of_32_and_says_so(tmp_path, capsys, tiny_pipeline_dir, clip_file):
-    code, stdout, err = run_cli(capsys, "reconstruct", clip_file, "-o", tmp_path / "r.mp4", "--weights", tiny_pipeline_dir,
-                                "--steps", 1, "--size", 200, "--frames", 4)
+    code, stdout, err = run_cli(capsys, "reconstruct", clip_file, "-o", tmp_path / "r.mp4",
+                                "--weights", tiny_pipeline_dir, "--steps", 1, "--size", 200, "--frames", 4)
     assert code == 0, err
     assert stdout.count("resizing 160x96 -> 192x128") == 1
     assert (video_info(tmp_path / "r.mp4").width, video_info(tmp_path / "r.mp4").height) == (192, 128)
@@ -109,27 +109,31 @@ def test_sd_vae_route_upscales_through_the_cascade(tmp_path, capsys, tiny_pipeli
 
 def test_bad_inputs_give_one_clear_line(tmp_path, capsys, tiny_pipeline_dir):
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
-    code, _, err = run_cli(capsys, "reconstruct", tmp_path / "broken.mp4", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir)
+    code, _, err = run_cli(capsys, "reconstruct", tmp_path / "broken.mp4", "-o", tmp_path / "o.mp4",
+                           "--weights", tiny_pipeline_dir)
     assert code == 2 and err.count("\n") == 1 and "broken.mp4" in err and "not a readable video" in err
 
     save_latents(tmp_path / "c8.safetensors", torch.randn(1, 8, 4, 3, 5))
-    code, _, err = run_cli(capsys, "decode", tmp_path / "c8.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir)
+    code, _, err = run_cli(capsys, "decode", tmp_path / "c8.safetensors", "-o", tmp_path / "o.mp4",
+                           "--weights", tiny_pipeline_dir)
     assert code == 2 and err.count("\n") == 1 and "expected latents (16, T, h, w)" in err
 
     bad = torch.randn(16, 4, 3, 5)
     bad[0, 0, 0, 0] = float("nan")
     save_latents(tmp_path / "nan.safetensors", bad[None])
-    code, _, err = run_cli(capsys, "decode", tmp_path / "nan.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir)
+    code, _, err = run_cli(capsys, "decode", tmp_path / "nan.safetensors", "-o", tmp_path / "o.mp4",
+                           "--weights", tiny_pipeline_dir)
     assert code == 2 and err.count("\n") == 1 and "NaN" in err
 
     save_latents(tmp_path / "ok.safetensors", torch.randn(1, 16, 4, 3, 5))
-    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4", "--weights", tmp_path / "nowhere")
+    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4",
+                           "--weights", tmp_path / "nowhere")
     assert code == 2 and err.count("\n") == 1 and "nowhere" in err
-    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir,
-                           "--colour-fix", -1)
+    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4",
+                           "--weights", tiny_pipeline_dir, "--colour-fix", -1)
     assert code == 2 and err.count("\n") == 1 and "--colour-fix must be >= 0" in err
-    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir,
-                           "--colour-fix", 64, "--steps", 1)
+    code, _, err = run_cli(capsys, "decode", tmp_path / "ok.safetensors", "-o", tmp_path / "o.mp4",
+                           "--weights", tiny_pipeline_dir, "--colour-fix", 64, "--steps", 1)
     assert code == 2 and err.count("\n") == 1 and "frames are not divisible by 64" in err
 
     with pytest.raises(ValueError, match=r"expected 3 channels.*is T before C"):
@@ -156,7 +160,8 @@ def test_sampler_defaults_follow_the_folder(tiny_pipeline_dir):
     # the built-in tiny cascade is a flow model, saved with its scheduler and step count
     shipped = CascadeVPipeline.from_pretrained(str(ASSETS))
     assert type(shipped.scheduler) is FlowMatchEulerDiscreteScheduler and shipped.config.num_inference_steps == 4
-    assert type(shipped.scheduler_for("euler_a", force=True)) is EulerAncestralDiscreteScheduler   # other family: forced
+    # other family: forced
+    assert type(shipped.scheduler_for("euler_a", force=True)) is EulerAncestralDiscreteScheduler
     # a scheduler of the saved one's class keeps the saved config (e.g. the flow shift it was trained at)
     shifted = tiny_cascade(num_inference_steps=3)
     shifted.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -212,6 +217,7 @@ def test_colour_fix_default_follows_the_folder(pipe):
         resolve_colour_fix(shipped, -1)
 
 
+@pytest.mark.slow
 def test_the_cascade_imports_without_the_text_side():
     """Decoding needs no open_clip (the GPU image and many users' environments lack it)."""
     import subprocess
@@ -228,12 +234,13 @@ def test_the_command_line_parses_without_torch():
     import subprocess
     import sys
     code = ("import sys; from cascadev.cli import build_parser; build_parser().parse_args(['decode', 'z.pt', '-o', "
-            "'o.mp4', '--dtype', 'bf16', '--window-batch', '2']); heavy = {'torch', 'diffusers', 'av'} & set(sys.modules)"
-            "; assert not heavy, heavy")
+            "'o.mp4', '--dtype', 'bf16', '--window-batch', '2']); "
+            "heavy = {'torch', 'diffusers', 'av'} & set(sys.modules); assert not heavy, heavy")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-500:]
 
 
+@pytest.mark.slow
 def test_cli_half_precision_batched_windows_and_bad_options(tmp_path, capsys, tiny_pipeline_dir, clip_file):
     fp32, bf16 = tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors"
     common = ["--weights", tiny_pipeline_dir, "--steps", 2, "--frames", 8, "--size", "256x128"]
@@ -251,13 +258,14 @@ def test_cli_half_precision_batched_windows_and_bad_options(tmp_path, capsys, ti
         assert code == 2 and message in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_cli_streams_a_long_clip_and_matches_the_in_memory_path(tmp_path, capsys):
     """24 frames: three Stage A chunks and two pieces of input read; the CLI never holds the whole clip, yet it writes
     the frames of the pipeline's in-memory decode. The shipped cascade, whose output follows its input: a piece read
     twice or out of order would show."""
     from cascadev.synthetic import make_clip
     from cascadev.video_io import write_video
-    from conftest import SHIPPED_CASCADE, as_written, mean_abs
+    from helpers import SHIPPED_CASCADE, as_written, mean_abs
     from eval.metrics import psnr
 
     clip = tmp_path / "long.mp4"
@@ -279,7 +287,7 @@ def test_cli_noise_device_draws_one_stream_as_the_release(tmp_path, tiny_pipelin
     """``--noise device``: one generator on the run's device, seeded with --seed, for the noise and every ancestral
     step (the release's global CUDA generator, here on the CPU); the default draws the steps from seed + 1."""
     from cascadev.cli import build_parser
-    from cascadev.pipelines.options import decode_kwargs
+    from cascadev.cli.options import decode_kwargs
 
     pipe = CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir))
     z = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(1))
@@ -312,3 +320,31 @@ def test_the_dits_condition_is_the_semantic_latent_times_0_13025_upsampled_x4_as
                            align_corners=False) * 0.13025
     torch.testing.assert_close(seen[0][:, 4:], rearrange(frames, "(b t) c h w -> b c t h w", t=2),
                                rtol=1e-6, atol=1e-7)     # scaled before vs after the (linear) upsampling
+
+
+def test_cli_shifted_tiling_on_reconstruct_and_decode(tmp_path, capsys, tiny_pipeline_dir, clip_file):
+    z, common = tmp_path / "z.safetensors", ("--weights", tiny_pipeline_dir, "--steps", 2, "--crf", 0)
+    code, _, err = run_cli(capsys, "reconstruct", clip_file, "-o", tmp_path / "r.mp4", "--latents-out", z,
+                           "--tiling", "shifted", *common)
+    assert code == 0, err
+    outputs = {}
+    for tiling in ("shifted", "blend"):
+        code, _, err = run_cli(capsys, "decode", z, "-o", tmp_path / f"{tiling}.mp4", "--tiling", tiling, *common)
+        assert code == 0, err
+        outputs[tiling] = read_video(tmp_path / f"{tiling}.mp4")
+    assert torch.equal(outputs["shifted"], read_video(tmp_path / "r.mp4"))
+    assert not torch.equal(outputs["shifted"], outputs["blend"])       # 20 latent columns: 2 tiles, then 3 shifted
+
+
+def test_decode_options_are_one_value_for_every_decode_method(pipe):
+    from cascadev.pipelines.cascade import DecodeOptions
+
+    latents = torch.randn(1, 16, 2, 3, 5, generator=torch.Generator().manual_seed(0))
+    options = DecodeOptions(steps=2, seed=3, tiling="shifted", colour_fix=0, progress=False)
+    by_keywords = pipe.decode(latents, steps=2, seed=3, tiling="shifted", colour_fix=0, progress=False)
+    assert torch.equal(pipe.decode(latents, options), by_keywords)
+    assert torch.equal(pipe.decode(latents, DecodeOptions(steps=1), steps=2, seed=3, tiling="shifted", colour_fix=0,
+                                   progress=False), by_keywords)                  # keywords change the options given
+    assert torch.equal(torch.cat(list(pipe.decode_pieces(latents, options)), dim=2), by_keywords)
+    with pytest.raises(TypeError, match="unknown decode option.*stepz"):
+        pipe.decode(latents, stepz=2)

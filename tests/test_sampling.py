@@ -2,15 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_
-from cascadev.pipelines.sampling import Tiling, make_scheduler, predict_noise, sample, window_starts
+from helpers import randomize_
+from cascadev.pipelines.sampling import (Tiling, dit_work, finishing_step, grid_offset, make_scheduler, predict_noise,
+                                         sample, shifted_spans, window_crops, window_starts)
 from dit import PRESETS, VideoDiT
 
 TINY = PRESETS["tiny"]  # window: 4 frames x 16x16 latents
 
 
 def tiny_model(seed=0):
-    return randomize_(VideoDiT.from_spec(TINY), seed=seed).eval()
+    return randomize_(VideoDiT(**TINY), seed=seed).eval()
 
 
 class CallConstant(torch.nn.Module):
@@ -18,19 +19,24 @@ class CallConstant(torch.nn.Module):
 
     def __init__(self, config=TINY):
         super().__init__()
-        self.spec, self.calls = config, 0
+        with torch.device("meta"):
+            real = VideoDiT(**config)   # the config and sizes a DiT of this config has
+        self.config, self.calls = real.config, 0
+        self.in_channels, self.out_channels = real.in_channels, real.out_channels
+        self.frame_multiple, self.spatial_multiple = real.frame_multiple, real.spatial_multiple
+        self.window = real.window
 
     def forward(self, x, t):
         self.calls += 1
         B, _, T, H, W = x.shape
-        return torch.full((B, self.spec.out_channels, T, H, W), float(self.calls))
+        return torch.full((B, self.out_channels, T, H, W), float(self.calls))
 
 
 class PassThrough(CallConstant):
     """Stub DiT whose eps is its first input channel: a partition of unity must give the input back."""
 
     def forward(self, x, t):
-        return x[:, :1].expand(-1, self.spec.out_channels, -1, -1, -1).clone()
+        return x[:, :1].expand(-1, self.out_channels, -1, -1, -1).clone()
 
 
 def test_window_starts_cover_and_end_at_the_edge():
@@ -111,12 +117,110 @@ def test_tile_stride_up_to_the_window_still_covers_every_latent():
     predict_noise(default, x, 1.0)                                   # columns 0, 12, 24
     predict_noise(widest, x, 1.0, Tiling(tile_stride=16))            # columns 0, 16, 24
     assert (default.calls, widest.calls) == (3, 3)
-    torch.testing.assert_close(predict_noise(PassThrough(), x, 1.0, Tiling(tile_stride=16)), torch.full((1, 4, 4, 16, 40), 0.7))
+    torch.testing.assert_close(predict_noise(PassThrough(), x, 1.0, Tiling(tile_stride=16)),
+                               torch.full((1, 4, 4, 16, 40), 0.7))
     stub = CallConstant()
     predict_noise(stub, torch.zeros(1, 20, 4, 16, 64), 1.0, Tiling(tile_stride=16))
     assert stub.calls == 4                                           # 64 = 4 x 16: no overlap at all (default: 5)
     with pytest.raises(ValueError, match="would leave latents no window covers"):
         predict_noise(PassThrough(), x, 1.0, Tiling(tile_stride=17))
+
+
+def test_shifted_grid_moves_by_a_low_discrepancy_offset():
+    assert [grid_offset(i, 16, 1) for i in range(8)] == [0, 8, 4, 12, 2, 10, 6, 14]
+    assert [grid_offset(i, 16, 4) for i in range(4)] == [0, 8, 4, 12]
+    assert [grid_offset(i, 8, 4) for i in range(4)] == [0, 4, 0, 4]      # rounded to what the partitions divide
+
+
+@pytest.mark.parametrize("length", [5, 16, 17, 37, 64, 100])
+@pytest.mark.parametrize("offset", [0, 2, 4, 8, 12, 14])
+def test_shifted_spans_partition_the_clip_into_half_to_whole_windows(length, offset):
+    spans = shifted_spans(length, 16, offset, 2)
+    assert spans[0].start == 0 and spans[-1].stop == length
+    assert all(a.stop == b.start for a, b in zip(spans, spans[1:]))            # no gap, no overlap
+    sizes = [s.stop - s.start for s in spans]
+    assert max(sizes) <= 16 and (length < 16 or min(sizes) >= 16 / 2 - 2)
+    inner = {s.start for s in spans[1:]}                                       # the grid's lines stay where they were
+    assert {c for c in range(offset or 16, length, 16) if 16 / 2 <= c <= length - 16 / 2 - 1} <= inner | {length}
+
+
+def test_shifted_tiling_partitions_the_clip_and_moves_its_seams_every_step():
+    spec = CallConstant().window                                # window 4 frames x 16 x 16 latents
+    x = torch.zeros(1, 20, 8, 32, 48)
+    x[:, 0] = 0.7
+    for step in range(4):
+        torch.testing.assert_close(predict_noise(PassThrough(), x, 1.0, "shifted", step=step),
+                                   torch.full((1, 4, 8, 32, 48), 0.7))
+        covered = torch.zeros(8, 32, 48)
+        for f, r, c in window_crops(spec, (8, 32, 48), "shifted", step):
+            covered[f, r, c] += 1
+        assert covered.eq(1).all()
+    seams = [{c.start for _, _, c in window_crops(spec, (8, 32, 48), "shifted", step)} - {0} for step in range(2)]
+    assert seams[0] == {16, 32} and not seams[0] & seams[1]
+    # every window is exactly the model on that crop: no blending, no overlap
+    model, x = tiny_model(), torch.randn(1, 20, 8, 32, 48)
+    eps = predict_noise(model, x, 300.0, "shifted", step=1)
+    for f, r, c in window_crops(spec, (8, 32, 48), "shifted", 1):
+        direct = predict_noise(model, x[:, :, f, r, c], 300.0)
+        torch.testing.assert_close(eps[:, :, f, r, c], direct, rtol=1e-5, atol=1e-6)
+    # windows of several sizes stack by size: the same eps window by window and several per forward
+    torch.testing.assert_close(predict_noise(model, x, 300.0, "shifted", window_batch=5, step=1), eps,
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="shifted windows are a window apart"):
+        Tiling("shifted", tile_stride=8)
+
+
+def test_shifted_tiling_runs_the_area_through_the_dit():
+    spec = CallConstant().window
+    area = 8 * 64 * 64
+    forwards, blend = dit_work(spec, (8, 64, 64), "blend", steps=4)
+    assert (forwards, blend) == (4 * 3 * 5 * 5, 4 * 3 * 5 * 5 * 4 * 16 * 16)   # release spacing: 2.3x the area
+    assert dit_work(spec, (8, 64, 64), Tiling(tile_stride=16, frame_stride=4), steps=4)[1] == 4 * area
+    assert dit_work(spec, (8, 64, 64), "shifted", steps=4, finishing=-1)[1] == 4 * area   # partial windows, no overlap
+    assert dit_work(spec, (8, 60, 62), "shifted", steps=4, finishing=-1)[1] <= 4 * 8 * 64 * 64  # padding counted
+    # in time too: frames 0-4, 4-8; then 0-2, 2-6, 6-8 (the grid half a window on); then 0-4, 4-8 again (a quarter
+    # window rounded down to the 2 frames the partitions divide)
+    assert dit_work(spec, (8, 16, 16), "shifted", steps=3, finishing=-1) == (2 + 3 + 2, 3 * 8 * 16 * 16)
+
+
+def test_finishing_step_is_the_last_from_real_noise():
+    def finishing(name, steps):
+        scheduler = make_scheduler(name)
+        scheduler.set_timesteps(steps)
+        return finishing_step(scheduler)
+    assert finishing("flow", 4) == 2          # sigmas 1, 0.67, 0.33, 0.001: the fourth step starts from no noise
+    assert finishing("flow", 8) == 6 and finishing("flow", 1) == 0
+    assert finishing("euler_a", 8) == 6       # t = 142 (noise/signal 0.45); the eighth starts at t = 0
+    assert finishing("ddim", 8) == 6 and finishing("dpmpp", 8) == 7
+
+
+def test_shifted_sampling_moves_the_grid_and_blends_the_finishing_step():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    cond, noise = torch.randn(1, 16, 4, 32, 32, generator=g), torch.randn(1, 4, 4, 32, 32, generator=g)
+    tilings = []
+    original = predict_noise
+
+    def spy(model, x, t, tiling, *args, step=0):
+        tilings.append(tiling.mode if tiling.mode != "shifted" else f"shifted@{step}")
+        return original(model, x, t, tiling, *args, step=step)
+
+    import cascadev.pipelines.sampling as sampling
+    sampling.predict_noise = spy
+    try:
+        shifted = sample(model, cond, noise, "flow", 4, "shifted", progress=False)
+    finally:
+        sampling.predict_noise = original
+    assert tilings == ["shifted@0", "shifted@1", "blend", "shifted@3"]
+    blend = sample(model, cond, noise, "flow", 4, "blend", progress=False)
+    assert (shifted - blend).abs().max() > 1e-3
+    # one step is the finishing step: shifted tiling is blend
+    torch.testing.assert_close(sample(model, cond, noise, "flow", 1, "shifted", progress=False),
+                               sample(model, cond, noise, "flow", 1, "blend", progress=False), rtol=0, atol=0)
+    spec = tiny_model().window
+    _, blended = dit_work(spec, (4, 64, 64), "blend", steps=4)
+    _, moved = dit_work(spec, (4, 64, 64), "shifted", steps=4, finishing=2)
+    assert moved == 3 * 4 * 64 * 64 + blended // 4          # the area at three steps, blend's at the finishing one
 
 
 def test_official_tiling_rejects_clips_smaller_than_the_window():
@@ -161,7 +265,7 @@ def test_flow_sampling_is_euler_on_the_velocity():
     """One flow step from sigma=1: x0 = noise - v, exactly what a rectified-flow model implies."""
     class ConstantVelocity(CallConstant):
         def forward(self, x, t):
-            return torch.full((x.shape[0], self.spec.out_channels, *x.shape[2:]), 0.25)
+            return torch.full((x.shape[0], self.out_channels, *x.shape[2:]), 0.25)
 
     noise = torch.randn(1, 4, 4, 16, 16)
     out = sample(ConstantVelocity(), torch.zeros(1, 16, 4, 16, 16), noise, "flow", 1, progress=False)
@@ -188,19 +292,19 @@ def _release_slices(size, window):
 
 def _release_eps(model, frames, timestep):
     """forward_with_dpmsolver: frames (n, C, h, w), timestep (n,) -> eps (n, 4, h, w)."""
-    c = model.spec
+    c = model.config
     L, S = c.window_frames, c.window_size
     n, _, h, w = frames.shape
 
     def by_slice(x, ts):  # forward_by_slice on one window of L frames
-        y = torch.zeros(L, c.out_channels, h, w)
+        y = torch.zeros(L, model.out_channels, h, w)
         for r in _release_slices(h, S):
             for col in _release_slices(w, S):
                 tile = x[:, :, r:r + S, col:col + S].unsqueeze(0).permute(0, 2, 1, 3, 4)
                 y[:, :, r:r + S, col:col + S] = model(tile, ts[:1])[0].permute(1, 0, 2, 3)
         return y
 
-    z = torch.zeros(n, c.out_channels, h, w)
+    z = torch.zeros(n, model.out_channels, h, w)
     starts = []
     for i in range(0, n, L // 2):
         begin, end = i, i + L
@@ -248,6 +352,7 @@ def test_official_sampling_equals_the_released_loop():
 
 
 @pytest.mark.parametrize("mode", ["blend", "official"])
+@pytest.mark.slow
 def test_batched_windows_equal_one_by_one(mode):
     model = tiny_model()
     x = torch.randn(2, 20, 10, 24, 40)  # 4 windows x 2 rows x 3 columns of tiles = 24 crops per step
@@ -265,6 +370,7 @@ def test_batched_windows_take_fewer_forwards():
     assert stub.calls == 3  # 8 crops in batches of 3
 
 
+@pytest.mark.slow
 def test_sampling_with_batched_windows_matches():
     model = tiny_model()
     cond, noise = torch.randn(1, 16, 8, 24, 24), torch.randn(1, 4, 8, 24, 24)

@@ -8,8 +8,9 @@ diffusers pipeline, written out here independently.
 import pytest
 import torch
 
-from conftest import run_cli
-from cascadev.pipelines.cascade import CascadeVPipeline, save_latents
+from helpers import run_cli
+from cascadev.pipelines.cascade import CascadeVPipeline
+from cascadev.pipelines.latents import save_latents
 from cascadev.pipelines.source_vae import SourceVAE
 from cascadev.synthetic import make_clip
 from cascadev.video_io import video_info
@@ -107,7 +108,8 @@ def _pipeline_to_raw(vae, z: torch.Tensor) -> torch.Tensor:
     return z / cfg.scaling_factor                        # SD (Tiny), SVD, HunyuanVideo, CogVideoX
 
 
-@pytest.mark.parametrize("name, frames, channels, compression, latent_frames", FAMILIES, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize("name, frames, channels, compression, latent_frames", [   # VAEs that compress time: slow
+    pytest.param(*f, id=f[0], marks=pytest.mark.slow if f[1] > 3 else ()) for f in FAMILIES])
 def test_source_vae_latents_decode_through_the_cli(name, frames, channels, compression, latent_frames, saved,
                                                    tiny_pipeline_dir, tmp_path, capsys):
     vae = SourceVAE.from_pretrained(saved[name], "vae")
@@ -151,6 +153,7 @@ def test_ltx_decode_timestep_is_the_pipelines_default():
     assert defaults.get("decode_noise_scale") is None          # None: the noise scale is the timestep, as ours
 
 
+@pytest.mark.slow
 def test_cogvideox_15_padding_frame_is_skipped(saved, tiny_pipeline_dir, tmp_path, capsys):
     """CogVideoX 1.5's pipeline pads one leading latent frame to an even count and drops it before its VAE decodes:
     ``--skip-latent-frames 1`` does the same (9 frames, not 4 x 4 = 16), and an even count without it says so."""
@@ -169,11 +172,12 @@ def test_cogvideox_15_padding_frame_is_skipped(saved, tiny_pipeline_dir, tmp_pat
     assert "give --skip-latent-frames 1" in stdout and video_info(tmp_path / "b.mp4").frames == 16
 
 
+@pytest.mark.slow
 def test_raw_latents_and_size(saved, tmp_path, capsys):
     """``--raw-latents``: the file holds what the VAE's encoder gives; ``--size``: the output's long side. The CLI
     writes what ``decode_from`` gives (the shipped cascade, whose output follows its input); without the flag the
     same file is read as normalised latents and the frames change."""
-    from conftest import SHIPPED_CASCADE, as_written, mean_abs
+    from helpers import SHIPPED_CASCADE, as_written, mean_abs
     from cascadev.video_io import read_video
 
     vae = SourceVAE.from_pretrained(saved["AutoencoderKLWan"])        # finds vae/ itself
@@ -196,6 +200,7 @@ def test_raw_latents_and_size(saved, tmp_path, capsys):
     assert mean_abs(decode("as_normalised.mp4"), out) > 1e-3
 
 
+@pytest.mark.slow
 def test_decode_from_in_python(saved, tiny_pipeline_dir):
     pipe = CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir))
     vae = SourceVAE.from_pretrained(saved["AutoencoderKLLTXVideo"], "vae")

@@ -1,18 +1,16 @@
-import dataclasses
-
 import pytest
 import torch
 from einops import repeat
 
-from conftest import randomize_
+from helpers import config_fields, randomize_
 from dit.attention import DispatchProcessor
-from dit.text_dit import PRESETS, CrossAttention, TextDiT, TextDiTConfig, build_text_dit
+from dit.text_dit import PRESETS, CrossAttention, TextDiT, build_text_dit
 
 TINY = PRESETS["tiny"]
 
 
 def tiny_model(**overrides) -> TextDiT:
-    return randomize_(TextDiT.from_spec(dataclasses.replace(TINY, **overrides))).eval()
+    return randomize_(TextDiT(**{**TINY, **overrides})).eval()
 
 
 def inputs(B=2, T=4, H=8, W=6, L=7, seed=1):
@@ -20,8 +18,8 @@ def inputs(B=2, T=4, H=8, W=6, L=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, 16, T, H, W, generator=g)
     t = torch.tensor([3.0, 871.0, 500.0][:B])
-    context = torch.randn(B, L, TINY.caption_channels, generator=g)
-    pooled = torch.randn(B, TINY.pooled_channels, generator=g)
+    context = torch.randn(B, L, TINY["caption_channels"], generator=g)
+    pooled = torch.randn(B, TINY["pooled_channels"], generator=g)
     mask = torch.arange(L)[None] < torch.tensor([L, 3, 5][:B])[:, None]
     return x, t, context, pooled, mask
 
@@ -95,7 +93,8 @@ def test_text_conditions_the_output():
 
 def test_masked_attention_sdpa_and_math_agree():
     g = torch.Generator().manual_seed(0)   # the dispatcher's layout: (B, N, heads, e)
-    q, k, v = torch.randn(2, 10, 3, 8, generator=g), torch.randn(2, 6, 3, 8, generator=g), torch.randn(2, 6, 3, 8, generator=g)
+    q = torch.randn(2, 10, 3, 8, generator=g)
+    k, v = torch.randn(2, 6, 3, 8, generator=g), torch.randn(2, 6, 3, 8, generator=g)
     mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
     sdpa, math = DispatchProcessor(), DispatchProcessor()
     sdpa._attention_backend, math._attention_backend = "native", "_native_math"
@@ -129,7 +128,7 @@ def test_save_and_load_round_trip(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path / "base")
     loaded = TextDiT.from_pretrained(tmp_path / "base")
-    assert loaded.spec == model.spec
+    assert config_fields(loaded) == config_fields(model)
     x, t, context, pooled, mask = inputs()
     torch.testing.assert_close(loaded(x, t, context, pooled, mask), model(x, t, context, pooled, mask), rtol=0, atol=0)
 
@@ -139,11 +138,11 @@ def test_base_preset_builds_on_meta_with_about_one_billion_parameters():
         model = build_text_dit("base")
     count = sum(p.numel() for p in model.parameters())
     assert 1.0e9 < count < 1.2e9, count  # 1,083,781,664
-    c = model.spec
+    c = model.config
     for frames in (8, 16):
-        c.check_window(frames, 32, 32)  # 1024 px
-    c.check_window(16, 18, 32)          # 1024x576
-    assert (c.caption_channels, c.pooled_channels, c.in_channels, c.out_channels) == (1280, 1280, 16, 32)
+        model.check_window(frames, 32, 32)  # 1024 px
+    model.check_window(16, 18, 32)          # 1024x576
+    assert (c.caption_channels, c.pooled_channels, model.in_channels, model.out_channels) == (1280, 1280, 16, 32)
 
 
 def test_bad_inputs_fail_loudly():
@@ -160,6 +159,6 @@ def test_bad_inputs_fail_loudly():
     with pytest.raises(ValueError, match="multiple of 2"):
         model(*inputs(T=3))
     with pytest.raises(ValueError, match="cond_channels must be 0"):
-        TextDiTConfig(cond_channels=16)
+        TextDiT(cond_channels=16)
     with pytest.raises(ValueError, match="unknown text DiT preset"):
         build_text_dit("huge")

@@ -47,6 +47,7 @@ def assert_same_weights(a: Path, b: Path, name: str, atol: float = 1e-6):
         assert torch.allclose(wa[k], wb[k], atol=atol), k
 
 
+@pytest.mark.slow
 def test_dit_script_resumed_run_equals_uninterrupted(clips, tmp_path):
     # gradient accumulation, image batches (as_images) and EMA all take part
     common = ["optim.grad_accum=2", "data.image_prob=0.5", "run.save_every=2", "run.val_every=4", "run.log_every=2",
@@ -79,6 +80,7 @@ def test_dit_script_resumed_run_equals_uninterrupted(clips, tmp_path):
     assert skipped and skipped[-1] > 0                                # counted across the run, and logged
 
 
+@pytest.mark.slow
 def test_vae_script_resumed_run_equals_uninterrupted(clips, tmp_path):
     common = ["vae.disc_start=1", "run.save_every=2", "run.val_every=3", "run.keep_checkpoints=1"]
     whole = train(VAE_TINY, tmp_path / "whole", clips, 3, *common)
@@ -105,6 +107,7 @@ def test_vae_script_resumed_run_equals_uninterrupted(clips, tmp_path):
         assert all(torch.equal(v, exported[k]) for k, v in vae.model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_diffusion_autoencoder_trains_the_encoder_with_the_dit_and_resumes_exactly(clips, tmp_path):
     # condition.train_encoder: Wuerstchen's Stage B, the semantic encoder learning with the DiT
     common = ["condition.train_encoder=true", "optim.ema_decay=0", "dit.decoded_loss_weight=1", "run.save_every=2",
@@ -131,13 +134,15 @@ def test_diffusion_autoencoder_trains_the_encoder_with_the_dit_and_resumes_exact
             load_train_config(DIT_TINY, [*common, *extra])
 
 
+@pytest.mark.slow
 def test_dit_ddp_on_two_cpu_processes_resumes_exactly(clips, tmp_path):
     """The same script under torchrun (what accelerate launch runs): DDP over gloo, sharded data, exact resume."""
-    import os
     import subprocess
     import sys
 
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    from helpers import subprocess_env
+
+    env = subprocess_env(tmp_path, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")    # torchelastic_* in tmp_path
 
     def launch(run_dir, steps):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -230,6 +235,7 @@ def test_cache_context_windows_are_cut_from_whole_frame_encodings(tmp_path):
                     "--crop", "context", "--set", f"data.videos={folder}"])
 
 
+@pytest.mark.slow
 def test_dit_loss_falls_on_a_tiny_set(clips):
     config = load_train_config(DIT_TINY, [f"data.videos={clips}"])
     task = DiTTask(config)
@@ -271,6 +277,7 @@ def test_decoded_loss_adds_the_error_of_x0_decoded_by_stage_a(clips):
 
 
 @pytest.mark.parametrize("kind", ["svd_temporal", "taesd"])
+@pytest.mark.slow
 def test_vae_loss_falls_on_a_tiny_set(clips, kind):
     preset = ["stage_a.preset=tiny_taesd", "vae.trainable=['*']"] if kind == "taesd" else []
     config = load_train_config(VAE_TINY, [f"data.videos={clips}", "vae.lpips_weight=0", "data.num_frames=2", *preset])
@@ -379,7 +386,7 @@ def test_init_from_our_format_and_the_official_checkpoint(tmp_path):
     from dit import VideoDiT
     from cascadev.training.tasks import build_dit
     config = load_train_config(DIT_TINY)
-    source = VideoDiT.from_spec(config.dit.model_config())
+    source = VideoDiT(**config.dit.model_config())
     torch.nn.init.normal_(source.final_layer.linear.weight)
     source.save_pretrained(tmp_path / "ours")
     torch.save({"state_dict": {**source.state_dict(), "pos_embed": torch.zeros(1)}}, tmp_path / "release.pth")
@@ -422,6 +429,7 @@ def test_vae_loss_terms_with_lpips_and_discriminator(clips):
     assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0     # both margins met
 
 
+@pytest.mark.slow
 def test_resume_checks_the_config_and_can_start_over_or_go_back(clips, tmp_path):
     run = tmp_path / "run"
     common = ["run.save_every=1", "run.val_every=0", *SMALL]

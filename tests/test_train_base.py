@@ -66,6 +66,7 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
         assert torch.allclose(wa[k], wb[k], atol=atol), k
 
 
+@pytest.mark.slow
 def test_base_script_resumed_run_equals_uninterrupted(toy, tmp_path, tiny_pipeline_dir):
     # gradient accumulation, image batches (as_images), EMA and validation all take part
     common = ["optim.grad_accum=2", "data.image_prob=0.5", "run.save_every=2", "run.val_every=3", "run.log_every=1",
@@ -118,6 +119,7 @@ def test_base_trains_from_a_latent_cache_with_captions(toy, tmp_path):
               "run.tensorboard=false"])
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_two_captions(toy, tiny_pipeline_dir):
     """Trained on red clips captioned "red" and blue ones captioned "blue", the tiny model's generations
     (TextToVideoPipeline, its default sampler and guidance, the same noise for both prompts) land nearer
@@ -159,11 +161,11 @@ def test_caption_dropout_rate_is_honoured(toy, rate):
     dropped = []
 
     class Spy(torch.nn.Module):                                       # records which rows read the empty prompt
-        spec = task.model.spec
+        config, out_channels = task.model.config, task.model.out_channels
 
         def forward(self, x, t, context, pooled, mask, as_images=False):
             dropped.extend(torch.equal(row, null) for row in context)
-            return torch.zeros(x.shape[0], self.spec.out_channels, *x.shape[2:])
+            return torch.zeros(x.shape[0], self.out_channels, *x.shape[2:])
 
     batch = {"semantic": torch.randn(50, 16, 2, 2, 2), "caption": ["red", "blue"] * 25}
     for i in range(10):
@@ -175,7 +177,7 @@ def test_init_from_a_text_dit_folder_with_gradient_checkpointing(toy, tmp_path):
     from cascadev.training.tasks import build_base_dit
     from dit.text_dit import TextDiT
     config = load_train_config(BASE_TINY, overrides(toy))
-    source = TextDiT.from_spec(config.base.model_config())
+    source = TextDiT(**config.base.model_config())
     torch.nn.init.normal_(source.final_layer.linear.weight)
     source.save_pretrained(tmp_path / "ours")
     model = build_base_dit(load_train_config(BASE_TINY, [*overrides(toy), f"base.init_from={tmp_path / 'ours'}",

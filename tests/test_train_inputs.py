@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import cascadev.training.train as train_module
-from conftest import run_cli
+from helpers import run_cli
 from cascadev.synthetic import write_clips
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,6 +40,7 @@ def assert_same_state(a: Path, b: Path, atol: float = 1e-6) -> None:
         assert same, k
 
 
+@pytest.mark.slow
 def test_semantic_script_resumed_run_equals_uninterrupted(clips, tmp_path):
     common = ["run.save_every=2", "run.val_every=3", "run.log_every=1", *SMALL]
     whole = train(tmp_path / "whole", clips, 3, *common)
@@ -76,6 +77,7 @@ def test_semantic_script_resumed_run_equals_uninterrupted(clips, tmp_path):
     assert torch.allclose(encoded["cond"], encoder.encode(video) * config.stage_a.model_config().scale_factor)
 
 
+@pytest.mark.slow
 def test_semantic_loss_falls_on_generated_clips(clips):
     config = load_train_config(SEMANTIC_TINY, [f"data.videos={clips}"])
     task = SemanticTask(config)

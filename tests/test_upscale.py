@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import as_written, mean_abs, randomize_, run_cli
+from helpers import as_written, mean_abs, randomize_, run_cli
 
 from cascadev.pipelines.conditioning import downsample_video, upsample_condition
 from cascadev.pipelines.upscale import TINY_FPS4X, CascadeVUpscalePipeline, load_upscale
@@ -93,7 +93,7 @@ def test_pipeline_output_shapes(factors, shape):
 
 @pytest.mark.parametrize("route,size,frames,fps", [("x4", (192, 128), 3, 6.0), ("fps4", (48, 32), 12, 24.0)])
 def test_cli_upscale_video_and_latents(tmp_path, capsys, route_dirs, low_clip, route, size, frames, fps):
-    from cascadev.pipelines.cascade import save_latents
+    from cascadev.pipelines.latents import save_latents
     from cascadev.video_io import read_video, video_info
 
     out = tmp_path / "up.mp4"
@@ -156,7 +156,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, route_dirs, low_clip, 
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
         assert ("loading weights" in out) == loads, out      # the input and the folder's settings are checked first
 
-    fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir, says="holds a CascadeVPipeline, not a CascadeVUpscalePipeline: use it with cascadev reconstruct")
+    fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir,
+          says="holds a CascadeVPipeline, not a CascadeVUpscalePipeline: use it with cascadev reconstruct")
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", tmp_path, says="not a resize-route model")
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", tmp_path / "nope", says="weights folder not found")
     write_video(tmp_path / "odd.mp4", make_clip(seed=1, frames=3, height=36, width=48), fps=6)
@@ -180,6 +181,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys, route_dirs, low_clip, 
     fails(low_clip, "-o", tmp_path / "o.mp4", "--weights", route_dirs["fps4"], "--max-memory", -1, says="--max-memory")
 
 
+@pytest.mark.slow
 def test_cli_runtime_options_are_the_decoders(tmp_path, capsys, route_dirs, low_clip):
     """``upscale`` runs as ``decode`` does (``options.prepare_pipeline``): batched windows give the default output
     (within fp32 rounding); the sampler and tiling options reach the DiT."""
@@ -215,10 +217,12 @@ def test_a_semantic_route_dit_is_refused():
     from vae import build_stage_a
 
     with pytest.raises(ValueError, match="not a resize-route DiT"):
-        CascadeVUpscalePipeline(dit=build_dit("tiny"), vae=build_stage_a("tiny").model, scheduler=make_scheduler("flow"))
+        CascadeVUpscalePipeline(dit=build_dit("tiny"), vae=build_stage_a("tiny").model,
+                                scheduler=make_scheduler("flow"))
 
 
 @pytest.mark.skipif(not (TINY_FPS4X / "model_index.json").is_file(), reason="tiny_fps4x not built")
+@pytest.mark.slow
 def test_shipped_fps4x_loads_and_its_demo_runs(tmp_path, capsys, low_clip):
     pipe = load_upscale(TINY_FPS4X)
     assert pipe.factors == (1, 4) and pipe.dit.dtype == torch.float32
@@ -229,6 +233,7 @@ def test_shipped_fps4x_loads_and_its_demo_runs(tmp_path, capsys, low_clip):
     # measured: ours 19.80 dB, repeat 19.33, without the colour fix 18.96 (blend 21.64 wins at 64 px)
     psnr = {m: results[m]["psnr"] for m in ("ours", "repeat", "ours_without_colour_fix")}
     assert 17 < psnr["ours"] < 25 and psnr["ours"] > psnr["repeat"] and psnr["ours"] > psnr["ours_without_colour_fix"]
+    assert all(results[m]["sharpness"] > 0 for m in ("ours", "repeat", "blend", "ours_without_colour_fix"))
     assert (tmp_path / "side_by_side.mp4").is_file()
     # upscale without --weights: the same built-in model, from any working directory
     code, stdout, err = run_cli(capsys, "upscale", low_clip, "-o", tmp_path / "up.mp4", "--steps", 1)
@@ -247,7 +252,8 @@ def test_init_new_condition_starts_a_resize_dit_from_a_semantic_one(tmp_path):
 
     source = randomize_(build_video_dit("tiny"))
     source.save_pretrained(str(tmp_path / "semantic_dit"))
-    overrides = ["condition.route=resize", "dit.overrides.cond_channels=4", f"dit.init_from={tmp_path / 'semantic_dit'}"]
+    overrides = ["condition.route=resize", "dit.overrides.cond_channels=4",
+                 f"dit.init_from={tmp_path / 'semantic_dit'}"]
     with pytest.raises(RuntimeError, match="size mismatch"):
         build_dit(load_train_config("configs/dit_tiny.yaml", overrides), load_weights=True)
     model = build_dit(load_train_config("configs/dit_tiny.yaml", overrides + ["dit.init_new_condition=true"]), True)
@@ -257,3 +263,15 @@ def test_init_new_condition_starts_a_resize_dit_from_a_semantic_one(tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if k != "x_embedder.proj.weight")
     with pytest.raises(ValueError, match="needs dit.init_from"):
         load_train_config("configs/dit_tiny.yaml", ["dit.init_new_condition=true"])
+
+
+def test_cli_upscale_with_shifted_tiling(tmp_path, capsys, route_dirs, low_clip):
+    from cascadev.video_io import read_video
+
+    outputs = {}
+    for tiling in ("shifted", "blend"):
+        code, _, err = run_cli(capsys, "upscale", low_clip, "-o", tmp_path / f"{tiling}.mp4", "--weights",
+                               route_dirs["x4"], "--tiling", tiling, "--crf", 0)
+        assert code in (0, None), err
+        outputs[tiling] = read_video(tmp_path / f"{tiling}.mp4")
+    assert outputs["shifted"].shape == outputs["blend"].shape

@@ -13,8 +13,7 @@ from torchvision.models import efficientnet_v2_s
 
 from cascadev.config import from_dict
 from cascadev.synthetic import make_clip
-from conftest import randomize_
-from vae import previewer as previewer_mod
+from helpers import config_fields, randomize_
 from vae import semantic_encoder as encoder_mod
 from vae import stage_a as stage_a_mod
 from vae import (LATENT_SCALE, Previewer, SemanticEncoder, StageAConfig, StageAVAE, build_previewer,
@@ -58,11 +57,12 @@ def test_encoder_rejects_bad_inputs():
     with pytest.raises(ValueError, match="NaN"):
         enc.encode(bad)
     with pytest.raises(ValueError, match="unknown semantic encoder backbone"):
-        encoder_mod.SemanticEncoderConfig(backbone="resnet")
+        SemanticEncoder(backbone_type="resnet")
     with pytest.raises(ValueError, match="unknown semantic encoder preset"):
         build_semantic_encoder("huge")
 
 
+@pytest.mark.slow
 def test_encoder_official_layout_on_meta():
     with torch.device("meta"):
         enc = build_semantic_encoder("official")
@@ -79,12 +79,13 @@ def test_encoder_save_and_from_pretrained(tmp_path):
     enc = randomize_(build_semantic_encoder("tiny"), std=0.1, seed=1)
     enc.mapper[1].running_mean.normal_()
     enc.save_pretrained(tmp_path / "enc")
-    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["config.json",
+                                                                    "diffusion_pytorch_model.safetensors"]
     assert (tmp_path / "enc" / "diffusion_pytorch_model.safetensors").stat().st_size < 500_000
     x = video(T=2, H=64, W=64)
     for low_cpu_mem_usage in (True, False):   # the non-persistent ImageNet mean/std are right either way
         loaded = SemanticEncoder.from_pretrained(tmp_path / "enc", low_cpu_mem_usage=low_cpu_mem_usage)
-        assert loaded.spec == enc.spec and not loaded.training
+        assert config_fields(loaded) == config_fields(enc) and not loaded.training
         assert torch.equal(loaded.mean, enc.mean) and torch.equal(loaded.std, enc.std)
         assert torch.equal(loaded.encode(x), enc.encode(x))
 
@@ -94,7 +95,8 @@ def test_encoder_from_official_file(tmp_path):
     and encodes exactly like torchvision's EfficientNetV2-S features + mapper with the same weights."""
     torch.manual_seed(0)
     reference = efficientnet_v2_s().features.eval()
-    mapper = torch.nn.Sequential(torch.nn.Conv2d(1280, 16, 1, bias=False), torch.nn.BatchNorm2d(16, affine=False)).eval()
+    mapper = torch.nn.Sequential(torch.nn.Conv2d(1280, 16, 1, bias=False),
+                                 torch.nn.BatchNorm2d(16, affine=False)).eval()
     mapper[1].running_mean.normal_()
     mapper[1].running_var.uniform_(0.5, 2.0)
     state = {f"backbone.{k}": v for k, v in reference.state_dict().items()}
@@ -107,7 +109,8 @@ def test_encoder_from_official_file(tmp_path):
     torch.testing.assert_close(enc.mapper[1].running_var, mapper[1].running_var.half().float())
     reference.load_state_dict({k.removeprefix("backbone."): v.float() for k, v in enc.state_dict().items()
                                if k.startswith("backbone.")})
-    mapper.load_state_dict({k.removeprefix("mapper."): v for k, v in enc.state_dict().items() if k.startswith("mapper.")})
+    mapper.load_state_dict({k.removeprefix("mapper."): v for k, v in enc.state_dict().items()
+                            if k.startswith("mapper.")})
     x = video(T=1, H=64, W=64)
     normalised = ((x[:, :, 0] + 1) / 2 - torch.tensor(encoder_mod.IMAGENET_MEAN).view(1, 3, 1, 1)) \
         / torch.tensor(encoder_mod.IMAGENET_STD).view(1, 3, 1, 1)
@@ -132,7 +135,7 @@ def test_official_loader_errors(tmp_path):
     state["blocks.25.weight"] = torch.zeros(1)
     save_file(state, tmp_path / "previewer.safetensors")
     with pytest.raises(ValueError, match=r"missing keys: blocks\.3\.weight; unexpected keys: blocks\.25\.weight"):
-        Previewer.from_single_file(tmp_path, config=tiny.spec)
+        Previewer.from_single_file(tmp_path, config=tiny.config)
 
 
 # -- previewer -----------------------------------------------------------------------------------
@@ -169,11 +172,11 @@ def test_previewer_tiny_forward_decode_and_round_trip(tmp_path):
     prev.save_pretrained(tmp_path / "prev")
     assert torch.equal(Previewer.from_pretrained(tmp_path / "prev").decode(z), decoded)
     save_file(prev.state_dict(), tmp_path / "previewer.safetensors")                   # the released layout
-    assert torch.equal(Previewer.from_single_file(tmp_path, config=prev.spec).decode(z), decoded)
+    assert torch.equal(Previewer.from_single_file(tmp_path, config=prev.config).decode(z), decoded)
     with pytest.raises(ValueError, match="expected 16 channels"):
         prev(torch.randn(1, 4, 2, 4, 4))
     with pytest.raises(ValueError, match="multiple of 4"):
-        previewer_mod.PreviewerConfig(hidden_channels=30)
+        Previewer(hidden_channels=30)
 
 
 # -- Stage A: tiles and chunks -----------------------------------------------------------------------
@@ -201,11 +204,16 @@ def test_tiled_apply_is_exact_for_pointwise_maps(tile, overlap):
     """Blending is a weighted average, so a map without spatial context gives the untiled result."""
     conv = torch.nn.Conv2d(4, 3, 1)
     x = torch.randn(2, 4, 9, 11)
-    up = lambda z: F.interpolate(conv(z), scale_factor=8, mode="nearest")             # decode-like, x8
+
+    def up(z):          # decode-like, x8
+        return F.interpolate(conv(z), scale_factor=8, mode="nearest")
+
+    def down(p):        # encode-like, /8
+        return F.avg_pool2d(p, 8)
+
     with torch.no_grad():
         torch.testing.assert_close(tiled_apply(up, x, (9, 11), tile, overlap, 1, 8), up(x))
         pixels = torch.randn(2, 3, 72, 88)
-        down = lambda p: F.avg_pool2d(p, 8)                                            # encode-like, /8
         torch.testing.assert_close(tiled_apply(down, pixels, (9, 11), tile, overlap, 8, 1), down(pixels))
 
 
@@ -256,7 +264,10 @@ def test_blending_hides_tile_dependent_offsets():
         return F.interpolate(z - z.mean(dim=(-2, -1), keepdim=True), scale_factor=8, mode="nearest")
     ramp = torch.linspace(0, 1, 24).expand(1, 1, 24, 24).contiguous()      # smooth input, left to right
     plain = per_tile_norm(ramp)
-    max_step = lambda v: v.diff(dim=-1).abs().max().item()
+
+    def max_step(v):
+        return v.diff(dim=-1).abs().max().item()
+
     hard = tiled_apply(per_tile_norm, ramp, (24, 24), 12, 0, 1, 8)
     blended = tiled_apply(per_tile_norm, ramp, (24, 24), 12, 6, 1, 8)
     assert max_step(hard) > 0.3                                             # the seam: a jump of half the range
@@ -269,11 +280,16 @@ def test_tiled_decode_is_close_to_untiled(tiny_vae):
     blended = with_config(tiny_vae, tile_size=96, tile_overlap=48).decode(z)          # 3 x 3 tiles
     butted = with_config(tiny_vae, tile_size=96, tile_overlap=0).decode(z)            # 2 x 2, no blending
     assert blended.shape == plain.shape == (1, 3, 1, 192, 192)
-    off = lambda v: ((v - plain).abs().mean() / plain.std()).item()
+
+    def off(v):
+        return ((v - plain).abs().mean() / plain.std()).item()
+
+    def steps(v, dim):
+        return v.diff(dim=dim).abs().mean(dim=tuple(d for d in range(5) if d != v.ndim + dim))
+
     assert off(blended) < 0.13 < off(butted)          # measured 0.099 and 0.21: the bound tells them apart
     for dim in (-1, -2):               # no seams: neighbouring columns/rows differ as much as untiled ones
-        steps = lambda v: v.diff(dim=dim).abs().mean(dim=tuple(d for d in range(5) if d != v.ndim + dim))
-        assert (steps(blended) / steps(plain)).max() < 1.5
+        assert (steps(blended, dim) / steps(plain, dim)).max() < 1.5
 
 
 def test_tiled_encode_is_close_to_untiled(tiny_vae):
@@ -391,6 +407,7 @@ def test_stage_a_bad_inputs_and_configs(tiny_vae):
 
 @pytest.mark.parametrize("preset, size, tile, overlap, scale", [("tiny", 48, 256, 64, 1.0),
                                                                  ("tiny_taesd", 24, 96, 48, 0.5)])
+@pytest.mark.slow
 def test_our_tiles_are_closer_to_untiled_than_diffusers_enable_tiling(preset, size, tile, overlap, scale):
     """Why Stage A tiles with ``tiled_apply`` and not diffusers' ``enable_tiling``: measured on random-init tiny
     VAEs, ours is closer to the untiled decode (kl 256/64 at 384 px: 0.107 vs 0.207; taesd 96/48 at 192 px:
@@ -459,7 +476,8 @@ def test_decode_pieces_are_final_frames_in_order_and_make_the_whole_decode(chunk
 
 # -- Stage A: memory budget and tile margins ------------------------------------------------------------
 
-@pytest.mark.parametrize("preset, bound", [("tiny_taesd", 5e-4), ("tiny", 0.2), ("tiny_temporal", 0.05)])
+@pytest.mark.parametrize("preset, bound", [("tiny_taesd", 5e-4), pytest.param("tiny", 0.2, marks=pytest.mark.slow),
+                                          pytest.param("tiny_temporal", 0.05, marks=pytest.mark.slow)])
 def test_tiled_decode_stays_within_the_measured_bound_of_untiled(preset, bound):
     """256 px tiles sharing 64 at 384 px against the whole frame (benchmarks/stage_a.py closeness): taesd has a finite
     receptive field, so the margin makes tiles nearly exact (0.0002 measured; 0.009 with a full ramp); GroupNorm

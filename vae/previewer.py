@@ -13,8 +13,6 @@ the edge (``2 x - 1``) and ``decode`` also clamps.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,30 +21,17 @@ import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 
-from cascadev.weights import DataclassModel, fields_of
-from vae.semantic_encoder import check_video, load_official_weights, resolve_official_file
+from cascadev.weights import CascadeModel, build_preset
+from cascadev.checks import check_video
+from vae.semantic_encoder import load_official_weights, resolve_official_file
 
 UPSAMPLE = 8                    # three stride-2 transposed convs
 OFFICIAL_FILE = "previewer.safetensors"
 
 
-@dataclass(frozen=True)
-class PreviewerConfig:
-    latent_channels: int = 16
-    hidden_channels: int = 512      # "c_hidden" of Stable Cascade; stages use c, c/2, c/4
-    out_channels: int = 3
-    frame_batch: int = 16           # frames per call in ``forward``
-
-    def __post_init__(self):
-        if self.hidden_channels < 4 or self.hidden_channels % 4:
-            raise ValueError(f"hidden_channels must be a positive multiple of 4, got {self.hidden_channels}")
-        if self.frame_batch < 1:
-            raise ValueError(f"frame_batch must be >= 1, got {self.frame_batch}")
-
-
-PRESETS: dict[str, PreviewerConfig] = {
-    "official": PreviewerConfig(),
-    "tiny": PreviewerConfig(hidden_channels=32),
+PRESETS: dict[str, dict] = {
+    "official": {},                     # Previewer's defaults: Stable Cascade's previewer.safetensors
+    "tiny": dict(hidden_channels=32),
 }
 
 
@@ -54,22 +39,28 @@ def _stage(layer: nn.Module, channels: int) -> list[nn.Module]:
     return [layer, nn.GELU(), nn.BatchNorm2d(channels)]
 
 
-class Previewer(DataclassModel):
+class Previewer(CascadeModel):
     """(B, 16, T, h, w) semantic latents -> (B, 3, T, 8h, 8w) video in about [-1, 1].
 
-    ``Previewer(**fields)``: the keywords are the fields of ``PreviewerConfig``. A diffusers model.
+    The keywords of ``__init__`` are its config; the defaults are the released Previewer. A diffusers model.
     """
 
-    spec_class = PreviewerConfig
-
     @register_to_config
-    @fields_of(PreviewerConfig)
-    def __init__(self, **fields):
+    def __init__(
+        self,
+        latent_channels: int = 16,
+        hidden_channels: int = 512,     # "c_hidden" of Stable Cascade; stages use c, c/2, c/4
+        out_channels: int = 3,
+        frame_batch: int = 16,          # frames per call in ``forward``
+    ):
         super().__init__()
-        config = PreviewerConfig(**fields)
-        c, c2, c4 = config.hidden_channels, config.hidden_channels // 2, config.hidden_channels // 4
+        if hidden_channels < 4 or hidden_channels % 4:
+            raise ValueError(f"hidden_channels must be a positive multiple of 4, got {hidden_channels}")
+        if frame_batch < 1:
+            raise ValueError(f"frame_batch must be >= 1, got {frame_batch}")
+        c, c2, c4 = hidden_channels, hidden_channels // 2, hidden_channels // 4
         self.blocks = nn.Sequential(
-            *_stage(nn.Conv2d(config.latent_channels, c, kernel_size=1), c),
+            *_stage(nn.Conv2d(latent_channels, c, kernel_size=1), c),
             *_stage(nn.Conv2d(c, c, kernel_size=3, padding=1), c),
             *_stage(nn.ConvTranspose2d(c, c2, kernel_size=2, stride=2), c2),        # x2
             *_stage(nn.Conv2d(c2, c2, kernel_size=3, padding=1), c2),
@@ -77,7 +68,7 @@ class Previewer(DataclassModel):
             *_stage(nn.Conv2d(c4, c4, kernel_size=3, padding=1), c4),
             *_stage(nn.ConvTranspose2d(c4, c4, kernel_size=2, stride=2), c4),       # x8
             *_stage(nn.Conv2d(c4, c4, kernel_size=3, padding=1), c4),
-            nn.Conv2d(c4, config.out_channels, kernel_size=1),
+            nn.Conv2d(c4, out_channels, kernel_size=1),
         )
         self.eval()
 
@@ -99,17 +90,16 @@ class Previewer(DataclassModel):
     # -- weights -------------------------------------------------------------------------------
 
     @classmethod
-    def from_single_file(cls, path: str | Path | None = None, config: PreviewerConfig | None = None) -> "Previewer":
+    def from_single_file(cls, path: str | Path | None = None, config: dict | None = None) -> "Previewer":
         """Load Stable Cascade's ``previewer.safetensors`` (a file, a folder holding it, or None for the
-        Hugging Face cache / hub); eval mode. ``config=None`` is the ``official`` preset."""
+        Hugging Face cache / hub); eval mode. ``config`` (``__init__`` keywords or a model's ``config``):
+        None is the ``official`` preset."""
         file = resolve_official_file(path, OFFICIAL_FILE)
-        model = cls.from_spec(config or PRESETS["official"])
+        model = cls.from_config_dict(config or PRESETS["official"])
         load_official_weights(model, file)
         return model.eval()
 
 
 def build_previewer(preset: str = "official", **overrides) -> Previewer:
-    """The one factory: a preset name plus field overrides."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown previewer preset {preset!r}; choose from {sorted(PRESETS)}")
-    return Previewer(**dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides)))
+    """A preset name plus keyword overrides."""
+    return build_preset(Previewer, PRESETS, preset, "previewer", **overrides)

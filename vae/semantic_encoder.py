@@ -4,8 +4,8 @@ As in Stable Cascade / Wuerstchen v3: torchvision ``efficientnet_v2_s().features
 ``mapper`` = Conv2d(1280, 16, 1, bias=False) + BatchNorm2d(16, affine=False), whose running statistics
 normalise the latent to roughly zero mean and unit variance. Parameter names match Stable Cascade's
 ``effnet_encoder.safetensors`` key for key (``backbone.<torchvision features key>``, ``mapper.0.weight``,
-``mapper.1.running_mean`` ...), so the released file loads as is (``SemanticEncoder.from_single_file``). A diffusers model:
-``save_pretrained`` / ``from_pretrained``.
+``mapper.1.running_mean`` ...), so the released file loads as is (``SemanticEncoder.from_single_file``). A diffusers
+model: ``save_pretrained`` / ``from_pretrained``.
 
 ``encode`` returns the raw mapper output, which the Previewer consumes directly. CascadeV multiplies it
 by the latent scale (0.13025, ``vae.stage_a.LATENT_SCALE``) after upsampling, before the DiT; that is
@@ -14,8 +14,6 @@ the pipeline's job, not this module's.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +23,8 @@ from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from cascadev.weights import DataclassModel, fields_of, load_state_dict_strict
+from cascadev.checks import check_video
+from cascadev.weights import CascadeModel, build_preset, load_state_dict_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # torchvision EfficientNetV2 input normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,64 +34,12 @@ OFFICIAL_REPO = "stabilityai/stable-cascade"
 OFFICIAL_FILE = "effnet_encoder.safetensors"
 
 
-@dataclass(frozen=True)
-class SemanticEncoderConfig:
-    """``backbone``: "efficientnet_v2_s" (released layout) or "tiny" (strided convs, for tests/demo)."""
+BACKBONES = ("efficientnet_v2_s", "tiny")   # released layout; strided convs for tests and the demo
 
-    backbone: str = "efficientnet_v2_s"
-    latent_channels: int = 16
-    tiny_channels: tuple[int, ...] = (8, 16, 32, 64, 128)   # "tiny" only: one stride-2 conv per entry
-    frame_batch: int = 16                                   # frames per backbone call in ``encode``
-
-    def __post_init__(self):
-        object.__setattr__(self, "tiny_channels", tuple(self.tiny_channels))   # a list from config.json
-        if self.backbone not in ("efficientnet_v2_s", "tiny"):
-            raise ValueError(f"unknown semantic encoder backbone {self.backbone!r}; "
-                             "expected 'efficientnet_v2_s' or 'tiny'")
-        if self.backbone == "tiny" and 2 ** len(self.tiny_channels) != DOWNSAMPLE:
-            raise ValueError(f"tiny_channels needs {DOWNSAMPLE.bit_length() - 1} entries (one stride-2 conv each "
-                             f"for a total stride of {DOWNSAMPLE}), got {len(self.tiny_channels)}")
-        if self.frame_batch < 1 or self.latent_channels < 1:
-            raise ValueError("frame_batch and latent_channels must be >= 1")
-
-    @property
-    def feature_channels(self) -> int:
-        return EFFNET_FEATURES if self.backbone == "efficientnet_v2_s" else self.tiny_channels[-1]
-
-
-PRESETS: dict[str, SemanticEncoderConfig] = {
-    "official": SemanticEncoderConfig(),
-    "tiny": SemanticEncoderConfig(backbone="tiny"),
+PRESETS: dict[str, dict] = {
+    "official": {},                     # SemanticEncoder's defaults: Stable Cascade's effnet_encoder.safetensors
+    "tiny": dict(backbone_type="tiny"),
 }
-
-
-PIXEL_LIMIT = 1.5    # videos are in [-1, 1]; values past this are another convention ([0, 1] cannot be told apart)
-
-
-def check_video(video: torch.Tensor, channels: int, multiple: int, who: str, pixels: bool = False) -> None:
-    """Fail loudly on a tensor that is not (B, channels, T, H, W), finite, with H and W multiples of ``multiple``;
-    ``pixels``: also on values far outside [-1, 1] (frames of [0, 255], say)."""
-    if not isinstance(video, torch.Tensor) or video.ndim != 5:
-        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-        raise ValueError(f"{who}: expected a (B, {channels}, T, H, W) tensor, got {shape}")
-    if video.shape[1] != channels:
-        hint = " (is T before C? expected B C T H W)" if video.shape[2] == channels else ""
-        raise ValueError(f"{who}: expected {channels} channels in (B, C, T, H, W), got shape {tuple(video.shape)}{hint}")
-    if not video.is_floating_point():
-        raise ValueError(f"{who}: expected a float tensor, got {video.dtype}")
-    if video.shape[0] == 0 or video.shape[2] == 0:
-        raise ValueError(f"{who}: empty input of shape {tuple(video.shape)} (no videos or no frames)")
-    for name, size in (("H", video.shape[3]), ("W", video.shape[4])):
-        if size % multiple or size == 0:
-            low, high = size // multiple * multiple, (size // multiple + 1) * multiple
-            works = f"{low} or {high}" if low else f"{high}"
-            raise ValueError(f"{who}: {name}={size} is not a positive multiple of {multiple}; sizes that work: {works}")
-    least, most = video.aminmax()        # one pass: NaN and inf show in the extremes
-    if not (torch.isfinite(least) and torch.isfinite(most)):
-        raise ValueError(f"{who}: input contains NaN or inf values")
-    if pixels and max(-least, most) > PIXEL_LIMIT:
-        raise ValueError(f"{who}: pixel values span [{least:.4g}, {most:.4g}]; videos are in [-1, 1] "
-                         f"(from uint8 frames: x / 127.5 - 1)")
 
 
 def _tiny_backbone(channels: tuple[int, ...]) -> nn.Sequential:
@@ -104,29 +51,44 @@ def _tiny_backbone(channels: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class SemanticEncoder(DataclassModel):
+class SemanticEncoder(CascadeModel):
     """Frames in [-1, 1] -> semantic latents (16 ch, f32). Frozen in CascadeV: ``encode`` runs without grad.
 
-    ``SemanticEncoder(**fields)``: the keywords are the fields of ``SemanticEncoderConfig``.
+    The keywords of ``__init__`` are its config; the defaults are the released encoder. ``backbone_type`` was
+    called ``backbone`` in configs saved before, a name the submodule holds (the released keys ``backbone.*``):
+    such configs load through ``legacy_config_keys``.
     """
 
-    spec_class = SemanticEncoderConfig
+    legacy_config_keys = {"backbone": "backbone_type"}
 
     @register_to_config
-    @fields_of(SemanticEncoderConfig)
-    def __init__(self, **fields):
+    def __init__(
+        self,
+        backbone_type: str = "efficientnet_v2_s",             # one of BACKBONES
+        latent_channels: int = 16,
+        tiny_channels: tuple[int, ...] = (8, 16, 32, 64, 128),  # "tiny" only: one stride-2 conv per entry
+        frame_batch: int = 16,                                  # frames per backbone call in ``encode``
+    ):
         super().__init__()
-        config = SemanticEncoderConfig(**fields)
-        if config.backbone == "efficientnet_v2_s":
+        if backbone_type not in BACKBONES:
+            raise ValueError(f"unknown semantic encoder backbone {backbone_type!r}; expected one of {BACKBONES}")
+        tiny_channels = tuple(tiny_channels)                     # a list from config.json
+        if backbone_type == "tiny" and 2 ** len(tiny_channels) != DOWNSAMPLE:
+            raise ValueError(f"tiny_channels needs {DOWNSAMPLE.bit_length() - 1} entries (one stride-2 conv each "
+                             f"for a total stride of {DOWNSAMPLE}), got {len(tiny_channels)}")
+        if frame_batch < 1 or latent_channels < 1:
+            raise ValueError("frame_batch and latent_channels must be >= 1")
+        self.register_to_config(tiny_channels=tiny_channels)
+        if backbone_type == "efficientnet_v2_s":
             from torchvision.models import efficientnet_v2_s
             self.backbone = efficientnet_v2_s(weights=None).features   # weights come from from_single_file
-        elif config.backbone == "tiny":
-            self.backbone = _tiny_backbone(config.tiny_channels)
+            self.feature_channels = EFFNET_FEATURES
         else:
-            raise AssertionError(config.backbone)                       # __post_init__ checked it
+            self.backbone = _tiny_backbone(tiny_channels)
+            self.feature_channels = tiny_channels[-1]
         self.mapper = nn.Sequential(
-            nn.Conv2d(config.feature_channels, config.latent_channels, kernel_size=1, bias=False),
-            nn.BatchNorm2d(config.latent_channels, affine=False),        # running stats normalise the latent
+            nn.Conv2d(self.feature_channels, latent_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(latent_channels, affine=False),               # running stats normalise the latent
         )
         # not persistent: the released state dict has no such keys (from_pretrained builds them, see tests)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -157,21 +119,19 @@ class SemanticEncoder(DataclassModel):
     # -- weights -------------------------------------------------------------------------------
 
     @classmethod
-    def from_single_file(cls, path: str | Path | None = None,
-                         config: SemanticEncoderConfig | None = None) -> "SemanticEncoder":
+    def from_single_file(cls, path: str | Path | None = None, config: dict | None = None) -> "SemanticEncoder":
         """Load Stable Cascade's ``effnet_encoder.safetensors`` (a file, a folder holding it, or None for
-        the Hugging Face cache / hub); eval mode. ``config=None`` is the ``official`` preset."""
+        the Hugging Face cache / hub); eval mode. ``config`` (``__init__`` keywords or a model's ``config``):
+        None is the ``official`` preset."""
         file = resolve_official_file(path, OFFICIAL_FILE)
-        model = cls.from_spec(config or PRESETS["official"])
+        model = cls.from_config_dict(config or PRESETS["official"])
         load_official_weights(model, file)
         return model.eval()
 
 
 def build_semantic_encoder(preset: str = "official", **overrides) -> SemanticEncoder:
-    """The one factory: a preset name plus field overrides, e.g. ``build_semantic_encoder("tiny", frame_batch=4)``."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown semantic encoder preset {preset!r}; choose from {sorted(PRESETS)}")
-    return SemanticEncoder(**dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides)))
+    """A preset name plus keyword overrides, e.g. ``build_semantic_encoder("tiny", frame_batch=4)``."""
+    return build_preset(SemanticEncoder, PRESETS, preset, "semantic encoder", **overrides)
 
 
 # -- released Stable Cascade files (shared with vae.previewer) ------------------------------------
@@ -185,7 +145,8 @@ def resolve_official_file(path: str | Path | None, filename: str, repo: str = OF
             return Path(hf_hub_download(repo, filename))
         except Exception as e:  # offline, gated, or missing: all mean "get the file yourself"
             raise FileNotFoundError(f"{filename} is not in the Hugging Face cache and could not be downloaded "
-                                    f"({type(e).__name__}); download it from {where} into the weights folder, or pass the file itself") from None
+                                    f"({type(e).__name__}); download it from {where} into the weights folder, "
+                                    "or pass the file itself") from None
     path = Path(path)
     if path.is_dir():
         path = path / filename

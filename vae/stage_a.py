@@ -37,7 +37,7 @@ import torch.nn as nn
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from vae.semantic_encoder import check_video
+from cascadev.checks import check_video
 
 LATENT_SCALE = 0.13025          # CascadeV's latent scale (both latents are multiplied by it before the DiT)
 DOWNSAMPLE = 8                  # Stage A: f8
@@ -86,7 +86,8 @@ class StageAConfig:
         if self.latent_channels < 1:
             raise ValueError(f"latent_channels must be >= 1, got {self.latent_channels}")
         if 2 ** (len(self.block_out_channels) - 1) != DOWNSAMPLE:
-            raise ValueError(f"block_out_channels needs 4 entries for an f{DOWNSAMPLE} VAE, got {self.block_out_channels}")
+            raise ValueError(f"block_out_channels needs 4 entries for an f{DOWNSAMPLE} VAE, "
+                             f"got {self.block_out_channels}")
         if self.kind == "svd_temporal" and any(c % 32 for c in self.block_out_channels):
             raise ValueError(f"svd_temporal block_out_channels must be multiples of 32 (its GroupNorms use 32 groups), "
                              f"got {self.block_out_channels}")
@@ -96,7 +97,8 @@ class StageAConfig:
         if self.encode_frame_batch < 1 or self.chunk_frames < 0:
             raise ValueError("encode_frame_batch must be >= 1 and chunk_frames >= 0")
         if self.chunk_frames and not 0 <= self.chunk_overlap < self.chunk_frames:
-            raise ValueError(f"chunk_overlap must be in [0, chunk_frames={self.chunk_frames}), got {self.chunk_overlap}")
+            raise ValueError(f"chunk_overlap must be in [0, chunk_frames={self.chunk_frames}), "
+                             f"got {self.chunk_overlap}")
         if self.tile_size:
             if self.tile_size % DOWNSAMPLE or self.tile_overlap % DOWNSAMPLE:
                 raise ValueError(f"tile_size and tile_overlap must be multiples of {DOWNSAMPLE} pixels, "
@@ -215,9 +217,9 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, gri
 
     x: (N, C, h * in_factor, w * in_factor) on a (h, w) = ``grid`` of latent cells; ``fn`` maps a tile of
     (th * in_factor, tw * in_factor) to (N, C', th * out_factor, tw * out_factor). Tiles of ``tile`` cells
-    (square, or (rows, columns)) share at least ``overlap`` cells and are blended with linear ramps kept ``margin`` output units off each
-    tile's shared edges (``blend_ramp``); one tile = ``fn(x)`` unchanged. The output is accumulated in ``fn``'s
-    dtype and normalised in place: besides it, only one tile's output is held.
+    (square, or (rows, columns)) share at least ``overlap`` cells and are blended with linear ramps kept ``margin``
+    output units off each tile's shared edges (``blend_ramp``); one tile = ``fn(x)`` unchanged. The output is
+    accumulated in ``fn``'s dtype and normalised in place: besides it, only one tile's output is held.
     """
     th, tw = (tile, tile) if isinstance(tile, int) else tile
     rows, cols = tuple(spans(grid[0], th, overlap)), tuple(spans(grid[1], tw, overlap))
@@ -287,12 +289,14 @@ def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
         where = f"{source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
         raise FileNotFoundError(
             f"cannot load the Stage A VAE ({cls.__name__}) from {where}: {str(e).strip().splitlines()[0][:200]} "
-            f"-- give a local diffusers folder (stage_a.pretrained in a config; --stage-a or --vae on the command line), or download it once online "
+            f"-- give a local diffusers folder (stage_a.pretrained in a config; --stage-a or --vae on the command "
+            f"line), or download it once online "
             f"(hf download {config.pretrained} --include '{subfolder or ''}*')") from None
     finally:
         diffusers_logging.set_verbosity(level)
     if type(model) is not cls:
-        raise ValueError(f"{config.pretrained!r}: expected a {cls.__name__} for kind={config.kind!r}, got {type(model).__name__}")
+        raise ValueError(f"{config.pretrained!r}: expected a {cls.__name__} for kind={config.kind!r}, "
+                         f"got {type(model).__name__}")
     return model
 
 

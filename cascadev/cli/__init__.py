@@ -21,13 +21,15 @@ COMMANDS = (
      "cascadev.cli.info:run"),
     ("reconstruct", "video -> semantic latents -> LDM-VAE decode -> video",
      "cascadev.cli.decode:add_reconstruct_arguments", "cascadev.cli.decode:run_reconstruct"),
-    ("decode", "decode latents (ours, or another model's through its diffusers VAE: Wan, LTX-Video, ...) to video, up to 2K",
+    ("decode", "decode latents (ours, or another model's through its diffusers VAE: Wan, LTX-Video, ...) to video, "
+               "up to 2K",
      "cascadev.cli.decode:add_decode_arguments", "cascadev.cli.decode:run_decode"),
     ("upscale", "the resize route: 4x resolution or 4x frame rate of a video or Stage A latents",
      "cascadev.cli.upscale:add_arguments", "cascadev.cli.upscale:run"),
     ("generate", "text -> video: the Stage C base model, then the LDM-VAE decoder",
      "cascadev.cli.generate:add_generate_arguments", "cascadev.cli.generate:run_generate"),
-    ("eval", "PSNR/SSIM/LPIPS between paired videos, FVD between two sets", "eval.cli:add_arguments", "eval.cli:run"),
+    ("eval", "PSNR/SSIM/LPIPS between paired videos, FVD between two sets",
+     "cascadev.cli.eval:add_arguments", "cascadev.cli.eval:run"),
     ("train", "train a stage (dit, vae, semantic or base) from a config; several GPUs: accelerate launch -m "
               "cascadev.training.train", "cascadev.training.args:add_train_arguments", "cascadev.cli.train:run_train"),
     ("cache-latents", "precompute what a stage trains on (Stage A latents and conditions; semantic latents for base)",
@@ -37,7 +39,7 @@ COMMANDS = (
     ("convert", "rewrite a cascade saved by cascadev < 0.2 in diffusers' pipeline layout",
      "cascadev.cli.convert:add_arguments", "cascadev.cli.convert:run"),
     ("bench-recon", "reconstruction benchmark: cascade vs Previewer baseline on a folder",
-     "eval.bench_recon:add_arguments", "eval.bench_recon:run"),
+     "cascadev.cli.bench_recon:add_arguments", "cascadev.cli.bench_recon:run"),
 )
 
 

@@ -7,7 +7,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from cascadev.errors import UserError
-from cascadev.pipelines.arguments import add_pipeline_arguments
+from cascadev.cli.arguments import add_pipeline_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -32,12 +32,13 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
                    help="semantic: our 16-ch f32 latents; sd-vae: 4-ch f8 latents of an SD/SVD-family VAE (a shortcut "
                         "for --source-vae with --vae and --vae-scale)")
     p.add_argument("--source-vae", metavar="FOLDER_OR_HUB_ID",
-                   help="the latents are another model's: decode them with its diffusers VAE (any class its config.json "
-                        "names: Wan, HunyuanVideo, CogVideoX, LTX-Video, Mochi, Cosmos, SD/SDXL/SD3/Flux, TAESD, SVD), "
+                   help="the latents are another model's: decode them with its diffusers VAE (any class its "
+                        "config.json names: Wan, HunyuanVideo, CogVideoX, LTX-Video, Mochi, Cosmos, SD/SDXL/SD3/Flux, "
+                        "TAESD, SVD), "
                         "then the cascade to --scale / --size")
     p.add_argument("--source-vae-subfolder", metavar="NAME",
-                   help="the VAE's subfolder of a pipeline folder or hub repo (e.g. vae; a local folder's vae/ is found "
-                        "without it)")
+                   help="the VAE's subfolder of a pipeline folder or hub repo (e.g. vae; a local folder's vae/ is "
+                        "found without it)")
     p.add_argument("--raw-latents", action="store_true",
                    help="--source-vae: the file holds the VAE's raw latents (its encoder's output), not the normalised "
                         "ones its text-to-video model's denoiser makes (the default)")
@@ -80,7 +81,7 @@ class Frames:
 def shared_windows_only(pipe, latents: torch.Tensor, decode_kw: dict) -> bool:
     """Under ``accelerate launch``, a process other than the main one shares the DiT's windows and writes nothing:
     it runs the decode here and returns True; the main process returns False and writes."""
-    from cascadev.pipelines.options import processes
+    from cascadev.pipelines.runtime import processes
 
     if processes().is_main_process:
         return False
@@ -92,8 +93,8 @@ def shared_windows_only(pipe, latents: torch.Tensor, decode_kw: dict) -> bool:
 def run_reconstruct(args: argparse.Namespace) -> None:
     import torch
 
-    from cascadev.pipelines.cascade import check_latents_output, save_latents
-    from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline
+    from cascadev.pipelines.latents import check_latents_output, save_latents
+    from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.pipelines.frames import check_colour_fix, frames_per_piece, infer_size, resize_video
     from cascadev.video_io import VideoWriter, check_video_output, iter_video, video_info
     from eval.metrics import psnr
@@ -134,7 +135,8 @@ def run_reconstruct(args: argparse.Namespace) -> None:
             out.write(recon)
             if side is not None:
                 side.write(torch.cat([video.clamp(-1, 1), recon], dim=-1))
-            scores += [psnr(recon[:, :, i:i + 1], video[:, :, i:i + 1]) for i in range(recon.shape[2])]   # float64 by frame
+            # float64 by frame
+            scores += [psnr(recon[:, :, i:i + 1], video[:, :, i:i + 1]) for i in range(recon.shape[2])]
     _report(pipe)
     print(f"PSNR {torch.cat(scores, dim=1).mean().item():.2f} dB (per frame on [0, 1], mean) -> {args.output}")
 
@@ -143,8 +145,9 @@ SD_VAE_SCALE = 0.18215          # --latent-space sd-vae: the SD / SVD VAEs' late
 
 
 def run_decode(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.cascade import SEMANTIC_CHANNELS, read_latents
-    from cascadev.pipelines.options import check_decode_args, decode_kwargs, load_pipeline
+    from cascadev.pipelines.latents import read_latents
+    from cascadev.pipelines.frames import SEMANTIC_CHANNELS
+    from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.video_io import VideoWriter, check_video_output, output_paths
 
     check_video_output(args.output)
@@ -200,9 +203,10 @@ def decode_source(args: argparse.Namespace):
     arguments, the file's metadata). Everything is checked before the VAE's weights load."""
     import torch
 
-    from cascadev.pipelines.cascade import read_latents
+    from cascadev.pipelines.latents import read_latents
     from cascadev.weights import is_hub_id
-    from cascadev.pipelines.options import DTYPES, check_decode_args, decode_kwargs, load_pipeline, resolve_device
+    from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
+    from cascadev.pipelines.runtime import DTYPES, resolve_device
     from cascadev.pipelines.source_vae import SourceVAE, encode_resized, target_size
     from vae.stage_a import SVD_VAE_REPO, vae_dtype
 

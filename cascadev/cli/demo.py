@@ -19,10 +19,11 @@ from cascadev.cli.text2video import add_prompt_arguments, run_prompt
 from cascadev.errors import UserError
 
 ASSETS = Path(__file__).parents[1] / "assets" / "tiny_cascade"
+DISTILLED = ASSETS.parent / "tiny_distilled"     # its DiT distilled to fewer steps; the other parts are ASSETS'
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.pipelines.arguments import DTYPE_NAMES, add_scheduler_arguments
+    from cascadev.cli.arguments import DTYPE_NAMES, add_colour_fix_argument, add_scheduler_arguments
 
     p.add_argument("-o", "--output", default="demo_out", metavar="DIR", help="where videos and results go")
     p.add_argument("--clips", type=int, default=4, help="held-out clips to reconstruct")
@@ -32,12 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the shipped setting)")
     add_scheduler_arguments(p, "default: the shipped one")
     p.add_argument("--kind", default=None, help="procedural clip kind (default: what the cascade was trained on)")
-    p.add_argument("--colour-fix", type=int, default=None, metavar="N",
-                   help="the cascade's band of N x N pixel blocks from the Previewer (default: the shipped setting; 0: off)")
+    add_colour_fix_argument(p, "the Previewer's decoding of the latents")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32",
                    help="the models' precision (bf16 runs on a CPU too; fp32: the shipped numbers)")
     p.add_argument("--weights", default=None, help="another cascade folder (save_pretrained layout)")
+    p.add_argument("--distilled", action="store_true",
+                   help="also decode with the built-in distilled decoder (its saved 1-2 steps) beside the cascade at "
+                        "its saved steps and the Previewer")
     p.add_argument("--fps-x4", action="store_true",
                    help="the built-in 4x frame-rate model instead (resize route): input every 4th frame, vs frame "
                         "repetition and blending; --frames counts the input frames")
@@ -51,6 +54,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.fps_x4 and args.prompt is not None:
         raise UserError("--fps-x4 and --prompt are two demos: give one")
+    if args.distilled and (args.fps_x4 or args.prompt is not None):
+        raise UserError("--distilled compares decoders of the reconstruction demo: not with --fps-x4 or --prompt")
     from cascadev.synthetic import KINDS
     from cascadev.video_io import check_output_folder
 
@@ -77,12 +82,14 @@ def _run(args: argparse.Namespace) -> dict:
 
     from cascadev.pipelines.cascade import CascadeVPipeline, check_pipeline_class, resolve_colour_fix
     from cascadev.pipelines.frames import fix_colour
-    from cascadev.pipelines.sampling import scheduler_name
-    from cascadev.pipelines.options import DTYPES
+    from cascadev.pipelines.cascade import DecodeOptions
+    from cascadev.pipelines.sampling import dit_work, finishing_step, scheduler_name
+    from vae.stage_a import DOWNSAMPLE as STAGE_A_DOWNSAMPLE
+    from cascadev.pipelines.runtime import DTYPES
     from cascadev.synthetic import HELD_OUT_SEED0, make_clip
     from cascadev.video_io import write_png_strip, write_video
     from cascadev.weights import write_json
-    from eval.metrics import psnr, ssim
+    from eval.metrics import psnr, sharpness, ssim
 
     if args.clips < 1 or args.frames < 1:
         raise UserError("--clips and --frames must be >= 1")
@@ -108,44 +115,64 @@ def _run(args: argparse.Namespace) -> dict:
         raise UserError(f"--colour-fix must be 0 (off) or divide --size {size}, got {fix}")
     scheduler = pipe.scheduler_for(args.scheduler, args.force_scheduler)
     steps = args.steps if args.steps is not None else pipe.config.num_inference_steps
+    decoders = {"cascade": (pipe, DecodeOptions(steps=steps, scheduler=scheduler, colour_fix=0, progress=False))}
+    if args.distilled:
+        if not (DISTILLED / "model_index.json").is_file():
+            raise UserError(f"{DISTILLED}: the built-in distilled decoder is missing from this install")
+        student = CascadeVPipeline.from_pretrained(str(DISTILLED)).to("cpu").set_precision(DTYPES[args.dtype])
+        decoders["distilled"] = (student, DecodeOptions(colour_fix=0, progress=False))   # its saved sampler
     seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
-    methods = ["cascade", "baseline"] + (["cascade_without_colour_fix"] if fix else [])
-    scores = {method: {"psnr": [], "ssim": []} for method in methods}
+    methods = [*decoders, "baseline"] + (["cascade_without_colour_fix"] if fix else [])
+    scores = {method: {"psnr": [], "ssim": [], "sharpness": []} for method in methods}
     panels = []
     for i, seed in enumerate(seeds):
         video = make_clip(seed, args.frames, size, size, kind)[None]   # (1, 3, T, H, W)
         latents = pipe.encode(video)
-        cascade = pipe.decode(latents, steps=steps, seed=args.seed + i, scheduler=scheduler, colour_fix=0,
-                              progress=False)
-        outputs = {"cascade": cascade, "baseline": pipe.preview(latents)}
-        if fix:
-            outputs.update(cascade=fix_colour(cascade, outputs["baseline"], fix), cascade_without_colour_fix=cascade)
-        for method, out in outputs.items():
-            scores[method]["psnr"].append(psnr(out, video))
-            scores[method]["ssim"].append(ssim(out, video))
-        panels.append(torch.cat([video, outputs["cascade"], outputs["baseline"]], dim=-1))   # input | cascade | baseline
-        print(f"clip {i + 1}/{args.clips} (seed {seed}): PSNR cascade {scores['cascade']['psnr'][-1].mean():.2f} dB, "
-              f"baseline {scores['baseline']['psnr'][-1].mean():.2f} dB", flush=True)
+        outputs = {"baseline": pipe.preview(latents)}
+        for method, (decoder, options) in decoders.items():
+            decoded = decoder.decode(latents, options, seed=args.seed + i)
+            outputs[method] = fix_colour(decoded, outputs["baseline"], fix) if fix else decoded
+            if fix and method == "cascade":
+                outputs["cascade_without_colour_fix"] = decoded
+        for method in methods:
+            scores[method]["psnr"].append(psnr(outputs[method], video))
+            scores[method]["ssim"].append(ssim(outputs[method], video))
+            scores[method]["sharpness"].append(torch.tensor([sharpness(outputs[method], video)]))
+        panels.append(torch.cat([video, *(outputs[m] for m in decoders), outputs["baseline"]], dim=-1))
+        print(f"clip {i + 1}/{args.clips} (seed {seed}): PSNR " + ", ".join(
+            f"{m} {scores[m]['psnr'][-1].mean():.2f} dB" for m in (*decoders, "baseline")), flush=True)
 
     out_dir = Path(args.output)
     write_video(out_dir / "side_by_side.mp4", torch.cat(panels, dim=2), fps=8)
-    first = panels[0]
-    W = size
-    rows = torch.cat([first[..., :W], first[..., W:2 * W], first[..., 2 * W:]], dim=-2)     # input / cascade / baseline
+    rows = torch.cat(panels[0].split(size, dim=-1), dim=-2)     # input / cascade (/ distilled) / baseline, as rows
     write_png_strip(out_dir / "frames.png", rows, max_frames=args.frames)
-    results = {method: {k: torch.cat(v).mean().item() for k, v in metrics.items()} for method, metrics in scores.items()}
+    results = {method: {k: torch.cat(v).mean().item() for k, v in metrics.items()}
+               for method, metrics in scores.items()}
+    latent_size = (args.frames, size // STAGE_A_DOWNSAMPLE, size // STAGE_A_DOWNSAMPLE)
+    for method, (decoder, options) in decoders.items():     # per clip; the baseline runs no DiT
+        sampler = decoder.scheduler_for(options.scheduler)
+        method_steps = options.steps or decoder.config.num_inference_steps
+        sampler.set_timesteps(method_steps)
+        forwards, _ = dit_work(decoder.dit.window, latent_size, options.tiling, method_steps, finishing_step(sampler))
+        results[method].update(steps=method_steps, scheduler=scheduler_name(sampler), dit_forwards=forwards)
+    results["baseline"].update(steps=0, dit_forwards=0)
     results.update({
         "clips": args.clips, "frames": args.frames, "size": [size, size], "seeds": seeds,
         "steps": steps, "scheduler": scheduler_name(scheduler), "colour_fix": fix,
         "kind": kind, "weights": str(weights),
-        "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over all frames",
+        "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over all frames; "
+                       "sharpness: spectral energy above 1/16 cycle per pixel as a fraction of the input's, per clip "
+                       "on the float frames, mean over clips; dit_forwards: DiT windows per clip",
         "seconds": round(time.perf_counter() - start, 1),
     })
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
-    print(f"\n{args.clips} held-out clips, {args.frames} frames at {size}x{size}, {steps} {scheduler_name(scheduler)} steps")
-    print(f"{'method':<28}{'PSNR':>8}{'SSIM':>8}")
+    print(f"\n{args.clips} held-out clips, {args.frames} frames at {size}x{size}, "
+          f"{steps} {scheduler_name(scheduler)} steps")
+    print(f"{'method':<28}{'PSNR':>8}{'SSIM':>8}{'sharp':>8}{'steps':>7}{'DiT fwd':>9}")
     for method in methods:
-        print(f"{method:<28}{results[method]['psnr']:>8.2f}{results[method]['ssim']:>8.3f}")
+        r = results[method]
+        extra = f"{r['steps']:>7}{r['dit_forwards']:>9}" if "steps" in r else ""
+        print(f"{method:<28}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{r['sharpness']:>8.3f}{extra}")
     print(f"{results['seconds']:.0f} s -> {out_dir}/side_by_side.mp4, frames.png, results.json")
     return results

@@ -8,10 +8,11 @@ from cascadev.errors import UserError
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.pipelines.arguments import add_runtime_arguments, add_tiling_arguments
+    from cascadev.cli.arguments import add_colour_fix_argument, add_runtime_arguments, add_tiling_arguments
 
     p.add_argument("prompt", help="what the video shows")
-    p.add_argument("-o", "--output", required=True, help="video file (.mp4); with --num N > 1, OUT_0.mp4 ... OUT_{N-1}.mp4")
+    p.add_argument("-o", "--output", required=True,
+                   help="video file (.mp4); with --num N > 1, OUT_0.mp4 ... OUT_{N-1}.mp4")
     p.add_argument("--frames", type=int, help="number of frames (default: the base model's trained clip length)")
     p.add_argument("--size", help="WxH in pixels, multiples of 32 (default: the base model's window, 32 x its "
                                   "window_size per side)")
@@ -33,9 +34,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                                      "decoder saved in WEIGHTS)")
     g.add_argument("--decode-steps", type=int, help="LDM-VAE decoder steps (default: the decoder's saved steps; 4 for "
                                                     "the built-in model's, 8 for the release's)")
-    g.add_argument("--colour-fix", type=int, metavar="N",
-                   help="the decoder's band of N x N pixel blocks from the Previewer (StableSR's colour fix; default: the "
-                        "decoder's saved setting, 16 for the built-in model; 0: off)")
+    add_colour_fix_argument(g, "the Previewer's decoding of the latents")
     add_tiling_arguments(g)
     g.add_argument("--fps", type=float, default=8.0, help="frame rate written in the video file")
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
@@ -53,9 +52,10 @@ def parse_size(size: str) -> tuple[int, int]:
 
 def run_generate(args: argparse.Namespace) -> None:
     from cascadev.pipelines.frames import check_colour_fix
-    from cascadev.pipelines.options import check_crf, check_runtime_args, prepare_pipeline, tiling_of
+    from cascadev.cli.options import check_crf, check_runtime_args, prepare_pipeline, tiling_of
     from cascadev.pipelines.text_to_video import check_request, load_text_to_video
-    from cascadev.pipelines.cascade import check_latents_output, resolve_colour_fix, save_latents
+    from cascadev.pipelines.cascade import resolve_colour_fix
+    from cascadev.pipelines.latents import check_latents_output, save_latents
     from cascadev.video_io import check_video_output, output_paths, write_video
 
     if args.num < 1:
@@ -98,7 +98,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.colour_fix and pipe.cascade.previewer is None:
         raise UserError("--colour-fix needs the decoder's Previewer, which its folder does not have (use 0)")
     prepare_pipeline(pipe, args)
-    tiling = tiling_of(args, pipe.dit.spec)                      # checked before any sampling
+    tiling = tiling_of(args, pipe.dit.config)                      # checked before any sampling
     W, H = size or pipe.default_size()
     check_colour_fix(H, W, resolve_colour_fix(pipe.cascade, args.colour_fix))      # before any sampling
     frames = args.frames or pipe.base.config.window_frames

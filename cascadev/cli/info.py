@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     import cascadev
-    from cascadev.pipelines.options import resolve_device, resolve_dtype
+    from cascadev.pipelines.runtime import resolve_device, resolve_dtype
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     device = resolve_device(args.device)

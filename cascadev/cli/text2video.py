@@ -27,7 +27,8 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("text to video (the built-in tiny Stage C)")
     g.add_argument("--prompt", help='generate from text instead, e.g. "a fast yellow striped box with vertical stripes '
                                     'moving up over a dark background"')
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance; 1 disables it (default: shipped)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance; 1 disables it (default: shipped)")
     g.add_argument("--base-steps", type=int, default=None, help="Stage C sampling steps (default: shipped)")
 
 
@@ -48,7 +49,8 @@ def load_builtin(with_previewer: bool | None = True, cascade: str | Path | None 
     from dit.text_encoder import TextEncoder
 
     if not (BUILTIN / BASE_DIR).is_dir():
-        raise FileNotFoundError(f"{BUILTIN}: the built-in text-to-video weights are missing (python scripts/build_demo_text.py)")
+        raise FileNotFoundError(f"{BUILTIN}: the built-in text-to-video weights are missing "
+                                "(python scripts/build_demo_text.py)")
     decoder = load_cascade(cascade or CASCADE, with_previewer=with_previewer)
     f32 = torch.float32                        # the weights are stored as fp16
     return TextToVideoPipeline.from_parts(TextEncoder.from_pretrained(BUILTIN / TEXT_ENCODER_DIR, torch_dtype=f32),
@@ -83,7 +85,7 @@ def run_prompt(args: argparse.Namespace) -> dict:
 
     from cascadev.pipelines.cascade import resolve_colour_fix
     from cascadev.pipelines.frames import check_colour_fix
-    from cascadev.pipelines.options import DTYPES
+    from cascadev.pipelines.runtime import DTYPES
     from cascadev.pipelines.text_to_video import check_request
     from cascadev.video_io import write_png_strip, write_video
     from cascadev.weights import write_json
@@ -111,8 +113,8 @@ def run_prompt(args: argparse.Namespace) -> dict:
     check_colour_fix(size, size, fix)                            # before Stage C runs
     with torch.no_grad():
         latents, t_c = _stage(1, f"Stage C: prompt -> semantic latents ({steps} steps, guidance {guidance:g})",
-                              lambda: pipe.generate_latents(args.prompt, frames=args.frames, size=(size, size), steps=steps,
-                                                            guidance=guidance, seed=args.seed))
+                              lambda: pipe.generate_latents(args.prompt, frames=args.frames, size=(size, size),
+                                                            steps=steps, guidance=guidance, seed=args.seed))
         cascade = pipe.cascade
         decode_steps = args.steps or cascade.config.num_inference_steps
         video, t_b = _stage(2, f"Stage B + A: LDM-VAE DiT ({decode_steps} steps) -> Stage A decode",

@@ -10,7 +10,8 @@ from cascadev.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cascadev.pipelines.arguments import add_runtime_arguments, add_scheduler_arguments, add_tiling_arguments
+    from cascadev.cli.arguments import (add_colour_fix_argument, add_runtime_arguments, add_scheduler_arguments,
+                                        add_tiling_arguments)
 
     p.add_argument("input", help="low video (mp4, mkv, ...) or its Stage A latents (.safetensors or .pt, (4, T, h, w) "
                                  "or (B, 4, T, h, w), scaled as Stage A encodes them)")
@@ -27,9 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                       "Stage A scale_factor)")
     p.add_argument("--regenerate-input-frames", action="store_true",
                    help="frame rate: let the DiT redo the given frames too (default: they are output as given)")
-    p.add_argument("--colour-fix", type=int, metavar="N",
-                   help="the output's band of N x N pixel blocks from the input brought to its grid (StableSR's colour "
-                        "fix; default: the folder's saved setting, 16 for tiny_fps4x; 0: off)")
+    add_colour_fix_argument(p, "the input brought to the output's grid")
     p.add_argument("--compare", help="also write the input (repeated, resized) | output side by side here (.mp4)")
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, help="denoising steps (default: the folder's saved setting)")
@@ -41,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args) -> None:
-    from cascadev.pipelines.options import check_crf, check_runtime_args
+    from cascadev.cli.options import check_crf, check_runtime_args
     from cascadev.video_io import check_video_output
 
     check_video_output(args.output)
@@ -67,7 +66,7 @@ def _read_input(args):
     """(video or None, latents or None, input fps): the input, checked, before the weights load."""
     import torch
 
-    from cascadev.pipelines.cascade import LATENTS_SUFFIXES, read_latents
+    from cascadev.pipelines.latents import LATENTS_SUFFIXES, read_latents
     from cascadev.video_io import read_video, video_info
 
     if Path(args.input).suffix in LATENTS_SUFFIXES:
@@ -86,7 +85,7 @@ def _read_input(args):
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from cascadev.pipelines.options import prepare_pipeline, tiling_of
+    from cascadev.cli.options import prepare_pipeline, tiling_of
     from cascadev.pipelines.upscale import TINY_FPS4X, check_route_input, load_upscale, saved_settings
     from cascadev.video_io import VideoWriter, output_paths
     from vae.stage_a import DOWNSAMPLE
@@ -115,8 +114,9 @@ def run(args: argparse.Namespace) -> None:
     T2, H2, W2 = pipe.output_shape(T, H, W)
     print(f"{'x'.join(map(str, (W, H)))} at {fps:g} fps, {T} frames -> {W2}x{H2} at {fps * kt:g} fps, {T2} frames "
           f"(spatial x{ks}, temporal x{kt})", flush=True)
-    sample_kw = dict(steps=args.steps, seed=args.seed, scheduler=pipe.scheduler_for(args.scheduler, args.force_scheduler),
-                     tiling=tiling_of(args, pipe.dit.spec), window_batch=args.window_batch)
+    sample_kw = dict(steps=args.steps, seed=args.seed,
+                     scheduler=pipe.scheduler_for(args.scheduler, args.force_scheduler),
+                     tiling=tiling_of(args, pipe.dit.config), window_batch=args.window_batch)
     keep = None if video is None else (not args.regenerate_input_frames and ks == 1)
     paths = output_paths(args.output, (video if video is not None else latents).shape[0])
     with contextlib.ExitStack() as files:
@@ -171,12 +171,12 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
 
     from cascadev.pipelines.frames import fix_colour
     from cascadev.pipelines.conditioning import temporal_upsample
-    from cascadev.pipelines.options import DTYPES
+    from cascadev.pipelines.runtime import DTYPES
     from cascadev.pipelines.upscale import TINY_FPS4X, load_upscale
     from cascadev.synthetic import HELD_OUT_SEED0, make_clip
     from cascadev.video_io import write_png_strip, write_video
     from cascadev.weights import write_json
-    from eval.metrics import psnr, ssim
+    from eval.metrics import psnr, sharpness, ssim
 
     weights = Path(args.weights) if args.weights else TINY_FPS4X
     if args.clips < 1 or args.frames < 2:
@@ -190,7 +190,8 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         pipe = load_upscale(weights).to("cpu").set_precision(DTYPES[args.dtype])
         ks, kt = pipe.factors
         if ks != 1:
-            raise UserError(f"{weights}: a {ks}x resolution model; --fps-x4 shows a frame-rate model (spatial_factor 1)")
+            raise UserError(f"{weights}: a {ks}x resolution model; --fps-x4 shows a frame-rate model "
+                            "(spatial_factor 1)")
         settings = pipe.config.demo or {}
         kind = args.kind or settings.get("kind", "shapes")
         size = args.size or settings.get("size", 128)
@@ -201,7 +202,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         tail = list(range(kt * (args.frames - 1) + 1, frames))
         fix = pipe.config.colour_fix if args.colour_fix is None else args.colour_fix
         methods = ("ours", "blend", "repeat") + (("ours_without_colour_fix",) if fix else ())
-        scores = {m: {k: [] for k in ("psnr", "ssim", "psnr_tail", "ssim_tail")} for m in methods}
+        scores = {m: {k: [] for k in ("psnr", "ssim", "sharpness", "psnr_tail", "ssim_tail")} for m in methods}
         seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
         panels = []
         for i, seed in enumerate(seeds):
@@ -209,7 +210,8 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
             low = truth[:, :, ::kt]
             raw = pipe.upscale(video=low, steps=steps, seed=args.seed + i, scheduler=scheduler, colour_fix=0,
                                progress=False)
-            outputs = {"ours": raw, "blend": temporal_upsample(low, kt, frames), "repeat": low.repeat_interleave(kt, dim=2)}
+            outputs = {"ours": raw, "blend": temporal_upsample(low, kt, frames),
+                       "repeat": low.repeat_interleave(kt, dim=2)}
             if fix:      # the same sample with the colour fix, as pipe.upscale(video=low) gives it
                 fixed = fix_colour(raw.clone(), pipe.colour_reference(low, 0, frames), fix)
                 fixed[:, :, ::kt] = low
@@ -218,7 +220,9 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
                 for suffix, idx in (("", between), ("_tail", tail)):
                     scores[m]["psnr" + suffix].append(psnr(out[:, :, idx], truth[:, :, idx]))
                     scores[m]["ssim" + suffix].append(ssim(out[:, :, idx], truth[:, :, idx]))
-            panels.append(torch.cat([truth, *(outputs[m] for m in methods[:3])], dim=-1))   # truth | ours | blend | repeat
+                scores[m]["sharpness"].append(torch.tensor([sharpness(out[:, :, between], truth[:, :, between])]))
+            # truth | ours | blend | repeat
+            panels.append(torch.cat([truth, *(outputs[m] for m in methods[:3])], dim=-1))
             print(f"clip {i + 1}/{args.clips} (seed {seed}): PSNR between input frames: " + ", ".join(
                 f"{m} {scores[m]['psnr'][-1].mean():.2f} dB" for m in methods), flush=True)
     out_dir = Path(args.output)
@@ -230,15 +234,19 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         "clips": args.clips, "input_frames": args.frames, "output_frames": frames, "size": [size, size], "kind": kind,
         "seeds": seeds, "steps": steps, "colour_fix": fix, "weights": str(weights), "temporal_factor": kt,
         "conventions": "PSNR and SSIM per frame on [0, 1] (SSIM 11x11 Gaussian, sigma 1.5), mean over the frames "
-                       "strictly between input frames; *_tail: the frames after the last input frame",
+                       "strictly between input frames; *_tail: the frames after the last input frame; sharpness: "
+                       "spectral energy above 1/16 cycle per pixel of the frames between input frames as a fraction "
+                       "of the "
+                       "truth's, per clip on the float frames, mean over clips",
         "seconds": round(time.perf_counter() - start, 1)})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
     print(f"\n{args.clips} held-out clips, {args.frames} -> {frames} frames at {size}x{size}, {steps} steps; "
           f"frames between input frames (after the last one):")
-    print(f"{'method':<24}{'PSNR':>8}{'SSIM':>8}{'PSNR':>10}{'SSIM':>8}")
+    print(f"{'method':<24}{'PSNR':>8}{'SSIM':>8}{'sharp':>8}{'PSNR':>10}{'SSIM':>8}")
     for m in methods:
         r = results[m]
-        print(f"{m:<24}{r['psnr']:>8.2f}{r['ssim']:>8.3f}  ({r['psnr_tail']:>6.2f}{r['ssim_tail']:>8.3f})")
+        print(f"{m:<24}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{r['sharpness']:>8.3f}  ({r['psnr_tail']:>6.2f}"
+              f"{r['ssim_tail']:>8.3f})")
     print(f"{results['seconds']:.0f} s -> {out_dir}/side_by_side.mp4, frames.png, results.json")
     return results

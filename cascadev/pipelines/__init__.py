@@ -6,8 +6,11 @@
 ``runtime`` (precision, Stage A's memory, compilation, the sampler: what the three share), ``sampling`` (the DiT over
 diffusers schedulers, windows and tiles), ``conditioning`` (the condition on the Stage A grid), ``frames`` (sizes,
 resizing, the colour fix), ``source_vae`` (another model's VAE as the source of the latents) and ``distributed``
-(windows split across processes) are their parts; ``convert`` rewrites folders of cascadev < 0.2; ``arguments``
-declares the commands' options without importing torch and ``options`` acts on them.
+(windows split across processes) are their parts; ``convert`` rewrites folders of cascadev < 0.2. The commands'
+options are declared and acted on in ``cascadev/cli/`` (``arguments``, ``options``).
 
-Nothing is imported here, so the cascade loads without the text side's dependencies (open_clip).
+Nothing is imported here, so the cascade loads without the text side's dependencies (open_clip) and the command line
+parses without torch.
 """
+
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}     # short precision names -> torch's

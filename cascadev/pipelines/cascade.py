@@ -13,8 +13,8 @@ below it (``fix_colour``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +25,21 @@ from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from cascadev.checks import check_video
 from cascadev.config import to_dict
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
 from cascadev.pipelines.sampling import Tiling, make_scheduler, sample
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.frames import SEMANTIC_DOWNSAMPLE, check_colour_fix, fix_colour, resize_video
-from cascadev.weights import atomic_write, is_hub_id
+from cascadev.weights import is_hub_id
 from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
-from vae.semantic_encoder import SemanticEncoder, check_video, resolve_official_file
+from vae.semantic_encoder import SemanticEncoder, resolve_official_file
 from vae.stage_a import PRESETS as STAGE_A_PRESETS
 from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE, stage_a_settings
 
 COND_UPSAMPLE = 4               # semantic latent grid -> Stage A latent grid (f32 -> f8)
-SEMANTIC_CHANNELS = 16
 RELEASE_STEPS = 8               # the release's recon: 8 Euler-ancestral steps
 DIT_REPO, DIT_FILE = "ByteDance/CascadeV", "s1024.effn-f32.pth"
 STABLE_CASCADE_REPO = "stabilityai/StableWurst"   # effnet_encoder / previewer, as the release downloads them
@@ -65,85 +63,34 @@ def seeded_noise(shape: tuple[int, ...], seed: int, device: torch.device | str =
     return rearrange(noise, "b t c h w -> b c t h w").to(device)
 
 
-# -- latents files -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How ``CascadeVPipeline`` decodes semantic latents (B, 16, T, h, w): one value for every decode method.
 
-LATENTS_SUFFIXES = (".safetensors", ".pt", ".pth")
+    ``steps`` and ``scheduler`` (a short name or a diffusers scheduler) default to the folder's saved sampler; a named
+    one of the saved class keeps its saved config, ``scheduler_config`` overrides it (e.g. ``{"shift": 3.0}``).
+    Noise: ``seed`` draws it frames first, as the release did, on a CPU generator (ancestral steps from ``seed + 1``);
+    a ``generator`` replaces both with one stream, as the release's global generator
+    (``torch.Generator("cuda").manual_seed(42)`` on a GPU is the released code's). ``tiling``: how windows and tiles
+    cover a large clip (``sampling.Tiling``). ``colour_fix=f`` takes the band of f x f pixel blocks and below from
+    the Previewer (``fix_colour``; 0: off; None: the folder's setting where the Previewer is loaded).
+    ``window_batch``: DiT windows/tiles per forward (faster on a GPU, same result within rounding).
+    ``distributed``: under ``accelerate launch``, every rank decodes the same latents and each step's windows/tiles
+    are split across the ranks (``sampling.predict_noise``). ``callback(i, t, latents)`` runs after each DiT step and
+    may return replacement latents (B, 4, T, H/8, W/8).
+    """
 
-
-def check_latents_output(path: str | Path, option: str = "--latents-out") -> Path:
-    """A latents file name we can write (and read back), checked before any compute."""
-    path = Path(path)
-    if path.is_dir() or path.suffix not in LATENTS_SUFFIXES:
-        raise ValueError(f"{option} {path}: give a file ending in {' or '.join(LATENTS_SUFFIXES)}")
-    return path
-
-
-def save_latents(path: str | Path, latents: torch.Tensor, **metadata: str) -> None:
-    """Write (B, C, T, h, w) latents, atomically, in the format the suffix names: safetensors (key ``latents``, the
-    metadata as the file's metadata) or torch (.pt / .pth: {"latents", "metadata"}). ``load_latents`` reads both."""
-    path = check_latents_output(path, "save_latents:")
-    tensor = latents.detach().float().contiguous().cpu()
-    meta = {"layout": "B C T H W", **{k: str(v) for k, v in metadata.items()}}
-    if path.suffix == ".safetensors":
-        atomic_write(path, lambda tmp: save_file({"latents": tensor}, tmp, metadata=meta))
-    else:
-        atomic_write(path, lambda tmp: torch.save({"latents": tensor, "metadata": meta}, tmp))
-
-
-def load_latents(path: str | Path, channels: int = SEMANTIC_CHANNELS) -> torch.Tensor:
-    """Read latents saved by us or anyone: .safetensors (key ``latents`` or a single tensor) or .pt
-    (a tensor or a dict with ``latents``); (C, T, h, w) or (B, C, T, h, w). Returns (B, C, T, h, w) float32."""
-    return read_latents(path, channels)[0]
-
-
-def read_latents(path: str | Path, channels: int | None = SEMANTIC_CHANNELS) -> tuple[torch.Tensor, dict[str, str]]:
-    """``load_latents`` and, from the same read, the metadata ``save_latents`` stored (empty for others' files).
-    ``channels=None``: any (the caller checks them)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: latents file not found")
-    try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), "pt") as f:
-                metadata = dict(f.metadata() or {})
-                blob = {key: f.get_tensor(key) for key in f.keys()}
-        elif path.suffix in (".pt", ".pth"):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            metadata = dict(blob.get("metadata") or {}) if isinstance(blob, dict) else {}
-            if isinstance(blob, dict) and "latents" in blob:
-                blob = blob["latents"]
-        else:
-            raise ValueError(f"{path}: latents must be a .safetensors or .pt file")
-    except ValueError:
-        raise
-    except Exception as e:  # corrupt file: one line, not a pickle traceback
-        raise ValueError(f"{path}: cannot read latents ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if isinstance(blob, dict):
-        if "latents" in blob:
-            blob = blob["latents"]
-        elif len(blob) == 1:
-            blob = next(iter(blob.values()))
-        else:
-            raise ValueError(f"{path}: expected one tensor or a 'latents' entry, found keys {sorted(blob)}")
-    if not isinstance(blob, torch.Tensor):
-        raise ValueError(f"{path}: expected a tensor, found {type(blob).__name__}")
-    z = blob.float()
-    if z.ndim == 4:
-        z = z[None]
-    if z.ndim != 5 or z.shape[1] != (channels or z.shape[1]):
-        hint = ""
-        if z.ndim == 5 and z.shape[2] == channels:
-            hint = " (is T before C? expected B C T H W)"
-        elif z.ndim == 5 and channels == SEMANTIC_CHANNELS:
-            hint = (f" ({z.shape[1]}-channel latents of another model? decode them through its VAE: decode --source-vae, "
-                    "or CascadeVPipeline.decode_from)")
-        c = channels or "C"
-        raise ValueError(f"{path}: expected latents ({c}, T, h, w) or (B, {c}, T, h, w), got {tuple(blob.shape)}{hint}")
-    if z.numel() == 0:
-        raise ValueError(f"{path}: latents {tuple(z.shape)} have a zero-sized dimension")
-    if not torch.isfinite(z).all():
-        raise ValueError(f"{path}: latents contain NaN or inf values")
-    return z, metadata
+    steps: int | None = None
+    scheduler: str | SchedulerMixin | None = None
+    scheduler_config: dict | None = None
+    seed: int | None = 0
+    generator: torch.Generator | None = None
+    tiling: str | Tiling = "blend"
+    colour_fix: int | None = None
+    window_batch: int = 1
+    distributed: bool = False
+    callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
+    progress: bool = True
 
 
 # -- loading the parts -----------------------------------------------------------------------------
@@ -367,23 +314,20 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
             raise ValueError("this pipeline was loaded without a semantic encoder")
         return self._timed("encode", lambda: self.semantic_encoder.encode(video, progress, self._execution_device))
 
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,
-                       scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend",
-                       progress: bool = True, scheduler_config: dict | None = None,
-                       generator: torch.Generator | None = None, callback=None, window_batch: int = 1,
-                       distributed: bool = False) -> torch.Tensor:
-        """Semantic latents (B, 16, T, h, w) -> Stage A latents (B, 4, T, 4h, 4w), scaled.
+    def decode_options(self, options: DecodeOptions | None = None, **changes) -> DecodeOptions:
+        """``options`` (default: ``DecodeOptions()``) with ``changes`` applied (e.g. ``steps=2, tiling="shifted"``)."""
+        options = options or DecodeOptions()
+        unknown = set(changes) - {f.name for f in fields(DecodeOptions)}
+        if unknown:
+            raise TypeError(f"unknown decode option(s) {', '.join(sorted(unknown))}; DecodeOptions has "
+                            f"{', '.join(f.name for f in fields(DecodeOptions))}")
+        return replace(options, **changes) if changes else options
 
-        Noise: ``seed`` draws it frames first, as the release did, on a CPU generator (ancestral steps from
-        ``seed + 1``); a ``generator`` replaces both with one stream, as the release's global generator
-        (``torch.Generator("cuda").manual_seed(42)`` on a GPU is the released code's). ``scheduler``: a name or
-        object (default: the saved one); ``scheduler_config`` overrides its config (e.g. ``{"shift": 3.0}`` for flow).
-        ``callback(i, t, latents)``
-        runs after each step and may return replacement latents. ``window_batch``: DiT windows/tiles per forward
-        (more is faster on a GPU, at the memory of that many windows). ``distributed``: under ``accelerate launch``,
-        every rank decodes the same latents and the DiT's windows/tiles of each step are split across the ranks
-        (``sampling.predict_noise``); the noise is seeded on the CPU, so it is the same on every rank."""
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, options: DecodeOptions | None = None, **changes) -> torch.Tensor:
+        """Semantic latents (B, 16, T, h, w) -> Stage A latents (B, 4, T, 4h, 4w), scaled. How: ``options``
+        (``DecodeOptions``) with ``changes`` applied by keyword (``decode_options``); the colour fix is not used here."""
+        o = self.decode_options(options, **changes)
         check_video(latents, self.dit.config.cond_channels, 1, "CascadeVPipeline.decode")
         device = self._execution_device
         T, h, w = latents.shape[2:]
@@ -391,52 +335,44 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         cond = upsample_condition(small, (T, COND_UPSAMPLE * h, COND_UPSAMPLE * w))
         B, _, T, H, W = cond.shape
         shape = (B, self.dit.config.latent_channels, T, H, W)
+        generator = o.generator
         if generator is None:
-            noise = seeded_noise(shape, seed, device)
-            generator = torch.Generator(device=device).manual_seed(seed + 1)  # ancestral steps
+            noise = seeded_noise(shape, o.seed, device)
+            generator = torch.Generator(device=device).manual_seed(o.seed + 1)  # ancestral steps
         else:
             noise = rearrange(randn_tensor((B, T, *shape[1:2], H, W), generator=generator, device=device),
                               "b t c h w -> b c t h w")   # frames first, as seeded_noise
+        scheduler = o.scheduler
         if isinstance(scheduler, str) or scheduler is None:
             scheduler = self.scheduler_for(scheduler)
-        if scheduler_config:
-            scheduler = type(scheduler).from_config(scheduler.config, **scheduler_config)
-        steps = self.config.num_inference_steps if steps is None else steps
+        if o.scheduler_config:
+            scheduler = type(scheduler).from_config(scheduler.config, **o.scheduler_config)
+        steps = self.config.num_inference_steps if o.steps is None else o.steps
         # latents and the scheduler's arithmetic stay fp32; the DiT runs in its own dtype (``_run_window``)
-        return self._timed("dit", lambda: sample(self.dit, cond.float(), noise.float(), scheduler, steps, tiling,
-                                                 generator=generator, progress=progress, callback=callback,
-                                                 window_batch=window_batch, distributed=distributed))
+        return self._timed("dit", lambda: sample(self.dit, cond.float(), noise.float(), scheduler, steps, o.tiling,
+                                                 generator=generator, progress=o.progress, callback=o.callback,
+                                                 window_batch=o.window_batch, distributed=o.distributed))
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,
-               scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend", progress: bool = True,
-               scheduler_config: dict | None = None, colour_fix: int | None = None,
-               generator: torch.Generator | None = None, callback=None, window_batch: int = 1,
-               distributed: bool = False) -> torch.Tensor:
-        """Semantic latents (B, 16, T, h, w) -> video (B, 3, T, 32h, 32w) in [-1, 1] (arguments as ``decode_latents``).
-
-        ``colour_fix=f`` takes the band of f x f pixel blocks and below from the Previewer (``fix_colour``); 0: off;
-        None: the folder's saved setting when the Previewer is loaded (as ``steps=None`` is its saved steps)."""
-        return torch.cat(list(self.decode_pieces(latents, steps, seed, scheduler, tiling, progress, scheduler_config,
-                                                 colour_fix, generator, callback, window_batch, distributed)), dim=2)
+    def decode(self, latents: torch.Tensor, options: DecodeOptions | None = None, **changes) -> torch.Tensor:
+        """Semantic latents (B, 16, T, h, w) -> video (B, 3, T, 32h, 32w) in [-1, 1]; ``options`` and ``changes`` as
+        ``decode_latents`` (``DecodeOptions``)."""
+        return torch.cat(list(self.decode_pieces(latents, options, **changes)), dim=2)
 
     @torch.no_grad()
-    def decode_pieces(self, latents: torch.Tensor, steps: int | None = None, seed: int | None = 0,
-                      scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend",
-                      progress: bool = True, scheduler_config: dict | None = None, colour_fix: int | None = None,
-                      generator: torch.Generator | None = None, callback=None, window_batch: int = 1,
-                      distributed: bool = False) -> Iterator[torch.Tensor]:
+    def decode_pieces(self, latents: torch.Tensor, options: DecodeOptions | None = None,
+                      **changes) -> Iterator[torch.Tensor]:
         """``decode`` in pieces (B, 3, t, 32h, 32w), in frame order: the DiT samples the whole clip in latent space
         (4 channels at 1/8 of the pixels), then each Stage A chunk is decoded, colour-fixed and yielded as soon as it
         is final, so a long clip's pixels never sit in memory whole (``write_video`` takes the pieces)."""
-        colour_fix = resolve_colour_fix(self, colour_fix)
+        o = self.decode_options(options, **changes)
+        colour_fix = resolve_colour_fix(self, o.colour_fix)
         if colour_fix and self.previewer is None:
             raise ValueError("colour_fix needs the Previewer: load the pipeline with one")
         check_colour_fix(*(n * SEMANTIC_DOWNSAMPLE for n in latents.shape[-2:]), colour_fix)   # before the DiT runs
-        z = self.decode_latents(latents, steps, seed, scheduler, tiling, progress, scheduler_config, generator, callback,
-                               window_batch, distributed)
+        z = self.decode_latents(latents, o)
         # distributed: Stage A and the colour fix's Previewer run replicated on every rank (cheap next to the DiT)
-        pieces = self.stage_a.decode_pieces(z, progress, self._execution_device)
+        pieces = self.stage_a.decode_pieces(z, o.progress, self._execution_device)
         start = 0
         while (video := self._timed("stage_a", lambda: next(pieces, None))) is not None:
             video, end = video.clamp_(-1, 1), start + video.shape[2]
@@ -447,11 +383,11 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
     @torch.no_grad()
     def decode_from(self, latents: torch.Tensor, source_vae, latents_normalised: bool = True, scale: float | None = None,
-                    size: str | None = None, **decode_kwargs) -> torch.Tensor:
+                    size: str | None = None, options: DecodeOptions | None = None, **changes) -> torch.Tensor:
         """Another model's latents (B, C, T, h, w) -> video (B, 3, T', H, W): ``source_vae`` (a ``SourceVAE``, a
         diffusers autoencoder, or its folder / hub id) decodes them to its pixels (``latents_normalised``: as its
         denoiser makes them, else raw), then the cascade to ``scale`` x those pixels or ``size`` (long side or "WxH";
-        default 2048 long side). ``decode_kwargs`` as ``decode``. See ``pipelines/source_vae.py``."""
+        default 2048 long side). ``options`` and ``changes`` as ``decode``. See ``pipelines/source_vae.py``."""
         from cascadev.pipelines.source_vae import SourceVAE, encode_resized, target_size
 
         if isinstance(source_vae, (str, Path)):
@@ -461,12 +397,12 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         source_vae.check_latents(latents)
         size = target_size(*source_vae.pixel_size(*latents.shape[-2:]), scale, size)
         pixels = self._timed("source_vae", lambda: source_vae.decode(latents, latents_normalised))
-        return self.decode(encode_resized(self, pixels, size), **decode_kwargs)
+        return self.decode(encode_resized(self, pixels, size), options, **changes)
 
     @torch.no_grad()
-    def reconstruct(self, video: torch.Tensor, **decode_kwargs) -> torch.Tensor:
-        """Encode then decode: (B, 3, T, H, W) -> (B, 3, T, H, W)."""
-        return self.decode(self.encode(video), **decode_kwargs)
+    def reconstruct(self, video: torch.Tensor, options: DecodeOptions | None = None, **changes) -> torch.Tensor:
+        """Encode then decode: (B, 3, T, H, W) -> (B, 3, T, H, W); ``options`` and ``changes`` as ``decode``."""
+        return self.decode(self.encode(video), options, **changes)
 
     @torch.no_grad()
     def preview(self, latents: torch.Tensor, full_size: bool = True) -> torch.Tensor:
@@ -513,13 +449,14 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                 return None
             out = callback_on_step_end(self, i, t, {"latents": z}) or {}
             return out.get("latents")
-        kwargs = dict(steps=num_inference_steps, seed=0 if generator is None else None, tiling=tiling,
-                      generator=generator, callback=on_step,
-                      window_batch=window_batch)
+        options = DecodeOptions(steps=num_inference_steps, seed=0 if generator is None else None, tiling=tiling,
+                                generator=generator, callback=on_step, window_batch=window_batch,
+                                colour_fix=colour_fix,    # diffusers' set_progress_bar_config(disable=True) silences it
+                                progress=not getattr(self, "_progress_bar_config", {}).get("disable", False))
         if output_type == "latent":
-            frames = self.decode_latents(latents, **kwargs)
+            frames = self.decode_latents(latents, options)
         else:
-            frames = self.decode(latents, colour_fix=colour_fix, **kwargs)
+            frames = self.decode(latents, options)
             if output_type != "pt":      # diffusers' layouts: (B, T, H, W, 3) in [0, 1], or lists of images
                 frames = VideoProcessor(do_resize=False).postprocess_video(frames, output_type=output_type)
         self.maybe_free_model_hooks()

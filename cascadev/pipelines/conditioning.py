@@ -5,7 +5,7 @@ Two routes (CascadeV, Fig. 4):
 - ``semantic`` (Fig. 4a, the release): the semantic latent (B, 16, T, H/32, W/32) of the video, times the
   Stage A scale (0.13025, owned by ``vae.stage_a``), upsampled x4 to the Stage A latent grid.
 - ``resize`` (Fig. 4b): a low-resolution and/or low-frame-rate Stage A latent, upsampled back to the
-  full grid; the DiT then learns 4x resolution or 4x frame rate (``DiTConfig.cond_channels = 4``). The
+  full grid; the DiT then learns 4x resolution or 4x frame rate (``VideoDiT(cond_channels=4)``). The
   low-resolution latent is either the Stage A latent of the downsampled video (``condition.resize_from: pixels``,
   as the release trained, and what another model's latents of a small video are) or the full latent downsampled
   (cheap, and possible from a latent cache).

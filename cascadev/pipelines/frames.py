@@ -8,9 +8,11 @@ import torch.nn.functional as F
 from einops import rearrange
 
 SEMANTIC_DOWNSAMPLE = 32        # Stage B latent: f32, so frame sizes are multiples of 32
+SEMANTIC_CHANNELS = 16          # Stage B latent channels (the semantic encoder's 1x1 conv to 16, as Stable Cascade)
 
 
-def round_size(height: int, width: int, long_side: int | None = None, multiple: int = SEMANTIC_DOWNSAMPLE) -> tuple[int, int]:
+def round_size(height: int, width: int, long_side: int | None = None,
+               multiple: int = SEMANTIC_DOWNSAMPLE) -> tuple[int, int]:
     """(H, W) scaled so the long side is ``long_side`` (aspect kept), each rounded to a multiple."""
     scale = 1.0 if long_side is None else long_side / max(height, width)
     return tuple(max(multiple, round(n * scale / multiple) * multiple) for n in (height, width))

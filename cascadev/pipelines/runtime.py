@@ -12,6 +12,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from cascadev.errors import UserError
+from cascadev.pipelines import DTYPE_NAMES
 from cascadev.pipelines.sampling import make_scheduler
 from vae.stage_a import vae_dtype
 
@@ -92,3 +94,71 @@ class DecoderRuntimeMixin:
             raise ValueError(f"scheduler {scheduler!r} does not fit this DiT, trained for {trained} (its saved "
                              f"scheduler is {type(self.scheduler).__name__}); force it with --force-scheduler")
         return wanted
+
+
+# -- device and precision, as the commands' options name them ------------------------------------
+
+DTYPES = {name: getattr(torch, attr) for name, attr in DTYPE_NAMES.items()}
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``--dtype``: as given, else bf16 on CUDA (the kernels' precision) and fp32 on a CPU (exact release numerics)."""
+    if name is not None:
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def processes():
+    """accelerate's view of this run (``accelerate launch --multi_gpu --num_processes N``, else one process); creating
+    it in a plain process initialises nothing. ACCELERATE_USE_CPU (``accelerate launch --cpu``) asks for CPU processes
+    over gloo, as Accelerator reads it."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def default_device() -> torch.device:
+    """This process's device under ``accelerate launch`` with several processes; else cuda when available."""
+    state = processes()
+    if state.num_processes > 1:
+        return state.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+CPU_STAGE_A_GIB = 1.0       # a CPU's default Stage A budget: 2048 x 1152 in full-height tiles, smaller frames whole
+
+
+def stage_a_budget(given: float | None, device: torch.device) -> float:
+    """``--max-memory`` in GiB: as given, else 80% of the GPU's free memory (after loading), else 1 GiB on a CPU."""
+    if given is not None:
+        return given
+    if device.type == "cuda":
+        return 0.8 * torch.cuda.mem_get_info(device)[0] / 2 ** 30
+    return CPU_STAGE_A_GIB
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA (a process-wide torch setting, set once by the CLI)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: the one named, checked (``check_device``), else this process's default (``default_device``)."""
+    check_device(name)
+    return torch.device(name) if name else default_device()
+
+
+def check_device(name: str | None) -> None:
+    """``--device``: a torch device this machine has (None: chosen later)."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")

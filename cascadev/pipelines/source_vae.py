@@ -21,7 +21,7 @@ VAE's *raw* latents just before ``vae.decode``. ``to_raw`` applies that map, for
 Decoding is bounded: one video of the batch at a time; video VAEs with their own tiling switched on
 (``enable_tiling``: diffusers tiles only frames larger than the VAE's tile, e.g. Wan 256 px) and their own frame
 batching; image VAEs through ``StageAVAE`` (chunks of frames and our blended tiles, as Stage A decodes).
-"""
+"""  # noqa: E501 (the table's rows)
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def find_config(source: str | Path, subfolder: str | None = None) -> tuple[Path,
         root = Path(source).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"source VAE folder {root} not found")
-        tried = [root / subfolder / "config.json"] if subfolder else [root / "config.json", root / "vae" / "config.json"]
+        tried = ([root / subfolder / "config.json"] if subfolder
+                 else [root / "config.json", root / "vae" / "config.json"])
         for path in tried:
             if path.is_file():
                 return path, subfolder or (None if path.parent == root else "vae")

@@ -4,7 +4,7 @@
 scheduler with classifier-free guidance -> semantic latents (B, 16, T, H/32, W/32), unscaled, exactly as
 the semantic encoder makes them -> ``CascadeVPipeline.decode`` -> video (B, 3, T, H, W) in [-1, 1].
 
-The base model works on latents times ``TextDiTConfig.latent_scale``; ``to_model`` and ``from_model``
+The base model works on latents times its config's ``latent_scale``; ``to_model`` and ``from_model``
 are the only places that apply it, for sampling here and for training (``cascadev.training.losses.base_training_loss``,
 with the same conventions: the objective's prediction, eps or v for rectified flow; empty-caption dropout for CFG).
 """
@@ -27,7 +27,7 @@ from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, Casc
                                         load_cascade)
 from cascadev.pipelines.runtime import DecoderRuntimeMixin, compile_blocks
 from cascadev.pipelines.sampling import load_scheduler, make_scheduler, scheduler_for_objective
-from dit.text_dit import TextDiT, TextDiTConfig
+from dit.text_dit import TextDiT
 from dit.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
 from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 from dit.video_dit import VideoDiT
@@ -42,12 +42,12 @@ LEGACY_PIPELINE_FILE = "text_to_video.json"             # folders of cascadev < 
 
 # -- the latent scale ----------------------------------------------------------------------------
 
-def to_model(latents: torch.Tensor, config: TextDiTConfig) -> torch.Tensor:
+def to_model(latents: torch.Tensor, config) -> torch.Tensor:
     """Semantic latents (B, 16, T, h, w) as the encoder makes them -> the base model's space."""
     return latents * config.latent_scale
 
 
-def from_model(latents: torch.Tensor, config: TextDiTConfig) -> torch.Tensor:
+def from_model(latents: torch.Tensor, config) -> torch.Tensor:
     """The base model's latents (B, 16, T, h, w) -> semantic latents as ``CascadeVPipeline.decode`` takes them."""
     return latents / config.latent_scale
 
@@ -64,15 +64,16 @@ def cat_text(*texts: TextEmbedding) -> TextEmbedding:
     return TextEmbedding(*(torch.cat(zs) for zs in zip(*texts)))
 
 
-def config_of(model: torch.nn.Module) -> TextDiTConfig:
-    """The TextDiTConfig of a model, also when wrapped (DDP ``.module``, torch.compile ``._orig_mod``)."""
-    while not hasattr(model, "spec"):
+def config_of(model: torch.nn.Module):
+    """The config of a TextDiT, also when wrapped (DDP ``.module``, torch.compile ``._orig_mod``)."""
+    while not hasattr(model, "config"):
         model = model.module if hasattr(model, "module") else model._orig_mod
-    return model.spec
+    return model.config
 
 
 def scheduler_for(diffusion) -> SchedulerMixin:
-    """Stage C's sampler for a training objective: flow Euler at the trained shift for rectified flow, else DPM-Solver++."""
+    """Stage C's sampler for a training objective: flow Euler at the trained shift for rectified flow, else
+    DPM-Solver++."""
     return scheduler_for_objective(diffusion, DEFAULT_SCHEDULER)
 
 
@@ -94,7 +95,8 @@ def guided_noise(model: TextDiT, x: torch.Tensor, t: torch.Tensor | float, text:
         return model(x.to(dtype), t, *text)[:, :C].float()
     if null_text is None:
         raise ValueError(f"guidance {guidance} needs the unconditional (negative prompt) embedding")
-    eps_null, eps_text = model(torch.cat([x, x]).to(dtype), torch.cat([t, t]), *cat_text(null_text, text))[:, :C].float().chunk(2)
+    eps = model(torch.cat([x, x]).to(dtype), torch.cat([t, t]), *cat_text(null_text, text))
+    eps_null, eps_text = eps[:, :C].float().chunk(2)
     return eps_null + guidance * (eps_text - eps_null)
 
 
@@ -193,8 +195,9 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         self.register_to_config(stage_a=stage_a, num_inference_steps=num_inference_steps, colour_fix=colour_fix)
         for module in (text_encoder, base):
             module.eval().requires_grad_(False)
-        self.cascade = CascadeVPipeline(dit=dit, semantic_encoder=None, vae=vae, scheduler=scheduler, previewer=previewer,
-                                        stage_a=stage_a, num_inference_steps=num_inference_steps, colour_fix=colour_fix)
+        self.cascade = CascadeVPipeline(dit=dit, semantic_encoder=None, vae=vae, scheduler=scheduler,
+                                        previewer=previewer, stage_a=stage_a, num_inference_steps=num_inference_steps,
+                                        colour_fix=colour_fix)
         self.timings: dict[str, float] = {}
 
     @classmethod
@@ -218,7 +221,7 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
     def default_size(self) -> tuple[int, int]:
         """(W, H) pixels of the base model's window (``window_size`` semantic cells per side, 32 px each)."""
-        side = self.base.spec.window_size * SEMANTIC_DOWNSAMPLE
+        side = self.base.config.window_size * SEMANTIC_DOWNSAMPLE
         return side, side
 
     @torch.no_grad()
@@ -237,7 +240,7 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         scheduler: a name or object (default: ``base_scheduler``).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        c = self.base.spec
+        c = self.base.config
         frames = c.window_frames if frames is None else frames
         W, H = size if size is not None else self.default_size()
         check_request(prompts, frames, (W, H), steps, guidance, num_per_prompt)
@@ -251,8 +254,8 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         if guidance != 1.0:
             null_text = self._timed("text", lambda: repeat_text(self.text_encoder.encode(negatives), num_per_prompt))
         h, w = H // SEMANTIC_DOWNSAMPLE, W // SEMANTIC_DOWNSAMPLE
-        grid = (math.ceil(frames / c.frame_multiple) * c.frame_multiple,
-                *(math.ceil(n / c.spatial_multiple) * c.spatial_multiple for n in (h, w)))
+        fm, sm = self.base.frame_multiple, self.base.spatial_multiple
+        grid = (math.ceil(frames / fm) * fm, *(math.ceil(n / sm) * sm for n in (h, w)))
         N = len(prompts) * num_per_prompt
         noise = torch.cat([torch.randn(1, c.latent_channels, *grid, generator=torch.Generator().manual_seed(seed + k))
                            for k in range(N)]).to(device)

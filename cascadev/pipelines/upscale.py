@@ -35,7 +35,7 @@ from cascadev.pipelines.conditioning import temporal_upsample, upsample_conditio
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.sampling import Tiling, sample
 from dit.video_dit import VideoDiT
-from vae.semantic_encoder import check_video
+from cascadev.checks import check_video
 from vae.stage_a import DOWNSAMPLE, StageAVAE, stage_a_settings
 
 PIPELINE_CLASS = "CascadeVUpscalePipeline"
@@ -81,7 +81,8 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
         return self.config.spatial_factor, self.config.temporal_factor
 
     def output_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """(T, H, W) of the output for an input of ``frames`` x ``height`` x ``width`` (pixels or latent cells alike)."""
+        """(T, H, W) of the output for an input of ``frames`` x ``height`` x ``width`` (pixels or latent cells
+        alike)."""
         ks, kt = self.factors
         return frames * kt, height * ks, width * ks
 
@@ -147,7 +148,8 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
         z = self.upscale_latents(latents, **sample_kwargs)
         low = None
         if fix:       # the reference: the input's pixels (a latents input: Stage A's decoding of it)
-            low = video if video is not None else self.stage_a.decode(latents, device=self._execution_device).clamp(-1, 1)
+            low = (video if video is not None
+                   else self.stage_a.decode(latents, device=self._execution_device).clamp(-1, 1))
         pieces = self.stage_a.decode_pieces(z, sample_kwargs.get("progress", True), self._execution_device)
         kt, start = self.config.temporal_factor, 0
         while (piece := self._timed("stage_a", lambda: next(pieces, None))) is not None:
@@ -174,7 +176,8 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
         the DiT's frames go between. ``colour_fix``: block size of the colour fix (default: the saved one; 0: off).
         ``sample_kwargs``: ``steps``, ``seed``, ``scheduler``, ``tiling``, ``progress``, ``window_batch``
         (``upscale_latents``)."""
-        return torch.cat(list(self.upscale_pieces(video, latents, keep_input_frames, colour_fix, **sample_kwargs)), dim=2)
+        pieces = self.upscale_pieces(video, latents, keep_input_frames, colour_fix, **sample_kwargs)
+        return torch.cat(list(pieces), dim=2)
 
     __call__ = upscale
 

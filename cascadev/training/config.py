@@ -30,13 +30,14 @@ the cache checks it (``check_cache``).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from cascadev.config import ConfigError, from_dict, load_config, to_dict
+from cascadev.config import ConfigError, _check_type, from_dict, load_config, to_dict
 from cascadev.training.data import DataConfig
 from cascadev.training.diffusion import DiffusionConfig
 from cascadev.video_io import VIDEO_EXTENSIONS
@@ -45,19 +46,50 @@ Stage = Literal["dit", "vae", "semantic", "base", "distill"]
 STAGES = ("dit", "vae", "semantic", "base", "distill")
 
 
-def resolve_preset(presets: dict, preset: str, overrides: dict[str, Any], what: str, key: str | None = None):
+def resolve_preset(presets: dict, preset: str, overrides: dict[str, Any], what: str, key: str | None = None,
+                   model: type | None = None):
     """``presets[preset]`` with ``overrides`` applied through the config loader (types checked, lists to tuples).
-    ``key``: the overrides' config key in messages (default ``{what}.overrides``)."""
+    ``key``: the overrides' config key in messages (default ``{what}.overrides``). ``model``: the presets are
+    dicts of this model's ``__init__`` keywords; the result is such a dict, every keyword checked against the
+    signature's names and types (values are checked when the model builds: ``build_on_meta``)."""
     if preset not in presets:
         raise ConfigError(f"unknown {what} preset {preset!r}; choose from {sorted(presets)}")
-    base = presets[preset]
-    return from_dict(type(base), {**to_dict(base), **overrides}, prefix=f"{key or what + '.overrides'}.")
+    base, prefix = presets[preset], f"{key or what + '.overrides'}."
+    if model is None:
+        return from_dict(type(base), {**to_dict(base), **overrides}, prefix=prefix)
+    from cascadev.weights import init_keywords
+    names, hints = init_keywords(model), typing.get_type_hints(model.__init__)
+    renamed = getattr(model, "legacy_config_keys", {})              # YAML written before a key was renamed
+    overrides = {renamed.get(k, k): v for k, v in overrides.items()}
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"{model.__name__} has: {', '.join(names)}")
+    return {k: _check_type(v, hints[k], prefix + k) for k, v in {**base, **overrides}.items()}
+
+
+def semantic_latent_channels(preset: str) -> int:
+    """The latent channels of a semantic encoder preset (its value, else ``SemanticEncoder``'s default)."""
+    from cascadev.weights import init_keywords
+    from vae.semantic_encoder import PRESETS, SemanticEncoder
+    return PRESETS[preset].get("latent_channels", init_keywords(SemanticEncoder)["latent_channels"].default)
+
+
+def build_on_meta(model: type, config: dict, where: str):
+    """``model(**config)`` on the meta device (no memory, no initialisation cost): what the config checks read;
+    the model's own ValueError becomes a ConfigError naming ``where``."""
+    import torch
+    try:
+        with torch.device("meta"):
+            return model(**config)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)
 class DiTSection:
     preset: str = "official"                       # dit.PRESETS
-    overrides: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields, e.g. {depth: 2}
+    overrides: dict[str, Any] = field(default_factory=dict)  # VideoDiT keywords, e.g. {depth: 2}
     init_from: str | None = None                   # "official:PATH" (s1024.effn-f32.pth) or a save_pretrained DIR
     # init_from a DiT of another condition (e.g. a semantic-route DiT for the resize route): every weight is
     # loaded but the patch embedding's condition channels, which start at zero (the model starts unconditional)
@@ -76,9 +108,10 @@ class DiTSection:
         if self.init_new_condition and not self.init_from:
             raise ValueError("dit.init_new_condition needs dit.init_from (the DiT whose weights start this one)")
 
-    def model_config(self):
-        from dit.video_dit import PRESETS
-        return resolve_preset(PRESETS, self.preset, self.overrides, "dit")
+    def model_config(self) -> dict:
+        """``VideoDiT`` keywords: the preset with the overrides."""
+        from dit.video_dit import PRESETS, VideoDiT
+        return resolve_preset(PRESETS, self.preset, self.overrides, "dit", model=VideoDiT)
 
 
 @dataclass(frozen=True)
@@ -165,11 +198,11 @@ class SemanticSection:
     against the frame downsampled x4 (Stable Cascade's previewer predicts low-resolution previews)."""
 
     encoder_preset: str = "official"               # vae.semantic_encoder.PRESETS
-    encoder_overrides: dict[str, Any] = field(default_factory=dict)   # SemanticEncoderConfig fields
+    encoder_overrides: dict[str, Any] = field(default_factory=dict)   # SemanticEncoder keywords
     encoder_weights: str = "hub"                   # "hub" (effnet_encoder.safetensors), "random", or a path
     train_encoder: bool = True                     # False: the release's setting, only the Previewer trains
     previewer_preset: str = "official"             # vae.previewer.PRESETS
-    previewer_overrides: dict[str, Any] = field(default_factory=dict)  # PreviewerConfig fields
+    previewer_overrides: dict[str, Any] = field(default_factory=dict)  # Previewer keywords
     previewer_weights: str = "random"              # "random", "hub" (previewer.safetensors), or a path
     l1_weight: float = 1.0
     mse_weight: float = 0.0
@@ -178,15 +211,15 @@ class SemanticSection:
         if min(self.l1_weight, self.mse_weight) < 0 or self.l1_weight + self.mse_weight == 0:
             raise ValueError("semantic.l1_weight and mse_weight must be >= 0, and not both 0")
 
-    def encoder_config(self):
-        from vae.semantic_encoder import PRESETS
+    def encoder_config(self) -> dict:
+        from vae.semantic_encoder import PRESETS, SemanticEncoder
         return resolve_preset(PRESETS, self.encoder_preset, self.encoder_overrides, "semantic encoder",
-                              "semantic.encoder_overrides")
+                              "semantic.encoder_overrides", model=SemanticEncoder)
 
-    def previewer_config(self):
-        from vae.previewer import PRESETS
+    def previewer_config(self) -> dict:
+        from vae.previewer import PRESETS, Previewer
         return resolve_preset(PRESETS, self.previewer_preset, self.previewer_overrides, "Previewer",
-                              "semantic.previewer_overrides")
+                              "semantic.previewer_overrides", model=Previewer)
 
 
 @dataclass(frozen=True)
@@ -194,11 +227,11 @@ class BaseSection:
     """Stage "base" (Stage C): the text-to-video ``TextDiT`` denoises semantic latents given captions."""
 
     preset: str = "base"                           # dit.text_dit.PRESETS
-    overrides: dict[str, Any] = field(default_factory=dict)  # TextDiTConfig fields, e.g. {depth: 2}
+    overrides: dict[str, Any] = field(default_factory=dict)  # TextDiT keywords, e.g. {depth: 2}
     init_from: str | None = None                   # a TextDiT folder: a base run's final/base_dit or checkpoint
     gradient_checkpointing: bool = False
     text_encoder_preset: str = "bigG"              # dit.text_encoder.PRESETS (frozen)
-    text_encoder_overrides: dict[str, Any] = field(default_factory=dict)  # TextEncoderConfig fields
+    text_encoder_overrides: dict[str, Any] = field(default_factory=dict)  # TextEncoder keywords
     text_encoder_weights: str = "preset"           # "preset" (its open_clip tag), "random", our folder, or a checkpoint
     caption_dropout: float = 0.1                   # captions trained as the empty prompt, for guidance (CFG)
 
@@ -206,35 +239,40 @@ class BaseSection:
         if not 0 <= self.caption_dropout <= 1:
             raise ValueError(f"base.caption_dropout must be in [0, 1], got {self.caption_dropout}")
 
-    def model_config(self):
-        from dit.text_dit import PRESETS
-        return resolve_preset(PRESETS, self.preset, self.overrides, "base")
+    def model_config(self) -> dict:
+        """``TextDiT`` keywords: the preset with the overrides."""
+        from dit.text_dit import PRESETS, TextDiT
+        return resolve_preset(PRESETS, self.preset, self.overrides, "base", model=TextDiT)
 
-    def text_encoder_config(self):
-        """The text encoder's config; None when ``text_encoder_weights`` is our folder (its config.json rules)."""
-        from dit.text_encoder import PRESETS
+    def text_encoder_config(self) -> dict | None:
+        """The text encoder's ``TextEncoder`` keywords; None when ``text_encoder_weights`` is our folder (its
+        config.json rules)."""
+        from dit.text_encoder import PRESETS, TextEncoder
         from cascadev.weights import CONFIG_NAME
         if (Path(self.text_encoder_weights) / CONFIG_NAME).is_file():
             return None
         config = resolve_preset(PRESETS, self.text_encoder_preset, self.text_encoder_overrides, "text encoder",
-                                "base.text_encoder_overrides")
+                                "base.text_encoder_overrides", model=TextEncoder)
         if self.text_encoder_weights == "preset":
             return config
         pretrained = None if self.text_encoder_weights == "random" else self.text_encoder_weights
-        return dataclasses.replace(config, pretrained=pretrained)
+        return {**config, "pretrained": pretrained}
 
     def text_widths(self) -> tuple[int, int]:
         """(token width, pooled width) of the text encoder, without building it."""
         import json
 
-        from cascadev.weights import CONFIG_NAME
-        from dit.text_encoder import TextEncoderConfig
+        from cascadev.weights import CONFIG_NAME, init_keywords
+        from dit.text_encoder import TextEncoder, text_tower_config
         config = self.text_encoder_config()
         if config is None:   # our folder: its config.json (diffusers' keys such as _class_name aside)
-            saved = json.loads((Path(self.text_encoder_weights) / CONFIG_NAME).read_text())
-            config = TextEncoderConfig(**{f.name: saved[f.name] for f in dataclasses.fields(TextEncoderConfig)
-                                          if f.name in saved})
-        embed_dim, text_cfg, _ = config.architecture()
+            config = json.loads((Path(self.text_encoder_weights) / CONFIG_NAME).read_text())
+        c = {**{k: p.default for k, p in init_keywords(TextEncoder).items()}, **config}
+        try:
+            embed_dim, text_cfg, _ = text_tower_config(c["model_name"], c["hidden_layer"], c["text_overrides"],
+                                                       c["embed_dim"])
+        except ValueError as e:
+            raise ConfigError(f"base.text_encoder: {e}") from None
         return text_cfg.width, embed_dim
 
 
@@ -311,23 +349,24 @@ class TrainConfig:
         """The DiT's channels, window and latent grid fit the condition route and the clip size."""
         from vae.semantic_encoder import PRESETS as SEMANTIC_PRESETS
         from vae.stage_a import DOWNSAMPLE
-        dit = self.dit.model_config()
+        from dit.video_dit import VideoDiT
+        dit = build_on_meta(VideoDiT, self.dit.model_config(), "dit.overrides")
         latent_channels = self.stage_a.model_config().latent_channels
-        if dit.latent_channels != latent_channels:
+        if dit.config.latent_channels != latent_channels:
             raise ValueError(f"the Stage A VAE has {latent_channels} latent channels but the DiT has latent_channels="
-                             f"{dit.latent_channels}; set dit.overrides.latent_channels={latent_channels}")
+                             f"{dit.config.latent_channels}; set dit.overrides.latent_channels={latent_channels}")
         if self.condition.route == "semantic":
             if self.condition.semantic_preset not in SEMANTIC_PRESETS:
                 raise ValueError(f"unknown semantic encoder preset {self.condition.semantic_preset!r}; "
                                  f"choose from {sorted(SEMANTIC_PRESETS)}")
-            cond_channels = SEMANTIC_PRESETS[self.condition.semantic_preset].latent_channels
+            cond_channels = semantic_latent_channels(self.condition.semantic_preset)
             multiple = 32                                     # the semantic latent is f32
         else:
             cond_channels = latent_channels                  # a Stage A latent
             multiple = DOWNSAMPLE * self.condition.spatial_factor
-        if dit.cond_channels != cond_channels:
+        if dit.config.cond_channels != cond_channels:
             raise ValueError(f"condition route {self.condition.route!r} gives {cond_channels} channels but the DiT "
-                             f"has cond_channels={dit.cond_channels}; set dit.overrides.cond_channels={cond_channels}")
+                             f"has cond_channels={dit.config.cond_channels}; set dit.overrides.cond_channels={cond_channels}")
         d = self.data
         if d.height % multiple or d.width % multiple:
             raise ValueError(f"data.height/width {d.height}x{d.width} must be multiples of {multiple} for the "
@@ -348,7 +387,10 @@ class TrainConfig:
     def check_semantic(self) -> None:
         """The encoder's latent fits the Previewer, and frames are multiples of the encoder's stride."""
         from vae.semantic_encoder import DOWNSAMPLE
-        encoder, previewer = self.semantic.encoder_config(), self.semantic.previewer_config()
+        from vae.previewer import Previewer
+        from vae.semantic_encoder import SemanticEncoder
+        encoder = build_on_meta(SemanticEncoder, self.semantic.encoder_config(), "semantic.encoder_overrides").config
+        previewer = build_on_meta(Previewer, self.semantic.previewer_config(), "semantic.previewer_overrides").config
         if encoder.latent_channels != previewer.latent_channels:
             raise ValueError(f"the semantic encoder gives {encoder.latent_channels} channels, the Previewer reads "
                              f"{previewer.latent_channels}: set semantic.previewer_overrides.latent_channels")
@@ -381,15 +423,17 @@ class TrainConfig:
         if self.condition.semantic_preset not in SEMANTIC_PRESETS:
             raise ValueError(f"unknown semantic encoder preset {self.condition.semantic_preset!r}; "
                              f"choose from {sorted(SEMANTIC_PRESETS)}")
-        model = self.base.model_config()
-        channels = SEMANTIC_PRESETS[self.condition.semantic_preset].latent_channels
-        if model.latent_channels != channels:
+        from dit.text_dit import TextDiT
+        model = build_on_meta(TextDiT, self.base.model_config(), "base.overrides")
+        c = model.config
+        channels = semantic_latent_channels(self.condition.semantic_preset)
+        if c.latent_channels != channels:
             raise ValueError(f"the semantic encoder gives {channels} channels but the base model has "
-                             f"latent_channels={model.latent_channels}; set base.overrides.latent_channels={channels}")
+                             f"latent_channels={c.latent_channels}; set base.overrides.latent_channels={channels}")
         width, pooled = self.base.text_widths()
-        if (model.caption_channels, model.pooled_channels) != (width, pooled):
+        if (c.caption_channels, c.pooled_channels) != (width, pooled):
             raise ValueError(f"the text encoder gives tokens of width {width} and pooled {pooled}, the base model reads "
-                             f"{model.caption_channels} / {model.pooled_channels}: set base.overrides.caption_channels="
+                             f"{c.caption_channels} / {c.pooled_channels}: set base.overrides.caption_channels="
                              f"{width} and base.overrides.pooled_channels={pooled}")
         d = self.data
         if d.height % DOWNSAMPLE or d.width % DOWNSAMPLE:

@@ -54,7 +54,7 @@ from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDatase
                                     image_steps_before, list_samples, make_loader, mix_seed, split_validation)
 from cascadev.training.tasks import build_task, is_fsdp
 from cascadev.video_io import check_output_folder
-from cascadev.weights import atomic_write, save_state_dict, write_json
+from cascadev.weights import CascadeModel, atomic_write, save_state_dict, write_json
 
 log = logging.getLogger("cascadev.training.train")
 
@@ -157,7 +157,7 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict |
             if ema is not None:
                 save_state_dict(ema, tmp / EMA_WEIGHTS)
             save_config(config, tmp / "config.yaml")
-            if task.name in ("dit", "base", "distill") and hasattr(task.model, "spec"):  # a VideoDiT / TextDiT.from_legacy_folder
+            if task.name in ("dit", "base", "distill") and isinstance(task.model, CascadeModel):  # VideoDiT / TextDiT
                 task.model.save_config(tmp)                                   # folder (not a DiffusionAutoencoder)
             write_json(tmp / TRAINER_STATE, {**state, "step": step})
     except OSError as e:       # a full disk, no permission: one line, and no half checkpoint left behind

@@ -20,7 +20,7 @@ def build_base_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
     from dit.text_dit import TextDiT
 
     section = config.base
-    model = TextDiT.from_spec(section.model_config())
+    model = TextDiT(**section.model_config())
     if section.init_from and load_weights:
         init_weights(model, section.init_from, "base.init_from (e.g. a base run's final/base_dit or a checkpoint)")
     if section.gradient_checkpointing:
@@ -66,7 +66,7 @@ class BaseTask:
         with seeded(seed, 5):
             self.text_encoder = build_text_encoder(config, load_weights) if build_model else None
         if self.model is not None:
-            c = self.model.spec
+            c = self.model.config
             widths = (self.text_encoder.width, self.text_encoder.embed_dim)
             if (c.caption_channels, c.pooled_channels) != widths:        # a text encoder folder with other widths
                 raise ConfigError(f"the text encoder gives widths {widths}, the base model reads "
@@ -125,11 +125,11 @@ class BaseTask:
         process, latents sampled for the first clip's caption (``val_sample_steps`` steps, default guidance) saved
         as ``samples/step_N.safetensors``: ``cascadev decode`` turns them into video."""
         from cascadev.pipelines.text_to_video import DEFAULT_GUIDANCE, from_model, sample_base, scheduler_for, to_model
-        from cascadev.pipelines.cascade import save_latents
+        from cascadev.pipelines.latents import save_latents
 
         model = prepared["model"]
         model.eval()
-        config = accelerator.unwrap_model(model).spec
+        config = accelerator.unwrap_model(model).config
         d, n_t = self.diffusion, self.config.run.val_timesteps
         losses = []
         for i, clip in enumerate(clips):

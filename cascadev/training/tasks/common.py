@@ -29,17 +29,19 @@ def load_semantic_encoder(weights: str, config, load_weights: bool, key: str) ->
     """A ``SemanticEncoder``: the released file ("hub", or a path to/holding ``effnet_encoder.safetensors``), our
     formats (a folder with ``config.json``, e.g. ``RUN/final/semantic_encoder`` of a "semantic" run: its own
     config wins over ``config`` but must give as many channels), or random ("random", or ``load_weights`` False)."""
+    from cascadev.weights import init_keywords
     from vae.semantic_encoder import SemanticEncoder
 
     if not load_weights or weights == "random":
-        return SemanticEncoder.from_spec(config)
+        return SemanticEncoder(**config)
     if weights == "hub":
         return SemanticEncoder.from_single_file(None, config)
     if (Path(weights) / CONFIG_NAME).is_file():
         encoder = SemanticEncoder.from_folder(weights)
-        if encoder.config.latent_channels != config.latent_channels:
+        channels = config.get("latent_channels", init_keywords(SemanticEncoder)["latent_channels"].default)
+        if encoder.config.latent_channels != channels:
             raise ConfigError(f"{key}={weights}: that encoder gives {encoder.config.latent_channels} channels, "
-                              f"this config expects {config.latent_channels}")
+                              f"this config expects {channels}")
         return encoder
     return SemanticEncoder.from_single_file(weights, config)
 
@@ -62,7 +64,7 @@ def init_weights(model: nn.Module, folder: str | Path, key: str, new_condition: 
                                 "save_pretrained or a checkpoint of a run)")
     state = type(model).from_folder(folder).state_dict()
     if new_condition:   # DiT: the noisy-latent input channels of the patch embedding kept, the condition's zeroed
-        key_w, n = "x_embedder.proj.weight", model.spec.latent_channels
+        key_w, n = "x_embedder.proj.weight", model.config.latent_channels
         fresh = torch.zeros_like(model.state_dict()[key_w])
         fresh[:, :n] = state[key_w][:, :n]
         state[key_w] = fresh

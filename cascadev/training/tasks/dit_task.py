@@ -28,7 +28,7 @@ def build_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
     if init and init.startswith("official:"):
         model = VideoDiT.from_single_file(init.removeprefix("official:"), dit_config)
     else:
-        model = VideoDiT.from_spec(dit_config)
+        model = VideoDiT(**dit_config)
         if init:
             init_weights(model, init, "dit.init_from (or official:PATH for s1024.effn-f32.pth)", section.init_new_condition)
     if section.gradient_checkpointing:

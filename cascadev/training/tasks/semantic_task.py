@@ -57,7 +57,7 @@ class SemanticTask:
         with seeded(config.run.seed, 4):
             previewer_config = s.previewer_config()
             if not load_weights or s.previewer_weights == "random":
-                previewer = Previewer.from_spec(previewer_config)
+                previewer = Previewer(**previewer_config)
             elif s.previewer_weights == "hub":
                 previewer = Previewer.from_single_file(None, previewer_config)
             elif (Path(s.previewer_weights) / CONFIG_NAME).is_file():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}     # --dtype -> torch's name
+from cascadev.pipelines import DTYPE_NAMES
 
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,9 +24,7 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                                              "release)")
     add_scheduler_arguments(g, "default: the folder's saved sampler (flow for the built-in tiny cascade), else euler_a")
     add_tiling_arguments(g)
-    g.add_argument("--colour-fix", type=int, metavar="N",
-                   help="take the band of N x N pixel blocks and below from the Previewer (StableSR's colour fix; "
-                        "default: the folder's saved setting, 16 for the built-in tiny cascade; 0: off)")
+    add_colour_fix_argument(g, "the Previewer's decoding of the latents")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     g.add_argument("--noise", default="cpu", choices=["cpu", "device"],
                    help="cpu: drawn on the CPU, the same on every device (default); device: one generator on the "
@@ -34,6 +32,13 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                         "CUDA: its exact stream)")
     add_runtime_arguments(p)
     g.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+
+
+def add_colour_fix_argument(g, reference: str) -> None:
+    """``--colour-fix N``: StableSR's colour fix against ``reference`` (in words), the folder's setting by default."""
+    g.add_argument("--colour-fix", type=int, metavar="N",
+                   help=f"take the band of N x N pixel blocks and below from {reference} (StableSR's colour fix; "
+                        "default: the folder's saved setting, 16 for the built-in models; 0: off)")
 
 
 def add_scheduler_arguments(g, default_help: str) -> None:
@@ -45,8 +50,10 @@ def add_scheduler_arguments(g, default_help: str) -> None:
 
 def add_tiling_arguments(g) -> None:
     """How the DiT covers a clip with its windows and tiles (``tiling_of``)."""
-    g.add_argument("--tiling", default="blend", choices=["blend", "official"],
-                   help="blend windows/tiles smoothly (default) or reproduce the release exactly")
+    g.add_argument("--tiling", default="blend", choices=["blend", "official", "shifted"],
+                   help="blend overlapping windows/tiles smoothly (default), reproduce the release exactly (official), "
+                        "or place them a window apart on a grid moved at every step (shifted: no overlap, the DiT "
+                        "runs the area once per step; 0.4x blend's work at 2K)")
     g.add_argument("--tile-stride", type=int, metavar="N",
                    help="latent pixels between DiT tiles of large frames (default: the release's 3/4 of the window, "
                         "96 for the official DiT; up to the window, 128: fewer tiles, a third faster at 2048x1152)")
@@ -60,7 +67,8 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device, precision and speed")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available; under accelerate launch, each "
                                     "process's own GPU)")
-    g.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="the models' precision (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
+                   help="the models' precision (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--attn-fp32", action="store_true",
                    help="in bf16/fp16, keep the DiT's attention in fp32 as the release did (slower)")
     g.add_argument("--window-batch", type=int, default=1,
