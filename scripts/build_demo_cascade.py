@@ -127,8 +127,8 @@ def export_fps4x(out: Path) -> None:
 
 
 # training on from this run's student with 3x or 10x the detail weight (100 steps) did not raise the demo's sharpness
-DISTILL_CONFIG, DISTILL_DATA, DISTILL_CACHE = "configs/distill_tiny.yaml", "runs/distill_data256/train", "runs/distill_cache"
-DISTILL_RUN = "runs/distill_tiny"
+DISTILL_CONFIG, DISTILL_RUN = "configs/distill_tiny.yaml", "runs/distill_tiny"
+DISTILL_DATA, DISTILL_CACHE = "runs/distill_data256/train", "runs/distill_cache"
 SHARED = ("semantic_encoder", "vae", "previewer")       # what tiny_distilled takes from tiny_cascade
 
 

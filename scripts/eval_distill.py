@@ -1,7 +1,8 @@
 """Score decoders on the demo's held-out clips as ``cascadev demo`` does: PSNR, SSIM and sharpness of the cascade
 with the colour fix, at chosen steps, beside the Previewer baseline.
 
-    python scripts/eval_distill.py --weights cascadev/assets/tiny_cascade:4,2,1 --weights cascadev/assets/tiny_distilled:1,2
+    python scripts/eval_distill.py --weights cascadev/assets/tiny_cascade:4,2,1 \\
+        --weights cascadev/assets/tiny_distilled:1,2
 
 Each ``--weights FOLDER:STEPS`` is a cascade folder and the step counts to score it at; results print as a table
 and go to ``--out`` (JSON). The clips, noise seeds and colour fix are the demo's (seeds 100000+, noise seed i for

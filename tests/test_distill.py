@@ -12,7 +12,7 @@ from cascadev.training.config import load_train_config
 from cascadev.training.diffusion import DiffusionConfig
 from cascadev.training.distillation import detail_loss, ode_scheduler, sample_unrolled
 from cascadev.training.train import checkpoints, main
-from conftest import SHIPPED_CASCADE, randomize_, run_cli
+from helpers import SHIPPED_CASCADE, randomize_, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL_TINY = ROOT / "configs" / "distill_tiny.yaml"
@@ -110,7 +110,7 @@ def test_distill_script_resumes_exactly_and_exports_a_cascade_at_the_students_st
     assert video.shape == (1, 3, 4, 64, 64)
 
     # the student at its 1 step through the CLI: decode and reconstruct with --weights RUN/final
-    from cascadev.pipelines.cascade import save_latents
+    from cascadev.pipelines.latents import save_latents
     save_latents(tmp_path / "z.safetensors", latents)
     code, out, err = run_cli(capsys, "decode", tmp_path / "z.safetensors", "-o", tmp_path / "d.mp4",
                              "--weights", whole / "final")

@@ -162,7 +162,8 @@ class DistillSection:
     def __post_init__(self):
         if self.student_steps < 1 or (self.teacher_steps is not None and self.teacher_steps < 1):
             raise ValueError("distill.student_steps and distill.teacher_steps must be >= 1")
-        if self.detail_weight < 0 or self.detail_frames < 1 or self.detail_size < 0 or not 0 <= self.detail_cutoff < 0.5:
+        if (self.detail_weight < 0 or self.detail_frames < 1 or self.detail_size < 0
+                or not 0 <= self.detail_cutoff < 0.5):
             raise ValueError("need distill.detail_weight >= 0, detail_frames >= 1, detail_size >= 0, "
                              "0 <= detail_cutoff < 0.5")
         from cascadev.pipelines.sampling import SCHEDULERS
@@ -336,8 +337,8 @@ class TrainConfig:
         if self.stage in ("dit", "distill"):
             self.check_dit()
         if self.stage == "distill" and not self.distill.teacher:
-            raise ValueError("stage distill needs distill.teacher: a cascade folder (e.g. cascadev/assets/tiny_cascade), "
-                             "a DiT folder, or official:PATH to s1024.effn-f32.pth")
+            raise ValueError("stage distill needs distill.teacher: a cascade folder (e.g. "
+                             "cascadev/assets/tiny_cascade), a DiT folder, or official:PATH to s1024.effn-f32.pth")
         if self.stage == "distill" and self.condition.train_encoder:
             raise ValueError("stage distill trains the DiT only: set condition.train_encoder=false")
         elif self.stage == "semantic":
@@ -528,8 +529,9 @@ def check_teacher(teacher: str) -> None:
     if teacher.startswith("official:"):
         file = Path(teacher.removeprefix("official:"))
         if not file.is_file():
-            raise FileNotFoundError(f"distill.teacher: {file} not found: download s1024.effn-f32.pth from the CascadeV "
-                                    f"release (hf download ByteDance/CascadeV s1024.effn-f32.pth --local-dir {file.parent})")
+            raise FileNotFoundError(f"distill.teacher: {file} not found: download s1024.effn-f32.pth from the "
+                                    f"CascadeV release (hf download ByteDance/CascadeV s1024.effn-f32.pth "
+                                    f"--local-dir {file.parent})")
         return
     folder = Path(teacher)
     if not (folder / "model_index.json").is_file() and not (folder / "config.json").is_file():

@@ -254,7 +254,8 @@ def flat_config(config: TrainConfig) -> dict:
 # what may change between a run and its resumption without a word: how long, how often, where, how many workers
 FREE_ON_RESUME = ("run.max_steps", "run.dir", "run.log_every", "run.save_every", "run.keep_checkpoints",
                   "run.val_every", "run.tensorboard", "data.num_workers")
-MODEL_SECTION = {"dit": "dit.", "base": "base.", "vae": "stage_a.", "semantic": "semantic.", "distill": "dit."}   # the trained model
+# the trained model's section
+MODEL_SECTION = {"dit": "dit.", "base": "base.", "vae": "stage_a.", "semantic": "semantic.", "distill": "dit."}
 
 
 def config_changes(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple]:

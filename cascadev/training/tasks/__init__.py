@@ -22,7 +22,8 @@ What the loop uses of a task:
 ``build_model=False`` (frozen encoders only). Every model is initialised under ``seeded(seed, part)``, so each
 process and command builds the same random-init weights.
 
-One module per stage (``dit_task``, ``vae_task``, ``semantic_task``, ``base_task``, ``distill_task``) over ``common``'s helpers.
+One module per stage (``dit_task``, ``vae_task``, ``semantic_task``, ``base_task``, ``distill_task``) over
+``common``'s helpers.
 """
 
 
@@ -37,10 +38,12 @@ from cascadev.training.tasks.distill_task import DistillTask
 from cascadev.training.tasks.semantic_task import SemanticTask
 from cascadev.training.tasks.vae_task import VAETask
 
-__all__ = ["BaseTask", "DiTTask", "DistillTask", "SemanticTask", "VAETask", "build_base_dit", "build_dit", "build_task", "is_fsdp"]
+__all__ = ["BaseTask", "DiTTask", "DistillTask", "SemanticTask", "VAETask", "build_base_dit", "build_dit", "build_task",
+           "is_fsdp"]
 
 
-def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAETask | SemanticTask | BaseTask | DistillTask:
+def build_task(config: TrainConfig,
+               load_weights: bool = True) -> DiTTask | VAETask | SemanticTask | BaseTask | DistillTask:
     """The one factory of what trains."""
     if config.stage == "dit":
         return DiTTask(config, load_weights)

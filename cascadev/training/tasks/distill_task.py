@@ -37,22 +37,29 @@ def is_cascade_folder(path: str) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
+def as_tuples(value):
+    """Lists (as JSON holds them) as tuples, nested, so two configs compare by value."""
+    return tuple(as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def load_teacher(config: TrainConfig, load_weights: bool) -> nn.Module:
     """The teacher DiT, frozen in eval mode; its architecture must be the ``dit`` section's (the student's)."""
     from cascadev.pipelines.cascade import load_dit
     from dit.video_dit import VideoDiT
 
-    spec, teacher = config.dit.model_config(), config.distill.teacher
+    spec, teacher = config.dit.model_config(), config.distill.teacher       # VideoDiT keywords
     if not load_weights:
-        model = VideoDiT.from_spec(spec)
+        model = VideoDiT(**spec)
     elif teacher.startswith("official:"):
         model = VideoDiT.from_single_file(teacher.removeprefix("official:"), spec)
     else:
         model = load_dit(Path(teacher) / "dit" if is_cascade_folder(teacher) else teacher)
-        if model.spec != spec:
-            diff = [f"{k}: {getattr(model.spec, k)!r}" for k in vars(spec) if getattr(model.spec, k) != getattr(spec, k)]
-            raise ConfigError(f"distill.teacher {teacher}: its DiT differs from the dit section ({'; '.join(diff[:4])}): "
-                              "set dit.overrides to the teacher's config.json")
+        # compared as tuples: config.json holds the attention strides as lists
+        diff = [f"{k}: {model.config.get(k)!r}" for k, v in spec.items()
+                if as_tuples(model.config.get(k)) != as_tuples(v)]
+        if diff:
+            raise ConfigError(f"distill.teacher {teacher}: its DiT differs from the dit section "
+                              f"({'; '.join(diff[:4])}): set dit.overrides to the teacher's config.json")
     return model.eval().requires_grad_(False)
 
 
@@ -152,7 +159,8 @@ class DistillTask(DiTTask):
     @torch.no_grad()
     def validate(self, accelerator, prepared: dict, clips: list[dict], step: int, run_dir: Path) -> dict:
         """On held-out clips, from fixed noise: the student's distance to the teacher (latent MSE) and both
-        decodings' PSNR against the input; the first clip's input | teacher | student saved as ``samples/step_N.mp4``."""
+        decodings' PSNR against the input; the first clip's input | teacher | student saved as
+        ``samples/step_N.mp4``."""
         from eval.metrics import psnr
 
         model = prepared["model"]
