@@ -3,6 +3,7 @@
     python scripts/build_demo_cascade.py                              # all steps
     python scripts/build_demo_cascade.py --from export                # only re-export finished runs
     python scripts/build_demo_cascade.py --only fps4x                 # the 4x frame-rate model (after "data")
+    python scripts/build_demo_cascade.py --only distill               # the 1-step distilled decoder
 
 Steps: procedural training clips (396 clips, seeds < 100000, striped shapes over gradients, 16 frames at
 256x256) -> Stage A (configs/demo_vae.yaml, then its decoder with MSE: configs/demo_vae_mse.yaml) and
@@ -15,6 +16,13 @@ Each training run resumes by itself if interrupted.
 same clips: cached latents of random 128x128 crops of 16 frames (configs/demo_fps4x.yaml) -> its DiT, started
 from the shipped tiny DiT -> cascadev/assets/tiny_fps4x (the DiT in fp16 and the pipeline's config; Stage A is
 the tiny cascade's, named by ``vae_source``).
+
+``--only distill``: the 1-step distilled decoder of the shipped tiny cascade (configs/distill_tiny.yaml): 160
+procedural clips of its own, cached latents of 4 random 128x128 crops each (Stage A and the semantic encoder are
+the shipped cascade's) -> a student started from the shipped DiT, trained to land in 1 flow step where the teacher
+lands in its 4 -> cascadev/assets/tiny_distilled (the DiT in fp16, the pipeline's config and ``shared_parts.json``
+naming the tiny cascade's semantic encoder, Stage A and Previewer). ``--distill-step N``: export checkpoint N's
+EMA weights instead of the final ones.
 """
 
 from __future__ import annotations
@@ -118,6 +126,59 @@ def export_fps4x(out: Path) -> None:
     print(f"exported to {out}: {size / 2**20:.1f} MiB, torch {torch.__version__}")
 
 
+# training on from this run's student with 3x or 10x the detail weight (100 steps) did not raise the demo's sharpness
+DISTILL_CONFIG, DISTILL_RUN = "configs/distill_tiny.yaml", "runs/distill_tiny"
+DISTILL_DATA, DISTILL_CACHE = "runs/distill_data256/train", "runs/distill_cache"
+SHARED = ("semantic_encoder", "vae", "previewer")       # what tiny_distilled takes from tiny_cascade
+
+
+def export_distill(out: Path, step: int | None = None) -> None:
+    """The distill run's student (EMA; of checkpoint ``step`` if given) in fp16 as a cascade folder at the student's
+    sampler, its other parts named in ``shared_parts.json`` (``CascadeVPipeline.from_pretrained`` loads them)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from cascadev.pipelines.cascade import SHARED_PARTS_FILE, CascadeVPipeline
+    from dit.video_dit import VideoDiT
+
+    if step is None:
+        pipe = CascadeVPipeline.from_pretrained(f"{DISTILL_RUN}/final")
+    else:      # a checkpoint: its EMA weights into the final export's layout
+        folder = Path(DISTILL_RUN) / "checkpoints" / f"step_{step:08d}"
+        dit = VideoDiT.from_pretrained(f"{DISTILL_RUN}/final/dit")
+        dit.load_state_dict({**dit.state_dict(), **load_file(str(folder / "ema.safetensors"))})
+        pipe = CascadeVPipeline.from_pretrained(f"{DISTILL_RUN}/final", dit=dit)
+    pipe.dit.half()                 # fp16 storage: half the bytes; from_pretrained runs it in fp32
+    if out.exists():
+        shutil.rmtree(out)
+    pipe.save_pretrained(out)
+    for part in SHARED:
+        shutil.rmtree(out / part)
+    index = json.loads((out / "model_index.json").read_text())
+    index.pop("_name_or_path", None)                  # the run's folder, meaningless in the package
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for file in out.rglob("*"):
+        file.chmod(0o755 if file.is_dir() else 0o644)  # safetensors writes its files 0600
+    cascade = Path(__file__).resolve().parents[1] / "cascadev" / "assets" / "tiny_cascade"
+    shared = {part: os.path.relpath(cascade / part, out.resolve()) for part in SHARED}   # ../tiny_cascade/... in assets
+    (out / SHARED_PARTS_FILE).write_text(json.dumps(shared, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"exported to {out}: {size / 2**20:.1f} MiB, torch {torch.__version__}")
+
+
+def build_distill(assets: Path, step: int | None) -> None:
+    if not Path(f"{DISTILL_RUN}/final").is_dir():
+        wait(run("-m", "cascadev.synthetic", DISTILL_DATA, "--n", "160", "--frames", "16", "--size", "256",
+                 "--kind", "shapes"))
+        wait(run("-m", "cascadev.training.cache_latents", "--config", DISTILL_CONFIG, "--out", DISTILL_CACHE,
+                 "--clips-per-video", "4", "--crop", "random", threads=2))
+        wait(run("-m", "cascadev.training.train", "--config", DISTILL_CONFIG, "--set", f"data.latents={DISTILL_CACHE}",
+                 threads=2))
+    export_distill(assets / "tiny_distilled", step)
+
+
 def build_fps4x(assets: Path) -> None:
     wait(run("-m", "cascadev.training.cache_latents", "--config", FPS4X_CONFIG, "--out", FPS4X_CACHE,
              "--clips-per-video", "1", "--crop", "random"))
@@ -128,11 +189,16 @@ def build_fps4x(assets: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="start", default="data", choices=STEPS, help="first step to run")
-    parser.add_argument("--only", choices=["fps4x"], help="build only this extra model (after the data step)")
+    parser.add_argument("--only", choices=["fps4x", "distill"],
+                        help="build only this extra model (fps4x: after the data step)")
+    parser.add_argument("--distill-step", type=int, default=None, help="--only distill: export this checkpoint")
     args = parser.parse_args()
     assets = Path(__file__).resolve().parents[1] / "cascadev" / "assets"
     if args.only == "fps4x":
         build_fps4x(assets)
+        return
+    if args.only == "distill":
+        build_distill(assets, args.distill_step)
         return
     todo = STEPS[STEPS.index(args.start):]
     if "data" in todo:

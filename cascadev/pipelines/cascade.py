@@ -45,6 +45,12 @@ DIT_REPO, DIT_FILE = "ByteDance/CascadeV", "s1024.effn-f32.pth"
 STABLE_CASCADE_REPO = "stabilityai/StableWurst"   # effnet_encoder / previewer, as the release downloads them
 ENCODER_FILE, PREVIEWER_FILE = "effnet_encoder.safetensors", "previewer.safetensors"
 LEGACY_PIPELINE_FILE = "pipeline.json"   # cascades saved by cascadev < 0.2
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+TINY_CASCADE = ASSETS / "tiny_cascade"          # the built-in tiny cascade (scripts/build_demo_cascade.py)
+TINY_DISTILLED = ASSETS / "tiny_distilled"      # its 1-step distilled decoder, sharing its other parts
+# a cascade folder that takes some parts from another folder names them here, {part: path relative to the folder}
+# (as tiny_fps4x's ``vae_source``): ``CascadeVPipeline.from_pretrained`` loads them from there
+SHARED_PARTS_FILE = "shared_parts.json"
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -142,6 +148,28 @@ def resolve_stage_a_config(source: str | Path | None, config: StageAConfig | Non
     return StageAConfig(**{**to_dict(base), "pretrained": str(source), "block_out_channels": tuple(base.block_out_channels)})
 
 
+def load_shared_parts(folder: str | Path, given: dict, torch_dtype: torch.dtype | None = None) -> dict:
+    """The parts a local cascade folder takes from another (``SHARED_PARTS_FILE``), loaded, except those ``given``:
+    {part: module}. Empty for a folder that holds all its parts."""
+    file = Path(folder) / SHARED_PARTS_FILE
+    if not file.is_file():
+        return {}
+    loaders = {"semantic_encoder": load_semantic_encoder, "previewer": load_previewer, "vae": load_vae, "dit": load_dit}
+    shared = json.loads(file.read_text())
+    unknown = sorted(set(shared) - set(loaders))
+    if unknown:
+        raise ValueError(f"{file}: cannot share {', '.join(unknown)} (only {', '.join(loaders)})")
+    parts = {}
+    for name, relative in shared.items():
+        if name in given:
+            continue
+        source = (Path(folder) / relative).resolve()
+        if not source.is_dir():
+            raise FileNotFoundError(f"{file}: its {name} is {relative}, and {source} is not there")
+        parts[name] = loaders[name](source, torch_dtype)
+    return parts
+
+
 def check_pipeline_class(folder: str | Path, expected: type) -> None:
     """Refuse, in one line naming the command that fits, a saved pipeline folder of another class than ``expected``."""
     index = Path(folder) / "model_index.json"
@@ -230,6 +258,21 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                 module.eval().requires_grad_(False)
         self.stage_a = stage_a_vae
         self.timings: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "CascadeVPipeline":
+        """diffusers' ``from_pretrained``, plus the parts a local folder takes from another (``SHARED_PARTS_FILE``:
+        the built-in distilled decoder shares the tiny cascade's); such a folder's half-precision weights (kept
+        small) run in fp32 unless ``torch_dtype`` says otherwise."""
+        folder = Path(str(pretrained_model_name_or_path))
+        shared = load_shared_parts(folder, kwargs, kwargs.get("torch_dtype")) if folder.is_dir() else {}
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **{**shared, **kwargs})
+        if (folder / SHARED_PARTS_FILE).is_file() and kwargs.get("torch_dtype") is None:
+            for module in pipe.components.values():
+                if isinstance(module, torch.nn.Module) and next(module.parameters()).dtype in (torch.float16,
+                                                                                               torch.bfloat16):
+                    torch.nn.Module.to(module, torch.float32)
+        return pipe
 
     @classmethod
     def from_release(cls, folder: str | Path | None = None, *, torch_dtype: torch.dtype | None = None,

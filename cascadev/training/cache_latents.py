@@ -44,7 +44,7 @@ from vae.stage_a import DOWNSAMPLE as LATENT
 
 log = logging.getLogger("cascadev.training.cache_latents")
 
-CACHED_STAGES = ("dit", "base")
+CACHED_STAGES = ("dit", "base", "distill")   # distill: the DiT's inputs
 
 
 def encode_whole(task, path: Path, config: TrainConfig, start: int, g: torch.Generator, accelerator) -> dict:
@@ -95,7 +95,7 @@ def run_caching(args: argparse.Namespace) -> Path:
         raise ConfigError(f"latent caching is for stages {' and '.join(CACHED_STAGES)}, the config says {config.stage!r}")
     if args.clips_per_video < 1:
         raise ConfigError("--clips-per-video must be >= 1")
-    if args.crop == "context" and (config.stage != "dit" or config.condition.route != "semantic"):
+    if args.crop == "context" and (config.stage == "base" or config.condition.route != "semantic"):
         raise ConfigError("--crop context is for stage dit on the semantic route")
     if args.windows_per_clip < 1:
         raise ConfigError("--windows-per-clip must be >= 1")
@@ -112,7 +112,7 @@ def run_caching(args: argparse.Namespace) -> Path:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
-    task = (DiTTask if config.stage == "dit" else BaseTask)(config, build_model=False).to(accelerator.device)
+    task = (BaseTask if config.stage == "base" else DiTTask)(config, build_model=False).to(accelerator.device)
     # cache.yaml once the models load (a failed start leaves no cache behind), and before the first clip
     if accelerator.is_main_process:
         text = yaml.safe_dump(cache_signature(config), sort_keys=False)

@@ -16,6 +16,9 @@ Sections (each a mapping in the YAML; a key left out keeps its default):
 - ``condition``: the DiT's condition: semantic encoder (preset, weights) or the resize route; stage base
   takes its semantic encoder from here too.
 - ``diffusion``: the objective (``cascadev.training.diffusion.DiffusionConfig``).
+- ``distill``: stage "distill": the teacher (a cascade or DiT folder, or the released file), its sampler and steps,
+  the student's steps and the weight of the detail loss (``cascadev.training.tasks.distill_task``); the student is
+  a DiT as the ``dit`` section describes it, started from the teacher's weights (or ``dit.init_from``, a folder).
 - ``vae``: Stage A training: which parameters train, loss weights, discriminator.
 - ``data`` (``cascadev.training.data.DataConfig``), ``optim``, ``run``.
 
@@ -39,8 +42,8 @@ from cascadev.training.data import DataConfig
 from cascadev.training.diffusion import DiffusionConfig
 from cascadev.video_io import VIDEO_EXTENSIONS
 
-Stage = Literal["dit", "vae", "semantic", "base"]
-STAGES = ("dit", "vae", "semantic", "base")
+Stage = Literal["dit", "vae", "semantic", "base", "distill"]
+STAGES = ("dit", "vae", "semantic", "base", "distill")
 
 
 def resolve_preset(presets: dict, preset: str, overrides: dict[str, Any], what: str, key: str | None = None,
@@ -136,6 +139,36 @@ class ConditionSection:
     def __post_init__(self):
         if self.spatial_factor < 1 or self.temporal_factor < 1:
             raise ValueError("condition.spatial_factor and temporal_factor must be >= 1")
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    """Stage "distill": a student DiT that samples in ``student_steps`` learns the teacher's samples from the same
+    noise (``cascadev.training.tasks.distill_task``)."""
+
+    # a cascade folder (model_index.json: its dit/, scheduler and num_inference_steps), a DiT folder (config.json),
+    # or official:PATH (s1024.effn-f32.pth)
+    teacher: str | None = None
+    teacher_scheduler: str | None = None           # SCHEDULERS name; None: the cascade's, else the objective's ODE
+    teacher_steps: int | None = None               # None: the cascade's num_inference_steps, else 8 (the release's)
+    student_steps: int = 1                         # the student's sampler steps (its exported num_inference_steps)
+    # + w * distance between the amplitude spectra above detail_cutoff of the student's and the teacher's decoded
+    # frames: phase-free, so a blurred guess cannot lower it (the MSE alone prefers the blur where it is unsure)
+    detail_weight: float = 0.0
+    detail_frames: int = 1                         # frames of each window decoded for it, at random (costly)
+    detail_size: int = 0                           # a random square of this many latent px decoded for it; 0: all
+    detail_cutoff: float = 0.0625                  # cycles per pixel: eval.metrics.sharpness's band
+
+    def __post_init__(self):
+        if self.student_steps < 1 or (self.teacher_steps is not None and self.teacher_steps < 1):
+            raise ValueError("distill.student_steps and distill.teacher_steps must be >= 1")
+        if (self.detail_weight < 0 or self.detail_frames < 1 or self.detail_size < 0
+                or not 0 <= self.detail_cutoff < 0.5):
+            raise ValueError("need distill.detail_weight >= 0, detail_frames >= 1, detail_size >= 0, "
+                             "0 <= detail_cutoff < 0.5")
+        from cascadev.pipelines.sampling import SCHEDULERS
+        if self.teacher_scheduler is not None and self.teacher_scheduler not in SCHEDULERS:
+            raise ValueError(f"distill.teacher_scheduler {self.teacher_scheduler!r}: choose from {sorted(SCHEDULERS)}")
 
 
 @dataclass(frozen=True)
@@ -289,6 +322,7 @@ class TrainConfig:
     stage_a: StageASection = StageASection()
     condition: ConditionSection = ConditionSection()
     diffusion: DiffusionConfig = DiffusionConfig()
+    distill: DistillSection = DistillSection()
     vae: VAESection = VAESection()
     semantic: SemanticSection = SemanticSection()
     base: BaseSection = BaseSection()
@@ -300,8 +334,13 @@ class TrainConfig:
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; expected one of {', '.join(STAGES)}")
         self.stage_a.model_config()                           # fails early on a bad preset or override
-        if self.stage == "dit":
+        if self.stage in ("dit", "distill"):
             self.check_dit()
+        if self.stage == "distill" and not self.distill.teacher:
+            raise ValueError("stage distill needs distill.teacher: a cascade folder (e.g. "
+                             "cascadev/assets/tiny_cascade), a DiT folder, or official:PATH to s1024.effn-f32.pth")
+        if self.stage == "distill" and self.condition.train_encoder:
+            raise ValueError("stage distill trains the DiT only: set condition.train_encoder=false")
         elif self.stage == "semantic":
             self.check_semantic()
         elif self.stage == "base":
@@ -472,14 +511,33 @@ def check_weight_files(config: TrainConfig, model: bool = True) -> None:
                                         f"--local-dir {file.parent})")
         else:
             folder("dit.init_from", init)
+    if stage == "distill" and model:
+        check_teacher(config.distill.teacher)
+        folder("dit.init_from", config.dit.init_from)
     if stage == "base" and model:
         folder("base.init_from", config.base.init_from)
         path("base.text_encoder_weights", config.base.text_encoder_weights, ("preset", "random"))
-    if stage in ("dit", "base") and c.route == "semantic":
+    if stage in ("dit", "base", "distill") and c.route == "semantic":
         path("condition.semantic_weights", c.semantic_weights, ("hub", "random"))
     if stage == "semantic":
         path("semantic.encoder_weights", config.semantic.encoder_weights, ("hub", "random"))
         path("semantic.previewer_weights", config.semantic.previewer_weights, ("hub", "random"))
+
+
+def check_teacher(teacher: str) -> None:
+    """Raise FileNotFoundError, in one line naming the file and where to get it, for a distill.teacher not there."""
+    if teacher.startswith("official:"):
+        file = Path(teacher.removeprefix("official:"))
+        if not file.is_file():
+            raise FileNotFoundError(f"distill.teacher: {file} not found: download s1024.effn-f32.pth from the "
+                                    f"CascadeV release (hf download ByteDance/CascadeV s1024.effn-f32.pth "
+                                    f"--local-dir {file.parent})")
+        return
+    folder = Path(teacher)
+    if not (folder / "model_index.json").is_file() and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"distill.teacher: {folder / 'model_index.json'} not found (expected a cascade folder "
+                                "written by CascadeVPipeline.save_pretrained, such as the built-in "
+                                "cascadev/assets/tiny_cascade, a DiT folder with config.json, or official:PATH)")
 
 
 def replace(config: TrainConfig, **sections: dict) -> TrainConfig:
@@ -520,7 +578,7 @@ def check_cache(folder: str | Path, config: TrainConfig) -> None:
     if not isinstance(cached, dict) or not all(isinstance(v, dict) for v in cached.values()):
         raise ConfigError(f"{path} is not a cache.yaml written by cascadev.training.cache_latents")
     stage = cached.get("cache", {}).get("stage", "dit")                     # dit caches predate the field
-    if stage != config.stage:
+    if stage != {"distill": "dit"}.get(config.stage, config.stage):        # distill reads the DiT's inputs
         raise ConfigError(f"latent cache {folder} holds stage {stage} inputs, the config trains stage {config.stage}")
     wanted = yaml.safe_load(yaml.safe_dump(cache_signature(config)))      # tuples -> lists, as in the file
     diffs = [f"{section}.{key}: cache {cached.get(section, {}).get(key)!r} != config {value!r}"

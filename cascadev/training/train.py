@@ -1,5 +1,6 @@
 """Train a stage of the cascade with accelerate: the Stage B DiT ("dit"), the Stage A VAE ("vae"), the Stage B
-semantic encoder with the Previewer ("semantic"), or the Stage C text-to-video base model ("base").
+semantic encoder with the Previewer ("semantic"), the Stage C text-to-video base model ("base"), or a 1-2 step
+student of a Stage B DiT ("distill").
 
     accelerate launch [--config_file configs/accelerate/ddp.yaml] -m cascadev.training.train \\
         --config configs/dit_official_finetune.yaml [--set optim.lr=1e-5 data.videos=list.txt ...]
@@ -20,7 +21,8 @@ counter, ``config.yaml``; a dit or base checkpoint also has ``config.json``, so 
 ``model/`` and ``ema/`` (diffusers folders); semantic writes ``semantic_encoder/`` and ``previewer/``, base ``base_dit/``, ``base_scheduler/`` and
 ``text_encoder/`` (``load_text_to_video`` reads it with a cascade given apart: ``cascadev generate --weights RUN/final
 --cascade ...``),
-with EMA weights when EMA is on and the trained ones in ``model/``.
+with EMA weights when EMA is on and the trained ones in ``model/``; distill writes a cascade folder (the student's DiT
+and sampler, ``CascadeVPipeline.from_pretrained``) with its trained DiT in ``model/``.
 Checkpoints are written to a temporary folder and renamed; a restarted run continues from the newest.
 
 Determinism: data order and augmentation depend only on (seed, position in the stream), and the noise
@@ -70,6 +72,11 @@ def export_final(task, final: Path, state_dict: dict, ema: dict | None) -> None:
     take (semantic_encoder/ + previewer/; base_dit/ + text_encoder/) holding the EMA weights when EMA is on --
     what inference should use -- else the trained ones; with EMA, the trained weights also go to ``final/model/``."""
     ema_state = {**state_dict, **{k: v.cpu() for k, v in ema.items()}} if ema is not None else None
+    if task.name == "distill":   # final/: the student's cascade folder (EMA weights when on); final/model/: its DiT
+        task.export(ema_state if ema_state is not None else state_dict, final)
+        if ema_state is not None:
+            task.export_dit(state_dict, final / "model")
+        return
     if task.name in ("dit", "vae"):
         task.export(state_dict, final / "model")
         if ema_state is not None:
@@ -150,7 +157,7 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict |
             if ema is not None:
                 save_state_dict(ema, tmp / EMA_WEIGHTS)
             save_config(config, tmp / "config.yaml")
-            if task.name in ("dit", "base") and isinstance(task.model, CascadeModel):  # a VideoDiT / TextDiT.from_legacy_folder
+            if task.name in ("dit", "base", "distill") and isinstance(task.model, CascadeModel):  # VideoDiT / TextDiT
                 task.model.save_config(tmp)                                   # folder (not a DiffusionAutoencoder)
             write_json(tmp / TRAINER_STATE, {**state, "step": step})
     except OSError as e:       # a full disk, no permission: one line, and no half checkpoint left behind
@@ -214,8 +221,8 @@ def open_data(config: TrainConfig) -> tuple:
     a cache matching the config -- before anything is built or written."""
     data, notes = config.data, []
     if data.latents:
-        if config.stage not in ("dit", "base"):
-            raise ConfigError("data.latents (a latent cache) only feeds stages dit and base")
+        if config.stage not in ("dit", "base", "distill"):
+            raise ConfigError("data.latents (a latent cache) only feeds stages dit, distill and base")
         check_cache(data.latents, config)
         train_set = LatentDataset(data.latents)
         val_samples = split_validation(data)[1] if data.videos or data.val_videos else []
@@ -247,7 +254,8 @@ def flat_config(config: TrainConfig) -> dict:
 # what may change between a run and its resumption without a word: how long, how often, where, how many workers
 FREE_ON_RESUME = ("run.max_steps", "run.dir", "run.log_every", "run.save_every", "run.keep_checkpoints",
                   "run.val_every", "run.tensorboard", "data.num_workers")
-MODEL_SECTION = {"dit": "dit.", "base": "base.", "vae": "stage_a.", "semantic": "semantic."}   # the trained model
+# the trained model's section
+MODEL_SECTION = {"dit": "dit.", "base": "base.", "vae": "stage_a.", "semantic": "semantic.", "distill": "dit."}
 
 
 def config_changes(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple]:

@@ -3,7 +3,8 @@
 A task holds what differs between stages -- the models (the one that trains, the frozen encoders around it, a
 discriminator), the loss, validation and the export of final weights -- so that the loop in ``cascadev.training.train``
 is the same for all of them: ``DiTTask`` (stage "dit", Stage B), ``VAETask`` ("vae", Stage A), ``SemanticTask``
-("semantic", Stage B's semantic encoder with the Previewer) and ``BaseTask`` ("base", Stage C).
+("semantic", Stage B's semantic encoder with the Previewer), ``BaseTask`` ("base", Stage C) and ``DistillTask``
+("distill", a 1-2 step student of a trained Stage B DiT).
 
 What the loop uses of a task:
 
@@ -21,7 +22,8 @@ What the loop uses of a task:
 ``build_model=False`` (frozen encoders only). Every model is initialised under ``seeded(seed, part)``, so each
 process and command builds the same random-init weights.
 
-One module per stage (``dit_task``, ``vae_task``, ``semantic_task``, ``base_task``) over ``common``'s helpers.
+One module per stage (``dit_task``, ``vae_task``, ``semantic_task``, ``base_task``, ``distill_task``) over
+``common``'s helpers.
 """
 
 
@@ -32,13 +34,16 @@ from cascadev.training.config import TrainConfig
 from cascadev.training.tasks.base_task import BaseTask, build_base_dit
 from cascadev.training.tasks.common import is_fsdp
 from cascadev.training.tasks.dit_task import DiTTask, build_dit
+from cascadev.training.tasks.distill_task import DistillTask
 from cascadev.training.tasks.semantic_task import SemanticTask
 from cascadev.training.tasks.vae_task import VAETask
 
-__all__ = ["BaseTask", "DiTTask", "SemanticTask", "VAETask", "build_base_dit", "build_dit", "build_task", "is_fsdp"]
+__all__ = ["BaseTask", "DiTTask", "DistillTask", "SemanticTask", "VAETask", "build_base_dit", "build_dit", "build_task",
+           "is_fsdp"]
 
 
-def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAETask | SemanticTask | BaseTask:
+def build_task(config: TrainConfig,
+               load_weights: bool = True) -> DiTTask | VAETask | SemanticTask | BaseTask | DistillTask:
     """The one factory of what trains."""
     if config.stage == "dit":
         return DiTTask(config, load_weights)
@@ -48,4 +53,6 @@ def build_task(config: TrainConfig, load_weights: bool = True) -> DiTTask | VAET
         return SemanticTask(config, load_weights)
     elif config.stage == "base":
         return BaseTask(config, load_weights)
-    raise ConfigError(f"unknown stage {config.stage!r}; expected 'dit', 'vae', 'semantic' or 'base'")
+    elif config.stage == "distill":
+        return DistillTask(config, load_weights)
+    raise ConfigError(f"unknown stage {config.stage!r}; expected 'dit', 'vae', 'semantic', 'base' or 'distill'")

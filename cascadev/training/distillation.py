@@ -1,0 +1,94 @@
+"""The maths of step distillation for the Stage B decoder, apart from any network.
+
+Trajectory distillation (Luhman & Luhman 2021, "Knowledge Distillation in Iterative Generative Models for Improved
+Sampling Speed"): a deterministic sampler makes the teacher's sample a function x_T = S_teacher(z, c) of the initial
+noise z and the condition c; the student, started from the teacher's weights, is trained so that its own k-step
+sampler (k = 1 or 2) from the same z lands on it:
+
+    L = || S_student^k(z, c) - S_teacher^K(z, c) ||^2  +  w * L_detail(decoded frames)
+
+The student's k steps are the very diffusers scheduler calls the pipelines make (``sample_unrolled`` mirrors
+``cascadev.pipelines.sampling.sample`` on one window, with gradients through every step), so what was trained is
+exactly what ``pipe.decode(..., steps=k)`` runs with the saved scheduler. The student's sampler per objective:
+
+- rectified flow: flow Euler at the trained shift; one step is x0 = z - v(z, sigma=1).
+- IDDPM (eps): DDIM with "trailing" timesteps (the first step at t = T - 1) and v-prediction: a 1-step eps student
+  would divide its error by sqrt(alpha_bar_T) (~0.006 with the release's betas); v is well conditioned at every t
+  (progressive distillation, Salimans & Ho 2022, Sec. 4). The teacher's default sampler is then DDIM (eta 0): the
+  deterministic counterpart of the release's Euler-ancestral steps, whose injected noise no student could predict
+  from z (it would learn their mean: a blur).
+
+``detail_loss``: the distance between the amplitude spectra above a cutoff frequency of two decoded videos. It
+ignores phase, so a blurred guess (the MSE's answer where the student is unsure) cannot lower it: only producing
+the teacher's amount of fine detail does -- a cheap, non-adversarial stand-in for the GAN term of one-step video
+restorers (SeedVR2, Wang et al. 2025). Tensors are (B, C, T, H, W).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from einops import rearrange
+
+from cascadev.training.diffusion import DiffusionConfig, mean_flat
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]    # (x_t (B, C, T, h, w), t (B,)) -> (B, C, T, h, w)
+
+
+def ode_scheduler(diffusion: DiffusionConfig, name: str | None = None, student: bool = False) -> SchedulerMixin:
+    """The deterministic sampler of an objective: flow Euler at the trained shift (rf), else DDIM with trailing
+    timesteps on the training betas, predicting eps (a teacher) or v (``student``). ``name``: another of
+    ``SCHEDULERS`` instead (e.g. the release's "euler_a" for a teacher; stochastic)."""
+    from cascadev.pipelines.sampling import make_scheduler
+
+    if diffusion.objective == "rf":
+        return make_scheduler(name or "flow", {"shift": diffusion.sigma_shift} if (name or "flow") == "flow" else None)
+    betas = {"num_train_timesteps": diffusion.num_timesteps, "beta_start": diffusion.beta_start,
+             "beta_end": diffusion.beta_end}
+    if name not in (None, "ddim"):
+        return make_scheduler(name, betas)
+    return make_scheduler("ddim", {**betas, "timestep_spacing": "trailing",
+                                   "prediction_type": "v_prediction" if student else "epsilon"})
+
+
+def sample_unrolled(denoise: Denoiser, noise: torch.Tensor, scheduler: SchedulerMixin, steps: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """``sampling.sample`` on one window, differentiable: noise (B, C, T, h, w) -> latents (B, C, T, h, w).
+
+    The same scheduler calls in the same order and layout (steps on frames as a batch, (B*T, C, h, w)), so the
+    result equals the pipeline's for the same noise; gradients flow through every step of a deterministic scheduler.
+    """
+    T = noise.shape[2]
+    scheduler.set_timesteps(steps, device=noise.device)
+    latents = rearrange(noise * getattr(scheduler, "init_noise_sigma", 1.0), "b c t h w -> (b t) c h w")
+    for t in scheduler.timesteps:
+        scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+        x = rearrange(scaled, "(b t) c h w -> b c t h w", t=T)
+        out = denoise(x, t.float().reshape(1).expand(x.shape[0]))                       # b c t h w
+        latents = scheduler.step(rearrange(out, "b c t h w -> (b t) c h w"), t, latents, generator=generator,
+                                 return_dict=False)[0]
+    return rearrange(latents, "(b t) c h w -> b c t h w", t=T)
+
+
+def high_frequency_amplitude(video: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """|FFT| per frame and channel (orthonormal), zero at radial frequencies <= ``cutoff`` cycles per pixel:
+    (B, C, T, H, W) -> (B, C, T, H, W) float32."""
+    amplitude = torch.fft.fft2(video.float(), norm="ortho").abs()                        # b c t h w
+    fy = torch.fft.fftfreq(video.shape[-2], device=video.device)
+    fx = torch.fft.fftfreq(video.shape[-1], device=video.device)
+    return amplitude * ((fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff)
+
+
+def detail_loss(pred: torch.Tensor, target: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Per-video (B,) L1 distance of the amplitude spectra above ``cutoff`` of ``pred`` and ``target``
+    (B, C, T, H, W), relative to the target's mean amplitude there: phase-free, so blur is penalised, not rewarded."""
+    a_pred, a_target = high_frequency_amplitude(pred, cutoff), high_frequency_amplitude(target, cutoff)
+    return mean_flat((a_pred - a_target).abs()) / mean_flat(a_target).clamp(min=1e-8)
+
+
+def distill_losses(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"loss", "mse"} per video (B,): the student's k-step sample against the teacher's from the same noise."""
+    mse = mean_flat((student.float() - teacher.float()) ** 2)
+    return {"loss": mse, "mse": mse}
