@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from cascadev.cli.demo import ASSETS
+from cascadev.pipelines.cascade import TINY_CASCADE
 from cascadev.pipelines.cascade import CascadeVPipeline
 from eval.metrics import psnr
 
@@ -38,8 +38,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     W, H = (int(n) for n in args.size.split("x"))
     torch.manual_seed(0)
-    fp32 = CascadeVPipeline.from_pretrained(str(ASSETS))
-    bf16 = CascadeVPipeline.from_pretrained(str(ASSETS)).set_precision(torch.bfloat16)
+    fp32 = CascadeVPipeline.from_pretrained(str(TINY_CASCADE))
+    bf16 = CascadeVPipeline.from_pretrained(str(TINY_CASCADE)).set_precision(torch.bfloat16)
     video = torch.rand(1, 3, args.frames, H, W) * 2 - 1
     latents = fp32.encode(video)
 

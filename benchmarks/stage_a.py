@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cascadev.cli.demo import ASSETS
+from cascadev.pipelines.cascade import TINY_CASCADE
 
 REPORT = "import resource; print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 DECODE = """
@@ -54,7 +54,7 @@ def run(code: str, *args: str) -> dict[str, float]:
 def table(sizes: list[int], frames: int) -> None:
     print(f"| frames x px | {' | '.join(WAYS)} |\n|---|" + "---|" * len(WAYS))
     for size in sizes:
-        cells = [run(DECODE, way, str(size), str(frames), str(ASSETS)) for way in WAYS]
+        cells = [run(DECODE, way, str(size), str(frames), str(TINY_CASCADE)) for way in WAYS]
         print(f"| {frames} x {size}^2 | " + " | ".join(f"{c['s']:.1f} s, {c['rss_mib']:.0f} MiB" for c in cells) + " |",
               flush=True)
 
@@ -66,7 +66,7 @@ def closeness() -> None:
     from vae.stage_a import StageAVAE, build_stage_a
 
     torch.manual_seed(0)
-    vaes = {"taesd (shipped)": CascadeVPipeline.from_pretrained(str(ASSETS)).stage_a,
+    vaes = {"taesd (shipped)": CascadeVPipeline.from_pretrained(str(TINY_CASCADE)).stage_a,
             "taesd (tiny_taesd)": build_stage_a("tiny_taesd"), "kl (tiny)": build_stage_a("tiny"),
             "svd_temporal (tiny_temporal)": build_stage_a("tiny_temporal", chunk_frames=2)}
     z = torch.randn(1, 4, 2, 48, 48, generator=torch.Generator().manual_seed(1))        # 2 x 384 x 384 px
@@ -108,7 +108,7 @@ def rss(sizes: list[str], frames: int, extra: list[str]) -> None:
             clip = Path(tmp) / f"clip{size}.mp4"
             with VideoWriter(clip, fps=8) as writer:
                 writer.write(make_clip(seed=0, frames=frames, height=H, width=W)[None])
-            got = run(RECONSTRUCT, str(clip), str(Path(tmp) / "out.mp4"), str(ASSETS), *extra)
+            got = run(RECONSTRUCT, str(clip), str(Path(tmp) / "out.mp4"), str(TINY_CASCADE), *extra)
             print(f"| {frames} x {H} x {W} | {got['s']:.1f} | {got['rss_mib']:.0f} |", flush=True)
 
 

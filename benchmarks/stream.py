@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cascadev.cli.demo import ASSETS
+from cascadev.pipelines.cascade import TINY_CASCADE
 
 REPORT = "import resource; print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 STREAMED = ("import sys; from cascadev.cli import main; "
@@ -28,7 +28,7 @@ IN_MEMORY = ("import sys, torch; from cascadev.pipelines.cascade import CascadeV
 
 
 def peak_rss_mib(code: str, clip: Path, out: Path) -> float:
-    result = subprocess.run([sys.executable, "-c", code, str(clip), str(out), str(ASSETS)], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", code, str(clip), str(out), str(TINY_CASCADE)], capture_output=True,
                             text=True, check=True)
     line = next(line for line in result.stdout.splitlines() if line.startswith("MAXRSS"))
     return int(line.split()[1]) / 1024                           # ru_maxrss is in KiB on Linux

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from cascadev.cli.demo import ASSETS
+from cascadev.pipelines.cascade import TINY_CASCADE
 from cascadev.pipelines.frames import fix_colour
 from cascadev.pipelines.sampling import Tiling, dit_work, window_crops
 from cascadev.synthetic import HELD_OUT_SEED0, make_clip
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     from cascadev.pipelines.cascade import CascadeVPipeline
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--weights", default=str(ASSETS), help="a cascade folder (default: the built-in tiny cascade)")
+    p.add_argument("--weights", default=str(TINY_CASCADE), help="a cascade folder (default: the built-in tiny cascade)")
     p.add_argument("--sizes", nargs="+", default=["8x512x512", "16x512x896"], help="FRAMESxHEIGHTxWIDTH in pixels")
     p.add_argument("--seeds", type=int, default=3, help="held-out clips per size")
     p.add_argument("--steps", type=int, default=None, help="DiT steps (default: the folder's)")

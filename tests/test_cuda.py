@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import randomize_, tiny_cascade
-from cascadev.cli.demo import ASSETS
+from cascadev.pipelines.cascade import TINY_CASCADE
 from cascadev.pipelines.cascade import CascadeVPipeline
 from cascadev.pipelines.sampling import predict_noise
 from dit import build_dit
@@ -33,8 +33,8 @@ def _native_attention_after():
 
 
 def test_shipped_cascade_bf16_on_gpu_is_close_to_fp32_on_cpu(semantic_latents):
-    cpu = CascadeVPipeline.from_pretrained(str(ASSETS))
-    gpu = CascadeVPipeline.from_pretrained(str(ASSETS), torch_dtype=torch.bfloat16).to(CUDA)
+    cpu = CascadeVPipeline.from_pretrained(str(TINY_CASCADE))
+    gpu = CascadeVPipeline.from_pretrained(str(TINY_CASCADE), torch_dtype=torch.bfloat16).to(CUDA)
     frames = gpu(latents=semantic_latents, generator=torch.Generator(CUDA).manual_seed(0)).frames
     assert frames.shape == (1, 3, 8, 128, 192) and frames.device.type == "cuda"
     # a CUDA generator draws other noise than a CPU one: compare both at the release's seeded noise
@@ -97,9 +97,10 @@ def test_decode_from_a_video_vae_on_gpu_equals_cpu_within_tf32(name, tmp_path):
     _tiny(name).save_pretrained(str(tmp_path / "vae"))
     vae = SourceVAE.from_pretrained(tmp_path, "vae")
     latents = vae.encode(make_clip(seed=3, frames=9, height=64, width=64)[None])
-    want = CascadeVPipeline.from_pretrained(str(ASSETS)).decode_from(latents, vae, scale=2, seed=0, progress=False)
+    want = CascadeVPipeline.from_pretrained(str(TINY_CASCADE)).decode_from(latents, vae, scale=2, seed=0,
+                                                                           progress=False)
     # fp32 on the GPU (TF32 convolutions, torch's default): the route itself; bf16 has its own test above
-    gpu = CascadeVPipeline.from_pretrained(str(ASSETS)).to(CUDA)
+    gpu = CascadeVPipeline.from_pretrained(str(TINY_CASCADE)).to(CUDA)
     got = gpu.decode_from(latents.to(CUDA), str(tmp_path), scale=2, seed=0, progress=False).cpu()
     assert got.shape == want.shape == (1, 3, 9, 128, 128)
     assert rel_err(got, want) < 0.01, rel_err(got, want)
@@ -109,7 +110,7 @@ def test_shipped_fps4x_upscale_bf16_on_gpu_is_close_to_fp32_on_cpu():
     from cascadev.pipelines.upscale import load_upscale
     from cascadev.synthetic import make_clip
 
-    folder = ASSETS.parent / "tiny_fps4x"
+    folder = TINY_CASCADE.parent / "tiny_fps4x"
     video = make_clip(seed=100001, frames=4, height=64, width=64)[None]
     want = load_upscale(folder).upscale(video, steps=2, seed=0, progress=False)
     gpu = load_upscale(folder, torch_dtype=torch.bfloat16).to(CUDA)
@@ -127,7 +128,7 @@ def test_model_offload_of_the_other_pipelines_equals_plain(which):
     from cascadev.synthetic import make_clip
 
     if which == "upscale":
-        pipe = load_upscale(ASSETS.parent / "tiny_fps4x")
+        pipe = load_upscale(TINY_CASCADE.parent / "tiny_fps4x")
         video = make_clip(seed=100001, frames=4, height=64, width=64)[None]
         run = lambda: pipe.upscale(video.to(CUDA), steps=2, seed=0, progress=False).cpu()     # noqa: E731
     else:

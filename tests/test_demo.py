@@ -39,9 +39,9 @@ def test_demo_rejects_bad_sizes(tmp_path, capsys, tiny_pipeline_dir):
 
 @pytest.mark.slow
 def test_demo_with_the_shipped_tiny_cascade(tmp_path, capsys):
-    from cascadev.cli.demo import ASSETS
+    from cascadev.pipelines.cascade import TINY_CASCADE
 
-    total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for f in TINY_CASCADE.rglob("*") if f.is_file())
     assert total < 20 * 2**20  # weights shipped in the package: 20 MB at most
     code, stdout, err = run_cli(capsys, "demo", "-o", tmp_path, "--clips", 1, "--frames", 8)
     assert code == 0, err
@@ -55,3 +55,24 @@ def test_demo_with_the_shipped_tiny_cascade(tmp_path, capsys):
     # detail (measured: cascade 0.151, Previewer 0.058): the DiT adds what the Previewer's x8 decoder cannot
     assert results["cascade"]["sharpness"] > 2 * results["baseline"]["sharpness"]
     assert (results["cascade"]["steps"], results["cascade"]["dit_forwards"]) == (4, 4 * 9)   # 3 x 3 tiles at 256 px
+
+
+def test_demo_distilled_compares_the_built_in_student_with_its_teacher(tmp_path, capsys):
+    code, stdout, err = run_cli(capsys, "demo", "--distilled", "-o", tmp_path, "--clips", 1, "--frames", 4,
+                                "--size", 128)
+    assert code == 0, err
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) >= {"cascade", "distilled", "baseline"}
+    # 128 px: Stage A latents 16 x 16, one window of the tiny DiT per step
+    assert (results["cascade"]["steps"], results["cascade"]["dit_forwards"]) == (4, 4)
+    assert (results["distilled"]["steps"], results["distilled"]["dit_forwards"]) == (1, 1)
+    assert results["distilled"]["scheduler"] == "flow"
+    for method in ("cascade", "distilled", "baseline"):
+        assert 15 < results[method]["psnr"] < 40 and 0 < results[method]["sharpness"] < 2
+    assert results["distilled"]["sharpness"] > results["baseline"]["sharpness"]
+    assert video_info(tmp_path / "side_by_side.mp4").width == 4 * 128     # input | cascade | distilled | baseline
+
+
+def test_demo_distilled_is_for_the_reconstruction_demo(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "demo", "--distilled", "--fps-x4", "-o", tmp_path)
+    assert code == 2 and "--distilled compares decoders" in err and err.count("\n") == 1

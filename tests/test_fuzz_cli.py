@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import run_cli
 from cascadev.cli import build_parser
-from cascadev.cli.demo import ASSETS
+from cascadev.pipelines.cascade import TINY_CASCADE
 
 pytestmark = pytest.mark.slow     # hundreds of command runs; the one-line errors have fast tests in test_bad_input.py
 
@@ -69,7 +69,7 @@ def good(tmp_path_factory, tiny_pipeline_dir, clip_file):
     (root / "real").mkdir()
     shutil.copy(clip_file, root / "real" / "a.mp4")
     return {"clip": clip_file, "latents": root / "z.safetensors", "weights": tiny_pipeline_dir, "real": root / "real",
-            "clips": root / "clips", "fps4x": ASSETS.parent / "tiny_fps4x",
+            "clips": root / "clips", "fps4x": TINY_CASCADE.parent / "tiny_fps4x",
             "dit_tiny": Path(__file__).resolve().parents[1] / "configs" / "dit_tiny.yaml"}
 
 

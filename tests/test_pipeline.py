@@ -155,10 +155,10 @@ def test_dit_and_stage_a_must_agree_on_latent_channels():
 def test_sampler_defaults_follow_the_folder(tiny_pipeline_dir):
     from diffusers import EulerAncestralDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-    from cascadev.cli.demo import ASSETS
+    from cascadev.pipelines.cascade import TINY_CASCADE
 
     # the built-in tiny cascade is a flow model, saved with its scheduler and step count
-    shipped = CascadeVPipeline.from_pretrained(str(ASSETS))
+    shipped = CascadeVPipeline.from_pretrained(str(TINY_CASCADE))
     assert type(shipped.scheduler) is FlowMatchEulerDiscreteScheduler and shipped.config.num_inference_steps == 4
     # other family: forced
     assert type(shipped.scheduler_for("euler_a", force=True)) is EulerAncestralDiscreteScheduler
@@ -207,9 +207,9 @@ def test_decode_with_colour_fix_equals_the_fix_applied_to_the_plain_decode(pipe,
 
 
 def test_colour_fix_default_follows_the_folder(pipe):
-    from cascadev.cli.demo import ASSETS
+    from cascadev.pipelines.cascade import TINY_CASCADE
 
-    shipped = CascadeVPipeline.from_pretrained(str(ASSETS))
+    shipped = CascadeVPipeline.from_pretrained(str(TINY_CASCADE))
     assert resolve_colour_fix(shipped, None) == 16 and resolve_colour_fix(shipped, 0) is None
     assert resolve_colour_fix(shipped, 8) == 8
     assert resolve_colour_fix(pipe, None) is None   # the release: off

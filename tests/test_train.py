@@ -128,8 +128,10 @@ def test_diffusion_autoencoder_trains_the_encoder_with_the_dit_and_resumes_exact
     assert any(not torch.equal(trained[k], initial[k]) for k in trained if k.endswith("weight"))
     assert any(not torch.equal(trained[k], initial[k]) for k in trained if k.endswith("running_var"))
     assert "val/loss" in (whole / "train.log").read_text()
-    for extra, message in ((["optim.ema_decay=0.99"], "set optim.ema_decay=0"), (["data.latents=cache"], "drop data.latents"),
-                           (["condition.route=resize", "dit.overrides.cond_channels=4"], "needs condition.route 'semantic'")):
+    for extra, message in ((["optim.ema_decay=0.99"], "set optim.ema_decay=0"),
+                           (["data.latents=cache"], "drop data.latents"),
+                           (["condition.route=resize", "dit.overrides.cond_channels=4"],
+                            "needs condition.route 'semantic'")):
         with pytest.raises(ConfigError, match=message):
             load_train_config(DIT_TINY, [*common, *extra])
 
@@ -157,12 +159,14 @@ def test_dit_ddp_on_two_cpu_processes_resumes_exactly(clips, tmp_path):
     launch(tmp_path / "parts", 4)
     assert "on 2 process(es)" in (tmp_path / "whole/train.log").read_text()
     assert len(list((tmp_path / "whole/checkpoints/step_00000004").glob("random_states_*.pkl"))) == 2
-    assert_same_weights(tmp_path / "whole/final/model", tmp_path / "parts/final/model", "diffusion_pytorch_model.safetensors")
+    assert_same_weights(tmp_path / "whole/final/model", tmp_path / "parts/final/model",
+                        "diffusion_pytorch_model.safetensors")
 
 
 def test_cached_latents_give_the_same_batches_as_encoding_on_the_fly(clips, tmp_path):
     fixed = ["data.crop=center", "data.flip_prob=0", "data.start_jitter=false", *SMALL]
-    cache = cache_main(["--config", str(DIT_TINY), "--out", str(tmp_path / "cache"), "--set", f"data.videos={clips}", *fixed])
+    cache = cache_main(["--config", str(DIT_TINY), "--out", str(tmp_path / "cache"), "--set", f"data.videos={clips}",
+                        *fixed])
     assert len(list(cache.glob("*.safetensors"))) == 3                # 4 clips, the last held out for validation
     config = load_train_config(DIT_TINY, [f"data.videos={clips}", *fixed])
     task = DiTTask(config)
@@ -180,7 +184,8 @@ def test_cached_latents_give_the_same_batches_as_encoding_on_the_fly(clips, tmp_
         assert torch.allclose(loss_a, loss_b, atol=1e-5)
     # the script trains from the cache, and refuses a cache made with other settings
     run = train(DIT_TINY, tmp_path / "run", clips, 1, f"data.latents={cache}", *fixed, 'data.videos=""')
-    assert (run / "final/model/diffusion_pytorch_model.safetensors").is_file()           # latents alone: no validation clips
+    # latents alone: no validation clips
+    assert (run / "final/model/diffusion_pytorch_model.safetensors").is_file()
     with pytest.raises(ConfigError, match="data.height: cache 32 != config 64"):
         train(DIT_TINY, tmp_path / "run2", clips, 1, f"data.latents={cache}", *fixed, "data.height=64")
     assert not (tmp_path / "run2").exists()
@@ -195,7 +200,8 @@ def test_cached_latents_give_the_same_batches_as_encoding_on_the_fly(clips, tmp_
 def test_cache_random_crops_of_native_frames(clips, tmp_path):
     fixed = ["data.resize=false", "data.start_jitter=false", *SMALL]           # 32x32 tiles of 64x80 frames
     args = ["--config", str(DIT_TINY), "--set", f"data.videos={clips}", *fixed]
-    random = cache_main([*args[:2], "--out", str(tmp_path / "random"), "--crop", "random", "--clips-per-video", "2", *args[2:]])
+    random = cache_main([*args[:2], "--out", str(tmp_path / "random"), "--crop", "random", "--clips-per-video", "2",
+                         *args[2:]])
     centre = cache_main([*args[:2], "--out", str(tmp_path / "centre"), "--clips-per-video", "2", *args[2:]])
     config = load_train_config(DIT_TINY, [f"data.videos={clips}", *fixed])
     task, data = DiTTask(config, build_model=False), dataclasses.replace(config.data, crop="random", flip_prob=0.0)
@@ -364,7 +370,8 @@ def test_config_mistakes_fail_with_one_clear_line(tmp_path):
 
 def test_resize_route_conditions_on_a_small_stage_a_latent(clips):
     for source in ("pixels", "latent"):
-        config = load_train_config(DIT_TINY, [f"data.videos={clips}", "condition.route=resize", "dit.overrides.cond_channels=4",
+        config = load_train_config(DIT_TINY, [f"data.videos={clips}", "condition.route=resize",
+                                              "dit.overrides.cond_channels=4",
                                               "condition.spatial_factor=2", "condition.temporal_factor=2",
                                               f"condition.resize_from={source}"])
         task = DiTTask(config)
@@ -391,7 +398,8 @@ def test_init_from_our_format_and_the_official_checkpoint(tmp_path):
     source.save_pretrained(tmp_path / "ours")
     torch.save({"state_dict": {**source.state_dict(), "pos_embed": torch.zeros(1)}}, tmp_path / "release.pth")
     for init in (str(tmp_path / "ours"), f"official:{tmp_path / 'release.pth'}"):
-        model = build_dit(load_train_config(DIT_TINY, [f"dit.init_from={init}", "dit.gradient_checkpointing=true"]), True)
+        model = build_dit(load_train_config(DIT_TINY, [f"dit.init_from={init}", "dit.gradient_checkpointing=true"]),
+                          True)
         assert model.training and model.gradient_checkpointing
         assert torch.equal(model.final_layer.linear.weight, source.final_layer.linear.weight)
     with pytest.raises(FileNotFoundError, match="init_from"):
@@ -409,23 +417,30 @@ def test_vae_loss_terms_with_lpips_and_discriminator(clips):
     loss, recon, logs = task.generator_loss(task.model, disc, video, torch.Generator().manual_seed(0), use_disc=True)
     assert set(logs) == {"l1", "mse", "kl", "lpips", "g_adv", "loss"} and recon.shape == video.shape
     c = config.vae
-    assert torch.allclose(logs["loss"], c.l1_weight * logs["l1"] + c.kl_weight * logs["kl"] + c.lpips_weight * logs["lpips"]
-                          + c.disc_weight * logs["g_adv"], rtol=1e-5)          # mse_weight 0 by default
+    assert torch.allclose(logs["loss"], c.l1_weight * logs["l1"] + c.kl_weight * logs["kl"]
+                          + c.lpips_weight * logs["lpips"] + c.disc_weight * logs["g_adv"],
+                          rtol=1e-5)          # mse_weight 0 by default
     weighted = VAETask(dataclasses.replace(config, vae=dataclasses.replace(c, mse_weight=2.0)))
     weighted.model.load_state_dict(task.model.state_dict())
-    loss2, _, logs2 = weighted.generator_loss(weighted.model, None, video, torch.Generator().manual_seed(0), use_disc=False)
+    loss2, _, logs2 = weighted.generator_loss(weighted.model, None, video, torch.Generator().manual_seed(0),
+                                              use_disc=False)
     assert torch.allclose(logs2["mse"], logs["mse"]) and logs["mse"] > 0
     assert torch.allclose(loss2, c.l1_weight * logs["l1"] + 2.0 * logs["mse"] + c.kl_weight * logs["kl"], rtol=1e-5)
     colour = VAETask(dataclasses.replace(config, vae=dataclasses.replace(c, lowpass_weight=3.0)))
     colour.model.load_state_dict(task.model.state_dict())
-    loss3, recon3, logs3 = colour.generator_loss(colour.model, None, video, torch.Generator().manual_seed(0), use_disc=False)
-    block_means = lambda v: F.avg_pool2d(v.transpose(1, 2).flatten(0, 1), 8)              # (b t) 3 h/8 w/8
+    loss3, recon3, logs3 = colour.generator_loss(colour.model, None, video, torch.Generator().manual_seed(0),
+                                                 use_disc=False)
+
+    def block_means(v):
+        return F.avg_pool2d(v.transpose(1, 2).flatten(0, 1), 8)              # (b t) 3 h/8 w/8
+
     lowpass = (block_means(recon3) - block_means(video)).square().mean()
     assert torch.allclose(logs3["lowpass"], lowpass) and lowpass > 0
     assert torch.allclose(loss3, loss2 - 2.0 * logs["mse"] + 3.0 * lowpass, rtol=1e-5)
     loss.backward()
     assert all(p.grad is None for p in disc.parameters())            # the generator step leaves D alone
-    assert task.model.vae.decoder.conv_out.weight.grad is not None and task.model.vae.encoder.conv_in.weight.grad is None
+    assert task.model.vae.decoder.conv_out.weight.grad is not None
+    assert task.model.vae.encoder.conv_in.weight.grad is None
     assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0     # both margins met
 
 
@@ -446,7 +461,7 @@ def test_resume_checks_the_config_and_can_start_over_or_go_back(clips, tmp_path)
           f"data.videos={clips}", f"run.dir={run}", "run.tensorboard=false", "optim.lr=0.5", *common])
     assert [s for s, _ in checkpoints(run / "checkpoints")] == [1, 2]                # 2 and 3 moved aside
     assert [s for s, _ in checkpoints(next((run / "checkpoints").glob("after-1-*")))] == [2, 3]
-    train(DIT_TINY, run, clips, 1, *common, "dit.overrides.depth=3", "--fresh")                  # another model, from step 0
+    train(DIT_TINY, run, clips, 1, *common, "dit.overrides.depth=3", "--fresh")    # another model, from step 0
     assert [s for s, _ in checkpoints(run / "checkpoints")] == [1]
     assert json.loads((run / "checkpoints/step_00000001/trainer.json").read_text())["step"] == 1
     with pytest.raises(ConfigError, match="--resume-from 7: no complete checkpoint"):
@@ -464,7 +479,8 @@ def test_nothing_loads_a_full_disk_and_a_killed_export_are_one_line_and_leave_no
     broken.mkdir()
     for name in ("a.mp4", "b.mp4"):
         (broken / name).write_bytes(b"not a video")
-    with pytest.raises(ValueError, match=r"none of the \d+ video\(s\) could be loaded, e\.g\. .*\.mp4: not a readable video"):
+    with pytest.raises(ValueError, match=r"none of the \d+ video\(s\) could be loaded, "
+                                         r"e\.g\. .*\.mp4: not a readable video"):
         train(DIT_TINY, tmp_path / "nothing", broken, 1, *SMALL)
     run = tmp_path / "run"
     (run / "checkpoints/.tmp_step_00000009").mkdir(parents=True)          # left by a killed run

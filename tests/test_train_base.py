@@ -36,7 +36,8 @@ def toy(tmp_path_factory):
     rows, frames = [], []
     for i in range(PER_CLASS):                                       # interleaved: both kinds in the training split
         for k, (caption, colour) in enumerate(COLOURS.items()):
-            clip = (torch.tensor(colour).view(3, 1, 1, 1) + 0.15 * make_clip(10 * k + i, 4, 64, 64, "gradient")).clamp(-1, 1)
+            clip = (torch.tensor(colour).view(3, 1, 1, 1)
+                    + 0.15 * make_clip(10 * k + i, 4, 64, 64, "gradient")).clamp(-1, 1)
             write_video(folder / f"{caption}_{i}.mp4", clip, fps=8)
             rows.append({"path": f"{caption}_{i}.mp4", "caption": caption})
             frames.append(rearrange(clip, "c t h w -> t c h w"))
@@ -60,7 +61,8 @@ def train(run_dir: Path, toy: Path, steps: int, *extra: str) -> Path:
 
 
 def assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
-    wa, wb = load_file(str(a / "diffusion_pytorch_model.safetensors")), load_file(str(b / "diffusion_pytorch_model.safetensors"))
+    wa = load_file(str(a / "diffusion_pytorch_model.safetensors"))
+    wb = load_file(str(b / "diffusion_pytorch_model.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=atol), k
@@ -82,7 +84,8 @@ def test_base_script_resumed_run_equals_uninterrupted(toy, tmp_path, tiny_pipeli
     assert not torch.allclose(start["final_layer.linear.weight"], end["final_layer.linear.weight"])
     log = (whole / "train.log").read_text()
     assert "val/loss" in log and "vb" in log
-    with safe_open(str(whole / "samples/step_00000003.safetensors"), framework="pt") as f:   # latents for `cascadev decode`
+    # latents for `cascadev decode`
+    with safe_open(str(whole / "samples/step_00000003.safetensors"), framework="pt") as f:
         assert (f.metadata() or {}).get("prompt") in COLOURS
 
     # a checkpoint is a TextDiT folder; final/ is a TextToVideoPipeline root (cascade apart)
@@ -115,8 +118,8 @@ def test_base_trains_from_a_latent_cache_with_captions(toy, tmp_path):
     run = train(tmp_path / "run", toy, 1, f"data.latents={cache}", 'data.videos=""', *fixed[1:])
     assert (run / "final/base_dit/diffusion_pytorch_model.safetensors").is_file()
     with pytest.raises(ConfigError, match="holds stage base inputs, the config trains stage dit"):
-        main(["--config", str(DIT_TINY), "--max-steps", "1", "--set", f"data.latents={cache}", f"run.dir={tmp_path / 'dit'}",
-              "run.tensorboard=false"])
+        main(["--config", str(DIT_TINY), "--max-steps", "1", "--set", f"data.latents={cache}",
+              f"run.dir={tmp_path / 'dit'}", "run.tensorboard=false"])
 
 
 @pytest.mark.slow
@@ -146,7 +149,8 @@ def test_tiny_model_learns_two_captions(toy, tiny_pipeline_dir):
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.15 * first, (first, last)
 
-    pipe = TextToVideoPipeline.from_parts(task.text_encoder, task.model, CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir)))
+    pipe = TextToVideoPipeline.from_parts(task.text_encoder, task.model,
+                                          CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir)))
     for seed in range(3):
         for own, other in (("red", "blue"), ("blue", "red")):
             z = pipe.generate_latents(own, frames=2, size=(64, 64), seed=seed, progress=False)[0]

@@ -33,7 +33,8 @@ def train(run_dir: Path, clips: Path, steps: int, *overrides: str) -> Path:
 
 def assert_same_state(a: Path, b: Path, atol: float = 1e-6) -> None:
     """Same keys, same values (integer buffers such as num_batches_tracked exactly)."""
-    wa, wb = load_file(str(a / "diffusion_pytorch_model.safetensors")), load_file(str(b / "diffusion_pytorch_model.safetensors"))
+    wa = load_file(str(a / "diffusion_pytorch_model.safetensors"))
+    wb = load_file(str(b / "diffusion_pytorch_model.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:
         same = torch.allclose(wa[k], wb[k], atol=atol) if wa[k].is_floating_point() else torch.equal(wa[k], wb[k])

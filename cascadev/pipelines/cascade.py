@@ -137,7 +137,8 @@ def resolve_stage_a_config(source: str | Path | None, config: StageAConfig | Non
     if path.is_dir():
         cfg_file = path / "config.json" if (path / "config.json").is_file() else path / "vae" / "config.json"
         if not cfg_file.is_file():
-            raise FileNotFoundError(f"{path}: no diffusers VAE config.json (expected a folder written by save_pretrained)")
+            raise FileNotFoundError(f"{path}: no diffusers VAE config.json "
+                                    "(expected a folder written by save_pretrained)")
         name = json.loads(cfg_file.read_text()).get("_class_name")
         kind = KIND_OF_CLASS.get(name)
         if kind is None:
@@ -145,7 +146,8 @@ def resolve_stage_a_config(source: str | Path | None, config: StageAConfig | Non
         subfolder = None if cfg_file.parent == path else "vae"
         return StageAConfig(**{**to_dict(base), "kind": kind, "pretrained": str(path), "subfolder": subfolder,
                                "block_out_channels": tuple(base.block_out_channels)})
-    return StageAConfig(**{**to_dict(base), "pretrained": str(source), "block_out_channels": tuple(base.block_out_channels)})
+    return StageAConfig(**{**to_dict(base), "pretrained": str(source),
+                           "block_out_channels": tuple(base.block_out_channels)})
 
 
 def load_shared_parts(folder: str | Path, given: dict, torch_dtype: torch.dtype | None = None) -> dict:
@@ -214,7 +216,8 @@ def load_cascade(weights: str | Path | None = None, *, dit=None, semantic_encode
         if ours:
             return CascadeVPipeline.from_pretrained(str(weights), torch_dtype=torch_dtype, **parts)
     except OSError as e:   # offline, or no such repo / file: one line, with what to do
-        raise FileNotFoundError(f"cannot load the cascade {weights!r}: {str(e).strip().splitlines()[0][:200]}") from None
+        raise FileNotFoundError(f"cannot load the cascade {weights!r}: "
+                                f"{str(e).strip().splitlines()[0][:200]}") from None
     return CascadeVPipeline.from_release(weights, torch_dtype=torch_dtype, **parts)
 
 
@@ -326,7 +329,8 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, options: DecodeOptions | None = None, **changes) -> torch.Tensor:
         """Semantic latents (B, 16, T, h, w) -> Stage A latents (B, 4, T, 4h, 4w), scaled. How: ``options``
-        (``DecodeOptions``) with ``changes`` applied by keyword (``decode_options``); the colour fix is not used here."""
+        (``DecodeOptions``) with ``changes`` applied by keyword (``decode_options``); the colour fix is not used
+        here."""
         o = self.decode_options(options, **changes)
         check_video(latents, self.dit.config.cond_channels, 1, "CascadeVPipeline.decode")
         device = self._execution_device
@@ -382,8 +386,9 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
             start = end
 
     @torch.no_grad()
-    def decode_from(self, latents: torch.Tensor, source_vae, latents_normalised: bool = True, scale: float | None = None,
-                    size: str | None = None, options: DecodeOptions | None = None, **changes) -> torch.Tensor:
+    def decode_from(self, latents: torch.Tensor, source_vae, latents_normalised: bool = True,
+                    scale: float | None = None, size: str | None = None, options: DecodeOptions | None = None,
+                    **changes) -> torch.Tensor:
         """Another model's latents (B, C, T, h, w) -> video (B, 3, T', H, W): ``source_vae`` (a ``SourceVAE``, a
         diffusers autoencoder, or its folder / hub id) decodes them to its pixels (``latents_normalised``: as its
         denoiser makes them, else raw), then the cascade to ``scale`` x those pixels or ``size`` (long side or "WxH";

@@ -1,7 +1,8 @@
-"""Precompute a stage's inputs for a dataset, one file per clip: for the DiT (stage dit) the Stage A latents and
+r"""Precompute a stage's inputs for a dataset, one file per clip: for the DiT (stage dit) the Stage A latents and
 the compact condition, for the base model (stage base) the semantic latents; the caption goes along.
 
-    python -m cascadev.training.cache_latents --config configs/dit_official_finetune.yaml --out cache/ [--clips-per-video 4]
+    python -m cascadev.training.cache_latents --config configs/dit_official_finetune.yaml --out cache/ \
+        [--clips-per-video 4]
     accelerate launch -m cascadev.training.cache_latents --config ... --out cache/      (clips split over processes)
     cascadev cache-latents --config configs/base.yaml --out cache/base --set data.videos=train.jsonl
 
@@ -92,7 +93,8 @@ def run_caching(args: argparse.Namespace) -> Path:
 
     config = load_train_config(args.config, args.overrides)
     if config.stage not in CACHED_STAGES:
-        raise ConfigError(f"latent caching is for stages {' and '.join(CACHED_STAGES)}, the config says {config.stage!r}")
+        raise ConfigError(f"latent caching is for stages {' and '.join(CACHED_STAGES)}, "
+                          f"the config says {config.stage!r}")
     if args.clips_per_video < 1:
         raise ConfigError("--clips-per-video must be >= 1")
     if args.crop == "context" and (config.stage == "base" or config.condition.route != "semantic"):

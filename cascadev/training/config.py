@@ -189,7 +189,8 @@ class VAESection:
     def __post_init__(self):
         if not self.trainable:
             raise ValueError("vae.trainable needs at least one pattern (e.g. ['*'] or ['decoder.*'])")
-        if min(self.l1_weight, self.mse_weight, self.lowpass_weight, self.lpips_weight, self.kl_weight, self.disc_weight) < 0:
+        if min(self.l1_weight, self.mse_weight, self.lowpass_weight, self.lpips_weight, self.kl_weight,
+               self.disc_weight) < 0:
             raise ValueError("vae loss weights must be >= 0")
 
 
@@ -367,7 +368,8 @@ class TrainConfig:
             multiple = DOWNSAMPLE * self.condition.spatial_factor
         if dit.config.cond_channels != cond_channels:
             raise ValueError(f"condition route {self.condition.route!r} gives {cond_channels} channels but the DiT "
-                             f"has cond_channels={dit.config.cond_channels}; set dit.overrides.cond_channels={cond_channels}")
+                             f"has cond_channels={dit.config.cond_channels}; "
+                             f"set dit.overrides.cond_channels={cond_channels}")
         d = self.data
         if d.height % multiple or d.width % multiple:
             raise ValueError(f"data.height/width {d.height}x{d.width} must be multiples of {multiple} for the "
@@ -416,8 +418,8 @@ class TrainConfig:
             sampler = DiffusionConfig()
             schedule = ("num_timesteps", "beta_start", "beta_end")
             if any(getattr(self.diffusion, k) != getattr(sampler, k) for k in schedule):
-                raise ValueError("stage base: the base model's sampler (cascadev.pipelines.text_to_video) uses diffusers' "
-                                 f"default schedule, so diffusion.{'/'.join(schedule)} must stay "
+                raise ValueError("stage base: the base model's sampler (cascadev.pipelines.text_to_video) uses "
+                                 f"diffusers' default schedule, so diffusion.{'/'.join(schedule)} must stay "
                                  f"{'/'.join(str(getattr(sampler, k)) for k in schedule)}")
         if self.condition.route != "semantic":
             raise ValueError("stage base generates semantic latents: condition.route must be 'semantic'")
@@ -433,12 +435,14 @@ class TrainConfig:
                              f"latent_channels={c.latent_channels}; set base.overrides.latent_channels={channels}")
         width, pooled = self.base.text_widths()
         if (c.caption_channels, c.pooled_channels) != (width, pooled):
-            raise ValueError(f"the text encoder gives tokens of width {width} and pooled {pooled}, the base model reads "
-                             f"{c.caption_channels} / {c.pooled_channels}: set base.overrides.caption_channels="
+            raise ValueError(f"the text encoder gives tokens of width {width} and pooled {pooled}, "
+                             f"the base model reads {c.caption_channels} / {c.pooled_channels}: "
+                             "set base.overrides.caption_channels="
                              f"{width} and base.overrides.pooled_channels={pooled}")
         d = self.data
         if d.height % DOWNSAMPLE or d.width % DOWNSAMPLE:
-            raise ValueError(f"data.height/width {d.height}x{d.width} must be multiples of {DOWNSAMPLE} (semantic latents)")
+            raise ValueError(f"data.height/width {d.height}x{d.width} must be multiples of {DOWNSAMPLE} "
+                             "(semantic latents)")
         model.check_window(d.num_frames, d.height // DOWNSAMPLE, d.width // DOWNSAMPLE)
 
 

@@ -231,11 +231,13 @@ class _SkippingDataset(Dataset):
                 if index not in self._bad:
                     self._bad.add(index)
                     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    log.warning("skipping %s %s", self.kind, reason if str(sample.path) in reason else f"{sample.path}: {reason}")
+                    log.warning("skipping %s %s", self.kind,
+                                reason if str(sample.path) in reason else f"{sample.path}: {reason}")
                 index = int(torch.randint(len(self.samples), (1,), generator=g))
                 continue
             return {"caption": sample.caption, **item, "skipped": skipped}
-        raise RuntimeError(f"{MAX_ATTEMPTS} {self.kind}s in a row could not be loaded; last tried {self.samples[index].path}")
+        raise RuntimeError(f"{MAX_ATTEMPTS} {self.kind}s in a row could not be loaded; "
+                           f"last tried {self.samples[index].path}")
 
 
 def index_seed(index: int) -> int:

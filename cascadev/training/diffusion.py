@@ -149,7 +149,8 @@ class GaussianDiffusion:
         return mean, _at(self.log_beta_tilde, t, x_t).expand_as(x_t)
 
     def model_log_variance(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Sigma = exp(v log beta_t + (1 - v) log beta_tilde_t), with the network's v in [-1, 1] mapped to [0, 1]  (IDDPM Eq. 15)."""
+        """Sigma = exp(v log beta_t + (1 - v) log beta_tilde_t), with the network's v in [-1, 1] mapped to [0, 1]
+        (IDDPM Eq. 15)."""
         frac = (v + 1.0) / 2.0
         return frac * _at(self.betas.log(), t, v) + (1.0 - frac) * _at(self.log_beta_tilde, t, v)
 

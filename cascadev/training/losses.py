@@ -42,7 +42,8 @@ def load_lpips_loss(device: torch.device) -> nn.Module | None:
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN: (N, 3, H, W) -> (N, 1, H', W') logits, one per overlapping patch (receptive field 70 px for 3 layers)."""
+    """PatchGAN: (N, 3, H, W) -> (N, 1, H', W') logits, one per overlapping patch (receptive field 70 px for 3
+    layers)."""
 
     def __init__(self, channels: int = 64, layers: int = 3):
         super().__init__()
@@ -51,8 +52,9 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, layers + 1):
             c_out = channels * min(2 ** i, 8)
             stride = 2 if i < layers else 1
+            # GroupNorm: no cross-rank batch stats
             blocks += [nn.Conv2d(c, c_out, 4, stride=stride, padding=1, bias=False),
-                       nn.GroupNorm(min(32, c_out // 4), c_out), nn.LeakyReLU(0.2)]   # GroupNorm: no cross-rank batch stats
+                       nn.GroupNorm(min(32, c_out // 4), c_out), nn.LeakyReLU(0.2)]
             c = c_out
         blocks.append(nn.Conv2d(c, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*blocks)
@@ -79,8 +81,10 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 def drop_captions(text: TextEmbedding, null_text: TextEmbedding, drop: torch.Tensor) -> TextEmbedding:
     """Replace the rows where ``drop`` (B,) is True by ``null_text`` (1 row: the empty prompt's encoding)."""
     if null_text.context.shape[1:] != text.context.shape[1:]:
-        raise ValueError(f"null text {tuple(null_text.context.shape)} does not match the captions {tuple(text.context.shape)}")
-    return TextEmbedding(*(torch.where(drop.view(-1, *[1] * (z.ndim - 1)), n.to(z), z) for z, n in zip(text, null_text)))
+        raise ValueError(f"null text {tuple(null_text.context.shape)} does not match the captions "
+                         f"{tuple(text.context.shape)}")
+    return TextEmbedding(*(torch.where(drop.view(-1, *[1] * (z.ndim - 1)), n.to(z), z)
+                           for z, n in zip(text, null_text)))
 
 
 def base_training_loss(model: torch.nn.Module, diffusion, latents: torch.Tensor, text: TextEmbedding,

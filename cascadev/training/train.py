@@ -10,7 +10,8 @@ student of a Stage B DiT ("distill").
 -> prepare -> resume -> loop -> save. Nothing is written before the models are built, so a start that fails
 (bad input, weights that do not load) leaves no run directory behind.
 What differs between stages (models, loss, validation, export) is a task object from ``cascadev/training/tasks/``
-(one module per stage, ``build_task``); this module is what they share: the loop, checkpoints, EMA, LR schedule, logs and the CLI.
+(one module per stage, ``build_task``); this module is what they share: the loop, checkpoints, EMA, LR schedule,
+logs and the CLI.
 
 Run directory (``run.dir``): ``config.yaml`` (resolved), ``train.log``, ``logs/`` (TensorBoard),
 ``samples/`` (validation videos, or latents for base), ``checkpoints/step_XXXXXXXX/`` (accelerate state:
@@ -18,8 +19,9 @@ weights and buffers such as BatchNorm running statistics as safetensors, optimiz
 ``ema.safetensors`` (EMA weights by parameter name), ``trainer.json`` with the step and the EMA's update
 counter, ``config.yaml``; a dit or base checkpoint also has ``config.json``, so it loads with
 ``VideoDiT`` / ``TextDiT.from_legacy_folder``), and ``final/`` (``export_final``): dit and vae write
-``model/`` and ``ema/`` (diffusers folders); semantic writes ``semantic_encoder/`` and ``previewer/``, base ``base_dit/``, ``base_scheduler/`` and
-``text_encoder/`` (``load_text_to_video`` reads it with a cascade given apart: ``cascadev generate --weights RUN/final
+``model/`` and ``ema/`` (diffusers folders); semantic writes ``semantic_encoder/`` and ``previewer/``, base
+``base_dit/``, ``base_scheduler/`` and ``text_encoder/`` (``load_text_to_video`` reads it with a cascade given
+apart: ``cascadev generate --weights RUN/final
 --cascade ...``),
 with EMA weights when EMA is on and the trained ones in ``model/``; distill writes a cascade folder (the student's DiT
 and sampler, ``CascadeVPipeline.from_pretrained``) with its trained DiT in ``model/``.
@@ -349,7 +351,8 @@ def run_training(args: argparse.Namespace) -> Path:
     # its attention with one layer per block), which plain DDP refuses
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "vae")
     accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with="tensorboard" if run.tensorboard else None,
-                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+                              project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                                                  logging_dir=str(run_dir / "logs")),
                               kwargs_handlers=[ddp])
     if optim.ema_decay > 0 and is_fsdp(accelerator):
         raise ConfigError("EMA over FSDP shards is not supported: set optim.ema_decay=0 (or use DDP)")
@@ -364,7 +367,8 @@ def run_training(args: argparse.Namespace) -> Path:
     # -- models (weights from the hub or files may still fail to load: the run dir is not written before they are)
     task = build_task(config).to(device)
     model = task.model
-    log.info("%s: %.2fM parameters, %.2fM trained", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
+    log.info("%s: %.2fM parameters, %.2fM trained", type(model).__name__,
+             sum(p.numel() for p in model.parameters()) / 1e6,
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
     ema, ema_names = make_ema(model, optim.ema_decay) if optim.ema_decay > 0 else (None, [])
     open_run_dir(accelerator, run_dir, config, superseded, "replaced" if fresh else f"after-{resume_from}")
@@ -378,7 +382,8 @@ def run_training(args: argparse.Namespace) -> Path:
     # -- prepare: DDP / FSDP wrapping, device placement, autocast, grad scaler (model first, as FSDP needs)
     prepared = {"model": accelerator.prepare(model)}
     params = [p for p in prepared["model"].parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                  weight_decay=optim.weight_decay)
     prepared["optimizer"] = accelerator.prepare(optimizer)
     if task.discriminator is not None:
         prepared["discriminator"] = accelerator.prepare(task.discriminator)

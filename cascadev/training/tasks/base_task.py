@@ -49,9 +49,9 @@ class BaseTask:
     Latents come from a cache of this stage (``cascadev.training.cache_latents``: "semantic", unscaled, and the caption)
     or are encoded on the fly. Captions are encoded per batch by the frozen text encoder (no caption cache: a
     bigG embedding is 77 x 1280 floats, too large to keep for a real dataset, and cheap beside the DiT); the
-    empty prompt once. ``cascadev.training.losses.base_training_loss`` does the rest: the latent scale, ``caption_dropout``
-    of the captions replaced by the empty prompt (for classifier-free guidance), the ``diffusion`` objective (IDDPM or
-    rectified flow) with per-video timesteps.
+    empty prompt once. ``cascadev.training.losses.base_training_loss`` does the rest: the latent scale,
+    ``caption_dropout`` of the captions replaced by the empty prompt (for classifier-free guidance), the
+    ``diffusion`` objective (IDDPM or rectified flow) with per-video timesteps.
     """
 
     name = "base"
@@ -85,11 +85,13 @@ class BaseTask:
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """(B, 3, T, H, W) in [-1, 1] -> {"semantic": (B, 16, T, H/32, W/32)}, unscaled: what a cache of this stage stores."""
+        """(B, 3, T, H, W) in [-1, 1] -> {"semantic": (B, 16, T, H/32, W/32)}, unscaled: what a cache of this
+        stage stores."""
         return {"semantic": self.semantic.encode(video)}
 
     def latents(self, batch: dict) -> torch.Tensor:
-        """A batch of pixels ("video") or of cached latents ("semantic") -> semantic latents (B, 16, T, h, w), unscaled."""
+        """A batch of pixels ("video") or of cached latents ("semantic") -> semantic latents (B, 16, T, h, w),
+        unscaled."""
         device = self.semantic.mapper[0].weight.device
         if "semantic" in batch:
             return batch["semantic"].to(device)
@@ -107,7 +109,8 @@ class BaseTask:
             self._null_text = self.text([""])
         return self._null_text
 
-    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator, as_images: bool) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator,
+             as_images: bool) -> tuple[torch.Tensor, dict]:
         latents = self.latents(batch)
         loss, logs = base_training_loss(model, self.diffusion, latents, self.text(batch["caption"]), self.null_text,
                                         generator, drop_prob=self.config.base.caption_dropout, as_images=as_images)
@@ -152,7 +155,8 @@ class BaseTask:
             noise = torch.randn(shape, generator=g, device=g.device).to(accelerator.device)
             with accelerator.autocast():
                 z = sample_base(unwrapped, noise, self.text([clips[0]["caption"]]), self.null_text, DEFAULT_GUIDANCE,
-                                scheduler=scheduler_for(self.config.diffusion), steps=steps, generator=g, progress=False)
+                                scheduler=scheduler_for(self.config.diffusion), steps=steps, generator=g,
+                                progress=False)
             z = from_model(z, config)
             logs["val/sample_std"] = z.std().item()
             save_latents(run_dir / "samples" / f"step_{step:08d}.safetensors", z.cpu(), prompt=clips[0]["caption"])

@@ -57,8 +57,8 @@ def build_semantic_encoder(config: TrainConfig, load_weights: bool) -> nn.Module
 
 
 def init_weights(model: nn.Module, folder: str | Path, key: str, new_condition: bool = False) -> None:
-    """Load the weights of a model folder (either layout ``from_folder`` takes) into ``model``, built from this run's config.
-    ``new_condition``: ``dit.init_new_condition`` (a DiT trained with another condition)."""
+    """Load the weights of a model folder (either layout ``from_folder`` takes) into ``model``, built from this
+    run's config. ``new_condition``: ``dit.init_new_condition`` (a DiT trained with another condition)."""
     if not (Path(folder) / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{key}: {Path(folder) / CONFIG_NAME} not found (expected a folder written by "
                                 "save_pretrained or a checkpoint of a run)")

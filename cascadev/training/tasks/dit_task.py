@@ -30,7 +30,8 @@ def build_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
     else:
         model = VideoDiT(**dit_config)
         if init:
-            init_weights(model, init, "dit.init_from (or official:PATH for s1024.effn-f32.pth)", section.init_new_condition)
+            init_weights(model, init, "dit.init_from (or official:PATH for s1024.effn-f32.pth)",
+                         section.init_new_condition)
     if section.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model.train()
@@ -70,7 +71,8 @@ class DiTTask:
         with seeded(seed, 1):
             self.stage_a = StageAVAE.from_config(config.stage_a.model_config(), load_weights=load_weights)
         with seeded(seed, 2):
-            self.semantic = build_semantic_encoder(config, load_weights) if config.condition.route == "semantic" else None
+            self.semantic = (build_semantic_encoder(config, load_weights) if config.condition.route == "semantic"
+                             else None)
         self.joint = config.condition.train_encoder
         if self.joint:
             if not build_model:
@@ -98,7 +100,8 @@ class DiTTask:
         if c.route == "semantic":
             cond = semantic_small(self.semantic.encode(video), self.stage_a.config.scale_factor)
         elif c.resize_from == "pixels":
-            cond = self.stage_a.encode(downsample_video(video, c.spatial_factor, c.temporal_factor), generator=generator)
+            cond = self.stage_a.encode(downsample_video(video, c.spatial_factor, c.temporal_factor),
+                                       generator=generator)
         else:
             cond = resize_small_from_latent(latent, c.spatial_factor, c.temporal_factor)
         return {"latent": latent, "cond": cond}
@@ -127,7 +130,8 @@ class DiTTask:
             return model(x_t, batch["video"].to(x_t.device), t, as_images=as_images)
         return model(torch.cat([x_t, cond], dim=1), t, as_images=as_images)
 
-    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator, as_images: bool) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator,
+             as_images: bool) -> tuple[torch.Tensor, dict]:
         """Diffusion loss of one micro-batch: per-video timesteps, (eps, v) predicted on cat([x_t, cond]).
 
         A posterior sample in on-the-fly encoding draws from its own generator, so the noise is the same
@@ -212,7 +216,8 @@ class DiTTask:
 
     def export(self, state_dict: dict, directory: Path) -> None:
         """Weights in diffusers' layout (``config.json`` + ``diffusion_pytorch_model.safetensors``);
-        ``VideoDiT.from_pretrained`` reads it. A trained encoder goes to ``semantic_encoder/`` beside them (``SemanticEncoder.from_pretrained``)."""
+        ``VideoDiT.from_pretrained`` reads it. A trained encoder goes to ``semantic_encoder/`` beside them
+        (``SemanticEncoder.from_pretrained``)."""
         if not self.joint:
             save_module(state_dict, self.model, directory)
             return

@@ -16,7 +16,8 @@ from cascadev.weights import CONFIG_NAME
 
 class SemanticAutoencoder(nn.Module):
     """The semantic encoder and the Previewer as one module (one DDP wrapper), every frame an image:
-    video (B, 3, T, H, W) in [-1, 1] -> (preview (B, 3, T, H/4, W/4) in about [-1, 1], latent (B, 16, T, H/32, W/32))."""
+    video (B, 3, T, H, W) in [-1, 1] -> (preview (B, 3, T, H/4, W/4) in about [-1, 1],
+    latent (B, 16, T, H/32, W/32))."""
 
     def __init__(self, encoder: nn.Module, previewer: nn.Module, train_encoder: bool):
         super().__init__()
@@ -53,7 +54,8 @@ class SemanticTask:
         self.config = config
         s = config.semantic
         with seeded(config.run.seed, 2):
-            encoder = load_semantic_encoder(s.encoder_weights, s.encoder_config(), load_weights, "semantic.encoder_weights")
+            encoder = load_semantic_encoder(s.encoder_weights, s.encoder_config(), load_weights,
+                                            "semantic.encoder_weights")
         with seeded(config.run.seed, 4):
             previewer_config = s.previewer_config()
             if not load_weights or s.previewer_weights == "random":
@@ -112,7 +114,9 @@ class SemanticTask:
             if i == 0 and accelerator.is_main_process:
                 write_sample(run_dir, step, [target.cpu(), preview.cpu()])
         model.train()
-        return {"val/psnr": torch.stack(values).mean().item(), "val/l1": torch.stack(l1).mean().item()} if values else {}
+        if not values:
+            return {}
+        return {"val/psnr": torch.stack(values).mean().item(), "val/l1": torch.stack(l1).mean().item()}
 
     def export(self, state_dict: dict, directory: Path) -> None:
         """``semantic_encoder/`` and ``previewer/`` in our format (``SemanticEncoder/Previewer.from_pretrained``;

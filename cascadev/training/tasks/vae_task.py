@@ -18,7 +18,8 @@ from cascadev.weights import save_state_dict
 
 
 class VAEReconstruction(nn.Module):
-    """The diffusers autoencoder as one module for DDP: video (B, 3, T, H, W) -> (reconstruction, posterior mean, log var)."""
+    """The diffusers autoencoder as one module for DDP: video (B, 3, T, H, W) -> (reconstruction, posterior mean,
+    log var)."""
 
     def __init__(self, vae: nn.Module, temporal: bool):
         super().__init__()
@@ -109,7 +110,8 @@ class VAETask:
         use_disc = self.discriminator is not None and step >= self.config.vae.disc_start
         disc = prepared.get("discriminator")
         with accelerator.autocast():
-            loss, recon, logs = self.generator_loss(prepared["model"], accelerator.unwrap_model(disc) if use_disc else None,
+            loss, recon, logs = self.generator_loss(prepared["model"],
+                                                    accelerator.unwrap_model(disc) if use_disc else None,
                                                     video, generator, use_disc)
         accelerator.backward(loss / accum)
         if use_disc:
@@ -137,7 +139,9 @@ class VAETask:
             if i == 0 and accelerator.is_main_process:
                 write_sample(run_dir, step, [video.cpu(), recon.cpu()])
         model.train()
-        return {"val/psnr": torch.stack(values).mean().item(), "val/l1": torch.stack(l1).mean().item()} if values else {}
+        if not values:
+            return {}
+        return {"val/psnr": torch.stack(values).mean().item(), "val/l1": torch.stack(l1).mean().item()}
 
     def export(self, state_dict: dict, directory: Path) -> None:
         """A diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``): load it with
