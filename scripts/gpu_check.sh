@@ -2,7 +2,12 @@
 # On a GPU machine: the CUDA tests, then the GPU benchmark, logs and rows written to OUT_DIR.
 #   bash scripts/gpu_check.sh OUT_DIR
 # Packages the machine lacks (diffusers, ...) can come as wheels in .whl/ (pip download them elsewhere);
-# they are installed to /tmp/site, outside the machine's own environment.
+# they are installed to /tmp/site, outside the machine's own environment. For the benchmark's kernel rows too:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --pre -d .whl \
+#       diffusers==0.42.1 av==18.1.0 torchao flash-attn-4          # 46 MB
+# flash-attn-4 (pure Python) also needs nvidia-cutlass-dsl, whose CUDA 13 libraries wheel alone is 92 MB (4.8.1):
+# past what a 64 MiB carry takes, so its row is an error row unless the GPU machine can install it.
 set -uo pipefail
 out=${1:-gpu_out}
 mkdir -p "$out"
