@@ -493,3 +493,26 @@ def test_nothing_loads_a_full_disk_and_a_killed_export_are_one_line_and_leave_no
     with pytest.raises(OSError, match="could not write checkpoint .*step_00000001: No space left on device"):
         train(DIT_TINY, run, clips, 1, *SMALL, "run.save_every=1", "run.val_every=0")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [] and not (run / ".final.tmp").exists()
+
+
+def test_train_from_python_with_a_config_object_needs_no_namespace(clips, tmp_path, monkeypatch):
+    import argparse
+
+    import cascadev.training.train as train_module
+    from cascadev.training import train as train_fn
+
+    def no_namespace(*args, **kwargs):
+        raise AssertionError("an argparse.Namespace was made on the way through train()")
+    monkeypatch.setattr(argparse, "Namespace", no_namespace)
+    monkeypatch.setattr(train_module, "parse_args", no_namespace)
+    monkeypatch.setattr(train_module, "run_training", no_namespace)
+    config = load_train_config(DIT_TINY, [f"data.videos={clips}", "run.tensorboard=false", "run.val_every=0"])
+    run = train_fn(config, overrides=SMALL, max_steps=2, run_dir=tmp_path / "run")
+    assert run == tmp_path / "run"
+    assert [s for s, _ in checkpoints(run / "checkpoints")] == [2]
+    from dit import VideoDiT
+    VideoDiT.from_pretrained(run / "final/ema")
+    assert (run / "final/model/diffusion_pytorch_model.safetensors").is_file()
+    assert load_train_config(run / "config.yaml").run.max_steps == 2
+    with pytest.raises(ConfigError, match="exclude each other"):
+        train_fn(DIT_TINY, fresh=True, resume_from=1, run_dir=tmp_path / "other")

@@ -6,9 +6,11 @@ student of a Stage B DiT ("distill").
         --config configs/dit_official_finetune.yaml [--set optim.lr=1e-5 data.videos=list.txt ...]
     python -m cascadev.training.train --config configs/dit_tiny.yaml --set data.videos=clips/ --max-steps 20
 
-``main`` reads top to bottom: config -> inputs (data sources, weight files) -> Accelerator -> models -> run dir
--> prepare -> resume -> loop -> save. Nothing is written before the models are built, so a start that fails
-(bad input, weights that do not load) leaves no run directory behind.
+From Python: ``train(config, overrides=..., max_steps=...)`` (``cascadev.training.train``), which reads top to
+bottom in phases: ``prepare_run`` (config, the checkpoint to resume, inputs: data sources, weight files) ->
+``build`` (Accelerator, models, run dir, prepare, optimizers) -> ``resume`` -> ``loop`` -> ``export``. ``main`` and
+``parse_args`` are the command line over it. Nothing is written before the models are built, so a start that
+fails (bad input, weights that do not load) leaves no run directory behind.
 What differs between stages (models, loss, validation, export) is a task object from ``cascadev/training/tasks/``
 (one module per stage, ``build_task``); this module is what they share: the loop, checkpoints, EMA, LR schedule,
 logs and the CLI.
@@ -42,13 +44,17 @@ import logging.handlers
 import shutil
 import sys
 import time
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from cascadev.config import ConfigError, save_config, to_dict
+from cascadev.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
 from cascadev.errors import OneLineParser, run_guarded
 from cascadev.training.args import add_train_arguments
 from cascadev.training.config import TrainConfig, check_cache, check_weight_files, load_train_config
@@ -56,7 +62,7 @@ from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDatase
                                     image_steps_before, list_samples, make_loader, mix_seed, split_validation)
 from cascadev.training.tasks import build_task, is_fsdp
 from cascadev.video_io import check_output_folder
-from cascadev.weights import CascadeModel, atomic_write, save_state_dict, write_json
+from cascadev.weights import atomic_write, save_state_dict, write_json
 
 log = logging.getLogger("cascadev.training.train")
 
@@ -69,28 +75,12 @@ EMA_WEIGHTS = "ema.safetensors"
 # -- final weights ----------------------------------------------------------------------------------
 
 def export_final(task, final: Path, state_dict: dict, ema: dict | None) -> None:
-    """Write the final weights. Stages dit and vae: ``final/model`` (trained weights) and ``final/ema`` (EMA
-    parameters, the model's buffers). Stages semantic and base: ``final/`` itself is a folder their loaders
-    take (semantic_encoder/ + previewer/; base_dit/ + text_encoder/) holding the EMA weights when EMA is on --
-    what inference should use -- else the trained ones; with EMA, the trained weights also go to ``final/model/``."""
+    """Write the final weights: ``task.export_final`` decides what goes where -- stages dit and vae: ``final/model``
+    (trained weights) and ``final/ema`` (EMA parameters, the model's buffers); semantic, base and distill: ``final/``
+    itself is a folder their loaders take, holding the EMA weights when EMA is on -- what inference should use --
+    else the trained ones; with EMA, the trained weights also go to ``final/model/``."""
     ema_state = {**state_dict, **{k: v.cpu() for k, v in ema.items()}} if ema is not None else None
-    if task.name == "distill":   # final/: the student's cascade folder (EMA weights when on); final/model/: its DiT
-        task.export(ema_state if ema_state is not None else state_dict, final)
-        if ema_state is not None:
-            task.export_dit(state_dict, final / "model")
-        return
-    if task.name in ("dit", "vae"):
-        task.export(state_dict, final / "model")
-        if ema_state is not None:
-            task.export(ema_state, final / "ema")
-        return
-    task.export(ema_state if ema_state is not None else state_dict, final)
-    if ema_state is not None:
-        task.export(state_dict, final / "model")
-    if task.name == "base":   # the frozen text encoder, once (final/model/ shares it), and the objective's sampler
-        from cascadev.pipelines.text_to_video import SCHEDULER_DIR, TEXT_ENCODER_DIR, scheduler_for
-        task.text_encoder.save_pretrained(final / TEXT_ENCODER_DIR)
-        scheduler_for(task.config.diffusion).save_pretrained(final / SCHEDULER_DIR)
+    task.export_final(final, state_dict, ema_state)
 
 
 # -- small helpers ----------------------------------------------------------------------------------
@@ -159,8 +149,7 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict |
             if ema is not None:
                 save_state_dict(ema, tmp / EMA_WEIGHTS)
             save_config(config, tmp / "config.yaml")
-            if task.name in ("dit", "base", "distill") and isinstance(task.model, CascadeModel):  # VideoDiT / TextDiT
-                task.model.save_config(tmp)                                   # folder (not a DiffusionAutoencoder)
+            task.save_model_config(tmp)                   # dit, base, distill: config.json (VideoDiT / TextDiT)
             write_json(tmp / TRAINER_STATE, {**state, "step": step})
     except OSError as e:       # a full disk, no permission: one line, and no half checkpoint left behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -295,91 +284,126 @@ def set_aside(paths: list[Path], root: Path, why: str) -> None:
     log.info("moved %d checkpoint(s) to %s", len(paths), folder)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m cascadev.training.train", description=__doc__.splitlines()[0])
-    add_train_arguments(parser)
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
-    return parser.parse_args(argv)
+# -- the run, in phases: prepare_run -> build -> resume -> loop -> export ---------------------------------------
+
+@dataclass
+class RunPlan:
+    """What ``prepare_run`` settles before anything is built or written: the resolved config, the checkpoint to
+    resume from (None: step 0), the checkpoints to set aside and the folder name they go under, the config changes
+    allowed on resuming (listed for the log), and the data sources, checked."""
+    config: TrainConfig
+    run_dir: Path
+    checkpoint: tuple[int, Path] | None
+    superseded: list[Path]
+    set_aside_as: str
+    changed: str | None
+    train_set: VideoDataset | LatentDataset
+    val_set: VideoDataset | list
+    image_set: ImageDataset | None
+    notes: list[str]
 
 
-# -- the script -------------------------------------------------------------------------------------
+@dataclass
+class Session:
+    """What ``build`` makes: the Accelerator, the task, the prepared modules and optimizers ("model", "optimizer";
+    with a discriminator also "discriminator", "d_optimizer"), the trained parameters, the model's optimizer as
+    built (the LR schedule's), and the EMA with its parameter names (None and [] when off)."""
+    accelerator: Any
+    task: Any
+    prepared: dict
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    ema: EMAModel | None
+    ema_names: list[str]
 
-def main(argv: list[str] | None = None) -> Path:
-    """Train as the config says (``argv`` as on the command line); returns the run directory."""
-    return run_training(parse_args(argv))
+
+def resolve_config(config: TrainConfig | str | Path, overrides: Sequence[str] = (), max_steps: int | None = None,
+                   run_dir: str | Path | None = None) -> TrainConfig:
+    """The run's config: a YAML file or a ``TrainConfig``, with ``overrides`` (``"optim.lr=1e-4"``, type-checked)
+    and then ``max_steps`` / ``run_dir`` (the same as ``run.max_steps=N`` / ``run.dir=DIR``)."""
+    overrides = list(overrides)
+    if max_steps is not None:
+        overrides.append(f"run.max_steps={max_steps}")
+    if run_dir is not None:
+        overrides.append(f"run.dir={run_dir}")
+    if not isinstance(config, TrainConfig):
+        return load_train_config(config, overrides)
+    return from_dict(TrainConfig, apply_overrides(to_dict(config), overrides)) if overrides else config
 
 
-def run_training(args: argparse.Namespace) -> Path:
-    """The training script, from parsed arguments (``cascadev train`` calls this)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
-
-    # an earlier run in this process (tests, notebooks) leaves its train.log attached: detach it until the
-    # Accelerator says whether this process logs (a PartialState made here would miss accelerate's settings)
-    setup_logging(main_process=False)
-    # -- config
-    overrides = list(args.overrides)
-    if args.max_steps is not None:
-        overrides.append(f"run.max_steps={args.max_steps}")
-    if args.run_dir is not None:
-        overrides.append(f"run.dir={args.run_dir}")
-    config = load_train_config(args.config, overrides)
-    run, data, optim = config.run, config.data, config.optim
-    run_dir = Path(run.dir)
+def prepare_run(config: TrainConfig, resume_from: int | None = None, fresh: bool = False,
+                allow_config_change: bool = False) -> RunPlan:
+    """Which checkpoint the run continues from (the newest complete one, ``resume_from``'s, or none with ``fresh``),
+    checked to be this model; then the inputs: data sources and weight files. Builds and writes nothing, so a bad
+    start leaves nothing behind."""
+    if fresh and resume_from is not None:
+        raise ConfigError(f"fresh and resume_from={resume_from} exclude each other: start over, or go back")
+    run_dir = Path(config.run.dir)
     ckpt_root = run_dir / "checkpoints"
     found = checkpoints(ckpt_root)
-    fresh, resume_from = args.fresh, args.resume_from
     if resume_from is not None and resume_from not in dict(found):
         raise ConfigError(f"--resume-from {resume_from}: no complete checkpoint of that step in {ckpt_root} "
                           f"(have: {[s for s, _ in found] or 'none'})")
     superseded = [p for s, p in found if fresh or (resume_from is not None and s > resume_from)]
     found = [(s, p) for s, p in found if p not in superseded]
-    changed = None
-    if found:      # before anything is written or built: the checkpoint must be this model
-        changed = check_resume(found[-1][1], config, args.allow_config_change)
+    changed = check_resume(found[-1][1], config, allow_config_change) if found else None
 
-    # -- inputs: data sources and weight files, before anything is built or written (a bad start leaves nothing)
     check_output_folder(run_dir, "run.dir")
     train_set, val_set, image_set, notes = open_data(config)
     check_weight_files(config)
     if isinstance(train_set, VideoDataset):
         train_set.check_loadable()                           # decodes clips: after the checks that only look
+    return RunPlan(config, run_dir, found[-1] if found else None, superseded,
+                   "replaced" if fresh else f"after-{resume_from}", changed, train_set, val_set, image_set, notes)
 
-    # -- Accelerator: rank, world size, device, mixed precision, trackers
+
+def make_accelerator(plan: RunPlan):
+    """The Accelerator (rank, world size, device, mixed precision, trackers), and logging as its rank says."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    config, run_dir = plan.config, plan.run_dir
     # VAE: a trainable pattern may select parameters the forward never uses (diffusers' temporal mid-block skips
     # its attention with one layer per block), which plain DDP refuses
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "vae")
-    accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with="tensorboard" if run.tensorboard else None,
+    accelerator = Accelerator(mixed_precision=config.run.mixed_precision,
+                              log_with="tensorboard" if config.run.tensorboard else None,
                               project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                                   logging_dir=str(run_dir / "logs")),
                               kwargs_handlers=[ddp])
-    if optim.ema_decay > 0 and is_fsdp(accelerator):
+    if config.optim.ema_decay > 0 and is_fsdp(accelerator):
         raise ConfigError("EMA over FSDP shards is not supported: set optim.ema_decay=0 (or use DDP)")
     setup_logging(accelerator.is_main_process)
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     log.info("stage %s on %d process(es), device %s, mixed precision %s, run dir %s",
-             config.stage, world, device, run.mixed_precision, run_dir)
-    if changed:
-        log.warning("resuming with a changed config: %s", changed)
-    set_seed(run.seed)                                       # the same initial weights on every rank
+             config.stage, accelerator.num_processes, accelerator.device, config.run.mixed_precision, run_dir)
+    if plan.changed:
+        log.warning("resuming with a changed config: %s", plan.changed)
+    return accelerator
 
-    # -- models (weights from the hub or files may still fail to load: the run dir is not written before they are)
-    task = build_task(config).to(device)
+
+def build(plan: RunPlan) -> Session:
+    """Accelerator, task (models), EMA, the run dir's first writes, then DDP / FSDP wrapping, device placement,
+    autocast and grad scaler of the model (first, as FSDP needs), its optimizer and the discriminator's. Weights
+    from the hub or files may still fail to load: the run dir is not written before they are."""
+    from accelerate.utils import set_seed
+
+    config, optim = plan.config, plan.config.optim
+    accelerator = make_accelerator(plan)
+    set_seed(config.run.seed)                                # the same initial weights on every rank
+    task = build_task(config).to(accelerator.device)
     model = task.model
     log.info("%s: %.2fM parameters, %.2fM trained", type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6,
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
     ema, ema_names = make_ema(model, optim.ema_decay) if optim.ema_decay > 0 else (None, [])
-    open_run_dir(accelerator, run_dir, config, superseded, "replaced" if fresh else f"after-{resume_from}")
+    open_run_dir(accelerator, plan.run_dir, config, plan.superseded, plan.set_aside_as)
 
-    # -- data
-    for note in notes:
+    for note in plan.notes:
         log.warning(note)
-    log.info("data: %d training %s, %d validation clip(s)%s", len(train_set), train_set.kind + "s", len(val_set),
-             f", {len(image_set)} images (p={data.image_prob})" if image_set else "")
+    train_set, image_set = plan.train_set, plan.image_set
+    log.info("data: %d training %s, %d validation clip(s)%s", len(train_set), train_set.kind + "s", len(plan.val_set),
+             f", {len(image_set)} images (p={config.data.image_prob})" if image_set else "")
 
-    # -- prepare: DDP / FSDP wrapping, device placement, autocast, grad scaler (model first, as FSDP needs)
     prepared = {"model": accelerator.prepare(model)}
     params = [p for p in prepared["model"].parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
@@ -389,97 +413,153 @@ def run_training(args: argparse.Namespace) -> Path:
         prepared["discriminator"] = accelerator.prepare(task.discriminator)
         d_opt = torch.optim.AdamW(prepared["discriminator"].parameters(), lr=config.vae.disc_lr, betas=(0.5, 0.9))
         prepared["d_optimizer"] = accelerator.prepare(d_opt)
-    if run.tensorboard:
+    if config.run.tensorboard:
         accelerator.init_trackers("tb", config=flat_config(config))
+    return Session(accelerator, task, prepared, params, optimizer, ema, ema_names)
 
-    # -- resume from the newest complete checkpoint (or --resume-from's)
-    step, state = 0, {"skipped": 0}
-    if found:
-        step, path = found[-1]
-        accelerator.load_state(str(path))
-        state = json.loads((path / TRAINER_STATE).read_text())
-        if ema is not None and (path / EMA_WEIGHTS).is_file():
-            load_ema_weights(ema, ema_names, path / EMA_WEIGHTS)
-            ema.optimization_step = state.get("ema_step", step)   # older checkpoints: one update per step before
-        log.info("resumed from %s (step %d)", path, step)
 
-    lr_scheduler = lr_scheduler_at(optimizer, config, step)      # on the optimizer the prepared one wraps
+def resume(plan: RunPlan, session: Session) -> tuple[int, dict]:
+    """(step, trainer state) of the plan's checkpoint, loaded into the session (accelerate state, EMA); (0, fresh
+    state) without one."""
+    if plan.checkpoint is None:
+        return 0, {"skipped": 0}
+    step, path = plan.checkpoint
+    session.accelerator.load_state(str(path))
+    state = json.loads((path / TRAINER_STATE).read_text())
+    ema = session.ema
+    if ema is not None and (path / EMA_WEIGHTS).is_file():
+        load_ema_weights(ema, session.ema_names, path / EMA_WEIGHTS)
+        ema.optimization_step = state.get("ema_step", step)   # older checkpoints: one update per step before
+    log.info("resumed from %s (step %d)", path, step)
+    return step, state
 
-    # data streams continue where the consumed micro-batches leave them
-    micro_done = step * optim.grad_accum
-    image_batches = image_steps_before(run.seed, micro_done, data.image_prob) if image_set else 0
-    video_iter = make_loader(train_set, data.batch_size, run.seed, rank, world, micro_done - image_batches,
+
+def data_streams(plan: RunPlan, accelerator, step: int) -> tuple:
+    """(video batches, image batches or None), continuing where the micro-batches of ``step`` steps leave them."""
+    config, data = plan.config, plan.config.data
+    rank, world, seed = accelerator.process_index, accelerator.num_processes, config.run.seed
+    micro_done = step * config.optim.grad_accum
+    image_batches = image_steps_before(seed, micro_done, data.image_prob) if plan.image_set else 0
+    video_iter = make_loader(plan.train_set, data.batch_size, seed, rank, world, micro_done - image_batches,
                              data.num_workers)
-    image_iter = (make_loader(image_set, data.images_per_batch, run.seed + 1, rank, world, image_batches,
-                              data.num_workers) if image_set else None)
-    val_clips = [val_set[i] for i in range(len(val_set))]     # {"video": (3, T, H, W), "caption"}
+    image_iter = (make_loader(plan.image_set, data.images_per_batch, seed + 1, rank, world, image_batches,
+                              data.num_workers) if plan.image_set else None)
+    return video_iter, image_iter
 
-    # -- loop
+
+@dataclass
+class Meter:
+    """What the loop adds up between two log lines: logged values (means over micro-batches), steps, samples and
+    frames seen (all ranks), since ``tic``."""
+    sums: dict[str, float] = field(default_factory=dict)
+    counted: int = 0
+    samples: int = 0
+    frames: int = 0
+    tic: float = field(default_factory=time.perf_counter)
+
+
+def accumulate(plan: RunPlan, session: Session, streams: tuple, step: int, state: dict, meter: Meter) -> None:
+    """Loss and backward of step ``step``'s micro-batches (gradients synchronised on the last); the noise of
+    micro-step m on rank r from a generator seeded with (seed, m, r)."""
+    accelerator, run, optim = session.accelerator, plan.config.run, plan.config.optim
+    video_iter, image_iter = streams
+    for micro in range(optim.grad_accum):
+        m = step * optim.grad_accum + micro
+        as_images = image_step(run.seed, m, plan.config.data.image_prob)
+        batch = next(image_iter if as_images and image_iter is not None else video_iter)
+        state["skipped"] += batch["skipped"]
+        generator = torch.Generator(accelerator.device).manual_seed(mix_seed(run.seed, m, accelerator.process_index, 2))
+        sync = micro == optim.grad_accum - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(session.prepared["model"]):
+            logs = session.task.micro_step(accelerator, session.prepared, batch, generator, as_images, step,
+                                           optim.grad_accum)
+        for k, v in logs.items():
+            meter.sums[k] = meter.sums.get(k, 0.0) + float(v) / optim.grad_accum
+        first = next(v for k, v in batch.items() if isinstance(v, torch.Tensor))
+        meter.samples += first.shape[0] * accelerator.num_processes
+        meter.frames += first.shape[0] * first.shape[2] * accelerator.num_processes
+
+
+def optimizer_step(session: Session, lr_scheduler, grad_clip: float) -> float:
+    """Clip, step and zero the optimizers, step the LR schedule and the EMA; returns the gradient norm."""
+    accelerator, prepared, ema = session.accelerator, session.prepared, session.ema
+    grad_norm = accelerator.clip_grad_norm_(session.params, grad_clip if grad_clip > 0 else float("inf"))
+    for key in ("optimizer", "d_optimizer"):
+        if key in prepared:
+            prepared[key].step()
+            prepared[key].zero_grad(set_to_none=True)
+    lr_scheduler.step()                                       # every step, skipped (fp16 overflow) ones too
+    if ema is not None and accelerator.optimizer_step_was_skipped:
+        ema.optimization_step += 1                            # no update, but the warmup counts the step
+    elif ema is not None:
+        ema.step(p for p in accelerator.unwrap_model(prepared["model"]).parameters() if p.requires_grad)
+    return float(grad_norm)
+
+
+def log_means(session: Session, meter: Meter, state: dict, lr: float, step: int, progress) -> None:
+    """The means since the last log line, over ranks, to the trackers, the progress bar and the log."""
+    accelerator, device = session.accelerator, session.accelerator.device
+    means = {k: v / meter.counted for k, v in meter.sums.items()}
+    means = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in means.items()}
+    skipped = int(accelerator.reduce(torch.tensor(state["skipped"], device=device), "sum").item())
+    elapsed = time.perf_counter() - meter.tic
+    means.update({"lr": lr, "samples_per_s": meter.samples / elapsed, "frames_per_s": meter.frames / elapsed,
+                  "data/skipped": skipped})
+    accelerator.log({f"train/{k}" if "/" not in k else k: v for k, v in means.items()}, step=step)
+    progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")
+    log.info("step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in means.items()))
+
+
+def loop(plan: RunPlan, session: Session, step: int, state: dict) -> None:
+    """Train from ``step`` to run.max_steps: log, validate and save a checkpoint as often as the config says, and
+    at the last step."""
+    from tqdm.auto import tqdm
+
+    config, run = plan.config, plan.config.run
+    accelerator, task, ema = session.accelerator, session.task, session.ema
+    lr_scheduler = lr_scheduler_at(session.optimizer, config, step)  # on the optimizer the prepared one wraps
+    streams = data_streams(plan, accelerator, step)
+    val_clips = [plan.val_set[i] for i in range(len(plan.val_set))]   # {"video": (3, T, H, W), "caption"}
     progress = tqdm(total=run.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
                     dynamic_ncols=True)
-    sums: dict[str, float] = {}
-    counted, tic, samples_seen, frames_seen = 0, time.perf_counter(), 0, 0
+    meter = Meter()
     while step < run.max_steps:
-        for micro in range(optim.grad_accum):
-            m = step * optim.grad_accum + micro
-            as_images = image_step(run.seed, m, data.image_prob)
-            batch = next(image_iter if as_images and image_iter is not None else video_iter)
-            state["skipped"] += batch["skipped"]
-            generator = torch.Generator(device).manual_seed(mix_seed(run.seed, m, rank, 2))
-            sync = micro == optim.grad_accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(prepared["model"]):
-                logs = task.micro_step(accelerator, prepared, batch, generator, as_images, step, optim.grad_accum)
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / optim.grad_accum
-            first = next(v for k, v in batch.items() if isinstance(v, torch.Tensor))
-            samples_seen += first.shape[0] * world
-            frames_seen += first.shape[0] * first.shape[2] * world
+        accumulate(plan, session, streams, step, state, meter)
         lr = lr_scheduler.get_last_lr()[0]
-        grad_norm = accelerator.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
-        for key in ("optimizer", "d_optimizer"):
-            if key in prepared:
-                prepared[key].step()
-                prepared[key].zero_grad(set_to_none=True)
-        lr_scheduler.step()                                   # every step, skipped (fp16 overflow) ones too
-        if ema is not None and accelerator.optimizer_step_was_skipped:
-            ema.optimization_step += 1                        # no update, but the warmup counts the step
-        elif ema is not None:
-            ema.step(p for p in accelerator.unwrap_model(prepared["model"]).parameters() if p.requires_grad)
+        grad_norm = optimizer_step(session, lr_scheduler, config.optim.grad_clip)
         step += 1
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-        counted += 1
+        meter.sums["grad_norm"] = meter.sums.get("grad_norm", 0.0) + grad_norm
+        meter.counted += 1
         progress.update(1)
 
         if step % run.log_every == 0 or step == run.max_steps:
-            means = {k: v / counted for k, v in sums.items()}
-            means = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in means.items()}
-            skipped = int(accelerator.reduce(torch.tensor(state["skipped"], device=device), "sum").item())
-            elapsed = time.perf_counter() - tic
-            means.update({"lr": lr, "samples_per_s": samples_seen / elapsed, "frames_per_s": frames_seen / elapsed,
-                          "data/skipped": skipped})
-            accelerator.log({f"train/{k}" if "/" not in k else k: v for k, v in means.items()}, step=step)
-            progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")
-            log.info("step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in means.items()))
-            sums, counted, tic, samples_seen, frames_seen = {}, 0, time.perf_counter(), 0, 0
+            log_means(session, meter, state, lr, step, progress)
+            meter = Meter()
         if val_clips and (step % run.val_every == 0 or step == run.max_steps):
-            val_logs = task.validate(accelerator, prepared, val_clips, step, run_dir)
+            val_logs = task.validate(accelerator, session.prepared, val_clips, step, plan.run_dir)
             accelerator.log(val_logs, step=step)
             log.info("step %d  validation  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in val_logs.items()))
         if step % run.save_every == 0 or step == run.max_steps:
             if ema is not None:
                 state["ema_step"] = ema.optimization_step
-            ema_state = ema_weights(ema, ema_names) if ema is not None else None
-            path = save_checkpoint(accelerator, ckpt_root, step, state, ema_state, task, config, run.keep_checkpoints)
+            ema_state = ema_weights(ema, session.ema_names) if ema is not None else None
+            path = save_checkpoint(accelerator, plan.run_dir / "checkpoints", step, state, ema_state, task, config,
+                                   run.keep_checkpoints)
             log.info("saved %s", path)
     progress.close()
 
-    # -- save: final weights (and EMA) in our formats (``export_final``)
-    state_dict = accelerator.get_state_dict(prepared["model"])
-    if accelerator.is_main_process:       # written beside, then renamed: a killed export leaves no half final/
-        final, tmp = run_dir / "final", run_dir / FINAL_TMP
+
+def export(plan: RunPlan, session: Session) -> Path:
+    """The final weights (and EMA) in our formats (``export_final``) in ``run_dir/final``, written beside and
+    renamed (a killed export leaves no half final/); ends the run. Returns the run directory."""
+    accelerator, ema = session.accelerator, session.ema
+    state_dict = accelerator.get_state_dict(session.prepared["model"])
+    if accelerator.is_main_process:
+        final, tmp = plan.run_dir / "final", plan.run_dir / FINAL_TMP
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            export_final(task, tmp, state_dict, ema_weights(ema, ema_names) if ema is not None else None)
+            ema_state = ema_weights(ema, session.ema_names) if ema is not None else None
+            export_final(session.task, tmp, state_dict, ema_state)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(f"could not write the final weights to {final}: {e.strerror or e}") from None
@@ -489,10 +569,60 @@ def run_training(args: argparse.Namespace) -> Path:
         log.info("final weights in %s", final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    del video_iter, image_iter
-    return run_dir
+    return plan.run_dir
+
+
+def train(config: TrainConfig | str | Path, *, overrides: Sequence[str] = (), resume_from: int | None = None,
+          fresh: bool = False, allow_config_change: bool = False, max_steps: int | None = None,
+          run_dir: str | Path | None = None) -> Path:
+    """Train a stage as ``config`` (a YAML file or a ``TrainConfig``) says; returns the run directory, whose
+    ``final/`` holds the export.
+
+    ``overrides``: ``"key=value"`` strings as ``--set`` takes them; ``max_steps`` / ``run_dir``: ``run.max_steps`` /
+    ``run.dir``. A run dir with checkpoints continues from the newest, unless ``resume_from`` names an older step
+    (later ones are moved aside) or ``fresh`` starts at step 0 (all moved aside); a config that changed since the
+    checkpoint resumes only with ``allow_config_change`` (and never into another model). Under ``accelerate launch``
+    every process calls this."""
+    # an earlier run in this process (tests, notebooks) leaves its train.log attached: detach it until the
+    # Accelerator says whether this process logs (a PartialState made here would miss accelerate's settings)
+    setup_logging(main_process=False)
+    plan = prepare_run(resolve_config(config, overrides, max_steps, run_dir), resume_from, fresh, allow_config_change)
+    session = build(plan)
+    step, state = resume(plan, session)
+    loop(plan, session, step, state)
+    return export(plan, session)
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(prog="python -m cascadev.training.train", description=__doc__.splitlines()[0])
+    add_train_arguments(parser)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
+    return parser.parse_args(argv)
+
+
+def run_training(args: argparse.Namespace) -> Path:
+    """``train`` with the command line's arguments (``add_train_arguments``; ``cascadev train`` calls this)."""
+    return train(args.config, overrides=args.overrides, resume_from=args.resume_from, fresh=args.fresh,
+                 allow_config_change=args.allow_config_change, max_steps=args.max_steps, run_dir=args.run_dir)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train as the config says (``argv`` as on the command line); returns the run directory."""
+    return run_training(parse_args(argv))
+
+
+class _CallableModule(types.ModuleType):
+    """``cascadev.training.train`` is both this module (``python -m cascadev.training.train``) and, as the package
+    exports it, the function: calling the module calls ``train``."""
+
+    def __call__(self, *args, **kwargs) -> Path:
+        return train(*args, **kwargs)
 
 
 if __name__ == "__main__":
     args = parse_args(None)
     run_guarded("cascadev.training.train", lambda: run_training(args), args.debug)
+else:
+    sys.modules[__name__].__class__ = _CallableModule

@@ -15,8 +15,10 @@ What the loop uses of a task:
   micro-batch (``prepared`` holds the prepared "model" and "discriminator"); returns the values to log.
 - ``validate(accelerator, prepared, clips, step, run_dir)``: metrics on held-out clips, and a sample under
   ``run_dir/samples``.
-- ``export(state_dict, directory)``: final weights in our formats (``cascadev.training.train.export_final`` decides
-  which state dict goes where; for stage base it also saves ``text_encoder``).
+- ``save_model_config(directory)``: what a checkpoint holds beside accelerate's state (a DiT's ``config.json``).
+- ``export_final(final, state_dict, ema_state)``: the run's ``final/`` folder -- which weights (trained, EMA) go
+  where -- through ``export(state_dict, directory)``, the weights in our formats (for stage base also the
+  ``text_encoder`` and the sampler).
 
 ``DiTTask`` and ``BaseTask`` also ``encode`` videos into what ``cascadev.training.cache_latents`` stores, built with
 ``build_model=False`` (frozen encoders only). Every model is initialised under ``seeded(seed, part)``, so each

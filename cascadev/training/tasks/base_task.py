@@ -12,7 +12,9 @@ from cascadev.training.config import TrainConfig
 from cascadev.training.data import mix_seed
 from cascadev.training.diffusion import build_diffusion
 from cascadev.training.losses import base_training_loss
-from cascadev.training.tasks.common import build_semantic_encoder, init_weights, is_fsdp, save_module, seeded
+from cascadev.training.tasks.common import (build_semantic_encoder, export_for_inference, init_weights, is_fsdp,
+                                            save_module, seeded)
+from cascadev.weights import CascadeModel
 
 
 def build_base_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
@@ -162,6 +164,19 @@ class BaseTask:
             save_latents(run_dir / "samples" / f"step_{step:08d}.safetensors", z.cpu(), prompt=clips[0]["caption"])
         model.train()
         return logs
+
+    def save_model_config(self, directory: Path) -> None:
+        """A checkpoint's ``config.json``, so it loads with ``TextDiT.from_legacy_folder``."""
+        if isinstance(self.model, CascadeModel):
+            self.model.save_config(directory)
+
+    def export_final(self, final: Path, state_dict: dict, ema_state: dict | None) -> None:
+        """``final/`` as ``export`` writes it, with the EMA weights when on (the trained ones then in ``final/model``),
+        and once (``final/model`` shares it) the frozen text encoder and the objective's sampler."""
+        from cascadev.pipelines.text_to_video import SCHEDULER_DIR, TEXT_ENCODER_DIR, scheduler_for
+        export_for_inference(self, final, state_dict, ema_state)
+        self.text_encoder.save_pretrained(final / TEXT_ENCODER_DIR)
+        scheduler_for(self.config.diffusion).save_pretrained(final / SCHEDULER_DIR)
 
     def export(self, state_dict: dict, directory: Path) -> None:
         """``base_dit/`` in our format (``TextDiT.from_pretrained``); ``export_final`` adds ``text_encoder/`` and

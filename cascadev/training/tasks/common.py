@@ -97,3 +97,19 @@ def write_sample(run_dir: Path, step: int, videos: list[torch.Tensor]) -> None:
 def is_fsdp(accelerator) -> bool:
     """Whether the model is sharded (FSDP): no EMA, no sampled validation."""
     return accelerator.distributed_type.name == "FSDP"
+
+
+def export_trained_and_ema(task, final: Path, state_dict: dict, ema_state: dict | None) -> None:
+    """Stages dit and vae: the trained weights in ``final/model``, the EMA ones (when on) in ``final/ema``."""
+    task.export(state_dict, final / "model")
+    if ema_state is not None:
+        task.export(ema_state, final / "ema")
+
+
+def export_for_inference(task, final: Path, state_dict: dict, ema_state: dict | None) -> None:
+    """Stages semantic and base: ``final/`` itself is a folder their loaders take, holding the EMA weights when EMA
+    is on -- what inference should use -- else the trained ones; with EMA, the trained ones also go to
+    ``final/model``."""
+    task.export(ema_state if ema_state is not None else state_dict, final)
+    if ema_state is not None:
+        task.export(state_dict, final / "model")

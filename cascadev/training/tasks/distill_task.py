@@ -181,6 +181,13 @@ class DistillTask(DiTTask):
         model.train()
         return {k: sum(v) / len(v) for k, v in scores.items() if v}
 
+    def export_final(self, final: Path, state_dict: dict, ema_state: dict | None) -> None:
+        """``final/``: the student's cascade folder (EMA weights when on); with EMA, ``final/model/``: its
+        trained DiT."""
+        self.export(ema_state if ema_state is not None else state_dict, final)
+        if ema_state is not None:
+            self.export_dit(state_dict, final / "model")
+
     def export(self, state_dict: dict, directory: Path) -> None:
         """A cascade folder (``CascadeVPipeline.save_pretrained``) with the student DiT and its sampler: the teacher
         cascade's other parts and settings when the teacher is one, else this run's Stage A and semantic encoder."""

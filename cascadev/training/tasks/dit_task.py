@@ -14,8 +14,9 @@ from cascadev.pipelines.conditioning import (downsample_video, resize_small_from
 from cascadev.training.config import TrainConfig
 from cascadev.training.data import mix_seed
 from cascadev.training.diffusion import build_diffusion, mean_flat
-from cascadev.training.tasks.common import (PART_DIRS, build_semantic_encoder, encode_frames, init_weights, is_fsdp,
-                                            save_module, seeded, write_sample)
+from cascadev.training.tasks.common import (PART_DIRS, build_semantic_encoder, encode_frames, export_trained_and_ema,
+                                            init_weights, is_fsdp, save_module, seeded, write_sample)
+from cascadev.weights import CascadeModel
 
 
 def build_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
@@ -213,6 +214,16 @@ class DiTTask:
             write_sample(run_dir, step, [clips[0]["video"][None].cpu(), reference.cpu(), recon.cpu()])
         model.train()
         return logs
+
+    def save_model_config(self, directory: Path) -> None:
+        """A checkpoint's ``config.json``, so it loads with ``VideoDiT.from_legacy_folder`` (none for a
+        ``DiffusionAutoencoder``)."""
+        if isinstance(self.model, CascadeModel):
+            self.model.save_config(directory)
+
+    def export_final(self, final: Path, state_dict: dict, ema_state: dict | None) -> None:
+        """``final/model`` (trained weights) and ``final/ema`` (EMA weights, when on)."""
+        export_trained_and_ema(self, final, state_dict, ema_state)
 
     def export(self, state_dict: dict, directory: Path) -> None:
         """Weights in diffusers' layout (``config.json`` + ``diffusion_pytorch_model.safetensors``);

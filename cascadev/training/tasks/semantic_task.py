@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from cascadev.pipelines.conditioning import downsample_video
 from cascadev.training.config import TrainConfig
-from cascadev.training.tasks.common import (PART_DIRS, encode_frames, load_semantic_encoder, save_module, seeded,
-                                            write_sample)
+from cascadev.training.tasks.common import (PART_DIRS, encode_frames, export_for_inference, load_semantic_encoder,
+                                            save_module, seeded, write_sample)
 from cascadev.weights import CONFIG_NAME
 
 
@@ -117,6 +117,14 @@ class SemanticTask:
         if not values:
             return {}
         return {"val/psnr": torch.stack(values).mean().item(), "val/l1": torch.stack(l1).mean().item()}
+
+    def save_model_config(self, directory: Path) -> None:
+        """Nothing beside accelerate's state in a checkpoint."""
+
+    def export_final(self, final: Path, state_dict: dict, ema_state: dict | None) -> None:
+        """``final/`` as ``export`` writes it, with the EMA weights when on; then the trained ones in
+        ``final/model``."""
+        export_for_inference(self, final, state_dict, ema_state)
 
     def export(self, state_dict: dict, directory: Path) -> None:
         """``semantic_encoder/`` and ``previewer/`` in our format (``SemanticEncoder/Previewer.from_pretrained``;

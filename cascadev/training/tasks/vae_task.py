@@ -13,7 +13,7 @@ from einops import rearrange
 from cascadev.config import ConfigError
 from cascadev.training.config import TrainConfig
 from cascadev.training.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, kl_standard_normal, load_lpips_loss
-from cascadev.training.tasks.common import seeded, write_sample
+from cascadev.training.tasks.common import export_trained_and_ema, seeded, write_sample
 from cascadev.weights import save_state_dict
 
 
@@ -142,6 +142,13 @@ class VAETask:
         if not values:
             return {}
         return {"val/psnr": torch.stack(values).mean().item(), "val/l1": torch.stack(l1).mean().item()}
+
+    def save_model_config(self, directory: Path) -> None:
+        """Nothing beside accelerate's state in a checkpoint."""
+
+    def export_final(self, final: Path, state_dict: dict, ema_state: dict | None) -> None:
+        """``final/model`` (trained weights) and ``final/ema`` (EMA weights, when on)."""
+        export_trained_and_ema(self, final, state_dict, ema_state)
 
     def export(self, state_dict: dict, directory: Path) -> None:
         """A diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``): load it with
