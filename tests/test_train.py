@@ -499,7 +499,7 @@ def test_train_from_python_with_a_config_object_needs_no_namespace(clips, tmp_pa
     import argparse
 
     import cascadev.training.train as train_module
-    from cascadev.training import train as train_fn
+    from cascadev.training.train import train as train_fn
 
     def no_namespace(*args, **kwargs):
         raise AssertionError("an argparse.Namespace was made on the way through train()")

@@ -44,7 +44,6 @@ import logging.handlers
 import shutil
 import sys
 import time
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -613,16 +612,6 @@ def main(argv: list[str] | None = None) -> Path:
     return run_training(parse_args(argv))
 
 
-class _CallableModule(types.ModuleType):
-    """``cascadev.training.train`` is both this module (``python -m cascadev.training.train``) and, as the package
-    exports it, the function: calling the module calls ``train``."""
-
-    def __call__(self, *args, **kwargs) -> Path:
-        return train(*args, **kwargs)
-
-
 if __name__ == "__main__":
     args = parse_args(None)
     run_guarded("cascadev.training.train", lambda: run_training(args), args.debug)
-else:
-    sys.modules[__name__].__class__ = _CallableModule
