@@ -178,6 +178,14 @@ def test_call_with_a_generator_is_reproducible_and_steps_call_back(pipe):
     assert seen == [(0, (1, 16, 4, 2, 4)), (1, (1, 16, 4, 2, 4))] and torch.equal(z, torch.zeros_like(z))
     with pytest.raises(ValueError, match="can only hold 'latents'"):
         latents(pipe, "a red ball", callback_on_step_end_tensor_inputs=("noise",))
+    # an ancestral sampler's steps draw from one stream seeded with the first generator's seed, as seed= did
+    saved, pipe.base_scheduler = pipe.base_scheduler, make_scheduler("euler_a")
+    try:
+        z = latents(pipe, "a red ball", generator=torch.Generator().manual_seed(5))
+        assert torch.equal(z, latents(pipe, "a red ball", generator=seed_generators(5, 1)))
+        assert torch.equal(latents(pipe, "a red ball"), latents(pipe, "a red ball", generator=seed_generators(0, 1)))
+    finally:
+        pipe.base_scheduler = saved
 
 
 def test_progress_bars_follow_set_progress_bar_config(pipe, capfd):

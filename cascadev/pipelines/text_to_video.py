@@ -105,7 +105,7 @@ def guided_noise(model: TextDiT, x: torch.Tensor, t: torch.Tensor | float, text:
 @torch.no_grad()
 def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_text: TextEmbedding | None = None,
                 guidance: float = DEFAULT_GUIDANCE, scheduler: str | SchedulerMixin = DEFAULT_SCHEDULER,
-                steps: int = DEFAULT_STEPS, generator: torch.Generator | list[torch.Generator] | None = None,
+                steps: int = DEFAULT_STEPS, generator: torch.Generator | None = None,
                 scheduler_config: dict | None = None, progress: bool = True,
                 progress_bar: Callable[[Iterable], Iterable] | None = None,
                 callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
@@ -114,7 +114,7 @@ def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_t
     ``guidance != 1``, the negative prompt's ``null_text`` (B rows).
 
     The loop: scale the noise by ``init_noise_sigma``; at each timestep predict guided eps on the
-    scheduler-scaled input and take a scheduler step (``generator``, one or a list of B, feeds ancestral samplers).
+    scheduler-scaled input and take a scheduler step (``generator`` feeds ancestral samplers).
     ``progress_bar`` wraps the timesteps (a pipeline's ``progress_bar``; default: a tqdm bar unless not ``progress``);
     ``callback(i, t, latents)`` runs after each step and may return replacement latents.
     Returns float32 latents (B, C, T, h, w) in the model's space (see ``from_model``).
@@ -184,7 +184,7 @@ class TextToVideoPipelineOutput(BaseOutput):
 
 class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
     """Text encoder + base TextDiT (Stage C) + the LDM-VAE cascade (Stage B and A). Videos are (N, 3, T, H, W)
-    in [-1, 1]; N = prompts x ``num_per_prompt``.
+    in [-1, 1]; N = prompts x ``num_videos_per_prompt``.
 
     Components: ``text_encoder``, ``base`` (``TextDiT``), ``base_scheduler``, and the cascade's decoding parts
     ``dit``, ``vae``, ``scheduler``, ``previewer`` (optional) with its registered settings (``stage_a``,
@@ -252,10 +252,10 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
             (default: its trained size). Sizes the attention partitions do not divide are generated on the next
             larger latent grid and cropped.
         negative_prompt: the prompt guided away from (one for all, or one per prompt); empty by default.
-        generator: the base model's noise and ancestral steps: one ``torch.Generator`` for all videos in turn, or a
-            list of N, video k's from the k-th. None: as seed 0 always did, video k's noise from
-            ``torch.Generator().manual_seed(k)`` (``seed_generators(0, N)``), ancestral steps from a generator on the
-            device seeded 0.
+        generator: the base model's noise: one ``torch.Generator`` for all videos in turn, or a list of N, video k's
+            from the k-th (default: ``seed_generators(0, N)``, video k from seed k); its ancestral steps (if the
+            sampler has any) from one generator on the device seeded with the first one's ``initial_seed()``. So
+            ``seed_generators(s, N)`` gives exactly what ``seed=s`` gave before.
         decode_options: how the cascade decodes (``DecodeOptions``: tiling, colour fix, window batch, sampler, ...);
             its noise: video k from ``seed + k`` (default seed 0), or one ``generator`` for all videos in turn.
             ``decoder_num_inference_steps`` replaces its ``steps`` (default: the cascade's saved steps).
@@ -298,15 +298,14 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         generators = generators if isinstance(generators, list) else [generators] * N
         noise = torch.cat([randn_tensor((1, c.latent_channels, *grid), generator=g, device=device)
                            for g in generators])
-        if generator is None:
-            generator = torch.Generator(device=device).manual_seed(0)   # ancestral steps, as seed 0 always did
+        ancestral = torch.Generator(device=device).manual_seed(generators[0].initial_seed())   # one stream, as before
 
         def on_step(i, t, z):
             out = callback_on_step_end(self, i, t, {"latents": z}) or {}
             return out.get("latents")
         z = self._timed("base", lambda: sample_base(
             self.base, noise, text, null_text, guidance_scale, self.base_scheduler, num_inference_steps,
-            generator=generator, progress_bar=self.progress_bar,
+            generator=ancestral, progress_bar=self.progress_bar,
             callback=on_step if callback_on_step_end is not None else None))
         latents = from_model(z[:, :, :frames, :h, :w], c)
 
@@ -326,7 +325,7 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
 def seed_generators(seed: int, n: int) -> list[torch.Generator]:
     """CPU generators seeded ``seed``, ``seed + 1``, ... : ``TextToVideoPipeline``'s ``generator`` for n videos,
-    video k's noise from ``seed + k`` as ``cascadev generate --seed`` documents (None is ``seed_generators(0, n)``)."""
+    video k's noise from ``seed + k``, as ``cascadev generate --seed`` documents (the pipeline's default: seed 0)."""
     return [torch.Generator().manual_seed(seed + k) for k in range(n)]
 
 
