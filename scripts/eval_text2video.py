@@ -96,8 +96,8 @@ def paired_swap(pipe, encoder, attrs: list, frames: int, size: int, steps: int, 
         variants = {w: [dataclasses.replace(a, **{name: w}) for a in attrs] for w in VOCABULARY[name]}
         real = {w: encode_real(encoder, v, seeds, frames, size) for w, v in variants.items()}
         other = {w: encode_real(encoder, v, [s + 1 for s in seeds], frames, size) for w, v in variants.items()}
-        gen = {w: pipe.generate_latents([caption(a) for a in v], frames=frames, size=(size, size), steps=steps,
-                                        guidance=guidance, seed=0, progress=False) for w, v in variants.items()}
+        gen = {w: pipe([caption(a) for a in v], num_frames=frames, height=size, width=size, num_inference_steps=steps,
+                       guidance_scale=guidance, output_type="latent").latents for w, v in variants.items()}
         def cosine(z):
             pairs = [(a, b) for i, a in enumerate(VOCABULARY[name]) for b in VOCABULARY[name][i + 1:]]
             return sum(torch.nn.functional.cosine_similarity((z[a] - z[b]).flatten(1), (real[a] - real[b]).flatten(1))
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     from cascadev.cli.text2video import CASCADE, builtin_settings, load_builtin
     from cascadev.pipelines.cascade import load_cascade
     from cascadev.pipelines.sampling import scheduler_name
-    from cascadev.pipelines.text_to_video import load_text_to_video
+    from cascadev.pipelines.text_to_video import load_text_to_video, seed_generators
 
     start = time.perf_counter()
     if args.weights:     # a run not exported yet: the settings the export will ship
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         pipe = load_text_to_video(args.weights, cascade=CASCADE)
     else:
         pipe = load_builtin(with_previewer=False)
+    pipe.set_progress_bar_config(disable=True)
     encoder = load_cascade(CASCADE).semantic_encoder.eval()
     torch.manual_seed(0)
 
@@ -191,8 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
             if not attrs:
                 continue
             for g in scales:
-                z = torch.cat([pipe.generate_latents([caption(a) for a in attrs[i:i + args.batch]], frames=frames,
-                                                     size=(size, size), steps=steps, guidance=g, seed=i, progress=False)
+                z = torch.cat([pipe([caption(a) for a in attrs[i:i + args.batch]], num_frames=frames, height=size,
+                                    width=size, num_inference_steps=steps, guidance_scale=g, output_type="latent",
+                                    generator=seed_generators(i, min(args.batch, len(attrs) - i))).latents
                                for i in range(0, len(attrs), args.batch)])
                 rows[f"generated, {name} prompts, guidance {g:g}"] = score(classifiers, z, attrs)
                 print(f"{name} prompts, guidance {g:g}: {rows[f'generated, {name} prompts, guidance {g:g}']}",

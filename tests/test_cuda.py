@@ -133,8 +133,9 @@ def test_model_offload_of_the_other_pipelines_equals_plain(which):
         run = lambda: pipe.upscale(video.to(CUDA), steps=2, seed=0, progress=False).cpu()     # noqa: E731
     else:
         pipe = load_builtin(with_previewer=True)
-        run = lambda: pipe.generate("a red ring moving right", steps=2, decode_kwargs={"steps": 1},   # noqa: E731
-                                    progress=False)
+        pipe.set_progress_bar_config(disable=True)
+        run = lambda: pipe("a red ring moving right", num_inference_steps=2,   # noqa: E731
+                           decoder_num_inference_steps=1).frames
     want = (pipe.to(CUDA), run())[1]
     pipe.to("cpu")
     pipe.enable_model_cpu_offload(device=CUDA)

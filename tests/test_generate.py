@@ -5,7 +5,8 @@ from safetensors.torch import save_file
 from helpers import run_cli
 from cascadev.pipelines.cascade import CascadeVPipeline
 from cascadev.pipelines.latents import load_latents
-from cascadev.pipelines.text_to_video import TextToVideoPipeline, guided_noise, make_scheduler, repeat_text, sample_base
+from cascadev.pipelines.text_to_video import (TextToVideoPipeline, guided_noise, make_scheduler, repeat_text,
+                                              sample_base, seed_generators)
 from cascadev.training.diffusion import DiffusionConfig, build_diffusion
 from cascadev.training.losses import base_training_loss
 from cascadev.video_io import video_info
@@ -13,7 +14,8 @@ from helpers import config_fields, randomize_
 from dit.text_dit import build_text_dit
 from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 
-FAST = dict(frames=3, size=(96, 64), steps=2, progress=False)  # 3 x 2 x 3 latents: padded to 4 x 2 x 4, cropped
+FAST = dict(num_frames=3, height=64, width=96, num_inference_steps=2)  # 3 x 2 x 3 latents: padded to 4 x 2 x 4, cropped
+LATENT = dict(FAST, output_type="latent")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,9 @@ def encoder():
 @pytest.fixture(scope="module")
 def pipe(encoder, tiny_pipeline_dir):
     cascade = CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir), previewer=None)
-    return TextToVideoPipeline.from_parts(encoder, randomize_(build_text_dit("tiny"), std=0.02), cascade)
+    pipe = TextToVideoPipeline.from_parts(encoder, randomize_(build_text_dit("tiny"), std=0.02), cascade)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -130,35 +134,100 @@ def test_guidance_batches_both_passes_and_extrapolates(pipe, encoder):
     torch.testing.assert_close(eps, eps_null + 4.0 * (eps_text - eps_null), rtol=1e-5, atol=1e-5)
 
 
-def test_generate_latents_shapes_seeds_and_guidance(pipe):
-    z = pipe.generate_latents(["a cat", "a dog"], num_per_prompt=2, seed=7, **FAST)
+def latents(pipe, prompt, **kwargs) -> torch.Tensor:
+    return pipe(prompt, **{**LATENT, **kwargs}).latents
+
+
+def test_call_latents_shapes_seeds_and_guidance(pipe):
+    z = latents(pipe, ["a cat", "a dog"], num_videos_per_prompt=2, generator=seed_generators(7, 4))
     assert z.shape == (4, 16, 3, 2, 3) and torch.isfinite(z).all()
-    assert pipe.generate_latents("a cat", **{**FAST, "size": (64, 64)}).shape == (1, 16, 3, 2, 2)
-    # video k starts from seed + k: the second video of "a cat" alone
-    torch.testing.assert_close(pipe.generate_latents("a cat", seed=8, **FAST)[0], z[1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(pipe.generate_latents(["a cat", "a dog"], num_per_prompt=2, seed=7, **FAST), z,
+    assert latents(pipe, "a cat", width=64).shape == (1, 16, 3, 2, 2)
+    # video k starts from generator k: the second video of "a cat" alone
+    torch.testing.assert_close(latents(pipe, "a cat", generator=seed_generators(8, 1))[0], z[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(latents(pipe, ["a cat", "a dog"], num_videos_per_prompt=2,
+                                       generator=seed_generators(7, 4)), z, rtol=0, atol=0)
+    seven = seed_generators(7, 1)
+    assert not torch.allclose(latents(pipe, "a dog", generator=seven)[0], z[0], atol=1e-4)  # text matters
+    assert not torch.allclose(latents(pipe, "a cat", generator=seed_generators(7, 1), negative_prompt="a dog")[0], z[0],
+                              atol=1e-4)
+    assert not torch.allclose(latents(pipe, "a cat", generator=seed_generators(7, 1), guidance_scale=1.0)[0], z[0],
+                              atol=1e-4)
+    # no generator: video k from seed k, as seed 0 always did
+    torch.testing.assert_close(latents(pipe, "a cat", num_videos_per_prompt=2), latents(
+        pipe, "a cat", num_videos_per_prompt=2, generator=seed_generators(0, 2)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="3 generators for 4 videos"):
+        latents(pipe, ["a cat", "a dog"], num_videos_per_prompt=2, generator=seed_generators(0, 3))
+
+
+def test_call_with_a_generator_is_reproducible_and_steps_call_back(pipe):
+    """diffusers' ``generator``: one or a list; the same seeds give the same video, exactly; ``callback_on_step_end``
+    sees every base step's latents and may replace them."""
+    kwargs = dict(FAST, decoder_num_inference_steps=1)
+    one = pipe("a red ball", generator=torch.Generator().manual_seed(3), **kwargs)
+    again = pipe("a red ball", generator=[torch.Generator().manual_seed(3)], **kwargs)
+    assert one.frames.shape == (1, 3, 3, 64, 96)
+    assert torch.equal(one.frames, again.frames) and torch.equal(one.latents, again.latents)
+    assert not torch.equal(pipe("a red ball", generator=torch.Generator().manual_seed(4), **kwargs).latents,
+                           one.latents)
+    seen = []
+
+    def zero_last(p, i, t, tensors):
+        seen.append((i, tuple(tensors["latents"].shape)))
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == 1 else {}
+    z = latents(pipe, "a red ball", callback_on_step_end=zero_last)
+    assert seen == [(0, (1, 16, 4, 2, 4)), (1, (1, 16, 4, 2, 4))] and torch.equal(z, torch.zeros_like(z))
+    with pytest.raises(ValueError, match="can only hold 'latents'"):
+        latents(pipe, "a red ball", callback_on_step_end_tensor_inputs=("noise",))
+    # an ancestral sampler's steps draw from one stream seeded with the first generator's seed, as seed= did
+    saved, pipe.base_scheduler = pipe.base_scheduler, make_scheduler("euler_a")
+    try:
+        z = latents(pipe, "a red ball", generator=torch.Generator().manual_seed(5))
+        assert torch.equal(z, latents(pipe, "a red ball", generator=seed_generators(5, 1)))
+        assert torch.equal(latents(pipe, "a red ball"), latents(pipe, "a red ball", generator=seed_generators(0, 1)))
+    finally:
+        pipe.base_scheduler = saved
+
+
+def test_progress_bars_follow_set_progress_bar_config(pipe, capfd):
+    """The base model's and the decoder's bars, silenced by diffusers' ``set_progress_bar_config(disable=True)``."""
+    kwargs = dict(FAST, decoder_num_inference_steps=1)
+    capfd.readouterr()
+    pipe("a red ball", **kwargs)
+    assert capfd.readouterr().err == ""
+    pipe.set_progress_bar_config(disable=False)
+    try:
+        pipe("a red ball", **kwargs)
+    finally:
+        pipe.set_progress_bar_config(disable=True)
+    err = capfd.readouterr().err
+    assert "2/2" in err and "denoising" in err             # the base model's 2 steps, the decoder's
+
+
+def test_call_end_to_end_api_and_reload(pipe, weights_dir):
+    out = pipe("a red ball", num_videos_per_prompt=2, decoder_num_inference_steps=1, **FAST)
+    assert out.frames.shape == (2, 3, 3, 64, 96) and out.frames.abs().max() <= 1
+    assert out.latents.shape == (2, 16, 3, 2, 3)
+    # video k decodes with Stage B seed k (DecodeOptions' seed + k): the second video alone, from its latents
+    torch.testing.assert_close(pipe.cascade.decode(out.latents[1:], steps=1, seed=1, progress=False), out.frames[1:],
                                rtol=0, atol=0)
-    assert not torch.allclose(pipe.generate_latents("a dog", seed=7, **FAST)[0], z[0], atol=1e-4)  # text matters
-    assert not torch.allclose(pipe.generate_latents("a cat", seed=7, negative="a dog", **FAST)[0], z[0], atol=1e-4)
-    assert not torch.allclose(pipe.generate_latents("a cat", seed=7, guidance=1.0, **FAST)[0], z[0], atol=1e-4)
-
-
-def test_generate_end_to_end_api_and_reload(pipe, weights_dir):
-    video = pipe.generate("a red ball", num_per_prompt=2, decode_kwargs={"steps": 1}, **FAST)
-    assert video.shape == (2, 3, 3, 64, 96) and video.abs().max() <= 1
+    np_frames, = pipe("a red ball", decoder_num_inference_steps=1, output_type="np", return_dict=False, **FAST)
+    assert np_frames.shape == (1, 3, 64, 96, 3) and 0 <= np_frames.min() and np_frames.max() <= 1
     loaded = TextToVideoPipeline.from_pretrained(str(weights_dir))
-    torch.testing.assert_close(loaded.generate_latents("a red ball", **FAST),
-                               pipe.generate_latents("a red ball", **FAST), rtol=0, atol=0)
+    loaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(latents(loaded, "a red ball"), latents(pipe, "a red ball"), rtol=0, atol=0)
 
 
 def test_bad_requests_raise_value_errors(pipe):
     for kwargs, message in [({"prompt": "  "}, "is empty"), ({"prompt": []}, "no prompt"),
-                            ({"size": (100, 64)}, "width 100 is not a positive multiple of 32"),
-                            ({"frames": 0}, "frames must be >= 1"), ({"steps": 0}, "steps must be >= 1"),
-                            ({"guidance": -1.0}, "guidance must be >= 0"), ({"num_per_prompt": 0}, "num_per_prompt"),
-                            ({"negative": ["a", "b"]}, "2 negative prompts for 1 prompts")]:
+                            ({"width": 100}, "width 100 is not a positive multiple of 32"),
+                            ({"num_frames": 0}, "frames must be >= 1"),
+                            ({"num_inference_steps": 0}, "steps must be >= 1"),
+                            ({"guidance_scale": -1.0}, "guidance must be >= 0"),
+                            ({"num_videos_per_prompt": 0}, "num_videos_per_prompt"),
+                            ({"negative_prompt": ["a", "b"]}, "2 negative prompts for 1 prompts"),
+                            ({"output_type": "mp4"}, "output_type must be")]:
         with pytest.raises(ValueError, match=message):
-            pipe.generate_latents(**{**FAST, "prompt": "a cat", **kwargs})
+            pipe(**{**LATENT, "prompt": "a cat", **kwargs})
     with pytest.raises(ValueError, match="reads text of width 48"):
         TextToVideoPipeline.from_parts(build_text_encoder("tiny"), build_text_dit("tiny", caption_channels=48),
                                        pipe.cascade)

@@ -21,7 +21,9 @@ def test_shipped_weights_load_small_and_float32():
     c = pipe.base.config
     assert (c.caption_channels, c.pooled_channels) == (pipe.text_encoder.width, pipe.text_encoder.embed_dim)
     assert c.window_size * 32 == builtin_settings()["size"] and c.window_frames == builtin_settings()["frames"]
-    z = pipe.generate_latents(PROMPT, frames=2, size=(64, 64), steps=2, guidance=3.0, progress=False)
+    pipe.set_progress_bar_config(disable=True)
+    z = pipe(PROMPT, num_frames=2, height=64, width=64, num_inference_steps=2, guidance_scale=3.0,
+             output_type="latent").latents
     assert z.shape == (1, 16, 2, 2, 2) and torch.isfinite(z).all()
 
 
@@ -32,7 +34,9 @@ def test_set_precision_casts_every_model_once_without_diffusers_warnings(capsys)
     assert all(p.dtype == torch.bfloat16 for m in (pipe.text_encoder, pipe.base, pipe.dit, pipe.vae)
                for p in m.parameters())
     assert "kept in float32" not in capsys.readouterr().err     # what diffusers' to(dtype) printed per model
-    z = pipe.generate_latents(PROMPT, frames=2, size=(64, 64), steps=2, guidance=3.0, progress=False)
+    pipe.set_progress_bar_config(disable=True)
+    z = pipe(PROMPT, num_frames=2, height=64, width=64, num_inference_steps=2, guidance_scale=3.0,
+             output_type="latent").latents
     assert z.shape == (1, 16, 2, 2, 2) and torch.isfinite(z).all()
 
 

@@ -94,7 +94,8 @@ def test_base_script_resumed_run_equals_uninterrupted(toy, tmp_path, tiny_pipeli
     TextDiT.from_legacy_folder(whole / "checkpoints/step_00000003")
     pipe = load_text_to_video(whole / "final", cascade=tiny_pipeline_dir)
     assert type(pipe.base_scheduler).__name__ == "DPMSolverMultistepScheduler"     # iddpm's (eps) sampler, exported
-    video = pipe.generate("red", frames=2, size=(64, 64), steps=2, progress=False, decode_kwargs={"steps": 1})
+    pipe.set_progress_bar_config(disable=True)
+    video = pipe("red", num_frames=2, height=64, width=64, num_inference_steps=2, decoder_num_inference_steps=1).frames
     assert video.shape == (1, 3, 2, 64, 64)
 
 
@@ -151,9 +152,11 @@ def test_tiny_model_learns_two_captions(toy, tiny_pipeline_dir):
 
     pipe = TextToVideoPipeline.from_parts(task.text_encoder, task.model,
                                           CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir)))
+    pipe.set_progress_bar_config(disable=True)
     for seed in range(3):
         for own, other in (("red", "blue"), ("blue", "red")):
-            z = pipe.generate_latents(own, frames=2, size=(64, 64), seed=seed, progress=False)[0]
+            z = pipe(own, num_frames=2, height=64, width=64, generator=torch.Generator().manual_seed(seed),
+                     output_type="latent").latents[0]
             assert (z - means[own]).square().mean() < (z - means[other]).square().mean(), (seed, own)
 
 

@@ -53,8 +53,10 @@ def parse_size(size: str) -> tuple[int, int]:
 def run_generate(args: argparse.Namespace) -> None:
     from cascadev.pipelines.frames import check_colour_fix
     from cascadev.cli.options import check_crf, check_runtime_args, prepare_pipeline, tiling_of
-    from cascadev.pipelines.text_to_video import check_request, load_text_to_video
-    from cascadev.pipelines.cascade import resolve_colour_fix
+    from cascadev.pipelines.text_to_video import (DEFAULT_GUIDANCE, DEFAULT_STEPS, check_request, load_text_to_video,
+                                                  seed_generators)
+    from cascadev.pipelines.cascade import DecodeOptions, resolve_colour_fix
+    from cascadev.pipelines.sampling import make_scheduler
     from cascadev.pipelines.latents import check_latents_output, save_latents
     from cascadev.video_io import check_video_output, output_paths, write_video
 
@@ -103,14 +105,19 @@ def run_generate(args: argparse.Namespace) -> None:
     check_colour_fix(H, W, resolve_colour_fix(pipe.cascade, args.colour_fix))      # before any sampling
     frames = args.frames or pipe.base.config.window_frames
     print(f"generating {args.num} video(s) of {frames} frames at {W}x{H}", flush=True)
-    latents = pipe.generate_latents(args.prompt, frames=frames, size=(W, H), negative=args.negative, seed=args.seed,
-                                    num_per_prompt=args.num, **request)
+    if "scheduler" in request:               # the base model's sampler, by name (make_scheduler)
+        pipe.base_scheduler = make_scheduler(request["scheduler"])
+    decode = DecodeOptions(seed=args.seed, tiling=tiling, window_batch=args.window_batch,
+                           colour_fix=args.colour_fix)    # None: the decoder's saved setting (16 for the tiny cascade)
+    out = pipe(args.prompt, num_frames=frames, height=H, width=W,
+               num_inference_steps=request.get("steps", DEFAULT_STEPS),
+               guidance_scale=request.get("guidance", DEFAULT_GUIDANCE), negative_prompt=args.negative,
+               num_videos_per_prompt=args.num, generator=seed_generators(args.seed, args.num),
+               decoder_num_inference_steps=args.decode_steps, decode_options=decode)
+    latents, videos = out.latents, out.frames
     if args.latents_out:
         save_latents(args.latents_out, latents, prompt=args.prompt, negative=args.negative, seed=args.seed)
         print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
-    decode_kwargs = dict(steps=args.decode_steps, tiling=tiling, window_batch=args.window_batch,
-                         colour_fix=args.colour_fix)      # None: the decoder's saved setting (16 for the tiny cascade)
-    videos = pipe.decode(latents, seed=args.seed, **decode_kwargs)
     for path, video in zip(output_paths(args.output, len(videos)), videos):
         write_video(path, video, fps=args.fps, crf=args.crf)
         print(f"-> {path}")

@@ -86,7 +86,7 @@ def run_prompt(args: argparse.Namespace) -> dict:
     from cascadev.pipelines.cascade import resolve_colour_fix
     from cascadev.pipelines.frames import check_colour_fix
     from cascadev.pipelines.runtime import DTYPES
-    from cascadev.pipelines.text_to_video import check_request
+    from cascadev.pipelines.text_to_video import check_request, seed_generators
     from cascadev.video_io import write_png_strip, write_video
     from cascadev.weights import write_json
 
@@ -113,8 +113,9 @@ def run_prompt(args: argparse.Namespace) -> dict:
     check_colour_fix(size, size, fix)                            # before Stage C runs
     with torch.no_grad():
         latents, t_c = _stage(1, f"Stage C: prompt -> semantic latents ({steps} steps, guidance {guidance:g})",
-                              lambda: pipe.generate_latents(args.prompt, frames=args.frames, size=(size, size),
-                                                            steps=steps, guidance=guidance, seed=args.seed))
+                              lambda: pipe(args.prompt, num_frames=args.frames, height=size, width=size,
+                                           num_inference_steps=steps, guidance_scale=guidance,
+                                           generator=seed_generators(args.seed, 1), output_type="latent").latents)
         cascade = pipe.cascade
         decode_steps = args.steps or cascade.config.num_inference_steps
         video, t_b = _stage(2, f"Stage B + A: LDM-VAE DiT ({decode_steps} steps) -> Stage A decode",

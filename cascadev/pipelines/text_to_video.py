@@ -12,7 +12,8 @@ with the same conventions: the objective's prediction, eps or v for rectified fl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,12 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from tqdm.auto import tqdm
 
-from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, check_pipeline_class,
-                                        load_cascade)
+from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, DecodeOptions,
+                                        check_pipeline_class, load_cascade)
 from cascadev.pipelines.runtime import DecoderRuntimeMixin, compile_blocks
 from cascadev.pipelines.sampling import load_scheduler, make_scheduler, scheduler_for_objective
 from dit.text_dit import TextDiT
@@ -104,12 +106,17 @@ def guided_noise(model: TextDiT, x: torch.Tensor, t: torch.Tensor | float, text:
 def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_text: TextEmbedding | None = None,
                 guidance: float = DEFAULT_GUIDANCE, scheduler: str | SchedulerMixin = DEFAULT_SCHEDULER,
                 steps: int = DEFAULT_STEPS, generator: torch.Generator | None = None,
-                scheduler_config: dict | None = None, progress: bool = True) -> torch.Tensor:
+                scheduler_config: dict | None = None, progress: bool = True,
+                progress_bar: Callable[[Iterable], Iterable] | None = None,
+                callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
+                ) -> torch.Tensor:
     """Denoise ``noise`` (B, C, T, h, w) into the base model's latents, given ``text`` (B rows) and, for
     ``guidance != 1``, the negative prompt's ``null_text`` (B rows).
 
     The loop: scale the noise by ``init_noise_sigma``; at each timestep predict guided eps on the
     scheduler-scaled input and take a scheduler step (``generator`` feeds ancestral samplers).
+    ``progress_bar`` wraps the timesteps (a pipeline's ``progress_bar``; default: a tqdm bar unless not ``progress``);
+    ``callback(i, t, latents)`` runs after each step and may return replacement latents.
     Returns float32 latents (B, C, T, h, w) in the model's space (see ``from_model``).
     """
     c = config_of(model)
@@ -130,17 +137,22 @@ def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_t
     scheduler.set_timesteps(steps, device=device)
 
     latents = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)       # flow matching: unit noise, no scaling
-    for t in tqdm(scheduler.timesteps, desc="generating", disable=not progress, leave=False):
+    timesteps = (progress_bar(scheduler.timesteps) if progress_bar is not None
+                 else tqdm(scheduler.timesteps, desc="generating", disable=not progress, leave=False))
+    for i, t in enumerate(timesteps):
         scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         eps = guided_noise(model, scaled, t, text, null_text, guidance)   # eps, or the velocity of a flow model
         latents = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
+        if callback is not None:
+            replaced = callback(i, t, latents)
+            latents = latents if replaced is None else replaced
     return latents
 
 
 # -- the pipeline --------------------------------------------------------------------------------
 
 def check_request(prompts: list[str], frames: int, size: tuple[int, int], steps: int, guidance: float,
-                  num_per_prompt: int) -> None:
+                  num_videos_per_prompt: int) -> None:
     """ValueError naming the first bad argument of a generation request."""
     if not prompts:
         raise ValueError("no prompt given")
@@ -158,8 +170,8 @@ def check_request(prompts: list[str], frames: int, size: tuple[int, int], steps:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if guidance < 0:
         raise ValueError(f"guidance must be >= 0, got {guidance}")
-    if num_per_prompt < 1:
-        raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
+    if num_videos_per_prompt < 1:
+        raise ValueError(f"num_videos_per_prompt must be >= 1, got {num_videos_per_prompt}")
 
 
 @dataclass
@@ -172,7 +184,7 @@ class TextToVideoPipelineOutput(BaseOutput):
 
 class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
     """Text encoder + base TextDiT (Stage C) + the LDM-VAE cascade (Stage B and A). Videos are (N, 3, T, H, W)
-    in [-1, 1]; N = prompts x ``num_per_prompt``.
+    in [-1, 1]; N = prompts x ``num_videos_per_prompt``.
 
     Components: ``text_encoder``, ``base`` (``TextDiT``), ``base_scheduler``, and the cascade's decoding parts
     ``dit``, ``vae``, ``scheduler``, ``previewer`` (optional) with its registered settings (``stage_a``,
@@ -199,6 +211,7 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                                         previewer=previewer, stage_a=stage_a, num_inference_steps=num_inference_steps,
                                         colour_fix=colour_fix)
         self.timings: dict[str, float] = {}
+        self.set_progress_bar_config(desc="generating", leave=False)    # the base model's steps
 
     @classmethod
     def from_parts(cls, text_encoder: TextEncoder, base: TextDiT, cascade: CascadeVPipeline,
@@ -225,86 +238,95 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         return side, side
 
     @torch.no_grad()
-    def generate_latents(self, prompt: str | list[str], frames: int | None = None, size: tuple[int, int] | None = None,
-                         steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, negative: str | list[str] = "",
-                         seed: int = 0, num_per_prompt: int = 1, scheduler: str | SchedulerMixin | None = None,
-                         progress: bool = True) -> torch.Tensor:
-        """Prompts -> semantic latents (N, 16, T, H/32, W/32), N = prompts x num_per_prompt (prompt-major),
-        unscaled as ``CascadeVPipeline.decode`` takes them.
-
-        frames: T (default: the base model's trained clip length); size: (W, H) pixels, multiples of 32
-            (default: its trained size). Sizes the attention partitions do not divide are generated on the
-            next larger latent grid and cropped.
-        negative: the prompt guided away from (one for all, or one per prompt); empty by default.
-        seed: video k starts from the noise of ``seed + k``, so it can be regenerated alone.
-        scheduler: a name or object (default: ``base_scheduler``).
-        """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        c = self.base.config
-        frames = c.window_frames if frames is None else frames
-        W, H = size if size is not None else self.default_size()
-        check_request(prompts, frames, (W, H), steps, guidance, num_per_prompt)
-        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        device = self._execution_device
-
-        text = self._timed("text", lambda: repeat_text(self.text_encoder.encode(prompts), num_per_prompt))
-        null_text = None
-        if guidance != 1.0:
-            null_text = self._timed("text", lambda: repeat_text(self.text_encoder.encode(negatives), num_per_prompt))
-        h, w = H // SEMANTIC_DOWNSAMPLE, W // SEMANTIC_DOWNSAMPLE
-        fm, sm = self.base.frame_multiple, self.base.spatial_multiple
-        grid = (math.ceil(frames / fm) * fm, *(math.ceil(n / sm) * sm for n in (h, w)))
-        N = len(prompts) * num_per_prompt
-        noise = torch.cat([torch.randn(1, c.latent_channels, *grid, generator=torch.Generator().manual_seed(seed + k))
-                           for k in range(N)]).to(device)
-        generator = torch.Generator(device=device).manual_seed(seed)  # ancestral steps
-        scheduler = self.base_scheduler if scheduler is None else make_scheduler(scheduler)
-        z = self._timed("base", lambda: sample_base(self.base, noise, text, null_text, guidance, scheduler, steps,
-                                                    generator=generator, progress=progress))
-        return from_model(z[:, :, :frames, :h, :w], c)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, seed: int = 0, progress: bool = True, **decode_kwargs) -> torch.Tensor:
-        """Semantic latents (N, 16, T, h, w) -> video (N, 3, T, 32h, 32w) on the CPU, one video at a time
-        (Stage B seed ``seed + k`` for video k); ``decode_kwargs`` go to ``CascadeVPipeline.decode``."""
-        videos = [self.cascade.decode(latents[k:k + 1], seed=seed + k, progress=progress, **decode_kwargs).cpu()
-                  for k in range(latents.shape[0])]
-        return torch.cat(videos)
-
-    @torch.no_grad()
-    def generate(self, prompt: str | list[str], frames: int | None = None, size: tuple[int, int] | None = None,
-                 steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, negative: str | list[str] = "",
-                 seed: int = 0, num_per_prompt: int = 1, scheduler: str | SchedulerMixin | None = None,
-                 progress: bool = True, decode_kwargs: dict | None = None) -> torch.Tensor:
-        """Prompts -> video (N, 3, T, H, W) in [-1, 1] on the CPU: ``generate_latents`` then ``decode``."""
-        latents = self.generate_latents(prompt, frames, size, steps, guidance, negative, seed, num_per_prompt,
-                                        scheduler, progress)
-        return self.decode(latents, seed, progress, **(decode_kwargs or {}))
-
-    @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_frames: int | None = None, height: int | None = None,
                  width: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
                  guidance_scale: float = DEFAULT_GUIDANCE, negative_prompt: str | list[str] = "",
-                 num_videos_per_prompt: int = 1, seed: int = 0, decoder_num_inference_steps: int | None = None,
-                 output_type: str = "pt", return_dict: bool = True):
-        """``generate`` in diffusers' vocabulary. output_type: "pt" (N, 3, T, H, W) in [-1, 1], "np"
-        (N, T, H, W, 3) in [0, 1], "pil", or "latent" (the semantic latents only). Returns
-        ``TextToVideoPipelineOutput(frames, latents)`` or, without ``return_dict``, ``(frames,)``."""
+                 num_videos_per_prompt: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
+                 decoder_num_inference_steps: int | None = None, decode_options: DecodeOptions | None = None,
+                 output_type: str = "pt", return_dict: bool = True, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",)):
+        """Prompts -> N = prompts x ``num_videos_per_prompt`` videos (prompt-major): the base model samples semantic
+        latents (N, 16, T, H/32, W/32) with ``base_scheduler``, then the cascade decodes them one video at a time.
+
+        num_frames: T (default: the base model's trained clip length); height, width: pixels, multiples of 32
+            (default: its trained size). Sizes the attention partitions do not divide are generated on the next
+            larger latent grid and cropped.
+        negative_prompt: the prompt guided away from (one for all, or one per prompt); empty by default.
+        generator: the base model's noise: one ``torch.Generator`` for all videos in turn, or a list of N, video k's
+            from the k-th (default: ``seed_generators(0, N)``, video k from seed k); its ancestral steps (if the
+            sampler has any) from one generator on the device seeded with the first one's ``initial_seed()``. So
+            ``seed_generators(s, N)`` gives exactly what ``seed=s`` gave before.
+        decode_options: how the cascade decodes (``DecodeOptions``: tiling, colour fix, window batch, sampler, ...);
+            its noise: video k from ``seed + k`` (default seed 0), or one ``generator`` for all videos in turn.
+            ``decoder_num_inference_steps`` replaces its ``steps`` (default: the cascade's saved steps).
+        output_type: "pt" (N, 3, T, H, W) in [-1, 1] on the CPU, "np" (N, T, H, W, 3) in [0, 1], "pil", or "latent"
+            (the semantic latents only, as ``CascadeVPipeline.decode`` takes them).
+        callback_on_step_end(pipe, i, t, {"latents": (N, 16, T', h', w')}): after each base model step, on its latents
+            (in its scaled space, on the padded grid); may return {"latents": ...} to replace them.
+        Progress bars: ``self.progress_bar``; ``set_progress_bar_config(disable=True)`` silences the base model's
+        and the decoder's. Returns ``TextToVideoPipelineOutput(frames, latents)`` or, without ``return_dict``,
+        ``(frames,)``.
+        """
         if output_type not in ("pt", "np", "pil", "latent"):
             raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
+        if set(callback_on_step_end_tensor_inputs) - {"latents"}:
+            raise ValueError(f"callback_on_step_end_tensor_inputs can only hold 'latents', got "
+                             f"{list(callback_on_step_end_tensor_inputs)}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        c = self.base.config
+        frames = c.window_frames if num_frames is None else num_frames
         default_w, default_h = self.default_size()
-        latents = self.generate_latents(prompt, num_frames, (width or default_w, height or default_h),
-                                        num_inference_steps, guidance_scale, negative_prompt, seed,
-                                        num_videos_per_prompt)
-        frames = latents
+        W, H = width or default_w, height or default_h
+        check_request(prompts, frames, (W, H), num_inference_steps, guidance_scale, num_videos_per_prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        N = len(prompts) * num_videos_per_prompt
+        if isinstance(generator, list) and len(generator) != N:
+            raise ValueError(f"{len(generator)} generators for {N} videos (prompts x num_videos_per_prompt)")
+        device = self._execution_device
+
+        text = self._timed("text", lambda: repeat_text(self.text_encoder.encode(prompts), num_videos_per_prompt))
+        null_text = None
+        if guidance_scale != 1.0:
+            null_text = self._timed("text", lambda: repeat_text(self.text_encoder.encode(negatives),
+                                                                num_videos_per_prompt))
+        h, w = H // SEMANTIC_DOWNSAMPLE, W // SEMANTIC_DOWNSAMPLE
+        fm, sm = self.base.frame_multiple, self.base.spatial_multiple
+        grid = (math.ceil(frames / fm) * fm, *(math.ceil(n / sm) * sm for n in (h, w)))
+        generators = seed_generators(0, N) if generator is None else generator
+        generators = generators if isinstance(generators, list) else [generators] * N
+        noise = torch.cat([randn_tensor((1, c.latent_channels, *grid), generator=g, device=device)
+                           for g in generators])
+        ancestral = torch.Generator(device=device).manual_seed(generators[0].initial_seed())   # one stream, as before
+
+        def on_step(i, t, z):
+            out = callback_on_step_end(self, i, t, {"latents": z}) or {}
+            return out.get("latents")
+        z = self._timed("base", lambda: sample_base(
+            self.base, noise, text, null_text, guidance_scale, self.base_scheduler, num_inference_steps,
+            generator=ancestral, progress_bar=self.progress_bar,
+            callback=on_step if callback_on_step_end is not None else None))
+        latents = from_model(z[:, :, :frames, :h, :w], c)
+
+        frames_out = latents
         if output_type != "latent":
-            frames = self.decode(latents, seed, steps=decoder_num_inference_steps)   # the saved colour fix
-            if output_type != "pt":      # diffusers' layouts: (B, T, H, W, 3) in [0, 1], or lists of images
-                frames = VideoProcessor(do_resize=False).postprocess_video(frames, output_type=output_type)
+            o = self.cascade.decode_options(decode_options)
+            changes = {} if decoder_num_inference_steps is None else {"steps": decoder_num_inference_steps}
+            o = replace(o, **changes, progress=o.progress and not self._progress_bar_config.get("disable", False))
+            seeded = o.generator is None and o.seed is not None          # video k: Stage B seed ``seed + k``
+            frames_out = torch.cat([self.cascade.decode(latents[k:k + 1], o, **({"seed": o.seed + k} if seeded else {}))
+                                    .cpu() for k in range(N)])
+            if output_type != "pt":      # diffusers' layouts: (N, T, H, W, 3) in [0, 1], or lists of images
+                frames_out = VideoProcessor(do_resize=False).postprocess_video(frames_out, output_type=output_type)
         self.maybe_free_model_hooks()
-        return TextToVideoPipelineOutput(frames=frames, latents=latents) if return_dict else (frames,)
+        return TextToVideoPipelineOutput(frames=frames_out, latents=latents) if return_dict else (frames_out,)
+
+
+def seed_generators(seed: int, n: int) -> list[torch.Generator]:
+    """CPU generators seeded ``seed``, ``seed + 1``, ... : ``TextToVideoPipeline``'s ``generator`` for n videos,
+    video k's noise from ``seed + k``, as ``cascadev generate --seed`` documents (the pipeline's default: seed 0)."""
+    return [torch.Generator().manual_seed(seed + k) for k in range(n)]
 
 
 def is_legacy_text_to_video(folder: str | Path) -> bool:
