@@ -16,7 +16,7 @@ from cascadev.training.cache_latents import main as cache_main
 from cascadev.training.config import load_train_config
 from cascadev.training.data import (LatentDataset, VideoDataset, clip_starts, load_clip, make_loader, mix_seed,
                                     split_validation)
-from cascadev.training.tasks import DiTTask, VAETask
+from cascadev.training.tasks import DiTTask, StageATask
 from cascadev.training.train import checkpoints, load_ema_weights, lr_scheduler_at, main, make_ema
 from cascadev.video_io import read_video, video_info
 
@@ -287,7 +287,7 @@ def test_decoded_loss_adds_the_error_of_x0_decoded_by_stage_a(clips):
 def test_vae_loss_falls_on_a_tiny_set(clips, kind):
     preset = ["stage_a.preset=tiny_taesd", "vae.trainable=['*']"] if kind == "taesd" else []
     config = load_train_config(VAE_TINY, [f"data.videos={clips}", "vae.lpips_weight=0", "data.num_frames=2", *preset])
-    task = VAETask(config)
+    task = StageATask(config)
     assert task.config.stage_a.model_config().kind == kind
     video = VideoDataset(split_validation(config.data)[0], config.data, train=False)[0]["video"][None]
     optimizer = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=3e-3)
@@ -365,7 +365,7 @@ def test_config_mistakes_fail_with_one_clear_line(tmp_path):
     with pytest.raises(ConfigError, match="set dit.overrides.latent_channels=8"):
         load_train_config(DIT_TINY, ["stage_a.overrides.latent_channels=8"])
     with pytest.raises(ConfigError, match="matches no parameter"):
-        VAETask(load_train_config(VAE_TINY, ["vae.trainable=[nothing.*]"]))
+        StageATask(load_train_config(VAE_TINY, ["vae.trainable=[nothing.*]"]))
 
 
 def test_resize_route_conditions_on_a_small_stage_a_latent(clips):
@@ -409,7 +409,7 @@ def test_init_from_our_format_and_the_official_checkpoint(tmp_path):
 def test_vae_loss_terms_with_lpips_and_discriminator(clips):
     from cascadev.training.losses import PatchDiscriminator, hinge_d_loss
     config = load_train_config(VAE_TINY, [f"data.videos={clips}"])
-    task = VAETask(config)
+    task = StageATask(config)
     task.lpips = lambda x, y: (x - y).abs().mean(dim=(1, 2, 3), keepdim=True)   # stands in for LPIPS (no weights here)
     video = VideoDataset(split_validation(config.data)[0], config.data, train=False)[0]["video"][None]
     disc = task.discriminator
@@ -420,13 +420,13 @@ def test_vae_loss_terms_with_lpips_and_discriminator(clips):
     assert torch.allclose(logs["loss"], c.l1_weight * logs["l1"] + c.kl_weight * logs["kl"]
                           + c.lpips_weight * logs["lpips"] + c.disc_weight * logs["g_adv"],
                           rtol=1e-5)          # mse_weight 0 by default
-    weighted = VAETask(dataclasses.replace(config, vae=dataclasses.replace(c, mse_weight=2.0)))
+    weighted = StageATask(dataclasses.replace(config, vae=dataclasses.replace(c, mse_weight=2.0)))
     weighted.model.load_state_dict(task.model.state_dict())
     loss2, _, logs2 = weighted.generator_loss(weighted.model, None, video, torch.Generator().manual_seed(0),
                                               use_disc=False)
     assert torch.allclose(logs2["mse"], logs["mse"]) and logs["mse"] > 0
     assert torch.allclose(loss2, c.l1_weight * logs["l1"] + 2.0 * logs["mse"] + c.kl_weight * logs["kl"], rtol=1e-5)
-    colour = VAETask(dataclasses.replace(config, vae=dataclasses.replace(c, lowpass_weight=3.0)))
+    colour = StageATask(dataclasses.replace(config, vae=dataclasses.replace(c, lowpass_weight=3.0)))
     colour.model.load_state_dict(task.model.state_dict())
     loss3, recon3, logs3 = colour.generator_loss(colour.model, None, video, torch.Generator().manual_seed(0),
                                                  use_disc=False)

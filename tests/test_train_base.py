@@ -14,7 +14,7 @@ from cascadev.synthetic import make_clip
 from cascadev.training.cache_latents import main as cache_main
 from cascadev.training.config import load_train_config
 from cascadev.training.data import LatentDataset, VideoDataset, make_loader, split_validation
-from cascadev.training.tasks import BaseTask
+from cascadev.training.tasks import StageCTask
 from cascadev.training.train import checkpoints, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_base_trains_from_a_latent_cache_with_captions(toy, tmp_path):
     files = sorted(cache.glob("*.safetensors"))
     assert len(files) == 2 * PER_CLASS - 1                            # the last clip is held out
     config = load_train_config(BASE_TINY, fixed)
-    task = BaseTask(config)
+    task = StageCTask(config)
     pixels = make_loader(VideoDataset(split_validation(config.data)[0], config.data), 3, seed=5)
     cached = make_loader(LatentDataset(cache), 3, seed=5)
     for _ in range(3):                                                # crosses an epoch boundary
@@ -132,7 +132,7 @@ def test_tiny_model_learns_two_captions(toy, tiny_pipeline_dir):
     from cascadev.pipelines.cascade import CascadeVPipeline
 
     config = load_train_config(BASE_TINY, [*overrides(toy), "data.val_count=0"])
-    task = BaseTask(config)
+    task = StageCTask(config)
     data = VideoDataset(split_validation(config.data)[0], config.data, train=False)
     items = [data[i] for i in range(len(data))]
     latents = task.latents({"video": torch.stack([item["video"] for item in items])})       # 8 16 2 2 2
@@ -163,7 +163,7 @@ def test_tiny_model_learns_two_captions(toy, tiny_pipeline_dir):
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_caption_dropout_rate_is_honoured(toy, rate):
     """The share of captions replaced by the empty prompt is ``base.caption_dropout``."""
-    task = BaseTask(load_train_config(BASE_TINY, [*overrides(toy), f"base.caption_dropout={rate}"]))
+    task = StageCTask(load_train_config(BASE_TINY, [*overrides(toy), f"base.caption_dropout={rate}"]))
     null = task.null_text.context[0]
     dropped = []
 
@@ -194,9 +194,10 @@ def test_init_from_a_text_dit_folder_with_gradient_checkpointing(toy, tmp_path):
     with pytest.raises(FileNotFoundError, match="base.init_from"):
         build_base_dit(load_train_config(BASE_TINY, [f"base.init_from={tmp_path / 'missing'}"]), True)
     # a text encoder folder (a base run's final/text_encoder) is taken as it is
-    task = BaseTask(config)
+    task = StageCTask(config)
     task.text_encoder.save_pretrained(tmp_path / "text")
-    again = BaseTask(load_train_config(BASE_TINY, [*overrides(toy), f"base.text_encoder_weights={tmp_path / 'text'}"]))
+    again = StageCTask(load_train_config(BASE_TINY,
+                                         [*overrides(toy), f"base.text_encoder_weights={tmp_path / 'text'}"]))
     assert torch.equal(again.text(["red"]).context, task.text(["red"]).context)
 
 

@@ -13,7 +13,7 @@ encoded and the latents are cut on the semantic grid, so border cells of a windo
 neighbours, as when a large frame is decoded in windows), no flip. Each
 ``{video:06d}_{clip:02d}.safetensors`` holds, for stage dit, "latent" (4, T, h, w) and "cond" (the compact
 condition: semantic latent or low-resolution Stage A latent, already scaled), as ``DiTTask.encode`` makes
-them; for stage base, "semantic" (16, T, H/32, W/32) unscaled, as ``BaseTask.encode`` makes it. The source
+them; for stage base, "semantic" (16, T, H/32, W/32) unscaled, as ``StageCTask.encode`` makes it. The source
 path, start frame and caption are in its metadata (``LatentDataset`` returns the caption with the tensors).
 Files are written atomically and existing ones are kept, so an interrupted run continues. ``cache.yaml``
 records what the latents depend on; training with ``data.latents=DIR`` checks it against the training config.
@@ -89,7 +89,7 @@ def run_caching(args: argparse.Namespace) -> Path:
     """The caching command, from parsed arguments (``cascadev cache-latents`` calls this)."""
     from accelerate import Accelerator
 
-    from cascadev.training.tasks import BaseTask, DiTTask
+    from cascadev.training.tasks import StageCTask, DiTTask
 
     config = load_train_config(args.config, args.overrides)
     if config.stage not in CACHED_STAGES:
@@ -114,7 +114,7 @@ def run_caching(args: argparse.Namespace) -> Path:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
-    task = (BaseTask if config.stage == "base" else DiTTask)(config, build_model=False).to(accelerator.device)
+    task = (StageCTask if config.stage == "base" else DiTTask)(config, build_model=False).to(accelerator.device)
     # cache.yaml once the models load (a failed start leaves no cache behind), and before the first clip
     if accelerator.is_main_process:
         text = yaml.safe_dump(cache_signature(config), sort_keys=False)

@@ -2,8 +2,8 @@
 
 A task holds what differs between stages -- the models (the one that trains, the frozen encoders around it, a
 discriminator), the loss, validation and the export of final weights -- so that the loop in ``cascadev.training.train``
-is the same for all of them: ``DiTTask`` (stage "dit", Stage B), ``VAETask`` ("vae", Stage A), ``SemanticTask``
-("semantic", Stage B's semantic encoder with the Previewer), ``BaseTask`` ("base", Stage C) and ``DistillTask``
+is the same for all of them: ``DiTTask`` (stage "dit", Stage B), ``StageATask`` ("vae", Stage A), ``SemanticTask``
+("semantic", Stage B's semantic encoder with the Previewer), ``StageCTask`` ("base", Stage C) and ``DistillTask``
 ("distill", a 1-2 step student of a trained Stage B DiT).
 
 What the loop uses of a task:
@@ -20,11 +20,11 @@ What the loop uses of a task:
   where -- through ``export(state_dict, directory)``, the weights in our formats (for stage base also the
   ``text_encoder`` and the sampler).
 
-``DiTTask`` and ``BaseTask`` also ``encode`` videos into what ``cascadev.training.cache_latents`` stores, built with
+``DiTTask`` and ``StageCTask`` also ``encode`` videos into what ``cascadev.training.cache_latents`` stores, built with
 ``build_model=False`` (frozen encoders only). Every model is initialised under ``seeded(seed, part)``, so each
 process and command builds the same random-init weights.
 
-One module per stage (``dit_task``, ``vae_task``, ``semantic_task``, ``base_task``, ``distill_task``) over
+One module per stage (``dit_task``, ``stage_a_task``, ``semantic_task``, ``stage_c_task``, ``distill_task``) over
 ``common``'s helpers.
 """
 
@@ -33,28 +33,28 @@ from __future__ import annotations
 
 from cascadev.config import ConfigError
 from cascadev.training.config import TrainConfig
-from cascadev.training.tasks.base_task import BaseTask, build_base_dit
 from cascadev.training.tasks.common import is_fsdp
 from cascadev.training.tasks.dit_task import DiTTask, build_dit
 from cascadev.training.tasks.distill_task import DistillTask
 from cascadev.training.tasks.semantic_task import SemanticTask
-from cascadev.training.tasks.vae_task import VAETask
+from cascadev.training.tasks.stage_a_task import StageATask
+from cascadev.training.tasks.stage_c_task import StageCTask, build_base_dit
 
-__all__ = ["BaseTask", "DiTTask", "DistillTask", "SemanticTask", "VAETask", "build_base_dit", "build_dit", "build_task",
-           "is_fsdp"]
+__all__ = ["DiTTask", "DistillTask", "SemanticTask", "StageATask", "StageCTask", "build_base_dit", "build_dit",
+           "build_task", "is_fsdp"]
 
 
 def build_task(config: TrainConfig,
-               load_weights: bool = True) -> DiTTask | VAETask | SemanticTask | BaseTask | DistillTask:
+               load_weights: bool = True) -> DiTTask | StageATask | SemanticTask | StageCTask | DistillTask:
     """The one factory of what trains."""
     if config.stage == "dit":
         return DiTTask(config, load_weights)
     elif config.stage == "vae":
-        return VAETask(config, load_weights)
+        return StageATask(config, load_weights)
     elif config.stage == "semantic":
         return SemanticTask(config, load_weights)
     elif config.stage == "base":
-        return BaseTask(config, load_weights)
+        return StageCTask(config, load_weights)
     elif config.stage == "distill":
         return DistillTask(config, load_weights)
     raise ConfigError(f"unknown stage {config.stage!r}; expected 'dit', 'vae', 'semantic', 'base' or 'distill'")

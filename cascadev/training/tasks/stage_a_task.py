@@ -40,7 +40,7 @@ class VAEReconstruction(nn.Module):
         return rearrange(frames, "(b t) c h w -> b c t h w", b=B), mean, logvar
 
 
-class VAETask:
+class StageATask:
     """Stage A: L1 + MSE + LPIPS (when its weights are on disk) + KL, and a hinge patch discriminator from
     ``vae.disc_start``."""
 
@@ -70,7 +70,7 @@ class VAETask:
                                   if config.vae.disc_start is not None else None)
         self.lpips = None
 
-    def to(self, device: torch.device) -> "VAETask":
+    def to(self, device: torch.device) -> "StageATask":
         if self.config.vae.lpips_weight > 0:
             self.lpips = load_lpips_loss(device)
         return self

@@ -44,7 +44,7 @@ def build_text_encoder(config: TrainConfig, load_weights: bool) -> nn.Module:
     return encoder.eval().requires_grad_(False)
 
 
-class BaseTask:
+class StageCTask:
     """Stage C: the TextDiT denoises semantic latents (B, 16, T, H/32, W/32) given the caption; the semantic encoder
     (``condition`` section) and the text encoder are frozen.
 
@@ -78,7 +78,7 @@ class BaseTask:
         self.discriminator = None
         self._null_text = None
 
-    def to(self, device: torch.device) -> "BaseTask":
+    def to(self, device: torch.device) -> "StageCTask":
         self.semantic.to(device)
         if self.text_encoder is not None:
             self.text_encoder.to(device)
