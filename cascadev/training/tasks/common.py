@@ -94,6 +94,28 @@ def write_sample(run_dir: Path, step: int, videos: list[torch.Tensor]) -> None:
     write_video(run_dir / "samples" / f"step_{step:08d}.mp4", torch.cat([v.float() for v in videos], dim=-1))
 
 
+@torch.no_grad()
+def reconstruction_scores(accelerator, model: nn.Module, clips: list[dict], step: int, run_dir: Path,
+                          reconstruct) -> dict:
+    """PSNR and L1 of ``reconstruct(video) -> (target, output)`` (both (1, 3, T, H, W)) over held-out ``clips``, the
+    model in eval mode; the first clip's target beside its output saved as ``samples/step_N.mp4``."""
+    from eval.metrics import psnr
+
+    model.eval()
+    values, l1 = [], []
+    for i, clip in enumerate(clips):
+        target, output = reconstruct(clip["video"][None].to(accelerator.device))
+        output = output.float().clamp(-1, 1)
+        values.append(psnr(output.cpu(), target.cpu()).mean())
+        l1.append((output - target).abs().mean().cpu())
+        if i == 0 and accelerator.is_main_process:
+            write_sample(run_dir, step, [target.cpu(), output.cpu()])
+    model.train()
+    if not values:
+        return {}
+    return {"val/psnr": torch.stack(values).mean().item(), "val/l1": torch.stack(l1).mean().item()}
+
+
 def is_fsdp(accelerator) -> bool:
     """Whether the model is sharded (FSDP): no EMA, no sampled validation."""
     return accelerator.distributed_type.name == "FSDP"

@@ -10,7 +10,7 @@ import torch.nn as nn
 from cascadev.pipelines.conditioning import downsample_video
 from cascadev.training.config import TrainConfig
 from cascadev.training.tasks.common import (PART_DIRS, encode_frames, export_for_inference, load_semantic_encoder,
-                                            save_module, seeded, write_sample)
+                                            reconstruction_scores, save_module, seeded)
 from cascadev.weights import CONFIG_NAME
 
 
@@ -100,23 +100,9 @@ class SemanticTask:
     def validate(self, accelerator, prepared: dict, clips: list[dict], step: int, run_dir: Path) -> dict:
         """PSNR and L1 of the previews (eval mode: running BatchNorm statistics) against the x4-downsampled
         held-out clips; the first saved as ``samples/step_N.mp4``, target beside preview."""
-        from eval.metrics import psnr
-
         model = prepared["model"]
-        model.eval()
-        values, l1 = [], []
-        for i, clip in enumerate(clips):
-            video = clip["video"][None].to(accelerator.device)
-            preview = model(video)[0].float().clamp(-1, 1)
-            target = self.target(video)
-            values.append(psnr(preview.cpu(), target.cpu()).mean())
-            l1.append((preview - target).abs().mean().cpu())
-            if i == 0 and accelerator.is_main_process:
-                write_sample(run_dir, step, [target.cpu(), preview.cpu()])
-        model.train()
-        if not values:
-            return {}
-        return {"val/psnr": torch.stack(values).mean().item(), "val/l1": torch.stack(l1).mean().item()}
+        return reconstruction_scores(accelerator, model, clips, step, run_dir,
+                                     lambda video: (self.target(video), model(video)[0]))
 
     def save_model_config(self, directory: Path) -> None:
         """Nothing beside accelerate's state in a checkpoint."""

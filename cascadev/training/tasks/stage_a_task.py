@@ -13,7 +13,7 @@ from einops import rearrange
 from cascadev.config import ConfigError
 from cascadev.training.config import TrainConfig
 from cascadev.training.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, kl_standard_normal, load_lpips_loss
-from cascadev.training.tasks.common import export_trained_and_ema, seeded, write_sample
+from cascadev.training.tasks.common import export_trained_and_ema, reconstruction_scores, seeded
 from cascadev.weights import save_state_dict
 
 
@@ -126,22 +126,9 @@ class StageATask:
     @torch.no_grad()
     def validate(self, accelerator, prepared: dict, clips: list[dict], step: int, run_dir: Path) -> dict:
         """Reconstruction (posterior mode) of held-out clips: PSNR and L1; the first saved as a sample video."""
-        from eval.metrics import psnr
-
         model = prepared["model"]
-        model.eval()
-        values, l1 = [], []
-        for i, clip in enumerate(clips):
-            video = clip["video"][None].to(accelerator.device)
-            recon = model(video, None, sample=False)[0].float().clamp(-1, 1)
-            values.append(psnr(recon.cpu(), video.cpu()).mean())
-            l1.append((recon - video).abs().mean().cpu())
-            if i == 0 and accelerator.is_main_process:
-                write_sample(run_dir, step, [video.cpu(), recon.cpu()])
-        model.train()
-        if not values:
-            return {}
-        return {"val/psnr": torch.stack(values).mean().item(), "val/l1": torch.stack(l1).mean().item()}
+        return reconstruction_scores(accelerator, model, clips, step, run_dir,
+                                     lambda video: (video, model(video, None, sample=False)[0]))
 
     def save_model_config(self, directory: Path) -> None:
         """Nothing beside accelerate's state in a checkpoint."""
