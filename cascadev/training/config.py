@@ -508,11 +508,7 @@ def check_weight_files(config: TrainConfig, model: bool = True) -> None:
     if stage == "dit" and model:
         init = config.dit.init_from or ""
         if init.startswith("official:"):
-            file = Path(init.removeprefix("official:"))
-            if not file.is_file():
-                raise FileNotFoundError(f"dit.init_from: {file} not found: download s1024.effn-f32.pth from the "
-                                        f"CascadeV release (hf download ByteDance/CascadeV s1024.effn-f32.pth "
-                                        f"--local-dir {file.parent})")
+            check_released_dit("dit.init_from", Path(init.removeprefix("official:")))
         else:
             folder("dit.init_from", init)
     if stage == "distill" and model:
@@ -528,14 +524,18 @@ def check_weight_files(config: TrainConfig, model: bool = True) -> None:
         path("semantic.previewer_weights", config.semantic.previewer_weights, ("hub", "random"))
 
 
+def check_released_dit(option: str, file: Path) -> None:
+    """Raise FileNotFoundError, in one line naming ``option``, the file and where to get it, for a released DiT
+    (``s1024.effn-f32.pth``) that is not there."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{option}: {file} not found: download s1024.effn-f32.pth from the CascadeV release "
+                                f"(hf download ByteDance/CascadeV s1024.effn-f32.pth --local-dir {file.parent})")
+
+
 def check_teacher(teacher: str) -> None:
     """Raise FileNotFoundError, in one line naming the file and where to get it, for a distill.teacher not there."""
     if teacher.startswith("official:"):
-        file = Path(teacher.removeprefix("official:"))
-        if not file.is_file():
-            raise FileNotFoundError(f"distill.teacher: {file} not found: download s1024.effn-f32.pth from the "
-                                    f"CascadeV release (hf download ByteDance/CascadeV s1024.effn-f32.pth "
-                                    f"--local-dir {file.parent})")
+        check_released_dit("distill.teacher", Path(teacher.removeprefix("official:")))
         return
     folder = Path(teacher)
     if not (folder / "model_index.json").is_file() and not (folder / "config.json").is_file():
