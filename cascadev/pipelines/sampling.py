@@ -48,8 +48,8 @@ class Tiling:
 
     ``shifted`` places windows a whole window apart on a grid that moves at every denoising step, so no seam stays in
     one place, and blends the finishing step (``finishing_step``: the last one that starts from real noise, which
-    sets the detail) at the release's spacing: measured on the tiny cascade, shifting that step too cost 0.3 dB,
-    blending only it 0.05 dB, against blending every step (benchmarks/tiling.py)."""
+    sets the detail) at the release's spacing: measured on the tiny cascade against blending every step, shifting
+    that step too cost 0.3 dB, blending only it 0.01-0.05 dB (benchmarks/tiling.py, docs/fast-decoding.md)."""
 
     mode: Literal["blend", "official", "shifted"] = "blend"
     frame_stride: int | None = None   # latent frames between windows; default window_frames // 2
@@ -64,7 +64,6 @@ class Tiling:
                 raise ValueError(f"{name} must be >= 1, got {value}")
             if value is not None and self.mode == "shifted":
                 raise ValueError(f"{name} applies to blend and official tiling; shifted windows are a window apart")
-
 
     def at_step(self, step: int, finishing: int) -> "Tiling":
         """The tiling of denoising step ``step`` of a sampler whose finishing step is ``finishing``: ``shifted`` blends
