@@ -271,10 +271,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         shared = load_shared_parts(folder, kwargs, kwargs.get("torch_dtype")) if folder.is_dir() else {}
         pipe = super().from_pretrained(pretrained_model_name_or_path, **{**shared, **kwargs})
         if (folder / SHARED_PARTS_FILE).is_file() and kwargs.get("torch_dtype") is None:
-            for module in pipe.components.values():
-                if isinstance(module, torch.nn.Module) and next(module.parameters()).dtype in (torch.float16,
-                                                                                               torch.bfloat16):
-                    torch.nn.Module.to(module, torch.float32)
+            pipe.set_precision(torch.float32)           # as load_upscale does for the same kind of shipped folder
         return pipe
 
     @classmethod
