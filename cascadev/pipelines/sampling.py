@@ -396,19 +396,37 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
             cond, noise = broadcast(cond), broadcast(noise)
     scheduler = make_scheduler(scheduler, scheduler_config)
     scheduler.set_timesteps(steps, device=noise.device)
+    tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
+    finishing = finishing_step(scheduler)
+
+    def predict(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        return predict_noise(model, torch.cat([x, cond.to(x)], dim=1), t, tiling.at_step(i, finishing), window_batch,
+                             distributed, step=i)
+    return denoise_loop(predict, noise, scheduler, generator, callback, progress)
+
+
+def denoise_loop(predict: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], noise: torch.Tensor,
+                 scheduler: SchedulerMixin, generator: torch.Generator | None = None,
+                 callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+                 progress: bool = False) -> torch.Tensor:
+    """The release's loop (recon/refine_latent.py) over a scheduler after ``set_timesteps``: noise (B, C, T, H, W)
+    -> latents (B, C, T, H, W). ``predict(x, t, i)``: the model's eps (or velocity) for the scaled input x
+    (B, C, T, H, W) at timestep t, step i. Steps run on frames as a batch, (B*T, C, H, W), the release's layout.
+    Differentiable: ``sample`` runs it without gradients over windows and tiles, step distillation
+    (``cascadev.training.distillation``) with gradients through a student's steps."""
     T = noise.shape[2]
-    to_frames = lambda z: rearrange(z, "b c t h w -> (b t) c h w")  # noqa: E731
-    from_frames = lambda z: rearrange(z, "(b t) c h w -> b c t h w", t=T)  # noqa: E731
+
+    def to_frames(z: torch.Tensor) -> torch.Tensor:
+        return rearrange(z, "b c t h w -> (b t) c h w")
+
+    def from_frames(z: torch.Tensor) -> torch.Tensor:
+        return rearrange(z, "(b t) c h w -> b c t h w", t=T)
 
     # flow matching starts from unit noise and has no input scaling
     latents = to_frames(noise * getattr(scheduler, "init_noise_sigma", 1.0))
-    tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
-    finishing = finishing_step(scheduler)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
         scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
-        model_input = from_frames(scaled)
-        eps = predict_noise(model, torch.cat([model_input, cond.to(model_input)], dim=1), t,
-                             tiling.at_step(i, finishing), window_batch, distributed, step=i)
+        eps = predict(from_frames(scaled), t, i)
         latents = scheduler.step(to_frames(eps), t, latents, generator=generator, return_dict=False)[0]
         if callback is not None and (replaced := callback(i, t, from_frames(latents))) is not None:
             latents = to_frames(replaced)

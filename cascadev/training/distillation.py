@@ -30,7 +30,6 @@ from collections.abc import Callable
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from einops import rearrange
 
 from cascadev.training.diffusion import DiffusionConfig, mean_flat
 
@@ -55,21 +54,14 @@ def ode_scheduler(diffusion: DiffusionConfig, name: str | None = None, student: 
 
 def sample_unrolled(denoise: Denoiser, noise: torch.Tensor, scheduler: SchedulerMixin, steps: int,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """``sampling.sample`` on one window, differentiable: noise (B, C, T, h, w) -> latents (B, C, T, h, w).
+    """``sampling.sample`` on one window, differentiable: noise (B, C, T, h, w) -> latents (B, C, T, h, w). The
+    pipeline's own loop (``sampling.denoise_loop``), so the result equals the pipeline's for the same noise; gradients
+    flow through every step of a deterministic scheduler."""
+    from cascadev.pipelines.sampling import denoise_loop
 
-    The same scheduler calls in the same order and layout (steps on frames as a batch, (B*T, C, h, w)), so the
-    result equals the pipeline's for the same noise; gradients flow through every step of a deterministic scheduler.
-    """
-    T = noise.shape[2]
     scheduler.set_timesteps(steps, device=noise.device)
-    latents = rearrange(noise * getattr(scheduler, "init_noise_sigma", 1.0), "b c t h w -> (b t) c h w")
-    for t in scheduler.timesteps:
-        scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
-        x = rearrange(scaled, "(b t) c h w -> b c t h w", t=T)
-        out = denoise(x, t.float().reshape(1).expand(x.shape[0]))                       # b c t h w
-        latents = scheduler.step(rearrange(out, "b c t h w -> (b t) c h w"), t, latents, generator=generator,
-                                 return_dict=False)[0]
-    return rearrange(latents, "(b t) c h w -> b c t h w", t=T)
+    return denoise_loop(lambda x, t, i: denoise(x, t.float().reshape(1).expand(x.shape[0])), noise, scheduler,
+                        generator)
 
 
 def high_frequency_amplitude(video: torch.Tensor, cutoff: float) -> torch.Tensor:
