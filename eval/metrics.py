@@ -102,15 +102,19 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 SHARPNESS_CUTOFF = 1 / 16     # cycles per pixel: periods shorter than the colour fix's 16 px blocks
 
 
+def above_frequency(height: int, width: int, cutoff: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """(H, W) bool, in ``torch.fft.fft2``'s order: the frequencies whose radius exceeds ``cutoff`` cycles per pixel."""
+    fy = torch.fft.fftfreq(height, dtype=torch.float64, device=device)
+    fx = torch.fft.fftfreq(width, dtype=torch.float64, device=device)
+    return (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff
+
+
 def high_frequency_energy(video: torch.Tensor, cutoff: float = SHARPNESS_CUTOFF) -> torch.Tensor:
     """Spectral energy of each frame above ``cutoff`` cycles per pixel (radial frequency), summed over the RGB
     channels: (B, 3, T, H, W) in [-1, 1] -> (B, T), float64."""
     frames = rearrange(video.double(), "b c t h w -> b t c h w")
     power = torch.fft.fft2(frames).abs() ** 2                                        # b t c h w
-    fy = torch.fft.fftfreq(video.shape[-2], dtype=torch.float64, device=video.device)
-    fx = torch.fft.fftfreq(video.shape[-1], dtype=torch.float64, device=video.device)
-    high = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff                     # h w
-    return (power * high).sum(dim=(2, 3, 4))
+    return (power * above_frequency(*video.shape[-2:], cutoff, video.device)).sum(dim=(2, 3, 4))
 
 
 def sharpness(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -67,10 +67,10 @@ def sample_unrolled(denoise: Denoiser, noise: torch.Tensor, scheduler: Scheduler
 def high_frequency_amplitude(video: torch.Tensor, cutoff: float) -> torch.Tensor:
     """|FFT| per frame and channel (orthonormal), zero at radial frequencies <= ``cutoff`` cycles per pixel:
     (B, C, T, H, W) -> (B, C, T, H, W) float32."""
+    from eval.metrics import above_frequency
+
     amplitude = torch.fft.fft2(video.float(), norm="ortho").abs()                        # b c t h w
-    fy = torch.fft.fftfreq(video.shape[-2], device=video.device)
-    fx = torch.fft.fftfreq(video.shape[-1], device=video.device)
-    return amplitude * ((fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff)
+    return amplitude * above_frequency(*video.shape[-2:], cutoff, video.device)
 
 
 def detail_loss(pred: torch.Tensor, target: torch.Tensor, cutoff: float) -> torch.Tensor:
