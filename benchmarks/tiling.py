@@ -27,7 +27,7 @@ import torch
 
 from cascadev.pipelines.cascade import TINY_CASCADE
 from cascadev.pipelines.frames import fix_colour
-from cascadev.pipelines.sampling import Tiling, dit_work, window_crops
+from cascadev.pipelines.sampling import Tiling, dit_work, finishing_step, window_crops
 from cascadev.synthetic import HELD_OUT_SEED0, make_clip
 from eval.metrics import psnr, sharpness, ssim
 
@@ -40,11 +40,13 @@ def tilings(spec) -> dict[str, Tiling]:
             "shifted": Tiling("shifted")}
 
 
-def window_edges(spec, size: tuple[int, int, int], tiling: Tiling, steps: int) -> tuple[set[int], ...]:
-    """Latent positions (frames, rows, columns) where a window starts or ends inside the clip, at any step."""
+def window_edges(spec, size: tuple[int, int, int], tiling: Tiling, steps: int,
+                 finishing: int) -> tuple[set[int], ...]:
+    """Latent positions (frames, rows, columns) where a window starts or ends inside the clip, at any step of a
+    sampler whose finishing step is ``finishing`` (``sampling.finishing_step``: shifted tiling blends it)."""
     edges: tuple[set[int], ...] = (set(), set(), set())
     for step in range(steps):
-        for crop in window_crops(spec, size, tiling, step):
+        for crop in window_crops(spec, size, tiling.at_step(step, finishing), step):
             for axis, (s, n) in enumerate(zip(crop, size)):
                 edges[axis].update(e for e in (s.start, s.stop) if 0 < e < n)
     return edges
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_grad_enabled(False)
     pipe = CascadeVPipeline.from_pretrained(args.weights)
     spec, steps = pipe.dit.window, args.steps or pipe.config.num_inference_steps
+    sampler = pipe.scheduler_for(None)
+    sampler.set_timesteps(steps)
+    finishing = finishing_step(sampler)       # the step the decode blends under shifted tiling
     kind, fix = args.kind or (pipe.config.demo or {}).get("kind", "mixed"), pipe.config.colour_fix
     rows = []
     for size in args.sizes:
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                 seconds = time.perf_counter() - start
                 out = fix_colour(raw, baseline, fix) if fix else raw
                 latent_size = (T, H // STAGE_A_DOWNSAMPLE, W // STAGE_A_DOWNSAMPLE)   # Stage A keeps the frames
-                edges = window_edges(spec, latent_size, tiling, steps)
+                edges = window_edges(spec, latent_size, tiling, steps, finishing)
                 for metric, value in (("psnr", psnr(out, video).mean().item()),
                                       ("ssim", ssim(out, video).mean().item()),
                                       ("sharpness", sharpness(out, video)),
@@ -113,9 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
                     scores[name][metric].append(value)
             print(f"{size} seed {k}: " + ", ".join(f"{n} {s['psnr'][-1]:.2f} dB" for n, s in scores.items()),
                   flush=True)
-        _, blend_work = dit_work(spec, latent_size, tilings(spec)["blend"], steps)
+        _, blend_work = dit_work(spec, latent_size, tilings(spec)["blend"], steps, finishing)
         for name, tiling in tilings(spec).items():
-            forwards, voxels = dit_work(spec, latent_size, tiling, steps)
+            forwards, voxels = dit_work(spec, latent_size, tiling, steps, finishing)
             mean = {metric: sum(v) / len(v) for metric, v in scores[name].items()}
             rows.append({"size": size, "tiling": name, "steps": steps, "dit_forwards": forwards,
                          "work_x_area": voxels / (steps * latent_size[0] * latent_size[1] * latent_size[2]),
