@@ -453,8 +453,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
             return out.get("latents")
         options = DecodeOptions(steps=num_inference_steps, seed=0 if generator is None else None, tiling=tiling,
                                 generator=generator, callback=on_step, window_batch=window_batch,
-                                colour_fix=colour_fix,    # diffusers' set_progress_bar_config(disable=True) silences it
-                                progress=not getattr(self, "_progress_bar_config", {}).get("disable", False))
+                                colour_fix=colour_fix, progress=self.progress_enabled())
         if output_type == "latent":
             frames = self.decode_latents(latents, options)
         else:

@@ -52,6 +52,11 @@ class DecoderRuntimeMixin:
     def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         return timed(self.timings, phase, self._execution_device, fn)
 
+    def progress_enabled(self) -> bool:
+        """Whether this pipeline shows progress bars: diffusers' ``set_progress_bar_config(disable=True)`` turns them
+        off."""
+        return not getattr(self, "_progress_bar_config", {}).get("disable", False)
+
     def set_precision(self, dtype: torch.dtype, attn_fp32: bool | None = None):
         """Run the models in ``dtype`` (fp32, bf16 or fp16). Kept in fp32: the latents and the scheduler's arithmetic
         (``sampling.sample``), the latent scale (``StageAVAE``), and in fp16 a Stage A VAE whose config sets

@@ -313,7 +313,7 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         if output_type != "latent":
             o = self.cascade.decode_options(decode_options)
             changes = {} if decoder_num_inference_steps is None else {"steps": decoder_num_inference_steps}
-            o = replace(o, **changes, progress=o.progress and not self._progress_bar_config.get("disable", False))
+            o = replace(o, **changes, progress=o.progress and self.progress_enabled())
             seeded = o.generator is None and o.seed is not None          # video k: Stage B seed ``seed + k``
             frames_out = torch.cat([self.cascade.decode(latents[k:k + 1], o, **({"seed": o.seed + k} if seeded else {}))
                                     .cpu() for k in range(N)])
