@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -31,7 +32,8 @@ def run_guarded(prog: str, fn: Callable[[], T], debug: bool = False) -> T:
     except BaseException as e:
         close_progress_bars()
         if isinstance(e, (UserError, OSError, ValueError)):
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            if not _other_local_process():
+                print(f"{prog}: error: {e}", file=sys.stderr)
             sys.exit(2)
         if isinstance(e, KeyboardInterrupt):
             print(f"{prog}: interrupted", file=sys.stderr)
@@ -42,6 +44,12 @@ def run_guarded(prog: str, fn: Callable[[], T], debug: bool = False) -> T:
         print(f"{prog}: internal error: {type(e).__name__}: {first} (run with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(1)
+
+
+def _other_local_process() -> bool:
+    """Whether this is a process of a launch (torchrun, accelerate launch) other than the first on its machine: every
+    process there gets the same command line and files, so its input error is the first one's, said once by that."""
+    return os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 def close_progress_bars() -> None:

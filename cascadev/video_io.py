@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -219,6 +220,47 @@ def output_paths(output: str | Path, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(n)]
 
 
+# kernel file systems: mounted folders that take no ordinary files (a write there fails, or worse, means something)
+SPECIAL_FILE_SYSTEMS = {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "configfs",
+                        "bpf", "pstore", "efivarfs", "fusectl", "binfmt_misc", "mqueue", "devpts"}
+
+
+def _special_file_system(folder: Path) -> str | None:
+    """What is wrong with writing in ``folder`` when it is on a kernel file system (Linux's mount table), or None."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    folder, best = folder.resolve(), ("", None)
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (folder == Path(point) or Path(point) in folder.parents) and len(point) > len(best[0]):
+            best = (point, fields[2])
+    if best[1] not in SPECIAL_FILE_SYSTEMS:
+        return None
+    return f"{folder} is on a {best[1]} file system (the kernel's), which takes no files: write somewhere else"
+
+
+def _probe(folder: Path) -> str | None:
+    """Why no file can be made in the existing ``folder`` (by making and removing one, named as our temp files are:
+    ``access()`` says yes to root everywhere, /proc and /sys included), or None."""
+    from cascadev.weights import temp_prefix
+
+    if special := _special_file_system(folder):
+        return special
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=temp_prefix(Path("probe")), suffix=".tmp")
+    except OSError as e:
+        return f"cannot create files in {folder} ({(e.strerror or type(e).__name__).lower()})"
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(probe)
+    return None
+
+
 def _unwritable(folder: Path) -> str | None:
     """Why no file can be written in ``folder`` (its missing parts made first, as ``atomic_path`` does), or None."""
     existing = folder
@@ -228,21 +270,24 @@ def _unwritable(folder: Path) -> str | None:
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"no permission to write in {existing}"
-    if existing != folder:
-        # make and remove the first missing folder: access() cannot tell that e.g. /proc refuses new folders
-        first = folder
-        while first.parent != existing:
-            first = first.parent
-        try:
-            first.mkdir()
-        except FileExistsError:        # another process of this run made it meanwhile
-            pass
-        except OSError as e:
-            return f"cannot create the folder {first} ({(e.strerror or type(e).__name__).lower()})"
-        else:
-            with contextlib.suppress(OSError):
-                first.rmdir()
-    return None
+    if existing == folder:
+        return _probe(folder)
+    # make the first missing folder, try a file in it, and remove both
+    first = folder
+    while first.parent != existing:
+        first = first.parent
+    if special := _special_file_system(existing):
+        return special
+    try:
+        first.mkdir()
+    except FileExistsError:        # another process of this run made it meanwhile
+        return _probe(first) if first.is_dir() else f"{first} is a file, not a folder"
+    except OSError as e:
+        return f"cannot create the folder {first} ({(e.strerror or type(e).__name__).lower()})"
+    problem = _probe(first)
+    with contextlib.suppress(OSError):
+        first.rmdir()
+    return problem
 
 
 def check_output_folder(folder: str | Path, option: str) -> Path:

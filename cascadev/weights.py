@@ -7,10 +7,16 @@ place. Loaders for the released formats live beside each model.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import inspect
 import json
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,22 +30,105 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"  # our previous format, and accelerate's checkpoints
 
 
+# -- safe file writes: a temporary file beside the target, renamed onto it -------------------------------
+
+# A temp file is ".NAME.<machine>-<pid>.XXXXXXXX.tmp": the machine (a hash of the host name and, on Linux, the pid
+# namespace, so two containers are two machines) and the process writing it. A killed run leaves it behind; the next
+# write to that folder removes it when its writer is surely gone: on this machine, a pid that no longer runs (a live
+# one, even a reused pid, keeps it); from another machine on a shared disk, whose pids cannot be asked, a file
+# untouched for STALE_TEMP_AGE_S (writers touch theirs at every piece, and no piece of ours takes a day). Files
+# without the writer's mark (older versions' ".NAME.XXXXXXXX.tmp", or another tool's) are never touched: they
+# cannot be told apart.
+STALE_TEMP_AGE_S = 24 * 3600
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<machine>[0-9a-f]{8})-(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
+_swept: set[Path] = set()          # folders this process cleaned (once each: cache-latents writes thousands of files)
+
+
+@functools.cache
+def _machine() -> str:
+    """This machine's short id in temp names: the host name and the pid namespace (two containers differ)."""
+    namespace = ""
+    with contextlib.suppress(OSError):
+        namespace = os.readlink("/proc/self/ns/pid")
+    return hashlib.blake2s(f"{socket.gethostname()}|{namespace}".encode(), digest_size=4).hexdigest()
+
+
+def temp_prefix(path: Path) -> str:
+    """``mkstemp``'s prefix for a temp file of ``path`` written by this process (``remove_stale_temp_files``)."""
+    return f".{path.name}.{_machine()}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                 # EPERM: another user's live process
+        return True
+    return True
+
+
+def is_stale_temp_file(path: Path, now: float | None = None) -> bool:
+    """Whether ``path`` is a temp file of ours whose writer is gone (the rule above ``STALE_TEMP_AGE_S``)."""
+    match = _TEMP_NAME.match(path.name)
+    if match is None or not path.is_file():
+        return False
+    if match["machine"] == _machine():
+        return not _alive(int(match["pid"]))
+    try:
+        age = (now or time.time()) - path.stat().st_mtime
+    except OSError:
+        return False
+    return age > STALE_TEMP_AGE_S
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temp files of killed writers in ``folder`` (``is_stale_temp_file``); returns them. Nothing else
+    is touched, and a file another process removes meanwhile is skipped."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in Path(folder).iterdir():
+            if entry.name.endswith(".tmp") and is_stale_temp_file(entry):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(entry)
+    return removed
+
+
+def _as_users_path(e: OSError, path: Path) -> OSError:
+    """``e`` naming the user's ``path`` where it named our temp file for it (or the rename onto it): the message a
+    user can act on, "[Errno 13] Permission denied: 'PATH'"."""
+    def ours(name) -> bool:
+        name = Path(os.fsdecode(name)) if isinstance(name, (str, bytes, os.PathLike)) else None
+        return name is not None and name.name.startswith(f".{path.name}.") and name.name.endswith(".tmp")
+    if not (ours(e.filename) or ours(e.filename2)):
+        return e
+    return OSError(e.errno, e.strerror or type(e).__name__, str(path))
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[str]:
     """A temporary file name beside ``path``, renamed onto it when the block ends without error and removed
-    otherwise: readers never see a half-written file."""
+    otherwise: readers never see a half-written file. The first write to a folder removes the temp files killed
+    runs left there (``remove_stale_temp_files``); an OS error names ``path``, not the temp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    if path.parent.resolve() not in _swept:
+        _swept.add(path.parent.resolve())
+        remove_stale_temp_files(path.parent)
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+        os.close(fd)
         yield tmp
         umask = os.umask(0o022)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)              # as any new file (mkstemp and safetensors make it 0600)
         os.replace(tmp, path)
+    except OSError as e:
+        raise _as_users_path(e, path) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -169,6 +258,23 @@ def save_model_weights(model: CascadeModel, state_dict: dict[str, torch.Tensor],
     directory = Path(directory)
     save_state_dict(state_dict, directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
     model.save_config(directory)
+
+
+def offline_if_unreachable(timeout_s: float = 5.0) -> bool:
+    """Whether the Hugging Face hub is out of reach (no network, no DNS, a firewall; or ``HF_HUB_OFFLINE`` set), asked
+    once, without retries; if so, huggingface_hub is put in offline mode for this process: loaders read its cache
+    and fail at once where it lacks a file, instead of retrying each file for 30 s (on every process of a launch)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)
+    except Exception:        # whichever HTTP client's error: not reachable
+        constants.HF_HUB_OFFLINE = True
+        return True
+    return False
 
 
 def is_hub_id(source: str) -> bool:

@@ -21,9 +21,9 @@ from diffusers import ModelMixin  # noqa: F401  DiffusionPipeline.from_pretraine
 import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
 from einops import rearrange
-from tqdm.auto import tqdm
 
 from cascadev.checks import check_video
+from cascadev.progress import progress_bar
 from cascadev.weights import CascadeModel, build_preset, load_state_dict_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # torchvision EfficientNetV2 input normalisation
@@ -112,8 +112,8 @@ class SemanticEncoder(CascadeModel):
         param = next(self.parameters())
         frames = rearrange(video, "b c t h w -> (b t) c h w")
         out = [self(chunk.to(device=device or param.device, dtype=param.dtype)).float()
-               for chunk in tqdm(frames.split(self.config.frame_batch), desc="semantic encode", disable=not progress,
-                                 leave=False)]
+               for chunk in progress_bar(frames.split(self.config.frame_batch), desc="semantic encode",
+                                         disable=not progress)]
         return rearrange(torch.cat(out), "(b t) c h w -> b c t h w", b=B)
 
     # -- weights -------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ from typing import Literal
 import torch
 import torch.nn as nn
 from einops import rearrange
-from tqdm.auto import tqdm
 
 from cascadev.checks import check_video
+from cascadev.progress import progress_bar
 
 LATENT_SCALE = 0.13025          # CascadeV's latent scale (both latents are multiplied by it before the DiT)
 DOWNSAMPLE = 8                  # Stage A: f8
@@ -240,6 +240,17 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, gri
     return out.div_(_ramp_total(cols, out_factor, x.device, margin))
 
 
+def _drop_unloadable_config_keys(model: nn.Module) -> None:
+    """Forget the config key ``block_out_channels`` that diffusers' ``AutoencoderTiny`` registers when built (a copy
+    of ``decoder_block_out_channels``) but does not take: every folder it was saved in (a pipeline's ``vae/``, a
+    training run's export) would warn "config attributes {'block_out_channels': ...} were passed to AutoencoderTiny"
+    at each load."""
+    from diffusers.configuration_utils import FrozenDict
+
+    if type(model).__name__ == "AutoencoderTiny" and "block_out_channels" in model.config:
+        model._internal_dict = FrozenDict({k: v for k, v in model.config.items() if k != "block_out_channels"})
+
+
 # -- the wrapper ----------------------------------------------------------------------------------
 
 def _is_local(source: str) -> bool:
@@ -315,6 +326,7 @@ class StageAVAE(nn.Module):
         super().__init__()
         self.config = config
         self.model = model.eval().requires_grad_(False)
+        _drop_unloadable_config_keys(model)
 
     def _tiled(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: tuple[int, int],
                in_factor: int, out_factor: int, tile: tuple[int, int]) -> torch.Tensor:
@@ -475,7 +487,7 @@ class StageAVAE(nn.Module):
         windows = tuple(spans(T, c.chunk_frames, c.chunk_overlap))
         tile, per_call = self.plan(B * (windows[0][1] - windows[0][0]), DOWNSAMPLE * h, DOWNSAMPLE * w)
         pending = None      # weighted sums of the frames this chunk shares with the next ones
-        for index, (t0, t1) in enumerate(tqdm(windows, desc="Stage A decode", disable=not progress, leave=False)):
+        for index, (t0, t1) in enumerate(progress_bar(windows, desc="Stage A decode", disable=not progress)):
             frames = rearrange(z[:, :, t0:t1], "b c t h w -> (b t) c h w").to(self.dtype)
             # frame-independent kinds may go through in fewer frames per call; the temporal decoder's plan keeps all
             parts = frames.split(per_call)

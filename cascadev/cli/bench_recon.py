@@ -77,7 +77,7 @@ def _score_video(pipe, path: Path, args, decode_kw: dict, fix: int, lpips) -> di
 
 def run(args: argparse.Namespace) -> dict | None:
     import torch
-    from tqdm.auto import tqdm
+    from cascadev.progress import progress_bar
 
     from accelerate.utils import gather_object
 
@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> dict | None:
     run_dir = Path(args.output)
     state = processes()
     with state.split_between_processes(files) as mine:     # contiguous blocks: gathered back in file order
-        records = [_score_video(pipe, path, args, decode_kw, fix, lpips) for path in tqdm(mine, desc="reconstructing")]
+        mine = progress_bar(mine, desc="reconstructing", disable=not state.is_main_process)
+        records = [_score_video(pipe, path, args, decode_kw, fix, lpips) for path in mine]
     records = gather_object(records)          # every process's per-video records, in file order
     skipped = [r["skipped"] for r in records if "skipped" in r]
     done = len(files) - len(skipped)

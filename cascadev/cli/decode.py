@@ -94,9 +94,9 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     import torch
 
     from cascadev.pipelines.latents import check_latents_output, save_latents
-    from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
+    from cascadev.cli.options import check_decode_args, decode_kwargs, decoder_record, load_pipeline
     from cascadev.pipelines.frames import check_colour_fix, frames_per_piece, infer_size, resize_video
-    from cascadev.video_io import VideoWriter, check_video_output, iter_video, video_info
+    from cascadev.video_io import VideoWriter, check_output_file, check_video_output, iter_video, video_info
     from eval.metrics import psnr
 
     if args.frames is not None and args.frames < 1:
@@ -105,7 +105,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     if args.compare:
         check_video_output(args.compare, "--compare")
     if args.latents_out:
-        check_latents_output(args.latents_out)
+        check_output_file(check_latents_output(args.latents_out), "--latents-out", "z.safetensors")
     info = video_info(args.input)
     H, W = next(iter_video(args.input, 1, 1, args.start, args.stride)).shape[-2:]   # bad input fails before loading
     size = infer_size(H, W, args.size)
@@ -125,7 +125,8 @@ def run_reconstruct(args: argparse.Namespace) -> None:
         return
     fps = (info.fps or 8.0) / args.stride
     if args.latents_out:
-        save_latents(args.latents_out, latents, source=str(args.input), fps=fps)
+        save_latents(args.latents_out, latents, source=str(args.input), fps=fps,     # and what decodes them
+                     **decoder_record(args.weights, (args.dit, args.semantic_encoder, args.previewer, args.stage_a)))
         print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
     inputs, scores = Frames(source()), []
     with VideoWriter(args.output, fps, args.crf) as out, \
@@ -147,7 +148,8 @@ SD_VAE_SCALE = 0.18215          # --latent-space sd-vae: the SD / SVD VAEs' late
 def run_decode(args: argparse.Namespace) -> None:
     from cascadev.pipelines.latents import read_latents
     from cascadev.pipelines.frames import SEMANTIC_CHANNELS
-    from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
+    from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline, recorded_decoder
+    from cascadev.pipelines.runtime import processes
     from cascadev.video_io import VideoWriter, check_video_output, output_paths
 
     check_video_output(args.output)
@@ -157,6 +159,10 @@ def run_decode(args: argparse.Namespace) -> None:
     if args.latent_space == "semantic" and not args.source_vae:
         latents, metadata = read_latents(args.latents, SEMANTIC_CHANNELS)
         check_decode_args(args)
+        if args.weights is None and (recorded := recorded_decoder(metadata, args.latents)):
+            args.weights = recorded         # the cascade that made them (reconstruct / generate --latents-out)
+            if processes().is_main_process:
+                print(f"no --weights: the cascade that made these latents, {recorded}", flush=True)
         pipe = load_pipeline(args)
         decode_kw = decode_kwargs(args, pipe)
         print(f"decoding latents {tuple(latents.shape)} -> {latents.shape[-1] * 32}x{latents.shape[-2] * 32}")

@@ -55,10 +55,11 @@ def run_generate(args: argparse.Namespace) -> None:
     from cascadev.cli.options import check_crf, check_runtime_args, prepare_pipeline, tiling_of
     from cascadev.pipelines.text_to_video import (DEFAULT_GUIDANCE, DEFAULT_STEPS, check_request, load_text_to_video,
                                                   seed_generators)
-    from cascadev.pipelines.cascade import DecodeOptions, resolve_colour_fix
+    from cascadev.pipelines.cascade import TINY_CASCADE, DecodeOptions, resolve_colour_fix
     from cascadev.pipelines.sampling import make_scheduler
     from cascadev.pipelines.latents import check_latents_output, save_latents
-    from cascadev.video_io import check_video_output, output_paths, write_video
+    from cascadev.video_io import check_output_file, check_video_output, output_paths, write_video
+    from cascadev.cli.options import decoder_record
 
     if args.num < 1:
         raise UserError(f"--num must be >= 1, got {args.num}")
@@ -78,7 +79,7 @@ def run_generate(args: argparse.Namespace) -> None:
     check_crf(args.crf)
     check_runtime_args(args)
     if args.latents_out:
-        check_latents_output(args.latents_out)
+        check_output_file(check_latents_output(args.latents_out), "--latents-out", "z.safetensors")
     if args.weights is None and args.text_encoder is not None:
         raise UserError("--text-encoder replaces the text encoder of --weights; the built-in model has its own")
 
@@ -116,7 +117,11 @@ def run_generate(args: argparse.Namespace) -> None:
                decoder_num_inference_steps=args.decode_steps, decode_options=decode)
     latents, videos = out.latents, out.frames
     if args.latents_out:
-        save_latents(args.latents_out, latents, prompt=args.prompt, negative=args.negative, seed=args.seed)
+        # the decoder that can decode them: --cascade, else the built-in model's (a --weights folder's own is not a
+        # cascade folder decode can load)
+        decoder = args.cascade or (TINY_CASCADE if args.weights is None else None)
+        save_latents(args.latents_out, latents, prompt=args.prompt, negative=args.negative, seed=args.seed,
+                     **decoder_record(decoder))
         print(f"latents {tuple(latents.shape)} -> {args.latents_out}")
     for path, video in zip(output_paths(args.output, len(videos)), videos):
         write_video(path, video, fps=args.fps, crf=args.crf)

@@ -6,29 +6,101 @@ parts (``check_runtime_args``, ``prepare_pipeline``, ``tiling_of``) over any ``D
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import torch
 
 from cascadev.errors import UserError
-from cascadev.pipelines.cascade import load_cascade, resolve_colour_fix
+from cascadev.pipelines.cascade import ASSETS, TINY_CASCADE, load_cascade, resolve_colour_fix
 from cascadev.pipelines.runtime import check_device, processes, resolve_device, resolve_dtype, set_tf32, stage_a_budget
 from cascadev.pipelines.sampling import Tiling
+from cascadev.weights import is_hub_id, offline_if_unreachable
 
 
 def load_pipeline(args, with_previewer: bool | None = None):
     """The cascade the options name, ready to run (``prepare_pipeline``); the Previewer when asked, else only for the
-    colour fix (given, or the folder's saved one)."""
-    print("loading weights ...", flush=True)
+    colour fix (given, or the folder's saved one). Where the hub cannot be reached, what it would give comes from the
+    Hugging Face cache or fails at once in one line (``offline_if_unreachable``), on every process of a launch."""
+    if processes().is_main_process:
+        print("loading weights ...", flush=True)
     if with_previewer is None and args.colour_fix is not None:
         with_previewer = args.colour_fix > 0
-    pipe = load_cascade(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder, previewer=args.previewer,
-                        vae=args.stage_a, with_previewer=with_previewer)
+    offline = needs_hub(args) and offline_if_unreachable()
+    try:
+        pipe = load_cascade(args.weights, dit=args.dit, semantic_encoder=args.semantic_encoder,
+                            previewer=args.previewer, vae=args.stage_a, with_previewer=with_previewer)
+    except FileNotFoundError as e:
+        if not offline:
+            raise
+        raise FileNotFoundError(f"{e} -- the Hugging Face hub cannot be reached from here; the built-in cascade needs "
+                                f"no network: --weights {builtin_name(TINY_CASCADE)}") from None
     return prepare_pipeline(pipe, args)
+
+
+def needs_hub(args) -> bool:
+    """Whether the cascade the options name takes anything from the hub: no ``--weights`` (the release), a hub id, a
+    folder of the released files without ``--stage-a`` (the SVD VAE), or a part given as a hub id."""
+    parts = [getattr(args, name, None) for name in ("dit", "semantic_encoder", "previewer", "stage_a")]
+    if any(part is not None and is_hub_id(str(part)) for part in parts):
+        return True
+    weights = args.weights
+    if weights is None or is_hub_id(str(weights)):
+        return True
+    return not (Path(weights) / "model_index.json").is_file() and args.stage_a is None
+
+
+# -- which cascade made a latents file: recorded by reconstruct / generate, the default of decode ---------------
+
+DECODER_KEY = "decoder"          # the latents file's metadata entry naming the cascade that can decode it
+BUILTIN_PREFIX = "builtin:"      # a built-in cascade (cascadev/assets/NAME): found in whatever install reads it
+
+
+def builtin_name(folder: Path) -> str:
+    """How a user names a built-in folder on the command line (relative to the current folder where it is below it)."""
+    with contextlib.suppress(ValueError):
+        return str(folder.relative_to(Path.cwd()))
+    return str(folder)
+
+
+def decoder_record(weights: str | Path | None, parts=()) -> dict[str, str]:
+    """The metadata recording the cascade ``weights`` (as ``--weights`` named it) that made latents: a built-in one by
+    name, a folder by its absolute path, a hub id as is. Nothing for the release from the hub (decode's default
+    already), nor when ``parts`` replaced some of the cascade's models (no one folder made them)."""
+    if weights is None or any(part is not None for part in parts):
+        return {}
+    if is_hub_id(str(weights)):
+        return {DECODER_KEY: str(weights)}
+    folder = Path(weights).resolve()
+    if folder.parent == ASSETS:
+        return {DECODER_KEY: BUILTIN_PREFIX + folder.name}
+    return {DECODER_KEY: str(folder)}
+
+
+def recorded_decoder(metadata: dict[str, str], path: str | Path) -> str | None:
+    """The cascade a latents file's metadata says made it (``decoder_record``), as ``--weights`` takes it; None when
+    the file has no record (decode's default: the release). A recorded folder that is gone is a one-line error."""
+    record = metadata.get(DECODER_KEY)
+    if not record:
+        return None
+    if record.startswith(BUILTIN_PREFIX):
+        folder = ASSETS / record.removeprefix(BUILTIN_PREFIX)
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"{path} was made by the built-in cascade {record.removeprefix(BUILTIN_PREFIX)!r}, which "
+                            "this install does not have: give --weights")
+        return str(folder)
+    if is_hub_id(record) or Path(record).is_dir():
+        return record
+    raise UserError(f"{path} was made by the cascade in {record}, which is not there any more: give --weights (that "
+                    "cascade, or one with the same semantic encoder)")
 
 
 def prepare_pipeline(pipe, args):
     """A loaded pipeline (any ``DecoderRuntimeMixin``) set up as ``add_runtime_arguments``' options say: precision,
     on the device or offloaded to it, TF32, Stage A's memory budget, compiled."""
     device = resolve_device(args.device)
+    if not processes().is_main_process:            # under a launch, the main process alone shows progress
+        pipe.set_progress_bar_config(disable=True)
     pipe.set_precision(resolve_dtype(args.dtype, device), attn_fp32=True if args.attn_fp32 else None)
     if args.offload:
         getattr(pipe, f"enable_{args.offload}_cpu_offload")(device=device)

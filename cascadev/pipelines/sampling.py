@@ -31,7 +31,8 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        FlowMatchEulerDiscreteScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from einops import rearrange
-from tqdm.auto import tqdm
+
+from cascadev.progress import progress_bar
 
 SCHEDULERS = {                   # short names, as the CLI takes them
     "euler_a": EulerAncestralDiscreteScheduler,
@@ -424,7 +425,7 @@ def denoise_loop(predict: Callable[[torch.Tensor, torch.Tensor, int], torch.Tens
 
     # flow matching starts from unit noise and has no input scaling
     latents = to_frames(noise * getattr(scheduler, "init_noise_sigma", 1.0))
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
+    for i, t in enumerate(progress_bar(scheduler.timesteps, desc="denoising", disable=not progress)):
         scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         eps = predict(from_frames(scaled), t, i)
         latents = scheduler.step(to_frames(eps), t, latents, generator=generator, return_dict=False)[0]

@@ -23,11 +23,11 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
-from tqdm.auto import tqdm
 
 from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, DecodeOptions,
                                         check_pipeline_class, load_cascade)
 from cascadev.pipelines.runtime import DecoderRuntimeMixin, compile_blocks
+from cascadev.progress import bar_settings, progress_bar as make_progress_bar
 from cascadev.pipelines.sampling import load_scheduler, make_scheduler, scheduler_for_objective
 from dit.text_dit import TextDiT
 from dit.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
@@ -138,7 +138,7 @@ def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_t
 
     latents = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)       # flow matching: unit noise, no scaling
     timesteps = (progress_bar(scheduler.timesteps) if progress_bar is not None
-                 else tqdm(scheduler.timesteps, desc="generating", disable=not progress, leave=False))
+                 else make_progress_bar(scheduler.timesteps, desc="generating", disable=not progress))
     for i, t in enumerate(timesteps):
         scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         eps = guided_noise(model, scaled, t, text, null_text, guidance)   # eps, or the velocity of a flow model
@@ -211,7 +211,7 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                                         previewer=previewer, stage_a=stage_a, num_inference_steps=num_inference_steps,
                                         colour_fix=colour_fix)
         self.timings: dict[str, float] = {}
-        self.set_progress_bar_config(desc="generating", leave=False)    # the base model's steps
+        self.set_progress_bar_config(desc="generating", **bar_settings())    # the base model's steps
 
     @classmethod
     def from_parts(cls, text_encoder: TextEncoder, base: TextDiT, cascade: CascadeVPipeline,

@@ -505,22 +505,22 @@ def log_means(session: Session, meter: Meter, state: dict, lr: float, step: int,
     means.update({"lr": lr, "samples_per_s": meter.samples / elapsed, "frames_per_s": meter.frames / elapsed,
                   "data/skipped": skipped})
     accelerator.log({f"train/{k}" if "/" not in k else k: v for k, v in means.items()}, step=step)
-    progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")
+    progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)   # drawn at the next step
     log.info("step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in means.items()))
 
 
 def loop(plan: RunPlan, session: Session, step: int, state: dict) -> None:
     """Train from ``step`` to run.max_steps: log, validate and save a checkpoint as often as the config says, and
     at the last step."""
-    from tqdm.auto import tqdm
+    from cascadev.progress import progress_bar
 
     config, run = plan.config, plan.config.run
     accelerator, task, ema = session.accelerator, session.task, session.ema
     lr_scheduler = lr_scheduler_at(session.optimizer, config, step)  # on the optimizer the prepared one wraps
     streams = data_streams(plan, accelerator, step)
     val_clips = [plan.val_set[i] for i in range(len(plan.val_set))]   # {"video": (3, T, H, W), "caption"}
-    progress = tqdm(total=run.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
-                    dynamic_ncols=True)
+    progress = progress_bar(total=run.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
+                            dynamic_ncols=True, leave=True)
     meter = Meter()
     while step < run.max_steps:
         accumulate(plan, session, streams, step, state, meter)
