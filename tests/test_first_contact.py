@@ -1,0 +1,255 @@
+"""What a new user hit first (issue 32): outputs on a file system that takes no files, temp files of killed runs,
+latents that say which cascade made them, the hub out of reach, several processes of a launch, and progress bars in
+a log file."""
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT, run_cli, subprocess_env
+from cascadev import weights as weights_module
+from cascadev.weights import atomic_path, atomic_write, is_stale_temp_file, remove_stale_temp_files, temp_prefix
+
+KERNEL_FOLDERS = [folder for folder in ("/proc", "/sys") if os.path.ismount(folder)]
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# -- 1. output checks: a file is made where the output goes, before any model loads -------------------------------
+
+@pytest.mark.skipif(not KERNEL_FOLDERS, reason="no /proc or /sys mounted")
+@pytest.mark.parametrize("name", ["x.mp4", "new/sub/x.mp4"])
+def test_an_output_on_a_kernel_file_system_is_refused_up_front_naming_the_users_path(name, clip_file, capsys):
+    for folder in KERNEL_FOLDERS:
+        out = f"{folder}/{name}"
+        code, stdout, err = run_cli(capsys, "reconstruct", clip_file, "-o", out, "--weights", "no_such_weights/")
+        line = error_line(err)
+        assert code == 2 and line.startswith(f"cascadev reconstruct: error: -o {out}: "), line
+        assert "file system" in line and ".tmp" not in line
+        assert "loading weights" not in stdout                       # refused before the weights' folder is read
+
+
+def test_a_folder_that_refuses_files_is_named_by_the_check(tmp_path, monkeypatch):
+    from cascadev.video_io import check_output_folder, check_video_output
+
+    def refuse(*args, **kwargs):       # what a read-only or full file system answers, for root as for anyone
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    with pytest.raises(ValueError, match=rf"^-o {tmp_path}/o.mp4: cannot create files in {tmp_path} \(permission"):
+        check_video_output(tmp_path / "o.mp4")
+    with pytest.raises(ValueError, match=r"^-o .*/a/b: cannot create files in .*/a \(permission denied\)$"):
+        check_output_folder(tmp_path / "a" / "b", "-o")
+    assert list(tmp_path.iterdir()) == []                              # the folder made to try was removed
+
+
+def test_the_check_leaves_nothing_in_a_writable_folder(tmp_path):
+    from cascadev.video_io import check_output_folder, check_video_output
+
+    assert check_video_output(tmp_path / "o.mp4") == tmp_path / "o.mp4"
+    assert check_output_folder(tmp_path / "run" / "a", "-o") == tmp_path / "run" / "a"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_names_the_users_path_not_the_temp_file(tmp_path):
+    target = tmp_path / "z.bin"
+
+    def fail(tmp):
+        raise OSError(28, "No space left on device", tmp)
+    with pytest.raises(OSError) as info:
+        atomic_write(target, fail)
+    assert info.value.errno == 28 and info.value.filename == str(target) and ".tmp" not in str(info.value)
+    if KERNEL_FOLDERS:       # no temp file can be made there (the issue's "[Errno 2] ... '/proc/.x.mp4...tmp'")
+        with pytest.raises(OSError) as info:
+            atomic_write(f"{KERNEL_FOLDERS[0]}/x.bin", lambda tmp: None)
+        assert info.value.filename == f"{KERNEL_FOLDERS[0]}/x.bin" and ".tmp" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []                              # a clean failure leaves nothing
+
+
+# -- 2. temp files of killed runs ------------------------------------------------------------------------------
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temp_files_are_those_of_dead_writers_here_or_a_day_old_elsewhere(tmp_path):
+    mine, dead = temp_prefix(tmp_path / "a.mp4"), _dead_pid()
+    machine = mine.split(".")[-2].split("-")[0]
+    files = {
+        f"{mine}abcd1234.tmp": False,                                  # this process: alive
+        f".a.mp4.{machine}-{dead}.abcd1234.tmp": True,                 # this machine, its writer gone
+        f".a.mp4.{'0' * 8}-{dead}.abcd1234.tmp": False,                # another machine, fresh
+        f".b.mp4.{'0' * 8}-1.old_1234.tmp": True,                      # another machine, untouched for two days
+        ".c.mp4.abcd1234.tmp": False,                                  # no writer's mark: maybe not ours
+        "notes.tmp": False,
+        f".d.mp4.{machine}-{dead}.abcd1234.tmp.keep": False,
+    }
+    for name in files:
+        (tmp_path / name).write_bytes(b"x")
+    two_days_ago = time.time() - 2 * weights_module.STALE_TEMP_AGE_S
+    for name in (f".b.mp4.{'0' * 8}-1.old_1234.tmp", ".c.mp4.abcd1234.tmp", "notes.tmp"):
+        os.utime(tmp_path / name, (two_days_ago, two_days_ago))
+    assert {name: is_stale_temp_file(tmp_path / name) for name in files} == files
+    assert sorted(p.name for p in remove_stale_temp_files(tmp_path)) == sorted(n for n, stale in files.items() if stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, stale in files.items() if not stale)
+
+
+@pytest.mark.slow
+def test_the_next_write_to_a_folder_removes_what_a_killed_run_left(tmp_path, monkeypatch):
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, signal, sys\nfrom cascadev.weights import atomic_path\n"
+         "with atomic_path(sys.argv[1]) as tmp:\n    open(tmp, 'wb').write(b'half')\n"
+         "    os.kill(os.getpid(), signal.SIGKILL)", str(tmp_path / "out.mp4")],
+        env=subprocess_env(tmp_path, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".out.mp4.")
+    monkeypatch.setattr(weights_module, "_swept", set())               # a new process: the folder not yet swept
+    from cascadev.pipelines.latents import save_latents
+    save_latents(tmp_path / "z.safetensors", torch.zeros(1, 16, 1, 1, 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp", "z.safetensors"]
+
+
+def test_a_writer_of_this_process_keeps_its_temp_file_while_another_file_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights_module, "_swept", set())
+    with atomic_path(tmp_path / "long.mp4") as tmp:
+        Path(tmp).write_bytes(b"piece")
+        monkeypatch.setattr(weights_module, "_swept", set())
+        atomic_write(tmp_path / "short.json", lambda t: Path(t).write_text("{}"))
+        assert Path(tmp).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4", "short.json"]
+
+
+# -- 6. latents record the cascade that made them ----------------------------------------------------------------
+
+def test_the_decoder_record_names_built_in_cascades_portably_and_folders_absolutely(tmp_path, monkeypatch):
+    from cascadev.cli.options import DECODER_KEY, decoder_record, recorded_decoder
+    from cascadev.errors import UserError
+    from cascadev.pipelines.cascade import TINY_CASCADE, TINY_DISTILLED
+
+    assert decoder_record(TINY_CASCADE) == {DECODER_KEY: "builtin:tiny_cascade"}
+    assert recorded_decoder(decoder_record(TINY_DISTILLED), "z") == str(TINY_DISTILLED)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    assert decoder_record("mine") == {DECODER_KEY: str(tmp_path / "mine")}
+    assert decoder_record("owner/cascade") == {DECODER_KEY: "owner/cascade"}
+    assert decoder_record(None) == {} and decoder_record("mine", (None, "dit.pth")) == {}
+    assert recorded_decoder({}, "z") is None and recorded_decoder({"fps": "8"}, "z") is None
+    with pytest.raises(UserError, match=r"^z.safetensors was made by the cascade in /gone/run, which is not there"):
+        recorded_decoder({DECODER_KEY: "/gone/run"}, "z.safetensors")
+    with pytest.raises(UserError, match="built-in cascade 'tiny_future'"):
+        recorded_decoder({DECODER_KEY: "builtin:tiny_future"}, "z.safetensors")
+
+
+@pytest.mark.slow
+def test_decode_without_weights_uses_the_cascade_that_made_the_latents(tmp_path, capsys, clip_file, tiny_pipeline_dir):
+    from cascadev.pipelines.latents import read_latents
+
+    z = tmp_path / "z.safetensors"
+    code, _, err = run_cli(capsys, "reconstruct", clip_file, "-o", tmp_path / "r.mp4", "--weights", tiny_pipeline_dir,
+                           "--frames", 4, "--steps", 1, "--latents-out", z)
+    assert code == 0, err
+    assert read_latents(z)[1]["decoder"] == str(tiny_pipeline_dir.resolve())
+    code, out, err = run_cli(capsys, "decode", z, "-o", tmp_path / "d.mp4", "--steps", 1)     # no --weights, no hub
+    assert code == 0, err
+    assert f"the cascade that made these latents, {tiny_pipeline_dir.resolve()}" in out
+    assert (tmp_path / "d.mp4").is_file()
+
+
+# -- 5. the hub out of reach, several processes -----------------------------------------------------------------
+
+def test_without_weights_offline_decode_fails_at_once_naming_the_built_in_cascade(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    from cascadev.cli.options import builtin_name
+    from cascadev.pipelines.cascade import TINY_CASCADE
+    from cascadev.pipelines.latents import save_latents
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)            # as a machine without network finds it
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))                # an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    save_latents(tmp_path / "z.safetensors", torch.zeros(1, 16, 2, 2, 2))    # no record: the release decodes it
+    start = time.perf_counter()
+    code, _, err = run_cli(capsys, "decode", tmp_path / "z.safetensors", "-o", tmp_path / "o.mp4")
+    assert code == 2 and time.perf_counter() - start < 20
+    line = error_line(err)
+    assert "hub cannot be reached" in line and line.endswith("--weights " + builtin_name(TINY_CASCADE)), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.safetensors"]
+
+
+@pytest.mark.parametrize("local_rank, said", [(None, True), ("0", True), ("1", False)])
+def test_an_input_error_is_said_by_the_first_process_of_a_machine_only(local_rank, said, capsys, monkeypatch):
+    from cascadev.errors import UserError, run_guarded
+
+    if local_rank is not None:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+
+    def bad():
+        raise UserError("--steps must be >= 1, got 0")
+    with pytest.raises(SystemExit) as info:
+        run_guarded("cascadev decode", bad)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == ("cascadev decode: error: --steps must be >= 1, got 0\n" if said else "")
+
+
+# -- 8. progress bars and log records in a log file ----------------------------------------------------------------
+
+def test_in_a_log_bars_are_whole_lines_ending_in_their_final_state_and_records_start_their_own_line(capsys,
+                                                                                                   monkeypatch):
+    from cascadev import progress
+
+    monkeypatch.setattr(progress, "LOG_DELAY_S", 0.0)
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    log = logging.getLogger("cascadev.test_first_contact")
+    handler = logging.StreamHandler(sys.stderr)
+    log.addHandler(handler)
+    try:
+        bar = progress.progress_bar(total=3, desc="train")
+        for step in range(3):
+            bar.update(1)
+            bar.set_postfix(loss=f"{1 / (step + 1):.3f}", refresh=False)
+            log.warning("step %d logged", step + 1)
+        bar.close()
+        for _ in progress.progress_bar(range(1), desc="Stage A decode"):
+            pass
+    finally:
+        log.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert [line for line in lines if "logged" in line] == ["step 1 logged", "step 2 logged", "step 3 logged"]
+    assert all(line.startswith(("train:", "Stage A decode:", "step ")) for line in lines), lines
+    assert "3/3" in [line for line in lines if line.startswith("train:")][-1]
+    assert "1/1" in lines[-1] and lines[-1].startswith("Stage A decode: 100%")
+
+
+def test_in_a_log_a_quick_bar_prints_nothing(capsys):
+    from cascadev.progress import progress_bar
+
+    for _ in progress_bar(range(4), desc="Stage A decode"):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_a_tiny_stage_a_saved_and_loaded_has_no_config_key_it_does_not_take(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from vae.stage_a import PRESETS, StageAVAE
+
+    stage_a = StageAVAE.from_config(PRESETS["tiny_taesd"])
+    stage_a.model.save_pretrained(tmp_path)
+    saved = (tmp_path / "config.json").read_text()
+    assert '"block_out_channels"' not in saved and '"decoder_block_out_channels"' in saved
+    loaded = StageAVAE.around(AutoencoderTiny.from_pretrained(tmp_path))      # diffusers registers it again on load
+    assert "block_out_channels" not in loaded.model.config
