@@ -83,5 +83,6 @@ def test_cli_decode_on_two_processes_writes_what_one_writes(tmp_path, capsys, ti
     two = _torchrun(tmp_path, *decode, tmp_path / "two.mp4")
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("two.mp4") == 1    # only the main process writes (and says so)
+    assert two.stdout.count("loading weights") == 1 and two.stdout.count("decoding latents") == 1    # and reports
     assert torch.equal(read_video(tmp_path / "one.mp4"), read_video(tmp_path / "two.mp4"))
 

@@ -188,6 +188,22 @@ def test_without_weights_offline_decode_fails_at_once_naming_the_built_in_cascad
     assert sorted(p.name for p in tmp_path.iterdir()) == ["z.safetensors"]
 
 
+@pytest.mark.slow
+def test_the_readmes_torchrun_line_offline_is_one_line_of_ours_at_once(tmp_path):
+    from cascadev.pipelines.latents import save_latents
+
+    save_latents(tmp_path / "z.safetensors", torch.zeros(1, 16, 2, 2, 2))    # no record: the release decodes it
+    env = subprocess_env(tmp_path, PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
+                         HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "cascadev", "decode", "z.safetensors", "-o", "out.mp4"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and run.stdout.count("loading weights") == 1, run.stdout
+    ours = [line for line in run.stderr.splitlines() if line.startswith("cascadev decode:")]
+    assert len(ours) == 1 and "--weights" in ours[0] and "tiny_cascade" in ours[0], run.stderr[-3000:]
+    assert "Retry" not in run.stderr and not (tmp_path / "out.mp4").exists()
+
+
 @pytest.mark.parametrize("local_rank, said", [(None, True), ("0", True), ("1", False)])
 def test_an_input_error_is_said_by_the_first_process_of_a_machine_only(local_rank, said, capsys, monkeypatch):
     from cascadev.errors import UserError, run_guarded

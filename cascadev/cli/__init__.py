@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
 
 from cascadev import __version__
 from cascadev.errors import OneLineParser, run_guarded
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     if not getattr(args, "func", None):
         parser.print_help()
         return
+    if os.environ.get("RANK", "0") != "0":     # a launch's other processes: the main one reports (and writes the files)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()    # "Loading pipeline components": the commands say "loading weights"

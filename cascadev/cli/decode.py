@@ -149,7 +149,6 @@ def run_decode(args: argparse.Namespace) -> None:
     from cascadev.pipelines.latents import read_latents
     from cascadev.pipelines.frames import SEMANTIC_CHANNELS
     from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline, recorded_decoder
-    from cascadev.pipelines.runtime import processes
     from cascadev.video_io import VideoWriter, check_video_output, output_paths
 
     check_video_output(args.output)
@@ -161,8 +160,7 @@ def run_decode(args: argparse.Namespace) -> None:
         check_decode_args(args)
         if args.weights is None and (recorded := recorded_decoder(metadata, args.latents)):
             args.weights = recorded         # the cascade that made them (reconstruct / generate --latents-out)
-            if processes().is_main_process:
-                print(f"no --weights: the cascade that made these latents, {recorded}", flush=True)
+            print(f"no --weights: the cascade that made these latents, {recorded}", flush=True)
         pipe = load_pipeline(args)
         decode_kw = decode_kwargs(args, pipe)
         print(f"decoding latents {tuple(latents.shape)} -> {latents.shape[-1] * 32}x{latents.shape[-2] * 32}")

@@ -22,8 +22,7 @@ def load_pipeline(args, with_previewer: bool | None = None):
     """The cascade the options name, ready to run (``prepare_pipeline``); the Previewer when asked, else only for the
     colour fix (given, or the folder's saved one). Where the hub cannot be reached, what it would give comes from the
     Hugging Face cache or fails at once in one line (``offline_if_unreachable``), on every process of a launch."""
-    if processes().is_main_process:
-        print("loading weights ...", flush=True)
+    print("loading weights ...", flush=True)
     if with_previewer is None and args.colour_fix is not None:
         with_previewer = args.colour_fix > 0
     offline = needs_hub(args) and offline_if_unreachable()
