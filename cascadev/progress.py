@@ -1,8 +1,8 @@
 """Progress bars that suit where the output goes: a terminal gets tqdm's live bars, cleared when done; a log file
-(output redirected, a job scheduler) gets whole lines: a bar that runs longer than ``LOG_DELAY_S`` prints its state
-on a line of its own every ``LOG_INTERVAL_S`` and its final state when it ends, and nothing else. tqdm's redraws
-(carriage returns, no newline) would otherwise glue the next log record or print onto the bar's line, and a bar
-that clears itself leaves its first state ("Stage A decode 0/1") in the log as if it never finished."""
+(output redirected, a job scheduler) gets whole lines: a bar that runs longer than ``LOG_INTERVAL_S`` prints its
+state on a line of its own that often and its final state when it ends; a shorter one prints nothing. tqdm's
+redraws (carriage returns, no newline) would otherwise glue the next log record or print onto the bar's line, and
+a bar that clears itself leaves its first state ("Stage A decode 0/1") in the log as if it never finished."""
 
 from __future__ import annotations
 
@@ -11,16 +11,19 @@ from collections.abc import Iterable
 
 from tqdm.auto import tqdm
 
-LOG_DELAY_S = 5.0        # a log shows a bar that runs at least this long
-LOG_INTERVAL_S = 30.0    # ... then a line this often, and one at its end
+LOG_INTERVAL_S = 30.0    # a bar in a log: a line this often (none for a bar that ends sooner), and one at its end
 
 
 class LineStream:
     """What tqdm writes, as lines: each redraw ("\\r" + the bar) becomes one line; clearing writes, and a redraw that
     repeats the last line's progress, are dropped."""
 
-    def __init__(self, stream):
-        self.stream, self.last = stream, None
+    def __init__(self, stream=None):
+        self._stream, self.last = stream, None
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr      # None: stderr as it is at each write (a pipeline keeps its settings)
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").rstrip()
@@ -50,10 +53,9 @@ def on_terminal(stream=None) -> bool:
 def bar_settings(stream=None) -> dict:
     """tqdm's keyword arguments for a bar on ``stream`` (default: stderr): live and cleared when done on a terminal,
     whole lines in a log (the module's docstring). Also for diffusers' ``set_progress_bar_config``."""
-    stream = stream or sys.stderr
-    if on_terminal(stream) or any("notebook" in c.__module__ for c in tqdm.__mro__):   # a notebook: widgets
+    if on_terminal(stream or sys.stderr) or any("notebook" in c.__module__ for c in tqdm.__mro__):  # notebook: widgets
         return {"leave": False}
-    return {"file": LineStream(stream), "leave": True, "delay": LOG_DELAY_S, "mininterval": LOG_INTERVAL_S}
+    return {"file": LineStream(stream), "leave": True, "delay": LOG_INTERVAL_S, "mininterval": LOG_INTERVAL_S}
 
 
 def progress_bar(iterable: Iterable | None = None, *, desc: str, disable: bool = False, **kwargs) -> tqdm:

@@ -225,7 +225,6 @@ def test_in_a_log_bars_are_whole_lines_ending_in_their_final_state_and_records_s
                                                                                                    monkeypatch):
     from cascadev import progress
 
-    monkeypatch.setattr(progress, "LOG_DELAY_S", 0.0)
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
     log = logging.getLogger("cascadev.test_first_contact")
     handler = logging.StreamHandler(sys.stderr)

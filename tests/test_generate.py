@@ -188,8 +188,9 @@ def test_call_with_a_generator_is_reproducible_and_steps_call_back(pipe):
         pipe.base_scheduler = saved
 
 
-def test_progress_bars_follow_set_progress_bar_config(pipe, capfd):
+def test_progress_bars_follow_set_progress_bar_config(pipe, capfd, monkeypatch):
     """The base model's and the decoder's bars, silenced by diffusers' ``set_progress_bar_config(disable=True)``."""
+    monkeypatch.setattr("cascadev.progress.LOG_INTERVAL_S", 0.0)    # captured output is a log: bars show when slow
     kwargs = dict(FAST, decoder_num_inference_steps=1)
     capfd.readouterr()
     pipe("a red ball", **kwargs)
