@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -23,10 +25,29 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's time limit, ``kill``, torchrun stopping the other processes of a launch), raised in the
+    main thread as Ctrl-C is, so that ``finally`` blocks run: a half-written file's temp file is removed."""
+
+
+_GUARDED_PID: list[int] = []        # the process whose SIGTERM raises Terminated (not a forked DataLoader worker)
+
+
+def _terminate(signum, frame):
+    if os.getpid() in _GUARDED_PID:
+        raise Terminated()
+    signal.signal(signum, signal.SIG_DFL)    # a forked child: terminate as it would have
+    os.kill(os.getpid(), signum)
+
+
 def run_guarded(prog: str, fn: Callable[[], T], debug: bool = False) -> T:
     """Run a command's body: bad input (``UserError``, ``ValueError``, ``OSError``: missing files, a full disk, no
-    permission) is one line and exit code 2, Ctrl-C exit 130, and any other exception one line naming it and
-    exit 1, with its traceback only under ``debug``."""
+    permission) is one line and exit code 2, Ctrl-C exit 130, SIGTERM exit 143 (its files cleaned up as on
+    Ctrl-C), and any other exception one line naming it and exit 1, with its traceback only under ``debug``."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        _GUARDED_PID.append(os.getpid())
     try:
         return fn()
     except BaseException as e:
@@ -38,12 +59,20 @@ def run_guarded(prog: str, fn: Callable[[], T], debug: bool = False) -> T:
         if isinstance(e, KeyboardInterrupt):
             print(f"{prog}: interrupted", file=sys.stderr)
             sys.exit(130)
+        if isinstance(e, Terminated):
+            if not _other_local_process():
+                print(f"{prog}: terminated", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
         if debug or not isinstance(e, Exception):       # SystemExit and the like pass through
             raise
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         print(f"{prog}: internal error: {type(e).__name__}: {first} (run with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(1)
+    finally:
+        if in_main_thread:
+            _GUARDED_PID.pop()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _other_local_process() -> bool:

@@ -121,6 +121,18 @@ def test_the_next_write_to_a_folder_removes_what_a_killed_run_left(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp", "z.safetensors"]
 
 
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_removes_its_temp_file_and_says_so(tmp_path):
+    stopped = subprocess.run(
+        [sys.executable, "-c", "import os, signal, sys, time\nfrom cascadev.errors import run_guarded\n"
+         "from cascadev.weights import atomic_path\ndef body():\n    with atomic_path(sys.argv[1]) as tmp:\n"
+         "        open(tmp, 'wb').write(b'half')\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+         "        time.sleep(60)\nrun_guarded('cascadev decode', body)", str(tmp_path / "out.mp4")],
+        env=subprocess_env(tmp_path, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 143 and stopped.stderr == "cascadev decode: terminated\n", stopped.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
+
+
 def test_a_writer_of_this_process_keeps_its_temp_file_while_another_file_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(weights_module, "_swept", set())
     with atomic_path(tmp_path / "long.mp4") as tmp:
