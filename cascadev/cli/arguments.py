@@ -15,7 +15,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     runs."""
     g = p.add_argument_group("weights and sampling")
     g.add_argument("--weights", help="folder with the released files or one written by save_pretrained "
-                                     "(default: download from the hub)")
+                                     "(default: for decode, the cascade its latents file names, as reconstruct and "
+                                     "generate --latents-out record it; else the release, from the hub)")
     g.add_argument("--dit", help="DiT: s1024.effn-f32.pth, our folder, or a hub id")
     g.add_argument("--semantic-encoder", help="effnet_encoder.safetensors or our folder")
     g.add_argument("--previewer", help="previewer.safetensors or our folder")
