@@ -83,11 +83,11 @@ def recorded_decoder(metadata: dict[str, str], path: str | Path) -> str | None:
     if not record:
         return None
     if record.startswith(BUILTIN_PREFIX):
-        folder = ASSETS / record.removeprefix(BUILTIN_PREFIX)
-        if not (folder / "model_index.json").is_file():
-            raise UserError(f"{path} was made by the built-in cascade {record.removeprefix(BUILTIN_PREFIX)!r}, which "
-                            "this install does not have: give --weights")
-        return str(folder)
+        name = record.removeprefix(BUILTIN_PREFIX)
+        if name != Path(name).name or not (ASSETS / name / "model_index.json").is_file():     # a plain name only
+            raise UserError(f"{path} was made by the built-in cascade {name!r}, which this install does not have: "
+                            "give --weights")
+        return str(ASSETS / name)
     if is_hub_id(record) or Path(record).is_dir():
         return record
     raise UserError(f"{path} was made by the cascade in {record}, which is not there any more: give --weights (that "
