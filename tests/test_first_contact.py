@@ -271,14 +271,26 @@ def test_in_a_log_a_quick_bar_prints_nothing(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_a_tiny_stage_a_saved_and_loaded_has_no_config_key_it_does_not_take(tmp_path):
-    from diffusers import AutoencoderTiny
+def test_a_saved_cascade_with_a_tiny_stage_a_loads_without_diffusers_config_notice(tmp_path):
+    import json
 
-    from vae.stage_a import PRESETS, StageAVAE
+    from diffusers.utils import logging as diffusers_logging
 
-    stage_a = StageAVAE.from_config(PRESETS["tiny_taesd"])
-    stage_a.model.save_pretrained(tmp_path)
-    saved = (tmp_path / "config.json").read_text()
-    assert '"block_out_channels"' not in saved and '"decoder_block_out_channels"' in saved
-    loaded = StageAVAE.around(AutoencoderTiny.from_pretrained(tmp_path))      # diffusers registers it again on load
-    assert "block_out_channels" not in loaded.model.config
+    from cascadev.pipelines.cascade import load_cascade
+    from helpers import SHIPPED_CASCADE
+
+    pipe = load_cascade(SHIPPED_CASCADE)
+    assert "block_out_channels" in pipe.vae.config     # diffusers' pipelines read it from the loaded model
+    pipe.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert "block_out_channels" not in saved and saved["decoder_block_out_channels"] == [48, 48, 48, 48]
+    notices = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notices.append(record.getMessage())
+    logger = diffusers_logging.get_logger("diffusers")
+    logger.addHandler(handler)
+    try:
+        load_cascade(tmp_path)
+    finally:
+        logger.removeHandler(handler)
+    assert not [n for n in notices if "were passed to" in n], notices

@@ -29,6 +29,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -240,15 +241,18 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, gri
     return out.div_(_ramp_total(cols, out_factor, x.device, margin))
 
 
-def _drop_unloadable_config_keys(model: nn.Module) -> None:
-    """Forget the config key ``block_out_channels`` that diffusers' ``AutoencoderTiny`` registers when built (a copy
-    of ``decoder_block_out_channels``) but does not take: every folder it was saved in (a pipeline's ``vae/``, a
-    training run's export) would warn "config attributes {'block_out_channels': ...} were passed to AutoencoderTiny"
-    at each load."""
-    from diffusers.configuration_utils import FrozenDict
+def drop_unloadable_config_keys(config_file: str | Path) -> None:
+    """Remove from a saved VAE ``config.json`` the key ``block_out_channels`` that diffusers' ``AutoencoderTiny``
+    registers when built (a copy of ``decoder_block_out_channels``, which diffusers' pipelines read) and saves, but
+    does not take: each load of the folder would warn "config attributes {'block_out_channels': ...} were passed to
+    AutoencoderTiny". Other VAEs' configs are left as they are."""
+    from cascadev.weights import write_json
 
-    if type(model).__name__ == "AutoencoderTiny" and "block_out_channels" in model.config:
-        model._internal_dict = FrozenDict({k: v for k, v in model.config.items() if k != "block_out_channels"})
+    config_file = Path(config_file)
+    config = json.loads(config_file.read_text())
+    if config.get("_class_name") == "AutoencoderTiny" and "block_out_channels" in config:
+        del config["block_out_channels"]
+        write_json(config_file, config, sort_keys=True)
 
 
 # -- the wrapper ----------------------------------------------------------------------------------
@@ -326,7 +330,6 @@ class StageAVAE(nn.Module):
         super().__init__()
         self.config = config
         self.model = model.eval().requires_grad_(False)
-        _drop_unloadable_config_keys(model)
 
     def _tiled(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: tuple[int, int],
                in_factor: int, out_factor: int, tile: tuple[int, int]) -> torch.Tensor:

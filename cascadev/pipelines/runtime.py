@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -15,7 +16,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from cascadev.errors import UserError
 from cascadev.pipelines import DTYPE_NAMES
 from cascadev.pipelines.sampling import make_scheduler
-from vae.stage_a import vae_dtype
+from vae.stage_a import drop_unloadable_config_keys, vae_dtype
 
 
 def timed(timings: dict[str, float], phase: str, device: torch.device, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -51,6 +52,14 @@ class DecoderRuntimeMixin:
 
     def _timed(self, phase: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         return timed(self.timings, phase, self._execution_device, fn)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``save_pretrained``, with the Stage A VAE's config cleaned of a key its class saves but does not
+        take (``drop_unloadable_config_keys``: AutoencoderTiny's ``block_out_channels``)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        vae_config = Path(save_directory) / "vae" / "config.json"
+        if vae_config.is_file():
+            drop_unloadable_config_keys(vae_config)
 
     def progress_enabled(self) -> bool:
         """Whether this pipeline shows progress bars: diffusers' ``set_progress_bar_config(disable=True)`` turns them

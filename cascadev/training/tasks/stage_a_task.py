@@ -15,6 +15,7 @@ from cascadev.training.config import TrainConfig
 from cascadev.training.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, kl_standard_normal, load_lpips_loss
 from cascadev.training.tasks.common import export_trained_and_ema, reconstruction_scores, seeded
 from cascadev.weights import save_state_dict
+from vae.stage_a import drop_unloadable_config_keys
 
 
 class VAEReconstruction(nn.Module):
@@ -143,3 +144,4 @@ class StageATask:
         vae_state = {k.removeprefix("vae."): v for k, v in state_dict.items()}
         save_state_dict(vae_state, directory / "diffusion_pytorch_model.safetensors")
         self.model.vae.save_config(str(directory))
+        drop_unloadable_config_keys(directory / "config.json")
