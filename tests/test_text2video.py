@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cascadev.cli.text2video import CASCADE
+from cascadev.pipelines.latents import read_latents
 from cascadev.video_io import video_info
 from helpers import run_cli
 
@@ -59,13 +60,18 @@ def test_demo_prompt_end_to_end(tmp_path, capsys):
 
 
 def test_generate_uses_the_builtin_weights(tmp_path, capsys):
-    out = tmp_path / "v.mp4"
+    out, z = tmp_path / "v.mp4", tmp_path / "z.safetensors"
     code, stdout, err = run_cli(capsys, "generate", PROMPT, "-o", out, "--frames", 2, "--size", "64x32", "--steps", 2,
-                                "--decode-steps", 1)
+                                "--decode-steps", 1, "--latents-out", z)
     assert code == 0, err
     assert "built-in tiny text-to-video model" in stdout
     info = video_info(out)
     assert (info.frames, info.width, info.height) == (2, 64, 32)
+    # the latents name their decoder, the built-in cascade: decode needs no --weights (and no hub)
+    assert read_latents(z)[1]["decoder"] == "builtin:tiny_cascade"
+    code, stdout, err = run_cli(capsys, "decode", z, "-o", tmp_path / "d.mp4", "--steps", 1)
+    assert code == 0, err
+    assert "the cascade that made these latents" in stdout and video_info(tmp_path / "d.mp4").frames == 2
     # another decoder folder (here the same tiny cascade): its Previewer is loaded for its saved or asked colour fix
     code, stdout, err = run_cli(capsys, "generate", f"{PROMPT} and a dog", "-o", tmp_path / "c.mp4", "--frames", 2,
                                 "--size", "64x32",

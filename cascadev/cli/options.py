@@ -46,7 +46,8 @@ def needs_hub(args) -> bool:
     weights = args.weights
     if weights is None or is_hub_id(str(weights)):
         return True
-    return not (Path(weights) / "model_index.json").is_file() and args.stage_a is None
+    folder = Path(weights)      # a missing one fails in the loader, without asking the hub
+    return folder.is_dir() and not (folder / "model_index.json").is_file() and args.stage_a is None
 
 
 # -- which cascade made a latents file: recorded by reconstruct / generate, the default of decode ---------------
