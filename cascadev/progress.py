@@ -6,6 +6,7 @@ a bar that clears itself leaves its first state ("Stage A decode 0/1") in the lo
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable
 
@@ -61,3 +62,17 @@ def bar_settings(stream=None) -> dict:
 def progress_bar(iterable: Iterable | None = None, *, desc: str, disable: bool = False, **kwargs) -> tqdm:
     """``tqdm(iterable, desc=desc, disable=disable, **kwargs)`` with ``bar_settings()``."""
     return tqdm(iterable, desc=desc, disable=disable, **{**bar_settings(), **kwargs})
+
+
+class BarAwareHandler(logging.StreamHandler):
+    """A ``StreamHandler`` whose records never land on a live bar's line on a terminal: there they go through
+    ``tqdm.write`` (the bar is cleared, the record written, the bar drawn again below it). In a log file the bars
+    are whole lines already (``LineStream``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not (on_terminal(self.stream) and getattr(tqdm, "_instances", None)):
+            return super().emit(record)
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)

@@ -263,6 +263,31 @@ def test_in_a_log_bars_are_whole_lines_ending_in_their_final_state_and_records_s
     assert "1/1" in lines[-1] and lines[-1].startswith("Stage A decode: 100%")
 
 
+def test_on_a_terminal_a_record_clears_the_live_bar_and_takes_a_line_of_its_own():
+    import io
+
+    from tqdm.auto import tqdm
+
+    from cascadev.progress import BarAwareHandler
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    terminal = Terminal()
+    log = logging.getLogger("test_first_contact.terminal")
+    handler, log.propagate = BarAwareHandler(terminal), False
+    log.addHandler(handler)
+    try:
+        with tqdm(total=3, desc="train", file=terminal, leave=False, mininterval=0) as bar:
+            bar.update(1)
+            log.warning("step 1 logged")
+            bar.update(1)
+    finally:
+        log.removeHandler(handler)
+    [line] = [line for line in terminal.getvalue().split("\n") if "logged" in line]
+    assert line.rsplit("\r", 1)[-1] == "step 1 logged", repr(line)      # what the terminal shows on that line
+
+
 def test_in_a_log_a_quick_bar_prints_nothing(capsys):
     from cascadev.progress import progress_bar
 

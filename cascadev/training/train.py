@@ -55,6 +55,7 @@ from diffusers.training_utils import EMAModel
 
 from cascadev.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
 from cascadev.errors import OneLineParser, run_guarded
+from cascadev.progress import BarAwareHandler
 from cascadev.training.args import add_train_arguments
 from cascadev.training.config import TrainConfig, check_cache, check_weight_files, load_train_config
 from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step,
@@ -177,7 +178,7 @@ def setup_logging(main_process: bool) -> None:
         handler.close()
     logger.setLevel(logging.INFO if main_process else logging.WARNING)
     logger.propagate = False
-    console = logging.StreamHandler(sys.stderr)
+    console = BarAwareHandler(sys.stderr)       # records never glued onto the progress bar's line
     console.setFormatter(LOG_FORMAT)
     logger.addHandler(console)
     if main_process:
