@@ -95,15 +95,16 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return removed
 
 
-def _as_users_path(e: OSError, path: Path) -> OSError:
-    """``e`` naming the user's ``path`` where it named our temp file for it (or the rename onto it): the message a
-    user can act on, "[Errno 13] Permission denied: 'PATH'"."""
+def _as_users_path(e: Exception, path: Path) -> OSError | None:
+    """``e`` (an OS error, or PyAV's that carry a file name) as an ``OSError`` naming the user's ``path`` where it named
+    our temp file for it (or the rename onto it), "[Errno 13] Permission denied: 'PATH'"; None where it did not."""
     def ours(name) -> bool:
         name = Path(os.fsdecode(name)) if isinstance(name, (str, bytes, os.PathLike)) else None
         return name is not None and name.name.startswith(f".{path.name}.") and name.name.endswith(".tmp")
-    if not (ours(e.filename) or ours(e.filename2)):
-        return e
-    return OSError(e.errno, e.strerror or type(e).__name__, str(path))
+    if not (ours(getattr(e, "filename", None)) or ours(getattr(e, "filename2", None))):
+        return None
+    errno, why = getattr(e, "errno", None), getattr(e, "strerror", None) or type(e).__name__
+    return OSError(errno, why, str(path)) if errno is not None else OSError(f"{why}: {path}")
 
 
 @contextmanager
@@ -125,8 +126,10 @@ def atomic_path(path: str | Path) -> Iterator[str]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)              # as any new file (mkstemp and safetensors make it 0600)
         os.replace(tmp, path)
-    except OSError as e:
-        raise _as_users_path(e, path) from None
+    except Exception as e:
+        if (named := _as_users_path(e, path)) is None:
+            raise
+        raise named from None
     finally:
         if tmp and os.path.exists(tmp):
             os.remove(tmp)

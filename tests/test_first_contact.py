@@ -68,6 +68,17 @@ def test_a_failed_write_names_the_users_path_not_the_temp_file(tmp_path):
     with pytest.raises(OSError) as info:
         atomic_write(target, fail)
     assert info.value.errno == 28 and info.value.filename == str(target) and ".tmp" not in str(info.value)
+
+    class EncoderError(Exception):      # PyAV's errors carry errno, strerror and filename; not all are OSErrors
+        def __init__(self, filename):
+            super().__init__(filename)
+            self.errno, self.strerror, self.filename = 22, "Invalid argument", filename
+
+    def fail_encoding(tmp):
+        raise EncoderError(tmp)
+    with pytest.raises(OSError) as info:
+        atomic_write(target, fail_encoding)
+    assert info.value.errno == 22 and info.value.filename == str(target)
     if KERNEL_FOLDERS:       # no temp file can be made there (the "[Errno 2] ... '/proc/.x.mp4...tmp'")
         with pytest.raises(OSError) as info:
             atomic_write(f"{KERNEL_FOLDERS[0]}/x.bin", lambda tmp: None)
