@@ -94,6 +94,7 @@ def test_distill_script_resumes_exactly_and_exports_a_cascade_at_the_students_st
     teacher = json.loads((SHIPPED_CASCADE / "model_index.json").read_text())
     assert pipe.config.num_inference_steps == 1 and scheduler_name(pipe.scheduler) == "flow"
     assert pipe.config.colour_fix == teacher["colour_fix"] and pipe.previewer is not None
+    assert pipe.config.tile_detail == "central"                       # distill.tile_detail, the config's default
     # what decode runs at the saved steps is what the student trained on: the unrolled sampler, exactly
     task = DistillTask(load_train_config(whole / "config.yaml"))
     g = torch.Generator().manual_seed(1)
@@ -155,6 +156,7 @@ def test_builtin_distilled_decoder_shares_the_tiny_cascades_parts_and_decodes_in
     assert pipe.dit.dtype == torch.float32                         # stored in fp16, runs in fp32
     assert pipe.config.num_inference_steps == 1 and scheduler_name(pipe.scheduler) == "flow"
     assert (pipe.config.colour_fix, pipe.config.demo) == (teacher.config.colour_fix, teacher.config.demo)
+    assert (pipe.config.tile_detail, teacher.config.tile_detail) == ("central", "average")    # saved with each
     # load_cascade (the CLI's loader): the Previewer only where asked for, a part given replaces the shared one
     assert load_cascade(TINY_DISTILLED, with_previewer=False).previewer is None
     from cascadev.synthetic import make_clip

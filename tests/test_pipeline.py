@@ -336,6 +336,26 @@ def test_cli_shifted_tiling_on_reconstruct_and_decode(tmp_path, capsys, tiny_pip
     assert not torch.equal(outputs["shifted"], outputs["blend"])       # 20 latent columns: 2 tiles, then 3 shifted
 
 
+def test_the_saved_tile_detail_is_how_overlaps_combine_unless_given(pipe):
+    from cascadev.pipelines.sampling import Tiling
+
+    latents = torch.randn(1, 16, 2, 3, 5, generator=torch.Generator().manual_seed(0))   # 20 latent columns: 2 tiles
+    common = dict(steps=1, seed=3, colour_fix=0, progress=False)
+    average, central = (pipe.decode(latents, tiling=Tiling("blend", detail=d), **common)
+                        for d in ("average", "central"))
+    assert pipe.config.tile_detail == "average" and torch.equal(pipe.decode(latents, **common), average)
+    assert not torch.equal(average, central)
+    pipe.register_to_config(tile_detail="central")
+    try:
+        assert torch.equal(pipe.decode(latents, **common), central)
+        assert pipe.tiling("official") == Tiling("official")                            # the release's rule stays
+        assert pipe.tiling(Tiling("blend", detail="average")).detail == "average"       # given beats saved
+    finally:
+        pipe.register_to_config(tile_detail="average")
+    with pytest.raises(ValueError, match="tile_detail"):
+        type(pipe)(**pipe.components, tile_detail="sharp")
+
+
 def test_decode_options_are_one_value_for_every_decode_method(pipe):
     from cascadev.pipelines.cascade import DecodeOptions
 

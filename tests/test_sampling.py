@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from helpers import randomize_
-from cascadev.pipelines.sampling import (Tiling, dit_work, finishing_step, grid_offset, make_scheduler, predict_noise,
-                                         sample, shifted_spans, window_crops, window_starts)
+from cascadev.pipelines.sampling import (Tiling, central_weights, dit_work, finishing_step, grid_offset, low_band,
+                                         make_scheduler, predict_noise, sample, shifted_spans, window_crops,
+                                         window_starts)
 from dit import PRESETS, VideoDiT
 
 TINY = PRESETS["tiny"]  # window: 4 frames x 16x16 latents
@@ -108,6 +109,56 @@ def test_blend_is_a_partition_of_unity_and_has_no_seams():
         jump_o = eps_o.diff(dim=dim).abs().max()
         assert jump_b <= spread / (overlap + 1) + 1e-5, (dim, jump_b)
         assert jump_o >= 1.0  # official tiles overwrite: a step as large as the difference between calls
+
+
+class CallNoise(CallConstant):
+    """Stub DiT whose eps is fresh unit noise at every call: windows that disagree on every detail."""
+
+    def forward(self, x, t):
+        self.calls += 1
+        g = torch.Generator().manual_seed(self.calls)
+        return torch.randn(x.shape[0], self.out_channels, *x.shape[2:], generator=g)
+
+
+def test_central_detail_equals_average_where_windows_agree_or_have_no_detail():
+    x = torch.randn(1, 20, 10, 37, 50, generator=torch.Generator().manual_seed(0))
+    central = Tiling("blend", detail="central")
+    # windows that agree (eps a function of each latent): both give the untiled field back
+    torch.testing.assert_close(predict_noise(PassThrough(), x, 1.0, central), x[:, :1].expand(-1, 4, -1, -1, -1))
+    # windows of constants have no detail band: central is the seam-free average's low band
+    average = predict_noise(CallConstant(), x, 1.0, "blend")
+    smooth = low_band(torch.nn.functional.pad(average, (1, 1, 1, 1, 0, 0), mode="replicate"))
+    torch.testing.assert_close(predict_noise(CallConstant(), x, 1.0, central), smooth, atol=1e-3, rtol=0)
+
+
+def test_central_detail_keeps_the_detail_that_averaging_blurs():
+    x = torch.zeros(1, 20, 4, 20, 20)                 # tiles at 0 and 4: 12 of 16 columns (rows) overlap
+    average = predict_noise(CallNoise(), x, 1.0, Tiling("blend", detail="average"))
+    central = predict_noise(CallNoise(), x, 1.0, Tiling("blend", detail="central"))
+    detail_energy = [(e[..., 1:-1, 1:-1] - low_band(e)).pow(2).mean().item() for e in (average, central)]
+    assert detail_energy[1] > 1.3 * detail_energy[0], detail_energy   # averaging independent detail halves it
+
+
+def test_central_weights_pick_the_deepest_window():
+    spec = CallConstant().window
+    size = (4, 16, 28)                                       # two tiles side by side: columns [0, 16) and [12, 28)
+    crops = window_crops(spec, size, "blend")
+    assert [c[2] for c in crops] == [slice(0, 16), slice(12, 28)]
+    weights = torch.zeros(len(crops), *size)
+    for k, (f, r, col) in enumerate(crops):
+        weights[k, f, r, col] = central_weights(size, (f, r, col))
+    share = weights / weights.sum(0)
+    assert torch.all(share[0, :, :, :12] == 1) and torch.all(share[1, :, :, 16:] == 1)    # one window covers
+    assert share[0, 0, 8, 12] > 0.99 and share[1, 0, 8, 15] > 0.99    # in the overlap: the one a column is deeper in
+    torch.testing.assert_close(share[:, 0, 8, 13:15].sum(0), torch.ones(2))
+
+
+def test_central_detail_is_not_for_official_tiling():
+    with pytest.raises(ValueError, match="central"):
+        Tiling("official", detail="central")
+    with pytest.raises(ValueError, match="detail"):
+        Tiling("blend", detail="sharp")
+    assert Tiling("shifted", detail="central").at_step(3, finishing=3) == Tiling("blend", detail="central")
 
 
 def test_tile_stride_up_to_the_window_still_covers_every_latent():

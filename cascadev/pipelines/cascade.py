@@ -29,7 +29,7 @@ from einops import rearrange
 from cascadev.checks import check_video
 from cascadev.config import to_dict
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
-from cascadev.pipelines.sampling import Tiling, make_scheduler, sample
+from cascadev.pipelines.sampling import TILE_DETAILS, Tiling, make_scheduler, sample
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.frames import SEMANTIC_DOWNSAMPLE, check_colour_fix, fix_colour, resize_video
 from cascadev.weights import is_hub_id
@@ -72,8 +72,9 @@ class DecodeOptions:
     Noise: ``seed`` draws it frames first, as the release did, on a CPU generator (ancestral steps from ``seed + 1``);
     a ``generator`` replaces both with one stream, as the release's global generator
     (``torch.Generator("cuda").manual_seed(42)`` on a GPU is the released code's). ``tiling``: how windows and tiles
-    cover a large clip (``sampling.Tiling``). ``colour_fix=f`` takes the band of f x f pixel blocks and below from
-    the Previewer (``fix_colour``; 0: off; None: the folder's setting where the Previewer is loaded).
+    cover a large clip (``sampling.Tiling``; its ``detail`` defaults to the folder's ``tile_detail``).
+    ``colour_fix=f`` takes the band of f x f pixel blocks and below from the Previewer (``fix_colour``; 0: off;
+    None: the folder's setting where the Previewer is loaded).
     ``window_batch``: DiT windows/tiles per forward (faster on a GPU, same result within rounding).
     ``distributed``: under ``accelerate launch``, every rank decodes the same latents and each step's windows/tiles
     are split across the ranks (``sampling.predict_noise``). ``callback(i, t, latents)`` runs after each DiT step and
@@ -237,8 +238,9 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
     Components: ``dit`` (``VideoDiT``), ``semantic_encoder``, ``vae`` (Stage A: a diffusers autoencoder),
     ``scheduler``, ``previewer`` (optional). Registered settings: ``stage_a`` (latent scale, chunks and tiles
-    of Stage A decoding), ``num_inference_steps`` and ``colour_fix`` (the defaults these weights were tuned
-    for) and ``demo`` (what ``cascadev demo`` shows them on).
+    of Stage A decoding), ``num_inference_steps``, ``colour_fix`` and ``tile_detail`` (the defaults these weights
+    were tuned for: a 1-step distilled decoder saves ``"central"``, ``sampling.Tiling``) and ``demo`` (what
+    ``cascadev demo`` shows them on).
     """
 
     model_cpu_offload_seq = "semantic_encoder->dit->vae->previewer"
@@ -246,8 +248,11 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
     def __init__(self, dit: VideoDiT, semantic_encoder: SemanticEncoder | None, vae: torch.nn.Module,
                  scheduler: SchedulerMixin, previewer: Previewer | None = None, stage_a: dict | None = None,
-                 num_inference_steps: int = RELEASE_STEPS, colour_fix: int | None = None, demo: dict | None = None):
+                 num_inference_steps: int = RELEASE_STEPS, colour_fix: int | None = None, demo: dict | None = None,
+                 tile_detail: str = "average"):
         super().__init__()
+        if tile_detail not in TILE_DETAILS:
+            raise ValueError(f"tile_detail must be one of {', '.join(TILE_DETAILS)}, got {tile_detail!r}")
         stage_a_vae = StageAVAE.around(vae, stage_a)     # chunked, tiled decoding and the latent scale
         if dit.config.latent_channels != vae.config.latent_channels:
             raise ValueError(f"the DiT makes {dit.config.latent_channels}-channel latents but the Stage A VAE decodes "
@@ -255,7 +260,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         self.register_modules(dit=dit, semantic_encoder=semantic_encoder, vae=vae, scheduler=scheduler,
                               previewer=previewer)
         self.register_to_config(stage_a=stage_a_settings(stage_a_vae.config), num_inference_steps=num_inference_steps,
-                                colour_fix=colour_fix, demo=demo)
+                                colour_fix=colour_fix, demo=demo, tile_detail=tile_detail)
         for module in (dit, semantic_encoder, vae, previewer):
             if module is not None:
                 module.eval().requires_grad_(False)
@@ -323,6 +328,14 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                             f"{', '.join(f.name for f in fields(DecodeOptions))}")
         return replace(options, **changes) if changes else options
 
+    def tiling(self, tiling: str | Tiling = "blend") -> Tiling:
+        """``tiling`` with its ``detail`` (how blended overlaps combine) defaulting to the saved ``tile_detail``;
+        official tiling keeps the release's rule."""
+        tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
+        if tiling.detail is None and tiling.mode != "official":
+            tiling = replace(tiling, detail=self.config.tile_detail)
+        return tiling
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, options: DecodeOptions | None = None, **changes) -> torch.Tensor:
         """Semantic latents (B, 16, T, h, w) -> Stage A latents (B, 4, T, 4h, 4w), scaled. How: ``options``
@@ -349,8 +362,9 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         if o.scheduler_config:
             scheduler = type(scheduler).from_config(scheduler.config, **o.scheduler_config)
         steps = self.config.num_inference_steps if o.steps is None else o.steps
+        tiling = self.tiling(o.tiling)
         # latents and the scheduler's arithmetic stay fp32; the DiT runs in its own dtype (``_run_window``)
-        return self._timed("dit", lambda: sample(self.dit, cond.float(), noise.float(), scheduler, steps, o.tiling,
+        return self._timed("dit", lambda: sample(self.dit, cond.float(), noise.float(), scheduler, steps, tiling,
                                                  generator=generator, progress=o.progress, callback=o.callback,
                                                  window_batch=o.window_batch, distributed=o.distributed))
 

@@ -49,11 +49,18 @@ class Tiling:
     ``shifted`` places windows a whole window apart on a grid that moves at every denoising step, so no seam stays in
     one place, and blends the finishing step (``finishing_step``: the last one that starts from real noise, which
     sets the detail) at the release's spacing: measured on the tiny cascade against blending every step, shifting
-    that step too cost 0.3 dB, blending only it 0.01-0.05 dB (benchmarks/tiling.py, docs/fast-decoding.md)."""
+    that step too cost 0.3 dB, blending only it 0.01-0.05 dB (benchmarks/tiling.py, docs/fast-decoding.md).
+
+    ``detail``: how blended overlaps combine. ``average``: the windows' outputs weighted by their ramps. ``central``:
+    two-band blending (Burt & Adelson 1983): the low band (``DETAIL_KERNEL`` box filter) averaged as ``average``, the
+    detail band taken from the window in whose interior a latent lies deepest (``central_weights``). Windows disagree
+    on fine detail they cannot see of each other; averaging two such guesses blurs them, which a sampler's later
+    steps repair and a 1-step decoder cannot. None: the pipeline's saved ``tile_detail`` (else ``average``)."""
 
     mode: Literal["blend", "official", "shifted"] = "blend"
     frame_stride: int | None = None   # latent frames between windows; default window_frames // 2
     tile_stride: int | None = None    # latent pixels between tiles; default round(0.75 * window_size)
+    detail: Literal["average", "central"] | None = None
 
     def __post_init__(self):
         if self.mode not in TILING_MODES:
@@ -64,14 +71,21 @@ class Tiling:
                 raise ValueError(f"{name} must be >= 1, got {value}")
             if value is not None and self.mode == "shifted":
                 raise ValueError(f"{name} applies to blend and official tiling; shifted windows are a window apart")
+        if self.detail not in (None, *TILE_DETAILS):
+            raise ValueError(f"detail must be one of {', '.join(TILE_DETAILS)}, got {self.detail!r}")
+        if self.detail == "central" and self.mode == "official":
+            raise ValueError("detail 'central' applies to blend and shifted tiling; official tiling is the release's")
 
     def at_step(self, step: int, finishing: int) -> "Tiling":
         """The tiling of denoising step ``step`` of a sampler whose finishing step is ``finishing``: ``shifted`` blends
         that one; other modes are the same at every step."""
-        return Tiling("blend") if self.mode == "shifted" and step == finishing else self
+        return Tiling("blend", detail=self.detail) if self.mode == "shifted" and step == finishing else self
 
 
 TILING_MODES = ("blend", "official", "shifted")
+TILE_DETAILS = ("average", "central")
+DETAIL_KERNEL = 3         # latent pixels: the detail band is what a 3 x 3 box filter removes (periods < ~24 px)
+CENTRAL_POWER = 8         # central weights ~ depth^8: the deepest window's detail, a short cross-fade where two tie
 NEGLIGIBLE_NOISE = 0.05   # noise-to-signal ratio below which a step only polishes what is there
 
 
@@ -184,6 +198,59 @@ def ramp(length: int, size: int, start: int, overlap: int, device: torch.device 
     if start + size < length:
         w = torch.minimum(w, (size - i) / (overlap + 1))
     return w
+
+
+def interior_depth(length: int, size: int, start: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """How deep each position of a window at ``start`` lies inside it, as a fraction of the window (size,): 1 / size
+    at an edge toward a neighbour, about 1/2 in the middle; 2 where the clip's own border is the nearer edge (no
+    neighbour sees beyond it)."""
+    i = torch.arange(size, dtype=torch.float32, device=device)
+    depth = torch.full((size,), 2.0 * size, device=device)
+    if start > 0:
+        depth = torch.minimum(depth, i + 1)
+    if start + size < length:
+        depth = torch.minimum(depth, size - i)
+    return depth / size
+
+
+def central_weights(size: tuple[int, int, int], crop: Crop, device: torch.device | str | None = None) -> torch.Tensor:
+    """Detail-band weights (t, h, w) of a window ``crop`` of a clip of ``size`` (T, H, W): its interior depth along
+    the shallowest axis, to the power ``CENTRAL_POWER`` (between 1 / window^8 and 2^8: no float32 overflow).
+    Normalised by their sum over windows, they take the deepest window's detail almost everywhere."""
+    depths = [interior_depth(n, s.stop - s.start, s.start, device) for n, s in zip(size, crop)]
+    depth = torch.minimum(torch.minimum(depths[0][:, None, None], depths[1][None, :, None]), depths[2][None, None, :])
+    return depth ** CENTRAL_POWER
+
+
+def low_band(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H + 2p, W + 2p) -> (B, C, T, H, W): the ``DETAIL_KERNEL`` box filter per frame (p its half-width)
+    over the positions whose neighbourhood is inside."""
+    return F.avg_pool3d(x, (1, DETAIL_KERNEL, DETAIL_KERNEL), stride=1)
+
+
+def _central_blend(average: torch.Tensor, crops: list[Crop], eps: list[torch.Tensor]) -> torch.Tensor:
+    """Two-band blending (``Tiling.detail == "central"``) of the windows' outputs ``eps`` over ``crops``, given their
+    ramp-weighted ``average`` (B, C, T, H, W): the average's low band plus the detail band of the window each latent
+    lies deepest in. A window's band split sees, across its edges toward neighbours, what the windows there made on
+    average (at the clip's edges, its own edge replicated), so windows that agree give their common output back
+    exactly, and a window without detail (a constant) adds none."""
+    T, H, W = average.shape[2:]
+    pad = DETAIL_KERNEL // 2
+    around = F.pad(average, (pad, pad, pad, pad, 0, 0), mode="replicate")    # b c t (h + 2p) (w + 2p)
+    detail, weight = torch.zeros_like(average), average.new_zeros(1, 1, T, H, W)
+    for (f, r, col), e in zip(crops, eps):
+        patch = F.pad(e, (pad, pad, pad, pad, 0, 0), mode="replicate")     # b c t (h + 2p) (w + 2p)
+        for side, inner in ((0, r.start > 0), (1, r.stop < H), (2, col.start > 0), (3, col.stop < W)):
+            if inner:     # a neighbour's side: what the windows there made on average
+                ring = [slice(None)] * 2
+                ring[side // 2] = slice(None, pad) if side % 2 == 0 else slice(-pad, None)
+                rows, cols = slice(r.start, r.stop + 2 * pad), slice(col.start, col.stop + 2 * pad)
+                patch[..., ring[0], ring[1]] = around[:, :, f, rows, cols][..., ring[0], ring[1]]
+        v = central_weights((T, H, W), (f, r, col), average.device).to(average.dtype)      # t h w
+        detail[:, :, f, r, col] += (e - low_band(patch)) * v
+        weight[:, :, f, r, col] += v
+    smooth = low_band(around)
+    return smooth + detail / weight
 
 
 def _pad_to(x: torch.Tensor, multiples: tuple[int, int, int]) -> torch.Tensor:
@@ -351,8 +418,10 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
             last_end = start + size
         return out
 
-    # blend: each crop weighted by the product of its ramps over frames, rows and columns, then normalised
+    # blend: each crop weighted by the product of its ramps over frames, rows and columns, then normalised; with
+    # central detail, the detail band from the deepest window instead (Tiling's docstring)
     frame_stride, tile_stride = _strides(model.window, tiling)
+    eps = list(eps)
     weight = x.new_zeros(1, 1, T, H, W)
     for (f, r, col), e in zip(crops, eps):
         size, th, tw = _crop_size((f, r, col))
@@ -361,7 +430,8 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
              * ramp(W, tw, col.start, tw - tile_stride, x.device)[None, None, :]).to(x.dtype)  # t h w
         out[:, :, f, r, col] += e * w
         weight[:, :, f, r, col] += w
-    return out / weight
+    out = out / weight
+    return _central_blend(out, crops, eps) if tiling.detail == "central" else out
 
 
 @torch.no_grad()

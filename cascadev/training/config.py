@@ -158,6 +158,9 @@ class DistillSection:
     detail_frames: int = 1                         # frames of each window decoded for it, at random (costly)
     detail_size: int = 0                           # a random square of this many latent px decoded for it; 0: all
     detail_cutoff: float = 0.0625                  # cycles per pixel: eval.metrics.sharpness's band
+    # how the exported decoder combines overlapping windows (its saved tile_detail, sampling.Tiling): at 1-2 steps no
+    # later step reconciles the windows' fine detail, and averaging it blurs (docs/fast-decoding.md)
+    tile_detail: str = "central"
 
     def __post_init__(self):
         if self.student_steps < 1 or (self.teacher_steps is not None and self.teacher_steps < 1):
@@ -166,7 +169,9 @@ class DistillSection:
                 or not 0 <= self.detail_cutoff < 0.5):
             raise ValueError("need distill.detail_weight >= 0, detail_frames >= 1, detail_size >= 0, "
                              "0 <= detail_cutoff < 0.5")
-        from cascadev.pipelines.sampling import SCHEDULERS
+        from cascadev.pipelines.sampling import SCHEDULERS, TILE_DETAILS
+        if self.tile_detail not in TILE_DETAILS:
+            raise ValueError(f"distill.tile_detail {self.tile_detail!r}: choose from {', '.join(TILE_DETAILS)}")
         if self.teacher_scheduler is not None and self.teacher_scheduler not in SCHEDULERS:
             raise ValueError(f"distill.teacher_scheduler {self.teacher_scheduler!r}: choose from {sorted(SCHEDULERS)}")
 

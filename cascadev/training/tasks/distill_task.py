@@ -196,7 +196,8 @@ class DistillTask(DiTTask):
 
         student = copy.deepcopy(self.model).cpu()
         student.load_state_dict({k: v.cpu() for k, v in state_dict.items()})
-        settings = {"scheduler": self.student_scheduler, "num_inference_steps": self.config.distill.student_steps}
+        settings = {"scheduler": self.student_scheduler, "num_inference_steps": self.config.distill.student_steps,
+                    "tile_detail": self.config.distill.tile_detail}
         if is_cascade_folder(self.config.distill.teacher):
             teacher = CascadeVPipeline.from_pretrained(self.config.distill.teacher, dit=student)
             pipe = CascadeVPipeline(**{**teacher.components, **settings},
