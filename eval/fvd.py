@@ -351,9 +351,9 @@ class ClipDataset(torch.utils.data.Dataset):
     """Items (index, clip (3, F, S, S) in [-1, 1], ok) for the extraction loader; unreadable -> ok False."""
 
     def __init__(self, clips: Sequence[Clip], frames: int, i3d_size: int = I3D_SIZE,
-                 read_size: tuple[int, int] | None = None, protocol: str = DEFAULT_PROTOCOL):
+                 read_size: tuple[int, int] | None = None, protocol: str = DEFAULT_PROTOCOL, geometry: str = "stored"):
         self.clips, self.frames, self.i3d_size, self.read_size = list(clips), frames, i3d_size, read_size
-        self.protocol = protocol
+        self.protocol, self.geometry = protocol, geometry
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -363,7 +363,8 @@ class ClipDataset(torch.utils.data.Dataset):
 
         clip = self.clips[i]
         try:
-            video = read_video(clip.path, num_frames=self.frames, start=clip.start, size=self.read_size)
+            video = read_video(clip.path, num_frames=self.frames, start=clip.start, size=self.read_size,
+                               geometry=self.geometry)
         except VideoReadError:
             video = None
         if video is None or video.shape[2] != self.frames:
@@ -386,18 +387,18 @@ def _no_tf32() -> Iterator[None]:
 def extract_features(clips: Sequence[Clip], extractor: FeatureExtractor, frames: int = FVD_FRAMES,
                      i3d_size: int = I3D_SIZE, read_size: tuple[int, int] | None = None, batch_size: int = 8,
                      workers: int = 0, accelerator=None, progress: str | None = None,
-                     protocol: str = DEFAULT_PROTOCOL) -> tuple[np.ndarray, list[int]]:
+                     protocol: str = DEFAULT_PROTOCOL, geometry: str = "stored") -> tuple[np.ndarray, list[int]]:
     """Features of ``clips`` -> (features (N_ok, D) float32 in clip order, indices of the clips that failed).
 
     With an ``accelerate.Accelerator``, each process reads and embeds its share of the clips and the
     features are gathered (``gather_for_metrics`` drops the padding of the last batch); every
-    process returns the full result.
+    process returns the full result. ``geometry``: how frames are read (``cascadev.video_io.GEOMETRIES``).
     """
     if frames < MIN_FRAMES:
         raise ValueError(f"FVD clips need at least {MIN_FRAMES} frames for I3D, got {frames}")
     if PROTOCOLS[protocol].detector_resizes and read_size is None:
         raise ValueError(f"the {protocol} protocol feeds clips at their own size: give the size they share (read_size)")
-    loader = torch.utils.data.DataLoader(ClipDataset(clips, frames, i3d_size, read_size, protocol),
+    loader = torch.utils.data.DataLoader(ClipDataset(clips, frames, i3d_size, read_size, protocol, geometry),
                                          batch_size=batch_size, shuffle=False, num_workers=workers)
     main = True
     if accelerator is not None:

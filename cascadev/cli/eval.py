@@ -1,6 +1,8 @@
 """``cascadev eval``: PSNR / SSIM / LPIPS between paired videos and FVD between two sets.
 
-Pairs are made by file name without extension (``real/a.mp4`` <-> ``fake/a.mkv``). Paired metrics
+Pairs are made by file name without extension (``real/a.mp4`` <-> ``fake/a.mkv``); two video files are one pair.
+Frames are scored as stored in the files (``--geometry stored``, as the reference tools); ``--geometry display``
+scores them as players show them (pixel aspect stretched, rotation applied). Paired metrics
 use the first ``--paired-frames`` frames of both videos (default: ``--frames``; 0 = all frames, which
 must then agree in number); FVD uses one ``--frames``-frame clip per video and run, from every
 readable video of each set (paired or not). Every file left out is reported with the reason, and
@@ -21,8 +23,10 @@ from eval.metric_names import METRICS, PAIRED_METRICS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``eval`` options. No torch import here: ``cascadev --help`` stays fast (defaults resolve in ``run``)."""
     parser.add_argument("--real", required=True, metavar="DIR_OR_LIST",
-                        help="folder of reference videos, or a text file with one video path per line")
-    parser.add_argument("--fake", required=True, metavar="DIR_OR_LIST", help="folder (or list) of videos to evaluate")
+                        help="folder of reference videos, a text file with one video path per line, or one video "
+                             "(then --fake is one video too: a single pair)")
+    parser.add_argument("--fake", required=True, metavar="DIR_OR_LIST",
+                        help="folder (or list) of videos to evaluate, or one video")
     parser.add_argument("--metrics", default="psnr,ssim,lpips",
                         help=f"comma-separated subset of {','.join(METRICS)} (default: psnr,ssim,lpips)")
     parser.add_argument("--frames", type=int, default=None, help="FVD clip length (default: the standard 16)")
@@ -30,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frames compared per pair for psnr/ssim/lpips (default: --frames; 0 = all)")
     parser.add_argument("--size", type=int, nargs="+", metavar="N", default=None,
                         help="resize every video to H W (or N x N) before all metrics (antialiased bilinear)")
+    parser.add_argument("--geometry", default="stored", choices=("stored", "display"),
+                        help="score the frames as stored in the files (default; what scikit-image, ffmpeg and the "
+                             "published FVD loaders read) or as displayed (non-square pixels stretched, rotation "
+                             "applied)")
     parser.add_argument("--i3d", default=None, metavar="PATH",
                         help="FVD detector: i3d_pretrained_400.pt (state dict) or i3d_torchscript.pt "
                              "(StyleGAN-V); default: either file in the torch hub checkpoint folder")
@@ -76,12 +84,14 @@ def print_report(report: dict) -> None:
         unit, digits = units[name]
         if "skipped" in res:
             print(f"{name:<7} {'skipped':>12} {'':>10}  {res['skipped']}", file=out)
-        elif name == "fvd":
+            continue
+        how = f"[protocol {res['protocol']}; {res['geometry']} frames]"
+        if name == "fvd":
             print(f"{name:<7} {_fmt(res['mean'], digits):>12} {_fmt(res['std'], digits):>10}  "
-                  f"{len(res['runs'])} run(s), N = {res['n_real']} real / {res['n_fake']} fake", file=out)
+                  f"{len(res['runs'])} run(s), N = {res['n_real']} real / {res['n_fake']} fake {how}", file=out)
         else:
             print(f"{name:<7} {_fmt(res['mean'], digits) + unit:>12} {_fmt(res['std_over_videos'], digits):>10}  "
-                  f"{res['videos']} videos / {res['frames']} frames (std over videos)", file=out)
+                  f"{res['videos']} videos / {res['frames']} frames (std over videos) {how}", file=out)
     for name, text in report["conventions"].items():
         print(f"  {name}: {text}", file=out)
     for note in report["results"].get("fvd", {}).get("notes", []):
@@ -108,7 +118,8 @@ def _options(args: argparse.Namespace) -> dict:
     return {"metrics": args.metrics, "frames": args.frames, "paired_frames": args.paired_frames, "size": args.size,
             "i3d": args.i3d, "i3d_bn_eps": args.i3d_bn_eps, "i3d_size": args.i3d_size,
             "fvd_protocol": args.fvd_protocol, "runs": args.runs, "clip": args.clip, "seed": args.seed,
-            "batch_size": args.batch_size, "workers": args.workers, "cache_dir": args.cache_dir}
+            "batch_size": args.batch_size, "workers": args.workers, "cache_dir": args.cache_dir,
+            "geometry": args.geometry}
 
 
 def run(args: argparse.Namespace) -> dict:
