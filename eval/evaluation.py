@@ -187,12 +187,13 @@ def fvd_of_sets(real: dict[str, Video], fake: dict[str, Video], extractor, *, fr
                 size: tuple[int, int] | None = None, protocol: str = "cascadev", runs: int = 1, clip: str | None = None,
                 seed: int = 0, batch_size: int = 8, workers: int | None = None, cache_dir: str | Path | None = None,
                 accelerator=None, skips: list[Skip] | None = None, show_progress: bool = False,
-                geometry: str = "stored") -> dict:
+                geometry: str = "stored", resolution: int | None = None, reference=None) -> dict:
     """FVD between two scanned sets over ``runs`` clip draws -> result dict (or {"skipped": reason}).
 
     ``extractor``: from ``eval.fvd.load_extractor``. ``clip``: "first" or "random" clip starts (default: first for
-    one run, random for several). ``cache_dir``: the real set's features cached there. Files left out go to
-    ``skips``."""
+    one run, random for several). ``cache_dir``: the real set's features cached there. ``resolution``: the cd-fvd
+    protocols' loader side. ``reference``: ``eval.fvd.ReferenceStats`` standing for the real set (``real`` is then
+    empty). Files left out go to ``skips``."""
     import numpy as np
 
     from eval import fvd
@@ -207,11 +208,13 @@ def fvd_of_sets(real: dict[str, Video], fake: dict[str, Video], extractor, *, fr
             else:
                 ok.append(v)
         sets[set_name] = ok
-    if len(sets["real"]) < 2 or len(sets["fake"]) < 2:
+    n_reference = reference.count if reference is not None else len(sets["real"])
+    if n_reference < 2 or len(sets["fake"]) < 2:
         return {"skipped": f"fvd needs at least 2 videos of >= {frames} frames per set "
-                           f"(real {len(sets['real'])}, fake {len(sets['fake'])})"}
+                           f"(real {n_reference}, fake {len(sets['fake'])})"}
     rule = clip or ("random" if runs > 1 else "first")
     protocol = fvd.PROTOCOLS[protocol]
+    resolution = resolution or fvd.CDFVD_RESOLUTION
     if protocol.detector_resizes and size is None:      # clips at their own size: one size for every clip
         sizes = {(v.height, v.width) for videos in sets.values() for v in videos}
         if len(sizes) > 1:
@@ -219,7 +222,10 @@ def fvd_of_sets(real: dict[str, Video], fake: dict[str, Video], extractor, *, fr
                             f"{len(sizes)} sizes (e.g. {sorted(sizes)[:2]}): give --size H W")
         size = sizes.pop()
     settings = {"frames": frames, "i3d_size": i3d_size, "read_size": size, "detector": extractor.identity,
-                "protocol": protocol.name, "geometry": geometry}
+                "protocol": protocol.name, "geometry": geometry,
+                **({"resolution": resolution} if protocol.loader_resolution else {})}
+    if reference is not None:
+        sets["real"] = []
     workers = workers if workers is not None else (4 if str(extractor.device).startswith("cuda") else 0)
     values, counts, failed_files = [], [], set()
     for run in range(runs):
@@ -234,7 +240,7 @@ def fvd_of_sets(real: dict[str, Video], fake: dict[str, Video], extractor, *, fr
                 cached = fvd.extract_features(clips, extractor, frames, i3d_size, size, batch_size, workers,
                                               accelerator, progress=f"fvd {set_name} run {run + 1}/{runs}"
                                               if show_progress else None, protocol=protocol.name,
-                                              geometry=geometry)
+                                              geometry=geometry, resolution=resolution)
                 if set_name == "real" and cache_dir and (accelerator is None or accelerator.is_main_process):
                     fvd.save_cached_features(cache_dir, key, *cached)
             feats[set_name], failed = cached
@@ -243,6 +249,16 @@ def fvd_of_sets(real: dict[str, Video], fake: dict[str, Video], extractor, *, fr
                     failed_files.add(clips[i].path)
                     skips.append(Skip(set_name, clips[i].path, f"unreadable: fvd clip at frame {clips[i].start} "
                                                                "could not be decoded"))
+        if reference is not None:
+            if len(feats["fake"]) < 2:
+                return {"skipped": "fvd: fewer than 2 decodable clips in the fake set"}
+            if feats["fake"].shape[1] != len(reference.mean):
+                raise UserError(f"--real {reference.path}: statistics of {len(reference.mean)}-d features, and "
+                                f"{extractor.name} gives {feats['fake'].shape[1]}-d ones")
+            values.append(fvd.frechet_distance(reference.mean, reference.cov,
+                                               *fvd.gaussian_stats(feats["fake"], ddof=protocol.ddof)))
+            counts.append((reference.count, len(feats["fake"])))
+            continue
         if min(len(feats["real"]), len(feats["fake"])) < 2:
             return {"skipped": "fvd: fewer than 2 decodable clips in a set"}
         values.append(fvd.fvd_from_features(feats["real"], feats["fake"], ddof=protocol.ddof))
@@ -263,10 +279,13 @@ def fvd_of_sets(real: dict[str, Video], fake: dict[str, Video], extractor, *, fr
         "protocol_source": protocol.source,
         "geometry": geometry,
         "input": f"{geometry} frames, " + (f"read at {size[0]}x{size[1]} (antialiased), then " if size else "")
-                 + protocol.input,
+                 + protocol.input.replace("RESOLUTION", str(resolution)),
         "statistics": f"float64 mean and covariance over N - {protocol.ddof} of the features; Frechet distance exact "
                       "(symmetric eigendecomposition, or singular values of the centred features when N <= D)",
     }
+    if reference is not None:
+        result["reference"] = (f"statistics file {reference.path} (mean and covariance over its N = {reference.count} "
+                               "clips)")
     notes = []
     if i3d_size != fvd.I3D_SIZE:
         notes.append(f"I3D input {i3d_size} px instead of {fvd.I3D_SIZE}: not comparable with published FVD")
@@ -298,6 +317,9 @@ class EvalOptions:
     workers: int | None
     cache_dir: str | None
     geometry: str                        # "stored" (default) or "display" frames (cascadev.video_io.GEOMETRIES)
+    videomae: str | None                 # VideoMAE-v2 checkpoint (fvd protocol cd-fvd)
+    fvd_resolution: int                  # the cd-fvd protocols' loader side
+    reference: object = None             # eval.fvd.ReferenceStats when --real is a statistics file
 
 
 def check_options(*, metrics: str | Iterable[str] = DEFAULT_METRICS, frames: int | None = None,
@@ -305,14 +327,25 @@ def check_options(*, metrics: str | Iterable[str] = DEFAULT_METRICS, frames: int
                   i3d: str | Path | None = None, i3d_bn_eps: float | None = None, i3d_size: int | None = None,
                   fvd_protocol: str = "cascadev", runs: int = 1, clip: str | None = None, seed: int = 0,
                   batch_size: int = 8, workers: int | None = None, cache_dir: str | Path | None = None,
-                  geometry: str = "stored") -> EvalOptions:
-    """The options of ``evaluate`` checked before anything loads or is read (one-line ``UserError``s)."""
+                  geometry: str = "stored", videomae: str | Path | None = None, fvd_resolution: int | None = None,
+                  real: str | Path | None = None) -> EvalOptions:
+    """The options of ``evaluate`` checked before anything loads or is read (one-line ``UserError``s). ``real``: when
+    a statistics file (``.pkl``), it is read here, and its file name's clip length and resolution are the defaults of
+    ``frames`` and ``fvd_resolution`` (others given are an error)."""
     from cascadev.video_io import GEOMETRIES, check_output_folder
     from eval import fvd
     from eval.i3d import BN_EPS_VIDEOGPT
 
     metrics = parse_metrics(metrics)
+    if fvd_protocol not in fvd.PROTOCOLS:
+        raise UserError(f"--fvd-protocol: unknown {fvd_protocol}; choose from {','.join(fvd.PROTOCOLS)}")
+    reference = None
+    if real is not None and fvd.is_stats_file(real):
+        reference = _check_reference(real, metrics, fvd_protocol, frames, fvd_resolution)
+        frames = frames or reference.frames
+        fvd_resolution = fvd_resolution or reference.resolution
     frames = fvd.FVD_FRAMES if frames is None else frames
+    fvd_resolution = fvd.CDFVD_RESOLUTION if fvd_resolution is None else fvd_resolution
     i3d_size = fvd.I3D_SIZE if i3d_size is None else i3d_size
     i3d_bn_eps = BN_EPS_VIDEOGPT if i3d_bn_eps is None else i3d_bn_eps
     sizes = None if size is None else [size] if isinstance(size, int) else list(size)
@@ -324,12 +357,11 @@ def check_options(*, metrics: str | Iterable[str] = DEFAULT_METRICS, frames: int
     paired_frames = frames if paired_frames is None else paired_frames
     if paired_frames < 0:
         raise UserError(f"--paired-frames must be >= 0, got {paired_frames}")
-    for name, value, least in (("--frames", frames, 1), ("--batch-size", batch_size, 1),
+    for name, value, least in (("--frames", frames, 1), ("--batch-size", batch_size, 1), ("--fvd-resolution",
+                                                                                            fvd_resolution, 1),
                                ("--i3d-size", i3d_size, 1), ("--workers", workers, 0)):
         if value is not None and value < least:
             raise UserError(f"{name} must be >= {least}, got {value}")
-    if fvd_protocol not in fvd.PROTOCOLS:
-        raise UserError(f"--fvd-protocol: unknown {fvd_protocol}; choose from {','.join(fvd.PROTOCOLS)}")
     if geometry not in GEOMETRIES:
         raise UserError(f"--geometry: unknown {geometry}; choose from {','.join(GEOMETRIES)}")
     if clip not in (None, "first", "random"):
@@ -344,11 +376,42 @@ def check_options(*, metrics: str | Iterable[str] = DEFAULT_METRICS, frames: int
         # a named detector that is not there is a typo to fix, not a reason to skip FVD (that is for no --i3d)
         if i3d and not Path(i3d).is_file():
             raise UserError(fvd.missing_detector_message(i3d))
+        if fvd.PROTOCOLS[fvd_protocol].detector == "videomae":
+            from eval.videomae import missing_checkpoint_message
+
+            if not videomae or not Path(videomae).is_file():      # never downloaded: the user's file or an error
+                raise UserError(missing_checkpoint_message(videomae))
+            if frames % 2 or i3d_size != fvd.I3D_SIZE:
+                raise UserError(f"--fvd-protocol cd-fvd: VideoMAE-v2 takes an even number of frames (--frames, got "
+                                f"{frames}) at {fvd.I3D_SIZE} px (--i3d-size, got {i3d_size})")
         if cache_dir:
             check_output_folder(cache_dir, "--cache-dir")
     return EvalOptions(tuple(metrics), frames, paired_frames, hw, None if i3d is None else str(i3d), i3d_bn_eps,
                        i3d_size, fvd_protocol, runs, clip, seed, batch_size, workers,
-                       None if cache_dir is None else str(cache_dir), geometry)
+                       None if cache_dir is None else str(cache_dir), geometry,
+                       None if videomae is None else str(videomae), fvd_resolution, reference)
+
+
+def _check_reference(real, metrics: list[str], protocol: str, frames: int | None, resolution: int | None):
+    """``--real`` given as a cd-fvd statistics file: read it and check it fits the other options."""
+    from eval import fvd
+
+    if metrics != ["fvd"]:
+        raise UserError(f"--real {real} holds feature statistics, not videos: only --metrics fvd can use it")
+    if not fvd.PROTOCOLS[protocol].loader_resolution:
+        raise UserError(f"--real {real}: statistics of the cd-fvd package need --fvd-protocol cd-fvd (VideoMAE-v2) "
+                        "or cd-fvd-i3d")
+    try:
+        reference = fvd.load_reference_stats(real)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model = "videomae" if fvd.PROTOCOLS[protocol].detector == "videomae" else "i3d"
+    for what, option, mine, theirs in (("model", "--fvd-protocol", model, reference.model),
+                                       ("clip length", "--frames", frames, reference.frames),
+                                       ("resolution", "--fvd-resolution", resolution, reference.resolution)):
+        if mine is not None and theirs is not None and mine != theirs:
+            raise UserError(f"--real {real}: its name says {what} {theirs}, and {option} gives {mine}")
+    return reference
 
 
 def _accelerator():
@@ -376,7 +439,8 @@ def evaluate(real: str | Path, fake: str | Path, *, metrics: str | Iterable[str]
              i3d: str | Path | None = None, i3d_bn_eps: float | None = None, i3d_size: int | None = None,
              fvd_protocol: str = "cascadev", runs: int = 1, clip: str | None = None, seed: int = 0,
              batch_size: int = 8, workers: int | None = None, cache_dir: str | Path | None = None,
-             geometry: str = "stored", device: str | None = None, progress: bool = True) -> dict:
+             geometry: str = "stored", videomae: str | Path | None = None, fvd_resolution: int | None = None,
+             device: str | None = None, progress: bool = True) -> dict:
     """Score the videos of ``fake`` against those of ``real`` (folders, or text files listing one video per line).
 
     metrics: names of ``eval.metric_names.METRICS`` (case-insensitive; a comma-separated string or a list).
@@ -396,7 +460,8 @@ def evaluate(real: str | Path, fake: str | Path, *, metrics: str | Iterable[str]
 
     opts = check_options(metrics=metrics, frames=frames, paired_frames=paired_frames, size=size, i3d=i3d,
                          i3d_bn_eps=i3d_bn_eps, i3d_size=i3d_size, fvd_protocol=fvd_protocol, runs=runs, clip=clip,
-                         seed=seed, batch_size=batch_size, workers=workers, cache_dir=cache_dir, geometry=geometry)
+                         seed=seed, batch_size=batch_size, workers=workers, cache_dir=cache_dir, geometry=geometry,
+                         videomae=videomae, fvd_resolution=fvd_resolution, real=real)
     metrics, size, geometry = list(opts.metrics), opts.size, opts.geometry
     paired = [m for m in metrics if m in PAIRED_METRICS]
     accelerator = _accelerator()
@@ -409,8 +474,9 @@ def evaluate(real: str | Path, fake: str | Path, *, metrics: str | Iterable[str]
     results: dict[str, dict] = {}
     if "fvd" in metrics:
         try:
-            extractor = fvd.load_extractor(opts.i3d or fvd.default_detector_path(), device, opts.i3d_bn_eps,
-                                           protocol=opts.fvd_protocol)
+            detector = (opts.videomae if fvd.PROTOCOLS[opts.fvd_protocol].detector == "videomae"
+                        else opts.i3d or fvd.default_detector_path())
+            extractor = fvd.load_extractor(detector, device, opts.i3d_bn_eps, protocol=opts.fvd_protocol)
         except FileNotFoundError as e:      # alone it is an error; beside other metrics, FVD is skipped
             if len(metrics) == 1:
                 raise
@@ -428,9 +494,10 @@ def evaluate(real: str | Path, fake: str | Path, *, metrics: str | Iterable[str]
         given, other = ("--real", "--fake") if single[0] else ("--fake", "--real")
         raise UserError(f"{given} is one video file and {other} is not: give two video files (one pair) or two "
                         "folders / list files")
-    real_videos = scan(str(real), "real", skips, geometry)
+    reference = opts.reference              # --real is a statistics file: no real videos
+    real_videos = {} if reference is not None else scan(str(real), "real", skips, geometry)
     fake_videos = scan(str(fake), "fake", skips, geometry)
-    if not real_videos:
+    if not real_videos and reference is None:
         raise UserError(f"--real {real}: no readable videos")
     if not fake_videos:
         raise UserError(f"--fake {fake}: no readable videos")
@@ -469,14 +536,18 @@ def evaluate(real: str | Path, fake: str | Path, *, metrics: str | Iterable[str]
                                      size=size, protocol=opts.fvd_protocol, runs=opts.runs, clip=opts.clip,
                                      seed=opts.seed, batch_size=opts.batch_size, workers=opts.workers,
                                      cache_dir=opts.cache_dir, accelerator=accelerator, skips=skips,
-                                     show_progress=show_progress, geometry=geometry)
+                                     show_progress=show_progress, geometry=geometry,
+                                     resolution=opts.fvd_resolution, reference=reference)
         if len(metrics) == 1 and "skipped" in results["fvd"]:
             raise UserError(results["fvd"]["skipped"])
 
     settings = {"metrics": metrics, "frames": opts.frames, "paired_frames": opts.paired_frames,
                 "size": list(size) if size else None, "device": str(device), "runs": opts.runs,
-                "seed": opts.seed, "fvd_protocol": opts.fvd_protocol, "geometry": geometry}
-    return build_report(real, fake, metrics, rows, results, settings, skips, len(real_videos), len(fake_videos))
+                "seed": opts.seed, "fvd_protocol": opts.fvd_protocol, "geometry": geometry,
+                **({"fvd_resolution": opts.fvd_resolution, "videomae": opts.videomae}
+                   if fvd.PROTOCOLS[opts.fvd_protocol].loader_resolution else {})}
+    n_real = reference.count if reference is not None else len(real_videos)
+    return build_report(real, fake, metrics, rows, results, settings, skips, n_real, len(fake_videos))
 
 
 def build_report(real: str | Path, fake: str | Path, metrics: Sequence[str], rows: list[dict], results: dict,

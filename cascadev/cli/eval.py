@@ -23,8 +23,9 @@ from eval.metric_names import METRICS, PAIRED_METRICS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``eval`` options. No torch import here: ``cascadev --help`` stays fast (defaults resolve in ``run``)."""
     parser.add_argument("--real", required=True, metavar="DIR_OR_LIST",
-                        help="folder of reference videos, a text file with one video path per line, or one video "
-                             "(then --fake is one video too: a single pair)")
+                        help="folder of reference videos, a text file with one video path per line, one video "
+                             "(then --fake is one video too: a single pair), or for FVD with the cd-fvd protocols a "
+                             "statistics file (.pkl) of the cd-fvd package")
     parser.add_argument("--fake", required=True, metavar="DIR_OR_LIST",
                         help="folder (or list) of videos to evaluate, or one video")
     parser.add_argument("--metrics", default="psnr,ssim,lpips",
@@ -46,10 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--i3d-size", type=int, default=None,
                         help="I3D input side (default: 224; other values only for quick tests, "
                              "the FVD is then not comparable)")
-    parser.add_argument("--fvd-protocol", default="cascadev", choices=("cascadev", "videogpt", "tf", "stylegan-v"),
-                        help="how clips become I3D input, as one reference does it: cascadev (default: stretch to "
-                             "224x224), videogpt (short side to 224, centre crop), tf (TF1 resize_bilinear), "
-                             "stylegan-v (its TorchScript detector resizes; covariance over N)")
+    parser.add_argument("--fvd-protocol", default="cascadev",
+                        choices=("cascadev", "videogpt", "tf", "stylegan-v", "cd-fvd", "cd-fvd-i3d"),
+                        help="how clips become detector input, as one reference does it: cascadev (default: stretch "
+                             "to 224x224), videogpt (short side to 224, centre crop), tf (TF1 resize_bilinear), "
+                             "stylegan-v (its TorchScript detector resizes; covariance over N), cd-fvd "
+                             "(content-debiased FVD: VideoMAE-v2 features, --videomae), cd-fvd-i3d (the cd-fvd "
+                             "package's I3D variant)")
+    parser.add_argument("--videomae", default=None, metavar="PATH",
+                        help="VideoMAE-v2 checkpoint for --fvd-protocol cd-fvd (vit_g_hybrid_pt_1200e_ssv2_ft.pth; "
+                             "nothing is downloaded)")
+    parser.add_argument("--fvd-resolution", type=int, default=None, metavar="R",
+                        help="cd-fvd protocols: clips are first made R x R (short side, centre crop, 8-bit) as the "
+                             "cd-fvd loader does (default: from a --real statistics file's name, else 128)")
     parser.add_argument("--runs", type=int, default=1, help="FVD clip draws; mean and std are reported (default 1)")
     parser.add_argument("--clip", choices=("first", "random"), default=None,
                         help="FVD clip start: first frames, or random per video and run "
@@ -119,7 +129,7 @@ def _options(args: argparse.Namespace) -> dict:
             "i3d": args.i3d, "i3d_bn_eps": args.i3d_bn_eps, "i3d_size": args.i3d_size,
             "fvd_protocol": args.fvd_protocol, "runs": args.runs, "clip": args.clip, "seed": args.seed,
             "batch_size": args.batch_size, "workers": args.workers, "cache_dir": args.cache_dir,
-            "geometry": args.geometry}
+            "geometry": args.geometry, "videomae": args.videomae, "fvd_resolution": args.fvd_resolution}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -129,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     from eval.evaluation import check_options, evaluate, is_main_process
 
     options = _options(args)
-    check_options(**options)           # every option checked before anything loads or is read
+    check_options(**options, real=args.real)    # every option checked before anything loads or is read
     # written only after all the work: a bad path must fail now, not after the report is printed
     if args.json:
         check_output_file(args.json, "--json", "report.json")
