@@ -150,3 +150,24 @@ def test_the_reference_formula_is_scikit_images():
                                          data_range=1.0, channel_axis=-1)
     assert reference_ssim(x, y) == pytest.approx(ssim, abs=1e-12)
     assert reference_psnr(x, y) == pytest.approx(metrics.peak_signal_noise_ratio(x, y, data_range=1.0), abs=1e-12)
+
+
+def test_bench_recon_reads_the_stored_frames_by_default(anamorphic_pair, capsys, tmp_path, tiny_pipeline_dir):
+    """The reference clip bench-recon writes (short side to 32, centre crop) is cut from the stored 48x32 frames;
+    with --geometry display, from the 64x32 stretched ones, and the settings say which."""
+    from cascadev.video_io import read_video
+    from eval.bench_recon import square_crop
+
+    source = anamorphic_pair / "real" / "clip.mp4"
+    crops = {g: square_crop(read_video(source, num_frames=4, geometry=g), 32) for g in ("stored", "display")}
+    assert (crops["stored"] - crops["display"]).abs().mean() > 0.1      # the two geometries crop different pixels
+    for geometry in ("stored", "display"):
+        run_dir = tmp_path / geometry
+        code, _, err = run_cli(capsys, "bench-recon", anamorphic_pair / "real", "-o", run_dir, "--size", 32,
+                               "--frames", 4, "--fps", 0, "--preprocess", "antialiased", "--weights",
+                               tiny_pipeline_dir, "--steps", 1, "--metrics", "psnr", "--geometry", geometry)
+        assert code == 0, err
+        written = read_video(run_dir / "real" / "clip.mp4")
+        errors = {g: (written - crop).abs().mean().item() for g, crop in crops.items()}
+        assert errors[geometry] < 0.06 < errors[{"stored": "display", "display": "stored"}[geometry]], errors
+        assert json.loads((run_dir / "results.json").read_text())["settings"]["geometry"] == geometry
