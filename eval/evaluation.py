@@ -225,12 +225,14 @@ def fvd_of_sets(real: dict[str, Video], fake: dict[str, Video], extractor, *, fr
                 "protocol": protocol.name, "geometry": geometry,
                 **({"resolution": resolution} if protocol.loader_resolution else {})}
     if reference is not None:
-        sets["real"] = []
+        sets["real"] = []                                          # no real videos: a statistics file
     workers = workers if workers is not None else (4 if str(extractor.device).startswith("cuda") else 0)
     values, counts, failed_files = [], [], set()
     for run in range(runs):
         feats = {}
         for set_name, videos in sets.items():
+            if set_name == "real" and reference is not None:      # the statistics file stands for the real set
+                continue
             clips = [fvd.Clip(v.path, fvd.clip_start(v.name, v.frames, frames, rule, seed, run)) for v in videos]
             cached = None
             if set_name == "real" and cache_dir:

@@ -29,6 +29,9 @@ def test_bench_recon_on_generated_clips(tmp_path, capsys, tiny_pipeline_dir):
     results = json.loads((tmp_path / "run2" / "results.json").read_text())
     assert results["videos"] == 3 and [s["file"] for s in results["skipped"]] == ["zz_broken.mp4"]
     assert set(results["cascade"]) == set(results["baseline"]) == {"psnr"}
+    report = json.loads((tmp_path / "run2" / "report_cascade.json").read_text())
+    assert list(report["results"]) == ["psnr"]
+    assert {k for row in report["per_video"] for k in row["per_frame"]} == {"psnr"}
 
     code, _, err = run_cli(capsys, "bench-recon", data, "-o", run_dir, "--metrics", "psnr,FID",
                            "--weights", tiny_pipeline_dir)

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if not state.is_main_process:
         return None                            # the main process writes results.json and runs FVD
     paired = [m for m in ("psnr", "ssim", "lpips") if m in metrics]
-    rows = {m: [_row(record, method=m, run_dir=run_dir) for record in records if "scores" in record] for m in METHODS}
+    rows = {m: [_row(record, m, run_dir, paired) for record in records if "scores" in record] for m in METHODS}
     results = {m: {} for m in METHODS}
     for method in METHODS:
         for metric in paired:
@@ -221,9 +221,10 @@ def _cell(metric: str, value: float | None) -> str:
     return "-" if value is None else f"{value:.{DIGITS[metric]}f}"
 
 
-def _row(record: dict, method: str, run_dir: Path) -> dict:
-    """One video's scores of ``method`` as a row of ``cascadev eval``'s report (``per_video``)."""
-    per_frame = {metric: [float(x) for x in values[0]] for metric, values in record["scores"][method].items()}
+def _row(record: dict, method: str, run_dir: Path, metrics: list[str]) -> dict:
+    """One video's scores of ``method`` in ``metrics`` as a row of ``cascadev eval``'s report (``per_video``)."""
+    per_frame = {metric: [float(x) for x in values[0]] for metric, values in record["scores"][method].items()
+                 if metric in metrics}
     return {"name": record["name"], "real": str(run_dir / "real" / f"{record['name']}.mp4"),
             "fake": str(run_dir / method / f"{record['name']}.mp4"), "frames": record["frames"],
             **{metric: sum(v) / len(v) for metric, v in per_frame.items()}, "per_frame": per_frame}
