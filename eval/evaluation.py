@@ -369,7 +369,7 @@ def check_options(*, metrics: str | Iterable[str] = DEFAULT_METRICS, frames: int
     if clip not in (None, "first", "random"):
         raise UserError(f"--clip: unknown {clip}; choose from first,random")
     if "fvd" in metrics:
-        if frames < fvd.MIN_FRAMES:
+        if frames < fvd.MIN_FRAMES and fvd.PROTOCOLS[fvd_protocol].detector == "i3d":
             raise UserError(f"--frames {frames}: I3D needs clips of at least {fvd.MIN_FRAMES} frames")
         if runs < 1:
             raise UserError(f"--runs must be >= 1, got {runs}")

@@ -445,7 +445,7 @@ def extract_features(clips: Sequence[Clip], extractor: FeatureExtractor, frames:
     features are gathered (``gather_for_metrics`` drops the padding of the last batch); every
     process returns the full result. ``geometry``: how frames are read (``cascadev.video_io.GEOMETRIES``).
     """
-    if frames < MIN_FRAMES:
+    if frames < MIN_FRAMES and PROTOCOLS[protocol].detector == "i3d":
         raise ValueError(f"FVD clips need at least {MIN_FRAMES} frames for I3D, got {frames}")
     if PROTOCOLS[protocol].detector_resizes and read_size is None:
         raise ValueError(f"the {protocol} protocol feeds clips at their own size: give the size they share (read_size)")

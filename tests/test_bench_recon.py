@@ -150,3 +150,32 @@ def test_bench_recon_keeps_the_source_rate_writes_evals_report_and_its_folders_e
                              "--metrics", "psnr", "--paired-frames", 0)
     assert code == 0, err
     assert "2 pair(s)" in out and "[protocol per-frame RGB, data range 1, mean over all frames; stored frames]" in out
+
+
+@pytest.mark.slow
+def test_bench_recon_content_debiased_fvd_from_a_videomae_checkpoint(tmp_path, capsys, tiny_pipeline_dir):
+    """--fvd-protocol cd-fvd with the user's VideoMAE-v2 file (a small random one here): 8-frame clips are enough
+    (VideoMAE takes any even length), FVD is reported under its protocol; without the file, FVD is skipped up front."""
+    import torch
+
+    from eval.videomae import VideoMAEv2
+
+    torch.manual_seed(0)
+    torch.save({"model": VideoMAEv2(embed_dim=176, depth=1, num_heads=2, mlp_hidden=64).state_dict()},
+               tmp_path / "videomae.pth")
+    data = tmp_path / "data"
+    write_clips(data, 2, frames=8, height=64, width=64)
+    common = ["bench-recon", data, "--size", 64, "--frames", 8, "--weights", tiny_pipeline_dir, "--steps", 1,
+              "--metrics", "psnr,fvd", "--fvd-protocol", "cd-fvd"]
+    code, out, err = run_cli(capsys, *common, "-o", tmp_path / "run", "--videomae", tmp_path / "videomae.pth")
+    assert code == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["cascade"]["fvd"] > 0 and results["baseline"]["fvd"] > 0
+    assert results["protocols"]["fvd"] == {"protocol": "cd-fvd", "geometry": "stored"}
+    fvd = json.loads((tmp_path / "run" / "report_cascade.json").read_text())["results"]["fvd"]
+    assert fvd["mean"] == results["cascade"]["fvd"] and "VideoMAE-v2" in fvd["detector"]
+    assert "short side scaled to 128 (" in fvd["input"] and fvd["input"].startswith("stored frames, ")
+
+    code, out, err = run_cli(capsys, *common, "-o", tmp_path / "run2")
+    assert code == 0, err
+    assert "FVD skipped: no VideoMAE-v2 checkpoint given" in out and "--videomae PATH" in out

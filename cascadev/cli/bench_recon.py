@@ -41,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read the source frames as stored in the files (default, as the reference tools) or as "
                         "displayed (non-square pixels stretched, rotation applied)")
     p.add_argument("--i3d", help="I3D detector for FVD (i3d_pretrained_400.pt or i3d_torchscript.pt)")
+    p.add_argument("--fvd-protocol", default="cascadev",
+                   choices=("cascadev", "videogpt", "tf", "stylegan-v", "cd-fvd", "cd-fvd-i3d"),
+                   help="FVD protocol, as cascadev eval's (cd-fvd: content-debiased FVD, VideoMAE-v2 from --videomae)")
+    p.add_argument("--videomae", metavar="PATH", help="VideoMAE-v2 checkpoint for --fvd-protocol cd-fvd")
+    p.add_argument("--fvd-resolution", type=int, default=None, metavar="R",
+                   help="cd-fvd protocols: the loader's side (default 128, as cascadev eval)")
     add_pipeline_arguments(p)
 
 
@@ -119,14 +125,24 @@ def run(args: argparse.Namespace) -> dict | None:
     check_decode_args(args)
     notes = {}
     if "fvd" in metrics:           # known before any video is reconstructed: the other metrics still run
-        from eval.fvd import MIN_FRAMES, default_detector_path, missing_detector_message
-        detector = args.i3d or default_detector_path()
+        from eval.fvd import MIN_FRAMES, PROTOCOLS, default_detector_path, missing_detector_message
+        from eval.videomae import missing_checkpoint_message
+
+        videomae = PROTOCOLS[args.fvd_protocol].detector == "videomae"
+        detector = args.videomae if videomae else args.i3d or default_detector_path()
         if args.i3d and not Path(args.i3d).is_file():      # as cascadev eval: a named file must be there
             raise UserError(missing_detector_message(args.i3d))
-        if min(args.frames, 16) < MIN_FRAMES:
+        if args.videomae and not Path(args.videomae).is_file():
+            raise UserError(missing_checkpoint_message(args.videomae))
+        if args.fvd_resolution is not None and args.fvd_resolution < 1:
+            raise UserError(f"--fvd-resolution must be >= 1, got {args.fvd_resolution}")
+        if videomae and min(args.frames, 16) % 2:
+            notes["fvd"] = f"FVD skipped: VideoMAE-v2 takes an even number of frames ({args.frames} frames)"
+        elif not videomae and min(args.frames, 16) < MIN_FRAMES:
             notes["fvd"] = f"FVD skipped: I3D needs >= {MIN_FRAMES} frames ({args.frames} frames)"
         elif detector is None or not Path(detector).is_file():
-            notes["fvd"] = f"FVD skipped: {missing_detector_message(args.i3d)}"
+            missing = missing_checkpoint_message(None) if videomae else missing_detector_message(args.i3d)
+            notes["fvd"] = f"FVD skipped: {missing}"
         if "fvd" in notes:
             print(notes["fvd"])
             metrics = [m for m in metrics if m != "fvd"]
@@ -173,7 +189,8 @@ def run(args: argparse.Namespace) -> dict | None:
             from eval.evaluation import evaluate
             for method in METHODS:     # the written videos are square with square pixels: stored = displayed
                 report = evaluate(run_dir / "real", run_dir / method, metrics=["fvd"], frames=fvd_frames, i3d=args.i3d,
-                                  geometry="stored")
+                                  geometry="stored", fvd_protocol=args.fvd_protocol, videomae=args.videomae,
+                                  fvd_resolution=args.fvd_resolution)
                 print_report(report)
                 fvd = fvd_results[method] = report["results"]["fvd"]
                 results[method]["fvd"] = fvd.get("mean")
