@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_grad_enabled(False)
     pipe = CascadeVPipeline.from_pretrained(args.weights)
     spec, steps = pipe.dit.window, args.steps or pipe.config.num_inference_steps
-    sampler = pipe.scheduler_for(None)
+    sampler = pipe.resolve_scheduler(None)
     sampler.set_timesteps(steps)
     finishing = finishing_step(sampler)       # the step the decode blends under shifted tiling
     kind, fix = args.kind or (pipe.config.demo or {}).get("kind", "mixed"), pipe.config.colour_fix

@@ -216,9 +216,9 @@ def test_compiled_models_give_the_eager_output(saved):
 def test_a_scheduler_of_the_other_family_is_refused_unless_forced(saved):
     pipe, _ = saved                                           # saved with the release's Euler-ancestral (eps)
     with pytest.raises(ValueError, match="trained for eps prediction.*--force-scheduler"):
-        pipe.scheduler_for("flow")
-    assert type(pipe.scheduler_for("flow", force=True)).__name__ == "FlowMatchEulerDiscreteScheduler"
-    assert type(pipe.scheduler_for("ddim")).__name__ == "DDIMScheduler"      # another eps sampler is fine
+        pipe.resolve_scheduler("flow")
+    assert type(pipe.resolve_scheduler("flow", force=True)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert type(pipe.resolve_scheduler("ddim")).__name__ == "DDIMScheduler"      # another eps sampler is fine
     shipped = CascadeVPipeline.from_pretrained("cascadev/assets/tiny_cascade")
     with pytest.raises(ValueError, match="trained for flow matching"):
-        shipped.scheduler_for("euler_a")
+        shipped.resolve_scheduler("euler_a")

@@ -161,11 +161,12 @@ def test_sampler_defaults_follow_the_folder(tiny_pipeline_dir):
     shipped = CascadeVPipeline.from_pretrained(str(TINY_CASCADE))
     assert type(shipped.scheduler) is FlowMatchEulerDiscreteScheduler and shipped.config.num_inference_steps == 4
     # other family: forced
-    assert type(shipped.scheduler_for("euler_a", force=True)) is EulerAncestralDiscreteScheduler
+    assert type(shipped.resolve_scheduler("euler_a", force=True)) is EulerAncestralDiscreteScheduler
     # a scheduler of the saved one's class keeps the saved config (e.g. the flow shift it was trained at)
     shifted = tiny_cascade(num_inference_steps=3)
     shifted.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    assert shifted.scheduler_for("flow").config.shift == 3.0 and shifted.scheduler_for(None) is shifted.scheduler
+    assert shifted.resolve_scheduler("flow").config.shift == 3.0
+    assert shifted.resolve_scheduler(None) is shifted.scheduler
     # the release's sampler: 8 steps of EulerAncestralDiscreteScheduler()
     release = CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir))
     assert type(release.scheduler) is EulerAncestralDiscreteScheduler and release.config.num_inference_steps == 8

@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> dict:
     fix = resolve_colour_fix(pipe, args.colour_fix)
     if fix and size % fix:
         raise UserError(f"--colour-fix must be 0 (off) or divide --size {size}, got {fix}")
-    scheduler = pipe.scheduler_for(args.scheduler, args.force_scheduler)
+    scheduler = pipe.resolve_scheduler(args.scheduler, args.force_scheduler)
     steps = args.steps if args.steps is not None else pipe.config.num_inference_steps
     decoders = {"cascade": (pipe, DecodeOptions(steps=steps, scheduler=scheduler, colour_fix=0, progress=False))}
     if args.distilled:
@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace) -> dict:
         results[method]["sharpness"] = detail[method] / detail["input"]
     latent_size = (args.frames, size // STAGE_A_DOWNSAMPLE, size // STAGE_A_DOWNSAMPLE)
     for method, (decoder, options) in decoders.items():     # per clip; the baseline runs no DiT
-        sampler = decoder.scheduler_for(options.scheduler)
+        sampler = decoder.resolve_scheduler(options.scheduler)
         method_steps = options.steps or decoder.config.num_inference_steps
         sampler.set_timesteps(method_steps)
         forwards, _ = dit_work(decoder.dit.window, latent_size, options.tiling, method_steps, finishing_step(sampler))

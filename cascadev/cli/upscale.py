@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"{'x'.join(map(str, (W, H)))} at {fps:g} fps, {T} frames -> {W2}x{H2} at {fps * kt:g} fps, {T2} frames "
           f"(spatial x{ks}, temporal x{kt})", flush=True)
     sample_kw = dict(steps=args.steps, seed=args.seed,
-                     scheduler=pipe.scheduler_for(args.scheduler, args.force_scheduler),
+                     scheduler=pipe.resolve_scheduler(args.scheduler, args.force_scheduler),
                      tiling=tiling_of(args, pipe.dit.config), window_batch=args.window_batch)
     keep = None if video is None else (not args.regenerate_input_frames and ks == 1)
     paths = output_paths(args.output, (video if video is not None else latents).shape[0])
@@ -196,7 +196,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         kind = args.kind or settings.get("kind", "shapes")
         size = args.size or settings.get("size", 128)
         steps = args.steps or pipe.config.num_inference_steps
-        scheduler = pipe.scheduler_for(args.scheduler, args.force_scheduler)
+        scheduler = pipe.resolve_scheduler(args.scheduler, args.force_scheduler)
         frames = kt * args.frames                                      # the last input frame + kt - 1 after it
         between = [i for i in range(kt * (args.frames - 1)) if i % kt]   # strictly between input frames
         tail = list(range(kt * (args.frames - 1) + 1, frames))

@@ -345,7 +345,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                               "b t c h w -> b c t h w")   # frames first, as seeded_noise
         scheduler = o.scheduler
         if isinstance(scheduler, str) or scheduler is None:
-            scheduler = self.scheduler_for(scheduler)
+            scheduler = self.resolve_scheduler(scheduler)
         if o.scheduler_config:
             scheduler = type(scheduler).from_config(scheduler.config, **o.scheduler_config)
         steps = self.config.num_inference_steps if o.steps is None else o.steps

@@ -83,7 +83,7 @@ class DecoderRuntimeMixin:
         self.vae.decoder.compile(dynamic=False)
         return self
 
-    def scheduler_for(self, scheduler: str | SchedulerMixin | None, force: bool = False) -> SchedulerMixin:
+    def resolve_scheduler(self, scheduler: str | SchedulerMixin | None, force: bool = False) -> SchedulerMixin:
         """The saved scheduler (None), a scheduler object, or one by short name (``make_scheduler``); a named one of
         the saved one's class keeps its saved config (e.g. the flow shift the DiT was trained at). A named one of
         the other family (flow matching vs eps prediction) than the saved one is refused unless ``force``: the DiT

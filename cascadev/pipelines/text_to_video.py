@@ -73,7 +73,7 @@ def config_of(model: torch.nn.Module):
     return model.config
 
 
-def scheduler_for(diffusion) -> SchedulerMixin:
+def stage_c_scheduler(diffusion) -> SchedulerMixin:
     """Stage C's sampler for a training objective: flow Euler at the trained shift for rectified flow, else
     DPM-Solver++."""
     return scheduler_for_objective(diffusion, DEFAULT_SCHEDULER)
@@ -356,8 +356,8 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
         if not (weights / SCHEDULER_DIR).is_dir():
             raise FileNotFoundError(
                 f"{weights}: no {SCHEDULER_DIR}/ (the sampler of the run's objective; final/ folders written before it "
-                f"was exported lack it): save cascadev.pipelines.text_to_video.scheduler_for(your config's diffusion) "
-                f"there with save_pretrained")
+                f"was exported lack it): save cascadev.pipelines.text_to_video.stage_c_scheduler(your config's "
+                f"diffusion) there with save_pretrained")
         return TextToVideoPipeline.from_parts(TextEncoder.from_pretrained(weights / TEXT_ENCODER_DIR),
                                               TextDiT.from_folder(weights / BASE_DIR),
                                               load_cascade(cascade, with_previewer=with_previewer,

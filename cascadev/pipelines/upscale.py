@@ -112,7 +112,7 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
         device = self._execution_device
         cond = self.condition(small.to(device))
         noise = seeded_noise((cond.shape[0], self.dit.config.latent_channels, *cond.shape[2:]), seed, device)
-        scheduler = self.scheduler_for(scheduler)
+        scheduler = self.resolve_scheduler(scheduler)
         generator = torch.Generator(device=device).manual_seed(seed + 1)       # ancestral steps
         steps = self.config.num_inference_steps if steps is None else steps
         return self._timed("dit", lambda: sample(self.dit, cond, noise.float(), scheduler, steps, tiling,

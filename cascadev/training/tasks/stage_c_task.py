@@ -129,7 +129,8 @@ class StageCTask:
         """Loss at fixed timesteps and noise on held-out clips with their captions (none dropped); on the main
         process, latents sampled for the first clip's caption (``val_sample_steps`` steps, default guidance) saved
         as ``samples/step_N.safetensors``: ``cascadev decode`` turns them into video."""
-        from cascadev.pipelines.text_to_video import DEFAULT_GUIDANCE, from_model, sample_base, scheduler_for, to_model
+        from cascadev.pipelines.text_to_video import (DEFAULT_GUIDANCE, from_model, sample_base, stage_c_scheduler,
+                                                      to_model)
         from cascadev.pipelines.latents import save_latents
 
         model = prepared["model"]
@@ -157,7 +158,7 @@ class StageCTask:
             noise = torch.randn(shape, generator=g, device=g.device).to(accelerator.device)
             with accelerator.autocast():
                 z = sample_base(unwrapped, noise, self.text([clips[0]["caption"]]), self.null_text, DEFAULT_GUIDANCE,
-                                scheduler=scheduler_for(self.config.diffusion), steps=steps, generator=g,
+                                scheduler=stage_c_scheduler(self.config.diffusion), steps=steps, generator=g,
                                 progress=False)
             z = from_model(z, config)
             logs["val/sample_std"] = z.std().item()
@@ -173,10 +174,10 @@ class StageCTask:
     def export_final(self, final: Path, state_dict: dict, ema_state: dict | None) -> None:
         """``final/`` as ``export`` writes it, with the EMA weights when on (the trained ones then in ``final/model``),
         and once (``final/model`` shares it) the frozen text encoder and the objective's sampler."""
-        from cascadev.pipelines.text_to_video import SCHEDULER_DIR, TEXT_ENCODER_DIR, scheduler_for
+        from cascadev.pipelines.text_to_video import SCHEDULER_DIR, TEXT_ENCODER_DIR, stage_c_scheduler
         export_for_inference(self, final, state_dict, ema_state)
         self.text_encoder.save_pretrained(final / TEXT_ENCODER_DIR)
-        scheduler_for(self.config.diffusion).save_pretrained(final / SCHEDULER_DIR)
+        stage_c_scheduler(self.config.diffusion).save_pretrained(final / SCHEDULER_DIR)
 
     def export(self, state_dict: dict, directory: Path) -> None:
         """``base_dit/`` in our format (``TextDiT.from_pretrained``); ``export_final`` adds ``text_encoder/`` and
