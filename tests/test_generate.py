@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -11,8 +14,8 @@ from cascadev.training.diffusion import DiffusionConfig, build_diffusion
 from cascadev.training.losses import base_training_loss
 from cascadev.video_io import video_info
 from helpers import config_fields, randomize_
+from cascadev.pipelines.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 from dit.text_dit import build_text_dit
-from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 
 FAST = dict(num_frames=3, height=64, width=96, num_inference_steps=2)  # 3 x 2 x 3 latents: padded to 4 x 2 x 4, cropped
 LATENT = dict(FAST, output_type="latent")
@@ -215,6 +218,15 @@ def test_call_end_to_end_api_and_reload(pipe, weights_dir):
     loaded = TextToVideoPipeline.from_pretrained(str(weights_dir))
     loaded.set_progress_bar_config(disable=True)
     torch.testing.assert_close(latents(loaded, "a red ball"), latents(pipe, "a red ball"), rtol=0, atol=0)
+
+
+def test_a_folder_naming_the_text_encoders_old_module_still_loads(weights_dir, tmp_path):
+    index = json.loads((weights_dir / "model_index.json").read_text())
+    assert index["text_encoder"] == ["cascadev.pipelines.text_encoder", "TextEncoder"]
+    old = tmp_path / "old"
+    shutil.copytree(weights_dir, old)
+    (old / "model_index.json").write_text(json.dumps({**index, "text_encoder": ["dit.text_encoder", "TextEncoder"]}))
+    assert type(TextToVideoPipeline.from_pretrained(str(old)).text_encoder) is TextEncoder
 
 
 def test_bad_requests_raise_value_errors(pipe):

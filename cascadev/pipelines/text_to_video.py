@@ -1,6 +1,6 @@
 """Stage C: text -> semantic latents with the base model, then the LDM-VAE cascade -> video.
 
-``TextToVideoPipeline``: prompts -> ``dit.text_encoder`` -> the base ``TextDiT`` sampled over a diffusers
+``TextToVideoPipeline``: prompts -> ``cascadev.pipelines.text_encoder`` -> the base ``TextDiT`` sampled over a diffusers
 scheduler with classifier-free guidance -> semantic latents (B, 16, T, H/32, W/32), unscaled, exactly as
 the semantic encoder makes them -> ``CascadeVPipeline.decode`` -> video (B, 3, T, H, W) in [-1, 1].
 
@@ -11,6 +11,7 @@ with the same conventions: the objective's prediction, eps or v for rectified fl
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -29,9 +30,9 @@ from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, Casc
                                         check_pipeline_class, load_cascade)
 from cascadev.pipelines.runtime import DecoderRuntimeMixin, compile_blocks
 from cascadev.pipelines.sampling import load_scheduler, make_scheduler, scheduler_for_objective
+from cascadev.pipelines.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
+from cascadev.pipelines.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 from dit.text_dit import TextDiT
-from dit.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
-from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
 
@@ -40,6 +41,10 @@ DEFAULT_GUIDANCE = 4.0          # Stable Cascade's Stage C default
 DEFAULT_SCHEDULER = "dpmpp"
 TEXT_ENCODER_DIR, BASE_DIR, SCHEDULER_DIR = "text_encoder", "base_dit", "base_scheduler"  # a base run's final/
 LEGACY_PIPELINE_FILE = "text_to_video.json"             # folders of cascadev < 0.2
+# component modules that moved since a folder's model_index.json named them: {old: new}
+MOVED_MODULES = {"dit.text_encoder": "cascadev.pipelines.text_encoder"}
+
+log = logging.getLogger(__name__)
 
 
 # -- the latent scale ----------------------------------------------------------------------------
@@ -214,6 +219,18 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         self.set_progress_bar_config(desc="generating", leave=False)    # the base model's steps
 
     @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' ``load_config``, with the components of modules that have moved (``MOVED_MODULES``) read from
+        their new place, so folders saved before the move keep loading."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        for name, value in config.items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in MOVED_MODULES:
+                log.info("%s: %s moved to %s", name, value[0], MOVED_MODULES[value[0]])
+                config[name] = [MOVED_MODULES[value[0]], value[1]]
+        return loaded
+
+    @classmethod
     def from_parts(cls, text_encoder: TextEncoder, base: TextDiT, cascade: CascadeVPipeline,
                    base_scheduler: str | SchedulerMixin = DEFAULT_SCHEDULER) -> "TextToVideoPipeline":
         """Join a text encoder, a base model and a cascade (its decoding parts and settings)."""
@@ -339,9 +356,9 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
                        cascade: str | Path | None = None, torch_dtype: torch.dtype | None = None,
                        with_previewer: bool | None = None) -> TextToVideoPipeline:
     """The CLI's loader: ``weights`` written by ``TextToVideoPipeline.save_pretrained`` (no base model is released);
-    ``text_encoder`` (a folder, or an open_clip preset of ``dit.text_encoder``: "bigG", "H") and ``cascade``
-    (anything ``load_cascade`` takes, with its Previewer and colour fix as ``with_previewer`` says) replace those
-    parts."""
+    ``text_encoder`` (a folder, or an open_clip preset of ``cascadev.pipelines.text_encoder``: "bigG", "H") and
+    ``cascade`` (anything ``load_cascade`` takes, with its Previewer and colour fix as ``with_previewer`` says) replace
+    those parts."""
     weights = Path(weights)
     if not weights.is_dir():
         raise FileNotFoundError(f"{weights}: weights folder not found")

@@ -232,7 +232,7 @@ class BaseSection:
     overrides: dict[str, Any] = field(default_factory=dict)  # TextDiT keywords, e.g. {depth: 2}
     init_from: str | None = None                   # a TextDiT folder: a base run's final/base_dit or checkpoint
     gradient_checkpointing: bool = False
-    text_encoder_preset: str = "bigG"              # dit.text_encoder.PRESETS (frozen)
+    text_encoder_preset: str = "bigG"              # cascadev.pipelines.text_encoder.PRESETS (frozen)
     text_encoder_overrides: dict[str, Any] = field(default_factory=dict)  # TextEncoder keywords
     text_encoder_weights: str = "preset"           # "preset" (its open_clip tag), "random", our folder, or a checkpoint
     caption_dropout: float = 0.1                   # captions trained as the empty prompt, for guidance (CFG)
@@ -249,7 +249,7 @@ class BaseSection:
     def text_encoder_config(self) -> dict | None:
         """The text encoder's ``TextEncoder`` keywords; None when ``text_encoder_weights`` is our folder (its
         config.json rules)."""
-        from dit.text_encoder import PRESETS, TextEncoder
+        from cascadev.pipelines.text_encoder import PRESETS, TextEncoder
         from cascadev.weights import CONFIG_NAME
         if (Path(self.text_encoder_weights) / CONFIG_NAME).is_file():
             return None
@@ -265,7 +265,7 @@ class BaseSection:
         import json
 
         from cascadev.weights import CONFIG_NAME, init_keywords
-        from dit.text_encoder import TextEncoder, text_tower_config
+        from cascadev.pipelines.text_encoder import TextEncoder, text_tower_config
         config = self.text_encoder_config()
         if config is None:   # our folder: its config.json (diffusers' keys such as _class_name aside)
             config = json.loads((Path(self.text_encoder_weights) / CONFIG_NAME).read_text())

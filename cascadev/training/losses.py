@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cascadev.pipelines.text_encoder import TextEmbedding
 from cascadev.pipelines.text_to_video import config_of, to_model
-from dit.text_encoder import TextEmbedding
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ def build_base_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
 def build_text_encoder(config: TrainConfig, load_weights: bool) -> nn.Module:
     """The frozen text encoder of stage base: our folder (``base.text_encoder_weights`` holding config.json), or the
     preset (+ overrides) with its open_clip weights, a checkpoint path, or random weights."""
-    from dit.text_encoder import TextEncoder
+    from cascadev.pipelines.text_encoder import TextEncoder
 
     b = config.base
     text_config = b.text_encoder_config()
