@@ -94,6 +94,20 @@ def test_official_rules_overwrite_tiles_and_ramp_windows():
     assert eps[0, 0, :, 0, 0].tolist() == [1, 1, 1.5, 2.5, 3, 3]
 
 
+def test_blend_weights_ramp_linearly_across_the_overlap_and_are_shared_with_stage_a():
+    """A window's blend weights along an axis (``cascadev.blend.ramp``, the one ramp Stage A's tiles use too):
+    1/(k+1) ... k/(k+1) across a k-unit overlap toward each neighbour, flat at the clip's own edges."""
+    from cascadev.blend import ramp
+    from cascadev.pipelines.sampling import axis_ramp
+
+    k = torch.arange(1, 5, dtype=torch.float32) / 5
+    torch.testing.assert_close(axis_ramp(20, 8, 4, 4, "cpu"), torch.cat([k, k.flip(0)]), rtol=0, atol=0)
+    torch.testing.assert_close(axis_ramp(20, 8, 0, 4, "cpu"), torch.cat([torch.ones(4), k.flip(0)]), rtol=0, atol=0)
+    torch.testing.assert_close(axis_ramp(20, 8, 12, 4, "cpu"), torch.cat([k, torch.ones(4)]), rtol=0, atol=0)
+    # a margin gives the neighbour the shared edge: 0 there, the ramp over the middle
+    torch.testing.assert_close(ramp(6, before=4, margin=1), torch.tensor([0, 1 / 3, 2 / 3, 1, 1, 1]))
+
+
 def test_blend_is_a_partition_of_unity_and_has_no_seams():
     x = torch.zeros(1, 20, 10, 37, 50)
     x[:, 0] = 0.7  # a constant field

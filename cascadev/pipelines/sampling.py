@@ -33,6 +33,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from einops import rearrange
 from tqdm.auto import tqdm
 
+from cascadev.blend import ramp
+
 SCHEDULERS = {                   # short names, as the CLI takes them
     "euler_a": EulerAncestralDiscreteScheduler,
     "ddim": DDIMScheduler,
@@ -173,17 +175,11 @@ def shifted_spans(length: int, size: int, offset: int, multiple: int) -> list[sl
     return [slice(a, b) for a, b in spans]
 
 
-def ramp(length: int, size: int, start: int, overlap: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Blend weights (size,) of a window at ``start``: linear ramps of ``overlap`` steps toward
-    neighbours, flat at the clip's own edges. Never zero, so weights always sum to > 0. Made on ``device``
-    (no host-to-device copy, which would wait for the GPU, in the denoising loop)."""
-    i = torch.arange(size, dtype=torch.float32, device=device)
-    w = torch.ones(size, device=device)
-    if start > 0:
-        w = torch.minimum(w, (i + 1) / (overlap + 1))
-    if start + size < length:
-        w = torch.minimum(w, (size - i) / (overlap + 1))
-    return w
+def axis_ramp(length: int, size: int, start: int, stride: int, device: torch.device) -> torch.Tensor:
+    """``blend`` weights (size,) of a window at ``start`` along an axis of ``length``: ramps across the nominal overlap
+    (size - stride) toward neighbours, flat at the clip's own edges (``cascadev.blend.ramp``)."""
+    overlap = size - stride
+    return ramp(size, overlap if start > 0 else 0, overlap if start + size < length else 0, device=device)
 
 
 def _pad_to(x: torch.Tensor, multiples: tuple[int, int, int]) -> torch.Tensor:
@@ -356,9 +352,9 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
     weight = x.new_zeros(1, 1, T, H, W)
     for (f, r, col), e in zip(crops, eps):
         size, th, tw = _crop_size((f, r, col))
-        w = (ramp(T, size, f.start, size - frame_stride, x.device)[:, None, None]
-             * ramp(H, th, r.start, th - tile_stride, x.device)[None, :, None]
-             * ramp(W, tw, col.start, tw - tile_stride, x.device)[None, None, :]).to(x.dtype)  # t h w
+        w = (axis_ramp(T, size, f.start, frame_stride, x.device)[:, None, None]
+             * axis_ramp(H, th, r.start, tile_stride, x.device)[None, :, None]
+             * axis_ramp(W, tw, col.start, tile_stride, x.device)[None, None, :]).to(x.dtype)  # t h w
         out[:, :, f, r, col] += e * w
         weight[:, :, f, r, col] += w
     return out / weight
