@@ -111,7 +111,7 @@ def test_guidance_one_is_the_unguided_path_exactly(pipe, encoder):
 
     # the whole loop: guidance 1 equals a plain scheduler loop over the conditional model
     noise = torch.randn(2, 16, 2, 2, 4)
-    got = sample_base(model, noise, text, null, guidance=1.0, scheduler="ddim", steps=3, progress=False)
+    got = sample_base(model, noise, text, null, guidance=1.0, scheduler="ddim", steps=3)
     scheduler = make_scheduler("ddim")
     scheduler.set_timesteps(3)
     z = noise * scheduler.init_noise_sigma
@@ -211,7 +211,7 @@ def test_call_end_to_end_api_and_reload(pipe, weights_dir):
     assert out.frames.shape == (2, 3, 3, 64, 96) and out.frames.abs().max() <= 1
     assert out.latents.shape == (2, 16, 3, 2, 3)
     # video k decodes with Stage B seed k (DecodeOptions' seed + k): the second video alone, from its latents
-    torch.testing.assert_close(pipe.cascade.decode(out.latents[1:], steps=1, seed=1, progress=False), out.frames[1:],
+    torch.testing.assert_close(pipe.cascade.decode(out.latents[1:], steps=1, seed=1), out.frames[1:],
                                rtol=0, atol=0)
     np_frames, = pipe("a red ball", decoder_num_inference_steps=1, output_type="np", return_dict=False, **FAST)
     assert np_frames.shape == (1, 3, 64, 96, 3) and 0 <= np_frames.min() and np_frames.max() <= 1

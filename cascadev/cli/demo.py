@@ -101,6 +101,7 @@ def _run(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     pipe = CascadeVPipeline.from_pretrained(str(weights)).to("cpu").set_precision(DTYPES[args.dtype])
+    pipe.set_progress_bar_config(disable=True)
     settings = pipe.config.demo or {}
     kind = args.kind or settings.get("kind", "mixed")
     size = args.size if args.size is not None else settings.get("size", 128)
@@ -111,12 +112,13 @@ def _run(args: argparse.Namespace) -> dict:
         raise UserError(f"--colour-fix must be 0 (off) or divide --size {size}, got {fix}")
     scheduler = pipe.resolve_scheduler(args.scheduler, args.force_scheduler)
     steps = args.steps if args.steps is not None else pipe.config.num_inference_steps
-    decoders = {"cascade": (pipe, DecodeOptions(steps=steps, scheduler=scheduler, colour_fix=0, progress=False))}
+    decoders = {"cascade": (pipe, DecodeOptions(steps=steps, scheduler=scheduler, colour_fix=0))}
     if args.distilled:
         if not (TINY_DISTILLED / "model_index.json").is_file():
             raise UserError(f"{TINY_DISTILLED}: the built-in distilled decoder is missing from this install")
         student = CascadeVPipeline.from_pretrained(str(TINY_DISTILLED)).to("cpu").set_precision(DTYPES[args.dtype])
-        decoders["distilled"] = (student, DecodeOptions(colour_fix=0, progress=False))   # its saved sampler
+        student.set_progress_bar_config(disable=True)
+        decoders["distilled"] = (student, DecodeOptions(colour_fix=0))   # its saved sampler
     seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
     methods = [*decoders, "baseline"] + (["cascade_without_colour_fix"] if fix else [])
     scores = {method: {"psnr": [], "ssim": []} for method in methods}

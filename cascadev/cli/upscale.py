@@ -188,6 +188,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     with torch.no_grad():
         pipe = load_upscale(weights).to("cpu").set_precision(DTYPES[args.dtype])
+        pipe.set_progress_bar_config(disable=True)
         ks, kt = pipe.factors
         if ks != 1:
             raise UserError(f"{weights}: a {ks}x resolution model; --fps-x4 shows a frame-rate model "
@@ -208,8 +209,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         for i, seed in enumerate(seeds):
             truth = make_clip(seed, frames, size, size, kind)[None]      # (1, 3, T, H, W)
             low = truth[:, :, ::kt]
-            raw = pipe.upscale(video=low, steps=steps, seed=args.seed + i, scheduler=scheduler, colour_fix=0,
-                               progress=False)
+            raw = pipe.upscale(video=low, steps=steps, seed=args.seed + i, scheduler=scheduler, colour_fix=0)
             outputs = {"ours": raw, "blend": temporal_upsample(low, kt, frames),
                        "repeat": low.repeat_interleave(kt, dim=2)}
             if fix:      # the same sample with the colour fix, as pipe.upscale(video=low) gives it

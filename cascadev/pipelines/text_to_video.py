@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +24,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
-from tqdm.auto import tqdm
 
 from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, DecodeOptions,
                                         check_pipeline_class, load_cascade)
@@ -111,8 +110,7 @@ def guided_noise(model: TextDiT, x: torch.Tensor, t: torch.Tensor | float, text:
 def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_text: TextEmbedding | None = None,
                 guidance: float = DEFAULT_GUIDANCE, scheduler: str | SchedulerMixin = DEFAULT_SCHEDULER,
                 steps: int = DEFAULT_STEPS, generator: torch.Generator | None = None,
-                scheduler_config: dict | None = None, progress: bool = True,
-                progress_bar: Callable[[Iterable], Iterable] | None = None,
+                scheduler_config: dict | None = None,
                 callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
                 ) -> torch.Tensor:
     """Denoise ``noise`` (B, C, T, h, w) into the base model's latents, given ``text`` (B rows) and, for
@@ -120,8 +118,8 @@ def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_t
 
     The loop: scale the noise by ``init_noise_sigma``; at each timestep predict guided eps on the
     scheduler-scaled input and take a scheduler step (``generator`` feeds ancestral samplers).
-    ``progress_bar`` wraps the timesteps (a pipeline's ``progress_bar``; default: a tqdm bar unless not ``progress``);
-    ``callback(i, t, latents)`` runs after each step and may return replacement latents.
+    ``callback(i, t, latents)`` runs after each step and may return replacement latents (a pipeline advances its
+    progress bar there).
     Returns float32 latents (B, C, T, h, w) in the model's space (see ``from_model``).
     """
     c = config_of(model)
@@ -142,9 +140,7 @@ def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_t
     scheduler.set_timesteps(steps, device=device)
 
     latents = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)       # flow matching: unit noise, no scaling
-    timesteps = (progress_bar(scheduler.timesteps) if progress_bar is not None
-                 else tqdm(scheduler.timesteps, desc="generating", disable=not progress, leave=False))
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(scheduler.timesteps):
         scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         eps = guided_noise(model, scaled, t, text, null_text, guidance)   # eps, or the velocity of a flow model
         latents = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
@@ -320,17 +316,19 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         def on_step(i, t, z):
             out = callback_on_step_end(self, i, t, {"latents": z}) or {}
             return out.get("latents")
-        z = self._timed("base", lambda: sample_base(
-            self.base, noise, text, null_text, guidance_scale, self.base_scheduler, num_inference_steps,
-            generator=ancestral, progress_bar=self.progress_bar,
-            callback=on_step if callback_on_step_end is not None else None))
+        with self.step_progress(num_inference_steps, on_step if callback_on_step_end is not None else None) as step:
+            z = self._timed("base", lambda: sample_base(self.base, noise, text, null_text, guidance_scale,
+                                                        self.base_scheduler, num_inference_steps, generator=ancestral,
+                                                        callback=step))
         latents = from_model(z[:, :, :frames, :h, :w], c)
 
         frames_out = latents
         if output_type != "latent":
             o = self.cascade.decode_options(decode_options)
             changes = {} if decoder_num_inference_steps is None else {"steps": decoder_num_inference_steps}
-            o = replace(o, **changes, progress=o.progress and self.progress_enabled())
+            o = replace(o, **changes)
+            # the cascade's bars follow this pipeline's setting
+            self.cascade.set_progress_bar_config(desc="denoising", leave=False, disable=not self.progress_enabled())
             seeded = o.generator is None and o.seed is not None          # video k: Stage B seed ``seed + k``
             frames_out = torch.cat([self.cascade.decode(latents[k:k + 1], o, **({"seed": o.seed + k} if seeded else {}))
                                     .cpu() for k in range(N)])

@@ -158,8 +158,7 @@ class StageCTask:
             noise = torch.randn(shape, generator=g, device=g.device).to(accelerator.device)
             with accelerator.autocast():
                 z = sample_base(unwrapped, noise, self.text([clips[0]["caption"]]), self.null_text, DEFAULT_GUIDANCE,
-                                scheduler=stage_c_scheduler(self.config.diffusion), steps=steps, generator=g,
-                                progress=False)
+                                scheduler=stage_c_scheduler(self.config.diffusion), steps=steps, generator=g)
             z = from_model(z, config)
             logs["val/sample_std"] = z.std().item()
             save_latents(run_dir / "samples" / f"step_{step:08d}.safetensors", z.cpu(), prompt=clips[0]["caption"])
