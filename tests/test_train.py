@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from cascadev.config import ConfigError
 from cascadev.synthetic import write_clips
+from cascadev.training.cache_latents import cache_latents
 from cascadev.training.cache_latents import main as cache_main
 from cascadev.training.config import load_train_config
 from cascadev.training.data import (LatentDataset, VideoDataset, clip_starts, load_clip, make_loader, mix_seed,
@@ -202,8 +203,8 @@ def test_cache_random_crops_of_native_frames(clips, tmp_path):
     args = ["--config", str(DIT_TINY), "--set", f"data.videos={clips}", *fixed]
     random = cache_main([*args[:2], "--out", str(tmp_path / "random"), "--crop", "random", "--clips-per-video", "2",
                          *args[2:]])
-    centre = cache_main([*args[:2], "--out", str(tmp_path / "centre"), "--clips-per-video", "2", *args[2:]])
     config = load_train_config(DIT_TINY, [f"data.videos={clips}", *fixed])
+    centre = cache_latents(config, tmp_path / "centre", clips_per_video=2)     # from Python: a config, no namespace
     task, data = DiTTask(config, build_model=False), dataclasses.replace(config.data, crop="random", flip_prob=0.0)
     first = split_validation(config.data)[0][0].path
     g = torch.Generator().manual_seed(mix_seed(config.run.seed, 0, 1))
@@ -504,8 +505,7 @@ def test_train_from_python_with_a_config_object_needs_no_namespace(clips, tmp_pa
     def no_namespace(*args, **kwargs):
         raise AssertionError("an argparse.Namespace was made on the way through train()")
     monkeypatch.setattr(argparse, "Namespace", no_namespace)
-    monkeypatch.setattr(train_module, "parse_args", no_namespace)
-    monkeypatch.setattr(train_module, "run_training", no_namespace)
+    monkeypatch.setattr(train_module, "main", no_namespace)             # the command line over train()
     config = load_train_config(DIT_TINY, [f"data.videos={clips}", "run.tensorboard=false", "run.val_every=0"])
     run = train_fn(config, overrides=SMALL, max_steps=2, run_dir=tmp_path / "run")
     assert run == tmp_path / "run"

@@ -38,6 +38,7 @@ from typing import Any, Literal
 import yaml
 
 from cascadev.config import ConfigError, _check_type, from_dict, load_config, to_dict
+from cascadev.errors import OneLineParser
 from cascadev.training.data import DataConfig
 from cascadev.training.diffusion import DiffusionConfig
 from cascadev.video_io import VIDEO_EXTENSIONS
@@ -485,6 +486,17 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
     except ValueError as e:
         message = str(e)        # load_config's own messages name the file already
         raise ConfigError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def config_parser(prog: str, description: str) -> OneLineParser:
+    """The command line of a training entry point's ``main`` (``train``, ``cache_latents``): the config, its
+    overrides and ``--debug``; the entry point adds its own options."""
+    parser = OneLineParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config fields, e.g. --set optim.lr=1e-4 data.videos=clips/")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
+    return parser
 
 
 def check_weight_files(config: TrainConfig, model: bool = True) -> None:

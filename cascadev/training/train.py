@@ -8,8 +8,8 @@ student of a Stage B DiT ("distill").
 
 From Python: ``train(config, overrides=..., max_steps=...)`` (``cascadev.training.train``), which reads top to
 bottom in phases: ``prepare_run`` (config, the checkpoint to resume, inputs: data sources, weight files) ->
-``build`` (Accelerator, models, run dir, prepare, optimizers) -> ``resume`` -> ``loop`` -> ``export``. ``main`` and
-``parse_args`` are the command line over it. Nothing is written before the models are built, so a start that
+``build`` (Accelerator, models, run dir, prepare, optimizers) -> ``resume`` -> ``loop`` -> ``export``. ``main`` is
+the command line over it. Nothing is written before the models are built, so a start that
 fails (bad input, weights that do not load) leaves no run directory behind.
 What differs between stages (models, loss, validation, export) is a task object from ``cascadev/training/tasks/``
 (one module per stage, ``build_task``); this module is what they share: the loop, checkpoints, EMA, LR schedule,
@@ -36,7 +36,6 @@ uninterrupted one. Rank, world size and device come from the Accelerator only.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -54,9 +53,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from cascadev.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
-from cascadev.errors import OneLineParser, run_guarded
-from cascadev.training.args import add_train_arguments
-from cascadev.training.config import TrainConfig, check_cache, check_weight_files, load_train_config
+from cascadev.errors import run_guarded
+from cascadev.training.config import TrainConfig, check_cache, check_weight_files, config_parser, load_train_config
 from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step,
                                     image_steps_before, list_samples, make_loader, mix_seed, split_validation)
 from cascadev.training.tasks import build_task, is_fsdp
@@ -594,24 +592,23 @@ def train(config: TrainConfig | str | Path, *, overrides: Sequence[str] = (), re
 
 # -- the command line -------------------------------------------------------------------------------
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m cascadev.training.train", description=__doc__.splitlines()[0])
-    add_train_arguments(parser)
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
-    return parser.parse_args(argv)
-
-
-def run_training(args: argparse.Namespace) -> Path:
-    """``train`` with the command line's arguments (``add_train_arguments``; ``cascadev train`` calls this)."""
+def main(argv: list[str] | None = None, prog: str = "python -m cascadev.training.train") -> Path:
+    """The command line over ``train`` (what ``accelerate launch -m cascadev.training.train`` runs; ``cascadev train``
+    hands its arguments here): parse ``argv`` (default: ``sys.argv``), train, return the run directory."""
+    parser = config_parser(prog, __doc__.splitlines()[0])
+    parser.add_argument("--max-steps", type=int, default=None, help="same as --set run.max_steps=N")
+    parser.add_argument("--run-dir", default=None, help="same as --set run.dir=DIR")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--fresh", action="store_true",
+                        help="start at step 0 in a run dir that has checkpoints (they are moved aside, not deleted)")
+    resume.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                        help="resume from this checkpoint instead of the newest (later ones are moved aside)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although the config differs from the checkpoint's (the model must not change)")
+    args = parser.parse_args(argv)
     return train(args.config, overrides=args.overrides, resume_from=args.resume_from, fresh=args.fresh,
                  allow_config_change=args.allow_config_change, max_steps=args.max_steps, run_dir=args.run_dir)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Train as the config says (``argv`` as on the command line); returns the run directory."""
-    return run_training(parse_args(argv))
-
-
 if __name__ == "__main__":
-    args = parse_args(None)
-    run_guarded("cascadev.training.train", lambda: run_training(args), args.debug)
+    run_guarded("cascadev.training.train", main, "--debug" in sys.argv[1:])
