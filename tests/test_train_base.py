@@ -1,4 +1,4 @@
-"""Stage "base" (Stage C): the text-to-video TextDiT trained on semantic latents and captions."""
+"""Stage "stage_c" (Stage C, the base model): the text-to-video TextDiT trained on semantic latents and captions."""
 
 import json
 from pathlib import Path
@@ -118,7 +118,7 @@ def test_base_trains_from_a_latent_cache_with_captions(toy, tmp_path):
         assert torch.allclose(la, lb, atol=1e-5)
     run = train(tmp_path / "run", toy, 1, f"data.latents={cache}", 'data.videos=""', *fixed[1:])
     assert (run / "final/base_dit/diffusion_pytorch_model.safetensors").is_file()
-    with pytest.raises(ConfigError, match="holds stage base inputs, the config trains stage dit"):
+    with pytest.raises(ConfigError, match="holds stage stage_c inputs, the config trains stage dit"):
         main(["--config", str(DIT_TINY), "--max-steps", "1", "--set", f"data.latents={cache}",
               f"run.dir={tmp_path / 'dit'}", "run.tensorboard=false"])
 

@@ -31,9 +31,10 @@ COMMANDS = (
      "cascadev.cli.generate:add_generate_arguments", "cascadev.cli.generate:run_generate"),
     ("eval", "PSNR/SSIM/LPIPS between paired videos, FVD between two sets",
      "cascadev.cli.eval:add_arguments", "cascadev.cli.eval:run"),
-    ("train", "train a stage (dit, vae, semantic or base) from a config; several GPUs: accelerate launch -m "
-              "cascadev.training.train", None, "cascadev.cli.train:run_train"),
-    ("cache-latents", "precompute what a stage trains on (Stage A latents and conditions; semantic latents for base)",
+    ("train", "train a stage (dit, stage_a, semantic, stage_c or distill) from a config; several GPUs: accelerate "
+              "launch -m cascadev.training.train", None, "cascadev.cli.train:run_train"),
+    ("cache-latents", "precompute what a stage trains on (Stage A latents and conditions; semantic latents for "
+                      "stage_c)",
      None, "cascadev.cli.train:run_cache"),
     ("demo", "the built-in tiny cascade on held-out clips vs the Previewer baseline", "cascadev.cli.demo:add_arguments",
      "cascadev.cli.demo:run"),

@@ -380,7 +380,7 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
                                               load_scheduler(weights / SCHEDULER_DIR))
     if not (weights / "model_index.json").is_file():
         raise FileNotFoundError(f"{weights}: no base model (Stage C) weights; none are released: train them (cascadev "
-                                "train, stage base) or pass a folder written by TextToVideoPipeline.save_pretrained")
+                                "train, stage stage_c) or pass a folder written by TextToVideoPipeline.save_pretrained")
     parts = {}
     if text_encoder is not None:
         parts["text_encoder"] = (build_text_encoder(str(text_encoder)) if str(text_encoder) in TEXT_ENCODER_PRESETS

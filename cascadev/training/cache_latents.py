@@ -1,5 +1,5 @@
 r"""Precompute a stage's inputs for a dataset, one file per clip: for the DiT (stage dit) the Stage A latents and
-the compact condition, for the base model (stage base) the semantic latents; the caption goes along.
+the compact condition, for the base model (stage stage_c) the semantic latents; the caption goes along.
 
     python -m cascadev.training.cache_latents --config configs/dit_official_finetune.yaml --out cache/ \
         [--clips-per-video 4]
@@ -15,7 +15,7 @@ encoded and the latents are cut on the semantic grid, so border cells of a windo
 neighbours, as when a large frame is decoded in windows), no flip. Each
 ``{video:06d}_{clip:02d}.safetensors`` holds, for stage dit, "latent" (4, T, h, w) and "cond" (the compact
 condition: semantic latent or low-resolution Stage A latent, already scaled), as ``DiTTask.encode`` makes
-them; for stage base, "semantic" (16, T, H/32, W/32) unscaled, as ``StageCTask.encode`` makes it. The source
+them; for stage stage_c, "semantic" (16, T, H/32, W/32) unscaled, as ``StageCTask.encode`` makes it. The source
 path, start frame and caption are in its metadata (``LatentDataset`` returns the caption with the tensors).
 Files are written atomically and existing ones are kept, so an interrupted run continues. ``cache.yaml``
 records what the latents depend on; training with ``data.latents=DIR`` checks it against the training config.
@@ -47,7 +47,7 @@ from vae.stage_a import DOWNSAMPLE as LATENT
 
 log = logging.getLogger("cascadev.training.cache_latents")
 
-CACHED_STAGES = ("dit", "base", "distill")   # distill: the DiT's inputs
+CACHED_STAGES = ("dit", "stage_c", "distill")   # distill: the DiT's inputs
 CROPS = ("center", "random", "context")
 
 
@@ -95,7 +95,7 @@ def cache_latents(config: TrainConfig | str | Path, out: str | Path, *, override
         raise ConfigError("--clips-per-video must be >= 1")
     if crop not in CROPS:
         raise ConfigError(f"--crop must be one of {', '.join(CROPS)}, got {crop!r}")
-    if crop == "context" and (config.stage == "base" or config.condition.route != "semantic"):
+    if crop == "context" and (config.stage == "stage_c" or config.condition.route != "semantic"):
         raise ConfigError("--crop context is for stage dit on the semantic route")
     if windows_per_clip < 1:
         raise ConfigError("--windows-per-clip must be >= 1")
@@ -112,7 +112,7 @@ def cache_latents(config: TrainConfig | str | Path, out: str | Path, *, override
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
-    task = (StageCTask if config.stage == "base" else DiTTask)(config, build_model=False).to(accelerator.device)
+    task = (StageCTask if config.stage == "stage_c" else DiTTask)(config, build_model=False).to(accelerator.device)
     # cache.yaml once the models load (a failed start leaves no cache behind), and before the first clip
     if accelerator.is_main_process:
         text = yaml.safe_dump(cache_signature(config), sort_keys=False)

@@ -1,5 +1,5 @@
-"""Train a stage of the cascade with accelerate: the Stage B DiT ("dit"), the Stage A VAE ("vae"), the Stage B
-semantic encoder with the Previewer ("semantic"), the Stage C text-to-video base model ("base"), or a 1-2 step
+"""Train a stage of the cascade with accelerate: the Stage B DiT ("dit"), the Stage A VAE ("stage_a"), the Stage B
+semantic encoder with the Previewer ("semantic"), the Stage C text-to-video base model ("stage_c"), or a 1-2 step
 student of a Stage B DiT ("distill").
 
     accelerate launch [--config_file configs/accelerate/ddp.yaml] -m cascadev.training.train \\
@@ -19,9 +19,9 @@ Run directory (``run.dir``): ``config.yaml`` (resolved), ``train.log``, ``logs/`
 ``samples/`` (validation videos, or latents for base), ``checkpoints/step_XXXXXXXX/`` (accelerate state:
 weights and buffers such as BatchNorm running statistics as safetensors, optimizer, RNG, grad scaler; plus
 ``ema.safetensors`` (EMA weights by parameter name), ``trainer.json`` with the step and the EMA's update
-counter, ``config.yaml``; a dit or base checkpoint also has ``config.json``, so it loads with
-``VideoDiT`` / ``TextDiT.from_legacy_folder``), and ``final/`` (``export_final``): dit and vae write
-``model/`` and ``ema/`` (diffusers folders); semantic writes ``semantic_encoder/`` and ``previewer/``, base
+counter, ``config.yaml``; a dit or stage_c checkpoint also has ``config.json``, so it loads with
+``VideoDiT`` / ``TextDiT.from_legacy_folder``), and ``final/`` (``export_final``): dit and stage_a write
+``model/`` and ``ema/`` (diffusers folders); semantic writes ``semantic_encoder/`` and ``previewer/``, stage_c
 ``base_dit/``, ``base_scheduler/`` and ``text_encoder/`` (``load_text_to_video`` reads it with a cascade given
 apart: ``cascadev generate --weights RUN/final
 --cascade ...``),
@@ -54,7 +54,8 @@ from diffusers.training_utils import EMAModel
 
 from cascadev.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
 from cascadev.errors import run_guarded
-from cascadev.training.config import TrainConfig, check_cache, check_weight_files, config_parser, load_train_config
+from cascadev.training.config import (TrainConfig, check_cache, check_weight_files, config_parser, load_train_config,
+                                      upgrade_overrides)
 from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step,
                                     image_steps_before, list_samples, make_loader, mix_seed, split_validation)
 from cascadev.training.tasks import build_task, is_fsdp
@@ -72,8 +73,8 @@ EMA_WEIGHTS = "ema.safetensors"
 # -- final weights ----------------------------------------------------------------------------------
 
 def export_final(task, final: Path, state_dict: dict, ema: dict | None) -> None:
-    """Write the final weights: ``task.export_final`` decides what goes where -- stages dit and vae: ``final/model``
-    (trained weights) and ``final/ema`` (EMA parameters, the model's buffers); semantic, base and distill: ``final/``
+    """Write the final weights: ``task.export_final`` decides what goes where -- stages dit and stage_a: ``final/model``
+    (trained weights) and ``final/ema`` (EMA parameters, the model's buffers); semantic, stage_c and distill: ``final/``
     itself is a folder their loaders take, holding the EMA weights when EMA is on -- what inference should use --
     else the trained ones; with EMA, the trained weights also go to ``final/model/``."""
     ema_state = {**state_dict, **{k: v.cpu() for k, v in ema.items()}} if ema is not None else None
@@ -209,16 +210,16 @@ def open_data(config: TrainConfig) -> tuple:
     a cache matching the config -- before anything is built or written."""
     data, notes = config.data, []
     if data.latents:
-        if config.stage not in ("dit", "base", "distill"):
-            raise ConfigError("data.latents (a latent cache) only feeds stages dit, distill and base")
+        if config.stage not in ("dit", "stage_c", "distill"):
+            raise ConfigError("data.latents (a latent cache) only feeds stages dit, distill and stage_c")
         check_cache(data.latents, config)
         train_set = LatentDataset(data.latents)
         val_samples = split_validation(data)[1] if data.videos or data.val_videos else []
     else:
         train_samples, val_samples = split_validation(data)
         train_set = VideoDataset(train_samples, data)
-        if config.stage == "base" and not any(sample.caption for sample in train_samples):
-            notes.append("stage base: no training video has a caption (give data.videos as a .csv/.jsonl/.json with "
+        if config.stage == "stage_c" and not any(sample.caption for sample in train_samples):
+            notes.append("stage stage_c: no training video has a caption (give data.videos as a .csv/.jsonl/.json with "
                          "a 'caption' field); the model learns unconditional generation only")
     image_set = (ImageDataset(list_samples(data.images, IMAGE_EXTENSIONS, key="data.images"), data)
                  if data.images else None)
@@ -243,7 +244,7 @@ def flat_config(config: TrainConfig) -> dict:
 FREE_ON_RESUME = ("run.max_steps", "run.dir", "run.log_every", "run.save_every", "run.keep_checkpoints",
                   "run.val_every", "run.tensorboard", "data.num_workers")
 # the trained model's section
-MODEL_SECTION = {"dit": "dit.", "base": "base.", "vae": "stage_a.", "semantic": "semantic.", "distill": "dit."}
+MODEL_SECTION = {"dit": "dit.", "stage_c": "base.", "stage_a": "stage_a.", "semantic": "semantic.", "distill": "dit."}
 
 
 def config_changes(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
@@ -325,7 +326,9 @@ def resolve_config(config: TrainConfig | str | Path, overrides: Sequence[str] = 
         overrides.append(f"run.dir={run_dir}")
     if not isinstance(config, TrainConfig):
         return load_train_config(config, overrides)
-    return from_dict(TrainConfig, apply_overrides(to_dict(config), overrides)) if overrides else config
+    if not overrides:
+        return config
+    return from_dict(TrainConfig, apply_overrides(to_dict(config), upgrade_overrides(overrides)))
 
 
 def prepare_run(config: TrainConfig, resume_from: int | None = None, fresh: bool = False,
@@ -362,7 +365,7 @@ def make_accelerator(plan: RunPlan):
     config, run_dir = plan.config, plan.run_dir
     # VAE: a trainable pattern may select parameters the forward never uses (diffusers' temporal mid-block skips
     # its attention with one layer per block), which plain DDP refuses
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "vae")
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "stage_a")
     accelerator = Accelerator(mixed_precision=config.run.mixed_precision,
                               log_with="tensorboard" if config.run.tensorboard else None,
                               project_config=ProjectConfiguration(project_dir=str(run_dir),
@@ -408,7 +411,8 @@ def build(plan: RunPlan) -> Session:
     prepared["optimizer"] = accelerator.prepare(optimizer)
     if task.discriminator is not None:
         prepared["discriminator"] = accelerator.prepare(task.discriminator)
-        d_opt = torch.optim.AdamW(prepared["discriminator"].parameters(), lr=config.vae.disc_lr, betas=(0.5, 0.9))
+        d_opt = torch.optim.AdamW(prepared["discriminator"].parameters(), lr=config.stage_a_training.disc_lr,
+                                  betas=(0.5, 0.9))
         prepared["d_optimizer"] = accelerator.prepare(d_opt)
     if config.run.tensorboard:
         accelerator.init_trackers("tb", config=flat_config(config))

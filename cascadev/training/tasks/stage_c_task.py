@@ -1,4 +1,4 @@
-"""Stage C's training task (stage "base"): the TextDiT denoises semantic latents given the caption."""
+"""Stage C's training task (stage "stage_c"): the TextDiT denoises semantic latents given the caption."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def build_base_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
 
 
 def build_text_encoder(config: TrainConfig, load_weights: bool) -> nn.Module:
-    """The frozen text encoder of stage base: our folder (``base.text_encoder_weights`` holding config.json), or the
+    """The frozen text encoder of stage stage_c: our folder (``base.text_encoder_weights`` holding config.json), or the
     preset (+ overrides) with its open_clip weights, a checkpoint path, or random weights."""
     from cascadev.pipelines.text_encoder import TextEncoder
 
@@ -56,7 +56,7 @@ class StageCTask:
     ``diffusion`` objective (IDDPM or rectified flow) with per-video timesteps.
     """
 
-    name = "base"
+    name = "stage_c"
 
     def __init__(self, config: TrainConfig, load_weights: bool = True, build_model: bool = True):
         self.config = config
