@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from helpers import config_fields
-from cascadev.config import to_dict
+from cascadev.config import ConfigError, to_dict
 from cascadev.training.config import TrainConfig, load_train_config
 from cascadev.training.tasks import build_task
 
@@ -36,7 +36,7 @@ def test_config_loads_and_its_models_build_on_meta(path, tmp_path):
     if config.stage == "dit":
         dit = task.model.dit if config.condition.train_encoder else task.model   # a DiffusionAutoencoder holds it
         assert config_fields(dit) == {**config_fields(dit), **config.dit.model_config()}
-    elif config.stage == "base":                                   # the frozen text encoder fits the TextDiT
+    elif config.stage == "stage_c":                                   # the frozen text encoder fits the TextDiT
         assert config_fields(task.model) == {**config_fields(task.model), **config.base.model_config()}
         assert (task.text_encoder.width, task.text_encoder.embed_dim) == (task.model.config.caption_channels,
                                                                           task.model.config.pooled_channels)
@@ -56,3 +56,23 @@ def test_accelerate_configs_parse(path):
 def _write(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def test_earlier_stage_and_section_names_load_with_a_note(tmp_path, caplog):
+    """Stage "vae" is now "stage_a", "base" "stage_c", the section ``vae`` ``stage_a_training``: configs and overrides
+    written with the earlier names give the same config, with one logged note per name."""
+    old = yaml.safe_load((CONFIGS / "vae_tiny.yaml").read_text())
+    old["stage"], old["vae"] = "vae", old.pop("stage_a_training")
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    with caplog.at_level("WARNING", logger="cascadev.training.config"):
+        loaded = load_train_config(tmp_path / "old.yaml", ["vae.disc_start=3"])
+    assert loaded == load_train_config(CONFIGS / "vae_tiny.yaml", ["stage_a_training.disc_start=3"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "config section vae is now stage_a_training (the old name still loads)",
+        "config section vae: is now stage_a_training: (the old name still loads)",
+        "stage vae is now stage_a (the old name still loads)"]
+    assert load_train_config(CONFIGS / "base_tiny.yaml", ["stage=base"]).stage == "stage_c"
+    both = {**old, "stage_a_training": {}}
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(both))
+    with pytest.raises(ConfigError, match="both vae: and stage_a_training:"):
+        load_train_config(tmp_path / "both.yaml")

@@ -95,6 +95,20 @@ def test_official_rules_overwrite_tiles_and_ramp_windows():
     assert eps[0, 0, :, 0, 0].tolist() == [1, 1, 1.5, 2.5, 3, 3]
 
 
+def test_blend_weights_ramp_linearly_across_the_overlap_and_are_shared_with_stage_a():
+    """A window's blend weights along an axis (``cascadev.blend.ramp``, the one ramp Stage A's tiles use too):
+    1/(k+1) ... k/(k+1) across a k-unit overlap toward each neighbour, flat at the clip's own edges."""
+    from cascadev.blend import ramp
+    from cascadev.pipelines.sampling import axis_ramp
+
+    k = torch.arange(1, 5, dtype=torch.float32) / 5
+    torch.testing.assert_close(axis_ramp(20, 8, 4, 4, "cpu"), torch.cat([k, k.flip(0)]), rtol=0, atol=0)
+    torch.testing.assert_close(axis_ramp(20, 8, 0, 4, "cpu"), torch.cat([torch.ones(4), k.flip(0)]), rtol=0, atol=0)
+    torch.testing.assert_close(axis_ramp(20, 8, 12, 4, "cpu"), torch.cat([k, torch.ones(4)]), rtol=0, atol=0)
+    # a margin gives the neighbour the shared edge: 0 there, the ramp over the middle
+    torch.testing.assert_close(ramp(6, before=4, margin=1), torch.tensor([0, 1 / 3, 2 / 3, 1, 1, 1]))
+
+
 def test_blend_is_a_partition_of_unity_and_has_no_seams():
     x = torch.zeros(1, 20, 10, 37, 50)
     x[:, 0] = 0.7  # a constant field
@@ -259,15 +273,15 @@ def test_shifted_sampling_moves_the_grid_and_blends_the_finishing_step():
     import cascadev.pipelines.sampling as sampling
     sampling.predict_noise = spy
     try:
-        shifted = sample(model, cond, noise, "flow", 4, "shifted", progress=False)
+        shifted = sample(model, cond, noise, "flow", 4, "shifted")
     finally:
         sampling.predict_noise = original
     assert tilings == ["shifted@0", "shifted@1", "blend", "shifted@3"]
-    blend = sample(model, cond, noise, "flow", 4, "blend", progress=False)
+    blend = sample(model, cond, noise, "flow", 4, "blend")
     assert (shifted - blend).abs().max() > 1e-3
     # one step is the finishing step: shifted tiling is blend
-    torch.testing.assert_close(sample(model, cond, noise, "flow", 1, "shifted", progress=False),
-                               sample(model, cond, noise, "flow", 1, "blend", progress=False), rtol=0, atol=0)
+    torch.testing.assert_close(sample(model, cond, noise, "flow", 1, "shifted"),
+                               sample(model, cond, noise, "flow", 1, "blend"), rtol=0, atol=0)
     spec = tiny_model().window
     _, blended = dit_work(spec, (4, 64, 64), "blend", steps=4)
     _, moved = dit_work(spec, (4, 64, 64), "shifted", steps=4, finishing=2)
@@ -287,7 +301,7 @@ def test_official_tiling_rejects_clips_smaller_than_the_window():
 def test_sample_is_seedable_and_shapes_hold(name):
     model = tiny_model()
     cond, noise = torch.randn(1, 16, 6, 16, 24), torch.randn(1, 4, 6, 16, 24)
-    runs = [sample(model, cond, noise, name, 3, generator=torch.Generator().manual_seed(7), progress=False)
+    runs = [sample(model, cond, noise, name, 3, generator=torch.Generator().manual_seed(7))
             for _ in range(2)]
     assert runs[0].shape == (1, 4, 6, 16, 24) and torch.isfinite(runs[0]).all()
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
@@ -309,7 +323,7 @@ def test_each_deterministic_sampler_is_its_diffusers_loop(name):
             x = scheduler.scale_model_input(z, t) if hasattr(scheduler, "scale_model_input") else z
             eps = model(torch.cat([x, cond], dim=1), t.float().expand(1))[:, :4]
             z = scheduler.step(eps, t, z).prev_sample
-    torch.testing.assert_close(sample(model, cond, noise, name, 3, progress=False), z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sample(model, cond, noise, name, 3), z, rtol=1e-5, atol=1e-6)
 
 
 def test_flow_sampling_is_euler_on_the_velocity():
@@ -319,7 +333,7 @@ def test_flow_sampling_is_euler_on_the_velocity():
             return torch.full((x.shape[0], self.out_channels, *x.shape[2:]), 0.25)
 
     noise = torch.randn(1, 4, 4, 16, 16)
-    out = sample(ConstantVelocity(), torch.zeros(1, 16, 4, 16, 16), noise, "flow", 1, progress=False)
+    out = sample(ConstantVelocity(), torch.zeros(1, 16, 4, 16, 16), noise, "flow", 1)
     torch.testing.assert_close(out, noise - 0.25, rtol=0, atol=1e-6)
 
 
@@ -397,7 +411,7 @@ def test_official_sampling_equals_the_released_loop():
 
     torch.manual_seed(123)
     noise = torch.randn(T, 4, H, W).permute(1, 0, 2, 3).unsqueeze(0)
-    ours = sample(model, ref_z.permute(1, 0, 2, 3).unsqueeze(0), noise, "euler_a", 3, tiling="official", progress=False)
+    ours = sample(model, ref_z.permute(1, 0, 2, 3).unsqueeze(0), noise, "euler_a", 3, tiling="official")
     rel = (ours - released).norm() / released.norm()
     assert rel < 1e-5, rel
 
@@ -426,7 +440,7 @@ def test_sampling_with_batched_windows_matches():
     model = tiny_model()
     cond, noise = torch.randn(1, 16, 8, 24, 24), torch.randn(1, 4, 8, 24, 24)
     run = lambda batch: sample(model, cond, noise, "euler_a", 3, generator=torch.Generator().manual_seed(1),  # noqa: E731
-                               progress=False, window_batch=batch)
+                               window_batch=batch)
     torch.testing.assert_close(run(4), run(1), rtol=1e-4, atol=1e-4)
 
 

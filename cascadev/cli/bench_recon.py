@@ -79,7 +79,7 @@ def _score_video(pipe, path: Path, args, decode_kw: dict, fix: int, lpips) -> di
     latents = pipe.encode(video)
     if decode_kw.get("generator") is not None:      # --noise device: every video from the seed, as one run each
         decode_kw["generator"].manual_seed(args.seed)
-    cascade, baseline = pipe.decode(latents, progress=False, **decode_kw).cpu(), pipe.preview(latents).cpu()
+    cascade, baseline = pipe.decode(latents, **decode_kw).cpu(), pipe.preview(latents).cpu()
     outputs = {"cascade": fix_colour(cascade, baseline, fix) if fix else cascade, "baseline": baseline}
     run_dir = Path(args.output)
     fps = written_fps(file_fps, stride)
@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> dict | None:
             print(notes["fvd"])
             metrics = [m for m in metrics if m != "fvd"]
     pipe = load_pipeline(args, with_previewer=True)
+    pipe.set_progress_bar_config(disable=True)         # one bar over the videos instead
     decode_kw = decode_kwargs(args, pipe)
     fix = decode_kw.pop("colour_fix")      # applied here, to the baseline already decoded for the table
     decode_kw["colour_fix"] = 0

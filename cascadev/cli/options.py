@@ -89,6 +89,6 @@ def decode_kwargs(args, pipe) -> dict:
     generator = (torch.Generator(device=pipe._execution_device).manual_seed(args.seed) if args.noise == "device"
                  else None)      # one stream for the noise and the steps, as the release's global generator
     return dict(seed=args.seed, generator=generator, tiling=tiling_of(args, pipe.dit.config), steps=args.steps,
-                scheduler=pipe.scheduler_for(args.scheduler, force=args.force_scheduler),
+                scheduler=pipe.resolve_scheduler(args.scheduler, force=args.force_scheduler),
                 colour_fix=resolve_colour_fix(pipe, args.colour_fix), window_batch=args.window_batch,
                 distributed=processes().num_processes > 1)

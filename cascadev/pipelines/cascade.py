@@ -78,7 +78,7 @@ class DecodeOptions:
     ``window_batch``: DiT windows/tiles per forward (faster on a GPU, same result within rounding).
     ``distributed``: under ``accelerate launch``, every rank decodes the same latents and each step's windows/tiles
     are split across the ranks (``sampling.predict_noise``). ``callback(i, t, latents)`` runs after each DiT step and
-    may return replacement latents (B, 4, T, H/8, W/8).
+    may return replacement latents (B, 4, T, H/8, W/8). Progress bars are the pipeline's (``set_progress_bar_config``).
     """
 
     steps: int | None = None
@@ -91,7 +91,6 @@ class DecodeOptions:
     window_batch: int = 1
     distributed: bool = False
     callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
-    progress: bool = True
 
 
 # -- loading the parts -----------------------------------------------------------------------------
@@ -266,6 +265,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                 module.eval().requires_grad_(False)
         self.stage_a = stage_a_vae
         self.timings: dict[str, float] = {}
+        self.set_progress_bar_config(desc="denoising", leave=False)     # the DiT's steps
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "CascadeVPipeline":
@@ -312,12 +312,13 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
     # -- the cascade ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1], H and W multiples of 32 -> semantic latents (B, 16, T, H/32, W/32) float32."""
         check_video(video, 3, SEMANTIC_DOWNSAMPLE, "CascadeVPipeline.encode", pixels=True)
         if self.semantic_encoder is None:
             raise ValueError("this pipeline was loaded without a semantic encoder")
-        return self._timed("encode", lambda: self.semantic_encoder.encode(video, progress, self._execution_device))
+        return self._timed("encode", lambda: self.semantic_encoder.encode(video, self.progress_enabled(),
+                                                                                  self._execution_device))
 
     def decode_options(self, options: DecodeOptions | None = None, **changes) -> DecodeOptions:
         """``options`` (default: ``DecodeOptions()``) with ``changes`` applied (e.g. ``steps=2, tiling="shifted"``)."""
@@ -358,15 +359,16 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                               "b t c h w -> b c t h w")   # frames first, as seeded_noise
         scheduler = o.scheduler
         if isinstance(scheduler, str) or scheduler is None:
-            scheduler = self.scheduler_for(scheduler)
+            scheduler = self.resolve_scheduler(scheduler)
         if o.scheduler_config:
             scheduler = type(scheduler).from_config(scheduler.config, **o.scheduler_config)
         steps = self.config.num_inference_steps if o.steps is None else o.steps
         tiling = self.tiling(o.tiling)
         # latents and the scheduler's arithmetic stay fp32; the DiT runs in its own dtype (``_run_window``)
-        return self._timed("dit", lambda: sample(self.dit, cond.float(), noise.float(), scheduler, steps, tiling,
-                                                 generator=generator, progress=o.progress, callback=o.callback,
-                                                 window_batch=o.window_batch, distributed=o.distributed))
+        with self.step_progress(steps, o.callback) as callback:
+            return self._timed("dit", lambda: sample(self.dit, cond.float(), noise.float(), scheduler, steps, tiling,
+                                                     generator=generator, callback=callback,
+                                                     window_batch=o.window_batch, distributed=o.distributed))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, options: DecodeOptions | None = None, **changes) -> torch.Tensor:
@@ -387,7 +389,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         check_colour_fix(*(n * SEMANTIC_DOWNSAMPLE for n in latents.shape[-2:]), colour_fix)   # before the DiT runs
         z = self.decode_latents(latents, o)
         # distributed: Stage A and the colour fix's Previewer run replicated on every rank (cheap next to the DiT)
-        pieces = self.stage_a.decode_pieces(z, o.progress, self._execution_device)
+        pieces = self.stage_a.decode_pieces(z, self.progress_enabled(), self._execution_device)
         start = 0
         while (video := self._timed("stage_a", lambda: next(pieces, None))) is not None:
             video, end = video.clamp_(-1, 1), start + video.shape[2]
@@ -467,7 +469,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
             return out.get("latents")
         options = DecodeOptions(steps=num_inference_steps, seed=0 if generator is None else None, tiling=tiling,
                                 generator=generator, callback=on_step, window_batch=window_batch,
-                                colour_fix=colour_fix, progress=self.progress_enabled())
+                                colour_fix=colour_fix)
         if output_type == "latent":
             frames = self.decode_latents(latents, options)
         else:

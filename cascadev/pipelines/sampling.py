@@ -31,7 +31,8 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        FlowMatchEulerDiscreteScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from einops import rearrange
-from tqdm.auto import tqdm
+
+from cascadev.blend import ramp
 
 SCHEDULERS = {                   # short names, as the CLI takes them
     "euler_a": EulerAncestralDiscreteScheduler,
@@ -187,17 +188,11 @@ def shifted_spans(length: int, size: int, offset: int, multiple: int) -> list[sl
     return [slice(a, b) for a, b in spans]
 
 
-def ramp(length: int, size: int, start: int, overlap: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Blend weights (size,) of a window at ``start``: linear ramps of ``overlap`` steps toward
-    neighbours, flat at the clip's own edges. Never zero, so weights always sum to > 0. Made on ``device``
-    (no host-to-device copy, which would wait for the GPU, in the denoising loop)."""
-    i = torch.arange(size, dtype=torch.float32, device=device)
-    w = torch.ones(size, device=device)
-    if start > 0:
-        w = torch.minimum(w, (i + 1) / (overlap + 1))
-    if start + size < length:
-        w = torch.minimum(w, (size - i) / (overlap + 1))
-    return w
+def axis_ramp(length: int, size: int, start: int, stride: int, device: torch.device) -> torch.Tensor:
+    """``blend`` weights (size,) of a window at ``start`` along an axis of ``length``: ramps across the nominal overlap
+    (size - stride) toward neighbours, flat at the clip's own edges (``cascadev.blend.ramp``)."""
+    overlap = size - stride
+    return ramp(size, overlap if start > 0 else 0, overlap if start + size < length else 0, device=device)
 
 
 def interior_depth(length: int, size: int, start: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -425,9 +420,9 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
     weight = x.new_zeros(1, 1, T, H, W)
     for (f, r, col), e in zip(crops, eps):
         size, th, tw = _crop_size((f, r, col))
-        w = (ramp(T, size, f.start, size - frame_stride, x.device)[:, None, None]
-             * ramp(H, th, r.start, th - tile_stride, x.device)[None, :, None]
-             * ramp(W, tw, col.start, tw - tile_stride, x.device)[None, None, :]).to(x.dtype)  # t h w
+        w = (axis_ramp(T, size, f.start, frame_stride, x.device)[:, None, None]
+             * axis_ramp(H, th, r.start, tile_stride, x.device)[None, :, None]
+             * axis_ramp(W, tw, col.start, tile_stride, x.device)[None, None, :]).to(x.dtype)  # t h w
         out[:, :, f, r, col] += e * w
         weight[:, :, f, r, col] += w
     out = out / weight
@@ -437,7 +432,7 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
 @torch.no_grad()
 def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | SchedulerMixin = "euler_a",
            steps: int = 8, tiling: str | Tiling = "blend", generator: torch.Generator | None = None,
-           scheduler_config: dict | None = None, progress: bool = True,
+           scheduler_config: dict | None = None,
            callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
            window_batch: int = 1, distributed: bool = False) -> torch.Tensor:
     """Denoise ``noise`` (B, C_latent, T, H, W) given ``cond`` (B, C_cond, T, H, W); both already scaled.
@@ -446,7 +441,8 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
     timestep predict eps on cat([scaled input, cond]) and take a scheduler step. The step runs on
     frames as a batch, (B*T, C, H, W), the release's layout, so a seeded ancestral sampler draws the
     same noise as the released code. ``callback(i, t, latents)`` runs after step i with the latents
-    (B, C_latent, T, H, W) and may return replacements. ``window_batch``: windows/tiles per forward.
+    (B, C_latent, T, H, W) and may return replacements (a pipeline advances its progress bar there).
+    ``window_batch``: windows/tiles per forward.
     ``distributed``: split each step's windows/tiles across the process group's ranks (``predict_noise``); every
     rank must pass the same noise, cond and generator seed, so that all step identically.
     Returns the denoised latents (B, C_latent, T, H, W).
@@ -472,13 +468,13 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
     def predict(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         return predict_noise(model, torch.cat([x, cond.to(x)], dim=1), t, tiling.at_step(i, finishing), window_batch,
                              distributed, step=i)
-    return denoise_loop(predict, noise, scheduler, generator, callback, progress)
+    return denoise_loop(predict, noise, scheduler, generator, callback)
 
 
 def denoise_loop(predict: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], noise: torch.Tensor,
                  scheduler: SchedulerMixin, generator: torch.Generator | None = None,
-                 callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
-                 progress: bool = False) -> torch.Tensor:
+                 callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
+                 ) -> torch.Tensor:
     """The release's loop (recon/refine_latent.py) over a scheduler after ``set_timesteps``: noise (B, C, T, H, W)
     -> latents (B, C, T, H, W). ``predict(x, t, i)``: the model's eps (or velocity) for the scaled input x
     (B, C, T, H, W) at timestep t, step i. Steps run on frames as a batch, (B*T, C, H, W), the release's layout.
@@ -494,7 +490,7 @@ def denoise_loop(predict: Callable[[torch.Tensor, torch.Tensor, int], torch.Tens
 
     # flow matching starts from unit noise and has no input scaling
     latents = to_frames(noise * getattr(scheduler, "init_noise_sigma", 1.0))
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
+    for i, t in enumerate(scheduler.timesteps):
         scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         eps = predict(from_frames(scaled), t, i)
         latents = scheduler.step(to_frames(eps), t, latents, generator=generator, return_dict=False)[0]

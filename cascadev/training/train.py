@@ -1,5 +1,5 @@
-"""Train a stage of the cascade with accelerate: the Stage B DiT ("dit"), the Stage A VAE ("vae"), the Stage B
-semantic encoder with the Previewer ("semantic"), the Stage C text-to-video base model ("base"), or a 1-2 step
+"""Train a stage of the cascade with accelerate: the Stage B DiT ("dit"), the Stage A VAE ("stage_a"), the Stage B
+semantic encoder with the Previewer ("semantic"), the Stage C text-to-video base model ("stage_c"), or a 1-2 step
 student of a Stage B DiT ("distill").
 
     accelerate launch [--config_file configs/accelerate/ddp.yaml] -m cascadev.training.train \\
@@ -8,8 +8,8 @@ student of a Stage B DiT ("distill").
 
 From Python: ``train(config, overrides=..., max_steps=...)`` (``cascadev.training.train``), which reads top to
 bottom in phases: ``prepare_run`` (config, the checkpoint to resume, inputs: data sources, weight files) ->
-``build`` (Accelerator, models, run dir, prepare, optimizers) -> ``resume`` -> ``loop`` -> ``export``. ``main`` and
-``parse_args`` are the command line over it. Nothing is written before the models are built, so a start that
+``build`` (Accelerator, models, run dir, prepare, optimizers) -> ``resume`` -> ``loop`` -> ``export``. ``main`` is
+the command line over it. Nothing is written before the models are built, so a start that
 fails (bad input, weights that do not load) leaves no run directory behind.
 What differs between stages (models, loss, validation, export) is a task object from ``cascadev/training/tasks/``
 (one module per stage, ``build_task``); this module is what they share: the loop, checkpoints, EMA, LR schedule,
@@ -19,9 +19,9 @@ Run directory (``run.dir``): ``config.yaml`` (resolved), ``train.log``, ``logs/`
 ``samples/`` (validation videos, or latents for base), ``checkpoints/step_XXXXXXXX/`` (accelerate state:
 weights and buffers such as BatchNorm running statistics as safetensors, optimizer, RNG, grad scaler; plus
 ``ema.safetensors`` (EMA weights by parameter name), ``trainer.json`` with the step and the EMA's update
-counter, ``config.yaml``; a dit or base checkpoint also has ``config.json``, so it loads with
-``VideoDiT`` / ``TextDiT.from_legacy_folder``), and ``final/`` (``export_final``): dit and vae write
-``model/`` and ``ema/`` (diffusers folders); semantic writes ``semantic_encoder/`` and ``previewer/``, base
+counter, ``config.yaml``; a dit or stage_c checkpoint also has ``config.json``, so it loads with
+``VideoDiT`` / ``TextDiT.from_legacy_folder``), and ``final/`` (``export_final``): dit and stage_a write
+``model/`` and ``ema/`` (diffusers folders); semantic writes ``semantic_encoder/`` and ``previewer/``, stage_c
 ``base_dit/``, ``base_scheduler/`` and ``text_encoder/`` (``load_text_to_video`` reads it with a cascade given
 apart: ``cascadev generate --weights RUN/final
 --cascade ...``),
@@ -36,7 +36,6 @@ uninterrupted one. Rank, world size and device come from the Accelerator only.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -54,9 +53,9 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from cascadev.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
-from cascadev.errors import OneLineParser, run_guarded
-from cascadev.training.args import add_train_arguments
-from cascadev.training.config import TrainConfig, check_cache, check_weight_files, load_train_config
+from cascadev.errors import run_guarded
+from cascadev.training.config import (TrainConfig, check_cache, check_weight_files, config_parser, load_train_config,
+                                      upgrade_overrides)
 from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step,
                                     image_steps_before, list_samples, make_loader, mix_seed, split_validation)
 from cascadev.training.tasks import build_task, is_fsdp
@@ -74,8 +73,8 @@ EMA_WEIGHTS = "ema.safetensors"
 # -- final weights ----------------------------------------------------------------------------------
 
 def export_final(task, final: Path, state_dict: dict, ema: dict | None) -> None:
-    """Write the final weights: ``task.export_final`` decides what goes where -- stages dit and vae: ``final/model``
-    (trained weights) and ``final/ema`` (EMA parameters, the model's buffers); semantic, base and distill: ``final/``
+    """Write the final weights: ``task.export_final`` decides what goes where -- stages dit and stage_a: ``final/model``
+    (trained weights) and ``final/ema`` (EMA parameters, the model's buffers); semantic, stage_c and distill: ``final/``
     itself is a folder their loaders take, holding the EMA weights when EMA is on -- what inference should use --
     else the trained ones; with EMA, the trained weights also go to ``final/model/``."""
     ema_state = {**state_dict, **{k: v.cpu() for k, v in ema.items()}} if ema is not None else None
@@ -211,16 +210,16 @@ def open_data(config: TrainConfig) -> tuple:
     a cache matching the config -- before anything is built or written."""
     data, notes = config.data, []
     if data.latents:
-        if config.stage not in ("dit", "base", "distill"):
-            raise ConfigError("data.latents (a latent cache) only feeds stages dit, distill and base")
+        if config.stage not in ("dit", "stage_c", "distill"):
+            raise ConfigError("data.latents (a latent cache) only feeds stages dit, distill and stage_c")
         check_cache(data.latents, config)
         train_set = LatentDataset(data.latents)
         val_samples = split_validation(data)[1] if data.videos or data.val_videos else []
     else:
         train_samples, val_samples = split_validation(data)
         train_set = VideoDataset(train_samples, data)
-        if config.stage == "base" and not any(sample.caption for sample in train_samples):
-            notes.append("stage base: no training video has a caption (give data.videos as a .csv/.jsonl/.json with "
+        if config.stage == "stage_c" and not any(sample.caption for sample in train_samples):
+            notes.append("stage stage_c: no training video has a caption (give data.videos as a .csv/.jsonl/.json with "
                          "a 'caption' field); the model learns unconditional generation only")
     image_set = (ImageDataset(list_samples(data.images, IMAGE_EXTENSIONS, key="data.images"), data)
                  if data.images else None)
@@ -245,7 +244,7 @@ def flat_config(config: TrainConfig) -> dict:
 FREE_ON_RESUME = ("run.max_steps", "run.dir", "run.log_every", "run.save_every", "run.keep_checkpoints",
                   "run.val_every", "run.tensorboard", "data.num_workers")
 # the trained model's section
-MODEL_SECTION = {"dit": "dit.", "base": "base.", "vae": "stage_a.", "semantic": "semantic.", "distill": "dit."}
+MODEL_SECTION = {"dit": "dit.", "stage_c": "base.", "stage_a": "stage_a.", "semantic": "semantic.", "distill": "dit."}
 
 
 def config_changes(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
@@ -327,7 +326,9 @@ def resolve_config(config: TrainConfig | str | Path, overrides: Sequence[str] = 
         overrides.append(f"run.dir={run_dir}")
     if not isinstance(config, TrainConfig):
         return load_train_config(config, overrides)
-    return from_dict(TrainConfig, apply_overrides(to_dict(config), overrides)) if overrides else config
+    if not overrides:
+        return config
+    return from_dict(TrainConfig, apply_overrides(to_dict(config), upgrade_overrides(overrides)))
 
 
 def prepare_run(config: TrainConfig, resume_from: int | None = None, fresh: bool = False,
@@ -364,7 +365,7 @@ def make_accelerator(plan: RunPlan):
     config, run_dir = plan.config, plan.run_dir
     # VAE: a trainable pattern may select parameters the forward never uses (diffusers' temporal mid-block skips
     # its attention with one layer per block), which plain DDP refuses
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "vae")
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "stage_a")
     accelerator = Accelerator(mixed_precision=config.run.mixed_precision,
                               log_with="tensorboard" if config.run.tensorboard else None,
                               project_config=ProjectConfiguration(project_dir=str(run_dir),
@@ -410,7 +411,8 @@ def build(plan: RunPlan) -> Session:
     prepared["optimizer"] = accelerator.prepare(optimizer)
     if task.discriminator is not None:
         prepared["discriminator"] = accelerator.prepare(task.discriminator)
-        d_opt = torch.optim.AdamW(prepared["discriminator"].parameters(), lr=config.vae.disc_lr, betas=(0.5, 0.9))
+        d_opt = torch.optim.AdamW(prepared["discriminator"].parameters(), lr=config.stage_a_training.disc_lr,
+                                  betas=(0.5, 0.9))
         prepared["d_optimizer"] = accelerator.prepare(d_opt)
     if config.run.tensorboard:
         accelerator.init_trackers("tb", config=flat_config(config))
@@ -594,24 +596,23 @@ def train(config: TrainConfig | str | Path, *, overrides: Sequence[str] = (), re
 
 # -- the command line -------------------------------------------------------------------------------
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m cascadev.training.train", description=__doc__.splitlines()[0])
-    add_train_arguments(parser)
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
-    return parser.parse_args(argv)
-
-
-def run_training(args: argparse.Namespace) -> Path:
-    """``train`` with the command line's arguments (``add_train_arguments``; ``cascadev train`` calls this)."""
+def main(argv: list[str] | None = None, prog: str = "python -m cascadev.training.train") -> Path:
+    """The command line over ``train`` (what ``accelerate launch -m cascadev.training.train`` runs; ``cascadev train``
+    hands its arguments here): parse ``argv`` (default: ``sys.argv``), train, return the run directory."""
+    parser = config_parser(prog, __doc__.splitlines()[0])
+    parser.add_argument("--max-steps", type=int, default=None, help="same as --set run.max_steps=N")
+    parser.add_argument("--run-dir", default=None, help="same as --set run.dir=DIR")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--fresh", action="store_true",
+                        help="start at step 0 in a run dir that has checkpoints (they are moved aside, not deleted)")
+    resume.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                        help="resume from this checkpoint instead of the newest (later ones are moved aside)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although the config differs from the checkpoint's (the model must not change)")
+    args = parser.parse_args(argv)
     return train(args.config, overrides=args.overrides, resume_from=args.resume_from, fresh=args.fresh,
                  allow_config_change=args.allow_config_change, max_steps=args.max_steps, run_dir=args.run_dir)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Train as the config says (``argv`` as on the command line); returns the run directory."""
-    return run_training(parse_args(argv))
-
-
 if __name__ == "__main__":
-    args = parse_args(None)
-    run_guarded("cascadev.training.train", lambda: run_training(args), args.debug)
+    run_guarded("cascadev.training.train", main, "--debug" in sys.argv[1:])

@@ -47,7 +47,7 @@ def load_semantic_encoder(weights: str, config, load_weights: bool, key: str) ->
 
 
 def build_semantic_encoder(config: TrainConfig, load_weights: bool) -> nn.Module:
-    """The frozen semantic encoder of the condition (stages dit and base), in eval mode (running BatchNorm stats)."""
+    """The frozen semantic encoder of the condition (stages dit and stage_c), in eval mode (running BatchNorm stats)."""
     from vae.semantic_encoder import PRESETS
 
     c = config.condition

@@ -206,7 +206,7 @@ class DiTTask:
                 cond, unwrapped = unwrapped.condition(video, tuple(x0.shape[2:])), unwrapped.dit
             noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
             with accelerator.autocast():
-                z = sample(unwrapped, cond, noise, scheduler, steps=steps, generator=g, progress=False)
+                z = sample(unwrapped, cond, noise, scheduler, steps=steps, generator=g)
             recon = self.stage_a.decode(z.float()).clamp(-1, 1)
             reference = self.stage_a.decode(x0).clamp(-1, 1)
             logs["val/psnr_sampled_vs_input"] = psnr(recon.cpu(), clips[0]["video"][None].cpu()).mean().item()
