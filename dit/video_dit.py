@@ -355,6 +355,8 @@ class VideoDiT(DiTTrunk):
     ``build_dit`` takes a preset: ``VideoDiT(**{**PRESETS["tiny"], "depth": 2})``.
     """
 
+    _no_split_modules = ["DiTBlock"]        # FSDP's shard unit (accelerate's transformer wrap policy reads it)
+
     @register_to_config
     def __init__(
         self,
