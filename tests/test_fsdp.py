@@ -1,0 +1,137 @@
+"""The training script under accelerate's FSDP2 on 2 CPU processes over gloo, beside DDP: the same losses, an exact
+resume in new processes, the export equal to what the sharded checkpoint gathers, the optimizer state and the EMA
+sharded; validation samples drawn. Each launch takes the environment `accelerate launch --config_file` makes of
+configs/accelerate/{ddp,fsdp}.yaml; tests/distributed_train.py lets accelerate shard on CPU processes."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import ROOT, subprocess_env
+from cascadev.synthetic import write_clips
+
+ACCELERATE = ROOT / "configs" / "accelerate"
+DIT_TINY = ROOT / "configs" / "dit_tiny.yaml"
+BASE_TINY = ROOT / "configs" / "base_tiny.yaml"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+# tiny windows (DiT latents 4x4) and every step logged, a checkpoint at step 2, validation (loss and a sample) at 4
+COMMON = ["data.height=32", "data.width=32", "run.tensorboard=false", "run.log_every=1", "run.save_every=2",
+          "run.val_every=4"]
+
+
+def launch(tmp_path: Path, *runs: tuple[str, list[str]]) -> None:
+    """Training runs (accelerate config name, training argv) one after the other on 2 CPU processes, one thread each,
+    each with the environment `accelerate launch --config_file configs/accelerate/NAME` makes
+    (tests/distributed_train.py: accelerate's own launcher starts CPU processes only through mpirun)."""
+    argv = [a for name, run in runs for a in ["--then", str(ACCELERATE / name), *run]][1:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "distributed_train.py"), *argv]
+    env = subprocess_env(tmp_path, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line]
+    assert done.returncode == 0, "\n".join(errors[-8:]) or done.stderr[-3000:]
+
+
+def run_args(config: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    return ["--config", str(config), "--max-steps", str(steps), "--set", f"run.dir={run_dir}", *COMMON, *extra]
+
+
+def logged(run_dir: Path) -> dict[int, dict[str, float]]:
+    """{step: {name: value}} of train.log's lines (training means and validation)."""
+    out: dict[int, dict[str, float]] = {}
+    for step, rest in re.findall(r"INFO step (\d+)  (.*)", (run_dir / "train.log").read_text()):
+        pairs = re.findall(r"(\S+) (-?[\d.]+(?:e[-+]\d+)?)", rest)
+        out.setdefault(int(step), {}).update({k: float(v) for k, v in pairs})
+    return out
+
+
+def assert_equal_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        close = torch.equal(wa[k], wb[k]) if atol == 0 else torch.allclose(wa[k], wb[k], atol=atol, rtol=0)
+        assert close, (k, (wa[k] - wb[k]).abs().max())
+
+
+def gathered_checkpoint(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a sharded (torch.distributed.checkpoint) checkpoint, gathered whole by torch."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    whole = tmp_path / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint / "pytorch_model_fsdp_0", whole)
+    state = torch.load(whole, weights_only=True)
+    whole.unlink()
+    return state.get("model", state)
+
+
+def sharded_tensors(checkpoint: Path, folder: str, suffix: str) -> int:
+    """How many tensors of ``folder`` in a sharded checkpoint have keys ending in ``suffix``, asserting that each
+    (but scalars) is stored as 2 chunks, one written by each rank."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(checkpoint / folder)).read_metadata().state_dict_metadata
+    tensors = {k: m for k, m in metadata.items() if k.endswith(suffix)}
+    assert all(len(m.chunks) == 2 for m in tensors.values() if m.size.numel() > 1), (folder, suffix)
+    assert len(list((checkpoint / folder).glob("__*_0.distcp"))) == 2
+    return len(tensors)
+
+
+def assert_same_trajectory(ddp: Path, fsdp: Path, steps: int, keys: tuple[str, ...]) -> None:
+    """The logged values of each step equal within rounding (train.log shows 4 significant digits)."""
+    a, b = logged(ddp), logged(fsdp)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for step in a:
+        for key in keys:
+            assert a[step][key] == pytest.approx(b[step][key], rel=2e-3), (step, key)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    write_clips(folder, 4, frames=5, height=64, width=80)
+    return folder
+
+
+@pytest.mark.slow
+def test_dit_fsdp_equals_ddp_resumes_exactly_and_shards_optimizer_and_ema(clips, tmp_path):
+    data = [f"data.videos={clips}"]                         # EMA on (dit_tiny: 0.99), val samples at step 4
+    launch(tmp_path, ("ddp.yaml", run_args(DIT_TINY, tmp_path / "ddp", 4, *data)),
+           ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "whole", 4, *data)),
+           ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "parts", 2, *data)))
+    launch(tmp_path, ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "parts", 4, *data)))       # new processes
+    ddp, whole, parts = tmp_path / "ddp", tmp_path / "whole", tmp_path / "parts"
+
+    # the same training as DDP within rounding: logged losses, gradient norms, validation; the final weights
+    assert_same_trajectory(ddp, whole, 4, ("loss", "mse", "vb", "grad_norm"))
+    for key in ("val/loss", "val/psnr_sampled_vs_input"):
+        assert logged(ddp)[4][key] == pytest.approx(logged(whole)[4][key], rel=2e-3)
+    assert (whole / "samples/step_00000004.mp4").is_file()       # drawn by both ranks, written by the main one
+    for sub in ("model", "ema"):
+        assert_equal_weights(ddp / "final" / sub / WEIGHTS, whole / "final" / sub / WEIGHTS, atol=1e-5)
+
+    # killed at step 2 and resumed in new processes: bit-identical weights, EMA and log
+    for sub in ("model", "ema"):
+        assert_equal_weights(whole / "final" / sub / WEIGHTS, parts / "final" / sub / WEIGHTS)
+    values = [{k: v for k, v in logged(run)[4].items() if not k.endswith("_per_s")} for run in (whole, parts)]
+    assert values[0] == values[1] and "val/psnr_sampled_vs_input" in values[0]
+
+    # sharded checkpoints: the model's and the optimizer's tensors written half by each rank
+    last = whole / "checkpoints/step_00000004"
+    assert not (last / "model.safetensors").exists() and len(list(last.glob("random_states_*.pkl"))) == 2
+    trained = len(load_file(str(whole / "final/model" / WEIGHTS)))          # every parameter trains
+    assert sharded_tensors(last, "pytorch_model_fsdp_0", "") == trained
+    for moment in (".exp_avg", ".exp_avg_sq"):
+        assert sharded_tensors(last, "optimizer_0", moment) == trained
+    # the export is what torch gathers of the sharded checkpoint; the EMA export is the checkpoint's (whole) EMA
+    exported = load_file(str(whole / "final/model" / WEIGHTS))
+    gathered = gathered_checkpoint(last, tmp_path)
+    assert exported.keys() == gathered.keys()
+    assert all(torch.equal(exported[k], gathered[k]) for k in exported)
+    assert_equal_weights(last / "ema.safetensors", whole / "final/ema" / WEIGHTS)
+    assert json.loads((last / "trainer.json").read_text())["ema_step"] == 4
