@@ -20,9 +20,8 @@ ACCELERATE = ROOT / "configs" / "accelerate"
 DIT_TINY = ROOT / "configs" / "dit_tiny.yaml"
 BASE_TINY = ROOT / "configs" / "base_tiny.yaml"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-# tiny windows (DiT latents 4x4) and every step logged, a checkpoint at step 2, validation (loss and a sample) at 4
-COMMON = ["data.height=32", "data.width=32", "run.tensorboard=false", "run.log_every=1", "run.save_every=2",
-          "run.val_every=4"]
+# every step logged, a checkpoint at step 2, validation (loss and a sample) at step 4
+COMMON = ["run.tensorboard=false", "run.log_every=1", "run.save_every=2", "run.val_every=4"]
 
 
 def launch(tmp_path: Path, *runs: tuple[str, list[str]]) -> None:
@@ -100,7 +99,7 @@ def clips(tmp_path_factory):
 
 @pytest.mark.slow
 def test_dit_fsdp_equals_ddp_resumes_exactly_and_shards_optimizer_and_ema(clips, tmp_path):
-    data = [f"data.videos={clips}"]                         # EMA on (dit_tiny: 0.99), val samples at step 4
+    data = [f"data.videos={clips}", "data.height=32", "data.width=32"]       # EMA on (dit_tiny: 0.99); latents 4x4
     launch(tmp_path, ("ddp.yaml", run_args(DIT_TINY, tmp_path / "ddp", 4, *data)),
            ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "whole", 4, *data)),
            ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "parts", 2, *data)))
@@ -135,3 +134,32 @@ def test_dit_fsdp_equals_ddp_resumes_exactly_and_shards_optimizer_and_ema(clips,
     assert all(torch.equal(exported[k], gathered[k]) for k in exported)
     assert_equal_weights(last / "ema.safetensors", whole / "final/ema" / WEIGHTS)
     assert json.loads((last / "trainer.json").read_text())["ema_step"] == 4
+
+
+@pytest.mark.slow
+def test_base_fsdp_equals_ddp_and_resumes_exactly(clips, tmp_path):
+    """Stage C (TextDiT, sharded by TextDiTBlock) with its EMA and validation latents; the four runs in one launch
+    (each with its own process group), the resumed one included."""
+    captions = tmp_path / "list.jsonl"
+    captions.write_text("".join(json.dumps({"path": str(clip), "caption": f"clip {i}"}) + "\n"
+                                for i, clip in enumerate(sorted(clips.glob("*.mp4")))))
+    data = [f"data.videos={captions}", "data.num_frames=2"]
+    launch(tmp_path, ("ddp.yaml", run_args(BASE_TINY, tmp_path / "ddp", 4, *data)),
+           ("fsdp.yaml", run_args(BASE_TINY, tmp_path / "whole", 4, *data)),
+           ("fsdp.yaml", run_args(BASE_TINY, tmp_path / "parts", 2, *data)),
+           ("fsdp.yaml", run_args(BASE_TINY, tmp_path / "parts", 4, *data)))
+    ddp, whole, parts = tmp_path / "ddp", tmp_path / "whole", tmp_path / "parts"
+    assert_same_trajectory(ddp, whole, 4, ("loss", "grad_norm"))
+    assert logged(ddp)[4]["val/loss"] == pytest.approx(logged(whole)[4]["val/loss"], rel=2e-3)
+    assert (whole / "samples/step_00000004.safetensors").is_file()
+    for sub in ("base_dit", "model/base_dit"):                      # EMA (what inference loads) and trained
+        name = f"{sub}/{WEIGHTS}"
+        assert_equal_weights(ddp / "final" / name, whole / "final" / name, atol=1e-5)
+        assert_equal_weights(whole / "final" / name, parts / "final" / name)
+    last = whole / "checkpoints/step_00000004"
+    trained = len(load_file(str(whole / "final/model/base_dit" / WEIGHTS)))
+    assert sharded_tensors(last, "pytorch_model_fsdp_0", "") == trained
+    assert sharded_tensors(last, "optimizer_0", ".exp_avg") == trained
+    exported = load_file(str(whole / "final/model/base_dit" / WEIGHTS))
+    gathered = gathered_checkpoint(last, tmp_path)
+    assert all(torch.equal(exported[k], gathered[k]) for k in exported) and exported.keys() == gathered.keys()
