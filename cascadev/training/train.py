@@ -28,6 +28,9 @@ apart: ``cascadev generate --weights RUN/final
 with EMA weights when EMA is on and the trained ones in ``model/``; distill writes a cascade folder (the student's DiT
 and sampler, ``CascadeVPipeline.from_pretrained``) with its trained DiT in ``model/``.
 Checkpoints are written to a temporary folder and renamed; a restarted run continues from the newest.
+Under FSDP (``configs/accelerate/fsdp.yaml``, FSDP2) accelerate's part of a checkpoint is sharded
+(``pytorch_model_fsdp_0/``, ``optimizer_0/``: torch.distributed.checkpoint) and the EMA is sharded like the
+parameters, gathered whole into ``ema.safetensors`` and ``final/``; docs/distributed-training.md.
 
 Determinism: data order and augmentation depend only on (seed, position in the stream), and the noise
 of micro-step m on rank r comes from a generator seeded with (seed, m, r), so a resumed run repeats an
