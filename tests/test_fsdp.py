@@ -163,3 +163,22 @@ def test_base_fsdp_equals_ddp_and_resumes_exactly(clips, tmp_path):
     exported = load_file(str(whole / "final/model/base_dit" / WEIGHTS))
     gathered = gathered_checkpoint(last, tmp_path)
     assert all(torch.equal(exported[k], gathered[k]) for k in exported) and exported.keys() == gathered.keys()
+
+
+def test_a_checkpoint_resumes_only_under_the_sharding_that_wrote_it(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from cascadev.config import ConfigError
+    from cascadev.training.train import resume
+
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    (ddp / "model.safetensors").parent.mkdir()
+    (ddp / "model.safetensors").touch()
+    (fsdp / "pytorch_model_fsdp_0").mkdir(parents=True)
+    for path, kind, message in ((ddp, DistributedType.FSDP, "written without FSDP .whole weights., this run is under"),
+                                (fsdp, DistributedType.MULTI_GPU, "written under FSDP .sharded., this run is not")):
+        session = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=kind))
+        with pytest.raises(ConfigError, match=message):
+            resume(SimpleNamespace(checkpoint=(2, path)), session)

@@ -298,6 +298,18 @@ def check_resume(checkpoint: Path, config: TrainConfig, allow_change: bool) -> s
     return listed if changes else None
 
 
+def check_sharding(checkpoint: Path, fsdp: bool) -> None:
+    """Refuse to resume a DDP checkpoint under FSDP or an FSDP one (sharded model and optimizer) under DDP: accelerate
+    would fail deep inside torch. The EMA (ema.safetensors, whole) would resume either way."""
+    sharded = any(checkpoint.glob("pytorch_model_fsdp*"))      # accelerate's name for an FSDP model's state
+    if sharded and not fsdp:
+        raise ConfigError(f"{checkpoint} was written under FSDP (sharded), this run is not: launch it with an FSDP "
+                          "accelerate config (configs/accelerate/fsdp.yaml), or start over with --fresh")
+    if fsdp and not sharded:
+        raise ConfigError(f"{checkpoint} was written without FSDP (whole weights), this run is under FSDP: launch it "
+                          "as it was written (configs/accelerate/ddp.yaml), or start over with --fresh")
+
+
 def set_aside(paths: list[Path], root: Path, why: str) -> None:
     """Move checkpoints out of the way (into ``root/why-TIME/``): resuming never finds them, nothing is deleted."""
     if not paths:
@@ -453,6 +465,7 @@ def resume(plan: RunPlan, session: Session) -> tuple[int, dict]:
     if plan.checkpoint is None:
         return 0, {"skipped": 0}
     step, path = plan.checkpoint
+    check_sharding(path, is_fsdp(session.accelerator))
     session.accelerator.load_state(str(path))
     state = json.loads((path / TRAINER_STATE).read_text())
     ema = session.ema
