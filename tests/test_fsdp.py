@@ -5,6 +5,7 @@ configs/accelerate/{ddp,fsdp}.yaml; tests/distributed_train.py lets accelerate s
 
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,17 +25,29 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 COMMON = ["run.tensorboard=false", "run.log_every=1", "run.save_every=2", "run.val_every=4"]
 
 
-def launch(tmp_path: Path, *runs: tuple[str, list[str]]) -> None:
+def launch(tmp_path: Path, *runs: tuple[str, list[str]], machines: int = 1) -> None:
     """Training runs (accelerate config name, training argv) one after the other on 2 CPU processes, one thread each,
     each with the environment `accelerate launch --config_file configs/accelerate/NAME` makes
-    (tests/distributed_train.py: accelerate's own launcher starts CPU processes only through mpirun)."""
+    (tests/distributed_train.py: accelerate's own launcher starts CPU processes only through mpirun). ``machines=2``:
+    as two machines of one process each, a torchrun agent per "machine" meeting at a main address (this host), as
+    `accelerate launch --machine_rank R --main_process_ip HOST` starts them."""
     argv = [a for name, run in runs for a in ["--then", str(ACCELERATE / name), *run]][1:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "distributed_train.py"), *argv]
+    script = [str(ROOT / "tests" / "distributed_train.py"), *argv]
+    if machines == 1:
+        agents = [["--standalone", "--nproc_per_node", "2"]]
+    else:
+        with socket.socket() as s:                              # a free port for the main machine's rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        agents = [["--nnodes", str(machines), "--node_rank", str(r), "--nproc_per_node", "1", "--master_addr",
+                   "127.0.0.1", "--master_port", str(port)] for r in range(machines)]
     env = subprocess_env(tmp_path, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line]
-    assert done.returncode == 0, "\n".join(errors[-8:]) or done.stderr[-3000:]
+    started = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *agent, *script], env=env, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for agent in agents]
+    for done in started:
+        _, stderr = done.communicate(timeout=300)
+        errors = [line for line in stderr.splitlines() if "Error" in line or "error:" in line]
+        assert done.returncode == 0, "\n".join(errors[-8:]) or stderr[-3000:]
 
 
 def run_args(config: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
@@ -103,7 +116,8 @@ def test_dit_fsdp_equals_ddp_resumes_exactly_and_shards_optimizer_and_ema(clips,
     launch(tmp_path, ("ddp.yaml", run_args(DIT_TINY, tmp_path / "ddp", 4, *data)),
            ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "whole", 4, *data)),
            ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "parts", 2, *data)))
-    launch(tmp_path, ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "parts", 4, *data)))       # new processes
+    # resumed in new processes, as two machines of one process each (the same 2-way sharding)
+    launch(tmp_path, ("fsdp_multinode.yaml", run_args(DIT_TINY, tmp_path / "parts", 4, *data)), machines=2)
     ddp, whole, parts = tmp_path / "ddp", tmp_path / "whole", tmp_path / "parts"
 
     # the same training as DDP within rounding: logged losses, gradient norms, validation; the final weights
@@ -114,9 +128,10 @@ def test_dit_fsdp_equals_ddp_resumes_exactly_and_shards_optimizer_and_ema(clips,
     for sub in ("model", "ema"):
         assert_equal_weights(ddp / "final" / sub / WEIGHTS, whole / "final" / sub / WEIGHTS, atol=1e-5)
 
-    # killed at step 2 and resumed in new processes: bit-identical weights, EMA and log
+    # killed at step 2 and resumed in new processes on two "machines": bit-identical weights, EMA and log
     for sub in ("model", "ema"):
         assert_equal_weights(whole / "final" / sub / WEIGHTS, parts / "final" / sub / WEIGHTS)
+    assert (parts / "train.log").read_text().count("on 2 process(es)") == 2          # both halves on 2 ranks
     values = [{k: v for k, v in logged(run)[4].items() if not k.endswith("_per_s")} for run in (whole, parts)]
     assert values[0] == values[1] and "val/psnr_sampled_vs_input" in values[0]
 
