@@ -128,8 +128,7 @@ def ema_weights(ema: EMAModel, names: list[str], keep: bool = True) -> dict[str,
 
 def load_ema_weights(ema: EMAModel, names: list[str], path: Path) -> None:
     """Shadow parameters from ``ema.safetensors`` (keyed by parameter name, whole), as float32 on their current
-    device; sharded ones (FSDP2) keep this rank's shard, so a checkpoint resumes on any number of processes, with
-    DDP or FSDP."""
+    device; sharded ones (FSDP2) keep this rank's shard: the file is the same whatever the number of processes."""
     from safetensors.torch import load_file
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -420,10 +419,10 @@ def make_accelerator(plan: RunPlan):
 
 
 def build(plan: RunPlan) -> Session:
-    """Accelerator, task (models), the run dir's first writes, then DDP / FSDP wrapping, device placement,
-    autocast and grad scaler of the model (first, as FSDP needs), its EMA (over what FSDP made of the parameters),
-    its optimizer and the discriminator's. Weights
-    from the hub or files may still fail to load: the run dir is not written before they are."""
+    """Accelerator, task (models), the run dir's first writes, then DDP / FSDP wrapping, device placement, autocast
+    and grad scaler of the model with its optimizer (together, as FSDP2 needs), its EMA (over what FSDP made of the
+    parameters) and the discriminator with its optimizer. Weights from the hub or files may still fail to load: the
+    run dir is not written before they are."""
     from accelerate.utils import set_seed
 
     config, optim = plan.config, plan.config.optim
