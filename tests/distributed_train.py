@@ -7,9 +7,9 @@ starting processes is what costs on CPU: one launch for several runs keeps the t
 
 FSDP on CPU: accelerate (1.15) turns ``ACCELERATE_USE_FSDP`` into ``DistributedType.FSDP`` on accelerators only; on
 CPU processes it stays MULTI_CPU, a plain DDP run, though torch's FSDP2 (``fully_shard``) runs on CPU over gloo.
-``allow_fsdp_on_cpu`` makes the state's type and FSDP plugin what accelerate sets on a GPU and leaves the rest to
-accelerate's own FSDP2 code: ``prepare`` (``fully_shard`` of every DiT block, then the root), ``save_state`` /
-``load_state`` through torch.distributed.checkpoint, ``get_state_dict``, clipping, ``no_sync``."""
+``allow_fsdp_on_cpu`` sets the state's type and FSDP plugin (with its mixed precision) as accelerate does on a GPU,
+and leaves the rest to accelerate's own FSDP2 code: ``prepare`` (``fully_shard`` of every DiT block, then the root),
+``save_state`` / ``load_state`` through torch.distributed.checkpoint, ``get_state_dict``, clipping, ``no_sync``."""
 
 import os
 import sys
@@ -29,6 +29,8 @@ def allow_fsdp_on_cpu() -> None:
         init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)      # FSDP2's MixedPrecisionPolicy
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP    # what later states copy
 
     AcceleratorState.__init__ = __init__

@@ -115,7 +115,9 @@ def test_dit_fsdp_equals_ddp_resumes_exactly_and_shards_optimizer_and_ema(clips,
     data = [f"data.videos={clips}", "data.height=32", "data.width=32"]       # EMA on (dit_tiny: 0.99); latents 4x4
     launch(tmp_path, ("ddp.yaml", run_args(DIT_TINY, tmp_path / "ddp", 4, *data)),
            ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "whole", 4, *data)),
-           ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "parts", 2, *data)))
+           ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "parts", 2, *data)),
+           ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "bf16", 2, *data, "run.mixed_precision=bf16",
+                                  "run.val_every=2")))
     # resumed in new processes, as two machines of one process each (the same 2-way sharding)
     launch(tmp_path, ("fsdp_multinode.yaml", run_args(DIT_TINY, tmp_path / "parts", 4, *data)), machines=2)
     ddp, whole, parts = tmp_path / "ddp", tmp_path / "whole", tmp_path / "parts"
@@ -127,6 +129,13 @@ def test_dit_fsdp_equals_ddp_resumes_exactly_and_shards_optimizer_and_ema(clips,
     assert (whole / "samples/step_00000004.mp4").is_file()       # drawn by both ranks, written by the main one
     for sub in ("model", "ema"):
         assert_equal_weights(ddp / "final" / sub / WEIGHTS, whole / "final" / sub / WEIGHTS, atol=1e-5)
+
+    # bf16 under FSDP (FSDP2's MixedPrecisionPolicy: bf16 weights in the forward, fp32 shards) trains, validates and
+    # exports; its losses within bf16's rounding of fp32's
+    bf16 = logged(tmp_path / "bf16")
+    for step in (1, 2):
+        assert bf16[step]["loss"] == pytest.approx(logged(whole)[step]["loss"], rel=2e-2)
+    assert "val/psnr_sampled_vs_input" in bf16[2] and (tmp_path / "bf16/final/ema" / WEIGHTS).is_file()
 
     # killed at step 2 and resumed in new processes on two "machines": bit-identical weights, EMA and log
     for sub in ("model", "ema"):
