@@ -15,7 +15,8 @@ how far the process's peak resident set rose above its level before the model wa
 per process for exact numbers). ``state_GiB`` is the model state (weights, gradients, AdamW moments: 16 bytes per
 parameter); ``est_per_gpu_GiB_fsdp8`` estimates a GPU's peak under FSDP on 8 GPUs as the peak less 7/8 of that state.
 ``--wrap ddp|fsdp`` runs the step through torch's DDP or FSDP2 (``fully_shard`` per block, as
-configs/accelerate/fsdp.yaml) in a process group of one. Prints one JSON line per row.
+configs/accelerate/fsdp.yaml) in a process group of one; precision comes from autocast in every row (accelerate's
+FSDP2 uses a ``MixedPrecisionPolicy`` instead: bf16 weights gathered, not cast per op). Prints one JSON line per row.
 """
 
 from __future__ import annotations

@@ -44,10 +44,16 @@ def launch(tmp_path: Path, *runs: tuple[str, list[str]], machines: int = 1) -> N
     env = subprocess_env(tmp_path, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     started = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *agent, *script], env=env, cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for agent in agents]
-    for done in started:
-        _, stderr = done.communicate(timeout=300)
-        errors = [line for line in stderr.splitlines() if "Error" in line or "error:" in line]
-        assert done.returncode == 0, "\n".join(errors[-8:]) or stderr[-3000:]
+    try:
+        for done in started:
+            _, stderr = done.communicate(timeout=300)
+            errors = [line for line in stderr.splitlines() if "Error" in line or "error:" in line]
+            assert done.returncode == 0, "\n".join(errors[-8:]) or stderr[-3000:]
+    finally:
+        for agent in started:               # one failed or hung: the other agent would wait for it
+            if agent.poll() is None:
+                agent.kill()
+                agent.communicate()
 
 
 def run_args(config: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
