@@ -15,8 +15,8 @@ how far the process's peak resident set rose above its level before the model wa
 per process for exact numbers). ``state_GiB`` is the model state (weights, gradients, AdamW moments: 16 bytes per
 parameter); ``est_per_gpu_GiB_fsdp8`` estimates a GPU's peak under FSDP on 8 GPUs as the peak less 7/8 of that state.
 ``--wrap ddp|fsdp`` runs the step through torch's DDP or FSDP2 (``fully_shard`` per block, as
-configs/accelerate/fsdp.yaml) in a process group of one; precision comes from autocast in every row (accelerate's
-FSDP2 uses a ``MixedPrecisionPolicy`` instead: bf16 weights gathered, not cast per op). Prints one JSON line per row.
+configs/accelerate/fsdp.yaml) in a process group of one. Mixed precision is autocast, but under FSDP2 the
+``MixedPrecisionPolicy`` accelerate sets (weights gathered in bf16/fp16). Prints one JSON line per row.
 """
 
 from __future__ import annotations
@@ -109,8 +109,9 @@ def model_flops(case: Case) -> float:
     return float(counter.get_total_flops())
 
 
-def wrap(model: torch.nn.Module, how: str, device: torch.device) -> torch.nn.Module:
-    """The model under torch's DDP or FSDP2 in a process group of one (made once), or as it is."""
+def wrap(model: torch.nn.Module, how: str, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The model under torch's DDP or FSDP2 in a process group of one (made once), or as it is. FSDP2 with ``dtype``
+    gathers the weights in it (``MixedPrecisionPolicy``, as accelerate sets it from the mixed precision)."""
     import torch.distributed as dist
 
     if how == "none":
@@ -121,12 +122,13 @@ def wrap(model: torch.nn.Module, how: str, device: torch.device) -> torch.nn.Mod
     if how == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (1,))
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
     for block in model.blocks:                          # the shard units configs/accelerate/fsdp.yaml gives
-        fully_shard(block, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def bench(case: Case, steps: int, warmup: int) -> dict:
@@ -138,10 +140,11 @@ def bench(case: Case, steps: int, warmup: int) -> dict:
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20            # KiB -> GiB (Linux)
     model, inputs, diffusion = build(case, dev)
     params = sum(p.numel() for p in model.parameters())
-    model = wrap(model, case.wrap, dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[case.precision]
-    autocast = torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    model = wrap(model, case.wrap, dev, dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    per_op = dtype is not None and case.wrap != "fsdp"  # autocast; FSDP2 casts through its policy
+    autocast = torch.autocast(dev.type, dtype=dtype) if per_op else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(dev.type, enabled=case.precision == "fp16")
     latent_channels = (model.module if case.wrap == "ddp" else model).config.latent_channels
     x0 = torch.randn(case.batch, latent_channels, case.frames, case.size, case.size, device=dev)
