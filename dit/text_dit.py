@@ -111,6 +111,8 @@ class TextDiT(DiTTrunk):
     either. ``build_text_dit`` takes a preset.
     """
 
+    _no_split_modules = ["TextDiTBlock"]    # FSDP's shard unit (accelerate's transformer wrap policy reads it)
+
     @register_to_config
     def __init__(
         self,

@@ -28,6 +28,9 @@ apart: ``cascadev generate --weights RUN/final
 with EMA weights when EMA is on and the trained ones in ``model/``; distill writes a cascade folder (the student's DiT
 and sampler, ``CascadeVPipeline.from_pretrained``) with its trained DiT in ``model/``.
 Checkpoints are written to a temporary folder and renamed; a restarted run continues from the newest.
+Under FSDP (``configs/accelerate/fsdp.yaml``, FSDP2) accelerate's part of a checkpoint is sharded
+(``pytorch_model_fsdp_0/``, ``optimizer_0/``: torch.distributed.checkpoint) and the EMA is sharded like the
+parameters, gathered whole into ``ema.safetensors`` and ``final/``; docs/distributed-training.md.
 
 Determinism: data order and augmentation depend only on (seed, position in the stream), and the noise
 of micro-step m on rank r comes from a generator seeded with (seed, m, r), so a resumed run repeats an
@@ -99,26 +102,48 @@ def lr_scheduler_at(optimizer, config: TrainConfig, step: int):
 def make_ema(model: torch.nn.Module, decay: float) -> tuple[EMAModel, list[str]]:
     """diffusers' EMAModel over the parameters that train, with float32 shadow weights whatever the model's dtype, and
     their names. Its warmup: update k (0-based) has decay ``min(decay, (1 + k) / (10 + k))``, except update 0, a plain
-    copy (decay 0), so a short run's EMA does not still carry the random init (0.999 ** 3500 = 3%)."""
+    copy (decay 0), so a short run's EMA does not still carry the random init (0.999 ** 3500 = 3%).
+    Built over a model FSDP2 has sharded, its shadow weights are DTensors sharded as the parameters are: each rank
+    keeps and updates 1/world of the EMA, its own shard (no communication)."""
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ema = EMAModel([p for _, p in trained], decay=decay, foreach=True)
     ema.to(dtype=torch.float32)
     return ema, [n for n, _ in trained]
 
 
-def ema_weights(ema: EMAModel, names: list[str]) -> dict[str, torch.Tensor]:
-    """The EMA's shadow parameters by name (``names``: the trained parameters, in the order the EMA holds them)."""
-    return dict(zip(names, ema.shadow_params, strict=True))
+def ema_weights(ema: EMAModel, names: list[str], keep: bool = True) -> dict[str, torch.Tensor]:
+    """The EMA's shadow parameters by name (``names``: the trained parameters, in the order the EMA holds them), whole
+    and on the CPU. Sharded ones (FSDP2) are gathered one at a time: every rank must call this; those with ``keep``
+    False get {} and never hold more than one whole parameter."""
+    from torch.distributed.tensor import DTensor
+
+    whole = {}
+    for name, shadow in zip(names, ema.shadow_params, strict=True):
+        tensor = shadow.full_tensor() if isinstance(shadow, DTensor) else shadow        # all-gather of its shards
+        if keep:
+            whole[name] = tensor.cpu()
+    return whole
 
 
 def load_ema_weights(ema: EMAModel, names: list[str], path: Path) -> None:
-    """Shadow parameters from ``ema.safetensors`` (keyed by parameter name), as float32 on their current device."""
+    """Shadow parameters from ``ema.safetensors`` (keyed by parameter name, whole), as float32 on their current
+    device; sharded ones (FSDP2) keep this rank's shard: the file is the same whatever the number of processes."""
     from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     saved = load_file(str(path))
     missing = [n for n in names if n not in saved]
     if missing:
         raise ValueError(f"{path} has no EMA weights for {len(missing)} trained parameter(s), e.g. {missing[0]}")
-    ema.shadow_params = [saved[n].to(device=s.device, dtype=torch.float32) for n, s in zip(names, ema.shadow_params)]
+    shadows = []
+    for name, shadow in zip(names, ema.shadow_params):
+        if isinstance(shadow, DTensor):
+            mesh = shadow.device_mesh
+            whole = saved[name].to(device=mesh.device_type, dtype=torch.float32)
+            shadows.append(distribute_tensor(whole, mesh, shadow.placements, src_data_rank=None))  # local slice
+        else:
+            shadows.append(saved[name].to(device=shadow.device, dtype=torch.float32))
+    ema.shadow_params = shadows
 
 
 def checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -271,6 +296,18 @@ def check_resume(checkpoint: Path, config: TrainConfig, allow_change: bool) -> s
     return listed if changes else None
 
 
+def check_sharding(checkpoint: Path, fsdp: bool) -> None:
+    """Refuse to resume a DDP checkpoint under FSDP or an FSDP one (sharded model and optimizer) under DDP: accelerate
+    would fail deep inside torch. The EMA (ema.safetensors, whole) would resume either way."""
+    sharded = any(checkpoint.glob("pytorch_model_fsdp*"))      # accelerate's name for an FSDP model's state
+    if sharded and not fsdp:
+        raise ConfigError(f"{checkpoint} was written under FSDP (sharded), this run is not: launch it with an FSDP "
+                          "accelerate config (configs/accelerate/fsdp.yaml), or start over with --fresh")
+    if fsdp and not sharded:
+        raise ConfigError(f"{checkpoint} was written without FSDP (whole weights), this run is under FSDP: launch it "
+                          "as it was written (configs/accelerate/ddp.yaml), or start over with --fresh")
+
+
 def set_aside(paths: list[Path], root: Path, why: str) -> None:
     """Move checkpoints out of the way (into ``root/why-TIME/``): resuming never finds them, nothing is deleted."""
     if not paths:
@@ -371,8 +408,9 @@ def make_accelerator(plan: RunPlan):
                               project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                                   logging_dir=str(run_dir / "logs")),
                               kwargs_handlers=[ddp])
-    if config.optim.ema_decay > 0 and is_fsdp(accelerator):
-        raise ConfigError("EMA over FSDP shards is not supported: set optim.ema_decay=0 (or use DDP)")
+    if config.optim.ema_decay > 0 and is_fsdp(accelerator) and not accelerator.is_fsdp2:
+        raise ConfigError("EMA under FSDP needs FSDP2 (fsdp_version: 2 in the accelerate config, as "
+                          "configs/accelerate/fsdp.yaml), or set optim.ema_decay=0")
     setup_logging(accelerator.is_main_process)
     log.info("stage %s on %d process(es), device %s, mixed precision %s, run dir %s",
              config.stage, accelerator.num_processes, accelerator.device, config.run.mixed_precision, run_dir)
@@ -382,9 +420,10 @@ def make_accelerator(plan: RunPlan):
 
 
 def build(plan: RunPlan) -> Session:
-    """Accelerator, task (models), EMA, the run dir's first writes, then DDP / FSDP wrapping, device placement,
-    autocast and grad scaler of the model (first, as FSDP needs), its optimizer and the discriminator's. Weights
-    from the hub or files may still fail to load: the run dir is not written before they are."""
+    """Accelerator, task (models), the run dir's first writes, then DDP / FSDP wrapping, device placement, autocast
+    and grad scaler of the model with its optimizer (together, as FSDP2 needs), its EMA (over what FSDP made of the
+    parameters) and the discriminator with its optimizer. Weights from the hub or files may still fail to load: the
+    run dir is not written before they are."""
     from accelerate.utils import set_seed
 
     config, optim = plan.config, plan.config.optim
@@ -395,7 +434,6 @@ def build(plan: RunPlan) -> Session:
     log.info("%s: %.2fM parameters, %.2fM trained", type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6,
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
-    ema, ema_names = make_ema(model, optim.ema_decay) if optim.ema_decay > 0 else (None, [])
     open_run_dir(accelerator, plan.run_dir, config, plan.superseded, plan.set_aside_as)
 
     for note in plan.notes:
@@ -404,11 +442,14 @@ def build(plan: RunPlan) -> Session:
     log.info("data: %d training %s, %d validation clip(s)%s", len(train_set), train_set.kind + "s", len(plan.val_set),
              f", {len(image_set)} images (p={config.data.image_prob})" if image_set else "")
 
-    prepared = {"model": accelerator.prepare(model)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=optim.lr, betas=optim.betas,
+                                  eps=optim.eps, weight_decay=optim.weight_decay)
+    # together: FSDP2 points the optimizer at the shards it makes of the parameters
+    prepared = dict(zip(("model", "optimizer"), accelerator.prepare(model, optimizer)))
     params = [p for p in prepared["model"].parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                  weight_decay=optim.weight_decay)
-    prepared["optimizer"] = accelerator.prepare(optimizer)
+    # after prepare: under FSDP2 the parameters are the shards, and so is the EMA (the same weights under DDP)
+    trained = accelerator.unwrap_model(prepared["model"])
+    ema, ema_names = make_ema(trained, optim.ema_decay) if optim.ema_decay > 0 else (None, [])
     if task.discriminator is not None:
         prepared["discriminator"] = accelerator.prepare(task.discriminator)
         d_opt = torch.optim.AdamW(prepared["discriminator"].parameters(), lr=config.stage_a_training.disc_lr,
@@ -425,6 +466,7 @@ def resume(plan: RunPlan, session: Session) -> tuple[int, dict]:
     if plan.checkpoint is None:
         return 0, {"skipped": 0}
     step, path = plan.checkpoint
+    check_sharding(path, is_fsdp(session.accelerator))
     session.accelerator.load_state(str(path))
     state = json.loads((path / TRAINER_STATE).read_text())
     ema = session.ema
@@ -543,7 +585,8 @@ def loop(plan: RunPlan, session: Session, step: int, state: dict) -> None:
         if step % run.save_every == 0 or step == run.max_steps:
             if ema is not None:
                 state["ema_step"] = ema.optimization_step
-            ema_state = ema_weights(ema, session.ema_names) if ema is not None else None
+            ema_state = (ema_weights(ema, session.ema_names, keep=accelerator.is_main_process) if ema is not None
+                         else None)
             path = save_checkpoint(accelerator, plan.run_dir / "checkpoints", step, state, ema_state, task, config,
                                    run.keep_checkpoints)
             log.info("saved %s", path)
@@ -554,12 +597,12 @@ def export(plan: RunPlan, session: Session) -> Path:
     """The final weights (and EMA) in our formats (``export_final``) in ``run_dir/final``, written beside and
     renamed (a killed export leaves no half final/); ends the run. Returns the run directory."""
     accelerator, ema = session.accelerator, session.ema
-    state_dict = accelerator.get_state_dict(session.prepared["model"])
+    state_dict = accelerator.get_state_dict(session.prepared["model"])       # under FSDP: gathered, main process
+    ema_state = ema_weights(ema, session.ema_names, keep=accelerator.is_main_process) if ema is not None else None
     if accelerator.is_main_process:
         final, tmp = plan.run_dir / "final", plan.run_dir / FINAL_TMP
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            ema_state = ema_weights(ema, session.ema_names) if ema is not None else None
             export_final(session.task, tmp, state_dict, ema_state)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)

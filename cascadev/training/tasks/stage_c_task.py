@@ -12,7 +12,7 @@ from cascadev.training.config import TrainConfig
 from cascadev.training.data import mix_seed
 from cascadev.training.diffusion import build_diffusion
 from cascadev.training.losses import base_training_loss
-from cascadev.training.tasks.common import (build_semantic_encoder, export_for_inference, init_weights, is_fsdp,
+from cascadev.training.tasks.common import (build_semantic_encoder, draws_samples, export_for_inference, init_weights,
                                             save_module, seeded)
 from cascadev.weights import CascadeModel
 
@@ -151,7 +151,7 @@ class StageCTask:
                 losses.append(d.losses(out, x0, x_t, t, eps)["loss"].mean())
         logs = {"val/loss": torch.stack(losses).mean().item()} if losses else {}
         steps = self.config.run.val_sample_steps
-        if accelerator.is_main_process and clips and steps > 0 and not is_fsdp(accelerator):
+        if clips and steps > 0 and draws_samples(accelerator):      # under FSDP on every rank, written by the main
             unwrapped = accelerator.unwrap_model(model)
             shape = self.latents({"video": clips[0]["video"][None]}).shape
             g = torch.Generator(accelerator.device).manual_seed(self.config.run.seed)
@@ -161,6 +161,7 @@ class StageCTask:
                                 scheduler=stage_c_scheduler(self.config.diffusion), steps=steps, generator=g)
             z = from_model(z, config)
             logs["val/sample_std"] = z.std().item()
+        if clips and steps > 0 and accelerator.is_main_process:
             save_latents(run_dir / "samples" / f"step_{step:08d}.safetensors", z.cpu(), prompt=clips[0]["caption"])
         model.train()
         return logs
