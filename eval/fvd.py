@@ -359,15 +359,9 @@ def load_extractor(path: str | Path | None, device: torch.device | str = "cpu", 
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     state = {k.removeprefix("module."): v for k, v in state.items()}    # saved from DataParallel
     model = I3D(bn_eps=bn_eps)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path}: not the i3d_pretrained_400.pt layout: {len(missing)} missing "
-                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
-                         f"{len(wrong)} with other shapes (e.g. {wrong[:2]})")
-    model.load_state_dict(state, strict=True)
+    from cascadev.weights import load_state_dict_strict
+
+    load_state_dict_strict(model, state, str(path), "the i3d_pretrained_400.pt layout")
     return I3DExtractor(model, device, output, identity)
 
 

@@ -171,13 +171,7 @@ def load_videomae(path: str | Path | None, num_heads: int | None = None, img_siz
         raise ValueError(f"--videomae {path}: unexpected VideoMAE-v2 layout ({e})") from None
     if shapes["num_classes"] == 0:
         model.head = nn.Identity()
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(f"--videomae {path}: not the VideoMAE-v2 layout: {len(missing)} missing (e.g. {missing[:2]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(wrong)} with other shapes "
-                         f"(e.g. {wrong[:2]})")
-    model.load_state_dict(state, strict=True)
+    from cascadev.weights import load_state_dict_strict
+
+    load_state_dict_strict(model, state, f"--videomae {path}", "the VideoMAE-v2 layout")
     return model.eval()
