@@ -40,6 +40,8 @@ def main() -> None:
     torch.manual_seed(0)
     fp32 = CascadeVPipeline.from_pretrained(str(TINY_CASCADE))
     bf16 = CascadeVPipeline.from_pretrained(str(TINY_CASCADE)).set_precision(torch.bfloat16)
+    for pipe in (fp32, bf16):
+        pipe.set_progress_bar_config(disable=True)
     video = torch.rand(1, 3, args.frames, H, W) * 2 - 1
     latents = fp32.encode(video)
 
@@ -51,7 +53,7 @@ def main() -> None:
     print(f"DiT forward, one {c.window_frames}x{c.window_size}x{c.window_size} window: bf16 vs fp32 relative error "
           f"{rel_err(got, want):.2e}")
 
-    decode = dict(seed=0, progress=False, colour_fix=0)
+    decode = dict(seed=0, colour_fix=0)
     for pipe in (fp32, bf16):       # warm-up: first calls pay for allocation and kernel selection
         pipe.decode(latents[:, :, :4], **decode)
     ref, s32 = timed(lambda: fp32.decode(latents, **decode))

@@ -96,13 +96,14 @@ def build_pipeline(preset: str, dtype: torch.dtype, stage_a_tile: int | None = N
     pipe = CascadeVPipeline(dit=build_dit(preset), semantic_encoder=build_semantic_encoder(preset),
                             vae=build_stage_a(stage_a, load_weights=False).model, scheduler=make_scheduler("euler_a"),
                             stage_a=settings)
+    pipe.set_progress_bar_config(disable=True)
     return pipe.set_precision(dtype)        # as the CLI: attention in fp32 only for fp32, the release's numerics
 
 
 def warm_up(pipe: CascadeVPipeline, frames: int, device: torch.device) -> None:
     """One small decode, so the timed runs find kernels loaded and the allocator warm."""
     video = torch.rand(1, 3, frames, 256, 256) * 2 - 1
-    z = pipe.decode_latents(pipe.encode(video), steps=1, progress=False)
+    z = pipe.decode_latents(pipe.encode(video), steps=1)
     pipe.stage_a.decode(z, device=device)
     synchronize(device)
 
@@ -247,7 +248,7 @@ def decode_phases(pipe: CascadeVPipeline, video: torch.Tensor, steps: int, windo
     rows, total = [], 0.0
     seconds, mem, latents = measure(device, lambda: pipe.encode(video))
     rows.append(("encode", seconds, mem))
-    seconds, mem, z = measure(device, lambda: pipe.decode_latents(latents, steps=steps, progress=False,
+    seconds, mem, z = measure(device, lambda: pipe.decode_latents(latents, steps=steps,
                                                                  window_batch=window_batch, tiling=tiling))
     rows.append(("dit", seconds, mem))
     seconds, mem, _ = measure(device, lambda: pipe.stage_a.decode(z, device=pipe._execution_device))
@@ -280,7 +281,7 @@ def run_variant(args, device: torch.device, report: Report, sizes: list[tuple[in
         pipe.compile_models()
         for T, H, W in sizes:
             video = torch.rand(1, 3, T, H, W) * 2 - 1
-            seconds, _, _ = measure(device, lambda: pipe.decode(pipe.encode(video), steps=1, progress=False,
+            seconds, _, _ = measure(device, lambda: pipe.decode(pipe.encode(video), steps=1,
                                                                 window_batch=batches[0], tiling=tiling))
             report.add(section="decode", phase="compile (first call, 1 step)", seconds=round(seconds, 1),
                        size=f"{T}x{H}x{W}")

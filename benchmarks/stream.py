@@ -23,8 +23,8 @@ STREAMED = ("import sys; from cascadev.cli import main; "
             + REPORT)
 IN_MEMORY = ("import sys, torch; from cascadev.pipelines.cascade import CascadeVPipeline; "
              "from cascadev.video_io import read_video, write_video; "
-             "pipe = CascadeVPipeline.from_pretrained(sys.argv[3]); "
-             "write_video(sys.argv[2], pipe.reconstruct(read_video(sys.argv[1]), steps=1, progress=False)); " + REPORT)
+             "pipe = CascadeVPipeline.from_pretrained(sys.argv[3]); pipe.set_progress_bar_config(disable=True); "
+             "write_video(sys.argv[2], pipe.reconstruct(read_video(sys.argv[1]), steps=1)); " + REPORT)
 
 
 def peak_rss_mib(code: str, clip: Path, out: Path) -> float:

@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_grad_enabled(False)
     pipe = CascadeVPipeline.from_pretrained(args.weights)
+    pipe.set_progress_bar_config(disable=True)
     spec, steps = pipe.dit.window, args.steps or pipe.config.num_inference_steps
-    sampler = pipe.scheduler_for(None)
+    sampler = pipe.resolve_scheduler(None)
     sampler.set_timesteps(steps)
     finishing = finishing_step(sampler)       # the step the decode blends under shifted tiling
     kind, fix = args.kind or (pipe.config.demo or {}).get("kind", "mixed"), pipe.config.colour_fix
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
             baseline = pipe.preview(latents) if fix else None
             for name, tiling in tilings(spec).items():
                 start = time.perf_counter()
-                raw = pipe.decode(latents, steps=steps, seed=k, tiling=tiling, colour_fix=0, progress=False)
+                raw = pipe.decode(latents, steps=steps, seed=k, tiling=tiling, colour_fix=0)
                 seconds = time.perf_counter() - start
                 out = fix_colour(raw, baseline, fix) if fix else raw
                 latent_size = (T, H // STAGE_A_DOWNSAMPLE, W // STAGE_A_DOWNSAMPLE)   # Stage A keeps the frames

@@ -132,7 +132,7 @@ def render(a: Attributes, seed: int, frames: int, height: int, width: int) -> to
 
     # the shape: its path of `frames` frames centred, jittered a little across and along the motion. The jitter is
     # what a caption cannot say: at +-0.35 across it outweighed the direction word 2-4x and the shape word 70x in the
-    # semantic latents, and the model learnt neither (README, "Does it follow the text?")
+    # semantic latents, and the model learnt neither (docs/text-to-video.md, "Does it follow the text?")
     size = float(_uniform(g, 0.35, 0.45))
     dx, dy = DIRECTIONS[a.direction]
     travel = SPEEDS[a.speed] * (frames - 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -128,8 +129,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | Path, overrides: list[str] = ()) -> T:
-    """Load YAML ``path`` into dataclass ``cls`` and apply ``overrides`` (type-checked)."""
+def load_config(cls: type[T], path: str | Path, overrides: list[str] = (),
+                upgrade: Callable[[dict], dict] | None = None) -> T:
+    """Load YAML ``path`` into dataclass ``cls`` and apply ``overrides`` (type-checked); ``upgrade`` first maps the
+    file's mapping written with older names to today's."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -142,7 +145,7 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] = ()) -> T:
         raise ConfigError(f"{path}: not valid YAML{line} ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return from_dict(cls, apply_overrides(data, list(overrides)))
+    return from_dict(cls, apply_overrides(upgrade(data) if upgrade else data, list(overrides)))
 
 
 def save_config(config: Any, path: str | Path) -> None:

@@ -2,7 +2,10 @@
 
 Layout at this boundary: video tensors are (B, 3, T, H, W) or (3, T, H, W), float in [-1, 1], RGB.
 Files are whatever FFmpeg can demux (mp4, mkv, webm, gif, ...); we write H.264 mp4 (yuv420p) and
-PNG strips. Every read problem (missing file, not a video, no frames, a start past the end, a
+PNG strips. Frames are read in one of two ``GEOMETRIES``: "display" (the default: as players show them, non-square
+pixels stretched and the rotation applied; what reconstruct, decode, upscale and training read) or "stored" (the
+decoded pixels as they are in the stream; what evaluation scores, as the reference metric tools do).
+Every read problem (missing file, not a video, no frames, a start past the end, a
 decode failure) is one ``VideoReadError`` line naming the file, never a PyAV traceback.
 """
 
@@ -29,6 +32,9 @@ log = logging.getLogger("cascadev")
 
 # what training folders and evaluation sets pick up (anything FFmpeg demuxes; these are the usual ones)
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".gif", ".m4v", ".mpg", ".mpeg", ".ts")
+
+
+GEOMETRIES = ("display", "stored")
 
 
 class VideoReadError(ValueError):
@@ -78,10 +84,11 @@ def _count_frames(container: av.container.InputContainer, path: Path) -> int:
         raise VideoReadError(f"{path}: cannot demux video stream ({_reason(e)})") from None
 
 
-def video_info(path: str | Path) -> VideoInfo:
-    """Frame count, frame rate and the frame size as shown (rotation and pixel aspect applied, as ``read_video``
-    returns frames) of the first video stream of ``path``."""
+def video_info(path: str | Path, geometry: str = "display") -> VideoInfo:
+    """Frame count, frame rate and the frame size in ``geometry`` ("display": rotation and pixel aspect applied;
+    "stored": the stream's own pixels), as ``read_video`` returns frames, of the first video stream of ``path``."""
     path = Path(path)
+    _check_geometry(geometry)
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -89,8 +96,13 @@ def video_info(path: str | Path) -> VideoInfo:
         frames = _count_frames(container, path)
     finally:
         container.close()
-    shown = next(iter_video(path, 1, 1))
+    shown = next(iter_video(path, 1, 1, geometry=geometry))
     return VideoInfo(frames=frames, fps=float(rate) if rate else 0.0, height=shown.shape[-2], width=shown.shape[-1])
+
+
+def _check_geometry(geometry: str) -> None:
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"read_video: geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
 
 
 def _as_shown(frame: av.VideoFrame, sample_aspect: float) -> torch.Tensor:
@@ -107,18 +119,21 @@ def _as_shown(frame: av.VideoFrame, sample_aspect: float) -> torch.Tensor:
 
 
 def read_video(path: str | Path, num_frames: int | None = None, start: int = 0, stride: int = 1,
-               size: tuple[int, int] | None = None) -> torch.Tensor:
+               size: tuple[int, int] | None = None, geometry: str = "display") -> torch.Tensor:
     """Read frames ``start, start + stride, ...`` (at most ``num_frames``) -> (1, 3, T, H, W) in [-1, 1].
 
+    ``geometry``: "display" (default) stretches non-square pixels to square ones and applies the rotation, as
+    players show the video; "stored" returns the decoded pixels as stored (no stretch, no rotation).
     ``size`` = (H, W) resizes every frame (bilinear, antialiased); None keeps the file's size.
     Fewer than ``num_frames`` frames are returned when the file ends first; none at all
     (an empty file, or ``start`` past the last frame) is a VideoReadError.
     """
-    return torch.cat(list(iter_video(path, None, num_frames, start, stride, size)), dim=2)
+    return torch.cat(list(iter_video(path, None, num_frames, start, stride, size, geometry)), dim=2)
 
 
 def iter_video(path: str | Path, chunk_frames: int | None, num_frames: int | None = None, start: int = 0,
-               stride: int = 1, size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
+               stride: int = 1, size: tuple[int, int] | None = None,
+               geometry: str = "display") -> Iterator[torch.Tensor]:
     """``read_video`` in pieces of ``chunk_frames`` frames (None: one piece), each (1, 3, t, H, W) in [-1, 1], so a
     long clip never sits in memory whole. Arguments and errors as ``read_video``."""
     path = Path(path)
@@ -129,6 +144,7 @@ def iter_video(path: str | Path, chunk_frames: int | None, num_frames: int | Non
         raise ValueError(f"read_video: size must be (H, W) with positive sides, got {size}")
     if chunk_frames is not None and chunk_frames < 1:
         raise ValueError(f"read_video: chunk_frames must be >= 1 or None, got {chunk_frames}")
+    _check_geometry(geometry)
     container = _open(path)
     frames, seen, kept = [], 0, 0
     try:
@@ -140,7 +156,10 @@ def iter_video(path: str | Path, chunk_frames: int | None, num_frames: int | Non
             index, seen = seen, seen + 1
             if index < start or (index - start) % stride:
                 continue
-            frames.append(_as_shown(frame, sample_aspect))                       # h w c, uint8
+            if geometry == "stored":
+                frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))    # h w c, uint8
+            else:
+                frames.append(_as_shown(frame, sample_aspect))                       # h w c, uint8
             kept += 1
             if len(frames) == chunk_frames:
                 yield _to_video(frames, size)

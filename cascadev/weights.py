@@ -153,22 +153,24 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path, metad
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` that names every missing, unexpected or mis-shaped key."""
+KEYS_NAMED = 4     # keys of each kind an error names; a wrong file would list hundreds
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                           expected: str | None = None) -> None:
+    """``load_state_dict(strict=True)`` that names the missing, unexpected or mis-shaped keys (the first few of each
+    kind and how many more) in one line: "{source} does not fit {expected or the model's class}: ..."."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     shapes = sorted(f"{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}"
                     for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatch: {', '.join(shapes)}")
+    problems = [f"{kind}: {', '.join(keys[:KEYS_NAMED])}" + (f" (+{len(keys) - KEYS_NAMED} more)"
+                                                               if len(keys) > KEYS_NAMED else "")
+                for kind, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                   ("shape mismatch", shapes)) if keys]
     if problems:
-        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
+        raise ValueError(f"{source} does not fit {expected or type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=True, assign=any(p.is_meta for p in model.parameters()))
 
 

@@ -5,7 +5,7 @@ The same blocks and grid attention as the Stage B decoder (``dit.video_dit``): a
 cross-attention to the text tokens after the self-attention (PixArt-alpha, Fig. 4: queries from the
 video tokens, keys and values from the text). The pooled text embedding is added to the timestep
 embedding, so it drives the adaLN modulation of every block and of the final layer (as SDXL and SD3
-add their pooled CLIP vector). Text comes from ``dit.text_encoder``: per-token hidden states
+add their pooled CLIP vector). Text comes from ``cascadev.pipelines.text_encoder``: per-token hidden states
 (B, L, caption_channels), a pooled vector (B, pooled_channels) and a mask (B, L) of real tokens.
 
 Latents are the semantic encoder's output (B, 16, T, H/32, W/32) times ``latent_scale``; sampling
@@ -110,6 +110,8 @@ class TextDiT(DiTTrunk):
     (32x32 latents, 8-16 frames), patch 1 as Stable Cascade's Stage C, whose 24x24 latents are not patchified
     either. ``build_text_dit`` takes a preset.
     """
+
+    _no_split_modules = ["TextDiTBlock"]    # FSDP's shard unit (accelerate's transformer wrap policy reads it)
 
     @register_to_config
     def __init__(

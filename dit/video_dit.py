@@ -355,6 +355,8 @@ class VideoDiT(DiTTrunk):
     ``build_dit`` takes a preset: ``VideoDiT(**{**PRESETS["tiny"], "depth": 2})``.
     """
 
+    _no_split_modules = ["DiTBlock"]        # FSDP's shard unit (accelerate's transformer wrap policy reads it)
+
     @register_to_config
     def __init__(
         self,
@@ -391,8 +393,8 @@ class VideoDiT(DiTTrunk):
         """
         t = self.check_inputs(x, t, as_images)
         tokens, t, grid = self.embed(x, t, as_images)
-        dtype = self.adaln_single.linear.weight.dtype
-        t6, t_emb = self.adaln_single(t, batch_size=t.shape[0], hidden_dtype=dtype)  # b 6d, b d
+        # the compute dtype, read off the tokens: FSDP may shard adaln_single apart, its weights whole only inside it
+        t6, t_emb = self.adaln_single(t, batch_size=t.shape[0], hidden_dtype=tokens.dtype)  # b 6d, b d
         tokens = self.run_blocks(tokens, t6, grid, as_images)
         return self.head(tokens, t_emb, x.shape, as_images)
 

@@ -34,6 +34,8 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -124,6 +126,8 @@ class Protocol:
     source: str          # where it is defined
     ddof: int = 1
     detector_resizes: bool = False    # the TorchScript detector rescales and resizes itself (rescale=resize=True)
+    detector: str = "i3d"             # the feature model: "i3d" (--i3d) or "videomae" (--videomae, eval/videomae.py)
+    loader_resolution: bool = False   # clips first made RESOLUTION px square as cd-fvd's video-folder loader does
 
 
 PROTOCOLS = {p.name: p for p in (
@@ -139,13 +143,28 @@ PROTOCOLS = {p.name: p for p in (
                            "(rescale=True, resize=True); covariance divided by N",
              "StyleGAN-V src/metrics/frechet_video_distance.py and metric_utils.FeatureStats", ddof=0,
              detector_resizes=True),
+    Protocol("cd-fvd", "[0, 1], short side scaled to RESOLUTION (the other ceil'd; bilinear, half-pixel centres, "
+                       "antialiased), centre crop, truncated to uint8 (x255, then toward zero), then stretched to "
+                       "224 x 224 (bilinear, no antialias), [0, 1]; VideoMAE-v2 ViT-g features (1408-d); covariance "
+                       "divided by N",
+             "the cd-fvd package (Ge et al., CVPR 2024, songweige/content-debiased-fvd): utils/data_utils.preprocess "
+             "(video folders), VideoMAEv2/utils.preprocess_videomae, VisionTransformer.forward_features, FeatureStats",
+             ddof=0, detector="videomae", loader_resolution=True),
+    Protocol("cd-fvd-i3d", "[0, 1], short side scaled to RESOLUTION (the other ceil'd; bilinear, half-pixel centres, "
+                           "antialiased), centre crop, truncated to uint8, then 0..255 stretched to 224 x 224 "
+                           "(bilinear, no antialias), 2x/255 - 1; I3D 400-d logits; covariance divided by N",
+             "the cd-fvd package with model='i3d': utils/data_utils.preprocess, i3d/utils.preprocess_i3d, FeatureStats",
+             ddof=0, loader_resolution=True),
 )}
 DEFAULT_PROTOCOL = "cascadev"
+CDFVD_RESOLUTION = 128     # cd-fvd's `resolution`: its quick start's (reference statistics exist for 128 and 256)
 
 
-def preprocess_clips(video: torch.Tensor, size: int = I3D_SIZE, protocol: str = DEFAULT_PROTOCOL) -> torch.Tensor:
-    """(B, 3, T, H, W) in [-1, 1] -> the I3D input of ``protocol`` (``PROTOCOLS``): (B, 3, T, size, size) in [-1, 1],
-    or for "stylegan-v" (B, 3, T, H, W) in 0..255 (its detector resizes)."""
+def preprocess_clips(video: torch.Tensor, size: int = I3D_SIZE, protocol: str = DEFAULT_PROTOCOL,
+                     resolution: int = CDFVD_RESOLUTION) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] -> the detector input of ``protocol`` (``PROTOCOLS``): (B, 3, T, size, size) in
+    [-1, 1], for "cd-fvd" in [0, 1] (made ``resolution`` px square first, as that package's loader), or for
+    "stylegan-v" (B, 3, T, H, W) in 0..255 (its detector resizes)."""
     if video.ndim != 5 or video.shape[1] != 3:
         raise ValueError(f"preprocess_clips: expected (B, 3, T, H, W), got shape {tuple(video.shape)}")
     if protocol not in PROTOCOLS:
@@ -155,7 +174,14 @@ def preprocess_clips(video: torch.Tensor, size: int = I3D_SIZE, protocol: str = 
     if protocol == "stylegan-v":
         return levels
     frames = rearrange(levels, "b c t h w -> (b t) c h w")
-    if protocol == "videogpt":
+    if PROTOCOLS[protocol].loader_resolution:        # cd-fvd: its loader's clip, stored as uint8 again
+        frames = _short_side_centre_crop(frames / 255, resolution, antialias=True)
+        frames = (frames * 255).to(torch.uint8).float()                 # truncation, as the package's .byte()
+        if protocol == "cd-fvd":                                         # VideoMAE: [0, 1], then resized
+            frames = F.interpolate(frames / 255, size=(size, size), mode="bilinear", align_corners=False)
+        else:                                                            # I3D: resized in 0..255, then [-1, 1]
+            frames = 2 * F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False) / 255 - 1
+    elif protocol == "videogpt":
         frames = _short_side_centre_crop(frames / 255, size) * 2 - 1
     elif protocol == "tf":
         frames = 2 * _tf1_resize_bilinear(frames, size) / 255 - 1
@@ -166,13 +192,13 @@ def preprocess_clips(video: torch.Tensor, size: int = I3D_SIZE, protocol: str = 
     return rearrange(frames, "(b t) c h w -> b c t h w", b=b).contiguous()
 
 
-def _short_side_centre_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
+def _short_side_centre_crop(frames: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, size, size): short side to ``size``, the other side ceil'd, bilinear (half-pixel
-    centres, no antialias), then the centre crop (offsets floored), as VideoGPT's preprocess."""
+    centres; antialiased as cd-fvd's loader, not as VideoGPT's preprocess), then the centre crop (offsets floored)."""
     h, w = frames.shape[-2:]
     scale = size / min(h, w)
     target = (size, math.ceil(w * scale)) if h < w else (math.ceil(h * scale), size)
-    frames = F.interpolate(frames, size=target, mode="bilinear", align_corners=False)
+    frames = F.interpolate(frames, size=target, mode="bilinear", align_corners=False, antialias=antialias)
     top, left = (frames.shape[-2] - size) // 2, (frames.shape[-1] - size) // 2
     return frames[..., top:top + size, left:left + size]
 
@@ -251,6 +277,20 @@ class TorchScriptExtractor(FeatureExtractor):
         return y.float().cpu()
 
 
+class VideoMAEExtractor(FeatureExtractor):
+    """VideoMAE-v2 (``eval.videomae``) pooled features of clips (B, 3, T, 224, 224) in [0, 1] (content-debiased FVD)."""
+
+    def __init__(self, model, device: torch.device | str = "cpu", identity: dict | None = None):
+        self.model = model.to(device).eval()
+        self.device, self.dim = torch.device(device), model.embed_dim
+        self.name = f"VideoMAE-v2 ({len(model.blocks)} blocks, {model.embed_dim}-d pooled features, cd-fvd)"
+        self.identity = {"kind": "videomae", **(identity or {})}
+
+    @torch.no_grad()
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.model(clips.to(self.device, torch.float32)).float().cpu()
+
+
 def missing_detector_message(path: str | Path | None) -> str:
     """One line: which file is missing and where the two supported detector files come from."""
     where = "; ".join(f"{name}: {src}" for name, src in DETECTOR_SOURCES.items())
@@ -286,8 +326,14 @@ def load_extractor(path: str | Path | None, device: torch.device | str = "cpu", 
     """Detector from a file: a TorchScript archive (StyleGAN-V) or an I3D state dict (``i3d_pretrained_400.pt``).
 
     A missing file is a one-line ``FileNotFoundError`` naming it and where to get the detectors; a protocol whose
-    detector resizes (stylegan-v) needs the TorchScript file.
+    detector resizes (stylegan-v) needs the TorchScript file. For the "cd-fvd" protocol ``path`` is the VideoMAE-v2
+    checkpoint (``eval.videomae.load_videomae``).
     """
+    if PROTOCOLS[protocol].detector == "videomae":
+        from eval.videomae import load_videomae
+
+        model = load_videomae(path)
+        return VideoMAEExtractor(model, device, _file_identity(Path(path)))
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(missing_detector_message(path))
     path = Path(path)
@@ -295,6 +341,9 @@ def load_extractor(path: str | Path | None, device: torch.device | str = "cpu", 
     if _is_torchscript(path):
         if output != "logits":
             raise ValueError(f"{path}: the TorchScript detector only gives the 400-d logits")
+        if protocol == "cd-fvd-i3d":
+            raise ValueError(f"{path}: the cd-fvd-i3d protocol uses the PyTorch I3D state dict (i3d_pretrained_400.pt: "
+                             f"{DETECTOR_SOURCES['i3d_pretrained_400.pt']}), not the TorchScript port")
         return TorchScriptExtractor(torch.jit.load(str(path), map_location="cpu"), device, identity,
                                     resizes=PROTOCOLS[protocol].detector_resizes)
     if PROTOCOLS[protocol].detector_resizes:
@@ -310,15 +359,9 @@ def load_extractor(path: str | Path | None, device: torch.device | str = "cpu", 
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     state = {k.removeprefix("module."): v for k, v in state.items()}    # saved from DataParallel
     model = I3D(bn_eps=bn_eps)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path}: not the i3d_pretrained_400.pt layout: {len(missing)} missing "
-                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
-                         f"{len(wrong)} with other shapes (e.g. {wrong[:2]})")
-    model.load_state_dict(state, strict=True)
+    from cascadev.weights import load_state_dict_strict
+
+    load_state_dict_strict(model, state, str(path), "the i3d_pretrained_400.pt layout")
     return I3DExtractor(model, device, output, identity)
 
 
@@ -351,9 +394,10 @@ class ClipDataset(torch.utils.data.Dataset):
     """Items (index, clip (3, F, S, S) in [-1, 1], ok) for the extraction loader; unreadable -> ok False."""
 
     def __init__(self, clips: Sequence[Clip], frames: int, i3d_size: int = I3D_SIZE,
-                 read_size: tuple[int, int] | None = None, protocol: str = DEFAULT_PROTOCOL):
+                 read_size: tuple[int, int] | None = None, protocol: str = DEFAULT_PROTOCOL, geometry: str = "stored",
+                 resolution: int = CDFVD_RESOLUTION):
         self.clips, self.frames, self.i3d_size, self.read_size = list(clips), frames, i3d_size, read_size
-        self.protocol = protocol
+        self.protocol, self.geometry, self.resolution = protocol, geometry, resolution
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -363,13 +407,14 @@ class ClipDataset(torch.utils.data.Dataset):
 
         clip = self.clips[i]
         try:
-            video = read_video(clip.path, num_frames=self.frames, start=clip.start, size=self.read_size)
+            video = read_video(clip.path, num_frames=self.frames, start=clip.start, size=self.read_size,
+                               geometry=self.geometry)
         except VideoReadError:
             video = None
         if video is None or video.shape[2] != self.frames:
             side = self.read_size if PROTOCOLS[self.protocol].detector_resizes else (self.i3d_size, self.i3d_size)
             return i, torch.zeros(3, self.frames, *side), False
-        return i, preprocess_clips(video, self.i3d_size, self.protocol)[0], True
+        return i, preprocess_clips(video, self.i3d_size, self.protocol, self.resolution)[0], True
 
 
 @contextlib.contextmanager
@@ -386,18 +431,20 @@ def _no_tf32() -> Iterator[None]:
 def extract_features(clips: Sequence[Clip], extractor: FeatureExtractor, frames: int = FVD_FRAMES,
                      i3d_size: int = I3D_SIZE, read_size: tuple[int, int] | None = None, batch_size: int = 8,
                      workers: int = 0, accelerator=None, progress: str | None = None,
-                     protocol: str = DEFAULT_PROTOCOL) -> tuple[np.ndarray, list[int]]:
+                     protocol: str = DEFAULT_PROTOCOL, geometry: str = "stored",
+                     resolution: int = CDFVD_RESOLUTION) -> tuple[np.ndarray, list[int]]:
     """Features of ``clips`` -> (features (N_ok, D) float32 in clip order, indices of the clips that failed).
 
     With an ``accelerate.Accelerator``, each process reads and embeds its share of the clips and the
     features are gathered (``gather_for_metrics`` drops the padding of the last batch); every
-    process returns the full result.
+    process returns the full result. ``geometry``: how frames are read (``cascadev.video_io.GEOMETRIES``).
     """
-    if frames < MIN_FRAMES:
+    if frames < MIN_FRAMES and PROTOCOLS[protocol].detector == "i3d":
         raise ValueError(f"FVD clips need at least {MIN_FRAMES} frames for I3D, got {frames}")
     if PROTOCOLS[protocol].detector_resizes and read_size is None:
         raise ValueError(f"the {protocol} protocol feeds clips at their own size: give the size they share (read_size)")
-    loader = torch.utils.data.DataLoader(ClipDataset(clips, frames, i3d_size, read_size, protocol),
+    dataset = ClipDataset(clips, frames, i3d_size, read_size, protocol, geometry, resolution)
+    loader = torch.utils.data.DataLoader(dataset,
                                          batch_size=batch_size, shuffle=False, num_workers=workers)
     main = True
     if accelerator is not None:
@@ -459,3 +506,86 @@ def save_cached_features(cache_dir: str | Path, key: str, features: np.ndarray, 
     np.savez(tmp, key=np.array(key), features=features, failed=np.array(failed, dtype=np.int64))
     os.replace(tmp, path)
     return path
+
+
+# ------------------------------------------------------------------------------- reference statistics
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """Mean and covariance (over N) of a reference set's features, from a cd-fvd statistics file."""
+
+    path: str
+    mean: np.ndarray            # (D,) float64
+    cov: np.ndarray             # (D, D) float64, divided by N
+    count: int                  # N
+    model: str | None           # from the file name: "videomae" or "i3d"
+    resolution: int | None
+    frames: int | None
+
+
+# cd-fvd's published files: {model}_{data set}_{n real}_res{R}_len{T}_skip{k}_seed{s}.pkl
+STATS_NAME = re.compile(r"^(?P<model>videomae|i3d)_(?P<data>.+)_(?P<n>full|\d+)_res(?P<res>\d+)_len(?P<len>\d+)"
+                        r"_skip(?P<skip>\d+)_seed(?P<seed>\d+)\.pkl$")
+
+
+def is_stats_file(path: str | Path) -> bool:
+    """``path`` is a reference statistics file (a ``.pkl``), not videos."""
+    return Path(path).suffix.lower() == ".pkl"
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a statistics file cannot run code."""
+
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it holds {module}.{name}, not only arrays")
+
+
+def load_reference_stats(path: str | Path, option: str = "--real") -> ReferenceStats:
+    """A statistics file of the cd-fvd package (a pickled ``FeatureStats.__dict__``: ``num_items``, ``raw_mean`` = sum
+    of the features, ``raw_cov`` = sum of their outer products) -> mean and covariance over N, as its
+    ``get_mean_cov``. Model, resolution and clip length are read from the published file name when it has that form.
+    Anything else is a one-line ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{option} {path}: no such statistics file")
+    try:
+        with open(path, "rb") as f:
+            state = _ArraysOnly(f).load()
+    except Exception as e:     # truncated, not a pickle, or a pickle of other objects
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{option} {path}: not a cd-fvd statistics file ({reason})") from None
+    try:
+        count = int(state["num_items"])
+        raw_mean = np.asarray(state["raw_mean"], dtype=np.float64)
+        raw_cov = np.asarray(state["raw_cov"], dtype=np.float64)
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{option} {path}: not a cd-fvd statistics file (no {e} of FeatureStats)") from None
+    if count < 2 or raw_mean.ndim != 1 or raw_cov.shape != raw_mean.shape * 2:
+        raise ValueError(f"{option} {path}: statistics of {count} item(s) with mean {raw_mean.shape} and covariance "
+                         f"{raw_cov.shape}: need N >= 2, (D,) and (D, D)")
+    if not (np.isfinite(raw_mean).all() and np.isfinite(raw_cov).all()):
+        raise ValueError(f"{option} {path}: the statistics contain NaN or inf values")
+    mean = raw_mean / count
+    cov = raw_cov / count - np.outer(mean, mean)
+    name = STATS_NAME.match(path.name)
+    return ReferenceStats(str(path), mean, cov, count, name["model"] if name else None,
+                          int(name["res"]) if name else None, int(name["len"]) if name else None)
+
+
+def save_reference_stats(path: str | Path, features: np.ndarray) -> Path:
+    """Features (N, D) as a statistics file of cd-fvd's format (what ``FeatureStats.save`` writes, mean and
+    covariance sums only), so a reference set is embedded once and read back with ``--real``."""
+    from cascadev.weights import atomic_path
+
+    x = np.asarray(features, dtype=np.float32)
+    x64 = x.astype(np.float64)
+    state = {"capture_all": False, "capture_mean_cov": True, "max_items": None, "num_items": len(x),
+             "num_features": x.shape[1], "all_features": [], "raw_mean": x64.sum(axis=0), "raw_cov": x64.T @ x64}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        pickle.dump(state, f)
+    return Path(path)

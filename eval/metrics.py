@@ -43,6 +43,15 @@ CONVENTIONS = {
     "lpips": "per frame, AlexNet (LPIPS v0.1 linear heads, torchmetrics), inputs in [-1, 1]; "
              "video = mean over its frames, set = mean over all frames",
 }
+# the name each paired score carries in reports (its conventions in words: CONVENTIONS)
+PAIRED_PROTOCOLS = {"psnr": "per-frame RGB, data range 1, mean over all frames",
+                    "ssim": "per-frame RGB, Gaussian 11/1.5, valid window, mean over all frames",
+                    "lpips": "per-frame AlexNet LPIPS v0.1, mean over all frames"}
+# how the frames were read (cascadev.video_io.GEOMETRIES), in words for reports
+GEOMETRY_TEXT = {"stored": "frames as stored in the files (no pixel-aspect stretch, no rotation), as the reference "
+                           "tools (scikit-image, ffmpeg, VMAF, torchvision/decord loaders) score them",
+                 "display": "frames as displayed (non-square pixels stretched to square, rotation applied): not "
+                            "comparable with numbers from stored frames when a file has either"}
 
 
 def _frames01(pred: torch.Tensor, target: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ CACHE = "runs/demo_text_cache"
 FINAL = "runs/demo_base_more/final"
 OUT = ROOT / "cascadev" / "assets" / "tiny_text2video"
 # the demo's sampler: guidance 5 had the direction right on 90 % of held-out and 100 % of seen prompts, against 80 and
-# 83 % at guidance 1 (README, scripts/eval_text2video.py)
+# 83 % at guidance 1 (docs/text-to-video.md, scripts/eval_text2video.py)
 DEMO_SETTINGS = {"steps": 20, "guidance": 5.0, "frames": 8, "size": 256}    # the sampler: final/base_scheduler
 
 

@@ -26,6 +26,7 @@ def score(weights: str, steps: list[int], clips: int, frames: int, png: str | No
     from eval.metrics import psnr, sharpness, ssim
 
     pipe = CascadeVPipeline.from_pretrained(weights).to("cpu").set_precision(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
     settings = pipe.config.demo or {}
     size, kind, fix = settings.get("size", 128), settings.get("kind", "shapes"), resolve_colour_fix(pipe, None)
     videos = [make_clip(HELD_OUT_SEED0 + i, frames, size, size, kind)[None] for i in range(clips)]
@@ -39,7 +40,7 @@ def score(weights: str, steps: list[int], clips: int, frames: int, png: str | No
             if k == 0:
                 outs.append(previews[i])
                 continue
-            out = pipe.decode(latents, steps=k, seed=i, colour_fix=0, progress=False)
+            out = pipe.decode(latents, steps=k, seed=i, colour_fix=0)
             outs.append(fix_colour(out, previews[i], fix) if fix else out)
         seconds = time.perf_counter() - tic
         pred, target = torch.cat(outs, dim=2), torch.cat(videos, dim=2)

@@ -36,6 +36,8 @@ CASES = [
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --frame-stride 9", "--frame-stride 9 is longer"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --tiling shifted --tile-stride 8",
      "apply to --tiling blend"),
+    ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --tiling official --tile-detail central",
+     "--tile-detail central applies to --tiling blend and shifted"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --device tpu7", "not a device"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --device cuda", "no CUDA GPU"),
     ("reconstruct {clip} -o {dir}/o.mp4 --weights {weights} --crf 99", "--crf 99"),

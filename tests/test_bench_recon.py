@@ -29,6 +29,9 @@ def test_bench_recon_on_generated_clips(tmp_path, capsys, tiny_pipeline_dir):
     results = json.loads((tmp_path / "run2" / "results.json").read_text())
     assert results["videos"] == 3 and [s["file"] for s in results["skipped"]] == ["zz_broken.mp4"]
     assert set(results["cascade"]) == set(results["baseline"]) == {"psnr"}
+    report = json.loads((tmp_path / "run2" / "report_cascade.json").read_text())
+    assert list(report["results"]) == ["psnr"]
+    assert {k for row in report["per_video"] for k in row["per_frame"]} == {"psnr"}
 
     code, _, err = run_cli(capsys, "bench-recon", data, "-o", run_dir, "--metrics", "psnr,FID",
                            "--weights", tiny_pipeline_dir)
@@ -106,3 +109,73 @@ def test_bench_recon_with_the_built_in_distilled_decoder_runs_at_its_one_step(tm
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["settings"]["steps"] == 1 and results["settings"]["tiling"] == "shifted"
     assert results["cascade"]["psnr"] > 20      # measured 23.01 dB (the teacher at 4 steps: 22.73); untrained: ~10
+
+
+def test_bench_recon_keeps_the_source_rate_writes_evals_report_and_its_folders_evaluate(tmp_path, capsys,
+                                                                                       tiny_pipeline_dir):
+    """Issue 32 item 7 and issue 29 (3): written videos at the rate of the frames taken (25 fps source, every frame;
+    50 fps, every 2nd at --fps 30 -> 25), PSNR printed to 2 decimals, per-method reports in ``cascadev eval``'s format
+    whose numbers are results.json's, protocol and geometry named; eval on the output folders names
+    --paired-frames when it refuses, and with --paired-frames 0 scores them."""
+    from cascadev.synthetic import make_clip
+    from cascadev.video_io import video_info, write_video
+
+    data = tmp_path / "data"
+    write_video(data / "a.mp4", make_clip(seed=1, frames=4, height=64, width=64)[None], fps=25)
+    write_video(data / "b.mp4", make_clip(seed=2, frames=8, height=64, width=64)[None], fps=50)
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "bench-recon", data, "-o", run_dir, "--size", 64, "--frames", 4,
+                             "--weights", tiny_pipeline_dir, "--steps", 1, "--metrics", "psnr,SSIM")
+    assert code == 0, err
+    for method in ("real", "cascade", "baseline"):
+        assert [video_info(run_dir / method / f"{n}.mp4").fps for n in "ab"] == [25.0, 25.0]
+    results = json.loads((run_dir / "results.json").read_text())
+    cells = next(ln for ln in out.splitlines() if ln.startswith("cascade ")).split()
+    assert cells[1:3] == [f"{results['cascade']['psnr']:.2f}", f"{results['cascade']['ssim']:.4f}"]
+    assert results["settings"]["geometry"] == "stored" and "psnr: protocol per-frame RGB" in out
+    assert results["protocols"]["psnr"]["geometry"] == "stored"
+    for method in ("cascade", "baseline"):
+        report = json.loads((run_dir / f"report_{method}.json").read_text())
+        assert set(report) == {"real", "fake", "settings", "conventions", "counts", "skipped", "results", "per_video"}
+        assert report["results"]["psnr"]["mean"] == pytest.approx(results[method]["psnr"], abs=1e-9)
+        assert report["results"]["ssim"]["protocol"].startswith("per-frame RGB, Gaussian 11/1.5")
+        assert report["results"]["ssim"]["geometry"] == "stored" and report["counts"]["pairs"] == 2
+        assert [row["frames"] for row in report["per_video"]] == [4, 4]
+
+    code, out, err = run_cli(capsys, "eval", "--real", run_dir / "real", "--fake", run_dir / "cascade",
+                             "--metrics", "psnr")
+    assert code == 2 and err.count("\n") == 1
+    assert "fewer than --paired-frames 16 frames" in err and "--paired-frames 0" in err
+    code, out, err = run_cli(capsys, "eval", "--real", run_dir / "real", "--fake", run_dir / "cascade",
+                             "--metrics", "psnr", "--paired-frames", 0)
+    assert code == 0, err
+    assert "2 pair(s)" in out and "[protocol per-frame RGB, data range 1, mean over all frames; stored frames]" in out
+
+
+@pytest.mark.slow
+def test_bench_recon_content_debiased_fvd_from_a_videomae_checkpoint(tmp_path, capsys, tiny_pipeline_dir):
+    """--fvd-protocol cd-fvd with the user's VideoMAE-v2 file (a small random one here): 8-frame clips are enough
+    (VideoMAE takes any even length), FVD is reported under its protocol; without the file, FVD is skipped up front."""
+    import torch
+
+    from eval.videomae import VideoMAEv2
+
+    torch.manual_seed(0)
+    torch.save({"model": VideoMAEv2(embed_dim=176, depth=1, num_heads=2, mlp_hidden=64).state_dict()},
+               tmp_path / "videomae.pth")
+    data = tmp_path / "data"
+    write_clips(data, 2, frames=8, height=64, width=64)
+    common = ["bench-recon", data, "--size", 64, "--frames", 8, "--weights", tiny_pipeline_dir, "--steps", 1,
+              "--metrics", "psnr,fvd", "--fvd-protocol", "cd-fvd"]
+    code, out, err = run_cli(capsys, *common, "-o", tmp_path / "run", "--videomae", tmp_path / "videomae.pth")
+    assert code == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["cascade"]["fvd"] > 0 and results["baseline"]["fvd"] > 0
+    assert results["protocols"]["fvd"] == {"protocol": "cd-fvd", "geometry": "stored"}
+    fvd = json.loads((tmp_path / "run" / "report_cascade.json").read_text())["results"]["fvd"]
+    assert fvd["mean"] == results["cascade"]["fvd"] and "VideoMAE-v2" in fvd["detector"]
+    assert "short side scaled to 128 (" in fvd["input"] and fvd["input"].startswith("stored frames, ")
+
+    code, out, err = run_cli(capsys, *common, "-o", tmp_path / "run2")
+    assert code == 0, err
+    assert "FVD skipped: no VideoMAE-v2 checkpoint given" in out and "--videomae PATH" in out

@@ -38,8 +38,8 @@ def test_shipped_cascade_bf16_on_gpu_is_close_to_fp32_on_cpu(semantic_latents):
     frames = gpu(latents=semantic_latents, generator=torch.Generator(CUDA).manual_seed(0)).frames
     assert frames.shape == (1, 3, 8, 128, 192) and frames.device.type == "cuda"
     # a CUDA generator draws other noise than a CPU one: compare both at the release's seeded noise
-    got = gpu.decode(semantic_latents, seed=0, progress=False).cpu()
-    want = cpu.decode(semantic_latents, seed=0, progress=False)
+    got = gpu.decode(semantic_latents, seed=0).cpu()
+    want = cpu.decode(semantic_latents, seed=0)
     assert rel_err(got, want) < 0.05, rel_err(got, want)
 
 
@@ -75,10 +75,10 @@ def test_batched_windows_equal_one_by_one_on_gpu():
 def test_offload_on_gpu_equals_plain(semantic_latents, offload):
     pipe = tiny_cascade().to(CUDA)
     video = torch.rand(1, 3, 8, 128, 192) * 2 - 1
-    want = pipe.decode(semantic_latents, seed=0, progress=False, colour_fix=4), pipe.encode(video)
+    want = pipe.decode(semantic_latents, seed=0, colour_fix=4), pipe.encode(video)
     pipe.to("cpu")
     getattr(pipe, f"enable_{offload}_cpu_offload")(device=CUDA)
-    got = pipe.decode(semantic_latents, seed=0, progress=False, colour_fix=4), pipe.encode(video)
+    got = pipe.decode(semantic_latents, seed=0, colour_fix=4), pipe.encode(video)
     assert got[0].device.type == "cuda"
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
@@ -97,11 +97,10 @@ def test_decode_from_a_video_vae_on_gpu_equals_cpu_within_tf32(name, tmp_path):
     _tiny(name).save_pretrained(str(tmp_path / "vae"))
     vae = SourceVAE.from_pretrained(tmp_path, "vae")
     latents = vae.encode(make_clip(seed=3, frames=9, height=64, width=64)[None])
-    want = CascadeVPipeline.from_pretrained(str(TINY_CASCADE)).decode_from(latents, vae, scale=2, seed=0,
-                                                                           progress=False)
+    want = CascadeVPipeline.from_pretrained(str(TINY_CASCADE)).decode_from(latents, vae, scale=2, seed=0)
     # fp32 on the GPU (TF32 convolutions, torch's default): the route itself; bf16 has its own test above
     gpu = CascadeVPipeline.from_pretrained(str(TINY_CASCADE)).to(CUDA)
-    got = gpu.decode_from(latents.to(CUDA), str(tmp_path), scale=2, seed=0, progress=False).cpu()
+    got = gpu.decode_from(latents.to(CUDA), str(tmp_path), scale=2, seed=0).cpu()
     assert got.shape == want.shape == (1, 3, 9, 128, 128)
     assert rel_err(got, want) < 0.01, rel_err(got, want)
 
@@ -112,9 +111,9 @@ def test_shipped_fps4x_upscale_bf16_on_gpu_is_close_to_fp32_on_cpu():
 
     folder = TINY_CASCADE.parent / "tiny_fps4x"
     video = make_clip(seed=100001, frames=4, height=64, width=64)[None]
-    want = load_upscale(folder).upscale(video, steps=2, seed=0, progress=False)
+    want = load_upscale(folder).upscale(video, steps=2, seed=0)
     gpu = load_upscale(folder, torch_dtype=torch.bfloat16).to(CUDA)
-    got = gpu.upscale(video.to(CUDA), steps=2, seed=0, progress=False).cpu()
+    got = gpu.upscale(video.to(CUDA), steps=2, seed=0).cpu()
     assert got.shape == want.shape == (1, 3, 16, 64, 64)
     assert rel_err(got, want) < 0.05, rel_err(got, want)
 
@@ -130,7 +129,7 @@ def test_model_offload_of_the_other_pipelines_equals_plain(which):
     if which == "upscale":
         pipe = load_upscale(TINY_CASCADE.parent / "tiny_fps4x")
         video = make_clip(seed=100001, frames=4, height=64, width=64)[None]
-        run = lambda: pipe.upscale(video.to(CUDA), steps=2, seed=0, progress=False).cpu()     # noqa: E731
+        run = lambda: pipe.upscale(video.to(CUDA), steps=2, seed=0).cpu()     # noqa: E731
     else:
         pipe = load_builtin(with_previewer=True)
         pipe.set_progress_bar_config(disable=True)

@@ -48,7 +48,7 @@ def test_call_without_previewer_decodes_without_the_saved_colour_fix(saved):
     _, root = saved                                                   # saved with colour_fix=16
     pipe = CascadeVPipeline.from_pretrained(str(root), previewer=None)
     out = pipe(latents=LATENTS, generator=torch.Generator().manual_seed(0), num_inference_steps=2).frames
-    plain = pipe.decode(LATENTS, steps=2, seed=None, generator=torch.Generator().manual_seed(0), progress=False)
+    plain = pipe.decode(LATENTS, steps=2, seed=None, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs the Previewer"):
         pipe(latents=LATENTS, num_inference_steps=1, colour_fix=16)
@@ -139,7 +139,7 @@ def test_a_seeded_generator_draws_the_release_noise_in_official_tiling():
     cond = upsample_condition(semantic_small(latents, pipe.scale_factor), (5, 24, 20))
     torch.manual_seed(123)
     noise = torch.randn(5, 4, 24, 20).permute(1, 0, 2, 3)[None]     # the release: frames first
-    released = sample(pipe.dit, cond, noise, make_scheduler("euler_a"), 3, "official", progress=False)
+    released = sample(pipe.dit, cond, noise, make_scheduler("euler_a"), 3, "official")
     rel = ((ours - released).norm() / released.norm()).item()
     assert rel < 1e-6, rel
 
@@ -216,9 +216,9 @@ def test_compiled_models_give_the_eager_output(saved):
 def test_a_scheduler_of_the_other_family_is_refused_unless_forced(saved):
     pipe, _ = saved                                           # saved with the release's Euler-ancestral (eps)
     with pytest.raises(ValueError, match="trained for eps prediction.*--force-scheduler"):
-        pipe.scheduler_for("flow")
-    assert type(pipe.scheduler_for("flow", force=True)).__name__ == "FlowMatchEulerDiscreteScheduler"
-    assert type(pipe.scheduler_for("ddim")).__name__ == "DDIMScheduler"      # another eps sampler is fine
+        pipe.resolve_scheduler("flow")
+    assert type(pipe.resolve_scheduler("flow", force=True)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert type(pipe.resolve_scheduler("ddim")).__name__ == "DDIMScheduler"      # another eps sampler is fine
     shipped = CascadeVPipeline.from_pretrained("cascadev/assets/tiny_cascade")
     with pytest.raises(ValueError, match="trained for flow matching"):
-        shipped.scheduler_for("euler_a")
+        shipped.resolve_scheduler("euler_a")

@@ -50,7 +50,7 @@ def test_unrolled_student_and_teacher_samplers_equal_the_pipelines(objective):
         scheduler = ode_scheduler(diffusion, student=student)
         with torch.no_grad():
             ours = sample_unrolled(denoise, noise, scheduler, steps)
-        assert torch.equal(ours, sample(dit, cond, noise, scheduler, steps, progress=False))
+        assert torch.equal(ours, sample(dit, cond, noise, scheduler, steps))
     if objective == "iddpm":      # a 1-step student starts at the last timestep and predicts v
         scheduler = ode_scheduler(diffusion, student=True)
         scheduler.set_timesteps(1)
@@ -94,19 +94,20 @@ def test_distill_script_resumes_exactly_and_exports_a_cascade_at_the_students_st
     teacher = json.loads((SHIPPED_CASCADE / "model_index.json").read_text())
     assert pipe.config.num_inference_steps == 1 and scheduler_name(pipe.scheduler) == "flow"
     assert pipe.config.colour_fix == teacher["colour_fix"] and pipe.previewer is not None
+    assert pipe.config.tile_detail == "central"                       # distill.tile_detail, the config's default
     # what decode runs at the saved steps is what the student trained on: the unrolled sampler, exactly
     task = DistillTask(load_train_config(whole / "config.yaml"))
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 16, 4, 2, 2, generator=g)
     from cascadev.pipelines.cascade import seeded_noise
     from cascadev.pipelines.conditioning import semantic_small, upsample_condition
-    z = pipe.decode_latents(latents, seed=5, progress=False)
+    z = pipe.decode_latents(latents, seed=5)
     cond = upsample_condition(semantic_small(latents, pipe.scale_factor), (4, 8, 8))
     with torch.no_grad():
         ours = sample_unrolled(task.denoiser(pipe.dit, cond), seeded_noise((1, 4, 4, 8, 8), 5), ode_scheduler(
             task.config.diffusion, student=True), 1)
     assert torch.allclose(z, ours, atol=1e-6)
-    video = pipe.decode(latents, progress=False)
+    video = pipe.decode(latents)
     assert video.shape == (1, 3, 4, 64, 64)
 
     # the student at its 1 step through the CLI: decode and reconstruct with --weights RUN/final
@@ -155,11 +156,12 @@ def test_builtin_distilled_decoder_shares_the_tiny_cascades_parts_and_decodes_in
     assert pipe.dit.dtype == torch.float32                         # stored in fp16, runs in fp32
     assert pipe.config.num_inference_steps == 1 and scheduler_name(pipe.scheduler) == "flow"
     assert (pipe.config.colour_fix, pipe.config.demo) == (teacher.config.colour_fix, teacher.config.demo)
+    assert (pipe.config.tile_detail, teacher.config.tile_detail) == ("central", "average")    # saved with each
     # load_cascade (the CLI's loader): the Previewer only where asked for, a part given replaces the shared one
     assert load_cascade(TINY_DISTILLED, with_previewer=False).previewer is None
     from cascadev.synthetic import make_clip
     video = make_clip(100_000, 2, 64, 64, "shapes")[None]
-    out = pipe.reconstruct(video, progress=False)
+    out = pipe.reconstruct(video)
     assert out.shape == video.shape and torch.isfinite(out).all()
 
 
@@ -182,5 +184,5 @@ def test_a_dit_folder_teacher_of_an_eps_objective_exports_a_ddim_student_at_two_
     pipe = CascadeVPipeline.from_pretrained(str(run / "final"))
     assert scheduler_name(pipe.scheduler) == "ddim" and pipe.config.num_inference_steps == 2
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.previewer is None
-    video = pipe.decode(torch.randn(1, 16, 4, 2, 2), progress=False)
+    video = pipe.decode(torch.randn(1, 16, 4, 2, 2))
     assert video.shape == (1, 3, 4, 64, 64) and torch.isfinite(video).all()

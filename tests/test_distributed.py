@@ -30,7 +30,7 @@ def _sample(distributed: bool) -> tuple[torch.Tensor, int]:
     model, cond, noise = _inputs()
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    z = sample(model, cond, noise, "euler_a", steps=2, generator=torch.Generator().manual_seed(1), progress=False,
+    z = sample(model, cond, noise, "euler_a", steps=2, generator=torch.Generator().manual_seed(1),
                distributed=distributed)
     return z, len(calls)
 

@@ -79,7 +79,8 @@ def test_eval_folder_with_skips(sets, capsys, tmp_path):
         ("fake", str(fake / "other.mp4"), "unmatched name")]
     reasons = {s["reason"] for s in report["skipped"]}
     assert {"unmatched name: no real video named 'other' (left out of paired metrics)",
-            f"too short for paired metrics: 5 < {FRAMES} frames", f"too short for fvd: 5 < {FRAMES} frames"} <= reasons
+            f"too short for paired metrics: 5 < {FRAMES} frames (--paired-frames {FRAMES}; 0 compares all frames)",
+            f"too short for fvd: 5 < {FRAMES} frames"} <= reasons
     conventions = report["conventions"]
     assert sorted(conventions) == ["fvd", "lpips", "psnr", "ssim"]
     assert conventions["psnr"].startswith("per frame on [0, 1]")

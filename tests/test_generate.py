@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -11,8 +14,8 @@ from cascadev.training.diffusion import DiffusionConfig, build_diffusion
 from cascadev.training.losses import base_training_loss
 from cascadev.video_io import video_info
 from helpers import config_fields, randomize_
+from cascadev.pipelines.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 from dit.text_dit import build_text_dit
-from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 
 FAST = dict(num_frames=3, height=64, width=96, num_inference_steps=2)  # 3 x 2 x 3 latents: padded to 4 x 2 x 4, cropped
 LATENT = dict(FAST, output_type="latent")
@@ -108,7 +111,7 @@ def test_guidance_one_is_the_unguided_path_exactly(pipe, encoder):
 
     # the whole loop: guidance 1 equals a plain scheduler loop over the conditional model
     noise = torch.randn(2, 16, 2, 2, 4)
-    got = sample_base(model, noise, text, null, guidance=1.0, scheduler="ddim", steps=3, progress=False)
+    got = sample_base(model, noise, text, null, guidance=1.0, scheduler="ddim", steps=3)
     scheduler = make_scheduler("ddim")
     scheduler.set_timesteps(3)
     z = noise * scheduler.init_noise_sigma
@@ -209,13 +212,22 @@ def test_call_end_to_end_api_and_reload(pipe, weights_dir):
     assert out.frames.shape == (2, 3, 3, 64, 96) and out.frames.abs().max() <= 1
     assert out.latents.shape == (2, 16, 3, 2, 3)
     # video k decodes with Stage B seed k (DecodeOptions' seed + k): the second video alone, from its latents
-    torch.testing.assert_close(pipe.cascade.decode(out.latents[1:], steps=1, seed=1, progress=False), out.frames[1:],
+    torch.testing.assert_close(pipe.cascade.decode(out.latents[1:], steps=1, seed=1), out.frames[1:],
                                rtol=0, atol=0)
     np_frames, = pipe("a red ball", decoder_num_inference_steps=1, output_type="np", return_dict=False, **FAST)
     assert np_frames.shape == (1, 3, 64, 96, 3) and 0 <= np_frames.min() and np_frames.max() <= 1
     loaded = TextToVideoPipeline.from_pretrained(str(weights_dir))
     loaded.set_progress_bar_config(disable=True)
     torch.testing.assert_close(latents(loaded, "a red ball"), latents(pipe, "a red ball"), rtol=0, atol=0)
+
+
+def test_a_folder_naming_the_text_encoders_old_module_still_loads(weights_dir, tmp_path):
+    index = json.loads((weights_dir / "model_index.json").read_text())
+    assert index["text_encoder"] == ["cascadev.pipelines.text_encoder", "TextEncoder"]
+    old = tmp_path / "old"
+    shutil.copytree(weights_dir, old)
+    (old / "model_index.json").write_text(json.dumps({**index, "text_encoder": ["dit.text_encoder", "TextEncoder"]}))
+    assert type(TextToVideoPipeline.from_pretrained(str(old)).text_encoder) is TextEncoder
 
 
 def test_bad_requests_raise_value_errors(pipe):

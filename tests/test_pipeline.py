@@ -17,12 +17,26 @@ def test_reconstruct_api_shapes_range_and_seeding(pipe, clip_file):
     video = read_video(clip_file, num_frames=5)
     latents = pipe.encode(video)
     assert latents.shape == (1, 16, 5, 3, 5)
-    recon = pipe.decode(latents, steps=2, seed=1, progress=False)
+    recon = pipe.decode(latents, steps=2, seed=1)
     assert recon.shape == video.shape and recon.abs().max() <= 1
-    torch.testing.assert_close(pipe.decode(latents, steps=2, seed=1, progress=False), recon, rtol=0, atol=0)
-    assert not torch.allclose(pipe.decode(latents, steps=2, seed=2, progress=False), recon)
+    torch.testing.assert_close(pipe.decode(latents, steps=2, seed=1), recon, rtol=0, atol=0)
+    assert not torch.allclose(pipe.decode(latents, steps=2, seed=2), recon)
     assert pipe.preview(latents).shape == video.shape
     assert set(pipe.timings) >= {"encode", "dit", "stage_a", "preview"}
+
+
+def test_progress_bars_follow_set_progress_bar_config(capfd, monkeypatch):
+    """The DiT's steps go through diffusers' ``progress_bar``; ``set_progress_bar_config(disable=True)`` silences
+    them, Stage A's and the semantic encoder's."""
+    monkeypatch.setattr("cascadev.progress.LOG_INTERVAL_S", 0.0)    # captured output is a log: bars show when slow
+    pipe, video = tiny_cascade(), torch.rand(1, 3, 2, 64, 64) * 2 - 1
+    capfd.readouterr()
+    pipe.reconstruct(video, steps=3)
+    err = capfd.readouterr().err
+    assert "denoising" in err and "0/3" in err and "semantic encode" in err and "Stage A decode" in err
+    pipe.set_progress_bar_config(disable=True)
+    pipe.reconstruct(video, steps=3)
+    assert capfd.readouterr().err == ""
 
 
 def test_the_api_refuses_pixels_of_another_range_zero_steps_and_no_frames(pipe):
@@ -30,12 +44,12 @@ def test_the_api_refuses_pixels_of_another_range_zero_steps_and_no_frames(pipe):
     the default; a clip of no frames is refused before the DiT divides by its length."""
     frames = torch.rand(1, 3, 2, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
     with pytest.raises(ValueError, match=r"CascadeVPipeline.encode: pixel values span \[0.*, 25.*\]; videos are in"):
-        pipe.reconstruct(frames, steps=1, progress=False)
-    assert pipe.reconstruct(frames / 127.5 - 1, steps=1, progress=False).shape == (1, 3, 2, 64, 64)
+        pipe.reconstruct(frames, steps=1)
+    assert pipe.reconstruct(frames / 127.5 - 1, steps=1).shape == (1, 3, 2, 64, 64)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
-        pipe.decode(torch.randn(1, 16, 2, 2, 2), steps=0, progress=False)
+        pipe.decode(torch.randn(1, 16, 2, 2, 2), steps=0)
     with pytest.raises(ValueError, match=r"CascadeVPipeline.decode: empty input of shape \(1, 16, 0, 2, 2\)"):
-        pipe.decode(torch.randn(1, 16, 0, 2, 2), steps=1, progress=False)
+        pipe.decode(torch.randn(1, 16, 0, 2, 2), steps=1)
 
 
 def test_colour_fix_none_is_the_saved_setting_where_the_previewer_is_loaded():
@@ -45,7 +59,7 @@ def test_colour_fix_none_is_the_saved_setting_where_the_previewer_is_loaded():
 
     shipped = CascadeVPipeline.from_pretrained(str(SHIPPED_CASCADE))
     z = shipped.encode(torch.rand(1, 3, 2, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
-    run = lambda p, **kw: p.decode(z, steps=1, progress=False, **kw)        # noqa: E731
+    run = lambda p, **kw: p.decode(z, steps=1, **kw)        # noqa: E731
     assert shipped.config.colour_fix == 16
     assert torch.equal(run(shipped), run(shipped, colour_fix=16))
     assert not torch.equal(run(shipped), run(shipped, colour_fix=0))
@@ -161,11 +175,12 @@ def test_sampler_defaults_follow_the_folder(tiny_pipeline_dir):
     shipped = CascadeVPipeline.from_pretrained(str(TINY_CASCADE))
     assert type(shipped.scheduler) is FlowMatchEulerDiscreteScheduler and shipped.config.num_inference_steps == 4
     # other family: forced
-    assert type(shipped.scheduler_for("euler_a", force=True)) is EulerAncestralDiscreteScheduler
+    assert type(shipped.resolve_scheduler("euler_a", force=True)) is EulerAncestralDiscreteScheduler
     # a scheduler of the saved one's class keeps the saved config (e.g. the flow shift it was trained at)
     shifted = tiny_cascade(num_inference_steps=3)
     shifted.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    assert shifted.scheduler_for("flow").config.shift == 3.0 and shifted.scheduler_for(None) is shifted.scheduler
+    assert shifted.resolve_scheduler("flow").config.shift == 3.0
+    assert shifted.resolve_scheduler(None) is shifted.scheduler
     # the release's sampler: 8 steps of EulerAncestralDiscreteScheduler()
     release = CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir))
     assert type(release.scheduler) is EulerAncestralDiscreteScheduler and release.config.num_inference_steps == 8
@@ -197,13 +212,13 @@ def test_decode_with_colour_fix_equals_the_fix_applied_to_the_plain_decode(pipe,
     from cascadev.pipelines.frames import fix_colour
 
     latents = torch.randn(1, 16, 2, 2, 2)
-    plain = pipe.decode(latents, steps=1, seed=3, progress=False)
-    fixed = pipe.decode(latents, steps=1, seed=3, progress=False, colour_fix=16)
+    plain = pipe.decode(latents, steps=1, seed=3)
+    fixed = pipe.decode(latents, steps=1, seed=3, colour_fix=16)
     torch.testing.assert_close(fixed, fix_colour(plain, pipe.preview(latents), 16), rtol=0, atol=0)
     assert not torch.allclose(fixed, plain)
     without = CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir), previewer=None)
     with pytest.raises(ValueError, match="colour_fix needs the Previewer"):
-        without.decode(latents, steps=1, progress=False, colour_fix=16)
+        without.decode(latents, steps=1, colour_fix=16)
 
 
 def test_colour_fix_default_follows_the_folder(pipe):
@@ -275,7 +290,7 @@ def test_cli_streams_a_long_clip_and_matches_the_in_memory_path(tmp_path, capsys
     assert code == 0, err
     video = read_video(clip)
     shipped = CascadeVPipeline.from_pretrained(str(SHIPPED_CASCADE))
-    expected = shipped.reconstruct(video, steps=1, progress=False)          # the saved colour fix, as the CLI
+    expected = shipped.reconstruct(video, steps=1)          # the saved colour fix, as the CLI
     assert mean_abs(read_video(tmp_path / "r.mp4"), as_written(expected, tmp_path / "expected.mp4")) < 2e-5
     assert psnr(expected, video).mean().item() > 18          # it reconstructs this clip, not any clip
     assert f"PSNR {psnr(expected, video).mean().item():.2f} dB" in stdout
@@ -296,9 +311,9 @@ def test_cli_noise_device_draws_one_stream_as_the_release(tmp_path, tiny_pipelin
         args = build_parser().parse_args(["decode", "z.pt", "-o", "o.mp4", "--seed", "3", "--steps", "2", *options])
         kwargs = decode_kwargs(args, pipe)
         kwargs.pop("colour_fix")
-        return pipe.decode_latents(z, progress=False, **kwargs)
+        return pipe.decode_latents(z, **kwargs)
 
-    one_stream = pipe.decode_latents(z, steps=2, seed=None, generator=torch.Generator().manual_seed(3), progress=False)
+    one_stream = pipe.decode_latents(z, steps=2, seed=None, generator=torch.Generator().manual_seed(3))
     device, cpu = stage_a_latents("--noise", "device"), stage_a_latents()
     torch.testing.assert_close(device, one_stream, rtol=0, atol=0)
     assert (device - cpu).abs().mean() > 1e-3         # the ancestral steps drew other noise (measured 0.011)
@@ -315,7 +330,7 @@ def test_the_dits_condition_is_the_semantic_latent_times_0_13025_upsampled_x4_as
     z = torch.randn(1, 16, 2, 2, 3, generator=torch.Generator().manual_seed(2))
     seen = []
     pipe.dit.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
-    pipe.decode_latents(z, steps=1, progress=False)
+    pipe.decode_latents(z, steps=1)
     frames = F.interpolate(rearrange(z, "b c t h w -> (b t) c h w"), scale_factor=4, mode="bilinear",
                            align_corners=False) * 0.13025
     torch.testing.assert_close(seen[0][:, 4:], rearrange(frames, "(b t) c h w -> b c t h w", t=2),
@@ -336,15 +351,35 @@ def test_cli_shifted_tiling_on_reconstruct_and_decode(tmp_path, capsys, tiny_pip
     assert not torch.equal(outputs["shifted"], outputs["blend"])       # 20 latent columns: 2 tiles, then 3 shifted
 
 
+def test_the_saved_tile_detail_is_how_overlaps_combine_unless_given(pipe):
+    from cascadev.pipelines.sampling import Tiling
+
+    latents = torch.randn(1, 16, 2, 3, 5, generator=torch.Generator().manual_seed(0))   # 20 latent columns: 2 tiles
+    common = dict(steps=1, seed=3, colour_fix=0)
+    average, central = (pipe.decode(latents, tiling=Tiling("blend", detail=d), **common)
+                        for d in ("average", "central"))
+    assert pipe.config.tile_detail == "average" and torch.equal(pipe.decode(latents, **common), average)
+    assert not torch.equal(average, central)
+    pipe.register_to_config(tile_detail="central")
+    try:
+        assert torch.equal(pipe.decode(latents, **common), central)
+        assert pipe.tiling("official") == Tiling("official")                            # the release's rule stays
+        assert pipe.tiling(Tiling("blend", detail="average")).detail == "average"       # given beats saved
+    finally:
+        pipe.register_to_config(tile_detail="average")
+    with pytest.raises(ValueError, match="tile_detail"):
+        type(pipe)(**pipe.components, tile_detail="sharp")
+
+
 def test_decode_options_are_one_value_for_every_decode_method(pipe):
     from cascadev.pipelines.cascade import DecodeOptions
 
     latents = torch.randn(1, 16, 2, 3, 5, generator=torch.Generator().manual_seed(0))
-    options = DecodeOptions(steps=2, seed=3, tiling="shifted", colour_fix=0, progress=False)
-    by_keywords = pipe.decode(latents, steps=2, seed=3, tiling="shifted", colour_fix=0, progress=False)
+    options = DecodeOptions(steps=2, seed=3, tiling="shifted", colour_fix=0)
+    by_keywords = pipe.decode(latents, steps=2, seed=3, tiling="shifted", colour_fix=0)
     assert torch.equal(pipe.decode(latents, options), by_keywords)
-    assert torch.equal(pipe.decode(latents, DecodeOptions(steps=1), steps=2, seed=3, tiling="shifted", colour_fix=0,
-                                   progress=False), by_keywords)                  # keywords change the options given
+    assert torch.equal(pipe.decode(latents, DecodeOptions(steps=1), steps=2, seed=3, tiling="shifted", colour_fix=0),
+                       by_keywords)                                                 # keywords change the options given
     assert torch.equal(torch.cat(list(pipe.decode_pieces(latents, options)), dim=2), by_keywords)
     with pytest.raises(TypeError, match="unknown decode option.*stepz"):
         pipe.decode(latents, stepz=2)

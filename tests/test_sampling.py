@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from helpers import randomize_
-from cascadev.pipelines.sampling import (Tiling, dit_work, finishing_step, grid_offset, make_scheduler, predict_noise,
-                                         sample, shifted_spans, window_crops, window_starts)
+from cascadev.pipelines.sampling import (Tiling, central_weights, dit_work, finishing_step, grid_offset, low_band,
+                                         make_scheduler, predict_noise, sample, shifted_spans, window_crops,
+                                         window_starts)
 from dit import PRESETS, VideoDiT
 
 TINY = PRESETS["tiny"]  # window: 4 frames x 16x16 latents
@@ -94,6 +95,20 @@ def test_official_rules_overwrite_tiles_and_ramp_windows():
     assert eps[0, 0, :, 0, 0].tolist() == [1, 1, 1.5, 2.5, 3, 3]
 
 
+def test_blend_weights_ramp_linearly_across_the_overlap_and_are_shared_with_stage_a():
+    """A window's blend weights along an axis (``cascadev.blend.ramp``, the one ramp Stage A's tiles use too):
+    1/(k+1) ... k/(k+1) across a k-unit overlap toward each neighbour, flat at the clip's own edges."""
+    from cascadev.blend import ramp
+    from cascadev.pipelines.sampling import axis_ramp
+
+    k = torch.arange(1, 5, dtype=torch.float32) / 5
+    torch.testing.assert_close(axis_ramp(20, 8, 4, 4, "cpu"), torch.cat([k, k.flip(0)]), rtol=0, atol=0)
+    torch.testing.assert_close(axis_ramp(20, 8, 0, 4, "cpu"), torch.cat([torch.ones(4), k.flip(0)]), rtol=0, atol=0)
+    torch.testing.assert_close(axis_ramp(20, 8, 12, 4, "cpu"), torch.cat([k, torch.ones(4)]), rtol=0, atol=0)
+    # a margin gives the neighbour the shared edge: 0 there, the ramp over the middle
+    torch.testing.assert_close(ramp(6, before=4, margin=1), torch.tensor([0, 1 / 3, 2 / 3, 1, 1, 1]))
+
+
 def test_blend_is_a_partition_of_unity_and_has_no_seams():
     x = torch.zeros(1, 20, 10, 37, 50)
     x[:, 0] = 0.7  # a constant field
@@ -108,6 +123,56 @@ def test_blend_is_a_partition_of_unity_and_has_no_seams():
         jump_o = eps_o.diff(dim=dim).abs().max()
         assert jump_b <= spread / (overlap + 1) + 1e-5, (dim, jump_b)
         assert jump_o >= 1.0  # official tiles overwrite: a step as large as the difference between calls
+
+
+class CallNoise(CallConstant):
+    """Stub DiT whose eps is fresh unit noise at every call: windows that disagree on every detail."""
+
+    def forward(self, x, t):
+        self.calls += 1
+        g = torch.Generator().manual_seed(self.calls)
+        return torch.randn(x.shape[0], self.out_channels, *x.shape[2:], generator=g)
+
+
+def test_central_detail_equals_average_where_windows_agree_or_have_no_detail():
+    x = torch.randn(1, 20, 10, 37, 50, generator=torch.Generator().manual_seed(0))
+    central = Tiling("blend", detail="central")
+    # windows that agree (eps a function of each latent): both give the untiled field back
+    torch.testing.assert_close(predict_noise(PassThrough(), x, 1.0, central), x[:, :1].expand(-1, 4, -1, -1, -1))
+    # windows of constants have no detail band: central is the seam-free average's low band
+    average = predict_noise(CallConstant(), x, 1.0, "blend")
+    smooth = low_band(torch.nn.functional.pad(average, (1, 1, 1, 1, 0, 0), mode="replicate"))
+    torch.testing.assert_close(predict_noise(CallConstant(), x, 1.0, central), smooth, atol=1e-3, rtol=0)
+
+
+def test_central_detail_keeps_the_detail_that_averaging_blurs():
+    x = torch.zeros(1, 20, 4, 20, 20)                 # tiles at 0 and 4: 12 of 16 columns (rows) overlap
+    average = predict_noise(CallNoise(), x, 1.0, Tiling("blend", detail="average"))
+    central = predict_noise(CallNoise(), x, 1.0, Tiling("blend", detail="central"))
+    detail_energy = [(e[..., 1:-1, 1:-1] - low_band(e)).pow(2).mean().item() for e in (average, central)]
+    assert detail_energy[1] > 1.3 * detail_energy[0], detail_energy   # averaging independent detail halves it
+
+
+def test_central_weights_pick_the_deepest_window():
+    spec = CallConstant().window
+    size = (4, 16, 28)                                       # two tiles side by side: columns [0, 16) and [12, 28)
+    crops = window_crops(spec, size, "blend")
+    assert [c[2] for c in crops] == [slice(0, 16), slice(12, 28)]
+    weights = torch.zeros(len(crops), *size)
+    for k, (f, r, col) in enumerate(crops):
+        weights[k, f, r, col] = central_weights(size, (f, r, col))
+    share = weights / weights.sum(0)
+    assert torch.all(share[0, :, :, :12] == 1) and torch.all(share[1, :, :, 16:] == 1)    # one window covers
+    assert share[0, 0, 8, 12] > 0.99 and share[1, 0, 8, 15] > 0.99    # in the overlap: the one a column is deeper in
+    torch.testing.assert_close(share[:, 0, 8, 13:15].sum(0), torch.ones(2))
+
+
+def test_central_detail_is_not_for_official_tiling():
+    with pytest.raises(ValueError, match="central"):
+        Tiling("official", detail="central")
+    with pytest.raises(ValueError, match="detail"):
+        Tiling("blend", detail="sharp")
+    assert Tiling("shifted", detail="central").at_step(3, finishing=3) == Tiling("blend", detail="central")
 
 
 def test_tile_stride_up_to_the_window_still_covers_every_latent():
@@ -208,15 +273,15 @@ def test_shifted_sampling_moves_the_grid_and_blends_the_finishing_step():
     import cascadev.pipelines.sampling as sampling
     sampling.predict_noise = spy
     try:
-        shifted = sample(model, cond, noise, "flow", 4, "shifted", progress=False)
+        shifted = sample(model, cond, noise, "flow", 4, "shifted")
     finally:
         sampling.predict_noise = original
     assert tilings == ["shifted@0", "shifted@1", "blend", "shifted@3"]
-    blend = sample(model, cond, noise, "flow", 4, "blend", progress=False)
+    blend = sample(model, cond, noise, "flow", 4, "blend")
     assert (shifted - blend).abs().max() > 1e-3
     # one step is the finishing step: shifted tiling is blend
-    torch.testing.assert_close(sample(model, cond, noise, "flow", 1, "shifted", progress=False),
-                               sample(model, cond, noise, "flow", 1, "blend", progress=False), rtol=0, atol=0)
+    torch.testing.assert_close(sample(model, cond, noise, "flow", 1, "shifted"),
+                               sample(model, cond, noise, "flow", 1, "blend"), rtol=0, atol=0)
     spec = tiny_model().window
     _, blended = dit_work(spec, (4, 64, 64), "blend", steps=4)
     _, moved = dit_work(spec, (4, 64, 64), "shifted", steps=4, finishing=2)
@@ -236,7 +301,7 @@ def test_official_tiling_rejects_clips_smaller_than_the_window():
 def test_sample_is_seedable_and_shapes_hold(name):
     model = tiny_model()
     cond, noise = torch.randn(1, 16, 6, 16, 24), torch.randn(1, 4, 6, 16, 24)
-    runs = [sample(model, cond, noise, name, 3, generator=torch.Generator().manual_seed(7), progress=False)
+    runs = [sample(model, cond, noise, name, 3, generator=torch.Generator().manual_seed(7))
             for _ in range(2)]
     assert runs[0].shape == (1, 4, 6, 16, 24) and torch.isfinite(runs[0]).all()
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
@@ -258,7 +323,7 @@ def test_each_deterministic_sampler_is_its_diffusers_loop(name):
             x = scheduler.scale_model_input(z, t) if hasattr(scheduler, "scale_model_input") else z
             eps = model(torch.cat([x, cond], dim=1), t.float().expand(1))[:, :4]
             z = scheduler.step(eps, t, z).prev_sample
-    torch.testing.assert_close(sample(model, cond, noise, name, 3, progress=False), z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sample(model, cond, noise, name, 3), z, rtol=1e-5, atol=1e-6)
 
 
 def test_flow_sampling_is_euler_on_the_velocity():
@@ -268,7 +333,7 @@ def test_flow_sampling_is_euler_on_the_velocity():
             return torch.full((x.shape[0], self.out_channels, *x.shape[2:]), 0.25)
 
     noise = torch.randn(1, 4, 4, 16, 16)
-    out = sample(ConstantVelocity(), torch.zeros(1, 16, 4, 16, 16), noise, "flow", 1, progress=False)
+    out = sample(ConstantVelocity(), torch.zeros(1, 16, 4, 16, 16), noise, "flow", 1)
     torch.testing.assert_close(out, noise - 0.25, rtol=0, atol=1e-6)
 
 
@@ -346,7 +411,7 @@ def test_official_sampling_equals_the_released_loop():
 
     torch.manual_seed(123)
     noise = torch.randn(T, 4, H, W).permute(1, 0, 2, 3).unsqueeze(0)
-    ours = sample(model, ref_z.permute(1, 0, 2, 3).unsqueeze(0), noise, "euler_a", 3, tiling="official", progress=False)
+    ours = sample(model, ref_z.permute(1, 0, 2, 3).unsqueeze(0), noise, "euler_a", 3, tiling="official")
     rel = (ours - released).norm() / released.norm()
     assert rel < 1e-5, rel
 
@@ -375,7 +440,7 @@ def test_sampling_with_batched_windows_matches():
     model = tiny_model()
     cond, noise = torch.randn(1, 16, 8, 24, 24), torch.randn(1, 4, 8, 24, 24)
     run = lambda batch: sample(model, cond, noise, "euler_a", 3, generator=torch.Generator().manual_seed(1),  # noqa: E731
-                               progress=False, window_batch=batch)
+                               window_batch=batch)
     torch.testing.assert_close(run(4), run(1), rtol=1e-4, atol=1e-4)
 
 

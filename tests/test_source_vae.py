@@ -194,8 +194,7 @@ def test_raw_latents_and_size(saved, tmp_path, capsys):
     out = decode("up.mp4", "--raw-latents")
     assert out.shape == (1, 3, 5, 96, 160)
     want = CascadeVPipeline.from_pretrained(str(SHIPPED_CASCADE)).decode_from(raw, vae, latents_normalised=False,
-                                                                               size="160", steps=1, colour_fix=0,
-                                                                               progress=False)
+                                                                               size="160", steps=1, colour_fix=0)
     assert mean_abs(out, as_written(want, tmp_path / "want.mp4")) < 2e-5
     assert mean_abs(decode("as_normalised.mp4"), out) > 1e-3
 
@@ -205,10 +204,10 @@ def test_decode_from_in_python(saved, tiny_pipeline_dir):
     pipe = CascadeVPipeline.from_pretrained(str(tiny_pipeline_dir))
     vae = SourceVAE.from_pretrained(saved["AutoencoderKLLTXVideo"], "vae")
     latents = vae.encode(make_clip(seed=3, frames=9, height=64, width=64)[None])
-    video = pipe.decode_from(latents, vae, scale=1.5, steps=1, progress=False)
+    video = pipe.decode_from(latents, vae, scale=1.5, steps=1)
     assert video.shape == (1, 3, 9, 96, 96)
     for source in (str(saved["AutoencoderKLLTXVideo"]), vae.model):     # a folder, a diffusers autoencoder
-        torch.testing.assert_close(pipe.decode_from(latents, source, size="96", steps=1, progress=False), video)
+        torch.testing.assert_close(pipe.decode_from(latents, source, size="96", steps=1), video)
 
 
 def test_per_channel_statistics_of_an_image_vae():

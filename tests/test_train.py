@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from cascadev.config import ConfigError
 from cascadev.synthetic import write_clips
+from cascadev.training.cache_latents import cache_latents
 from cascadev.training.cache_latents import main as cache_main
 from cascadev.training.config import load_train_config
 from cascadev.training.data import (LatentDataset, VideoDataset, clip_starts, load_clip, make_loader, mix_seed,
@@ -82,7 +83,7 @@ def test_dit_script_resumed_run_equals_uninterrupted(clips, tmp_path):
 
 @pytest.mark.slow
 def test_vae_script_resumed_run_equals_uninterrupted(clips, tmp_path):
-    common = ["vae.disc_start=1", "run.save_every=2", "run.val_every=3", "run.keep_checkpoints=1"]
+    common = ["stage_a_training.disc_start=1", "run.save_every=2", "run.val_every=3", "run.keep_checkpoints=1"]
     whole = train(VAE_TINY, tmp_path / "whole", clips, 3, *common)
     parts = train(VAE_TINY, tmp_path / "parts", clips, 2, *common)
     first = load_file(str(parts / "checkpoints/step_00000002/model.safetensors"))
@@ -202,8 +203,8 @@ def test_cache_random_crops_of_native_frames(clips, tmp_path):
     args = ["--config", str(DIT_TINY), "--set", f"data.videos={clips}", *fixed]
     random = cache_main([*args[:2], "--out", str(tmp_path / "random"), "--crop", "random", "--clips-per-video", "2",
                          *args[2:]])
-    centre = cache_main([*args[:2], "--out", str(tmp_path / "centre"), "--clips-per-video", "2", *args[2:]])
     config = load_train_config(DIT_TINY, [f"data.videos={clips}", *fixed])
+    centre = cache_latents(config, tmp_path / "centre", clips_per_video=2)     # from Python: a config, no namespace
     task, data = DiTTask(config, build_model=False), dataclasses.replace(config.data, crop="random", flip_prob=0.0)
     first = split_validation(config.data)[0][0].path
     g = torch.Generator().manual_seed(mix_seed(config.run.seed, 0, 1))
@@ -285,8 +286,9 @@ def test_decoded_loss_adds_the_error_of_x0_decoded_by_stage_a(clips):
 @pytest.mark.parametrize("kind", ["svd_temporal", "taesd"])
 @pytest.mark.slow
 def test_vae_loss_falls_on_a_tiny_set(clips, kind):
-    preset = ["stage_a.preset=tiny_taesd", "vae.trainable=['*']"] if kind == "taesd" else []
-    config = load_train_config(VAE_TINY, [f"data.videos={clips}", "vae.lpips_weight=0", "data.num_frames=2", *preset])
+    preset = ["stage_a.preset=tiny_taesd", "stage_a_training.trainable=['*']"] if kind == "taesd" else []
+    config = load_train_config(VAE_TINY, [f"data.videos={clips}", "stage_a_training.lpips_weight=0",
+                                          "data.num_frames=2", *preset])
     task = StageATask(config)
     assert task.config.stage_a.model_config().kind == kind
     video = VideoDataset(split_validation(config.data)[0], config.data, train=False)[0]["video"][None]
@@ -365,7 +367,7 @@ def test_config_mistakes_fail_with_one_clear_line(tmp_path):
     with pytest.raises(ConfigError, match="set dit.overrides.latent_channels=8"):
         load_train_config(DIT_TINY, ["stage_a.overrides.latent_channels=8"])
     with pytest.raises(ConfigError, match="matches no parameter"):
-        StageATask(load_train_config(VAE_TINY, ["vae.trainable=[nothing.*]"]))
+        StageATask(load_train_config(VAE_TINY, ["stage_a_training.trainable=[nothing.*]"]))
 
 
 def test_resize_route_conditions_on_a_small_stage_a_latent(clips):
@@ -416,17 +418,17 @@ def test_vae_loss_terms_with_lpips_and_discriminator(clips):
     assert isinstance(disc, PatchDiscriminator) and disc(video[:, :, 0]).shape[1] == 1
     loss, recon, logs = task.generator_loss(task.model, disc, video, torch.Generator().manual_seed(0), use_disc=True)
     assert set(logs) == {"l1", "mse", "kl", "lpips", "g_adv", "loss"} and recon.shape == video.shape
-    c = config.vae
+    c = config.stage_a_training
     assert torch.allclose(logs["loss"], c.l1_weight * logs["l1"] + c.kl_weight * logs["kl"]
                           + c.lpips_weight * logs["lpips"] + c.disc_weight * logs["g_adv"],
                           rtol=1e-5)          # mse_weight 0 by default
-    weighted = StageATask(dataclasses.replace(config, vae=dataclasses.replace(c, mse_weight=2.0)))
+    weighted = StageATask(dataclasses.replace(config, stage_a_training=dataclasses.replace(c, mse_weight=2.0)))
     weighted.model.load_state_dict(task.model.state_dict())
     loss2, _, logs2 = weighted.generator_loss(weighted.model, None, video, torch.Generator().manual_seed(0),
                                               use_disc=False)
     assert torch.allclose(logs2["mse"], logs["mse"]) and logs["mse"] > 0
     assert torch.allclose(loss2, c.l1_weight * logs["l1"] + 2.0 * logs["mse"] + c.kl_weight * logs["kl"], rtol=1e-5)
-    colour = StageATask(dataclasses.replace(config, vae=dataclasses.replace(c, lowpass_weight=3.0)))
+    colour = StageATask(dataclasses.replace(config, stage_a_training=dataclasses.replace(c, lowpass_weight=3.0)))
     colour.model.load_state_dict(task.model.state_dict())
     loss3, recon3, logs3 = colour.generator_loss(colour.model, None, video, torch.Generator().manual_seed(0),
                                                  use_disc=False)
@@ -504,8 +506,7 @@ def test_train_from_python_with_a_config_object_needs_no_namespace(clips, tmp_pa
     def no_namespace(*args, **kwargs):
         raise AssertionError("an argparse.Namespace was made on the way through train()")
     monkeypatch.setattr(argparse, "Namespace", no_namespace)
-    monkeypatch.setattr(train_module, "parse_args", no_namespace)
-    monkeypatch.setattr(train_module, "run_training", no_namespace)
+    monkeypatch.setattr(train_module, "main", no_namespace)             # the command line over train()
     config = load_train_config(DIT_TINY, [f"data.videos={clips}", "run.tensorboard=false", "run.val_every=0"])
     run = train_fn(config, overrides=SMALL, max_steps=2, run_dir=tmp_path / "run")
     assert run == tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Stage "base" (Stage C): the text-to-video TextDiT trained on semantic latents and captions."""
+"""Stage "stage_c" (Stage C, the base model): the text-to-video TextDiT trained on semantic latents and captions."""
 
 import json
 from pathlib import Path
@@ -118,7 +118,7 @@ def test_base_trains_from_a_latent_cache_with_captions(toy, tmp_path):
         assert torch.allclose(la, lb, atol=1e-5)
     run = train(tmp_path / "run", toy, 1, f"data.latents={cache}", 'data.videos=""', *fixed[1:])
     assert (run / "final/base_dit/diffusion_pytorch_model.safetensors").is_file()
-    with pytest.raises(ConfigError, match="holds stage base inputs, the config trains stage dit"):
+    with pytest.raises(ConfigError, match="holds stage stage_c inputs, the config trains stage dit"):
         main(["--config", str(DIT_TINY), "--max-steps", "1", "--set", f"data.latents={cache}",
               f"run.dir={tmp_path / 'dit'}", "run.tensorboard=false"])
 
@@ -203,16 +203,16 @@ def test_init_from_a_text_dit_folder_with_gradient_checkpointing(toy, tmp_path):
 
 def test_rectified_flow_base_validates_samples_and_exports_the_flow_sampler(toy, tmp_path, tiny_pipeline_dir):
     """diffusion.objective=rf: validation at sigma in (0, 1), a sample by the flow sampler at the trained shift
-    (scheduler_for), and that sampler in final/base_scheduler, which load_text_to_video uses (a final/ without it
+    (stage_c_scheduler), and that sampler in final/base_scheduler, which load_text_to_video uses (a final/ without it
     is refused: the default eps sampler would turn a velocity model's output into noise)."""
     import shutil
 
-    from cascadev.pipelines.text_to_video import load_text_to_video, scheduler_for
+    from cascadev.pipelines.text_to_video import load_text_to_video, stage_c_scheduler
     from cascadev.pipelines.sampling import scheduler_name
     rf = ("diffusion.objective=rf", "diffusion.sigma_shift=3", "base.overrides.learn_sigma=false")
-    flow = scheduler_for(load_train_config(BASE_TINY, list(rf)).diffusion)
+    flow = stage_c_scheduler(load_train_config(BASE_TINY, list(rf)).diffusion)
     assert scheduler_name(flow) == "flow" and flow.config.shift == 3.0
-    assert scheduler_name(scheduler_for(load_train_config(BASE_TINY).diffusion)) == "dpmpp"
+    assert scheduler_name(stage_c_scheduler(load_train_config(BASE_TINY).diffusion)) == "dpmpp"
     run = train(tmp_path / "rf", toy, 2, *rf, "run.val_every=2")
     logs = (run / "train.log").read_text()
     assert "val/loss" in logs and "val/sample_std" in logs and "nan" not in logs.split("val/loss")[1][:30]

@@ -133,3 +133,18 @@ def test_cache_refuses_a_file_as_out_and_a_failed_start_leaves_no_cache(clips, t
     code, _, err = run_cli(capsys, *base, "stage_a.overrides.pretrained=nobody/no-such-vae", "--out", cache)
     assert code == 2 and "Stage A VAE" in err.strip().splitlines()[-1] and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.txt"]
+
+
+def test_the_training_commands_are_the_modules_command_lines(capsys):
+    """``cascadev train`` / ``cache-latents`` hand their arguments to the modules' ``main`` (one declaration of each
+    option): the same options and usage errors, under the command's name; --debug is taken after the command too."""
+    from cascadev.cli import build_parser, parse
+
+    for command, option, required in (("train", "--resume-from", []), ("cache-latents", "--windows-per-clip",
+                                                                          ["--out", "cache"])):
+        code, out, _ = run_cli(capsys, command, "--help")
+        assert code == 0 and out.startswith(f"usage: cascadev {command} ") and option in out
+        code, _, err = run_cli(capsys, command, "--config", DIT_TINY, *required, "--bogus")
+        assert code == 2 and err.strip().startswith(f"cascadev {command}: error: unrecognized arguments: --bogus")
+    args = parse(build_parser(), ["train", "--config", "c.yaml", "--debug", "--set", "a=1", "b=2"])
+    assert args.debug and args.forwarded == ["--config", "c.yaml", "--set", "a=1", "b=2"]

@@ -77,15 +77,15 @@ def test_inference_condition_is_the_training_condition(factors):
 def test_pipeline_output_shapes(factors, shape):
     pipe = tiny_upscaler(*factors)
     clip = make_clip(seed=2, frames=3, height=32, width=48)[None]
-    out = pipe.upscale(video=clip, progress=False)
+    out = pipe.upscale(video=clip)
     assert out.shape == shape and out.abs().max() <= 1
     z = pipe.encode(clip)
-    from_latents = pipe.upscale(latents=z, progress=False)
+    from_latents = pipe.upscale(latents=z)
     assert from_latents.shape == shape
     if factors == (1, 4):     # the given frames are kept, the DiT's go between
         assert torch.equal(out[:, :, ::4], clip)
         assert torch.equal(out[:, :, 1::4], from_latents[:, :, 1::4])
-        redone = pipe.upscale(video=clip, keep_input_frames=False, progress=False)
+        redone = pipe.upscale(video=clip, keep_input_frames=False)
         assert torch.equal(redone, from_latents)
     else:                     # the video's route is its latents' route (no colour fix here)
         assert torch.equal(out, from_latents)
@@ -111,7 +111,7 @@ def test_cli_upscale_video_and_latents(tmp_path, capsys, route_dirs, low_clip, r
     assert code in (0, None), err
     info = video_info(tmp_path / "z.mp4")
     assert (info.width, info.height, info.frames, info.fps) == (*size, frames, fps)
-    want = as_written(pipe.upscale(latents=z, steps=1, progress=False), tmp_path / "want.mp4")   # what the API gives
+    want = as_written(pipe.upscale(latents=z, steps=1), tmp_path / "want.mp4")   # what the API gives
     assert mean_abs(read_video(tmp_path / "z.mp4"), want) < 2e-5
 
 
@@ -133,8 +133,8 @@ def test_colour_fix_takes_the_low_band_of_the_reference():
 
     pipe = tiny_upscaler(1, 4, colour_fix=8)
     low = make_clip(seed=6, frames=2, height=32, width=32)[None]
-    out = pipe.upscale(video=low, progress=False)                   # the saved colour fix
-    raw = pipe.upscale(video=low, colour_fix=0, progress=False)     # the same sample, without it
+    out = pipe.upscale(video=low)                   # the saved colour fix
+    raw = pipe.upscale(video=low, colour_fix=0)     # the same sample, without it
     torch.testing.assert_close(out[:, :, 1:], fix_colour(raw.clone(), pipe.colour_reference(low, 0, 8), 8)[:, :, 1:]
                                .index_copy(2, torch.tensor([3]), low[:, :, 1:]))
     assert torch.equal(out[:, :, ::4], low) and torch.equal(raw[:, :, ::4], low)   # the given frames as given
@@ -206,9 +206,9 @@ def test_cli_runtime_options_are_the_decoders(tmp_path, capsys, route_dirs, low_
 def test_the_api_refuses_pixels_of_another_range_and_zero_steps():
     pipe = tiny_upscaler(1, 4)
     with pytest.raises(ValueError, match=r"CascadeVUpscalePipeline.encode: pixel values span"):
-        pipe.upscale(video=torch.rand(1, 3, 2, 32, 48) * 255, progress=False)
+        pipe.upscale(video=torch.rand(1, 3, 2, 32, 48) * 255)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
-        pipe.upscale(latents=torch.zeros(1, 4, 2, 4, 6), steps=0, progress=False)
+        pipe.upscale(latents=torch.zeros(1, 4, 2, 4, 6), steps=0)
 
 
 def test_a_semantic_route_dit_is_refused():

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from cascadev.blend import ramp
 from cascadev.checks import check_video
 from cascadev.progress import progress_bar
 
@@ -114,7 +115,7 @@ class StageAConfig:
 
 # Ramp margin (px) by kind. "taesd" has no normalisation, so a tile is exact a few dozen px inside its edges (its
 # receptive field is finite); keeping the ramp there makes tiles match the whole frame: the shipped tiny one, 256 px
-# tiles sharing 64 on random latents, max |tiled - untiled| 0.041 with a full ramp, 0.0007 with a 32 px margin
+# tiles sharing 64 on random latents, max |tiled - untiled| 0.044 with a full ramp, 0.0007 with a 32 px margin
 # (0.0001 at 48). GroupNorm kinds see per-tile statistics everywhere (no margin helps): a full ramp hides the offset.
 TILE_MARGIN = {"taesd": 32, "kl": 0, "svd_temporal": 0}
 # Memory model of one decoder/encoder call: peak bytes = frames x tile pixels x channels at full resolution x
@@ -168,30 +169,12 @@ def spans(length: int, size: int, overlap: int) -> list[tuple[int, int]]:
 
 
 def blend_ramp(windows: list[tuple[int, int]], index: int, factor: int = 1, margin: int = 0) -> torch.Tensor:
-    """Weights (in output units, ``factor`` per input unit) of window ``index``: 1 inside, linear ramps
-    across the overlap with each neighbour. Where only two neighbours overlap their weights sum to one;
-    callers still divide by the summed weights, which covers windows packed closer than that.
-
-    ``margin`` (output units) keeps the ramp off the last ``margin`` units of each window's shared edge: there
-    the neighbour alone counts (weight 0 here, 1 there), and the ramp spans the middle of the overlap (at least
-    one unit). A decoder whose receptive field reaches ``r`` units is exact ``r`` units inside a tile's edge, so
-    ``margin >= r`` blends two exact values and the tiled output is the untiled one."""
+    """Weights (in output units, ``factor`` per input unit) of window ``index`` of ``windows``: ``cascadev.blend.ramp``
+    across its actual overlap with each neighbour, kept ``margin`` output units off the shared edges."""
     start, end = windows[index]
-    weight = torch.ones((end - start) * factor)
-
-    def rising(n: int) -> torch.Tensor:                      # 0 -> 1 across an overlap of n units
-        m = min(margin, (n - 1) // 2)
-        ramp = torch.zeros(n)
-        ramp[m:n - m] = (torch.arange(n - 2 * m) + 0.5) / (n - 2 * m)
-        ramp[n - m:] = 1
-        return ramp
-    if index > 0 and windows[index - 1][1] > start:
-        n = (windows[index - 1][1] - start) * factor
-        weight[:n] = rising(n)
-    if index + 1 < len(windows) and windows[index + 1][0] < end:
-        n = (end - windows[index + 1][0]) * factor
-        weight[-n:] = torch.minimum(weight[-n:], rising(n).flip(0))   # 1 -> 0
-    return weight
+    before = max(windows[index - 1][1] - start, 0) if index > 0 else 0
+    after = max(end - windows[index + 1][0], 0) if index + 1 < len(windows) else 0
+    return ramp((end - start) * factor, before * factor, after * factor, margin)
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,8 +189,8 @@ def _ramp_total(windows: tuple[tuple[int, int], ...], factor: int, device: torch
                 margin: int = 0) -> torch.Tensor:
     """Summed ramps of a layout (what the blended output is divided by), in output units, built once on ``device``."""
     total = torch.zeros(windows[-1][1] * factor, device=device)
-    for (start, end), ramp in zip(windows, _ramps(windows, factor, device, margin)):
-        total[start * factor:end * factor] += ramp
+    for (start, end), weight in zip(windows, _ramps(windows, factor, device, margin)):
+        total[start * factor:end * factor] += weight
     return total
 
 

@@ -17,7 +17,8 @@ from cascadev import __version__
 from cascadev.errors import OneLineParser, run_guarded
 
 
-# command, help, "module:function" adding its arguments (or None), "module:function" running it
+# command, help, "module:function" adding its arguments (None: the arguments after the command are handed over as
+# ``args.forwarded`` to a command line declared elsewhere), "module:function" running it
 COMMANDS = (
     ("info", "versions, device, precision and the attention kernel a decode runs", "cascadev.cli.info:add_arguments",
      "cascadev.cli.info:run"),
@@ -32,10 +33,11 @@ COMMANDS = (
      "cascadev.cli.generate:add_generate_arguments", "cascadev.cli.generate:run_generate"),
     ("eval", "PSNR/SSIM/LPIPS between paired videos, FVD between two sets",
      "cascadev.cli.eval:add_arguments", "cascadev.cli.eval:run"),
-    ("train", "train a stage (dit, vae, semantic or base) from a config; several GPUs: accelerate launch -m "
-              "cascadev.training.train", "cascadev.training.args:add_train_arguments", "cascadev.cli.train:run_train"),
-    ("cache-latents", "precompute what a stage trains on (Stage A latents and conditions; semantic latents for base)",
-     "cascadev.training.args:add_cache_arguments", "cascadev.cli.train:run_cache"),
+    ("train", "train a stage (dit, stage_a, semantic, stage_c or distill) from a config; several GPUs: accelerate "
+              "launch -m cascadev.training.train", None, "cascadev.cli.train:run_train"),
+    ("cache-latents", "precompute what a stage trains on (Stage A latents and conditions; semantic latents for "
+                      "stage_c)",
+     None, "cascadev.cli.train:run_cache"),
     ("demo", "the built-in tiny cascade on held-out clips vs the Previewer baseline", "cascadev.cli.demo:add_arguments",
      "cascadev.cli.demo:run"),
     ("convert", "rewrite a cascade saved by cascadev < 0.2 in diffusers' pipeline layout",
@@ -56,18 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cascadev {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text, add_arguments, run in COMMANDS:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, add_help=add_arguments is not None)   # else --help is handed over
         # also after the command; SUPPRESS keeps the value given before it
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if add_arguments:
             _function(add_arguments)(p)
-        p.set_defaults(func=_function(run))
+        p.set_defaults(func=_function(run), forwards=add_arguments is None)
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, except that a command declared elsewhere (``COMMANDS``' None) gets the arguments after
+    it as ``args.forwarded``."""
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "forwards", False):
+        args.forwarded = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return

@@ -55,6 +55,10 @@ def add_tiling_arguments(g) -> None:
                    help="blend overlapping windows/tiles smoothly (default), reproduce the release exactly (official), "
                         "or place them a window apart on a grid moved at every step (shifted: no overlap, the DiT "
                         "runs the area once per step; 0.4x blend's work at 2K)")
+    g.add_argument("--tile-detail", choices=["average", "central"],
+                   help="how blended overlaps combine: average the windows (the default of most weights), or take "
+                        "fine detail from the window a latent lies deepest in and average only the low band "
+                        "(central: sharper; the default of a 1-step distilled decoder)")
     g.add_argument("--tile-stride", type=int, metavar="N",
                    help="latent pixels between DiT tiles of large frames (default: the release's 3/4 of the window, "
                         "96 for the official DiT; up to the window, 128: fewer tiles, a third faster at 2048x1152)")

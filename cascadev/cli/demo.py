@@ -101,6 +101,7 @@ def _run(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     pipe = CascadeVPipeline.from_pretrained(str(weights)).to("cpu").set_precision(DTYPES[args.dtype])
+    pipe.set_progress_bar_config(disable=True)
     settings = pipe.config.demo or {}
     kind = args.kind or settings.get("kind", "mixed")
     size = args.size if args.size is not None else settings.get("size", 128)
@@ -109,14 +110,15 @@ def _run(args: argparse.Namespace) -> dict:
     fix = resolve_colour_fix(pipe, args.colour_fix)
     if fix and size % fix:
         raise UserError(f"--colour-fix must be 0 (off) or divide --size {size}, got {fix}")
-    scheduler = pipe.scheduler_for(args.scheduler, args.force_scheduler)
+    scheduler = pipe.resolve_scheduler(args.scheduler, args.force_scheduler)
     steps = args.steps if args.steps is not None else pipe.config.num_inference_steps
-    decoders = {"cascade": (pipe, DecodeOptions(steps=steps, scheduler=scheduler, colour_fix=0, progress=False))}
+    decoders = {"cascade": (pipe, DecodeOptions(steps=steps, scheduler=scheduler, colour_fix=0))}
     if args.distilled:
         if not (TINY_DISTILLED / "model_index.json").is_file():
             raise UserError(f"{TINY_DISTILLED}: the built-in distilled decoder is missing from this install")
         student = CascadeVPipeline.from_pretrained(str(TINY_DISTILLED)).to("cpu").set_precision(DTYPES[args.dtype])
-        decoders["distilled"] = (student, DecodeOptions(colour_fix=0, progress=False))   # its saved sampler
+        student.set_progress_bar_config(disable=True)
+        decoders["distilled"] = (student, DecodeOptions(colour_fix=0))   # its saved sampler
     seeds = [HELD_OUT_SEED0 + i for i in range(args.clips)]
     methods = [*decoders, "baseline"] + (["cascade_without_colour_fix"] if fix else [])
     scores = {method: {"psnr": [], "ssim": []} for method in methods}
@@ -150,7 +152,7 @@ def _run(args: argparse.Namespace) -> dict:
         results[method]["sharpness"] = detail[method] / detail["input"]
     latent_size = (args.frames, size // STAGE_A_DOWNSAMPLE, size // STAGE_A_DOWNSAMPLE)
     for method, (decoder, options) in decoders.items():     # per clip; the baseline runs no DiT
-        sampler = decoder.scheduler_for(options.scheduler)
+        sampler = decoder.resolve_scheduler(options.scheduler)
         method_steps = options.steps or decoder.config.num_inference_steps
         sampler.set_timesteps(method_steps)
         forwards, _ = dit_work(decoder.dit.window, latent_size, options.tiling, method_steps, finishing_step(sampler))

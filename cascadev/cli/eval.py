@@ -1,6 +1,8 @@
 """``cascadev eval``: PSNR / SSIM / LPIPS between paired videos and FVD between two sets.
 
-Pairs are made by file name without extension (``real/a.mp4`` <-> ``fake/a.mkv``). Paired metrics
+Pairs are made by file name without extension (``real/a.mp4`` <-> ``fake/a.mkv``); two video files are one pair.
+Frames are scored as stored in the files (``--geometry stored``, as the reference tools); ``--geometry display``
+scores them as players show them (pixel aspect stretched, rotation applied). Paired metrics
 use the first ``--paired-frames`` frames of both videos (default: ``--frames``; 0 = all frames, which
 must then agree in number); FVD uses one ``--frames``-frame clip per video and run, from every
 readable video of each set (paired or not). Every file left out is reported with the reason, and
@@ -21,8 +23,11 @@ from eval.metric_names import METRICS, PAIRED_METRICS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``eval`` options. No torch import here: ``cascadev --help`` stays fast (defaults resolve in ``run``)."""
     parser.add_argument("--real", required=True, metavar="DIR_OR_LIST",
-                        help="folder of reference videos, or a text file with one video path per line")
-    parser.add_argument("--fake", required=True, metavar="DIR_OR_LIST", help="folder (or list) of videos to evaluate")
+                        help="folder of reference videos, a text file with one video path per line, one video "
+                             "(then --fake is one video too: a single pair), or for FVD with the cd-fvd protocols a "
+                             "statistics file (.pkl) of the cd-fvd package")
+    parser.add_argument("--fake", required=True, metavar="DIR_OR_LIST",
+                        help="folder (or list) of videos to evaluate, or one video")
     parser.add_argument("--metrics", default="psnr,ssim,lpips",
                         help=f"comma-separated subset of {','.join(METRICS)} (default: psnr,ssim,lpips)")
     parser.add_argument("--frames", type=int, default=None, help="FVD clip length (default: the standard 16)")
@@ -30,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frames compared per pair for psnr/ssim/lpips (default: --frames; 0 = all)")
     parser.add_argument("--size", type=int, nargs="+", metavar="N", default=None,
                         help="resize every video to H W (or N x N) before all metrics (antialiased bilinear)")
+    parser.add_argument("--geometry", default="stored", choices=("stored", "display"),
+                        help="score the frames as stored in the files (default; what scikit-image, ffmpeg and the "
+                             "published FVD loaders read) or as displayed (non-square pixels stretched, rotation "
+                             "applied)")
     parser.add_argument("--i3d", default=None, metavar="PATH",
                         help="FVD detector: i3d_pretrained_400.pt (state dict) or i3d_torchscript.pt "
                              "(StyleGAN-V); default: either file in the torch hub checkpoint folder")
@@ -38,10 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--i3d-size", type=int, default=None,
                         help="I3D input side (default: 224; other values only for quick tests, "
                              "the FVD is then not comparable)")
-    parser.add_argument("--fvd-protocol", default="cascadev", choices=("cascadev", "videogpt", "tf", "stylegan-v"),
-                        help="how clips become I3D input, as one reference does it: cascadev (default: stretch to "
-                             "224x224), videogpt (short side to 224, centre crop), tf (TF1 resize_bilinear), "
-                             "stylegan-v (its TorchScript detector resizes; covariance over N)")
+    parser.add_argument("--fvd-protocol", default="cascadev",
+                        choices=("cascadev", "videogpt", "tf", "stylegan-v", "cd-fvd", "cd-fvd-i3d"),
+                        help="how clips become detector input, as one reference does it: cascadev (default: stretch "
+                             "to 224x224), videogpt (short side to 224, centre crop), tf (TF1 resize_bilinear), "
+                             "stylegan-v (its TorchScript detector resizes; covariance over N), cd-fvd "
+                             "(content-debiased FVD: VideoMAE-v2 features, --videomae), cd-fvd-i3d (the cd-fvd "
+                             "package's I3D variant)")
+    parser.add_argument("--videomae", default=None, metavar="PATH",
+                        help="VideoMAE-v2 checkpoint for --fvd-protocol cd-fvd (vit_g_hybrid_pt_1200e_ssv2_ft.pth; "
+                             "nothing is downloaded)")
+    parser.add_argument("--fvd-resolution", type=int, default=None, metavar="R",
+                        help="cd-fvd protocols: clips are first made R x R (short side, centre crop, 8-bit) as the "
+                             "cd-fvd loader does (default: from a --real statistics file's name, else 128)")
     parser.add_argument("--runs", type=int, default=1, help="FVD clip draws; mean and std are reported (default 1)")
     parser.add_argument("--clip", choices=("first", "random"), default=None,
                         help="FVD clip start: first frames, or random per video and run "
@@ -76,12 +94,14 @@ def print_report(report: dict) -> None:
         unit, digits = units[name]
         if "skipped" in res:
             print(f"{name:<7} {'skipped':>12} {'':>10}  {res['skipped']}", file=out)
-        elif name == "fvd":
+            continue
+        how = f"[protocol {res['protocol']}; {res['geometry']} frames]"
+        if name == "fvd":
             print(f"{name:<7} {_fmt(res['mean'], digits):>12} {_fmt(res['std'], digits):>10}  "
-                  f"{len(res['runs'])} run(s), N = {res['n_real']} real / {res['n_fake']} fake", file=out)
+                  f"{len(res['runs'])} run(s), N = {res['n_real']} real / {res['n_fake']} fake {how}", file=out)
         else:
             print(f"{name:<7} {_fmt(res['mean'], digits) + unit:>12} {_fmt(res['std_over_videos'], digits):>10}  "
-                  f"{res['videos']} videos / {res['frames']} frames (std over videos)", file=out)
+                  f"{res['videos']} videos / {res['frames']} frames (std over videos) {how}", file=out)
     for name, text in report["conventions"].items():
         print(f"  {name}: {text}", file=out)
     for note in report["results"].get("fvd", {}).get("notes", []):
@@ -108,7 +128,8 @@ def _options(args: argparse.Namespace) -> dict:
     return {"metrics": args.metrics, "frames": args.frames, "paired_frames": args.paired_frames, "size": args.size,
             "i3d": args.i3d, "i3d_bn_eps": args.i3d_bn_eps, "i3d_size": args.i3d_size,
             "fvd_protocol": args.fvd_protocol, "runs": args.runs, "clip": args.clip, "seed": args.seed,
-            "batch_size": args.batch_size, "workers": args.workers, "cache_dir": args.cache_dir}
+            "batch_size": args.batch_size, "workers": args.workers, "cache_dir": args.cache_dir,
+            "geometry": args.geometry, "videomae": args.videomae, "fvd_resolution": args.fvd_resolution}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -118,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     from eval.evaluation import check_options, evaluate, is_main_process
 
     options = _options(args)
-    check_options(**options)           # every option checked before anything loads or is read
+    check_options(**options, real=args.real)    # every option checked before anything loads or is read
     # written only after all the work: a bad path must fail now, not after the report is printed
     if args.json:
         check_output_file(args.json, "--json", "report.json")

@@ -130,6 +130,8 @@ def check_runtime_args(args) -> None:
     if args.tiling == "shifted" and (args.tile_stride or args.frame_stride):
         raise UserError("--tile-stride and --frame-stride apply to --tiling blend and official; shifted windows "
                         "are a whole window apart")
+    if args.tiling == "official" and args.tile_detail == "central":
+        raise UserError("--tile-detail central applies to --tiling blend and shifted; official is the release's rule")
     if args.max_memory is not None and args.max_memory < 0:
         raise UserError(f"--max-memory must be >= 0 GiB (0: the saved tiles), got {args.max_memory}")
     if args.offload and resolve_device(args.device).type != "cuda":
@@ -143,14 +145,14 @@ def check_crf(crf: int) -> None:
 
 
 def tiling_of(args, config) -> Tiling:
-    """``--tiling``, ``--tile-stride`` and ``--frame-stride``, checked against the loaded DiT's window (its
-    ``config``): a stride longer than the window would leave latents no window covers."""
+    """``--tiling``, ``--tile-detail``, ``--tile-stride`` and ``--frame-stride``, checked against the loaded DiT's
+    window (its ``config``): a stride longer than the window would leave latents no window covers."""
     for option, stride, size in (("--tile-stride", args.tile_stride, config.window_size),
                                  ("--frame-stride", args.frame_stride, config.window_frames)):
         if stride is not None and stride > size:
             raise UserError(f"{option} {stride} is longer than the DiT's window ({size}): it would leave gaps; "
                             f"use 1 to {size}")
-    return Tiling(args.tiling, frame_stride=args.frame_stride, tile_stride=args.tile_stride)
+    return Tiling(args.tiling, frame_stride=args.frame_stride, tile_stride=args.tile_stride, detail=args.tile_detail)
 
 
 def decode_kwargs(args, pipe) -> dict:
@@ -159,6 +161,6 @@ def decode_kwargs(args, pipe) -> dict:
     generator = (torch.Generator(device=pipe._execution_device).manual_seed(args.seed) if args.noise == "device"
                  else None)      # one stream for the noise and the steps, as the release's global generator
     return dict(seed=args.seed, generator=generator, tiling=tiling_of(args, pipe.dit.config), steps=args.steps,
-                scheduler=pipe.scheduler_for(args.scheduler, force=args.force_scheduler),
+                scheduler=pipe.resolve_scheduler(args.scheduler, force=args.force_scheduler),
                 colour_fix=resolve_colour_fix(pipe, args.colour_fix), window_batch=args.window_batch,
                 distributed=processes().num_processes > 1)

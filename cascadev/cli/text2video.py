@@ -46,7 +46,7 @@ def load_builtin(with_previewer: bool | None = True, cascade: str | Path | None 
     from cascadev.pipelines.sampling import load_scheduler
     from cascadev.pipelines.text_to_video import BASE_DIR, SCHEDULER_DIR, TEXT_ENCODER_DIR, TextToVideoPipeline
     from dit.text_dit import TextDiT
-    from dit.text_encoder import TextEncoder
+    from cascadev.pipelines.text_encoder import TextEncoder
 
     if not (BUILTIN / BASE_DIR).is_dir():
         raise FileNotFoundError(f"{BUILTIN}: the built-in text-to-video weights are missing "

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"{'x'.join(map(str, (W, H)))} at {fps:g} fps, {T} frames -> {W2}x{H2} at {fps * kt:g} fps, {T2} frames "
           f"(spatial x{ks}, temporal x{kt})", flush=True)
     sample_kw = dict(steps=args.steps, seed=args.seed,
-                     scheduler=pipe.scheduler_for(args.scheduler, args.force_scheduler),
+                     scheduler=pipe.resolve_scheduler(args.scheduler, args.force_scheduler),
                      tiling=tiling_of(args, pipe.dit.config), window_batch=args.window_batch)
     keep = None if video is None else (not args.regenerate_input_frames and ks == 1)
     paths = output_paths(args.output, (video if video is not None else latents).shape[0])
@@ -188,6 +188,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     with torch.no_grad():
         pipe = load_upscale(weights).to("cpu").set_precision(DTYPES[args.dtype])
+        pipe.set_progress_bar_config(disable=True)
         ks, kt = pipe.factors
         if ks != 1:
             raise UserError(f"{weights}: a {ks}x resolution model; --fps-x4 shows a frame-rate model "
@@ -196,7 +197,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         kind = args.kind or settings.get("kind", "shapes")
         size = args.size or settings.get("size", 128)
         steps = args.steps or pipe.config.num_inference_steps
-        scheduler = pipe.scheduler_for(args.scheduler, args.force_scheduler)
+        scheduler = pipe.resolve_scheduler(args.scheduler, args.force_scheduler)
         frames = kt * args.frames                                      # the last input frame + kt - 1 after it
         between = [i for i in range(kt * (args.frames - 1)) if i % kt]   # strictly between input frames
         tail = list(range(kt * (args.frames - 1) + 1, frames))
@@ -208,8 +209,7 @@ def demo_fps_x4(args: argparse.Namespace) -> dict:
         for i, seed in enumerate(seeds):
             truth = make_clip(seed, frames, size, size, kind)[None]      # (1, 3, T, H, W)
             low = truth[:, :, ::kt]
-            raw = pipe.upscale(video=low, steps=steps, seed=args.seed + i, scheduler=scheduler, colour_fix=0,
-                               progress=False)
+            raw = pipe.upscale(video=low, steps=steps, seed=args.seed + i, scheduler=scheduler, colour_fix=0)
             outputs = {"ours": raw, "blend": temporal_upsample(low, kt, frames),
                        "repeat": low.repeat_interleave(kt, dim=2)}
             if fix:      # the same sample with the colour fix, as pipe.upscale(video=low) gives it

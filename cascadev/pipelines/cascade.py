@@ -29,7 +29,8 @@ from einops import rearrange
 from cascadev.checks import check_video
 from cascadev.config import to_dict
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
-from cascadev.pipelines.sampling import Tiling, make_scheduler, sample
+from cascadev.pipelines.sampling import TILE_DETAILS, Tiling, make_scheduler, sample
+from cascadev.progress import bar_settings
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.frames import SEMANTIC_DOWNSAMPLE, check_colour_fix, fix_colour, resize_video
 from cascadev.weights import is_hub_id
@@ -72,12 +73,13 @@ class DecodeOptions:
     Noise: ``seed`` draws it frames first, as the release did, on a CPU generator (ancestral steps from ``seed + 1``);
     a ``generator`` replaces both with one stream, as the release's global generator
     (``torch.Generator("cuda").manual_seed(42)`` on a GPU is the released code's). ``tiling``: how windows and tiles
-    cover a large clip (``sampling.Tiling``). ``colour_fix=f`` takes the band of f x f pixel blocks and below from
-    the Previewer (``fix_colour``; 0: off; None: the folder's setting where the Previewer is loaded).
+    cover a large clip (``sampling.Tiling``; its ``detail`` defaults to the folder's ``tile_detail``).
+    ``colour_fix=f`` takes the band of f x f pixel blocks and below from the Previewer (``fix_colour``; 0: off;
+    None: the folder's setting where the Previewer is loaded).
     ``window_batch``: DiT windows/tiles per forward (faster on a GPU, same result within rounding).
     ``distributed``: under ``accelerate launch``, every rank decodes the same latents and each step's windows/tiles
     are split across the ranks (``sampling.predict_noise``). ``callback(i, t, latents)`` runs after each DiT step and
-    may return replacement latents (B, 4, T, H/8, W/8).
+    may return replacement latents (B, 4, T, H/8, W/8). Progress bars are the pipeline's (``set_progress_bar_config``).
     """
 
     steps: int | None = None
@@ -90,7 +92,6 @@ class DecodeOptions:
     window_batch: int = 1
     distributed: bool = False
     callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
-    progress: bool = True
 
 
 # -- loading the parts -----------------------------------------------------------------------------
@@ -237,8 +238,9 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
     Components: ``dit`` (``VideoDiT``), ``semantic_encoder``, ``vae`` (Stage A: a diffusers autoencoder),
     ``scheduler``, ``previewer`` (optional). Registered settings: ``stage_a`` (latent scale, chunks and tiles
-    of Stage A decoding), ``num_inference_steps`` and ``colour_fix`` (the defaults these weights were tuned
-    for) and ``demo`` (what ``cascadev demo`` shows them on).
+    of Stage A decoding), ``num_inference_steps``, ``colour_fix`` and ``tile_detail`` (the defaults these weights
+    were tuned for: a 1-step distilled decoder saves ``"central"``, ``sampling.Tiling``) and ``demo`` (what
+    ``cascadev demo`` shows them on).
     """
 
     model_cpu_offload_seq = "semantic_encoder->dit->vae->previewer"
@@ -246,8 +248,11 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
     def __init__(self, dit: VideoDiT, semantic_encoder: SemanticEncoder | None, vae: torch.nn.Module,
                  scheduler: SchedulerMixin, previewer: Previewer | None = None, stage_a: dict | None = None,
-                 num_inference_steps: int = RELEASE_STEPS, colour_fix: int | None = None, demo: dict | None = None):
+                 num_inference_steps: int = RELEASE_STEPS, colour_fix: int | None = None, demo: dict | None = None,
+                 tile_detail: str = "average"):
         super().__init__()
+        if tile_detail not in TILE_DETAILS:
+            raise ValueError(f"tile_detail must be one of {', '.join(TILE_DETAILS)}, got {tile_detail!r}")
         stage_a_vae = StageAVAE.around(vae, stage_a)     # chunked, tiled decoding and the latent scale
         if dit.config.latent_channels != vae.config.latent_channels:
             raise ValueError(f"the DiT makes {dit.config.latent_channels}-channel latents but the Stage A VAE decodes "
@@ -255,12 +260,13 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         self.register_modules(dit=dit, semantic_encoder=semantic_encoder, vae=vae, scheduler=scheduler,
                               previewer=previewer)
         self.register_to_config(stage_a=stage_a_settings(stage_a_vae.config), num_inference_steps=num_inference_steps,
-                                colour_fix=colour_fix, demo=demo)
+                                colour_fix=colour_fix, demo=demo, tile_detail=tile_detail)
         for module in (dit, semantic_encoder, vae, previewer):
             if module is not None:
                 module.eval().requires_grad_(False)
         self.stage_a = stage_a_vae
         self.timings: dict[str, float] = {}
+        self.set_progress_bar_config(desc="denoising", **bar_settings())     # the DiT's steps
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "CascadeVPipeline":
@@ -307,12 +313,13 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
     # -- the cascade ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1], H and W multiples of 32 -> semantic latents (B, 16, T, H/32, W/32) float32."""
         check_video(video, 3, SEMANTIC_DOWNSAMPLE, "CascadeVPipeline.encode", pixels=True)
         if self.semantic_encoder is None:
             raise ValueError("this pipeline was loaded without a semantic encoder")
-        return self._timed("encode", lambda: self.semantic_encoder.encode(video, progress, self._execution_device))
+        return self._timed("encode", lambda: self.semantic_encoder.encode(video, self.progress_enabled(),
+                                                                                  self._execution_device))
 
     def decode_options(self, options: DecodeOptions | None = None, **changes) -> DecodeOptions:
         """``options`` (default: ``DecodeOptions()``) with ``changes`` applied (e.g. ``steps=2, tiling="shifted"``)."""
@@ -322,6 +329,14 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
             raise TypeError(f"unknown decode option(s) {', '.join(sorted(unknown))}; DecodeOptions has "
                             f"{', '.join(f.name for f in fields(DecodeOptions))}")
         return replace(options, **changes) if changes else options
+
+    def tiling(self, tiling: str | Tiling = "blend") -> Tiling:
+        """``tiling`` with its ``detail`` (how blended overlaps combine) defaulting to the saved ``tile_detail``;
+        official tiling keeps the release's rule."""
+        tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
+        if tiling.detail is None and tiling.mode != "official":
+            tiling = replace(tiling, detail=self.config.tile_detail)
+        return tiling
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, options: DecodeOptions | None = None, **changes) -> torch.Tensor:
@@ -345,14 +360,16 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                               "b t c h w -> b c t h w")   # frames first, as seeded_noise
         scheduler = o.scheduler
         if isinstance(scheduler, str) or scheduler is None:
-            scheduler = self.scheduler_for(scheduler)
+            scheduler = self.resolve_scheduler(scheduler)
         if o.scheduler_config:
             scheduler = type(scheduler).from_config(scheduler.config, **o.scheduler_config)
         steps = self.config.num_inference_steps if o.steps is None else o.steps
+        tiling = self.tiling(o.tiling)
         # latents and the scheduler's arithmetic stay fp32; the DiT runs in its own dtype (``_run_window``)
-        return self._timed("dit", lambda: sample(self.dit, cond.float(), noise.float(), scheduler, steps, o.tiling,
-                                                 generator=generator, progress=o.progress, callback=o.callback,
-                                                 window_batch=o.window_batch, distributed=o.distributed))
+        with self.step_progress(steps, o.callback) as callback:
+            return self._timed("dit", lambda: sample(self.dit, cond.float(), noise.float(), scheduler, steps, tiling,
+                                                     generator=generator, callback=callback,
+                                                     window_batch=o.window_batch, distributed=o.distributed))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, options: DecodeOptions | None = None, **changes) -> torch.Tensor:
@@ -373,7 +390,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         check_colour_fix(*(n * SEMANTIC_DOWNSAMPLE for n in latents.shape[-2:]), colour_fix)   # before the DiT runs
         z = self.decode_latents(latents, o)
         # distributed: Stage A and the colour fix's Previewer run replicated on every rank (cheap next to the DiT)
-        pieces = self.stage_a.decode_pieces(z, o.progress, self._execution_device)
+        pieces = self.stage_a.decode_pieces(z, self.progress_enabled(), self._execution_device)
         start = 0
         while (video := self._timed("stage_a", lambda: next(pieces, None))) is not None:
             video, end = video.clamp_(-1, 1), start + video.shape[2]
@@ -453,7 +470,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
             return out.get("latents")
         options = DecodeOptions(steps=num_inference_steps, seed=0 if generator is None else None, tiling=tiling,
                                 generator=generator, callback=on_step, window_batch=window_batch,
-                                colour_fix=colour_fix, progress=self.progress_enabled())
+                                colour_fix=colour_fix)
         if output_type == "latent":
             frames = self.decode_latents(latents, options)
         else:

@@ -16,8 +16,8 @@ from cascadev.pipelines.cascade import (LEGACY_PIPELINE_FILE, RELEASE_STEPS, Cas
                                         load_vae, stage_a_settings)
 from cascadev.pipelines.sampling import make_scheduler
 from cascadev.pipelines.text_to_video import TextToVideoPipeline, is_legacy_text_to_video
+from cascadev.pipelines.text_encoder import TextEncoder
 from dit.text_dit import TextDiT
-from dit.text_encoder import TextEncoder
 from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
 from vae.semantic_encoder import SemanticEncoder

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ def timed(timings: dict[str, float], phase: str, device: torch.device, fn: Calla
         torch.cuda.synchronize()
     timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
     return out
+
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]   # (i, t, latents) -> replacement
 
 
 # A compiled block's cache entries (one per token layout x windows per forward x window size) all belong to the one
@@ -63,8 +67,19 @@ class DecoderRuntimeMixin:
 
     def progress_enabled(self) -> bool:
         """Whether this pipeline shows progress bars: diffusers' ``set_progress_bar_config(disable=True)`` turns them
-        off."""
+        off. Its models' own bars (Stage A's chunks, the semantic encoder's frames) follow it."""
         return not getattr(self, "_progress_bar_config", {}).get("disable", False)
+
+    @contextmanager
+    def step_progress(self, steps: int, callback: StepCallback | None = None) -> Iterator[StepCallback]:
+        """A step callback for a sampling loop (``sampling.sample``, ``text_to_video.sample_base``) that advances
+        ``self.progress_bar`` (diffusers' bar, as ``set_progress_bar_config`` sets it) over ``steps`` steps, then runs
+        ``callback(i, t, latents)`` and returns what it returns."""
+        with self.progress_bar(total=steps) as bar:
+            def on_step(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor | None:
+                bar.update()
+                return None if callback is None else callback(i, t, latents)
+            yield on_step
 
     def set_precision(self, dtype: torch.dtype, attn_fp32: bool | None = None):
         """Run the models in ``dtype`` (fp32, bf16 or fp16). Kept in fp32: the latents and the scheduler's arithmetic
@@ -92,7 +107,7 @@ class DecoderRuntimeMixin:
         self.vae.decoder.compile(dynamic=False)
         return self
 
-    def scheduler_for(self, scheduler: str | SchedulerMixin | None, force: bool = False) -> SchedulerMixin:
+    def resolve_scheduler(self, scheduler: str | SchedulerMixin | None, force: bool = False) -> SchedulerMixin:
         """The saved scheduler (None), a scheduler object, or one by short name (``make_scheduler``); a named one of
         the saved one's class keeps its saved config (e.g. the flow shift the DiT was trained at). A named one of
         the other family (flow matching vs eps prediction) than the saved one is refused unless ``force``: the DiT

@@ -32,7 +32,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from einops import rearrange
 
-from cascadev.progress import progress_bar
+from cascadev.blend import ramp
 
 SCHEDULERS = {                   # short names, as the CLI takes them
     "euler_a": EulerAncestralDiscreteScheduler,
@@ -50,11 +50,18 @@ class Tiling:
     ``shifted`` places windows a whole window apart on a grid that moves at every denoising step, so no seam stays in
     one place, and blends the finishing step (``finishing_step``: the last one that starts from real noise, which
     sets the detail) at the release's spacing: measured on the tiny cascade against blending every step, shifting
-    that step too cost 0.3 dB, blending only it 0.01-0.05 dB (benchmarks/tiling.py, docs/fast-decoding.md)."""
+    that step too cost 0.3 dB, blending only it 0.01-0.05 dB (benchmarks/tiling.py, docs/fast-decoding.md).
+
+    ``detail``: how blended overlaps combine. ``average``: the windows' outputs weighted by their ramps. ``central``:
+    two-band blending (Burt & Adelson 1983): the low band (``DETAIL_KERNEL`` box filter) averaged as ``average``, the
+    detail band taken from the window in whose interior a latent lies deepest (``central_weights``). Windows disagree
+    on fine detail they cannot see of each other; averaging two such guesses blurs them, which a sampler's later
+    steps repair and a 1-step decoder cannot. None: the pipeline's saved ``tile_detail`` (else ``average``)."""
 
     mode: Literal["blend", "official", "shifted"] = "blend"
     frame_stride: int | None = None   # latent frames between windows; default window_frames // 2
     tile_stride: int | None = None    # latent pixels between tiles; default round(0.75 * window_size)
+    detail: Literal["average", "central"] | None = None
 
     def __post_init__(self):
         if self.mode not in TILING_MODES:
@@ -65,14 +72,21 @@ class Tiling:
                 raise ValueError(f"{name} must be >= 1, got {value}")
             if value is not None and self.mode == "shifted":
                 raise ValueError(f"{name} applies to blend and official tiling; shifted windows are a window apart")
+        if self.detail not in (None, *TILE_DETAILS):
+            raise ValueError(f"detail must be one of {', '.join(TILE_DETAILS)}, got {self.detail!r}")
+        if self.detail == "central" and self.mode == "official":
+            raise ValueError("detail 'central' applies to blend and shifted tiling; official tiling is the release's")
 
     def at_step(self, step: int, finishing: int) -> "Tiling":
         """The tiling of denoising step ``step`` of a sampler whose finishing step is ``finishing``: ``shifted`` blends
         that one; other modes are the same at every step."""
-        return Tiling("blend") if self.mode == "shifted" and step == finishing else self
+        return Tiling("blend", detail=self.detail) if self.mode == "shifted" and step == finishing else self
 
 
 TILING_MODES = ("blend", "official", "shifted")
+TILE_DETAILS = ("average", "central")
+DETAIL_KERNEL = 3         # latent pixels: the detail band is what a 3 x 3 box filter removes (periods < ~24 px)
+CENTRAL_POWER = 8         # central weights ~ depth^8: the deepest window's detail, a short cross-fade where two tie
 NEGLIGIBLE_NOISE = 0.05   # noise-to-signal ratio below which a step only polishes what is there
 
 
@@ -174,17 +188,64 @@ def shifted_spans(length: int, size: int, offset: int, multiple: int) -> list[sl
     return [slice(a, b) for a, b in spans]
 
 
-def ramp(length: int, size: int, start: int, overlap: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Blend weights (size,) of a window at ``start``: linear ramps of ``overlap`` steps toward
-    neighbours, flat at the clip's own edges. Never zero, so weights always sum to > 0. Made on ``device``
-    (no host-to-device copy, which would wait for the GPU, in the denoising loop)."""
+def axis_ramp(length: int, size: int, start: int, stride: int, device: torch.device) -> torch.Tensor:
+    """``blend`` weights (size,) of a window at ``start`` along an axis of ``length``: ramps across the nominal overlap
+    (size - stride) toward neighbours, flat at the clip's own edges (``cascadev.blend.ramp``)."""
+    overlap = size - stride
+    return ramp(size, overlap if start > 0 else 0, overlap if start + size < length else 0, device=device)
+
+
+def interior_depth(length: int, size: int, start: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """How deep each position of a window at ``start`` lies inside it, as a fraction of the window (size,): 1 / size
+    at an edge toward a neighbour, about 1/2 in the middle; 2 where the clip's own border is the nearer edge (no
+    neighbour sees beyond it)."""
     i = torch.arange(size, dtype=torch.float32, device=device)
-    w = torch.ones(size, device=device)
+    depth = torch.full((size,), 2.0 * size, device=device)
     if start > 0:
-        w = torch.minimum(w, (i + 1) / (overlap + 1))
+        depth = torch.minimum(depth, i + 1)
     if start + size < length:
-        w = torch.minimum(w, (size - i) / (overlap + 1))
-    return w
+        depth = torch.minimum(depth, size - i)
+    return depth / size
+
+
+def central_weights(size: tuple[int, int, int], crop: Crop, device: torch.device | str | None = None) -> torch.Tensor:
+    """Detail-band weights (t, h, w) of a window ``crop`` of a clip of ``size`` (T, H, W): its interior depth along
+    the shallowest axis, to the power ``CENTRAL_POWER`` (between 1 / window^8 and 2^8: no float32 overflow).
+    Normalised by their sum over windows, they take the deepest window's detail almost everywhere."""
+    depths = [interior_depth(n, s.stop - s.start, s.start, device) for n, s in zip(size, crop)]
+    depth = torch.minimum(torch.minimum(depths[0][:, None, None], depths[1][None, :, None]), depths[2][None, None, :])
+    return depth ** CENTRAL_POWER
+
+
+def low_band(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H + 2p, W + 2p) -> (B, C, T, H, W): the ``DETAIL_KERNEL`` box filter per frame (p its half-width)
+    over the positions whose neighbourhood is inside."""
+    return F.avg_pool3d(x, (1, DETAIL_KERNEL, DETAIL_KERNEL), stride=1)
+
+
+def _central_blend(average: torch.Tensor, crops: list[Crop], eps: list[torch.Tensor]) -> torch.Tensor:
+    """Two-band blending (``Tiling.detail == "central"``) of the windows' outputs ``eps`` over ``crops``, given their
+    ramp-weighted ``average`` (B, C, T, H, W): the average's low band plus the detail band of the window each latent
+    lies deepest in. A window's band split sees, across its edges toward neighbours, what the windows there made on
+    average (at the clip's edges, its own edge replicated), so windows that agree give their common output back
+    exactly, and a window without detail (a constant) adds none."""
+    T, H, W = average.shape[2:]
+    pad = DETAIL_KERNEL // 2
+    around = F.pad(average, (pad, pad, pad, pad, 0, 0), mode="replicate")    # b c t (h + 2p) (w + 2p)
+    detail, weight = torch.zeros_like(average), average.new_zeros(1, 1, T, H, W)
+    for (f, r, col), e in zip(crops, eps):
+        patch = F.pad(e, (pad, pad, pad, pad, 0, 0), mode="replicate")     # b c t (h + 2p) (w + 2p)
+        for side, inner in ((0, r.start > 0), (1, r.stop < H), (2, col.start > 0), (3, col.stop < W)):
+            if inner:     # a neighbour's side: what the windows there made on average
+                ring = [slice(None)] * 2
+                ring[side // 2] = slice(None, pad) if side % 2 == 0 else slice(-pad, None)
+                rows, cols = slice(r.start, r.stop + 2 * pad), slice(col.start, col.stop + 2 * pad)
+                patch[..., ring[0], ring[1]] = around[:, :, f, rows, cols][..., ring[0], ring[1]]
+        v = central_weights((T, H, W), (f, r, col), average.device).to(average.dtype)      # t h w
+        detail[:, :, f, r, col] += (e - low_band(patch)) * v
+        weight[:, :, f, r, col] += v
+    smooth = low_band(around)
+    return smooth + detail / weight
 
 
 def _pad_to(x: torch.Tensor, multiples: tuple[int, int, int]) -> torch.Tensor:
@@ -352,23 +413,26 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
             last_end = start + size
         return out
 
-    # blend: each crop weighted by the product of its ramps over frames, rows and columns, then normalised
+    # blend: each crop weighted by the product of its ramps over frames, rows and columns, then normalised; with
+    # central detail, the detail band from the deepest window instead (Tiling's docstring)
     frame_stride, tile_stride = _strides(model.window, tiling)
+    eps = list(eps)
     weight = x.new_zeros(1, 1, T, H, W)
     for (f, r, col), e in zip(crops, eps):
         size, th, tw = _crop_size((f, r, col))
-        w = (ramp(T, size, f.start, size - frame_stride, x.device)[:, None, None]
-             * ramp(H, th, r.start, th - tile_stride, x.device)[None, :, None]
-             * ramp(W, tw, col.start, tw - tile_stride, x.device)[None, None, :]).to(x.dtype)  # t h w
+        w = (axis_ramp(T, size, f.start, frame_stride, x.device)[:, None, None]
+             * axis_ramp(H, th, r.start, tile_stride, x.device)[None, :, None]
+             * axis_ramp(W, tw, col.start, tile_stride, x.device)[None, None, :]).to(x.dtype)  # t h w
         out[:, :, f, r, col] += e * w
         weight[:, :, f, r, col] += w
-    return out / weight
+    out = out / weight
+    return _central_blend(out, crops, eps) if tiling.detail == "central" else out
 
 
 @torch.no_grad()
 def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | SchedulerMixin = "euler_a",
            steps: int = 8, tiling: str | Tiling = "blend", generator: torch.Generator | None = None,
-           scheduler_config: dict | None = None, progress: bool = True,
+           scheduler_config: dict | None = None,
            callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
            window_batch: int = 1, distributed: bool = False) -> torch.Tensor:
     """Denoise ``noise`` (B, C_latent, T, H, W) given ``cond`` (B, C_cond, T, H, W); both already scaled.
@@ -377,7 +441,8 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
     timestep predict eps on cat([scaled input, cond]) and take a scheduler step. The step runs on
     frames as a batch, (B*T, C, H, W), the release's layout, so a seeded ancestral sampler draws the
     same noise as the released code. ``callback(i, t, latents)`` runs after step i with the latents
-    (B, C_latent, T, H, W) and may return replacements. ``window_batch``: windows/tiles per forward.
+    (B, C_latent, T, H, W) and may return replacements (a pipeline advances its progress bar there).
+    ``window_batch``: windows/tiles per forward.
     ``distributed``: split each step's windows/tiles across the process group's ranks (``predict_noise``); every
     rank must pass the same noise, cond and generator seed, so that all step identically.
     Returns the denoised latents (B, C_latent, T, H, W).
@@ -403,13 +468,13 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
     def predict(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         return predict_noise(model, torch.cat([x, cond.to(x)], dim=1), t, tiling.at_step(i, finishing), window_batch,
                              distributed, step=i)
-    return denoise_loop(predict, noise, scheduler, generator, callback, progress)
+    return denoise_loop(predict, noise, scheduler, generator, callback)
 
 
 def denoise_loop(predict: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], noise: torch.Tensor,
                  scheduler: SchedulerMixin, generator: torch.Generator | None = None,
-                 callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
-                 progress: bool = False) -> torch.Tensor:
+                 callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
+                 ) -> torch.Tensor:
     """The release's loop (recon/refine_latent.py) over a scheduler after ``set_timesteps``: noise (B, C, T, H, W)
     -> latents (B, C, T, H, W). ``predict(x, t, i)``: the model's eps (or velocity) for the scaled input x
     (B, C, T, H, W) at timestep t, step i. Steps run on frames as a batch, (B*T, C, H, W), the release's layout.
@@ -425,7 +490,7 @@ def denoise_loop(predict: Callable[[torch.Tensor, torch.Tensor, int], torch.Tens
 
     # flow matching starts from unit noise and has no input scaling
     latents = to_frames(noise * getattr(scheduler, "init_noise_sigma", 1.0))
-    for i, t in enumerate(progress_bar(scheduler.timesteps, desc="denoising", disable=not progress)):
+    for i, t in enumerate(scheduler.timesteps):
         scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         eps = predict(from_frames(scaled), t, i)
         latents = scheduler.step(to_frames(eps), t, latents, generator=generator, return_dict=False)[0]

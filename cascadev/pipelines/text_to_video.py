@@ -1,6 +1,6 @@
 """Stage C: text -> semantic latents with the base model, then the LDM-VAE cascade -> video.
 
-``TextToVideoPipeline``: prompts -> ``dit.text_encoder`` -> the base ``TextDiT`` sampled over a diffusers
+``TextToVideoPipeline``: prompts -> ``cascadev.pipelines.text_encoder`` -> the base ``TextDiT`` sampled over a diffusers
 scheduler with classifier-free guidance -> semantic latents (B, 16, T, H/32, W/32), unscaled, exactly as
 the semantic encoder makes them -> ``CascadeVPipeline.decode`` -> video (B, 3, T, H, W) in [-1, 1].
 
@@ -11,8 +11,9 @@ with the same conventions: the objective's prediction, eps or v for rectified fl
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,11 +28,11 @@ from diffusers.video_processor import VideoProcessor
 from cascadev.pipelines.cascade import (RELEASE_STEPS, SEMANTIC_DOWNSAMPLE, CascadeVPipeline, DecodeOptions,
                                         check_pipeline_class, load_cascade)
 from cascadev.pipelines.runtime import DecoderRuntimeMixin, compile_blocks
-from cascadev.progress import bar_settings, progress_bar as make_progress_bar
+from cascadev.progress import bar_settings
 from cascadev.pipelines.sampling import load_scheduler, make_scheduler, scheduler_for_objective
+from cascadev.pipelines.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
+from cascadev.pipelines.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 from dit.text_dit import TextDiT
-from dit.text_encoder import PRESETS as TEXT_ENCODER_PRESETS
-from dit.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
 
@@ -40,6 +41,10 @@ DEFAULT_GUIDANCE = 4.0          # Stable Cascade's Stage C default
 DEFAULT_SCHEDULER = "dpmpp"
 TEXT_ENCODER_DIR, BASE_DIR, SCHEDULER_DIR = "text_encoder", "base_dit", "base_scheduler"  # a base run's final/
 LEGACY_PIPELINE_FILE = "text_to_video.json"             # folders of cascadev < 0.2
+# component modules that moved since a folder's model_index.json named them: {old: new}
+MOVED_MODULES = {"dit.text_encoder": "cascadev.pipelines.text_encoder"}
+
+log = logging.getLogger(__name__)
 
 
 # -- the latent scale ----------------------------------------------------------------------------
@@ -73,7 +78,7 @@ def config_of(model: torch.nn.Module):
     return model.config
 
 
-def scheduler_for(diffusion) -> SchedulerMixin:
+def stage_c_scheduler(diffusion) -> SchedulerMixin:
     """Stage C's sampler for a training objective: flow Euler at the trained shift for rectified flow, else
     DPM-Solver++."""
     return scheduler_for_objective(diffusion, DEFAULT_SCHEDULER)
@@ -106,8 +111,7 @@ def guided_noise(model: TextDiT, x: torch.Tensor, t: torch.Tensor | float, text:
 def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_text: TextEmbedding | None = None,
                 guidance: float = DEFAULT_GUIDANCE, scheduler: str | SchedulerMixin = DEFAULT_SCHEDULER,
                 steps: int = DEFAULT_STEPS, generator: torch.Generator | None = None,
-                scheduler_config: dict | None = None, progress: bool = True,
-                progress_bar: Callable[[Iterable], Iterable] | None = None,
+                scheduler_config: dict | None = None,
                 callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
                 ) -> torch.Tensor:
     """Denoise ``noise`` (B, C, T, h, w) into the base model's latents, given ``text`` (B rows) and, for
@@ -115,8 +119,8 @@ def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_t
 
     The loop: scale the noise by ``init_noise_sigma``; at each timestep predict guided eps on the
     scheduler-scaled input and take a scheduler step (``generator`` feeds ancestral samplers).
-    ``progress_bar`` wraps the timesteps (a pipeline's ``progress_bar``; default: a tqdm bar unless not ``progress``);
-    ``callback(i, t, latents)`` runs after each step and may return replacement latents.
+    ``callback(i, t, latents)`` runs after each step and may return replacement latents (a pipeline advances its
+    progress bar there).
     Returns float32 latents (B, C, T, h, w) in the model's space (see ``from_model``).
     """
     c = config_of(model)
@@ -137,9 +141,7 @@ def sample_base(model: TextDiT, noise: torch.Tensor, text: TextEmbedding, null_t
     scheduler.set_timesteps(steps, device=device)
 
     latents = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)       # flow matching: unit noise, no scaling
-    timesteps = (progress_bar(scheduler.timesteps) if progress_bar is not None
-                 else make_progress_bar(scheduler.timesteps, desc="generating", disable=not progress))
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(scheduler.timesteps):
         scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         eps = guided_noise(model, scaled, t, text, null_text, guidance)   # eps, or the velocity of a flow model
         latents = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
@@ -212,6 +214,18 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
                                         colour_fix=colour_fix)
         self.timings: dict[str, float] = {}
         self.set_progress_bar_config(desc="generating", **bar_settings())    # the base model's steps
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' ``load_config``, with the components of modules that have moved (``MOVED_MODULES``) read from
+        their new place, so folders saved before the move keep loading."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        for name, value in config.items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in MOVED_MODULES:
+                log.info("%s: %s moved to %s", name, value[0], MOVED_MODULES[value[0]])
+                config[name] = [MOVED_MODULES[value[0]], value[1]]
+        return loaded
 
     @classmethod
     def from_parts(cls, text_encoder: TextEncoder, base: TextDiT, cascade: CascadeVPipeline,
@@ -303,17 +317,20 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         def on_step(i, t, z):
             out = callback_on_step_end(self, i, t, {"latents": z}) or {}
             return out.get("latents")
-        z = self._timed("base", lambda: sample_base(
-            self.base, noise, text, null_text, guidance_scale, self.base_scheduler, num_inference_steps,
-            generator=ancestral, progress_bar=self.progress_bar,
-            callback=on_step if callback_on_step_end is not None else None))
+        with self.step_progress(num_inference_steps, on_step if callback_on_step_end is not None else None) as step:
+            z = self._timed("base", lambda: sample_base(self.base, noise, text, null_text, guidance_scale,
+                                                        self.base_scheduler, num_inference_steps, generator=ancestral,
+                                                        callback=step))
         latents = from_model(z[:, :, :frames, :h, :w], c)
 
         frames_out = latents
         if output_type != "latent":
             o = self.cascade.decode_options(decode_options)
             changes = {} if decoder_num_inference_steps is None else {"steps": decoder_num_inference_steps}
-            o = replace(o, **changes, progress=o.progress and self.progress_enabled())
+            o = replace(o, **changes)
+            # the cascade's bars follow this pipeline's setting
+            self.cascade.set_progress_bar_config(desc="denoising", disable=not self.progress_enabled(),
+                                                 **bar_settings())
             seeded = o.generator is None and o.seed is not None          # video k: Stage B seed ``seed + k``
             frames_out = torch.cat([self.cascade.decode(latents[k:k + 1], o, **({"seed": o.seed + k} if seeded else {}))
                                     .cpu() for k in range(N)])
@@ -339,9 +356,9 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
                        cascade: str | Path | None = None, torch_dtype: torch.dtype | None = None,
                        with_previewer: bool | None = None) -> TextToVideoPipeline:
     """The CLI's loader: ``weights`` written by ``TextToVideoPipeline.save_pretrained`` (no base model is released);
-    ``text_encoder`` (a folder, or an open_clip preset of ``dit.text_encoder``: "bigG", "H") and ``cascade``
-    (anything ``load_cascade`` takes, with its Previewer and colour fix as ``with_previewer`` says) replace those
-    parts."""
+    ``text_encoder`` (a folder, or an open_clip preset of ``cascadev.pipelines.text_encoder``: "bigG", "H") and
+    ``cascade`` (anything ``load_cascade`` takes, with its Previewer and colour fix as ``with_previewer`` says) replace
+    those parts."""
     weights = Path(weights)
     if not weights.is_dir():
         raise FileNotFoundError(f"{weights}: weights folder not found")
@@ -356,8 +373,8 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
         if not (weights / SCHEDULER_DIR).is_dir():
             raise FileNotFoundError(
                 f"{weights}: no {SCHEDULER_DIR}/ (the sampler of the run's objective; final/ folders written before it "
-                f"was exported lack it): save cascadev.pipelines.text_to_video.scheduler_for(your config's diffusion) "
-                f"there with save_pretrained")
+                f"was exported lack it): save cascadev.pipelines.text_to_video.stage_c_scheduler(your config's "
+                f"diffusion) there with save_pretrained")
         return TextToVideoPipeline.from_parts(TextEncoder.from_pretrained(weights / TEXT_ENCODER_DIR),
                                               TextDiT.from_folder(weights / BASE_DIR),
                                               load_cascade(cascade, with_previewer=with_previewer,
@@ -365,7 +382,7 @@ def load_text_to_video(weights: str | Path, *, text_encoder: str | Path | None =
                                               load_scheduler(weights / SCHEDULER_DIR))
     if not (weights / "model_index.json").is_file():
         raise FileNotFoundError(f"{weights}: no base model (Stage C) weights; none are released: train them (cascadev "
-                                "train, stage base) or pass a folder written by TextToVideoPipeline.save_pretrained")
+                                "train, stage stage_c) or pass a folder written by TextToVideoPipeline.save_pretrained")
     parts = {}
     if text_encoder is not None:
         parts["text_encoder"] = (build_text_encoder(str(text_encoder)) if str(text_encoder) in TEXT_ENCODER_PRESETS

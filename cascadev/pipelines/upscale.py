@@ -32,6 +32,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from cascadev.pipelines.cascade import check_pipeline_class, load_vae, seeded_noise
 from cascadev.pipelines.frames import fix_colour
 from cascadev.pipelines.conditioning import temporal_upsample, upsample_condition
+from cascadev.progress import bar_settings
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.sampling import Tiling, sample
 from dit.video_dit import VideoDiT
@@ -74,6 +75,7 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
             module.eval().requires_grad_(False)
         self.stage_a = stage_a_vae
         self.timings: dict[str, float] = {}
+        self.set_progress_bar_config(desc="denoising", **bar_settings())     # the DiT's steps
 
     @property
     def factors(self) -> tuple[int, int]:
@@ -105,18 +107,19 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
     @torch.no_grad()
     def upscale_latents(self, small: torch.Tensor, steps: int | None = None, seed: int = 0,
                         scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend",
-                        progress: bool = True, window_batch: int = 1) -> torch.Tensor:
+                        window_batch: int = 1) -> torch.Tensor:
         """Small scaled latents (B, 4, T', h', w') -> the output's scaled latents (B, 4, T' kt, h' ks, w' ks).
         Noise drawn frames first from ``seed`` (as ``CascadeVPipeline``); scheduler: the saved one unless named."""
         self.check_input(small.shape[2])
         device = self._execution_device
         cond = self.condition(small.to(device))
         noise = seeded_noise((cond.shape[0], self.dit.config.latent_channels, *cond.shape[2:]), seed, device)
-        scheduler = self.scheduler_for(scheduler)
+        scheduler = self.resolve_scheduler(scheduler)
         generator = torch.Generator(device=device).manual_seed(seed + 1)       # ancestral steps
         steps = self.config.num_inference_steps if steps is None else steps
-        return self._timed("dit", lambda: sample(self.dit, cond, noise.float(), scheduler, steps, tiling,
-                                                 generator=generator, progress=progress, window_batch=window_batch))
+        with self.step_progress(steps) as callback:
+            return self._timed("dit", lambda: sample(self.dit, cond, noise.float(), scheduler, steps, tiling,
+                                                     generator=generator, callback=callback, window_batch=window_batch))
 
     def colour_reference(self, low: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Output frames ``start:end`` of the low video (B, 3, T', H', W') brought to the output's grid as the condition
@@ -150,7 +153,7 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
         if fix:       # the reference: the input's pixels (a latents input: Stage A's decoding of it)
             low = (video if video is not None
                    else self.stage_a.decode(latents, device=self._execution_device).clamp(-1, 1))
-        pieces = self.stage_a.decode_pieces(z, sample_kwargs.get("progress", True), self._execution_device)
+        pieces = self.stage_a.decode_pieces(z, self.progress_enabled(), self._execution_device)
         kt, start = self.config.temporal_factor, 0
         while (piece := self._timed("stage_a", lambda: next(pieces, None))) is not None:
             piece, end = piece.clamp_(-1, 1), start + piece.shape[2]
@@ -174,8 +177,8 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
         ``keep_input_frames`` (frame rate only; default on for a video): output frame i kt is input frame i as given,
         the DiT's frames go between. ``colour_fix``: block size of the colour fix (default: the saved one; 0: off).
-        ``sample_kwargs``: ``steps``, ``seed``, ``scheduler``, ``tiling``, ``progress``, ``window_batch``
-        (``upscale_latents``)."""
+        ``sample_kwargs``: ``steps``, ``seed``, ``scheduler``, ``tiling``, ``window_batch`` (``upscale_latents``).
+        Progress bars: ``set_progress_bar_config``."""
         pieces = self.upscale_pieces(video, latents, keep_input_frames, colour_fix, **sample_kwargs)
         return torch.cat(list(pieces), dim=2)
 

@@ -2,24 +2,28 @@
 
 Sections (each a mapping in the YAML; a key left out keeps its default):
 
-- ``stage``: what trains. "dit" (Stage B decoder), "vae" (Stage A), "semantic" (Stage B semantic encoder
-  + Previewer as an autoencoder) or "base" (Stage C text-to-video DiT); one branch each in
-  ``cascadev.training.tasks.build_task``.
+- ``stage``: what trains. "dit" (Stage B decoder), "stage_a" (the Stage A VAE), "semantic" (Stage B semantic
+  encoder + Previewer as an autoencoder), "stage_c" (the Stage C text-to-video base DiT) or "distill"; one branch
+  each in ``cascadev.training.tasks.build_task``.
 - ``dit``: DiT preset name + field overrides, ``init_from``, gradient checkpointing, the weight of a loss on
   decoded pixels (stage "dit").
 - ``semantic``: encoder and Previewer presets + overrides, initial weights, which train, loss weights
   (stage "semantic").
 - ``base``: TextDiT preset + overrides, ``init_from``, gradient checkpointing, the frozen text encoder
-  (preset + overrides + weights), caption dropout (stage "base"; its semantic latents come from the
+  (preset + overrides + weights), caption dropout (stage "stage_c"; its semantic latents come from the
   ``condition`` section's encoder, or from a latent cache).
-- ``stage_a``: Stage A VAE preset + overrides: frozen for "dit", the model that trains for "vae".
-- ``condition``: the DiT's condition: semantic encoder (preset, weights) or the resize route; stage base
+- ``stage_a``: Stage A VAE preset + overrides: frozen for "dit", the model that trains for "stage_a".
+- ``condition``: the DiT's condition: semantic encoder (preset, weights) or the resize route; stage stage_c
   takes its semantic encoder from here too.
 - ``diffusion``: the objective (``cascadev.training.diffusion.DiffusionConfig``).
 - ``distill``: stage "distill": the teacher (a cascade or DiT folder, or the released file), its sampler and steps,
   the student's steps and the weight of the detail loss (``cascadev.training.tasks.distill_task``); the student is
   a DiT as the ``dit`` section describes it, started from the teacher's weights (or ``dit.init_from``, a folder).
-- ``vae``: Stage A training: which parameters train, loss weights, discriminator.
+- ``stage_a_training``: stage "stage_a": which parameters train, loss weights, discriminator.
+
+Earlier names still load, with a logged note: stage "vae" (now "stage_a"), "base" (now "stage_c"), and
+the section ``vae`` (now ``stage_a_training``), in the YAML and in overrides (``RENAMED_STAGES``,
+``RENAMED_SECTIONS``).
 - ``data`` (``cascadev.training.data.DataConfig``), ``optim``, ``run``.
 
 Load with ``load_train_config(path, ["optim.lr=1e-4", ...])``; every override is type-checked. A latent
@@ -30,7 +34,9 @@ the cache checks it (``check_cache``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,12 +44,18 @@ from typing import Any, Literal
 import yaml
 
 from cascadev.config import ConfigError, _check_type, from_dict, load_config, to_dict
+from cascadev.errors import OneLineParser
 from cascadev.training.data import DataConfig
 from cascadev.training.diffusion import DiffusionConfig
 from cascadev.video_io import VIDEO_EXTENSIONS
 
-Stage = Literal["dit", "vae", "semantic", "base", "distill"]
-STAGES = ("dit", "vae", "semantic", "base", "distill")
+log = logging.getLogger(__name__)
+
+Stage = Literal["dit", "stage_a", "semantic", "stage_c", "distill"]
+STAGES = ("dit", "stage_a", "semantic", "stage_c", "distill")
+# earlier names that still load (``upgrade_config``, ``upgrade_overrides``), with a logged note
+RENAMED_STAGES = {"vae": "stage_a", "base": "stage_c"}
+RENAMED_SECTIONS = {"vae": "stage_a_training"}
 
 
 def resolve_preset(presets: dict, preset: str, overrides: dict[str, Any], what: str, key: str | None = None,
@@ -158,6 +170,9 @@ class DistillSection:
     detail_frames: int = 1                         # frames of each window decoded for it, at random (costly)
     detail_size: int = 0                           # a random square of this many latent px decoded for it; 0: all
     detail_cutoff: float = 0.0625                  # cycles per pixel: eval.metrics.sharpness's band
+    # how the exported decoder combines overlapping windows (its saved tile_detail, sampling.Tiling): at 1-2 steps no
+    # later step reconciles the windows' fine detail, and averaging it blurs (docs/fast-decoding.md)
+    tile_detail: str = "central"
 
     def __post_init__(self):
         if self.student_steps < 1 or (self.teacher_steps is not None and self.teacher_steps < 1):
@@ -166,13 +181,17 @@ class DistillSection:
                 or not 0 <= self.detail_cutoff < 0.5):
             raise ValueError("need distill.detail_weight >= 0, detail_frames >= 1, detail_size >= 0, "
                              "0 <= detail_cutoff < 0.5")
-        from cascadev.pipelines.sampling import SCHEDULERS
+        from cascadev.pipelines.sampling import SCHEDULERS, TILE_DETAILS
+        if self.tile_detail not in TILE_DETAILS:
+            raise ValueError(f"distill.tile_detail {self.tile_detail!r}: choose from {', '.join(TILE_DETAILS)}")
         if self.teacher_scheduler is not None and self.teacher_scheduler not in SCHEDULERS:
             raise ValueError(f"distill.teacher_scheduler {self.teacher_scheduler!r}: choose from {sorted(SCHEDULERS)}")
 
 
 @dataclass(frozen=True)
-class VAESection:
+class StageATrainingSection:
+    """Stage "stage_a": which of the Stage A VAE's parameters train, the loss weights and the discriminator."""
+
     trainable: tuple[str, ...] = ("*",)            # fnmatch patterns of parameter names that train
     l1_weight: float = 1.0
     mse_weight: float = 0.0                        # PSNR is an MSE: weight it when PSNR is what is judged
@@ -188,10 +207,10 @@ class VAESection:
 
     def __post_init__(self):
         if not self.trainable:
-            raise ValueError("vae.trainable needs at least one pattern (e.g. ['*'] or ['decoder.*'])")
+            raise ValueError("stage_a_training.trainable needs at least one pattern (e.g. ['*'] or ['decoder.*'])")
         if min(self.l1_weight, self.mse_weight, self.lowpass_weight, self.lpips_weight, self.kl_weight,
                self.disc_weight) < 0:
-            raise ValueError("vae loss weights must be >= 0")
+            raise ValueError("stage_a_training loss weights must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -226,13 +245,13 @@ class SemanticSection:
 
 @dataclass(frozen=True)
 class BaseSection:
-    """Stage "base" (Stage C): the text-to-video ``TextDiT`` denoises semantic latents given captions."""
+    """Stage "stage_c": the text-to-video ``TextDiT`` (the base model) denoises semantic latents given captions."""
 
     preset: str = "base"                           # dit.text_dit.PRESETS
     overrides: dict[str, Any] = field(default_factory=dict)  # TextDiT keywords, e.g. {depth: 2}
     init_from: str | None = None                   # a TextDiT folder: a base run's final/base_dit or checkpoint
     gradient_checkpointing: bool = False
-    text_encoder_preset: str = "bigG"              # dit.text_encoder.PRESETS (frozen)
+    text_encoder_preset: str = "bigG"              # cascadev.pipelines.text_encoder.PRESETS (frozen)
     text_encoder_overrides: dict[str, Any] = field(default_factory=dict)  # TextEncoder keywords
     text_encoder_weights: str = "preset"           # "preset" (its open_clip tag), "random", our folder, or a checkpoint
     caption_dropout: float = 0.1                   # captions trained as the empty prompt, for guidance (CFG)
@@ -249,7 +268,7 @@ class BaseSection:
     def text_encoder_config(self) -> dict | None:
         """The text encoder's ``TextEncoder`` keywords; None when ``text_encoder_weights`` is our folder (its
         config.json rules)."""
-        from dit.text_encoder import PRESETS, TextEncoder
+        from cascadev.pipelines.text_encoder import PRESETS, TextEncoder
         from cascadev.weights import CONFIG_NAME
         if (Path(self.text_encoder_weights) / CONFIG_NAME).is_file():
             return None
@@ -265,7 +284,7 @@ class BaseSection:
         import json
 
         from cascadev.weights import CONFIG_NAME, init_keywords
-        from dit.text_encoder import TextEncoder, text_tower_config
+        from cascadev.pipelines.text_encoder import TextEncoder, text_tower_config
         config = self.text_encoder_config()
         if config is None:   # our folder: its config.json (diffusers' keys such as _class_name aside)
             config = json.loads((Path(self.text_encoder_weights) / CONFIG_NAME).read_text())
@@ -324,7 +343,7 @@ class TrainConfig:
     condition: ConditionSection = ConditionSection()
     diffusion: DiffusionConfig = DiffusionConfig()
     distill: DistillSection = DistillSection()
-    vae: VAESection = VAESection()
+    stage_a_training: StageATrainingSection = StageATrainingSection()
     semantic: SemanticSection = SemanticSection()
     base: BaseSection = BaseSection()
     data: DataConfig = DataConfig()
@@ -344,7 +363,7 @@ class TrainConfig:
             raise ValueError("stage distill trains the DiT only: set condition.train_encoder=false")
         elif self.stage == "semantic":
             self.check_semantic()
-        elif self.stage == "base":
+        elif self.stage == "stage_c":
             self.check_base()
 
     def check_dit(self) -> None:
@@ -418,11 +437,11 @@ class TrainConfig:
             sampler = DiffusionConfig()
             schedule = ("num_timesteps", "beta_start", "beta_end")
             if any(getattr(self.diffusion, k) != getattr(sampler, k) for k in schedule):
-                raise ValueError("stage base: the base model's sampler (cascadev.pipelines.text_to_video) uses "
+                raise ValueError("stage stage_c: the base model's sampler (cascadev.pipelines.text_to_video) uses "
                                  f"diffusers' default schedule, so diffusion.{'/'.join(schedule)} must stay "
                                  f"{'/'.join(str(getattr(sampler, k)) for k in schedule)}")
         if self.condition.route != "semantic":
-            raise ValueError("stage base generates semantic latents: condition.route must be 'semantic'")
+            raise ValueError("stage stage_c generates semantic latents: condition.route must be 'semantic'")
         if self.condition.semantic_preset not in SEMANTIC_PRESETS:
             raise ValueError(f"unknown semantic encoder preset {self.condition.semantic_preset!r}; "
                              f"choose from {sorted(SEMANTIC_PRESETS)}")
@@ -477,14 +496,57 @@ def check_config_file(path: str | Path) -> None:
                           "sections (stage:, data:, run:, ...)")
 
 
-def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Load a training YAML with dotted overrides (``run.max_steps=10``)."""
+def upgrade_config(data: dict) -> dict:
+    """A training config's mapping with earlier names replaced by today's (``RENAMED_STAGES``,
+    ``RENAMED_SECTIONS``), a note logged for each."""
+    data = dict(data)
+    for old, new in RENAMED_SECTIONS.items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"the config has both {old}: and {new}: (its new name): keep {new}:")
+            log.warning("config section %s: is now %s: (the old name still loads)", old, new)
+            data[new] = data.pop(old)
+    if isinstance(data.get("stage"), str) and data["stage"] in RENAMED_STAGES:
+        log.warning("stage %s is now %s (the old name still loads)", data["stage"], RENAMED_STAGES[data["stage"]])
+        data["stage"] = RENAMED_STAGES[data["stage"]]
+    return data
+
+
+def upgrade_overrides(overrides: Sequence[str]) -> list[str]:
+    """``key=value`` overrides with earlier names replaced, as ``upgrade_config`` does for a file."""
+    upgraded = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, rest = key.partition(".")
+        if dot and section in RENAMED_SECTIONS:
+            log.warning("config section %s is now %s (the old name still loads)", section, RENAMED_SECTIONS[section])
+            key = f"{RENAMED_SECTIONS[section]}.{rest}"
+        if key == "stage" and value.strip() in RENAMED_STAGES:
+            log.warning("stage %s is now %s (the old name still loads)", value.strip(), RENAMED_STAGES[value.strip()])
+            value = RENAMED_STAGES[value.strip()]
+        upgraded.append(f"{key}{sep}{value}")
+    return upgraded
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Load a training YAML with dotted overrides (``run.max_steps=10``); older names load (``upgrade_config``)."""
     check_config_file(path)
     try:
-        return load_config(TrainConfig, path, overrides)
+        return load_config(TrainConfig, path, upgrade_overrides(overrides), upgrade=upgrade_config)
     except ValueError as e:
         message = str(e)        # load_config's own messages name the file already
         raise ConfigError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def config_parser(prog: str, description: str) -> OneLineParser:
+    """The command line of a training entry point's ``main`` (``train``, ``cache_latents``): the config, its
+    overrides and ``--debug``; the entry point adds its own options."""
+    parser = OneLineParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config fields, e.g. --set optim.lr=1e-4 data.videos=clips/")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
+    return parser
 
 
 def check_weight_files(config: TrainConfig, model: bool = True) -> None:
@@ -514,10 +576,10 @@ def check_weight_files(config: TrainConfig, model: bool = True) -> None:
     if stage == "distill" and model:
         check_teacher(config.distill.teacher)
         folder("dit.init_from", config.dit.init_from)
-    if stage == "base" and model:
+    if stage == "stage_c" and model:
         folder("base.init_from", config.base.init_from)
         path("base.text_encoder_weights", config.base.text_encoder_weights, ("preset", "random"))
-    if stage in ("dit", "base", "distill") and c.route == "semantic":
+    if stage in ("dit", "stage_c", "distill") and c.route == "semantic":
         path("condition.semantic_weights", c.semantic_weights, ("hub", "random"))
     if stage == "semantic":
         path("semantic.encoder_weights", config.semantic.encoder_weights, ("hub", "random"))
@@ -557,14 +619,14 @@ CACHE_CONFIG = "cache.yaml"
 
 def cache_signature(config: TrainConfig) -> dict:
     """What cached latents depend on: the clip geometry, the condition (semantic encoder or resize route) and,
-    for stage dit, the Stage A model; a base cache also names its stage (a dit cache holds other tensors)."""
+    for stage dit, the Stage A model; a stage_c cache also names its stage (a dit cache holds other tensors)."""
     d = config.data
     signature = {
         "data": {"num_frames": d.num_frames, "frame_stride": d.frame_stride, "height": d.height, "width": d.width},
         "condition": to_dict(config.condition),
     }
-    if config.stage == "base":
-        return {"cache": {"stage": "base"}, **signature}
+    if config.stage == "stage_c":
+        return {"cache": {"stage": "stage_c"}, **signature}
     return {**signature, "stage_a": to_dict(config.stage_a.model_config())}
 
 
@@ -582,6 +644,7 @@ def check_cache(folder: str | Path, config: TrainConfig) -> None:
     if not isinstance(cached, dict) or not all(isinstance(v, dict) for v in cached.values()):
         raise ConfigError(f"{path} is not a cache.yaml written by cascadev.training.cache_latents")
     stage = cached.get("cache", {}).get("stage", "dit")                     # dit caches predate the field
+    stage = RENAMED_STAGES.get(stage, stage)                                # caches written before the rename
     if stage != {"distill": "dit"}.get(config.stage, config.stage):        # distill reads the DiT's inputs
         raise ConfigError(f"latent cache {folder} holds stage {stage} inputs, the config trains stage {config.stage}")
     wanted = yaml.safe_load(yaml.safe_dump(cache_signature(config)))      # tuples -> lists, as in the file

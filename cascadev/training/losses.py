@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cascadev.pipelines.text_encoder import TextEmbedding
 from cascadev.pipelines.text_to_video import config_of, to_model
-from dit.text_encoder import TextEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-# -- Stage C: the base model (stage base) ------------------------------------------------------------
+# -- Stage C: the base model (stage stage_c) ---------------------------------------------------------
 
 def drop_captions(text: TextEmbedding, null_text: TextEmbedding, drop: torch.Tensor) -> TextEmbedding:
     """Replace the rows where ``drop`` (B,) is True by ``null_text`` (1 row: the empty prompt's encoding)."""

@@ -1,5 +1,5 @@
-"""Train a stage of the cascade with accelerate: the Stage B DiT ("dit"), the Stage A VAE ("vae"), the Stage B
-semantic encoder with the Previewer ("semantic"), the Stage C text-to-video base model ("base"), or a 1-2 step
+"""Train a stage of the cascade with accelerate: the Stage B DiT ("dit"), the Stage A VAE ("stage_a"), the Stage B
+semantic encoder with the Previewer ("semantic"), the Stage C text-to-video base model ("stage_c"), or a 1-2 step
 student of a Stage B DiT ("distill").
 
     accelerate launch [--config_file configs/accelerate/ddp.yaml] -m cascadev.training.train \\
@@ -8,8 +8,8 @@ student of a Stage B DiT ("distill").
 
 From Python: ``train(config, overrides=..., max_steps=...)`` (``cascadev.training.train``), which reads top to
 bottom in phases: ``prepare_run`` (config, the checkpoint to resume, inputs: data sources, weight files) ->
-``build`` (Accelerator, models, run dir, prepare, optimizers) -> ``resume`` -> ``loop`` -> ``export``. ``main`` and
-``parse_args`` are the command line over it. Nothing is written before the models are built, so a start that
+``build`` (Accelerator, models, run dir, prepare, optimizers) -> ``resume`` -> ``loop`` -> ``export``. ``main`` is
+the command line over it. Nothing is written before the models are built, so a start that
 fails (bad input, weights that do not load) leaves no run directory behind.
 What differs between stages (models, loss, validation, export) is a task object from ``cascadev/training/tasks/``
 (one module per stage, ``build_task``); this module is what they share: the loop, checkpoints, EMA, LR schedule,
@@ -19,15 +19,18 @@ Run directory (``run.dir``): ``config.yaml`` (resolved), ``train.log``, ``logs/`
 ``samples/`` (validation videos, or latents for base), ``checkpoints/step_XXXXXXXX/`` (accelerate state:
 weights and buffers such as BatchNorm running statistics as safetensors, optimizer, RNG, grad scaler; plus
 ``ema.safetensors`` (EMA weights by parameter name), ``trainer.json`` with the step and the EMA's update
-counter, ``config.yaml``; a dit or base checkpoint also has ``config.json``, so it loads with
-``VideoDiT`` / ``TextDiT.from_legacy_folder``), and ``final/`` (``export_final``): dit and vae write
-``model/`` and ``ema/`` (diffusers folders); semantic writes ``semantic_encoder/`` and ``previewer/``, base
+counter, ``config.yaml``; a dit or stage_c checkpoint also has ``config.json``, so it loads with
+``VideoDiT`` / ``TextDiT.from_legacy_folder``), and ``final/`` (``export_final``): dit and stage_a write
+``model/`` and ``ema/`` (diffusers folders); semantic writes ``semantic_encoder/`` and ``previewer/``, stage_c
 ``base_dit/``, ``base_scheduler/`` and ``text_encoder/`` (``load_text_to_video`` reads it with a cascade given
 apart: ``cascadev generate --weights RUN/final
 --cascade ...``),
 with EMA weights when EMA is on and the trained ones in ``model/``; distill writes a cascade folder (the student's DiT
 and sampler, ``CascadeVPipeline.from_pretrained``) with its trained DiT in ``model/``.
 Checkpoints are written to a temporary folder and renamed; a restarted run continues from the newest.
+Under FSDP (``configs/accelerate/fsdp.yaml``, FSDP2) accelerate's part of a checkpoint is sharded
+(``pytorch_model_fsdp_0/``, ``optimizer_0/``: torch.distributed.checkpoint) and the EMA is sharded like the
+parameters, gathered whole into ``ema.safetensors`` and ``final/``; docs/distributed-training.md.
 
 Determinism: data order and augmentation depend only on (seed, position in the stream), and the noise
 of micro-step m on rank r comes from a generator seeded with (seed, m, r), so a resumed run repeats an
@@ -36,7 +39,6 @@ uninterrupted one. Rank, world size and device come from the Accelerator only.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -54,10 +56,10 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from cascadev.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
-from cascadev.errors import OneLineParser, run_guarded
+from cascadev.errors import run_guarded
 from cascadev.progress import BarAwareHandler
-from cascadev.training.args import add_train_arguments
-from cascadev.training.config import TrainConfig, check_cache, check_weight_files, load_train_config
+from cascadev.training.config import (TrainConfig, check_cache, check_weight_files, config_parser, load_train_config,
+                                      upgrade_overrides)
 from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step,
                                     image_steps_before, list_samples, make_loader, mix_seed, split_validation)
 from cascadev.training.tasks import build_task, is_fsdp
@@ -75,8 +77,8 @@ EMA_WEIGHTS = "ema.safetensors"
 # -- final weights ----------------------------------------------------------------------------------
 
 def export_final(task, final: Path, state_dict: dict, ema: dict | None) -> None:
-    """Write the final weights: ``task.export_final`` decides what goes where -- stages dit and vae: ``final/model``
-    (trained weights) and ``final/ema`` (EMA parameters, the model's buffers); semantic, base and distill: ``final/``
+    """Write the final weights: ``task.export_final`` decides what goes where -- stages dit and stage_a: ``final/model``
+    (trained weights) and ``final/ema`` (EMA parameters, the model's buffers); semantic, stage_c and distill: ``final/``
     itself is a folder their loaders take, holding the EMA weights when EMA is on -- what inference should use --
     else the trained ones; with EMA, the trained weights also go to ``final/model/``."""
     ema_state = {**state_dict, **{k: v.cpu() for k, v in ema.items()}} if ema is not None else None
@@ -101,26 +103,48 @@ def lr_scheduler_at(optimizer, config: TrainConfig, step: int):
 def make_ema(model: torch.nn.Module, decay: float) -> tuple[EMAModel, list[str]]:
     """diffusers' EMAModel over the parameters that train, with float32 shadow weights whatever the model's dtype, and
     their names. Its warmup: update k (0-based) has decay ``min(decay, (1 + k) / (10 + k))``, except update 0, a plain
-    copy (decay 0), so a short run's EMA does not still carry the random init (0.999 ** 3500 = 3%)."""
+    copy (decay 0), so a short run's EMA does not still carry the random init (0.999 ** 3500 = 3%).
+    Built over a model FSDP2 has sharded, its shadow weights are DTensors sharded as the parameters are: each rank
+    keeps and updates 1/world of the EMA, its own shard (no communication)."""
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ema = EMAModel([p for _, p in trained], decay=decay, foreach=True)
     ema.to(dtype=torch.float32)
     return ema, [n for n, _ in trained]
 
 
-def ema_weights(ema: EMAModel, names: list[str]) -> dict[str, torch.Tensor]:
-    """The EMA's shadow parameters by name (``names``: the trained parameters, in the order the EMA holds them)."""
-    return dict(zip(names, ema.shadow_params, strict=True))
+def ema_weights(ema: EMAModel, names: list[str], keep: bool = True) -> dict[str, torch.Tensor]:
+    """The EMA's shadow parameters by name (``names``: the trained parameters, in the order the EMA holds them), whole
+    and on the CPU. Sharded ones (FSDP2) are gathered one at a time: every rank must call this; those with ``keep``
+    False get {} and never hold more than one whole parameter."""
+    from torch.distributed.tensor import DTensor
+
+    whole = {}
+    for name, shadow in zip(names, ema.shadow_params, strict=True):
+        tensor = shadow.full_tensor() if isinstance(shadow, DTensor) else shadow        # all-gather of its shards
+        if keep:
+            whole[name] = tensor.cpu()
+    return whole
 
 
 def load_ema_weights(ema: EMAModel, names: list[str], path: Path) -> None:
-    """Shadow parameters from ``ema.safetensors`` (keyed by parameter name), as float32 on their current device."""
+    """Shadow parameters from ``ema.safetensors`` (keyed by parameter name, whole), as float32 on their current
+    device; sharded ones (FSDP2) keep this rank's shard: the file is the same whatever the number of processes."""
     from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     saved = load_file(str(path))
     missing = [n for n in names if n not in saved]
     if missing:
         raise ValueError(f"{path} has no EMA weights for {len(missing)} trained parameter(s), e.g. {missing[0]}")
-    ema.shadow_params = [saved[n].to(device=s.device, dtype=torch.float32) for n, s in zip(names, ema.shadow_params)]
+    shadows = []
+    for name, shadow in zip(names, ema.shadow_params):
+        if isinstance(shadow, DTensor):
+            mesh = shadow.device_mesh
+            whole = saved[name].to(device=mesh.device_type, dtype=torch.float32)
+            shadows.append(distribute_tensor(whole, mesh, shadow.placements, src_data_rank=None))  # local slice
+        else:
+            shadows.append(saved[name].to(device=shadow.device, dtype=torch.float32))
+    ema.shadow_params = shadows
 
 
 def checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -212,16 +236,16 @@ def open_data(config: TrainConfig) -> tuple:
     a cache matching the config -- before anything is built or written."""
     data, notes = config.data, []
     if data.latents:
-        if config.stage not in ("dit", "base", "distill"):
-            raise ConfigError("data.latents (a latent cache) only feeds stages dit, distill and base")
+        if config.stage not in ("dit", "stage_c", "distill"):
+            raise ConfigError("data.latents (a latent cache) only feeds stages dit, distill and stage_c")
         check_cache(data.latents, config)
         train_set = LatentDataset(data.latents)
         val_samples = split_validation(data)[1] if data.videos or data.val_videos else []
     else:
         train_samples, val_samples = split_validation(data)
         train_set = VideoDataset(train_samples, data)
-        if config.stage == "base" and not any(sample.caption for sample in train_samples):
-            notes.append("stage base: no training video has a caption (give data.videos as a .csv/.jsonl/.json with "
+        if config.stage == "stage_c" and not any(sample.caption for sample in train_samples):
+            notes.append("stage stage_c: no training video has a caption (give data.videos as a .csv/.jsonl/.json with "
                          "a 'caption' field); the model learns unconditional generation only")
     image_set = (ImageDataset(list_samples(data.images, IMAGE_EXTENSIONS, key="data.images"), data)
                  if data.images else None)
@@ -246,7 +270,7 @@ def flat_config(config: TrainConfig) -> dict:
 FREE_ON_RESUME = ("run.max_steps", "run.dir", "run.log_every", "run.save_every", "run.keep_checkpoints",
                   "run.val_every", "run.tensorboard", "data.num_workers")
 # the trained model's section
-MODEL_SECTION = {"dit": "dit.", "base": "base.", "vae": "stage_a.", "semantic": "semantic.", "distill": "dit."}
+MODEL_SECTION = {"dit": "dit.", "stage_c": "base.", "stage_a": "stage_a.", "semantic": "semantic.", "distill": "dit."}
 
 
 def config_changes(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
@@ -271,6 +295,18 @@ def check_resume(checkpoint: Path, config: TrainConfig, allow_change: bool) -> s
         raise ConfigError(f"the config changed since {checkpoint} ({listed}): resume anyway with "
                           "--allow-config-change, or start over with --fresh")
     return listed if changes else None
+
+
+def check_sharding(checkpoint: Path, fsdp: bool) -> None:
+    """Refuse to resume a DDP checkpoint under FSDP or an FSDP one (sharded model and optimizer) under DDP: accelerate
+    would fail deep inside torch. The EMA (ema.safetensors, whole) would resume either way."""
+    sharded = any(checkpoint.glob("pytorch_model_fsdp*"))      # accelerate's name for an FSDP model's state
+    if sharded and not fsdp:
+        raise ConfigError(f"{checkpoint} was written under FSDP (sharded), this run is not: launch it with an FSDP "
+                          "accelerate config (configs/accelerate/fsdp.yaml), or start over with --fresh")
+    if fsdp and not sharded:
+        raise ConfigError(f"{checkpoint} was written without FSDP (whole weights), this run is under FSDP: launch it "
+                          "as it was written (configs/accelerate/ddp.yaml), or start over with --fresh")
 
 
 def set_aside(paths: list[Path], root: Path, why: str) -> None:
@@ -328,7 +364,9 @@ def resolve_config(config: TrainConfig | str | Path, overrides: Sequence[str] = 
         overrides.append(f"run.dir={run_dir}")
     if not isinstance(config, TrainConfig):
         return load_train_config(config, overrides)
-    return from_dict(TrainConfig, apply_overrides(to_dict(config), overrides)) if overrides else config
+    if not overrides:
+        return config
+    return from_dict(TrainConfig, apply_overrides(to_dict(config), upgrade_overrides(overrides)))
 
 
 def prepare_run(config: TrainConfig, resume_from: int | None = None, fresh: bool = False,
@@ -365,14 +403,15 @@ def make_accelerator(plan: RunPlan):
     config, run_dir = plan.config, plan.run_dir
     # VAE: a trainable pattern may select parameters the forward never uses (diffusers' temporal mid-block skips
     # its attention with one layer per block), which plain DDP refuses
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "vae")
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "stage_a")
     accelerator = Accelerator(mixed_precision=config.run.mixed_precision,
                               log_with="tensorboard" if config.run.tensorboard else None,
                               project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                                   logging_dir=str(run_dir / "logs")),
                               kwargs_handlers=[ddp])
-    if config.optim.ema_decay > 0 and is_fsdp(accelerator):
-        raise ConfigError("EMA over FSDP shards is not supported: set optim.ema_decay=0 (or use DDP)")
+    if config.optim.ema_decay > 0 and is_fsdp(accelerator) and not accelerator.is_fsdp2:
+        raise ConfigError("EMA under FSDP needs FSDP2 (fsdp_version: 2 in the accelerate config, as "
+                          "configs/accelerate/fsdp.yaml), or set optim.ema_decay=0")
     setup_logging(accelerator.is_main_process)
     log.info("stage %s on %d process(es), device %s, mixed precision %s, run dir %s",
              config.stage, accelerator.num_processes, accelerator.device, config.run.mixed_precision, run_dir)
@@ -382,9 +421,10 @@ def make_accelerator(plan: RunPlan):
 
 
 def build(plan: RunPlan) -> Session:
-    """Accelerator, task (models), EMA, the run dir's first writes, then DDP / FSDP wrapping, device placement,
-    autocast and grad scaler of the model (first, as FSDP needs), its optimizer and the discriminator's. Weights
-    from the hub or files may still fail to load: the run dir is not written before they are."""
+    """Accelerator, task (models), the run dir's first writes, then DDP / FSDP wrapping, device placement, autocast
+    and grad scaler of the model with its optimizer (together, as FSDP2 needs), its EMA (over what FSDP made of the
+    parameters) and the discriminator with its optimizer. Weights from the hub or files may still fail to load: the
+    run dir is not written before they are."""
     from accelerate.utils import set_seed
 
     config, optim = plan.config, plan.config.optim
@@ -395,7 +435,6 @@ def build(plan: RunPlan) -> Session:
     log.info("%s: %.2fM parameters, %.2fM trained", type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6,
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
-    ema, ema_names = make_ema(model, optim.ema_decay) if optim.ema_decay > 0 else (None, [])
     open_run_dir(accelerator, plan.run_dir, config, plan.superseded, plan.set_aside_as)
 
     for note in plan.notes:
@@ -404,14 +443,18 @@ def build(plan: RunPlan) -> Session:
     log.info("data: %d training %s, %d validation clip(s)%s", len(train_set), train_set.kind + "s", len(plan.val_set),
              f", {len(image_set)} images (p={config.data.image_prob})" if image_set else "")
 
-    prepared = {"model": accelerator.prepare(model)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=optim.lr, betas=optim.betas,
+                                  eps=optim.eps, weight_decay=optim.weight_decay)
+    # together: FSDP2 points the optimizer at the shards it makes of the parameters
+    prepared = dict(zip(("model", "optimizer"), accelerator.prepare(model, optimizer)))
     params = [p for p in prepared["model"].parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                  weight_decay=optim.weight_decay)
-    prepared["optimizer"] = accelerator.prepare(optimizer)
+    # after prepare: under FSDP2 the parameters are the shards, and so is the EMA (the same weights under DDP)
+    trained = accelerator.unwrap_model(prepared["model"])
+    ema, ema_names = make_ema(trained, optim.ema_decay) if optim.ema_decay > 0 else (None, [])
     if task.discriminator is not None:
         prepared["discriminator"] = accelerator.prepare(task.discriminator)
-        d_opt = torch.optim.AdamW(prepared["discriminator"].parameters(), lr=config.vae.disc_lr, betas=(0.5, 0.9))
+        d_opt = torch.optim.AdamW(prepared["discriminator"].parameters(), lr=config.stage_a_training.disc_lr,
+                                  betas=(0.5, 0.9))
         prepared["d_optimizer"] = accelerator.prepare(d_opt)
     if config.run.tensorboard:
         accelerator.init_trackers("tb", config=flat_config(config))
@@ -424,6 +467,7 @@ def resume(plan: RunPlan, session: Session) -> tuple[int, dict]:
     if plan.checkpoint is None:
         return 0, {"skipped": 0}
     step, path = plan.checkpoint
+    check_sharding(path, is_fsdp(session.accelerator))
     session.accelerator.load_state(str(path))
     state = json.loads((path / TRAINER_STATE).read_text())
     ema = session.ema
@@ -542,7 +586,8 @@ def loop(plan: RunPlan, session: Session, step: int, state: dict) -> None:
         if step % run.save_every == 0 or step == run.max_steps:
             if ema is not None:
                 state["ema_step"] = ema.optimization_step
-            ema_state = ema_weights(ema, session.ema_names) if ema is not None else None
+            ema_state = (ema_weights(ema, session.ema_names, keep=accelerator.is_main_process) if ema is not None
+                         else None)
             path = save_checkpoint(accelerator, plan.run_dir / "checkpoints", step, state, ema_state, task, config,
                                    run.keep_checkpoints)
             log.info("saved %s", path)
@@ -553,12 +598,12 @@ def export(plan: RunPlan, session: Session) -> Path:
     """The final weights (and EMA) in our formats (``export_final``) in ``run_dir/final``, written beside and
     renamed (a killed export leaves no half final/); ends the run. Returns the run directory."""
     accelerator, ema = session.accelerator, session.ema
-    state_dict = accelerator.get_state_dict(session.prepared["model"])
+    state_dict = accelerator.get_state_dict(session.prepared["model"])       # under FSDP: gathered, main process
+    ema_state = ema_weights(ema, session.ema_names, keep=accelerator.is_main_process) if ema is not None else None
     if accelerator.is_main_process:
         final, tmp = plan.run_dir / "final", plan.run_dir / FINAL_TMP
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            ema_state = ema_weights(ema, session.ema_names) if ema is not None else None
             export_final(session.task, tmp, state_dict, ema_state)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -595,24 +640,23 @@ def train(config: TrainConfig | str | Path, *, overrides: Sequence[str] = (), re
 
 # -- the command line -------------------------------------------------------------------------------
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m cascadev.training.train", description=__doc__.splitlines()[0])
-    add_train_arguments(parser)
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
-    return parser.parse_args(argv)
-
-
-def run_training(args: argparse.Namespace) -> Path:
-    """``train`` with the command line's arguments (``add_train_arguments``; ``cascadev train`` calls this)."""
+def main(argv: list[str] | None = None, prog: str = "python -m cascadev.training.train") -> Path:
+    """The command line over ``train`` (what ``accelerate launch -m cascadev.training.train`` runs; ``cascadev train``
+    hands its arguments here): parse ``argv`` (default: ``sys.argv``), train, return the run directory."""
+    parser = config_parser(prog, __doc__.splitlines()[0])
+    parser.add_argument("--max-steps", type=int, default=None, help="same as --set run.max_steps=N")
+    parser.add_argument("--run-dir", default=None, help="same as --set run.dir=DIR")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--fresh", action="store_true",
+                        help="start at step 0 in a run dir that has checkpoints (they are moved aside, not deleted)")
+    resume.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                        help="resume from this checkpoint instead of the newest (later ones are moved aside)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although the config differs from the checkpoint's (the model must not change)")
+    args = parser.parse_args(argv)
     return train(args.config, overrides=args.overrides, resume_from=args.resume_from, fresh=args.fresh,
                  allow_config_change=args.allow_config_change, max_steps=args.max_steps, run_dir=args.run_dir)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Train as the config says (``argv`` as on the command line); returns the run directory."""
-    return run_training(parse_args(argv))
-
-
 if __name__ == "__main__":
-    args = parse_args(None)
-    run_guarded("cascadev.training.train", lambda: run_training(args), args.debug)
+    run_guarded("cascadev.training.train", main, "--debug" in sys.argv[1:])

@@ -2,8 +2,8 @@
 
 A task holds what differs between stages -- the models (the one that trains, the frozen encoders around it, a
 discriminator), the loss, validation and the export of final weights -- so that the loop in ``cascadev.training.train``
-is the same for all of them: ``DiTTask`` (stage "dit", Stage B), ``StageATask`` ("vae", Stage A), ``SemanticTask``
-("semantic", Stage B's semantic encoder with the Previewer), ``StageCTask`` ("base", Stage C) and ``DistillTask``
+is the same for all of them: ``DiTTask`` (stage "dit", Stage B), ``StageATask`` ("stage_a"), ``SemanticTask``
+("semantic", Stage B's semantic encoder with the Previewer), ``StageCTask`` ("stage_c") and ``DistillTask``
 ("distill", a 1-2 step student of a trained Stage B DiT).
 
 What the loop uses of a task:
@@ -17,7 +17,7 @@ What the loop uses of a task:
   ``run_dir/samples``.
 - ``save_model_config(directory)``: what a checkpoint holds beside accelerate's state (a DiT's ``config.json``).
 - ``export_final(final, state_dict, ema_state)``: the run's ``final/`` folder -- which weights (trained, EMA) go
-  where -- through ``export(state_dict, directory)``, the weights in our formats (for stage base also the
+  where -- through ``export(state_dict, directory)``, the weights in our formats (for stage stage_c also the
   ``text_encoder`` and the sampler).
 
 ``DiTTask`` and ``StageCTask`` also ``encode`` videos into what ``cascadev.training.cache_latents`` stores, built with
@@ -49,12 +49,12 @@ def build_task(config: TrainConfig,
     """The one factory of what trains."""
     if config.stage == "dit":
         return DiTTask(config, load_weights)
-    elif config.stage == "vae":
+    elif config.stage == "stage_a":
         return StageATask(config, load_weights)
     elif config.stage == "semantic":
         return SemanticTask(config, load_weights)
-    elif config.stage == "base":
+    elif config.stage == "stage_c":
         return StageCTask(config, load_weights)
     elif config.stage == "distill":
         return DistillTask(config, load_weights)
-    raise ConfigError(f"unknown stage {config.stage!r}; expected 'dit', 'vae', 'semantic', 'base' or 'distill'")
+    raise ConfigError(f"unknown stage {config.stage!r}; expected 'dit', 'stage_a', 'semantic', 'stage_c' or 'distill'")

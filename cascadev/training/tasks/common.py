@@ -47,7 +47,7 @@ def load_semantic_encoder(weights: str, config, load_weights: bool, key: str) ->
 
 
 def build_semantic_encoder(config: TrainConfig, load_weights: bool) -> nn.Module:
-    """The frozen semantic encoder of the condition (stages dit and base), in eval mode (running BatchNorm stats)."""
+    """The frozen semantic encoder of the condition (stages dit and stage_c), in eval mode (running BatchNorm stats)."""
     from vae.semantic_encoder import PRESETS
 
     c = config.condition
@@ -117,8 +117,15 @@ def reconstruction_scores(accelerator, model: nn.Module, clips: list[dict], step
 
 
 def is_fsdp(accelerator) -> bool:
-    """Whether the model is sharded (FSDP): no EMA, no sampled validation."""
+    """Whether the model is sharded (FSDP)."""
     return accelerator.distributed_type.name == "FSDP"
+
+
+def draws_samples(accelerator) -> bool:
+    """Whether this process runs validation's sampling: the main process; under FSDP every process, since each
+    forward of a sharded model is collective (every shard unit gathers its weights from all ranks). The draw is
+    seeded the same everywhere, and only the main process writes it."""
+    return accelerator.is_main_process or is_fsdp(accelerator)
 
 
 def export_trained_and_ema(task, final: Path, state_dict: dict, ema_state: dict | None) -> None:

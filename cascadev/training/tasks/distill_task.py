@@ -27,7 +27,7 @@ from cascadev.config import ConfigError
 from cascadev.training.config import TrainConfig
 from cascadev.training.data import mix_seed
 from cascadev.training.distillation import (detail_loss, distill_losses, ode_scheduler, sample_unrolled)
-from cascadev.training.tasks.common import init_weights, is_fsdp, save_module, seeded, write_sample
+from cascadev.training.tasks.common import init_weights, save_module, seeded, write_sample
 from cascadev.training.tasks.dit_task import DiTTask
 
 RELEASE_STEPS = 8        # the release's recon steps, the teacher's default outside a cascade folder
@@ -176,7 +176,7 @@ class DistillTask(DiTTask):
             decoded = [self.stage_a.decode(z).clamp(-1, 1).cpu() for z in (target, student)]
             scores["val/psnr_teacher"].append(psnr(decoded[0], clip["video"][None]).mean().item())
             scores["val/psnr_student"].append(psnr(decoded[1], clip["video"][None]).mean().item())
-            if i == 0 and accelerator.is_main_process and not is_fsdp(accelerator):
+            if i == 0 and accelerator.is_main_process:
                 write_sample(run_dir, step, [clip["video"][None], *decoded])
         model.train()
         return {k: sum(v) / len(v) for k, v in scores.items() if v}
@@ -196,7 +196,8 @@ class DistillTask(DiTTask):
 
         student = copy.deepcopy(self.model).cpu()
         student.load_state_dict({k: v.cpu() for k, v in state_dict.items()})
-        settings = {"scheduler": self.student_scheduler, "num_inference_steps": self.config.distill.student_steps}
+        settings = {"scheduler": self.student_scheduler, "num_inference_steps": self.config.distill.student_steps,
+                    "tile_detail": self.config.distill.tile_detail}
         if is_cascade_folder(self.config.distill.teacher):
             teacher = CascadeVPipeline.from_pretrained(self.config.distill.teacher, dit=student)
             pipe = CascadeVPipeline(**{**teacher.components, **settings},

@@ -15,7 +15,7 @@ from cascadev.training.config import TrainConfig
 from cascadev.training.data import mix_seed
 from cascadev.training.diffusion import build_diffusion, mean_flat
 from cascadev.training.tasks.common import (PART_DIRS, build_semantic_encoder, encode_frames, export_trained_and_ema,
-                                            init_weights, is_fsdp, save_module, seeded, write_sample)
+                                            draws_samples, init_weights, save_module, seeded, write_sample)
 from cascadev.weights import CascadeModel
 
 
@@ -193,7 +193,7 @@ class DiTTask:
                 losses.append(d.losses(out, x0, x_t, t, eps)["loss"].mean())
         logs = {"val/loss": torch.stack(losses).mean().item()} if losses else {}
         steps = self.config.run.val_sample_steps
-        if accelerator.is_main_process and clips and steps > 0 and not is_fsdp(accelerator):
+        if clips and steps > 0 and draws_samples(accelerator):
             from cascadev.pipelines.sampling import sample, scheduler_for_objective
 
             # the sampler that matches the objective: ancestral Euler (release) or flow Euler at the trained shift
@@ -206,7 +206,8 @@ class DiTTask:
                 cond, unwrapped = unwrapped.condition(video, tuple(x0.shape[2:])), unwrapped.dit
             noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0.device)
             with accelerator.autocast():
-                z = sample(unwrapped, cond, noise, scheduler, steps=steps, generator=g, progress=False)
+                z = sample(unwrapped, cond, noise, scheduler, steps=steps, generator=g)
+        if clips and steps > 0 and accelerator.is_main_process:
             recon = self.stage_a.decode(z.float()).clamp(-1, 1)
             reference = self.stage_a.decode(x0).clamp(-1, 1)
             logs["val/psnr_sampled_vs_input"] = psnr(recon.cpu(), clips[0]["video"][None].cpu()).mean().item()

@@ -114,7 +114,7 @@ class SemanticTask:
 
     def export(self, state_dict: dict, directory: Path) -> None:
         """``semantic_encoder/`` and ``previewer/`` in our format (``SemanticEncoder/Previewer.from_pretrained``;
-        ``condition.semantic_weights=DIR/semantic_encoder`` for stages dit and base). The BatchNorm running
+        ``condition.semantic_weights=DIR/semantic_encoder`` for stages dit and stage_c). The BatchNorm running
         statistics are the model's (EMA averages parameters only)."""
         for part in ("encoder", "previewer"):
             save_module(state_dict, getattr(self.model, part), directory / PART_DIRS[part], f"{part}.")

@@ -1,4 +1,4 @@
-"""Stage A's training task (stage "vae"): the diffusers autoencoder, with LPIPS and a patch discriminator."""
+"""Stage A's training task (stage "stage_a"): the diffusers autoencoder, with LPIPS and a patch discriminator."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class StageATask:
     """Stage A: L1 + MSE + LPIPS (when its weights are on disk) + KL, and a hinge patch discriminator from
     ``vae.disc_start``."""
 
-    name = "vae"
+    name = "stage_a"
 
     def __init__(self, config: TrainConfig, load_weights: bool = True):
         from vae.stage_a import StageAVAE
@@ -53,12 +53,12 @@ class StageATask:
         self.config = config
         stage_a_config = config.stage_a.model_config()
         if stage_a_config.dtype != "float32":
-            raise ConfigError("stage vae trains float32 weights: set stage_a.overrides.dtype=float32 "
+            raise ConfigError("stage stage_a trains float32 weights: set stage_a.overrides.dtype=float32 "
                               "(use run.mixed_precision for bf16/fp16 compute)")
         with seeded(config.run.seed, 1):
             vae = StageAVAE.from_config(stage_a_config, load_weights=load_weights).model
         vae.requires_grad_(False)
-        patterns = config.vae.trainable
+        patterns = config.stage_a_training.trainable
         trainable = [p for n, p in vae.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
         if not trainable:
             raise ConfigError(f"vae.trainable {list(patterns)} matches no parameter of {type(vae).__name__} "
@@ -67,18 +67,19 @@ class StageATask:
             p.requires_grad_(True)
         self.model = VAEReconstruction(vae, temporal=stage_a_config.kind == "svd_temporal").train()
         with seeded(config.run.seed, 3):
-            self.discriminator = (PatchDiscriminator(config.vae.disc_channels, config.vae.disc_layers)
-                                  if config.vae.disc_start is not None else None)
+            losses = config.stage_a_training
+            self.discriminator = (PatchDiscriminator(losses.disc_channels, losses.disc_layers)
+                                  if losses.disc_start is not None else None)
         self.lpips = None
 
     def to(self, device: torch.device) -> "StageATask":
-        if self.config.vae.lpips_weight > 0:
+        if self.config.stage_a_training.lpips_weight > 0:
             self.lpips = load_lpips_loss(device)
         return self
 
     def generator_loss(self, model: nn.Module, discriminator: nn.Module | None, video: torch.Tensor,
                        generator: torch.Generator, use_disc: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        c = self.config.vae
+        c = self.config.stage_a_training
         recon, mean, logvar = model(video, generator, sample=c.sample_posterior)
         error = recon.float() - video
         l1, mse = error.abs().mean(), error.square().mean()
@@ -108,7 +109,7 @@ class StageATask:
     def micro_step(self, accelerator, prepared: dict, batch: dict, generator: torch.Generator, as_images: bool,
                    step: int, accum: int) -> dict:
         video = batch["video"].to(accelerator.device)
-        use_disc = self.discriminator is not None and step >= self.config.vae.disc_start
+        use_disc = self.discriminator is not None and step >= self.config.stage_a_training.disc_start
         disc = prepared.get("discriminator")
         with accelerator.autocast():
             loss, recon, logs = self.generator_loss(prepared["model"],

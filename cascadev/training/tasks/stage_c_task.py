@@ -1,4 +1,4 @@
-"""Stage C's training task (stage "base"): the TextDiT denoises semantic latents given the caption."""
+"""Stage C's training task (stage "stage_c"): the TextDiT denoises semantic latents given the caption."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cascadev.training.config import TrainConfig
 from cascadev.training.data import mix_seed
 from cascadev.training.diffusion import build_diffusion
 from cascadev.training.losses import base_training_loss
-from cascadev.training.tasks.common import (build_semantic_encoder, export_for_inference, init_weights, is_fsdp,
+from cascadev.training.tasks.common import (build_semantic_encoder, draws_samples, export_for_inference, init_weights,
                                             save_module, seeded)
 from cascadev.weights import CascadeModel
 
@@ -31,9 +31,9 @@ def build_base_dit(config: TrainConfig, load_weights: bool) -> nn.Module:
 
 
 def build_text_encoder(config: TrainConfig, load_weights: bool) -> nn.Module:
-    """The frozen text encoder of stage base: our folder (``base.text_encoder_weights`` holding config.json), or the
+    """The frozen text encoder of stage stage_c: our folder (``base.text_encoder_weights`` holding config.json), or the
     preset (+ overrides) with its open_clip weights, a checkpoint path, or random weights."""
-    from dit.text_encoder import TextEncoder
+    from cascadev.pipelines.text_encoder import TextEncoder
 
     b = config.base
     text_config = b.text_encoder_config()
@@ -56,7 +56,7 @@ class StageCTask:
     ``diffusion`` objective (IDDPM or rectified flow) with per-video timesteps.
     """
 
-    name = "base"
+    name = "stage_c"
 
     def __init__(self, config: TrainConfig, load_weights: bool = True, build_model: bool = True):
         self.config = config
@@ -129,7 +129,8 @@ class StageCTask:
         """Loss at fixed timesteps and noise on held-out clips with their captions (none dropped); on the main
         process, latents sampled for the first clip's caption (``val_sample_steps`` steps, default guidance) saved
         as ``samples/step_N.safetensors``: ``cascadev decode`` turns them into video."""
-        from cascadev.pipelines.text_to_video import DEFAULT_GUIDANCE, from_model, sample_base, scheduler_for, to_model
+        from cascadev.pipelines.text_to_video import (DEFAULT_GUIDANCE, from_model, sample_base, stage_c_scheduler,
+                                                      to_model)
         from cascadev.pipelines.latents import save_latents
 
         model = prepared["model"]
@@ -150,17 +151,17 @@ class StageCTask:
                 losses.append(d.losses(out, x0, x_t, t, eps)["loss"].mean())
         logs = {"val/loss": torch.stack(losses).mean().item()} if losses else {}
         steps = self.config.run.val_sample_steps
-        if accelerator.is_main_process and clips and steps > 0 and not is_fsdp(accelerator):
+        if clips and steps > 0 and draws_samples(accelerator):      # under FSDP on every rank, written by the main
             unwrapped = accelerator.unwrap_model(model)
             shape = self.latents({"video": clips[0]["video"][None]}).shape
             g = torch.Generator(accelerator.device).manual_seed(self.config.run.seed)
             noise = torch.randn(shape, generator=g, device=g.device).to(accelerator.device)
             with accelerator.autocast():
                 z = sample_base(unwrapped, noise, self.text([clips[0]["caption"]]), self.null_text, DEFAULT_GUIDANCE,
-                                scheduler=scheduler_for(self.config.diffusion), steps=steps, generator=g,
-                                progress=False)
+                                scheduler=stage_c_scheduler(self.config.diffusion), steps=steps, generator=g)
             z = from_model(z, config)
             logs["val/sample_std"] = z.std().item()
+        if clips and steps > 0 and accelerator.is_main_process:
             save_latents(run_dir / "samples" / f"step_{step:08d}.safetensors", z.cpu(), prompt=clips[0]["caption"])
         model.train()
         return logs
@@ -173,10 +174,10 @@ class StageCTask:
     def export_final(self, final: Path, state_dict: dict, ema_state: dict | None) -> None:
         """``final/`` as ``export`` writes it, with the EMA weights when on (the trained ones then in ``final/model``),
         and once (``final/model`` shares it) the frozen text encoder and the objective's sampler."""
-        from cascadev.pipelines.text_to_video import SCHEDULER_DIR, TEXT_ENCODER_DIR, scheduler_for
+        from cascadev.pipelines.text_to_video import SCHEDULER_DIR, TEXT_ENCODER_DIR, stage_c_scheduler
         export_for_inference(self, final, state_dict, ema_state)
         self.text_encoder.save_pretrained(final / TEXT_ENCODER_DIR)
-        scheduler_for(self.config.diffusion).save_pretrained(final / SCHEDULER_DIR)
+        stage_c_scheduler(self.config.diffusion).save_pretrained(final / SCHEDULER_DIR)
 
     def export(self, state_dict: dict, directory: Path) -> None:
         """``base_dit/`` in our format (``TextDiT.from_pretrained``); ``export_final`` adds ``text_encoder/`` and

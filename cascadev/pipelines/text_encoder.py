@@ -142,7 +142,7 @@ class TextEncoder(ModelMixin, ConfigMixin):
         embed_dim, text_cfg, quick_gelu = text_tower_config(model_name, hidden_layer, text_overrides, embed_dim)
         self.tower = _build_text_tower(embed_dim, text_cfg, quick_gelu)
         if not hasattr(self.tower, "forward_intermediates"):
-            raise ImportError(f"dit.text_encoder needs open_clip_torch >= {MIN_OPEN_CLIP} "
+            raise ImportError(f"cascadev.pipelines.text_encoder needs open_clip_torch >= {MIN_OPEN_CLIP} "
                               "(pip install -U open_clip_torch)")
         self.tokenizer = open_clip.get_tokenizer(model_name, context_length=self.tower.context_length)
         self.requires_grad_(False).eval()
