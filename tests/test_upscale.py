@@ -91,6 +91,26 @@ def test_pipeline_output_shapes(factors, shape):
         assert torch.equal(out, from_latents)
 
 
+def test_pipeline_call_is_diffusers_shaped():
+    pipe = tiny_upscaler(4, 1)
+    clip = make_clip(seed=2, frames=3, height=32, width=48)[None]
+    steps = []
+    out = pipe(video=clip, num_inference_steps=2, callback_on_step_end=lambda p, i, t, d: steps.append(i))
+    assert steps == [0, 1] and torch.equal(out.frames, pipe.upscale(video=clip, steps=2))   # seed 0 without a generator
+    as_np = pipe(video=clip, num_inference_steps=1, output_type="np").frames
+    assert as_np.shape == (1, 3, 128, 192, 3) and 0 <= as_np.min() and as_np.max() <= 1
+    latent = pipe(video=clip, num_inference_steps=1, output_type="latent", return_dict=False)[0]
+    assert torch.equal(latent, pipe.upscale_latents(pipe.encode(clip), steps=1))
+    runs = [pipe(latents=pipe.encode(clip), num_inference_steps=1, generator=torch.Generator().manual_seed(5)).frames
+            for _ in range(2)]
+    assert torch.equal(*runs) and not torch.equal(runs[0], pipe.upscale(video=clip, steps=1))  # its own noise
+    zeroed = pipe(video=clip, num_inference_steps=1, output_type="latent",
+                  callback_on_step_end=lambda p, i, t, d: {"latents": torch.zeros_like(d["latents"])}).frames
+    assert torch.equal(zeroed, torch.zeros_like(zeroed))
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(video=clip, output_type="mp4")
+
+
 @pytest.mark.parametrize("route,size,frames,fps", [("x4", (192, 128), 3, 6.0), ("fps4", (48, 32), 12, 24.0)])
 def test_cli_upscale_video_and_latents(tmp_path, capsys, route_dirs, low_clip, route, size, frames, fps):
     from cascadev.pipelines.latents import save_latents

@@ -64,6 +64,26 @@ def seeded_noise(shape: tuple[int, ...], seed: int, device: torch.device | str =
     return rearrange(noise, "b t c h w -> b c t h w").to(device)
 
 
+def initial_noise(shape: tuple[int, ...], seed: int | None, generator: torch.Generator | None,
+                  device: torch.device | str) -> tuple[torch.Tensor, torch.Generator]:
+    """The sampler's starting noise (B, C, T, H, W), frames first as the release drew it, and the generator of its
+    ancestral steps: from ``seed`` (``seeded_noise``; the steps from ``seed + 1``), or both from one ``generator``
+    (the release's global generator: a CUDA one gives its stream)."""
+    if generator is None:
+        return seeded_noise(shape, seed, device), torch.Generator(device=device).manual_seed(seed + 1)
+    B, C, T, H, W = shape
+    noise = randn_tensor((B, T, C, H, W), generator=generator, device=torch.device(device))
+    return rearrange(noise, "b t c h w -> b c t h w"), generator
+
+
+def format_frames(frames: torch.Tensor, output_type: str):
+    """Video (B, 3, T, H, W) in [-1, 1] as diffusers' ``output_type`` gives it: "pt" as is, "np" (B, T, H, W, 3) in
+    [0, 1], "pil" lists of images."""
+    if output_type == "pt":
+        return frames
+    return VideoProcessor(do_resize=False).postprocess_video(frames, output_type=output_type)
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """How ``CascadeVPipeline`` decodes semantic latents (B, 16, T, h, w): one value for every decode method.
@@ -350,14 +370,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         small = semantic_small(latents.to(device).float(), self.scale_factor)   # as the DiT was trained
         cond = upsample_condition(small, (T, COND_UPSAMPLE * h, COND_UPSAMPLE * w))
         B, _, T, H, W = cond.shape
-        shape = (B, self.dit.config.latent_channels, T, H, W)
-        generator = o.generator
-        if generator is None:
-            noise = seeded_noise(shape, o.seed, device)
-            generator = torch.Generator(device=device).manual_seed(o.seed + 1)  # ancestral steps
-        else:
-            noise = rearrange(randn_tensor((B, T, *shape[1:2], H, W), generator=generator, device=device),
-                              "b t c h w -> b c t h w")   # frames first, as seeded_noise
+        noise, generator = initial_noise((B, self.dit.config.latent_channels, T, H, W), o.seed, o.generator, device)
         scheduler = o.scheduler
         if isinstance(scheduler, str) or scheduler is None:
             scheduler = self.resolve_scheduler(scheduler)
@@ -474,9 +487,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         if output_type == "latent":
             frames = self.decode_latents(latents, options)
         else:
-            frames = self.decode(latents, options)
-            if output_type != "pt":      # diffusers' layouts: (B, T, H, W, 3) in [0, 1], or lists of images
-                frames = VideoProcessor(do_resize=False).postprocess_video(frames, output_type=output_type)
+            frames = format_frames(self.decode(latents, options), output_type)
         self.maybe_free_model_hooks()
         return CascadeVPipelineOutput(frames=frames) if return_dict else (frames,)
 

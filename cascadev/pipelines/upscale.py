@@ -29,7 +29,8 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from cascadev.pipelines.cascade import check_pipeline_class, load_vae, seeded_noise
+from cascadev.pipelines.cascade import (CascadeVPipelineOutput, check_pipeline_class, format_frames, initial_noise,
+                                        load_vae)
 from cascadev.pipelines.frames import fix_colour
 from cascadev.pipelines.conditioning import temporal_upsample, upsample_condition
 from cascadev.progress import bar_settings
@@ -107,17 +108,19 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
     @torch.no_grad()
     def upscale_latents(self, small: torch.Tensor, steps: int | None = None, seed: int = 0,
                         scheduler: str | SchedulerMixin | None = None, tiling: str | Tiling = "blend",
-                        window_batch: int = 1) -> torch.Tensor:
+                        window_batch: int = 1, generator: torch.Generator | None = None,
+                        callback=None) -> torch.Tensor:
         """Small scaled latents (B, 4, T', h', w') -> the output's scaled latents (B, 4, T' kt, h' ks, w' ks).
-        Noise drawn frames first from ``seed`` (as ``CascadeVPipeline``); scheduler: the saved one unless named."""
+        Noise drawn frames first from ``seed``, or with the steps' from ``generator`` (``cascade.initial_noise``);
+        scheduler: the saved one unless named; ``callback(i, t, latents)`` after each step may return replacements."""
         self.check_input(small.shape[2])
         device = self._execution_device
         cond = self.condition(small.to(device))
-        noise = seeded_noise((cond.shape[0], self.dit.config.latent_channels, *cond.shape[2:]), seed, device)
+        noise, generator = initial_noise((cond.shape[0], self.dit.config.latent_channels, *cond.shape[2:]), seed,
+                                         generator, device)
         scheduler = self.resolve_scheduler(scheduler)
-        generator = torch.Generator(device=device).manual_seed(seed + 1)       # ancestral steps
         steps = self.config.num_inference_steps if steps is None else steps
-        with self.step_progress(steps) as callback:
+        with self.step_progress(steps, callback) as callback:
             return self._timed("dit", lambda: sample(self.dit, cond, noise.float(), scheduler, steps, tiling,
                                                      generator=generator, callback=callback, window_batch=window_batch))
 
@@ -182,7 +185,38 @@ class CascadeVUpscalePipeline(DecoderRuntimeMixin, DiffusionPipeline):
         pieces = self.upscale_pieces(video, latents, keep_input_frames, colour_fix, **sample_kwargs)
         return torch.cat(list(pieces), dim=2)
 
-    __call__ = upscale
+    @torch.no_grad()
+    def __call__(self, video: torch.Tensor | None = None, latents: torch.Tensor | None = None,
+                 num_inference_steps: int | None = None, generator: torch.Generator | None = None,
+                 tiling: str | Tiling = "blend", colour_fix: int | None = None, keep_input_frames: bool | None = None,
+                 output_type: str = "pt", return_dict: bool = True, callback_on_step_end=None,
+                 window_batch: int = 1):
+        """Raise the resolution / frame rate of a low ``video`` (B, 3, T', H', W') in [-1, 1] or of its scaled Stage A
+        ``latents`` (B, 4, T', h', w'), as ``upscale``.
+
+        num_inference_steps: DiT steps (default: the saved ones). generator: the noise and ancestral steps (default:
+        seed 0, as ``upscale``). output_type: "pt" (B, 3, T, H, W) in [-1, 1], "np" (B, T, H, W, 3) in [0, 1],
+        "pil", or "latent" (the output's scaled Stage A latents). callback_on_step_end(pipe, i, t, {"latents": ...})
+        after each DiT step; may return {"latents": ...} to replace them. Returns ``CascadeVPipelineOutput(frames)``,
+        or ``(frames,)`` without ``return_dict``."""
+        if output_type not in ("pt", "np", "pil", "latent"):
+            raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
+
+        def on_step(i, t, z):
+            if callback_on_step_end is None:
+                return None
+            return (callback_on_step_end(self, i, t, {"latents": z}) or {}).get("latents")
+        sampling = dict(steps=num_inference_steps, generator=generator, tiling=tiling, window_batch=window_batch,
+                        callback=on_step)
+        if output_type == "latent":
+            if latents is None:
+                self.check_input(*video.shape[2:])
+                latents = self.encode(video)
+            frames = self.upscale_latents(latents, **sampling)
+        else:
+            frames = format_frames(self.upscale(video, latents, keep_input_frames, colour_fix, **sampling), output_type)
+        self.maybe_free_model_hooks()
+        return CascadeVPipelineOutput(frames=frames) if return_dict else (frames,)
 
 
 def check_route_input(settings: dict, frames: int, height: int | None = None, width: int | None = None,
