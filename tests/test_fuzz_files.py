@@ -109,3 +109,58 @@ def test_broken_latents(command, name, tmp_path, capsys, tiny_pipeline_dir):
                             tmp_path, (name,))
     if code == 0:
         assert (tmp_path / "o.mp4").is_file()
+
+
+# -- training configs (YAML): train and cache-latents ----------------------------------------------
+
+def with_section(text: str, section: str, body: str) -> str:
+    """dit_tiny.yaml's ``text`` with its top-level ``section`` replaced by ``section: body`` (appended if absent)."""
+    lines, out, skipping = text.splitlines(), [], False
+    for line in lines:
+        if line.startswith(f"{section}:"):
+            skipping = True
+            continue
+        if skipping and (line.startswith(" ") or not line.strip()):
+            continue
+        skipping = False
+        out.append(line)
+    return "\n".join(out + [f"{section}: {body}"]) + "\n"
+
+
+def config_variants() -> dict[str, bytes]:
+    good = DIT_TINY.read_text()
+    sections = {"stage": ["7", "[dit]", "null", "vae_", "''"], "dit": ["5", "[1, 2]", "{preset: 5}", "{preset: huge}",
+                                                                      "{overrides: {depth: x}}", "{overrides: 3}"],
+                "optim": ["{lr: abc}", "{lr: .nan}", "{lr: -1}", "{lr: .inf}", "{betas: 5}", "{betas: [1]}"],
+                "data": ["{height: 1e999}", "{num_frames: -3}", "{videos: [a, b]}", "{videos: 5}", "{crop: sideways}"],
+                "run": ["{max_steps: 1.5}", "{max_steps: 99999999999999999999999}", "{dir: [x]}", "{seed: x}"],
+                "condition": ["{route: none}", "{semantic_weights: 5}"], "unknown_section": ["1"]}
+    out = {f"{k}.yaml": v for k, v in damaged(good.encode()).items()}
+    for section, bodies in sections.items():
+        out |= {f"{section}_{i}.yaml": with_section(good, section, body).encode() for i, body in enumerate(bodies)}
+    texts = {"list": "- stage\n- dit\n", "string": "dit\n", "number": "3\n", "null": "null\n", "comment": "# x\n",
+             "tabs": good.replace("  ", "\t"), "duplicate": good + "stage: vae\n", "crlf": good.replace("\n", "\r\n"),
+             "python_tag": "!!python/object/apply:os.system ['true']\n", "bad_indent": good.replace("  preset", " preset"),
+             "anchors": "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}]\n"
+                                                                      for p, c in zip("abcdefg", "bcdefgh")),
+             "deep": "stage: " + "[" * 5000 + "]" * 5000 + "\n", "deep_map": "stage: " + "{a: " * 3000 + "1" + "}" * 3000}
+    out |= {f"text_{k}.yaml": v.encode() for k, v in texts.items()}
+    out |= {"utf16.yaml": good.encode("utf-16"), "bom.yaml": b"\xef\xbb\xbf" + good.encode(),
+            "nul.yaml": good.encode().replace(b"dit", b"d\x00t", 1), "latin1.yaml": (good + "# caf\xe9\n").encode("latin-1")}
+    return out
+
+
+CONFIGS = config_variants()
+
+
+@pytest.mark.parametrize("command", ["train", "cache-latents"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_broken_config(command, name, tmp_path, capsys):
+    """Every variant fails (the data it names is missing: a config that still parses stops there), in one line naming
+    the config or the data."""
+    path = tmp_path / name
+    path.write_bytes(CONFIGS[name])
+    where = ["--run-dir", tmp_path / "run"] if command == "train" else ["--out", tmp_path / "cache"]
+    code, _ = run_checked(capsys, [command, "--config", path, *where, "--set", f"data.videos={tmp_path / 'nowhere'}"],
+                          tmp_path, (name, "nowhere"))
+    assert code == 2
