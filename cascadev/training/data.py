@@ -127,6 +127,8 @@ def list_samples(source: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSI
                          "videos or a .txt/.csv/.jsonl/.json list") from None
     except (json.JSONDecodeError, csv.Error) as e:
         raise ValueError(f"{where}{source}: not a valid {suffix[1:]} list ({e})") from None
+    except (ValueError, RecursionError) as e:      # a number of 5000 digits, arrays nested 100000 deep
+        raise ValueError(f"{where}{source}: not a valid {suffix[1:]} list ({type(e).__name__})") from None
     if suffix == ".csv" and rows and "path" not in rows[0]:
         raise ValueError(f"{source}: a CSV source needs a 'path' column, found {list(rows[0])}")
     if not isinstance(rows, list):
@@ -134,9 +136,12 @@ def list_samples(source: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSI
     samples = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not row.get("path"):
-            raise ValueError(f"{source}: entry {i} has no 'path': {row!r}")
+            raise ValueError(f"{source}: entry {i} has no 'path': {str(row)[:200]}")
+        if not isinstance(row["path"], str) or not isinstance(row.get("caption") or "", str):
+            wrong = "path" if not isinstance(row["path"], str) else "caption"
+            raise ValueError(f"{source}: entry {i}'s {wrong} is a {type(row[wrong]).__name__}, expected text")
         path = Path(row["path"])
-        samples.append(Sample(path if path.is_absolute() else source.parent / path, str(row.get("caption") or "")))
+        samples.append(Sample(path if path.is_absolute() else source.parent / path, row.get("caption") or ""))
     return samples
 
 

@@ -350,8 +350,13 @@ def prepare_run(config: TrainConfig, resume_from: int | None = None, fresh: bool
     check_output_folder(run_dir, "run.dir")
     train_set, val_set, image_set, notes = open_data(config)
     check_weight_files(config)
-    if isinstance(train_set, VideoDataset):
-        train_set.check_loadable()                           # decodes clips: after the checks that only look
+    for dataset, key in ((train_set, "data.videos"), (val_set, "data.val_videos" if config.data.val_videos else
+                                                          "data.videos")):
+        if isinstance(dataset, VideoDataset):                 # decodes clips: after the checks that only look
+            try:
+                dataset.check_loadable()
+            except ValueError as e:
+                raise ValueError(f"{key} {getattr(config.data, key.removeprefix('data.'))}: {e}") from None
     return RunPlan(config, run_dir, found[-1] if found else None, superseded,
                    "replaced" if fresh else f"after-{resume_from}", changed, train_set, val_set, image_set, notes)
 
