@@ -34,9 +34,9 @@ def damaged(good: bytes, seed: int = 0) -> dict[str, bytes]:
     """The byte-level breakages of a good file: empty, cut at several points (a partial copy, a full disk), random
     bytes of its length, its middle overwritten."""
     n, g = len(good), random.Random(seed)
-    cuts = sorted({1, 8, 100, n // 2, n - 1} & set(range(1, n)))
+    cuts = {"cut1": 1, "cut8": 8, "cut100": 100, "cut_half": n // 2, "cut_last": n - 1}     # names for any length
     middle = n // 2
-    return {"empty": b"", **{f"cut{c}": good[:c] for c in cuts}, "random": g.randbytes(max(n, 64)),
+    return {"empty": b"", **{name: good[:c] for name, c in cuts.items()}, "random": g.randbytes(max(n, 64)),
             "overwritten": good[:middle] + g.randbytes(min(256, n - middle)) + good[middle + 256:]}
 
 
@@ -236,3 +236,72 @@ def test_broken_clip_list_train(name, tmp_path, capsys, clips):
     code, _ = run_checked(capsys, ["train", "--config", DIT_TINY, "--run-dir", tmp_path / "run", "--max-steps", "0",
                                    "--set", f"data.videos={path}", "data.height=32", "data.width=32",
                                    "run.tensorboard=false"], tmp_path, (name, "data.videos"))
+
+
+# -- videos: reconstruct, eval, a training set -----------------------------------------------------
+
+def video_variants(clips: Path, folder: Path) -> dict[str, bytes]:
+    """name -> contents of the broken videos (the name's suffix is the file's): the good clip in three containers,
+    damaged, and containers with the wrong content."""
+    import av
+    import numpy as np
+
+    from cascadev.synthetic import make_clip
+    from cascadev.video_io import write_video
+
+    out = {}
+    for suffix in (".mp4", ".mkv", ".webm"):
+        write_video(folder / f"good{suffix}", make_clip(seed=1, frames=5, height=48, width=48), fps=8)
+        out |= {f"{k}{suffix}": v for k, v in damaged((folder / f"good{suffix}").read_bytes()).items()}
+    write_video(folder / "tiny.mp4", make_clip(seed=1, frames=1, height=2, width=2), fps=8)
+    with av.open(str(folder / "audio.mp4"), "w") as container:             # a sound track, no video stream
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 8000, 0
+        container.mux([*stream.encode(frame), *stream.encode()])
+    out |= {"one_2x2_frame.mp4": (folder / "tiny.mp4").read_bytes(), "audio_only.mp4": (folder / "audio.mp4").read_bytes(),
+            "text.mp4": b"not a video\n", "png.mp4": _png(), "latents.mp4": save({"latents": torch.zeros(1, 16, 1, 1, 1)}),
+            "mp4_named.mkv": (clips / "a.mp4").read_bytes(), "yaml.mp4": DIT_TINY.read_bytes()}
+    return out
+
+
+def _png() -> bytes:
+    from torchvision.io import encode_png
+
+    return encode_png(torch.zeros(3, 8, 8, dtype=torch.uint8)).numpy().tobytes()
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory, clips):
+    return video_variants(clips, tmp_path_factory.mktemp("fuzz_videos"))
+
+
+VIDEO_NAMES = [f"{k}{s}" for s in (".mp4", ".mkv", ".webm") for k in damaged(bytes(200))] + [
+    "one_2x2_frame.mp4", "audio_only.mp4", "text.mp4", "png.mp4", "latents.mp4", "mp4_named.mkv", "yaml.mp4"]
+
+
+@pytest.mark.slow       # a video that still decodes is reconstructed (tiny, one step: 1-2 s each)
+@pytest.mark.parametrize("name", VIDEO_NAMES)
+def test_broken_video_reconstruct(name, tmp_path, capsys, videos, tiny_pipeline_dir):
+    path = tmp_path / name
+    path.write_bytes(videos[name])
+    code, _ = run_checked(capsys, ["reconstruct", path, "-o", tmp_path / "o.mp4", "--weights", tiny_pipeline_dir,
+                                   "--frames", "2", "--steps", "1", "--size", "64", "--latents-out",
+                                   tmp_path / "z.safetensors"], tmp_path, (name,))
+    if code == 0:
+        from cascadev.pipelines.latents import read_latents
+        from cascadev.video_io import read_video
+
+        assert read_video(tmp_path / "o.mp4").shape[2] >= 1 and read_latents(tmp_path / "z.safetensors")[0].ndim == 5
+
+
+@pytest.mark.parametrize("name", VIDEO_NAMES)
+def test_broken_video_eval(name, tmp_path, capsys, videos, clips):
+    """A broken video among good ones is skipped, saying why; alone, it is one line naming it."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / name).write_bytes(videos[name])
+    argv = ["eval", "--fake", clips, "--metrics", "psnr", "--frames", "2"]
+    code, _ = run_checked(capsys, [*argv, "--real", tmp_path / "real"], tmp_path, ("no readable videos", "no pairs"))
+    shutil.copy(clips / "b.mp4", tmp_path / "real")
+    code, err = run_checked(capsys, [*argv, "--real", tmp_path / "real"], tmp_path)
+    assert code == 0, err
