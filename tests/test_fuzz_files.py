@@ -259,9 +259,11 @@ def video_variants(clips: Path, folder: Path) -> dict[str, bytes]:
         frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
         frame.sample_rate, frame.pts = 8000, 0
         container.mux([*stream.encode(frame), *stream.encode()])
-    out |= {"one_2x2_frame.mp4": (folder / "tiny.mp4").read_bytes(), "audio_only.mp4": (folder / "audio.mp4").read_bytes(),
-            "text.mp4": b"not a video\n", "png.mp4": _png(), "latents.mp4": save({"latents": torch.zeros(1, 16, 1, 1, 1)}),
-            "mp4_named.mkv": (clips / "a.mp4").read_bytes(), "yaml.mp4": DIT_TINY.read_bytes()}
+    out |= {"one_2x2_frame.mp4": (folder / "tiny.mp4").read_bytes(),
+            "audio_only.mp4": (folder / "audio.mp4").read_bytes(), "text.mp4": b"not a video\n", "png.mp4": _png(),
+            "latents.mp4": save({"latents": torch.zeros(1, 16, 1, 1, 1)}),
+            "mp4_named.mkv": (clips / "a.mp4").read_bytes(),
+            "yaml.mp4": DIT_TINY.read_bytes()}
     return out
 
 
