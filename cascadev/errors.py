@@ -31,7 +31,8 @@ def run_guarded(prog: str, fn: Callable[[], T], debug: bool = False) -> T:
     except BaseException as e:
         close_progress_bars()
         if isinstance(e, (UserError, OSError, ValueError)):
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            # one line whatever the message: several lines (a library's) joined, none at all named by its type
+            print(f"{prog}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
             sys.exit(2)
         if isinstance(e, KeyboardInterrupt):
             print(f"{prog}: interrupted", file=sys.stderr)
@@ -42,6 +43,12 @@ def run_guarded(prog: str, fn: Callable[[], T], debug: bool = False) -> T:
         print(f"{prog}: internal error: {type(e).__name__}: {first} (run with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(1)
+
+
+def first_line(e: BaseException) -> str:
+    """``TYPE: the first line of its message`` (at most 120 characters), for an error of any message, empty too."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:120]}" if lines else type(e).__name__
 
 
 def close_progress_bars() -> None:

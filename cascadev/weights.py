@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
+
+from cascadev.errors import first_line
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"  # our previous format, and accelerate's checkpoints
@@ -130,11 +133,20 @@ class CascadeModel(ModelMixin, ConfigMixin):
         """diffusers' ``from_pretrained``, strict: a missing, unexpected or mis-shaped weight is an error
         (diffusers only warns and leaves such parameters randomly initialised)."""
         return_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        where = Path(str(pretrained_model_name_or_path)) / (kwargs.get("subfolder") or "")
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        except OSError:
+            raise
+        except (TypeError, ValueError, ArithmeticError, RuntimeError, LookupError) as e:
+            # a config.json of wrong types or impossible sizes, weights of other shapes: one line naming the folder
+            raise ValueError(f"{where}: its config.json and weights do not make a {cls.__name__} "
+                             f"({first_line(e)})") from None
         problems = [f"{name.replace('_', ' ')}: {', '.join(sorted(map(str, keys)))}"
                     for name, keys in info.items() if keys]
         if problems:
             raise ValueError(f"{pretrained_model_name_or_path} does not fit {cls.__name__}: " + "; ".join(problems))
+        check_finite(model, where)
         return (model, info) if return_info else model
 
     @classmethod
@@ -161,6 +173,21 @@ class CascadeModel(ModelMixin, ConfigMixin):
         model = cls.from_config_dict(json.loads(config.read_text()))
         load_state_dict_strict(model, cls.convert_state_dict(load_file(weights)), str(weights))
         return model.eval()
+
+
+# no trained weight comes near fp16's largest value (these models run in fp16 / bf16): beyond it, a damaged file
+WEIGHT_LIMIT = torch.finfo(torch.float16).max
+
+
+def check_finite(model: CascadeModel, where: str | Path) -> None:
+    """Refuse a model whose config holds NaN or inf, or whose weights hold NaN, inf or values beyond
+    ``WEIGHT_LIMIT`` (a damaged file), which would only show as a NaN output after a whole decode."""
+    bad = [f"config {k}" for k, v in model.config.items() if isinstance(v, float) and not math.isfinite(v)]
+    bad += [f"weight {n}" for n, p in model.named_parameters()
+            if p.is_floating_point() and not (p.abs() <= WEIGHT_LIMIT).all()]       # NaN compares False
+    if bad:
+        raise ValueError(f"{where}: {bad[0]} holds NaN, inf or values beyond {WEIGHT_LIMIT:g} (a damaged file?)"
+                         + (f"; and {len(bad) - 1} more" if bad[1:] else ""))
 
 
 def save_model_weights(model: CascadeModel, state_dict: dict[str, torch.Tensor], directory: str | Path) -> None:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save
+from safetensors.torch import save, save_file
 
 from helpers import ROOT, run_cli
+from cascadev.pipelines.cascade import TINY_CASCADE
 from cascadev.pipelines.upscale import TINY_FPS4X
 
 DIT_TINY = ROOT / "configs" / "dit_tiny.yaml"
@@ -307,3 +308,93 @@ def test_broken_video_eval(name, tmp_path, capsys, videos, clips):
     shutil.copy(clips / "b.mp4", tmp_path / "real")
     code, err = run_checked(capsys, [*argv, "--real", tmp_path / "real"], tmp_path)
     assert code == 0, err
+
+
+# -- cascade folders: model_index.json, each part's config.json and weights, the scheduler's config ----------
+
+def json_edit(path: Path, **changes) -> bytes:
+    """The JSON file ``path`` with keys changed (a value of ``...`` removes the key)."""
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        data.pop(key) if value is ... else data.__setitem__(key, value)
+    return json.dumps(data).encode()
+
+
+def tensors_edit(path: Path, change) -> bytes:
+    from safetensors.torch import load_file
+
+    return save(change(load_file(str(path))))
+
+
+def cascade_variants() -> dict[str, tuple[str, bytes]]:
+    """name -> (the file of the shipped tiny cascade it replaces, its contents)."""
+    folder, out = TINY_CASCADE, {}
+    weights = "diffusion_pytorch_model.safetensors"
+    for file in ["model_index.json", "scheduler/scheduler_config.json",
+                 *[f"{part}/{name}" for part in ("dit", "vae", "semantic_encoder", "previewer")
+                   for name in ("config.json", weights)]]:
+        kinds = ("empty", "cut_half", "random", "overwritten") if file.endswith(weights) else ("empty", "cut_half")
+        broken = damaged((folder / file).read_bytes())
+        out |= {f"{file}:{kind}": (file, broken[kind]) for kind in kinds}
+    index = folder / "model_index.json"
+    for name, changes in {"list": None, "class_number": {"_class_name": 5}, "class_other": {"_class_name": "Foo"},
+                          "dit_string": {"dit": "dit"}, "dit_short": {"dit": ["dit.video_dit"]},
+                          "dit_nulls": {"dit": [None, None]}, "dit_elsewhere": {"dit": ["os", "system"]},
+                          "dit_missing": {"dit": ...}, "vae_missing": {"vae": ...}, "stage_a_number": {"stage_a": 5},
+                          "stage_a_word": {"stage_a": {"scale_factor": "x"}},
+                          "stage_a_negative": {"stage_a": {"tile_size": -1}}, "steps_negative":
+                          {"num_inference_steps": -1}, "steps_word": {"num_inference_steps": "x"},
+                          "colour_fix_negative": {"colour_fix": -1}, "colour_fix_word": {"colour_fix": "x"},
+                          "demo_number": {"demo": 5}}.items():
+        out[f"model_index.json:{name}"] = ("model_index.json",
+                                           b"[1, 2]" if changes is None else json_edit(index, **changes))
+    dit = folder / "dit" / "config.json"
+    for name, changes in {"depth_word": {"depth": "x"}, "depth_negative": {"depth": -1}, "depth_zero": {"depth": 0},
+                          "heads_zero": {"num_heads": 0}, "hidden_odd": {"hidden_size": 145},
+                          "patch_zero": {"patch_size": 0}, "strides_number": {"attn_strides": 5},
+                          "strides_zero": {"attn_strides": [[0, 0]]}, "window_zero": {"window_size": 0},
+                          "latent_channels": {"latent_channels": 8}, "cond_channels": {"cond_channels": 3},
+                          "unknown_key": {"foo": 1}, "depth_missing": {"depth": ...}, "pe_nan": {"pe_interpolation":
+                                                                                             float("nan")},
+                          "mlp_huge": {"mlp_ratio": 1e9}}.items():
+        out[f"dit/config.json:{name}"] = ("dit/config.json", json_edit(dit, **changes))
+    dit_weights = folder / "dit" / weights
+    for name, change in {"key_missing": lambda s: dict(list(s.items())[1:]),
+                         "key_renamed": lambda s: {k.replace("blocks.0.", "blocks.9."): v for k, v in s.items()},
+                         "key_extra": lambda s: {**s, "extra": torch.zeros(1)},
+                         "shape": lambda s: {k: v[..., :1].contiguous() if k.endswith("weight") else v
+                                             for k, v in s.items()},
+                         "int": lambda s: {k: v.long() for k, v in s.items()},
+                         "nan": lambda s: {k: torch.full_like(v, float("nan")) for k, v in s.items()},
+                         "fp16": lambda s: {k: v.half() for k, v in s.items()}}.items():
+        out[f"dit/weights:{name}"] = (f"dit/{weights}", tensors_edit(dit_weights, change))
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    for name, changes in {"timesteps_zero": {"num_train_timesteps": 0}, "shift_negative": {"shift": -1},
+                          "class_other": {"_class_name": "Foo"}, "shift_word": {"shift": "x"}}.items():
+        out[f"scheduler_config.json:{name}"] = ("scheduler/scheduler_config.json", json_edit(scheduler, **changes))
+    return out
+
+
+CASCADES = cascade_variants()
+
+
+@pytest.fixture(scope="module")
+def semantic_latents(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz_latents") / "z.safetensors"
+    save_file({"latents": torch.randn(1, 16, 2, 2, 2)}, str(path))
+    return path
+
+
+@pytest.mark.slow       # a folder that still loads decodes (tiny, one step)
+@pytest.mark.parametrize("name", sorted(CASCADES))
+def test_broken_cascade_folder(name, tmp_path, capsys, semantic_latents):
+    file, contents = CASCADES[name]
+    weights = tmp_path / "cascade"
+    shutil.copytree(TINY_CASCADE, weights)
+    (weights / file).write_bytes(contents)
+    code, err = run_checked(capsys, ["decode", semantic_latents, "-o", tmp_path / "o.mp4", "--weights", weights,
+                                     "--steps", "1"], tmp_path, (Path(file).name, Path(file).parent.name))
+    if code == 0:
+        from cascadev.video_io import read_video
+
+        assert read_video(tmp_path / "o.mp4").shape[2] == 2

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cascadev.errors import first_line
 from cascadev.pipelines.frames import SEMANTIC_CHANNELS
 from cascadev.weights import atomic_write
 
@@ -117,9 +118,3 @@ def metadata_fps(metadata: dict[str, str], path: str | Path, default: float = 8.
         raise ValueError(f"{path}: its metadata's fps {metadata['fps'][:40]!r} is not a positive frame rate "
                          "(give --fps)")
     return fps
-
-
-def first_line(e: BaseException) -> str:
-    """``TYPE: the first line of its message`` (at most 120 characters), for an error of any message, empty too."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:120]}" if lines else type(e).__name__
