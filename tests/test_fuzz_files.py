@@ -398,3 +398,77 @@ def test_broken_cascade_folder(name, tmp_path, capsys, semantic_latents):
         from cascadev.video_io import read_video
 
         assert read_video(tmp_path / "o.mp4").shape[2] == 2
+
+
+# -- FVD detectors: eval --i3d --------------------------------------------------------------------
+
+class WrongDetector(torch.nn.Module):
+    """A TorchScript module that is no I3D (another signature, other outputs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean()
+
+
+def i3d_variants() -> dict[str, bytes]:
+    import zipfile
+
+    from eval.i3d import I3D
+
+    state = I3D().state_dict()
+    good = torch_bytes(state)
+    out = {f"{k}.pt": v for k, v in damaged(good).items() if k != "random"} | {"random.pt": random.randbytes(4096)}
+    first = next(iter(state))
+    contents = {"list": [state[first]], "string": "i3d", "wrapped_list": {"state_dict": [1]},
+                "int_keys": {i: v for i, v in enumerate(state.values())}, "values_lists": {k: [1.0] for k in state},
+                "key_missing": {k: v for k, v in state.items() if k != first},
+                "key_extra": {**state, "x": state[first]},
+                "shape": {**state, first: state[first][:1]},
+                "nan": {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()},
+                "int": {k: v.long() for k, v in state.items()}, "fp16": {k: v.half() if v.is_floating_point() else v
+                                                                          for k, v in state.items()}}
+    out |= {f"obj_{k}.pt": torch_bytes(v) for k, v in contents.items()}
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(WrongDetector()), buffer)
+    script = buffer.getvalue()
+    out |= {f"script_{k}.pt": v for k, v in damaged(script).items() if k in ("cut_half", "overwritten")}
+    out["script_wrong_module.pt"] = script
+    zips = {"zip_text.pt": {"a.txt": "x"}, "zip_constants.pt": {"x/constants.pkl": "not a pickle"}}
+    for name, members in zips.items():
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as z:
+            for member, text in members.items():
+                z.writestr(member, text)
+        out[name] = buffer.getvalue()
+    return out
+
+
+@pytest.fixture(scope="module")
+def long_clips(tmp_path_factory):
+    """Two 10-frame 32x32 clips: enough frames for I3D."""
+    from cascadev.synthetic import make_clip
+    from cascadev.video_io import write_video
+
+    folder = tmp_path_factory.mktemp("fuzz_long_clips")
+    for seed in range(2):
+        write_video(folder / f"{seed}.mp4", make_clip(seed=seed, frames=10, height=32, width=32), fps=8)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def detectors():
+    return i3d_variants()
+
+
+I3D_NAMES = [f"{k}.pt" for k in damaged(bytes(200))] + [f"obj_{k}.pt" for k in (
+    "list", "string", "wrapped_list", "int_keys", "values_lists", "key_missing", "key_extra", "shape", "nan", "int",
+    "fp16")] + ["script_cut_half.pt", "script_overwritten.pt", "script_wrong_module.pt", "zip_text.pt",
+                "zip_constants.pt"]
+
+
+@pytest.mark.slow       # I3D's state dict is 50 MB; a detector that loads runs on two clips
+@pytest.mark.parametrize("name", I3D_NAMES)
+def test_broken_i3d(name, tmp_path, capsys, detectors, long_clips):
+    path = tmp_path / name
+    path.write_bytes(detectors[name])
+    run_checked(capsys, ["eval", "--real", long_clips, "--fake", long_clips, "--metrics", "fvd", "--frames", "9",
+                         "--i3d", path, "--i3d-size", "32"], tmp_path, (name,))
