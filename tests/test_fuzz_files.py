@@ -472,3 +472,68 @@ def test_broken_i3d(name, tmp_path, capsys, detectors, long_clips):
     path.write_bytes(detectors[name])
     run_checked(capsys, ["eval", "--real", long_clips, "--fake", long_clips, "--metrics", "fvd", "--frames", "9",
                          "--i3d", path, "--i3d-size", "32"], tmp_path, (name,))
+
+
+# -- a training run's checkpoints: train resumes ------------------------------------------------------
+
+def train_args(clips: Path, run: Path) -> list:
+    return ["train", "--config", DIT_TINY, "--run-dir", run, "--set", f"data.videos={clips}", "data.height=32",
+            "data.width=32", "data.val_count=0", "run.tensorboard=false", "run.save_every=1", "run.keep_checkpoints=0"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, clips):
+    """A dit_tiny run of 2 steps with a checkpoint after each (no validation: the clips all train)."""
+    from cascadev.training.train import main
+
+    run = tmp_path_factory.mktemp("fuzz_run") / "run"
+    main([str(a) for a in train_args(clips, run)[1:]] + ["--max-steps", "2"])
+    return run
+
+
+NEWEST = "checkpoints/step_00000002"
+RESUME = {"ema_cut_half": ("ema.safetensors", lambda b: b[:len(b) // 2]),          # the issue's bad disk
+          "model_empty": ("model.safetensors", lambda b: b""),
+          "model_nan": ("model.safetensors", lambda b: save({k: torch.full_like(v, float("nan")) for k, v in
+                                                              safetensors_load(b).items()})),
+          "optimizer_overwritten": ("optimizer.bin", lambda b: damaged(b)["overwritten"]),
+          "random_states_cut_half": ("random_states_0.pkl", lambda b: b[:len(b) // 2]),
+          "trainer_empty": ("trainer.json", lambda b: b""), "trainer_list": ("trainer.json", lambda b: b"[2]"),
+          "config_random": ("config.yaml", lambda b: damaged(b)["random"])}
+
+
+def safetensors_load(data: bytes) -> dict:
+    from safetensors.torch import load
+
+    return load(data)
+
+
+@pytest.mark.slow       # each resumes the run for a step
+@pytest.mark.parametrize("name", sorted(RESUME))
+def test_resume_from_a_damaged_checkpoint(name, tmp_path, capsys, trained_run, clips):
+    """The newest checkpoint damaged: the run says so naming the file, sets it aside and goes on from the one before."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    file, damage = RESUME[name]
+    path = run / NEWEST / file
+    path.write_bytes(damage(path.read_bytes()))
+    code, err = run_checked(capsys, [*train_args(clips, run), "--max-steps", "3"], tmp_path)
+    assert code == 0, err
+    assert f"{file}" in err and "resuming from step_00000001" in err, err
+    assert [p.name for p in run.glob("checkpoints/damaged-*/*")] == ["step_00000002"]           # kept, set aside
+    assert json.loads((run / "checkpoints/step_00000003/trainer.json").read_text())["step"] == 3
+    assert all(p.stat().st_mode & 0o044 for p in (run / "checkpoints/step_00000003").iterdir())  # none 0600
+
+
+@pytest.mark.slow
+def test_resume_stops_when_no_checkpoint_is_intact_or_the_one_asked_for_is_damaged(tmp_path, capsys, trained_run,
+                                                                                  clips):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / NEWEST / "ema.safetensors").write_bytes(b"")
+    code, _ = run_checked(capsys, [*train_args(clips, run), "--max-steps", "3", "--resume-from", "2"], tmp_path,
+                          ("--resume-from 2: ", "ema.safetensors"))
+    assert code == 2
+    (run / "checkpoints/step_00000001/model.safetensors").write_bytes(b"")
+    code, err = run_checked(capsys, [*train_args(clips, run), "--max-steps", "3"], tmp_path, ("no intact checkpoint",))
+    assert code == 2 and "--fresh" in err

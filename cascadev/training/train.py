@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import logging.handlers
+import os
 import shutil
 import sys
 import time
@@ -54,7 +55,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from cascadev.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
-from cascadev.errors import OneLineParser, run_guarded
+from cascadev.errors import OneLineParser, first_line, run_guarded
 from cascadev.training.args import add_train_arguments
 from cascadev.training.config import TrainConfig, check_cache, check_weight_files, load_train_config
 from cascadev.training.data import (IMAGE_EXTENSIONS, ImageDataset, LatentDataset, VideoDataset, image_step,
@@ -132,6 +133,32 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed, naming the file (cut short, overwritten, not what it
+    should be: a bad disk, a partial copy), or None. Every file is read once: safetensors whole (and their values
+    finite), accelerate's torch archives against their CRCs, the JSON and the config."""
+    import zipfile
+
+    from safetensors.torch import load_file
+
+    for file in sorted(f for f in path.iterdir() if f.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                if not all(t.isfinite().all() for t in load_file(str(file)).values() if t.is_floating_point()):
+                    return f"{file} holds NaN or inf values"
+            elif file.suffix in (".bin", ".pt", ".pth", ".pkl"):          # torch.save archives (zip)
+                with zipfile.ZipFile(file) as archive:
+                    if (bad := archive.testzip()) is not None:
+                        return f"{file} is damaged (its part {bad} does not match its checksum)"
+            elif file.suffix == ".json" and not isinstance(json.loads(file.read_text()), dict):
+                return f"{file} is not a JSON object"
+            elif file.name == "config.yaml":
+                load_train_config(file)
+        except Exception as e:      # whatever a damaged file makes its reader raise
+            return f"{file} is damaged ({first_line(e)})"
+    return None
+
+
 def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict | None, task, config: TrainConfig,
                     keep: int) -> Path:
     """accelerate state + EMA + trainer state + config into a temp folder, renamed to ``step_N`` when complete."""
@@ -145,6 +172,10 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict |
         # save_state ends without a barrier: every rank's RNG file must be in tmp before the main process renames it
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            for file in tmp.iterdir():       # accelerate's safetensors files are 0600, beside 0644 ones
+                file.chmod(0o666 & ~umask)
             if ema is not None:
                 save_state_dict(ema, tmp / EMA_WEIGHTS)
             save_config(config, tmp / "config.yaml")
@@ -184,9 +215,11 @@ def setup_logging(main_process: bool) -> None:
         logger.addHandler(logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1))
 
 
-def open_run_dir(accelerator, run_dir: Path, config: TrainConfig, superseded: list[Path], why: str) -> None:
+def open_run_dir(accelerator, run_dir: Path, config: TrainConfig, superseded: list[Path], why: str,
+                 damaged: Sequence[Path] = ()) -> None:
     """The run's first writes, once its inputs are checked and its models built: the folder, ``train.log`` (with
-    what was logged so far), leftovers of a killed run removed, superseded checkpoints set aside, ``config.yaml``."""
+    what was logged so far), leftovers of a killed run removed, superseded and damaged checkpoints set aside,
+    ``config.yaml``."""
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         logger = logging.getLogger("cascadev")
@@ -202,6 +235,7 @@ def open_run_dir(accelerator, run_dir: Path, config: TrainConfig, superseded: li
         for stale in [*ckpt_root.glob(f".tmp_{CHECKPOINT_PREFIX}*"), run_dir / FINAL_TMP]:   # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         set_aside(superseded, ckpt_root, why)
+        set_aside(list(damaged), ckpt_root, "damaged")
         atomic_write(run_dir / "config.yaml", lambda tmp: save_config(config, tmp))
     accelerator.wait_for_everyone()
 
@@ -300,6 +334,7 @@ class RunPlan:
     val_set: VideoDataset | list
     image_set: ImageDataset | None
     notes: list[str]
+    damaged: list[Path] = field(default_factory=list)     # newer checkpoints than the one resumed, set aside
 
 
 @dataclass
@@ -345,6 +380,17 @@ def prepare_run(config: TrainConfig, resume_from: int | None = None, fresh: bool
                           f"(have: {[s for s, _ in found] or 'none'})")
     superseded = [p for s, p in found if fresh or (resume_from is not None and s > resume_from)]
     found = [(s, p) for s, p in found if p not in superseded]
+    # a damaged newest checkpoint (a bad disk, a partial copy): go on from the newest intact one, saying so, and set
+    # the damaged ones aside (kept, never deleted); --resume-from names one: it must be intact
+    damaged, problems = [], []
+    while found and (problem := checkpoint_problem(found[-1][1])):
+        if resume_from is not None:
+            raise ConfigError(f"--resume-from {resume_from}: {problem}; resume from another step, or start over with "
+                              "--fresh")
+        damaged.append(found.pop()[1])
+        problems.append(problem)
+    if damaged and not found:
+        raise ConfigError(f"no intact checkpoint to resume in {ckpt_root}: {problems[0]}; start over with --fresh")
     changed = check_resume(found[-1][1], config, allow_config_change) if found else None
 
     check_output_folder(run_dir, "run.dir")
@@ -357,8 +403,11 @@ def prepare_run(config: TrainConfig, resume_from: int | None = None, fresh: bool
                 dataset.check_loadable()
             except ValueError as e:
                 raise ValueError(f"{key} {getattr(config.data, key.removeprefix('data.'))}: {e}") from None
+    notes += [f"{problem}: resuming from {found[-1][1].name} instead (the damaged checkpoint is moved to "
+              f"{ckpt_root}/damaged-*)" for problem in problems]
     return RunPlan(config, run_dir, found[-1] if found else None, superseded,
-                   "replaced" if fresh else f"after-{resume_from}", changed, train_set, val_set, image_set, notes)
+                   "replaced" if fresh else f"after-{resume_from}", changed, train_set, val_set, image_set, notes,
+                   damaged)
 
 
 def make_accelerator(plan: RunPlan):
@@ -400,7 +449,7 @@ def build(plan: RunPlan) -> Session:
              sum(p.numel() for p in model.parameters()) / 1e6,
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
     ema, ema_names = make_ema(model, optim.ema_decay) if optim.ema_decay > 0 else (None, [])
-    open_run_dir(accelerator, plan.run_dir, config, plan.superseded, plan.set_aside_as)
+    open_run_dir(accelerator, plan.run_dir, config, plan.superseded, plan.set_aside_as, plan.damaged)
 
     for note in plan.notes:
         log.warning(note)
