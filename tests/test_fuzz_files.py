@@ -14,6 +14,7 @@ The quick part reads files that fail before any model loads; what runs models is
 
 import io
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -45,6 +46,13 @@ def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def cases(names, quick=()) -> list:
+    """pytest params of ``names`` (strings, or tuples of arguments), all but those in ``quick`` marked slow: the quick
+    part keeps a few of each kind, those that once failed first."""
+    return [pytest.param(*([n] if isinstance(n, str) else n), id="-".join([n] if isinstance(n, str) else n),
+                         marks=() if n in quick else pytest.mark.slow) for n in names]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -100,7 +108,10 @@ def latents_variants(channels: int) -> dict[str, bytes]:
 LATENTS = {"decode": latents_variants(16), "upscale": latents_variants(4)}
 
 
-@pytest.mark.parametrize("command,name", [(c, n) for c in LATENTS for n in LATENTS[c]])
+@pytest.mark.parametrize("command,name", cases([(c, n) for c in LATENTS for n in LATENTS[c]], quick=[
+    ("decode", n) for n in ("empty.pt", "cut_half.safetensors", "random.pt", "obj_sparse.pt", "obj_complex.pt",
+                            "fps_abc.safetensors", "fps_inf.safetensors", "huge.safetensors", "obj_meta_list.pt",
+                            "nan.safetensors")] + [("upscale", "fps_-1.safetensors"), ("upscale", "int.safetensors")]))
 def test_broken_latents(command, name, tmp_path, capsys, tiny_pipeline_dir):
     path = tmp_path / name
     path.write_bytes(LATENTS[command][name])
@@ -144,8 +155,7 @@ def config_variants() -> dict[str, bytes]:
              "bad_indent": good.replace("  preset", " preset"),
              "anchors": "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}]\n"
                                                                       for p, c in zip("abcdefg", "bcdefgh")),
-             "deep": "stage: " + "[" * 5000 + "]" * 5000 + "\n",
-             "deep_map": "stage: " + "{a: " * 3000 + "1" + "}" * 3000}
+             "deep_map": "stage: " + "{a: " * 1500 + "1" + "}" * 1500}     # (PyYAML scans deep flow lists slowly)
     out |= {f"text_{k}.yaml": v.encode() for k, v in texts.items()}
     out |= {"utf16.yaml": good.encode("utf-16"), "bom.yaml": b"\xef\xbb\xbf" + good.encode(),
             "nul.yaml": good.encode().replace(b"dit", b"d\x00t", 1),
@@ -156,8 +166,11 @@ def config_variants() -> dict[str, bytes]:
 CONFIGS = config_variants()
 
 
-@pytest.mark.parametrize("command", ["train", "cache-latents"])
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("command,name", cases([(c, n) for c in ("train", "cache-latents") for n in sorted(CONFIGS)],
+                                                quick=[("train", n) for n in ("text_deep_map.yaml", "cut_half.yaml",
+                                                                              "text_duplicate.yaml", "random.yaml",
+                                                                              "data_3.yaml", "optim_0.yaml")]
+                                                + [("cache-latents", "text_deep_map.yaml")]))
 def test_broken_config(command, name, tmp_path, capsys):
     """Every variant fails (the data it names is missing: a config that still parses stops there), in one line naming
     the config or the data."""
@@ -224,14 +237,15 @@ def write_list(folder: Path, clips: Path, name: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", sorted(LISTS))
+@pytest.mark.parametrize("name", cases(sorted(LISTS), quick=("random.txt", "long.txt", "nul.txt")))
 def test_broken_clip_list_eval(name, tmp_path, capsys, clips):
     path = write_list(tmp_path, clips, name)
     run_checked(capsys, ["eval", "--real", path, "--fake", clips, "--metrics", "psnr", "--frames", "2"], tmp_path,
                 (name,))
 
 
-@pytest.mark.parametrize("name", sorted(LISTS))
+@pytest.mark.parametrize("name", cases(sorted(LISTS), quick=("deep.json", "path_number.jsonl", "huge_number.json",
+                                                               "cut8.txt", "caption_dict.json", "csv_no_path.csv")))
 def test_broken_clip_list_train(name, tmp_path, capsys, clips):
     path = write_list(tmp_path, clips, name)
     code, _ = run_checked(capsys, ["train", "--config", DIT_TINY, "--run-dir", tmp_path / "run", "--max-steps", "0",
@@ -298,7 +312,7 @@ def test_broken_video_reconstruct(name, tmp_path, capsys, videos, tiny_pipeline_
         assert read_video(tmp_path / "o.mp4").shape[2] >= 1 and read_latents(tmp_path / "z.safetensors")[0].ndim == 5
 
 
-@pytest.mark.parametrize("name", VIDEO_NAMES)
+@pytest.mark.parametrize("name", cases(VIDEO_NAMES, quick=("cut_half.mp4", "audio_only.mp4", "text.mp4")))
 def test_broken_video_eval(name, tmp_path, capsys, videos, clips):
     """A broken video among good ones is skipped, saying why; alone, it is one line naming it."""
     (tmp_path / "real").mkdir()
@@ -390,7 +404,8 @@ def semantic_latents(tmp_path_factory):
 def test_broken_cascade_folder(name, tmp_path, capsys, semantic_latents):
     file, contents = CASCADES[name]
     weights = tmp_path / "cascade"
-    shutil.copytree(TINY_CASCADE, weights)
+    shutil.copytree(TINY_CASCADE, weights, copy_function=os.symlink)       # links to the shipped files but one
+    (weights / file).unlink()
     (weights / file).write_bytes(contents)
     code, err = run_checked(capsys, ["decode", semantic_latents, "-o", tmp_path / "o.mp4", "--weights", weights,
                                      "--steps", "1"], tmp_path, (Path(file).name, Path(file).parent.name))
@@ -415,8 +430,8 @@ def i3d_variants() -> dict[str, bytes]:
     from eval.i3d import I3D
 
     state = I3D().state_dict()
-    good = torch_bytes(state)
-    out = {f"{k}.pt": v for k, v in damaged(good).items() if k != "random"} | {"random.pt": random.randbytes(4096)}
+    good = torch_bytes(dict(list(state.items())[:30]))           # the archive of a state dict, 2.5 MB, not 50
+    out = {f"{k}.pt": v for k, v in damaged(good).items()}
     first = next(iter(state))
     contents = {"list": [state[first]], "string": "i3d", "wrapped_list": {"state_dict": [1]},
                 "int_keys": {i: v for i, v in enumerate(state.values())}, "values_lists": {k: [1.0] for k in state},
@@ -537,3 +552,51 @@ def test_resume_stops_when_no_checkpoint_is_intact_or_the_one_asked_for_is_damag
     (run / "checkpoints/step_00000001/model.safetensors").write_bytes(b"")
     code, err = run_checked(capsys, [*train_args(clips, run), "--max-steps", "3"], tmp_path, ("no intact checkpoint",))
     assert code == 2 and "--fresh" in err
+
+
+# -- a latent cache: train --set data.latents=CACHE --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def latent_cache(tmp_path_factory, clips):
+    """The cache of three good clips (dit_tiny, 32x32) as cache-latents writes it: a broken one is the odd one out."""
+    from cascadev.training.cache_latents import main
+
+    folder = tmp_path_factory.mktemp("fuzz_cache")
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        shutil.copy(clips / "a.mp4", folder / name)
+    main(["--config", str(DIT_TINY), "--out", str(folder / "cache"), "--set", f"data.videos={folder}",
+          "data.height=32", "data.width=32", "data.val_count=0"])
+    return folder / "cache"
+
+
+def cache_variants() -> dict[str, tuple[str, object]]:
+    """name -> (the cache's file it replaces, a function of the good file's bytes giving the broken ones)."""
+    def tensors(change):
+        return lambda b: save(change(safetensors_load(b)))
+
+    clip = "000000_00.safetensors"
+    out = {f"clip_{k}": (clip, lambda b, k=k: damaged(b)[k]) for k in ("cut_half", "random")}
+    out |= {"clip_wrong_keys": (clip, tensors(lambda t: {"x" + k: v for k, v in t.items()})),
+            "clip_no_cond": (clip, tensors(lambda t: {k: v for k, v in t.items() if k != "cond"})),
+            "clip_shape": (clip, tensors(lambda t: {k: v[..., :1, :1].contiguous() for k, v in t.items()})),
+            "clip_nan": (clip, tensors(lambda t: {k: torch.full_like(v, float("nan")) for k, v in t.items()}))}
+    out |= {"yaml_random": ("cache.yaml", lambda b: damaged(b)["random"])}
+    out |= {"yaml_list": ("cache.yaml", lambda b: b"- data\n"),
+            "yaml_other_size": ("cache.yaml", lambda b: b.replace(b"height: 32", b"height: 64"))}
+    return out
+
+
+CACHE_CASES = cache_variants()
+
+
+@pytest.mark.slow       # a cache that still loads trains a step
+@pytest.mark.parametrize("name", sorted(CACHE_CASES))
+def test_broken_latent_cache(name, tmp_path, capsys, latent_cache, clips):
+    cache = tmp_path / "cache"
+    shutil.copytree(latent_cache, cache)
+    file, damage = CACHE_CASES[name]
+    (cache / file).write_bytes(damage((cache / file).read_bytes()))
+    code, err = run_checked(capsys, [*train_args(clips, tmp_path / "run"), f"data.latents={cache}", "--max-steps",
+                                     "2"], tmp_path, (file, "data.latents", str(cache)))
+    if code == 0:                       # the broken clip left out, saying so
+        assert f"skipping latent file {cache / file}" in err, err

@@ -70,6 +70,7 @@ CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer.json"
 FINAL_TMP = ".final.tmp"            # the export's folder until it is complete
 EMA_WEIGHTS = "ema.safetensors"
+CACHE_TENSORS = {"dit": ("latent", "cond"), "distill": ("latent", "cond"), "base": ("semantic",)}   # per cache file
 
 
 # -- final weights ----------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def open_data(config: TrainConfig) -> tuple:
         if config.stage not in ("dit", "base", "distill"):
             raise ConfigError("data.latents (a latent cache) only feeds stages dit, distill and base")
         check_cache(data.latents, config)
-        train_set = LatentDataset(data.latents)
+        train_set = LatentDataset(data.latents, CACHE_TENSORS[config.stage])
         val_samples = split_validation(data)[1] if data.videos or data.val_videos else []
     else:
         train_samples, val_samples = split_validation(data)
@@ -396,9 +397,9 @@ def prepare_run(config: TrainConfig, resume_from: int | None = None, fresh: bool
     check_output_folder(run_dir, "run.dir")
     train_set, val_set, image_set, notes = open_data(config)
     check_weight_files(config)
-    for dataset, key in ((train_set, "data.videos"), (val_set, "data.val_videos" if config.data.val_videos else
-                                                          "data.videos")):
-        if isinstance(dataset, VideoDataset):                 # decodes clips: after the checks that only look
+    for dataset, key in ((train_set, "data.latents" if config.data.latents else "data.videos"),
+                         (val_set, "data.val_videos" if config.data.val_videos else "data.videos")):
+        if isinstance(dataset, (VideoDataset, LatentDataset)):    # decodes clips: after the checks that only look
             try:
                 dataset.check_loadable()
             except ValueError as e:
