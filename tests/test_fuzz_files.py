@@ -600,3 +600,28 @@ def test_broken_latent_cache(name, tmp_path, capsys, latent_cache, clips):
                                      "2"], tmp_path, (file, "data.latents", str(cache)))
     if code == 0:                       # the broken clip left out, saying so
         assert f"skipping latent file {cache / file}" in err, err
+
+
+# -- the other shipped folders: upscale's resize-route model, generate's text-to-video model ----------------
+
+TINY_TEXT2VIDEO = TINY_CASCADE.parent / "tiny_text2video"
+FOLDERS = {"upscale": (TINY_FPS4X, ["upscale", "{clip}", "-o", "{dir}/o.mp4", "--frames", "2", "--steps", "1",
+                                    "--weights", "{folder}"]),
+           "generate": (TINY_TEXT2VIDEO, ["generate", "red", "-o", "{dir}/o.mp4", "--frames", "2", "--size", "64x64",
+                                          "--steps", "1", "--decode-steps", "1", "--weights", "{folder}",
+                                          "--cascade", str(TINY_CASCADE)])}
+FOLDER_CASES = [(command, str(file.relative_to(folder)), kind) for command, (folder, _) in FOLDERS.items()
+                for file in sorted(folder.rglob("*")) if file.is_file() for kind in ("empty", "cut_half", "random")]
+
+
+@pytest.mark.slow       # a folder that still loads runs (tiny, one step)
+@pytest.mark.parametrize("command,file,kind", FOLDER_CASES)
+def test_broken_model_folder(command, file, kind, tmp_path, capsys, clips):
+    source, argv = FOLDERS[command]
+    folder = tmp_path / source.name
+    shutil.copytree(source, folder, copy_function=os.symlink)
+    (tmp_path / TINY_CASCADE.name).symlink_to(TINY_CASCADE)      # the parts they take from it (../tiny_cascade)
+    (folder / file).unlink()
+    (folder / file).write_bytes(damaged((source / file).read_bytes())[kind])
+    argv = [a.format(dir=tmp_path, folder=folder, clip=clips / "a.mp4") for a in argv]
+    run_checked(capsys, argv, tmp_path, (Path(file).name, Path(file).parent.name))

@@ -12,7 +12,6 @@ below it (``fix_colour``).
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
@@ -31,7 +30,7 @@ from cascadev.checks import check_video
 from cascadev.config import from_dict, to_dict
 from cascadev.errors import first_line
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
-from cascadev.pipelines.sampling import Tiling, make_scheduler, sample
+from cascadev.pipelines.sampling import Tiling, build_saved_scheduler, make_scheduler, sample
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.frames import SEMANTIC_DOWNSAMPLE, check_colour_fix, fix_colour, resize_video
 from cascadev.weights import is_hub_id
@@ -209,10 +208,9 @@ def check_cascade_settings(folder: str | Path) -> None:
 
 
 def load_saved_scheduler(folder: Path) -> SchedulerMixin | None:
-    """The sampler a cascade folder saved (a diffusers class, as its ``model_index.json`` names it), set to a few
-    steps once: a damaged ``scheduler_config.json`` (no training timesteps, a word for a number) fails in one line
-    naming it, not inside diffusers or in the first denoising step. None where the index names none of diffusers'
-    schedulers (diffusers' loader then says what is wrong)."""
+    """The sampler a cascade folder saved (a diffusers class, as its ``model_index.json`` names it), checked
+    (``build_saved_scheduler``). None where the index names none of diffusers' schedulers (diffusers' loader then
+    says what is wrong)."""
     import diffusers
 
     entry = read_pipeline_index(folder).get("scheduler")
@@ -220,15 +218,7 @@ def load_saved_scheduler(folder: Path) -> SchedulerMixin | None:
         entry[0] == "diffusers" and isinstance(entry[1], str) else None
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         return None
-    try:
-        scheduler = cls.from_pretrained(folder, subfolder="scheduler")
-        copy.deepcopy(scheduler).set_timesteps(2)
-    except OSError:
-        raise
-    except Exception as e:      # whatever the scheduler's own code raises on such a config
-        raise ValueError(f"{folder / 'scheduler' / 'scheduler_config.json'}: does not make a working "
-                         f"{cls.__name__} ({first_line(e)})") from None
-    return scheduler
+    return build_saved_scheduler(cls, folder / "scheduler")
 
 
 def check_pipeline_class(folder: str | Path, expected: type) -> None:

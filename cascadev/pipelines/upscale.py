@@ -29,7 +29,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from cascadev.pipelines.cascade import check_pipeline_class, load_vae, seeded_noise
+from cascadev.pipelines.cascade import check_pipeline_class, load_saved_scheduler, load_vae, seeded_noise
 from cascadev.pipelines.frames import fix_colour
 from cascadev.pipelines.conditioning import temporal_upsample, upsample_condition
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
@@ -229,6 +229,8 @@ def load_upscale(weights: str | Path, vae: str | Path | None = None,
         local = (folder / source).resolve()
         source = local if local.exists() else source
     parts = {} if source is None else {"vae": load_vae(source, torch_dtype)}
+    if scheduler := load_saved_scheduler(folder):             # a damaged scheduler_config.json names itself
+        parts["scheduler"] = scheduler
     pipe = CascadeVUpscalePipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, **parts)
     if torch_dtype is None:      # weights stored in half precision (the small shipped model) run in fp32 by default
         pipe.set_precision(torch.float32)
