@@ -170,8 +170,22 @@ class CascadeModel(ModelMixin, ConfigMixin):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: expected a folder with {CONFIG_NAME} + "
                                         f"{WEIGHTS_NAME} (this project's previous format or a training checkpoint)")
-        model = cls.from_config_dict(json.loads(config.read_text()))
-        load_state_dict_strict(model, cls.convert_state_dict(load_file(weights)), str(weights))
+        try:
+            config_dict = json.loads(config.read_text())
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ValueError(f"{config}: not a model config ({first_line(e)})") from None
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"{config}: not a model config (a JSON {type(config_dict).__name__}, not an object)")
+        try:
+            model = cls.from_config_dict(config_dict)
+        except (TypeError, ValueError, ArithmeticError, RuntimeError, LookupError) as e:
+            raise ValueError(f"{config}: does not make a {cls.__name__} ({first_line(e)})") from None
+        try:
+            state_dict = load_file(weights)
+        except Exception as e:          # safetensors' own error type: a cut or overwritten file
+            raise ValueError(f"{weights}: not a readable safetensors file ({first_line(e)})") from None
+        load_state_dict_strict(model, cls.convert_state_dict(state_dict), str(weights))
+        check_finite(model, folder)
         return model.eval()
 
 

@@ -6,10 +6,12 @@ missing entries). Each variant goes through the command that reads it, in-proces
 exit code 0 or 2 (never an internal error), no traceback, an error is one line that names the file, and a failed run
 leaves its folder as it was (no temp file, no partial output).
 
-Kinds: latents (.safetensors, .pt) for decode and upscale; YAML training configs; clip lists (.txt, .csv, .jsonl,
-.json) for training and eval; videos for reconstruct, eval and training; cascade folders (model_index.json, a model's
-config.json and weights, the scheduler's config); I3D checkpoints for FVD; a training run's checkpoints (resume).
-The quick part reads files that fail before any model loads; what runs models is marked slow.
+Kinds (command): latents, .safetensors and .pt (decode, upscale); YAML training configs (train, cache-latents); clip
+lists with captions, .txt .csv .jsonl .json (train, eval); videos, mp4 mkv webm and impostors (reconstruct, eval);
+cascade folders: model_index.json, each part's config.json and weights, the scheduler's config (decode); the shipped
+upscale and text-to-video folders (upscale, generate); I3D detectors, state dict or TorchScript (eval --metrics fvd); a
+training run's checkpoints (train, resuming); a latent cache (train --set data.latents).
+A few cases of each kind, those that once failed first, run in the quick part; the rest are marked slow.
 """
 
 import io
@@ -97,8 +99,8 @@ def latents_variants(channels: int) -> dict[str, bytes]:
         out[f"fps_{fps[:8] or 'blank'}.safetensors"] = save({"latents": z}, metadata={"fps": fps})
     objects = {"list": [z], "string": "latents", "none": None, "int": 3, "dict_list": {"latents": z.tolist()},
                "nested": {"latents": {"latents": z}}, "meta_list": {"latents": z, "metadata": ["fps"]},
-               "meta_fps": {"latents": z, "metadata": {"fps": "x"}}, "meta_fps_list": {"latents": z, "metadata":
-                                                                                       {"fps": [8]}},
+               "meta_fps": {"latents": z, "metadata": {"fps": "x"}},
+               "meta_fps_list": {"latents": z, "metadata": {"fps": [8]}},
                "complex": z.to(torch.complex64), "int_keys": {1: z, 2: z}, "sparse": z.to_sparse()}
     out |= {f"obj_{k}.pt": torch_bytes(v) for k, v in objects.items()}
     out["pickle_code.pt"] = b"\x80\x04cos\nsystem\n(S'true'\ntR."                  # a pickle that runs code
@@ -625,3 +627,48 @@ def test_broken_model_folder(command, file, kind, tmp_path, capsys, clips):
     (folder / file).write_bytes(damaged((source / file).read_bytes())[kind])
     argv = [a.format(dir=tmp_path, folder=folder, clip=clips / "a.mp4") for a in argv]
     run_checked(capsys, argv, tmp_path, (Path(file).name, Path(file).parent.name))
+
+
+# -- a cascade in the previous layout: convert ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def legacy_cascade(tmp_path_factory):
+    from helpers import tiny_cascade, write_legacy_cascade
+
+    folder = tmp_path_factory.mktemp("fuzz_legacy") / "old"
+    write_legacy_cascade(tiny_cascade(), folder)
+    return folder
+
+
+LEGACY = {**{f"pipeline.json:{k}": ("pipeline.json", lambda b, k=k: damaged(b)[k])
+             for k in ("empty", "cut_half", "random")},
+          "pipeline.json:list": ("pipeline.json", lambda b: b"[1]"),
+          "pipeline.json:no_stage_a": ("pipeline.json", lambda b: json.dumps({"demo": {}}).encode()),
+          "pipeline.json:stage_a_number": ("pipeline.json", lambda b: json.dumps({"stage_a": 5}).encode()),
+          "pipeline.json:demo_number": ("pipeline.json", lambda b: json.dumps({**json.loads(b), "demo": 5}).encode()),
+          "pipeline.json:scheduler_other": ("pipeline.json", lambda b: json.dumps(
+              {**json.loads(b), "demo": {"scheduler": "nope"}}).encode()),
+          **{f"dit/config.json:{k}": ("dit/config.json", lambda b, k=k: damaged(b)[k])
+             for k in ("empty", "cut_half", "random")},
+          "dit/config.json:list": ("dit/config.json", lambda b: b"[]"),
+          "dit/config.json:depth_word": ("dit/config.json", lambda b: json.dumps({**json.loads(b), "depth": "x"})
+                                         .encode()),
+          **{f"dit/model.safetensors:{k}": ("dit/model.safetensors", lambda b, k=k: damaged(b)[k])
+             for k in ("empty", "cut_half", "random", "overwritten")},
+          **{f"stage_a/config.json:{k}": ("stage_a/config.json", lambda b, k=k: damaged(b)[k])
+             for k in ("empty", "cut_half")}}
+
+
+@pytest.mark.slow       # a folder that still loads is converted
+@pytest.mark.parametrize("name", cases(sorted(LEGACY), quick=("pipeline.json:list", "dit/model.safetensors:cut_half")))
+def test_broken_legacy_cascade(name, tmp_path, capsys, legacy_cascade):
+    old = tmp_path / "old"
+    shutil.copytree(legacy_cascade, old)
+    file, damage = LEGACY[name]
+    (old / file).write_bytes(damage((old / file).read_bytes()))
+    code, _ = run_checked(capsys, ["convert", old, tmp_path / "new"], tmp_path,
+                          (Path(file).name, Path(file).parent.name))
+    if code == 0:
+        from cascadev.pipelines.cascade import CascadeVPipeline
+
+        assert CascadeVPipeline.from_pretrained(str(tmp_path / "new")).dit is not None
