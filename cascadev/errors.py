@@ -32,7 +32,8 @@ def run_guarded(prog: str, fn: Callable[[], T], debug: bool = False) -> T:
         close_progress_bars()
         if isinstance(e, (UserError, OSError, ValueError)):
             # one line whatever the message: several lines (a library's) joined, none at all named by its type
-            print(f"{prog}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+            message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            print(f"{prog}: error: {message or type(e).__name__}", file=sys.stderr)
             sys.exit(2)
         if isinstance(e, KeyboardInterrupt):
             print(f"{prog}: interrupted", file=sys.stderr)

@@ -198,7 +198,7 @@ def check_finite(model: CascadeModel, where: str | Path) -> None:
     ``WEIGHT_LIMIT`` (a damaged file), which would only show as a NaN output after a whole decode."""
     bad = [f"config {k}" for k, v in model.config.items() if isinstance(v, float) and not math.isfinite(v)]
     bad += [f"weight {n}" for n, p in model.named_parameters()
-            if p.is_floating_point() and not (p.abs() <= WEIGHT_LIMIT).all()]       # NaN compares False
+            if p.is_floating_point() and not p.is_meta and not (p.abs() <= WEIGHT_LIMIT).all()]   # NaN: False
     if bad:
         raise ValueError(f"{where}: {bad[0]} holds NaN, inf or values beyond {WEIGHT_LIMIT:g} (a damaged file?)"
                          + (f"; and {len(bad) - 1} more" if bad[1:] else ""))

@@ -218,8 +218,8 @@ def load_saved_scheduler(folder: Path) -> SchedulerMixin | None:
     import diffusers
 
     entry = read_pipeline_index(folder).get("scheduler")
-    cls = getattr(diffusers, entry[1], None) if isinstance(entry, list) and len(entry) == 2 and \
-        entry[0] == "diffusers" and isinstance(entry[1], str) else None
+    library, name = entry if isinstance(entry, list) and len(entry) == 2 else (None, None)
+    cls = getattr(diffusers, name, None) if library == "diffusers" and isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         return None
     return build_saved_scheduler(cls, folder / "scheduler")
