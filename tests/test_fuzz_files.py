@@ -401,8 +401,8 @@ def semantic_latents(tmp_path_factory):
     return path
 
 
-@pytest.mark.slow       # a folder that still loads decodes (tiny, one step)
-@pytest.mark.parametrize("name", sorted(CASCADES))
+@pytest.mark.parametrize("name", cases(sorted(CASCADES), quick=("model_index.json:list", "dit/config.json:depth_word",
+                                                                "scheduler_config.json:timesteps_zero")))
 def test_broken_cascade_folder(name, tmp_path, capsys, semantic_latents):
     file, contents = CASCADES[name]
     weights = tmp_path / "cascade"
@@ -482,8 +482,7 @@ I3D_NAMES = [f"{k}.pt" for k in damaged(bytes(200))] + [f"obj_{k}.pt" for k in (
                 "zip_constants.pt"]
 
 
-@pytest.mark.slow       # I3D's state dict is 50 MB; a detector that loads runs on two clips
-@pytest.mark.parametrize("name", I3D_NAMES)
+@pytest.mark.parametrize("name", cases(I3D_NAMES, quick=("obj_int_keys.pt", "script_overwritten.pt")))
 def test_broken_i3d(name, tmp_path, capsys, detectors, long_clips):
     path = tmp_path / name
     path.write_bytes(detectors[name])
@@ -659,7 +658,6 @@ LEGACY = {**{f"pipeline.json:{k}": ("pipeline.json", lambda b, k=k: damaged(b)[k
              for k in ("empty", "cut_half")}}
 
 
-@pytest.mark.slow       # a folder that still loads is converted
 @pytest.mark.parametrize("name", cases(sorted(LEGACY), quick=("pipeline.json:list", "dit/model.safetensors:cut_half")))
 def test_broken_legacy_cascade(name, tmp_path, capsys, legacy_cascade):
     old = tmp_path / "old"
