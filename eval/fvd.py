@@ -462,7 +462,7 @@ def load_cached_features(cache_dir: str | Path, key: str) -> tuple[np.ndarray, l
             if str(data["key"]) != key:
                 return None
             return data["features"], data["failed"].astype(int).tolist()
-    except (OSError, KeyError, ValueError):   # a partial or foreign file: recompute
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):   # a partial or foreign file: recompute
         return None
 
 

@@ -670,3 +670,26 @@ def test_broken_legacy_cascade(name, tmp_path, capsys, legacy_cascade):
         from cascadev.pipelines.cascade import CascadeVPipeline
 
         assert CascadeVPipeline.from_pretrained(str(tmp_path / "new")).dit is not None
+
+
+# -- eval's FVD feature cache (--cache-dir) ---------------------------------------------------------------
+
+@pytest.mark.slow       # three FVD runs on two clips
+def test_broken_fvd_cache_is_recomputed(tmp_path, capsys, detectors, long_clips):
+    """A damaged cache file is a miss: the features are computed again and the file rewritten, with the same FVD."""
+    import numpy as np
+
+    (tmp_path / "i3d.pt").write_bytes(detectors["obj_fp16.pt"])
+    argv = ["eval", "--real", long_clips, "--fake", long_clips, "--metrics", "fvd", "--frames", "9", "--i3d",
+            tmp_path / "i3d.pt", "--i3d-size", "32", "--cache-dir", tmp_path / "cache", "--json", tmp_path / "r.json"]
+    code, err = run_checked(capsys, argv, tmp_path)
+    assert code == 0, err
+    fvd = json.loads((tmp_path / "r.json").read_text())["results"]["fvd"]["mean"]
+    (cached,) = (tmp_path / "cache").glob("fvd_*.npz")
+    good = cached.read_bytes()
+    for kind in ("empty", "cut_half", "random"):
+        cached.write_bytes(damaged(good)[kind])
+        code, err = run_checked(capsys, argv, tmp_path)
+        assert code == 0 and json.loads((tmp_path / "r.json").read_text())["results"]["fvd"]["mean"] == fvd, err
+        with np.load(cached) as rewritten, np.load(io.BytesIO(good)) as first:
+            assert (rewritten["features"] == first["features"]).all(), kind
