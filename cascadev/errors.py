@@ -46,10 +46,13 @@ def run_guarded(prog: str, fn: Callable[[], T], debug: bool = False) -> T:
         sys.exit(1)
 
 
-def first_line(e: BaseException) -> str:
-    """``TYPE: the first line of its message`` (at most 120 characters), for an error of any message, empty too."""
+def first_line(e: BaseException, typed: bool = True, limit: int = 120) -> str:
+    """``TYPE: the first line of its message`` (``typed=False``: the line alone; at most ``limit`` characters), for an
+    error of any message: an empty one gives the type's name."""
     lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:120]}" if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    return f"{type(e).__name__}: {lines[0][:limit]}" if typed else lines[0][:limit]
 
 
 def close_progress_bars() -> None:

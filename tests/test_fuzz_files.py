@@ -693,3 +693,22 @@ def test_broken_fvd_cache_is_recomputed(tmp_path, capsys, detectors, long_clips)
         assert code == 0 and json.loads((tmp_path / "r.json").read_text())["results"]["fvd"]["mean"] == fvd, err
         with np.load(cached) as rewritten, np.load(io.BytesIO(good)) as first:
             assert (rewritten["features"] == first["features"]).all(), kind
+
+
+# -- the error path itself: messages of any shape ----------------------------------------------------------
+
+@pytest.mark.parametrize("error", [ValueError(""), OSError(), ValueError("first\n\n  second  "), RuntimeError(""),
+                                   RuntimeError("\n")], ids=repr)
+def test_an_error_of_any_message_is_one_line(error, capsys):
+    """What a library raises may have no message, or several lines: still one line, naming at least its type."""
+    from cascadev.errors import run_guarded
+
+    def fail():
+        raise error
+
+    with pytest.raises(SystemExit) as exit:
+        run_guarded("cascadev x", fail)
+    err = capsys.readouterr().err
+    assert exit.value.code == (1 if isinstance(error, RuntimeError) else 2)
+    assert len(err.splitlines()) == 1 and err.startswith("cascadev x: "), err
+    assert ("first second" if "first" in str(error) else type(error).__name__) in err, err

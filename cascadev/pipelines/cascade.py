@@ -270,7 +270,7 @@ def load_cascade(weights: str | Path | None = None, *, dit=None, semantic_encode
             return CascadeVPipeline.from_pretrained(str(weights), torch_dtype=torch_dtype, **parts)
     except OSError as e:   # offline, or no such repo / file: one line, with what to do
         raise FileNotFoundError(f"cannot load the cascade {weights!r}: "
-                                f"{str(e).strip().splitlines()[0][:200]}") from None
+                                f"{first_line(e, typed=False, limit=200)}") from None
     return CascadeVPipeline.from_release(weights, torch_dtype=torch_dtype, **parts)
 
 
