@@ -712,3 +712,15 @@ def test_an_error_of_any_message_is_one_line(error, capsys):
     assert exit.value.code == (1 if isinstance(error, RuntimeError) else 2)
     assert len(err.splitlines()) == 1 and err.startswith("cascadev x: "), err
     assert ("first second" if "first" in str(error) else type(error).__name__) in err, err
+
+
+@pytest.mark.slow       # trains a step
+@pytest.mark.parametrize("name", ["cut_half.mp4", "text.mp4", "overwritten.webm", "audio_only.mp4", "png.mp4"])
+def test_broken_video_in_a_training_set(name, tmp_path, capsys, videos, clips):
+    """A broken clip among good ones is skipped with a warning naming it; the run goes on."""
+    folder = tmp_path / "clips"
+    shutil.copytree(clips, folder)
+    (folder / f"0{name}").write_bytes(videos[name])          # first: a training clip (validation takes the last)
+    code, err = run_checked(capsys, [*train_args(folder, tmp_path / "run"), "data.val_count=1", "--max-steps", "1"],
+                            tmp_path, (name, "data.videos"))
+    assert code == 0 and f"0{name}" in err, err

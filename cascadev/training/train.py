@@ -395,15 +395,17 @@ def prepare_run(config: TrainConfig, resume_from: int | None = None, fresh: bool
     changed = check_resume(found[-1][1], config, allow_config_change) if found else None
 
     check_output_folder(run_dir, "run.dir")
+    data = config.data
     train_set, val_set, image_set, notes = open_data(config)
     check_weight_files(config)
-    for dataset, key in ((train_set, "data.latents" if config.data.latents else "data.videos"),
-                         (val_set, "data.val_videos" if config.data.val_videos else "data.videos")):
+    val_key = "data.val_videos" if config.data.val_videos else f"data.videos (validation: the last {data.val_count})"
+    for dataset, key, source in ((train_set, "data.latents" if data.latents else "data.videos", data.latents or
+                                  data.videos), (val_set, val_key, data.val_videos or data.videos)):
         if isinstance(dataset, (VideoDataset, LatentDataset)):    # decodes clips: after the checks that only look
             try:
                 dataset.check_loadable()
             except ValueError as e:
-                raise ValueError(f"{key} {getattr(config.data, key.removeprefix('data.'))}: {e}") from None
+                raise ValueError(f"{key} {source}: {e}") from None
     notes += [f"{problem}: resuming from {found[-1][1].name} instead (the damaged checkpoint is moved to "
               f"{ckpt_root}/damaged-*)" for problem in problems]
     return RunPlan(config, run_dir, found[-1] if found else None, superseded,
