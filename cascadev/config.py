@@ -129,6 +129,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, where PyYAML keeps the last one silently (a
+    section pasted at the end of a config would replace the one above it unnoticed)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":        # "<<: *anchor" brings keys that may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key if isinstance(key, typing.Hashable) else id(key))
+        return super().construct_mapping(node, deep)
+
+
 def load_config(cls: type[T], path: str | Path, overrides: list[str] = (),
                 upgrade: Callable[[dict], dict] | None = None) -> T:
     """Load YAML ``path`` into dataclass ``cls`` and apply ``overrides`` (type-checked); ``upgrade`` first maps the
@@ -138,11 +155,13 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] = (),
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise ConfigError(f"{path}: not valid YAML{line} ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:     # PyYAML builds nested lists and mappings recursively
+        raise ConfigError(f"{path}: not a config: nested more deeply than YAML can be read") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return from_dict(cls, apply_overrides(upgrade(data) if upgrade else data, list(overrides)))

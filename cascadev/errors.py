@@ -54,7 +54,9 @@ def run_guarded(prog: str, fn: Callable[[], T], debug: bool = False) -> T:
         close_progress_bars()
         if isinstance(e, (UserError, OSError, ValueError)):
             if not _other_local_process():
-                print(f"{prog}: error: {e}", file=sys.stderr)
+                # one line whatever the message: several lines (a library's) joined, none at all named by its type
+                message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+                print(f"{prog}: error: {message or type(e).__name__}", file=sys.stderr)
             sys.exit(2)
         if isinstance(e, KeyboardInterrupt):
             print(f"{prog}: interrupted", file=sys.stderr)
@@ -79,6 +81,15 @@ def _other_local_process() -> bool:
     """Whether this is a process of a launch (torchrun, accelerate launch) other than the first on its machine: every
     process there gets the same command line and files, so its input error is the first one's, said once by that."""
     return os.environ.get("LOCAL_RANK", "0") != "0"
+
+
+def first_line(e: BaseException, typed: bool = True, limit: int = 120) -> str:
+    """``TYPE: the first line of its message`` (``typed=False``: the line alone; at most ``limit`` characters), for an
+    error of any message: an empty one gives the type's name."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    return f"{type(e).__name__}: {lines[0][:limit]}" if typed else lines[0][:limit]
 
 
 def close_progress_bars() -> None:

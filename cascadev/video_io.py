@@ -51,11 +51,16 @@ class VideoInfo:
 
 def _open(path: Path) -> av.container.InputContainer:
     """Open ``path`` for reading and check it has a video stream; errors become VideoReadError."""
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+        size = path.stat().st_size if is_file else None
+    except (OSError, ValueError) as e:      # a name too long, a NUL byte in it (from a list file)
+        raise VideoReadError(f"{str(path)[:200]!r}: not a file name that can be opened ({_reason(e)})") from None
+    if not exists:
         raise VideoReadError(f"{path}: file not found")
-    if not path.is_file():
+    if not is_file:
         raise VideoReadError(f"{path}: not a file")
-    if path.stat().st_size == 0:
+    if size == 0:
         raise VideoReadError(f"{path}: file is empty (0 bytes)")
     try:
         container = av.open(str(path), mode="r")

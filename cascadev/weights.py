@@ -12,6 +12,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 import re
 import socket
@@ -25,6 +26,8 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
+
+from cascadev.errors import first_line
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"  # our previous format, and accelerate's checkpoints
@@ -224,11 +227,20 @@ class CascadeModel(ModelMixin, ConfigMixin):
         """diffusers' ``from_pretrained``, strict: a missing, unexpected or mis-shaped weight is an error
         (diffusers only warns and leaves such parameters randomly initialised)."""
         return_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        where = Path(str(pretrained_model_name_or_path)) / (kwargs.get("subfolder") or "")
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        except OSError:
+            raise
+        except (TypeError, ValueError, ArithmeticError, RuntimeError, LookupError) as e:
+            # a config.json of wrong types or impossible sizes, weights of other shapes: one line naming the folder
+            raise ValueError(f"{where}: its config.json and weights do not make a {cls.__name__} "
+                             f"({first_line(e)})") from None
         problems = [f"{name.replace('_', ' ')}: {', '.join(sorted(map(str, keys)))}"
                     for name, keys in info.items() if keys]
         if problems:
             raise ValueError(f"{pretrained_model_name_or_path} does not fit {cls.__name__}: " + "; ".join(problems))
+        check_finite(model, where)
         return (model, info) if return_info else model
 
     @classmethod
@@ -252,9 +264,38 @@ class CascadeModel(ModelMixin, ConfigMixin):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: expected a folder with {CONFIG_NAME} + "
                                         f"{WEIGHTS_NAME} (this project's previous format or a training checkpoint)")
-        model = cls.from_config_dict(json.loads(config.read_text()))
-        load_state_dict_strict(model, cls.convert_state_dict(load_file(weights)), str(weights))
+        try:
+            config_dict = json.loads(config.read_text())
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ValueError(f"{config}: not a model config ({first_line(e)})") from None
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"{config}: not a model config (a JSON {type(config_dict).__name__}, not an object)")
+        try:
+            model = cls.from_config_dict(config_dict)
+        except (TypeError, ValueError, ArithmeticError, RuntimeError, LookupError) as e:
+            raise ValueError(f"{config}: does not make a {cls.__name__} ({first_line(e)})") from None
+        try:
+            state_dict = load_file(weights)
+        except Exception as e:          # safetensors' own error type: a cut or overwritten file
+            raise ValueError(f"{weights}: not a readable safetensors file ({first_line(e)})") from None
+        load_state_dict_strict(model, cls.convert_state_dict(state_dict), str(weights))
+        check_finite(model, folder)
         return model.eval()
+
+
+# no trained weight comes near fp16's largest value (these models run in fp16 / bf16): beyond it, a damaged file
+WEIGHT_LIMIT = torch.finfo(torch.float16).max
+
+
+def check_finite(model: CascadeModel, where: str | Path) -> None:
+    """Refuse a model whose config holds NaN or inf, or whose weights hold NaN, inf or values beyond
+    ``WEIGHT_LIMIT`` (a damaged file), which would only show as a NaN output after a whole decode."""
+    bad = [f"config {k}" for k, v in model.config.items() if isinstance(v, float) and not math.isfinite(v)]
+    bad += [f"weight {n}" for n, p in model.named_parameters()
+            if p.is_floating_point() and not p.is_meta and not (p.abs() <= WEIGHT_LIMIT).all()]   # NaN: False
+    if bad:
+        raise ValueError(f"{where}: {bad[0]} holds NaN, inf or values beyond {WEIGHT_LIMIT:g} (a damaged file?)"
+                         + (f"; and {len(bad) - 1} more" if bad[1:] else ""))
 
 
 def save_model_weights(model: CascadeModel, state_dict: dict[str, torch.Tensor], directory: str | Path) -> None:

@@ -55,7 +55,11 @@ def _list_files(source: str, set_name: str) -> list[Path]:
         return [path]                   # one video: a single pair with the other side's one video
     if path.is_file():
         files = []
-        for line in path.read_text().splitlines():
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise UserError(f"--{set_name} {source}: not a list of videos (binary data, not text)") from None
+        for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 p = Path(line)

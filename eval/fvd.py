@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from cascadev.errors import first_line
 from eval.i3d import BN_EPS_VIDEOGPT, FEATURE_DIM, I3D, MIN_FRAMES, NUM_CLASSES
 
 FVD_FRAMES = 16            # clip length of the common FVD protocol ("FVD_16")
@@ -312,8 +313,11 @@ def _is_torchscript(path: Path) -> bool:
     """TorchScript archives are zip files with a ``constants.pkl`` (torch.save archives have none)."""
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):         # a damaged archive: torch.load names the problem
+        return False
 
 
 def _file_identity(path: Path) -> dict:
@@ -344,24 +348,36 @@ def load_extractor(path: str | Path | None, device: torch.device | str = "cpu", 
         if protocol == "cd-fvd-i3d":
             raise ValueError(f"{path}: the cd-fvd-i3d protocol uses the PyTorch I3D state dict (i3d_pretrained_400.pt: "
                              f"{DETECTOR_SOURCES['i3d_pretrained_400.pt']}), not the TorchScript port")
-        return TorchScriptExtractor(torch.jit.load(str(path), map_location="cpu"), device, identity,
-                                    resizes=PROTOCOLS[protocol].detector_resizes)
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:       # a damaged archive: torch raises RuntimeError with miniz's words
+            raise ValueError(f"{path}: not a readable TorchScript file ({first_line(e)})") from None
+        schema = getattr(getattr(module, "forward", None), "schema", None)
+        arguments = [a.name for a in schema.arguments[1:]] if schema is not None else []      # self aside
+        if arguments[1:4] != ["rescale", "resize", "return_features"]:
+            raise ValueError(f"{path}: a TorchScript module that is not StyleGAN-V's I3D detector (its forward takes "
+                             f"({', '.join(arguments)}), not (x, rescale, resize, return_features))")
+        return TorchScriptExtractor(module, device, identity, resizes=PROTOCOLS[protocol].detector_resizes)
     if PROTOCOLS[protocol].detector_resizes:
         raise ValueError(f"{path}: the {protocol} protocol resizes inside StyleGAN-V's TorchScript detector; "
                          f"give --i3d i3d_torchscript.pt ({DETECTOR_SOURCES['i3d_torchscript.pt']})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code, a truncated file, not a torch file at all
-        raise ValueError(f"{path}: not an I3D state dict or TorchScript file ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: not an I3D state dict or TorchScript file ({first_line(e)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        what = type(state).__name__ if not isinstance(state, dict) else "a dict of other entries than named tensors"
+        raise ValueError(f"{path}: expected a state dict, got {what}")
     state = {k.removeprefix("module."): v for k, v in state.items()}    # saved from DataParallel
     model = I3D(bn_eps=bn_eps)
     from cascadev.weights import load_state_dict_strict
 
     load_state_dict_strict(model, state, str(path), "the i3d_pretrained_400.pt layout")
+    if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise ValueError(f"{path}: the I3D weights hold NaN or inf values (a damaged file?)")
     return I3DExtractor(model, device, output, identity)
 
 
@@ -493,7 +509,7 @@ def load_cached_features(cache_dir: str | Path, key: str) -> tuple[np.ndarray, l
             if str(data["key"]) != key:
                 return None
             return data["features"], data["failed"].astype(int).tolist()
-    except (OSError, KeyError, ValueError):   # a partial or foreign file: recompute
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):   # a partial or foreign file: recompute
         return None
 
 

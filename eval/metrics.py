@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from cascadev.checks import check_video
+from cascadev.errors import first_line
 
 PSNR_CAP_DB = 100.0
 SSIM_KERNEL_SIZE = 11
@@ -189,4 +190,4 @@ def load_lpips(device: torch.device | str = "cpu", batch_size: int = 16) -> LPIP
     try:
         return LPIPS(device, batch_size)
     except (RuntimeError, OSError, KeyError, ValueError) as e:  # a truncated or foreign file in the cache
-        raise LpipsUnavailable(f"cannot load LPIPS weights ({path}): {str(e).splitlines()[0]}") from None
+        raise LpipsUnavailable(f"cannot load LPIPS weights ({path}): {first_line(e, typed=False, limit=300)}") from None

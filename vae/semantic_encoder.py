@@ -23,6 +23,7 @@ from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 
 from cascadev.checks import check_video
+from cascadev.errors import first_line
 from cascadev.progress import progress_bar
 from cascadev.weights import CascadeModel, build_preset, load_state_dict_strict
 
@@ -167,7 +168,8 @@ def load_official_weights(model: nn.Module, file: Path) -> None:
     try:
         state_dict = load_file(str(file))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{file} is not a readable safetensors file ({first_line(e, typed=False, limit=300)})") \
+            from None
     for key, value in model.state_dict().items():
         if key.endswith("num_batches_tracked") and key not in state_dict:
             state_dict[key] = value

@@ -39,6 +39,7 @@ from einops import rearrange
 
 from cascadev.blend import ramp
 from cascadev.checks import check_video
+from cascadev.errors import first_line
 from cascadev.progress import progress_bar
 
 LATENT_SCALE = 0.13025          # CascadeV's latent scale (both latents are multiplied by it before the DiT)
@@ -286,7 +287,7 @@ def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
     except (OSError, ValueError) as e:   # offline / missing files / bad repo id, incl. huggingface_hub errors
         where = f"{source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
         raise FileNotFoundError(
-            f"cannot load the Stage A VAE ({cls.__name__}) from {where}: {str(e).strip().splitlines()[0][:200]} "
+            f"cannot load the Stage A VAE ({cls.__name__}) from {where}: {first_line(e, typed=False, limit=200)} "
             f"-- give a local diffusers folder (stage_a.pretrained in a config; --stage-a or --vae on the command "
             f"line), or download it once online "
             f"(hf download {config.pretrained} --include '{subfolder or ''}*')") from None

@@ -146,7 +146,7 @@ SD_VAE_SCALE = 0.18215          # --latent-space sd-vae: the SD / SVD VAEs' late
 
 
 def run_decode(args: argparse.Namespace) -> None:
-    from cascadev.pipelines.latents import read_latents
+    from cascadev.pipelines.latents import metadata_fps, read_latents
     from cascadev.pipelines.frames import SEMANTIC_CHANNELS
     from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline, recorded_decoder
     from cascadev.video_io import VideoWriter, check_video_output, output_paths
@@ -157,6 +157,7 @@ def run_decode(args: argparse.Namespace) -> None:
     check_source_args(args)
     if args.latent_space == "semantic" and not args.source_vae:
         latents, metadata = read_latents(args.latents, SEMANTIC_CHANNELS)
+        fps = args.fps or metadata_fps(metadata, args.latents)
         check_decode_args(args)
         if args.weights is None and (recorded := recorded_decoder(metadata, args.latents)):
             args.weights = recorded         # the cascade that made them (reconstruct / generate --latents-out)
@@ -166,11 +167,11 @@ def run_decode(args: argparse.Namespace) -> None:
         print(f"decoding latents {tuple(latents.shape)} -> {latents.shape[-1] * 32}x{latents.shape[-2] * 32}")
     else:
         pipe, latents, decode_kw, metadata = decode_source(args)
+        fps = args.fps or metadata_fps(metadata, args.latents)
     if shared_windows_only(pipe, latents, decode_kw):
         return
     paths = output_paths(args.output, len(latents))
     with contextlib.ExitStack() as files:      # every video written as each piece is final
-        fps = args.fps or float(metadata.get("fps", 8.0))
         writers = [files.enter_context(VideoWriter(path, fps, args.crf)) for path in paths]
         for piece in pipe.decode_pieces(latents, **decode_kw):
             for writer, video in zip(writers, piece.cpu()):
@@ -207,7 +208,7 @@ def decode_source(args: argparse.Namespace):
     arguments, the file's metadata). Everything is checked before the VAE's weights load."""
     import torch
 
-    from cascadev.pipelines.latents import read_latents
+    from cascadev.pipelines.latents import metadata_fps, read_latents
     from cascadev.weights import is_hub_id
     from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.pipelines.runtime import DTYPES, resolve_device
@@ -223,6 +224,8 @@ def decode_source(args: argparse.Namespace):
         source = args.vae or SVD_VAE_REPO
         subfolder = args.source_vae_subfolder or ("vae" if is_hub_id(source) else None)
         where = dict(source=source, subfolder=subfolder, scaling_factor=args.vae_scale or SD_VAE_SCALE)
+    if args.fps is None:
+        metadata_fps(metadata, args.latents)           # a bad one fails before any weights load
     if args.skip_latent_frames >= latents.shape[2]:
         raise UserError(f"--skip-latent-frames {args.skip_latent_frames} leaves none of the {latents.shape[2]} latent "
                         "frames")

@@ -66,7 +66,7 @@ def _read_input(args):
     """(video or None, latents or None, input fps): the input, checked, before the weights load."""
     import torch
 
-    from cascadev.pipelines.latents import LATENTS_SUFFIXES, read_latents
+    from cascadev.pipelines.latents import LATENTS_SUFFIXES, metadata_fps, read_latents
     from cascadev.video_io import read_video, video_info
 
     if Path(args.input).suffix in LATENTS_SUFFIXES:
@@ -74,7 +74,7 @@ def _read_input(args):
         latents = latents[:, :, args.start:args.start + args.frames if args.frames else None]
         if latents.shape[2] == 0:
             raise UserError(f"--start {args.start} is past the last of the latents' frames")
-        return None, latents, args.fps or float(metadata.get("fps", 8.0))
+        return None, latents, args.fps or metadata_fps(metadata, args.input)
     if args.latent_scale is not None:
         raise UserError("--latent-scale is for a latents input")
     info = video_info(args.input)

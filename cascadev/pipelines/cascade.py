@@ -27,9 +27,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 
 from cascadev.checks import check_video
-from cascadev.config import to_dict
+from cascadev.config import from_dict, to_dict
+from cascadev.errors import first_line
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
-from cascadev.pipelines.sampling import TILE_DETAILS, Tiling, make_scheduler, sample
+from cascadev.pipelines.sampling import TILE_DETAILS, Tiling, build_saved_scheduler, make_scheduler, sample
 from cascadev.progress import bar_settings
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.frames import SEMANTIC_DOWNSAMPLE, check_colour_fix, fix_colour, resize_video
@@ -160,7 +161,11 @@ def resolve_stage_a_config(source: str | Path | None, config: StageAConfig | Non
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path}: no diffusers VAE config.json "
                                     "(expected a folder written by save_pretrained)")
-        name = json.loads(cfg_file.read_text()).get("_class_name")
+        try:
+            config_dict = json.loads(cfg_file.read_text())
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ValueError(f"{cfg_file}: not a diffusers VAE config ({first_line(e)})") from None
+        name = config_dict.get("_class_name") if isinstance(config_dict, dict) else None
         kind = KIND_OF_CLASS.get(name)
         if kind is None:
             raise ValueError(f"{cfg_file}: {name!r} is not a supported Stage A VAE (one of {', '.join(KIND_OF_CLASS)})")
@@ -193,10 +198,57 @@ def load_shared_parts(folder: str | Path, given: dict, torch_dtype: torch.dtype 
     return parts
 
 
+def read_pipeline_index(folder: str | Path) -> dict:
+    """A saved pipeline folder's ``model_index.json`` (empty if it has none); one line naming it if it is not a JSON
+    object."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return {}
+    try:
+        data = json.loads(index.read_text())
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{index}: not a pipeline's model_index.json ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{index}: not a pipeline's model_index.json (a JSON {type(data).__name__}, not an object)")
+    return data
+
+
+def check_cascade_settings(folder: str | Path) -> None:
+    """The settings a cascade folder's ``model_index.json`` registers, checked before anything loads."""
+    index = read_pipeline_index(folder)
+    steps, colour_fix = index.get("num_inference_steps"), index.get("colour_fix")
+    problems = [f"{key} is {index[key]!r}, expected a mapping" for key in ("stage_a", "demo")
+                if index.get(key) is not None and not isinstance(index[key], dict)]
+    if steps is not None and (type(steps) is not int or steps < 1):
+        problems.append(f"num_inference_steps is {steps!r}, expected a step count >= 1")
+    if colour_fix is not None and (type(colour_fix) is not int or colour_fix < 0):
+        problems.append(f"colour_fix is {colour_fix!r}, expected a block size >= 0 (0: off) or null")
+    if isinstance(index.get("stage_a"), dict) and not problems:
+        try:               # typed as StageAVAE.around reads them: a word for a number fails here, not in a decode
+            from_dict(StageAConfig, {**to_dict(STAGE_A_PRESETS["official"]), **index["stage_a"]})
+        except ValueError as e:
+            problems.append(f"stage_a: {first_line(e)}")
+    if problems:
+        raise ValueError(f"{Path(folder) / 'model_index.json'}: {problems[0]}")
+
+
+def load_saved_scheduler(folder: Path) -> SchedulerMixin | None:
+    """The sampler a cascade folder saved (a diffusers class, as its ``model_index.json`` names it), checked
+    (``build_saved_scheduler``). None where the index names none of diffusers' schedulers (diffusers' loader then
+    says what is wrong)."""
+    import diffusers
+
+    entry = read_pipeline_index(folder).get("scheduler")
+    library, name = entry if isinstance(entry, list) and len(entry) == 2 else (None, None)
+    cls = getattr(diffusers, name, None) if library == "diffusers" and isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        return None
+    return build_saved_scheduler(cls, folder / "scheduler")
+
+
 def check_pipeline_class(folder: str | Path, expected: type) -> None:
     """Refuse, in one line naming the command that fits, a saved pipeline folder of another class than ``expected``."""
-    index = Path(folder) / "model_index.json"
-    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    name = read_pipeline_index(folder).get("_class_name")
     if name is not None and name != expected.__name__:
         fits = PIPELINE_COMMANDS.get(name, "its own loader")
         raise ValueError(f"{folder} holds a {name}, not a {expected.__name__}: use it with {fits}")
@@ -225,6 +277,7 @@ def load_cascade(weights: str | Path | None = None, *, dit=None, semantic_encode
     ours = weights is not None and ((Path(weights) / "model_index.json").is_file() or is_hub_id(str(weights)))
     if ours and not is_hub_id(str(weights)):
         check_pipeline_class(weights, CascadeVPipeline)
+        check_cascade_settings(weights)
     try:
         saved = CascadeVPipeline.load_config(str(weights)) if ours else {}
         if with_previewer is None:
@@ -238,7 +291,7 @@ def load_cascade(weights: str | Path | None = None, *, dit=None, semantic_encode
             return CascadeVPipeline.from_pretrained(str(weights), torch_dtype=torch_dtype, **parts)
     except OSError as e:   # offline, or no such repo / file: one line, with what to do
         raise FileNotFoundError(f"cannot load the cascade {weights!r}: "
-                                f"{str(e).strip().splitlines()[0][:200]}") from None
+                                f"{first_line(e, typed=False, limit=200)}") from None
     return CascadeVPipeline.from_release(weights, torch_dtype=torch_dtype, **parts)
 
 
@@ -295,6 +348,8 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         small) run in fp32 unless ``torch_dtype`` says otherwise."""
         folder = Path(str(pretrained_model_name_or_path))
         shared = load_shared_parts(folder, kwargs, kwargs.get("torch_dtype")) if folder.is_dir() else {}
+        if folder.is_dir() and "scheduler" not in kwargs and (scheduler := load_saved_scheduler(folder)):
+            shared["scheduler"] = scheduler
         pipe = super().from_pretrained(pretrained_model_name_or_path, **{**shared, **kwargs})
         if (folder / SHARED_PARTS_FILE).is_file() and kwargs.get("torch_dtype") is None:
             pipe.set_precision(torch.float32)           # as load_upscale does for the same kind of shipped folder

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from cascadev.config import from_dict
+from cascadev.errors import first_line
 from cascadev.pipelines.cascade import (LEGACY_PIPELINE_FILE, RELEASE_STEPS, CascadeVPipeline, is_legacy_cascade,
                                         load_vae, stage_a_settings)
 from cascadev.pipelines.sampling import make_scheduler
@@ -32,10 +33,14 @@ def load_legacy_cascade(folder: str | Path) -> CascadeVPipeline:
     if not is_legacy_cascade(folder):
         raise FileNotFoundError(f"{folder}: not a cascade in the previous format (expected {LEGACY_PIPELINE_FILE} "
                                 "and no model_index.json)")
-    meta = json.loads((folder / LEGACY_PIPELINE_FILE).read_text())
-    demo = dict(meta.get("demo", {}))
-    stage_a = from_dict(StageAConfig, {**meta["stage_a"], "pretrained": None, "subfolder": None})
-    scheduler = make_scheduler(demo.pop("scheduler", "euler_a"), demo.pop("scheduler_config", None))
+    file = folder / LEGACY_PIPELINE_FILE
+    try:          # its settings, checked in one line naming it: not JSON, a section missing or of the wrong type
+        meta = json.loads(file.read_text())
+        demo = dict(meta.get("demo") or {})
+        stage_a = from_dict(StageAConfig, {**meta["stage_a"], "pretrained": None, "subfolder": None})
+        scheduler = make_scheduler(demo.pop("scheduler", "euler_a"), demo.pop("scheduler_config", None))
+    except (UnicodeDecodeError, ValueError, TypeError, LookupError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{file}: not the settings of a cascade in the previous format ({first_line(e)})") from None
     return CascadeVPipeline(
         dit=VideoDiT.from_legacy_folder(folder / "dit"),
         semantic_encoder=SemanticEncoder.from_legacy_folder(folder / "semantic_encoder"),

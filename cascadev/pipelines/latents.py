@@ -9,10 +9,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cascadev.errors import first_line
 from cascadev.pipelines.frames import SEMANTIC_CHANNELS
 from cascadev.weights import atomic_write
 
 LATENTS_SUFFIXES = (".safetensors", ".pt", ".pth")
+# no VAE's latents come near this (|z| of a few units scaled, tens raw): larger values are a damaged file, which would
+# overflow in the DiT and fail after minutes instead of here
+LATENTS_LIMIT = 1e4
 
 
 def check_latents_output(path: str | Path, option: str = "--latents-out") -> Path:
@@ -54,7 +58,11 @@ def read_latents(path: str | Path, channels: int | None = SEMANTIC_CHANNELS) -> 
                 blob = {key: f.get_tensor(key) for key in f.keys()}
         elif path.suffix in (".pt", ".pth"):
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            metadata = dict(blob.get("metadata") or {}) if isinstance(blob, dict) else {}
+            metadata = blob.get("metadata") or {} if isinstance(blob, dict) else {}
+            if not isinstance(metadata, dict):
+                raise ValueError(f"{path}: its 'metadata' entry is a {type(metadata).__name__}, expected a mapping "
+                                 "of names to values")
+            metadata = {str(k): str(v) for k, v in metadata.items()}
             if isinstance(blob, dict) and "latents" in blob:
                 blob = blob["latents"]
         else:
@@ -62,7 +70,7 @@ def read_latents(path: str | Path, channels: int | None = SEMANTIC_CHANNELS) -> 
     except ValueError:
         raise
     except Exception as e:  # corrupt file: one line, not a pickle traceback
-        raise ValueError(f"{path}: cannot read latents ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise ValueError(f"{path}: cannot read latents ({first_line(e)})") from None
     if isinstance(blob, dict):
         if "latents" in blob:
             blob = blob["latents"]
@@ -72,6 +80,9 @@ def read_latents(path: str | Path, channels: int | None = SEMANTIC_CHANNELS) -> 
             raise ValueError(f"{path}: expected one tensor or a 'latents' entry, found keys {sorted(blob)}")
     if not isinstance(blob, torch.Tensor):
         raise ValueError(f"{path}: expected a tensor, found {type(blob).__name__}")
+    if blob.layout != torch.strided or not blob.is_floating_point():
+        kind = "sparse" if blob.layout != torch.strided else str(blob.dtype).removeprefix("torch.")
+        raise ValueError(f"{path}: expected dense floating-point latents, got a {kind} tensor")
     z = blob.float()
     if z.ndim == 4:
         z = z[None]
@@ -88,4 +99,22 @@ def read_latents(path: str | Path, channels: int | None = SEMANTIC_CHANNELS) -> 
         raise ValueError(f"{path}: latents {tuple(z.shape)} have a zero-sized dimension")
     if not torch.isfinite(z).all():
         raise ValueError(f"{path}: latents contain NaN or inf values")
+    if z.abs().max() > LATENTS_LIMIT:
+        raise ValueError(f"{path}: latents reach {z.abs().max().item():.3g}, far beyond any VAE's "
+                         f"(|z| <= {LATENTS_LIMIT:g}): a damaged file?")
     return z, metadata
+
+
+def metadata_fps(metadata: dict[str, str], path: str | Path, default: float = 8.0) -> float:
+    """The frame rate a latents file's metadata holds (``save_latents(..., fps=...)``), else ``default``; one line
+    naming the file for one that is not a positive number."""
+    if "fps" not in metadata:
+        return default
+    try:
+        fps = float(metadata["fps"])
+    except ValueError:
+        fps = float("nan")
+    if not 0 < fps < float("inf"):
+        raise ValueError(f"{path}: its metadata's fps {metadata['fps'][:40]!r} is not a positive frame rate "
+                         "(give --fps)")
+    return fps

@@ -18,6 +18,7 @@ is moved back to end at the edge.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from einops import rearrange
 
 from cascadev.blend import ramp
+
+from cascadev.errors import first_line
 
 SCHEDULERS = {                   # short names, as the CLI takes them
     "euler_a": EulerAncestralDiscreteScheduler,
@@ -135,12 +138,31 @@ def load_scheduler(folder: str | Path) -> SchedulerMixin:
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: no scheduler_config.json "
                                 "(a folder written by a scheduler's save_pretrained)")
-    name = json.loads(config_file.read_text()).get("_class_name")
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{config_file}: not a scheduler config ({first_line(e)})") from None
+    name = config.get("_class_name") if isinstance(config, dict) else None
     cls = next((c for c in SCHEDULERS.values() if c.__name__ == name), None)
     if cls is None:
         raise ValueError(f"{config_file}: scheduler {name!r} is not one of "
                          f"{', '.join(c.__name__ for c in SCHEDULERS.values())}")
-    return cls.from_pretrained(folder)
+    return build_saved_scheduler(cls, folder)
+
+
+def build_saved_scheduler(cls: type[SchedulerMixin], folder: str | Path) -> SchedulerMixin:
+    """``cls.from_pretrained(folder)`` set to a few steps once, so that a damaged ``scheduler_config.json`` (no
+    training timesteps, a word for a number) fails here in one line naming it, not inside diffusers or in the first
+    denoising step."""
+    try:
+        scheduler = cls.from_pretrained(folder)
+        copy.deepcopy(scheduler).set_timesteps(2)
+    except OSError:
+        raise
+    except Exception as e:      # whatever the scheduler's own code raises on such a config
+        raise ValueError(f"{Path(folder) / 'scheduler_config.json'}: does not make a working {cls.__name__} "
+                         f"({first_line(e)})") from None
+    return scheduler
 
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:

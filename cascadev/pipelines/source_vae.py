@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from cascadev.errors import first_line
 from cascadev.pipelines.frames import frames_per_piece, infer_size, resize_video
 from cascadev.weights import is_hub_id
 from vae.stage_a import KIND_OF_CLASS, StageAConfig, StageAVAE
@@ -132,7 +133,7 @@ class SourceVAE:
                 model = cls_.from_pretrained(str(root), subfolder=subfolder, torch_dtype=torch_dtype, **local)
             except (OSError, ValueError) as e:
                 raise FileNotFoundError(f"cannot load the source VAE {cls_.__name__} from {where}: "
-                                        f"{str(e).strip().splitlines()[0][:200]}") from None
+                                        f"{first_line(e, typed=False, limit=200)}") from None
         return cls(model, where, scaling_factor)
 
     # -- layout --------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+from cascadev.errors import first_line
+
 CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # as open_clip's hub repos ship them
 NON_TEXT_KEYS = ("visual.", "logit_scale", "logit_bias")                          # the rest of a CLIP checkpoint
 MIN_OPEN_CLIP = "2.32"  # TextTransformer.forward_intermediates (2.31 and earlier lack it)
@@ -76,7 +78,7 @@ def _state_dict_of_file(path: Path) -> dict[str, torch.Tensor]:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or foreign file: one line, not a pickle traceback
         raise ValueError(f"{path}: cannot read the checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+                         f"({first_line(e)})") from None
     if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
         blob = blob["state_dict"]
     if not isinstance(blob, dict):

@@ -30,7 +30,7 @@ from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from cascadev.pipelines.cascade import (CascadeVPipelineOutput, check_pipeline_class, format_frames, initial_noise,
-                                        load_vae)
+                                        load_saved_scheduler, load_vae)
 from cascadev.pipelines.frames import fix_colour
 from cascadev.pipelines.conditioning import temporal_upsample, upsample_condition
 from cascadev.progress import bar_settings
@@ -266,6 +266,8 @@ def load_upscale(weights: str | Path, vae: str | Path | None = None,
         local = (folder / source).resolve()
         source = local if local.exists() else source
     parts = {} if source is None else {"vae": load_vae(source, torch_dtype)}
+    if scheduler := load_saved_scheduler(folder):             # a damaged scheduler_config.json names itself
+        parts["scheduler"] = scheduler
     pipe = CascadeVUpscalePipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, **parts)
     if torch_dtype is None:      # weights stored in half precision (the small shipped model) run in fp32 by default
         pipe.set_precision(torch.float32)

@@ -488,7 +488,7 @@ def check_config_file(path: str | Path) -> None:
         raise ConfigError(f"{path} is not a YAML config (binary data, not text){hint}")
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):       # load_config names the line, or the nesting
         return
     if data is not None and not isinstance(data, dict):
         kind = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(data), "value")

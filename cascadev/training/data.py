@@ -127,6 +127,8 @@ def list_samples(source: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSI
                          "videos or a .txt/.csv/.jsonl/.json list") from None
     except (json.JSONDecodeError, csv.Error) as e:
         raise ValueError(f"{where}{source}: not a valid {suffix[1:]} list ({e})") from None
+    except (ValueError, RecursionError) as e:      # a number of 5000 digits, arrays nested 100000 deep
+        raise ValueError(f"{where}{source}: not a valid {suffix[1:]} list ({type(e).__name__})") from None
     if suffix == ".csv" and rows and "path" not in rows[0]:
         raise ValueError(f"{source}: a CSV source needs a 'path' column, found {list(rows[0])}")
     if not isinstance(rows, list):
@@ -134,9 +136,12 @@ def list_samples(source: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSI
     samples = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not row.get("path"):
-            raise ValueError(f"{source}: entry {i} has no 'path': {row!r}")
+            raise ValueError(f"{source}: entry {i} has no 'path': {str(row)[:200]}")
+        if not isinstance(row["path"], str) or not isinstance(row.get("caption") or "", str):
+            wrong = "path" if not isinstance(row["path"], str) else "caption"
+            raise ValueError(f"{source}: entry {i}'s {wrong} is a {type(row[wrong]).__name__}, expected text")
         path = Path(row["path"])
-        samples.append(Sample(path if path.is_absolute() else source.parent / path, str(row.get("caption") or "")))
+        samples.append(Sample(path if path.is_absolute() else source.parent / path, row.get("caption") or ""))
     return samples
 
 
@@ -321,13 +326,13 @@ class LatentDataset(_SkippingDataset):
 
     kind = "latent file"
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, required: tuple[str, ...] = ()):
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"latent cache {folder} not found: write it with "
                                     "python -m cascadev.training.cache_latents")
         super().__init__([Sample(p) for p in sorted(folder.glob("*.safetensors"))])
-        self.folder = folder
+        self.folder, self.required = folder, required      # the tensors every file must hold
 
     def load(self, sample: Sample, g: torch.Generator) -> dict:
         from safetensors import SafetensorError, safe_open
@@ -337,7 +342,48 @@ class LatentDataset(_SkippingDataset):
                 caption = (f.metadata() or {}).get("caption", "")
         except SafetensorError as e:
             raise ValueError(f"{sample.path}: not a readable safetensors file ({e})") from None
+        if not all(t.isfinite().all() for t in item.values() if t.is_floating_point()):
+            raise ValueError(f"{sample.path}: holds NaN or inf values")
         return {**item, "caption": caption}
+
+    def check_loadable(self) -> None:
+        """The tensor names, shapes and dtypes of every file (headers only) against the cache's most common ones:
+        files that differ (of another cache, damaged) are left out with a warning, as unreadable ones are when
+        they come up; a cache where nothing is left is one line."""
+        from collections import Counter
+
+        from safetensors import safe_open
+
+        def layout(path: Path):
+            with safe_open(str(path), framework="pt") as f:
+                return tuple(sorted((k, tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                                    for k in f.keys()))
+
+        layouts = {}
+        for sample in self.samples:
+            try:
+                layouts[sample.path] = layout(sample.path)
+            except Exception as e:      # safetensors' own error type, OSError
+                log.warning("skipping %s %s: not a readable safetensors file (%s)", self.kind, sample.path,
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+                continue
+            if missing := set(self.required) - {name for name, _, _ in layouts[sample.path]}:
+                log.warning("skipping %s %s: it holds no %s", self.kind, sample.path, " or ".join(sorted(missing)))
+                del layouts[sample.path]
+        if not layouts:
+            raise ValueError(f"none of the {len(self.samples)} {self.kind}(s) of {self.folder} could be read")
+        common, _ = Counter(layouts.values()).most_common(1)[0]
+        for path, found in layouts.items():
+            if found != common:
+                log.warning("skipping %s %s: it holds %s where the cache's others hold %s", self.kind, path,
+                            _describe(found), _describe(common))
+        self.samples = [sample for sample in self.samples if layouts.get(sample.path) == common]
+        super().check_loadable()
+
+
+def _describe(layout: tuple) -> str:
+    """A cache file's tensors, as ``latent (4, 4, 8, 8) F32, cond ...``."""
+    return ", ".join(f"{name} {shape} {dtype}" for name, shape, dtype in layout) or "no tensors"
 
 
 # -- order and loading -----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import contextlib
 import json
 import logging
 import logging.handlers
+import os
 import shutil
 import sys
 import time
@@ -56,7 +57,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from cascadev.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
-from cascadev.errors import run_guarded
+from cascadev.errors import first_line, run_guarded
 from cascadev.progress import BarAwareHandler
 from cascadev.training.config import (TrainConfig, check_cache, check_weight_files, config_parser, load_train_config,
                                       upgrade_overrides)
@@ -72,6 +73,7 @@ CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer.json"
 FINAL_TMP = ".final.tmp"            # the export's folder until it is complete
 EMA_WEIGHTS = "ema.safetensors"
+CACHE_TENSORS = {"dit": ("latent", "cond"), "distill": ("latent", "cond"), "base": ("semantic",)}   # per cache file
 
 
 # -- final weights ----------------------------------------------------------------------------------
@@ -157,6 +159,32 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed, naming the file (cut short, overwritten, not what it
+    should be: a bad disk, a partial copy), or None. Every file is read once: safetensors whole (and their values
+    finite), accelerate's torch archives against their CRCs, the JSON and the config."""
+    import zipfile
+
+    from safetensors.torch import load_file
+
+    for file in sorted(f for f in path.iterdir() if f.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                if not all(t.isfinite().all() for t in load_file(str(file)).values() if t.is_floating_point()):
+                    return f"{file} holds NaN or inf values"
+            elif file.suffix in (".bin", ".pt", ".pth", ".pkl"):          # torch.save archives (zip)
+                with zipfile.ZipFile(file) as archive:
+                    if (bad := archive.testzip()) is not None:
+                        return f"{file} is damaged (its part {bad} does not match its checksum)"
+            elif file.suffix == ".json" and not isinstance(json.loads(file.read_text()), dict):
+                return f"{file} is not a JSON object"
+            elif file.name == "config.yaml":
+                load_train_config(file)
+        except Exception as e:      # whatever a damaged file makes its reader raise
+            return f"{file} is damaged ({first_line(e)})"
+    return None
+
+
 def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict | None, task, config: TrainConfig,
                     keep: int) -> Path:
     """accelerate state + EMA + trainer state + config into a temp folder, renamed to ``step_N`` when complete."""
@@ -170,6 +198,10 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, ema: dict |
         # save_state ends without a barrier: every rank's RNG file must be in tmp before the main process renames it
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            for file in tmp.iterdir():       # accelerate's safetensors files are 0600, beside 0644 ones
+                file.chmod(0o666 & ~umask)
             if ema is not None:
                 save_state_dict(ema, tmp / EMA_WEIGHTS)
             save_config(config, tmp / "config.yaml")
@@ -209,9 +241,11 @@ def setup_logging(main_process: bool) -> None:
         logger.addHandler(logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1))
 
 
-def open_run_dir(accelerator, run_dir: Path, config: TrainConfig, superseded: list[Path], why: str) -> None:
+def open_run_dir(accelerator, run_dir: Path, config: TrainConfig, superseded: list[Path], why: str,
+                 damaged: Sequence[Path] = ()) -> None:
     """The run's first writes, once its inputs are checked and its models built: the folder, ``train.log`` (with
-    what was logged so far), leftovers of a killed run removed, superseded checkpoints set aside, ``config.yaml``."""
+    what was logged so far), leftovers of a killed run removed, superseded and damaged checkpoints set aside,
+    ``config.yaml``."""
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         logger = logging.getLogger("cascadev")
@@ -227,6 +261,7 @@ def open_run_dir(accelerator, run_dir: Path, config: TrainConfig, superseded: li
         for stale in [*ckpt_root.glob(f".tmp_{CHECKPOINT_PREFIX}*"), run_dir / FINAL_TMP]:   # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         set_aside(superseded, ckpt_root, why)
+        set_aside(list(damaged), ckpt_root, "damaged")
         atomic_write(run_dir / "config.yaml", lambda tmp: save_config(config, tmp))
     accelerator.wait_for_everyone()
 
@@ -239,7 +274,7 @@ def open_data(config: TrainConfig) -> tuple:
         if config.stage not in ("dit", "stage_c", "distill"):
             raise ConfigError("data.latents (a latent cache) only feeds stages dit, distill and stage_c")
         check_cache(data.latents, config)
-        train_set = LatentDataset(data.latents)
+        train_set = LatentDataset(data.latents, CACHE_TENSORS[config.stage])
         val_samples = split_validation(data)[1] if data.videos or data.val_videos else []
     else:
         train_samples, val_samples = split_validation(data)
@@ -337,6 +372,7 @@ class RunPlan:
     val_set: VideoDataset | list
     image_set: ImageDataset | None
     notes: list[str]
+    damaged: list[Path] = field(default_factory=list)     # newer checkpoints than the one resumed, set aside
 
 
 @dataclass
@@ -384,15 +420,36 @@ def prepare_run(config: TrainConfig, resume_from: int | None = None, fresh: bool
                           f"(have: {[s for s, _ in found] or 'none'})")
     superseded = [p for s, p in found if fresh or (resume_from is not None and s > resume_from)]
     found = [(s, p) for s, p in found if p not in superseded]
+    # a damaged newest checkpoint (a bad disk, a partial copy): go on from the newest intact one, saying so, and set
+    # the damaged ones aside (kept, never deleted); --resume-from names one: it must be intact
+    damaged, problems = [], []
+    while found and (problem := checkpoint_problem(found[-1][1])):
+        if resume_from is not None:
+            raise ConfigError(f"--resume-from {resume_from}: {problem}; resume from another step, or start over with "
+                              "--fresh")
+        damaged.append(found.pop()[1])
+        problems.append(problem)
+    if damaged and not found:
+        raise ConfigError(f"no intact checkpoint to resume in {ckpt_root}: {problems[0]}; start over with --fresh")
     changed = check_resume(found[-1][1], config, allow_config_change) if found else None
 
     check_output_folder(run_dir, "run.dir")
+    data = config.data
     train_set, val_set, image_set, notes = open_data(config)
     check_weight_files(config)
-    if isinstance(train_set, VideoDataset):
-        train_set.check_loadable()                           # decodes clips: after the checks that only look
+    val_key = "data.val_videos" if config.data.val_videos else f"data.videos (validation: the last {data.val_count})"
+    for dataset, key, source in ((train_set, "data.latents" if data.latents else "data.videos", data.latents or
+                                  data.videos), (val_set, val_key, data.val_videos or data.videos)):
+        if isinstance(dataset, (VideoDataset, LatentDataset)):    # decodes clips: after the checks that only look
+            try:
+                dataset.check_loadable()
+            except ValueError as e:
+                raise ValueError(f"{key} {source}: {e}") from None
+    notes += [f"{problem}: resuming from {found[-1][1].name} instead (the damaged checkpoint is moved to "
+              f"{ckpt_root}/damaged-*)" for problem in problems]
     return RunPlan(config, run_dir, found[-1] if found else None, superseded,
-                   "replaced" if fresh else f"after-{resume_from}", changed, train_set, val_set, image_set, notes)
+                   "replaced" if fresh else f"after-{resume_from}", changed, train_set, val_set, image_set, notes,
+                   damaged)
 
 
 def make_accelerator(plan: RunPlan):
@@ -435,7 +492,7 @@ def build(plan: RunPlan) -> Session:
     log.info("%s: %.2fM parameters, %.2fM trained", type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6,
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
-    open_run_dir(accelerator, plan.run_dir, config, plan.superseded, plan.set_aside_as)
+    open_run_dir(accelerator, plan.run_dir, config, plan.superseded, plan.set_aside_as, plan.damaged)
 
     for note in plan.notes:
         log.warning(note)
