@@ -73,7 +73,7 @@ CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer.json"
 FINAL_TMP = ".final.tmp"            # the export's folder until it is complete
 EMA_WEIGHTS = "ema.safetensors"
-CACHE_TENSORS = {"dit": ("latent", "cond"), "distill": ("latent", "cond"), "base": ("semantic",)}   # per cache file
+CACHE_TENSORS = {"dit": ("latent", "cond"), "distill": ("latent", "cond"), "stage_c": ("semantic",)}  # per cache file
 
 
 # -- final weights ----------------------------------------------------------------------------------
