@@ -286,32 +286,43 @@ def _probe(folder: Path) -> str | None:
 
 
 def _unwritable(folder: Path) -> str | None:
-    """Why no file can be written in ``folder`` (its missing parts made first, as ``atomic_path`` does), or None."""
+    """Why no file can be written in ``folder`` (its missing parts made first, as ``atomic_path`` does), or None.
+    Several processes of one launch may check the same folder at once, each making and removing its missing part: a
+    check whose folder vanished under it (another process removed what it had made) is made anew."""
+    for _ in range(5):
+        problem, probed = _unwritable_once(folder)
+        if problem is None or probed is None or probed.exists():
+            return problem
+    return problem
+
+
+def _unwritable_once(folder: Path) -> tuple[str | None, Path | None]:
+    """``_unwritable``'s check, once: (why not, or None; the folder a file was tried in, if one was)."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
+        return f"{existing} is a file, not a folder", None
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"no permission to write in {existing}"
+        return f"no permission to write in {existing}", None
     if existing == folder:
-        return _probe(folder)
+        return _probe(folder), folder
     # make the first missing folder, try a file in it, and remove both
     first = folder
     while first.parent != existing:
         first = first.parent
     if special := _special_file_system(existing):
-        return special
+        return special, None
     try:
         first.mkdir()
     except FileExistsError:        # another process of this run made it meanwhile
-        return _probe(first) if first.is_dir() else f"{first} is a file, not a folder"
+        return (_probe(first), first) if first.is_dir() else (f"{first} is a file, not a folder", first)
     except OSError as e:
-        return f"cannot create the folder {first} ({(e.strerror or type(e).__name__).lower()})"
+        return f"cannot create the folder {first} ({(e.strerror or type(e).__name__).lower()})", None
     problem = _probe(first)
     with contextlib.suppress(OSError):
         first.rmdir()
-    return problem
+    return problem, None
 
 
 def check_output_folder(folder: str | Path, option: str) -> Path:

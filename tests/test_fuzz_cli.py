@@ -46,8 +46,14 @@ SKIP = {"--help", "--compile", "--output", "--real", "--fake", "--i3d", "--confi
 
 
 def options_of(command: str) -> list[argparse.Action]:
-    """The options of one subcommand that take a value, as its parser declares them."""
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    """The options of one subcommand that take a value, as its parser declares them (train and cache-latents: the
+    training modules' parsers, which ``cascadev train`` / ``cache-latents`` hand their arguments to)."""
+    if command in ("train", "cache-latents"):
+        from cascadev.training import cache_latents, train
+
+        sub = (train if command == "train" else cache_latents).command_parser()
+    else:
+        sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     return [a for a in sub._actions if a.option_strings and a.nargs != 0 and not SKIP & set(a.option_strings)]
 
 

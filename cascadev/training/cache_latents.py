@@ -158,9 +158,8 @@ def cache_latents(config: TrainConfig | str | Path, out: str | Path, *, override
     return out
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m cascadev.training.cache_latents") -> Path:
-    """The command line over ``cache_latents`` (``cascadev cache-latents`` hands its arguments here): parse ``argv``
-    (default: ``sys.argv``), write the cache, return its folder."""
+def command_parser(prog: str = "python -m cascadev.training.cache_latents"):
+    """The options of the caching command (``main``)."""
     parser = config_parser(prog, __doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="cache folder (then train with --set data.latents=OUT)")
     parser.add_argument("--clips-per-video", type=int, default=1, help="clips with evenly spaced first frames")
@@ -171,7 +170,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m cascadev.training
                              "semantic route), so a window's condition is what a whole frame gives it")
     parser.add_argument("--windows-per-clip", type=int, default=1,
                         help="--crop context: windows cut from each encoded clip (one file each)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m cascadev.training.cache_latents") -> Path:
+    """The command line over ``cache_latents`` (``cascadev cache-latents`` hands its arguments here): parse ``argv``
+    (default: ``sys.argv``), write the cache, return its folder."""
+    args = command_parser(prog).parse_args(argv)
     return cache_latents(args.config, args.out, overrides=args.overrides, clips_per_video=args.clips_per_video,
                          crop=args.crop, windows_per_clip=args.windows_per_clip)
 

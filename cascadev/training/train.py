@@ -697,9 +697,8 @@ def train(config: TrainConfig | str | Path, *, overrides: Sequence[str] = (), re
 
 # -- the command line -------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None, prog: str = "python -m cascadev.training.train") -> Path:
-    """The command line over ``train`` (what ``accelerate launch -m cascadev.training.train`` runs; ``cascadev train``
-    hands its arguments here): parse ``argv`` (default: ``sys.argv``), train, return the run directory."""
+def command_parser(prog: str = "python -m cascadev.training.train"):
+    """The options of the training command (``main``)."""
     parser = config_parser(prog, __doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, default=None, help="same as --set run.max_steps=N")
     parser.add_argument("--run-dir", default=None, help="same as --set run.dir=DIR")
@@ -710,7 +709,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m cascadev.training
                         help="resume from this checkpoint instead of the newest (later ones are moved aside)")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume although the config differs from the checkpoint's (the model must not change)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m cascadev.training.train") -> Path:
+    """The command line over ``train`` (what ``accelerate launch -m cascadev.training.train`` runs; ``cascadev train``
+    hands its arguments here): parse ``argv`` (default: ``sys.argv``), train, return the run directory."""
+    args = command_parser(prog).parse_args(argv)
     return train(args.config, overrides=args.overrides, resume_from=args.resume_from, fresh=args.fresh,
                  allow_config_change=args.allow_config_change, max_steps=args.max_steps, run_dir=args.run_dir)
 
