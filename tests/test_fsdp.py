@@ -120,13 +120,21 @@ def clips(tmp_path_factory):
 def test_dit_fsdp_equals_ddp_resumes_exactly_and_shards_optimizer_and_ema(clips, tmp_path):
     data = [f"data.videos={clips}", "data.height=32", "data.width=32"]       # EMA on (dit_tiny: 0.99); latents 4x4
     launch(tmp_path, ("ddp.yaml", run_args(DIT_TINY, tmp_path / "ddp", 4, *data)),
+           ("ddp.yaml", run_args(DIT_TINY, tmp_path / "ddp_parts", 2, *data)),
            ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "whole", 4, *data)),
            ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "parts", 2, *data)),
            ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "bf16", 2, *data, "run.mixed_precision=bf16",
                                   "run.val_every=2")))
-    # resumed in new processes, as two machines of one process each (the same 2-way sharding)
-    launch(tmp_path, ("fsdp_multinode.yaml", run_args(DIT_TINY, tmp_path / "parts", 4, *data)), machines=2)
+    # resumed in new processes, as two machines of one process each (the same 2-way sharding; DDP's too)
+    launch(tmp_path, ("fsdp_multinode.yaml", run_args(DIT_TINY, tmp_path / "parts", 4, *data)),
+           ("ddp_multinode.yaml", run_args(DIT_TINY, tmp_path / "ddp_parts", 4, *data)), machines=2)
     ddp, whole, parts = tmp_path / "ddp", tmp_path / "whole", tmp_path / "parts"
+
+    # DDP: data sharded over the 2 processes, and killed at step 2 and resumed equals uninterrupted, bit for bit
+    assert "on 2 process(es)" in (ddp / "train.log").read_text()
+    assert len(list((ddp / "checkpoints/step_00000004").glob("random_states_*.pkl"))) == 2
+    for sub in ("model", "ema"):
+        assert_equal_weights(ddp / "final" / sub / WEIGHTS, tmp_path / "ddp_parts/final" / sub / WEIGHTS)
 
     # the same training as DDP within rounding: logged losses, gradient norms, validation; the final weights
     assert_same_trajectory(ddp, whole, 4, ("loss", "mse", "vb", "grad_norm"))

@@ -137,33 +137,6 @@ def test_diffusion_autoencoder_trains_the_encoder_with_the_dit_and_resumes_exact
             load_train_config(DIT_TINY, [*common, *extra])
 
 
-@pytest.mark.slow
-def test_dit_ddp_on_two_cpu_processes_resumes_exactly(clips, tmp_path):
-    """The same script under torchrun (what accelerate launch runs): DDP over gloo, sharded data, exact resume."""
-    import subprocess
-    import sys
-
-    from helpers import subprocess_env
-
-    env = subprocess_env(tmp_path, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")    # torchelastic_* in tmp_path
-
-    def launch(run_dir, steps):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "cascadev.training.train", "--config", str(DIT_TINY), "--max-steps", str(steps),
-               "--set", f"data.videos={clips}", f"run.dir={run_dir}", "run.tensorboard=false", "run.save_every=2",
-               "run.val_every=0", *SMALL]
-        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    launch(tmp_path / "whole", 4)
-    launch(tmp_path / "parts", 2)
-    launch(tmp_path / "parts", 4)
-    assert "on 2 process(es)" in (tmp_path / "whole/train.log").read_text()
-    assert len(list((tmp_path / "whole/checkpoints/step_00000004").glob("random_states_*.pkl"))) == 2
-    assert_same_weights(tmp_path / "whole/final/model", tmp_path / "parts/final/model",
-                        "diffusion_pytorch_model.safetensors")
-
-
 def test_cached_latents_give_the_same_batches_as_encoding_on_the_fly(clips, tmp_path):
     fixed = ["data.crop=center", "data.flip_prob=0", "data.start_jitter=false", *SMALL]
     cache = cache_main(["--config", str(DIT_TINY), "--out", str(tmp_path / "cache"), "--set", f"data.videos={clips}",
