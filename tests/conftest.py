@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")   # no network in tests: a hub id f
 import pytest
 import torch
 
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):      # pytest-xdist: the cores shared out
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
