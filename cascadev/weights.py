@@ -150,6 +150,18 @@ def write_json(path: str | Path, data, **dumps_kwargs) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def read_json_object(path: str | Path, what: str) -> dict:
+    """The JSON object in the file ``path``; a file that is not one (bytes, another JSON type) is one line naming it
+    as ``what`` it should be ("a model config")."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not {what} ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not {what} (a JSON {type(data).__name__}, not an object)")
+    return data
+
+
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
     """Atomically write a safetensors file (tensors made contiguous, shared storage untied)."""
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
@@ -264,12 +276,7 @@ class CascadeModel(ModelMixin, ConfigMixin):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: expected a folder with {CONFIG_NAME} + "
                                         f"{WEIGHTS_NAME} (this project's previous format or a training checkpoint)")
-        try:
-            config_dict = json.loads(config.read_text())
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise ValueError(f"{config}: not a model config ({first_line(e)})") from None
-        if not isinstance(config_dict, dict):
-            raise ValueError(f"{config}: not a model config (a JSON {type(config_dict).__name__}, not an object)")
+        config_dict = read_json_object(config, "a model config")
         try:
             model = cls.from_config_dict(config_dict)
         except (TypeError, ValueError, ArithmeticError, RuntimeError, LookupError) as e:

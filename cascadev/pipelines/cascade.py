@@ -34,7 +34,7 @@ from cascadev.pipelines.sampling import TILE_DETAILS, Tiling, build_saved_schedu
 from cascadev.progress import bar_settings
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.frames import SEMANTIC_DOWNSAMPLE, check_colour_fix, fix_colour, resize_video
-from cascadev.weights import is_hub_id
+from cascadev.weights import is_hub_id, read_json_object
 from dit.video_dit import VideoDiT
 from vae.previewer import Previewer
 from vae.semantic_encoder import SemanticEncoder, resolve_official_file
@@ -202,15 +202,7 @@ def read_pipeline_index(folder: str | Path) -> dict:
     """A saved pipeline folder's ``model_index.json`` (empty if it has none); one line naming it if it is not a JSON
     object."""
     index = Path(folder) / "model_index.json"
-    if not index.is_file():
-        return {}
-    try:
-        data = json.loads(index.read_text())
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ValueError(f"{index}: not a pipeline's model_index.json ({first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{index}: not a pipeline's model_index.json (a JSON {type(data).__name__}, not an object)")
-    return data
+    return read_json_object(index, "a pipeline's model_index.json") if index.is_file() else {}
 
 
 def check_cascade_settings(folder: str | Path) -> None:
