@@ -161,11 +161,7 @@ def resolve_stage_a_config(source: str | Path | None, config: StageAConfig | Non
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path}: no diffusers VAE config.json "
                                     "(expected a folder written by save_pretrained)")
-        try:
-            config_dict = json.loads(cfg_file.read_text())
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise ValueError(f"{cfg_file}: not a diffusers VAE config ({first_line(e)})") from None
-        name = config_dict.get("_class_name") if isinstance(config_dict, dict) else None
+        name = read_json_object(cfg_file, "a diffusers VAE config").get("_class_name")
         kind = KIND_OF_CLASS.get(name)
         if kind is None:
             raise ValueError(f"{cfg_file}: {name!r} is not a supported Stage A VAE (one of {', '.join(KIND_OF_CLASS)})")

@@ -19,7 +19,6 @@ is moved back to end at the edge.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from einops import rearrange
 from cascadev.blend import ramp
 
 from cascadev.errors import first_line
+from cascadev.weights import read_json_object
 
 SCHEDULERS = {                   # short names, as the CLI takes them
     "euler_a": EulerAncestralDiscreteScheduler,
@@ -138,11 +138,7 @@ def load_scheduler(folder: str | Path) -> SchedulerMixin:
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: no scheduler_config.json "
                                 "(a folder written by a scheduler's save_pretrained)")
-    try:
-        config = json.loads(config_file.read_text())
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ValueError(f"{config_file}: not a scheduler config ({first_line(e)})") from None
-    name = config.get("_class_name") if isinstance(config, dict) else None
+    name = read_json_object(config_file, "a scheduler config").get("_class_name")
     cls = next((c for c in SCHEDULERS.values() if c.__name__ == name), None)
     if cls is None:
         raise ValueError(f"{config_file}: scheduler {name!r} is not one of "
