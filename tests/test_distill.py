@@ -43,13 +43,10 @@ def test_unrolled_student_and_teacher_samplers_equal_the_pipelines(objective):
     diffusion = DiffusionConfig(objective=objective)
     g = torch.Generator().manual_seed(0)
     cond, noise = torch.randn(1, 16, 4, 8, 8, generator=g), torch.randn(1, 4, 4, 8, 8, generator=g)
-
-    def denoise(x, t):
-        return dit(torch.cat([x, cond], 1), t)[:, :4]
     for student, steps in ((True, 1), (True, 2), (False, 3)):
         scheduler = ode_scheduler(diffusion, student=student)
         with torch.no_grad():
-            ours = sample_unrolled(denoise, noise, scheduler, steps)
+            ours = sample_unrolled(dit, cond, noise, scheduler, steps)
         assert torch.equal(ours, sample(dit, cond, noise, scheduler, steps))
     if objective == "iddpm":      # a 1-step student starts at the last timestep and predicts v
         scheduler = ode_scheduler(diffusion, student=True)
@@ -57,8 +54,52 @@ def test_unrolled_student_and_teacher_samplers_equal_the_pipelines(objective):
         assert scheduler.timesteps.tolist() == [999] and scheduler.config.prediction_type == "v_prediction"
     # gradients reach the student through its steps
     dit.requires_grad_(True)
-    sample_unrolled(denoise, noise, ode_scheduler(diffusion, student=True), 2).square().mean().backward()
+    sample_unrolled(dit, cond, noise, ode_scheduler(diffusion, student=True), 2).square().mean().backward()
     assert dit.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("detail", ["average", "central"])
+def test_unrolled_sampler_over_overlapping_windows_equals_the_pipelines_and_trains_every_window(detail):
+    """Crops larger than the window: the student samples over the decoder's overlapping windows, as decode does."""
+    from cascadev.pipelines.sampling import Tiling, sample, window_crops
+    from dit import build_dit
+
+    dit = randomize_(build_dit("tiny"), std=0.02)                    # window 4 frames x 16 x 16 latents
+    tiling = Tiling("blend", detail=detail)
+    g = torch.Generator().manual_seed(0)
+    cond, noise = torch.randn(1, 16, 6, 24, 20, generator=g), torch.randn(1, 4, 6, 24, 20, generator=g)
+    assert len(window_crops(dit.window, (6, 24, 20), tiling)) == 2 * 2 * 2
+    scheduler = ode_scheduler(DiffusionConfig(objective="rf"), student=True)
+    with torch.no_grad():
+        ours = sample_unrolled(dit, cond, noise, scheduler, 2, tiling)
+    assert torch.equal(ours, sample(dit, cond, noise, scheduler, 2, tiling))
+    # every window's output reaches the loss: a latent only the last window covers moves the gradient
+    dit.requires_grad_(True)
+    x = noise.clone().requires_grad_(True)
+    sample_unrolled(dit, cond, x, scheduler, 1, tiling)[:, :, -1, -1, -1].sum().backward()
+    assert x.grad[:, :, -1, -1, -1].abs().sum() > 0 and dit.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+def test_a_ddp_wrapped_student_samples_as_the_bare_network(tmp_path):
+    """Under DDP the student is called through its wrapper (for the gradients' all-reduce), its settings read inside."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cascadev.pipelines.sampling import Tiling
+    from dit import build_dit
+
+    dit = randomize_(build_dit("tiny"), std=0.02)
+    g = torch.Generator().manual_seed(0)
+    cond, noise = torch.randn(1, 16, 4, 8, 24, generator=g), torch.randn(1, 4, 4, 8, 24, generator=g)
+    scheduler = ode_scheduler(DiffusionConfig(objective="rf"), student=True)
+    bare = sample_unrolled(dit, cond, noise, scheduler, 1, Tiling("blend", detail="central"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = sample_unrolled(DistributedDataParallel(dit), cond, noise, scheduler, 1,
+                                  Tiling("blend", detail="central"))
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(wrapped, bare)
 
 
 def test_detail_loss_is_zero_for_the_same_frames_and_penalises_blur():
@@ -104,8 +145,8 @@ def test_distill_script_resumes_exactly_and_exports_a_cascade_at_the_students_st
     z = pipe.decode_latents(latents, seed=5)
     cond = upsample_condition(semantic_small(latents, pipe.scale_factor), (4, 8, 8))
     with torch.no_grad():
-        ours = sample_unrolled(task.denoiser(pipe.dit, cond), seeded_noise((1, 4, 4, 8, 8), 5), ode_scheduler(
-            task.config.diffusion, student=True), 1)
+        ours = sample_unrolled(pipe.dit, cond, seeded_noise((1, 4, 4, 8, 8), 5), ode_scheduler(
+            task.config.diffusion, student=True), 1, task.tiling())
     assert torch.allclose(z, ours, atol=1e-6)
     video = pipe.decode(latents)
     assert video.shape == (1, 3, 4, 64, 64)

@@ -278,12 +278,12 @@ def _pad_to(x: torch.Tensor, multiples: tuple[int, int, int]) -> torch.Tensor:
 def _run_window(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Eps of one window (B, C_in, T, H, W) -> (B, C_latent, T, H, W) in x's dtype; pads sizes the partitions
     need. The model runs in its own dtype (half precision stays inside the network)."""
-    c = model.config
+    net = getattr(model, "module", model)   # as predict_noise
     T, H, W = x.shape[2:]
     weights = next(model.parameters(), None)
-    padded = _pad_to(x, (model.frame_multiple, model.spatial_multiple, model.spatial_multiple))
+    padded = _pad_to(x, (net.frame_multiple, net.spatial_multiple, net.spatial_multiple))
     out = model(padded if weights is None else padded.to(weights.dtype), t)
-    return out[:, : c.latent_channels, :T, :H, :W].to(x.dtype)
+    return out[:, : net.config.latent_channels, :T, :H, :W].to(x.dtype)
 
 
 Crop = tuple[slice, slice, slice]   # frames, rows, columns of one window x tile
@@ -389,10 +389,11 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
     return the same eps. A no-op without such a group; every rank must call it (a collective).
     ``step``: the denoising step's index, where ``shifted`` tiling places its grid (``window_crops``).
     """
-    c = model.config
+    net = getattr(model, "module", model)   # a DDP-wrapped student: settings from inside, calls through the wrapper
+    c = net.config
     tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
-    if x.ndim != 5 or x.shape[1] != model.in_channels:
-        raise ValueError(f"predict_noise expects (B, {model.in_channels}, T, H, W) = noisy latent + condition, "
+    if x.ndim != 5 or x.shape[1] != net.in_channels:
+        raise ValueError(f"predict_noise expects (B, {net.in_channels}, T, H, W) = noisy latent + condition, "
                          f"got {tuple(x.shape)}")
     if window_batch < 1:
         raise ValueError(f"window_batch must be >= 1, got {window_batch}")
@@ -402,7 +403,7 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
                          f"{c.window_size} latents, got {T}x{H}x{W}; use tiling='blend' for smaller clips")
     t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
 
-    crops = window_crops(model.window, (T, H, W), tiling, step)
+    crops = window_crops(net.window, (T, H, W), tiling, step)
     if len(crops) == 1:
         return _run_window(model, x, t)
     eps = iter(_distributed_eps(model, x, t, crops, window_batch) if distributed
@@ -433,7 +434,7 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
 
     # blend: each crop weighted by the product of its ramps over frames, rows and columns, then normalised; with
     # central detail, the detail band from the deepest window instead (Tiling's docstring)
-    frame_stride, tile_stride = _strides(model.window, tiling)
+    frame_stride, tile_stride = _strides(net.window, tiling)
     eps = list(eps)
     weight = x.new_zeros(1, 1, T, H, W)
     for (f, r, col), e in zip(crops, eps):
@@ -480,13 +481,23 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
             cond, noise = broadcast(cond), broadcast(noise)
     scheduler = make_scheduler(scheduler, scheduler_config)
     scheduler.set_timesteps(steps, device=noise.device)
+    predict = window_predictor(model, cond, scheduler, tiling, window_batch, distributed)
+    return denoise_loop(predict, noise, scheduler, generator, callback)
+
+
+def window_predictor(model, cond: torch.Tensor, scheduler: SchedulerMixin, tiling: str | Tiling = "blend",
+                     window_batch: int = 1, distributed: bool = False
+                     ) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """``predict(x, t, i)`` for ``denoise_loop``: the model's eps (B, C_latent, T, H, W) on cat([x, cond]) over the
+    clip's windows and tiles at step i (``predict_noise``; ``shifted`` tiling blends the scheduler's finishing step,
+    so call it after ``set_timesteps``). Differentiable: step distillation trains through it."""
     tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
     finishing = finishing_step(scheduler)
 
     def predict(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         return predict_noise(model, torch.cat([x, cond.to(x)], dim=1), t, tiling.at_step(i, finishing), window_batch,
                              distributed, step=i)
-    return denoise_loop(predict, noise, scheduler, generator, callback)
+    return predict
 
 
 def denoise_loop(predict: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], noise: torch.Tensor,

@@ -8,8 +8,11 @@ sampler (k = 1 or 2) from the same z lands on it:
     L = || S_student^k(z, c) - S_teacher^K(z, c) ||^2  +  w * L_detail(decoded frames)
 
 The student's k steps are the very diffusers scheduler calls the pipelines make (``sample_unrolled`` mirrors
-``cascadev.pipelines.sampling.sample`` on one window, with gradients through every step), so what was trained is
-exactly what ``pipe.decode(..., steps=k)`` runs with the saved scheduler. The student's sampler per objective:
+``cascadev.pipelines.sampling.sample``, windows and tiles included, with gradients through every step), so what
+was trained is exactly what ``pipe.decode(..., steps=k)`` runs with the saved scheduler and tile detail. Crops
+larger than the DiT's window train the student where its windows overlap: one step cannot reconcile the fine detail
+two windows guess differently (a sampler's later steps do), so the student learns to guess alike. The student's
+sampler per objective:
 
 - rectified flow: flow Euler at the trained shift; one step is x0 = z - v(z, sigma=1).
 - IDDPM (eps): DDIM with "trailing" timesteps (the first step at t = T - 1) and v-prediction: a 1-step eps student
@@ -26,22 +29,18 @@ restorers (SeedVR2, Wang et al. 2025). Tensors are (B, C, T, H, W).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+import torch.nn as nn
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from cascadev.pipelines.sampling import Tiling, denoise_loop, make_scheduler, window_predictor
 from cascadev.training.diffusion import DiffusionConfig, mean_flat
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]    # (x_t (B, C, T, h, w), t (B,)) -> (B, C, T, h, w)
 
 
 def ode_scheduler(diffusion: DiffusionConfig, name: str | None = None, student: bool = False) -> SchedulerMixin:
     """The deterministic sampler of an objective: flow Euler at the trained shift (rf), else DDIM with trailing
     timesteps on the training betas, predicting eps (a teacher) or v (``student``). ``name``: another of
     ``SCHEDULERS`` instead (e.g. the release's "euler_a" for a teacher; stochastic)."""
-    from cascadev.pipelines.sampling import make_scheduler
-
     if diffusion.objective == "rf":
         return make_scheduler(name or "flow", {"shift": diffusion.sigma_shift} if (name or "flow") == "flow" else None)
     betas = {"num_train_timesteps": diffusion.num_timesteps, "beta_start": diffusion.beta_start,
@@ -52,16 +51,16 @@ def ode_scheduler(diffusion: DiffusionConfig, name: str | None = None, student: 
                                    "prediction_type": "v_prediction" if student else "epsilon"})
 
 
-def sample_unrolled(denoise: Denoiser, noise: torch.Tensor, scheduler: SchedulerMixin, steps: int,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """``sampling.sample`` on one window, differentiable: noise (B, C, T, h, w) -> latents (B, C, T, h, w). The
-    pipeline's own loop (``sampling.denoise_loop``), so the result equals the pipeline's for the same noise; gradients
-    flow through every step of a deterministic scheduler."""
-    from cascadev.pipelines.sampling import denoise_loop
-
+def sample_unrolled(model: nn.Module, cond: torch.Tensor, noise: torch.Tensor, scheduler: SchedulerMixin,
+                    steps: int, tiling: str | Tiling = "blend", generator: torch.Generator | None = None
+                    ) -> torch.Tensor:
+    """``sampling.sample`` with gradients: noise (B, C, T, h, w) given cond (B, C_cond, T, h, w) -> latents
+    (B, C, T, h, w). The pipeline's own loop and windows (``denoise_loop``, ``window_predictor``), so the result
+    equals the pipeline's for the same noise and tiling; gradients flow through every step of a deterministic
+    scheduler and every window. Latents larger than the DiT's window are sampled over its overlapping windows and
+    combined by ``tiling``'s rule: a student trained so learns to agree with its neighbours where they overlap."""
     scheduler.set_timesteps(steps, device=noise.device)
-    return denoise_loop(lambda x, t, i: denoise(x, t.float().reshape(1).expand(x.shape[0])), noise, scheduler,
-                        generator)
+    return denoise_loop(window_predictor(model, cond, scheduler, tiling), noise, scheduler, generator)
 
 
 def high_frequency_amplitude(video: torch.Tensor, cutoff: float) -> torch.Tensor:

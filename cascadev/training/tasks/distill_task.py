@@ -109,22 +109,23 @@ class DistillTask(DiTTask):
         self.teacher.to(device)
         return self
 
-    @staticmethod
-    def denoiser(model: nn.Module, cond: torch.Tensor):
-        """The model's prediction on cat([x_t, cond]) for (x_t, t): the latent channels of its output."""
-        def run(x_t, t):
-            return model(torch.cat([x_t, cond.to(x_t.dtype)], dim=1), t)[:, :x_t.shape[1]]
-        return run
+    def tiling(self):
+        """How both samplers combine the windows of a crop larger than the DiT's: the exported decoder's rule
+        (``blend`` at the release's spacing, ``distill.tile_detail``), so the teacher's target is what the teacher
+        decodes with it and the student learns what it will run."""
+        from cascadev.pipelines.sampling import Tiling
+
+        return Tiling("blend", detail=self.config.distill.tile_detail)
 
     def samples(self, model: nn.Module, cond: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
                 accelerator) -> tuple[torch.Tensor, torch.Tensor]:
         """(student's k-step sample with gradients, teacher's sample) from the same noise, both (B, C, T, h, w)."""
         with torch.no_grad(), accelerator.autocast():
-            target = sample_unrolled(self.denoiser(self.teacher, cond), noise, self.teacher_scheduler,
-                                     self.teacher_steps, generator)
+            target = sample_unrolled(self.teacher, cond, noise, self.teacher_scheduler, self.teacher_steps,
+                                     self.tiling(), generator)
         with accelerator.autocast():
-            student = sample_unrolled(self.denoiser(model, cond), noise, self.student_scheduler,
-                                      self.config.distill.student_steps)
+            student = sample_unrolled(model, cond, noise, self.student_scheduler, self.config.distill.student_steps,
+                                      self.tiling())
         return student.float(), target.float()
 
     def micro_step(self, accelerator, prepared: dict, batch: dict, generator: torch.Generator, as_images: bool,
