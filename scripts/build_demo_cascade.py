@@ -3,7 +3,7 @@
     python scripts/build_demo_cascade.py                              # all steps
     python scripts/build_demo_cascade.py --from export                # only re-export finished runs
     python scripts/build_demo_cascade.py --only fps4x                 # the 4x frame-rate model (after "data")
-    python scripts/build_demo_cascade.py --only distill               # the 1-step distilled decoder
+    python scripts/build_demo_cascade.py --only distill               # the 2-step distilled decoder
 
 Steps: procedural training clips (396 clips, seeds < 100000, striped shapes over gradients, 16 frames at
 256x256) -> Stage A (configs/demo_vae.yaml, then its decoder with MSE: configs/demo_vae_mse.yaml) and
@@ -17,12 +17,14 @@ same clips: cached latents of random 128x128 crops of 16 frames (configs/demo_fp
 from the shipped tiny DiT -> cascadev/assets/tiny_fps4x (the DiT in fp16 and the pipeline's config; Stage A is
 the tiny cascade's, named by ``vae_source``).
 
-``--only distill``: the 1-step distilled decoder of the shipped tiny cascade (configs/distill_tiny.yaml): 160
-procedural clips of its own, cached latents of 4 random 128x128 crops each (Stage A and the semantic encoder are
-the shipped cascade's) -> a student started from the shipped DiT, trained to land in 1 flow step where the teacher
-lands in its 4 -> cascadev/assets/tiny_distilled (the DiT in fp16, the pipeline's config and ``shared_parts.json``
-naming the tiny cascade's semantic encoder, Stage A and Previewer). ``--distill-step N``: export checkpoint N's
-EMA weights instead of the final ones.
+``--only distill``: the 2-step distilled decoder of the shipped tiny cascade (configs/distill_tiny.yaml), in two
+runs. First a 1-step student: 160 procedural clips of its own, cached latents of 4 random 128x128 crops each (one
+DiT window; Stage A and the semantic encoder are the shipped cascade's), a student started from the shipped DiT and
+trained to land in 1 flow step where the teacher lands in its 4. Then, started from it, the 2-step student (second
+step at sigma 0.5) on random 192x192 crops of the clips (2 x 2 overlapping windows, so it learns to reconcile them
+as the teacher's later steps do) -> cascadev/assets/tiny_distilled (the DiT in fp16, the pipeline's config and
+``shared_parts.json`` naming the tiny cascade's semantic encoder, Stage A and Previewer). ``--distill-step N``:
+export checkpoint N's EMA weights instead of the final ones.
 """
 
 from __future__ import annotations
@@ -126,8 +128,14 @@ def export_fps4x(out: Path) -> None:
     print(f"exported to {out}: {size / 2**20:.1f} MiB, torch {torch.__version__}")
 
 
-# training on from this run's student with 3x or 10x the detail weight (100 steps) did not raise the demo's sharpness
-DISTILL_CONFIG, DISTILL_RUN = "configs/distill_tiny.yaml", "runs/distill_tiny"
+# training the 1-step student on with 3x or 10x the detail weight (100 steps) did not raise the demo's sharpness,
+# nor did 300-400 more steps on 192x192 crops (0.205-0.208); a second step over overlapping windows did
+# (docs/fast-decoding.md)
+DISTILL_CONFIG, DISTILL_1STEP = "configs/distill_tiny.yaml", "runs/distill_tiny"
+DISTILL_RUN = "runs/distill_tiny_2step"
+# the second run: configs/distill_tiny.yaml's 1-step student trained on to 2 steps over overlapping windows
+DISTILL_2STEP = ("distill.student_steps=2", "distill.student_last_sigma=0.5", "data.height=192", "data.width=192",
+                 f"dit.init_from={DISTILL_1STEP}/final/dit", f"run.dir={DISTILL_RUN}")
 DISTILL_DATA, DISTILL_CACHE = "runs/distill_data256/train", "runs/distill_cache"
 SHARED = ("semantic_encoder", "vae", "previewer")       # what tiny_distilled takes from tiny_cascade
 
@@ -169,13 +177,15 @@ def export_distill(out: Path, step: int | None = None) -> None:
 
 
 def build_distill(assets: Path, step: int | None) -> None:
-    if not Path(f"{DISTILL_RUN}/final").is_dir():
+    if not Path(f"{DISTILL_1STEP}/final").is_dir():
         wait(run("-m", "cascadev.synthetic", DISTILL_DATA, "--n", "160", "--frames", "16", "--size", "256",
                  "--kind", "shapes"))
         wait(run("-m", "cascadev.training.cache_latents", "--config", DISTILL_CONFIG, "--out", DISTILL_CACHE,
                  "--clips-per-video", "4", "--crop", "random", threads=2))
         wait(run("-m", "cascadev.training.train", "--config", DISTILL_CONFIG, "--set", f"data.latents={DISTILL_CACHE}",
                  threads=2))
+    if not Path(f"{DISTILL_RUN}/final").is_dir():
+        wait(run("-m", "cascadev.training.train", "--config", DISTILL_CONFIG, "--set", *DISTILL_2STEP, threads=2))
     export_distill(assets / "tiny_distilled", step)
 
 

@@ -102,6 +102,34 @@ def test_a_ddp_wrapped_student_samples_as_the_bare_network(tmp_path):
     assert torch.equal(wrapped, bare)
 
 
+def test_a_two_step_flow_student_takes_its_second_step_at_the_last_sigma_and_refuses_one_step():
+    from cascadev.config import ConfigError
+    from cascadev.pipelines.sampling import sample
+    from dit import build_dit
+
+    rf = DiffusionConfig(objective="rf")
+    scheduler = ode_scheduler(rf, student=True)
+    scheduler.set_timesteps(2)                   # diffusers' spacing: the second step starts at sigma 0.001
+    assert scheduler.sigmas[1].item() == pytest.approx(0.001)
+    scheduler = ode_scheduler(rf, student=True, last_sigma=0.5)
+    scheduler.set_timesteps(2)
+    assert scheduler.sigmas.tolist() == pytest.approx([1.0, 0.5, 0.0])
+    dit = randomize_(build_dit("tiny"), std=0.02)
+    g = torch.Generator().manual_seed(0)
+    cond, noise = torch.randn(1, 16, 4, 8, 8, generator=g), torch.randn(1, 4, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        assert torch.equal(sample_unrolled(dit, cond, noise, scheduler, 2), sample(dit, cond, noise, scheduler, 2))
+        # diffusers divides 0 by 0 for one step of a shift_terminal schedule: one line, not NaN frames
+        with pytest.raises(ValueError, match=r"no finite noise levels at 1 step\(s\) \(its shift_terminal 0.5 "
+                                             r"needs at least 2 steps\)"):
+            sample(dit, cond, noise, scheduler, 1)
+    with pytest.raises(ValueError, match="iddpm student's DDIM steps"):
+        ode_scheduler(DiffusionConfig(objective="iddpm"), student=True, last_sigma=0.5)
+    for steps, sigma in ((1, 0.5), (2, 1.5)):
+        with pytest.raises(ConfigError, match=r"student_last_sigma: a noise level in \(0, 1\), for student_steps >= 2"):
+            load_train_config(DISTILL_TINY, [f"distill.student_steps={steps}", f"distill.student_last_sigma={sigma}"])
+
+
 def test_detail_loss_is_zero_for_the_same_frames_and_penalises_blur():
     from cascadev.synthetic import make_clip
     import torch.nn.functional as F
@@ -183,7 +211,7 @@ def test_a_missing_teacher_is_one_line_naming_the_file_and_where_to_get_it(clips
         load_train_config(DISTILL_TINY, ["distill.teacher_scheduler=fast"])
 
 
-def test_builtin_distilled_decoder_shares_the_tiny_cascades_parts_and_decodes_in_one_step():
+def test_builtin_distilled_decoder_shares_the_tiny_cascades_parts_and_decodes_in_two_steps():
     from cascadev.pipelines.cascade import (SHARED_PARTS_FILE, TINY_CASCADE, TINY_DISTILLED, CascadeVPipeline,
                                             load_cascade)
     from cascadev.pipelines.sampling import scheduler_name
@@ -197,7 +225,8 @@ def test_builtin_distilled_decoder_shares_the_tiny_cascades_parts_and_decodes_in
         ours, theirs = getattr(pipe, part).state_dict(), getattr(teacher, part).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
     assert pipe.dit.dtype == torch.float32                         # stored in fp16, runs in fp32
-    assert pipe.config.num_inference_steps == 1 and scheduler_name(pipe.scheduler) == "flow"
+    assert pipe.config.num_inference_steps == 2 and scheduler_name(pipe.scheduler) == "flow"
+    assert pipe.scheduler.config.shift_terminal == 0.5                # its second step starts at sigma 0.5
     assert (pipe.config.colour_fix, pipe.config.demo) == (teacher.config.colour_fix, teacher.config.demo)
     assert (pipe.config.tile_detail, teacher.config.tile_detail) == ("central", "average")    # saved with each
     # load_cascade (the CLI's loader): the Previewer only where asked for, a part given replaces the shared one

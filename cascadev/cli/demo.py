@@ -79,7 +79,7 @@ def _run(args: argparse.Namespace) -> dict:
     from cascadev.pipelines.cascade import CascadeVPipeline, check_pipeline_class, resolve_colour_fix
     from cascadev.pipelines.frames import fix_colour
     from cascadev.pipelines.cascade import TINY_CASCADE, TINY_DISTILLED, DecodeOptions
-    from cascadev.pipelines.sampling import dit_work, finishing_step, scheduler_name
+    from cascadev.pipelines.sampling import dit_work, finishing_step, scheduler_name, set_steps
     from vae.stage_a import DOWNSAMPLE as STAGE_A_DOWNSAMPLE
     from cascadev.pipelines.runtime import DTYPES
     from cascadev.synthetic import HELD_OUT_SEED0, make_clip
@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> dict:
     for method, (decoder, options) in decoders.items():     # per clip; the baseline runs no DiT
         sampler = decoder.resolve_scheduler(options.scheduler)
         method_steps = options.steps or decoder.config.num_inference_steps
-        sampler.set_timesteps(method_steps)
+        set_steps(sampler, method_steps)
         forwards, _ = dit_work(decoder.dit.window, latent_size, options.tiling, method_steps, finishing_step(sampler))
         results[method].update(steps=method_steps, scheduler=scheduler_name(sampler), dit_forwards=forwards)
     results["baseline"].update(steps=0, dit_forwards=0)

@@ -161,6 +161,19 @@ def build_saved_scheduler(cls: type[SchedulerMixin], folder: str | Path) -> Sche
     return scheduler
 
 
+def set_steps(scheduler: SchedulerMixin, steps: int, device: torch.device | str | None = None) -> None:
+    """``scheduler.set_timesteps(steps)``, refusing a schedule that is not finite: diffusers' flow scheduler with a
+    ``shift_terminal`` (a 2-step distilled student's) divides 0 by 0 at 1 step."""
+    terminal = getattr(scheduler.config, "shift_terminal", None)
+    message = f"{type(scheduler).__name__} gives no finite noise levels at {steps} step(s)"
+    if terminal and steps < 2:
+        raise ValueError(f"{message} (its shift_terminal {terminal} needs at least 2 steps)")
+    scheduler.set_timesteps(steps, device=device)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and not torch.isfinite(sigmas).all():
+        raise ValueError(message)
+
+
 def scheduler_name(scheduler: SchedulerMixin) -> str:
     """The short name of a scheduler's class ("euler_a", "flow", ...), or its class name."""
     return next((name for name, cls in SCHEDULERS.items() if type(scheduler) is cls), type(scheduler).__name__)
@@ -480,7 +493,7 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, scheduler: str | Sche
         if world()[1] > 1:   # every rank steps from rank 0's inputs, so all stay identical
             cond, noise = broadcast(cond), broadcast(noise)
     scheduler = make_scheduler(scheduler, scheduler_config)
-    scheduler.set_timesteps(steps, device=noise.device)
+    set_steps(scheduler, steps, noise.device)
     predict = window_predictor(model, cond, scheduler, tiling, window_batch, distributed)
     return denoise_loop(predict, noise, scheduler, generator, callback)
 

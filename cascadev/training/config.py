@@ -164,6 +164,9 @@ class DistillSection:
     teacher_scheduler: str | None = None           # SCHEDULERS name; None: the cascade's, else the objective's ODE
     teacher_steps: int | None = None               # None: the cascade's num_inference_steps, else 8 (the release's)
     student_steps: int = 1                         # the student's sampler steps (its exported num_inference_steps)
+    # rf, student_steps >= 2: the noise level of the student's last step (its flow scheduler's shift_terminal); None:
+    # diffusers' spacing, whose step before the last starts at sigma 0.001 (a second step that changes almost nothing)
+    student_last_sigma: float | None = None
     # + w * distance between the amplitude spectra above detail_cutoff of the student's and the teacher's decoded
     # frames: phase-free, so a blurred guess cannot lower it (the MSE alone prefers the blur where it is unsure)
     detail_weight: float = 0.0
@@ -181,6 +184,8 @@ class DistillSection:
                 or not 0 <= self.detail_cutoff < 0.5):
             raise ValueError("need distill.detail_weight >= 0, detail_frames >= 1, detail_size >= 0, "
                              "0 <= detail_cutoff < 0.5")
+        if self.student_last_sigma is not None and not (0 < self.student_last_sigma < 1 and self.student_steps >= 2):
+            raise ValueError("distill.student_last_sigma: a noise level in (0, 1), for student_steps >= 2")
         from cascadev.pipelines.sampling import SCHEDULERS, TILE_DETAILS
         if self.tile_detail not in TILE_DETAILS:
             raise ValueError(f"distill.tile_detail {self.tile_detail!r}: choose from {', '.join(TILE_DETAILS)}")

@@ -33,16 +33,26 @@ import torch
 import torch.nn as nn
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from cascadev.pipelines.sampling import Tiling, denoise_loop, make_scheduler, window_predictor
+from cascadev.pipelines.sampling import (Tiling, denoise_loop, make_scheduler, set_steps,
+                                          window_predictor)
 from cascadev.training.diffusion import DiffusionConfig, mean_flat
 
 
-def ode_scheduler(diffusion: DiffusionConfig, name: str | None = None, student: bool = False) -> SchedulerMixin:
+def ode_scheduler(diffusion: DiffusionConfig, name: str | None = None, student: bool = False,
+                  last_sigma: float | None = None) -> SchedulerMixin:
     """The deterministic sampler of an objective: flow Euler at the trained shift (rf), else DDIM with trailing
     timesteps on the training betas, predicting eps (a teacher) or v (``student``). ``name``: another of
-    ``SCHEDULERS`` instead (e.g. the release's "euler_a" for a teacher; stochastic)."""
+    ``SCHEDULERS`` instead (e.g. the release's "euler_a" for a teacher; stochastic). ``last_sigma`` (rf): the noise
+    level of the last step before 0 (diffusers' ``shift_terminal``; its default spacing ends at sigma 0.001, so a
+    second flow step would change almost nothing)."""
     if diffusion.objective == "rf":
-        return make_scheduler(name or "flow", {"shift": diffusion.sigma_shift} if (name or "flow") == "flow" else None)
+        if (name or "flow") != "flow":
+            return make_scheduler(name)
+        return make_scheduler("flow", {"shift": diffusion.sigma_shift}
+                              | ({"shift_terminal": last_sigma} if last_sigma is not None else {}))
+    if last_sigma is not None:
+        raise ValueError("last_sigma sets a flow scheduler's last noise level; the iddpm student's DDIM steps are "
+                         "evenly spaced already")
     betas = {"num_train_timesteps": diffusion.num_timesteps, "beta_start": diffusion.beta_start,
              "beta_end": diffusion.beta_end}
     if name not in (None, "ddim"):
@@ -59,7 +69,7 @@ def sample_unrolled(model: nn.Module, cond: torch.Tensor, noise: torch.Tensor, s
     equals the pipeline's for the same noise and tiling; gradients flow through every step of a deterministic
     scheduler and every window. Latents larger than the DiT's window are sampled over its overlapping windows and
     combined by ``tiling``'s rule: a student trained so learns to agree with its neighbours where they overlap."""
-    scheduler.set_timesteps(steps, device=noise.device)
+    set_steps(scheduler, steps, noise.device)
     return denoise_loop(window_predictor(model, cond, scheduler, tiling), noise, scheduler, generator)
 
 

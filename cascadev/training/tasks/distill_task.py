@@ -102,7 +102,11 @@ class DistillTask(DiTTask):
         if config.dit.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.teacher_scheduler, self.teacher_steps = teacher_sampler(config)
-        self.student_scheduler = ode_scheduler(config.diffusion, student=True)
+        try:
+            self.student_scheduler = ode_scheduler(config.diffusion, student=True,
+                                                   last_sigma=config.distill.student_last_sigma)
+        except ValueError as e:
+            raise ConfigError(f"distill.student_last_sigma: {e}") from None
 
     def to(self, device: torch.device) -> "DistillTask":
         super().to(device)
