@@ -58,7 +58,7 @@ def add_tiling_arguments(g) -> None:
     g.add_argument("--tile-detail", choices=["average", "central"],
                    help="how blended overlaps combine: average the windows (the default of most weights), or take "
                         "fine detail from the window a latent lies deepest in and average only the low band "
-                        "(central: sharper; the default of a 1-step distilled decoder)")
+                        "(central: sharper; the default of a distilled 1-2 step decoder)")
     g.add_argument("--tile-stride", type=int, metavar="N",
                    help="latent pixels between DiT tiles of large frames (default: the release's 3/4 of the window, "
                         "96 for the official DiT; up to the window, 128: fewer tiles, a third faster at 2048x1152)")

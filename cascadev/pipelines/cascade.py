@@ -49,7 +49,7 @@ ENCODER_FILE, PREVIEWER_FILE = "effnet_encoder.safetensors", "previewer.safetens
 LEGACY_PIPELINE_FILE = "pipeline.json"   # cascades saved by cascadev < 0.2
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TINY_CASCADE = ASSETS / "tiny_cascade"          # the built-in tiny cascade (scripts/build_demo_cascade.py)
-TINY_DISTILLED = ASSETS / "tiny_distilled"      # its 1-step distilled decoder, sharing its other parts
+TINY_DISTILLED = ASSETS / "tiny_distilled"      # its 2-step distilled decoder, sharing its other parts
 # a cascade folder that takes some parts from another folder names them here, {part: path relative to the folder}
 # (as tiny_fps4x's ``vae_source``): ``CascadeVPipeline.from_pretrained`` loads them from there
 SHARED_PARTS_FILE = "shared_parts.json"
@@ -300,7 +300,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
     Components: ``dit`` (``VideoDiT``), ``semantic_encoder``, ``vae`` (Stage A: a diffusers autoencoder),
     ``scheduler``, ``previewer`` (optional). Registered settings: ``stage_a`` (latent scale, chunks and tiles
     of Stage A decoding), ``num_inference_steps``, ``colour_fix`` and ``tile_detail`` (the defaults these weights
-    were tuned for: a 1-step distilled decoder saves ``"central"``, ``sampling.Tiling``) and ``demo`` (what
+    were tuned for: a 1-2 step distilled decoder saves ``"central"``, ``sampling.Tiling``) and ``demo`` (what
     ``cascadev demo`` shows them on).
     """
 

@@ -11,10 +11,11 @@ The student's k steps are the very diffusers scheduler calls the pipelines make 
 ``cascadev.pipelines.sampling.sample``, windows and tiles included, with gradients through every step), so what
 was trained is exactly what ``pipe.decode(..., steps=k)`` runs with the saved scheduler and tile detail. Crops
 larger than the DiT's window train the student where its windows overlap: one step cannot reconcile the fine detail
-two windows guess differently (a sampler's later steps do), so the student learns to guess alike. The student's
-sampler per objective:
+two windows guess differently; a second step can, as a sampler's later steps do, since it starts from the blended
+latents (measured: docs/fast-decoding.md). The student's sampler per objective:
 
-- rectified flow: flow Euler at the trained shift; one step is x0 = z - v(z, sigma=1).
+- rectified flow: flow Euler at the trained shift; one step is x0 = z - v(z, sigma=1). diffusers starts the last
+  step before 0 at sigma 0.001 whatever the count, so a second step needs ``last_sigma`` (its ``shift_terminal``).
 - IDDPM (eps): DDIM with "trailing" timesteps (the first step at t = T - 1) and v-prediction: a 1-step eps student
   would divide its error by sqrt(alpha_bar_T) (~0.006 with the release's betas); v is well conditioned at every t
   (progressive distillation, Salimans & Ho 2022, Sec. 4). The teacher's default sampler is then DDIM (eta 0): the
