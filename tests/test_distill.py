@@ -258,3 +258,14 @@ def test_a_dit_folder_teacher_of_an_eps_objective_exports_a_ddim_student_at_two_
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.previewer is None
     video = pipe.decode(torch.randn(1, 16, 4, 2, 2))
     assert video.shape == (1, 3, 4, 64, 64) and torch.isfinite(video).all()
+
+
+def test_the_built_in_two_step_decoder_at_one_step_is_one_line_before_any_work(tmp_path, capsys):
+    from cascadev.pipelines.cascade import TINY_DISTILLED
+    from cascadev.pipelines.latents import save_latents
+
+    save_latents(tmp_path / "z.safetensors", torch.zeros(1, 16, 4, 2, 2))
+    code, out, err = run_cli(capsys, "decode", tmp_path / "z.safetensors", "-o", tmp_path / "d.mp4",
+                             "--weights", TINY_DISTILLED, "--steps", "1")
+    assert code == 2 and err.count("\n") == 1 and "shift_terminal 0.5 needs at least 2 steps" in err
+    assert not (tmp_path / "d.mp4").exists() and "decoding" not in out

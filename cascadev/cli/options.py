@@ -7,6 +7,7 @@ parts (``check_runtime_args``, ``prepare_pipeline``, ``tiling_of``) over any ``D
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from cascadev.errors import UserError
 from cascadev.pipelines.cascade import ASSETS, TINY_CASCADE, load_cascade, resolve_colour_fix
 from cascadev.pipelines.runtime import check_device, processes, resolve_device, resolve_dtype, set_tf32, stage_a_budget
-from cascadev.pipelines.sampling import Tiling
+from cascadev.pipelines.sampling import Tiling, set_steps
 from cascadev.weights import is_hub_id, offline_if_unreachable
 
 
@@ -160,7 +161,10 @@ def decode_kwargs(args, pipe) -> dict:
     ``accelerate launch`` with several processes, the DiT's windows/tiles split across them."""
     generator = (torch.Generator(device=pipe._execution_device).manual_seed(args.seed) if args.noise == "device"
                  else None)      # one stream for the noise and the steps, as the release's global generator
+    scheduler = pipe.resolve_scheduler(args.scheduler, force=args.force_scheduler)
+    # a step count the scheduler cannot space (a 2-step student's at 1): said now, before anything is encoded
+    set_steps(copy.deepcopy(scheduler), args.steps or pipe.config.num_inference_steps)
     return dict(seed=args.seed, generator=generator, tiling=tiling_of(args, pipe.dit.config), steps=args.steps,
-                scheduler=pipe.resolve_scheduler(args.scheduler, force=args.force_scheduler),
+                scheduler=scheduler,
                 colour_fix=resolve_colour_fix(pipe, args.colour_fix), window_batch=args.window_batch,
                 distributed=processes().num_processes > 1)
