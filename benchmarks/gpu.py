@@ -36,7 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from cascadev.pipelines.cascade import CascadeVPipeline
 from cascadev.pipelines.runtime import stage_a_budget
 from cascadev.pipelines.runtime import compile_blocks
-from cascadev.pipelines.sampling import Tiling, make_scheduler
+from cascadev.pipelines.sampling import make_scheduler
+from cascadev.pipelines.tiling import Tiling
 from dit import build_dit
 from vae import build_semantic_encoder, build_stage_a
 from vae.stage_a import PRESETS as STAGE_A_PRESETS

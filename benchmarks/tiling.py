@@ -27,7 +27,8 @@ import torch
 
 from cascadev.pipelines.cascade import TINY_CASCADE
 from cascadev.pipelines.frames import fix_colour
-from cascadev.pipelines.sampling import Tiling, dit_work, finishing_step, window_crops
+from cascadev.pipelines.sampling import finishing_step
+from cascadev.pipelines.tiling import Tiling, dit_work, window_crops
 from cascadev.synthetic import HELD_OUT_SEED0, make_clip
 from eval.metrics import psnr, sharpness, ssim
 

@@ -61,7 +61,8 @@ def test_unrolled_student_and_teacher_samplers_equal_the_pipelines(objective):
 @pytest.mark.parametrize("detail", ["average", "central"])
 def test_unrolled_sampler_over_overlapping_windows_equals_the_pipelines_and_trains_every_window(detail):
     """Crops larger than the window: the student samples over the decoder's overlapping windows, as decode does."""
-    from cascadev.pipelines.sampling import Tiling, sample, window_crops
+    from cascadev.pipelines.sampling import sample
+    from cascadev.pipelines.tiling import Tiling, window_crops
     from dit import build_dit
 
     dit = randomize_(build_dit("tiny"), std=0.02)                    # window 4 frames x 16 x 16 latents
@@ -85,7 +86,7 @@ def test_a_ddp_wrapped_student_samples_as_the_bare_network(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from cascadev.pipelines.sampling import Tiling
+    from cascadev.pipelines.tiling import Tiling
     from dit import build_dit
 
     dit = randomize_(build_dit("tiny"), std=0.02)

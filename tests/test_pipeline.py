@@ -352,7 +352,7 @@ def test_cli_shifted_tiling_on_reconstruct_and_decode(tmp_path, capsys, tiny_pip
 
 
 def test_the_saved_tile_detail_is_how_overlaps_combine_unless_given(pipe):
-    from cascadev.pipelines.sampling import Tiling
+    from cascadev.pipelines.tiling import Tiling
 
     latents = torch.randn(1, 16, 2, 3, 5, generator=torch.Generator().manual_seed(0))   # 20 latent columns: 2 tiles
     common = dict(steps=1, seed=3, colour_fix=0)

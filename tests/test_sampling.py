@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from helpers import randomize_
-from cascadev.pipelines.sampling import (Tiling, central_weights, dit_work, finishing_step, grid_offset, low_band,
-                                         make_scheduler, predict_noise, sample, shifted_spans, window_crops,
-                                         window_starts)
+from cascadev.pipelines.sampling import finishing_step, make_scheduler, predict_noise, sample
+from cascadev.pipelines.tiling import (Tiling, central_weights, dit_work, grid_offset, low_band, shifted_spans,
+                                      window_crops, window_starts)
 from dit import PRESETS, VideoDiT
 
 TINY = PRESETS["tiny"]  # window: 4 frames x 16x16 latents
@@ -99,7 +99,7 @@ def test_blend_weights_ramp_linearly_across_the_overlap_and_are_shared_with_stag
     """A window's blend weights along an axis (``cascadev.blend.ramp``, the one ramp Stage A's tiles use too):
     1/(k+1) ... k/(k+1) across a k-unit overlap toward each neighbour, flat at the clip's own edges."""
     from cascadev.blend import ramp
-    from cascadev.pipelines.sampling import axis_ramp
+    from cascadev.pipelines.tiling import axis_ramp
 
     k = torch.arange(1, 5, dtype=torch.float32) / 5
     torch.testing.assert_close(axis_ramp(20, 8, 4, 4, "cpu"), torch.cat([k, k.flip(0)]), rtol=0, atol=0)

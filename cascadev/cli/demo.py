@@ -79,7 +79,8 @@ def _run(args: argparse.Namespace) -> dict:
     from cascadev.pipelines.cascade import CascadeVPipeline, check_pipeline_class, resolve_colour_fix
     from cascadev.pipelines.frames import fix_colour
     from cascadev.pipelines.cascade import TINY_CASCADE, TINY_DISTILLED, DecodeOptions
-    from cascadev.pipelines.sampling import dit_work, finishing_step, scheduler_name, set_steps
+    from cascadev.pipelines.sampling import finishing_step, scheduler_name, set_steps
+    from cascadev.pipelines.tiling import dit_work
     from vae.stage_a import DOWNSAMPLE as STAGE_A_DOWNSAMPLE
     from cascadev.pipelines.runtime import DTYPES
     from cascadev.synthetic import HELD_OUT_SEED0, make_clip

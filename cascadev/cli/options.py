@@ -15,7 +15,8 @@ import torch
 from cascadev.errors import UserError
 from cascadev.pipelines.cascade import ASSETS, TINY_CASCADE, load_cascade, resolve_colour_fix
 from cascadev.pipelines.runtime import check_device, processes, resolve_device, resolve_dtype, set_tf32, stage_a_budget
-from cascadev.pipelines.sampling import Tiling, set_steps
+from cascadev.pipelines.sampling import set_steps
+from cascadev.pipelines.tiling import Tiling
 from cascadev.weights import is_hub_id, offline_if_unreachable
 
 

@@ -30,7 +30,8 @@ from cascadev.checks import check_video
 from cascadev.config import from_dict, to_dict
 from cascadev.errors import first_line
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
-from cascadev.pipelines.sampling import TILE_DETAILS, Tiling, build_saved_scheduler, make_scheduler, sample
+from cascadev.pipelines.sampling import build_saved_scheduler, make_scheduler, sample
+from cascadev.pipelines.tiling import TILE_DETAILS, Tiling
 from cascadev.progress import bar_settings
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
 from cascadev.pipelines.frames import SEMANTIC_DOWNSAMPLE, check_colour_fix, fix_colour, resize_video
@@ -94,7 +95,7 @@ class DecodeOptions:
     Noise: ``seed`` draws it frames first, as the release did, on a CPU generator (ancestral steps from ``seed + 1``);
     a ``generator`` replaces both with one stream, as the release's global generator
     (``torch.Generator("cuda").manual_seed(42)`` on a GPU is the released code's). ``tiling``: how windows and tiles
-    cover a large clip (``sampling.Tiling``; its ``detail`` defaults to the folder's ``tile_detail``).
+    cover a large clip (``tiling.Tiling``; its ``detail`` defaults to the folder's ``tile_detail``).
     ``colour_fix=f`` takes the band of f x f pixel blocks and below from the Previewer (``fix_colour``; 0: off;
     None: the folder's setting where the Previewer is loaded).
     ``window_batch``: DiT windows/tiles per forward (faster on a GPU, same result within rounding).
@@ -300,7 +301,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
     Components: ``dit`` (``VideoDiT``), ``semantic_encoder``, ``vae`` (Stage A: a diffusers autoencoder),
     ``scheduler``, ``previewer`` (optional). Registered settings: ``stage_a`` (latent scale, chunks and tiles
     of Stage A decoding), ``num_inference_steps``, ``colour_fix`` and ``tile_detail`` (the defaults these weights
-    were tuned for: a 1-2 step distilled decoder saves ``"central"``, ``sampling.Tiling``) and ``demo`` (what
+    were tuned for: a 1-2 step distilled decoder saves ``"central"``, ``tiling.Tiling``) and ``demo`` (what
     ``cascadev demo`` shows them on).
     """
 

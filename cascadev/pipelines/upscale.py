@@ -35,7 +35,8 @@ from cascadev.pipelines.frames import fix_colour
 from cascadev.pipelines.conditioning import temporal_upsample, upsample_condition
 from cascadev.progress import bar_settings
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
-from cascadev.pipelines.sampling import Tiling, sample
+from cascadev.pipelines.sampling import sample
+from cascadev.pipelines.tiling import Tiling
 from dit.video_dit import VideoDiT
 from cascadev.checks import check_video
 from vae.stage_a import DOWNSAMPLE, StageAVAE, stage_a_settings

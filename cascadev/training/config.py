@@ -173,7 +173,7 @@ class DistillSection:
     detail_frames: int = 1                         # frames of each window decoded for it, at random (costly)
     detail_size: int = 0                           # a random square of this many latent px decoded for it; 0: all
     detail_cutoff: float = 0.0625                  # cycles per pixel: eval.metrics.sharpness's band
-    # how the exported decoder combines overlapping windows (its saved tile_detail, sampling.Tiling): at 1-2 steps no
+    # how the exported decoder combines overlapping windows (its saved tile_detail, tiling.Tiling): at 1-2 steps no
     # later step reconciles the windows' fine detail, and averaging it blurs (docs/fast-decoding.md)
     tile_detail: str = "central"
 
@@ -186,7 +186,8 @@ class DistillSection:
                              "0 <= detail_cutoff < 0.5")
         if self.student_last_sigma is not None and not (0 < self.student_last_sigma < 1 and self.student_steps >= 2):
             raise ValueError("distill.student_last_sigma: a noise level in (0, 1), for student_steps >= 2")
-        from cascadev.pipelines.sampling import SCHEDULERS, TILE_DETAILS
+        from cascadev.pipelines.sampling import SCHEDULERS
+        from cascadev.pipelines.tiling import TILE_DETAILS
         if self.tile_detail not in TILE_DETAILS:
             raise ValueError(f"distill.tile_detail {self.tile_detail!r}: choose from {', '.join(TILE_DETAILS)}")
         if self.teacher_scheduler is not None and self.teacher_scheduler not in SCHEDULERS:

@@ -117,7 +117,7 @@ class DistillTask(DiTTask):
         """How both samplers combine the windows of a crop larger than the DiT's: the exported decoder's rule
         (``blend`` at the release's spacing, ``distill.tile_detail``), so the teacher's target is what the teacher
         decodes with it and the student learns what it will run."""
-        from cascadev.pipelines.sampling import Tiling
+        from cascadev.pipelines.tiling import Tiling
 
         return Tiling("blend", detail=self.config.distill.tile_detail)
 
