@@ -18,6 +18,7 @@ import re
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -169,6 +170,16 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path, metad
 
 
 KEYS_NAMED = 4     # keys of each kind an error names; a wrong file would list hundreds
+
+
+def torch_load(path: str | Path):
+    """``torch.load(path)`` onto the CPU with ``weights_only=True`` (no code in a pickle runs), without the notices
+    torch prints about the file's own format (a pickle protocol it does not expect, sparse tensors it validates): the
+    caller accepts or refuses what it reads in one line of its own."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning,
+                                module=r"torch\.(serialization|_weights_only_unpickler)")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,

@@ -26,7 +26,7 @@ from diffusers.models.normalization import AdaLayerNormSingle
 from einops import rearrange, repeat
 from timm.layers import Mlp
 
-from cascadev.weights import CascadeModel, build_preset, load_state_dict_strict
+from cascadev.weights import CascadeModel, build_preset, load_state_dict_strict, torch_load
 from dit.attention import DispatchProcessor, num_parts, partition, unpartition
 
 Strides = tuple[int, int] | None
@@ -47,7 +47,7 @@ RELEASED_PREFIXES = {
 
 class Window(NamedTuple):
     """A DiT's trained window and the multiples its attention partitions need: what tiling reads
-    (``cascadev.pipelines.sampling.window_crops``)."""
+    (``cascadev.pipelines.tiling.window_crops``)."""
 
     window_frames: int
     window_size: int
@@ -410,7 +410,7 @@ class VideoDiT(DiTTrunk):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: download s1024.effn-f32.pth from the CascadeV release "
                                     "(huggingface.co/ByteDance/CascadeV)")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch_load(path)
         state_dict = blob.get("state_dict", blob) if isinstance(blob, dict) else None
         if not isinstance(state_dict, dict):
             raise ValueError(f"{path} is not a CascadeV checkpoint (expected a dict with a 'state_dict' entry)")

@@ -36,6 +36,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -349,7 +350,9 @@ def load_extractor(path: str | Path | None, device: torch.device | str = "cpu", 
             raise ValueError(f"{path}: the cd-fvd-i3d protocol uses the PyTorch I3D state dict (i3d_pretrained_400.pt: "
                              f"{DETECTOR_SOURCES['i3d_pretrained_400.pt']}), not the TorchScript port")
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():     # StyleGAN-V's detector is TorchScript, whatever torch now prefers
+                warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated", category=FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:       # a damaged archive: torch raises RuntimeError with miniz's words
             raise ValueError(f"{path}: not a readable TorchScript file ({first_line(e)})") from None
         schema = getattr(getattr(module, "forward", None), "schema", None)
@@ -361,8 +364,10 @@ def load_extractor(path: str | Path | None, device: torch.device | str = "cpu", 
     if PROTOCOLS[protocol].detector_resizes:
         raise ValueError(f"{path}: the {protocol} protocol resizes inside StyleGAN-V's TorchScript detector; "
                          f"give --i3d i3d_torchscript.pt ({DETECTOR_SOURCES['i3d_torchscript.pt']})")
+    from cascadev.weights import torch_load
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path)
     except Exception as e:  # a pickle with code, a truncated file, not a torch file at all
         raise ValueError(f"{path}: not an I3D state dict or TorchScript file ({first_line(e)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -149,8 +149,10 @@ def load_videomae(path: str | Path | None, num_heads: int | None = None, img_siz
     ``ValueError``s naming the file."""
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(missing_checkpoint_message(path))
+    from cascadev.weights import torch_load
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path)
     except Exception as e:     # a pickle with code, a truncated file, not a torch file at all
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"--videomae {path}: not a VideoMAE-v2 checkpoint ({reason})") from None

@@ -1,5 +1,6 @@
 """Helpers the tests import (``from helpers import run_cli``); the fixtures are in conftest.py."""
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -8,16 +9,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(capsys, *argv):
-    """Run `cascadev ARGV` in-process; return (exit code, stdout, stderr)."""
+    """Run `cascadev ARGV` in-process; return (exit code, stdout, stderr). The warnings the run raises are in stderr
+    as a user's Python prints them (pytest would otherwise keep them to its summary)."""
     from cascadev.cli import main
 
     code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")                            # Python's own filters: what a user sees
+        for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", quiet)
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
     out = capsys.readouterr()
-    return code, out.out, out.err
+    return code, out.out, out.err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                                            for w in shown)
 
 
 def subprocess_env(tmp_path, **variables) -> dict:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 import json
@@ -282,8 +283,10 @@ def _diffusers_model(config: StageAConfig, load_weights: bool) -> nn.Module:
     if config.kind == "taesd":     # AutoencoderTiny saves block_out_channels itself, then warns that it is unexpected
         diffusers_logging.set_verbosity_error()
     try:
-        model = cls.from_pretrained(source, subfolder=subfolder, variant=config.variant,
-                                    torch_dtype=DTYPES[config.dtype], **kwargs)
+        with warnings.catch_warnings():     # diffusers still passes the hub an argument it has retired
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            model = cls.from_pretrained(source, subfolder=subfolder, variant=config.variant,
+                                        torch_dtype=DTYPES[config.dtype], **kwargs)
     except (OSError, ValueError) as e:   # offline / missing files / bad repo id, incl. huggingface_hub errors
         where = f"{source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
         raise FileNotFoundError(

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from cascadev.errors import first_line
 from cascadev.pipelines.frames import SEMANTIC_CHANNELS
-from cascadev.weights import atomic_write
+from cascadev.weights import atomic_write, torch_load
 
 LATENTS_SUFFIXES = (".safetensors", ".pt", ".pth")
 # no VAE's latents come near this (|z| of a few units scaled, tens raw): larger values are a damaged file, which would
@@ -57,7 +57,7 @@ def read_latents(path: str | Path, channels: int | None = SEMANTIC_CHANNELS) -> 
                 metadata = dict(f.metadata() or {})
                 blob = {key: f.get_tensor(key) for key in f.keys()}
         elif path.suffix in (".pt", ".pth"):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = torch_load(path)
             metadata = blob.get("metadata") or {} if isinstance(blob, dict) else {}
             if not isinstance(metadata, dict):
                 raise ValueError(f"{path}: its 'metadata' entry is a {type(metadata).__name__}, expected a mapping "

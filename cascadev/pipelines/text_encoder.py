@@ -71,11 +71,13 @@ PRESETS: dict[str, dict] = {
 
 def _state_dict_of_file(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors: safetensors or a torch file (a state dict, or {'state_dict': ...})."""
+    from cascadev.weights import torch_load
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch_load(path)
     except Exception as e:  # a corrupt or foreign file: one line, not a pickle traceback
         raise ValueError(f"{path}: cannot read the checkpoint "
                          f"({first_line(e)})") from None
