@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cascadev.training.train import ema_weights, make_ema  # noqa: E402
+from cascadev.training.checkpoints import ema_weights  # noqa: E402
+from cascadev.training.train import make_ema  # noqa: E402
 from dit.video_dit import PRESETS, VideoDiT  # noqa: E402
 
 

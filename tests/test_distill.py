@@ -11,7 +11,8 @@ import torch
 from cascadev.training.config import load_train_config
 from cascadev.training.diffusion import DiffusionConfig
 from cascadev.training.distillation import detail_loss, ode_scheduler, sample_unrolled
-from cascadev.training.train import checkpoints, main
+from cascadev.training.checkpoints import checkpoints
+from cascadev.training.train import main
 from helpers import SHIPPED_CASCADE, randomize_, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,8 @@ from cascadev.training.config import load_train_config
 from cascadev.training.data import (LatentDataset, VideoDataset, clip_starts, load_clip, make_loader, mix_seed,
                                     split_validation)
 from cascadev.training.tasks import DiTTask, StageATask
-from cascadev.training.train import checkpoints, load_ema_weights, lr_scheduler_at, main, make_ema
+from cascadev.training.checkpoints import checkpoints, load_ema_weights
+from cascadev.training.train import lr_scheduler_at, main, make_ema
 from cascadev.video_io import read_video, video_info
 
 ROOT = Path(__file__).resolve().parents[1]

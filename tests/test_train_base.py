@@ -15,7 +15,8 @@ from cascadev.training.cache_latents import main as cache_main
 from cascadev.training.config import load_train_config
 from cascadev.training.data import LatentDataset, VideoDataset, make_loader, split_validation
 from cascadev.training.tasks import StageCTask
-from cascadev.training.train import checkpoints, main
+from cascadev.training.checkpoints import checkpoints
+from cascadev.training.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_TINY = ROOT / "configs" / "base_tiny.yaml"

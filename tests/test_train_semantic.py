@@ -11,7 +11,8 @@ from cascadev.synthetic import write_clips
 from cascadev.training.config import load_train_config
 from cascadev.training.data import VideoDataset, split_validation
 from cascadev.training.tasks import DiTTask, SemanticTask, build_task
-from cascadev.training.train import checkpoints, main
+from cascadev.training.checkpoints import checkpoints
+from cascadev.training.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SEMANTIC_TINY = ROOT / "configs" / "semantic_tiny.yaml"
