@@ -336,3 +336,26 @@ def test_cli_generate_decodes_with_shifted_tiling(tmp_path, capsys, weights_dir)
                            "--frames", 3, "--size", "160x64", "--steps", 1, "--decode-steps", 2, "--tiling", "shifted")
     assert code == 0, err
     assert video_info(tmp_path / "s.mp4").width == 160
+
+
+def test_cli_generate_decodes_with_the_built_in_distilled_decoder_at_its_steps(tmp_path, capsys, monkeypatch):
+    import cascadev.pipelines.cascade as cascade_module
+    import cascadev.pipelines.text_to_video as t2v_module
+    from cascadev.pipelines.cascade import TINY_DISTILLED
+
+    decoded = []
+    real_sample = cascade_module.sample
+    monkeypatch.setattr(cascade_module, "sample", lambda *a, **k: decoded.append(a[4]) or real_sample(*a, **k))
+    code, _, err = run_cli(capsys, "generate", "a red disc", "-o", tmp_path / "d.mp4", "--cascade", TINY_DISTILLED,
+                           "--frames", 2, "--size", "64x64", "--steps", 1)
+    assert code == 0, err
+    assert decoded == [2] and video_info(tmp_path / "d.mp4").frames == 2        # the student's saved 2 steps
+
+    # 1 step is more than its scheduler spaces: one line before the base model samples anything
+    monkeypatch.setattr(t2v_module, "sample_base", lambda *a, **k: pytest.fail("sampled before the check"))
+    code, _, err = run_cli(capsys, "generate", "a red disc", "-o", tmp_path / "e.mp4", "--cascade", TINY_DISTILLED,
+                           "--frames", 2, "--size", "64x64", "--steps", 1, "--decode-steps", 1)
+    assert code == 2 and err.strip().splitlines() == [
+        "cascadev generate: error: FlowMatchEulerDiscreteScheduler gives no finite noise levels at 1 step(s) "
+        "(its shift_terminal 0.5 needs at least 2 steps)"], err
+    assert not (tmp_path / "e.mp4").exists()

@@ -7,15 +7,13 @@ parts (``check_runtime_args``, ``prepare_pipeline``, ``tiling_of``) over any ``D
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 
 import torch
 
 from cascadev.errors import UserError
-from cascadev.pipelines.cascade import ASSETS, TINY_CASCADE, load_cascade, resolve_colour_fix
+from cascadev.pipelines.cascade import ASSETS, TINY_CASCADE, DecodeOptions, load_cascade, resolve_colour_fix
 from cascadev.pipelines.runtime import check_device, processes, resolve_device, resolve_dtype, set_tf32, stage_a_budget
-from cascadev.pipelines.sampling import set_steps
 from cascadev.pipelines.tiling import Tiling
 from cascadev.weights import is_hub_id, offline_if_unreachable
 
@@ -164,7 +162,7 @@ def decode_kwargs(args, pipe) -> dict:
                  else None)      # one stream for the noise and the steps, as the release's global generator
     scheduler = pipe.resolve_scheduler(args.scheduler, force=args.force_scheduler)
     # a step count the scheduler cannot space (a 2-step student's at 1): said now, before anything is encoded
-    set_steps(copy.deepcopy(scheduler), args.steps or pipe.config.num_inference_steps)
+    pipe.decode_sampler(DecodeOptions(steps=args.steps, scheduler=scheduler))
     return dict(seed=args.seed, generator=generator, tiling=tiling_of(args, pipe.dit.config), steps=args.steps,
                 scheduler=scheduler,
                 colour_fix=resolve_colour_fix(pipe, args.colour_fix), window_batch=args.window_batch,

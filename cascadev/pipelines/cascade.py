@@ -12,6 +12,7 @@ below it (``fix_colour``).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
@@ -30,7 +31,7 @@ from cascadev.checks import check_video
 from cascadev.config import from_dict, to_dict
 from cascadev.errors import first_line
 from cascadev.pipelines.conditioning import semantic_small, upsample_condition
-from cascadev.pipelines.sampling import build_saved_scheduler, make_scheduler, sample
+from cascadev.pipelines.sampling import build_saved_scheduler, make_scheduler, sample, set_steps
 from cascadev.pipelines.tiling import TILE_DETAILS, Tiling
 from cascadev.progress import bar_settings
 from cascadev.pipelines.runtime import DecoderRuntimeMixin
@@ -402,6 +403,22 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
             tiling = replace(tiling, detail=self.config.tile_detail)
         return tiling
 
+    def decode_sampler(self, options: DecodeOptions | None = None) -> tuple[SchedulerMixin, int]:
+        """The scheduler and step count ``decode_latents`` samples with under ``options``: those given, else the saved
+        ones. A step count the scheduler cannot space (a 2-step student's at 1 step) is refused here, so a caller can
+        ask before any work."""
+        o = options or DecodeOptions()
+        scheduler = o.scheduler
+        if isinstance(scheduler, str) or scheduler is None:
+            scheduler = self.resolve_scheduler(scheduler)
+        if o.scheduler_config:
+            scheduler = type(scheduler).from_config(scheduler.config, **o.scheduler_config)
+        steps = self.config.num_inference_steps if o.steps is None else o.steps
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        set_steps(copy.deepcopy(scheduler), steps)
+        return scheduler, steps
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, options: DecodeOptions | None = None, **changes) -> torch.Tensor:
         """Semantic latents (B, 16, T, h, w) -> Stage A latents (B, 4, T, 4h, 4w), scaled. How: ``options``
@@ -415,12 +432,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         cond = upsample_condition(small, (T, COND_UPSAMPLE * h, COND_UPSAMPLE * w))
         B, _, T, H, W = cond.shape
         noise, generator = initial_noise((B, self.dit.config.latent_channels, T, H, W), o.seed, o.generator, device)
-        scheduler = o.scheduler
-        if isinstance(scheduler, str) or scheduler is None:
-            scheduler = self.resolve_scheduler(scheduler)
-        if o.scheduler_config:
-            scheduler = type(scheduler).from_config(scheduler.config, **o.scheduler_config)
-        steps = self.config.num_inference_steps if o.steps is None else o.steps
+        scheduler, steps = self.decode_sampler(o)
         tiling = self.tiling(o.tiling)
         # latents and the scheduler's arithmetic stay fp32; the DiT runs in its own dtype (``_run_window``)
         with self.step_progress(steps, o.callback) as callback:
