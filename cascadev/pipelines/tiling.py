@@ -40,7 +40,7 @@ class Tiling:
     """How a clip larger than the trained window is split. Strides (``blend``, ``official``) default to the release's.
 
     ``shifted`` places windows a whole window apart on a grid that moves at every denoising step, so no seam stays in
-    one place, and blends the finishing step (``finishing_step``: the last one that starts from real noise, which
+    one place, and blends the finishing step (``sampling.finishing_step``: the last one from real noise, which
     sets the detail) at the release's spacing: measured on the tiny cascade against blending every step, shifting
     that step too cost 0.3 dB, blending only it 0.01-0.05 dB (benchmarks/tiling.py, docs/fast-decoding.md).
 
