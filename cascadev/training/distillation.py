@@ -35,7 +35,6 @@ import torch.nn as nn
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from cascadev.pipelines.sampling import denoise_loop, make_scheduler, set_steps, window_predictor
-
 from cascadev.pipelines.tiling import Tiling
 from cascadev.training.diffusion import DiffusionConfig, mean_flat
 
