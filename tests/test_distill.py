@@ -195,6 +195,14 @@ def test_distill_script_resumes_exactly_and_exports_a_cascade_at_the_students_st
                              "--frames", "4")
     assert code == 0, err
     assert (tmp_path / "r.mp4").is_file()
+    code, out, err = run_cli(capsys, "bench-recon", clips, "-o", tmp_path / "bench", "--size", 64, "--frames", 4,
+                             "--limit", 1, "--metrics", "psnr", "--weights", whole / "final")
+    assert code == 0, err
+    assert json.loads((tmp_path / "bench" / "results.json").read_text())["settings"]["steps"] == 1
+    code, out, err = run_cli(capsys, "generate", "a red disc", "-o", tmp_path / "g.mp4", "--cascade", whole / "final",
+                             "--frames", 2, "--size", "64x64", "--steps", 1)     # the built-in base model's latents
+    assert code == 0, err
+    assert (tmp_path / "g.mp4").is_file()
 
 
 def test_a_missing_teacher_is_one_line_naming_the_file_and_where_to_get_it(clips, tmp_path, capsys):
