@@ -9,7 +9,8 @@ FSDP on CPU: accelerate (1.15) turns ``ACCELERATE_USE_FSDP`` into ``DistributedT
 CPU processes it stays MULTI_CPU, a plain DDP run, though torch's FSDP2 (``fully_shard``) runs on CPU over gloo.
 ``allow_fsdp_on_cpu`` sets the state's type and FSDP plugin (with its mixed precision) as accelerate does on a GPU,
 and leaves the rest to accelerate's own FSDP2 code: ``prepare`` (``fully_shard`` of every DiT block, then the root),
-``save_state`` / ``load_state`` through torch.distributed.checkpoint, ``get_state_dict``, clipping, ``no_sync``."""
+``save_state`` / ``load_state`` through torch.distributed.checkpoint, ``get_state_dict``, clipping, ``no_sync``. For
+fp16 it also makes the GradScaler accelerate makes for FSDP2 on a GPU (on CPU it makes none)."""
 
 import os
 import sys
@@ -34,6 +35,20 @@ def allow_fsdp_on_cpu() -> None:
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP    # what later states copy
 
     AcceleratorState.__init__ = __init__
+
+    from accelerate import Accelerator
+    from accelerate.utils.fsdp_utils import get_fsdp2_grad_scaler
+
+    accelerator_init = Accelerator.__init__
+
+    def with_fp16_scaler(self, *args, **kwargs):
+        # fp16: accelerate makes its GradScaler on accelerators only (a CPU process trains fp16 without one); under
+        # FSDP2 the scaler and the loop's unscale / clip / step are as on a GPU, so the test makes it as there
+        accelerator_init(self, *args, **kwargs)
+        if self.state.mixed_precision == "fp16" and self.device.type == "cpu" and self.is_fsdp2:
+            self.native_amp, self.scaler = True, get_fsdp2_grad_scaler(device="cpu")
+
+    Accelerator.__init__ = with_fp16_scaler
 
 
 def launcher_env(accelerate_config: str, processes: int) -> dict[str, str]:

@@ -124,10 +124,14 @@ def test_dit_fsdp_equals_ddp_resumes_exactly_and_shards_optimizer_and_ema(clips,
            ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "whole", 4, *data)),
            ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "parts", 2, *data)),
            ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "bf16", 2, *data, "run.mixed_precision=bf16",
-                                  "run.val_every=2")))
+                                  "run.val_every=2")),
+           ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "fp16", 4, *data, "run.mixed_precision=fp16")),
+           ("fsdp.yaml", run_args(DIT_TINY, tmp_path / "fp16_parts", 2, *data, "run.mixed_precision=fp16")))
     # resumed in new processes, as two machines of one process each (the same 2-way sharding; DDP's too)
     launch(tmp_path, ("fsdp_multinode.yaml", run_args(DIT_TINY, tmp_path / "parts", 4, *data)),
-           ("ddp_multinode.yaml", run_args(DIT_TINY, tmp_path / "ddp_parts", 4, *data)), machines=2)
+           ("ddp_multinode.yaml", run_args(DIT_TINY, tmp_path / "ddp_parts", 4, *data)),
+           ("fsdp_multinode.yaml", run_args(DIT_TINY, tmp_path / "fp16_parts", 4, *data, "run.mixed_precision=fp16")),
+           machines=2)
     ddp, whole, parts = tmp_path / "ddp", tmp_path / "whole", tmp_path / "parts"
 
     # DDP: data sharded over the 2 processes, and killed at step 2 and resumed equals uninterrupted, bit for bit
@@ -150,6 +154,19 @@ def test_dit_fsdp_equals_ddp_resumes_exactly_and_shards_optimizer_and_ema(clips,
     for step in (1, 2):
         assert bf16[step]["loss"] == pytest.approx(logged(whole)[step]["loss"], rel=2e-2)
     assert "val/psnr_sampled_vs_input" in bf16[2] and (tmp_path / "bf16/final/ema" / WEIGHTS).is_file()
+
+    # fp16 under FSDP: fp16 weights in the forward and accelerate's FSDP2 GradScaler (unscaled before clipping; its
+    # state in every checkpoint): losses within fp16's rounding of fp32's, weights that fp16 changed, and killed at
+    # step 2 and resumed in new processes, bit-identical to uninterrupted, scaler included
+    fp16 = tmp_path / "fp16"
+    for step in range(1, 5):
+        assert logged(fp16)[step]["loss"] == pytest.approx(logged(whole)[step]["loss"], rel=1e-2)
+    scaler = torch.load(fp16 / "checkpoints/step_00000004/scaler.pt", weights_only=True)
+    assert scaler["_growth_tracker"] == 4                           # 4 steps taken, none skipped for overflow
+    half, full = (load_file(str(run / "final/model" / WEIGHTS)) for run in (fp16, whole))
+    assert any(not torch.equal(half[k], full[k]) for k in full)     # fp16 was in the forward
+    for sub in ("model", "ema"):
+        assert_equal_weights(fp16 / "final" / sub / WEIGHTS, tmp_path / "fp16_parts/final" / sub / WEIGHTS)
 
     # killed at step 2 and resumed in new processes on two "machines": bit-identical weights, EMA and log
     for sub in ("model", "ema"):
