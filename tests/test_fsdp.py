@@ -4,6 +4,7 @@ sharded; validation samples drawn. Each launch takes the environment `accelerate
 configs/accelerate/{ddp,fsdp}.yaml; tests/distributed_train.py lets accelerate shard on CPU processes."""
 
 import json
+import math
 import re
 import socket
 import subprocess
@@ -25,8 +26,9 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 COMMON = ["run.tensorboard=false", "run.log_every=1", "run.save_every=2", "run.val_every=4"]
 
 
-def launch(tmp_path: Path, *runs: tuple[str, list[str]], machines: int = 1) -> None:
-    """Training runs (accelerate config name, training argv) one after the other on 2 CPU processes, one thread each,
+def launch(tmp_path: Path, *runs: tuple[str, list[str]], machines: int = 1, processes: int = 2) -> None:
+    """Training runs (accelerate config name, training argv) one after the other on 2 CPU processes (``processes``
+    on one machine), one thread each,
     each with the environment `accelerate launch --config_file configs/accelerate/NAME` makes
     (tests/distributed_train.py: accelerate's own launcher starts CPU processes only through mpirun). ``machines=2``:
     as two machines of one process each, a torchrun agent per "machine" meeting at a main address (this host), as
@@ -34,7 +36,7 @@ def launch(tmp_path: Path, *runs: tuple[str, list[str]], machines: int = 1) -> N
     argv = [a for name, run in runs for a in ["--then", str(ACCELERATE / name), *run]][1:]
     script = [str(ROOT / "tests" / "distributed_train.py"), *argv]
     if machines == 1:
-        agents = [["--standalone", "--nproc_per_node", "2"]]
+        agents = [["--standalone", "--nproc_per_node", str(processes)]]
     else:
         with socket.socket() as s:                              # a free port for the main machine's rendezvous
             s.bind(("127.0.0.1", 0))
@@ -218,6 +220,29 @@ def test_base_fsdp_equals_ddp_and_resumes_exactly(clips, tmp_path):
     exported = load_file(str(whole / "final/model/base_dit" / WEIGHTS))
     gathered = gathered_checkpoint(last, tmp_path)
     assert all(torch.equal(exported[k], gathered[k]) for k in exported) and exported.keys() == gathered.keys()
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_of_two_processes_resumes_on_one(clips, tmp_path):
+    """torch.distributed.checkpoint reshards the model and the optimizer, and the EMA file is whole: a run of 2
+    processes goes on on 1. Resumed at its last step, the 1-process run exports exactly what the 2-process run did;
+    resumed with a step to go, it trains on (its batches differ from 2 processes': each rank draws its own)."""
+    import shutil
+
+    data = [f"data.videos={clips}", "data.height=32", "data.width=32"]
+    two, one, on = tmp_path / "two", tmp_path / "one", tmp_path / "on"
+    launch(tmp_path, ("fsdp.yaml", run_args(DIT_TINY, two, 2, *data)))
+    for copy in (one, on):
+        shutil.copytree(two, copy)
+        shutil.rmtree(copy / "final")
+    launch(tmp_path, ("fsdp.yaml", run_args(DIT_TINY, one, 2, *data)),
+           ("fsdp.yaml", run_args(DIT_TINY, on, 3, *data)), processes=1)
+    for run in (one, on):
+        log = (run / "train.log").read_text()
+        assert "on 1 process(es)" in log and "resumed from" in log and "(step 2)" in log
+    for sub in ("model", "ema"):
+        assert_equal_weights(two / "final" / sub / WEIGHTS, one / "final" / sub / WEIGHTS)
+    assert math.isfinite(logged(on)[3]["loss"]) and (on / "checkpoints/step_00000003").is_dir()
 
 
 def test_a_checkpoint_resumes_only_under_the_sharding_that_wrote_it(tmp_path):
