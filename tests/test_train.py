@@ -491,3 +491,29 @@ def test_train_from_python_with_a_config_object_needs_no_namespace(clips, tmp_pa
     assert load_train_config(run / "config.yaml").run.max_steps == 2
     with pytest.raises(ConfigError, match="exclude each other"):
         train_fn(DIT_TINY, fresh=True, resume_from=1, run_dir=tmp_path / "other")
+
+
+@pytest.mark.parametrize("skipped", [False, True])
+def test_an_fp16_overflow_step_leaves_the_ema_and_counts_its_warmup(skipped):
+    """When the fp16 GradScaler skips a step (inf/NaN gradients), the optimizer did not move the weights, so neither
+    does the EMA; its warmup counter still advances, as the LR schedule does (``train.optimizer_step``)."""
+    from types import SimpleNamespace
+
+    from cascadev.training.train import Session, optimizer_step
+
+    model = torch.nn.Linear(3, 2)
+    ema, names = make_ema(model, 0.9)
+    ema.step(model.parameters())                                   # update 0: a copy
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.no_grad():
+        model.weight.add_(1.0)                                     # what an optimizer step would have done
+    before = [p.clone() for p in ema.shadow_params]
+    accelerator = SimpleNamespace(clip_grad_norm_=lambda params, clip: torch.tensor(1.5), unwrap_model=lambda m: m,
+                                  optimizer_step_was_skipped=skipped)
+    session = Session(accelerator, None, {"model": model, "optimizer": optimizer}, list(model.parameters()),
+                      optimizer, ema, names)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    assert optimizer_step(session, schedule, grad_clip=1.0) == 1.5
+    assert ema.optimization_step == 2 and schedule.last_epoch == 1          # counted either way
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, ema.shadow_params))
+    assert unchanged == skipped
