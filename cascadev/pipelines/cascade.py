@@ -398,7 +398,7 @@ class CascadeVPipeline(DecoderRuntimeMixin, DiffusionPipeline):
     def tiling(self, tiling: str | Tiling = "blend") -> Tiling:
         """``tiling`` with its ``detail`` (how blended overlaps combine) defaulting to the saved ``tile_detail``;
         official tiling keeps the release's rule."""
-        tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
+        tiling = Tiling.of(tiling)
         if tiling.detail is None and tiling.mode != "official":
             tiling = replace(tiling, detail=self.config.tile_detail)
         return tiling

@@ -181,7 +181,7 @@ def predict_noise(model, x: torch.Tensor, t: torch.Tensor | float, tiling: str |
     """
     net = getattr(model, "module", model)   # a DDP-wrapped student: settings from inside, calls through the wrapper
     c = net.config
-    tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
+    tiling = Tiling.of(tiling)
     if x.ndim != 5 or x.shape[1] != net.in_channels:
         raise ValueError(f"predict_noise expects (B, {net.in_channels}, T, H, W) = noisy latent + condition, "
                          f"got {tuple(x.shape)}")
@@ -244,7 +244,7 @@ def window_predictor(model, cond: torch.Tensor, scheduler: SchedulerMixin, tilin
     """``predict(x, t, i)`` for ``denoise_loop``: the model's eps (B, C_latent, T, H, W) on cat([x, cond]) over the
     clip's windows and tiles at step i (``predict_noise``; ``shifted`` tiling blends the scheduler's finishing step,
     so call it after ``set_timesteps``). Differentiable: step distillation trains through it."""
-    tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
+    tiling = Tiling.of(tiling)
     finishing = finishing_step(scheduler)
 
     def predict(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:

@@ -301,8 +301,8 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
         device = self._execution_device
         if output_type != "latent":     # the decoder's options, its step count checked before any sampling
             steps = {} if decoder_num_inference_steps is None else {"steps": decoder_num_inference_steps}
-            decode = replace(self.cascade.decode_options(decode_options), **steps)
-            self.cascade.decode_sampler(decode)
+            o = replace(self.cascade.decode_options(decode_options), **steps)
+            self.cascade.decode_sampler(o)
 
         text = self._timed("text", lambda: repeat_text(self.text_encoder.encode(prompts), num_videos_per_prompt))
         null_text = None
@@ -329,7 +329,6 @@ class TextToVideoPipeline(DecoderRuntimeMixin, DiffusionPipeline):
 
         frames_out = latents
         if output_type != "latent":
-            o = decode
             # the cascade's bars follow this pipeline's setting
             self.cascade.set_progress_bar_config(desc="denoising", disable=not self.progress_enabled(),
                                                  **bar_settings())

@@ -69,6 +69,11 @@ class Tiling:
         if self.detail == "central" and self.mode == "official":
             raise ValueError("detail 'central' applies to blend and shifted tiling; official tiling is the release's")
 
+    @classmethod
+    def of(cls, tiling: "str | Tiling") -> "Tiling":
+        """A mode's name ("blend", "official", "shifted") as that mode with its defaults; a ``Tiling`` as it is."""
+        return cls(tiling) if isinstance(tiling, str) else tiling
+
     def at_step(self, step: int, finishing: int) -> "Tiling":
         """The tiling of denoising step ``step`` of a sampler whose finishing step is ``finishing``: ``shifted`` blends
         that one; other modes are the same at every step."""
@@ -191,7 +196,7 @@ def window_crops(spec, size: tuple[int, int, int], tiling: str | Tiling = "blend
     place windows of the DiT's size every stride, the same at every step; ``shifted`` places them a window apart,
     their grid moved at each step (``grid_offset``, ``shifted_spans``), in space and, for clips longer than a window,
     in time."""
-    tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
+    tiling = Tiling.of(tiling)
     T, H, W = size
     if tiling.mode == "shifted":
         frames = shifted_spans(T, spec.window_frames, grid_offset(step, spec.window_frames, spec.frame_multiple),
@@ -211,7 +216,7 @@ def dit_work(spec, size: tuple[int, int, int], tiling: str | Tiling = "blend", s
     """DiT forwards (windows) and latent voxels (frames x latent pixels, the padding to the attention partitions
     included) that decoding latents of ``size`` (T, H, W) in ``steps`` steps runs through the DiT; ``finishing``: the
     sampler's finishing step (``finishing_step``; default the last)."""
-    tiling = Tiling(tiling) if isinstance(tiling, str) else tiling
+    tiling = Tiling.of(tiling)
     finishing = steps - 1 if finishing is None else finishing
     forwards = voxels = 0
     for step in range(steps):
