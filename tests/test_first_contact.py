@@ -212,6 +212,30 @@ def test_without_weights_offline_decode_fails_at_once_naming_the_built_in_cascad
     assert sorted(p.name for p in tmp_path.iterdir()) == ["z.safetensors"]
 
 
+def test_another_models_vae_from_an_unreachable_hub_is_one_line_at_once(tmp_path, capsys, monkeypatch):
+    """`decode --source-vae OWNER/NAME` asks the hub once before loading the VAE, as the cascade's loading does: on a
+    machine without network huggingface_hub's retry notices stayed beside our line."""
+    from types import SimpleNamespace
+
+    import huggingface_hub.utils
+    from huggingface_hub import constants
+
+    from cascadev.pipelines.latents import save_latents
+
+    def unreachable(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)           # not told: the command must find out
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: SimpleNamespace(head=unreachable))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))                # an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    save_latents(tmp_path / "z.safetensors", torch.zeros(1, 16, 2, 2, 2))
+    code, _, err = run_cli(capsys, "decode", tmp_path / "z.safetensors", "-o", tmp_path / "o.mp4", "--source-vae",
+                           "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--source-vae-subfolder", "vae")
+    assert code == 2 and constants.HF_HUB_OFFLINE, err
+    assert err.strip().splitlines() == [error_line(err)] and "hf download Wan-AI" in err, err
+
+
 @pytest.mark.slow
 def test_the_readmes_torchrun_line_offline_is_one_line_of_ours_at_once(tmp_path):
     from cascadev.pipelines.latents import save_latents

@@ -209,7 +209,7 @@ def decode_source(args: argparse.Namespace):
     import torch
 
     from cascadev.pipelines.latents import metadata_fps, read_latents
-    from cascadev.weights import is_hub_id
+    from cascadev.weights import is_hub_id, offline_if_unreachable
     from cascadev.cli.options import check_decode_args, decode_kwargs, load_pipeline
     from cascadev.pipelines.runtime import DTYPES, resolve_device
     from cascadev.pipelines.source_vae import SourceVAE, encode_resized, target_size
@@ -230,6 +230,8 @@ def decode_source(args: argparse.Namespace):
         raise UserError(f"--skip-latent-frames {args.skip_latent_frames} leaves none of the {latents.shape[2]} latent "
                         "frames")
     latents = latents[:, :, args.skip_latent_frames:]
+    if is_hub_id(str(where["source"])):     # as load_pipeline: asked once, so an unreachable hub is one line at once
+        offline_if_unreachable()
     skeleton = SourceVAE.from_pretrained(**where, load_weights=False)     # its config only: checks before loading
     skeleton.check_latents(latents, args.latents)
     if skeleton.name == "AutoencoderKLCogVideoX" and latents.shape[2] % 2 == 0:
